@@ -1,0 +1,55 @@
+//! `tunnelfleet-agent --config agent.toml`: the standalone agent.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use tunnelfleet_agent::config::AgentConfig;
+use tunnelfleet_agent::telemetry::{self, LogFormat};
+
+/// Holds this appliance's SSH tunnels: forwards, health checks, reconnects and failover.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Configuration file.
+    #[arg(short, long, env = "TUNNELFLEET_AGENT_CONFIG", default_value = "/etc/tunnelfleet/agent.toml")]
+    config: PathBuf,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Human, env = "TUNNELFLEET_LOG_FORMAT")]
+    log_format: LogFormat,
+    /// Check the configuration (and identity files) and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    telemetry::init(args.log_format, "info,russh=warn");
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tunnelfleet-agent: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let cfg = AgentConfig::load(&args.config)?;
+    if args.check {
+        tunnelfleet_agent::supervisor::Supervisor::new(&cfg)?;
+        println!("{}: ok ({} profiles)", args.config.display(), cfg.profiles.len());
+        return Ok(());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    rt.block_on(async {
+        let shutdown = tunnelfleet_agent::shutdown::on_signals().context("installing signal handlers")?;
+        tunnelfleet_agent::agent::run(cfg, shutdown).await?;
+        anyhow::Ok(())
+    })
+}

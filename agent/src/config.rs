@@ -1,0 +1,543 @@
+//! The agent's configuration file: parsed, validated whole, or refused whole.
+//!
+//! A config is either entirely valid or the agent does not start: a half-applied config is how
+//! a fleet ends up with tunnels nobody asked for. Every error names the file, the key and the
+//! reason, so an operator can fix it without reading source.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::forward::{ForwardSpec, is_loopback_bind};
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        /// The config file.
+        file: PathBuf,
+        /// The IO error.
+        source: std::io::Error,
+    },
+    /// The TOML did not parse or a key had the wrong type or was unknown.
+    #[error("{file}: {message}")]
+    Syntax {
+        /// The config file.
+        file: PathBuf,
+        /// The parser's message (it names the key and line).
+        message: String,
+    },
+    /// A value parsed but is not acceptable.
+    #[error("{file}: {key}: {reason}")]
+    Invalid {
+        /// The config file.
+        file: PathBuf,
+        /// Dotted path of the offending key, e.g. `profile.oma.forwards[2]`.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// The whole agent configuration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Agent-wide settings.
+    #[serde(default)]
+    pub agent: AgentSection,
+    /// Tunnel profiles, one SSH session each.
+    #[serde(default, rename = "profile")]
+    pub profiles: Vec<ProfileConfig>,
+}
+
+/// Settings of the agent process itself.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSection {
+    /// Unix socket the `tunnelfleet tunnels` commands talk to (created mode 0600).
+    #[serde(default = "default_control_socket")]
+    pub control_socket: PathBuf,
+    /// How long open connections may drain at shutdown or on `stop`.
+    #[serde(default = "default_drain", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for AgentSection {
+    fn default() -> Self {
+        AgentSection {
+            control_socket: default_control_socket(),
+            drain_timeout: default_drain(),
+        }
+    }
+}
+
+/// One SSH destination with its redundant endpoints and all its forwards.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileConfig {
+    /// Unique name, used by `tunnelfleet tunnels start NAME`.
+    pub name: String,
+    /// Free text shown by `tunnels list`.
+    #[serde(default)]
+    pub description: String,
+    /// Endpoints in priority order (`host:port`; port 22 when omitted): primary first.
+    pub endpoints: Vec<String>,
+    /// Remote user name.
+    pub user: String,
+    /// Private key file (OpenSSH format); refused when group or others can read it.
+    pub identity_file: PathBuf,
+    /// known_hosts file to verify host keys against (and to record into with TOFU).
+    #[serde(default)]
+    pub known_hosts: Option<PathBuf>,
+    /// Pinned host key fingerprints, `SHA256:…` as `ssh-keygen -lf` prints them.
+    #[serde(default)]
+    pub host_key_fingerprints: Vec<String>,
+    /// Record an unknown host's key into `known_hosts` on first contact. Off unless asked.
+    #[serde(default)]
+    pub trust_on_first_use: bool,
+    /// Forwards in OpenSSH syntax: `L [bind:]port:host:hostport`, `R …`, `D [bind:]port`.
+    pub forwards: Vec<String>,
+    /// TCP connect plus SSH handshake and authentication deadline.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Send an SSH keepalive after this much silence (ServerAliveInterval).
+    #[serde(default = "default_keepalive_interval", with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    /// Unanswered keepalives before the session is declared dead (ServerAliveCountMax).
+    #[serde(default = "default_keepalive_count")]
+    pub keepalive_count: u32,
+    /// Smallest reconnect delay (the backoff's base).
+    #[serde(default = "default_reconnect_min", with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    /// Largest reconnect delay.
+    #[serde(default = "default_reconnect_max", with = "humantime_serde")]
+    pub reconnect_max: Duration,
+    /// Consecutive failures of the active endpoint before moving to the next one.
+    #[serde(default = "default_failover_after")]
+    pub failover_after: u32,
+    /// Start this profile when the agent starts.
+    #[serde(default = "default_true")]
+    pub autostart: bool,
+    /// Health check run through the tunnel.
+    #[serde(default)]
+    pub health: Option<HealthConfig>,
+}
+
+/// A health check of a profile.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// `http://host:port/path` fetched with GET (2xx passes), usually through an L forward.
+    #[serde(default)]
+    pub http: Option<String>,
+    /// `host:port` that must accept a TCP connection.
+    #[serde(default)]
+    pub tcp: Option<String>,
+    /// Time between checks.
+    #[serde(default = "default_health_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// Deadline of one check.
+    #[serde(default = "default_health_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive failures that mark the profile down and restart its session.
+    #[serde(default = "default_threshold")]
+    pub threshold: u32,
+}
+
+/// What a health check does, after validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthTarget {
+    /// HTTP GET; 2xx passes.
+    Http {
+        /// Host to connect to.
+        host: String,
+        /// Port to connect to.
+        port: u16,
+        /// Path and query to request.
+        path: String,
+    },
+    /// TCP connect.
+    Tcp {
+        /// Host to connect to.
+        host: String,
+        /// Port to connect to.
+        port: u16,
+    },
+}
+
+impl HealthConfig {
+    /// The target; valid after [`AgentConfig::validate`].
+    pub fn target(&self) -> Result<HealthTarget, String> {
+        match (&self.http, &self.tcp) {
+            (Some(url), None) => parse_http_url(url),
+            (None, Some(addr)) => {
+                let (host, port) = split_host_port(addr, None)?;
+                Ok(HealthTarget::Tcp { host, port })
+            }
+            (Some(_), Some(_)) => Err("set either http or tcp, not both".into()),
+            (None, None) => Err("set http = \"http://…\" or tcp = \"host:port\"".into()),
+        }
+    }
+}
+
+impl HealthTarget {
+    /// Human description for logs and status.
+    pub fn describe(&self) -> String {
+        match self {
+            HealthTarget::Http { host, port, path } => format!("GET http://{host}:{port}{path}"),
+            HealthTarget::Tcp { host, port } => format!("TCP {host}:{port}"),
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Reads, parses and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `file` is only used in error messages.
+    pub fn parse(text: &str, file: &Path) -> Result<Self, ConfigError> {
+        let cfg: AgentConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            file: file.to_path_buf(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })?;
+        cfg.validate(file)?;
+        Ok(cfg)
+    }
+
+    /// Checks everything that serde cannot: names, forwards, endpoints, trust, files.
+    pub fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: String, reason: String| ConfigError::Invalid {
+            file: file.to_path_buf(),
+            key,
+            reason,
+        };
+        let mut names = HashSet::new();
+        let mut listens: BTreeMap<u16, String> = BTreeMap::new();
+        for (i, p) in self.profiles.iter().enumerate() {
+            let key = if p.name.is_empty() {
+                format!("profile[{i}]")
+            } else {
+                format!("profile.{}", p.name)
+            };
+            p.validate_fields()
+                .map_err(|(k, reason)| invalid(format!("{key}.{k}"), reason))?;
+            if !names.insert(p.name.clone()) {
+                return Err(invalid(
+                    format!("{key}.name"),
+                    format!("profile name {:?} is used twice", p.name),
+                ));
+            }
+            for (j, f) in p.forwards.iter().enumerate() {
+                // Safe: validate_fields parsed every forward already.
+                let Ok(spec) = ForwardSpec::parse(f) else {
+                    continue;
+                };
+                if let Some((_, port)) = spec.local_listen() {
+                    let here = format!("{key}.forwards[{j}]");
+                    if let Some(other) = listens.insert(port, here.clone()) {
+                        return Err(invalid(
+                            here,
+                            format!("local port {port} is already used by {other}"),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ProfileConfig {
+    /// The parsed forwards (valid after validation).
+    pub fn forward_specs(&self) -> Result<Vec<ForwardSpec>, crate::forward::ForwardParseError> {
+        self.forwards.iter().map(|f| ForwardSpec::parse(f)).collect()
+    }
+
+    /// The parsed endpoints as `(host, port)`.
+    pub fn endpoint_addrs(&self) -> Result<Vec<(String, u16)>, String> {
+        self.endpoints
+            .iter()
+            .map(|e| split_host_port(e, Some(22)))
+            .collect()
+    }
+
+    /// Validates one profile; on error returns (key relative to the profile, reason).
+    pub fn validate_fields(&self) -> Result<(), (String, String)> {
+        let err = |k: &str, r: String| Err((k.to_string(), r));
+        if self.name.is_empty()
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return err(
+                "name",
+                format!(
+                    "{:?} is not a valid name (letters, digits, '-', '_', '.')",
+                    self.name
+                ),
+            );
+        }
+        if self.endpoints.is_empty() {
+            return err("endpoints", "at least one host:port is required".into());
+        }
+        for (i, e) in self.endpoints.iter().enumerate() {
+            if let Err(r) = split_host_port(e, Some(22)) {
+                return err(&format!("endpoints[{i}]"), r);
+            }
+        }
+        if self.user.is_empty() {
+            return err("user", "must not be empty".into());
+        }
+        if self.forwards.is_empty() {
+            return err("forwards", "a profile needs at least one forward".into());
+        }
+        let mut seen = HashSet::new();
+        for (i, f) in self.forwards.iter().enumerate() {
+            let spec = match ForwardSpec::parse(f) {
+                Ok(s) => s,
+                Err(e) => return err(&format!("forwards[{i}]"), e.to_string()),
+            };
+            if let ForwardSpec::Remote { port: rp, .. } = &spec
+                && !seen.insert(('R', *rp))
+                && *rp != 0
+            {
+                return err(
+                    &format!("forwards[{i}]"),
+                    format!("remote port {rp} is forwarded twice"),
+                );
+            }
+        }
+        for (i, fp) in self.host_key_fingerprints.iter().enumerate() {
+            if let Err(r) = crate::hostkey::parse_fingerprint(fp) {
+                return err(&format!("host_key_fingerprints[{i}]"), r);
+            }
+        }
+        if self.known_hosts.is_none() && self.host_key_fingerprints.is_empty() {
+            return err(
+                "known_hosts",
+                "no host-key trust configured: set known_hosts = \"/path\" and/or host_key_fingerprints = [\"SHA256:…\"] (host keys are always verified)".into(),
+            );
+        }
+        if self.trust_on_first_use && self.known_hosts.is_none() {
+            return err(
+                "trust_on_first_use",
+                "needs known_hosts: the first key seen is recorded there".into(),
+            );
+        }
+        if self.connect_timeout.is_zero() {
+            return err("connect_timeout", "must be more than 0".into());
+        }
+        if self.keepalive_interval.is_zero() {
+            return err("keepalive_interval", "must be more than 0".into());
+        }
+        if self.keepalive_count == 0 {
+            return err("keepalive_count", "must be at least 1".into());
+        }
+        if self.reconnect_min.is_zero() {
+            return err("reconnect_min", "must be more than 0".into());
+        }
+        if self.reconnect_max < self.reconnect_min {
+            return err(
+                "reconnect_max",
+                format!(
+                    "{} is less than reconnect_min {}",
+                    humantime::format_duration(self.reconnect_max),
+                    humantime::format_duration(self.reconnect_min)
+                ),
+            );
+        }
+        if self.failover_after == 0 {
+            return err("failover_after", "must be at least 1".into());
+        }
+        if let Some(h) = &self.health {
+            if let Err(r) = h.target() {
+                return err("health", r);
+            }
+            if h.threshold == 0 {
+                return err("health.threshold", "must be at least 1".into());
+            }
+            if h.interval.is_zero() {
+                return err("health.interval", "must be more than 0".into());
+            }
+            if h.timeout.is_zero() {
+                return err("health.timeout", "must be more than 0".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Forwards that listen beyond loopback (reported at start; the operator asked for them).
+    pub fn exposed_forwards(&self) -> Vec<String> {
+        self.forward_specs()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|f| match f.local_listen() {
+                Some((bind, _)) if !is_loopback_bind(bind) => Some(f.to_string()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// Splits `host:port`, `[v6]:port` or (with a default) a bare host.
+pub fn split_host_port(s: &str, default_port: Option<u16>) -> Result<(String, u16), String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("empty address".into());
+    }
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let Some((h, after)) = rest.split_once(']') else {
+            return Err(format!("{s:?}: unclosed '['"));
+        };
+        match after.strip_prefix(':') {
+            Some(p) => (h, Some(p)),
+            None if after.is_empty() => (h, None),
+            None => return Err(format!("{s:?}: expected [host]:port")),
+        }
+    } else if s.matches(':').count() == 1 {
+        let (h, p) = s.split_once(':').unwrap_or((s, ""));
+        (h, Some(p))
+    } else if s.contains(':') {
+        return Err(format!("{s:?}: write IPv6 addresses as [addr]:port"));
+    } else {
+        (s, None)
+    };
+    if host.is_empty() {
+        return Err(format!("{s:?}: the host is empty"));
+    }
+    let port = match (port, default_port) {
+        (Some(p), _) => match p.parse::<u16>() {
+            Ok(p) if p != 0 => p,
+            _ => return Err(format!("{s:?}: {p:?} is not a port (1-65535)")),
+        },
+        (None, Some(d)) => d,
+        (None, None) => return Err(format!("{s:?}: expected host:port")),
+    };
+    Ok((host.to_string(), port))
+}
+
+fn parse_http_url(url: &str) -> Result<HealthTarget, String> {
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some(other) => {
+            return Err(format!(
+                "{url:?}: scheme {other:?} is not supported; the check runs through the tunnel, use http://"
+            ));
+        }
+        None => return Err(format!("{url:?}: expected http://host:port/path")),
+    }
+    let host = uri
+        .host()
+        .ok_or_else(|| format!("{url:?}: no host"))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let port = uri.port_u16().unwrap_or(80);
+    let path = uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".to_string());
+    Ok(HealthTarget::Http { host, port, path })
+}
+
+fn default_control_socket() -> PathBuf {
+    PathBuf::from("/run/tunnelfleet/agent.sock")
+}
+fn default_drain() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_keepalive_interval() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_keepalive_count() -> u32 {
+    3
+}
+fn default_reconnect_min() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_reconnect_max() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_failover_after() -> u32 {
+    3
+}
+fn default_true() -> bool {
+    true
+}
+fn default_health_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_health_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_threshold() -> u32 {
+    3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED: &str = r#"
+[agent]
+control_socket = "/tmp/tf.sock"
+
+[[profile]]
+name = "oma"
+endpoints = ["10.245.246.125:443", "10.245.246.126:443"]
+user = "vma"
+identity_file = "/home/vma/.ssh/cloudstack_key"
+known_hosts = "/etc/tunnelfleet/known_hosts"
+forwards = ["L 8082:localhost:8082", "L 10809:localhost:10809", "L 10808:localhost:10809", "R 9081:localhost:8081"]
+[profile.health]
+http = "http://localhost:8082/health"
+interval = "60s"
+"#;
+
+    #[test]
+    fn parses_the_seed_profile() {
+        let cfg = AgentConfig::parse(SEED, Path::new("agent.toml")).unwrap();
+        let p = &cfg.profiles[0];
+        assert_eq!(p.forward_specs().unwrap().len(), 4);
+        assert_eq!(p.endpoint_addrs().unwrap()[1], ("10.245.246.126".into(), 443));
+        let h = p.health.as_ref().unwrap();
+        assert_eq!(h.threshold, 3);
+        assert_eq!(h.interval, Duration::from_secs(60));
+        assert_eq!(
+            h.target().unwrap(),
+            HealthTarget::Http {
+                host: "localhost".into(),
+                port: 8082,
+                path: "/health".into()
+            }
+        );
+    }
+
+    #[test]
+    fn host_port_forms() {
+        assert_eq!(split_host_port("a:1", None).unwrap(), ("a".into(), 1));
+        assert_eq!(split_host_port("a", Some(22)).unwrap(), ("a".into(), 22));
+        assert_eq!(split_host_port("[::1]:2", None).unwrap(), ("::1".into(), 2));
+        assert!(split_host_port("::1:2", None).is_err());
+        assert!(split_host_port("a:0", None).is_err());
+        assert!(split_host_port("a", None).is_err());
+    }
+}

@@ -1,0 +1,354 @@
+//! Health checks through the tunnel, and the consecutive-failure rule.
+//!
+//! The seed curls `http://localhost:8082/health` every 60 s and restarts ssh when it fails; the
+//! rule here is the same, made explicit: `threshold` failures in a row (default 3) mark the
+//! profile down and restart its session, and any pass resets the count. A single lost check is
+//! noise; three in a row is an outage. The counting lives in [`HealthTracker`], free of IO and
+//! time, so it is tested directly; [`HealthMonitor`] drives it on an interval.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::HealthTarget;
+use crate::status::{HealthResult, ProfileShared, now_unix_ms};
+
+/// What one observation did to the profile's health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    /// Nothing changed.
+    Same,
+    /// The threshold was crossed: mark down and restart the session.
+    WentDown {
+        /// Failures in a row that crossed it.
+        failures: u32,
+    },
+    /// A pass after being down.
+    Recovered,
+}
+
+/// Counts consecutive failures against a threshold.
+#[derive(Debug, Clone)]
+pub struct HealthTracker {
+    threshold: u32,
+    consecutive: u32,
+    healthy: bool,
+}
+
+impl HealthTracker {
+    /// A healthy tracker with the given threshold (at least 1).
+    pub fn new(threshold: u32) -> Self {
+        HealthTracker {
+            threshold: threshold.max(1),
+            consecutive: 0,
+            healthy: true,
+        }
+    }
+
+    /// Records one result.
+    pub fn observe(&mut self, ok: bool) -> Transition {
+        if ok {
+            self.consecutive = 0;
+            if !self.healthy {
+                self.healthy = true;
+                return Transition::Recovered;
+            }
+            return Transition::Same;
+        }
+        self.consecutive += 1;
+        if self.consecutive >= self.threshold {
+            let failures = self.consecutive;
+            // The session is restarted now; the next streak is counted from zero so a dead
+            // endpoint triggers one restart per `threshold` checks, not one per check.
+            self.consecutive = 0;
+            self.healthy = false;
+            return Transition::WentDown { failures };
+        }
+        Transition::Same
+    }
+
+    /// Failures in a row so far.
+    pub fn consecutive(&self) -> u32 {
+        self.consecutive
+    }
+
+    /// False between crossing the threshold and the next pass.
+    pub fn healthy(&self) -> bool {
+        self.healthy
+    }
+}
+
+/// Runs one check with a deadline.
+pub async fn run_check(target: &HealthTarget, timeout: Duration) -> HealthResult {
+    let start = Instant::now();
+    let outcome = tokio::time::timeout(timeout, check_once(target)).await;
+    let latency_ms = start.elapsed().as_secs_f64() * 1000.0;
+    let (ok, detail) = match outcome {
+        Ok(Ok(detail)) => (true, detail),
+        Ok(Err(reason)) => (false, reason),
+        Err(_) => (
+            false,
+            format!(
+                "timed out after {}",
+                humantime::format_duration(timeout)
+            ),
+        ),
+    };
+    HealthResult {
+        at_unix_ms: now_unix_ms(),
+        ok,
+        latency_ms,
+        detail,
+    }
+}
+
+async fn check_once(target: &HealthTarget) -> Result<String, String> {
+    match target {
+        HealthTarget::Tcp { host, port } => {
+            TcpStream::connect((host.as_str(), *port))
+                .await
+                .map_err(|e| format!("connect {host}:{port}: {e}"))?;
+            Ok("connected".to_string())
+        }
+        HealthTarget::Http { host, port, path } => {
+            let stream = TcpStream::connect((host.as_str(), *port))
+                .await
+                .map_err(|e| format!("connect {host}:{port}: {e}"))?;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| format!("http: {e}"))?;
+            let driver = tokio::spawn(conn);
+            let req = hyper::Request::get(path.as_str())
+                .header(hyper::header::HOST, format!("{host}:{port}"))
+                .header(hyper::header::USER_AGENT, "tunnelfleet-agent")
+                .body(Empty::<Bytes>::new())
+                .map_err(|e| format!("http request: {e}"))?;
+            let result = async {
+                let resp = sender
+                    .send_request(req)
+                    .await
+                    .map_err(|e| format!("http: {e}"))?;
+                let status = resp.status();
+                // Read the body so a server that fails mid-response fails the check.
+                resp.into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| format!("http body: {e}"))?;
+                if status.is_success() {
+                    Ok(format!("HTTP {}", status.as_u16()))
+                } else {
+                    Err(format!("HTTP {}", status.as_u16()))
+                }
+            }
+            .await;
+            driver.abort();
+            result
+        }
+    }
+}
+
+/// Drives a profile's checks while its session is up.
+pub struct HealthMonitor<C> {
+    /// Time between checks.
+    pub interval: Duration,
+    /// The counting rule.
+    pub tracker: HealthTracker,
+    /// Where results go.
+    pub shared: Arc<ProfileShared>,
+    /// True while the session is up; checks pause while it is down.
+    pub session_up: watch::Receiver<bool>,
+    /// The check itself (a closure so tests can script results).
+    pub check: C,
+    /// Told when the threshold is crossed, with the failure count.
+    pub on_down: tokio::sync::mpsc::Sender<u32>,
+    /// Stops the monitor.
+    pub cancel: CancellationToken,
+}
+
+impl<C, F> HealthMonitor<C>
+where
+    C: FnMut() -> F,
+    F: Future<Output = HealthResult>,
+{
+    /// Runs until cancelled.
+    pub async fn run(mut self) {
+        loop {
+            // Wait for the session: a check against a tunnel that is known to be down says
+            // nothing new and would only count towards a restart that is already happening.
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                r = self.session_up.wait_for(|up| *up) => if r.is_err() { return },
+            }
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = tokio::time::sleep(self.interval) => {}
+            }
+            if !*self.session_up.borrow() {
+                continue;
+            }
+            let result = (self.check)().await;
+            self.record(result).await;
+        }
+    }
+
+    /// Records a result (also used by an on-demand `tunnels health NAME`).
+    async fn record(&mut self, result: HealthResult) {
+        let transition = self.tracker.observe(result.ok);
+        let name;
+        {
+            let mut s = self.shared.lock();
+            name = s.name.clone();
+            if let Some(h) = s.health.as_mut() {
+                h.checks += 1;
+                if !result.ok {
+                    h.failures += 1;
+                }
+                h.consecutive_failures = self.tracker.consecutive();
+                h.healthy = self.tracker.healthy();
+                h.last = Some(result.clone());
+            }
+        }
+        match transition {
+            Transition::WentDown { failures } => {
+                tracing::warn!(profile = %name, failures, reason = %result.detail, "health check failed {failures} times in a row: profile down, restarting session");
+                // The runner may be busy reconnecting already; a full queue means a restart
+                // is pending, which is what we want anyway.
+                let _ = self.on_down.try_send(failures);
+            }
+            Transition::Recovered => {
+                tracing::info!(profile = %name, latency_ms = result.latency_ms, "health check passes again: profile healthy")
+            }
+            Transition::Same if !result.ok => {
+                tracing::debug!(profile = %name, reason = %result.detail, consecutive = self.tracker.consecutive(), "health check failed")
+            }
+            Transition::Same => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::HealthStatus;
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+
+    #[test]
+    fn threshold_and_reset() {
+        let mut t = HealthTracker::new(3);
+        assert_eq!(t.observe(false), Transition::Same);
+        assert_eq!(t.observe(false), Transition::Same);
+        // A pass resets the count.
+        assert_eq!(t.observe(true), Transition::Same);
+        assert_eq!(t.consecutive(), 0);
+        assert_eq!(t.observe(false), Transition::Same);
+        assert_eq!(t.observe(false), Transition::Same);
+        assert_eq!(t.observe(false), Transition::WentDown { failures: 3 });
+        assert!(!t.healthy());
+        // Still failing: the next restart needs another full streak.
+        assert_eq!(t.observe(false), Transition::Same);
+        assert_eq!(t.observe(false), Transition::Same);
+        assert_eq!(t.observe(false), Transition::WentDown { failures: 3 });
+        assert_eq!(t.observe(true), Transition::Recovered);
+        assert!(t.healthy());
+    }
+
+    fn result(ok: bool) -> HealthResult {
+        HealthResult {
+            at_unix_ms: 0,
+            ok,
+            latency_ms: 1.0,
+            detail: if ok { "HTTP 200".into() } else { "HTTP 503".into() },
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn monitor_restarts_after_threshold_on_the_interval() {
+        let shared = Arc::new(ProfileShared::new(
+            "p",
+            "",
+            vec!["h:22".into()],
+            &[],
+            Some(HealthStatus {
+                target: "t".into(),
+                threshold: 3,
+                consecutive_failures: 0,
+                healthy: true,
+                checks: 0,
+                failures: 0,
+                last: None,
+            }),
+        ));
+        let script = Arc::new(Mutex::new(VecDeque::from([
+            false, false, true, false, false, false,
+        ])));
+        let (up_tx, up_rx) = watch::channel(true);
+        let (down_tx, mut down_rx) = tokio::sync::mpsc::channel(1);
+        let cancel = CancellationToken::new();
+        let s = script.clone();
+        let monitor = HealthMonitor {
+            interval: Duration::from_secs(60),
+            tracker: HealthTracker::new(3),
+            shared: shared.clone(),
+            session_up: up_rx,
+            check: move || {
+                let ok = s.lock().unwrap().pop_front().unwrap_or(true);
+                async move { result(ok) }
+            },
+            on_down: down_tx,
+            cancel: cancel.clone(),
+        };
+        let start = tokio::time::Instant::now();
+        let task = tokio::spawn(monitor.run());
+        let failures = down_rx.recv().await.unwrap();
+        assert_eq!(failures, 3);
+        // Six checks at 60 s intervals: the pass at check 3 reset the first streak.
+        assert_eq!(start.elapsed(), Duration::from_secs(360));
+        let h = shared.snapshot().health.unwrap();
+        assert_eq!((h.checks, h.failures, h.healthy), (6, 5, false));
+        // While the session is down no checks run.
+        up_tx.send(false).unwrap();
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert_eq!(shared.snapshot().health.unwrap().checks, 6);
+        up_tx.send(true).unwrap();
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        let h = shared.snapshot().health.unwrap();
+        assert_eq!((h.checks, h.healthy), (7, true));
+        cancel.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn real_checks_against_real_listeners() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let ok = run_check(
+            &HealthTarget::Tcp {
+                host: "127.0.0.1".into(),
+                port,
+            },
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(ok.ok, "{ok:?}");
+        drop(listener);
+        let bad = run_check(
+            &HealthTarget::Http {
+                host: "127.0.0.1".into(),
+                port,
+                path: "/health".into(),
+            },
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(!bad.ok);
+        assert!(bad.detail.contains(&format!("127.0.0.1:{port}")), "{bad:?}");
+    }
+}

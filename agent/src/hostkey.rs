@@ -1,0 +1,431 @@
+//! Host key verification: known_hosts files, pinned SHA256 fingerprints, and opt-in TOFU.
+//!
+//! The seed ran `ssh -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null`, which hands
+//! the tunnel (and the NBD disk traffic inside it) to whoever answers on port 443. Here an
+//! unknown or changed key is always refused, and the refusal carries the offered fingerprint and
+//! the exact line to add, so fixing it is one copy-paste — never a silent accept.
+//!
+//! russh ships a known_hosts reader, but it fails the whole file on one unparsable line and
+//! ignores markers and wildcards; this one follows sshd(8)'s "SSH_KNOWN_HOSTS FILE FORMAT".
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use data_encoding::{BASE64, BASE64_NOPAD};
+use hmac::{Hmac, KeyInit, Mac};
+use russh::keys::{HashAlg, PublicKey};
+use sha1::Sha1;
+
+/// How a profile trusts host keys (built from its config).
+#[derive(Debug, Clone)]
+pub struct HostTrust {
+    /// known_hosts file, if any.
+    pub known_hosts: Option<PathBuf>,
+    /// Pinned `SHA256:` fingerprints.
+    pub pinned: Vec<String>,
+    /// Record unknown hosts' keys into `known_hosts`.
+    pub trust_on_first_use: bool,
+}
+
+/// The verdict on a key a server offered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Matched a pin or a known_hosts line.
+    Trusted,
+    /// Unknown and recorded because TOFU is on.
+    Learned,
+    /// Refused; the error says why and how to trust it.
+    Refused(HostKeyError),
+}
+
+/// Why a host key was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HostKeyError {
+    /// Nothing trusted matches this host.
+    #[error(
+        "host key for {host} is not trusted: the server offered {algorithm} {fingerprint}. \
+         If that is the right server, add it to host_key_fingerprints = [\"{fingerprint}\"] \
+         or add this line to {known_hosts}: {line}"
+    )]
+    Unknown {
+        /// `host` or `[host]:port`.
+        host: String,
+        /// Key algorithm offered.
+        algorithm: String,
+        /// `SHA256:…` of the offered key.
+        fingerprint: String,
+        /// Where the line would go.
+        known_hosts: String,
+        /// A known_hosts line that would trust it.
+        line: String,
+    },
+    /// known_hosts holds a different key of the same type: possible man in the middle.
+    #[error(
+        "HOST KEY CHANGED for {host}: the server offered {algorithm} {fingerprint}, \
+         but {known_hosts}:{line_no} holds a different key. Someone may be intercepting the \
+         connection, or the host was reinstalled; if so, remove line {line_no} and verify the new key"
+    )]
+    Changed {
+        /// `host` or `[host]:port`.
+        host: String,
+        /// Key algorithm offered.
+        algorithm: String,
+        /// `SHA256:…` of the offered key.
+        fingerprint: String,
+        /// The known_hosts file.
+        known_hosts: String,
+        /// The line with the old key.
+        line_no: usize,
+    },
+    /// The key is marked `@revoked`.
+    #[error("host key {fingerprint} for {host} is revoked in {known_hosts}:{line_no}")]
+    Revoked {
+        /// `host` or `[host]:port`.
+        host: String,
+        /// `SHA256:…` of the offered key.
+        fingerprint: String,
+        /// The known_hosts file.
+        known_hosts: String,
+        /// The `@revoked` line.
+        line_no: usize,
+    },
+    /// known_hosts could not be read or (TOFU) written.
+    #[error("known_hosts {path}: {reason}")]
+    File {
+        /// The file.
+        path: String,
+        /// The IO error.
+        reason: String,
+    },
+}
+
+/// The `SHA256:…` fingerprint of a key, as `ssh-keygen -lf` prints it.
+pub fn fingerprint(key: &PublicKey) -> String {
+    key.fingerprint(HashAlg::Sha256).to_string()
+}
+
+/// Checks the form of a pinned fingerprint.
+pub fn parse_fingerprint(fp: &str) -> Result<(), String> {
+    let Some(b64) = fp.strip_prefix("SHA256:") else {
+        return Err(format!(
+            "{fp:?} must start with \"SHA256:\" (as `ssh-keygen -lf` prints it)"
+        ));
+    };
+    match BASE64_NOPAD.decode(b64.as_bytes()) {
+        Ok(bytes) if bytes.len() == 32 => Ok(()),
+        _ => Err(format!(
+            "{fp:?} is not a SHA256 fingerprint (43 base64 characters after \"SHA256:\")"
+        )),
+    }
+}
+
+/// The name known_hosts uses for `host:port`.
+pub fn host_pattern_name(host: &str, port: u16) -> String {
+    if port == 22 {
+        host.to_string()
+    } else {
+        format!("[{host}]:{port}")
+    }
+}
+
+impl HostTrust {
+    /// Decides on `key` offered by `host:port`.
+    pub fn verify(&self, host: &str, port: u16, key: &PublicKey) -> Verdict {
+        let fp = fingerprint(key);
+        let name = host_pattern_name(host, port);
+        let pinned = self.pinned.iter().any(|p| p == &fp);
+        let kh_display = self
+            .known_hosts
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "a known_hosts file".to_string());
+        let mut changed = None;
+        if let Some(path) = &self.known_hosts {
+            let text = match std::fs::read_to_string(path) {
+                Ok(t) => t,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+                Err(e) => {
+                    return Verdict::Refused(HostKeyError::File {
+                        path: path.display().to_string(),
+                        reason: e.to_string(),
+                    });
+                }
+            };
+            match check_known_hosts_text(&text, &name, key) {
+                KnownHostsMatch::Match => return Verdict::Trusted,
+                KnownHostsMatch::Revoked(line_no) => {
+                    return Verdict::Refused(HostKeyError::Revoked {
+                        host: name,
+                        fingerprint: fp,
+                        known_hosts: kh_display,
+                        line_no,
+                    });
+                }
+                KnownHostsMatch::Mismatch(line_no) => changed = Some(line_no),
+                KnownHostsMatch::NoEntry => {}
+            }
+        }
+        if pinned {
+            return Verdict::Trusted;
+        }
+        if let Some(line_no) = changed {
+            return Verdict::Refused(HostKeyError::Changed {
+                host: name,
+                algorithm: key.algorithm().to_string(),
+                fingerprint: fp,
+                known_hosts: kh_display,
+                line_no,
+            });
+        }
+        if self.trust_on_first_use
+            && let Some(path) = &self.known_hosts
+        {
+            return match append_known_host(path, &name, key) {
+                Ok(()) => Verdict::Learned,
+                Err(e) => Verdict::Refused(HostKeyError::File {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                }),
+            };
+        }
+        Verdict::Refused(HostKeyError::Unknown {
+            host: name.clone(),
+            algorithm: key.algorithm().to_string(),
+            fingerprint: fp,
+            known_hosts: kh_display,
+            line: known_hosts_line(&name, key),
+        })
+    }
+}
+
+/// A known_hosts line for `name` and `key`.
+pub fn known_hosts_line(name: &str, key: &PublicKey) -> String {
+    let mut k = key.clone();
+    k.set_comment("");
+    let openssh = k.to_openssh().unwrap_or_default();
+    format!("{name} {}", openssh.trim())
+}
+
+fn append_known_host(path: &Path, name: &str, key: &PublicKey) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o644)
+        .open(path)?;
+    writeln!(f, "{}", known_hosts_line(name, key))?;
+    f.sync_all()
+}
+
+/// Result of looking a host up in known_hosts text.
+#[derive(Debug, PartialEq, Eq)]
+enum KnownHostsMatch {
+    Match,
+    Mismatch(usize),
+    Revoked(usize),
+    NoEntry,
+}
+
+fn check_known_hosts_text(text: &str, name: &str, key: &PublicKey) -> KnownHostsMatch {
+    let mut mismatch = None;
+    let mut matched = false;
+    for (i, raw) in text.lines().enumerate() {
+        let line_no = i + 1;
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut fields = line.split_whitespace();
+        let mut first = fields.next().unwrap_or_default();
+        let mut marker = None;
+        if first.starts_with('@') {
+            marker = Some(first);
+            first = fields.next().unwrap_or_default();
+        }
+        let (Some(kind), Some(b64)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        if !hosts_match(first, name) {
+            continue;
+        }
+        let Ok(recorded) = PublicKey::from_openssh(&format!("{kind} {b64}")) else {
+            continue;
+        };
+        let same = recorded.key_data() == key.key_data();
+        match marker {
+            Some("@revoked") if same => return KnownHostsMatch::Revoked(line_no),
+            Some(_) => continue,
+            None => {}
+        }
+        if same {
+            matched = true;
+        } else if recorded.algorithm() == key.algorithm() && mismatch.is_none() {
+            mismatch = Some(line_no);
+        }
+    }
+    if matched {
+        KnownHostsMatch::Match
+    } else if let Some(l) = mismatch {
+        KnownHostsMatch::Mismatch(l)
+    } else {
+        KnownHostsMatch::NoEntry
+    }
+}
+
+/// Matches a comma-separated host pattern list: hashed `|1|salt|hash`, `!negation`, `*`/`?`.
+fn hosts_match(patterns: &str, name: &str) -> bool {
+    let mut positive = false;
+    for pat in patterns.split(',') {
+        let (negated, pat) = match pat.strip_prefix('!') {
+            Some(p) => (true, p),
+            None => (false, pat),
+        };
+        let hit = if let Some(hashed) = pat.strip_prefix("|1|") {
+            hashed_match(hashed, name)
+        } else {
+            wildcard_match(&pat.to_ascii_lowercase(), &name.to_ascii_lowercase())
+        };
+        if hit && negated {
+            return false;
+        }
+        positive |= hit;
+    }
+    positive
+}
+
+fn hashed_match(hashed: &str, name: &str) -> bool {
+    let Some((salt, hash)) = hashed.split_once('|') else {
+        return false;
+    };
+    let (Ok(salt), Ok(hash)) = (BASE64.decode(salt.as_bytes()), BASE64.decode(hash.as_bytes()))
+    else {
+        return false;
+    };
+    let Ok(mut mac) = <Hmac<Sha1> as KeyInit>::new_from_slice(&salt) else {
+        return false;
+    };
+    mac.update(name.as_bytes());
+    mac.verify_slice(&hash).is_ok()
+}
+
+fn wildcard_match(pat: &str, s: &str) -> bool {
+    let (p, s): (Vec<char>, Vec<char>) = (pat.chars().collect(), s.chars().collect());
+    let (mut pi, mut si, mut star, mut mark) = (0, 0, None, 0);
+    while si < s.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == s[si]) {
+            pi += 1;
+            si += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = si;
+            pi += 1;
+        } else if let Some(st) = star {
+            pi = st + 1;
+            mark += 1;
+            si = mark;
+        } else {
+            return false;
+        }
+    }
+    while pi < p.len() && p[pi] == '*' {
+        pi += 1;
+    }
+    pi == p.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use russh::keys::{Algorithm, PrivateKey};
+
+    fn key() -> PublicKey {
+        PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519)
+            .unwrap()
+            .public_key()
+            .clone()
+    }
+
+    #[test]
+    fn known_hosts_matching() {
+        let (k1, k2) = (key(), key());
+        let text = format!(
+            "# comment\n\ngarbage line\n{}\n",
+            known_hosts_line("[oma.example]:443", &k1)
+        );
+        assert_eq!(
+            check_known_hosts_text(&text, "[oma.example]:443", &k1),
+            KnownHostsMatch::Match
+        );
+        assert_eq!(
+            check_known_hosts_text(&text, "[oma.example]:443", &k2),
+            KnownHostsMatch::Mismatch(4)
+        );
+        assert_eq!(
+            check_known_hosts_text(&text, "oma.example", &k1),
+            KnownHostsMatch::NoEntry
+        );
+        let revoked = format!("@revoked * {}\n", k1.to_openssh().unwrap());
+        assert_eq!(
+            check_known_hosts_text(&revoked, "x", &k1),
+            KnownHostsMatch::Revoked(1)
+        );
+    }
+
+    #[test]
+    fn patterns() {
+        assert!(hosts_match("a,b,*.example.com", "x.example.com"));
+        assert!(!hosts_match("*.example.com,!bad.example.com", "bad.example.com"));
+        assert!(hosts_match("[10.0.0.?]:443", "[10.0.0.5]:443"));
+        // `ssh-keygen -H` output for "localhost" with a fixed salt.
+        let salt = [7u8; 20];
+        let mut mac = <Hmac<Sha1> as KeyInit>::new_from_slice(&salt).unwrap();
+        mac.update(b"localhost");
+        let h = mac.finalize().into_bytes();
+        let entry = format!("|1|{}|{}", BASE64.encode(&salt), BASE64.encode(&h));
+        assert!(hosts_match(&entry, "localhost"));
+        assert!(!hosts_match(&entry, "otherhost"));
+    }
+
+    #[test]
+    fn verify_unknown_pinned_and_tofu() {
+        let dir = tempfile::tempdir().unwrap();
+        let kh = dir.path().join("known_hosts");
+        let k = key();
+        let strict = HostTrust {
+            known_hosts: Some(kh.clone()),
+            pinned: vec![],
+            trust_on_first_use: false,
+        };
+        match strict.verify("h", 2222, &k) {
+            Verdict::Refused(e @ HostKeyError::Unknown { .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains(&fingerprint(&k)), "{msg}");
+                assert!(msg.contains("[h]:2222 ssh-ed25519 "), "{msg}");
+            }
+            v => panic!("{v:?}"),
+        }
+        let pinned = HostTrust {
+            pinned: vec![fingerprint(&k)],
+            ..strict.clone()
+        };
+        assert_eq!(pinned.verify("h", 2222, &k), Verdict::Trusted);
+        let tofu = HostTrust {
+            trust_on_first_use: true,
+            ..strict.clone()
+        };
+        assert_eq!(tofu.verify("h", 2222, &k), Verdict::Learned);
+        assert_eq!(strict.verify("h", 2222, &k), Verdict::Trusted);
+        // A different key of the same type is a change, even with TOFU on.
+        assert!(matches!(
+            tofu.verify("h", 2222, &key()),
+            Verdict::Refused(HostKeyError::Changed { line_no: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn fingerprint_forms() {
+        assert!(parse_fingerprint(&fingerprint(&key())).is_ok());
+        assert!(parse_fingerprint("MD5:aa").is_err());
+        assert!(parse_fingerprint("SHA256:short").is_err());
+    }
+}

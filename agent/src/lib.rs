@@ -1,0 +1,43 @@
+//! tunnelfleet agent: holds an appliance's SSH tunnels in-process and keeps them alive.
+//!
+//! One SSH session per profile carries all its forwards (`L`, `R`, `D`), verified against
+//! known_hosts or pinned fingerprints, kept alive, reconnected with jittered backoff, failed
+//! over to the next endpoint, and health-checked through the tunnel. It replaces `ssh -L … -R …`
+//! under autossh or a bash loop.
+//!
+//! # Layout
+//! - [`config`]: the TOML config, validated whole.
+//! - [`forward`]: OpenSSH-style forward specs (`L [bind:]port:host:hostport`, …).
+//! - [`hostkey`]: host key trust: known_hosts, pinned fingerprints, opt-in TOFU.
+//! - [`identity`]: loading the private key, refusing loose permissions.
+//! - [`backoff`]: exponential backoff with full jitter.
+//! - [`ssh`]: one SSH client session and its handler (remote-forward channels land here).
+//! - [`local`]: local listeners for `L` and `D` forwards.
+//! - [`socks`]: SOCKS5 CONNECT for `D` forwards.
+//! - [`relay`]: byte copying between sockets and channels, with counters.
+//! - [`health`]: health checks and the consecutive-failure rule.
+//! - [`profile`]: the life of one profile: session, reconnect, failover.
+//! - [`supervisor`]: all profiles and the commands that act on them.
+//! - [`control`]: the local Unix control socket (JSON lines) and its client.
+//! - [`status`]: status data shared by the tasks and returned to the CLI.
+//! - [`agent`]: `run`, the whole agent as one call.
+//! - [`shutdown`]: signals to a cancellation token.
+//! - [`telemetry`]: logging setup.
+
+pub mod agent;
+pub mod backoff;
+pub mod config;
+pub mod control;
+pub mod forward;
+pub mod health;
+pub mod hostkey;
+pub mod identity;
+pub mod local;
+pub mod profile;
+pub mod relay;
+pub mod shutdown;
+pub mod socks;
+pub mod ssh;
+pub mod status;
+pub mod supervisor;
+pub mod telemetry;

@@ -1,0 +1,178 @@
+//! Local listeners: `L` forwards and `D` (SOCKS5) forwards.
+//!
+//! A listener stays bound for the life of its profile, across reconnects: an application that
+//! connects while the session is being re-established waits (up to `connect_timeout`) instead
+//! of getting "connection refused", which is what `ssh -L` under a restart loop gives it. A port
+//! that cannot be bound is reported with the port named and retried; the profile's other
+//! forwards carry on.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use russh::client::Handle;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::backoff::Backoff;
+use crate::forward::ForwardSpec;
+use crate::relay::{ForwardCounters, OpenGuard, relay};
+use crate::socks;
+use crate::ssh::ClientHandler;
+use crate::status::{ForwardState, ProfileShared};
+
+/// The current session of a profile, if one is up.
+pub type SessionSlot = watch::Receiver<Option<Arc<Handle<ClientHandler>>>>;
+
+/// One L or D forward's listener task.
+pub struct LocalForward {
+    /// Index in the profile's forwards.
+    pub index: usize,
+    /// The forward (Local or Dynamic).
+    pub spec: ForwardSpec,
+    /// Status to update.
+    pub shared: Arc<ProfileShared>,
+    /// This forward's counters.
+    pub counters: Arc<ForwardCounters>,
+    /// The session to open channels on.
+    pub session: SessionSlot,
+    /// How long a new connection waits for a session that is down.
+    pub wait_for_session: Duration,
+    /// Stop accepting.
+    pub cancel: CancellationToken,
+    /// Connection tasks, drained at shutdown.
+    pub tracker: TaskTracker,
+}
+
+impl LocalForward {
+    /// Binds (retrying while the port is taken) and serves until cancelled.
+    pub async fn run(mut self) {
+        let Some((bind, port)) = self.spec.local_listen().map(|(b, p)| (b.to_string(), p)) else {
+            return;
+        };
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        let listener = loop {
+            match TcpListener::bind((bind.as_str(), port)).await {
+                Ok(l) => break l,
+                Err(e) => {
+                    let why = if e.kind() == std::io::ErrorKind::AddrInUse {
+                        format!("cannot listen on {bind}:{port}: port {port} is already in use by another process; retrying")
+                    } else {
+                        format!("cannot listen on {bind}:{port}: {e}; retrying")
+                    };
+                    self.shared
+                        .set_forward(self.index, ForwardState::Retrying, Some(why));
+                    tokio::select! {
+                        _ = self.cancel.cancelled() => {
+                            self.shared.set_forward(self.index, ForwardState::Stopped, None);
+                            return;
+                        }
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    }
+                }
+            }
+        };
+        loop {
+            let state = if self.session.borrow().is_some() {
+                ForwardState::Active
+            } else {
+                ForwardState::Listening
+            };
+            self.shared.set_forward(self.index, state, None);
+            tokio::select! {
+                _ = self.cancel.cancelled() => break,
+                changed = self.session.changed() => if changed.is_err() { break },
+                accepted = listener.accept() => match accepted {
+                    Ok((tcp, peer)) => self.spawn_connection(tcp, peer),
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off briefly, keep serving.
+                        tracing::warn!(forward = %self.spec, "accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+            }
+        }
+        drop(listener);
+        self.shared
+            .set_forward(self.index, ForwardState::Stopped, None);
+    }
+
+    fn spawn_connection(&self, tcp: TcpStream, peer: SocketAddr) {
+        let _ = tcp.set_nodelay(true);
+        let spec = self.spec.clone();
+        let counters = self.counters.clone();
+        let session = self.session.clone();
+        let wait = self.wait_for_session;
+        self.tracker.spawn(async move {
+            let _open = OpenGuard::new(&counters);
+            if let Err(e) = serve(tcp, peer, &spec, session, wait, &counters).await {
+                tracing::debug!(forward = %spec, %peer, "connection ended: {e}");
+            }
+        });
+    }
+}
+
+async fn serve(
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    spec: &ForwardSpec,
+    session: SessionSlot,
+    wait: Duration,
+    counters: &Arc<ForwardCounters>,
+) -> Result<(), String> {
+    let (host, port, socks) = match spec {
+        ForwardSpec::Local {
+            host, host_port, ..
+        } => (host.clone(), *host_port, false),
+        ForwardSpec::Dynamic { .. } => {
+            let (h, p) = socks::accept(&mut tcp).await.map_err(|e| e.to_string())?;
+            (h, p, true)
+        }
+        ForwardSpec::Remote { .. } => return Ok(()),
+    };
+    let Some(handle) = wait_session(session, wait).await else {
+        if socks {
+            let _ = socks::reply(&mut tcp, socks::Reply::GeneralFailure).await;
+        }
+        return Err("no SSH session; connection closed".into());
+    };
+    let channel = match handle
+        .channel_open_direct_tcpip(
+            host.clone(),
+            port as u32,
+            peer.ip().to_string(),
+            peer.port() as u32,
+        )
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            if socks {
+                let _ = socks::reply(&mut tcp, socks::Reply::HostUnreachable).await;
+            }
+            return Err(format!("server could not open {host}:{port}: {e}"));
+        }
+    };
+    drop(handle);
+    if socks {
+        socks::reply(&mut tcp, socks::Reply::Success)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    relay(tcp, channel.into_stream(), counters)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn wait_session(
+    mut session: SessionSlot,
+    wait: Duration,
+) -> Option<Arc<Handle<ClientHandler>>> {
+    let found = tokio::time::timeout(wait, session.wait_for(|s| s.is_some())).await;
+    match found {
+        Ok(Ok(s)) => s.clone(),
+        _ => None,
+    }
+}

@@ -1,0 +1,453 @@
+//! The life of one profile: its SSH session, reconnects, failover, forwards and health.
+//!
+//! One task per profile owns the session and decides when to reconnect and where. Listener,
+//! remote-forward and health tasks hang off it and learn about the session through watch
+//! channels. Reasons to leave a session (lost, health threshold, command, shutdown) all come to
+//! one `select!`, so there is exactly one place that decides what happens next — and logs why.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use russh::Disconnect;
+use russh::client::Handle;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::backoff::Backoff;
+use crate::config::ProfileConfig;
+use crate::forward::ForwardSpec;
+use crate::health::{HealthMonitor, HealthTracker, run_check};
+use crate::hostkey::HostTrust;
+use crate::local::LocalForward;
+use crate::ssh::{self, ClientHandler, RemoteEntry, RemoteForwards, SessionParams};
+use crate::status::{ForwardState, HealthStatus, ProfileShared, SessionState};
+
+/// A session that lasted this long counts as a success: backoff and failover counts reset.
+/// Shorter ones (accepted, then dropped) count as failures of the endpoint, so a server that
+/// lets us in and throws us out cannot hold us in a tight reconnect loop.
+pub const STABLE_SESSION: Duration = Duration::from_secs(30);
+
+/// Why the runner left a session.
+#[derive(Debug)]
+enum SessionEnd {
+    Lost(String),
+    Restart(String),
+    Health(u32),
+    Shutdown,
+}
+
+/// Handle of a running profile. Dropping it stops the profile (without the graceful drain).
+pub struct ProfileHandle {
+    cancel: CancellationToken,
+    restart: mpsc::Sender<String>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl ProfileHandle {
+    /// Stops gracefully: stop accepting, drain (bounded), cancel remote forwards, disconnect.
+    pub async fn stop(mut self) {
+        self.cancel.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+
+    /// Asks for a fresh session now (also cuts a pending backoff short).
+    pub fn restart(&self, cause: &str) {
+        let _ = self.restart.try_send(cause.to_string());
+    }
+}
+
+impl Drop for ProfileHandle {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// Fresh shared state for a profile's status.
+pub fn new_shared(cfg: &ProfileConfig) -> Arc<ProfileShared> {
+    let specs: Vec<String> = cfg
+        .forward_specs()
+        .map(|v| v.iter().map(|f| f.to_string()).collect())
+        .unwrap_or_else(|_| cfg.forwards.clone());
+    let health = cfg.health.as_ref().map(|h| HealthStatus {
+        target: h.target().map(|t| t.describe()).unwrap_or_default(),
+        threshold: h.threshold,
+        consecutive_failures: 0,
+        healthy: true,
+        checks: 0,
+        failures: 0,
+        last: None,
+    });
+    Arc::new(ProfileShared::new(
+        &cfg.name,
+        &cfg.description,
+        cfg.endpoints.clone(),
+        &specs,
+        health,
+    ))
+}
+
+/// Starts a profile; the identity must already be loaded (see `Supervisor`).
+pub fn start(
+    cfg: Arc<ProfileConfig>,
+    key: Arc<russh::keys::PrivateKey>,
+    shared: Arc<ProfileShared>,
+    drain: Duration,
+) -> ProfileHandle {
+    let cancel = CancellationToken::new();
+    let (restart_tx, restart_rx) = mpsc::channel(4);
+    let trust = HostTrust {
+        known_hosts: cfg.known_hosts.clone(),
+        pinned: cfg.host_key_fingerprints.clone(),
+        trust_on_first_use: cfg.trust_on_first_use,
+    };
+    let params = SessionParams {
+        profile: cfg.name.clone(),
+        user: cfg.user.clone(),
+        key,
+        trust: Arc::new(trust),
+        config: Arc::new(ssh::client_config(
+            cfg.keepalive_interval,
+            cfg.keepalive_count,
+        )),
+        remote: Arc::new(RemoteForwards::default()),
+        tracker: TaskTracker::new(),
+        connect_timeout: cfg.connect_timeout,
+    };
+    let runner = Runner {
+        cfg,
+        shared,
+        params,
+        drain,
+        cancel: cancel.clone(),
+        restart: restart_rx,
+    };
+    let task = tokio::spawn(runner.run());
+    ProfileHandle {
+        cancel,
+        restart: restart_tx,
+        task: Some(task),
+    }
+}
+
+struct Runner {
+    cfg: Arc<ProfileConfig>,
+    shared: Arc<ProfileShared>,
+    params: SessionParams,
+    drain: Duration,
+    cancel: CancellationToken,
+    restart: mpsc::Receiver<String>,
+}
+
+impl Runner {
+    async fn run(mut self) {
+        // Safe: the config was validated before a profile can be started.
+        let specs = self.cfg.forward_specs().unwrap_or_default();
+        let endpoints = self.cfg.endpoint_addrs().unwrap_or_default();
+        if endpoints.is_empty() {
+            return;
+        }
+        let (session_tx, session_rx) = watch::channel(None::<Arc<Handle<ClientHandler>>>);
+        let (up_tx, up_rx) = watch::channel(false);
+        let (health_tx, mut health_rx) = mpsc::channel::<u32>(1);
+        let listeners = CancellationToken::new();
+        let mut side_tasks = Vec::new();
+
+        let mut remote_entries = Vec::new();
+        for (index, spec) in specs.iter().enumerate() {
+            let counters = self.shared.counters[index].clone();
+            match spec {
+                ForwardSpec::Remote {
+                    port,
+                    host,
+                    host_port,
+                    ..
+                } => {
+                    remote_entries.push(RemoteEntry {
+                        index,
+                        requested_port: *port as u32,
+                        bound_port: None,
+                        host: host.clone(),
+                        port: *host_port,
+                        counters,
+                    });
+                    self.shared.set_forward(
+                        index,
+                        ForwardState::Waiting,
+                        Some("waiting for the session".into()),
+                    );
+                }
+                _ => {
+                    let lf = LocalForward {
+                        index,
+                        spec: spec.clone(),
+                        shared: self.shared.clone(),
+                        counters,
+                        session: session_rx.clone(),
+                        wait_for_session: self.cfg.connect_timeout,
+                        cancel: listeners.clone(),
+                        tracker: self.params.tracker.clone(),
+                    };
+                    side_tasks.push(tokio::spawn(lf.run()));
+                }
+            }
+        }
+        self.params.remote.set(remote_entries);
+
+        if let Some(h) = &self.cfg.health
+            && let Ok(target) = h.target()
+        {
+            let timeout = h.timeout;
+            let monitor = HealthMonitor {
+                interval: h.interval,
+                tracker: HealthTracker::new(h.threshold),
+                shared: self.shared.clone(),
+                session_up: up_rx.clone(),
+                check: move || {
+                    let target = target.clone();
+                    async move { run_check(&target, timeout).await }
+                },
+                on_down: health_tx,
+                cancel: listeners.clone(),
+            };
+            side_tasks.push(tokio::spawn(monitor.run()));
+        }
+
+        let mut idx = 0usize;
+        let mut failures = 0u32;
+        let mut backoff = Backoff::new(self.cfg.reconnect_min, self.cfg.reconnect_max);
+        let mut sessions = 0u64;
+        'outer: loop {
+            let (host, port) = &endpoints[idx];
+            let endpoint = format!("{host}:{port}");
+            self.shared.lock().active_endpoint = endpoint.clone();
+            self.shared
+                .set_state(SessionState::Connecting, &format!("connecting to {endpoint}"));
+            let connected = tokio::select! {
+                _ = self.cancel.cancelled() => break 'outer,
+                r = ssh::connect(&self.params, host, *port) => r,
+            };
+            let mut immediate = false;
+            match connected {
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(profile = %self.cfg.name, endpoint = %endpoint, attempt = failures, "{e}");
+                    self.shared.lock().last_error = Some(e.to_string());
+                }
+                Ok(session) => {
+                    sessions += 1;
+                    if sessions > 1 {
+                        self.shared.lock().reconnects += 1;
+                    }
+                    let started = Instant::now();
+                    let handle = Arc::new(session.handle);
+                    let cause = format!(
+                        "established to {endpoint} (host key {})",
+                        session.host_key
+                    );
+                    self.shared.set_state(SessionState::Up, &cause);
+                    let _ = session_tx.send(Some(handle.clone()));
+                    let _ = up_tx.send(true);
+                    let remote_cancel = CancellationToken::new();
+                    for (index, spec) in specs.iter().enumerate() {
+                        if let ForwardSpec::Remote { bind, port, .. } = spec {
+                            tokio::spawn(hold_remote_forward(
+                                handle.clone(),
+                                index,
+                                bind.clone(),
+                                *port,
+                                self.shared.clone(),
+                                self.params.remote.clone(),
+                                remote_cancel.clone(),
+                                Backoff::new(self.cfg.reconnect_min, self.cfg.reconnect_max),
+                            ));
+                        }
+                    }
+                    let mut closed = session.closed;
+                    let end = tokio::select! {
+                        r = &mut closed => SessionEnd::Lost(r.unwrap_or_else(|_| "session ended".into())),
+                        Some(c) = self.restart.recv() => SessionEnd::Restart(c),
+                        Some(n) = health_rx.recv() => SessionEnd::Health(n),
+                        _ = self.cancel.cancelled() => SessionEnd::Shutdown,
+                    };
+                    remote_cancel.cancel();
+                    let _ = up_tx.send(false);
+                    let _ = session_tx.send(None);
+                    if let SessionEnd::Shutdown = end {
+                        self.shared
+                            .set_state(SessionState::Stopping, "stopping: draining connections");
+                        listeners.cancel();
+                        self.close_gracefully(&handle, &specs).await;
+                        break 'outer;
+                    }
+                    self.mark_remote_waiting(&specs);
+                    let _ = handle
+                        .disconnect(Disconnect::ByApplication, "tunnelfleet: session restart", "")
+                        .await;
+                    let why = match &end {
+                        SessionEnd::Lost(r) => format!("session to {endpoint} lost: {r}"),
+                        SessionEnd::Restart(c) => format!("session restarted: {c}"),
+                        SessionEnd::Health(n) => {
+                            format!("session restarted: health check failed {n} times in a row")
+                        }
+                        SessionEnd::Shutdown => String::new(),
+                    };
+                    tracing::warn!(profile = %self.cfg.name, endpoint = %endpoint, "{why}");
+                    self.shared.lock().last_error = Some(why);
+                    if started.elapsed() >= STABLE_SESSION {
+                        failures = 0;
+                        backoff.reset();
+                    }
+                    match end {
+                        SessionEnd::Restart(_) => {
+                            // Asked for by an operator: go again now, and not as a failure.
+                            failures = 0;
+                            immediate = true;
+                        }
+                        _ => failures += 1,
+                    }
+                }
+            }
+            if failures >= self.cfg.failover_after && endpoints.len() > 1 {
+                let next = (idx + 1) % endpoints.len();
+                let to = format!("{}:{}", endpoints[next].0, endpoints[next].1);
+                let reason = self.shared.lock().last_error.clone().unwrap_or_default();
+                tracing::warn!(profile = %self.cfg.name, from = %endpoint, to = %to, failures, "failing over to the next endpoint: {reason}");
+                {
+                    let mut s = self.shared.lock();
+                    s.failovers += 1;
+                    s.active_endpoint = to;
+                }
+                idx = next;
+                failures = 0;
+                backoff.reset();
+                continue;
+            }
+            if immediate {
+                continue;
+            }
+            let delay = backoff.next_delay();
+            self.shared.set_state(
+                SessionState::Backoff,
+                &format!("retrying {endpoint} in {}", humantime::format_duration(round_ms(delay))),
+            );
+            tokio::select! {
+                _ = self.cancel.cancelled() => break 'outer,
+                _ = tokio::time::sleep(delay) => {}
+                Some(c) = self.restart.recv() => {
+                    tracing::info!(profile = %self.cfg.name, "backoff cut short: {c}");
+                }
+            }
+        }
+        listeners.cancel();
+        for t in side_tasks {
+            let _ = t.await;
+        }
+        self.params.tracker.close();
+        for i in 0..specs.len() {
+            self.shared.set_forward(i, ForwardState::Stopped, None);
+        }
+        self.shared.set_state(SessionState::Stopped, "stopped");
+    }
+
+    fn mark_remote_waiting(&self, specs: &[ForwardSpec]) {
+        self.params.remote.clear_bound();
+        for (i, s) in specs.iter().enumerate() {
+            if matches!(s, ForwardSpec::Remote { .. }) {
+                self.shared.set_forward(
+                    i,
+                    ForwardState::Waiting,
+                    Some("waiting for the session".into()),
+                );
+            }
+        }
+    }
+
+    /// Stop accepting (listeners already cancelled), cancel remote forwards so the server stops
+    /// accepting for us, give open connections `drain` to finish, then disconnect.
+    async fn close_gracefully(&self, handle: &Handle<ClientHandler>, specs: &[ForwardSpec]) {
+        for s in specs {
+            if let ForwardSpec::Remote { bind, port, .. } = s {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    handle.cancel_tcpip_forward(bind.clone(), *port as u32),
+                )
+                .await;
+            }
+        }
+        self.params.tracker.close();
+        let open = self.params.tracker.len();
+        if open > 0 {
+            tracing::info!(profile = %self.cfg.name, open, drain = ?self.drain, "draining open connections");
+            if tokio::time::timeout(self.drain, self.params.tracker.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(profile = %self.cfg.name, open = self.params.tracker.len(), "drain timeout: closing remaining connections");
+            }
+        }
+        let _ = handle
+            .disconnect(Disconnect::ByApplication, "tunnelfleet: shutting down", "")
+            .await;
+    }
+}
+
+fn round_ms(d: Duration) -> Duration {
+    Duration::from_millis(d.as_millis() as u64)
+}
+
+/// Requests one remote forward, retrying while the server refuses.
+///
+/// The classic autossh failure: after a reconnect the server still holds the port for the old,
+/// half-dead session and answers "remote port forwarding failed". `ssh -o
+/// ExitOnForwardFailure=yes` then exits and the loop spins; without it ssh runs on without the
+/// forward. Here the request is simply retried with backoff until the old session is reaped.
+#[allow(clippy::too_many_arguments)]
+async fn hold_remote_forward(
+    handle: Arc<Handle<ClientHandler>>,
+    index: usize,
+    bind: String,
+    port: u16,
+    shared: Arc<ProfileShared>,
+    remote: Arc<RemoteForwards>,
+    cancel: CancellationToken,
+    mut backoff: Backoff,
+) {
+    loop {
+        let result = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = handle.tcpip_forward(bind.clone(), port as u32) => r,
+        };
+        match result {
+            Ok(assigned) => {
+                let bound = if port == 0 { assigned } else { port as u32 };
+                remote.mark_bound(index, bound);
+                let detail = (port == 0).then(|| format!("server assigned port {bound}"));
+                shared.set_forward(index, ForwardState::Active, detail);
+                return;
+            }
+            Err(russh::Error::RequestDenied) => {
+                let delay = backoff.next_delay();
+                shared.set_forward(
+                    index,
+                    ForwardState::Retrying,
+                    Some(format!(
+                        "server refused to listen on {bind}:{port} (port {port} in use on the server, often by a stale session); retrying"
+                    )),
+                );
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+            Err(e) => {
+                tracing::debug!(port, "remote forward request ended: {e}");
+                return;
+            }
+        }
+    }
+}

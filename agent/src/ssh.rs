@@ -1,0 +1,386 @@
+//! One SSH client session: connect, verify the host key, authenticate, and serve the channels
+//! the server opens back to us (remote forwards).
+//!
+//! The russh client [`Handler`] here is deliberately small: host-key verdicts go to
+//! [`HostTrust`], incoming `forwarded-tcpip` channels go to the [`RemoteForwards`] table the
+//! profile runner fills, and the session's end is reported on a oneshot so the runner notices a
+//! dead session (keepalive timeout, EOF, disconnect) the moment russh does.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use russh::client::{self, ChannelOpenHandle, Handle, Msg, Session};
+use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
+use russh::{Channel, ChannelOpenFailure, Preferred, cipher};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio_util::task::TaskTracker;
+
+use crate::hostkey::{HostKeyError, HostTrust, Verdict, fingerprint};
+use crate::relay::{ForwardCounters, OpenGuard, relay};
+
+/// Ciphers in order of preference. AES-GCM first: with AES-NI (ring uses it) it is the fastest
+/// AEAD on the x86 appliances we run on, ahead of chacha20-poly1305 which OpenSSH prefers.
+pub const CIPHERS: &[cipher::Name] = &[
+    cipher::AES_128_GCM,
+    cipher::AES_256_GCM,
+    cipher::CHACHA20_POLY1305,
+    cipher::AES_256_CTR,
+    cipher::AES_128_CTR,
+];
+
+/// Channel window: large enough that one stream is not throttled by round trips (16 MiB, the
+/// same order as OpenSSH's 2 MiB × its adaptive growth).
+pub const WINDOW_SIZE: u32 = 16 * 1024 * 1024;
+
+/// Why a session could not be established.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// TCP connect failed.
+    #[error("connect to {endpoint}: {source}")]
+    Connect {
+        /// `host:port`.
+        endpoint: String,
+        /// The IO error.
+        source: std::io::Error,
+    },
+    /// Connect, handshake and authentication did not finish in time.
+    #[error("{endpoint}: no session within {timeout:?} (connect_timeout)")]
+    Timeout {
+        /// `host:port`.
+        endpoint: String,
+        /// The deadline.
+        timeout: Duration,
+    },
+    /// The host key was refused.
+    #[error("{endpoint}: {source}")]
+    HostKey {
+        /// `host:port`.
+        endpoint: String,
+        /// Why, with the offered fingerprint.
+        source: HostKeyError,
+    },
+    /// The server refused our key.
+    #[error("{endpoint}: authentication as {user:?} with {key} refused by the server")]
+    Auth {
+        /// `host:port`.
+        endpoint: String,
+        /// Remote user.
+        user: String,
+        /// Fingerprint of our key.
+        key: String,
+    },
+    /// Any other SSH-level failure.
+    #[error("{endpoint}: ssh: {source}")]
+    Ssh {
+        /// `host:port`.
+        endpoint: String,
+        /// russh's error.
+        source: russh::Error,
+    },
+}
+
+impl SessionError {
+    /// True for failures that retrying the same endpoint cannot fix quickly (bad key trust).
+    pub fn is_trust_failure(&self) -> bool {
+        matches!(self, SessionError::HostKey { .. } | SessionError::Auth { .. })
+    }
+}
+
+/// A remote forward the server may open channels for.
+#[derive(Debug, Clone)]
+pub struct RemoteEntry {
+    /// Index of the forward in the profile (for status).
+    pub index: usize,
+    /// Port requested on the server.
+    pub requested_port: u32,
+    /// Port the server actually bound (differs when 0 was requested).
+    pub bound_port: Option<u32>,
+    /// Local target host.
+    pub host: String,
+    /// Local target port.
+    pub port: u16,
+    /// Counters of this forward.
+    pub counters: Arc<ForwardCounters>,
+}
+
+/// The remote forwards of a profile, looked up when the server opens `forwarded-tcpip`.
+#[derive(Debug, Default)]
+pub struct RemoteForwards {
+    entries: Mutex<Vec<RemoteEntry>>,
+}
+
+impl RemoteForwards {
+    /// Replaces the table.
+    pub fn set(&self, entries: Vec<RemoteEntry>) {
+        *self.lock() = entries;
+    }
+
+    /// Records the port the server bound for forward `index`.
+    pub fn mark_bound(&self, index: usize, port: u32) {
+        if let Some(e) = self.lock().iter_mut().find(|e| e.index == index) {
+            e.bound_port = Some(port);
+        }
+    }
+
+    /// Forgets bound ports (session gone).
+    pub fn clear_bound(&self) {
+        for e in self.lock().iter_mut() {
+            e.bound_port = None;
+        }
+    }
+
+    fn lookup(&self, port: u32) -> Option<RemoteEntry> {
+        let entries = self.lock();
+        entries
+            .iter()
+            .find(|e| e.bound_port == Some(port))
+            .or_else(|| entries.iter().find(|e| e.requested_port == port))
+            .cloned()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<RemoteEntry>> {
+        // Plain data; see ProfileShared::lock for why poisoning is ignored.
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Everything needed to open a session for a profile.
+#[derive(Clone)]
+pub struct SessionParams {
+    /// Profile name (for logs).
+    pub profile: String,
+    /// Remote user.
+    pub user: String,
+    /// Our key.
+    pub key: Arc<PrivateKey>,
+    /// Host-key trust.
+    pub trust: Arc<HostTrust>,
+    /// russh client config (keepalive, window, ciphers).
+    pub config: Arc<client::Config>,
+    /// The profile's remote forwards.
+    pub remote: Arc<RemoteForwards>,
+    /// Tracks relay tasks so shutdown can drain them.
+    pub tracker: TaskTracker,
+    /// Deadline for connect + handshake + auth.
+    pub connect_timeout: Duration,
+}
+
+/// Builds the russh client config for a profile.
+pub fn client_config(keepalive_interval: Duration, keepalive_count: u32) -> client::Config {
+    client::Config {
+        keepalive_interval: Some(keepalive_interval),
+        keepalive_max: keepalive_count as usize,
+        window_size: WINDOW_SIZE,
+        maximum_packet_size: 32768,
+        channel_buffer_size: 256,
+        nodelay: true,
+        preferred: Preferred {
+            cipher: std::borrow::Cow::Borrowed(CIPHERS),
+            ..Preferred::default()
+        },
+        ..client::Config::default()
+    }
+}
+
+/// An established session.
+pub struct SshSession {
+    /// The russh handle: open channels, request forwards, disconnect.
+    pub handle: Handle<ClientHandler>,
+    /// Resolves with the reason when the session ends.
+    pub closed: oneshot::Receiver<String>,
+    /// `host:port` it is connected to.
+    pub endpoint: String,
+    /// Host key fingerprint of the server.
+    pub host_key: String,
+}
+
+/// Connects to `host:port`, verifies, authenticates.
+pub async fn connect(p: &SessionParams, host: &str, port: u16) -> Result<SshSession, SessionError> {
+    let endpoint = format!("{host}:{port}");
+    tokio::time::timeout(p.connect_timeout, connect_inner(p, host, port, &endpoint))
+        .await
+        .unwrap_or_else(|_| {
+            Err(SessionError::Timeout {
+                endpoint: endpoint.clone(),
+                timeout: p.connect_timeout,
+            })
+        })
+}
+
+async fn connect_inner(
+    p: &SessionParams,
+    host: &str,
+    port: u16,
+    endpoint: &str,
+) -> Result<SshSession, SessionError> {
+    let stream = TcpStream::connect((host, port))
+        .await
+        .map_err(|source| SessionError::Connect {
+            endpoint: endpoint.to_string(),
+            source,
+        })?;
+    let _ = stream.set_nodelay(true);
+    let (closed_tx, closed) = oneshot::channel();
+    let verdict = Arc::new(Mutex::new(None));
+    let handler = ClientHandler {
+        host: host.to_string(),
+        port,
+        profile: p.profile.clone(),
+        trust: p.trust.clone(),
+        verdict: verdict.clone(),
+        remote: p.remote.clone(),
+        tracker: p.tracker.clone(),
+        closed: Some(closed_tx),
+    };
+    let ssh_err = |source: russh::Error| -> SessionError {
+        let v = verdict.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match v {
+            Some((Verdict::Refused(e), _)) => SessionError::HostKey {
+                endpoint: endpoint.to_string(),
+                source: e,
+            },
+            _ => SessionError::Ssh {
+                endpoint: endpoint.to_string(),
+                source,
+            },
+        }
+    };
+    let mut handle = client::connect_stream(p.config.clone(), stream, handler)
+        .await
+        .map_err(ssh_err)?;
+    let host_key = match verdict.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        Some((Verdict::Trusted | Verdict::Learned, fp)) => fp,
+        _ => String::new(),
+    };
+    let hash = handle
+        .best_supported_rsa_hash()
+        .await
+        .map_err(ssh_err)?
+        .flatten();
+    let auth = handle
+        .authenticate_publickey(
+            p.user.clone(),
+            PrivateKeyWithHashAlg::new(p.key.clone(), hash),
+        )
+        .await
+        .map_err(ssh_err)?;
+    if !auth.success() {
+        return Err(SessionError::Auth {
+            endpoint: endpoint.to_string(),
+            user: p.user.clone(),
+            key: fingerprint(p.key.public_key()),
+        });
+    }
+    Ok(SshSession {
+        handle,
+        closed,
+        endpoint: endpoint.to_string(),
+        host_key,
+    })
+}
+
+/// The russh client handler of one session.
+pub struct ClientHandler {
+    host: String,
+    port: u16,
+    profile: String,
+    trust: Arc<HostTrust>,
+    verdict: Arc<Mutex<Option<(Verdict, String)>>>,
+    remote: Arc<RemoteForwards>,
+    tracker: TaskTracker,
+    closed: Option<oneshot::Sender<String>>,
+}
+
+impl client::Handler for ClientHandler {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        let PublicKeyOrCertificate::PublicKey { key, .. } = key else {
+            // We never advertise certificate algorithms, so a server cannot pick one.
+            return Ok(false);
+        };
+        let verdict = self.trust.verify(&self.host, self.port, key);
+        let fp = fingerprint(key);
+        let accepted = match &verdict {
+            Verdict::Trusted => true,
+            Verdict::Learned => {
+                tracing::warn!(profile = %self.profile, host = %self.host, port = self.port, fingerprint = %fp, "trust_on_first_use: recorded a new host key");
+                true
+            }
+            Verdict::Refused(e) => {
+                tracing::error!(profile = %self.profile, "{e}");
+                false
+            }
+        };
+        *self.verdict.lock().unwrap_or_else(|p| p.into_inner()) = Some((verdict, fp));
+        Ok(accepted)
+    }
+
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        connected_address: &str,
+        connected_port: u32,
+        originator_address: &str,
+        originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(entry) = self.remote.lookup(connected_port) else {
+            tracing::warn!(profile = %self.profile, port = connected_port, address = connected_address, "server opened a forwarded connection for a port we did not forward; refused");
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        };
+        let profile = self.profile.clone();
+        let origin = format!("{originator_address}:{originator_port}");
+        // Connecting to the local target may take a while; never block the session loop on it.
+        self.tracker.spawn(async move {
+            match TcpStream::connect((entry.host.as_str(), entry.port)).await {
+                Ok(local) => {
+                    let _ = local.set_nodelay(true);
+                    reply.accept().await;
+                    let _open = OpenGuard::new(&entry.counters);
+                    let _ = relay(local, channel.into_stream(), &entry.counters).await;
+                }
+                Err(e) => {
+                    tracing::warn!(profile = %profile, target = %format!("{}:{}", entry.host, entry.port), from = %origin, "remote forward: local target refused: {e}");
+                    reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    async fn disconnected(
+        &mut self,
+        reason: client::DisconnectReason<Self::Error>,
+    ) -> Result<(), Self::Error> {
+        let (text, result) = match reason {
+            client::DisconnectReason::ReceivedDisconnect(info) => (
+                format!("server disconnected: {:?} {}", info.reason_code, info.message),
+                Ok(()),
+            ),
+            client::DisconnectReason::Error(e) => (describe_close(&e), Err(e)),
+        };
+        if let Some(tx) = self.closed.take() {
+            let _ = tx.send(text);
+        }
+        result
+    }
+}
+
+fn describe_close(e: &russh::Error) -> String {
+    match e {
+        russh::Error::KeepaliveTimeout => "keepalive timeout: server stopped answering".into(),
+        russh::Error::InactivityTimeout => "inactivity timeout".into(),
+        russh::Error::IO(io) => format!("connection lost: {io}"),
+        russh::Error::Disconnect => "connection closed by server".into(),
+        other => format!("session error: {other}"),
+    }
+}

@@ -1,0 +1,249 @@
+//! What the agent knows about its tunnels, as data: the live state shared between a profile's
+//! tasks, and the serializable snapshot the control socket returns.
+//!
+//! The live state sits behind a `std::sync::Mutex` because it is only ever held for a field
+//! update or a snapshot, never across an `.await`; the byte counters are atomics so the data
+//! path never takes the lock.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::relay::ForwardCounters;
+
+/// Milliseconds since the Unix epoch (status timestamps are wall-clock for humans).
+pub fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The state of a profile's SSH session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionState {
+    /// Not running (never started, or stopped by command).
+    Stopped,
+    /// Connecting, handshaking or authenticating.
+    Connecting,
+    /// Session established; forwards served.
+    Up,
+    /// Waiting before the next attempt.
+    Backoff,
+    /// Draining and closing.
+    Stopping,
+}
+
+/// The state of one forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ForwardState {
+    /// Not running.
+    Stopped,
+    /// Local listener bound; waiting for the session.
+    Listening,
+    /// Serving: listener bound and session up, or the remote forward granted.
+    Active,
+    /// Remote forward waiting for the session to come up.
+    Waiting,
+    /// Cannot bind, or the server refused the remote forward; retrying.
+    Retrying,
+}
+
+/// One health check's outcome.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HealthResult {
+    /// When it finished (Unix ms).
+    pub at_unix_ms: u64,
+    /// Whether it passed.
+    pub ok: bool,
+    /// How long it took, in milliseconds.
+    pub latency_ms: f64,
+    /// `HTTP 200`, `connected`, or the failure reason.
+    pub detail: String,
+}
+
+/// Health of a profile.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HealthStatus {
+    /// What is checked.
+    pub target: String,
+    /// Failures in a row that mark the profile down.
+    pub threshold: u32,
+    /// Failures in a row so far (reset by any pass).
+    pub consecutive_failures: u32,
+    /// False from the threshold until the next pass.
+    pub healthy: bool,
+    /// Checks run since the profile started.
+    pub checks: u64,
+    /// Checks failed since the profile started.
+    pub failures: u64,
+    /// The last result.
+    pub last: Option<HealthResult>,
+}
+
+/// One forward in a status snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForwardStatus {
+    /// The forward as written (`L 127.0.0.1:8082:localhost:8082`).
+    pub spec: String,
+    /// Its state.
+    pub state: ForwardState,
+    /// Why it is retrying, or what the server assigned.
+    pub detail: Option<String>,
+    /// Bytes from the local side into the tunnel.
+    pub bytes_out: u64,
+    /// Bytes from the tunnel to the local side.
+    pub bytes_in: u64,
+    /// Connections open now.
+    pub connections_open: u64,
+    /// Connections since start.
+    pub connections_total: u64,
+}
+
+/// One profile in a status snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProfileStatus {
+    /// Profile name.
+    pub name: String,
+    /// Free text from the config.
+    pub description: String,
+    /// Session state.
+    pub state: SessionState,
+    /// Configured endpoints, priority order.
+    pub endpoints: Vec<String>,
+    /// The endpoint in use (or being tried).
+    pub active_endpoint: String,
+    /// When the current session came up (Unix ms).
+    pub up_since_unix_ms: Option<u64>,
+    /// Sessions re-established after the first.
+    pub reconnects: u64,
+    /// Moves to another endpoint.
+    pub failovers: u64,
+    /// The last failure, for `status`.
+    pub last_error: Option<String>,
+    /// Health, when a check is configured.
+    pub health: Option<HealthStatus>,
+    /// Forwards in config order.
+    pub forwards: Vec<ForwardStatus>,
+}
+
+/// What `tunnels status` returns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    /// Agent version.
+    pub version: String,
+    /// Agent process id.
+    pub pid: u32,
+    /// When the agent started (Unix ms).
+    pub started_unix_ms: u64,
+    /// Every configured profile, running or not.
+    pub profiles: Vec<ProfileStatus>,
+}
+
+/// Live state of one profile, shared by its tasks and read by the control socket.
+#[derive(Debug)]
+pub struct ProfileShared {
+    status: Mutex<ProfileStatus>,
+    /// Counters per forward, config order.
+    pub counters: Vec<Arc<ForwardCounters>>,
+}
+
+impl ProfileShared {
+    /// Fresh state for a profile whose forwards are `specs`.
+    pub fn new(
+        name: &str,
+        description: &str,
+        endpoints: Vec<String>,
+        specs: &[String],
+        health: Option<HealthStatus>,
+    ) -> Self {
+        let forwards = specs
+            .iter()
+            .map(|s| ForwardStatus {
+                spec: s.clone(),
+                state: ForwardState::Stopped,
+                detail: None,
+                bytes_out: 0,
+                bytes_in: 0,
+                connections_open: 0,
+                connections_total: 0,
+            })
+            .collect();
+        ProfileShared {
+            status: Mutex::new(ProfileStatus {
+                name: name.to_string(),
+                description: description.to_string(),
+                state: SessionState::Stopped,
+                active_endpoint: endpoints.first().cloned().unwrap_or_default(),
+                endpoints,
+                up_since_unix_ms: None,
+                reconnects: 0,
+                failovers: 0,
+                last_error: None,
+                health,
+                forwards,
+            }),
+            counters: specs
+                .iter()
+                .map(|_| Arc::new(ForwardCounters::default()))
+                .collect(),
+        }
+    }
+
+    /// Locks the status. A poisoned lock only means a panic elsewhere mid-update of plain data;
+    /// the data is still the best we have, so keep serving it.
+    pub fn lock(&self) -> MutexGuard<'_, ProfileStatus> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A copy with the live byte counters filled in.
+    pub fn snapshot(&self) -> ProfileStatus {
+        let mut s = self.lock().clone();
+        for (f, c) in s.forwards.iter_mut().zip(&self.counters) {
+            f.bytes_out = c.bytes_out.load(Ordering::Relaxed);
+            f.bytes_in = c.bytes_in.load(Ordering::Relaxed);
+            f.connections_open = c.open.load(Ordering::Relaxed);
+            f.connections_total = c.total.load(Ordering::Relaxed);
+        }
+        s
+    }
+
+    /// Sets the session state; logs the change once, with its cause.
+    pub fn set_state(&self, state: SessionState, cause: &str) {
+        let mut s = self.lock();
+        if s.state != state {
+            tracing::info!(profile = %s.name, from = ?s.state, to = ?state, endpoint = %s.active_endpoint, "session {}", cause);
+            s.state = state;
+            if state == SessionState::Up {
+                s.up_since_unix_ms = Some(now_unix_ms());
+            } else if s.up_since_unix_ms.is_some() {
+                s.up_since_unix_ms = None;
+            }
+        }
+    }
+
+    /// Sets one forward's state; logs the change once, with its detail.
+    pub fn set_forward(&self, index: usize, state: ForwardState, detail: Option<String>) {
+        let mut s = self.lock();
+        let name = s.name.clone();
+        let Some(f) = s.forwards.get_mut(index) else {
+            return;
+        };
+        if f.state != state || f.detail != detail {
+            match (&state, &detail) {
+                (ForwardState::Retrying, Some(d)) => {
+                    tracing::warn!(profile = %name, forward = %f.spec, "forward failed: {d}")
+                }
+                _ => {
+                    tracing::info!(profile = %name, forward = %f.spec, from = ?f.state, to = ?state, detail = detail.as_deref().unwrap_or(""), "forward state changed")
+                }
+            }
+            f.state = state;
+            f.detail = detail;
+        }
+    }
+}
