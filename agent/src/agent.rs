@@ -44,11 +44,7 @@ impl Agent {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let (handle, mut requests) = SupervisorHandle::channel();
         let control_stop = CancellationToken::new();
-        let control = tokio::spawn(control::serve(
-            self.listener,
-            handle,
-            control_stop.clone(),
-        ));
+        let control = tokio::spawn(control::serve(self.listener, handle, control_stop.clone()));
         tracing::info!(socket = %self.socket.display(), "agent running");
         self.supervisor.start_autostart();
         loop {

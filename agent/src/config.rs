@@ -261,7 +261,10 @@ impl AgentConfig {
 impl ProfileConfig {
     /// The parsed forwards (valid after validation).
     pub fn forward_specs(&self) -> Result<Vec<ForwardSpec>, crate::forward::ForwardParseError> {
-        self.forwards.iter().map(|f| ForwardSpec::parse(f)).collect()
+        self.forwards
+            .iter()
+            .map(|f| ForwardSpec::parse(f))
+            .collect()
     }
 
     /// The parsed endpoints as `(host, port)`.
@@ -517,7 +520,10 @@ interval = "60s"
         let cfg = AgentConfig::parse(SEED, Path::new("agent.toml")).unwrap();
         let p = &cfg.profiles[0];
         assert_eq!(p.forward_specs().unwrap().len(), 4);
-        assert_eq!(p.endpoint_addrs().unwrap()[1], ("10.245.246.126".into(), 443));
+        assert_eq!(
+            p.endpoint_addrs().unwrap()[1],
+            ("10.245.246.126".into(), 443)
+        );
         let h = p.health.as_ref().unwrap();
         assert_eq!(h.threshold, 3);
         assert_eq!(h.interval, Duration::from_secs(60));

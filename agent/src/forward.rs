@@ -225,7 +225,11 @@ fn parse_port(s: &str, zero_ok: bool) -> Result<u16, String> {
 
 /// True when `bind` is a loopback address or name (what "secure by default" means for listeners).
 pub fn is_loopback_bind(bind: &str) -> bool {
-    bind == "localhost" || bind.parse::<IpAddr>().map(|ip| ip.is_loopback()).unwrap_or(false)
+    bind == "localhost"
+        || bind
+            .parse::<IpAddr>()
+            .map(|ip| ip.is_loopback())
+            .unwrap_or(false)
 }
 
 #[cfg(test)]

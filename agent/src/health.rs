@@ -95,10 +95,7 @@ pub async fn run_check(target: &HealthTarget, timeout: Duration) -> HealthResult
         Ok(Err(reason)) => (false, reason),
         Err(_) => (
             false,
-            format!(
-                "timed out after {}",
-                humantime::format_duration(timeout)
-            ),
+            format!("timed out after {}", humantime::format_duration(timeout)),
         ),
     };
     HealthResult {
@@ -265,7 +262,11 @@ mod tests {
             at_unix_ms: 0,
             ok,
             latency_ms: 1.0,
-            detail: if ok { "HTTP 200".into() } else { "HTTP 503".into() },
+            detail: if ok {
+                "HTTP 200".into()
+            } else {
+                "HTTP 503".into()
+            },
         }
     }
 

@@ -297,8 +297,10 @@ fn hashed_match(hashed: &str, name: &str) -> bool {
     let Some((salt, hash)) = hashed.split_once('|') else {
         return false;
     };
-    let (Ok(salt), Ok(hash)) = (BASE64.decode(salt.as_bytes()), BASE64.decode(hash.as_bytes()))
-    else {
+    let (Ok(salt), Ok(hash)) = (
+        BASE64.decode(salt.as_bytes()),
+        BASE64.decode(hash.as_bytes()),
+    ) else {
         return false;
     };
     let Ok(mut mac) = <Hmac<Sha1> as KeyInit>::new_from_slice(&salt) else {
@@ -374,7 +376,10 @@ mod tests {
     #[test]
     fn patterns() {
         assert!(hosts_match("a,b,*.example.com", "x.example.com"));
-        assert!(!hosts_match("*.example.com,!bad.example.com", "bad.example.com"));
+        assert!(!hosts_match(
+            "*.example.com,!bad.example.com",
+            "bad.example.com"
+        ));
         assert!(hosts_match("[10.0.0.?]:443", "[10.0.0.5]:443"));
         // `ssh-keygen -H` output for "localhost" with a fixed salt.
         let salt = [7u8; 20];

@@ -86,7 +86,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("id");
         let key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).unwrap();
-        std::fs::write(&path, key.to_openssh(Default::default()).unwrap().as_bytes()).unwrap();
+        std::fs::write(
+            &path,
+            key.to_openssh(Default::default()).unwrap().as_bytes(),
+        )
+        .unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
         let e = load_identity(&path).unwrap_err().to_string();
         assert!(e.contains("0640") && e.contains("chmod 600"), "{e}");

@@ -58,7 +58,9 @@ impl LocalForward {
                 Ok(l) => break l,
                 Err(e) => {
                     let why = if e.kind() == std::io::ErrorKind::AddrInUse {
-                        format!("cannot listen on {bind}:{port}: port {port} is already in use by another process; retrying")
+                        format!(
+                            "cannot listen on {bind}:{port}: port {port} is already in use by another process; retrying"
+                        )
                     } else {
                         format!("cannot listen on {bind}:{port}: {e}; retrying")
                     };

@@ -225,8 +225,10 @@ impl Runner {
             let (host, port) = &endpoints[idx];
             let endpoint = format!("{host}:{port}");
             self.shared.lock().active_endpoint = endpoint.clone();
-            self.shared
-                .set_state(SessionState::Connecting, &format!("connecting to {endpoint}"));
+            self.shared.set_state(
+                SessionState::Connecting,
+                &format!("connecting to {endpoint}"),
+            );
             let connected = tokio::select! {
                 _ = self.cancel.cancelled() => break 'outer,
                 r = ssh::connect(&self.params, host, *port) => r,
@@ -245,10 +247,8 @@ impl Runner {
                     }
                     let started = Instant::now();
                     let handle = Arc::new(session.handle);
-                    let cause = format!(
-                        "established to {endpoint} (host key {})",
-                        session.host_key
-                    );
+                    let cause =
+                        format!("established to {endpoint} (host key {})", session.host_key);
                     self.shared.set_state(SessionState::Up, &cause);
                     let _ = session_tx.send(Some(handle.clone()));
                     let _ = up_tx.send(true);
@@ -286,7 +286,11 @@ impl Runner {
                     }
                     self.mark_remote_waiting(&specs);
                     let _ = handle
-                        .disconnect(Disconnect::ByApplication, "tunnelfleet: session restart", "")
+                        .disconnect(
+                            Disconnect::ByApplication,
+                            "tunnelfleet: session restart",
+                            "",
+                        )
                         .await;
                     let why = match &end {
                         SessionEnd::Lost(r) => format!("session to {endpoint} lost: {r}"),
@@ -333,7 +337,10 @@ impl Runner {
             let delay = backoff.next_delay();
             self.shared.set_state(
                 SessionState::Backoff,
-                &format!("retrying {endpoint} in {}", humantime::format_duration(round_ms(delay))),
+                &format!(
+                    "retrying {endpoint} in {}",
+                    humantime::format_duration(round_ms(delay))
+                ),
             );
             tokio::select! {
                 _ = self.cancel.cancelled() => break 'outer,

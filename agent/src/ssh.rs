@@ -83,7 +83,10 @@ pub enum SessionError {
 impl SessionError {
     /// True for failures that retrying the same endpoint cannot fix quickly (bad key trust).
     pub fn is_trust_failure(&self) -> bool {
-        matches!(self, SessionError::HostKey { .. } | SessionError::Auth { .. })
+        matches!(
+            self,
+            SessionError::HostKey { .. } | SessionError::Auth { .. }
+        )
     }
 }
 
@@ -214,12 +217,13 @@ async fn connect_inner(
     port: u16,
     endpoint: &str,
 ) -> Result<SshSession, SessionError> {
-    let stream = TcpStream::connect((host, port))
-        .await
-        .map_err(|source| SessionError::Connect {
-            endpoint: endpoint.to_string(),
-            source,
-        })?;
+    let stream =
+        TcpStream::connect((host, port))
+            .await
+            .map_err(|source| SessionError::Connect {
+                endpoint: endpoint.to_string(),
+                source,
+            })?;
     let _ = stream.set_nodelay(true);
     let (closed_tx, closed) = oneshot::channel();
     let verdict = Arc::new(Mutex::new(None));
@@ -363,7 +367,10 @@ impl client::Handler for ClientHandler {
     ) -> Result<(), Self::Error> {
         let (text, result) = match reason {
             client::DisconnectReason::ReceivedDisconnect(info) => (
-                format!("server disconnected: {:?} {}", info.reason_code, info.message),
+                format!(
+                    "server disconnected: {:?} {}",
+                    info.reason_code, info.message
+                ),
                 Ok(()),
             ),
             client::DisconnectReason::Error(e) => (describe_close(&e), Err(e)),

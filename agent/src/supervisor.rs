@@ -167,12 +167,9 @@ impl Supervisor {
 
     fn slot(&mut self, name: &str) -> Result<&mut Slot, String> {
         let known: Vec<String> = self.slots.keys().cloned().collect();
-        self.slots.get_mut(name).ok_or_else(|| {
-            format!(
-                "no profile named {name:?} (profiles: {})",
-                known.join(", ")
-            )
-        })
+        self.slots
+            .get_mut(name)
+            .ok_or_else(|| format!("no profile named {name:?} (profiles: {})", known.join(", ")))
     }
 
     /// Applies one control request.

@@ -1,1 +1,562 @@
-//! x
+//! Test harness: real OpenSSH `sshd` instances and small real services, for the end-to-end
+//! tests and the benchmarks.
+//!
+//! Everything binds 127.0.0.1 on a port the OS chose, keys are throwaway files in a temp dir,
+//! and every process is killed on drop. Tests that need sshd call [`Sshd::available`]: it fails
+//! the test when `CI` is set and sshd is missing, and elsewhere says why the test was skipped.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tunnelfleet_agent::config::AgentConfig;
+use tunnelfleet_agent::control::{self, Request, Response};
+use tunnelfleet_agent::status::{AgentStatus, ProfileStatus};
+
+/// Where Debian's openssh-server puts the daemon.
+pub const SSHD: &str = "/usr/sbin/sshd";
+
+/// A real OpenSSH server on 127.0.0.1 with its own keys and config.
+pub struct Sshd {
+    /// Temp dir with keys, config, pid file.
+    pub dir: tempfile::TempDir,
+    /// Port it listens on.
+    pub port: u16,
+    /// The client private key it accepts (mode 0600).
+    pub client_key: PathBuf,
+    /// A known_hosts file that trusts this server.
+    pub known_hosts: PathBuf,
+    /// `SHA256:…` of its host key.
+    pub fingerprint: String,
+    /// The user to log in as (the user running the tests).
+    pub user: String,
+    child: Option<Child>,
+}
+
+impl Sshd {
+    /// True when sshd can run here. Panics under CI when it is missing; otherwise prints why
+    /// the calling test is skipped.
+    pub fn available(test: &str) -> bool {
+        if Path::new(SSHD).exists() {
+            return true;
+        }
+        if std::env::var_os("CI").is_some() {
+            panic!("{test}: {SSHD} is missing and CI is set; install openssh-server");
+        }
+        eprintln!("SKIPPED {test}: {SSHD} not found (apt-get install openssh-server)");
+        false
+    }
+
+    /// Starts a fresh sshd with new host and client keys.
+    pub fn start() -> Sshd {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        keygen(&d.join("ssh_host_ed25519_key"));
+        keygen(&d.join("id_ed25519"));
+        std::fs::copy(d.join("id_ed25519.pub"), d.join("authorized_keys"))
+            .expect("authorized_keys");
+        let user = run_out("id", &["-un"]);
+        let fingerprint = host_fingerprint(&d.join("ssh_host_ed25519_key.pub"));
+        let mut sshd = Sshd {
+            client_key: d.join("id_ed25519"),
+            known_hosts: d.join("known_hosts"),
+            fingerprint,
+            user,
+            port: 0,
+            child: None,
+            dir,
+        };
+        let _ = std::fs::create_dir_all("/run/sshd");
+        for _ in 0..20 {
+            sshd.port = free_port();
+            if sshd.spawn() {
+                sshd.write_known_hosts();
+                return sshd;
+            }
+        }
+        panic!("sshd did not start (see its stderr above)");
+    }
+
+    /// A copy of a server under a second identity: same client key, new host key, new port.
+    pub fn start_sharing_client_key(other: &Sshd) -> Sshd {
+        let s = Sshd::start();
+        std::fs::copy(
+            other.dir.path().join("id_ed25519.pub"),
+            s.dir.path().join("authorized_keys"),
+        )
+        .expect("authorized_keys");
+        s
+    }
+
+    fn write_config(&self) -> PathBuf {
+        let d = self.dir.path();
+        let cfg = format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/ssh_host_ed25519_key\nPidFile {d}/sshd.pid\n\
+             AuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n\
+             KbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin prohibit-password\n\
+             AllowTcpForwarding yes\nGatewayPorts no\nMaxStartups 100\nMaxSessions 100\nLogLevel VERBOSE\n",
+            port = self.port,
+            d = d.display()
+        );
+        let path = d.join("sshd_config");
+        std::fs::write(&path, cfg).expect("sshd_config");
+        path
+    }
+
+    fn spawn(&mut self) -> bool {
+        let cfg = self.write_config();
+        let log = std::fs::File::create(self.dir.path().join("sshd.log")).expect("log");
+        let child = Command::new(SSHD)
+            .args(["-D", "-e", "-f"])
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn sshd");
+        self.child = Some(child);
+        for _ in 0..200 {
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
+                self.child = None;
+                return false;
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        false
+    }
+
+    fn write_known_hosts(&self) {
+        let pubkey = std::fs::read_to_string(self.dir.path().join("ssh_host_ed25519_key.pub"))
+            .expect("host pub");
+        let mut parts = pubkey.split_whitespace();
+        let line = format!(
+            "[127.0.0.1]:{} {} {}\n",
+            self.port,
+            parts.next().unwrap_or_default(),
+            parts.next().unwrap_or_default()
+        );
+        std::fs::write(&self.known_hosts, line).expect("known_hosts");
+    }
+
+    /// The `127.0.0.1:port` endpoint string.
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The listener's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Pids of the per-connection processes the listener forked (and theirs).
+    pub fn session_pids(&self) -> Vec<u32> {
+        self.pid().map(descendants).unwrap_or_default()
+    }
+
+    /// Kills the listener and every session process (as a host going down would).
+    pub fn kill_all(&mut self) {
+        for pid in self.session_pids() {
+            signal(pid, libc::SIGKILL);
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts sshd again on the same port with the same keys.
+    pub fn restart(&mut self) {
+        for _ in 0..100 {
+            if self.spawn() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("sshd did not restart on port {}", self.port);
+    }
+
+    /// SIGSTOPs the listener and every session process: no RST, no FIN, only silence.
+    pub fn freeze(&self) -> Vec<u32> {
+        let mut pids = self.session_pids();
+        pids.extend(self.pid());
+        for &p in &pids {
+            signal(p, libc::SIGSTOP);
+        }
+        pids
+    }
+
+    /// SIGCONTs the given processes.
+    pub fn thaw(pids: &[u32]) {
+        for &p in pids {
+            signal(p, libc::SIGCONT);
+        }
+    }
+
+    /// The sshd log so far (for assertion messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        for pid in self.session_pids() {
+            signal(pid, libc::SIGCONT);
+            signal(pid, libc::SIGKILL);
+        }
+        if let Some(pid) = self.pid() {
+            signal(pid, libc::SIGCONT);
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Sends a signal with kill(1) (no unsafe code in the workspace).
+pub fn signal(pid: u32, sig: i32) {
+    let name = match sig {
+        libc::SIGKILL => "KILL",
+        libc::SIGSTOP => "STOP",
+        libc::SIGCONT => "CONT",
+        libc::SIGTERM => "TERM",
+        _ => "INT",
+    };
+    let _ = Command::new("kill")
+        .args([format!("-{name}"), pid.to_string()])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// All descendants of `pid`, from /proc.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut frontier = vec![pid];
+    while let Some(p) = frontier.pop() {
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            break;
+        };
+        for e in entries.flatten() {
+            let Ok(child) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+                continue;
+            };
+            // Field 4 (after the ")" closing the command name) is the parent pid.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|s| s.parse::<u32>().ok());
+            if ppid == Some(p) {
+                out.push(child);
+                frontier.push(child);
+            }
+        }
+    }
+    out
+}
+
+/// Generates an ed25519 key with ssh-keygen (mode 0600).
+pub fn keygen(path: &Path) {
+    let ok = Command::new("ssh-keygen")
+        .args([
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            "tunnelfleet-test",
+            "-f",
+        ])
+        .arg(path)
+        .status()
+        .expect("ssh-keygen");
+    assert!(ok.success(), "ssh-keygen failed");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+}
+
+fn host_fingerprint(pubfile: &Path) -> String {
+    let out = run_out(
+        "ssh-keygen",
+        &["-l", "-E", "sha256", "-f", &pubfile.display().to_string()],
+    );
+    out.split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn run_out(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().expect(cmd);
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A port that was free a moment ago (for services that cannot bind port 0 themselves).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// A TCP echo server on 127.0.0.1.
+pub async fn echo_server() -> (u16, CancellationToken) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = s.cancelled() => return,
+                Ok((mut c, _)) = l.accept() => {
+                    tokio::spawn(async move {
+                        let (mut r, mut w) = c.split();
+                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                    });
+                }
+            }
+        }
+    });
+    (port, stop)
+}
+
+/// A tiny HTTP service: `/health` answers 200 with `name` (or 503 when failing), anything
+/// else 404.
+pub struct HttpService {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    /// Set to make `/health` answer 503.
+    pub failing: Arc<std::sync::atomic::AtomicBool>,
+    /// Requests served.
+    pub hits: Arc<AtomicU16>,
+    stop: CancellationToken,
+}
+
+impl HttpService {
+    /// Starts it on `port` (0 for any).
+    pub async fn start(name: &str, port: u16) -> HttpService {
+        let l = TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("bind http");
+        let port = l.local_addr().expect("addr").port();
+        let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let hits = Arc::new(AtomicU16::new(0));
+        let stop = CancellationToken::new();
+        let (f, h, s, name) = (
+            failing.clone(),
+            hits.clone(),
+            stop.clone(),
+            name.to_string(),
+        );
+        tokio::spawn(async move {
+            loop {
+                let (c, _) = tokio::select! {
+                    _ = s.cancelled() => return,
+                    r = l.accept() => match r { Ok(c) => c, Err(_) => continue },
+                };
+                let (f, h, name) = (f.clone(), h.clone(), name.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let (f, h, name) = (f.clone(), h.clone(), name.clone());
+                        async move {
+                            h.fetch_add(1, Ordering::Relaxed);
+                            let (code, body) = if req.uri().path() != "/health" {
+                                (404, "not found".to_string())
+                            } else if f.load(Ordering::Relaxed) {
+                                (503, format!("{name} unhealthy"))
+                            } else {
+                                (200, format!("{name} ok"))
+                            };
+                            let resp = hyper::Response::builder()
+                                .status(code)
+                                .body(Full::new(Bytes::from(body)))
+                                .expect("response");
+                            Ok::<_, Infallible>(resp)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(c), svc)
+                        .await;
+                });
+            }
+        });
+        HttpService {
+            port,
+            failing,
+            hits,
+            stop,
+        }
+    }
+}
+
+impl Drop for HttpService {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// GET `http://127.0.0.1:port/path`; returns (status, body).
+pub async fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+        .await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .map_err(|_| std::io::Error::other("timeout"))??;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not HTTP: {text:?}")))?;
+    let body = text
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    Ok((code, body))
+}
+
+/// Sends `payload` through `port` and expects it echoed back.
+pub async fn echo_roundtrip(port: u16, payload: &[u8]) -> std::io::Result<()> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(payload).await?;
+    let mut back = vec![0u8; payload.len()];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut back))
+        .await
+        .map_err(|_| std::io::Error::other("echo timeout"))??;
+    if back != payload {
+        return Err(std::io::Error::other("echo mismatch"));
+    }
+    Ok(())
+}
+
+/// Polls `cond` every 50 ms until it is true or `secs` pass; panics with `what` on timeout.
+pub async fn wait_until<F, Fut>(secs: u64, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if cond().await {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {secs}s waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An agent running in this process with a real control socket.
+pub struct TestAgent {
+    /// Its control socket.
+    pub socket: PathBuf,
+    stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestAgent {
+    /// Starts an agent from TOML (the `[agent]` section is added: socket in a temp dir).
+    pub async fn start(profiles_toml: &str) -> TestAgent {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("agent.sock");
+        let text = format!(
+            "[agent]\ncontrol_socket = \"{}\"\ndrain_timeout = \"1s\"\n\n{profiles_toml}",
+            socket.display()
+        );
+        let cfg = AgentConfig::parse(&text, Path::new("test.toml")).expect("test config");
+        let agent = tunnelfleet_agent::agent::Agent::prepare(&cfg)
+            .await
+            .expect("agent prepare");
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(agent.run(stop.clone()));
+        TestAgent {
+            socket,
+            stop,
+            task: Some(task),
+            _dir: dir,
+        }
+    }
+
+    /// Status through the control socket.
+    pub async fn status(&self) -> AgentStatus {
+        match control::call(&self.socket, &Request::Status).await {
+            Ok(Response::Status(s)) => s,
+            other => panic!("status: {other:?}"),
+        }
+    }
+
+    /// One profile's status.
+    pub async fn profile(&self, name: &str) -> ProfileStatus {
+        self.status()
+            .await
+            .profiles
+            .into_iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no profile {name}"))
+    }
+
+    /// Sends a command.
+    pub async fn call(&self, req: Request) -> Response {
+        control::call(&self.socket, &req)
+            .await
+            .expect("control call")
+    }
+
+    /// Stops the agent gracefully and waits for it.
+    pub async fn shutdown(mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A profile block for tests, with short timings so failures show in seconds.
+pub fn profile_toml(
+    name: &str,
+    endpoints: &[String],
+    sshd: &Sshd,
+    forwards: &[String],
+    extra: &str,
+) -> String {
+    let eps: Vec<String> = endpoints.iter().map(|e| format!("{e:?}")).collect();
+    let fws: Vec<String> = forwards.iter().map(|f| format!("{f:?}")).collect();
+    format!(
+        "[[profile]]\nname = \"{name}\"\nendpoints = [{}]\nuser = \"{}\"\nidentity_file = \"{}\"\n\
+         known_hosts = \"{}\"\nforwards = [{}]\nconnect_timeout = \"2s\"\nkeepalive_interval = \"1s\"\n\
+         keepalive_count = 2\nreconnect_min = \"100ms\"\nreconnect_max = \"1s\"\nfailover_after = 2\n{extra}\n",
+        eps.join(", "),
+        sshd.user,
+        sshd.client_key.display(),
+        sshd.known_hosts.display(),
+        fws.join(", "),
+    )
+}

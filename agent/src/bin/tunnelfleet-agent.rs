@@ -13,7 +13,12 @@ use tunnelfleet_agent::telemetry::{self, LogFormat};
 #[command(version, about)]
 struct Args {
     /// Configuration file.
-    #[arg(short, long, env = "TUNNELFLEET_AGENT_CONFIG", default_value = "/etc/tunnelfleet/agent.toml")]
+    #[arg(
+        short,
+        long,
+        env = "TUNNELFLEET_AGENT_CONFIG",
+        default_value = "/etc/tunnelfleet/agent.toml"
+    )]
     config: PathBuf,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Human, env = "TUNNELFLEET_LOG_FORMAT")]
@@ -39,7 +44,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     let cfg = AgentConfig::load(&args.config)?;
     if args.check {
         tunnelfleet_agent::supervisor::Supervisor::new(&cfg)?;
-        println!("{}: ok ({} profiles)", args.config.display(), cfg.profiles.len());
+        println!(
+            "{}: ok ({} profiles)",
+            args.config.display(),
+            cfg.profiles.len()
+        );
         return Ok(());
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -48,7 +57,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         .build()
         .context("starting the tokio runtime")?;
     rt.block_on(async {
-        let shutdown = tunnelfleet_agent::shutdown::on_signals().context("installing signal handlers")?;
+        let shutdown =
+            tunnelfleet_agent::shutdown::on_signals().context("installing signal handlers")?;
         tunnelfleet_agent::agent::run(cfg, shutdown).await?;
         anyhow::Ok(())
     })

@@ -1,0 +1,541 @@
+//! The agent against a real OpenSSH sshd: forwards, SOCKS, host keys, restarts, failover,
+//! health, port conflicts.
+
+use integration_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tunnelfleet_agent::control::{Request, Response};
+use tunnelfleet_agent::status::{ForwardState, SessionState};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_forwards_carry_data_both_ways_on_one_session_and_two_profiles_run() {
+    if !Sshd::available("seed_forwards") {
+        return;
+    }
+    let sshd = Sshd::start();
+    let oma_api = HttpService::start("oma-api", 0).await;
+    let (nbd, _nbd) = echo_server().await;
+    let vma_api = HttpService::start("vma-api", 0).await;
+    let (l_api, l_nbd, l_alt, r_vma, l_b) = (
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+    );
+    // The seed's set: L 8082→8082, L 10809→10809, L 10808→10809, R 9081→8081 (ports remapped).
+    let seed = profile_toml(
+        "oma",
+        &[sshd.endpoint()],
+        &sshd,
+        &[
+            format!("L {l_api}:localhost:{}", oma_api.port),
+            format!("L {l_nbd}:localhost:{nbd}"),
+            format!("L {l_alt}:localhost:{nbd}"),
+            format!("R {r_vma}:localhost:{}", vma_api.port),
+        ],
+        "",
+    );
+    let second = profile_toml(
+        "second",
+        &[sshd.endpoint()],
+        &sshd,
+        &[format!("L {l_b}:127.0.0.1:{nbd}")],
+        "",
+    );
+    let agent = TestAgent::start(&format!("{seed}\n{second}")).await;
+    wait_until(20, "both profiles up with every forward active", || async {
+        let s = agent.status().await;
+        s.profiles.iter().all(|p| {
+            p.state == SessionState::Up
+                && p.forwards.iter().all(|f| f.state == ForwardState::Active)
+        })
+    })
+    .await;
+    let (code, body) = http_get(l_api, "/health").await.unwrap();
+    assert_eq!((code, body.as_str()), (200, "oma-api ok"));
+    echo_roundtrip(l_nbd, &vec![7u8; 1 << 20]).await.unwrap();
+    echo_roundtrip(l_alt, b"alternate nbd").await.unwrap();
+    echo_roundtrip(l_b, b"second profile").await.unwrap();
+    // Reverse: the OMA side (sshd's host) reaches the VMA API through the R forward.
+    let (code, body) = http_get(r_vma, "/health").await.unwrap();
+    assert_eq!((code, body.as_str()), (200, "vma-api ok"));
+    // One session for the four forwards: sshd forked one session process per profile.
+    let oma = agent.profile("oma").await;
+    assert_eq!(oma.forwards[1].bytes_out, 1 << 20);
+    assert_eq!(oma.forwards[1].bytes_in, 1 << 20);
+    assert!(
+        oma.forwards[3].bytes_in > 0,
+        "R forward counted: {:?}",
+        oma.forwards[3]
+    );
+    let accepted = sshd.log().matches("Accepted publickey").count();
+    assert_eq!(
+        accepted,
+        2,
+        "one SSH session per profile; sshd log:\n{}",
+        sshd.log()
+    );
+    agent.shutdown().await;
+    // Graceful shutdown released the local ports.
+    assert!(
+        tokio::net::TcpListener::bind(("127.0.0.1", l_api))
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socks5_through_sshd_to_a_domain_name_and_to_an_ip() {
+    if !Sshd::available("socks5") {
+        return;
+    }
+    let sshd = Sshd::start();
+    let (echo, _e) = echo_server().await;
+    let d = free_port();
+    let agent = TestAgent::start(&profile_toml(
+        "socks",
+        &[sshd.endpoint()],
+        &sshd,
+        &[format!("D {d}")],
+        "",
+    ))
+    .await;
+    wait_until(20, "socks forward active", || async {
+        agent.profile("socks").await.forwards[0].state == ForwardState::Active
+    })
+    .await;
+    for (atyp, addr) in [(3u8, b"localhost".to_vec()), (1u8, vec![127, 0, 0, 1])] {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", d))
+            .await
+            .unwrap();
+        s.write_all(&[5, 1, 0]).await.unwrap();
+        let mut greet = [0u8; 2];
+        s.read_exact(&mut greet).await.unwrap();
+        assert_eq!(greet, [5, 0]);
+        let mut req = vec![5, 1, 0, atyp];
+        if atyp == 3 {
+            req.push(addr.len() as u8);
+        }
+        req.extend(&addr);
+        req.extend(echo.to_be_bytes());
+        s.write_all(&req).await.unwrap();
+        let mut rep = [0u8; 10];
+        s.read_exact(&mut rep).await.unwrap();
+        assert_eq!(rep[1], 0, "SOCKS reply for atyp {atyp}: {rep:?}");
+        s.write_all(b"through socks").await.unwrap();
+        let mut back = [0u8; 13];
+        s.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"through socks");
+    }
+    // A target the server cannot reach gets "host unreachable", not a hang.
+    let closed = free_port();
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", d))
+        .await
+        .unwrap();
+    s.write_all(&[5, 1, 0]).await.unwrap();
+    let mut greet = [0u8; 2];
+    s.read_exact(&mut greet).await.unwrap();
+    let mut req = vec![5, 1, 0, 1, 127, 0, 0, 1];
+    req.extend(closed.to_be_bytes());
+    s.write_all(&req).await.unwrap();
+    let mut rep = [0u8; 10];
+    s.read_exact(&mut rep).await.unwrap();
+    assert_eq!(rep[1], 4);
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_and_changed_host_keys_are_refused_with_the_fingerprint() {
+    if !Sshd::available("host_keys") {
+        return;
+    }
+    let sshd = Sshd::start();
+    let l = free_port();
+    // Unknown: an empty known_hosts.
+    std::fs::write(&sshd.known_hosts, "").unwrap();
+    let agent = TestAgent::start(&profile_toml(
+        "p",
+        &[sshd.endpoint()],
+        &sshd,
+        &[format!("L {l}:localhost:22")],
+        "",
+    ))
+    .await;
+    wait_until(20, "host key refusal reported", || async {
+        agent
+            .profile("p")
+            .await
+            .last_error
+            .is_some_and(|e| e.contains("not trusted"))
+    })
+    .await;
+    let p = agent.profile("p").await;
+    let err = p.last_error.unwrap();
+    assert!(err.contains(&sshd.fingerprint), "{err}");
+    assert!(
+        err.contains(&format!("[127.0.0.1]:{} ssh-ed25519 ", sshd.port)),
+        "{err}"
+    );
+    assert_ne!(p.state, SessionState::Up);
+    assert!(
+        !sshd.log().contains("Accepted publickey"),
+        "must not authenticate to an untrusted host"
+    );
+    agent.shutdown().await;
+
+    // Changed: known_hosts holds another ed25519 key for this host.
+    let other = tempfile::tempdir().unwrap();
+    keygen(&other.path().join("k"));
+    let other_pub = std::fs::read_to_string(other.path().join("k.pub")).unwrap();
+    let mut parts = other_pub.split_whitespace();
+    std::fs::write(
+        &sshd.known_hosts,
+        format!(
+            "[127.0.0.1]:{} {} {}\n",
+            sshd.port,
+            parts.next().unwrap(),
+            parts.next().unwrap()
+        ),
+    )
+    .unwrap();
+    let agent = TestAgent::start(&profile_toml(
+        "p",
+        &[sshd.endpoint()],
+        &sshd,
+        &[format!("L {l}:localhost:22")],
+        "trust_on_first_use = true",
+    ))
+    .await;
+    wait_until(20, "changed host key refusal reported", || async {
+        agent
+            .profile("p")
+            .await
+            .last_error
+            .is_some_and(|e| e.contains("HOST KEY CHANGED"))
+    })
+    .await;
+    let err = agent.profile("p").await.last_error.unwrap();
+    assert!(err.contains(&sshd.fingerprint), "{err}");
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sshd_killed_and_started_again_brings_every_forward_back() {
+    if !Sshd::available("sshd_restart") {
+        return;
+    }
+    let mut sshd = Sshd::start();
+    let (echo, _e) = echo_server().await;
+    let vma = HttpService::start("vma", 0).await;
+    let (l, r) = (free_port(), free_port());
+    let agent = TestAgent::start(&profile_toml(
+        "oma",
+        &[sshd.endpoint()],
+        &sshd,
+        &[
+            format!("L {l}:localhost:{echo}"),
+            format!("R {r}:localhost:{}", vma.port),
+        ],
+        "",
+    ))
+    .await;
+    let all_active = || async {
+        let p = agent.profile("oma").await;
+        p.state == SessionState::Up && p.forwards.iter().all(|f| f.state == ForwardState::Active)
+    };
+    wait_until(20, "up", all_active).await;
+    sshd.kill_all();
+    wait_until(20, "session loss noticed", || async {
+        agent.profile("oma").await.state != SessionState::Up
+    })
+    .await;
+    sshd.restart();
+    wait_until(30, "back up after sshd restart", all_active).await;
+    echo_roundtrip(l, b"after restart").await.unwrap();
+    assert_eq!(http_get(r, "/health").await.unwrap().0, 200);
+    assert!(agent.profile("oma").await.reconnects >= 1);
+    agent.shutdown().await;
+}
+
+/// The autossh failure: the server still holds the remote port for the old, frozen session.
+/// The agent must keep asking until the port is free, not give up or run without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_forward_held_by_a_stale_session_is_retried_until_free() {
+    if !Sshd::available("stale_remote_port") {
+        return;
+    }
+    let sshd = Sshd::start();
+    let vma = HttpService::start("vma", 0).await;
+    let r = free_port();
+    let agent = TestAgent::start(&profile_toml(
+        "oma",
+        &[sshd.endpoint()],
+        &sshd,
+        &[format!("R {r}:localhost:{}", vma.port)],
+        "",
+    ))
+    .await;
+    wait_until(20, "R active", || async {
+        agent.profile("oma").await.forwards[0].state == ForwardState::Active
+    })
+    .await;
+    // Freeze only the session process: it keeps port r bound but never answers again.
+    let stale = sshd.session_pids();
+    assert!(!stale.is_empty());
+    for &p in &stale {
+        signal(p, libc::SIGSTOP);
+    }
+    wait_until(
+        30,
+        "new session with the remote forward refused",
+        || async {
+            let p = agent.profile("oma").await;
+            p.reconnects >= 1 && p.forwards[0].state == ForwardState::Retrying
+        },
+    )
+    .await;
+    let detail = agent.profile("oma").await.forwards[0]
+        .detail
+        .clone()
+        .unwrap();
+    assert!(detail.contains(&r.to_string()), "{detail}");
+    for &p in &stale {
+        signal(p, libc::SIGKILL);
+    }
+    wait_until(30, "R re-established once the port is free", || async {
+        agent.profile("oma").await.forwards[0].state == ForwardState::Active
+    })
+    .await;
+    assert_eq!(http_get(r, "/health").await.unwrap().0, 200);
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_primary_fails_over_to_the_standby_and_data_flows() {
+    if !Sshd::available("failover") {
+        return;
+    }
+    let mut primary = Sshd::start();
+    let standby = Sshd::start_sharing_client_key(&primary);
+    let (echo, _e) = echo_server().await;
+    let l = free_port();
+    let pins = format!(
+        "host_key_fingerprints = [{:?}, {:?}]",
+        primary.fingerprint, standby.fingerprint
+    );
+    let agent = TestAgent::start(&profile_toml(
+        "oma",
+        &[primary.endpoint(), standby.endpoint()],
+        &primary,
+        &[format!("L {l}:localhost:{echo}")],
+        &pins,
+    ))
+    .await;
+    wait_until(20, "up on the primary", || async {
+        let p = agent.profile("oma").await;
+        p.state == SessionState::Up && p.active_endpoint == primary.endpoint()
+    })
+    .await;
+    primary.kill_all();
+    wait_until(30, "failed over to the standby", || async {
+        let p = agent.profile("oma").await;
+        p.state == SessionState::Up && p.active_endpoint == standby.endpoint()
+    })
+    .await;
+    echo_roundtrip(l, b"via standby").await.unwrap();
+    let p = agent.profile("oma").await;
+    assert_eq!(p.failovers, 1);
+    assert!(standby.log().contains("Accepted publickey"));
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blackholed_primary_is_detected_by_keepalive_and_the_standby_takes_over() {
+    if !Sshd::available("blackhole") {
+        return;
+    }
+    let primary = Sshd::start();
+    let standby = Sshd::start_sharing_client_key(&primary);
+    let (echo, _e) = echo_server().await;
+    let l = free_port();
+    let pins = format!(
+        "host_key_fingerprints = [{:?}, {:?}]",
+        primary.fingerprint, standby.fingerprint
+    );
+    let agent = TestAgent::start(&profile_toml(
+        "oma",
+        &[primary.endpoint(), standby.endpoint()],
+        &primary,
+        &[format!("L {l}:localhost:{echo}")],
+        &pins,
+    ))
+    .await;
+    wait_until(20, "up on the primary", || async {
+        agent.profile("oma").await.state == SessionState::Up
+    })
+    .await;
+    let frozen = primary.freeze();
+    wait_until(40, "failed over to the standby", || async {
+        let p = agent.profile("oma").await;
+        p.state == SessionState::Up && p.active_endpoint == standby.endpoint()
+    })
+    .await;
+    echo_roundtrip(l, b"via standby").await.unwrap();
+    Sshd::thaw(&frozen);
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_threshold_restarts_the_session_and_a_pass_resets_the_count() {
+    if !Sshd::available("health") {
+        return;
+    }
+    let sshd = Sshd::start();
+    let api = HttpService::start("oma-api", 0).await;
+    let l = free_port();
+    let health = format!(
+        "[profile.health]\nhttp = \"http://127.0.0.1:{l}/health\"\ninterval = \"200ms\"\ntimeout = \"1s\"\nthreshold = 3\n"
+    );
+    let agent = TestAgent::start(&profile_toml(
+        "oma",
+        &[sshd.endpoint()],
+        &sshd,
+        &[format!("L {l}:localhost:{}", api.port)],
+        &health,
+    ))
+    .await;
+    wait_until(20, "healthy checks", || async {
+        let h = agent.profile("oma").await.health.unwrap();
+        h.checks >= 2 && h.last.is_some_and(|r| r.ok)
+    })
+    .await;
+    assert_eq!(agent.profile("oma").await.reconnects, 0);
+    api.failing
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    wait_until(20, "session restarted by the health rule", || async {
+        let p = agent.profile("oma").await;
+        p.reconnects >= 1 && p.state == SessionState::Up
+    })
+    .await;
+    let h = agent.profile("oma").await.health.unwrap();
+    assert!(h.failures >= 3, "{h:?}");
+    assert!(!h.last.as_ref().unwrap().ok);
+    assert!(h.last.unwrap().detail.contains("503"));
+    api.failing
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    wait_until(20, "healthy again", || async {
+        let h = agent.profile("oma").await.health.unwrap();
+        h.healthy && h.consecutive_failures == 0
+    })
+    .await;
+    // On-demand check through the control socket.
+    match agent.call(Request::Health { name: "oma".into() }).await {
+        Response::Health(r) => assert!(r.ok, "{r:?}"),
+        other => panic!("{other:?}"),
+    }
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_conflict_names_the_port_and_the_other_forwards_keep_working() {
+    if !Sshd::available("port_conflict") {
+        return;
+    }
+    let sshd = Sshd::start();
+    let (echo, _e) = echo_server().await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = taken.local_addr().unwrap().port();
+    let l = free_port();
+    let agent = TestAgent::start(&profile_toml(
+        "oma",
+        &[sshd.endpoint()],
+        &sshd,
+        &[
+            format!("L {busy}:localhost:{echo}"),
+            format!("L {l}:localhost:{echo}"),
+        ],
+        "",
+    ))
+    .await;
+    wait_until(20, "conflict reported, other forward active", || async {
+        let p = agent.profile("oma").await;
+        p.forwards[0].state == ForwardState::Retrying && p.forwards[1].state == ForwardState::Active
+    })
+    .await;
+    let detail = agent.profile("oma").await.forwards[0]
+        .detail
+        .clone()
+        .unwrap();
+    assert!(
+        detail.contains(&format!("port {busy} is already in use")),
+        "{detail}"
+    );
+    echo_roundtrip(l, b"unaffected").await.unwrap();
+    // When the port frees up, the forward binds without a restart.
+    drop(taken);
+    wait_until(20, "forward binds after the port is freed", || async {
+        agent.profile("oma").await.forwards[0].state == ForwardState::Active
+    })
+    .await;
+    echo_roundtrip(busy, b"now bound").await.unwrap();
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_start_and_restart_through_the_control_socket() {
+    if !Sshd::available("control") {
+        return;
+    }
+    let sshd = Sshd::start();
+    let (echo, _e) = echo_server().await;
+    let l = free_port();
+    let agent = TestAgent::start(&profile_toml(
+        "oma",
+        &[sshd.endpoint()],
+        &sshd,
+        &[format!("L {l}:localhost:{echo}")],
+        "",
+    ))
+    .await;
+    wait_until(20, "up", || async {
+        agent.profile("oma").await.state == SessionState::Up
+    })
+    .await;
+    assert!(matches!(
+        agent.call(Request::Stop { name: "oma".into() }).await,
+        Response::Ok { .. }
+    ));
+    assert_eq!(agent.profile("oma").await.state, SessionState::Stopped);
+    assert!(
+        echo_roundtrip(l, b"x").await.is_err(),
+        "port closed after stop"
+    );
+    assert!(matches!(
+        agent.call(Request::Start { name: "oma".into() }).await,
+        Response::Ok { .. }
+    ));
+    wait_until(20, "up again", || async {
+        agent.profile("oma").await.state == SessionState::Up
+    })
+    .await;
+    assert!(matches!(
+        agent.call(Request::Restart { name: "oma".into() }).await,
+        Response::Ok { .. }
+    ));
+    wait_until(20, "restarted", || async {
+        let p = agent.profile("oma").await;
+        p.reconnects == 1 && p.state == SessionState::Up
+    })
+    .await;
+    echo_roundtrip(l, b"after restart").await.unwrap();
+    match agent
+        .call(Request::Stop {
+            name: "nope".into(),
+        })
+        .await
+    {
+        Response::Error { message } => assert!(message.contains("\"nope\""), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    agent.shutdown().await;
+}
