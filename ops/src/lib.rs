@@ -1,1 +1,13 @@
-//! x
+//! tunnelfleet operator tooling: the `tunnelfleet` CLI's pieces, the self-contained demo and
+//! what it embeds.
+//!
+//! # Layout
+//! - [`demo`]: `tunnelfleet demo`, the seed's tunnel set with a failover, end to end.
+//! - [`oma`]: an embedded OMA (russh SSH server) for the demo.
+//! - [`services`]: small HTTP and echo services standing in for OMA/VMA APIs and NBD.
+//! - [`render`]: human tables for `tunnels` commands.
+
+pub mod demo;
+pub mod oma;
+pub mod render;
+pub mod services;

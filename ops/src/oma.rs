@@ -1,0 +1,256 @@
+//! An embedded OMA: a russh SSH server that serves `direct-tcpip` (L and D forwards) and
+//! `tcpip-forward` (R forwards), with its services behind it.
+//!
+//! It exists so `tunnelfleet demo` runs on any machine with nothing installed. It is not a
+//! substitute for OpenSSH in tests of the agent: those run against a real sshd. Like an OMA, it
+//! exposes only its own services: `direct-tcpip` to `localhost:<port>` is mapped to the
+//! in-process service registered under that port, anything else is refused.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use russh::keys::{Algorithm, PrivateKey, PublicKey};
+use russh::server::{self, Auth, Msg, Session};
+use russh::{Channel, MethodKind, MethodSet};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// What an embedded OMA serves.
+pub struct OmaSpec {
+    /// Name shown in logs.
+    pub name: String,
+    /// The one client key it accepts.
+    pub authorized: PublicKey,
+    /// Virtual `localhost` ports and the real addresses behind them.
+    pub services: HashMap<u16, SocketAddr>,
+}
+
+/// A running embedded OMA; [`EmbeddedOma::stop`] (or drop) kills it and every session.
+pub struct EmbeddedOma {
+    /// Its name.
+    pub name: String,
+    /// The SSH port on 127.0.0.1.
+    pub port: u16,
+    /// `SHA256:…` of its host key.
+    pub fingerprint: String,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl EmbeddedOma {
+    /// Starts the server on 127.0.0.1, port chosen by the OS.
+    pub async fn start(spec: OmaSpec) -> std::io::Result<EmbeddedOma> {
+        let host_key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519)
+            .map_err(std::io::Error::other)?;
+        let fingerprint = tunnelfleet_agent::hostkey::fingerprint(host_key.public_key());
+        let config = Arc::new(server::Config {
+            methods: MethodSet::from(&[MethodKind::PublicKey][..]),
+            keys: vec![host_key],
+            auth_rejection_time: Duration::from_millis(100),
+            auth_rejection_time_initial: Some(Duration::ZERO),
+            window_size: tunnelfleet_agent::ssh::WINDOW_SIZE,
+            nodelay: true,
+            keepalive_interval: Some(Duration::from_secs(5)),
+            ..Default::default()
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let name = spec.name.clone();
+        let shared = Arc::new(spec);
+        let (s, t) = (stop.clone(), tasks.clone());
+        tasks.spawn(async move {
+            loop {
+                let (tcp, _) = tokio::select! {
+                    _ = s.cancelled() => return,
+                    r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
+                };
+                let _ = tcp.set_nodelay(true);
+                let handler = OmaHandler {
+                    spec: shared.clone(),
+                    forwards: Arc::new(Mutex::new(HashMap::new())),
+                    session_stop: s.child_token(),
+                    tasks: t.clone(),
+                };
+                let (config, s2) = (config.clone(), s.clone());
+                t.spawn(async move {
+                    let session_stop = handler.session_stop.clone();
+                    let Ok(mut running) = server::run_stream(config, tcp, handler).await else {
+                        return;
+                    };
+                    let handle = running.handle();
+                    tokio::select! {
+                        _ = &mut running => {}
+                        _ = s2.cancelled() => {
+                            // The OMA goes away: end the session so the TCP connection closes.
+                            let _ = handle
+                                .disconnect(russh::Disconnect::ByApplication, "OMA stopping".into(), String::new())
+                                .await;
+                            let _ = tokio::time::timeout(Duration::from_secs(1), running).await;
+                        }
+                    }
+                    session_stop.cancel();
+                });
+            }
+        });
+        Ok(EmbeddedOma {
+            name,
+            port,
+            fingerprint,
+            stop,
+            tasks,
+        })
+    }
+
+    /// Stops accepting and drops every session at once (an OMA going away).
+    pub async fn stop(&self) {
+        self.stop.cancel();
+        self.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
+    }
+}
+
+impl Drop for EmbeddedOma {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+struct OmaHandler {
+    spec: Arc<OmaSpec>,
+    /// Remote forwards of this session: port → listener stop.
+    forwards: Arc<Mutex<HashMap<u32, CancellationToken>>>,
+    session_stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl server::Handler for OmaHandler {
+    type Error = russh::Error;
+
+    async fn auth_publickey(
+        &mut self,
+        _user: &str,
+        key: russh::server::VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        if key.public_key.key_data() == self.spec.authorized.key_data() {
+            Ok(Auth::Accept)
+        } else {
+            Ok(Auth::reject())
+        }
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host_to_connect: &str,
+        port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: russh::server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let local = matches!(host_to_connect, "localhost" | "127.0.0.1" | "::1");
+        let target = u16::try_from(port_to_connect)
+            .ok()
+            .filter(|_| local)
+            .and_then(|p| self.spec.services.get(&p).copied());
+        let Some(addr) = target else {
+            reply
+                .reject(russh::ChannelOpenFailure::ConnectFailed)
+                .await;
+            return Ok(());
+        };
+        let stop = self.session_stop.clone();
+        self.tasks.spawn(async move {
+            match TcpStream::connect(addr).await {
+                Ok(mut tcp) => {
+                    let _ = tcp.set_nodelay(true);
+                    reply.accept().await;
+                    let mut stream = channel.into_stream();
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut stream, 256 * 1024, 256 * 1024) => {}
+                        _ = stop.cancelled() => {}
+                    }
+                }
+                Err(_) => {
+                    reply
+                        .reject(russh::ChannelOpenFailure::ConnectFailed)
+                        .await
+                }
+            }
+        });
+        Ok(())
+    }
+
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let Ok(want) = u16::try_from(*port) else {
+            return Ok(false);
+        };
+        // Loopback only, like sshd with GatewayPorts=no.
+        let Ok(listener) = TcpListener::bind(("127.0.0.1", want)).await else {
+            return Ok(false);
+        };
+        let bound = listener.local_addr().map(|a| a.port()).unwrap_or(want) as u32;
+        *port = bound;
+        let stop = self.session_stop.child_token();
+        if let Ok(mut f) = self.forwards.lock() {
+            f.insert(bound, stop.clone());
+        }
+        let handle = session.handle();
+        let address = address.to_string();
+        let tasks = self.tasks.clone();
+        self.tasks.spawn(async move {
+            loop {
+                let (mut tcp, peer) = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
+                };
+                let (handle, address, stop) = (handle.clone(), address.clone(), stop.clone());
+                tasks.spawn(async move {
+                    let Ok(ch) = handle
+                        .channel_open_forwarded_tcpip(
+                            address,
+                            bound,
+                            peer.ip().to_string(),
+                            peer.port() as u32,
+                        )
+                        .await
+                    else {
+                        return;
+                    };
+                    let mut stream = ch.into_stream();
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut tcp, &mut stream) => {}
+                        _ = stop.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Ok(true)
+    }
+
+    async fn cancel_tcpip_forward(
+        &mut self,
+        _address: &str,
+        port: u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let stop = self.forwards.lock().ok().and_then(|mut f| f.remove(&port));
+        Ok(stop.map(|s| s.cancel()).is_some())
+    }
+}
+
+impl Drop for OmaHandler {
+    fn drop(&mut self) {
+        self.session_stop.cancel();
+    }
+}

@@ -1,0 +1,156 @@
+//! Human tables for `tunnelfleet tunnels …` (the `--json` path prints the data as is).
+
+use comfy_table::presets::NOTHING;
+use comfy_table::{Cell, Table};
+use tunnelfleet_agent::status::{
+    AgentStatus, ForwardState, HealthResult, ProfileStatus, SessionState, now_unix_ms,
+};
+
+/// `tunnels list`: one line per profile.
+pub fn list(status: &AgentStatus) -> String {
+    let mut t = table(&["NAME", "STATE", "ENDPOINTS", "FORWARDS", "DESCRIPTION"]);
+    for p in &status.profiles {
+        t.add_row(vec![
+            Cell::new(&p.name),
+            Cell::new(state(p.state)),
+            Cell::new(p.endpoints.join(", ")),
+            Cell::new(p.forwards.len()),
+            Cell::new(&p.description),
+        ]);
+    }
+    t.to_string()
+}
+
+/// `tunnels status`: a block per profile with its forwards.
+pub fn status(status: &AgentStatus) -> String {
+    let mut out = String::new();
+    for p in &status.profiles {
+        out.push_str(&profile(p));
+        out.push('\n');
+    }
+    if status.profiles.is_empty() {
+        out.push_str("no profiles configured\n");
+    }
+    out
+}
+
+/// One profile's block.
+pub fn profile(p: &ProfileStatus) -> String {
+    let mut out = format!("{}  {}", p.name, state(p.state).to_uppercase());
+    let role = match p.endpoints.iter().position(|e| e == &p.active_endpoint) {
+        Some(0) => "primary".to_string(),
+        Some(i) => format!("standby #{i}"),
+        None => "-".to_string(),
+    };
+    out.push_str(&format!("  endpoint {} ({role})", p.active_endpoint));
+    if let Some(since) = p.up_since_unix_ms {
+        out.push_str(&format!("  up {}", ago(since)));
+    }
+    out.push_str(&format!(
+        "  reconnects {}  failovers {}\n",
+        p.reconnects, p.failovers
+    ));
+    if let Some(h) = &p.health {
+        out.push_str(&format!(
+            "  health {}: {}  ({}/{} failing, {} checks)\n",
+            h.target,
+            h.last.as_ref().map(health).unwrap_or_else(|| "not run yet".into()),
+            h.consecutive_failures,
+            h.threshold,
+            h.checks
+        ));
+    }
+    if let Some(e) = &p.last_error
+        && p.state != SessionState::Up
+    {
+        out.push_str(&format!("  last error: {e}\n"));
+    }
+    let mut t = table(&["FORWARD", "STATE", "IN", "OUT", "CONNS", "DETAIL"]);
+    for f in &p.forwards {
+        t.add_row(vec![
+            Cell::new(&f.spec),
+            Cell::new(forward_state(f.state)),
+            Cell::new(bytes(f.bytes_in)),
+            Cell::new(bytes(f.bytes_out)),
+            Cell::new(format!("{}/{}", f.connections_open, f.connections_total)),
+            Cell::new(f.detail.as_deref().unwrap_or("")),
+        ]);
+    }
+    for line in t.to_string().lines() {
+        out.push_str("  ");
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// A health result in one line.
+pub fn health(r: &HealthResult) -> String {
+    format!(
+        "{} {} in {:.1} ms ({} ago)",
+        if r.ok { "PASS" } else { "FAIL" },
+        r.detail,
+        r.latency_ms,
+        ago(r.at_unix_ms)
+    )
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(NOTHING);
+    t.set_header(header.to_vec());
+    t
+}
+
+fn state(s: SessionState) -> &'static str {
+    match s {
+        SessionState::Stopped => "stopped",
+        SessionState::Connecting => "connecting",
+        SessionState::Up => "up",
+        SessionState::Backoff => "backoff",
+        SessionState::Stopping => "stopping",
+    }
+}
+
+fn forward_state(s: ForwardState) -> &'static str {
+    match s {
+        ForwardState::Stopped => "stopped",
+        ForwardState::Listening => "listening",
+        ForwardState::Active => "active",
+        ForwardState::Waiting => "waiting",
+        ForwardState::Retrying => "RETRYING",
+    }
+}
+
+/// `1.5 MB`-style sizes.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u < UNITS.len() - 1 {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// How long ago a Unix-ms timestamp was, rounded to seconds.
+pub fn ago(unix_ms: u64) -> String {
+    let secs = now_unix_ms().saturating_sub(unix_ms) / 1000;
+    humantime::format_duration(std::time::Duration::from_secs(secs)).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(bytes(999), "999 B");
+        assert_eq!(bytes(1_500_000), "1.5 MB");
+    }
+}

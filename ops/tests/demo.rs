@@ -1,0 +1,27 @@
+//! `tunnelfleet demo` as a test: it must run with nothing set up, fail over, and clean up.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_runs_fails_over_and_leaves_nothing_behind() {
+    let before: Vec<_> = demo_dirs();
+    let mut out = Vec::new();
+    let report = tunnelfleet_ops::demo::run(&mut out).await.expect("demo");
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.contains("\"oma-a api ok\""), "{text}");
+    assert!(text.contains("\"oma-b api ok\""), "{text}");
+    assert!(text.contains("reverse GET /health -> \"vma api ok\""), "{text}");
+    assert!(text.contains("(standby #1)"), "{text}");
+    assert!(report.nbd_bytes > 0);
+    assert!(report.failover_s > 0.0);
+    assert_eq!(demo_dirs(), before, "the demo left its temp dir behind");
+}
+
+fn demo_dirs() -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("tunnelfleet-demo-")))
+        .collect();
+    v.sort();
+    v
+}
