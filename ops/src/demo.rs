@@ -51,7 +51,10 @@ pub async fn run(out: &mut (impl Write + Send)) -> anyhow::Result<DemoReport> {
 }
 
 async fn run_in(dir: &Path, out: &mut (impl Write + Send)) -> anyhow::Result<DemoReport> {
-    say(out, "tunnelfleet demo: the seed's VMA→OMA tunnel set, with a standby OMA")?;
+    say(
+        out,
+        "tunnelfleet demo: the seed's VMA→OMA tunnel set, with a standby OMA",
+    )?;
 
     // The appliance's key, 0600 as OpenSSH demands.
     let key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519)
@@ -79,8 +82,20 @@ async fn run_in(dir: &Path, out: &mut (impl Write + Send)) -> anyhow::Result<Dem
         omas.push(oma);
     }
     let (primary, standby) = (&omas[0], &omas[1]);
-    say(out, &format!("  OMA primary  oma-a  ssh 127.0.0.1:{}  host key {}", primary.port, primary.fingerprint))?;
-    say(out, &format!("  OMA standby  oma-b  ssh 127.0.0.1:{}  host key {}", standby.port, standby.fingerprint))?;
+    say(
+        out,
+        &format!(
+            "  OMA primary  oma-a  ssh 127.0.0.1:{}  host key {}",
+            primary.port, primary.fingerprint
+        ),
+    )?;
+    say(
+        out,
+        &format!(
+            "  OMA standby  oma-b  ssh 127.0.0.1:{}  host key {}",
+            standby.port, standby.fingerprint
+        ),
+    )?;
     let vma_api = HttpService::start("vma api", 0).await?;
 
     // The seed's forwards, on free local ports (8082/10809/10808/9081 may be taken here).
@@ -124,11 +139,18 @@ threshold = 3
         key = key_path.display(),
         f1 = primary.fingerprint,
         f2 = standby.fingerprint,
-        fw = forwards.iter().map(|f| format!("{f:?}")).collect::<Vec<_>>().join(", "),
+        fw = forwards
+            .iter()
+            .map(|f| format!("{f:?}"))
+            .collect::<Vec<_>>()
+            .join(", "),
     );
     let cfg_path = dir.join("agent.toml");
     std::fs::write(&cfg_path, &config)?;
-    say(out, "\nagent.toml (host keys pinned; nothing is trusted blindly):")?;
+    say(
+        out,
+        "\nagent.toml (host keys pinned; nothing is trusted blindly):",
+    )?;
     for line in config.lines().skip(4) {
         say(out, &format!("  | {line}"))?;
     }
@@ -179,11 +201,14 @@ threshold = 3
     }
     drop(keep);
     let report = result?;
-    say(out, &format!(
-        "\ndone: failover to the standby in {:.2}s, {} through the NBD forwards; agent stopped gracefully, temp files removed",
-        report.failover_s,
-        render::bytes(report.nbd_bytes)
-    ))?;
+    say(
+        out,
+        &format!(
+            "\ndone: failover to the standby in {:.2}s, {} through the NBD forwards; agent stopped gracefully, temp files removed",
+            report.failover_s,
+            render::bytes(report.nbd_bytes)
+        ),
+    )?;
     Ok(report)
 }
 
@@ -199,15 +224,31 @@ async fn show_traffic(
     if !body.starts_with(oma) {
         bail!("expected the API of {oma}, got {body:?}");
     }
-    say(out, &format!("    L {l_api} -> {oma}:8082   GET /health -> {body:?}"))?;
+    say(
+        out,
+        &format!("    L {l_api} -> {oma}:8082   GET /health -> {body:?}"),
+    )?;
     let n = 8 << 20;
     let t = Instant::now();
     echo(l_nbd, n).await?;
-    say(out, &format!("    L {l_nbd} -> {oma}:10809  {} echoed through NBD in {:.0} ms", render::bytes(n as u64), t.elapsed().as_secs_f64() * 1000.0))?;
+    say(
+        out,
+        &format!(
+            "    L {l_nbd} -> {oma}:10809  {} echoed through NBD in {:.0} ms",
+            render::bytes(n as u64),
+            t.elapsed().as_secs_f64() * 1000.0
+        ),
+    )?;
     echo(l_alt, 64 << 10).await?;
-    say(out, &format!("    L {l_alt} -> {oma}:10809  alternate NBD port echoes"))?;
+    say(
+        out,
+        &format!("    L {l_alt} -> {oma}:10809  alternate NBD port echoes"),
+    )?;
     let body = get(r_vma, "/health").await?;
-    say(out, &format!("    R {oma}:{r_vma} -> VMA api  reverse GET /health -> {body:?}"))?;
+    say(
+        out,
+        &format!("    R {oma}:{r_vma} -> VMA api  reverse GET /health -> {body:?}"),
+    )?;
     Ok(2 * n as u64 + 2 * (64 << 10))
 }
 
@@ -244,7 +285,10 @@ async fn wait_for(
             return Ok(());
         }
         if Instant::now() > deadline {
-            let last = status(socket).await.map(|s| render::status(&s)).unwrap_or_default();
+            let last = status(socket)
+                .await
+                .map(|s| render::status(&s))
+                .unwrap_or_default();
             bail!("not reached within {secs}s; last status:\n{last}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -253,13 +297,17 @@ async fn wait_for(
 
 async fn get(port: u16, path: &str) -> anyhow::Result<String> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await?;
     let mut buf = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await??;
     let text = String::from_utf8_lossy(&buf);
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     if !head.starts_with("HTTP/1.") || !head.contains(" 200 ") {
-        bail!("GET 127.0.0.1:{port}{path}: {}", head.lines().next().unwrap_or("no response"));
+        bail!(
+            "GET 127.0.0.1:{port}{path}: {}",
+            head.lines().next().unwrap_or("no response")
+        );
     }
     Ok(body.to_string())
 }

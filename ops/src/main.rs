@@ -16,7 +16,11 @@ const EXIT_UNREACHABLE: u8 = 3;
 
 /// Operate tunnelfleet: the local agent's tunnels, and the demo.
 #[derive(Parser, Debug)]
-#[command(version, about, after_help = "Examples:\n  tunnelfleet demo\n  tunnelfleet tunnels status\n  tunnelfleet tunnels restart oma --socket /run/tunnelfleet/agent.sock\n  tunnelfleet tunnels list --json | jq '.profiles[].name'")]
+#[command(
+    version,
+    about,
+    after_help = "Examples:\n  tunnelfleet demo\n  tunnelfleet tunnels status\n  tunnelfleet tunnels restart oma --socket /run/tunnelfleet/agent.sock\n  tunnelfleet tunnels list --json | jq '.profiles[].name'"
+)]
 struct Cli {
     /// Print machine-readable JSON instead of tables.
     #[arg(long, global = true)]
@@ -118,7 +122,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "tunnelfleet", &mut std::io::stdout());
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "tunnelfleet",
+                &mut std::io::stdout(),
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Tunnels {
@@ -128,17 +137,23 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let socket = match socket {
                 Some(s) => s,
-                None => AgentConfig::load(&config)
-                    .with_context(|| "finding the agent's control socket (or pass --socket)")?
-                    .agent
-                    .control_socket,
+                None => {
+                    AgentConfig::load(&config)
+                        .with_context(|| "finding the agent's control socket (or pass --socket)")?
+                        .agent
+                        .control_socket
+                }
             };
             tunnels(&socket, action, cli.json).await
         }
     }
 }
 
-async fn tunnels(socket: &std::path::Path, action: TunnelAction, json: bool) -> anyhow::Result<ExitCode> {
+async fn tunnels(
+    socket: &std::path::Path,
+    action: TunnelAction,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let req = match &action {
         TunnelAction::List | TunnelAction::Status => Request::Status,
         TunnelAction::Start { name } => Request::Start { name: name.clone() },
@@ -174,7 +189,11 @@ async fn tunnels(socket: &std::path::Path, action: TunnelAction, json: bool) -> 
             if !json {
                 println!("{}", render::health(&r));
             }
-            if r.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            if r.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Response::Error { message } => {
             eprintln!("tunnelfleet: {message}");

@@ -159,9 +159,7 @@ impl server::Handler for OmaHandler {
             .filter(|_| local)
             .and_then(|p| self.spec.services.get(&p).copied());
         let Some(addr) = target else {
-            reply
-                .reject(russh::ChannelOpenFailure::ConnectFailed)
-                .await;
+            reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
             return Ok(());
         };
         let stop = self.session_stop.clone();

@@ -54,7 +54,10 @@ pub fn profile(p: &ProfileStatus) -> String {
         out.push_str(&format!(
             "  health {}: {}  ({}/{} failing, {} checks)\n",
             h.target,
-            h.last.as_ref().map(health).unwrap_or_else(|| "not run yet".into()),
+            h.last
+                .as_ref()
+                .map(health)
+                .unwrap_or_else(|| "not run yet".into()),
             h.consecutive_failures,
             h.threshold,
             h.checks

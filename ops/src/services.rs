@@ -32,7 +32,12 @@ impl HttpService {
         let failing = Arc::new(AtomicBool::new(false));
         let hits = Arc::new(AtomicU64::new(0));
         let stop = CancellationToken::new();
-        let (f, h, s, name) = (failing.clone(), hits.clone(), stop.clone(), name.to_string());
+        let (f, h, s, name) = (
+            failing.clone(),
+            hits.clone(),
+            stop.clone(),
+            name.to_string(),
+        );
         tokio::spawn(async move {
             loop {
                 let conn = tokio::select! {

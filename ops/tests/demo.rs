@@ -8,7 +8,10 @@ async fn demo_runs_fails_over_and_leaves_nothing_behind() {
     let text = String::from_utf8(out).unwrap();
     assert!(text.contains("\"oma-a api ok\""), "{text}");
     assert!(text.contains("\"oma-b api ok\""), "{text}");
-    assert!(text.contains("reverse GET /health -> \"vma api ok\""), "{text}");
+    assert!(
+        text.contains("reverse GET /health -> \"vma api ok\""),
+        "{text}"
+    );
     assert!(text.contains("(standby #1)"), "{text}");
     assert!(report.nbd_bytes > 0);
     assert!(report.failover_s > 0.0);
@@ -20,7 +23,10 @@ fn demo_dirs() -> Vec<std::path::PathBuf> {
         .unwrap()
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("tunnelfleet-demo-")))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("tunnelfleet-demo-"))
+        })
         .collect();
     v.sort();
     v

@@ -1,0 +1,109 @@
+//! Every shipped example config is accepted; every config in `configs/invalid/` is refused
+//! whole with the message its first line (`# expect: …`) names; start-time refusals name the
+//! offending file or socket and start nothing.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use tunnelfleet_agent::agent::Agent;
+use tunnelfleet_agent::config::AgentConfig;
+
+fn files(dir: &str) -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+    let mut v: Vec<PathBuf> = std::fs::read_dir(&root)
+        .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    v.sort();
+    assert!(!v.is_empty(), "no configs in {}", root.display());
+    v
+}
+
+#[test]
+fn every_shipped_example_config_is_accepted() {
+    for path in files("../ops/examples") {
+        let cfg = AgentConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!cfg.profiles.is_empty(), "{}", path.display());
+    }
+}
+
+#[test]
+fn every_invalid_config_is_refused_with_its_expected_message() {
+    for path in files("configs/invalid") {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let expect = text
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("# expect: "))
+            .unwrap_or_else(|| panic!("{}: first line must be '# expect: …'", path.display()));
+        let err = AgentConfig::load(&path)
+            .err()
+            .unwrap_or_else(|| panic!("{} was accepted", path.display()))
+            .to_string();
+        assert!(
+            err.contains(expect),
+            "{}:\n  expected: {expect}\n  got:      {err}",
+            path.display()
+        );
+        assert!(
+            err.contains(&path.display().to_string()),
+            "error must name the file: {err}"
+        );
+    }
+}
+
+fn profile(dir: &Path, key: &Path) -> String {
+    format!(
+        "[agent]\ncontrol_socket = \"{}\"\n[[profile]]\nname = \"p\"\nendpoints = [\"127.0.0.1:1\"]\nuser = \"u\"\n\
+         identity_file = \"{}\"\nhost_key_fingerprints = [\"SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU\"]\n\
+         forwards = [\"L 0.0.0.0:1:a:2\"]\n",
+        dir.join("agent.sock").display(),
+        key.display()
+    )
+}
+
+#[tokio::test]
+async fn a_key_readable_by_others_is_refused_before_anything_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("id");
+    integration_tests::keygen(&key);
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let cfg = AgentConfig::parse(&profile(dir.path(), &key), Path::new("a.toml")).unwrap();
+    let err = Agent::prepare(&cfg)
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("profile p") && err.contains(&key.display().to_string()),
+        "{err}"
+    );
+    assert!(err.contains("0644") && err.contains("chmod 600"), "{err}");
+    assert!(!dir.path().join("agent.sock").exists(), "nothing may start");
+}
+
+#[tokio::test]
+async fn a_second_agent_on_the_same_socket_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("id");
+    integration_tests::keygen(&key);
+    let cfg = AgentConfig::parse(&profile(dir.path(), &key), Path::new("a.toml")).unwrap();
+    let first = Agent::prepare(&cfg).await.expect("first agent");
+    let mode = std::fs::metadata(dir.path().join("agent.sock"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let err = Agent::prepare(&cfg)
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("another agent is already running") && err.contains("agent.sock"),
+        "{err}"
+    );
+    drop(first);
+}
