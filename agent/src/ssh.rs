@@ -57,8 +57,8 @@ pub enum SessionError {
     HostKey {
         /// `host:port`.
         endpoint: String,
-        /// Why, with the offered fingerprint.
-        source: HostKeyError,
+        /// Why, with the offered fingerprint (boxed: it is large and rare).
+        source: Box<HostKeyError>,
     },
     /// The server refused our key.
     #[error("{endpoint}: authentication as {user:?} with {key} refused by the server")]
@@ -242,7 +242,7 @@ async fn connect_inner(
         match v {
             Some((Verdict::Refused(e), _)) => SessionError::HostKey {
                 endpoint: endpoint.to_string(),
-                source: e,
+                source: Box::new(e),
             },
             _ => SessionError::Ssh {
                 endpoint: endpoint.to_string(),

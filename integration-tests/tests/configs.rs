@@ -2,6 +2,8 @@
 //! whole with the message its first line (`# expect: …`) names; start-time refusals name the
 //! offending file or socket and start nothing.
 
+#![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 

@@ -1,6 +1,8 @@
 //! The agent against a real OpenSSH sshd: forwards, SOCKS, host keys, restarts, failover,
 //! health, port conflicts.
 
+#![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
+
 use integration_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tunnelfleet_agent::control::{Request, Response};

@@ -1,6 +1,8 @@
 //! The `tunnelfleet tunnels …` commands end to end: the real binary against a running agent
 //! (behind an embedded OMA), asserting on `--json` output and exit codes.
 
+#![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
+
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -32,7 +34,7 @@ async fn tunnels_commands_with_json_and_exit_codes() {
     let key_path = dir.path().join("id");
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
+        .create_new(true)
         .mode(0o600)
         .open(&key_path)
         .unwrap();

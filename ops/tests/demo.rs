@@ -1,5 +1,7 @@
 //! `tunnelfleet demo` as a test: it must run with nothing set up, fail over, and clean up.
 
+#![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_runs_fails_over_and_leaves_nothing_behind() {
     let before: Vec<_> = demo_dirs();
