@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Copy buffer per direction: big enough to fill SSH packets without many small writes.
-pub const RELAY_BUFFER: usize = 256 * 1024;
+pub const RELAY_BUFFER: usize = 64 * 1024;
 
 /// Byte and connection counters of one forward.
 #[derive(Debug, Default)]

@@ -176,7 +176,7 @@ pub fn client_config(keepalive_interval: Duration, keepalive_count: u32) -> clie
         keepalive_max: keepalive_count as usize,
         window_size: WINDOW_SIZE,
         maximum_packet_size: 32768,
-        channel_buffer_size: 256,
+        channel_buffer_size: 64,
         nodelay: true,
         preferred: Preferred {
             cipher: std::borrow::Cow::Borrowed(CIPHERS),

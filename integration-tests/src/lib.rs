@@ -5,21 +5,14 @@
 //! and every process is killed on drop. Tests that need sshd call [`Sshd::available`]: it fails
 //! the test when `CI` is set and sshd is missing, and elsewhere says why the test was skipped.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tunnelfleet_agent::config::AgentConfig;
 use tunnelfleet_agent::control::{self, Request, Response};
@@ -315,100 +308,22 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("addr").port()
 }
 
-/// A TCP echo server on 127.0.0.1.
-pub async fn echo_server() -> (u16, CancellationToken) {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let port = l.local_addr().expect("addr").port();
-    let stop = CancellationToken::new();
-    let s = stop.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = s.cancelled() => return,
-                Ok((mut c, _)) = l.accept() => {
-                    tokio::spawn(async move {
-                        let (mut r, mut w) = c.split();
-                        let _ = tokio::io::copy(&mut r, &mut w).await;
-                    });
-                }
-            }
-        }
-    });
-    (port, stop)
+/// A TCP echo server on 127.0.0.1 (stops when the guard drops).
+pub async fn echo_server() -> (u16, tokio_util::sync::DropGuard) {
+    tunnelfleet_ops::services::echo_server().await.expect("echo server")
 }
 
-/// A tiny HTTP service: `/health` answers 200 with `name` (or 503 when failing), anything
-/// else 404.
-pub struct HttpService {
-    /// Its port on 127.0.0.1.
-    pub port: u16,
-    /// Set to make `/health` answer 503.
-    pub failing: Arc<std::sync::atomic::AtomicBool>,
-    /// Requests served.
-    pub hits: Arc<AtomicU16>,
-    stop: CancellationToken,
-}
+/// The HTTP `/health` service of the demo, reused as the OMA/VMA API in tests.
+pub use tunnelfleet_ops::services::HttpService as OpsHttpService;
+
+/// An HTTP `/health` service on 127.0.0.1 (see [`OpsHttpService`]).
+pub struct HttpService;
 
 impl HttpService {
     /// Starts it on `port` (0 for any).
-    pub async fn start(name: &str, port: u16) -> HttpService {
-        let l = TcpListener::bind(("127.0.0.1", port))
-            .await
-            .expect("bind http");
-        let port = l.local_addr().expect("addr").port();
-        let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let hits = Arc::new(AtomicU16::new(0));
-        let stop = CancellationToken::new();
-        let (f, h, s, name) = (
-            failing.clone(),
-            hits.clone(),
-            stop.clone(),
-            name.to_string(),
-        );
-        tokio::spawn(async move {
-            loop {
-                let (c, _) = tokio::select! {
-                    _ = s.cancelled() => return,
-                    r = l.accept() => match r { Ok(c) => c, Err(_) => continue },
-                };
-                let (f, h, name) = (f.clone(), h.clone(), name.clone());
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                        let (f, h, name) = (f.clone(), h.clone(), name.clone());
-                        async move {
-                            h.fetch_add(1, Ordering::Relaxed);
-                            let (code, body) = if req.uri().path() != "/health" {
-                                (404, "not found".to_string())
-                            } else if f.load(Ordering::Relaxed) {
-                                (503, format!("{name} unhealthy"))
-                            } else {
-                                (200, format!("{name} ok"))
-                            };
-                            let resp = hyper::Response::builder()
-                                .status(code)
-                                .body(Full::new(Bytes::from(body)))
-                                .expect("response");
-                            Ok::<_, Infallible>(resp)
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(c), svc)
-                        .await;
-                });
-            }
-        });
-        HttpService {
-            port,
-            failing,
-            hits,
-            stop,
-        }
-    }
-}
-
-impl Drop for HttpService {
-    fn drop(&mut self) {
-        self.stop.cancel();
+    #[allow(clippy::new_ret_no_self)]
+    pub async fn start(name: &str, port: u16) -> OpsHttpService {
+        OpsHttpService::start(name, port).await.expect("http service")
     }
 }
 

@@ -23,6 +23,11 @@ struct Args {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Human, env = "TUNNELFLEET_LOG_FORMAT")]
     log_format: LogFormat,
+    /// Runtime worker threads. 0 (the default) runs everything on one thread: measured faster
+    /// and smaller for an appliance's few sessions (BENCHMARKS.md); raise it for many busy
+    /// profiles.
+    #[arg(long, default_value_t = 0, env = "TUNNELFLEET_WORKER_THREADS")]
+    worker_threads: usize,
     /// Check the configuration (and identity files) and exit.
     #[arg(long)]
     check: bool,
@@ -51,8 +56,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    let mut builder = if args.worker_threads == 0 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(args.worker_threads);
+        b
+    };
+    let rt = builder
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;

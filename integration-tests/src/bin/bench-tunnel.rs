@@ -1,0 +1,295 @@
+//! `bench-tunnel`: bulk throughput of one TCP stream through (a) a direct loopback connection,
+//! (b) OpenSSH `ssh -L`, (c) the agent's L forward — all through the same sshd in one run — and
+//! the resident memory of the agent and of `ssh` each holding the seed's four forwards.
+//!
+//! Run: `cargo run --release -p integration-tests --bin bench-tunnel [-- --mib 512 --runs 5]`.
+//! Ends with one JSON line.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use integration_tests::{HttpService, Sshd, echo_roundtrip, echo_server, free_port, http_get};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+struct Args {
+    mib: u64,
+    runs: usize,
+}
+
+fn args() -> anyhow::Result<Args> {
+    let mut a = Args { mib: 512, runs: 5 };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let v = it.next().with_context(|| format!("{k} needs a value"))?;
+        match k.as_str() {
+            "--mib" => a.mib = v.parse().context("--mib")?,
+            "--runs" => a.runs = v.parse().context("--runs")?,
+            other => bail!("unknown argument {other} (use --mib N --runs N)"),
+        }
+    }
+    Ok(a)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args = args()?;
+    if !Sshd::available("bench-tunnel") {
+        bail!("bench-tunnel needs /usr/sbin/sshd");
+    }
+    let agent_bin = agent_binary()?;
+    let sshd = Sshd::start();
+    let sink = sink_server().await?;
+    let bytes = args.mib << 20;
+    eprintln!("bench-tunnel: {} MiB per run, {} runs, sshd on 127.0.0.1:{}", args.mib, args.runs, sshd.port);
+
+    let direct = median(&runs(args.runs, || throughput(sink, bytes)).await?);
+    eprintln!("  direct loopback         {direct:6.2} Gbit/s");
+
+    let l = free_port();
+    let ssh = ssh_client(&sshd, &[format!("-L{l}:127.0.0.1:{sink}")], &[])?;
+    wait_port(l).await?;
+    let openssh = median(&runs(args.runs, || throughput(l, bytes)).await?);
+    drop(ssh);
+    eprintln!("  ssh -L (OpenSSH default cipher) {openssh:6.2} Gbit/s");
+
+    let l = free_port();
+    let ssh = ssh_client(&sshd, &[format!("-L{l}:127.0.0.1:{sink}")], &["-c", "aes128-gcm@openssh.com"])?;
+    wait_port(l).await?;
+    let openssh_gcm = median(&runs(args.runs, || throughput(l, bytes)).await?);
+    drop(ssh);
+    eprintln!("  ssh -L -c aes128-gcm    {openssh_gcm:6.2} Gbit/s");
+
+    let l = free_port();
+    let dir = tempfile::tempdir()?;
+    let agent = agent_process(&agent_bin, dir.path(), &sshd, &[format!("L {l}:127.0.0.1:{sink}")])?;
+    wait_port(l).await?;
+    let agent_gbps = median(&runs(args.runs, || throughput(l, bytes)).await?);
+    drop(agent);
+    eprintln!("  tunnelfleet-agent L     {agent_gbps:6.2} Gbit/s");
+
+    // Memory: each holding the seed's four forwards (three L, one R), after traffic on each.
+    let (echo, _e) = echo_server().await;
+    let vma = HttpService::start("vma", 0).await;
+    let ports = [free_port(), free_port(), free_port(), free_port()];
+    let seed = |fmt_l: &dyn Fn(u16, u16) -> String, fmt_r: &dyn Fn(u16, u16) -> String| {
+        vec![
+            fmt_l(ports[0], echo),
+            fmt_l(ports[1], echo),
+            fmt_l(ports[2], echo),
+            fmt_r(ports[3], vma.port),
+        ]
+    };
+    let ssh_args = seed(&|p, t| format!("-L{p}:127.0.0.1:{t}"), &|p, t| format!("-R{p}:127.0.0.1:{t}"));
+    let ssh = ssh_client(&sshd, &ssh_args, &[])?;
+    exercise(&ports).await?;
+    let openssh_rss = rss_kb(ssh.0.id())?;
+    drop(ssh);
+    wait_port_free(ports[3]).await?;
+    let agent_fw = seed(&|p, t| format!("L {p}:127.0.0.1:{t}"), &|p, t| format!("R {p}:127.0.0.1:{t}"));
+    let dir = tempfile::tempdir()?;
+    let agent = agent_process(&agent_bin, dir.path(), &sshd, &agent_fw)?;
+    exercise(&ports).await?;
+    let agent_rss = rss_kb(agent.0.id())?;
+    drop(agent);
+    eprintln!("  RSS with the seed's four forwards: agent {agent_rss} kB, ssh {openssh_rss} kB");
+
+    let ratio = agent_gbps / openssh;
+    eprintln!("  agent / OpenSSH = {ratio:.2}x; machine: {}", machine());
+    println!(
+        "{{\"direct_gbps\":{direct:.3},\"openssh_gbps\":{openssh:.3},\"openssh_aes128gcm_gbps\":{openssh_gcm:.3},\"agent_gbps\":{agent_gbps:.3},\"ratio_vs_openssh\":{ratio:.3},\"agent_rss_kb\":{agent_rss},\"openssh_rss_kb\":{openssh_rss}}}"
+    );
+    Ok(())
+}
+
+/// Kills the child on drop.
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn ssh_client(sshd: &Sshd, forwards: &[String], extra: &[&str]) -> anyhow::Result<Proc> {
+    let child = Command::new("ssh")
+        .args(["-N", "-T", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "ExitOnForwardFailure=yes"])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", sshd.known_hosts.display()))
+        .arg("-i")
+        .arg(&sshd.client_key)
+        .args(["-p", &sshd.port.to_string()])
+        .args(extra)
+        .args(forwards)
+        .arg(format!("{}@127.0.0.1", sshd.user))
+        .stdin(Stdio::null())
+        .spawn()
+        .context("spawning ssh")?;
+    Ok(Proc(child))
+}
+
+fn agent_process(bin: &Path, dir: &Path, sshd: &Sshd, forwards: &[String]) -> anyhow::Result<Proc> {
+    let fw: Vec<String> = forwards.iter().map(|f| format!("{f:?}")).collect();
+    let cfg = format!(
+        "[agent]\ncontrol_socket = \"{}/agent.sock\"\n[[profile]]\nname = \"bench\"\nendpoints = [\"{}\"]\nuser = \"{}\"\n\
+         identity_file = \"{}\"\nknown_hosts = \"{}\"\nforwards = [{}]\n",
+        dir.display(),
+        sshd.endpoint(),
+        sshd.user,
+        sshd.client_key.display(),
+        sshd.known_hosts.display(),
+        fw.join(", ")
+    );
+    let path = dir.join("agent.toml");
+    std::fs::write(&path, cfg)?;
+    let child = Command::new(bin)
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .context("spawning tunnelfleet-agent")?;
+    Ok(Proc(child))
+}
+
+/// The release agent binary next to this one, built first if missing.
+fn agent_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let bin = exe.with_file_name("tunnelfleet-agent");
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--release", "-q", "-p", "tunnelfleet-agent", "--bin", "tunnelfleet-agent"])
+        .status()
+        .context("building tunnelfleet-agent")?;
+    if !status.success() || !bin.exists() {
+        bail!("could not build {}", bin.display());
+    }
+    Ok(bin)
+}
+
+/// Reads everything until EOF, then answers with the byte count.
+async fn sink_server() -> anyhow::Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let port = l.local_addr()?.port();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 1 << 20];
+                let mut n = 0u64;
+                loop {
+                    match c.read(&mut buf).await {
+                        Ok(0) => break,
+                        Ok(k) => n += k as u64,
+                        Err(_) => return,
+                    }
+                }
+                let _ = c.write_all(&n.to_be_bytes()).await;
+            });
+        }
+    });
+    Ok(port)
+}
+
+/// Sends `bytes` through `port` to the sink; Gbit/s until the sink confirmed them all.
+async fn throughput(port: u16, bytes: u64) -> anyhow::Result<f64> {
+    let s = TcpStream::connect(("127.0.0.1", port)).await?;
+    s.set_nodelay(true)?;
+    let (mut r, mut w) = s.into_split();
+    let chunk = vec![0xa5u8; 1 << 20];
+    let start = Instant::now();
+    let mut left = bytes;
+    while left > 0 {
+        let k = left.min(chunk.len() as u64) as usize;
+        w.write_all(&chunk[..k]).await?;
+        left -= k as u64;
+    }
+    w.shutdown().await?;
+    let mut n = [0u8; 8];
+    r.read_exact(&mut n).await.context("sink confirmation")?;
+    let secs = start.elapsed().as_secs_f64();
+    if u64::from_be_bytes(n) != bytes {
+        bail!("sink received {} of {bytes} bytes", u64::from_be_bytes(n));
+    }
+    Ok(bytes as f64 * 8.0 / secs / 1e9)
+}
+
+async fn runs<F, Fut>(n: usize, mut f: F) -> anyhow::Result<Vec<f64>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<f64>>,
+{
+    f().await?; // warm-up, not counted
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        v.push(f().await?);
+    }
+    Ok(v)
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    s[s.len() / 2]
+}
+
+async fn wait_port(port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    // A listener that accepts before the session is up would pass a bare connect; an echo
+    // through the tunnel is not possible for a sink, so retry a zero-byte throughput probe.
+    while Instant::now() < deadline {
+        if throughput(port, 1).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("port {port} did not carry data within 20s")
+}
+
+async fn wait_port_free(port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("remote port {port} still held")
+}
+
+/// Carries data through all four forwards so both contenders hold warmed-up state.
+async fn exercise(ports: &[u16; 4]) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ok = echo_roundtrip(ports[0], &vec![1u8; 1 << 20]).await.is_ok()
+            && echo_roundtrip(ports[1], &vec![2u8; 1 << 20]).await.is_ok()
+            && echo_roundtrip(ports[2], &vec![3u8; 1 << 20]).await.is_ok()
+            && http_get(ports[3], "/health").await.is_ok_and(|(c, _)| c == 200);
+        if ok {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the seed's four forwards did not carry data within 20s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn rss_kb(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("VmRSS")
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find_map(|l| l.strip_prefix("model name\t: ").map(str::to_string)))
+        .unwrap_or_default();
+    format!("{cpu}, {} cpus", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0))
+}
