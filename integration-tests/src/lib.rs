@@ -310,7 +310,9 @@ pub fn free_port() -> u16 {
 
 /// A TCP echo server on 127.0.0.1 (stops when the guard drops).
 pub async fn echo_server() -> (u16, tokio_util::sync::DropGuard) {
-    tunnelfleet_ops::services::echo_server().await.expect("echo server")
+    tunnelfleet_ops::services::echo_server()
+        .await
+        .expect("echo server")
 }
 
 /// The HTTP `/health` service of the demo, reused as the OMA/VMA API in tests.
@@ -323,7 +325,9 @@ impl HttpService {
     /// Starts it on `port` (0 for any).
     #[allow(clippy::new_ret_no_self)]
     pub async fn start(name: &str, port: u16) -> OpsHttpService {
-        OpsHttpService::start(name, port).await.expect("http service")
+        OpsHttpService::start(name, port)
+            .await
+            .expect("http service")
     }
 }
 

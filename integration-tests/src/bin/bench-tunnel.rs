@@ -43,7 +43,10 @@ async fn main() -> anyhow::Result<()> {
     let sshd = Sshd::start();
     let sink = sink_server().await?;
     let bytes = args.mib << 20;
-    eprintln!("bench-tunnel: {} MiB per run, {} runs, sshd on 127.0.0.1:{}", args.mib, args.runs, sshd.port);
+    eprintln!(
+        "bench-tunnel: {} MiB per run, {} runs, sshd on 127.0.0.1:{}",
+        args.mib, args.runs, sshd.port
+    );
 
     let direct = median(&runs(args.runs, || throughput(sink, bytes)).await?);
     eprintln!("  direct loopback         {direct:6.2} Gbit/s");
@@ -56,7 +59,11 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("  ssh -L (OpenSSH default cipher) {openssh:6.2} Gbit/s");
 
     let l = free_port();
-    let ssh = ssh_client(&sshd, &[format!("-L{l}:127.0.0.1:{sink}")], &["-c", "aes128-gcm@openssh.com"])?;
+    let ssh = ssh_client(
+        &sshd,
+        &[format!("-L{l}:127.0.0.1:{sink}")],
+        &["-c", "aes128-gcm@openssh.com"],
+    )?;
     wait_port(l).await?;
     let openssh_gcm = median(&runs(args.runs, || throughput(l, bytes)).await?);
     drop(ssh);
@@ -64,7 +71,12 @@ async fn main() -> anyhow::Result<()> {
 
     let l = free_port();
     let dir = tempfile::tempdir()?;
-    let agent = agent_process(&agent_bin, dir.path(), &sshd, &[format!("L {l}:127.0.0.1:{sink}")])?;
+    let agent = agent_process(
+        &agent_bin,
+        dir.path(),
+        &sshd,
+        &[format!("L {l}:127.0.0.1:{sink}")],
+    )?;
     wait_port(l).await?;
     let agent_gbps = median(&runs(args.runs, || throughput(l, bytes)).await?);
     drop(agent);
@@ -82,13 +94,17 @@ async fn main() -> anyhow::Result<()> {
             fmt_r(ports[3], vma.port),
         ]
     };
-    let ssh_args = seed(&|p, t| format!("-L{p}:127.0.0.1:{t}"), &|p, t| format!("-R{p}:127.0.0.1:{t}"));
+    let ssh_args = seed(&|p, t| format!("-L{p}:127.0.0.1:{t}"), &|p, t| {
+        format!("-R{p}:127.0.0.1:{t}")
+    });
     let ssh = ssh_client(&sshd, &ssh_args, &[])?;
     exercise(&ports).await?;
     let openssh_rss = rss_kb(ssh.0.id())?;
     drop(ssh);
     wait_port_free(ports[3]).await?;
-    let agent_fw = seed(&|p, t| format!("L {p}:127.0.0.1:{t}"), &|p, t| format!("R {p}:127.0.0.1:{t}"));
+    let agent_fw = seed(&|p, t| format!("L {p}:127.0.0.1:{t}"), &|p, t| {
+        format!("R {p}:127.0.0.1:{t}")
+    });
     let dir = tempfile::tempdir()?;
     let agent = agent_process(&agent_bin, dir.path(), &sshd, &agent_fw)?;
     exercise(&ports).await?;
@@ -115,7 +131,16 @@ impl Drop for Proc {
 
 fn ssh_client(sshd: &Sshd, forwards: &[String], extra: &[&str]) -> anyhow::Result<Proc> {
     let child = Command::new("ssh")
-        .args(["-N", "-T", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "ExitOnForwardFailure=yes"])
+        .args([
+            "-N",
+            "-T",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "ExitOnForwardFailure=yes",
+        ])
         .arg("-o")
         .arg(format!("UserKnownHostsFile={}", sshd.known_hosts.display()))
         .arg("-i")
@@ -159,7 +184,15 @@ fn agent_binary() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let bin = exe.with_file_name("tunnelfleet-agent");
     let status = Command::new(env!("CARGO"))
-        .args(["build", "--release", "-q", "-p", "tunnelfleet-agent", "--bin", "tunnelfleet-agent"])
+        .args([
+            "build",
+            "--release",
+            "-q",
+            "-p",
+            "tunnelfleet-agent",
+            "--bin",
+            "tunnelfleet-agent",
+        ])
         .status()
         .context("building tunnelfleet-agent")?;
     if !status.success() || !bin.exists() {
@@ -264,7 +297,9 @@ async fn exercise(ports: &[u16; 4]) -> anyhow::Result<()> {
         let ok = echo_roundtrip(ports[0], &vec![1u8; 1 << 20]).await.is_ok()
             && echo_roundtrip(ports[1], &vec![2u8; 1 << 20]).await.is_ok()
             && echo_roundtrip(ports[2], &vec![3u8; 1 << 20]).await.is_ok()
-            && http_get(ports[3], "/health").await.is_ok_and(|(c, _)| c == 200);
+            && http_get(ports[3], "/health")
+                .await
+                .is_ok_and(|(c, _)| c == 200);
         if ok {
             tokio::time::sleep(Duration::from_millis(200)).await;
             return Ok(());
@@ -289,7 +324,15 @@ fn rss_kb(pid: u32) -> anyhow::Result<u64> {
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find_map(|l| l.strip_prefix("model name\t: ").map(str::to_string)))
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name\t: ").map(str::to_string))
+        })
         .unwrap_or_default();
-    format!("{cpu}, {} cpus", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0))
+    format!(
+        "{cpu}, {} cpus",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    )
 }
