@@ -479,3 +479,72 @@ pub fn profile_toml(
         fws.join(", "),
     )
 }
+
+impl TestAgent {
+    /// An agent with one profile named `oma` on `sshd` (short test timings; `extra` TOML lines
+    /// are added to the profile).
+    pub async fn on(sshd: &Sshd, forwards: &[String], extra: &str) -> TestAgent {
+        TestAgent::start(&profile_toml(
+            "oma",
+            &[sshd.endpoint()],
+            sshd,
+            forwards,
+            extra,
+        ))
+        .await
+    }
+
+    /// An agent with one profile `oma` whose endpoints are `primary` then `standby` (both
+    /// host keys pinned).
+    pub async fn on_pair(primary: &Sshd, standby: &Sshd, forwards: &[String]) -> TestAgent {
+        let pins = format!(
+            "host_key_fingerprints = [{:?}, {:?}]",
+            primary.fingerprint, standby.fingerprint
+        );
+        let endpoints = [primary.endpoint(), standby.endpoint()];
+        TestAgent::start(&profile_toml("oma", &endpoints, primary, forwards, &pins)).await
+    }
+
+    /// Waits until profile `name` is up with every forward active.
+    pub async fn wait_all_active(&self, name: &str) {
+        wait_until(
+            30,
+            &format!("profile {name} up with every forward active"),
+            || async {
+                let p = self.profile(name).await;
+                p.state == tunnelfleet_agent::status::SessionState::Up
+                    && p.forwards
+                        .iter()
+                        .all(|f| f.state == tunnelfleet_agent::status::ForwardState::Active)
+            },
+        )
+        .await;
+    }
+}
+
+/// SOCKS5 CONNECT through `port` to (`atyp`, `addr`, `target`); returns the stream and the
+/// reply code (0 = success).
+pub async fn socks_connect(
+    port: u16,
+    atyp: u8,
+    addr: &[u8],
+    target: u16,
+) -> std::io::Result<(TcpStream, u8)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(&[5, 1, 0]).await?;
+    let mut greet = [0u8; 2];
+    s.read_exact(&mut greet).await?;
+    if greet != [5, 0] {
+        return Err(std::io::Error::other(format!("SOCKS greeting {greet:?}")));
+    }
+    let mut req = vec![5, 1, 0, atyp];
+    if atyp == 3 {
+        req.push(addr.len() as u8);
+    }
+    req.extend(addr);
+    req.extend(target.to_be_bytes());
+    s.write_all(&req).await?;
+    let mut rep = [0u8; 10];
+    s.read_exact(&mut rep).await?;
+    Ok((s, rep[1]))
+}

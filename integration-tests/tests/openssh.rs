@@ -94,55 +94,21 @@ async fn socks5_through_sshd_to_a_domain_name_and_to_an_ip() {
     let sshd = Sshd::start();
     let (echo, _e) = echo_server().await;
     let d = free_port();
-    let agent = TestAgent::start(&profile_toml(
-        "socks",
-        &[sshd.endpoint()],
-        &sshd,
-        &[format!("D {d}")],
-        "",
-    ))
-    .await;
-    wait_until(20, "socks forward active", || async {
-        agent.profile("socks").await.forwards[0].state == ForwardState::Active
-    })
-    .await;
+    let agent = TestAgent::on(&sshd, &[format!("D {d}")], "").await;
+    agent.wait_all_active("oma").await;
     for (atyp, addr) in [(3u8, b"localhost".to_vec()), (1u8, vec![127, 0, 0, 1])] {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", d))
-            .await
-            .unwrap();
-        s.write_all(&[5, 1, 0]).await.unwrap();
-        let mut greet = [0u8; 2];
-        s.read_exact(&mut greet).await.unwrap();
-        assert_eq!(greet, [5, 0]);
-        let mut req = vec![5, 1, 0, atyp];
-        if atyp == 3 {
-            req.push(addr.len() as u8);
-        }
-        req.extend(&addr);
-        req.extend(echo.to_be_bytes());
-        s.write_all(&req).await.unwrap();
-        let mut rep = [0u8; 10];
-        s.read_exact(&mut rep).await.unwrap();
-        assert_eq!(rep[1], 0, "SOCKS reply for atyp {atyp}: {rep:?}");
+        let (mut s, code) = socks_connect(d, atyp, &addr, echo).await.unwrap();
+        assert_eq!(code, 0, "SOCKS reply for address type {atyp}");
         s.write_all(b"through socks").await.unwrap();
         let mut back = [0u8; 13];
         s.read_exact(&mut back).await.unwrap();
         assert_eq!(&back, b"through socks");
     }
     // A target the server cannot reach gets "host unreachable", not a hang.
-    let closed = free_port();
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", d))
+    let (_, code) = socks_connect(d, 1, &[127, 0, 0, 1], free_port())
         .await
         .unwrap();
-    s.write_all(&[5, 1, 0]).await.unwrap();
-    let mut greet = [0u8; 2];
-    s.read_exact(&mut greet).await.unwrap();
-    let mut req = vec![5, 1, 0, 1, 127, 0, 0, 1];
-    req.extend(closed.to_be_bytes());
-    s.write_all(&req).await.unwrap();
-    let mut rep = [0u8; 10];
-    s.read_exact(&mut rep).await.unwrap();
-    assert_eq!(rep[1], 4);
+    assert_eq!(code, 4);
     agent.shutdown().await;
 }
 
@@ -155,23 +121,16 @@ async fn unknown_and_changed_host_keys_are_refused_with_the_fingerprint() {
     let l = free_port();
     // Unknown: an empty known_hosts.
     std::fs::write(&sshd.known_hosts, "").unwrap();
-    let agent = TestAgent::start(&profile_toml(
-        "p",
-        &[sshd.endpoint()],
-        &sshd,
-        &[format!("L {l}:localhost:22")],
-        "",
-    ))
-    .await;
+    let agent = TestAgent::on(&sshd, &[format!("L {l}:localhost:22")], "").await;
     wait_until(20, "host key refusal reported", || async {
         agent
-            .profile("p")
+            .profile("oma")
             .await
             .last_error
             .is_some_and(|e| e.contains("not trusted"))
     })
     .await;
-    let p = agent.profile("p").await;
+    let p = agent.profile("oma").await;
     let err = p.last_error.unwrap();
     assert!(err.contains(&sshd.fingerprint), "{err}");
     assert!(
@@ -200,23 +159,21 @@ async fn unknown_and_changed_host_keys_are_refused_with_the_fingerprint() {
         ),
     )
     .unwrap();
-    let agent = TestAgent::start(&profile_toml(
-        "p",
-        &[sshd.endpoint()],
+    let agent = TestAgent::on(
         &sshd,
         &[format!("L {l}:localhost:22")],
         "trust_on_first_use = true",
-    ))
+    )
     .await;
     wait_until(20, "changed host key refusal reported", || async {
         agent
-            .profile("p")
+            .profile("oma")
             .await
             .last_error
             .is_some_and(|e| e.contains("HOST KEY CHANGED"))
     })
     .await;
-    let err = agent.profile("p").await.last_error.unwrap();
+    let err = agent.profile("oma").await.last_error.unwrap();
     assert!(err.contains(&sshd.fingerprint), "{err}");
     agent.shutdown().await;
 }
@@ -230,29 +187,23 @@ async fn sshd_killed_and_started_again_brings_every_forward_back() {
     let (echo, _e) = echo_server().await;
     let vma = HttpService::start("vma", 0).await;
     let (l, r) = (free_port(), free_port());
-    let agent = TestAgent::start(&profile_toml(
-        "oma",
-        &[sshd.endpoint()],
+    let agent = TestAgent::on(
         &sshd,
         &[
             format!("L {l}:localhost:{echo}"),
             format!("R {r}:localhost:{}", vma.port),
         ],
         "",
-    ))
+    )
     .await;
-    let all_active = || async {
-        let p = agent.profile("oma").await;
-        p.state == SessionState::Up && p.forwards.iter().all(|f| f.state == ForwardState::Active)
-    };
-    wait_until(20, "up", all_active).await;
+    agent.wait_all_active("oma").await;
     sshd.kill_all();
     wait_until(20, "session loss noticed", || async {
         agent.profile("oma").await.state != SessionState::Up
     })
     .await;
     sshd.restart();
-    wait_until(30, "back up after sshd restart", all_active).await;
+    agent.wait_all_active("oma").await;
     echo_roundtrip(l, b"after restart").await.unwrap();
     assert_eq!(http_get(r, "/health").await.unwrap().0, 200);
     assert!(agent.profile("oma").await.reconnects >= 1);
@@ -269,14 +220,7 @@ async fn remote_forward_held_by_a_stale_session_is_retried_until_free() {
     let sshd = Sshd::start();
     let vma = HttpService::start("vma", 0).await;
     let r = free_port();
-    let agent = TestAgent::start(&profile_toml(
-        "oma",
-        &[sshd.endpoint()],
-        &sshd,
-        &[format!("R {r}:localhost:{}", vma.port)],
-        "",
-    ))
-    .await;
+    let agent = TestAgent::on(&sshd, &[format!("R {r}:localhost:{}", vma.port)], "").await;
     wait_until(20, "R active", || async {
         agent.profile("oma").await.forwards[0].state == ForwardState::Active
     })
@@ -321,18 +265,7 @@ async fn unreachable_primary_fails_over_to_the_standby_and_data_flows() {
     let standby = Sshd::start_sharing_client_key(&primary);
     let (echo, _e) = echo_server().await;
     let l = free_port();
-    let pins = format!(
-        "host_key_fingerprints = [{:?}, {:?}]",
-        primary.fingerprint, standby.fingerprint
-    );
-    let agent = TestAgent::start(&profile_toml(
-        "oma",
-        &[primary.endpoint(), standby.endpoint()],
-        &primary,
-        &[format!("L {l}:localhost:{echo}")],
-        &pins,
-    ))
-    .await;
+    let agent = TestAgent::on_pair(&primary, &standby, &[format!("L {l}:localhost:{echo}")]).await;
     wait_until(20, "up on the primary", || async {
         let p = agent.profile("oma").await;
         p.state == SessionState::Up && p.active_endpoint == primary.endpoint()
@@ -360,18 +293,7 @@ async fn blackholed_primary_is_detected_by_keepalive_and_the_standby_takes_over(
     let standby = Sshd::start_sharing_client_key(&primary);
     let (echo, _e) = echo_server().await;
     let l = free_port();
-    let pins = format!(
-        "host_key_fingerprints = [{:?}, {:?}]",
-        primary.fingerprint, standby.fingerprint
-    );
-    let agent = TestAgent::start(&profile_toml(
-        "oma",
-        &[primary.endpoint(), standby.endpoint()],
-        &primary,
-        &[format!("L {l}:localhost:{echo}")],
-        &pins,
-    ))
-    .await;
+    let agent = TestAgent::on_pair(&primary, &standby, &[format!("L {l}:localhost:{echo}")]).await;
     wait_until(20, "up on the primary", || async {
         agent.profile("oma").await.state == SessionState::Up
     })
@@ -398,14 +320,7 @@ async fn health_threshold_restarts_the_session_and_a_pass_resets_the_count() {
     let health = format!(
         "[profile.health]\nhttp = \"http://127.0.0.1:{l}/health\"\ninterval = \"200ms\"\ntimeout = \"1s\"\nthreshold = 3\n"
     );
-    let agent = TestAgent::start(&profile_toml(
-        "oma",
-        &[sshd.endpoint()],
-        &sshd,
-        &[format!("L {l}:localhost:{}", api.port)],
-        &health,
-    ))
-    .await;
+    let agent = TestAgent::on(&sshd, &[format!("L {l}:localhost:{}", api.port)], &health).await;
     wait_until(20, "healthy checks", || async {
         let h = agent.profile("oma").await.health.unwrap();
         h.checks >= 2 && h.last.is_some_and(|r| r.ok)
@@ -448,16 +363,14 @@ async fn a_port_conflict_names_the_port_and_the_other_forwards_keep_working() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let busy = taken.local_addr().unwrap().port();
     let l = free_port();
-    let agent = TestAgent::start(&profile_toml(
-        "oma",
-        &[sshd.endpoint()],
+    let agent = TestAgent::on(
         &sshd,
         &[
             format!("L {busy}:localhost:{echo}"),
             format!("L {l}:localhost:{echo}"),
         ],
         "",
-    ))
+    )
     .await;
     wait_until(20, "conflict reported, other forward active", || async {
         let p = agent.profile("oma").await;
@@ -491,14 +404,7 @@ async fn stop_start_and_restart_through_the_control_socket() {
     let sshd = Sshd::start();
     let (echo, _e) = echo_server().await;
     let l = free_port();
-    let agent = TestAgent::start(&profile_toml(
-        "oma",
-        &[sshd.endpoint()],
-        &sshd,
-        &[format!("L {l}:localhost:{echo}")],
-        "",
-    ))
-    .await;
+    let agent = TestAgent::on(&sshd, &[format!("L {l}:localhost:{echo}")], "").await;
     wait_until(20, "up", || async {
         agent.profile("oma").await.state == SessionState::Up
     })
@@ -540,4 +446,61 @@ async fn stop_start_and_restart_through_the_control_socket() {
         other => panic!("{other:?}"),
     }
     agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_open_connections_and_cancels_remote_forwards() {
+    if !Sshd::available("drain") {
+        return;
+    }
+    let sshd = Sshd::start();
+    let (echo, _e) = echo_server().await;
+    let vma = HttpService::start("vma", 0).await;
+    let (l, r) = (free_port(), free_port());
+    let agent = TestAgent::on(
+        &sshd,
+        &[
+            format!("L {l}:localhost:{echo}"),
+            format!("R {r}:localhost:{}", vma.port),
+        ],
+        "",
+    )
+    .await;
+    agent.wait_all_active("oma").await;
+    // A connection open before shutdown keeps working during the drain.
+    let mut open = tokio::net::TcpStream::connect(("127.0.0.1", l))
+        .await
+        .unwrap();
+    open.write_all(b"before").await.unwrap();
+    let mut buf = [0u8; 6];
+    open.read_exact(&mut buf).await.unwrap();
+    let shutdown = tokio::spawn(agent.shutdown());
+    // New connections are refused at once (the listener is closed first)...
+    wait_until(10, "listener closed", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", l))
+            .await
+            .is_err()
+    })
+    .await;
+    // ...and the remote forward was cancelled on the server.
+    wait_until(10, "remote port released on the server", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", r))
+            .await
+            .is_err()
+    })
+    .await;
+    // ...while the open one still carries data until the drain ends (drain_timeout = 1s).
+    open.write_all(b"during").await.unwrap();
+    open.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"during");
+    shutdown.await.unwrap();
+    // After the drain the session is gone, and with it the connection.
+    let mut rest = Vec::new();
+    // EOF or reset, either way closed: what must not happen is the read hanging.
+    let closed = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        open.read_to_end(&mut rest),
+    )
+    .await;
+    assert!(closed.is_ok(), "connection still open after the drain");
 }
