@@ -5,7 +5,7 @@
 //! when the CLI is not at hand. A malformed request gets an error response and closes only that
 //! connection.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -104,7 +104,15 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
         std::fs::create_dir_all(dir).map_err(io)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
     }
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        // Only ever remove a stale socket: a control_socket pointing at a real file is a
+        // config mistake, and deleting that file would be worse than refusing to start.
+        if !meta.file_type().is_socket() {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "exists and is not a socket; refusing to replace it",
+            )));
+        }
         if UnixStream::connect(path).await.is_ok() {
             return Err(ControlError::InUse(path.to_path_buf()));
         }
@@ -196,4 +204,24 @@ pub async fn call(path: &Path, req: &Request) -> Result<Response, ControlError> 
         path: path.to_path_buf(),
         reason: e.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn never_replaces_a_file_that_is_not_a_socket_but_replaces_a_stale_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        std::fs::write(&path, "precious").unwrap();
+        let err = bind(&path).await.unwrap_err().to_string();
+        assert!(err.contains("not a socket"), "{err}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "precious");
+        std::fs::remove_file(&path).unwrap();
+        drop(bind(&path).await.unwrap());
+        // The listener is gone but its socket file stays: a stale socket is replaced.
+        assert!(path.exists());
+        drop(bind(&path).await.unwrap());
+    }
 }
