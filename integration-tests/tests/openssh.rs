@@ -176,6 +176,27 @@ async fn unknown_and_changed_host_keys_are_refused_with_the_fingerprint() {
     let err = agent.profile("oma").await.last_error.unwrap();
     assert!(err.contains(&sshd.fingerprint), "{err}");
     agent.shutdown().await;
+
+    // Trust on first use, when asked: the key is recorded and the session comes up; the
+    // recorded line is one OpenSSH itself accepts (`ssh-keygen -F` finds it).
+    std::fs::write(&sshd.known_hosts, "").unwrap();
+    let agent = TestAgent::on(
+        &sshd,
+        &[format!("L {l}:localhost:22")],
+        "trust_on_first_use = true",
+    )
+    .await;
+    agent.wait_all_active("oma").await;
+    let found = std::process::Command::new("ssh-keygen")
+        .args(["-F", &format!("[127.0.0.1]:{}", sshd.port), "-f"])
+        .arg(&sshd.known_hosts)
+        .output()
+        .unwrap();
+    assert!(
+        found.status.success(),
+        "ssh-keygen -F did not find the recorded key"
+    );
+    agent.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
