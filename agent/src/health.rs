@@ -195,7 +195,7 @@ where
         }
     }
 
-    /// Records a result (also used by an on-demand `tunnels health NAME`).
+    /// Records a scheduled check's result and acts on the transition.
     async fn record(&mut self, result: HealthResult) {
         let transition = self.tracker.observe(result.ok);
         let name;

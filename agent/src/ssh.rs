@@ -80,16 +80,6 @@ pub enum SessionError {
     },
 }
 
-impl SessionError {
-    /// True for failures that retrying the same endpoint cannot fix quickly (bad key trust).
-    pub fn is_trust_failure(&self) -> bool {
-        matches!(
-            self,
-            SessionError::HostKey { .. } | SessionError::Auth { .. }
-        )
-    }
-}
-
 /// A remote forward the server may open channels for.
 #[derive(Debug, Clone)]
 pub struct RemoteEntry {

@@ -315,20 +315,11 @@ pub async fn echo_server() -> (u16, tokio_util::sync::DropGuard) {
         .expect("echo server")
 }
 
-/// The HTTP `/health` service of the demo, reused as the OMA/VMA API in tests.
-pub use tunnelfleet_ops::services::HttpService as OpsHttpService;
+pub use tunnelfleet_ops::services::HttpService;
 
-/// An HTTP `/health` service on 127.0.0.1 (see [`OpsHttpService`]).
-pub struct HttpService;
-
-impl HttpService {
-    /// Starts it on `port` (0 for any).
-    #[allow(clippy::new_ret_no_self)]
-    pub async fn start(name: &str, port: u16) -> OpsHttpService {
-        OpsHttpService::start(name, port)
-            .await
-            .expect("http service")
-    }
+/// The demo's HTTP `/health` service on 127.0.0.1 (any port), reused as OMA/VMA APIs in tests.
+pub async fn http_service(name: &str) -> HttpService {
+    HttpService::start(name, 0).await.expect("http service")
 }
 
 /// GET `http://127.0.0.1:port/path`; returns (status, body).

@@ -14,9 +14,9 @@ async fn seed_forwards_carry_data_both_ways_on_one_session_and_two_profiles_run(
         return;
     }
     let sshd = Sshd::start();
-    let oma_api = HttpService::start("oma-api", 0).await;
+    let oma_api = http_service("oma-api").await;
     let (nbd, _nbd) = echo_server().await;
-    let vma_api = HttpService::start("vma-api", 0).await;
+    let vma_api = http_service("vma-api").await;
     let (l_api, l_nbd, l_alt, r_vma, l_b) = (
         free_port(),
         free_port(),
@@ -206,7 +206,7 @@ async fn sshd_killed_and_started_again_brings_every_forward_back() {
     }
     let mut sshd = Sshd::start();
     let (echo, _e) = echo_server().await;
-    let vma = HttpService::start("vma", 0).await;
+    let vma = http_service("vma").await;
     let (l, r) = (free_port(), free_port());
     let agent = TestAgent::on(
         &sshd,
@@ -239,7 +239,7 @@ async fn remote_forward_held_by_a_stale_session_is_retried_until_free() {
         return;
     }
     let sshd = Sshd::start();
-    let vma = HttpService::start("vma", 0).await;
+    let vma = http_service("vma").await;
     let r = free_port();
     let agent = TestAgent::on(&sshd, &[format!("R {r}:localhost:{}", vma.port)], "").await;
     wait_until(20, "R active", || async {
@@ -336,7 +336,7 @@ async fn health_threshold_restarts_the_session_and_a_pass_resets_the_count() {
         return;
     }
     let sshd = Sshd::start();
-    let api = HttpService::start("oma-api", 0).await;
+    let api = http_service("oma-api").await;
     let l = free_port();
     let health = format!(
         "[profile.health]\nhttp = \"http://127.0.0.1:{l}/health\"\ninterval = \"200ms\"\ntimeout = \"1s\"\nthreshold = 3\n"
@@ -476,7 +476,7 @@ async fn shutdown_drains_open_connections_and_cancels_remote_forwards() {
     }
     let sshd = Sshd::start();
     let (echo, _e) = echo_server().await;
-    let vma = HttpService::start("vma", 0).await;
+    let vma = http_service("vma").await;
     let (l, r) = (free_port(), free_port());
     let agent = TestAgent::on(
         &sshd,

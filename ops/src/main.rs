@@ -1,6 +1,5 @@
 //! `tunnelfleet`: the operator CLI.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -200,6 +199,5 @@ async fn tunnels(
             ExitCode::FAILURE
         }
     };
-    let _ = std::io::stdout().is_terminal();
     Ok(code)
 }

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use integration_tests::{HttpService, Sshd, echo_roundtrip, echo_server, free_port, http_get};
+use integration_tests::{Sshd, echo_roundtrip, echo_server, free_port, http_get, http_service};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -84,7 +84,7 @@ async fn main() -> anyhow::Result<()> {
 
     // Memory: each holding the seed's four forwards (three L, one R), after traffic on each.
     let (echo, _e) = echo_server().await;
-    let vma = HttpService::start("vma", 0).await;
+    let vma = http_service("vma").await;
     let ports = [free_port(), free_port(), free_port(), free_port()];
     let seed = |fmt_l: &dyn Fn(u16, u16) -> String, fmt_r: &dyn Fn(u16, u16) -> String| {
         vec![
