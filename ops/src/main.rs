@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
 use tunnelfleet_agent::config::AgentConfig;
 use tunnelfleet_agent::control::{self, ControlError, Request, Response};
+use tunnelfleet_agent::status::AgentStatus;
 use tunnelfleet_agent::telemetry::{self, LogFormat};
 use tunnelfleet_ops::{demo, render};
 
@@ -57,16 +58,10 @@ enum TunnelAction {
     List,
     /// Every profile and forward: state, endpoint, uptime, reconnects, health, bytes.
     Status,
-    /// Start a stopped profile.
-    Start {
-        /// Profile name.
-        name: String,
-    },
-    /// Stop a profile (drains open connections first).
-    Stop {
-        /// Profile name.
-        name: String,
-    },
+    /// Start a stopped profile (or every profile with --all).
+    Start(Target),
+    /// Stop a profile, draining open connections first (or every profile with --all).
+    Stop(Target),
     /// Re-establish a profile's session now.
     Restart {
         /// Profile name.
@@ -77,6 +72,27 @@ enum TunnelAction {
         /// Profile name.
         name: String,
     },
+    /// Live status, refreshed in place (the agent restarts failed tunnels by itself; this
+    /// shows it). With --json, one status object per line.
+    Monitor {
+        /// Time between refreshes.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
+        /// Stop after this many refreshes (0 = until interrupted).
+        #[arg(long, default_value_t = 0)]
+        count: u64,
+    },
+}
+
+/// A profile name, or --all.
+#[derive(clap::Args, Debug)]
+struct Target {
+    /// Profile name.
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    name: Option<String>,
+    /// Every configured profile.
+    #[arg(long)]
+    all: bool,
 }
 
 fn main() -> ExitCode {
@@ -153,31 +169,61 @@ async fn tunnels(
     action: TunnelAction,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let req = match &action {
-        TunnelAction::List | TunnelAction::Status => Request::Status,
-        TunnelAction::Start { name } => Request::Start { name: name.clone() },
-        TunnelAction::Stop { name } => Request::Stop { name: name.clone() },
-        TunnelAction::Restart { name } => Request::Restart { name: name.clone() },
-        TunnelAction::Health { name } => Request::Health { name: name.clone() },
-    };
-    let resp = control::call(socket, &req).await?;
-    if json {
-        let value = match &resp {
-            Response::Status(s) => serde_json::to_value(s)?,
-            other => serde_json::to_value(other)?,
-        };
-        println!("{}", serde_json::to_string_pretty(&value)?);
-    }
-    let code = match resp {
-        Response::Status(s) => {
-            if !json {
-                match action {
-                    TunnelAction::List => print!("{}", render::list(&s)),
-                    _ => print!("{}", render::status(&s)),
+    let req = match action {
+        TunnelAction::List | TunnelAction::Status => {
+            let status = status(socket).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else if matches!(action, TunnelAction::List) {
+                print!("{}", render::list(&status));
+            } else {
+                print!("{}", render::status(&status));
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        TunnelAction::Monitor { interval, count } => {
+            return monitor(socket, interval, count, json).await;
+        }
+        TunnelAction::Start(ref t) | TunnelAction::Stop(ref t) if t.all => {
+            let start = matches!(action, TunnelAction::Start(_));
+            let mut code = ExitCode::SUCCESS;
+            for p in status(socket).await?.profiles {
+                let req = if start {
+                    Request::Start { name: p.name }
+                } else {
+                    Request::Stop { name: p.name }
+                };
+                if print_response(control::call(socket, &req).await?, json)? != ExitCode::SUCCESS {
+                    code = ExitCode::FAILURE;
                 }
             }
-            ExitCode::SUCCESS
+            return Ok(code);
         }
+        TunnelAction::Start(t) => Request::Start {
+            name: t.name.unwrap_or_default(),
+        },
+        TunnelAction::Stop(t) => Request::Stop {
+            name: t.name.unwrap_or_default(),
+        },
+        TunnelAction::Restart { name } => Request::Restart { name },
+        TunnelAction::Health { name } => Request::Health { name },
+    };
+    print_response(control::call(socket, &req).await?, json)
+}
+
+async fn status(socket: &std::path::Path) -> anyhow::Result<AgentStatus> {
+    match control::call(socket, &Request::Status).await? {
+        Response::Status(s) => Ok(s),
+        other => anyhow::bail!("unexpected answer from the agent: {other:?}"),
+    }
+}
+
+/// Prints a command's answer; the exit code says whether it succeeded.
+fn print_response(resp: Response, json: bool) -> anyhow::Result<ExitCode> {
+    if json {
+        println!("{}", serde_json::to_string(&resp)?);
+    }
+    Ok(match resp {
         Response::Ok { message } => {
             if !json {
                 println!("{message}");
@@ -194,10 +240,43 @@ async fn tunnels(
                 ExitCode::FAILURE
             }
         }
+        Response::Status(_) => ExitCode::SUCCESS,
         Response::Error { message } => {
             eprintln!("tunnelfleet: {message}");
             ExitCode::FAILURE
         }
-    };
-    Ok(code)
+    })
+}
+
+async fn monitor(
+    socket: &std::path::Path,
+    interval: std::time::Duration,
+    count: u64,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut shown = 0u64;
+    loop {
+        let s = status(socket).await?;
+        if json {
+            println!("{}", serde_json::to_string(&s)?);
+        } else {
+            // Clear the screen and home the cursor, like watch(1).
+            print!("\x1b[2J\x1b[H");
+            println!(
+                "tunnelfleet monitor: agent pid {} (every {}, Ctrl+C to stop)\n",
+                s.pid,
+                humantime::format_duration(interval)
+            );
+            print!("{}", render::status(&s));
+        }
+        std::io::Write::flush(&mut std::io::stdout())?;
+        shown += 1;
+        if count != 0 && shown >= count {
+            return Ok(ExitCode::SUCCESS);
+        }
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
 }

@@ -115,6 +115,33 @@ async fn tunnels_commands_with_json_and_exit_codes() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("no profile named \"nope\""));
 
+    // seed 004's stop-all, and the live monitor (one refresh, as JSON lines).
+    let o = cli(&socket, &["stop", "--all"]).await;
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stdout).contains("oma stopped"));
+    let o = cli(
+        &socket,
+        &["monitor", "--count", "2", "--interval", "10ms", "--json"],
+    )
+    .await;
+    assert!(o.status.success());
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[1]["profiles"][0]["state"], "stopped");
+    let o = cli(&socket, &["start", "--all"]).await;
+    assert!(String::from_utf8_lossy(&o.stdout).contains("oma started"));
+    let o = cli(&socket, &["monitor", "--count", "1"]).await;
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("tunnelfleet monitor") && out.contains("oma"),
+        "{out}"
+    );
+    let o = cli(&socket, &["stop"]).await;
+    assert_eq!(o.status.code(), Some(2), "a name or --all is required");
+
     stop.cancel();
     task.await.unwrap();
     let o = cli(&socket, &["status"]).await;
