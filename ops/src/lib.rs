@@ -3,11 +3,13 @@
 //!
 //! # Layout
 //! - [`demo`]: `tunnelfleet demo`, the seed's tunnel set with a failover, end to end.
+//! - [`net`]: `tunnelfleet net check`: DNS, latency, ports, SSH banners; `net bandwidth`.
 //! - [`oma`]: an embedded OMA (russh SSH server) for the demo.
 //! - [`services`]: small HTTP and echo services standing in for OMA/VMA APIs and NBD.
 //! - [`render`]: human tables for `tunnels` commands.
 
 pub mod demo;
+pub mod net;
 pub mod oma;
 pub mod render;
 pub mod services;

@@ -9,7 +9,7 @@ use tunnelfleet_agent::config::AgentConfig;
 use tunnelfleet_agent::control::{self, ControlError, Request, Response};
 use tunnelfleet_agent::status::AgentStatus;
 use tunnelfleet_agent::telemetry::{self, LogFormat};
-use tunnelfleet_ops::{demo, render};
+use tunnelfleet_ops::{demo, net, render};
 
 /// Exit code when the agent cannot be reached.
 const EXIT_UNREACHABLE: u8 = 3;
@@ -42,6 +42,11 @@ enum Command {
         #[command(subcommand)]
         action: TunnelAction,
     },
+    /// Network checks: DNS, latency, TCP ports, SSH banners; bandwidth through a tunnel.
+    Net {
+        #[command(subcommand)]
+        action: NetAction,
+    },
     /// Run the whole system on this machine with nothing set up: embedded OMA pair, one agent
     /// with the seed's tunnels, a failover.
     Demo,
@@ -49,6 +54,47 @@ enum Command {
     Completions {
         /// The shell.
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum NetAction {
+    /// Check hosts: `host` or `host:port` (a port given with the host is an SSH port).
+    /// Exit 0 when every check passed, 1 otherwise.
+    Check {
+        /// Hosts to check.
+        #[arg(required = true)]
+        targets: Vec<String>,
+        /// TCP port that must be open (repeatable).
+        #[arg(long = "port")]
+        ports: Vec<u16>,
+        /// Port that must be open and greet with an SSH banner (repeatable).
+        #[arg(long = "ssh-port")]
+        ssh_ports: Vec<u16>,
+        /// Latency probes per host.
+        #[arg(long, default_value_t = 4)]
+        probes: u32,
+        /// Deadline per probe, connect and banner.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// Throughput of an HTTP download through a profile's L forward (default URL: the
+    /// profile's health URL).
+    Bandwidth {
+        /// Profile name.
+        profile: String,
+        /// URL to download; its port must be one of the profile's L forwards.
+        #[arg(long)]
+        url: Option<String>,
+        /// Agent control socket.
+        #[arg(long, env = "TUNNELFLEET_SOCKET")]
+        socket: Option<PathBuf>,
+        /// Read the socket path from this agent config instead.
+        #[arg(long, default_value = "/etc/tunnelfleet/agent.toml")]
+        config: PathBuf,
+        /// Deadline for the whole download.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
     },
 }
 
@@ -149,17 +195,75 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             socket,
             config,
             action,
+        } => tunnels(&control_socket(socket, &config)?, action, cli.json).await,
+        Command::Net { action } => net(action, cli.json).await,
+    }
+}
+
+/// The agent's socket: given, or read from its config.
+fn control_socket(socket: Option<PathBuf>, config: &std::path::Path) -> anyhow::Result<PathBuf> {
+    match socket {
+        Some(s) => Ok(s),
+        None => Ok(AgentConfig::load(config)
+            .with_context(|| "finding the agent's control socket (or pass --socket)")?
+            .agent
+            .control_socket),
+    }
+}
+
+async fn net(action: NetAction, json: bool) -> anyhow::Result<ExitCode> {
+    match action {
+        NetAction::Check {
+            targets,
+            ports,
+            ssh_ports,
+            probes,
+            timeout,
         } => {
-            let socket = match socket {
-                Some(s) => s,
-                None => {
-                    AgentConfig::load(&config)
-                        .with_context(|| "finding the agent's control socket (or pass --socket)")?
-                        .agent
-                        .control_socket
-                }
+            let opts = net::CheckOptions {
+                ports,
+                ssh_ports,
+                probes: probes.max(1),
+                timeout,
             };
-            tunnels(&socket, action, cli.json).await
+            let mut reports = Vec::new();
+            for t in &targets {
+                reports.push(net::check(t, &opts).await);
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&reports)?);
+            } else {
+                print!("{}", net::render(&reports));
+            }
+            Ok(if reports.iter().all(|r| r.ok) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        NetAction::Bandwidth {
+            profile,
+            url,
+            socket,
+            config,
+            timeout,
+        } => {
+            let socket = control_socket(socket, &config)?;
+            let r = net::bandwidth(&socket, &profile, url.as_deref(), timeout).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "{}: {} in {:.2}s = {:.1} Mbit/s through {} (agent counted {} into the forward)",
+                    r.url,
+                    render::bytes(r.bytes),
+                    r.seconds,
+                    r.mbit_s,
+                    r.forward,
+                    render::bytes(r.tunnel_bytes_in)
+                );
+            }
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

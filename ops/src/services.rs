@@ -12,8 +12,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// A tiny HTTP service: `/health` answers 200 with `"<name> ok"` (503 while `failing`), any
-/// other path 404. Stops when dropped.
+/// A tiny HTTP service: `/health` answers 200 with `"<name> ok"` (503 while `failing`),
+/// `/bytes/N` answers N bytes, any other path 404. Stops when dropped.
 pub struct HttpService {
     /// Its port on 127.0.0.1.
     pub port: u16,
@@ -48,14 +48,21 @@ impl HttpService {
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                         h.fetch_add(1, Ordering::Relaxed);
-                        let (code, body) = if req.uri().path() != "/health" {
-                            (404, "not found".to_string())
+                        let path = req.uri().path();
+                        let (code, body) = if let Some(n) = path.strip_prefix("/bytes/") {
+                            // A body of N bytes (at most 1 GiB), for bandwidth measurements.
+                            match n.parse::<usize>() {
+                                Ok(n) if n <= 1 << 30 => (200, Bytes::from(vec![b'x'; n])),
+                                _ => (400, Bytes::from("bad size")),
+                            }
+                        } else if path != "/health" {
+                            (404, Bytes::from("not found"))
                         } else if f.load(Ordering::Relaxed) {
-                            (503, format!("{name} unhealthy"))
+                            (503, Bytes::from(format!("{name} unhealthy")))
                         } else {
-                            (200, format!("{name} ok"))
+                            (200, Bytes::from(format!("{name} ok")))
                         };
-                        let mut resp = hyper::Response::new(Full::new(Bytes::from(body)));
+                        let mut resp = hyper::Response::new(Full::new(body));
                         *resp.status_mut() =
                             hyper::StatusCode::from_u16(code).unwrap_or(hyper::StatusCode::OK);
                         async move { Ok::<_, Infallible>(resp) }

@@ -1,0 +1,530 @@
+//! `tunnelfleet net`: the network checks of seed 004's `check_network_health.sh`, as data.
+//!
+//! For each host: DNS (every address, time, failure reason), reachability and latency over N
+//! probes (ICMP echo when the process may send it, otherwise TCP connect timing, and the report
+//! says which), TCP port checks, and the SSH banner on SSH ports. Results are values so the CLI
+//! can print a table or JSON and derive the exit code from `ok`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+/// What to check on every host.
+#[derive(Debug, Clone)]
+pub struct CheckOptions {
+    /// TCP ports that must accept a connection.
+    pub ports: Vec<u16>,
+    /// Ports that must accept and greet with an SSH banner.
+    pub ssh_ports: Vec<u16>,
+    /// Latency probes.
+    pub probes: u32,
+    /// Deadline per probe, connect and banner read.
+    pub timeout: Duration,
+}
+
+/// DNS outcome.
+#[derive(Debug, Clone, Serialize)]
+pub struct DnsResult {
+    /// Resolved.
+    pub ok: bool,
+    /// Every address returned.
+    pub addresses: Vec<IpAddr>,
+    /// Time taken, ms.
+    pub ms: f64,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// Reachability and latency.
+#[derive(Debug, Clone, Serialize)]
+pub struct Reachability {
+    /// `icmp`, or `tcp:PORT` when ICMP is not permitted to this process.
+    pub method: String,
+    /// Probes sent.
+    pub sent: u32,
+    /// Probes answered.
+    pub received: u32,
+    /// Loss in percent.
+    pub loss_pct: f64,
+    /// Fastest answer, ms.
+    pub min_ms: Option<f64>,
+    /// Mean answer, ms.
+    pub avg_ms: Option<f64>,
+    /// Slowest answer, ms.
+    pub max_ms: Option<f64>,
+    /// Why probing could not run at all.
+    pub error: Option<String>,
+}
+
+/// A TCP port's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PortState {
+    /// Accepted.
+    Open,
+    /// Refused (RST).
+    Closed,
+    /// No answer within the timeout (filtered or host down).
+    Timeout,
+    /// Another error (unreachable network, …).
+    Error,
+}
+
+/// One port check.
+#[derive(Debug, Clone, Serialize)]
+pub struct PortResult {
+    /// The port.
+    pub port: u16,
+    /// Its state.
+    pub state: PortState,
+    /// Connect time, ms (when open).
+    pub connect_ms: Option<f64>,
+    /// An SSH banner is expected here.
+    pub ssh: bool,
+    /// The banner line, when one arrived.
+    pub banner: Option<String>,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// Everything about one host.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostReport {
+    /// The target as given.
+    pub target: String,
+    /// DNS.
+    pub dns: DnsResult,
+    /// Reachability.
+    pub reachability: Reachability,
+    /// Ports.
+    pub ports: Vec<PortResult>,
+    /// Every check passed.
+    pub ok: bool,
+}
+
+/// Checks one target: `host` or `host:port` (a port in the target is an SSH port, as in
+/// a profile's endpoints).
+pub async fn check(target: &str, opts: &CheckOptions) -> HostReport {
+    let (host, target_port) = match tunnelfleet_agent::config::split_host_port(target, Some(0)) {
+        Ok((h, p)) => (h, (p != 0).then_some(p)),
+        Err(_) => (target.to_string(), None),
+    };
+    let mut ssh_ports = opts.ssh_ports.clone();
+    ssh_ports.extend(target_port);
+    let dns = resolve(&host, opts.timeout).await;
+    let mut ports: Vec<PortResult> = Vec::new();
+    let addr = dns.addresses.first().copied();
+    let mut all: Vec<(u16, bool)> = opts.ports.iter().map(|&p| (p, false)).collect();
+    for p in &ssh_ports {
+        all.retain(|(q, _)| q != p);
+        all.push((*p, true));
+    }
+    all.sort();
+    all.dedup();
+    if let Some(ip) = addr {
+        for (port, ssh) in all {
+            ports.push(check_port(SocketAddr::new(ip, port), ssh, opts.timeout).await);
+        }
+    }
+    let tcp_port = ports
+        .iter()
+        .find(|p| p.state == PortState::Open)
+        .map(|p| p.port);
+    let reachability = match addr {
+        Some(ip) => reach(ip, tcp_port, opts.probes, opts.timeout).await,
+        None => Reachability {
+            method: "none".into(),
+            sent: 0,
+            received: 0,
+            loss_pct: 100.0,
+            min_ms: None,
+            avg_ms: None,
+            max_ms: None,
+            error: Some("not resolved".into()),
+        },
+    };
+    let ok = dns.ok
+        && reachability.received > 0
+        && ports
+            .iter()
+            .all(|p| p.state == PortState::Open && (!p.ssh || p.banner.is_some()));
+    HostReport {
+        target: target.to_string(),
+        dns,
+        reachability,
+        ports,
+        ok,
+    }
+}
+
+async fn resolve(host: &str, timeout: Duration) -> DnsResult {
+    let start = Instant::now();
+    let res = tokio::time::timeout(timeout, tokio::net::lookup_host((host, 0))).await;
+    let ms = ms(start.elapsed());
+    match res {
+        Ok(Ok(addrs)) => {
+            let mut addresses: Vec<IpAddr> = addrs.map(|a| a.ip()).collect();
+            addresses.dedup();
+            DnsResult {
+                ok: !addresses.is_empty(),
+                error: addresses.is_empty().then(|| "no addresses".to_string()),
+                addresses,
+                ms,
+            }
+        }
+        Ok(Err(e)) => DnsResult {
+            ok: false,
+            addresses: vec![],
+            ms,
+            error: Some(e.to_string()),
+        },
+        Err(_) => DnsResult {
+            ok: false,
+            addresses: vec![],
+            ms,
+            error: Some(format!("no answer within {timeout:?}")),
+        },
+    }
+}
+
+async fn check_port(addr: SocketAddr, ssh: bool, timeout: Duration) -> PortResult {
+    let start = Instant::now();
+    let mut r = PortResult {
+        port: addr.port(),
+        state: PortState::Open,
+        connect_ms: None,
+        ssh,
+        banner: None,
+        error: None,
+    };
+    let mut stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            r.state = if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                PortState::Closed
+            } else {
+                PortState::Error
+            };
+            r.error = Some(e.to_string());
+            return r;
+        }
+        Err(_) => {
+            r.state = PortState::Timeout;
+            r.error = Some(format!("no answer within {timeout:?}"));
+            return r;
+        }
+    };
+    r.connect_ms = Some(ms(start.elapsed()));
+    if ssh {
+        match read_banner(&mut stream, timeout).await {
+            Ok(b) if b.starts_with("SSH-") => r.banner = Some(b),
+            Ok(b) => r.error = Some(format!("not an SSH banner: {b:?}")),
+            Err(e) => r.error = Some(format!("no SSH banner: {e}")),
+        }
+    }
+    r
+}
+
+/// Reads the server's first line (SSH servers speak first; RFC 4253 §4.2 caps it at 255 bytes).
+async fn read_banner(s: &mut TcpStream, timeout: Duration) -> std::io::Result<String> {
+    let mut buf = Vec::with_capacity(256);
+    let mut byte = [0u8; 1];
+    let read = async {
+        while buf.len() < 255 {
+            if s.read(&mut byte).await? == 0 {
+                break;
+            }
+            if byte[0] == b'\n' {
+                break;
+            }
+            buf.push(byte[0]);
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .map_err(|_| std::io::Error::other(format!("nothing within {timeout:?}")))??;
+    Ok(String::from_utf8_lossy(&buf).trim_end().to_string())
+}
+
+async fn reach(ip: IpAddr, tcp_port: Option<u16>, probes: u32, timeout: Duration) -> Reachability {
+    let kind = if ip.is_ipv4() {
+        surge_ping::ICMP::V4
+    } else {
+        surge_ping::ICMP::V6
+    };
+    let client = surge_ping::Client::new(&surge_ping::Config::builder().kind(kind).build());
+    let mut samples = Vec::new();
+    let method;
+    let mut sent = 0;
+    match client {
+        Ok(client) => {
+            method = "icmp".to_string();
+            let mut pinger = client
+                .pinger(ip, surge_ping::PingIdentifier(rand::random()))
+                .await;
+            pinger.timeout(timeout);
+            for seq in 0..probes {
+                sent += 1;
+                if let Ok((_, rtt)) = pinger
+                    .ping(surge_ping::PingSequence(seq as u16), &[0u8; 32])
+                    .await
+                {
+                    samples.push(ms(rtt));
+                }
+                pause_between(seq, probes).await;
+            }
+        }
+        Err(icmp_err) => {
+            let Some(port) = tcp_port else {
+                return Reachability {
+                    method: "none".into(),
+                    sent: 0,
+                    received: 0,
+                    loss_pct: 100.0,
+                    min_ms: None,
+                    avg_ms: None,
+                    max_ms: None,
+                    error: Some(format!(
+                        "ICMP not permitted ({icmp_err}) and no open port to time a TCP connect"
+                    )),
+                };
+            };
+            method = format!("tcp:{port}");
+            for seq in 0..probes {
+                sent += 1;
+                let start = Instant::now();
+                if let Ok(Ok(_)) =
+                    tokio::time::timeout(timeout, TcpStream::connect(SocketAddr::new(ip, port)))
+                        .await
+                {
+                    samples.push(ms(start.elapsed()));
+                }
+                pause_between(seq, probes).await;
+            }
+        }
+    }
+    let received = samples.len() as u32;
+    let (min, max, avg) = if samples.is_empty() {
+        (None, None, None)
+    } else {
+        let sum: f64 = samples.iter().sum();
+        (
+            samples.iter().copied().reduce(f64::min),
+            samples.iter().copied().reduce(f64::max),
+            Some(sum / samples.len() as f64),
+        )
+    };
+    Reachability {
+        method,
+        sent,
+        received,
+        loss_pct: if sent == 0 {
+            100.0
+        } else {
+            100.0 * f64::from(sent - received) / f64::from(sent)
+        },
+        min_ms: min,
+        avg_ms: avg,
+        max_ms: max,
+        error: None,
+    }
+}
+
+async fn pause_between(seq: u32, probes: u32) {
+    if seq + 1 < probes {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Human report of several hosts.
+pub fn render(reports: &[HostReport]) -> String {
+    let mut out = String::new();
+    for r in reports {
+        out.push_str(&format!(
+            "{}  {}\n",
+            r.target,
+            if r.ok { "OK" } else { "FAILED" }
+        ));
+        if r.dns.ok {
+            let addrs: Vec<String> = r.dns.addresses.iter().map(|a| a.to_string()).collect();
+            out.push_str(&format!(
+                "  dns      {} ({:.1} ms)\n",
+                addrs.join(", "),
+                r.dns.ms
+            ));
+        } else {
+            out.push_str(&format!(
+                "  dns      FAILED: {} ({:.1} ms)\n",
+                r.dns.error.as_deref().unwrap_or("?"),
+                r.dns.ms
+            ));
+        }
+        let re = &r.reachability;
+        match (re.min_ms, re.avg_ms, re.max_ms) {
+            (Some(min), Some(avg), Some(max)) => out.push_str(&format!(
+                "  latency  {}: {}/{} answered, {:.0}% loss, min/avg/max {min:.2}/{avg:.2}/{max:.2} ms\n",
+                re.method, re.received, re.sent, re.loss_pct
+            )),
+            _ => out.push_str(&format!(
+                "  latency  {}: {}\n",
+                re.method,
+                re.error.clone().unwrap_or_else(|| format!("0/{} answered, 100% loss", re.sent))
+            )),
+        }
+        for p in &r.ports {
+            let state = match p.state {
+                PortState::Open => "open",
+                PortState::Closed => "CLOSED",
+                PortState::Timeout => "TIMEOUT",
+                PortState::Error => "ERROR",
+            };
+            let mut line = format!("  tcp/{:<5} {state}", p.port);
+            if let Some(c) = p.connect_ms {
+                line.push_str(&format!(" ({c:.2} ms)"));
+            }
+            if let Some(b) = &p.banner {
+                line.push_str(&format!("  banner {b:?}"));
+            }
+            if let Some(e) = &p.error {
+                line.push_str(&format!("  {e}"));
+            }
+            out.push_str(&line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// `net bandwidth`: throughput of an HTTP download through one of a profile's L forwards.
+#[derive(Debug, Clone, Serialize)]
+pub struct BandwidthReport {
+    /// Profile measured.
+    pub profile: String,
+    /// The L forward the download went through.
+    pub forward: String,
+    /// What was downloaded.
+    pub url: String,
+    /// Body bytes received.
+    pub bytes: u64,
+    /// Wall time, seconds.
+    pub seconds: f64,
+    /// Throughput, Mbit/s.
+    pub mbit_s: f64,
+    /// Bytes the agent counted into the forward meanwhile (proof it went through the tunnel).
+    pub tunnel_bytes_in: u64,
+}
+
+/// Downloads `url` (default: the profile's HTTP health URL) through the profile's L forward
+/// on that port; refuses a URL that would not go through the tunnel.
+pub async fn bandwidth(
+    socket: &std::path::Path,
+    profile: &str,
+    url: Option<&str>,
+    timeout: Duration,
+) -> anyhow::Result<BandwidthReport> {
+    use anyhow::{Context, bail};
+    use tunnelfleet_agent::forward::ForwardSpec;
+    let p = profile_status(socket, profile).await?;
+    let url = match url {
+        Some(u) => u.to_string(),
+        None => p
+            .health
+            .as_ref()
+            .and_then(|h| h.target.strip_prefix("GET ").map(str::to_string))
+            .with_context(|| format!("profile {profile} has no HTTP health check; pass --url"))?,
+    };
+    let uri: hyper::Uri = url
+        .parse()
+        .with_context(|| format!("{url:?} is not a URL"))?;
+    if uri.scheme_str() != Some("http") {
+        bail!("{url}: only http:// URLs can be measured through a forward");
+    }
+    let host = uri.host().context("URL without a host")?.to_string();
+    let port = uri.port_u16().unwrap_or(80);
+    let index = p
+        .forwards
+        .iter()
+        .position(|f| {
+            matches!(ForwardSpec::parse(&f.spec), Ok(ForwardSpec::Local { port: lp, .. }) if lp == port)
+        })
+        .with_context(|| {
+            format!("port {port} of {url} is not a local forward of profile {profile}; the download would not go through the tunnel")
+        })?;
+    let before = p.forwards[index].bytes_in;
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let start = Instant::now();
+    let bytes = tokio::time::timeout(timeout, download(&host, port, path))
+        .await
+        .with_context(|| format!("{url}: no complete response within {timeout:?}"))??;
+    let seconds = start.elapsed().as_secs_f64();
+    let after = profile_status(socket, profile).await?.forwards[index].bytes_in;
+    Ok(BandwidthReport {
+        profile: profile.to_string(),
+        forward: p.forwards[index].spec.clone(),
+        url,
+        bytes,
+        seconds,
+        mbit_s: bytes as f64 * 8.0 / seconds / 1e6,
+        tunnel_bytes_in: after.saturating_sub(before),
+    })
+}
+
+async fn profile_status(
+    socket: &std::path::Path,
+    name: &str,
+) -> anyhow::Result<tunnelfleet_agent::status::ProfileStatus> {
+    use tunnelfleet_agent::control::{Request, Response, call};
+    match call(socket, &Request::Status).await? {
+        Response::Status(s) => s
+            .profiles
+            .into_iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| anyhow::anyhow!("no profile named {name:?}")),
+        other => anyhow::bail!("unexpected answer from the agent: {other:?}"),
+    }
+}
+
+/// GET with `Connection: close`; returns the body size after checking for a 2xx status.
+async fn download(host: &str, port: u16, path: &str) -> anyhow::Result<u64> {
+    use tokio::io::AsyncWriteExt;
+    let mut s = TcpStream::connect((host, port)).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: tunnelfleet-net\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut head = Vec::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut body = 0u64;
+    loop {
+        let n = s.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        if body == 0 && !head.ends_with(b"\r\n\r\n") {
+            head.extend_from_slice(&buf[..n]);
+            if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                body = (head.len() - end - 4) as u64;
+                head.truncate(end + 4);
+            }
+            continue;
+        }
+        body += n as u64;
+    }
+    let status_line =
+        String::from_utf8_lossy(head.split(|&b| b == b'\r').next().unwrap_or_default()).to_string();
+    let code: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    if !(200..300).contains(&code) {
+        anyhow::bail!("GET {path}: {status_line:?}");
+    }
+    Ok(body)
+}
