@@ -2,12 +2,14 @@
 //! what it embeds.
 //!
 //! # Layout
+//! - [`audit`]: `tunnelfleet audit`: keys, sshd settings, sockets, failed logins, own config.
 //! - [`demo`]: `tunnelfleet demo`, the seed's tunnel set with a failover, end to end.
 //! - [`net`]: `tunnelfleet net check`: DNS, latency, ports, SSH banners; `net bandwidth`.
 //! - [`oma`]: an embedded OMA (russh SSH server) for the demo.
 //! - [`services`]: small HTTP and echo services standing in for OMA/VMA APIs and NBD.
 //! - [`render`]: human tables for `tunnels` commands.
 
+pub mod audit;
 pub mod demo;
 pub mod net;
 pub mod oma;

@@ -9,7 +9,7 @@ use tunnelfleet_agent::config::AgentConfig;
 use tunnelfleet_agent::control::{self, ControlError, Request, Response};
 use tunnelfleet_agent::status::AgentStatus;
 use tunnelfleet_agent::telemetry::{self, LogFormat};
-use tunnelfleet_ops::{demo, net, render};
+use tunnelfleet_ops::{audit, demo, net, render};
 
 /// Exit code when the agent cannot be reached.
 const EXIT_UNREACHABLE: u8 = 3;
@@ -46,6 +46,37 @@ enum Command {
     Net {
         #[command(subcommand)]
         action: NetAction,
+    },
+    /// Security audit: SSH keys, sshd settings, listening sockets, failed logins, and
+    /// tunnelfleet's own config. Exit 1 when a finding reaches --fail-on.
+    Audit {
+        /// Directory of private keys to check (repeatable; default ~/.ssh).
+        #[arg(long = "keys")]
+        key_dirs: Vec<PathBuf>,
+        /// A single private key to check (repeatable).
+        #[arg(long = "key")]
+        keys: Vec<PathBuf>,
+        /// sshd config to audit (default /etc/ssh/sshd_config).
+        #[arg(long)]
+        sshd_config: Option<PathBuf>,
+        /// sshd binary used for `sshd -T`.
+        #[arg(long, default_value = "/usr/sbin/sshd")]
+        sshd: PathBuf,
+        /// Evaluate sshd's `Match User` blocks for this tunnel user.
+        #[arg(long)]
+        tunnel_user: Option<String>,
+        /// sshd log to scan (default /var/log/auth.log, else the journal).
+        #[arg(long)]
+        auth_log: Option<PathBuf>,
+        /// tunnelfleet agent config (default /etc/tunnelfleet/agent.toml).
+        #[arg(long)]
+        agent_config: Option<PathBuf>,
+        /// Do not list listening sockets.
+        #[arg(long)]
+        no_sockets: bool,
+        /// Exit 1 when a finding is at least this severe.
+        #[arg(long, value_enum, default_value_t = audit::Severity::High)]
+        fail_on: audit::Severity,
     },
     /// Run the whole system on this machine with nothing set up: embedded OMA pair, one agent
     /// with the seed's tunnels, a failover.
@@ -197,6 +228,39 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             action,
         } => tunnels(&control_socket(socket, &config)?, action, cli.json).await,
         Command::Net { action } => net(action, cli.json).await,
+        Command::Audit {
+            key_dirs,
+            keys,
+            sshd_config,
+            sshd,
+            tunnel_user,
+            auth_log,
+            agent_config,
+            no_sockets,
+            fail_on,
+        } => {
+            let opts = audit::AuditOptions {
+                key_dirs,
+                keys,
+                sshd_config,
+                sshd,
+                tunnel_user,
+                auth_log,
+                agent_config,
+                no_sockets,
+            };
+            let report = tokio::task::spawn_blocking(move || audit::run(&opts)).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            Ok(if report.worst().is_some_and(|w| w >= fail_on) {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
     }
 }
 

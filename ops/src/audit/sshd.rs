@@ -1,0 +1,314 @@
+//! The OMA side's sshd settings, as they take effect for the tunnel user.
+//!
+//! `sshd -T` prints the effective configuration after `Include` and (with `-C`) `Match`; that is
+//! the truth when sshd can run. Otherwise the files are parsed here: `Include` with globs, the
+//! first value of a keyword wins, and `Match User` blocks apply for the tunnel user (other
+//! `Match` criteria cannot be evaluated offline and are reported as skipped).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::{Finding, Severity};
+
+/// Effective settings: lower-case keyword → values (keywords such as `permitopen` may have
+/// several).
+pub type Settings = BTreeMap<String, Vec<String>>;
+
+/// How the settings were obtained.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// From `sshd -T`.
+    SshdT,
+    /// Parsed from the files; the strings are what could not be evaluated.
+    Parsed(Vec<String>),
+}
+
+/// Reads the effective settings: `sshd -T` when it runs, else the files.
+pub fn effective(
+    sshd: &Path,
+    config: &Path,
+    user: Option<&str>,
+) -> Result<(Settings, Source), String> {
+    match sshd_t(sshd, config, user) {
+        Ok(s) => Ok((s, Source::SshdT)),
+        Err(_) => {
+            let mut notes = Vec::new();
+            let s = parse_files(config, user, &mut notes)?;
+            Ok((s, Source::Parsed(notes)))
+        }
+    }
+}
+
+/// Runs `sshd -T -f CONFIG [-C user=USER,host=localhost,addr=127.0.0.1]`.
+pub fn sshd_t(sshd: &Path, config: &Path, user: Option<&str>) -> Result<Settings, String> {
+    let mut cmd = Command::new(sshd);
+    cmd.arg("-T").arg("-f").arg(config);
+    if let Some(u) = user {
+        cmd.arg("-C")
+            .arg(format!("user={u},host=localhost,addr=127.0.0.1"));
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| format!("{}: {e}", sshd.display()))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+    }
+    Ok(parse_sshd_t(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Parses `sshd -T` output.
+pub fn parse_sshd_t(text: &str) -> Settings {
+    let mut s = Settings::new();
+    for line in text.lines() {
+        if let Some((k, v)) = line.trim().split_once(char::is_whitespace) {
+            s.entry(k.to_ascii_lowercase())
+                .or_default()
+                .push(v.trim().to_string());
+        }
+    }
+    s
+}
+
+/// Parses config files: `Include` (globs, relative to /etc/ssh), first value wins,
+/// `Match User` applied for `user`.
+pub fn parse_files(
+    config: &Path,
+    user: Option<&str>,
+    notes: &mut Vec<String>,
+) -> Result<Settings, String> {
+    let mut s = Settings::new();
+    read_into(config, user, &mut s, notes, 0)?;
+    Ok(s)
+}
+
+fn read_into(
+    path: &Path,
+    user: Option<&str>,
+    s: &mut Settings,
+    notes: &mut Vec<String>,
+    depth: usize,
+) -> Result<(), String> {
+    if depth > 16 {
+        return Err(format!("{}: Include nested too deeply", path.display()));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    // Ok(true): inside a Match block that applies; Ok(false): one that does not.
+    let mut matching = true;
+    let mut in_match = false;
+    for (n, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (key, value) = match line.split_once(|c: char| c.is_whitespace() || c == '=') {
+            Some((k, v)) => (
+                k.to_ascii_lowercase(),
+                v.trim().trim_start_matches('=').trim().to_string(),
+            ),
+            None => (line.to_ascii_lowercase(), String::new()),
+        };
+        match key.as_str() {
+            "match" => {
+                in_match = true;
+                matching = match_applies(&value, user, notes, path, n + 1);
+            }
+            "include" => {
+                if in_match && !matching {
+                    continue;
+                }
+                for pat in value.split_whitespace() {
+                    let full = if Path::new(pat).is_absolute() {
+                        PathBuf::from(pat)
+                    } else {
+                        Path::new("/etc/ssh").join(pat)
+                    };
+                    for inc in glob(&full) {
+                        read_into(&inc, user, s, notes, depth + 1)?;
+                    }
+                }
+            }
+            _ if in_match && !matching => {}
+            _ => {
+                // Within a file, the first value obtained is used (sshd_config(5)); for
+                // multi-valued keywords the first line's values are the list.
+                s.entry(key)
+                    .or_insert_with(|| vec![value.to_ascii_lowercase()]);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn match_applies(
+    criteria: &str,
+    user: Option<&str>,
+    notes: &mut Vec<String>,
+    path: &Path,
+    line: usize,
+) -> bool {
+    let words: Vec<&str> = criteria.split_whitespace().collect();
+    if words.first().is_some_and(|w| w.eq_ignore_ascii_case("all")) {
+        return true;
+    }
+    let mut applies = true;
+    for pair in words.chunks(2) {
+        let (k, v) = (
+            pair[0].to_ascii_lowercase(),
+            pair.get(1).copied().unwrap_or(""),
+        );
+        if k == "user" {
+            applies &= user.is_some_and(|u| v.split(',').any(|p| pattern(p, u)));
+        } else {
+            notes.push(format!(
+                "{}:{line}: Match {k} {v} cannot be evaluated without sshd; treated as not applying",
+                path.display()
+            ));
+            applies = false;
+        }
+    }
+    applies
+}
+
+fn pattern(p: &str, s: &str) -> bool {
+    if let Some(neg) = p.strip_prefix('!') {
+        return !pattern(neg, s);
+    }
+    match p.split_once('*') {
+        Some((pre, post)) => {
+            s.starts_with(pre) && s.ends_with(post) && s.len() >= pre.len() + post.len()
+        }
+        None => p == s,
+    }
+}
+
+fn glob(path: &Path) -> Vec<PathBuf> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    if !name.contains('*') {
+        return vec![path.to_path_buf()];
+    }
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .is_some_and(|n| pattern(&name, &n.to_string_lossy()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn first<'a>(s: &'a Settings, key: &str) -> Option<&'a str> {
+    s.get(key).and_then(|v| v.first()).map(|v| v.as_str())
+}
+
+/// Findings from effective settings; `what` names the source (file and user) in evidence.
+pub fn audit(s: &Settings, what: &str) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let ev = |k: &str, v: &str| format!("{what}: {k} {v}");
+    if let Some(v @ "yes") = first(s, "passwordauthentication") {
+        out.push(Finding::new(
+            "sshd.password-auth",
+            Severity::High,
+            "password authentication enabled",
+            ev("PasswordAuthentication", v),
+            "PasswordAuthentication no (tunnels authenticate with keys)",
+        ));
+    }
+    match first(s, "permitrootlogin") {
+        Some(v @ "yes") => out.push(Finding::new(
+            "sshd.root-login",
+            Severity::High,
+            "root may log in, with a password too",
+            ev("PermitRootLogin", v),
+            "PermitRootLogin no",
+        )),
+        Some(v @ ("prohibit-password" | "without-password")) => out.push(Finding::new(
+            "sshd.root-login-key",
+            Severity::Low,
+            "root may log in with a key",
+            ev("PermitRootLogin", v),
+            "PermitRootLogin no, and tunnel as a dedicated user",
+        )),
+        _ => {}
+    }
+    if let Some(v @ "yes") = first(s, "x11forwarding") {
+        out.push(Finding::new(
+            "sshd.x11",
+            Severity::Low,
+            "X11 forwarding enabled",
+            ev("X11Forwarding", v),
+            "X11Forwarding no",
+        ));
+    }
+    let tcp = first(s, "allowtcpforwarding").unwrap_or("yes");
+    let permit_open: Vec<&str> = s
+        .get("permitopen")
+        .map(|v| v.iter().map(|x| x.as_str()).collect())
+        .unwrap_or_default();
+    if matches!(tcp, "yes" | "all" | "local")
+        && (permit_open.is_empty()
+            || permit_open
+                .iter()
+                .any(|p| p.split_whitespace().any(|x| x == "any")))
+    {
+        out.push(Finding::new(
+            "sshd.permitopen-any",
+            Severity::Medium,
+            "tunnel users may open forwards to any host and port",
+            ev("AllowTcpForwarding", &format!("{tcp}, PermitOpen {}", if permit_open.is_empty() { "(unset: any)".to_string() } else { permit_open.join(" ") })),
+            "Match User <tunnel user>: PermitOpen localhost:8082 localhost:10809 (only what the tunnels need)",
+        ));
+    }
+    let permit_listen: Vec<&str> = s
+        .get("permitlisten")
+        .map(|v| v.iter().map(|x| x.as_str()).collect())
+        .unwrap_or_default();
+    if matches!(tcp, "yes" | "all" | "remote")
+        && (permit_listen.is_empty()
+            || permit_listen
+                .iter()
+                .any(|p| p.split_whitespace().any(|x| x == "any")))
+    {
+        out.push(Finding::new(
+            "sshd.permitlisten-any",
+            Severity::Low,
+            "tunnel users may listen on any port of the server",
+            ev(
+                "PermitListen",
+                if permit_listen.is_empty() {
+                    "(unset: any)"
+                } else {
+                    "any"
+                },
+            ),
+            "Match User <tunnel user>: PermitListen localhost:9081 (only the reverse forwards)",
+        ));
+    }
+    match first(s, "gatewayports") {
+        Some(v @ "yes") => out.push(Finding::new(
+            "sshd.gatewayports",
+            Severity::Medium,
+            "remote forwards listen on every address of the server",
+            ev("GatewayPorts", v),
+            "GatewayPorts no (remote forwards on loopback only)",
+        )),
+        Some(v @ "clientspecified") => out.push(Finding::new(
+            "sshd.gatewayports",
+            Severity::Low,
+            "clients may choose to expose remote forwards beyond loopback",
+            ev("GatewayPorts", v),
+            "GatewayPorts no",
+        )),
+        _ => {}
+    }
+    out
+}
