@@ -1,0 +1,22 @@
+//! The agent <-> coordinator protocol of tunnelfleet: messages, versions and frames. No IO.
+//!
+//! Everything that crosses the QUIC control link is defined here as plain serde types, encoded
+//! with bincode 2 in length-prefixed frames. The crate takes bytes and returns messages or
+//! errors — never panics on what a peer sends — so it is fuzzed and property-tested on its own,
+//! and the agent and coordinator drive it over whatever transport they hold.
+//!
+//! # Layout
+//! - [`message`]: the messages each side sends, and the version check of the hello.
+//! - [`frame`]: length-prefixed frames, encoding, and the incremental decoder with limits.
+
+pub mod frame;
+pub mod message;
+
+pub use frame::{DecodeError, EncodeError, FrameDecoder, MAX_FRAME_LEN, decode, encode};
+pub use message::*;
+
+/// The protocol version this build speaks; exchanged in [`Hello`] and [`Welcome`].
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The QUIC ALPN of the control link.
+pub const ALPN: &[u8] = b"tunnelfleet/1";

@@ -1,0 +1,287 @@
+//! The messages of the control link.
+//!
+//! The agent opens with [`Hello`]; the coordinator answers [`Welcome`] or [`CoordinatorMessage::Refused`]
+//! (for example on a version mismatch, which both sides log with the reason). After that the
+//! agent sends [`Heartbeat`]s and [`Applied`] acknowledgements; the coordinator pushes
+//! [`ProfileSet`]s. Durations are integer milliseconds and latencies integer microseconds, so
+//! every message compares equal after a round trip (no floats).
+//!
+//! Compatibility: enums are encoded by variant index, so new variants go at the end and a
+//! removed one leaves its slot; a change that older peers cannot read bumps
+//! [`crate::PROTOCOL_VERSION`].
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::PROTOCOL_VERSION;
+
+/// What the agent sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub enum AgentMessage {
+    /// First message on a connection.
+    Hello(Hello),
+    /// Periodic state.
+    Heartbeat(Heartbeat),
+    /// The result of applying a pushed profile set.
+    Applied(Applied),
+}
+
+/// What the coordinator sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub enum CoordinatorMessage {
+    /// The hello was accepted.
+    Welcome(Welcome),
+    /// The hello was refused; the connection closes after this.
+    Refused {
+        /// Why, for both sides' logs.
+        reason: String,
+    },
+    /// The profiles this agent must run now.
+    Push(ProfileSet),
+}
+
+/// The agent introduces itself. Its identity comes from its certificate; `agent_id` must
+/// match it or the coordinator refuses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct Hello {
+    /// [`PROTOCOL_VERSION`] of the agent.
+    pub protocol: u32,
+    /// The agent id it believes it has.
+    pub agent_id: String,
+    /// Agent software version.
+    pub agent_version: String,
+    /// Labels for assignment (`site=dc1`).
+    pub labels: BTreeMap<String, String>,
+    /// The profile-set version it runs now (from its cache), if any.
+    pub applied_version: Option<u64>,
+}
+
+/// The coordinator accepts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct Welcome {
+    /// [`PROTOCOL_VERSION`] of the coordinator.
+    pub protocol: u32,
+    /// How often to send heartbeats.
+    pub heartbeat_interval_ms: u32,
+    /// Coordinator software version.
+    pub coordinator_version: String,
+}
+
+/// The peer speaks another protocol version.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("protocol version mismatch: peer speaks {theirs}, this side speaks {ours}")]
+pub struct VersionMismatch {
+    /// Ours.
+    pub ours: u32,
+    /// Theirs.
+    pub theirs: u32,
+}
+
+/// Checks a peer's protocol version against ours.
+pub fn check_version(theirs: u32) -> Result<(), VersionMismatch> {
+    if theirs == PROTOCOL_VERSION {
+        Ok(())
+    } else {
+        Err(VersionMismatch {
+            ours: PROTOCOL_VERSION,
+            theirs,
+        })
+    }
+}
+
+/// Periodic agent state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct Heartbeat {
+    /// Increases by one per heartbeat on a connection.
+    pub seq: u64,
+    /// Agent wall clock when sent (Unix ms).
+    pub sent_unix_ms: u64,
+    /// Every profile the agent runs.
+    pub profiles: Vec<ProfileReport>,
+}
+
+/// A session's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub enum TunnelState {
+    /// Not running.
+    Stopped,
+    /// Connecting.
+    Connecting,
+    /// Up.
+    Up,
+    /// Waiting to reconnect.
+    Backoff,
+    /// Draining.
+    Stopping,
+}
+
+/// A forward's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub enum ForwardState {
+    /// Not running.
+    Stopped,
+    /// Bound; session down.
+    Listening,
+    /// Serving.
+    Active,
+    /// Remote forward waiting for the session.
+    Waiting,
+    /// Cannot bind or refused by the server; retrying.
+    Retrying,
+}
+
+/// One profile in a heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct ProfileReport {
+    /// Profile name.
+    pub name: String,
+    /// Session state.
+    pub state: TunnelState,
+    /// Endpoint in use.
+    pub active_endpoint: String,
+    /// Session up since (Unix ms).
+    pub up_since_unix_ms: Option<u64>,
+    /// Sessions re-established.
+    pub reconnects: u64,
+    /// Endpoint changes.
+    pub failovers: u64,
+    /// Last failure.
+    pub last_error: Option<String>,
+    /// Health failures in a row now.
+    pub consecutive_failures: u32,
+    /// Health results since the previous heartbeat.
+    pub health: Vec<HealthSample>,
+    /// Forwards in config order.
+    pub forwards: Vec<ForwardReport>,
+}
+
+/// One health check result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct HealthSample {
+    /// When (Unix ms).
+    pub at_unix_ms: u64,
+    /// Passed.
+    pub ok: bool,
+    /// Latency in microseconds.
+    pub latency_us: u64,
+    /// `HTTP 200` or the failure reason.
+    pub detail: String,
+}
+
+/// One forward in a heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct ForwardReport {
+    /// The forward as written.
+    pub spec: String,
+    /// State.
+    pub state: ForwardState,
+    /// Why retrying.
+    pub detail: Option<String>,
+    /// Bytes into the tunnel.
+    pub bytes_out: u64,
+    /// Bytes out of the tunnel.
+    pub bytes_in: u64,
+    /// Connections open.
+    pub connections_open: u64,
+}
+
+/// A versioned set of profiles for one agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct ProfileSet {
+    /// Version; increases with every change.
+    pub version: u64,
+    /// The profiles.
+    pub profiles: Vec<ProfileSpec>,
+}
+
+/// A profile as the coordinator holds it: the agent's local profile model on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct ProfileSpec {
+    /// Unique name.
+    pub name: String,
+    /// Free text.
+    pub description: String,
+    /// `host:port`, priority order.
+    pub endpoints: Vec<String>,
+    /// Remote user.
+    pub user: String,
+    /// Private key path on the agent.
+    pub identity_file: String,
+    /// known_hosts path on the agent.
+    pub known_hosts: Option<String>,
+    /// Pinned `SHA256:` fingerprints.
+    pub host_key_fingerprints: Vec<String>,
+    /// Record unknown keys.
+    pub trust_on_first_use: bool,
+    /// Forwards in OpenSSH syntax.
+    pub forwards: Vec<String>,
+    /// Connect deadline.
+    pub connect_timeout_ms: u64,
+    /// Keepalive interval.
+    pub keepalive_interval_ms: u64,
+    /// Unanswered keepalives before giving up.
+    pub keepalive_count: u32,
+    /// Backoff floor.
+    pub reconnect_min_ms: u64,
+    /// Backoff cap.
+    pub reconnect_max_ms: u64,
+    /// Failures before the next endpoint.
+    pub failover_after: u32,
+    /// Health check.
+    pub health: Option<HealthSpec>,
+}
+
+/// A profile's health check on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct HealthSpec {
+    /// HTTP URL.
+    pub http: Option<String>,
+    /// TCP `host:port`.
+    pub tcp: Option<String>,
+    /// Interval.
+    pub interval_ms: u64,
+    /// Deadline.
+    pub timeout_ms: u64,
+    /// Failures in a row that mark the profile down.
+    pub threshold: u32,
+}
+
+/// The agent applied (or could not apply) a profile set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct Applied {
+    /// The version applied.
+    pub version: u64,
+    /// True when every forward was applied.
+    pub ok: bool,
+    /// One result per forward.
+    pub results: Vec<ForwardResult>,
+}
+
+/// One forward's result of an apply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct ForwardResult {
+    /// Profile.
+    pub profile: String,
+    /// The forward as written.
+    pub forward: String,
+    /// Applied (bound or requested).
+    pub ok: bool,
+    /// What happened (`unchanged`, `replaced`, the bind error naming the port, …).
+    pub detail: String,
+}
