@@ -20,6 +20,7 @@
 //! - [`supervisor`]: all profiles and the commands that act on them.
 //! - [`control`]: the local Unix control socket (JSON lines) and its client.
 //! - [`status`]: status data shared by the tasks and returned to the CLI.
+//! - [`link`]: the control link to the coordinator (QUIC, mutual TLS, hello, heartbeats).
 //! - [`agent`]: `run`, the whole agent as one call.
 //! - [`shutdown`]: signals to a cancellation token.
 //! - [`telemetry`]: logging setup.
@@ -32,6 +33,7 @@ pub mod forward;
 pub mod health;
 pub mod hostkey;
 pub mod identity;
+pub mod link;
 pub mod local;
 pub mod profile;
 pub mod relay;

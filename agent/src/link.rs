@@ -1,0 +1,262 @@
+//! The agent's end of the control link to the coordinator: QUIC with mutual TLS, a hello,
+//! then heartbeats.
+//!
+//! With TLS 1.3 a client whose certificate the server rejects sees `connect()` succeed and
+//! learns of the rejection only when it first uses the connection; [`connect`] therefore waits
+//! for the coordinator's answer to the hello and reports a closed connection during that wait
+//! as a refused certificate, with the TLS alert the coordinator sent.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::RootCertStore;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tunnelfleet_protocol::{
+    AgentMessage, CoordinatorMessage, DecodeError, FrameDecoder, Heartbeat, Hello, Welcome,
+    check_version, encode,
+};
+
+/// Why the control link could not be established or used.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// A PEM file could not be read.
+    #[error("{path}: {reason}")]
+    Pem {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// TLS configuration refused.
+    #[error("tls: {0}")]
+    Tls(String),
+    /// The QUIC connection could not start.
+    #[error("coordinator {addr}: {reason}")]
+    Connect {
+        /// Coordinator address.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// The coordinator closed the link during the handshake: our certificate was refused
+    /// (another CA, expired, revoked) or the coordinator is not who we expect.
+    #[error("coordinator {addr} refused this agent during the TLS handshake: {detail}")]
+    CertificateRefused {
+        /// Coordinator address.
+        addr: SocketAddr,
+        /// The close frame (TLS alert) as received.
+        detail: String,
+    },
+    /// The coordinator answered the hello with a refusal.
+    #[error("coordinator {addr} refused the hello: {reason}")]
+    Refused {
+        /// Coordinator address.
+        addr: SocketAddr,
+        /// Its reason.
+        reason: String,
+    },
+    /// The coordinator speaks another protocol version.
+    #[error("coordinator {addr}: {source}")]
+    Version {
+        /// Coordinator address.
+        addr: SocketAddr,
+        /// The mismatch.
+        #[source]
+        source: tunnelfleet_protocol::VersionMismatch,
+    },
+    /// The coordinator sent bytes that are not a valid frame.
+    #[error("coordinator {addr}: {source}")]
+    Protocol {
+        /// Coordinator address.
+        addr: SocketAddr,
+        /// The decode error.
+        source: DecodeError,
+    },
+    /// The link broke after it was established.
+    #[error("coordinator {addr}: link lost: {reason}")]
+    Lost {
+        /// Coordinator address.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The agent's TLS client settings: trust the fleet CA, present the agent certificate.
+pub fn client_config(ca: &Path, cert: &Path, key: &Path) -> Result<quinn::ClientConfig, LinkError> {
+    let pem = |path: &Path, e: &dyn std::fmt::Display| LinkError::Pem {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    };
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).map_err(|e| pem(ca, &e))? {
+        roots
+            .add(c.map_err(|e| pem(ca, &e))?)
+            .map_err(|e| pem(ca, &e))?;
+    }
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| pem(cert, &e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| pem(cert, &e))?;
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| pem(key, &e))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| LinkError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key_der)
+        .map_err(|e| LinkError::Tls(e.to_string()))?;
+    tls.alpn_protocols = vec![tunnelfleet_protocol::ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| LinkError::Tls(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(std::time::Duration::from_secs(2)));
+    t.max_idle_timeout(std::time::Duration::from_secs(10).try_into().ok());
+    cfg.transport_config(Arc::new(t));
+    Ok(cfg)
+}
+
+/// An established control link.
+pub struct ControlLink {
+    /// The coordinator's welcome.
+    pub welcome: Welcome,
+    addr: SocketAddr,
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    dec: FrameDecoder,
+}
+
+/// Connects, says hello, and waits for the welcome.
+pub async fn connect(
+    endpoint: &quinn::Endpoint,
+    config: quinn::ClientConfig,
+    addr: SocketAddr,
+    server_name: &str,
+    hello: Hello,
+) -> Result<ControlLink, LinkError> {
+    let connecting = endpoint
+        .connect_with(config, addr, server_name)
+        .map_err(|e| LinkError::Connect {
+            addr,
+            reason: e.to_string(),
+        })?;
+    let conn = connecting.await.map_err(|e| handshake_error(addr, e))?;
+    let (mut send, recv) = conn.open_bi().await.map_err(|e| handshake_error(addr, e))?;
+    let frame = encode(&AgentMessage::Hello(hello)).map_err(|e| LinkError::Tls(e.to_string()))?;
+    send.write_all(&frame).await.map_err(|e| match e {
+        quinn::WriteError::ConnectionLost(c) => handshake_error(addr, c),
+        other => LinkError::Lost {
+            addr,
+            reason: other.to_string(),
+        },
+    })?;
+    let mut link = ControlLink {
+        welcome: Welcome {
+            protocol: 0,
+            heartbeat_interval_ms: 0,
+            coordinator_version: String::new(),
+        },
+        addr,
+        conn,
+        send,
+        recv,
+        dec: FrameDecoder::new(),
+    };
+    match link.next().await {
+        Ok(CoordinatorMessage::Welcome(w)) => {
+            check_version(w.protocol).map_err(|source| LinkError::Version { addr, source })?;
+            link.welcome = w;
+            Ok(link)
+        }
+        Ok(CoordinatorMessage::Refused { reason }) => Err(LinkError::Refused { addr, reason }),
+        Ok(CoordinatorMessage::Push(_)) => Err(LinkError::Lost {
+            addr,
+            reason: "profiles pushed before the welcome".into(),
+        }),
+        Err(e) => Err(e),
+    }
+}
+
+impl ControlLink {
+    /// Sends a heartbeat.
+    pub async fn heartbeat(&mut self, hb: Heartbeat) -> Result<(), LinkError> {
+        let frame = encode(&AgentMessage::Heartbeat(hb)).map_err(|e| LinkError::Lost {
+            addr: self.addr,
+            reason: e.to_string(),
+        })?;
+        self.send
+            .write_all(&frame)
+            .await
+            .map_err(|e| LinkError::Lost {
+                addr: self.addr,
+                reason: e.to_string(),
+            })
+    }
+
+    /// The next message from the coordinator.
+    pub async fn next(&mut self) -> Result<CoordinatorMessage, LinkError> {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            if let Some(m) = self
+                .dec
+                .next_message::<CoordinatorMessage>()
+                .map_err(|source| LinkError::Protocol {
+                    addr: self.addr,
+                    source,
+                })?
+            {
+                return Ok(m);
+            }
+            match self.recv.read(&mut buf).await {
+                Ok(Some(n)) => self.dec.push(&buf[..n]),
+                Ok(None) => {
+                    return Err(LinkError::Lost {
+                        addr: self.addr,
+                        reason: "stream closed".into(),
+                    });
+                }
+                Err(quinn::ReadError::ConnectionLost(e)) => {
+                    return Err(handshake_error(self.addr, e));
+                }
+                Err(e) => {
+                    return Err(LinkError::Lost {
+                        addr: self.addr,
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Closes the link.
+    pub fn close(&self) {
+        self.conn.close(0u32.into(), b"agent closing");
+    }
+}
+
+/// A connection error seen before the welcome: a transport close carrying a TLS alert means our
+/// certificate was refused.
+fn handshake_error(addr: SocketAddr, e: quinn::ConnectionError) -> LinkError {
+    match e {
+        quinn::ConnectionError::ConnectionClosed(c) => LinkError::CertificateRefused {
+            addr,
+            detail: c.to_string(),
+        },
+        quinn::ConnectionError::TransportError(t) => LinkError::CertificateRefused {
+            addr,
+            detail: t.to_string(),
+        },
+        quinn::ConnectionError::ApplicationClosed(a) => LinkError::Refused {
+            addr,
+            reason: String::from_utf8_lossy(&a.reason).to_string(),
+        },
+        other => LinkError::Lost {
+            addr,
+            reason: other.to_string(),
+        },
+    }
+}

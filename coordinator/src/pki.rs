@@ -1,0 +1,211 @@
+//! The fleet's certificate authority: `tunnelfleet pki init` and `pki issue-agent ID`.
+//!
+//! Agents prove who they are with a certificate the coordinator's CA signed; the coordinator
+//! reads the agent id from the certificate (its common name, and a `urn:tunnelfleet:agent:ID`
+//! URI SAN) and never from what the agent says. Keys are written 0600 and never logged.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use time::{Duration, OffsetDateTime};
+
+/// File names inside a PKI directory.
+pub const CA_CERT: &str = "ca.pem";
+/// The CA's private key.
+pub const CA_KEY: &str = "ca.key";
+/// The coordinator's server certificate.
+pub const SERVER_CERT: &str = "coordinator.pem";
+/// The coordinator's private key.
+pub const SERVER_KEY: &str = "coordinator.key";
+
+/// Why a PKI operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The IO error.
+        source: std::io::Error,
+    },
+    /// `init` would overwrite an existing CA.
+    #[error(
+        "{0} already holds a CA; refusing to replace it (every agent certificate depends on it)"
+    )]
+    Exists(PathBuf),
+    /// Certificate generation failed.
+    #[error("certificate: {0}")]
+    Cert(#[from] rcgen::Error),
+    /// An agent id that cannot be a certificate name.
+    #[error("agent id {0:?}: use 1-64 letters, digits, '.', '_' or '-'")]
+    BadAgentId(String),
+}
+
+/// Paths of an issued agent identity.
+#[derive(Debug, Clone)]
+pub struct AgentFiles {
+    /// The agent's certificate.
+    pub cert: PathBuf,
+    /// The agent's private key (0600).
+    pub key: PathBuf,
+    /// The CA certificate the agent trusts the coordinator by.
+    pub ca: PathBuf,
+}
+
+/// Checks an agent id's form.
+pub fn check_agent_id(id: &str) -> Result<(), PkiError> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(PkiError::BadAgentId(id.to_string()))
+    }
+}
+
+/// Creates the CA and the coordinator's certificate for `names` (DNS names or IP addresses the
+/// agents will dial). Returns the CA's SHA-256 fingerprint.
+pub fn init(dir: &Path, names: &[String]) -> Result<String, PkiError> {
+    if dir.join(CA_CERT).exists() {
+        return Err(PkiError::Exists(dir.to_path_buf()));
+    }
+    create_dir(dir)?;
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::default();
+    ca.distinguished_name = name("tunnelfleet fleet CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let now = OffsetDateTime::now_utc();
+    ca.not_before = now - Duration::hours(1);
+    ca.not_after = now + Duration::days(3650);
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca, ca_key);
+
+    let server_key = KeyPair::generate()?;
+    let mut server = CertificateParams::new(names.to_vec())?;
+    server.distinguished_name = name("tunnelfleet coordinator");
+    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    server.not_before = now - Duration::hours(1);
+    server.not_after = now + Duration::days(825);
+    let server_cert = server.signed_by(&server_key, &issuer)?;
+
+    write(&dir.join(CA_CERT), ca_cert.pem().as_bytes(), 0o644)?;
+    write(
+        &dir.join(CA_KEY),
+        issuer.key().serialize_pem().as_bytes(),
+        0o600,
+    )?;
+    write(&dir.join(SERVER_CERT), server_cert.pem().as_bytes(), 0o644)?;
+    write(
+        &dir.join(SERVER_KEY),
+        server_key.serialize_pem().as_bytes(),
+        0o600,
+    )?;
+    Ok(fingerprint(ca_cert.der()))
+}
+
+/// Issues a client certificate for `agent_id`, valid for `days`, into `out`.
+pub fn issue_agent(
+    dir: &Path,
+    agent_id: &str,
+    days: i64,
+    out: &Path,
+) -> Result<AgentFiles, PkiError> {
+    let now = OffsetDateTime::now_utc();
+    issue_agent_valid(
+        dir,
+        agent_id,
+        now - Duration::hours(1),
+        now + Duration::days(days),
+        out,
+    )
+}
+
+/// Issues a client certificate with an explicit validity window (tests use past windows).
+pub fn issue_agent_valid(
+    dir: &Path,
+    agent_id: &str,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+    out: &Path,
+) -> Result<AgentFiles, PkiError> {
+    check_agent_id(agent_id)?;
+    let ca_pem = read(&dir.join(CA_CERT))?;
+    let ca_key = KeyPair::from_pem(&read(&dir.join(CA_KEY))?)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
+    let key = KeyPair::generate()?;
+    let mut p = CertificateParams::default();
+    p.distinguished_name = name(agent_id);
+    p.subject_alt_names = vec![SanType::URI(
+        format!("urn:tunnelfleet:agent:{agent_id}").try_into()?,
+    )];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.not_before = not_before;
+    p.not_after = not_after;
+    let cert = p.signed_by(&key, &issuer)?;
+    create_dir(out)?;
+    let files = AgentFiles {
+        cert: out.join(format!("{agent_id}.pem")),
+        key: out.join(format!("{agent_id}.key")),
+        ca: out.join(CA_CERT),
+    };
+    write(&files.cert, cert.pem().as_bytes(), 0o644)?;
+    write(&files.key, key.serialize_pem().as_bytes(), 0o600)?;
+    if files.ca != dir.join(CA_CERT) {
+        write(&files.ca, ca_pem.as_bytes(), 0o644)?;
+    }
+    Ok(files)
+}
+
+/// `SHA256:` plus the hex SHA-256 of a DER certificate, for pinning the CA.
+pub fn fingerprint(der: &[u8]) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, der);
+    let hex: String = d.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!("SHA256:{hex}")
+}
+
+fn name(cn: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    dn
+}
+
+fn create_dir(dir: &Path) -> Result<(), PkiError> {
+    std::fs::create_dir_all(dir).map_err(|source| PkiError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })
+}
+
+fn read(path: &Path) -> Result<String, PkiError> {
+    std::fs::read_to_string(path).map_err(|source| PkiError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn write(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
+    let io = |source| PkiError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)
+        .map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.sync_all().map_err(io)
+}

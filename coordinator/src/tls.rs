@@ -1,0 +1,142 @@
+//! TLS and QUIC settings of the control link, server side, and the agent's identity.
+//!
+//! Mutual TLS with the fleet CA: a client without a certificate from this CA (or with an
+//! expired one) fails the handshake. The agent id comes from the verified certificate only.
+//! QUIC keep-alives every 2 s and a 10 s idle timeout notice a dead link within seconds, where
+//! TCP keepalive defaults would take hours.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::RootCertStore;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+
+use crate::pki;
+
+/// QUIC keep-alive interval.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
+/// QUIC idle timeout: a link silent this long is dead.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the TLS setup failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM file could not be read or parsed.
+    #[error("{path}: {reason}")]
+    Pem {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// rustls refused the configuration.
+    #[error("tls: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The client verifier could not be built.
+    #[error("client verifier: {0}")]
+    Verifier(String),
+    /// quinn refused the rustls configuration.
+    #[error("quic: {0}")]
+    Quic(String),
+}
+
+/// The ring crypto provider (the workspace uses ring for rustls and russh alike).
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Reads every certificate of a PEM file.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let err = |reason: String| TlsError::Pem {
+        path: path.display().to_string(),
+        reason,
+    };
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| err(e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| err(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(err("no certificate in file".into()));
+    }
+    Ok(certs)
+}
+
+/// Reads a private key.
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Pem {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// Transport settings shared by both ends.
+pub fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    // Safe: 10 s fits the VarInt range of an idle timeout.
+    t.max_idle_timeout(IDLE_TIMEOUT.try_into().ok());
+    Arc::new(t)
+}
+
+/// The coordinator's QUIC server config from a PKI directory.
+pub fn server_config(pki_dir: &Path) -> Result<quinn::ServerConfig, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for c in load_certs(&pki_dir.join(pki::CA_CERT))? {
+        roots.add(c)?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            load_certs(&pki_dir.join(pki::SERVER_CERT))?,
+            load_key(&pki_dir.join(pki::SERVER_KEY))?,
+        )?;
+    tls.alpn_protocols = vec![tunnelfleet_protocol::ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    cfg.transport_config(transport());
+    Ok(cfg)
+}
+
+/// The agent id in a verified client certificate: its `urn:tunnelfleet:agent:ID` URI SAN, or
+/// failing that its common name.
+pub fn agent_id(cert: &CertificateDer<'_>) -> Result<String, String> {
+    let (_, x) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| format!("unparsable client certificate: {e}"))?;
+    if let Ok(Some(san)) = x.subject_alternative_name() {
+        for n in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::URI(u) = n
+                && let Some(id) = u.strip_prefix("urn:tunnelfleet:agent:")
+            {
+                return Ok(id.to_string());
+            }
+        }
+    }
+    x.subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_string)
+        .ok_or_else(|| "client certificate names no agent".to_string())
+}
+
+/// The verified agent id of a QUIC connection.
+pub fn connection_agent_id(conn: &quinn::Connection) -> Result<String, String> {
+    let identity = conn
+        .peer_identity()
+        .ok_or_else(|| "no client certificate".to_string())?;
+    let certs = identity
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .map_err(|_| "unexpected peer identity type".to_string())?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| "empty certificate chain".to_string())?;
+    agent_id(leaf)
+}
