@@ -79,6 +79,13 @@ pub fn init(dir: &Path, names: &[String]) -> Result<String, PkiError> {
         return Err(PkiError::Exists(dir.to_path_buf()));
     }
     create_dir(dir)?;
+    // The CA key lives here: only the coordinator's user may even list the directory.
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).map_err(
+        |source| PkiError::Io {
+            path: dir.to_path_buf(),
+            source,
+        },
+    )?;
     let ca_key = KeyPair::generate()?;
     let mut ca = CertificateParams::default();
     ca.distinguished_name = name("tunnelfleet fleet CA");

@@ -78,6 +78,11 @@ enum Command {
         #[arg(long, value_enum, default_value_t = audit::Severity::High)]
         fail_on: audit::Severity,
     },
+    /// The fleet's certificate authority.
+    Pki {
+        #[command(subcommand)]
+        action: PkiAction,
+    },
     /// Run the whole system on this machine with nothing set up: embedded OMA pair, one agent
     /// with the seed's tunnels, a failover.
     Demo,
@@ -85,6 +90,33 @@ enum Command {
     Completions {
         /// The shell.
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PkiAction {
+    /// Create the CA and the coordinator's certificate (refuses to replace an existing CA).
+    Init {
+        /// PKI directory (keys are written 0600).
+        #[arg(long, default_value = "/etc/tunnelfleet/pki")]
+        dir: PathBuf,
+        /// Names and addresses agents dial the coordinator by (repeatable).
+        #[arg(long = "name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        names: Vec<String>,
+    },
+    /// Issue an agent's certificate; the agent id is taken from it by the coordinator.
+    IssueAgent {
+        /// Agent id (letters, digits, '.', '_', '-').
+        id: String,
+        /// PKI directory.
+        #[arg(long, default_value = "/etc/tunnelfleet/pki")]
+        dir: PathBuf,
+        /// Where to write ID.pem, ID.key and ca.pem.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: i64,
     },
 }
 
@@ -228,6 +260,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             action,
         } => tunnels(&control_socket(socket, &config)?, action, cli.json).await,
         Command::Net { action } => net(action, cli.json).await,
+        Command::Pki { action } => pki(action, cli.json),
         Command::Audit {
             key_dirs,
             keys,
@@ -262,6 +295,45 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
     }
+}
+
+fn pki(action: PkiAction, json: bool) -> anyhow::Result<ExitCode> {
+    use tunnelfleet_coordinator::pki;
+    match action {
+        PkiAction::Init { dir, names } => {
+            let fp = pki::init(&dir, &names)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "dir": dir, "ca_fingerprint": fp, "names": names })
+                );
+            } else {
+                println!(
+                    "CA and coordinator certificate written to {}",
+                    dir.display()
+                );
+                println!("CA fingerprint: {fp}");
+                println!("coordinator names: {}", names.join(", "));
+            }
+        }
+        PkiAction::IssueAgent { id, dir, out, days } => {
+            let f = pki::issue_agent(&dir, &id, days, &out)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "agent": id, "cert": f.cert, "key": f.key, "ca": f.ca, "days": days })
+                );
+            } else {
+                println!(
+                    "agent {id}: certificate {}, key {} (0600), CA {}; valid {days} days",
+                    f.cert.display(),
+                    f.key.display(),
+                    f.ca.display()
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The agent's socket: given, or read from its config.
