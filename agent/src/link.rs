@@ -184,7 +184,19 @@ pub async fn connect(
 impl ControlLink {
     /// Sends a heartbeat.
     pub async fn heartbeat(&mut self, hb: Heartbeat) -> Result<(), LinkError> {
-        let frame = encode(&AgentMessage::Heartbeat(hb)).map_err(|e| LinkError::Lost {
+        self.send_message(AgentMessage::Heartbeat(hb)).await
+    }
+
+    /// Reports the result of applying a pushed profile set.
+    pub async fn applied(
+        &mut self,
+        applied: tunnelfleet_protocol::Applied,
+    ) -> Result<(), LinkError> {
+        self.send_message(AgentMessage::Applied(applied)).await
+    }
+
+    async fn send_message(&mut self, msg: AgentMessage) -> Result<(), LinkError> {
+        let frame = encode(&msg).map_err(|e| LinkError::Lost {
             addr: self.addr,
             reason: e.to_string(),
         })?;

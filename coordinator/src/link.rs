@@ -1,21 +1,24 @@
 //! The coordinator's end of the control link: accept QUIC connections, check the hello
-//! against the certificate, then take heartbeats.
+//! against the certificate, push each agent its profiles, take heartbeats and acknowledgements.
 //!
-//! One bidirectional stream per connection carries the frames. Every refusal is logged with
+//! One bidirectional stream per connection carries the frames: this task reads, a writer task
+//! per connection sends (so a push never waits behind a slow read). Every refusal is logged with
 //! the agent and the reason, and sent to the agent as `Refused` when the connection can still
 //! carry it; a malformed frame closes that one connection and nothing else.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tunnelfleet_protocol::{
-    AgentMessage, CoordinatorMessage, FrameDecoder, Heartbeat, PROTOCOL_VERSION, Welcome,
-    check_version, encode,
+    AgentMessage, CoordinatorMessage, FrameDecoder, Heartbeat, PROTOCOL_VERSION, ProfileSpec,
+    Welcome, check_version, encode,
 };
 
+use crate::store::{Store, StoreError};
 use crate::tls;
 
 /// How long a new connection may take to send its hello.
@@ -31,8 +34,7 @@ pub mod close {
     pub const SHUTDOWN: u32 = 3;
 }
 
-/// What the coordinator knows about a connected agent (in memory; persistence comes with the
-/// fleet state store).
+/// What the coordinator knows about a connected agent, in memory.
 #[derive(Debug, Clone)]
 pub struct AgentLink {
     /// Verified agent id.
@@ -40,25 +42,28 @@ pub struct AgentLink {
     /// Remote address.
     pub remote: SocketAddr,
     /// Labels from the hello.
-    pub labels: std::collections::BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
     /// Latest heartbeat.
     pub last_heartbeat: Option<Heartbeat>,
     /// Heartbeats received on this connection.
     pub heartbeats: u64,
     /// Still connected.
     pub connected: bool,
+    /// The profiles last pushed (to push only what changed).
+    pub pushed: Option<Vec<ProfileSpec>>,
 }
 
-/// Connected agents by id. A `std` mutex: held only to copy or replace an entry.
-#[derive(Debug, Default)]
+/// Connected agents and their outgoing queues. A `std` mutex: held only to copy or replace an
+/// entry, never across an await.
+#[derive(Default)]
 pub struct Links {
-    inner: Mutex<HashMap<String, AgentLink>>,
+    inner: Mutex<HashMap<String, (AgentLink, Option<mpsc::Sender<Vec<u8>>>)>>,
 }
 
 impl Links {
     /// A snapshot of one agent.
     pub fn get(&self, id: &str) -> Option<AgentLink> {
-        self.lock().get(id).cloned()
+        self.lock().get(id).map(|(l, _)| l.clone())
     }
 
     /// Ids of connected agents.
@@ -66,35 +71,78 @@ impl Links {
         let mut v: Vec<String> = self
             .lock()
             .values()
-            .filter(|l| l.connected)
-            .map(|l| l.agent_id.clone())
+            .filter(|(l, _)| l.connected)
+            .map(|(l, _)| l.agent_id.clone())
             .collect();
         v.sort();
         v
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, AgentLink>> {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, (AgentLink, Option<mpsc::Sender<Vec<u8>>>)>>
+    {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
+/// The coordinator's shared state: connections in memory, fleet state on disk.
+pub struct Fleet {
+    /// Connected agents.
+    pub links: Links,
+    /// Persistent state.
+    pub store: Store,
+    /// Heartbeat interval told to agents.
+    pub heartbeat_interval: Duration,
+}
+
+impl Fleet {
+    /// A fleet over `store`.
+    pub fn new(store: Store, heartbeat_interval: Duration) -> Arc<Fleet> {
+        Arc::new(Fleet {
+            links: Links::default(),
+            store,
+            heartbeat_interval,
+        })
+    }
+
+    /// Pushes the current profile set to every connected agent whose profiles changed since
+    /// the last push; returns the agents pushed to.
+    pub fn push_changed(&self) -> Result<Vec<String>, StoreError> {
+        let mut pushed = Vec::new();
+        let mut links = self.links.lock();
+        for (link, tx) in links.values_mut() {
+            let Some(tx) = tx.as_ref().filter(|_| link.connected) else {
+                continue;
+            };
+            let set = self.store.profiles_for(&link.agent_id, &link.labels)?;
+            if link.pushed.as_ref() == Some(&set.profiles) {
+                continue;
+            }
+            if let Ok(frame) = encode(&CoordinatorMessage::Push(set.clone()))
+                && tx.try_send(frame).is_ok()
+            {
+                link.pushed = Some(set.profiles);
+                pushed.push(link.agent_id.clone());
+            }
+        }
+        pushed.sort();
+        Ok(pushed)
+    }
+}
+
 /// Serves the control link on `endpoint` until `shutdown`.
-pub async fn serve(
-    endpoint: quinn::Endpoint,
-    links: Arc<Links>,
-    heartbeat_interval: Duration,
-    shutdown: CancellationToken,
-) {
+pub async fn serve(endpoint: quinn::Endpoint, fleet: Arc<Fleet>, shutdown: CancellationToken) {
     loop {
         let incoming = tokio::select! {
             _ = shutdown.cancelled() => break,
             i = endpoint.accept() => match i { Some(i) => i, None => break },
         };
-        let links = links.clone();
+        let fleet = fleet.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             match incoming.await {
-                Ok(conn) => handle(conn, links, heartbeat_interval).await,
+                Ok(conn) => handle(conn, fleet).await,
                 // A client certificate from another CA, or an expired one, ends here.
                 Err(e) => tracing::warn!(%remote, "control link refused during handshake: {e}"),
             }
@@ -103,7 +151,7 @@ pub async fn serve(
     endpoint.close(close::SHUTDOWN.into(), b"coordinator shutting down");
 }
 
-async fn handle(conn: quinn::Connection, links: Arc<Links>, heartbeat_interval: Duration) {
+async fn handle(conn: quinn::Connection, fleet: Arc<Fleet>) {
     let remote = conn.remote_address();
     let cert_id = match tls::connection_agent_id(&conn) {
         Ok(id) => id,
@@ -125,100 +173,166 @@ async fn handle(conn: quinn::Connection, links: Arc<Links>, heartbeat_interval: 
             return;
         }
     };
-    let mut dec = FrameDecoder::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut hello_done = false;
-    loop {
-        let msg = loop {
-            match dec.next_message::<AgentMessage>() {
-                Ok(Some(m)) => break Some(m),
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(agent = %cert_id, %remote, "closing control link: {e}");
-                    conn.close(close::MALFORMED.into(), e.to_string().as_bytes());
-                    mark_disconnected(&links, &cert_id);
-                    return;
-                }
-            }
-            let read = if hello_done {
-                recv.read(&mut buf).await
-            } else {
-                match tokio::time::timeout(HELLO_TIMEOUT, recv.read(&mut buf)).await {
-                    Ok(r) => r,
-                    Err(_) => {
-                        tracing::warn!(agent = %cert_id, "no hello within {HELLO_TIMEOUT:?}; closing");
-                        conn.close(close::REFUSED.into(), b"no hello");
-                        return;
-                    }
-                }
-            };
-            match read {
-                Ok(Some(n)) => dec.push(&buf[..n]),
-                Ok(None) | Err(_) => break None,
-            }
-        };
-        let Some(msg) = msg else {
-            tracing::info!(agent = %cert_id, "control link closed");
-            mark_disconnected(&links, &cert_id);
+    let mut reader = Reader {
+        dec: FrameDecoder::new(),
+        buf: vec![0u8; 64 * 1024],
+    };
+
+    // The hello, with a deadline.
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, reader.next(&mut recv)).await {
+        Ok(Ok(Some(AgentMessage::Hello(h)))) => h,
+        Ok(Ok(Some(_))) => {
+            refuse(&conn, &mut send, "the first message must be a hello".into()).await;
             return;
-        };
-        match (hello_done, msg) {
-            (false, AgentMessage::Hello(h)) => {
-                let refusal = match check_version(h.protocol) {
-                    Err(e) => Some(e.to_string()),
-                    Ok(()) if h.agent_id != cert_id => Some(format!(
-                        "hello says agent {:?} but the certificate is for {cert_id:?}",
-                        h.agent_id
-                    )),
-                    Ok(()) => None,
-                };
-                if let Some(reason) = refusal {
-                    tracing::warn!(agent = %cert_id, %remote, "control link refused: {reason}");
-                    refuse(&conn, &mut send, reason).await;
-                    return;
-                }
-                let welcome = CoordinatorMessage::Welcome(Welcome {
-                    protocol: PROTOCOL_VERSION,
-                    heartbeat_interval_ms: heartbeat_interval.as_millis() as u32,
-                    coordinator_version: env!("CARGO_PKG_VERSION").to_string(),
-                });
-                if let Ok(frame) = encode(&welcome)
-                    && send.write_all(&frame).await.is_err()
-                {
-                    return;
-                }
-                links.lock().insert(
-                    cert_id.clone(),
-                    AgentLink {
-                        agent_id: cert_id.clone(),
-                        remote,
-                        labels: h.labels,
-                        last_heartbeat: None,
-                        heartbeats: 0,
-                        connected: true,
-                    },
-                );
-                tracing::info!(agent = %cert_id, %remote, version = %h.agent_version, "agent connected");
-                hello_done = true;
+        }
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            tracing::warn!(agent = %cert_id, %remote, "closing control link: {e}");
+            conn.close(close::MALFORMED.into(), e.as_bytes());
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(agent = %cert_id, %remote, "no hello within {HELLO_TIMEOUT:?}; closing");
+            conn.close(close::REFUSED.into(), b"no hello");
+            return;
+        }
+    };
+    let refusal = match check_version(hello.protocol) {
+        Err(e) => Some(e.to_string()),
+        Ok(()) if hello.agent_id != cert_id => Some(format!(
+            "hello says agent {:?} but the certificate is for {cert_id:?}",
+            hello.agent_id
+        )),
+        Ok(()) => None,
+    };
+    if let Some(reason) = refusal {
+        tracing::warn!(agent = %cert_id, %remote, "control link refused: {reason}");
+        refuse(&conn, &mut send, reason).await;
+        return;
+    }
+    let welcome = CoordinatorMessage::Welcome(Welcome {
+        protocol: PROTOCOL_VERSION,
+        heartbeat_interval_ms: fleet.heartbeat_interval.as_millis() as u32,
+        coordinator_version: env!("CARGO_PKG_VERSION").to_string(),
+    });
+    let Ok(frame) = encode(&welcome) else { return };
+    if send.write_all(&frame).await.is_err() {
+        return;
+    }
+    let mut record = fleet
+        .store
+        .agent(&cert_id)
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    record.id = cert_id.clone();
+    record.labels = hello.labels.clone();
+    record.last_seen_unix_ms = now_ms();
+    if let Err(e) = fleet.store.record_agent(&record).await {
+        tracing::error!(agent = %cert_id, "{e}");
+    }
+
+    // From here a writer task owns the send side; pushes and replies go through its queue.
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(16);
+    let writer = tokio::spawn(async move {
+        while let Some(frame) = rx.recv().await {
+            if send.write_all(&frame).await.is_err() {
+                break;
             }
-            (false, _) => {
-                refuse(&conn, &mut send, "the first message must be a hello".into()).await;
-                return;
-            }
-            (true, AgentMessage::Heartbeat(hb)) => {
-                if let Some(l) = links.lock().get_mut(&cert_id) {
+        }
+    });
+    fleet.links.lock().insert(
+        cert_id.clone(),
+        (
+            AgentLink {
+                agent_id: cert_id.clone(),
+                remote,
+                labels: hello.labels,
+                last_heartbeat: None,
+                heartbeats: 0,
+                connected: true,
+                pushed: None,
+            },
+            Some(tx),
+        ),
+    );
+    tracing::info!(agent = %cert_id, %remote, version = %hello.agent_version, "agent connected");
+    // An agent that was away gets the current profiles at once.
+    if let Err(e) = fleet.push_changed() {
+        tracing::error!(agent = %cert_id, "computing profiles: {e}");
+    }
+
+    loop {
+        match reader.next(&mut recv).await {
+            Ok(Some(AgentMessage::Heartbeat(hb))) => {
+                if let Some((l, _)) = fleet.links.lock().get_mut(&cert_id) {
                     l.heartbeats += 1;
                     l.last_heartbeat = Some(hb);
                 }
             }
-            (true, AgentMessage::Applied(a)) => {
+            Ok(Some(AgentMessage::Applied(a))) => {
                 tracing::info!(agent = %cert_id, version = a.version, ok = a.ok, "agent applied profiles");
+                let mut rec = fleet
+                    .store
+                    .agent(&cert_id)
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default();
+                rec.id = cert_id.clone();
+                rec.last_seen_unix_ms = now_ms();
+                rec.applied_version = Some(a.version);
+                rec.applied_ok = a.ok;
+                rec.apply_errors = a
+                    .results
+                    .iter()
+                    .filter(|r| !r.ok)
+                    .map(|r| format!("{} {}: {}", r.profile, r.forward, r.detail))
+                    .collect();
+                if let Err(e) = fleet.store.record_agent(&rec).await {
+                    tracing::error!(agent = %cert_id, "{e}");
+                }
             }
-            (true, AgentMessage::Hello(_)) => {
+            Ok(Some(AgentMessage::Hello(_))) => {
                 tracing::warn!(agent = %cert_id, "second hello on one connection; closing");
                 conn.close(close::MALFORMED.into(), b"second hello");
-                mark_disconnected(&links, &cert_id);
-                return;
+                break;
+            }
+            Ok(None) => {
+                tracing::info!(agent = %cert_id, "control link closed");
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(agent = %cert_id, %remote, "closing control link: {e}");
+                conn.close(close::MALFORMED.into(), e.as_bytes());
+                break;
+            }
+        }
+    }
+    if let Some((l, tx)) = fleet.links.lock().get_mut(&cert_id) {
+        l.connected = false;
+        *tx = None;
+    }
+    writer.abort();
+}
+
+/// Frames in from one stream.
+struct Reader {
+    dec: FrameDecoder,
+    buf: Vec<u8>,
+}
+
+impl Reader {
+    /// The next message; `Ok(None)` when the stream or connection ended; `Err` on bad bytes.
+    async fn next(&mut self, recv: &mut quinn::RecvStream) -> Result<Option<AgentMessage>, String> {
+        loop {
+            match self.dec.next_message::<AgentMessage>() {
+                Ok(Some(m)) => return Ok(Some(m)),
+                Ok(None) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+            match recv.read(&mut self.buf).await {
+                Ok(Some(n)) => self.dec.push(&self.buf[..n]),
+                Ok(None) | Err(_) => return Ok(None),
             }
         }
     }
@@ -236,8 +350,9 @@ async fn refuse(conn: &quinn::Connection, send: &mut quinn::SendStream, reason: 
     conn.close(close::REFUSED.into(), reason.as_bytes());
 }
 
-fn mark_disconnected(links: &Links, id: &str) {
-    if let Some(l) = links.lock().get_mut(id) {
-        l.connected = false;
-    }
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

@@ -11,12 +11,15 @@ use std::time::Duration;
 use integration_tests::wait_until;
 use tokio_util::sync::CancellationToken;
 use tunnelfleet_agent::link::{self, LinkError};
-use tunnelfleet_coordinator::{link::Links, pki, tls};
+use tunnelfleet_coordinator::link::Fleet;
+use tunnelfleet_coordinator::store::{Assignment, Selector, Store};
+use tunnelfleet_coordinator::{pki, tls};
 use tunnelfleet_protocol::{Heartbeat, Hello, PROTOCOL_VERSION};
 
 struct Coordinator {
     addr: SocketAddr,
-    links: Arc<Links>,
+    fleet: Arc<Fleet>,
+    _state: tempfile::TempDir,
     stop: CancellationToken,
 }
 
@@ -30,15 +33,21 @@ async fn coordinator(pki_dir: &Path) -> Coordinator {
     let cfg = tls::server_config(pki_dir).unwrap();
     let endpoint = quinn::Endpoint::server(cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = endpoint.local_addr().unwrap();
-    let links = Arc::new(Links::default());
+    let links_dir = tempfile::tempdir().unwrap();
+    let store = Store::open(links_dir.path()).unwrap();
+    let fleet = Fleet::new(store, Duration::from_secs(5));
     let stop = CancellationToken::new();
     tokio::spawn(tunnelfleet_coordinator::link::serve(
         endpoint,
-        links.clone(),
-        Duration::from_secs(5),
+        fleet.clone(),
         stop.clone(),
     ));
-    Coordinator { addr, links, stop }
+    Coordinator {
+        addr,
+        fleet,
+        _state: links_dir,
+        stop,
+    }
 }
 
 fn hello(id: &str) -> Hello {
@@ -93,15 +102,18 @@ async fn an_agent_with_its_certificate_is_welcomed_and_its_heartbeats_arrive() {
         .unwrap();
     }
     wait_until(10, "three heartbeats recorded", || async {
-        c.links.get("vma-233").is_some_and(|a| a.heartbeats == 3)
+        c.fleet
+            .links
+            .get("vma-233")
+            .is_some_and(|a| a.heartbeats == 3)
     })
     .await;
-    let a = c.links.get("vma-233").unwrap();
+    let a = c.fleet.links.get("vma-233").unwrap();
     assert_eq!(a.labels.get("site").map(String::as_str), Some("dc1"));
     assert_eq!(a.last_heartbeat.unwrap().seq, 3);
     l.close();
     wait_until(15, "disconnect noticed", || async {
-        c.links.connected().is_empty()
+        c.fleet.links.connected().is_empty()
     })
     .await;
     // init refuses to replace an existing CA.
@@ -141,7 +153,7 @@ async fn certificates_from_another_ca_and_expired_ones_are_refused() {
     .unwrap();
     let e = connect(&c, &expired, hello("vma-2")).await.err().unwrap();
     assert!(matches!(e, LinkError::CertificateRefused { .. }), "{e}");
-    assert!(c.links.connected().is_empty());
+    assert!(c.fleet.links.connected().is_empty());
     // The coordinator keeps serving.
     let good = pki::issue_agent(
         &dir.path().join("pki"),
@@ -177,7 +189,7 @@ async fn a_hello_claiming_another_id_or_version_is_refused_with_the_reason() {
         }
         other => panic!("{:?}", other.err()),
     }
-    assert!(c.links.connected().is_empty());
+    assert!(c.fleet.links.connected().is_empty());
     assert!(pki::issue_agent(&dir.path().join("pki"), "bad id/../x", 1, dir.path()).is_err());
 }
 
@@ -224,9 +236,116 @@ async fn malformed_frames_close_that_connection_and_no_other() {
     .await
     .unwrap();
     wait_until(10, "good agent's heartbeat", || async {
-        c.links
+        c.fleet
+            .links
             .get("good")
             .is_some_and(|a| a.heartbeats == 1 && a.connected)
     })
     .await;
+}
+
+fn spec(name: &str) -> tunnelfleet_protocol::ProfileSpec {
+    tunnelfleet_protocol::ProfileSpec {
+        name: name.into(),
+        description: String::new(),
+        endpoints: vec!["oma-a:443".into()],
+        user: "vma".into(),
+        identity_file: "/etc/tunnelfleet/id".into(),
+        known_hosts: Some("/etc/tunnelfleet/known_hosts".into()),
+        host_key_fingerprints: vec![],
+        trust_on_first_use: false,
+        forwards: vec!["L 8082:localhost:8082".into()],
+        connect_timeout_ms: 15_000,
+        keepalive_interval_ms: 5_000,
+        keepalive_count: 3,
+        reconnect_min_ms: 500,
+        reconnect_max_ms: 30_000,
+        failover_after: 3,
+        health: None,
+    }
+}
+
+async fn expect_push(l: &mut link::ControlLink) -> tunnelfleet_protocol::ProfileSet {
+    match tokio::time::timeout(Duration::from_secs(10), l.next())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        tunnelfleet_protocol::CoordinatorMessage::Push(set) => set,
+        other => panic!("expected a push, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_profile_change_reaches_every_assigned_agent_and_is_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki_dir = dir.path().join("pki");
+    pki::init(&pki_dir, &["localhost".into()]).unwrap();
+    let c = coordinator(&pki_dir).await;
+    let mut agents = Vec::new();
+    for (id, site) in [("dc1-a", "dc1"), ("dc1-b", "dc1"), ("dc2-a", "dc2")] {
+        let files = pki::issue_agent(&pki_dir, id, 365, &dir.path().join(id)).unwrap();
+        let mut h = hello(id);
+        h.labels = [("site".to_string(), site.to_string())].into();
+        let mut l = connect(&c, &files, h).await.unwrap();
+        // On connect every agent learns its current set (empty so far).
+        assert!(expect_push(&mut l).await.profiles.is_empty());
+        agents.push((id, files, l));
+    }
+    c.fleet.store.put_profile(&spec("oma")).await.unwrap();
+    let v = c
+        .fleet
+        .store
+        .assign(&Assignment {
+            profile: "oma".into(),
+            selector: Selector::Labels([("site".to_string(), "dc1".to_string())].into()),
+        })
+        .await
+        .unwrap();
+    assert_eq!(c.fleet.push_changed().unwrap(), vec!["dc1-a", "dc1-b"]);
+    // Nothing changed since: nothing is pushed again.
+    assert!(c.fleet.push_changed().unwrap().is_empty());
+    for (id, _, l) in agents.iter_mut().filter(|(id, _, _)| id.starts_with("dc1")) {
+        let set = expect_push(l).await;
+        assert_eq!((set.version, set.profiles.len()), (v, 1), "{id}");
+        l.applied(tunnelfleet_protocol::Applied {
+            version: set.version,
+            ok: true,
+            results: vec![tunnelfleet_protocol::ForwardResult {
+                profile: "oma".into(),
+                forward: "L 8082:localhost:8082".into(),
+                ok: true,
+                detail: "bound".into(),
+            }],
+        })
+        .await
+        .unwrap();
+    }
+    wait_until(10, "both dc1 agents acknowledged the version", || async {
+        ["dc1-a", "dc1-b"].iter().all(|id| {
+            c.fleet
+                .store
+                .agent(id)
+                .unwrap()
+                .is_some_and(|r| r.applied_version == Some(v) && r.applied_ok)
+        })
+    })
+    .await;
+    assert_eq!(
+        c.fleet
+            .store
+            .agent("dc2-a")
+            .unwrap()
+            .unwrap()
+            .applied_version,
+        None
+    );
+
+    // An agent that was offline during the change gets it when it connects.
+    let late = pki::issue_agent(&pki_dir, "dc1-late", 365, &dir.path().join("late")).unwrap();
+    let mut h = hello("dc1-late");
+    h.labels = [("site".to_string(), "dc1".to_string())].into();
+    let mut l = connect(&c, &late, h).await.unwrap();
+    let set = expect_push(&mut l).await;
+    assert_eq!(set.profiles[0].name, "oma");
 }
