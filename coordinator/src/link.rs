@@ -53,11 +53,17 @@ pub struct AgentLink {
     pub pushed: Option<Vec<ProfileSpec>>,
 }
 
+/// Frames queued for one agent's writer task.
+type Outbox = mpsc::Sender<Vec<u8>>;
+
+/// One agent: what we know, and its outbox while connected.
+type Slot = (AgentLink, Option<Outbox>);
+
 /// Connected agents and their outgoing queues. A `std` mutex: held only to copy or replace an
 /// entry, never across an await.
 #[derive(Default)]
 pub struct Links {
-    inner: Mutex<HashMap<String, (AgentLink, Option<mpsc::Sender<Vec<u8>>>)>>,
+    inner: Mutex<HashMap<String, Slot>>,
 }
 
 impl Links {
@@ -78,10 +84,7 @@ impl Links {
         v
     }
 
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, (AgentLink, Option<mpsc::Sender<Vec<u8>>>)>>
-    {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
