@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tunnelfleet_protocol::{
     AgentMessage, CoordinatorMessage, FrameDecoder, Heartbeat, PROTOCOL_VERSION, ProfileSpec,
@@ -51,7 +52,15 @@ pub struct AgentLink {
     pub connected: bool,
     /// The profiles last pushed (to push only what changed).
     pub pushed: Option<Vec<ProfileSpec>>,
+    /// When we last heard from it (hello or heartbeat).
+    pub last_heard: Instant,
+    /// False after [`MISSED_HEARTBEATS_OFFLINE`] intervals of silence, until it speaks again.
+    pub online: bool,
 }
+
+/// Heartbeats an agent may miss before it is marked offline: one lost datagram is noise, three
+/// in a row is an outage (the same rule as tunnel health checks).
+pub const MISSED_HEARTBEATS_OFFLINE: u32 = 3;
 
 /// Frames queued for one agent's writer task.
 type Outbox = mpsc::Sender<Vec<u8>>;
@@ -131,6 +140,53 @@ impl Fleet {
         }
         pushed.sort();
         Ok(pushed)
+    }
+}
+
+impl Fleet {
+    /// Marks agents silent for more than [`MISSED_HEARTBEATS_OFFLINE`] heartbeat intervals as
+    /// offline; returns the ones that just went offline. No IO and no clock of its own, so the
+    /// rule is tested with a virtual clock.
+    pub fn sweep(&self, now: Instant) -> Vec<String> {
+        let limit = self.heartbeat_interval * MISSED_HEARTBEATS_OFFLINE;
+        let mut gone = Vec::new();
+        for (l, _) in self.links.lock().values_mut() {
+            if l.online && now.saturating_duration_since(l.last_heard) > limit {
+                l.online = false;
+                gone.push(l.agent_id.clone());
+            }
+        }
+        gone.sort();
+        gone
+    }
+
+    /// Runs [`Fleet::sweep`] every heartbeat interval until `shutdown`, logging each change.
+    pub async fn run_sweeper(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(self.heartbeat_interval);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            for id in self.sweep(Instant::now()) {
+                tracing::warn!(agent = %id, missed = MISSED_HEARTBEATS_OFFLINE, "agent offline: no heartbeat for {} intervals", MISSED_HEARTBEATS_OFFLINE);
+            }
+        }
+    }
+
+    /// Records that `id` was heard from now; logs a return from offline.
+    fn heard(&self, id: &str, hb: Option<Heartbeat>) {
+        if let Some((l, _)) = self.links.lock().get_mut(id) {
+            l.last_heard = Instant::now();
+            if !l.online {
+                l.online = true;
+                tracing::info!(agent = %id, "agent back online");
+            }
+            if let Some(hb) = hb {
+                l.heartbeats += 1;
+                l.last_heartbeat = Some(hb);
+            }
+        }
     }
 }
 
@@ -255,6 +311,8 @@ async fn handle(conn: quinn::Connection, fleet: Arc<Fleet>) {
                 heartbeats: 0,
                 connected: true,
                 pushed: None,
+                last_heard: Instant::now(),
+                online: true,
             },
             Some(tx),
         ),
@@ -267,13 +325,9 @@ async fn handle(conn: quinn::Connection, fleet: Arc<Fleet>) {
 
     loop {
         match reader.next(&mut recv).await {
-            Ok(Some(AgentMessage::Heartbeat(hb))) => {
-                if let Some((l, _)) = fleet.links.lock().get_mut(&cert_id) {
-                    l.heartbeats += 1;
-                    l.last_heartbeat = Some(hb);
-                }
-            }
+            Ok(Some(AgentMessage::Heartbeat(hb))) => fleet.heard(&cert_id, Some(hb)),
             Ok(Some(AgentMessage::Applied(a))) => {
+                fleet.heard(&cert_id, None);
                 tracing::info!(agent = %cert_id, version = a.version, ok = a.ok, "agent applied profiles");
                 let mut rec = fleet
                     .store
@@ -358,4 +412,52 @@ fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn offline_after_three_missed_heartbeats_and_back_on_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let fleet = Fleet::new(Store::open(dir.path()).unwrap(), Duration::from_secs(5));
+        fleet.links.lock().insert(
+            "vma-1".into(),
+            (
+                AgentLink {
+                    agent_id: "vma-1".into(),
+                    remote: SocketAddr::from(([127, 0, 0, 1], 1)),
+                    labels: BTreeMap::new(),
+                    last_heartbeat: None,
+                    heartbeats: 0,
+                    connected: true,
+                    pushed: None,
+                    last_heard: Instant::now(),
+                    online: true,
+                },
+                None,
+            ),
+        );
+        tokio::time::advance(Duration::from_secs(15)).await;
+        assert!(
+            fleet.sweep(Instant::now()).is_empty(),
+            "three intervals exactly is not yet three missed"
+        );
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(fleet.sweep(Instant::now()), vec!["vma-1"]);
+        assert!(fleet.sweep(Instant::now()).is_empty(), "reported once");
+        fleet.heard(
+            "vma-1",
+            Some(Heartbeat {
+                seq: 1,
+                sent_unix_ms: 0,
+                profiles: vec![],
+            }),
+        );
+        let l = fleet.links.get("vma-1").unwrap();
+        assert!(l.online && l.heartbeats == 1);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(fleet.sweep(Instant::now()).is_empty());
+    }
 }
