@@ -547,3 +547,106 @@ interval = "60s"
         assert!(split_host_port("a", None).is_err());
     }
 }
+
+/// Pushed profiles travel as [`tunnelfleet_protocol::ProfileSpec`]; these conversions keep the
+/// wire model and the local model the same thing, so a pushed profile is validated exactly as a
+/// local one.
+impl From<&ProfileConfig> for tunnelfleet_protocol::ProfileSpec {
+    fn from(p: &ProfileConfig) -> Self {
+        let ms = |d: Duration| d.as_millis() as u64;
+        tunnelfleet_protocol::ProfileSpec {
+            name: p.name.clone(),
+            description: p.description.clone(),
+            endpoints: p.endpoints.clone(),
+            user: p.user.clone(),
+            identity_file: p.identity_file.display().to_string(),
+            known_hosts: p.known_hosts.as_ref().map(|k| k.display().to_string()),
+            host_key_fingerprints: p.host_key_fingerprints.clone(),
+            trust_on_first_use: p.trust_on_first_use,
+            forwards: p.forwards.clone(),
+            connect_timeout_ms: ms(p.connect_timeout),
+            keepalive_interval_ms: ms(p.keepalive_interval),
+            keepalive_count: p.keepalive_count,
+            reconnect_min_ms: ms(p.reconnect_min),
+            reconnect_max_ms: ms(p.reconnect_max),
+            failover_after: p.failover_after,
+            health: p.health.as_ref().map(|h| tunnelfleet_protocol::HealthSpec {
+                http: h.http.clone(),
+                tcp: h.tcp.clone(),
+                interval_ms: ms(h.interval),
+                timeout_ms: ms(h.timeout),
+                threshold: h.threshold,
+            }),
+        }
+    }
+}
+
+impl ProfileConfig {
+    /// A pushed profile as a local one, validated; the error names the key and the reason.
+    pub fn from_spec(s: &tunnelfleet_protocol::ProfileSpec) -> Result<Self, (String, String)> {
+        let ms = Duration::from_millis;
+        let p = ProfileConfig {
+            name: s.name.clone(),
+            description: s.description.clone(),
+            endpoints: s.endpoints.clone(),
+            user: s.user.clone(),
+            identity_file: PathBuf::from(&s.identity_file),
+            known_hosts: s.known_hosts.as_ref().map(PathBuf::from),
+            host_key_fingerprints: s.host_key_fingerprints.clone(),
+            trust_on_first_use: s.trust_on_first_use,
+            forwards: s.forwards.clone(),
+            connect_timeout: ms(s.connect_timeout_ms),
+            keepalive_interval: ms(s.keepalive_interval_ms),
+            keepalive_count: s.keepalive_count,
+            reconnect_min: ms(s.reconnect_min_ms),
+            reconnect_max: ms(s.reconnect_max_ms),
+            failover_after: s.failover_after,
+            autostart: true,
+            health: s.health.as_ref().map(|h| HealthConfig {
+                http: h.http.clone(),
+                tcp: h.tcp.clone(),
+                interval: ms(h.interval_ms),
+                timeout: ms(h.timeout_ms),
+                threshold: h.threshold,
+            }),
+        };
+        p.validate_fields()?;
+        Ok(p)
+    }
+}
+
+#[cfg(test)]
+mod spec_tests {
+    use super::*;
+
+    #[test]
+    fn a_profile_survives_the_wire_and_bad_pushes_are_refused_with_the_key() {
+        let cfg = AgentConfig::parse(
+            r#"[[profile]]
+name = "oma"
+endpoints = ["oma-a:443", "oma-b:443"]
+user = "vma"
+identity_file = "/k"
+known_hosts = "/kh"
+forwards = ["L 8082:localhost:8082", "R 9081:localhost:8081"]
+[profile.health]
+http = "http://localhost:8082/health"
+"#,
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        let p = &cfg.profiles[0];
+        let spec = tunnelfleet_protocol::ProfileSpec::from(p);
+        let back = ProfileConfig::from_spec(&spec).unwrap();
+        assert_eq!(&back, p);
+        let mut bad = spec.clone();
+        bad.forwards.push("L nope".into());
+        let (key, reason) = ProfileConfig::from_spec(&bad).unwrap_err();
+        assert_eq!(key, "forwards[2]");
+        assert!(reason.contains("L nope"), "{reason}");
+        bad = spec;
+        bad.host_key_fingerprints.clear();
+        bad.known_hosts = None;
+        assert_eq!(ProfileConfig::from_spec(&bad).unwrap_err().0, "known_hosts");
+    }
+}

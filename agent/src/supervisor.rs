@@ -16,7 +16,11 @@ use crate::control::{Request, Response};
 use crate::health::run_check;
 use crate::identity::{IdentityError, load_identity};
 use crate::profile::{self, ProfileHandle};
-use crate::status::{AgentStatus, ProfileShared, now_unix_ms};
+use crate::status::{AgentStatus, ForwardState, ProfileShared, now_unix_ms};
+use tunnelfleet_protocol::{Applied, ForwardResult, ProfileSet};
+
+/// How long `apply` waits for new listeners to bind before reporting.
+const APPLY_SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Why the agent cannot start its profiles.
 #[derive(Debug, thiserror::Error)]
@@ -31,7 +35,15 @@ pub enum StartError {
     },
 }
 
+/// Where a profile came from: a local profile is never replaced by a pushed one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Local,
+    Pushed,
+}
+
 struct Slot {
+    origin: Origin,
     cfg: Arc<ProfileConfig>,
     key: Arc<PrivateKey>,
     shared: Arc<ProfileShared>,
@@ -60,6 +72,7 @@ impl Supervisor {
             slots.insert(
                 p.name.clone(),
                 Slot {
+                    origin: Origin::Local,
                     cfg: Arc::new(p.clone()),
                     key: Arc::new(key),
                     shared: profile::new_shared(p),
@@ -163,6 +176,133 @@ impl Supervisor {
             .collect();
         let stops = handles.into_iter().map(|h| h.stop());
         futures_join_all(stops).await;
+    }
+
+    /// Applies a pushed profile set as a diff: pushed profiles that are gone are stopped,
+    /// identical ones are left running untouched (their connections stay open), changed ones
+    /// are replaced, new ones started. Local profiles are never touched; a pushed profile with a
+    /// local profile's name is refused. Returns one result per forward, after the listeners
+    /// have settled, so a port conflict is reported in the acknowledgement.
+    pub async fn apply(&mut self, set: &ProfileSet) -> Applied {
+        let mut results = Vec::new();
+        let wanted: BTreeMap<&str, &tunnelfleet_protocol::ProfileSpec> =
+            set.profiles.iter().map(|p| (p.name.as_str(), p)).collect();
+        let gone: Vec<String> = self
+            .slots
+            .values()
+            .filter(|s| s.origin == Origin::Pushed && !wanted.contains_key(s.cfg.name.as_str()))
+            .map(|s| s.cfg.name.clone())
+            .collect();
+        for name in gone {
+            if let Some(mut slot) = self.slots.remove(&name)
+                && let Some(h) = slot.running.take()
+            {
+                h.stop().await;
+            }
+            tracing::info!(profile = %name, version = set.version, "pushed profile removed");
+        }
+        let mut started = Vec::new();
+        for (name, spec) in wanted {
+            let fail = |detail: String| ForwardResult {
+                profile: name.to_string(),
+                forward: "*".into(),
+                ok: false,
+                detail,
+            };
+            let cfg = match ProfileConfig::from_spec(spec) {
+                Ok(c) => c,
+                Err((key, reason)) => {
+                    results.push(fail(format!("profile.{name}.{key}: {reason}")));
+                    continue;
+                }
+            };
+            match self.slots.get(name) {
+                Some(s) if s.origin == Origin::Local => {
+                    results.push(fail(format!(
+                        "a local profile named {name:?} exists; the local one stays"
+                    )));
+                    continue;
+                }
+                Some(s) if *s.cfg == cfg => {
+                    for f in &cfg.forwards {
+                        results.push(ForwardResult {
+                            profile: name.to_string(),
+                            forward: f.clone(),
+                            ok: true,
+                            detail: "unchanged".into(),
+                        });
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+            let key = match load_identity(&cfg.identity_file) {
+                Ok(k) => k,
+                Err(e) => {
+                    results.push(fail(e.to_string()));
+                    continue;
+                }
+            };
+            let replaced = match self.slots.remove(name) {
+                Some(mut old) => {
+                    if let Some(h) = old.running.take() {
+                        h.stop().await;
+                    }
+                    true
+                }
+                None => false,
+            };
+            self.slots.insert(
+                name.to_string(),
+                Slot {
+                    origin: Origin::Pushed,
+                    shared: profile::new_shared(&cfg),
+                    cfg: Arc::new(cfg),
+                    key: Arc::new(key),
+                    running: None,
+                },
+            );
+            let _ = self.start(name);
+            tracing::info!(profile = %name, version = set.version, replaced, "pushed profile applied");
+            started.push((name.to_string(), replaced));
+        }
+        // Let the new listeners bind (or fail to) before reporting.
+        let deadline = tokio::time::Instant::now() + APPLY_SETTLE;
+        for (name, replaced) in started {
+            let Some(slot) = self.slots.get(&name) else {
+                continue;
+            };
+            let snap = loop {
+                let snap = slot.shared.snapshot();
+                let settled = snap
+                    .forwards
+                    .iter()
+                    .all(|f| f.state != ForwardState::Stopped);
+                if settled || tokio::time::Instant::now() >= deadline {
+                    break snap;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            };
+            for (spec, f) in slot.cfg.forwards.iter().zip(&snap.forwards) {
+                let verb = if replaced { "replaced" } else { "started" };
+                let (ok, detail) = match f.state {
+                    ForwardState::Retrying => (false, f.detail.clone().unwrap_or_default()),
+                    ForwardState::Stopped => (false, "did not start".to_string()),
+                    s => (true, format!("{verb}, {s:?}").to_lowercase()),
+                };
+                results.push(ForwardResult {
+                    profile: name.clone(),
+                    forward: spec.clone(),
+                    ok,
+                    detail,
+                });
+            }
+        }
+        Applied {
+            version: set.version,
+            ok: results.iter().all(|r| r.ok),
+            results,
+        }
     }
 
     fn slot(&mut self, name: &str) -> Result<&mut Slot, String> {

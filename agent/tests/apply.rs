@@ -1,0 +1,166 @@
+//! Applying pushed profile sets as a diff: start, leave unchanged, replace, report a port
+//! conflict by port, refuse bad or clashing profiles, remove.
+
+#![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use tunnelfleet_agent::config::{AgentConfig, ProfileConfig};
+use tunnelfleet_agent::supervisor::Supervisor;
+use tunnelfleet_protocol::{ProfileSet, ProfileSpec};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn spec(dir: &Path, name: &str, forwards: &[String]) -> ProfileSpec {
+    let key = dir.join("id");
+    if !key.exists() {
+        let k = russh::keys::PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519)
+            .unwrap();
+        std::fs::write(&key, k.to_openssh(Default::default()).unwrap().as_bytes()).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let text = format!(
+        "[[profile]]\nname = \"{name}\"\nendpoints = [\"127.0.0.1:{}\"]\nuser = \"u\"\nidentity_file = \"{}\"\n\
+         host_key_fingerprints = [\"SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU\"]\nforwards = [{}]\n",
+        free_port(),
+        key.display(),
+        forwards
+            .iter()
+            .map(|f| format!("{f:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let cfg = AgentConfig::parse(&text, Path::new("t.toml")).unwrap();
+    ProfileSpec::from(&cfg.profiles[0])
+}
+
+fn details(a: &tunnelfleet_protocol::Applied) -> Vec<String> {
+    a.results
+        .iter()
+        .map(|r| format!("{} {} {}", r.profile, r.ok, r.detail))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_pushed_set_is_applied_as_a_diff() {
+    let dir = tempfile::tempdir().unwrap();
+    // Writes the shared identity file as a side effect.
+    spec(dir.path(), "x", &["L 1:a:2".into()]);
+    let key = dir.path().join("id");
+    let local = AgentConfig::parse(
+        &format!(
+            "[[profile]]\nname = \"local\"\nendpoints = [\"127.0.0.1:1\"]\nuser = \"u\"\nidentity_file = \"{}\"\n\
+             host_key_fingerprints = [\"SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU\"]\nforwards = [\"L {}:a:1\"]\nautostart = false\n",
+            key.display(),
+            free_port()
+        ),
+        Path::new("local.toml"),
+    )
+    .unwrap();
+    let mut sup = Supervisor::new(&local).unwrap();
+    let (p1, p2) = (free_port(), free_port());
+    let a = spec(dir.path(), "oma", &[format!("L {p1}:localhost:8082")]);
+
+    let r = sup
+        .apply(&ProfileSet {
+            version: 1,
+            profiles: vec![a.clone()],
+        })
+        .await;
+    assert!(r.ok, "{:?}", details(&r));
+    assert!(
+        r.results[0].detail.starts_with("started"),
+        "{:?}",
+        details(&r)
+    );
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", p1)).is_ok(),
+        "forward listening"
+    );
+
+    let r = sup
+        .apply(&ProfileSet {
+            version: 2,
+            profiles: vec![a.clone()],
+        })
+        .await;
+    assert_eq!(r.results[0].detail, "unchanged");
+
+    let mut changed = a.clone();
+    changed.forwards.push(format!("L {p2}:localhost:10809"));
+    let r = sup
+        .apply(&ProfileSet {
+            version: 3,
+            profiles: vec![changed.clone()],
+        })
+        .await;
+    assert!(
+        r.ok && r.results.iter().all(|x| x.detail.starts_with("replaced")),
+        "{:?}",
+        details(&r)
+    );
+
+    // A port another process holds: reported by port, the rest of the set applied.
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = holder.local_addr().unwrap().port();
+    let conflict = spec(dir.path(), "conflict", &[format!("L {busy}:localhost:1")]);
+    let mut bad = changed.clone();
+    bad.name = "broken".into();
+    bad.forwards = vec!["L nope".into()];
+    let mut clash = changed.clone();
+    clash.name = "local".into();
+    let r = sup
+        .apply(&ProfileSet {
+            version: 4,
+            profiles: vec![changed.clone(), conflict, bad, clash],
+        })
+        .await;
+    assert!(!r.ok);
+    let d = details(&r);
+    assert!(
+        d.iter().any(|x| x.starts_with("conflict false")
+            && x.contains(&format!("port {busy} is already in use"))),
+        "{d:?}"
+    );
+    assert!(
+        d.iter()
+            .any(|x| x.starts_with("broken false profile.broken.forwards[0]")),
+        "{d:?}"
+    );
+    assert!(
+        d.iter()
+            .any(|x| x.starts_with("local false a local profile named \"local\" exists")),
+        "{d:?}"
+    );
+    assert!(
+        d.iter()
+            .filter(|x| x.starts_with("oma true unchanged"))
+            .count()
+            == 2,
+        "{d:?}"
+    );
+
+    // Removing everything pushed stops it; the local profile stays.
+    let r = sup
+        .apply(&ProfileSet {
+            version: 5,
+            profiles: vec![],
+        })
+        .await;
+    assert!(r.ok && r.results.is_empty());
+    assert!(
+        std::net::TcpListener::bind(("127.0.0.1", p1)).is_ok(),
+        "removed profile released its port"
+    );
+    let names: Vec<String> = sup.status().profiles.into_iter().map(|p| p.name).collect();
+    assert_eq!(names, vec!["local"]);
+    sup.shutdown().await;
+    let _ = ProfileConfig::from_spec(&a).unwrap();
+}
