@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::AgentConfig;
 use crate::control::{self, ControlError};
-use crate::supervisor::{StartError, Supervisor, SupervisorHandle};
+use crate::supervisor::{Envelope, StartError, Supervisor, SupervisorHandle};
 
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +23,7 @@ pub enum RunError {
 
 /// A prepared agent: config checked, identities loaded, control socket bound.
 pub struct Agent {
+    coordinator: Option<crate::config::CoordinatorSection>,
     supervisor: Supervisor,
     listener: UnixListener,
     socket: std::path::PathBuf,
@@ -32,8 +33,15 @@ impl Agent {
     /// Prepares everything that can fail before any tunnel starts, so a bad config changes nothing.
     pub async fn prepare(cfg: &AgentConfig) -> Result<Self, RunError> {
         let supervisor = Supervisor::new(cfg)?;
+        if let Some(c) = &cfg.coordinator {
+            crate::identity::check_permissions(&c.key).map_err(|source| StartError::Identity {
+                profile: "coordinator".into(),
+                source,
+            })?;
+        }
         let listener = control::bind(&cfg.agent.control_socket).await?;
         Ok(Agent {
+            coordinator: cfg.coordinator.clone(),
             supervisor,
             listener,
             socket: cfg.agent.control_socket.clone(),
@@ -44,17 +52,49 @@ impl Agent {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let (handle, mut requests) = SupervisorHandle::channel();
         let control_stop = CancellationToken::new();
-        let control = tokio::spawn(control::serve(self.listener, handle, control_stop.clone()));
+        let control = tokio::spawn(control::serve(
+            self.listener,
+            handle.clone(),
+            control_stop.clone(),
+        ));
         tracing::info!(socket = %self.socket.display(), "agent running");
         self.supervisor.start_autostart();
+        let fleet_stop = CancellationToken::new();
+        let mut fleet = None;
+        if let Some(c) = self.coordinator.take() {
+            // The cached set runs first: tunnels come up without waiting for the coordinator.
+            if let Some(set) = crate::fleet::load_cache(&c.state_dir) {
+                let applied = self.supervisor.apply(&set).await;
+                tracing::info!(
+                    version = set.version,
+                    ok = applied.ok,
+                    "running cached profiles"
+                );
+            }
+            fleet = Some(tokio::spawn(crate::fleet::run(
+                c,
+                handle.clone(),
+                fleet_stop.clone(),
+            )));
+        }
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                Some((req, reply)) = requests.recv() => {
-                    let resp = self.supervisor.handle(req).await;
-                    let _ = reply.send(resp);
-                }
+                Some(env) = requests.recv() => match env {
+                    Envelope::Control(req, reply) => {
+                        let resp = self.supervisor.handle(req).await;
+                        let _ = reply.send(resp);
+                    }
+                    Envelope::Apply(set, reply) => {
+                        let applied = self.supervisor.apply(&set).await;
+                        let _ = reply.send(applied);
+                    }
+                },
             }
+        }
+        fleet_stop.cancel();
+        if let Some(f) = fleet {
+            let _ = f.await;
         }
         control_stop.cancel();
         let _ = control.await;

@@ -53,6 +53,50 @@ pub struct AgentConfig {
     /// Tunnel profiles, one SSH session each.
     #[serde(default, rename = "profile")]
     pub profiles: Vec<ProfileConfig>,
+    /// The coordinator to report to and take profiles from (standalone when absent).
+    #[serde(default)]
+    pub coordinator: Option<CoordinatorSection>,
+}
+
+/// How to reach the coordinator.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorSection {
+    /// `host:port` of its QUIC control link.
+    pub address: String,
+    /// TLS name in its certificate (default: the host part of `address`).
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// This agent's id (must match its certificate).
+    pub agent_id: String,
+    /// Labels for assignment, e.g. `{ site = "dc1" }`.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// The fleet CA certificate.
+    pub ca: PathBuf,
+    /// This agent's certificate.
+    pub cert: PathBuf,
+    /// This agent's private key (refused when group or others can read it).
+    pub key: PathBuf,
+    /// Where the last applied profile set is cached, to run before (or without) the coordinator.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Reconnect backoff floor.
+    #[serde(default = "default_link_min", with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    /// Reconnect backoff cap.
+    #[serde(default = "default_link_max", with = "humantime_serde")]
+    pub reconnect_max: Duration,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/tunnelfleet")
+}
+fn default_link_min() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_link_max() -> Duration {
+    Duration::from_secs(60)
 }
 
 /// Settings of the agent process itself.
@@ -222,6 +266,31 @@ impl AgentConfig {
             key,
             reason,
         };
+        if let Some(c) = &self.coordinator {
+            if let Err(r) = split_host_port(&c.address, None) {
+                return Err(invalid("coordinator.address".into(), r));
+            }
+            let id_ok = !c.agent_id.is_empty()
+                && c.agent_id.len() <= 64
+                && c.agent_id
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || "._-".contains(ch));
+            if !id_ok {
+                return Err(invalid(
+                    "coordinator.agent_id".into(),
+                    format!(
+                        "{:?}: use 1-64 letters, digits, '.', '_' or '-'",
+                        c.agent_id
+                    ),
+                ));
+            }
+            if c.reconnect_min.is_zero() || c.reconnect_max < c.reconnect_min {
+                return Err(invalid(
+                    "coordinator.reconnect_max".into(),
+                    "must be at least reconnect_min, which must be more than 0".into(),
+                ));
+            }
+        }
         let mut names = HashSet::new();
         let mut listens: BTreeMap<u16, String> = BTreeMap::new();
         for (i, p) in self.profiles.iter().enumerate() {

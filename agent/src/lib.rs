@@ -20,6 +20,7 @@
 //! - [`supervisor`]: all profiles and the commands that act on them.
 //! - [`control`]: the local Unix control socket (JSON lines) and its client.
 //! - [`status`]: status data shared by the tasks and returned to the CLI.
+//! - [`fleet`]: fleet membership: cached profiles, the coordinator link loop, heartbeats.
 //! - [`link`]: the control link to the coordinator (QUIC, mutual TLS, hello, heartbeats).
 //! - [`agent`]: `run`, the whole agent as one call.
 //! - [`shutdown`]: signals to a cancellation token.
@@ -29,6 +30,7 @@ pub mod agent;
 pub mod backoff;
 pub mod config;
 pub mod control;
+pub mod fleet;
 pub mod forward;
 pub mod health;
 pub mod hostkey;

@@ -341,10 +341,15 @@ async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
     while set.join_next().await.is_some() {}
 }
 
-/// A request and where its answer goes.
-pub type Envelope = (Request, oneshot::Sender<Response>);
+/// A command for the supervisor and where its answer goes.
+pub enum Envelope {
+    /// From the control socket.
+    Control(Request, oneshot::Sender<Response>),
+    /// A profile set pushed by the coordinator.
+    Apply(ProfileSet, oneshot::Sender<Applied>),
+}
 
-/// Sends requests to a running supervisor.
+/// Sends commands to a running supervisor.
 #[derive(Clone)]
 pub struct SupervisorHandle {
     tx: mpsc::Sender<Envelope>,
@@ -357,10 +362,10 @@ impl SupervisorHandle {
         (SupervisorHandle { tx }, rx)
     }
 
-    /// Sends a request and waits for the answer.
+    /// Sends a control request and waits for the answer.
     pub async fn call(&self, req: Request) -> Response {
         let (tx, rx) = oneshot::channel();
-        if self.tx.send((req, tx)).await.is_err() {
+        if self.tx.send(Envelope::Control(req, tx)).await.is_err() {
             return Response::Error {
                 message: "agent is shutting down".into(),
             };
@@ -368,5 +373,20 @@ impl SupervisorHandle {
         rx.await.unwrap_or(Response::Error {
             message: "agent is shutting down".into(),
         })
+    }
+
+    /// Applies a pushed profile set; `None` when the agent is shutting down.
+    pub async fn apply(&self, set: ProfileSet) -> Option<Applied> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Envelope::Apply(set, tx)).await.ok()?;
+        rx.await.ok()
+    }
+
+    /// A status snapshot; `None` when the agent is shutting down.
+    pub async fn status(&self) -> Option<AgentStatus> {
+        match self.call(Request::Status).await {
+            Response::Status(s) => Some(s),
+            _ => None,
+        }
     }
 }

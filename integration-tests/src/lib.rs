@@ -539,3 +539,52 @@ pub async fn socks_connect(
     s.read_exact(&mut rep).await?;
     Ok((s, rep[1]))
 }
+
+/// A coordinator in this process: real QUIC on loopback, sled on disk.
+pub struct TestCoordinator {
+    /// Where agents dial.
+    pub addr: std::net::SocketAddr,
+    /// Its state.
+    pub fleet: Arc<tunnelfleet_coordinator::link::Fleet>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TestCoordinator {
+    /// Starts on 127.0.0.1:`port` (0 for any) with the PKI in `pki_dir` and state in `state_dir`.
+    pub async fn start(pki_dir: &Path, state_dir: &Path, port: u16) -> TestCoordinator {
+        let cfg = tunnelfleet_coordinator::tls::server_config(pki_dir).expect("server config");
+        let endpoint =
+            quinn::Endpoint::server(cfg, std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+                .expect("bind coordinator");
+        let addr = endpoint.local_addr().expect("addr");
+        let store = tunnelfleet_coordinator::store::Store::open(state_dir).expect("store");
+        let fleet = tunnelfleet_coordinator::link::Fleet::new(store, Duration::from_millis(500));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(tunnelfleet_coordinator::link::serve(
+            endpoint,
+            fleet.clone(),
+            stop.clone(),
+        ));
+        TestCoordinator {
+            addr,
+            fleet,
+            stop,
+            task,
+        }
+    }
+
+    /// Stops it and waits until its store is closed (so it can be reopened).
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+        let fleet = self.fleet;
+        wait_until(10, "coordinator connections closed", || {
+            let n = Arc::strong_count(&fleet);
+            async move { n == 1 }
+        })
+        .await;
+    }
+}
+
+use std::sync::Arc;

@@ -3,50 +3,33 @@
 
 #![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
 
-use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
-use integration_tests::wait_until;
-use tokio_util::sync::CancellationToken;
+use integration_tests::{TestCoordinator, wait_until};
 use tunnelfleet_agent::link::{self, LinkError};
-use tunnelfleet_coordinator::link::Fleet;
-use tunnelfleet_coordinator::store::{Assignment, Selector, Store};
-use tunnelfleet_coordinator::{pki, tls};
+use tunnelfleet_coordinator::pki;
+use tunnelfleet_coordinator::store::{Assignment, Selector};
 use tunnelfleet_protocol::{Heartbeat, Hello, PROTOCOL_VERSION};
 
+/// A coordinator with its state in a temp dir that lives as long as it does.
 struct Coordinator {
-    addr: SocketAddr,
-    fleet: Arc<Fleet>,
+    inner: TestCoordinator,
     _state: tempfile::TempDir,
-    stop: CancellationToken,
 }
 
-impl Drop for Coordinator {
-    fn drop(&mut self) {
-        self.stop.cancel();
+impl std::ops::Deref for Coordinator {
+    type Target = TestCoordinator;
+    fn deref(&self) -> &TestCoordinator {
+        &self.inner
     }
 }
 
 async fn coordinator(pki_dir: &Path) -> Coordinator {
-    let cfg = tls::server_config(pki_dir).unwrap();
-    let endpoint = quinn::Endpoint::server(cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
-    let addr = endpoint.local_addr().unwrap();
-    let links_dir = tempfile::tempdir().unwrap();
-    let store = Store::open(links_dir.path()).unwrap();
-    let fleet = Fleet::new(store, Duration::from_secs(5));
-    let stop = CancellationToken::new();
-    tokio::spawn(tunnelfleet_coordinator::link::serve(
-        endpoint,
-        fleet.clone(),
-        stop.clone(),
-    ));
+    let state = tempfile::tempdir().unwrap();
     Coordinator {
-        addr,
-        fleet,
-        _state: links_dir,
-        stop,
+        inner: TestCoordinator::start(pki_dir, state.path(), 0).await,
+        _state: state,
     }
 }
 
@@ -91,7 +74,7 @@ async fn an_agent_with_its_certificate_is_welcomed_and_its_heartbeats_arrive() {
     assert_eq!(mode & 0o777, 0o600);
     let c = coordinator(&dir.path().join("pki")).await;
     let mut l = connect(&c, &files, hello("vma-233")).await.unwrap();
-    assert_eq!(l.welcome.heartbeat_interval_ms, 5000);
+    assert_eq!(l.welcome.heartbeat_interval_ms, 500);
     for seq in 1..=3 {
         l.heartbeat(Heartbeat {
             seq,

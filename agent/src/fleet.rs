@@ -1,0 +1,220 @@
+//! The agent as a member of a fleet: report to the coordinator, run what it pushes.
+//!
+//! Tunnels never depend on the coordinator: the last applied profile set is cached in the state
+//! dir and applied at start before the coordinator is reached (or if it never is), and a lost
+//! link only means reconnecting with full-jitter backoff — so a coordinator restart does not
+//! bring the whole fleet back in the same second — while every tunnel keeps running.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tunnelfleet_protocol::{
+    CoordinatorMessage, ForwardReport, HealthSample, Heartbeat, Hello, PROTOCOL_VERSION,
+    ProfileReport, ProfileSet,
+};
+
+use crate::backoff::Backoff;
+use crate::config::{CoordinatorSection, split_host_port};
+use crate::link::{self, LinkError};
+use crate::status::{self, AgentStatus, ProfileStatus};
+use crate::supervisor::SupervisorHandle;
+
+/// The cache file inside the state dir.
+pub fn cache_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("profiles.json")
+}
+
+/// The cached profile set, if one was stored and still reads.
+pub fn load_cache(state_dir: &Path) -> Option<ProfileSet> {
+    let path = cache_path(state_dir);
+    let text = std::fs::read(&path).ok()?;
+    match serde_json::from_slice(&text) {
+        Ok(set) => Some(set),
+        Err(e) => {
+            tracing::warn!(file = %path.display(), "ignoring unreadable profile cache: {e}");
+            None
+        }
+    }
+}
+
+/// Stores the set atomically (temp file, fsync, rename), so a crash leaves the old or the new
+/// cache, never half of one.
+pub fn store_cache(state_dir: &Path, set: &ProfileSet) -> std::io::Result<()> {
+    std::fs::create_dir_all(state_dir)?;
+    let path = cache_path(state_dir);
+    let tmp = state_dir.join("profiles.json.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&serde_json::to_vec_pretty(set).map_err(std::io::Error::other)?)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    std::fs::File::open(state_dir)?.sync_all()
+}
+
+/// Runs the coordinator link until `shutdown`. Never returns early on coordinator trouble.
+pub async fn run(cfg: CoordinatorSection, sup: SupervisorHandle, shutdown: CancellationToken) {
+    let client = match link::client_config(&cfg.ca, &cfg.cert, &cfg.key) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("coordinator link disabled: {e}");
+            return;
+        }
+    };
+    let server_name = cfg.server_name.clone().unwrap_or_else(|| {
+        split_host_port(&cfg.address, None)
+            .map(|(h, _)| h)
+            .unwrap_or_default()
+    });
+    let mut applied_version = load_cache(&cfg.state_dir).map(|s| s.version);
+    let mut backoff = Backoff::new(cfg.reconnect_min, cfg.reconnect_max);
+    loop {
+        let attempt = async {
+            let addr = tokio::net::lookup_host(&cfg.address)
+                .await
+                .map_err(|e| format!("coordinator {}: {e}", cfg.address))?
+                .next()
+                .ok_or_else(|| format!("coordinator {}: no address", cfg.address))?;
+            let bind = if addr.is_ipv4() {
+                "0.0.0.0:0"
+            } else {
+                "[::]:0"
+            };
+            let endpoint = quinn::Endpoint::client(bind.parse().map_err(|e| format!("{e}"))?)
+                .map_err(|e| format!("QUIC endpoint: {e}"))?;
+            let hello = Hello {
+                protocol: PROTOCOL_VERSION,
+                agent_id: cfg.agent_id.clone(),
+                agent_version: env!("CARGO_PKG_VERSION").to_string(),
+                labels: cfg.labels.clone(),
+                applied_version,
+            };
+            let l = link::connect(&endpoint, client.clone(), addr, &server_name, hello)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((endpoint, l))
+        };
+        let connected = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = attempt => r,
+        };
+        match connected {
+            Ok((_endpoint, mut l)) => {
+                tracing::info!(coordinator = %cfg.address, agent = %cfg.agent_id, "connected to the coordinator");
+                backoff.reset();
+                let every =
+                    Duration::from_millis(u64::from(l.welcome.heartbeat_interval_ms).max(200));
+                let mut tick = tokio::time::interval(every);
+                let mut seq = 0u64;
+                let mut since = status::now_unix_ms();
+                let ended: Result<(), LinkError> = loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {
+                            l.close();
+                            return;
+                        }
+                        _ = tick.tick() => {
+                            let Some(status) = sup.status().await else { return };
+                            seq += 1;
+                            let hb = heartbeat(seq, &status, since);
+                            since = hb.sent_unix_ms;
+                            if let Err(e) = l.heartbeat(hb).await {
+                                break Err(e);
+                            }
+                        }
+                        m = l.next() => match m {
+                            Ok(CoordinatorMessage::Push(set)) => {
+                                let version = set.version;
+                                let Some(applied) = sup.apply(set.clone()).await else { return };
+                                if let Err(e) = store_cache(&cfg.state_dir, &set) {
+                                    tracing::error!(dir = %cfg.state_dir.display(), "cannot cache the applied profiles: {e}");
+                                }
+                                applied_version = Some(version);
+                                tracing::info!(version, ok = applied.ok, "applied profiles pushed by the coordinator");
+                                if let Err(e) = l.applied(applied).await {
+                                    break Err(e);
+                                }
+                            }
+                            Ok(other) => tracing::debug!("ignoring {other:?}"),
+                            Err(e) => break Err(e),
+                        }
+                    }
+                };
+                if let Err(e) = ended {
+                    tracing::warn!("{e}; tunnels keep running, reconnecting");
+                }
+            }
+            Err(e) => tracing::warn!("{e}; tunnels keep running, retrying"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+        }
+    }
+}
+
+/// A heartbeat from a status snapshot; health results newer than `since_ms` are included.
+pub fn heartbeat(seq: u64, s: &AgentStatus, since_ms: u64) -> Heartbeat {
+    Heartbeat {
+        seq,
+        sent_unix_ms: status::now_unix_ms(),
+        profiles: s.profiles.iter().map(|p| report(p, since_ms)).collect(),
+    }
+}
+
+fn report(p: &ProfileStatus, since_ms: u64) -> ProfileReport {
+    use tunnelfleet_protocol::{ForwardState as F, TunnelState as T};
+    let state = match p.state {
+        status::SessionState::Stopped => T::Stopped,
+        status::SessionState::Connecting => T::Connecting,
+        status::SessionState::Up => T::Up,
+        status::SessionState::Backoff => T::Backoff,
+        status::SessionState::Stopping => T::Stopping,
+    };
+    let health = p
+        .health
+        .as_ref()
+        .and_then(|h| h.last.as_ref())
+        .filter(|r| r.at_unix_ms > since_ms)
+        .map(|r| HealthSample {
+            at_unix_ms: r.at_unix_ms,
+            ok: r.ok,
+            latency_us: (r.latency_ms * 1000.0) as u64,
+            detail: r.detail.clone(),
+        })
+        .into_iter()
+        .collect();
+    ProfileReport {
+        name: p.name.clone(),
+        state,
+        active_endpoint: p.active_endpoint.clone(),
+        up_since_unix_ms: p.up_since_unix_ms,
+        reconnects: p.reconnects,
+        failovers: p.failovers,
+        last_error: p.last_error.clone(),
+        consecutive_failures: p
+            .health
+            .as_ref()
+            .map(|h| h.consecutive_failures)
+            .unwrap_or(0),
+        health,
+        forwards: p
+            .forwards
+            .iter()
+            .map(|f| ForwardReport {
+                spec: f.spec.clone(),
+                state: match f.state {
+                    status::ForwardState::Stopped => F::Stopped,
+                    status::ForwardState::Listening => F::Listening,
+                    status::ForwardState::Active => F::Active,
+                    status::ForwardState::Waiting => F::Waiting,
+                    status::ForwardState::Retrying => F::Retrying,
+                },
+                detail: f.detail.clone(),
+                bytes_out: f.bytes_out,
+                bytes_in: f.bytes_in,
+                connections_open: f.connections_open,
+            })
+            .collect(),
+    }
+}

@@ -1,0 +1,137 @@
+//! An agent in a fleet, end to end: a coordinator (real QUIC, sled on disk) pushes a profile
+//! that the agent runs against a real sshd; the tunnel survives the coordinator going away, an
+//! agent restarted meanwhile runs its cached profile, and a restarted coordinator on the same
+//! data dir has lost nothing and gets the agent back.
+
+#![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
+
+use std::path::Path;
+
+use integration_tests::*;
+use tunnelfleet_agent::config::AgentConfig;
+use tunnelfleet_coordinator::pki;
+use tunnelfleet_coordinator::store::{Assignment, Selector};
+use tunnelfleet_protocol::{ProfileSpec, TunnelState};
+
+fn coordinator_toml(c: &TestCoordinator, files: &pki::AgentFiles, state: &Path) -> String {
+    format!(
+        "[coordinator]\naddress = \"{}\"\nserver_name = \"localhost\"\nagent_id = \"vma-1\"\nlabels = {{ site = \"dc1\" }}\n\
+         ca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nstate_dir = \"{}\"\nreconnect_min = \"100ms\"\nreconnect_max = \"500ms\"\n",
+        c.addr,
+        files.ca.display(),
+        files.cert.display(),
+        files.key.display(),
+        state.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushed_profiles_run_survive_the_coordinator_and_come_back_from_cache() {
+    if !Sshd::available("fleet") {
+        return;
+    }
+    let sshd = Sshd::start();
+    let (echo, _e) = echo_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pki_dir = dir.path().join("pki");
+    pki::init(&pki_dir, &["localhost".into()]).unwrap();
+    let files = pki::issue_agent(&pki_dir, "vma-1", 365, &dir.path().join("agent")).unwrap();
+    let coord_state = dir.path().join("coordinator");
+    let agent_state = dir.path().join("agent-state");
+    let c = TestCoordinator::start(&pki_dir, &coord_state, 0).await;
+    let addr = c.addr;
+    let agent_toml = coordinator_toml(&c, &files, &agent_state);
+    let agent = TestAgent::start(&agent_toml).await;
+    wait_until(20, "agent connected", || async {
+        c.fleet.links.connected() == vec!["vma-1"]
+    })
+    .await;
+
+    // The profile, written as a local one would be, pushed through the coordinator.
+    let l = free_port();
+    let local = AgentConfig::parse(
+        &profile_toml(
+            "oma",
+            &[sshd.endpoint()],
+            &sshd,
+            &[format!("L {l}:localhost:{echo}")],
+            "",
+        ),
+        Path::new("p.toml"),
+    )
+    .unwrap();
+    c.fleet
+        .store
+        .put_profile(&ProfileSpec::from(&local.profiles[0]))
+        .await
+        .unwrap();
+    let v = c
+        .fleet
+        .store
+        .assign(&Assignment {
+            profile: "oma".into(),
+            selector: Selector::Labels([("site".to_string(), "dc1".to_string())].into()),
+        })
+        .await
+        .unwrap();
+    assert_eq!(c.fleet.push_changed().unwrap(), vec!["vma-1"]);
+    wait_until(20, "version acknowledged", || async {
+        c.fleet
+            .store
+            .agent("vma-1")
+            .unwrap()
+            .is_some_and(|r| r.applied_version == Some(v) && r.applied_ok)
+    })
+    .await;
+    agent.wait_all_active("oma").await;
+    echo_roundtrip(l, b"pushed profile").await.unwrap();
+    wait_until(20, "heartbeat reports the tunnel up", || async {
+        c.fleet
+            .links
+            .get("vma-1")
+            .and_then(|a| a.last_heartbeat)
+            .is_some_and(|hb| {
+                hb.profiles
+                    .first()
+                    .is_some_and(|p| p.name == "oma" && p.state == TunnelState::Up)
+            })
+    })
+    .await;
+
+    // The coordinator goes away: the tunnel does not notice.
+    c.stop().await;
+    echo_roundtrip(l, b"coordinator down").await.unwrap();
+
+    // The agent restarts while the coordinator is down: it runs its cached profile.
+    agent.shutdown().await;
+    let agent = TestAgent::start(&agent_toml).await;
+    agent.wait_all_active("oma").await;
+    echo_roundtrip(l, b"from the cache").await.unwrap();
+
+    // The coordinator comes back on the same data dir and port: nothing acknowledged was lost,
+    // and the agent reconnects by itself.
+    let c = TestCoordinator::start(&pki_dir, &coord_state, addr.port()).await;
+    assert_eq!(c.fleet.store.fleet_version().unwrap(), v);
+    assert_eq!(
+        c.fleet
+            .store
+            .agent("vma-1")
+            .unwrap()
+            .unwrap()
+            .applied_version,
+        Some(v)
+    );
+    wait_until(30, "agent reconnected", || async {
+        c.fleet.links.connected() == vec!["vma-1"]
+    })
+    .await;
+    wait_until(20, "heartbeats again", || async {
+        c.fleet.links.get("vma-1").is_some_and(|a| a.heartbeats > 0)
+    })
+    .await;
+    echo_roundtrip(l, b"after the coordinator restart")
+        .await
+        .unwrap();
+    agent.shutdown().await;
+    c.stop().await;
+}
