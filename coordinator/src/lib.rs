@@ -5,8 +5,12 @@
 //! - [`tls`]: mutual-TLS QUIC settings; the agent id from a verified certificate.
 //! - [`link`]: accepting agents: hello checked against the certificate, heartbeats.
 //! - [`store`]: fleet state in sled; every acknowledged write flushed first.
+//! - [`admin`]: the admin HTTP API (bearer token) the CLI drives.
+//! - [`server`]: `run`, the whole coordinator as one call.
 
+pub mod admin;
 pub mod link;
 pub mod pki;
+pub mod server;
 pub mod store;
 pub mod tls;

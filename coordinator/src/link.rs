@@ -15,8 +15,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tunnelfleet_protocol::{
-    AgentMessage, CoordinatorMessage, FrameDecoder, Heartbeat, PROTOCOL_VERSION, ProfileSpec,
-    Welcome, check_version, encode,
+    AgentMessage, CoordinatorMessage, FrameDecoder, Heartbeat, PROTOCOL_VERSION, Welcome,
+    check_version, encode,
 };
 
 use crate::store::{Store, StoreError};
@@ -50,8 +50,8 @@ pub struct AgentLink {
     pub heartbeats: u64,
     /// Still connected.
     pub connected: bool,
-    /// The profiles last pushed (to push only what changed).
-    pub pushed: Option<Vec<ProfileSpec>>,
+    /// The fleet version last pushed to it.
+    pub pushed: Option<u64>,
     /// When we last heard from it (hello or heartbeat).
     pub last_heard: Instant,
     /// False after [`MISSED_HEARTBEATS_OFFLINE`] intervals of silence, until it speaks again.
@@ -118,23 +118,26 @@ impl Fleet {
         })
     }
 
-    /// Pushes the current profile set to every connected agent whose profiles changed since
-    /// the last push; returns the agents pushed to.
+    /// Pushes the current fleet version to every connected agent that has not been sent it;
+    /// returns the agents pushed to. Every agent gets every version — an agent whose profiles
+    /// did not change applies it as a no-op and acknowledges — so a rollout is complete when
+    /// every agent reports the current version.
     pub fn push_changed(&self) -> Result<Vec<String>, StoreError> {
         let mut pushed = Vec::new();
+        let version = self.store.fleet_version()?;
         let mut links = self.links.lock();
         for (link, tx) in links.values_mut() {
             let Some(tx) = tx.as_ref().filter(|_| link.connected) else {
                 continue;
             };
-            let set = self.store.profiles_for(&link.agent_id, &link.labels)?;
-            if link.pushed.as_ref() == Some(&set.profiles) {
+            if link.pushed == Some(version) {
                 continue;
             }
-            if let Ok(frame) = encode(&CoordinatorMessage::Push(set.clone()))
+            let set = self.store.profiles_for(&link.agent_id, &link.labels)?;
+            if let Ok(frame) = encode(&CoordinatorMessage::Push(set))
                 && tx.try_send(frame).is_ok()
             {
-                link.pushed = Some(set.profiles);
+                link.pushed = Some(version);
                 pushed.push(link.agent_id.clone());
             }
         }

@@ -260,6 +260,11 @@ impl Store {
             .transpose()
     }
 
+    /// Every agent ever seen.
+    pub fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        decode_all(&self.agents, "agents")
+    }
+
     /// The last `n` events, oldest first.
     pub fn events(&self, n: usize) -> Result<Vec<Event>, StoreError> {
         let mut v: Vec<Event> = self

@@ -285,7 +285,11 @@ async fn a_profile_change_reaches_every_assigned_agent_and_is_acknowledged() {
         })
         .await
         .unwrap();
-    assert_eq!(c.fleet.push_changed().unwrap(), vec!["dc1-a", "dc1-b"]);
+    // Every agent gets every version; dc2's set is empty.
+    assert_eq!(
+        c.fleet.push_changed().unwrap(),
+        vec!["dc1-a", "dc1-b", "dc2-a"]
+    );
     // Nothing changed since: nothing is pushed again.
     assert!(c.fleet.push_changed().unwrap().is_empty());
     for (id, _, l) in agents.iter_mut().filter(|(id, _, _)| id.starts_with("dc1")) {

@@ -2,6 +2,7 @@
 //! what it embeds.
 //!
 //! # Layout
+//! - [`api`]: the client of the coordinator's admin API.
 //! - [`audit`]: `tunnelfleet audit`: keys, sshd settings, sockets, failed logins, own config.
 //! - [`demo`]: `tunnelfleet demo`, the seed's tunnel set with a failover, end to end.
 //! - [`net`]: `tunnelfleet net check`: DNS, latency, ports, SSH banners; `net bandwidth`.
@@ -9,6 +10,7 @@
 //! - [`services`]: small HTTP and echo services standing in for OMA/VMA APIs and NBD.
 //! - [`render`]: human tables for `tunnels` commands.
 
+pub mod api;
 pub mod audit;
 pub mod demo;
 pub mod net;

@@ -78,6 +78,38 @@ enum Command {
         #[arg(long, value_enum, default_value_t = audit::Severity::High)]
         fail_on: audit::Severity,
     },
+    /// Fleet agents, through the coordinator's admin API.
+    Agents {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        action: AgentsAction,
+    },
+    /// Fleet profiles, through the coordinator's admin API.
+    Profiles {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        action: ProfilesAction,
+    },
+    /// Assign a profile to one agent or to every agent with some labels.
+    Assign {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Profile name.
+        profile: String,
+        /// One agent.
+        #[arg(long, conflicts_with = "labels", required_unless_present = "labels")]
+        agent: Option<String>,
+        /// A label the agents must have, `key=value` (repeatable).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    /// Rollout of the current version: which agents applied it, which failed and why.
+    Rollout {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// The fleet's certificate authority.
     Pki {
         #[command(subcommand)]
@@ -90,6 +122,80 @@ enum Command {
     Completions {
         /// The shell.
         shell: clap_complete::Shell,
+    },
+}
+
+/// Where the coordinator's admin API is and how to authenticate.
+#[derive(clap::Args, Debug)]
+struct ApiArgs {
+    /// Admin API address.
+    #[arg(
+        long,
+        env = "TUNNELFLEET_COORDINATOR",
+        default_value = "127.0.0.1:4480",
+        global = true
+    )]
+    coordinator: String,
+    /// File holding the admin bearer token.
+    #[arg(
+        long,
+        env = "TUNNELFLEET_TOKEN_FILE",
+        default_value = "/etc/tunnelfleet/admin.token",
+        global = true
+    )]
+    token_file: PathBuf,
+}
+
+impl ApiArgs {
+    fn client(&self) -> anyhow::Result<tunnelfleet_ops::api::ApiClient> {
+        let token = std::fs::read_to_string(&self.token_file).with_context(|| {
+            format!("{}: cannot read the admin token", self.token_file.display())
+        })?;
+        Ok(tunnelfleet_ops::api::ApiClient::new(
+            &self.coordinator,
+            &token,
+        ))
+    }
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .filter(|(k, _)| !k.is_empty())
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?}: expected key=value"))
+}
+
+#[derive(Subcommand, Debug)]
+enum AgentsAction {
+    /// Every agent: state, labels, tunnels up, applied version.
+    List,
+    /// One agent with its last heartbeat.
+    Show {
+        /// Agent id.
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ProfilesAction {
+    /// Every profile.
+    List,
+    /// One profile.
+    Show {
+        /// Profile name.
+        name: String,
+    },
+    /// Create or replace the profiles of a file written like an agent config's [[profile]]s
+    /// (validated by the agent's own rules before anything is sent).
+    Apply {
+        /// The file.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// Delete a profile (and its assignments).
+    Delete {
+        /// Profile name.
+        name: String,
     },
 }
 
@@ -226,7 +332,12 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("tunnelfleet: {e:#}");
-            if e.downcast_ref::<ControlError>().is_some() {
+            if e.downcast_ref::<ControlError>().is_some()
+                || matches!(
+                    e.downcast_ref::<tunnelfleet_ops::api::ApiError>(),
+                    Some(tunnelfleet_ops::api::ApiError::Unreachable { .. })
+                )
+            {
                 ExitCode::from(EXIT_UNREACHABLE)
             } else {
                 ExitCode::FAILURE
@@ -261,6 +372,47 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => tunnels(&control_socket(socket, &config)?, action, cli.json).await,
         Command::Net { action } => net(action, cli.json).await,
         Command::Pki { action } => pki(action, cli.json),
+        Command::Agents { api, action } => fleet_agents(&api, action, cli.json).await,
+        Command::Profiles { api, action } => fleet_profiles(&api, action, cli.json).await,
+        Command::Assign {
+            api,
+            profile,
+            agent,
+            labels,
+        } => {
+            let json = cli.json;
+            let req = serde_json::json!({
+                "profile": profile,
+                "agent": agent,
+                "labels": labels.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+            });
+            let changed: serde_json::Value = api
+                .client()?
+                .call("POST", "/v1/assignments", Some(&req))
+                .await?;
+            print_changed(&changed, json)
+        }
+        Command::Rollout { api } => {
+            let json = cli.json;
+            let r: serde_json::Value = api.client()?.get("/v1/rollout").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!("version {}", r["version"]);
+                println!("  applied: {}", join(&r["applied"]));
+                println!("  pending: {}", join(&r["pending"]));
+                if let Some(failed) = r["failed"].as_object() {
+                    for (agent, errors) in failed {
+                        println!("  FAILED {agent}: {}", join(errors));
+                    }
+                }
+            }
+            Ok(if r["failed"].as_object().is_some_and(|f| !f.is_empty()) {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
         Command::Audit {
             key_dirs,
             keys,
@@ -295,6 +447,153 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
     }
+}
+
+fn join(v: &serde_json::Value) -> String {
+    let items: Vec<String> = v
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|x| {
+                    x.as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| x.to_string())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if items.is_empty() {
+        "-".into()
+    } else {
+        items.join(", ")
+    }
+}
+
+fn print_changed(changed: &serde_json::Value, json: bool) -> anyhow::Result<ExitCode> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(changed)?);
+    } else {
+        println!(
+            "version {} (pushed to {})",
+            changed["version"],
+            join(&changed["pushed_to"])
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn fleet_agents(api: &ApiArgs, action: AgentsAction, json: bool) -> anyhow::Result<ExitCode> {
+    let client = api.client()?;
+    match action {
+        AgentsAction::List => {
+            let list: serde_json::Value = client.get("/v1/agents").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                let mut t = comfy_table::Table::new();
+                t.load_preset(comfy_table::presets::NOTHING);
+                t.set_header(vec![
+                    "AGENT",
+                    "STATE",
+                    "TUNNELS UP",
+                    "VERSION",
+                    "LABELS",
+                    "LAST SEEN",
+                ]);
+                for a in list.as_array().into_iter().flatten() {
+                    let state = if a["online"] == true {
+                        "online"
+                    } else if a["connected"] == true {
+                        "OFFLINE (silent)"
+                    } else {
+                        "disconnected"
+                    };
+                    let labels: Vec<String> = a["labels"]
+                        .as_object()
+                        .map(|m| {
+                            m.iter()
+                                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    t.add_row(vec![
+                        a["id"].as_str().unwrap_or("").to_string(),
+                        state.to_string(),
+                        format!("{}/{}", a["tunnels_up"], a["tunnels"]),
+                        format!(
+                            "{}{}",
+                            a["applied_version"],
+                            if a["applied_ok"] == true {
+                                ""
+                            } else {
+                                " (failed)"
+                            }
+                        ),
+                        labels.join(","),
+                        render::ago(a["last_seen_unix_ms"].as_u64().unwrap_or(0)) + " ago",
+                    ]);
+                }
+                println!("{t}");
+            }
+        }
+        AgentsAction::Show { id } => {
+            let a: serde_json::Value = client.get(&format!("/v1/agents/{id}")).await?;
+            println!("{}", serde_json::to_string_pretty(&a)?);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn fleet_profiles(
+    api: &ApiArgs,
+    action: ProfilesAction,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let client = api.client()?;
+    match action {
+        ProfilesAction::List => {
+            let list: serde_json::Value = client.get("/v1/profiles").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                for p in list.as_array().into_iter().flatten() {
+                    println!(
+                        "{}  endpoints {}  forwards {}",
+                        p["name"].as_str().unwrap_or(""),
+                        join(&p["endpoints"]),
+                        join(&p["forwards"])
+                    );
+                }
+            }
+        }
+        ProfilesAction::Show { name } => {
+            let p: serde_json::Value = client.get(&format!("/v1/profiles/{name}")).await?;
+            println!("{}", serde_json::to_string_pretty(&p)?);
+        }
+        ProfilesAction::Apply { file } => {
+            let cfg = AgentConfig::load(&file)?;
+            if cfg.profiles.is_empty() {
+                anyhow::bail!("{}: no [[profile]] in the file", file.display());
+            }
+            for p in &cfg.profiles {
+                let spec = tunnelfleet_protocol::ProfileSpec::from(p);
+                let changed: serde_json::Value = client
+                    .call("PUT", &format!("/v1/profiles/{}", p.name), Some(&spec))
+                    .await?;
+                if !json {
+                    print!("{}: ", p.name);
+                }
+                print_changed(&changed, json)?;
+            }
+        }
+        ProfilesAction::Delete { name } => {
+            let changed: serde_json::Value = client
+                .call::<(), _>("DELETE", &format!("/v1/profiles/{name}"), None)
+                .await?;
+            print_changed(&changed, json)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn pki(action: PkiAction, json: bool) -> anyhow::Result<ExitCode> {

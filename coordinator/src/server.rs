@@ -1,0 +1,136 @@
+//! `run`: the whole coordinator as one call — config, control link, sweeper, admin API.
+//!
+//! The binary and the tests call the same function with a config and a shutdown token.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, Admin};
+use crate::link::{self, Fleet};
+use crate::store::Store;
+use crate::tls;
+
+/// The coordinator's config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// QUIC control link address (agents dial it).
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Admin HTTP API address (loopback unless told otherwise).
+    #[serde(default = "default_admin")]
+    pub admin_listen: SocketAddr,
+    /// PKI directory from `tunnelfleet pki init`.
+    pub pki_dir: PathBuf,
+    /// sled state directory.
+    pub state_dir: PathBuf,
+    /// File holding the admin bearer token (refused when group or others can read it).
+    pub admin_token_file: PathBuf,
+    /// Heartbeat interval told to agents.
+    #[serde(default = "default_heartbeat", with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 4433))
+}
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 4480))
+}
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl CoordinatorConfig {
+    /// Reads and parses a config file; the error names the file.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: {}",
+                path.display(),
+                e.to_string().trim_end().replace('\n', " ")
+            )
+        })
+    }
+}
+
+/// What `bind` produced: the addresses actually bound (port 0 resolved).
+pub struct Bound {
+    /// Control link address.
+    pub control: SocketAddr,
+    /// Admin API address.
+    pub admin: SocketAddr,
+    /// The shared fleet state.
+    pub fleet: Arc<Fleet>,
+    endpoint: quinn::Endpoint,
+    admin_listener: tokio::net::TcpListener,
+    token: String,
+}
+
+/// Everything that can fail before serving: token, PKI, store, sockets.
+pub async fn bind(cfg: &CoordinatorConfig) -> anyhow::Result<Bound> {
+    use anyhow::Context;
+    tunnelfleet_agent::identity::check_permissions(&cfg.admin_token_file)
+        .map_err(|e| anyhow::anyhow!("admin token: {e}"))?;
+    let token = std::fs::read_to_string(&cfg.admin_token_file)
+        .with_context(|| format!("{}: cannot read", cfg.admin_token_file.display()))?
+        .trim()
+        .to_string();
+    if token.len() < 16 {
+        anyhow::bail!(
+            "{}: the admin token must be at least 16 characters",
+            cfg.admin_token_file.display()
+        );
+    }
+    let server = tls::server_config(&cfg.pki_dir)?;
+    let store = Store::open(&cfg.state_dir)?;
+    let endpoint = quinn::Endpoint::server(server, cfg.listen)
+        .with_context(|| format!("control link: cannot listen on udp {}", cfg.listen))?;
+    let admin_listener = tokio::net::TcpListener::bind(cfg.admin_listen)
+        .await
+        .with_context(|| format!("admin API: cannot listen on tcp {}", cfg.admin_listen))?;
+    Ok(Bound {
+        control: endpoint.local_addr()?,
+        admin: admin_listener.local_addr()?,
+        fleet: Fleet::new(store, cfg.heartbeat_interval),
+        endpoint,
+        admin_listener,
+        token,
+    })
+}
+
+impl Bound {
+    /// Serves until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        tracing::info!(control = %self.control, admin = %self.admin, "coordinator running");
+        let serve = tokio::spawn(link::serve(
+            self.endpoint,
+            self.fleet.clone(),
+            shutdown.clone(),
+        ));
+        let sweeper = tokio::spawn(self.fleet.clone().run_sweeper(shutdown.clone()));
+        let app = admin::router(Admin {
+            fleet: self.fleet.clone(),
+            token: Arc::new(self.token),
+        });
+        let s = shutdown.clone();
+        let api = tokio::spawn(async move {
+            let _ = axum::serve(self.admin_listener, app)
+                .with_graceful_shutdown(async move { s.cancelled().await })
+                .await;
+        });
+        shutdown.cancelled().await;
+        let _ = serve.await;
+        let _ = sweeper.await;
+        let _ = api.await;
+        tracing::info!("coordinator stopped");
+    }
+}

@@ -1,0 +1,189 @@
+//! `tunnelfleet profiles | assign | rollout | agents` end to end: the real binary against a
+//! coordinator (real QUIC, sled, admin API) with an agent connected; JSON and exit codes.
+
+#![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tunnelfleet_coordinator::pki;
+use tunnelfleet_coordinator::server::{self, CoordinatorConfig};
+use tunnelfleet_protocol::{Applied, CoordinatorMessage, Hello, PROTOCOL_VERSION};
+
+async fn tf(admin: &str, token: &Path, args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_tunnelfleet"))
+        .args(args)
+        .args(["--coordinator", admin, "--token-file"])
+        .arg(token)
+        .output()
+        .await
+        .unwrap()
+}
+
+fn json(o: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: stdout {:?} stderr {:?}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profiles_assign_rollout_and_agents_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki_dir = dir.path().join("pki");
+    pki::init(&pki_dir, &["localhost".into()]).unwrap();
+    let token = dir.path().join("admin.token");
+    std::fs::write(&token, "0123456789abcdef0123456789abcdef\n").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let cfg = CoordinatorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_listen: "127.0.0.1:0".parse().unwrap(),
+        pki_dir: pki_dir.clone(),
+        state_dir: dir.path().join("state"),
+        admin_token_file: token.clone(),
+        heartbeat_interval: Duration::from_millis(500),
+    };
+    let bound = server::bind(&cfg).await.unwrap();
+    let (control, admin) = (bound.control, bound.admin.to_string());
+    let stop = CancellationToken::new();
+    let coordinator = tokio::spawn(bound.run(stop.clone()));
+
+    // A protocol-level agent that acknowledges every push.
+    let files = pki::issue_agent(&pki_dir, "vma-1", 30, &dir.path().join("agent")).unwrap();
+    let client =
+        tunnelfleet_agent::link::client_config(&files.ca, &files.cert, &files.key).unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        agent_id: "vma-1".into(),
+        agent_version: "test".into(),
+        labels: [("site".to_string(), "dc1".to_string())].into(),
+        applied_version: None,
+    };
+    let mut link = tunnelfleet_agent::link::connect(&endpoint, client, control, "localhost", hello)
+        .await
+        .unwrap();
+    let agent = tokio::spawn(async move {
+        while let Ok(m) = link.next().await {
+            if let CoordinatorMessage::Push(set) = m {
+                link.applied(Applied {
+                    version: set.version,
+                    ok: true,
+                    results: vec![],
+                })
+                .await
+                .unwrap();
+            }
+        }
+    });
+
+    let profile = dir.path().join("oma.toml");
+    std::fs::write(
+        &profile,
+        "[[profile]]\nname = \"oma\"\nendpoints = [\"oma-a:443\", \"oma-b:443\"]\nuser = \"vma\"\nidentity_file = \"/etc/tunnelfleet/id\"\n\
+         known_hosts = \"/etc/tunnelfleet/known_hosts\"\nforwards = [\"L 8082:localhost:8082\", \"R 9081:localhost:8081\"]\n",
+    )
+    .unwrap();
+    let o = tf(
+        &admin,
+        &token,
+        &[
+            "profiles",
+            "apply",
+            "-f",
+            profile.to_str().unwrap(),
+            "--json",
+        ],
+    )
+    .await;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(json(&o)["version"], 1);
+    let o = tf(&admin, &token, &["profiles", "list", "--json"]).await;
+    assert_eq!(json(&o)[0]["forwards"][1], "R 9081:localhost:8081");
+    let o = tf(
+        &admin,
+        &token,
+        &["assign", "oma", "--label", "site=dc1", "--json"],
+    )
+    .await;
+    assert_eq!(json(&o)["version"], 2);
+    assert_eq!(json(&o)["pushed_to"][0], "vma-1");
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = json(&tf(&admin, &token, &["rollout", "--json"]).await);
+        if r["applied"] == serde_json::json!(["vma-1"]) {
+            assert_eq!(r["version"], 2);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "rollout never completed: {r}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let agents = json(&tf(&admin, &token, &["agents", "list", "--json"]).await);
+    assert_eq!(
+        (agents[0]["id"].as_str(), agents[0]["online"].as_bool()),
+        (Some("vma-1"), Some(true))
+    );
+    assert_eq!(agents[0]["applied_version"], 2);
+    let human = tf(&admin, &token, &["agents", "list"]).await;
+    assert!(String::from_utf8_lossy(&human.stdout).contains("online"));
+
+    // A bad profile file is refused before anything is sent, naming the file and key.
+    std::fs::write(dir.path().join("bad.toml"), "[[profile]]\nname = \"x\"\nendpoints = []\nuser = \"u\"\nidentity_file = \"/k\"\nknown_hosts = \"/kh\"\nforwards = [\"L 1:a:2\"]\n").unwrap();
+    let o = tf(
+        &admin,
+        &token,
+        &[
+            "profiles",
+            "apply",
+            "-f",
+            dir.path().join("bad.toml").to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("bad.toml: profile.x.endpoints"));
+    assert_eq!(
+        json(&tf(&admin, &token, &["profiles", "list", "--json"]).await)
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // A wrong token is refused; an unreachable coordinator exits 3.
+    let wrong = dir.path().join("wrong.token");
+    std::fs::write(&wrong, "not-the-token-at-all").unwrap();
+    let o = tf(&admin, &wrong, &["agents", "list"]).await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("401"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    let o = tf(&admin, &token, &["profiles", "delete", "oma", "--json"]).await;
+    assert_eq!(json(&o)["version"], 3);
+    let o = tf(&admin, &token, &["profiles", "delete", "oma"]).await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no profile named \"oma\""));
+
+    stop.cancel();
+    coordinator.await.unwrap();
+    agent.abort();
+    let o = tf(&admin, &token, &["agents", "list"]).await;
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
