@@ -27,7 +27,16 @@ fn files(dir: &str) -> Vec<PathBuf> {
 fn every_shipped_example_config_is_accepted() {
     for path in files("../ops/examples") {
         let cfg = AgentConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
-        assert!(!cfg.profiles.is_empty(), "{}", path.display());
+        // Something to run: local profiles, or a coordinator to push them.
+        assert!(!cfg.profiles.is_empty() || cfg.coordinator.is_some(), "{}", path.display());
+    }
+}
+
+#[test]
+fn every_shipped_coordinator_config_is_accepted() {
+    for path in files("../ops/examples/coordinator") {
+        tunnelfleet_coordinator::server::CoordinatorConfig::load(&path)
+            .unwrap_or_else(|e| panic!("{e:#}"));
     }
 }
 
