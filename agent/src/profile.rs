@@ -39,11 +39,20 @@ enum SessionEnd {
     Shutdown,
 }
 
+/// How long a replaced profile's old session keeps carrying its open connections (make before
+/// break: the new session serves new connections meanwhile). Long, because an NBD transfer
+/// through a forward that did not change must not be cut by an unrelated change.
+pub const REPLACE_DRAIN: Duration = Duration::from_secs(3600);
+
 /// Handle of a running profile. Dropping it stops the profile (without the graceful drain).
 pub struct ProfileHandle {
     cancel: CancellationToken,
     restart: mpsc::Sender<String>,
     task: Option<JoinHandle<()>>,
+    /// Fires once the profile stopped accepting (listeners closed, ports free).
+    accepting_closed: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// Replaces the configured drain when set before cancelling.
+    drain_override: Arc<std::sync::Mutex<Option<Duration>>>,
 }
 
 impl ProfileHandle {
@@ -52,6 +61,24 @@ impl ProfileHandle {
         self.cancel.cancel();
         if let Some(task) = self.task.take() {
             let _ = task.await;
+        }
+    }
+
+    /// Make-before-break replacement: stops accepting now (returns once the ports are free)
+    /// and lets the old session carry its open connections for up to `drain` in the
+    /// background, so the replacement can start at once.
+    pub async fn replace(mut self, drain: Duration) {
+        *self
+            .drain_override
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(drain);
+        self.cancel.cancel();
+        if let Some(rx) = self.accepting_closed.take() {
+            let _ = rx.await;
+        }
+        if let Some(task) = self.task.take() {
+            // Detached: the old session ends when its last connection does (or at `drain`).
+            drop(task);
         }
     }
 
@@ -118,11 +145,15 @@ pub fn start(
         tracker: TaskTracker::new(),
         connect_timeout: cfg.connect_timeout,
     };
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+    let drain_override = Arc::new(std::sync::Mutex::new(None));
     let runner = Runner {
         cfg,
         shared,
         params,
         drain,
+        drain_override: drain_override.clone(),
+        accepting_closed: Some(closed_tx),
         cancel: cancel.clone(),
         restart: restart_rx,
     };
@@ -131,6 +162,8 @@ pub fn start(
         cancel,
         restart: restart_tx,
         task: Some(task),
+        accepting_closed: Some(closed_rx),
+        drain_override,
     }
 }
 
@@ -139,6 +172,8 @@ struct Runner {
     shared: Arc<ProfileShared>,
     params: SessionParams,
     drain: Duration,
+    drain_override: Arc<std::sync::Mutex<Option<Duration>>>,
+    accepting_closed: Option<tokio::sync::oneshot::Sender<()>>,
     cancel: CancellationToken,
     restart: mpsc::Receiver<String>,
 }
@@ -281,6 +316,10 @@ impl Runner {
                         self.shared
                             .set_state(SessionState::Stopping, "stopping: draining connections");
                         listeners.cancel();
+                        for t in side_tasks.drain(..) {
+                            let _ = t.await;
+                        }
+                        self.signal_accepting_closed();
                         self.close_gracefully(&handle, &specs).await;
                         break 'outer;
                     }
@@ -354,11 +393,18 @@ impl Runner {
         for t in side_tasks {
             let _ = t.await;
         }
+        self.signal_accepting_closed();
         self.params.tracker.close();
         for i in 0..specs.len() {
             self.shared.set_forward(i, ForwardState::Stopped, None);
         }
         self.shared.set_state(SessionState::Stopped, "stopped");
+    }
+
+    fn signal_accepting_closed(&mut self) {
+        if let Some(tx) = self.accepting_closed.take() {
+            let _ = tx.send(());
+        }
     }
 
     fn mark_remote_waiting(&self, specs: &[ForwardSpec]) {
@@ -388,9 +434,14 @@ impl Runner {
         }
         self.params.tracker.close();
         let open = self.params.tracker.len();
+        let drain = self
+            .drain_override
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or(self.drain);
         if open > 0 {
-            tracing::info!(profile = %self.cfg.name, open, drain = ?self.drain, "draining open connections");
-            if tokio::time::timeout(self.drain, self.params.tracker.wait())
+            tracing::info!(profile = %self.cfg.name, open, ?drain, "draining open connections");
+            if tokio::time::timeout(drain, self.params.tracker.wait())
                 .await
                 .is_err()
             {

@@ -245,8 +245,10 @@ impl Supervisor {
             };
             let replaced = match self.slots.remove(name) {
                 Some(mut old) => {
+                    // Make before break: the old session stops accepting (ports freed) but
+                    // keeps its open connections while the new one starts.
                     if let Some(h) = old.running.take() {
-                        h.stop().await;
+                        h.replace(profile::REPLACE_DRAIN).await;
                     }
                     true
                 }

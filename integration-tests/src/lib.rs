@@ -502,11 +502,14 @@ impl TestAgent {
             30,
             &format!("profile {name} up with every forward active"),
             || async {
-                let p = self.profile(name).await;
-                p.state == tunnelfleet_agent::status::SessionState::Up
-                    && p.forwards
-                        .iter()
-                        .all(|f| f.state == tunnelfleet_agent::status::ForwardState::Active)
+                // A pushed profile appears only once applied: absent means not yet.
+                self.status().await.profiles.iter().any(|p| {
+                    p.name == name
+                        && p.state == tunnelfleet_agent::status::SessionState::Up
+                        && p.forwards
+                            .iter()
+                            .all(|f| f.state == tunnelfleet_agent::status::ForwardState::Active)
+                })
             },
         )
         .await;

@@ -28,7 +28,11 @@ fn every_shipped_example_config_is_accepted() {
     for path in files("../ops/examples") {
         let cfg = AgentConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
         // Something to run: local profiles, or a coordinator to push them.
-        assert!(!cfg.profiles.is_empty() || cfg.coordinator.is_some(), "{}", path.display());
+        assert!(
+            !cfg.profiles.is_empty() || cfg.coordinator.is_some(),
+            "{}",
+            path.display()
+        );
     }
 }
 

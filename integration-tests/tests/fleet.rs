@@ -135,3 +135,95 @@ async fn pushed_profiles_run_survive_the_coordinator_and_come_back_from_cache() 
     agent.shutdown().await;
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_that_did_not_change_keeps_its_open_connection_through_a_push() {
+    if !Sshd::available("fleet_keep_connection") {
+        return;
+    }
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sshd = Sshd::start();
+    let (echo, _e) = echo_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pki_dir = dir.path().join("pki");
+    pki::init(&pki_dir, &["localhost".into()]).unwrap();
+    let files = pki::issue_agent(&pki_dir, "vma-1", 365, &dir.path().join("agent")).unwrap();
+    let c = TestCoordinator::start(&pki_dir, &dir.path().join("coordinator"), 0).await;
+    let agent = TestAgent::start(&coordinator_toml(
+        &c,
+        &files,
+        &dir.path().join("agent-state"),
+    ))
+    .await;
+    wait_until(20, "agent connected", || async {
+        c.fleet.links.connected() == vec!["vma-1"]
+    })
+    .await;
+
+    let (l1, l2) = (free_port(), free_port());
+    let spec = |forwards: &[String]| {
+        let cfg = AgentConfig::parse(
+            &profile_toml("oma", &[sshd.endpoint()], &sshd, forwards, ""),
+            Path::new("p.toml"),
+        )
+        .unwrap();
+        ProfileSpec::from(&cfg.profiles[0])
+    };
+    c.fleet
+        .store
+        .put_profile(&spec(&[format!("L {l1}:localhost:{echo}")]))
+        .await
+        .unwrap();
+    c.fleet
+        .store
+        .assign(&Assignment {
+            profile: "oma".into(),
+            selector: Selector::Agent("vma-1".into()),
+        })
+        .await
+        .unwrap();
+    c.fleet.push_changed().unwrap();
+    agent.wait_all_active("oma").await;
+
+    // An NBD-like long-lived connection through the forward that will not change.
+    let mut open = tokio::net::TcpStream::connect(("127.0.0.1", l1))
+        .await
+        .unwrap();
+    let mut buf = [0u8; 6];
+    open.write_all(b"before").await.unwrap();
+    open.read_exact(&mut buf).await.unwrap();
+
+    let v = c
+        .fleet
+        .store
+        .put_profile(&spec(&[
+            format!("L {l1}:localhost:{echo}"),
+            format!("L {l2}:localhost:{echo}"),
+        ]))
+        .await
+        .unwrap();
+    c.fleet.push_changed().unwrap();
+    wait_until(20, "new version acknowledged", || async {
+        c.fleet
+            .store
+            .agent("vma-1")
+            .unwrap()
+            .is_some_and(|r| r.applied_version == Some(v) && r.applied_ok)
+    })
+    .await;
+    agent.wait_all_active("oma").await;
+    // The open connection still carries data; new connections work on both forwards.
+    open.write_all(b"during").await.unwrap();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        open.read_exact(&mut buf),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(&buf, b"during");
+    echo_roundtrip(l1, b"new on the old forward").await.unwrap();
+    echo_roundtrip(l2, b"new forward").await.unwrap();
+    agent.shutdown().await;
+    c.stop().await;
+}
