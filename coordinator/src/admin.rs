@@ -108,6 +108,8 @@ pub struct AgentSummary {
     pub tunnels_up: usize,
     /// Tunnels in the last heartbeat.
     pub tunnels: usize,
+    /// Heartbeats received on its current connection.
+    pub heartbeats: u64,
 }
 
 /// `agents show`.
@@ -150,6 +152,7 @@ fn summaries(fleet: &Fleet) -> Result<Vec<AgentDetail>, ApiError> {
                 applied_ok: rec.applied_ok,
                 tunnels_up: up,
                 tunnels: total,
+                heartbeats: link.as_ref().map(|l| l.heartbeats).unwrap_or(0),
             },
             apply_errors: rec.apply_errors.clone(),
             last_heartbeat: hb,

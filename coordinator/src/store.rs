@@ -111,6 +111,12 @@ pub struct Event {
 /// The coordinator's persistent state.
 #[derive(Clone)]
 pub struct Store {
+    /// One flush at a time. sled 0.34 runs every `flush_async` on its small IO thread pool,
+    /// and the log writes a flush waits for need a thread from that same pool: hundreds of
+    /// agents connecting at once (one durable record each) blocked every pool thread in a
+    /// flush and the store deadlocked (found by bench-fleet). Queued callers still each get
+    /// their write flushed before they return.
+    flush_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
     db: sled::Db,
     meta: sled::Tree,
     profiles: sled::Tree,
@@ -124,6 +130,7 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         let db = sled::open(dir)?;
         let s = Store {
+            flush_lock: std::sync::Arc::new(tokio::sync::Mutex::new(())),
             meta: db.open_tree("meta")?,
             profiles: db.open_tree("profiles")?,
             assignments: db.open_tree("assignments")?,
@@ -248,8 +255,7 @@ impl Store {
     /// Records an agent's contact (durable before return).
     pub async fn record_agent(&self, rec: &AgentRecord) -> Result<(), StoreError> {
         self.agents.insert(rec.id.as_bytes(), json(rec))?;
-        self.db.flush_async().await?;
-        Ok(())
+        self.durable().await
     }
 
     /// One agent's record.
@@ -279,6 +285,13 @@ impl Store {
             .collect::<Result<_, _>>()?;
         v.reverse();
         Ok(v)
+    }
+
+    /// Flushes everything written so far; see `flush_lock` for why one at a time.
+    async fn durable(&self) -> Result<(), StoreError> {
+        let _one = self.flush_lock.lock().await;
+        self.db.flush_async().await?;
+        Ok(())
     }
 
     /// Applies a change to profiles/assignments, bumps the fleet version and logs an event,

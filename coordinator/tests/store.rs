@@ -177,3 +177,38 @@ fn acknowledged_writes_survive_kill_9() {
         );
     }
 }
+
+/// Regression: hundreds of agents connecting at once each made a durable record; sled's flush
+/// pool filled with flushes waiting for writes that needed the same pool, and the store hung
+/// (found by bench-fleet). Concurrent durable writes and a transaction must all finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_concurrent_durable_writes_do_not_deadlock_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..300 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let rec = tunnelfleet_coordinator::store::AgentRecord {
+                id: format!("a{i}"),
+                ..Default::default()
+            };
+            s.record_agent(&rec).await.unwrap();
+        }));
+    }
+    let writer = {
+        let s = s.clone();
+        tokio::spawn(async move { s.put_profile(&spec("oma")).await.unwrap() })
+    };
+    let all = async {
+        for t in tasks {
+            t.await.unwrap();
+        }
+        writer.await.unwrap()
+    };
+    let version = tokio::time::timeout(std::time::Duration::from_secs(60), all)
+        .await
+        .expect("store writes hung");
+    assert_eq!(version, 1);
+    assert_eq!(s.agents().unwrap().len(), 300);
+}

@@ -591,3 +591,19 @@ impl TestCoordinator {
 }
 
 use std::sync::Arc;
+
+/// A release binary of this workspace next to the running one, built first (benchmarks).
+pub fn release_binary(package: &str, bin: &str) -> std::io::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe.with_file_name(bin);
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--release", "-q", "-p", package, "--bin", bin])
+        .status()?;
+    if !status.success() || !path.exists() {
+        return Err(std::io::Error::other(format!(
+            "could not build {}",
+            path.display()
+        )));
+    }
+    Ok(path)
+}

@@ -5,7 +5,7 @@
 //! Run: `cargo run --release -p integration-tests --bin bench-tunnel [-- --mib 512 --runs 5]`.
 //! Ends with one JSON line.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -39,7 +39,7 @@ async fn main() -> anyhow::Result<()> {
     if !Sshd::available("bench-tunnel") {
         bail!("bench-tunnel needs /usr/sbin/sshd");
     }
-    let agent_bin = agent_binary()?;
+    let agent_bin = integration_tests::release_binary("tunnelfleet-agent", "tunnelfleet-agent")?;
     let sshd = Sshd::start();
     let sink = sink_server().await?;
     let bytes = args.mib << 20;
@@ -177,28 +177,6 @@ fn agent_process(bin: &Path, dir: &Path, sshd: &Sshd, forwards: &[String]) -> an
         .spawn()
         .context("spawning tunnelfleet-agent")?;
     Ok(Proc(child))
-}
-
-/// The release agent binary next to this one, built first if missing.
-fn agent_binary() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let bin = exe.with_file_name("tunnelfleet-agent");
-    let status = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--release",
-            "-q",
-            "-p",
-            "tunnelfleet-agent",
-            "--bin",
-            "tunnelfleet-agent",
-        ])
-        .status()
-        .context("building tunnelfleet-agent")?;
-    if !status.success() || !bin.exists() {
-        bail!("could not build {}", bin.display());
-    }
-    Ok(bin)
 }
 
 /// Reads everything until EOF, then answers with the byte count.

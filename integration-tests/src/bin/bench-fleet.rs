@@ -1,0 +1,251 @@
+//! `bench-fleet`: N protocol-level agents (real QUIC and mutual TLS, no SSH) against one
+//! `tunnelfleet-coordinator` process: time to connect all, heartbeats absorbed per second, time
+//! until a profile change is acknowledged by every agent (p50, p99, max), and the coordinator's
+//! CPU and peak RSS. Ends with one JSON line.
+//!
+//! Run: `cargo run --release -p integration-tests --bin bench-fleet [-- --agents 10000]`.
+
+use std::os::unix::fs::PermissionsExt;
+
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tokio::sync::{Semaphore, mpsc};
+use tunnelfleet_coordinator::pki;
+use tunnelfleet_ops::api::ApiClient;
+use tunnelfleet_protocol::{
+    Applied, CoordinatorMessage, Heartbeat, Hello, PROTOCOL_VERSION, ProfileSpec,
+};
+
+const HEARTBEAT: Duration = Duration::from_secs(5);
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut agents = 10_000usize;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--agents" => agents = args.next().context("--agents N")?.parse()?,
+            other => bail!("unknown argument {other} (use --agents N)"),
+        }
+    }
+    let bin =
+        integration_tests::release_binary("tunnelfleet-coordinator", "tunnelfleet-coordinator")?;
+    let dir = tempfile::tempdir()?;
+    let pki_dir = dir.path().join("pki");
+    pki::init(&pki_dir, &["localhost".into()])?;
+    let token = dir.path().join("admin.token");
+    std::fs::write(&token, "bench-token-0123456789abcdef")?;
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600))?;
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let cfg = dir.path().join("coordinator.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"{udp}\"\nadmin_listen = \"{admin}\"\npki_dir = \"{}\"\nstate_dir = \"{}\"\nadmin_token_file = \"{}\"\nheartbeat_interval = \"5s\"\n",
+            pki_dir.display(),
+            dir.path().join("state").display(),
+            token.display()
+        ),
+    )?;
+    let mut coordinator = Command::new(&bin)
+        .arg("--config")
+        .arg(&cfg)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .context("starting the coordinator")?;
+    let pid = coordinator.id();
+    let api = ApiClient::new(&admin.to_string(), "bench-token-0123456789abcdef");
+    let started = Instant::now();
+    while api.get::<serde_json::Value>("/v1/agents").await.is_err() {
+        if started.elapsed() > Duration::from_secs(20) {
+            bail!("coordinator did not start");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    eprintln!("bench-fleet: issuing {agents} agent certificates");
+    let certs_dir = dir.path().join("agents");
+    let mut configs = Vec::with_capacity(agents);
+    for i in 0..agents {
+        let id = format!("a{i:05}");
+        let f = pki::issue_agent(&pki_dir, &id, 1, &certs_dir)?;
+        configs.push((
+            id,
+            tunnelfleet_agent::link::client_config(&f.ca, &f.cert, &f.key)?,
+        ));
+    }
+    // A few client endpoints (UDP sockets) share the agents, as NATed appliances would.
+    let endpoints: Vec<quinn::Endpoint> = (0..8)
+        .map(|_| quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")))
+        .collect::<Result<_, _>>()?;
+
+    eprintln!("bench-fleet: connecting {agents} agents to {udp}");
+    let (acks_tx, mut acks_rx) = mpsc::unbounded_channel::<(u64, Instant)>();
+    let (up_tx, mut up_rx) = mpsc::unbounded_channel::<()>();
+    let gate = Arc::new(Semaphore::new(256));
+    let t0 = Instant::now();
+    for (i, (id, client)) in configs.into_iter().enumerate() {
+        let ep = endpoints[i % endpoints.len()].clone();
+        let (acks, up, gate) = (acks_tx.clone(), up_tx.clone(), gate.clone());
+        tokio::spawn(async move {
+            let hello = Hello {
+                protocol: PROTOCOL_VERSION,
+                agent_id: id.clone(),
+                agent_version: "bench".into(),
+                labels: [("site".to_string(), "bench".to_string())].into(),
+                applied_version: None,
+            };
+            let link = {
+                let _permit = gate.acquire().await;
+                tunnelfleet_agent::link::connect(&ep, client, udp, "localhost", hello).await
+            };
+            let Ok(mut link) = link else { return };
+            let _ = up.send(());
+            // Spread heartbeats over the interval, as real agents started at different times.
+            let offset = Duration::from_millis((i as u64 * 7919) % HEARTBEAT.as_millis() as u64);
+            let mut tick =
+                tokio::time::interval_at(tokio::time::Instant::now() + offset, HEARTBEAT);
+            let mut seq = 0;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        seq += 1;
+                        if link.heartbeat(Heartbeat { seq, sent_unix_ms: 0, profiles: vec![] }).await.is_err() { return; }
+                    }
+                    m = link.next() => match m {
+                        Ok(CoordinatorMessage::Push(set)) => {
+                            let _ = acks.send((set.version, Instant::now()));
+                            if link.applied(Applied { version: set.version, ok: true, results: vec![] }).await.is_err() { return; }
+                        }
+                        Ok(_) => {}
+                        Err(_) => return,
+                    }
+                }
+            }
+        });
+    }
+    drop(up_tx);
+    let mut connected = 0;
+    while connected < agents {
+        match tokio::time::timeout(Duration::from_secs(60), up_rx.recv()).await {
+            Ok(Some(())) => connected += 1,
+            _ => bail!("only {connected} of {agents} agents connected"),
+        }
+    }
+    let connect_all_s = t0.elapsed().as_secs_f64();
+    eprintln!("  connected all in {connect_all_s:.2}s");
+    // Drain the on-connect pushes.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    while acks_rx.try_recv().is_ok() {}
+
+    // Heartbeats absorbed by the coordinator over a 10 s window, and its CPU meanwhile.
+    let cpu0 = cpu_ticks(pid)?;
+    let w0 = Instant::now();
+    let hb0 = heartbeats(&api).await?;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let hb1 = heartbeats(&api).await?;
+    let window = w0.elapsed().as_secs_f64();
+    let heartbeats_per_s = (hb1 - hb0) as f64 / window;
+
+    // A profile change to every agent, timed until each agent received it (and acknowledged).
+    let spec = ProfileSpec {
+        name: "oma".into(),
+        description: String::new(),
+        endpoints: vec!["oma-a:443".into(), "oma-b:443".into()],
+        user: "vma".into(),
+        identity_file: "/etc/tunnelfleet/id".into(),
+        known_hosts: Some("/etc/tunnelfleet/known_hosts".into()),
+        host_key_fingerprints: vec![],
+        trust_on_first_use: false,
+        forwards: vec![
+            "L 8082:localhost:8082".into(),
+            "R 9081:localhost:8081".into(),
+        ],
+        connect_timeout_ms: 15_000,
+        keepalive_interval_ms: 5_000,
+        keepalive_count: 3,
+        reconnect_min_ms: 500,
+        reconnect_max_ms: 30_000,
+        failover_after: 3,
+        health: None,
+    };
+    let _: serde_json::Value = api.call("PUT", "/v1/profiles/oma", Some(&spec)).await?;
+    let tp = Instant::now();
+    let changed: serde_json::Value = api
+        .call(
+            "POST",
+            "/v1/assignments",
+            Some(&serde_json::json!({ "profile": "oma", "labels": { "site": "bench" } })),
+        )
+        .await?;
+    let version = changed["version"].as_u64().context("version")?;
+    let mut lat = Vec::with_capacity(agents);
+    while lat.len() < agents {
+        match tokio::time::timeout(Duration::from_secs(60), acks_rx.recv()).await {
+            Ok(Some((v, at))) if v == version => {
+                lat.push(at.saturating_duration_since(tp).as_secs_f64() * 1000.0)
+            }
+            Ok(Some(_)) => {}
+            _ => bail!(
+                "only {} of {agents} agents received version {version}",
+                lat.len()
+            ),
+        }
+    }
+    let cpu1 = cpu_ticks(pid)?;
+    let busy_s = (cpu1 - cpu0) as f64 / 100.0; // USER_HZ is 100 on Linux
+    let coordinator_cpu_pct = 100.0 * busy_s / w0.elapsed().as_secs_f64();
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| lat[((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1];
+    let rss = vm_hwm(pid)?;
+    let _ = coordinator.kill();
+    let _ = coordinator.wait();
+    eprintln!(
+        "  heartbeats {heartbeats_per_s:.0}/s; push to all: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; coordinator CPU {coordinator_cpu_pct:.1}%, peak RSS {rss} kB",
+        pct(0.50),
+        pct(0.99),
+        pct(1.0)
+    );
+    println!(
+        "{{\"agents\":{agents},\"connect_all_s\":{connect_all_s:.3},\"heartbeats_per_s\":{heartbeats_per_s:.1},\"push_ack_p50_ms\":{:.1},\"push_ack_p99_ms\":{:.1},\"push_ack_max_ms\":{:.1},\"coordinator_cpu_pct\":{coordinator_cpu_pct:.1},\"coordinator_rss_kb\":{rss}}}",
+        pct(0.50),
+        pct(0.99),
+        pct(1.0)
+    );
+    Ok(())
+}
+
+async fn heartbeats(api: &ApiClient) -> anyhow::Result<u64> {
+    let list: serde_json::Value = api.get("/v1/agents").await?;
+    Ok(list
+        .as_array()
+        .map(|a| a.iter().filter_map(|x| x["heartbeats"].as_u64()).sum())
+        .unwrap_or(0))
+}
+
+fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let f: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("stat")?
+        .1
+        .split_whitespace()
+        .collect();
+    // After the command: state is [0]; utime is [11], stime [12].
+    Ok(f[11].parse::<u64>()? + f[12].parse::<u64>()?)
+}
+
+fn vm_hwm(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("VmHWM")
+}
