@@ -100,11 +100,29 @@ async fn main() -> anyhow::Result<()> {
                 labels: [("site".to_string(), "bench".to_string())].into(),
                 applied_version: None,
             };
-            let link = {
-                let _permit = gate.acquire().await;
-                tunnelfleet_agent::link::connect(&ep, client, udp, "localhost", hello).await
+            // Like a real agent: retry with jittered backoff when the handshake is lost in a
+            // connect storm.
+            let mut backoff = tunnelfleet_agent::backoff::Backoff::new(
+                Duration::from_millis(200),
+                Duration::from_secs(5),
+            );
+            let mut link = loop {
+                let attempt = {
+                    let _permit = gate.acquire().await;
+                    tunnelfleet_agent::link::connect(
+                        &ep,
+                        client.clone(),
+                        udp,
+                        "localhost",
+                        hello.clone(),
+                    )
+                    .await
+                };
+                match attempt {
+                    Ok(l) => break l,
+                    Err(_) => tokio::time::sleep(backoff.next_delay()).await,
+                }
             };
-            let Ok(mut link) = link else { return };
             let _ = up.send(());
             // Spread heartbeats over the interval, as real agents started at different times.
             let offset = Duration::from_millis((i as u64 * 7919) % HEARTBEAT.as_millis() as u64);
