@@ -227,27 +227,6 @@ async fn malformed_frames_close_that_connection_and_no_other() {
     .await;
 }
 
-fn spec(name: &str) -> tunnelfleet_protocol::ProfileSpec {
-    tunnelfleet_protocol::ProfileSpec {
-        name: name.into(),
-        description: String::new(),
-        endpoints: vec!["oma-a:443".into()],
-        user: "vma".into(),
-        identity_file: "/etc/tunnelfleet/id".into(),
-        known_hosts: Some("/etc/tunnelfleet/known_hosts".into()),
-        host_key_fingerprints: vec![],
-        trust_on_first_use: false,
-        forwards: vec!["L 8082:localhost:8082".into()],
-        connect_timeout_ms: 15_000,
-        keepalive_interval_ms: 5_000,
-        keepalive_count: 3,
-        reconnect_min_ms: 500,
-        reconnect_max_ms: 30_000,
-        failover_after: 3,
-        health: None,
-    }
-}
-
 async fn expect_push(l: &mut link::ControlLink) -> tunnelfleet_protocol::ProfileSet {
     match tokio::time::timeout(Duration::from_secs(10), l.next())
         .await
@@ -275,7 +254,14 @@ async fn a_profile_change_reaches_every_assigned_agent_and_is_acknowledged() {
         assert!(expect_push(&mut l).await.profiles.is_empty());
         agents.push((id, files, l));
     }
-    c.fleet.store.put_profile(&spec("oma")).await.unwrap();
+    c.fleet
+        .store
+        .put_profile(&integration_tests::profile_spec(
+            "oma",
+            &["L 8082:localhost:8082"],
+        ))
+        .await
+        .unwrap();
     let v = c
         .fleet
         .store

@@ -15,9 +15,7 @@ use anyhow::{Context, bail};
 use tokio::sync::{Semaphore, mpsc};
 use tunnelfleet_coordinator::pki;
 use tunnelfleet_ops::api::ApiClient;
-use tunnelfleet_protocol::{
-    Applied, CoordinatorMessage, Heartbeat, Hello, PROTOCOL_VERSION, ProfileSpec,
-};
+use tunnelfleet_protocol::{Applied, CoordinatorMessage, Heartbeat, Hello, PROTOCOL_VERSION};
 
 const HEARTBEAT: Duration = Duration::from_secs(5);
 
@@ -171,27 +169,8 @@ async fn main() -> anyhow::Result<()> {
     let heartbeats_per_s = (hb1 - hb0) as f64 / window;
 
     // A profile change to every agent, timed until each agent received it (and acknowledged).
-    let spec = ProfileSpec {
-        name: "oma".into(),
-        description: String::new(),
-        endpoints: vec!["oma-a:443".into(), "oma-b:443".into()],
-        user: "vma".into(),
-        identity_file: "/etc/tunnelfleet/id".into(),
-        known_hosts: Some("/etc/tunnelfleet/known_hosts".into()),
-        host_key_fingerprints: vec![],
-        trust_on_first_use: false,
-        forwards: vec![
-            "L 8082:localhost:8082".into(),
-            "R 9081:localhost:8081".into(),
-        ],
-        connect_timeout_ms: 15_000,
-        keepalive_interval_ms: 5_000,
-        keepalive_count: 3,
-        reconnect_min_ms: 500,
-        reconnect_max_ms: 30_000,
-        failover_after: 3,
-        health: None,
-    };
+    let spec =
+        integration_tests::profile_spec("oma", &["L 8082:localhost:8082", "R 9081:localhost:8081"]);
     let _: serde_json::Value = api.call("PUT", "/v1/profiles/oma", Some(&spec)).await?;
     let tp = Instant::now();
     let changed: serde_json::Value = api
