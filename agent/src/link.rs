@@ -113,8 +113,8 @@ pub fn client_config(ca: &Path, cert: &Path, key: &Path) -> Result<quinn::Client
         .map_err(|e| LinkError::Tls(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(std::time::Duration::from_secs(2)));
-    t.max_idle_timeout(std::time::Duration::from_secs(10).try_into().ok());
+    t.keep_alive_interval(Some(tunnelfleet_protocol::KEEP_ALIVE));
+    t.max_idle_timeout(tunnelfleet_protocol::IDLE_TIMEOUT.try_into().ok());
     cfg.transport_config(Arc::new(t));
     Ok(cfg)
 }

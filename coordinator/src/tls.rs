@@ -2,12 +2,11 @@
 //!
 //! Mutual TLS with the fleet CA: a client without a certificate from this CA (or with an
 //! expired one) fails the handshake. The agent id comes from the verified certificate only.
-//! QUIC keep-alives every 2 s and a 10 s idle timeout notice a dead link within seconds, where
+//! QUIC keep-alives every 2 s and a 10 s idle timeout (protocol::KEEP_ALIVE, IDLE_TIMEOUT) notice a dead link within seconds, where
 //! TCP keepalive defaults would take hours.
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject;
@@ -16,10 +15,7 @@ use rustls::server::WebPkiClientVerifier;
 
 use crate::pki;
 
-/// QUIC keep-alive interval.
-pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
-/// QUIC idle timeout: a link silent this long is dead.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+pub use tunnelfleet_protocol::{IDLE_TIMEOUT, KEEP_ALIVE};
 
 /// Why the TLS setup failed.
 #[derive(Debug, thiserror::Error)]

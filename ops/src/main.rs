@@ -50,30 +50,8 @@ enum Command {
     /// Security audit: SSH keys, sshd settings, listening sockets, failed logins, and
     /// tunnelfleet's own config. Exit 1 when a finding reaches --fail-on.
     Audit {
-        /// Directory of private keys to check (repeatable; default ~/.ssh).
-        #[arg(long = "keys")]
-        key_dirs: Vec<PathBuf>,
-        /// A single private key to check (repeatable).
-        #[arg(long = "key")]
-        keys: Vec<PathBuf>,
-        /// sshd config to audit (default /etc/ssh/sshd_config).
-        #[arg(long)]
-        sshd_config: Option<PathBuf>,
-        /// sshd binary used for `sshd -T`.
-        #[arg(long, default_value = "/usr/sbin/sshd")]
-        sshd: PathBuf,
-        /// Evaluate sshd's `Match User` blocks for this tunnel user.
-        #[arg(long)]
-        tunnel_user: Option<String>,
-        /// sshd log to scan (default /var/log/auth.log, else the journal).
-        #[arg(long)]
-        auth_log: Option<PathBuf>,
-        /// tunnelfleet agent config (default /etc/tunnelfleet/agent.toml).
-        #[arg(long)]
-        agent_config: Option<PathBuf>,
-        /// Do not list listening sockets.
-        #[arg(long)]
-        no_sockets: bool,
+        #[command(flatten)]
+        opts: audit::AuditOptions,
         /// Exit 1 when a finding is at least this severe.
         #[arg(long, value_enum, default_value_t = audit::Severity::High)]
         fail_on: audit::Severity,
@@ -413,27 +391,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::SUCCESS
             })
         }
-        Command::Audit {
-            key_dirs,
-            keys,
-            sshd_config,
-            sshd,
-            tunnel_user,
-            auth_log,
-            agent_config,
-            no_sockets,
-            fail_on,
-        } => {
-            let opts = audit::AuditOptions {
-                key_dirs,
-                keys,
-                sshd_config,
-                sshd,
-                tunnel_user,
-                auth_log,
-                agent_config,
-                no_sockets,
-            };
+        Command::Audit { opts, fail_on } => {
             let report = tokio::task::spawn_blocking(move || audit::run(&opts)).await?;
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);

@@ -59,6 +59,22 @@ pub struct Reachability {
     pub error: Option<String>,
 }
 
+impl Reachability {
+    /// No probe could be sent at all, and why.
+    fn unavailable(error: String) -> Self {
+        Reachability {
+            method: "none".into(),
+            sent: 0,
+            received: 0,
+            loss_pct: 100.0,
+            min_ms: None,
+            avg_ms: None,
+            max_ms: None,
+            error: Some(error),
+        }
+    }
+}
+
 /// A TCP port's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -135,16 +151,7 @@ pub async fn check(target: &str, opts: &CheckOptions) -> HostReport {
         .map(|p| p.port);
     let reachability = match addr {
         Some(ip) => reach(ip, tcp_port, opts.probes, opts.timeout).await,
-        None => Reachability {
-            method: "none".into(),
-            sent: 0,
-            received: 0,
-            loss_pct: 100.0,
-            min_ms: None,
-            avg_ms: None,
-            max_ms: None,
-            error: Some("not resolved".into()),
-        },
+        None => Reachability::unavailable("not resolved".into()),
     };
     let ok = dns.ok
         && reachability.received > 0
@@ -280,18 +287,9 @@ async fn reach(ip: IpAddr, tcp_port: Option<u16>, probes: u32, timeout: Duration
         }
         Err(icmp_err) => {
             let Some(port) = tcp_port else {
-                return Reachability {
-                    method: "none".into(),
-                    sent: 0,
-                    received: 0,
-                    loss_pct: 100.0,
-                    min_ms: None,
-                    avg_ms: None,
-                    max_ms: None,
-                    error: Some(format!(
-                        "ICMP not permitted ({icmp_err}) and no open port to time a TCP connect"
-                    )),
-                };
+                return Reachability::unavailable(format!(
+                    "ICMP not permitted ({icmp_err}) and no open port to time a TCP connect"
+                ));
             };
             method = format!("tcp:{port}");
             for seq in 0..probes {

@@ -18,5 +18,12 @@ pub use message::*;
 /// The protocol version this build speaks; exchanged in [`Hello`] and [`Welcome`].
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// QUIC keep-alive of the control link (both ends).
+pub const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// QUIC idle timeout of the control link: a link silent this long is dead. Seconds, not the
+/// hours TCP keepalive defaults would take.
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The QUIC ALPN of the control link.
 pub const ALPN: &[u8] = b"tunnelfleet/1";

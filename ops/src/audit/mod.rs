@@ -126,24 +126,33 @@ impl Report {
     }
 }
 
-/// What to audit; `None`/empty means the system default, skipped when absent.
-#[derive(Debug, Clone, Default)]
+/// What to audit; `None`/empty means the system default, skipped when absent. Also the
+/// `tunnelfleet audit` arguments, so the CLI and the library cannot drift apart.
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct AuditOptions {
-    /// Key directories (default `~/.ssh`).
+    /// Directory of private keys to check (repeatable; default ~/.ssh).
+    #[arg(long = "keys")]
     pub key_dirs: Vec<std::path::PathBuf>,
-    /// Single key files.
+    /// A single private key to check (repeatable).
+    #[arg(long = "key")]
     pub keys: Vec<std::path::PathBuf>,
-    /// sshd config (default `/etc/ssh/sshd_config`).
+    /// sshd config to audit (default /etc/ssh/sshd_config).
+    #[arg(long)]
     pub sshd_config: Option<std::path::PathBuf>,
-    /// sshd binary for `sshd -T`.
+    /// sshd binary used for `sshd -T`.
+    #[arg(long, default_value = "/usr/sbin/sshd")]
     pub sshd: std::path::PathBuf,
-    /// The tunnel user, for `Match User` (the settings that apply to tunnels).
+    /// Evaluate sshd's `Match User` blocks for this tunnel user.
+    #[arg(long)]
     pub tunnel_user: Option<String>,
-    /// sshd log (default auth.log, else the journal).
+    /// sshd log to scan (default /var/log/auth.log, else the journal).
+    #[arg(long)]
     pub auth_log: Option<std::path::PathBuf>,
-    /// Agent config (default `/etc/tunnelfleet/agent.toml`).
+    /// tunnelfleet agent config (default /etc/tunnelfleet/agent.toml).
+    #[arg(long)]
     pub agent_config: Option<std::path::PathBuf>,
-    /// Skip the listening-socket check.
+    /// Do not list listening sockets.
+    #[arg(long)]
     pub no_sockets: bool,
 }
 
