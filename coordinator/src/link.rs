@@ -193,6 +193,9 @@ impl Fleet {
     }
 }
 
+/// How long a stopping coordinator waits for its closed connections to drain.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(3);
+
 /// Serves the control link on `endpoint` until `shutdown`.
 pub async fn serve(endpoint: quinn::Endpoint, fleet: Arc<Fleet>, shutdown: CancellationToken) {
     loop {
@@ -211,6 +214,9 @@ pub async fn serve(endpoint: quinn::Endpoint, fleet: Arc<Fleet>, shutdown: Cance
         });
     }
     endpoint.close(close::SHUTDOWN.into(), b"coordinator shutting down");
+    // Let the close reach the agents (so they reconnect at once instead of timing out) and
+    // release the UDP port before returning; a peer that never answers cannot hold us up.
+    let _ = tokio::time::timeout(SHUTDOWN_DRAIN, endpoint.wait_idle()).await;
 }
 
 async fn handle(conn: quinn::Connection, fleet: Arc<Fleet>) {

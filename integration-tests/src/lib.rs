@@ -557,9 +557,22 @@ impl TestCoordinator {
     /// Starts on 127.0.0.1:`port` (0 for any) with the PKI in `pki_dir` and state in `state_dir`.
     pub async fn start(pki_dir: &Path, state_dir: &Path, port: u16) -> TestCoordinator {
         let cfg = tunnelfleet_coordinator::tls::server_config(pki_dir).expect("server config");
-        let endpoint =
-            quinn::Endpoint::server(cfg, std::net::SocketAddr::from(([127, 0, 0, 1], port)))
-                .expect("bind coordinator");
+        let bind = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        // A restart on the same port may find the old socket still being released: retry
+        // with a deadline rather than fail on the first EADDRINUSE.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let endpoint = loop {
+            match quinn::Endpoint::server(cfg.clone(), bind) {
+                Ok(e) => break e,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::AddrInUse
+                        && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(e) => panic!("bind coordinator on {bind}: {e}"),
+            }
+        };
         let addr = endpoint.local_addr().expect("addr");
         let store = tunnelfleet_coordinator::store::Store::open(state_dir).expect("store");
         let fleet = tunnelfleet_coordinator::link::Fleet::new(store, Duration::from_millis(500));
