@@ -1,14 +1,17 @@
-//! `tunnelfleet demo`: the seed's tunnel set, end to end, on any machine with nothing set up.
+//! `tunnelfleet demo`: the fleet, end to end, on any machine with nothing set up.
 //!
-//! Two embedded OMAs (primary and standby, each an SSH server with an API and an NBD stand-in
-//! behind it), a VMA API for the reverse forward, and one agent holding the seed's four forwards
-//! on one session. It shows data through every forward, stops the primary, shows the agent on
-//! the standby with data flowing again, and cleans up: temp dir removed, every task stopped.
+//! A coordinator (real QUIC with mutual TLS, sled in a temp dir, the admin HTTP API), two
+//! embedded OMAs (primary and standby, each an SSH server with an API and an NBD stand-in behind
+//! it), and three agents, each with its own certificate, running the seed's four forwards on one
+//! SSH session per appliance. The profiles are applied and assigned through the admin API, a
+//! change is pushed while a connection stays open through it, the primary is stopped and every
+//! agent carries data through the standby. Then it cleans up: every task stopped, temp dir
+//! removed.
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -19,7 +22,11 @@ use tokio_util::sync::CancellationToken;
 use tunnelfleet_agent::config::AgentConfig;
 use tunnelfleet_agent::control::{self, Request, Response};
 use tunnelfleet_agent::status::{AgentStatus, ForwardState, ProfileStatus, SessionState};
+use tunnelfleet_coordinator::admin::{AgentSummary, Changed, Rollout};
+use tunnelfleet_coordinator::server::CoordinatorConfig;
+use tunnelfleet_protocol::ProfileSpec;
 
+use crate::api::ApiClient;
 use crate::oma::{EmbeddedOma, OmaSpec};
 use crate::render;
 use crate::services::{HttpService, echo_server};
@@ -27,17 +34,24 @@ use crate::services::{HttpService, echo_server};
 /// What the demo measured.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DemoReport {
-    /// Seconds from stopping the primary to data flowing through the standby.
+    /// Agents in the fleet.
+    pub agents: usize,
+    /// The fleet version every agent acknowledged after the push.
+    pub pushed_version: u64,
+    /// Seconds from stopping the primary to data flowing through the standby on every agent.
     pub failover_s: f64,
-    /// The endpoint the agent ended on.
+    /// The endpoint the first agent ended on.
     pub final_endpoint: String,
-    /// Bytes carried through the NBD forward.
+    /// Bytes carried through the NBD forwards.
     pub nbd_bytes: u64,
 }
 
 /// The seed's virtual OMA ports.
 const OMA_API: u16 = 8082;
 const OMA_NBD: u16 = 10809;
+
+/// Appliances in the demo fleet.
+const AGENTS: usize = 3;
 
 /// Runs the demo, narrating to `out`.
 pub async fn run(out: &mut (impl Write + Send)) -> anyhow::Result<DemoReport> {
@@ -50,13 +64,23 @@ pub async fn run(out: &mut (impl Write + Send)) -> anyhow::Result<DemoReport> {
     result
 }
 
+/// One appliance: its agent task and the local ports of the seed's forwards.
+struct DemoAgent {
+    id: String,
+    socket: PathBuf,
+    /// L api, L nbd, L alternate nbd, R vma api.
+    ports: [u16; 4],
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
 async fn run_in(dir: &Path, out: &mut (impl Write + Send)) -> anyhow::Result<DemoReport> {
     say(
         out,
-        "tunnelfleet demo: the seed's VMA→OMA tunnel set, with a standby OMA",
+        "tunnelfleet demo: a coordinator, three appliances (VMAs), an OMA primary and its standby",
     )?;
 
-    // The appliance's key, 0600 as OpenSSH demands.
+    // The appliances' key, 0600 as OpenSSH demands.
     let key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519)
         .context("generating the VMA key")?;
     let key_path = dir.join("vma_ed25519");
@@ -82,38 +106,232 @@ async fn run_in(dir: &Path, out: &mut (impl Write + Send)) -> anyhow::Result<Dem
         omas.push(oma);
     }
     let (primary, standby) = (&omas[0], &omas[1]);
-    say(
-        out,
-        &format!(
-            "  OMA primary  oma-a  ssh 127.0.0.1:{}  host key {}",
-            primary.port, primary.fingerprint
-        ),
-    )?;
-    say(
-        out,
-        &format!(
-            "  OMA standby  oma-b  ssh 127.0.0.1:{}  host key {}",
-            standby.port, standby.fingerprint
-        ),
-    )?;
+    for (role, name, oma) in [("primary", "oma-a", primary), ("standby", "oma-b", standby)] {
+        say(
+            out,
+            &format!(
+                "  OMA {role}  {name}  ssh 127.0.0.1:{}  host key {}",
+                oma.port, oma.fingerprint
+            ),
+        )?;
+    }
     let vma_api = HttpService::start("vma api", 0).await?;
 
-    // The seed's forwards, on free local ports (8082/10809/10808/9081 may be taken here).
-    let [l_api, l_nbd, l_alt, r_vma] = free_ports::<4>()?;
-    let forwards = [
-        format!("L {l_api}:localhost:{OMA_API}"),
-        format!("L {l_nbd}:localhost:{OMA_NBD}"),
-        format!("L {l_alt}:localhost:{OMA_NBD}"),
-        format!("R {r_vma}:localhost:{}", vma_api.port),
-    ];
-    let socket = dir.join("agent.sock");
+    // The coordinator: its CA, an admin token, sled in the temp dir, loopback listeners.
+    let pki_dir = dir.join("pki");
+    tunnelfleet_coordinator::pki::init(&pki_dir, &["localhost".into()])?;
+    let token_file = dir.join("admin.token");
+    let token = format!("demo-{:032x}", rand::random::<u128>());
+    write_secret(&token_file, token.as_bytes())?;
+    let bound = tunnelfleet_coordinator::server::bind(&CoordinatorConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        pki_dir: pki_dir.clone(),
+        state_dir: dir.join("coordinator"),
+        admin_token_file: token_file,
+        heartbeat_interval: Duration::from_secs(1),
+    })
+    .await?;
+    let (control_addr, admin_addr, fleet) = (bound.control, bound.admin, bound.fleet.clone());
+    let coordinator_stop = CancellationToken::new();
+    let coordinator = tokio::spawn(bound.run(coordinator_stop.clone()));
+    let api = ApiClient::new(&admin_addr.to_string(), &token);
+    say(
+        out,
+        &format!(
+            "  coordinator  control link quic://{control_addr} (mutual TLS), admin API http://{admin_addr}"
+        ),
+    )?;
+
+    // Three appliances, each with a certificate naming it and no local profiles: everything
+    // they run comes from the coordinator.
+    // Every local port the demo binds, picked at once so that no two collide.
+    let mut ports = free_ports(AGENTS * 4 + 1)?;
+    let extra = ports.pop().context("no free port")?;
+    let mut agents = Vec::new();
+
+    let result = async {
+        for (i, p) in ports.chunks_exact(4).enumerate() {
+            let p = [p[0], p[1], p[2], p[3]];
+            agents.push(start_agent(dir, &pki_dir, control_addr, i + 1, p).await?);
+        }
+        let agents = &agents;
+        wait_until(20, "every agent connected to the coordinator", || async {
+            fleet.links.connected().len() == AGENTS
+        })
+        .await?;
+        say(out, &format!("\n[1] {AGENTS} agents connected over QUIC; each certificate names its agent"))?;
+
+        // One profile per appliance: the seed's forwards, on free local ports (one machine
+        // plays all three appliances), with the OMA pair and pinned host keys.
+        say(out, "\n[2] the seed's tunnel set as a profile per appliance, applied through the admin API")?;
+        let mut last = 0;
+        for a in agents {
+            let spec = profile(a, &key_path, primary, standby, vma_api.port, &[])?;
+            let _: Changed = api.call("PUT", &format!("/v1/profiles/{}", a.id), Some(&spec)).await?;
+            let c: Changed = api
+                .call("POST", "/v1/assignments", Some(&serde_json::json!({"profile": a.id, "agent": a.id})))
+                .await?;
+            last = c.version;
+            say(out, &format!("  $ tunnelfleet profiles apply -f {}.toml && tunnelfleet assign {} --agent {}   # {}", a.id, a.id, a.id, spec.forwards.join(", ")))?;
+        }
+        let started = Instant::now();
+        wait_rollout(&api, last).await?;
+        for a in agents {
+            wait_for(&a.socket, 20, |p| all_active(p) && p.active_endpoint.ends_with(&primary.port.to_string())).await
+                .with_context(|| format!("{}: the tunnels did not come up on the primary", a.id))?;
+        }
+        say(out, &format!("    version {last} acknowledged by every agent; all tunnels up on oma-a in {:.2}s", started.elapsed().as_secs_f64()))?;
+        let first = &agents[0];
+        let mut nbd_bytes = show_traffic(out, first, "oma-a").await?;
+        wait_for(&first.socket, 10, |p| p.health.as_ref().is_some_and(|h| h.last.as_ref().is_some_and(|r| r.ok))).await
+            .context("the health check did not pass through the tunnel")?;
+        say(out, "    health check GET /health through the L forward passes")?;
+        wait_until(10, "heartbeats reporting every tunnel up", || async {
+            api.get::<Vec<AgentSummary>>("/v1/agents").await.is_ok_and(|l| l.len() == AGENTS && l.iter().all(|a| a.tunnels == 1 && a.tunnels_up == 1))
+        }).await?;
+        print_agents(out, &api).await?;
+
+        // A change pushed while a connection is open through a forward that does not change.
+        say(out, &format!("\n[3] pushing a change: {} gets a second API forward while a transfer runs through its NBD forward", first.id))?;
+        let mut open = TcpStream::connect(("127.0.0.1", first.ports[1])).await?;
+        roundtrip(&mut open, b"before the push").await?;
+            let spec = profile(first, &key_path, primary, standby, vma_api.port, &[format!("L {extra}:localhost:{OMA_API}")])?;
+        let c: Changed = api.call("PUT", &format!("/v1/profiles/{}", first.id), Some(&spec)).await?;
+        let t = Instant::now();
+        let rollout = wait_rollout(&api, c.version).await?;
+        say(out, &format!("  $ tunnelfleet rollout\n    version {}: applied by {} in {:.0} ms, pending {}, failed {}", rollout.version, rollout.applied.join(", "), t.elapsed().as_secs_f64() * 1000.0, rollout.pending.len(), rollout.failed.len()))?;
+        roundtrip(&mut open, b"after the push").await.context("the open connection did not survive the push")?;
+        let body = get(extra, "/health").await?;
+        say(out, &format!("    the open NBD connection still echoes; new L {extra} -> oma-a:8082 GET /health -> {body:?}"))?;
+        drop(open);
+
+        say(out, "\n[4] stopping the primary OMA (oma-a): every session dropped, port closed")?;
+        let t0 = Instant::now();
+        primary.stop().await;
+        for a in agents {
+            wait_for(&a.socket, 30, |p| all_active(p) && p.active_endpoint.ends_with(&standby.port.to_string())).await
+                .with_context(|| format!("{}: did not fail over to the standby", a.id))?;
+            // Failover counts when data flows, not when the session is up.
+            get(a.ports[0], "/health").await?;
+        }
+        let failover_s = t0.elapsed().as_secs_f64();
+        say(out, &format!("    all {AGENTS} agents on the standby, data flowing again after {failover_s:.2}s"))?;
+        nbd_bytes += show_traffic(out, first, "oma-b").await?;
+        let status = print_status(out, first).await?;
+        let p = &status.profiles[0];
+        if p.failovers != 1 {
+            bail!("expected one failover, status says {}", p.failovers);
+        }
+        Ok(DemoReport {
+            agents: AGENTS,
+            pushed_version: c.version,
+            failover_s,
+            final_endpoint: p.active_endpoint.clone(),
+            nbd_bytes,
+        })
+    }
+    .await;
+
+    for a in &agents {
+        a.stop.cancel();
+    }
+    for a in agents {
+        let _ = a.task.await;
+    }
+    coordinator_stop.cancel();
+    let _ = coordinator.await;
+    for o in &omas {
+        o.stop().await;
+    }
+    drop(keep);
+    let report = result?;
+    say(
+        out,
+        &format!(
+            "\ndone: {} agents on version {}, failover to the standby in {:.2}s, {} through the NBD forwards; everything stopped gracefully, temp files removed",
+            report.agents,
+            report.pushed_version,
+            report.failover_s,
+            render::bytes(report.nbd_bytes)
+        ),
+    )?;
+    Ok(report)
+}
+
+/// Starts appliance `i` (`vma-i`) with its own certificate, control socket and state dir.
+async fn start_agent(
+    dir: &Path,
+    pki_dir: &Path,
+    coordinator: SocketAddr,
+    i: usize,
+    ports: [u16; 4],
+) -> anyhow::Result<DemoAgent> {
+    let id = format!("vma-{i}");
+    let home = dir.join(&id);
+    let files = tunnelfleet_coordinator::pki::issue_agent(pki_dir, &id, 1, &home.join("tls"))?;
+    let socket = home.join("agent.sock");
     let config = format!(
         r#"[agent]
 control_socket = "{socket}"
 drain_timeout = "1s"
 
+[coordinator]
+address = "{coordinator}"
+server_name = "localhost"
+agent_id = "{id}"
+labels = {{ site = "demo" }}
+ca = "{ca}"
+cert = "{cert}"
+key = "{key}"
+state_dir = "{state}"
+reconnect_min = "100ms"
+reconnect_max = "1s"
+"#,
+        socket = socket.display(),
+        ca = files.ca.display(),
+        cert = files.cert.display(),
+        key = files.key.display(),
+        state = home.join("state").display(),
+    );
+    let cfg_path = home.join("agent.toml");
+    std::fs::write(&cfg_path, &config)?;
+    let cfg = AgentConfig::load(&cfg_path)?;
+    let agent = tunnelfleet_agent::agent::Agent::prepare(&cfg).await?;
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(agent.run(stop.clone()));
+    Ok(DemoAgent {
+        id,
+        socket,
+        ports,
+        stop,
+        task,
+    })
+}
+
+/// The seed's tunnel set for appliance `a`, plus `extra` forwards, as the coordinator holds it.
+fn profile(
+    a: &DemoAgent,
+    key: &Path,
+    primary: &EmbeddedOma,
+    standby: &EmbeddedOma,
+    vma_api: u16,
+    extra: &[String],
+) -> anyhow::Result<ProfileSpec> {
+    let [l_api, l_nbd, l_alt, r_vma] = a.ports;
+    let mut forwards = vec![
+        format!("L {l_api}:localhost:{OMA_API}"),
+        format!("L {l_nbd}:localhost:{OMA_NBD}"),
+        format!("L {l_alt}:localhost:{OMA_NBD}"),
+        format!("R {r_vma}:localhost:{vma_api}"),
+    ];
+    forwards.extend(extra.iter().cloned());
+    let toml = format!(
+        r#"[agent]
+control_socket = "/unused"
+
 [[profile]]
-name = "oma"
+name = "{name}"
 description = "VMA to OMA: API, NBD, alternate NBD, reverse VMA API"
 endpoints = ["127.0.0.1:{p1}", "127.0.0.1:{p2}"]
 user = "vma"
@@ -133,10 +351,10 @@ interval = "500ms"
 timeout = "1s"
 threshold = 3
 "#,
-        socket = socket.display(),
+        name = a.id,
         p1 = primary.port,
         p2 = standby.port,
-        key = key_path.display(),
+        key = key.display(),
         f1 = primary.fingerprint,
         f2 = standby.fingerprint,
         fw = forwards
@@ -145,81 +363,69 @@ threshold = 3
             .collect::<Vec<_>>()
             .join(", "),
     );
-    let cfg_path = dir.join("agent.toml");
-    std::fs::write(&cfg_path, &config)?;
-    say(
-        out,
-        "\nagent.toml (host keys pinned; nothing is trusted blindly):",
-    )?;
-    for line in config.lines().skip(4) {
-        say(out, &format!("  | {line}"))?;
-    }
+    // The same validation `tunnelfleet profiles apply -f` runs.
+    let cfg = AgentConfig::parse(&toml, Path::new(&format!("{}.toml", a.id)))?;
+    Ok(ProfileSpec::from(&cfg.profiles[0]))
+}
 
-    let cfg = AgentConfig::load(&cfg_path)?;
-    let agent = tunnelfleet_agent::agent::Agent::prepare(&cfg).await?;
-    let stop = CancellationToken::new();
-    let agent_task = tokio::spawn(agent.run(stop.clone()));
-
-    let result = async {
-        let started = Instant::now();
-        wait_for(&socket, 20, |p| all_active(p) && p.active_endpoint.ends_with(&primary.port.to_string())).await
-            .context("the tunnels did not come up on the primary")?;
-        say(out, &format!("\n[1] tunnels up on oma-a in {:.2}s, one SSH session carrying four forwards", started.elapsed().as_secs_f64()))?;
-        let nbd_bytes = show_traffic(out, l_api, l_nbd, l_alt, r_vma, "oma-a").await?;
-        wait_for(&socket, 10, |p| p.health.as_ref().is_some_and(|h| h.last.as_ref().is_some_and(|r| r.ok))).await
-            .context("the health check did not pass through the tunnel")?;
-        say(out, "    health check GET /health through the L forward passes")?;
-        print_status(out, &socket).await?;
-
-        say(out, "\n[2] stopping the primary OMA (oma-a): every session dropped, port closed")?;
-        let t0 = Instant::now();
-        primary.stop().await;
-        wait_for(&socket, 30, |p| all_active(p) && p.active_endpoint.ends_with(&standby.port.to_string())).await
-            .context("the agent did not fail over to the standby")?;
-        // Failover counts when data flows, not when the session is up.
-        let body = get(l_api, "/health").await?;
-        let failover_s = t0.elapsed().as_secs_f64();
-        say(out, &format!("    agent moved to the standby and data flows again after {failover_s:.2}s: GET /health -> {body:?}"))?;
-        let more = show_traffic(out, l_api, l_nbd, l_alt, r_vma, "oma-b").await?;
-        let status = print_status(out, &socket).await?;
-        let p = &status.profiles[0];
-        if p.failovers != 1 {
-            bail!("expected one failover, status says {}", p.failovers);
+/// Waits until every agent has acknowledged `version`; fails on an agent's failed apply.
+async fn wait_rollout(api: &ApiClient, version: u64) -> anyhow::Result<Rollout> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r: Rollout = api.get("/v1/rollout").await?;
+        if let Some((agent, errors)) = r.failed.iter().next() {
+            bail!("{agent} could not apply version {}: {}", r.version, errors.join("; "));
         }
-        Ok(DemoReport {
-            failover_s,
-            final_endpoint: p.active_endpoint.clone(),
-            nbd_bytes: nbd_bytes + more,
-        })
+        if r.version >= version && r.pending.is_empty() && r.applied.len() == AGENTS {
+            return Ok(r);
+        }
+        if Instant::now() > deadline {
+            bail!("version {version} not acknowledged by every agent within 20s: {r:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    .await;
+}
 
-    stop.cancel();
-    let _ = agent_task.await;
-    for o in &omas {
-        o.stop().await;
+async fn wait_until<F, Fut>(secs: u64, what: &str, mut cond: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !cond().await {
+        if Instant::now() > deadline {
+            bail!("not reached within {secs}s: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    drop(keep);
-    let report = result?;
-    say(
-        out,
-        &format!(
-            "\ndone: failover to the standby in {:.2}s, {} through the NBD forwards; agent stopped gracefully, temp files removed",
-            report.failover_s,
-            render::bytes(report.nbd_bytes)
-        ),
-    )?;
-    Ok(report)
+    Ok(())
+}
+
+async fn print_agents(out: &mut (impl Write + Send), api: &ApiClient) -> anyhow::Result<()> {
+    let list: Vec<AgentSummary> = api.get("/v1/agents").await?;
+    say(out, "\n  $ tunnelfleet agents list")?;
+    for line in render::fleet_agents(&list).lines() {
+        say(out, &format!("  {line}"))?;
+    }
+    Ok(())
+}
+
+async fn roundtrip(s: &mut TcpStream, payload: &[u8]) -> anyhow::Result<()> {
+    s.write_all(payload).await?;
+    let mut back = vec![0u8; payload.len()];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back)).await??;
+    if back != payload {
+        bail!("echo returned other bytes");
+    }
+    Ok(())
 }
 
 async fn show_traffic(
     out: &mut (impl Write + Send),
-    l_api: u16,
-    l_nbd: u16,
-    l_alt: u16,
-    r_vma: u16,
+    a: &DemoAgent,
     oma: &str,
 ) -> anyhow::Result<u64> {
+    let [l_api, l_nbd, l_alt, r_vma] = a.ports;
     let body = get(l_api, "/health").await?;
     if !body.starts_with(oma) {
         bail!("expected the API of {oma}, got {body:?}");
@@ -252,9 +458,12 @@ async fn show_traffic(
     Ok(2 * n as u64 + 2 * (64 << 10))
 }
 
-async fn print_status(out: &mut (impl Write + Send), socket: &Path) -> anyhow::Result<AgentStatus> {
-    let status = status(socket).await?;
-    say(out, "\n  $ tunnelfleet tunnels status")?;
+async fn print_status(
+    out: &mut (impl Write + Send),
+    a: &DemoAgent,
+) -> anyhow::Result<AgentStatus> {
+    let status = status(&a.socket).await?;
+    say(out, &format!("\n  $ tunnelfleet tunnels status   # on {}", a.id))?;
     for line in render::status(&status).lines() {
         say(out, &format!("  {line}"))?;
     }
@@ -341,28 +550,32 @@ async fn echo(port: u16, n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
-    // Hold all listeners until every port is picked so the N ports differ.
-    let listeners: Vec<std::net::TcpListener> = (0..N)
+fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+    // Hold all listeners until every port is picked so the n ports differ.
+    let listeners: Vec<std::net::TcpListener> = (0..n)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
         .collect::<Result<_, _>>()?;
-    let mut ports = [0u16; N];
-    for (p, l) in ports.iter_mut().zip(&listeners) {
-        *p = l.local_addr()?.port();
-    }
-    Ok(ports)
+    listeners
+        .iter()
+        .map(|l| Ok(l.local_addr()?.port()))
+        .collect()
 }
 
 fn write_private(path: &Path, key: &PrivateKey) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
     let pem = key.to_openssh(russh::keys::ssh_key::LineEnding::LF)?;
+    write_secret(path, pem.as_bytes())
+}
+
+/// Writes a new file readable by its owner only.
+fn write_secret(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path)
         .with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(pem.as_bytes())?;
+    f.write_all(bytes)?;
     Ok(())
 }
 

@@ -93,8 +93,8 @@ enum Command {
         #[command(subcommand)]
         action: PkiAction,
     },
-    /// Run the whole system on this machine with nothing set up: embedded OMA pair, one agent
-    /// with the seed's tunnels, a failover.
+    /// Run the whole system on this machine with nothing set up: a coordinator, an embedded OMA
+    /// pair, three agents with the seed's tunnels, a pushed change, a failover.
     Demo,
     /// Print shell completions.
     Completions {
@@ -291,7 +291,8 @@ struct Target {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_filter = match cli.command {
-        Command::Demo => "tunnelfleet_agent=info,warn",
+        // The narration tells the story; the agents' warnings (the failover) show beside it.
+        Command::Demo => "warn",
         _ => "warn",
     };
     telemetry::init(LogFormat::Human, default_filter);
@@ -444,54 +445,12 @@ async fn fleet_agents(api: &ApiArgs, action: AgentsAction, json: bool) -> anyhow
     let client = api.client()?;
     match action {
         AgentsAction::List => {
-            let list: serde_json::Value = client.get("/v1/agents").await?;
+            let list: Vec<tunnelfleet_coordinator::admin::AgentSummary> =
+                client.get("/v1/agents").await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
-                let mut t = comfy_table::Table::new();
-                t.load_preset(comfy_table::presets::NOTHING);
-                t.set_header(vec![
-                    "AGENT",
-                    "STATE",
-                    "TUNNELS UP",
-                    "VERSION",
-                    "LABELS",
-                    "LAST SEEN",
-                ]);
-                for a in list.as_array().into_iter().flatten() {
-                    let state = if a["online"] == true {
-                        "online"
-                    } else if a["connected"] == true {
-                        "OFFLINE (silent)"
-                    } else {
-                        "disconnected"
-                    };
-                    let labels: Vec<String> = a["labels"]
-                        .as_object()
-                        .map(|m| {
-                            m.iter()
-                                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    t.add_row(vec![
-                        a["id"].as_str().unwrap_or("").to_string(),
-                        state.to_string(),
-                        format!("{}/{}", a["tunnels_up"], a["tunnels"]),
-                        format!(
-                            "{}{}",
-                            a["applied_version"],
-                            if a["applied_ok"] == true {
-                                ""
-                            } else {
-                                " (failed)"
-                            }
-                        ),
-                        labels.join(","),
-                        render::ago(a["last_seen_unix_ms"].as_u64().unwrap_or(0)) + " ago",
-                    ]);
-                }
-                println!("{t}");
+                print!("{}", render::fleet_agents(&list));
             }
         }
         AgentsAction::Show { id } => {

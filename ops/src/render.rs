@@ -1,4 +1,4 @@
-//! Human tables for `tunnelfleet tunnels …` (the `--json` path prints the data as is).
+//! Human tables for `tunnelfleet tunnels …` and `tunnelfleet agents …` (the `--json` path prints the data as is).
 
 use comfy_table::presets::NOTHING;
 use comfy_table::{Cell, Table};
@@ -123,6 +123,42 @@ fn forward_state(s: ForwardState) -> &'static str {
         ForwardState::Waiting => "waiting",
         ForwardState::Retrying => "RETRYING",
     }
+}
+
+/// `agents list`: one line per agent the coordinator knows.
+pub fn fleet_agents(list: &[tunnelfleet_coordinator::admin::AgentSummary]) -> String {
+    let mut t = table(&[
+        "AGENT",
+        "STATE",
+        "TUNNELS UP",
+        "VERSION",
+        "LABELS",
+        "LAST SEEN",
+    ]);
+    for a in list {
+        let state = if a.online {
+            "online"
+        } else if a.connected {
+            "OFFLINE (silent)"
+        } else {
+            "disconnected"
+        };
+        let labels: Vec<String> = a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let version = match a.applied_version {
+            Some(v) if a.applied_ok => v.to_string(),
+            Some(v) => format!("{v} (failed)"),
+            None => "-".into(),
+        };
+        t.add_row(vec![
+            Cell::new(&a.id),
+            Cell::new(state),
+            Cell::new(format!("{}/{}", a.tunnels_up, a.tunnels)),
+            Cell::new(version),
+            Cell::new(labels.join(",")),
+            Cell::new(format!("{} ago", ago(a.last_seen_unix_ms))),
+        ]);
+    }
+    t.to_string() + "\n"
 }
 
 /// `1.5 MB`-style sizes.

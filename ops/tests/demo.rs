@@ -17,6 +17,9 @@ async fn demo_runs_fails_over_and_leaves_nothing_behind() {
     assert!(text.contains("(standby #1)"), "{text}");
     assert!(report.nbd_bytes > 0);
     assert!(report.failover_s > 0.0);
+    assert_eq!(report.agents, 3);
+    assert!(text.contains("acknowledged by every agent"), "{text}");
+    assert!(text.contains("the open NBD connection still echoes"), "{text}");
     assert_eq!(demo_dirs(), before, "the demo left its temp dir behind");
 }
 
