@@ -605,6 +605,153 @@ impl TestCoordinator {
 
 use std::sync::Arc;
 
+/// A debug binary of this workspace (tests), built first so a test never runs a stale one.
+pub fn debug_binary(package: &str, bin: &str) -> std::io::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    // target/debug/deps/<test> -> target/debug/<bin>
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join(bin))
+        .ok_or_else(|| std::io::Error::other("no target dir"))?;
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "-q", "-p", package, "--bin", bin])
+        .status()?;
+    if !status.success() || !path.exists() {
+        return Err(std::io::Error::other(format!(
+            "could not build {}",
+            path.display()
+        )));
+    }
+    Ok(path)
+}
+
+/// A UDP port that was free a moment ago (a coordinator restarted on the same address).
+pub fn free_udp_port() -> u16 {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    s.local_addr().expect("addr").port()
+}
+
+/// A `tunnelfleet-coordinator` process on loopback, for tests that kill it for real.
+pub struct CoordinatorProcess {
+    /// Where agents dial.
+    pub control: std::net::SocketAddr,
+    /// The admin API.
+    pub api: tunnelfleet_ops::api::ApiClient,
+    /// Its config file (a restart uses the same).
+    pub config: PathBuf,
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl CoordinatorProcess {
+    /// Writes a config under `dir` (PKI in `dir/pki`, state in `dir/state`, fixed ports) and
+    /// starts the coordinator; returns once its admin API answers.
+    pub async fn start(dir: &Path, heartbeat: &str) -> CoordinatorProcess {
+        let control = std::net::SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
+        let admin = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let token_file = dir.join("admin.token");
+        let token = "integration-test-admin-token-0123456789";
+        {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&token_file)
+                .expect("token file");
+            f.write_all(token.as_bytes()).expect("token");
+        }
+        let config = dir.join("coordinator.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"{control}\"\nadmin_listen = \"{admin}\"\npki_dir = \"{}\"\nstate_dir = \"{}\"\n\
+                 admin_token_file = \"{}\"\nheartbeat_interval = \"{heartbeat}\"\n",
+                dir.join("pki").display(),
+                dir.join("state").display(),
+                token_file.display()
+            ),
+        )
+        .expect("coordinator config");
+        let api = tunnelfleet_ops::api::ApiClient::new(&admin.to_string(), token);
+        let log = dir.join("coordinator.log");
+        let child = Self::spawn(&config, &log);
+        let mut c = CoordinatorProcess {
+            control,
+            api,
+            config,
+            child,
+            log,
+        };
+        c.wait_ready().await;
+        c
+    }
+
+    fn spawn(config: &Path, log: &Path) -> std::process::Child {
+        let bin = debug_binary("tunnelfleet-coordinator", "tunnelfleet-coordinator")
+            .expect("coordinator binary");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log");
+        Command::new(bin)
+            .arg("--config")
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn coordinator")
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if self
+                .api
+                .get::<serde_json::Value>("/v1/agents")
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("coordinator exited with {status}:\n{}", self.log());
+            }
+            if std::time::Instant::now() > deadline {
+                panic!("coordinator not ready within 30s:\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// kill -9: no shutdown code runs.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same config (state dir and ports).
+    pub async fn restart(&mut self) {
+        self.child = Self::spawn(&self.config, &self.log);
+        self.wait_ready().await;
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for CoordinatorProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
 /// A release binary of this workspace next to the running one, built first (benchmarks).
 pub fn release_binary(package: &str, bin: &str) -> std::io::Result<PathBuf> {
     let exe = std::env::current_exe()?;

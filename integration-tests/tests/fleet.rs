@@ -227,3 +227,138 @@ async fn a_forward_that_did_not_change_keeps_its_open_connection_through_a_push(
     agent.shutdown().await;
     c.stop().await;
 }
+
+/// The issue's restart case with a real process: `tunnelfleet-coordinator` killed with SIGKILL
+/// while two agents are connected, restarted on the same data dir and ports. Nothing it
+/// acknowledged is lost, the tunnels never notice, the agents come back by themselves and
+/// converge on the next change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_killed_with_sigkill_loses_nothing_and_agents_converge_after_restart() {
+    use tunnelfleet_coordinator::admin::{AgentSummary, Changed, Rollout};
+    if !Sshd::available("fleet_coordinator_kill9") {
+        return;
+    }
+    let sshd = Sshd::start();
+    let (echo, _e) = echo_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pki_dir = dir.path().join("pki");
+    pki::init(&pki_dir, &["localhost".into()]).unwrap();
+    let mut coordinator = CoordinatorProcess::start(dir.path(), "500ms").await;
+    let api = &coordinator.api.clone();
+
+    // Two appliances, each assigned its own profile (one machine plays both, so the local
+    // ports differ).
+    let mut agents = Vec::new();
+    let mut ports = Vec::new();
+    for id in ["vma-1", "vma-2"] {
+        let files = pki::issue_agent(&pki_dir, id, 365, &dir.path().join(id)).unwrap();
+        let toml = format!(
+            "[coordinator]\naddress = \"{}\"\nserver_name = \"localhost\"\nagent_id = \"{id}\"\n\
+             ca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nstate_dir = \"{}\"\nreconnect_min = \"100ms\"\nreconnect_max = \"500ms\"\n",
+            coordinator.control,
+            files.ca.display(),
+            files.cert.display(),
+            files.key.display(),
+            dir.path().join(id).join("state").display()
+        );
+        agents.push(TestAgent::start(&toml).await);
+        let l = free_port();
+        ports.push(l);
+        let local = AgentConfig::parse(
+            &profile_toml(
+                id,
+                &[sshd.endpoint()],
+                &sshd,
+                &[format!("L {l}:localhost:{echo}")],
+                "",
+            ),
+            Path::new("p.toml"),
+        )
+        .unwrap();
+        let spec = ProfileSpec::from(&local.profiles[0]);
+        let _: Changed = api
+            .call("PUT", &format!("/v1/profiles/{id}"), Some(&spec))
+            .await
+            .unwrap();
+        let _: Changed = api
+            .call(
+                "POST",
+                "/v1/assignments",
+                Some(&serde_json::json!({"profile": id, "agent": id})),
+            )
+            .await
+            .unwrap();
+    }
+    let converged = |version: u64| async move {
+        let r: Rollout = coordinator_get(api, "/v1/rollout").await;
+        r.version == version && r.applied == ["vma-1", "vma-2"]
+    };
+    let v: u64 = coordinator_get::<Rollout>(api, "/v1/rollout").await.version;
+    wait_until(30, "both agents applied the version", || converged(v)).await;
+    for (a, (id, l)) in agents.iter().zip(["vma-1", "vma-2"].iter().zip(&ports)) {
+        a.wait_all_active(id).await;
+        echo_roundtrip(*l, b"before the kill").await.unwrap();
+    }
+
+    // SIGKILL: no shutdown code runs. The tunnels do not depend on it.
+    coordinator.kill9();
+    for l in &ports {
+        echo_roundtrip(*l, b"coordinator dead").await.unwrap();
+    }
+
+    coordinator.restart().await;
+    let r: Rollout = coordinator_get(api, "/v1/rollout").await;
+    assert_eq!(r.version, v, "the acknowledged fleet version was lost");
+    assert_eq!(
+        r.applied,
+        ["vma-1", "vma-2"],
+        "the agents' acknowledgements were lost: {r:?}"
+    );
+    wait_until(30, "both agents reconnected and heartbeating", || async {
+        let list: Vec<AgentSummary> = coordinator_get(api, "/v1/agents").await;
+        list.len() == 2 && list.iter().all(|a| a.online && a.heartbeats > 0)
+    })
+    .await;
+
+    // The next change reaches both: vma-1 gets a second forward.
+    let extra = free_port();
+    let local = AgentConfig::parse(
+        &profile_toml(
+            "vma-1",
+            &[sshd.endpoint()],
+            &sshd,
+            &[
+                format!("L {}:localhost:{echo}", ports[0]),
+                format!("L {extra}:localhost:{echo}"),
+            ],
+            "",
+        ),
+        Path::new("p.toml"),
+    )
+    .unwrap();
+    let c: Changed = api
+        .call(
+            "PUT",
+            "/v1/profiles/vma-1",
+            Some(&ProfileSpec::from(&local.profiles[0])),
+        )
+        .await
+        .unwrap();
+    assert_eq!(c.version, v + 1);
+    wait_until(30, "both agents converged on the new version", || {
+        converged(v + 1)
+    })
+    .await;
+    agents[0].wait_all_active("vma-1").await;
+    echo_roundtrip(extra, b"after the restart").await.unwrap();
+    for a in agents {
+        a.shutdown().await;
+    }
+}
+
+async fn coordinator_get<T: serde::de::DeserializeOwned>(
+    api: &tunnelfleet_ops::api::ApiClient,
+    path: &str,
+) -> T {
+    api.get(path).await.unwrap()
+}

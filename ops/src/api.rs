@@ -29,6 +29,7 @@ pub enum ApiError {
 }
 
 /// The admin API at `addr` with `token`.
+#[derive(Clone)]
 pub struct ApiClient {
     addr: String,
     token: String,

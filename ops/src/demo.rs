@@ -374,7 +374,11 @@ async fn wait_rollout(api: &ApiClient, version: u64) -> anyhow::Result<Rollout> 
     loop {
         let r: Rollout = api.get("/v1/rollout").await?;
         if let Some((agent, errors)) = r.failed.iter().next() {
-            bail!("{agent} could not apply version {}: {}", r.version, errors.join("; "));
+            bail!(
+                "{agent} could not apply version {}: {}",
+                r.version,
+                errors.join("; ")
+            );
         }
         if r.version >= version && r.pending.is_empty() && r.applied.len() == AGENTS {
             return Ok(r);
@@ -458,12 +462,12 @@ async fn show_traffic(
     Ok(2 * n as u64 + 2 * (64 << 10))
 }
 
-async fn print_status(
-    out: &mut (impl Write + Send),
-    a: &DemoAgent,
-) -> anyhow::Result<AgentStatus> {
+async fn print_status(out: &mut (impl Write + Send), a: &DemoAgent) -> anyhow::Result<AgentStatus> {
     let status = status(&a.socket).await?;
-    say(out, &format!("\n  $ tunnelfleet tunnels status   # on {}", a.id))?;
+    say(
+        out,
+        &format!("\n  $ tunnelfleet tunnels status   # on {}", a.id),
+    )?;
     for line in render::status(&status).lines() {
         say(out, &format!("  {line}"))?;
     }

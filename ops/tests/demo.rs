@@ -19,7 +19,10 @@ async fn demo_runs_fails_over_and_leaves_nothing_behind() {
     assert!(report.failover_s > 0.0);
     assert_eq!(report.agents, 3);
     assert!(text.contains("acknowledged by every agent"), "{text}");
-    assert!(text.contains("the open NBD connection still echoes"), "{text}");
+    assert!(
+        text.contains("the open NBD connection still echoes"),
+        "{text}"
+    );
     assert_eq!(demo_dirs(), before, "the demo left its temp dir behind");
 }
 
