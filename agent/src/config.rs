@@ -130,7 +130,12 @@ pub struct ProfileConfig {
     #[serde(default)]
     pub description: String,
     /// Endpoints in priority order (`host:port`; port 22 when omitted): primary first.
+    #[serde(default)]
     pub endpoints: Vec<String>,
+    /// OMA group (profiles held by the coordinator): its endpoints, active one first, are put
+    /// before `endpoints` when the profile is pushed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     /// Remote user name.
     pub user: String,
     /// Private key file (OpenSSH format); refused when group or others can read it.
@@ -256,6 +261,31 @@ impl AgentConfig {
             message: e.to_string().trim_end().replace('\n', " "),
         })?;
         cfg.validate(file)?;
+        if let Some(p) = cfg.profiles.iter().find(|p| p.endpoints.is_empty()) {
+            return Err(ConfigError::Invalid {
+                file: file.to_path_buf(),
+                key: format!("profile.{}.endpoints", p.name),
+                reason: format!(
+                    "a local profile lists its endpoints; group {:?} is resolved by the coordinator (apply the file with `tunnelfleet profiles apply`)",
+                    p.group.as_deref().unwrap_or_default()
+                ),
+            });
+        }
+        Ok(cfg)
+    }
+
+    /// Reads profiles to hand to the coordinator (`tunnelfleet profiles apply -f`): validated
+    /// like a local config, except that a profile may name an OMA group instead of endpoints.
+    pub fn load_for_coordinator(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_path_buf(),
+            source,
+        })?;
+        let cfg: AgentConfig = toml::from_str(&text).map_err(|e| ConfigError::Syntax {
+            file: path.to_path_buf(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })?;
+        cfg.validate(path)?;
         Ok(cfg)
     }
 
@@ -347,12 +377,7 @@ impl ProfileConfig {
     /// Validates one profile; on error returns (key relative to the profile, reason).
     pub fn validate_fields(&self) -> Result<(), (String, String)> {
         let err = |k: &str, r: String| Err((k.to_string(), r));
-        if self.name.is_empty()
-            || !self
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
+        if !valid_name(&self.name) {
             return err(
                 "name",
                 format!(
@@ -361,8 +386,16 @@ impl ProfileConfig {
                 ),
             );
         }
-        if self.endpoints.is_empty() {
-            return err("endpoints", "at least one host:port is required".into());
+        if self.endpoints.is_empty() && self.group.is_none() {
+            return err(
+                "endpoints",
+                "at least one host:port is required (or a group, for a profile held by the coordinator)".into(),
+            );
+        }
+        if let Some(g) = &self.group
+            && !valid_name(g)
+        {
+            return err("group", format!("{g:?} is not a valid group name"));
         }
         for (i, e) in self.endpoints.iter().enumerate() {
             if let Err(r) = split_host_port(e, Some(22)) {
@@ -617,6 +650,15 @@ interval = "60s"
     }
 }
 
+/// Names of profiles and groups: 1-64 letters, digits, '-', '_', '.'.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
 /// Pushed profiles travel as [`tunnelfleet_protocol::ProfileSpec`]; these conversions keep the
 /// wire model and the local model the same thing, so a pushed profile is validated exactly as a
 /// local one.
@@ -625,6 +667,7 @@ impl From<&ProfileConfig> for tunnelfleet_protocol::ProfileSpec {
         let ms = |d: Duration| d.as_millis() as u64;
         tunnelfleet_protocol::ProfileSpec {
             name: p.name.clone(),
+            group: p.group.clone(),
             description: p.description.clone(),
             endpoints: p.endpoints.clone(),
             user: p.user.clone(),
@@ -656,6 +699,8 @@ impl ProfileConfig {
         let ms = Duration::from_millis;
         let p = ProfileConfig {
             name: s.name.clone(),
+            // Resolved by the coordinator into `endpoints`: the agent runs endpoints only.
+            group: None,
             description: s.description.clone(),
             endpoints: s.endpoints.clone(),
             user: s.user.clone(),
@@ -679,6 +724,12 @@ impl ProfileConfig {
                 threshold: h.threshold,
             }),
         };
+        if p.endpoints.is_empty() {
+            return Err((
+                format!("profile.{}.endpoints", p.name),
+                "the pushed profile has no endpoints (is its OMA group empty?)".into(),
+            ));
+        }
         p.validate_fields()?;
         Ok(p)
     }

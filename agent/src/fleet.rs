@@ -67,6 +67,8 @@ pub async fn run(cfg: CoordinatorSection, sup: SupervisorHandle, shutdown: Cance
             .unwrap_or_default()
     });
     let mut applied_version = load_cache(&cfg.state_dir).map(|s| s.version);
+    // The coordinator tells a restart from a reconnect by this.
+    let started = status::now_unix_ms();
     let mut backoff = Backoff::new(cfg.reconnect_min, cfg.reconnect_max);
     loop {
         let attempt = async {
@@ -88,6 +90,7 @@ pub async fn run(cfg: CoordinatorSection, sup: SupervisorHandle, shutdown: Cance
                 agent_version: env!("CARGO_PKG_VERSION").to_string(),
                 labels: cfg.labels.clone(),
                 applied_version,
+                started_unix_ms: started,
             };
             let l = link::connect(&endpoint, client.clone(), addr, &server_name, hello)
                 .await
@@ -216,5 +219,7 @@ fn report(p: &ProfileStatus, since_ms: u64) -> ProfileReport {
                 connections_open: f.connections_open,
             })
             .collect(),
+        errors: p.errors.clone(),
+        failover_log: p.failover_log.clone(),
     }
 }

@@ -16,6 +16,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use tunnelfleet_protocol::ErrorKind;
+
 use crate::backoff::Backoff;
 use crate::config::ProfileConfig;
 use crate::forward::ForwardSpec;
@@ -273,7 +275,7 @@ impl Runner {
                 Err(e) => {
                     failures += 1;
                     tracing::warn!(profile = %self.cfg.name, endpoint = %endpoint, attempt = failures, "{e}");
-                    self.shared.lock().last_error = Some(e.to_string());
+                    self.shared.record_error(&endpoint, e.kind(), e.to_string());
                 }
                 Ok(session) => {
                     sessions += 1;
@@ -340,7 +342,12 @@ impl Runner {
                         SessionEnd::Shutdown => String::new(),
                     };
                     tracing::warn!(profile = %self.cfg.name, endpoint = %endpoint, "{why}");
-                    self.shared.lock().last_error = Some(why);
+                    if let SessionEnd::Lost(_) = end {
+                        self.shared
+                            .record_error(&endpoint, ErrorKind::SessionLost, why);
+                    } else {
+                        self.shared.lock().last_error = Some(why);
+                    }
                     if started.elapsed() >= STABLE_SESSION {
                         failures = 0;
                         backoff.reset();
@@ -360,11 +367,7 @@ impl Runner {
                 let to = format!("{}:{}", endpoints[next].0, endpoints[next].1);
                 let reason = self.shared.lock().last_error.clone().unwrap_or_default();
                 tracing::warn!(profile = %self.cfg.name, from = %endpoint, to = %to, failures, "failing over to the next endpoint: {reason}");
-                {
-                    let mut s = self.shared.lock();
-                    s.failovers += 1;
-                    s.active_endpoint = to;
-                }
+                self.shared.record_failover(&endpoint, &to, &reason);
                 idx = next;
                 failures = 0;
                 backoff.reset();

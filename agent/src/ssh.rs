@@ -33,6 +33,20 @@ pub const CIPHERS: &[cipher::Name] = &[
 /// same order as OpenSSH's 2 MiB × its adaptive growth).
 pub const WINDOW_SIZE: u32 = 16 * 1024 * 1024;
 
+impl SessionError {
+    /// The kind reported to the coordinator.
+    pub fn kind(&self) -> tunnelfleet_protocol::ErrorKind {
+        use tunnelfleet_protocol::ErrorKind as K;
+        match self {
+            SessionError::Connect { .. } => K::Connect,
+            SessionError::Timeout { .. } => K::Timeout,
+            SessionError::HostKey { .. } => K::HostKey,
+            SessionError::Auth { .. } => K::Auth,
+            SessionError::Ssh { .. } => K::Ssh,
+        }
+    }
+}
+
 /// Why a session could not be established.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use tunnelfleet_protocol::{ErrorCount, ErrorKind, FailoverRecord};
 
 use crate::relay::ForwardCounters;
 
@@ -129,7 +130,16 @@ pub struct ProfileStatus {
     pub health: Option<HealthStatus>,
     /// Forwards in config order.
     pub forwards: Vec<ForwardStatus>,
+    /// Session failures per endpoint and kind since start.
+    #[serde(default)]
+    pub errors: Vec<ErrorCount>,
+    /// The latest endpoint changes this profile made on its own, oldest first.
+    #[serde(default)]
+    pub failover_log: Vec<FailoverRecord>,
 }
+
+/// How many failovers a profile remembers for status and heartbeats.
+pub const FAILOVER_LOG: usize = 8;
 
 /// What `tunnels status` returns.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -186,6 +196,8 @@ impl ProfileShared {
                 last_error: None,
                 health,
                 forwards,
+                errors: Vec::new(),
+                failover_log: Vec::new(),
             }),
             counters: specs
                 .iter()
@@ -224,6 +236,47 @@ impl ProfileShared {
                 s.up_since_unix_ms = None;
             }
         }
+    }
+
+    /// Counts a session failure against `endpoint` and makes it the last error.
+    pub fn record_error(&self, endpoint: &str, kind: ErrorKind, detail: String) {
+        let mut s = self.lock();
+        let now = now_unix_ms();
+        match s
+            .errors
+            .iter_mut()
+            .find(|e| e.endpoint == endpoint && e.kind == kind)
+        {
+            Some(e) => {
+                e.count += 1;
+                e.last_detail = detail.clone();
+                e.last_unix_ms = now;
+            }
+            None => s.errors.push(ErrorCount {
+                endpoint: endpoint.to_string(),
+                kind,
+                count: 1,
+                last_detail: detail.clone(),
+                last_unix_ms: now,
+            }),
+        }
+        s.last_error = Some(detail);
+    }
+
+    /// Records a move to another endpoint made by this agent on its own.
+    pub fn record_failover(&self, from: &str, to: &str, reason: &str) {
+        let mut s = self.lock();
+        s.failovers += 1;
+        s.active_endpoint = to.to_string();
+        if s.failover_log.len() == FAILOVER_LOG {
+            s.failover_log.remove(0);
+        }
+        s.failover_log.push(FailoverRecord {
+            at_unix_ms: now_unix_ms(),
+            from: from.to_string(),
+            to: to.to_string(),
+            reason: reason.to_string(),
+        });
     }
 
     /// Sets one forward's state; logs the change once, with its detail.

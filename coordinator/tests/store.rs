@@ -13,6 +13,7 @@ use tunnelfleet_protocol::ProfileSpec;
 fn spec(name: &str) -> ProfileSpec {
     ProfileSpec {
         name: name.into(),
+        group: None,
         description: String::new(),
         endpoints: vec!["oma-a:443".into(), "oma-b:443".into()],
         user: "vma".into(),

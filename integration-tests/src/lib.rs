@@ -772,6 +772,7 @@ pub fn release_binary(package: &str, bin: &str) -> std::io::Result<PathBuf> {
 pub fn profile_spec(name: &str, forwards: &[&str]) -> tunnelfleet_protocol::ProfileSpec {
     tunnelfleet_protocol::ProfileSpec {
         name: name.into(),
+        group: None,
         description: String::new(),
         endpoints: vec!["oma-a:443".into(), "oma-b:443".into()],
         user: "vma".into(),

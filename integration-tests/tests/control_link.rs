@@ -40,6 +40,7 @@ fn hello(id: &str) -> Hello {
         agent_version: "test".into(),
         labels: [("site".to_string(), "dc1".to_string())].into(),
         applied_version: None,
+        started_unix_ms: 1,
     }
 }
 

@@ -488,7 +488,7 @@ async fn fleet_profiles(
             println!("{}", serde_json::to_string_pretty(&p)?);
         }
         ProfilesAction::Apply { file } => {
-            let cfg = AgentConfig::load(&file)?;
+            let cfg = AgentConfig::load_for_coordinator(&file)?;
             if cfg.profiles.is_empty() {
                 anyhow::bail!("{}: no [[profile]] in the file", file.display());
             }

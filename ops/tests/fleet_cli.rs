@@ -64,6 +64,7 @@ async fn profiles_assign_rollout_and_agents_through_the_cli() {
         agent_version: "test".into(),
         labels: [("site".to_string(), "dc1".to_string())].into(),
         applied_version: None,
+        started_unix_ms: 1,
     };
     let mut link = tunnelfleet_agent::link::connect(&endpoint, client, control, "localhost", hello)
         .await

@@ -58,6 +58,8 @@ pub struct Hello {
     pub labels: BTreeMap<String, String>,
     /// The profile-set version it runs now (from its cache), if any.
     pub applied_version: Option<u64>,
+    /// When this agent process started (Unix ms): a new value on a reconnect is a restart.
+    pub started_unix_ms: u64,
 }
 
 /// The coordinator accepts.
@@ -162,6 +164,71 @@ pub struct ProfileReport {
     pub health: Vec<HealthSample>,
     /// Forwards in config order.
     pub forwards: Vec<ForwardReport>,
+    /// Session failures per endpoint and kind since the agent started (monotonic counters,
+    /// so a lost heartbeat loses nothing: the coordinator compares with the previous one).
+    pub errors: Vec<ErrorCount>,
+    /// The latest endpoint changes the agent made on its own, oldest first (bounded), so an
+    /// agent that failed over while the coordinator was unreachable reports it on reconnect.
+    pub failover_log: Vec<FailoverRecord>,
+}
+
+/// What kind of session failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub enum ErrorKind {
+    /// TCP connect refused or unreachable.
+    Connect,
+    /// No session within the connect timeout (a blackholed endpoint looks like this).
+    Timeout,
+    /// The server's host key was refused.
+    HostKey,
+    /// The server refused our key.
+    Auth,
+    /// An established session died (keepalive timeout, reset, disconnect).
+    SessionLost,
+    /// Any other SSH failure.
+    Ssh,
+}
+
+impl ErrorKind {
+    /// True for failures that say something about the endpoint rather than this agent's
+    /// credentials or trust (evidence that the endpoint is down).
+    pub fn implicates_endpoint(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::Connect | ErrorKind::Timeout | ErrorKind::SessionLost
+        )
+    }
+}
+
+/// How often one kind of failure happened against one endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct ErrorCount {
+    /// `host:port`.
+    pub endpoint: String,
+    /// Kind.
+    pub kind: ErrorKind,
+    /// Times since the agent started.
+    pub count: u64,
+    /// The latest such failure, as logged.
+    pub last_detail: String,
+    /// When the latest happened (Unix ms).
+    pub last_unix_ms: u64,
+}
+
+/// An endpoint change the agent made on its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct FailoverRecord {
+    /// When (Unix ms).
+    pub at_unix_ms: u64,
+    /// The endpoint it left.
+    pub from: String,
+    /// The endpoint it went to.
+    pub to: String,
+    /// The failure that made it move.
+    pub reason: String,
 }
 
 /// One health check result.
@@ -212,6 +279,10 @@ pub struct ProfileSet {
 pub struct ProfileSpec {
     /// Unique name.
     pub name: String,
+    /// The OMA group whose endpoints this profile uses (the coordinator puts the group's
+    /// active endpoint first in `endpoints` before pushing; agents never resolve groups).
+    #[serde(default)]
+    pub group: Option<String>,
     /// Free text.
     pub description: String,
     /// `host:port`, priority order.

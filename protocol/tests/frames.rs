@@ -39,6 +39,7 @@ fn hello() -> AgentMessage {
         agent_version: "0.1.0".into(),
         labels: [("site".to_string(), "dc1".to_string())].into(),
         applied_version: Some(7),
+        started_unix_ms: 1,
     })
 }
 

@@ -97,6 +97,7 @@ async fn main() -> anyhow::Result<()> {
                 agent_version: "bench".into(),
                 labels: [("site".to_string(), "bench".to_string())].into(),
                 applied_version: None,
+                started_unix_ms: 1,
             };
             // Like a real agent: retry with jittered backoff when the handshake is lost in a
             // connect storm.
