@@ -8,17 +8,22 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use axum::extract::Query;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tunnelfleet_agent::config::ProfileConfig;
 use tunnelfleet_protocol::{Heartbeat, ProfileSpec};
 
+use crate::alerts::{Alert, Silence};
+use crate::hooks::HookStats;
 use crate::link::Fleet;
-use crate::store::{Assignment, Selector, StoreError};
+use crate::monitor::EndpointView;
+use crate::store::{Assignment, Event, OmaGroup, Selector, StoreError};
+use crate::watch::{Command, WatchHandle};
 
 /// Shared state of the handlers.
 #[derive(Clone)]
@@ -41,6 +46,19 @@ pub fn router(admin: Admin) -> Router {
         )
         .route("/v1/assignments", get(assignments).post(assign))
         .route("/v1/rollout", get(rollout))
+        .route("/v1/groups", get(groups))
+        .route("/v1/groups/{name}", put(put_group).delete(delete_group))
+        .route("/v1/groups/{name}/failover", post(group_failover))
+        .route("/v1/groups/{name}/failback", post(group_failback))
+        .route("/v1/oma", get(oma))
+        .route("/v1/oma/drain", post(oma_drain))
+        .route("/v1/oma/undrain", post(oma_undrain))
+        .route("/v1/alerts", get(alerts))
+        .route("/v1/alerts/{id}", get(alert))
+        .route("/v1/alerts/{id}/ack", post(ack))
+        .route("/v1/silences", get(silences).post(silence))
+        .route("/v1/hooks", get(hooks))
+        .route("/v1/events", get(events))
         .with_state(admin)
 }
 
@@ -56,7 +74,13 @@ impl IntoResponse for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::NoProfile(_) => ApiError(StatusCode::NOT_FOUND, e.to_string()),
+            StoreError::NoProfile(_)
+            | StoreError::NoGroup(_)
+            | StoreError::NoAlert(_)
+            | StoreError::NoEndpoint(_) => ApiError(StatusCode::NOT_FOUND, e.to_string()),
+            StoreError::UnknownGroup { .. } | StoreError::GroupInUse { .. } => {
+                ApiError(StatusCode::CONFLICT, e.to_string())
+            }
             other => ApiError(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
         }
     }
@@ -229,7 +253,20 @@ async fn put_profile(
             format!("the body names profile {:?}, the URL {name:?}", spec.name),
         ));
     }
-    ProfileConfig::from_spec(&spec).map_err(|(key, reason)| {
+    // A group profile is checked as the agents will get it: with the group's endpoints.
+    let mut resolved = spec.clone();
+    if let Some(g) = &spec.group {
+        let group = a
+            .fleet
+            .store
+            .group(g)?
+            .ok_or_else(|| StoreError::UnknownGroup {
+                profile: name.clone(),
+                group: g.clone(),
+            })?;
+        resolved.endpoints.splice(0..0, group.ordered());
+    }
+    ProfileConfig::from_spec(&resolved).map_err(|(key, reason)| {
         ApiError(
             StatusCode::BAD_REQUEST,
             format!("profile.{name}.{key}: {reason}"),
@@ -331,4 +368,235 @@ async fn rollout(State(a): State<Admin>, h: HeaderMap) -> Result<Json<Rollout>, 
         }
     }
     Ok(Json(r))
+}
+
+async fn groups(State(a): State<Admin>, h: HeaderMap) -> Result<Json<Vec<OmaGroup>>, ApiError> {
+    authorize(&a, &h)?;
+    Ok(Json(a.fleet.store.groups()?))
+}
+
+fn watcher(a: &Admin) -> Result<&WatchHandle, ApiError> {
+    a.fleet.watch.get().ok_or_else(|| {
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the watcher is not running".into(),
+        )
+    })
+}
+
+async fn put_group(
+    State(a): State<Admin>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+    Json(group): Json<OmaGroup>,
+) -> Result<Json<Changed>, ApiError> {
+    authorize(&a, &h)?;
+    if group.name != name {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("the body names group {:?}, the URL {name:?}", group.name),
+        ));
+    }
+    group
+        .validate()
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("group.{name}.{e}")))?;
+    let version = a.fleet.store.put_group(&group).await?;
+    if let Ok(w) = watcher(&a) {
+        w.command(Command::GroupsChanged)
+            .await
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    }
+    let pushed_to = a.fleet.push_changed()?;
+    Ok(Json(Changed { version, pushed_to }))
+}
+
+async fn delete_group(
+    State(a): State<Admin>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<Changed>, ApiError> {
+    authorize(&a, &h)?;
+    let version = a.fleet.store.delete_group(&name).await?;
+    if let Ok(w) = watcher(&a) {
+        w.command(Command::GroupsChanged)
+            .await
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    }
+    let pushed_to = a.fleet.push_changed()?;
+    Ok(Json(Changed { version, pushed_to }))
+}
+
+/// The answer to an OMA command.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Done {
+    /// What happened.
+    pub message: String,
+}
+
+async fn run_command(a: &Admin, cmd: Command) -> Result<Json<Done>, ApiError> {
+    watcher(a)?
+        .command(cmd)
+        .await
+        .map(|message| Json(Done { message }))
+        .map_err(|e| {
+            let status = if e.starts_with("no ") {
+                StatusCode::NOT_FOUND
+            } else {
+                StatusCode::CONFLICT
+            };
+            ApiError(status, e)
+        })
+}
+
+async fn group_failover(
+    State(a): State<Admin>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<Done>, ApiError> {
+    authorize(&a, &h)?;
+    run_command(&a, Command::Failover(name)).await
+}
+
+async fn group_failback(
+    State(a): State<Admin>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<Done>, ApiError> {
+    authorize(&a, &h)?;
+    run_command(&a, Command::Failback(name)).await
+}
+
+/// Body of `oma drain | undrain`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EndpointRequest {
+    /// `host:port`.
+    pub endpoint: String,
+}
+
+async fn oma_drain(
+    State(a): State<Admin>,
+    h: HeaderMap,
+    Json(r): Json<EndpointRequest>,
+) -> Result<Json<Done>, ApiError> {
+    authorize(&a, &h)?;
+    run_command(&a, Command::Drain(r.endpoint)).await
+}
+
+async fn oma_undrain(
+    State(a): State<Admin>,
+    h: HeaderMap,
+    Json(r): Json<EndpointRequest>,
+) -> Result<Json<Done>, ApiError> {
+    authorize(&a, &h)?;
+    run_command(&a, Command::Undrain(r.endpoint)).await
+}
+
+async fn oma(State(a): State<Admin>, h: HeaderMap) -> Result<Json<Vec<EndpointView>>, ApiError> {
+    authorize(&a, &h)?;
+    Ok(Json(watcher(&a)?.view()))
+}
+
+/// `?all=true` includes resolved alerts.
+#[derive(Debug, Deserialize)]
+struct AlertsQuery {
+    #[serde(default)]
+    all: bool,
+}
+
+async fn alerts(
+    State(a): State<Admin>,
+    h: HeaderMap,
+    Query(q): Query<AlertsQuery>,
+) -> Result<Json<Vec<Alert>>, ApiError> {
+    authorize(&a, &h)?;
+    Ok(Json(a.fleet.store.alerts(q.all)?))
+}
+
+async fn alert(
+    State(a): State<Admin>,
+    h: HeaderMap,
+    Path(id): Path<u64>,
+) -> Result<Json<Alert>, ApiError> {
+    authorize(&a, &h)?;
+    a.fleet
+        .store
+        .alert(id)?
+        .map(Json)
+        .ok_or_else(|| StoreError::NoAlert(id).into())
+}
+
+/// Body of `alerts ack`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AckRequest {
+    /// Who.
+    pub by: String,
+}
+
+async fn ack(
+    State(a): State<Admin>,
+    h: HeaderMap,
+    Path(id): Path<u64>,
+    Json(r): Json<AckRequest>,
+) -> Result<Json<Alert>, ApiError> {
+    authorize(&a, &h)?;
+    Ok(Json(a.fleet.store.ack_alert(id, &r.by).await?))
+}
+
+async fn silences(State(a): State<Admin>, h: HeaderMap) -> Result<Json<Vec<Silence>>, ApiError> {
+    authorize(&a, &h)?;
+    Ok(Json(a.fleet.store.silences(now_ms())?))
+}
+
+/// Body of `alerts silence`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SilenceRequest {
+    /// Glob on `kind:subject`.
+    pub matcher: String,
+    /// For how many seconds.
+    pub for_s: u64,
+    /// Why.
+    #[serde(default)]
+    pub comment: String,
+}
+
+async fn silence(
+    State(a): State<Admin>,
+    h: HeaderMap,
+    Json(r): Json<SilenceRequest>,
+) -> Result<Json<Silence>, ApiError> {
+    authorize(&a, &h)?;
+    if r.matcher.is_empty() || r.for_s == 0 {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "a silence needs a matcher and a duration".into(),
+        ));
+    }
+    Ok(Json(
+        a.fleet
+            .store
+            .add_silence(Silence {
+                id: 0,
+                matcher: r.matcher,
+                until_unix_ms: now_ms() + r.for_s.saturating_mul(1000),
+                comment: r.comment,
+            })
+            .await?,
+    ))
+}
+
+async fn hooks(State(a): State<Admin>, h: HeaderMap) -> Result<Json<Vec<HookStats>>, ApiError> {
+    authorize(&a, &h)?;
+    Ok(Json(watcher(&a)?.outbox.stats()))
+}
+
+async fn events(State(a): State<Admin>, h: HeaderMap) -> Result<Json<Vec<Event>>, ApiError> {
+    authorize(&a, &h)?;
+    Ok(Json(a.fleet.store.events(200)?))
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

@@ -9,8 +9,12 @@
 //! - [`server`]: `run`, the whole coordinator as one call.
 
 pub mod admin;
+pub mod alerts;
+pub mod hooks;
 pub mod link;
+pub mod monitor;
 pub mod pki;
 pub mod server;
 pub mod store;
 pub mod tls;
+pub mod watch;

@@ -21,6 +21,7 @@ use tunnelfleet_protocol::{
 
 use crate::store::{Store, StoreError};
 use crate::tls;
+use crate::watch::WatchEvent;
 
 /// How long a new connection may take to send its hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -106,6 +107,8 @@ pub struct Fleet {
     pub store: Store,
     /// Heartbeat interval told to agents.
     pub heartbeat_interval: Duration,
+    /// The watcher (alerts, OMA health, failover), once started.
+    pub watch: std::sync::OnceLock<crate::watch::WatchHandle>,
 }
 
 impl Fleet {
@@ -115,6 +118,7 @@ impl Fleet {
             links: Links::default(),
             store,
             heartbeat_interval,
+            watch: std::sync::OnceLock::new(),
         })
     }
 
@@ -173,22 +177,46 @@ impl Fleet {
             }
             for id in self.sweep(Instant::now()) {
                 tracing::warn!(agent = %id, missed = MISSED_HEARTBEATS_OFFLINE, "agent offline: no heartbeat for {} intervals", MISSED_HEARTBEATS_OFFLINE);
+                self.notify(WatchEvent::Offline {
+                    agent: id,
+                    missed: MISSED_HEARTBEATS_OFFLINE,
+                });
             }
+        }
+    }
+
+    /// Tells the watcher, when one runs.
+    pub fn notify(&self, ev: WatchEvent) {
+        if let Some(w) = self.watch.get() {
+            w.notify(ev);
         }
     }
 
     /// Records that `id` was heard from now; logs a return from offline.
     fn heard(&self, id: &str, hb: Option<Heartbeat>) {
+        let mut back = false;
         if let Some((l, _)) = self.links.lock().get_mut(id) {
             l.last_heard = Instant::now();
             if !l.online {
                 l.online = true;
+                back = true;
                 tracing::info!(agent = %id, "agent back online");
             }
             if let Some(hb) = hb {
                 l.heartbeats += 1;
+                if self.watch.get().is_some() {
+                    self.notify(WatchEvent::Heartbeat {
+                        agent: id.to_string(),
+                        hb: Box::new(hb.clone()),
+                    });
+                }
                 l.last_heartbeat = Some(hb);
             }
+        }
+        if back {
+            self.notify(WatchEvent::Online {
+                agent: id.to_string(),
+            });
         }
     }
 }
@@ -327,6 +355,10 @@ async fn handle(conn: quinn::Connection, fleet: Arc<Fleet>) {
         ),
     );
     tracing::info!(agent = %cert_id, %remote, version = %hello.agent_version, "agent connected");
+    fleet.notify(WatchEvent::Hello {
+        agent: cert_id.clone(),
+        started_unix_ms: hello.started_unix_ms,
+    });
     // An agent that was away gets the current profiles at once.
     if let Err(e) = fleet.push_changed() {
         tracing::error!(agent = %cert_id, "computing profiles: {e}");

@@ -11,7 +11,9 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, Admin};
+use crate::hooks::{Hook, HookConfig, Outbox};
 use crate::link::{self, Fleet};
+use crate::monitor::AlertRules;
 use crate::store::Store;
 use crate::tls;
 
@@ -34,6 +36,12 @@ pub struct CoordinatorConfig {
     /// Heartbeat interval told to agents.
     #[serde(default = "default_heartbeat", with = "humantime_serde")]
     pub heartbeat_interval: Duration,
+    /// Alert thresholds.
+    #[serde(default)]
+    pub alerts: AlertRules,
+    /// Where alerts go (`[[hook]]`).
+    #[serde(default, rename = "hook")]
+    pub hooks: Vec<HookConfig>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -73,6 +81,8 @@ pub struct Bound {
     endpoint: quinn::Endpoint,
     admin_listener: tokio::net::TcpListener,
     token: String,
+    outbox: Arc<Outbox>,
+    rules: AlertRules,
 }
 
 /// Everything that can fail before serving: token, PKI, store, sockets.
@@ -90,6 +100,16 @@ pub async fn bind(cfg: &CoordinatorConfig) -> anyhow::Result<Bound> {
             cfg.admin_token_file.display()
         );
     }
+    if cfg.alerts.threshold == 0 {
+        anyhow::bail!("alerts.threshold: must be at least 1");
+    }
+    let mut hooks = Vec::new();
+    for h in &cfg.hooks {
+        if hooks.iter().any(|x: &Hook| x.name == h.name) {
+            anyhow::bail!("hook {:?}: name used twice", h.name);
+        }
+        hooks.push(Hook::from_config(h).map_err(anyhow::Error::msg)?);
+    }
     let server = tls::server_config(&cfg.pki_dir)?;
     let store = Store::open(&cfg.state_dir)?;
     let endpoint = quinn::Endpoint::server(server, cfg.listen)
@@ -100,6 +120,8 @@ pub async fn bind(cfg: &CoordinatorConfig) -> anyhow::Result<Bound> {
     Ok(Bound {
         control: endpoint.local_addr()?,
         admin: admin_listener.local_addr()?,
+        outbox: Outbox::new(store.clone(), hooks),
+        rules: cfg.alerts.clone(),
         fleet: Fleet::new(store, cfg.heartbeat_interval),
         endpoint,
         admin_listener,
@@ -111,6 +133,13 @@ impl Bound {
     /// Serves until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
         tracing::info!(control = %self.control, admin = %self.admin, "coordinator running");
+        let (watch, watcher) = crate::watch::start(
+            self.fleet.clone(),
+            self.rules,
+            self.outbox,
+            shutdown.clone(),
+        );
+        let _ = self.fleet.watch.set(watch);
         let serve = tokio::spawn(link::serve(
             self.endpoint,
             self.fleet.clone(),
@@ -131,6 +160,7 @@ impl Bound {
         let _ = serve.await;
         let _ = sweeper.await;
         let _ = api.await;
+        let _ = watcher.await;
         tracing::info!("coordinator stopped");
     }
 }

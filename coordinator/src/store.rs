@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 use sled::Transactional;
 use tunnelfleet_protocol::{ProfileSet, ProfileSpec};
 
+pub use crate::alerts::{Alert, AlertKind, AlertStatus, Delivery, Silence};
+
 /// The schema this build writes and reads.
 pub const SCHEMA_VERSION: u64 = 1;
 
@@ -49,6 +51,33 @@ pub enum StoreError {
     /// No such profile.
     #[error("no profile named {0:?}")]
     NoProfile(String),
+    /// No such OMA group.
+    #[error("no OMA group named {0:?}")]
+    NoGroup(String),
+    /// A profile names a group that does not exist.
+    #[error(
+        "profile {profile:?} names OMA group {group:?}, which does not exist (create it with `tunnelfleet oma apply`)"
+    )]
+    UnknownGroup {
+        /// The profile.
+        profile: String,
+        /// The group it names.
+        group: String,
+    },
+    /// A group still used by profiles.
+    #[error("OMA group {group:?} is used by profiles {profiles:?}")]
+    GroupInUse {
+        /// The group.
+        group: String,
+        /// Profiles naming it.
+        profiles: Vec<String>,
+    },
+    /// No endpoint of that name in any group.
+    #[error("no OMA group has endpoint {0:?}")]
+    NoEndpoint(String),
+    /// No such alert.
+    #[error("no alert {0}")]
+    NoAlert(u64),
 }
 
 /// Which agents a profile goes to.
@@ -97,6 +126,109 @@ pub struct AgentRecord {
     pub apply_errors: Vec<String>,
 }
 
+/// A named set of redundant OMA endpoints in priority order, with how the coordinator probes
+/// them and when it fails back. Created by the operator; `active` and `drained` are changed by
+/// failover, failback and `tunnelfleet oma drain`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OmaGroup {
+    /// Group name (profiles name it).
+    pub name: String,
+    /// `host:port`, priority order: primary first.
+    pub endpoints: Vec<String>,
+    /// Probe the endpoints (TCP connect plus SSH banner); off: agents' reports only.
+    #[serde(default = "yes")]
+    pub probe: bool,
+    /// Between probes.
+    #[serde(default = "default_probe_interval", with = "humantime_serde")]
+    pub probe_interval: std::time::Duration,
+    /// A probe slower than this failed.
+    #[serde(default = "default_probe_timeout", with = "humantime_serde")]
+    pub probe_timeout: std::time::Duration,
+    /// Failed checks in a row that mark an endpoint down.
+    #[serde(default = "default_threshold")]
+    pub threshold: u32,
+    /// How long a recovered higher-priority endpoint must stay healthy before failback.
+    #[serde(default = "default_failback_after", with = "humantime_serde")]
+    pub failback_after: std::time::Duration,
+    /// The endpoint agents are sent to (the first endpoint until a failover).
+    #[serde(default)]
+    pub active: Option<String>,
+    /// Endpoints taken out of service by the operator.
+    #[serde(default)]
+    pub drained: std::collections::BTreeSet<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_probe_interval() -> std::time::Duration {
+    std::time::Duration::from_secs(1)
+}
+fn default_probe_timeout() -> std::time::Duration {
+    std::time::Duration::from_millis(800)
+}
+fn default_threshold() -> u32 {
+    3
+}
+fn default_failback_after() -> std::time::Duration {
+    std::time::Duration::from_secs(300)
+}
+
+impl OmaGroup {
+    /// The active endpoint.
+    pub fn active(&self) -> Option<&str> {
+        self.active
+            .as_deref()
+            .or_else(|| self.endpoints.first().map(String::as_str))
+    }
+
+    /// The endpoints as pushed to agents: the active one first, then the others in priority
+    /// order (the agent's own failover order), drained ones left out.
+    pub fn ordered(&self) -> Vec<String> {
+        let active = self
+            .active()
+            .filter(|a| !self.drained.contains(*a))
+            .map(str::to_string);
+        let mut v: Vec<String> = active.iter().cloned().collect();
+        v.extend(
+            self.endpoints
+                .iter()
+                .filter(|e| Some(*e) != active.as_ref() && !self.drained.contains(*e))
+                .cloned(),
+        );
+        if v.is_empty() {
+            // Everything drained: better the full list than no way to reach an OMA.
+            v = self.endpoints.clone();
+        }
+        v
+    }
+
+    /// Checks a definition from the operator; the error names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        if !tunnelfleet_agent::config::valid_name(&self.name) {
+            return Err(format!("name: {:?} is not a valid group name", self.name));
+        }
+        if self.endpoints.is_empty() {
+            return Err("endpoints: at least one host:port is required".into());
+        }
+        for (i, e) in self.endpoints.iter().enumerate() {
+            tunnelfleet_agent::config::split_host_port(e, None)
+                .map_err(|r| format!("endpoints[{i}]: {r}"))?;
+            if self.endpoints[..i].contains(e) {
+                return Err(format!("endpoints[{i}]: {e} is listed twice"));
+            }
+        }
+        if self.threshold == 0 {
+            return Err("threshold: must be at least 1".into());
+        }
+        if self.probe_interval.is_zero() || self.probe_timeout.is_zero() {
+            return Err("probe_interval and probe_timeout must be more than 0".into());
+        }
+        Ok(())
+    }
+}
+
 /// One event-log entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
@@ -123,6 +255,10 @@ pub struct Store {
     assignments: sled::Tree,
     agents: sled::Tree,
     events: sled::Tree,
+    groups: sled::Tree,
+    alerts: sled::Tree,
+    outbox: sled::Tree,
+    silences: sled::Tree,
 }
 
 impl Store {
@@ -136,6 +272,10 @@ impl Store {
             assignments: db.open_tree("assignments")?,
             agents: db.open_tree("agents")?,
             events: db.open_tree("events")?,
+            groups: db.open_tree("groups")?,
+            alerts: db.open_tree("alerts")?,
+            outbox: db.open_tree("outbox")?,
+            silences: db.open_tree("silences")?,
             db,
         };
         match s.meta.get(META_SCHEMA)? {
@@ -167,6 +307,14 @@ impl Store {
 
     /// Creates or replaces a profile; returns the new fleet version once it is durable.
     pub async fn put_profile(&self, spec: &ProfileSpec) -> Result<u64, StoreError> {
+        if let Some(g) = &spec.group
+            && self.groups.get(g.as_bytes())?.is_none()
+        {
+            return Err(StoreError::UnknownGroup {
+                profile: spec.name.clone(),
+                group: g.clone(),
+            });
+        }
         let value = json(spec);
         let name = spec.name.clone();
         self.change(&format!("profile {name} applied"), |profiles, _| {
@@ -241,10 +389,27 @@ impl Store {
             .filter(|a| a.selector.matches(id, labels))
             .map(|a| a.profile)
             .collect();
+        let groups: BTreeMap<String, OmaGroup> = self
+            .groups()?
+            .into_iter()
+            .map(|g| (g.name.clone(), g))
+            .collect();
         let profiles = self
             .profiles()?
             .into_iter()
             .filter(|p| wanted.contains(&p.name))
+            .map(|mut p| {
+                if let Some(g) = p.group.as_ref().and_then(|g| groups.get(g)) {
+                    let mut endpoints = g.ordered();
+                    for e in p.endpoints.drain(..) {
+                        if !endpoints.contains(&e) {
+                            endpoints.push(e);
+                        }
+                    }
+                    p.endpoints = endpoints;
+                }
+                p
+            })
             .collect();
         Ok(ProfileSet {
             version: self.fleet_version()?,
@@ -287,6 +452,290 @@ impl Store {
         Ok(v)
     }
 
+    /// Every OMA group, by name.
+    pub fn groups(&self) -> Result<Vec<OmaGroup>, StoreError> {
+        decode_all(&self.groups, "groups")
+    }
+
+    /// One OMA group.
+    pub fn group(&self, name: &str) -> Result<Option<OmaGroup>, StoreError> {
+        self.groups
+            .get(name.as_bytes())?
+            .map(|v| decode(&v, "groups", name))
+            .transpose()
+    }
+
+    /// Creates or replaces a group's definition, keeping its active endpoint and drains when
+    /// they still belong to it; returns the new fleet version once durable.
+    pub async fn put_group(&self, def: &OmaGroup) -> Result<u64, StoreError> {
+        let mut g = def.clone();
+        if let Some(old) = self.group(&g.name)? {
+            g.active = old.active.filter(|a| g.endpoints.contains(a));
+            g.drained = old
+                .drained
+                .into_iter()
+                .filter(|d| g.endpoints.contains(d))
+                .collect();
+        } else {
+            g.active = None;
+            g.drained.clear();
+        }
+        let value = json(&g);
+        let name = g.name.clone();
+        self.change_groups(&format!("OMA group {name} applied"), |groups| {
+            groups.insert(name.as_bytes(), value.clone())?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Deletes a group no profile names; returns the new fleet version once durable.
+    pub async fn delete_group(&self, name: &str) -> Result<u64, StoreError> {
+        if self.group(name)?.is_none() {
+            return Err(StoreError::NoGroup(name.to_string()));
+        }
+        let users: Vec<String> = self
+            .profiles()?
+            .into_iter()
+            .filter(|p| p.group.as_deref() == Some(name))
+            .map(|p| p.name)
+            .collect();
+        if !users.is_empty() {
+            return Err(StoreError::GroupInUse {
+                group: name.to_string(),
+                profiles: users,
+            });
+        }
+        self.change_groups(&format!("OMA group {name} deleted"), |groups| {
+            groups.remove(name.as_bytes())?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Makes `endpoint` the active endpoint of `group` (the coordinator's failover and
+    /// failback, and the operator's); returns the new fleet version once durable.
+    pub async fn set_active(
+        &self,
+        group: &str,
+        endpoint: &str,
+        why: &str,
+    ) -> Result<u64, StoreError> {
+        let mut g = self
+            .group(group)?
+            .ok_or_else(|| StoreError::NoGroup(group.to_string()))?;
+        let from = g.active().unwrap_or_default().to_string();
+        g.active = Some(endpoint.to_string());
+        let value = json(&g);
+        self.change_groups(
+            &format!("OMA group {group}: active endpoint {from} -> {endpoint} ({why})"),
+            |groups| {
+                groups.insert(group.as_bytes(), value.clone())?;
+                Ok(())
+            },
+        )
+        .await
+    }
+
+    /// Marks `endpoint` drained (or not) in every group that has it; returns the new fleet
+    /// version and the groups changed.
+    pub async fn set_drained(
+        &self,
+        endpoint: &str,
+        drained: bool,
+    ) -> Result<(u64, Vec<String>), StoreError> {
+        let mut changed = Vec::new();
+        for mut g in self.groups()? {
+            if !g.endpoints.iter().any(|e| e == endpoint) {
+                continue;
+            }
+            if drained {
+                g.drained.insert(endpoint.to_string());
+            } else {
+                g.drained.remove(endpoint);
+            }
+            changed.push(g);
+        }
+        if changed.is_empty() {
+            return Err(StoreError::NoEndpoint(endpoint.to_string()));
+        }
+        let names = changed.iter().map(|g| g.name.clone()).collect();
+        let verb = if drained { "drained" } else { "undrained" };
+        let version = self
+            .change_groups(&format!("OMA endpoint {endpoint} {verb}"), |groups| {
+                for g in &changed {
+                    groups.insert(g.name.as_bytes(), json(g))?;
+                }
+                Ok(())
+            })
+            .await?;
+        Ok((version, names))
+    }
+
+    /// Appends an event to the log (durable before return).
+    pub async fn log_event(&self, text: &str) -> Result<(), StoreError> {
+        let seq = self.db.generate_id()?;
+        let event = json(&Event {
+            seq,
+            at_unix_ms: now_ms(),
+            text: text.to_string(),
+        });
+        self.events.insert(seq.to_be_bytes(), event)?;
+        self.durable().await
+    }
+
+    /// Alerts, newest first; only firing ones unless `all`.
+    pub fn alerts(&self, all: bool) -> Result<Vec<Alert>, StoreError> {
+        let mut v: Vec<Alert> = decode_all(&self.alerts, "alerts")?;
+        v.retain(|a| all || a.status == AlertStatus::Firing);
+        v.reverse();
+        Ok(v)
+    }
+
+    /// One alert.
+    pub fn alert(&self, id: u64) -> Result<Option<Alert>, StoreError> {
+        self.alerts
+            .get(id.to_be_bytes())?
+            .map(|v| decode(&v, "alerts", &id.to_string()))
+            .transpose()
+    }
+
+    /// Records a new firing alert (id assigned here) and queues one delivery per hook unless a
+    /// silence matches; durable before return.
+    pub async fn fire_alert(
+        &self,
+        mut alert: Alert,
+        hooks: &[String],
+    ) -> Result<Alert, StoreError> {
+        alert.id = self.db.generate_id()? + 1;
+        alert.status = AlertStatus::Firing;
+        alert.silenced = self.silenced(&alert.key(), now_ms())?;
+        self.write_alert(&alert, hooks).await?;
+        Ok(alert)
+    }
+
+    /// Resolves a firing alert and queues its resolution to the hooks its firing went to.
+    pub async fn resolve_alert(&self, id: u64, hooks: &[String]) -> Result<Alert, StoreError> {
+        let mut alert = self.alert(id)?.ok_or(StoreError::NoAlert(id))?;
+        alert.status = AlertStatus::Resolved;
+        alert.resolved_unix_ms = Some(now_ms());
+        self.write_alert(&alert, hooks).await?;
+        Ok(alert)
+    }
+
+    /// Acknowledges an alert (someone is on it).
+    pub async fn ack_alert(&self, id: u64, by: &str) -> Result<Alert, StoreError> {
+        let mut alert = self.alert(id)?.ok_or(StoreError::NoAlert(id))?;
+        alert.acked_by = Some(by.to_string());
+        alert.acked_unix_ms = Some(now_ms());
+        self.alerts.insert(id.to_be_bytes(), json(&alert))?;
+        self.durable().await?;
+        Ok(alert)
+    }
+
+    async fn write_alert(&self, alert: &Alert, hooks: &[String]) -> Result<(), StoreError> {
+        {
+            let mut deliveries = Vec::new();
+            if !alert.silenced {
+                for h in hooks {
+                    let seq = self.db.generate_id()?;
+                    deliveries.push((
+                        seq,
+                        json(&Delivery {
+                            seq,
+                            hook: h.clone(),
+                            idempotency_key: alert.idempotency_key(),
+                            alert: alert.clone(),
+                            attempts: 0,
+                            next_attempt_unix_ms: 0,
+                            last_error: None,
+                        }),
+                    ));
+                }
+            }
+            let value = json(alert);
+            (&self.alerts, &self.outbox)
+                .transaction(|(alerts, outbox)| {
+                    alerts.insert(&alert.id.to_be_bytes(), value.clone())?;
+                    for (seq, d) in &deliveries {
+                        outbox.insert(&seq.to_be_bytes(), d.clone())?;
+                    }
+                    Ok(())
+                })
+                .map_err(tx_error)?;
+            self.durable().await
+        }
+    }
+
+    /// Every queued delivery, oldest first.
+    pub fn deliveries(&self) -> Result<Vec<Delivery>, StoreError> {
+        decode_all(&self.outbox, "outbox")
+    }
+
+    /// A delivery succeeded: it leaves the outbox (durable before return).
+    pub async fn delivered(&self, seq: u64) -> Result<(), StoreError> {
+        self.outbox.remove(seq.to_be_bytes())?;
+        self.durable().await
+    }
+
+    /// A delivery failed: record the attempt and when to try again.
+    pub async fn delivery_failed(&self, d: &Delivery) -> Result<(), StoreError> {
+        self.outbox.insert(d.seq.to_be_bytes(), json(d))?;
+        self.durable().await
+    }
+
+    /// Adds a silence; returns it with its id.
+    pub async fn add_silence(&self, mut s: Silence) -> Result<Silence, StoreError> {
+        s.id = self.db.generate_id()? + 1;
+        self.silences.insert(s.id.to_be_bytes(), json(&s))?;
+        self.durable().await?;
+        Ok(s)
+    }
+
+    /// Silences still in force at `now_unix_ms`.
+    pub fn silences(&self, now_unix_ms: u64) -> Result<Vec<Silence>, StoreError> {
+        let mut v: Vec<Silence> = decode_all(&self.silences, "silences")?;
+        v.retain(|s| s.until_unix_ms > now_unix_ms);
+        Ok(v)
+    }
+
+    fn silenced(&self, key: &str, now_unix_ms: u64) -> Result<bool, StoreError> {
+        Ok(self
+            .silences(now_unix_ms)?
+            .iter()
+            .any(|s| glob_match(&s.matcher, key)))
+    }
+
+    /// Groups changes (bumps the fleet version, logs the event) in one transaction.
+    async fn change_groups<F>(&self, what: &str, f: F) -> Result<u64, StoreError>
+    where
+        F: Fn(
+            &sled::transaction::TransactionalTree,
+        ) -> sled::transaction::ConflictableTransactionResult<(), sled::Error>,
+    {
+        let seq = self.db.generate_id()?;
+        let event = json(&Event {
+            seq,
+            at_unix_ms: now_ms(),
+            text: what.to_string(),
+        });
+        let version = (&self.groups, &self.meta, &self.events)
+            .transaction(|(groups, meta, events)| {
+                f(groups)?;
+                let next = meta
+                    .get(META_FLEET_VERSION)?
+                    .map(|v| u64_of(&v))
+                    .unwrap_or(0)
+                    + 1;
+                meta.insert(META_FLEET_VERSION, &next.to_be_bytes())?;
+                events.insert(&seq.to_be_bytes(), event.clone())?;
+                Ok(next)
+            })
+            .map_err(tx_error)?;
+        self.durable().await?;
+        Ok(version)
+    }
+
     /// Flushes everything written so far; see `flush_lock` for why one at a time.
     async fn durable(&self) -> Result<(), StoreError> {
         let _one = self.flush_lock.lock().await;
@@ -321,14 +770,34 @@ impl Store {
                 events.insert(&seq.to_be_bytes(), event.clone())?;
                 Ok(next)
             })
-            .map_err(
-                |e: sled::transaction::TransactionError<sled::Error>| match e {
-                    sled::transaction::TransactionError::Abort(e)
-                    | sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
-                },
-            )?;
-        self.db.flush_async().await?;
+            .map_err(tx_error)?;
+        self.durable().await?;
         Ok(version)
+    }
+}
+
+fn tx_error(e: sled::transaction::TransactionError<sled::Error>) -> StoreError {
+    match e {
+        sled::transaction::TransactionError::Abort(e)
+        | sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
+    }
+}
+
+/// `*` matches any run of characters; everything else matches itself.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == text,
+        Some((head, rest)) => {
+            let Some(tail) = text.strip_prefix(head) else {
+                return false;
+            };
+            if rest.is_empty() {
+                return true;
+            }
+            (0..=tail.len())
+                .filter(|&i| tail.is_char_boundary(i))
+                .any(|i| glob_match(rest, &tail[i..]))
+        }
     }
 }
 

@@ -130,6 +130,8 @@ async fn run_in(dir: &Path, out: &mut (impl Write + Send)) -> anyhow::Result<Dem
         state_dir: dir.join("coordinator"),
         admin_token_file: token_file,
         heartbeat_interval: Duration::from_secs(1),
+        alerts: Default::default(),
+        hooks: Vec::new(),
     })
     .await?;
     let (control_addr, admin_addr, fleet) = (bound.control, bound.admin, bound.fleet.clone());

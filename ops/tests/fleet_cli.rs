@@ -47,6 +47,8 @@ async fn profiles_assign_rollout_and_agents_through_the_cli() {
         state_dir: dir.path().join("state"),
         admin_token_file: token.clone(),
         heartbeat_interval: Duration::from_millis(500),
+        alerts: Default::default(),
+        hooks: Vec::new(),
     };
     let bound = server::bind(&cfg).await.unwrap();
     let (control, admin) = (bound.control, bound.admin.to_string());

@@ -1,0 +1,489 @@
+//! The watcher: one task that feeds [`Monitor`] (probes, heartbeats, hellos, offline agents,
+//! operator commands) and carries out what it decides — alerts persisted with their outbox
+//! entries, group moves stored and pushed, events logged.
+//!
+//! Being the only writer of a group's active endpoint, it serializes automatic failover,
+//! failback and the operator's `oma drain | failover | failback`, so they never race.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tunnelfleet_protocol::Heartbeat;
+
+use crate::alerts::{Alert, AlertStatus, alert_key};
+use crate::hooks::Outbox;
+use crate::link::Fleet;
+use crate::monitor::{Action, AlertRules, EndpointView, Monitor};
+
+/// Inputs of the watcher.
+#[derive(Debug)]
+pub enum WatchEvent {
+    /// An agent connected.
+    Hello {
+        /// Agent.
+        agent: String,
+        /// Its process start.
+        started_unix_ms: u64,
+    },
+    /// A heartbeat arrived.
+    Heartbeat {
+        /// Agent.
+        agent: String,
+        /// The heartbeat.
+        hb: Box<Heartbeat>,
+    },
+    /// The sweeper marked an agent offline.
+    Offline {
+        /// Agent.
+        agent: String,
+        /// Heartbeats missed.
+        missed: u32,
+    },
+    /// An offline agent was heard again.
+    Online {
+        /// Agent.
+        agent: String,
+    },
+    /// A probe finished.
+    Probe {
+        /// Endpoint.
+        endpoint: String,
+        /// Latency or why it failed.
+        result: Result<Duration, String>,
+    },
+    /// An operator command; the answer says what happened.
+    Command(Command, oneshot::Sender<Result<String, String>>),
+}
+
+/// Operator commands.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// Take an endpoint out of service (its groups move away, make-before-break).
+    Drain(String),
+    /// Put it back (it becomes eligible for failback).
+    Undrain(String),
+    /// Move a group to its next usable endpoint.
+    Failover(String),
+    /// Move a group back to its best usable endpoint now.
+    Failback(String),
+    /// Groups were created, changed or deleted.
+    GroupsChanged,
+}
+
+/// How the rest of the coordinator talks to the watcher.
+#[derive(Clone)]
+pub struct WatchHandle {
+    tx: mpsc::Sender<WatchEvent>,
+    view: Arc<Mutex<Vec<EndpointView>>>,
+    /// The alert outbox (hook stats).
+    pub outbox: Arc<Outbox>,
+}
+
+/// Queue depth; a heartbeat that does not fit is dropped (the next one carries the same state).
+const QUEUE: usize = 65_536;
+
+impl WatchHandle {
+    /// Queues an event without waiting.
+    pub fn notify(&self, ev: WatchEvent) {
+        if let Err(mpsc::error::TrySendError::Full(ev)) = self.tx.try_send(ev) {
+            tracing::warn!(
+                "watcher queue full; dropped {:?}",
+                std::mem::discriminant(&ev)
+            );
+        }
+    }
+
+    /// Runs an operator command.
+    pub async fn command(&self, cmd: Command) -> Result<String, String> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(WatchEvent::Command(cmd, tx))
+            .await
+            .map_err(|_| "the coordinator is shutting down".to_string())?;
+        rx.await
+            .map_err(|_| "the coordinator is shutting down".to_string())?
+    }
+
+    /// Every group endpoint with its health and agents.
+    pub fn view(&self) -> Vec<EndpointView> {
+        self.view.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Starts the watcher and the alert outbox; both stop at `shutdown`.
+pub fn start(
+    fleet: Arc<Fleet>,
+    rules: AlertRules,
+    outbox: Arc<Outbox>,
+    shutdown: CancellationToken,
+) -> (WatchHandle, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(QUEUE);
+    let handle = WatchHandle {
+        tx,
+        view: Arc::default(),
+        outbox: outbox.clone(),
+    };
+    let watcher = Watcher {
+        monitor: Monitor::new(rules),
+        fleet,
+        handle: handle.clone(),
+        alert_ids: HashMap::new(),
+        probers: HashMap::new(),
+    };
+    let task = tokio::spawn(async move {
+        let o = tokio::spawn(outbox.run(shutdown.clone()));
+        watcher.run(rx, shutdown).await;
+        let _ = o.await;
+    });
+    (handle, task)
+}
+
+struct Watcher {
+    monitor: Monitor,
+    fleet: Arc<Fleet>,
+    handle: WatchHandle,
+    /// Firing alert key -> alert id.
+    alert_ids: HashMap<String, u64>,
+    /// Endpoint -> (interval, timeout, prober task).
+    probers: HashMap<String, (Duration, Duration, tokio::task::JoinHandle<()>)>,
+}
+
+impl Watcher {
+    async fn run(mut self, mut rx: mpsc::Receiver<WatchEvent>, shutdown: CancellationToken) {
+        match self.fleet.store.alerts(false) {
+            Ok(firing) => {
+                for a in firing {
+                    self.monitor.restore_firing(a.kind, &a.subject);
+                    self.alert_ids.insert(a.key(), a.id);
+                }
+            }
+            Err(e) => tracing::error!("reading firing alerts: {e}"),
+        }
+        self.refresh_groups();
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut refreshed = Instant::now();
+        loop {
+            let (actions, reply) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(ev) = rx.recv() => self.handle(ev).await,
+                _ = tick.tick() => {
+                    let now = Instant::now();
+                    if now.duration_since(refreshed) >= Duration::from_secs(5) {
+                        // Catch changes made behind our back.
+                        self.refresh_groups();
+                        refreshed = now;
+                    }
+                    (self.monitor.tick(now), None)
+                }
+            };
+            let done = self.exec(actions).await;
+            if let Some((tx, answer)) = reply {
+                let _ = tx.send(done.and(answer));
+            }
+        }
+        for (_, (_, _, t)) in self.probers.drain() {
+            t.abort();
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    async fn handle(
+        &mut self,
+        ev: WatchEvent,
+    ) -> (
+        Vec<Action>,
+        Option<(
+            oneshot::Sender<Result<String, String>>,
+            Result<String, String>,
+        )>,
+    ) {
+        let now = Instant::now();
+        let actions = match ev {
+            WatchEvent::Hello {
+                agent,
+                started_unix_ms,
+            } => self.monitor.hello(&agent, started_unix_ms, now),
+            WatchEvent::Heartbeat { agent, hb } => self.monitor.heartbeat(&agent, &hb, now),
+            WatchEvent::Offline { agent, missed } => self.monitor.agent_offline(&agent, missed),
+            WatchEvent::Online { agent } => self.monitor.agent_online(&agent),
+            WatchEvent::Probe { endpoint, result } => self.monitor.probe(&endpoint, result, now),
+            WatchEvent::Command(cmd, reply) => {
+                let (answer, actions) = self.command(cmd, now).await;
+                return (actions, Some((reply, answer)));
+            }
+        };
+        (actions, None)
+    }
+
+    async fn command(
+        &mut self,
+        cmd: Command,
+        now: Instant,
+    ) -> (Result<String, String>, Vec<Action>) {
+        let store = &self.fleet.store;
+        match cmd {
+            Command::GroupsChanged => {
+                self.refresh_groups();
+                (Ok("groups reloaded".into()), self.monitor.decide(now))
+            }
+            Command::Failover(g) => match self.monitor.failover(&g) {
+                Ok(a) => (Ok(describe(&a)), vec![a]),
+                Err(e) => (Err(e), Vec::new()),
+            },
+            Command::Failback(g) => match self.monitor.failback(&g) {
+                Ok(a) => (Ok(describe(&a)), vec![a]),
+                Err(e) => (Err(e), Vec::new()),
+            },
+            Command::Drain(ep) => self.set_drained(store.clone(), ep, true, now).await,
+            Command::Undrain(ep) => self.set_drained(store.clone(), ep, false, now).await,
+        }
+    }
+
+    async fn set_drained(
+        &mut self,
+        store: crate::store::Store,
+        ep: String,
+        drained: bool,
+        now: Instant,
+    ) -> (Result<String, String>, Vec<Action>) {
+        match store.set_drained(&ep, drained).await {
+            Err(e) => (Err(e.to_string()), Vec::new()),
+            Ok((_, groups)) => {
+                self.refresh_groups();
+                let actions = self.monitor.decide(now);
+                let verb = if drained { "drained" } else { "undrained" };
+                let moves: Vec<String> = actions.iter().map(describe).collect();
+                let mut msg = format!("{ep} {verb} in {}", groups.join(", "));
+                if !moves.is_empty() {
+                    msg.push_str("; ");
+                    msg.push_str(&moves.join("; "));
+                }
+                // A move pushes by itself; otherwise the new endpoint order still must go out.
+                if actions.is_empty()
+                    && let Err(e) = self.fleet.push_changed()
+                {
+                    return (Err(e.to_string()), actions);
+                }
+                (Ok(msg), actions)
+            }
+        }
+    }
+
+    /// Carries out the monitor's decisions; the first store failure is returned (and logged).
+    async fn exec(&mut self, actions: Vec<Action>) -> Result<(), String> {
+        let mut result = Ok(());
+        let hooks = self.handle.outbox.names();
+        let mut woke = false;
+        for a in actions {
+            let r = match a {
+                Action::Fire {
+                    kind,
+                    subject,
+                    summary,
+                    affected,
+                } => {
+                    let key = alert_key(kind, &subject);
+                    if self.alert_ids.contains_key(&key) {
+                        continue;
+                    }
+                    let alert = Alert {
+                        id: 0,
+                        kind,
+                        subject,
+                        summary,
+                        affected_agents: affected,
+                        status: AlertStatus::Firing,
+                        fired_unix_ms: now_ms(),
+                        resolved_unix_ms: None,
+                        acked_by: None,
+                        acked_unix_ms: None,
+                        silenced: false,
+                    };
+                    match self.fleet.store.fire_alert(alert, &hooks).await {
+                        Ok(a) => {
+                            tracing::warn!(alert = a.id, kind = a.kind.as_str(), subject = %a.subject, silenced = a.silenced, "alert firing: {}", a.summary);
+                            self.alert_ids.insert(key, a.id);
+                            woke = true;
+                            Ok(())
+                        }
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+                Action::Resolve { kind, subject } => {
+                    let Some(id) = self.alert_ids.remove(&alert_key(kind, &subject)) else {
+                        continue;
+                    };
+                    match self.fleet.store.resolve_alert(id, &hooks).await {
+                        Ok(a) => {
+                            tracing::info!(alert = a.id, kind = a.kind.as_str(), subject = %a.subject, "alert resolved: {}", a.summary);
+                            woke = true;
+                            Ok(())
+                        }
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+                Action::SetActive {
+                    group,
+                    endpoint,
+                    reason,
+                } => match self
+                    .fleet
+                    .store
+                    .set_active(&group, &endpoint, &reason)
+                    .await
+                {
+                    Ok(version) => {
+                        tracing::warn!(group = %group, endpoint = %endpoint, version, "OMA group moved: {reason}");
+                        self.fleet
+                            .push_changed()
+                            .map(|_| ())
+                            .map_err(|e| e.to_string())
+                    }
+                    Err(e) => {
+                        // Keep the rules in line with what is stored.
+                        self.refresh_groups();
+                        Err(e.to_string())
+                    }
+                },
+                Action::Event(text) => {
+                    tracing::info!("{text}");
+                    self.fleet
+                        .store
+                        .log_event(&text)
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+            };
+            if let Err(e) = r {
+                tracing::error!("watcher: {e}");
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            }
+        }
+        if woke {
+            self.handle.outbox.wake();
+        }
+        *self.handle.view.lock().unwrap_or_else(|p| p.into_inner()) =
+            self.monitor.view(Instant::now());
+        result
+    }
+
+    /// Reloads groups from the store and starts or stops probers to match.
+    fn refresh_groups(&mut self) {
+        let groups = match self.fleet.store.groups() {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!("reading OMA groups: {e}");
+                return;
+            }
+        };
+        // One prober per endpoint, at the tightest setting of the groups that probe it.
+        let mut want: HashMap<String, (Duration, Duration)> = HashMap::new();
+        for g in groups.iter().filter(|g| g.probe) {
+            for e in &g.endpoints {
+                let w = want
+                    .entry(e.clone())
+                    .or_insert((g.probe_interval, g.probe_timeout));
+                w.0 = w.0.min(g.probe_interval);
+                w.1 = w.1.min(g.probe_timeout);
+            }
+        }
+        self.probers.retain(|ep, (i, t, task)| {
+            let keep = want.get(ep) == Some(&(*i, *t));
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for (ep, (interval, timeout)) in want {
+            if self.probers.contains_key(&ep) {
+                continue;
+            }
+            let tx = self.handle.tx.clone();
+            let endpoint = ep.clone();
+            let task = tokio::spawn(async move {
+                let mut tick = tokio::time::interval(interval);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let result = probe(&endpoint, timeout).await;
+                    let ev = WatchEvent::Probe {
+                        endpoint: endpoint.clone(),
+                        result,
+                    };
+                    if tx.send(ev).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            self.probers.insert(ep, (interval, timeout, task));
+        }
+        self.monitor.set_groups(groups);
+        *self.handle.view.lock().unwrap_or_else(|p| p.into_inner()) =
+            self.monitor.view(Instant::now());
+    }
+}
+
+fn describe(a: &Action) -> String {
+    match a {
+        Action::SetActive {
+            group,
+            endpoint,
+            reason,
+        } => format!("group {group} -> {endpoint} ({reason})"),
+        other => format!("{other:?}"),
+    }
+}
+
+/// TCP connect plus the SSH identification line, within `timeout`. A blackholed server (or a
+/// stopped sshd whose kernel still completes the handshake) fails here by the deadline.
+pub async fn probe(endpoint: &str, timeout: Duration) -> Result<Duration, String> {
+    let start = Instant::now();
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(endpoint)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let mut got = Vec::with_capacity(256);
+        let mut buf = [0u8; 256];
+        while !got.contains(&b'\n') && got.len() < 255 {
+            let n = s
+                .read(&mut buf)
+                .await
+                .map_err(|e| format!("reading the banner: {e}"))?;
+            if n == 0 {
+                return Err("connection closed before the SSH banner".to_string());
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        if got.starts_with(b"SSH-") {
+            Ok(())
+        } else {
+            Err(format!(
+                "not an SSH server: {:?}",
+                String::from_utf8_lossy(&got[..got.len().min(40)])
+            ))
+        }
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(Ok(())) => Ok(start.elapsed()),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(format!(
+            "no SSH banner within {}",
+            humantime::format_duration(timeout)
+        )),
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
