@@ -13,6 +13,7 @@
 pub mod api;
 pub mod audit;
 pub mod demo;
+pub mod fleet;
 pub mod net;
 pub mod oma;
 pub mod render;

@@ -88,6 +88,20 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// OMA groups: endpoint health, which agents are on each, drain, failover, failback.
+    Oma {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        action: tunnelfleet_ops::fleet::OmaAction,
+    },
+    /// Alerts: list, show, ack, silence, and the state of their delivery hooks.
+    Alerts {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        action: tunnelfleet_ops::fleet::AlertsAction,
+    },
     /// The fleet's certificate authority.
     Pki {
         #[command(subcommand)]
@@ -370,6 +384,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .call("POST", "/v1/assignments", Some(&req))
                 .await?;
             print_changed(&changed, json)
+        }
+        Command::Oma { api, action } => {
+            tunnelfleet_ops::fleet::oma(&api.client()?, action, cli.json).await
+        }
+        Command::Alerts { api, action } => {
+            tunnelfleet_ops::fleet::alerts(&api.client()?, action, cli.json).await
         }
         Command::Rollout { api } => {
             let json = cli.json;

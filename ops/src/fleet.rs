@@ -1,0 +1,383 @@
+//! `tunnelfleet oma …` and `tunnelfleet alerts …`: OMA groups, endpoint health, planned moves
+//! and alerts, through the coordinator's admin API.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Subcommand;
+use comfy_table::presets::NOTHING;
+use comfy_table::{Cell, Table};
+use serde::Deserialize;
+use tunnelfleet_coordinator::admin::{AckRequest, Changed, Done, EndpointRequest, SilenceRequest};
+use tunnelfleet_coordinator::alerts::{Alert, AlertStatus, Silence};
+use tunnelfleet_coordinator::hooks::HookStats;
+use tunnelfleet_coordinator::monitor::EndpointView;
+use tunnelfleet_coordinator::store::OmaGroup;
+
+use crate::api::ApiClient;
+use crate::render;
+
+/// `tunnelfleet oma …`
+#[derive(Subcommand, Debug)]
+pub enum OmaAction {
+    /// Every endpoint of every group: health, which is active, which agents are on it.
+    List,
+    /// Create or replace the groups of a TOML file (`[[group]]` with name, endpoints, …).
+    Apply {
+        /// The file.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// Delete a group no profile uses.
+    Delete {
+        /// Group name.
+        group: String,
+    },
+    /// Take an endpoint out of service: its groups move to the next endpoint, the new
+    /// sessions up before the old ones close.
+    Drain {
+        /// `host:port`.
+        endpoint: String,
+    },
+    /// Put a drained endpoint back (failback to it follows the usual stable period).
+    Undrain {
+        /// `host:port`.
+        endpoint: String,
+    },
+    /// Move a group to its next usable endpoint now.
+    Failover {
+        /// Group name.
+        group: String,
+    },
+    /// Move a group back to its highest-priority usable endpoint now (no stable period).
+    Failback {
+        /// Group name.
+        group: String,
+    },
+}
+
+/// `tunnelfleet alerts …`
+#[derive(Subcommand, Debug)]
+pub enum AlertsAction {
+    /// Firing alerts (with --all, resolved ones too).
+    List {
+        /// Include resolved alerts.
+        #[arg(long)]
+        all: bool,
+    },
+    /// One alert.
+    Show {
+        /// Alert id.
+        id: u64,
+    },
+    /// Acknowledge an alert: someone is on it.
+    Ack {
+        /// Alert id.
+        id: u64,
+        /// Who (default: $USER).
+        #[arg(long, env = "USER", default_value = "operator")]
+        by: String,
+    },
+    /// Record but do not deliver alerts whose `kind:subject` matches a glob, for a while.
+    ///
+    /// Example: tunnelfleet alerts silence 'oma_down:10.0.0.1:*' --for 2h --comment "maintenance"
+    Silence {
+        /// Glob on `kind:subject` (`*` matches anything).
+        matcher: String,
+        /// How long (`30m`, `2h`).
+        #[arg(long = "for", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        /// Why.
+        #[arg(long, default_value = "")]
+        comment: String,
+    },
+    /// Silences in force.
+    Silences,
+    /// Hook deliveries: delivered, failed attempts, backlog, last error. Exit 1 when a hook
+    /// has a backlog with failures.
+    Hooks,
+}
+
+/// A groups file for `oma apply`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GroupsFile {
+    group: Vec<OmaGroup>,
+}
+
+/// Runs `oma …`.
+pub async fn oma(client: &ApiClient, action: OmaAction, json: bool) -> anyhow::Result<ExitCode> {
+    match action {
+        OmaAction::List => {
+            let v: Vec<EndpointView> = client.get("/v1/oma").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", oma_table(&v));
+            }
+        }
+        OmaAction::Apply { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("{}: cannot read", file.display()))?;
+            let groups: GroupsFile = toml::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {}", file.display(), e.to_string().trim_end()))?;
+            // Check every group before sending any: a bad file changes nothing.
+            for g in &groups.group {
+                g.validate()
+                    .map_err(|e| anyhow::anyhow!("{}: group.{}.{e}", file.display(), g.name))?;
+            }
+            for g in &groups.group {
+                let c: Changed = client
+                    .call("PUT", &format!("/v1/groups/{}", g.name), Some(g))
+                    .await?;
+                if json {
+                    println!("{}", serde_json::to_string(&c)?);
+                } else {
+                    println!("group {}: version {}", g.name, c.version);
+                }
+            }
+        }
+        OmaAction::Delete { group } => {
+            let c: Changed = client
+                .call::<(), _>("DELETE", &format!("/v1/groups/{group}"), None)
+                .await?;
+            println!("group {group} deleted: version {}", c.version);
+        }
+        OmaAction::Drain { endpoint } => {
+            done(
+                client,
+                "/v1/oma/drain",
+                Some(&EndpointRequest { endpoint }),
+                json,
+            )
+            .await?
+        }
+        OmaAction::Undrain { endpoint } => {
+            done(
+                client,
+                "/v1/oma/undrain",
+                Some(&EndpointRequest { endpoint }),
+                json,
+            )
+            .await?
+        }
+        OmaAction::Failover { group } => {
+            done::<()>(client, &format!("/v1/groups/{group}/failover"), None, json).await?
+        }
+        OmaAction::Failback { group } => {
+            done::<()>(client, &format!("/v1/groups/{group}/failback"), None, json).await?
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn done<B: serde::Serialize>(
+    client: &ApiClient,
+    path: &str,
+    body: Option<&B>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let d: Done = client.call("POST", path, body).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&d)?);
+    } else {
+        println!("{}", d.message);
+    }
+    Ok(())
+}
+
+/// `oma list` as a table.
+pub fn oma_table(v: &[EndpointView]) -> String {
+    let mut t = Table::new();
+    t.load_preset(NOTHING);
+    t.set_header(vec![
+        "GROUP",
+        "ENDPOINT",
+        "ROLE",
+        "STATE",
+        "HEALTHY FOR",
+        "LAST CHECK",
+        "AGENTS",
+    ]);
+    for e in v {
+        let mut role = if e.priority == 0 {
+            "primary".to_string()
+        } else {
+            format!("standby #{}", e.priority)
+        };
+        if e.active {
+            role.push_str(", ACTIVE");
+        }
+        if e.drained {
+            role.push_str(", drained");
+        }
+        let state = match e.state.as_str() {
+            "down" => format!("DOWN ({} failed)", e.consecutive_failures),
+            s => s.to_string(),
+        };
+        let check = match e.last_latency_ms {
+            Some(ms) if e.state == "up" => format!("{} ({ms:.1} ms)", e.last_detail),
+            _ => e.last_detail.clone(),
+        };
+        t.add_row(vec![
+            Cell::new(&e.group),
+            Cell::new(&e.endpoint),
+            Cell::new(role),
+            Cell::new(state),
+            Cell::new(
+                e.healthy_for_s
+                    .map(|s| {
+                        humantime::format_duration(std::time::Duration::from_secs(s)).to_string()
+                    })
+                    .unwrap_or_else(|| "-".into()),
+            ),
+            Cell::new(check),
+            Cell::new(if e.agents.is_empty() {
+                "-".to_string()
+            } else {
+                e.agents.join(", ")
+            }),
+        ]);
+    }
+    t.to_string() + "\n"
+}
+
+/// `alerts list` as a table.
+pub fn alerts_table(v: &[Alert]) -> String {
+    let mut t = Table::new();
+    t.load_preset(NOTHING);
+    t.set_header(vec![
+        "ID", "STATE", "KIND", "SUBJECT", "SINCE", "ACK", "SUMMARY",
+    ]);
+    for a in v {
+        let state = match (a.status, a.silenced) {
+            (AlertStatus::Firing, false) => "FIRING",
+            (AlertStatus::Firing, true) => "firing (silenced)",
+            (AlertStatus::Resolved, _) => "resolved",
+        };
+        t.add_row(vec![
+            Cell::new(a.id),
+            Cell::new(state),
+            Cell::new(a.kind.as_str()),
+            Cell::new(&a.subject),
+            Cell::new(format!("{} ago", render::ago(a.fired_unix_ms))),
+            Cell::new(a.acked_by.as_deref().unwrap_or("-")),
+            Cell::new(&a.summary),
+        ]);
+    }
+    t.to_string() + "\n"
+}
+
+/// Runs `alerts …`.
+pub async fn alerts(
+    client: &ApiClient,
+    action: AlertsAction,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    match action {
+        AlertsAction::List { all } => {
+            let v: Vec<Alert> = client
+                .get(if all {
+                    "/v1/alerts?all=true"
+                } else {
+                    "/v1/alerts"
+                })
+                .await?;
+            if json {
+                print_json(&v)?;
+            } else {
+                print!("{}", alerts_table(&v));
+            }
+        }
+        AlertsAction::Show { id } => {
+            let a: Alert = client.get(&format!("/v1/alerts/{id}")).await?;
+            print_json(&a)?;
+        }
+        AlertsAction::Ack { id, by } => {
+            let a: Alert = client
+                .call(
+                    "POST",
+                    &format!("/v1/alerts/{id}/ack"),
+                    Some(&AckRequest { by }),
+                )
+                .await?;
+            if json {
+                print_json(&a)?;
+            } else {
+                println!(
+                    "alert {id} acknowledged by {}",
+                    a.acked_by.unwrap_or_default()
+                );
+            }
+        }
+        AlertsAction::Silence {
+            matcher,
+            duration,
+            comment,
+        } => {
+            let s: Silence = client
+                .call(
+                    "POST",
+                    "/v1/silences",
+                    Some(&SilenceRequest {
+                        matcher,
+                        for_s: duration.as_secs().max(1),
+                        comment,
+                    }),
+                )
+                .await?;
+            if json {
+                print_json(&s)?;
+            } else {
+                println!(
+                    "silence {} on {:?} for {}",
+                    s.id,
+                    s.matcher,
+                    humantime::format_duration(duration)
+                );
+            }
+        }
+        AlertsAction::Silences => {
+            let v: Vec<Silence> = client.get("/v1/silences").await?;
+            print_json(&v)?;
+        }
+        AlertsAction::Hooks => {
+            let v: Vec<HookStats> = client.get("/v1/hooks").await?;
+            if json {
+                print_json(&v)?;
+            } else {
+                let mut t = Table::new();
+                t.load_preset(NOTHING);
+                t.set_header(vec![
+                    "HOOK",
+                    "KIND",
+                    "DELIVERED",
+                    "FAILED ATTEMPTS",
+                    "BACKLOG",
+                    "LAST ERROR",
+                ]);
+                for h in &v {
+                    t.add_row(vec![
+                        Cell::new(&h.name),
+                        Cell::new(&h.kind),
+                        Cell::new(h.delivered),
+                        Cell::new(h.failed_attempts),
+                        Cell::new(h.pending),
+                        Cell::new(h.last_error.as_deref().unwrap_or("-")),
+                    ]);
+                }
+                println!("{t}");
+            }
+            if v.iter().any(|h| h.pending > 0 && h.last_error.is_some()) {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
