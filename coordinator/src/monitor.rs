@@ -95,6 +95,8 @@ pub enum Action {
         endpoint: String,
         /// Why, for the event log.
         reason: String,
+        /// Whether automatic failback is suspended afterwards (an operator's failover).
+        pinned: bool,
     },
     /// Something for the event log.
     Event(String),
@@ -336,6 +338,9 @@ impl Monitor {
                     };
                     ((*e).clone(), format!("failover: {why}"))
                 })
+            } else if g.pinned {
+                // An operator moved it: it stays until `oma failback`.
+                None
             } else {
                 let prio = |e: &str| g.endpoints.iter().position(|x| x == e);
                 usable
@@ -354,6 +359,7 @@ impl Monitor {
                         })
                     })
             };
+            let pinned = g.pinned;
             if let Some((endpoint, reason)) = move_to
                 && endpoint != active
             {
@@ -364,6 +370,7 @@ impl Monitor {
                     group: name,
                     endpoint,
                     reason,
+                    pinned,
                 });
             }
         }
@@ -384,7 +391,12 @@ impl Monitor {
             .find(|e| !g.drained.contains(*e) && !self.is_down(e))
             .cloned()
             .ok_or_else(|| format!("group {group}: no other usable endpoint than {active}"))?;
-        self.move_group(group, target, format!("operator failover from {active}"))
+        self.move_group(
+            group,
+            target,
+            format!("operator failover from {active}"),
+            true,
+        )
     }
 
     /// `tunnelfleet oma failback GROUP`: the highest-priority usable endpoint, now.
@@ -400,12 +412,12 @@ impl Monitor {
             .find(|e| !g.drained.contains(*e) && !self.is_down(e))
             .cloned()
             .ok_or_else(|| format!("group {group}: no usable endpoint"))?;
-        if target == active {
+        if target == active && !g.pinned {
             return Err(format!(
                 "group {group} is already on {active}, its best usable endpoint"
             ));
         }
-        self.move_group(group, target, "operator failback".into())
+        self.move_group(group, target, "operator failback".into(), false)
     }
 
     fn move_group(
@@ -413,14 +425,17 @@ impl Monitor {
         group: &str,
         endpoint: String,
         reason: String,
+        pinned: bool,
     ) -> Result<Action, String> {
         if let Some(g) = self.groups.get_mut(group) {
             g.active = Some(endpoint.clone());
+            g.pinned = pinned;
         }
         Ok(Action::SetActive {
             group: group.to_string(),
             endpoint,
             reason,
+            pinned,
         })
     }
 
@@ -753,6 +768,7 @@ mod tests {
             failback_after: failback,
             active: None,
             drained: Default::default(),
+            pinned: false,
         }
     }
 
@@ -832,6 +848,7 @@ mod tests {
             group: "oma".into(),
             endpoint: B.into(),
             reason: format!("failover: {A} down"),
+            pinned: false,
         }));
         // More failures: no second incident, no second move.
         assert!(m.probe(A, fail(), now).is_empty());
@@ -874,6 +891,7 @@ mod tests {
                 group: "oma".into(),
                 endpoint: A.into(),
                 reason: format!("failback: {A} healthy for 1m"),
+                pinned: false,
             }]
         );
         assert!(m.tick(Instant::now()).is_empty());
@@ -977,6 +995,27 @@ mod tests {
                     subject: "vma-1".into()
                 })
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_operator_failover_is_not_undone_by_automatic_failback() {
+        let mut m = Monitor::new(AlertRules::default());
+        m.set_groups(vec![group(Duration::from_secs(60))]);
+        m.probe(A, pass(), Instant::now());
+        assert!(matches!(
+            m.failover("oma"),
+            Ok(Action::SetActive { pinned: true, .. })
+        ));
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        assert!(
+            m.tick(Instant::now()).is_empty(),
+            "failed back over an operator's move"
+        );
+        // A down standby still fails over, pinned or not.
+        for _ in 0..3 {
+            m.probe(B, fail(), Instant::now());
+        }
+        assert_eq!(m.groups().next().unwrap().active(), Some(A));
     }
 
     #[tokio::test(start_paused = true)]

@@ -157,6 +157,10 @@ pub struct OmaGroup {
     /// Endpoints taken out of service by the operator.
     #[serde(default)]
     pub drained: std::collections::BTreeSet<String>,
+    /// An operator moved the group (`oma failover`): no automatic failback until
+    /// `oma failback`. Failover away from a down endpoint still happens.
+    #[serde(default)]
+    pub pinned: bool,
 }
 
 fn yes() -> bool {
@@ -471,6 +475,7 @@ impl Store {
         let mut g = def.clone();
         if let Some(old) = self.group(&g.name)? {
             g.active = old.active.filter(|a| g.endpoints.contains(a));
+            g.pinned = old.pinned && g.active.is_some();
             g.drained = old
                 .drained
                 .into_iter()
@@ -479,6 +484,7 @@ impl Store {
         } else {
             g.active = None;
             g.drained.clear();
+            g.pinned = false;
         }
         let value = json(&g);
         let name = g.name.clone();
@@ -520,12 +526,14 @@ impl Store {
         group: &str,
         endpoint: &str,
         why: &str,
+        pinned: bool,
     ) -> Result<u64, StoreError> {
         let mut g = self
             .group(group)?
             .ok_or_else(|| StoreError::NoGroup(group.to_string()))?;
         let from = g.active().unwrap_or_default().to_string();
         g.active = Some(endpoint.to_string());
+        g.pinned = pinned;
         let value = json(&g);
         self.change_groups(
             &format!("OMA group {group}: active endpoint {from} -> {endpoint} ({why})"),

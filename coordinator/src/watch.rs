@@ -332,10 +332,11 @@ impl Watcher {
                     group,
                     endpoint,
                     reason,
+                    pinned,
                 } => match self
                     .fleet
                     .store
-                    .set_active(&group, &endpoint, &reason)
+                    .set_active(&group, &endpoint, &reason, pinned)
                     .await
                 {
                     Ok(version) => {
@@ -437,6 +438,7 @@ fn describe(a: &Action) -> String {
             group,
             endpoint,
             reason,
+            ..
         } => format!("group {group} -> {endpoint} ({reason})"),
         other => format!("{other:?}"),
     }

@@ -315,7 +315,7 @@ pub async fn echo_server() -> (u16, tokio_util::sync::DropGuard) {
         .expect("echo server")
 }
 
-pub use tunnelfleet_ops::services::HttpService;
+pub use tunnelfleet_ops::services::{HttpService, Received, WebhookSink};
 
 /// The demo's HTTP `/health` service on 127.0.0.1 (any port), reused as OMA/VMA APIs in tests.
 pub async fn http_service(name: &str) -> HttpService {
@@ -605,6 +605,95 @@ impl TestCoordinator {
 
 use std::sync::Arc;
 
+/// The whole coordinator in this process (control link, watcher, hooks, admin API), as the
+/// binary runs it, on loopback ports with state in `dir`.
+pub struct FullCoordinator {
+    /// Where agents dial.
+    pub control: std::net::SocketAddr,
+    /// The admin API.
+    pub api: tunnelfleet_ops::api::ApiClient,
+    /// Its state.
+    pub fleet: Arc<tunnelfleet_coordinator::link::Fleet>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FullCoordinator {
+    /// Starts with PKI in `dir/pki` (created if missing), state in `dir/state`, and `hooks`.
+    pub async fn start(
+        dir: &Path,
+        heartbeat: Duration,
+        hooks: Vec<tunnelfleet_coordinator::hooks::HookConfig>,
+    ) -> FullCoordinator {
+        use tunnelfleet_coordinator::server::{CoordinatorConfig, bind};
+        let pki_dir = dir.join("pki");
+        if !pki_dir.join("ca.pem").exists() {
+            tunnelfleet_coordinator::pki::init(&pki_dir, &["localhost".into()]).expect("pki");
+        }
+        let token_file = dir.join("admin.token");
+        let token = "integration-test-admin-token-0123456789";
+        write_secret(&token_file, token.as_bytes());
+        let bound = bind(&CoordinatorConfig {
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            pki_dir,
+            state_dir: dir.join("state"),
+            admin_token_file: token_file,
+            heartbeat_interval: heartbeat,
+            alerts: Default::default(),
+            hooks,
+        })
+        .await
+        .expect("coordinator bind");
+        let (control, admin, fleet) = (bound.control, bound.admin, bound.fleet.clone());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(bound.run(stop.clone()));
+        FullCoordinator {
+            control,
+            api: tunnelfleet_ops::api::ApiClient::new(&admin.to_string(), token),
+            fleet,
+            stop,
+            task,
+        }
+    }
+
+    /// The `[coordinator]` section for agent `id` (certificate issued into `dir/id`).
+    pub fn agent_section(&self, dir: &Path, id: &str, labels: &str) -> String {
+        let files =
+            tunnelfleet_coordinator::pki::issue_agent(&dir.join("pki"), id, 1, &dir.join(id))
+                .expect("issue agent");
+        format!(
+            "[coordinator]\naddress = \"{}\"\nserver_name = \"localhost\"\nagent_id = \"{id}\"\nlabels = {{ {labels} }}\n\
+             ca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nstate_dir = \"{}\"\nreconnect_min = \"100ms\"\nreconnect_max = \"500ms\"\n",
+            self.control,
+            files.ca.display(),
+            files.cert.display(),
+            files.key.display(),
+            dir.join(id).join("state").display()
+        )
+    }
+
+    /// Stops it gracefully.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// Writes a file readable by its owner only.
+pub fn write_secret(path: &Path, bytes: &[u8]) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .expect("secret file");
+    f.write_all(bytes).expect("write secret");
+}
+
 /// A debug binary of this workspace (tests), built first so a test never runs a stale one.
 pub fn debug_binary(package: &str, bin: &str) -> std::io::Result<PathBuf> {
     let exe = std::env::current_exe()?;
@@ -648,28 +737,22 @@ impl CoordinatorProcess {
     /// Writes a config under `dir` (PKI in `dir/pki`, state in `dir/state`, fixed ports) and
     /// starts the coordinator; returns once its admin API answers.
     pub async fn start(dir: &Path, heartbeat: &str) -> CoordinatorProcess {
+        Self::start_with(dir, heartbeat, "").await
+    }
+
+    /// As [`CoordinatorProcess::start`], with more config (`[[hook]]`s) appended.
+    pub async fn start_with(dir: &Path, heartbeat: &str, extra: &str) -> CoordinatorProcess {
         let control = std::net::SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
         let admin = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
         let token_file = dir.join("admin.token");
         let token = "integration-test-admin-token-0123456789";
-        {
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&token_file)
-                .expect("token file");
-            f.write_all(token.as_bytes()).expect("token");
-        }
+        write_secret(&token_file, token.as_bytes());
         let config = dir.join("coordinator.toml");
         std::fs::write(
             &config,
             format!(
                 "listen = \"{control}\"\nadmin_listen = \"{admin}\"\npki_dir = \"{}\"\nstate_dir = \"{}\"\n\
-                 admin_token_file = \"{}\"\nheartbeat_interval = \"{heartbeat}\"\n",
+                 admin_token_file = \"{}\"\nheartbeat_interval = \"{heartbeat}\"\n{extra}",
                 dir.join("pki").display(),
                 dir.join("state").display(),
                 token_file.display()

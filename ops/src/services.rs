@@ -109,3 +109,123 @@ pub async fn echo_server() -> std::io::Result<(u16, tokio_util::sync::DropGuard)
     });
     Ok((port, stop.drop_guard()))
 }
+
+/// One request a [`WebhookSink`] received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// Headers, names lower-case.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: Vec<u8>,
+    /// What the sink answered.
+    pub status: u16,
+}
+
+impl Received {
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_default()
+    }
+}
+
+/// An HTTP receiver for alert hooks (the demo's sink and the tests' receiver): records every
+/// POST, answers 200, or 503 while `failing`. Stops when dropped.
+pub struct WebhookSink {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    /// Set to refuse deliveries with 503.
+    pub failing: Arc<AtomicBool>,
+    received: Arc<std::sync::Mutex<Vec<Received>>>,
+    stop: CancellationToken,
+}
+
+impl WebhookSink {
+    /// Starts on 127.0.0.1:`port` (0 for any).
+    pub async fn start(port: u16) -> std::io::Result<WebhookSink> {
+        use http_body_util::BodyExt;
+        let listener = TcpListener::bind(("127.0.0.1", port)).await?;
+        let port = listener.local_addr()?.port();
+        let failing = Arc::new(AtomicBool::new(false));
+        let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = CancellationToken::new();
+        let (f, r, s) = (failing.clone(), received.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let conn = tokio::select! {
+                    _ = s.cancelled() => return,
+                    c = listener.accept() => match c { Ok((c, _)) => c, Err(_) => continue },
+                };
+                let (f, r) = (f.clone(), r.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let (f, r) = (f.clone(), r.clone());
+                        async move {
+                            let headers = req
+                                .headers()
+                                .iter()
+                                .map(|(k, v)| {
+                                    (k.as_str().to_string(), v.to_str().unwrap_or("").to_string())
+                                })
+                                .collect();
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes().to_vec())
+                                .unwrap_or_default();
+                            let status = if f.load(Ordering::Relaxed) { 503 } else { 200 };
+                            r.lock().unwrap_or_else(|p| p.into_inner()).push(Received {
+                                headers,
+                                body,
+                                status,
+                            });
+                            let mut resp = hyper::Response::new(Full::new(Bytes::new()));
+                            *resp.status_mut() =
+                                hyper::StatusCode::from_u16(status).unwrap_or_default();
+                            Ok::<_, Infallible>(resp)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(conn), svc)
+                        .await;
+                });
+            }
+        });
+        Ok(WebhookSink {
+            port,
+            failing,
+            received,
+            stop,
+        })
+    }
+
+    /// Every request so far (including refused ones).
+    pub fn received(&self) -> Vec<Received> {
+        self.received
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The requests it accepted (answered 200).
+    pub fn delivered(&self) -> Vec<Received> {
+        self.received()
+            .into_iter()
+            .filter(|r| r.status == 200)
+            .collect()
+    }
+}
+
+impl Drop for WebhookSink {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
