@@ -428,6 +428,9 @@ impl Outbox {
     }
 
     async fn run_hook(&self, hook: Hook, client: Client, shutdown: CancellationToken) {
+        // At start, try the backlog at once: the receiver may have been fixed while the
+        // coordinator was down.
+        let mut fresh = true;
         loop {
             // Register for a wake-up before looking, so an entry written meanwhile is seen.
             let woken = self.wake.notified();
@@ -440,6 +443,7 @@ impl Outbox {
             };
             let wait = match &head {
                 None => Duration::from_secs(5),
+                Some(_) if fresh => Duration::ZERO,
                 Some(d) => Duration::from_millis(d.next_attempt_unix_ms.saturating_sub(now_ms())),
             };
             if head.is_none() || !wait.is_zero() {
@@ -451,6 +455,7 @@ impl Outbox {
                 continue;
             }
             let Some(mut d) = head else { continue };
+            fresh = false;
             let result = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 r = deliver(&hook, &client, &d) => r,

@@ -354,3 +354,73 @@ async fn a_killed_and_bouncing_primary_gets_one_failover_and_one_failback_only_o
     f.shutdown().await;
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undelivered_alert_survives_a_coordinator_sigkill_and_is_delivered_after_restart() {
+    let sink = WebhookSink::start(0).await.unwrap();
+    sink.failing
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let dir = tempfile::tempdir().unwrap();
+    tunnelfleet_coordinator::pki::init(&dir.path().join("pki"), &["localhost".into()]).unwrap();
+    let secret = dir.path().join("webhook.secret");
+    write_secret(&secret, SECRET.as_bytes());
+    let hooks = format!(
+        "\n[[hook]]\nname = \"ops\"\nkind = \"webhook\"\nurl = \"http://127.0.0.1:{}/alerts\"\nsecret_file = \"{}\"\ntimeout = \"1s\"\n",
+        sink.port,
+        secret.display()
+    );
+    let mut c = CoordinatorProcess::start_with(dir.path(), "500ms", &hooks).await;
+    // An OMA endpoint nobody listens on: down after three probes.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let g = OmaGroup {
+        name: "oma".into(),
+        endpoints: vec![dead.clone()],
+        probe: true,
+        probe_interval: Duration::from_millis(200),
+        probe_timeout: Duration::from_millis(200),
+        threshold: 3,
+        failback_after: Duration::from_secs(300),
+        active: None,
+        drained: Default::default(),
+        pinned: false,
+    };
+    let _: Changed = c.api.call("PUT", "/v1/groups/oma", Some(&g)).await.unwrap();
+    // The receiver refuses: the delivery stays in the outbox, retried.
+    wait_until(20, "a refused delivery attempt", || async {
+        !sink.received().is_empty()
+    })
+    .await;
+    let key = sink.received()[0]
+        .header("idempotency-key")
+        .unwrap()
+        .to_string();
+    assert_eq!(sink.received()[0].json()["alert"]["subject"], dead.as_str());
+    let hooks: serde_json::Value = c.api.get("/v1/hooks").await.unwrap();
+    assert_eq!(hooks[0]["pending"], 1, "{hooks}");
+    assert!(
+        hooks[0]["last_error"].as_str().unwrap().contains("503"),
+        "{hooks}"
+    );
+
+    c.kill9();
+    sink.failing
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    c.restart().await;
+    wait_until(
+        20,
+        "the queued alert delivered after the restart",
+        || async { !sink.delivered().is_empty() },
+    )
+    .await;
+    let delivered = sink.delivered();
+    assert_eq!(delivered[0].header("idempotency-key"), Some(key.as_str()));
+    assert_signed(&delivered[0]);
+    // The incident is still the same one: the restarted coordinator did not raise another.
+    let alerts: serde_json::Value = c.api.get("/v1/alerts").await.unwrap();
+    assert_eq!(alerts.as_array().unwrap().len(), 1, "{alerts}");
+    wait_until(10, "the outbox empty", || async {
+        let h: serde_json::Value = c.api.get("/v1/hooks").await.unwrap();
+        h[0]["pending"] == 0
+    })
+    .await;
+}
