@@ -15,7 +15,7 @@ use anyhow::{Context, bail};
 use tokio::sync::{Semaphore, mpsc};
 use tunnelfleet_coordinator::pki;
 use tunnelfleet_ops::api::ApiClient;
-use tunnelfleet_protocol::{Applied, CoordinatorMessage, Heartbeat, Hello, PROTOCOL_VERSION};
+use tunnelfleet_protocol::{Hello, PROTOCOL_VERSION};
 
 const HEARTBEAT: Duration = Duration::from_secs(5);
 
@@ -83,68 +83,22 @@ async fn main() -> anyhow::Result<()> {
         .collect::<Result<_, _>>()?;
 
     eprintln!("bench-fleet: connecting {agents} agents to {udp}");
-    let (acks_tx, mut acks_rx) = mpsc::unbounded_channel::<(u64, Instant)>();
+    let (acks_tx, mut acks_rx) = mpsc::unbounded_channel();
     let (up_tx, mut up_rx) = mpsc::unbounded_channel::<()>();
     let gate = Arc::new(Semaphore::new(256));
     let t0 = Instant::now();
     for (i, (id, client)) in configs.into_iter().enumerate() {
         let ep = endpoints[i % endpoints.len()].clone();
         let (acks, up, gate) = (acks_tx.clone(), up_tx.clone(), gate.clone());
-        tokio::spawn(async move {
-            let hello = Hello {
-                protocol: PROTOCOL_VERSION,
-                agent_id: id.clone(),
-                agent_version: "bench".into(),
-                labels: [("site".to_string(), "bench".to_string())].into(),
-                applied_version: None,
-                started_unix_ms: 1,
-            };
-            // Like a real agent: retry with jittered backoff when the handshake is lost in a
-            // connect storm.
-            let mut backoff = tunnelfleet_agent::backoff::Backoff::new(
-                Duration::from_millis(200),
-                Duration::from_secs(5),
-            );
-            let mut link = loop {
-                let attempt = {
-                    let _permit = gate.acquire().await;
-                    tunnelfleet_agent::link::connect(
-                        &ep,
-                        client.clone(),
-                        udp,
-                        "localhost",
-                        hello.clone(),
-                    )
-                    .await
-                };
-                match attempt {
-                    Ok(l) => break l,
-                    Err(_) => tokio::time::sleep(backoff.next_delay()).await,
-                }
-            };
-            let _ = up.send(());
-            // Spread heartbeats over the interval, as real agents started at different times.
-            let offset = Duration::from_millis((i as u64 * 7919) % HEARTBEAT.as_millis() as u64);
-            let mut tick =
-                tokio::time::interval_at(tokio::time::Instant::now() + offset, HEARTBEAT);
-            let mut seq = 0;
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {
-                        seq += 1;
-                        if link.heartbeat(Heartbeat { seq, sent_unix_ms: 0, profiles: vec![] }).await.is_err() { return; }
-                    }
-                    m = link.next() => match m {
-                        Ok(CoordinatorMessage::Push(set)) => {
-                            let _ = acks.send((set.version, Instant::now()));
-                            if link.applied(Applied { version: set.version, ok: true, results: vec![] }).await.is_err() { return; }
-                        }
-                        Ok(_) => {}
-                        Err(_) => return,
-                    }
-                }
-            }
-        });
+        let hello = Hello {
+            protocol: PROTOCOL_VERSION,
+            agent_id: id.clone(),
+            agent_version: "bench".into(),
+            labels: [("site".to_string(), "bench".to_string())].into(),
+            applied_version: None,
+            started_unix_ms: 1,
+        };
+        integration_tests::spawn_sim_agent(i, hello, client, ep, udp, HEARTBEAT, gate, up, acks);
     }
     drop(up_tx);
     let mut connected = 0;
@@ -185,7 +139,7 @@ async fn main() -> anyhow::Result<()> {
     let mut lat = Vec::with_capacity(agents);
     while lat.len() < agents {
         match tokio::time::timeout(Duration::from_secs(60), acks_rx.recv()).await {
-            Ok(Some((v, at))) if v == version => {
+            Ok(Some((_, set, at))) if set.version == version => {
                 lat.push(at.saturating_duration_since(tp).as_secs_f64() * 1000.0)
             }
             Ok(Some(_)) => {}
