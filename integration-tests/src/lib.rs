@@ -224,6 +224,15 @@ impl Drop for Sshd {
 
 /// Sends a signal with kill(1) (no unsafe code in the workspace).
 pub fn signal(pid: u32, sig: i32) {
+    signal_target(&pid.to_string(), sig)
+}
+
+/// Sends `sig` to every process of the process group `pgid`.
+pub fn signal_group(pgid: u32, sig: i32) {
+    signal_target(&format!("-{pgid}"), sig)
+}
+
+fn signal_target(target: &str, sig: i32) {
     let name = match sig {
         libc::SIGKILL => "KILL",
         libc::SIGSTOP => "STOP",
@@ -232,7 +241,7 @@ pub fn signal(pid: u32, sig: i32) {
         _ => "INT",
     };
     let _ = Command::new("kill")
-        .args([format!("-{name}"), pid.to_string()])
+        .args([format!("-{name}"), "--".into(), target.to_string()])
         .stderr(Stdio::null())
         .status();
 }

@@ -119,6 +119,8 @@ pub struct Received {
     pub body: Vec<u8>,
     /// What the sink answered.
     pub status: u16,
+    /// When it arrived (Unix ms).
+    pub received_unix_ms: u64,
 }
 
 impl Received {
@@ -182,10 +184,12 @@ impl WebhookSink {
                                 .map(|b| b.to_bytes().to_vec())
                                 .unwrap_or_default();
                             let status = if f.load(Ordering::Relaxed) { 503 } else { 200 };
+                            let received_unix_ms = tunnelfleet_agent::status::now_unix_ms();
                             r.lock().unwrap_or_else(|p| p.into_inner()).push(Received {
                                 headers,
                                 body,
                                 status,
+                                received_unix_ms,
                             });
                             let mut resp = hyper::Response::new(Full::new(Bytes::new()));
                             *resp.status_mut() =
