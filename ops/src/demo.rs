@@ -23,13 +23,17 @@ use tunnelfleet_agent::config::AgentConfig;
 use tunnelfleet_agent::control::{self, Request, Response};
 use tunnelfleet_agent::status::{AgentStatus, ForwardState, ProfileStatus, SessionState};
 use tunnelfleet_coordinator::admin::{AgentSummary, Changed, Rollout};
+use tunnelfleet_coordinator::alerts::Alert;
+use tunnelfleet_coordinator::hooks::{HookConfig, HookKind};
+use tunnelfleet_coordinator::monitor::EndpointView;
 use tunnelfleet_coordinator::server::CoordinatorConfig;
+use tunnelfleet_coordinator::store::OmaGroup;
 use tunnelfleet_protocol::ProfileSpec;
 
 use crate::api::ApiClient;
 use crate::oma::{EmbeddedOma, OmaSpec};
 use crate::render;
-use crate::services::{HttpService, echo_server};
+use crate::services::{HttpService, WebhookSink, echo_server};
 
 /// What the demo measured.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -40,6 +44,10 @@ pub struct DemoReport {
     pub pushed_version: u64,
     /// Seconds from stopping the primary to data flowing through the standby on every agent.
     pub failover_s: f64,
+    /// Seconds from the primary's return to every agent back on it.
+    pub failback_s: f64,
+    /// Alert states delivered to the webhook (firing and resolved).
+    pub alerts_delivered: usize,
     /// The endpoint the first agent ended on.
     pub final_endpoint: String,
     /// Bytes carried through the NBD forwards.
@@ -52,6 +60,9 @@ const OMA_NBD: u16 = 10809;
 
 /// Appliances in the demo fleet.
 const AGENTS: usize = 3;
+
+/// The demo's stable period before failback (the default is 5 minutes).
+const FAILBACK_AFTER: Duration = Duration::from_secs(3);
 
 /// Runs the demo, narrating to `out`.
 pub async fn run(out: &mut (impl Write + Send)) -> anyhow::Result<DemoReport> {
@@ -117,6 +128,14 @@ async fn run_in(dir: &Path, out: &mut (impl Write + Send)) -> anyhow::Result<Dem
     }
     let vma_api = HttpService::start("vma api", 0).await?;
 
+    // Where the alerts go: a local webhook receiver, HMAC-signed deliveries.
+    let sink = WebhookSink::start(0).await?;
+    let secret = dir.join("webhook.secret");
+    write_secret(
+        &secret,
+        format!("{:032x}", rand::random::<u128>()).as_bytes(),
+    )?;
+
     // The coordinator: its CA, an admin token, sled in the temp dir, loopback listeners.
     let pki_dir = dir.join("pki");
     tunnelfleet_coordinator::pki::init(&pki_dir, &["localhost".into()])?;
@@ -131,7 +150,14 @@ async fn run_in(dir: &Path, out: &mut (impl Write + Send)) -> anyhow::Result<Dem
         admin_token_file: token_file,
         heartbeat_interval: Duration::from_secs(1),
         alerts: Default::default(),
-        hooks: Vec::new(),
+        hooks: vec![HookConfig {
+            name: "ops-webhook".into(),
+            kind: HookKind::Webhook,
+            url: Some(format!("http://127.0.0.1:{}/alerts", sink.port)),
+            secret_file: Some(secret),
+            command: Vec::new(),
+            timeout: Duration::from_secs(2),
+        }],
     })
     .await?;
     let (control_addr, admin_addr, fleet) = (bound.control, bound.admin, bound.fleet.clone());
@@ -164,8 +190,25 @@ async fn run_in(dir: &Path, out: &mut (impl Write + Send)) -> anyhow::Result<Dem
         .await?;
         say(out, &format!("\n[1] {AGENTS} agents connected over QUIC; each certificate names its agent"))?;
 
+        // The OMA pair as a group: probed every 500 ms (TCP plus SSH banner), down after three
+        // failures, failback after 3 s of health (5 minutes by default).
+        let group = OmaGroup {
+            name: "oma".into(),
+            endpoints: vec![format!("127.0.0.1:{}", primary.port), format!("127.0.0.1:{}", standby.port)],
+            probe: true,
+            probe_interval: Duration::from_millis(500),
+            probe_timeout: Duration::from_millis(400),
+            threshold: 3,
+            failback_after: FAILBACK_AFTER,
+            active: None,
+            drained: Default::default(),
+            pinned: false,
+        };
+        let _: Changed = api.call("PUT", "/v1/groups/oma", Some(&group)).await?;
+        say(out, &format!("\n  $ tunnelfleet oma apply -f groups.toml   # group oma: oma-a {} primary, oma-b {} standby, 500 ms probes, failback after {}", group.endpoints[0], group.endpoints[1], humantime::format_duration(FAILBACK_AFTER)))?;
+
         // One profile per appliance: the seed's forwards, on free local ports (one machine
-        // plays all three appliances), with the OMA pair and pinned host keys.
+        // plays all three appliances), on OMA group `oma` with pinned host keys.
         say(out, "\n[2] the seed's tunnel set as a profile per appliance, applied through the admin API")?;
         let mut last = 0;
         for a in agents {
@@ -220,15 +263,32 @@ async fn run_in(dir: &Path, out: &mut (impl Write + Send)) -> anyhow::Result<Dem
         let failover_s = t0.elapsed().as_secs_f64();
         say(out, &format!("    all {AGENTS} agents on the standby, data flowing again after {failover_s:.2}s"))?;
         nbd_bytes += show_traffic(out, first, "oma-b").await?;
+        let fired = wait_webhook(&sink, "firing").await?;
+        say(out, &format!("    the coordinator's probes confirm it: one incident for the fleet, not one per agent\n    [webhook, signed] {}", fired))?;
+        print_oma(out, &api).await?;
+
+        say(out, "\n[5] oma-a comes back: the incident resolves; failback only once it has been healthy for the stable period")?;
+        let t1 = Instant::now();
+        primary.restart().await?;
+        let resolved = wait_webhook(&sink, "resolved").await?;
+        say(out, &format!("    [webhook, signed] {resolved}"))?;
+        for a in agents {
+            wait_for(&a.socket, 30, |p| all_active(p) && p.active_endpoint.ends_with(&primary.port.to_string())).await
+                .with_context(|| format!("{}: did not fail back to the primary", a.id))?;
+            get(a.ports[0], "/health").await?;
+        }
+        let failback_s = t1.elapsed().as_secs_f64();
+        say(out, &format!("    all {AGENTS} agents back on oma-a {failback_s:.2}s after it returned (make-before-break: new session up, then the old one drained)"))?;
+        nbd_bytes += show_traffic(out, first, "oma-a").await?;
+        print_alerts(out, &api).await?;
         let status = print_status(out, first).await?;
         let p = &status.profiles[0];
-        if p.failovers != 1 {
-            bail!("expected one failover, status says {}", p.failovers);
-        }
-        Ok(DemoReport {
+        anyhow::Ok(DemoReport {
             agents: AGENTS,
             pushed_version: c.version,
             failover_s,
+            failback_s,
+            alerts_delivered: sink.delivered().len(),
             final_endpoint: p.active_endpoint.clone(),
             nbd_bytes,
         })
@@ -251,10 +311,12 @@ async fn run_in(dir: &Path, out: &mut (impl Write + Send)) -> anyhow::Result<Dem
     say(
         out,
         &format!(
-            "\ndone: {} agents on version {}, failover to the standby in {:.2}s, {} through the NBD forwards; everything stopped gracefully, temp files removed",
+            "\ndone: {} agents on version {}; failover to the standby in {:.2}s; one incident and its resolution delivered ({} webhook deliveries); failback after the stable period in {:.2}s; {} through the NBD forwards; everything stopped gracefully, temp files removed",
             report.agents,
             report.pushed_version,
             report.failover_s,
+            report.alerts_delivered,
+            report.failback_s,
             render::bytes(report.nbd_bytes)
         ),
     )?;
@@ -365,9 +427,13 @@ threshold = 3
             .collect::<Vec<_>>()
             .join(", "),
     );
-    // The same validation `tunnelfleet profiles apply -f` runs.
+    // The same validation `tunnelfleet profiles apply -f` runs; then the endpoints come from
+    // the group, active one first.
     let cfg = AgentConfig::parse(&toml, Path::new(&format!("{}.toml", a.id)))?;
-    Ok(ProfileSpec::from(&cfg.profiles[0]))
+    let mut spec = ProfileSpec::from(&cfg.profiles[0]);
+    spec.group = Some("oma".into());
+    spec.endpoints.clear();
+    Ok(spec)
 }
 
 /// Waits until every agent has acknowledged `version`; fails on an agent's failed apply.
@@ -411,6 +477,42 @@ async fn print_agents(out: &mut (impl Write + Send), api: &ApiClient) -> anyhow:
     let list: Vec<AgentSummary> = api.get("/v1/agents").await?;
     say(out, "\n  $ tunnelfleet agents list")?;
     for line in render::fleet_agents(&list).lines() {
+        say(out, &format!("  {line}"))?;
+    }
+    Ok(())
+}
+
+/// Waits for the webhook delivery of the OMA-down incident in `status` and renders it.
+async fn wait_webhook(sink: &WebhookSink, status: &str) -> anyhow::Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(r) = sink.delivered().into_iter().find(|r| {
+            let j = r.json();
+            j["status"] == status && j["alert"]["kind"] == "oma_down"
+        }) {
+            let alert: Alert = serde_json::from_value(r.json()["alert"].clone())?;
+            return Ok(tunnelfleet_coordinator::hooks::text(&alert));
+        }
+        if Instant::now() > deadline {
+            bail!("no {status} OMA-down alert at the webhook within 20s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn print_oma(out: &mut (impl Write + Send), api: &ApiClient) -> anyhow::Result<()> {
+    let v: Vec<EndpointView> = api.get("/v1/oma").await?;
+    say(out, "\n  $ tunnelfleet oma list")?;
+    for line in crate::fleet::oma_table(&v).lines() {
+        say(out, &format!("  {line}"))?;
+    }
+    Ok(())
+}
+
+async fn print_alerts(out: &mut (impl Write + Send), api: &ApiClient) -> anyhow::Result<()> {
+    let v: Vec<Alert> = api.get("/v1/alerts?all=true").await?;
+    say(out, "\n  $ tunnelfleet alerts list --all")?;
+    for line in crate::fleet::alerts_table(&v).lines() {
         say(out, &format!("  {line}"))?;
     }
     Ok(())

@@ -36,8 +36,66 @@ pub struct EmbeddedOma {
     pub port: u16,
     /// `SHA256:…` of its host key.
     pub fingerprint: String,
-    stop: CancellationToken,
-    tasks: TaskTracker,
+    /// The serving loop's stop token and tasks (replaced by a restart).
+    running: std::sync::Mutex<(CancellationToken, TaskTracker)>,
+    spec: Arc<OmaSpec>,
+    host_key: PrivateKey,
+}
+
+/// Accepts SSH sessions on `listener` until the returned token is cancelled.
+fn serve(
+    shared: Arc<OmaSpec>,
+    host_key: PrivateKey,
+    listener: TcpListener,
+) -> (CancellationToken, TaskTracker) {
+    let config = Arc::new(server::Config {
+        methods: MethodSet::from(&[MethodKind::PublicKey][..]),
+        keys: vec![host_key],
+        auth_rejection_time: Duration::from_millis(100),
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        window_size: tunnelfleet_agent::ssh::WINDOW_SIZE,
+        nodelay: true,
+        keepalive_interval: Some(Duration::from_secs(5)),
+        ..Default::default()
+    });
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let (s, t) = (stop.clone(), tasks.clone());
+    tasks.spawn(async move {
+        loop {
+            let (tcp, _) = tokio::select! {
+                _ = s.cancelled() => return,
+                r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
+            };
+            let _ = tcp.set_nodelay(true);
+            let handler = OmaHandler {
+                spec: shared.clone(),
+                forwards: Arc::new(Mutex::new(HashMap::new())),
+                session_stop: s.child_token(),
+                tasks: t.clone(),
+            };
+            let (config, s2) = (config.clone(), s.clone());
+            t.spawn(async move {
+                let session_stop = handler.session_stop.clone();
+                let Ok(mut running) = server::run_stream(config, tcp, handler).await else {
+                    return;
+                };
+                let handle = running.handle();
+                tokio::select! {
+                    _ = &mut running => {}
+                    _ = s2.cancelled() => {
+                        // The OMA goes away: end the session so the TCP connection closes.
+                        let _ = handle
+                            .disconnect(russh::Disconnect::ByApplication, "OMA stopping".into(), String::new())
+                            .await;
+                        let _ = tokio::time::timeout(Duration::from_secs(1), running).await;
+                    }
+                }
+                session_stop.cancel();
+            });
+        }
+    });
+    (stop, tasks)
 }
 
 impl EmbeddedOma {
@@ -46,77 +104,45 @@ impl EmbeddedOma {
         let host_key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519)
             .map_err(std::io::Error::other)?;
         let fingerprint = tunnelfleet_agent::hostkey::fingerprint(host_key.public_key());
-        let config = Arc::new(server::Config {
-            methods: MethodSet::from(&[MethodKind::PublicKey][..]),
-            keys: vec![host_key],
-            auth_rejection_time: Duration::from_millis(100),
-            auth_rejection_time_initial: Some(Duration::ZERO),
-            window_size: tunnelfleet_agent::ssh::WINDOW_SIZE,
-            nodelay: true,
-            keepalive_interval: Some(Duration::from_secs(5)),
-            ..Default::default()
-        });
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
-        let stop = CancellationToken::new();
-        let tasks = TaskTracker::new();
         let name = spec.name.clone();
-        let shared = Arc::new(spec);
-        let (s, t) = (stop.clone(), tasks.clone());
-        tasks.spawn(async move {
-            loop {
-                let (tcp, _) = tokio::select! {
-                    _ = s.cancelled() => return,
-                    r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
-                };
-                let _ = tcp.set_nodelay(true);
-                let handler = OmaHandler {
-                    spec: shared.clone(),
-                    forwards: Arc::new(Mutex::new(HashMap::new())),
-                    session_stop: s.child_token(),
-                    tasks: t.clone(),
-                };
-                let (config, s2) = (config.clone(), s.clone());
-                t.spawn(async move {
-                    let session_stop = handler.session_stop.clone();
-                    let Ok(mut running) = server::run_stream(config, tcp, handler).await else {
-                        return;
-                    };
-                    let handle = running.handle();
-                    tokio::select! {
-                        _ = &mut running => {}
-                        _ = s2.cancelled() => {
-                            // The OMA goes away: end the session so the TCP connection closes.
-                            let _ = handle
-                                .disconnect(russh::Disconnect::ByApplication, "OMA stopping".into(), String::new())
-                                .await;
-                            let _ = tokio::time::timeout(Duration::from_secs(1), running).await;
-                        }
-                    }
-                    session_stop.cancel();
-                });
-            }
-        });
+        let spec = Arc::new(spec);
+        let (stop, tasks) = serve(spec.clone(), host_key.clone(), listener);
         Ok(EmbeddedOma {
             name,
             port,
             fingerprint,
-            stop,
-            tasks,
+            running: std::sync::Mutex::new((stop, tasks)),
+            spec,
+            host_key,
         })
+    }
+
+    /// Starts it again after [`EmbeddedOma::stop`]: same port, same host key (an OMA coming
+    /// back after an outage).
+    pub async fn restart(&self) -> std::io::Result<()> {
+        let listener = TcpListener::bind(("127.0.0.1", self.port)).await?;
+        *self.lock() = serve(self.spec.clone(), self.host_key.clone(), listener);
+        Ok(())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (CancellationToken, TaskTracker)> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Stops accepting and drops every session at once (an OMA going away).
     pub async fn stop(&self) {
-        self.stop.cancel();
-        self.tasks.close();
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
+        let (stop, tasks) = self.lock().clone();
+        stop.cancel();
+        tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
     }
 }
 
 impl Drop for EmbeddedOma {
     fn drop(&mut self) {
-        self.stop.cancel();
+        self.lock().0.cancel();
     }
 }
 

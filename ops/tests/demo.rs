@@ -14,10 +14,18 @@ async fn demo_runs_fails_over_and_leaves_nothing_behind() {
         text.contains("reverse GET /health -> \"vma api ok\""),
         "{text}"
     );
-    assert!(text.contains("(standby #1)"), "{text}");
+    // Failed over to the standby, and back to the primary after the stable period.
+    assert!(text.contains("standby #1, ACTIVE"), "{text}");
+    assert!(
+        text.contains(&format!("endpoint {} (primary)", report.final_endpoint)),
+        "{text}"
+    );
     assert!(report.nbd_bytes > 0);
     assert!(report.failover_s > 0.0);
     assert_eq!(report.agents, 3);
+    assert!(text.contains("FIRING [oma_down]"), "{text}");
+    assert!(text.contains("RESOLVED [oma_down]"), "{text}");
+    assert_eq!(report.alerts_delivered, 2, "{text}");
     assert!(text.contains("acknowledged by every agent"), "{text}");
     assert!(
         text.contains("the open NBD connection still echoes"),
