@@ -128,7 +128,11 @@ impl Fleet {
     /// every agent reports the current version.
     pub fn push_changed(&self) -> Result<Vec<String>, StoreError> {
         let mut pushed = Vec::new();
-        let version = self.store.fleet_version()?;
+        // Read the store once, and encode each distinct set once: thousands of agents
+        // assigned by the same labels share one frame.
+        let snapshot = self.store.snapshot()?;
+        let version = snapshot.version;
+        let mut frames: HashMap<std::collections::BTreeSet<String>, Vec<u8>> = HashMap::new();
         let mut links = self.links.lock();
         for (link, tx) in links.values_mut() {
             let Some(tx) = tx.as_ref().filter(|_| link.connected) else {
@@ -137,10 +141,18 @@ impl Fleet {
             if link.pushed == Some(version) {
                 continue;
             }
-            let set = self.store.profiles_for(&link.agent_id, &link.labels)?;
-            if let Ok(frame) = encode(&CoordinatorMessage::Push(set))
-                && tx.try_send(frame).is_ok()
-            {
+            let names = snapshot.names_for(&link.agent_id, &link.labels);
+            let frame = match frames.get(&names) {
+                Some(f) => f.clone(),
+                None => {
+                    let Ok(f) = encode(&CoordinatorMessage::Push(snapshot.set_of(&names))) else {
+                        continue;
+                    };
+                    frames.insert(names, f.clone());
+                    f
+                }
+            };
+            if tx.try_send(frame).is_ok() {
                 link.pushed = Some(version);
                 pushed.push(link.agent_id.clone());
             }

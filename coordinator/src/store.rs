@@ -126,6 +126,47 @@ pub struct AgentRecord {
     pub apply_errors: Vec<String>,
 }
 
+/// The fleet's profiles and assignments at one version (see [`Store::snapshot`]).
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// The fleet version.
+    pub version: u64,
+    assignments: Vec<Assignment>,
+    profiles: BTreeMap<String, ProfileSpec>,
+}
+
+impl Snapshot {
+    /// Names of the profiles assigned to an agent.
+    pub fn names_for(
+        &self,
+        id: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> std::collections::BTreeSet<String> {
+        self.assignments
+            .iter()
+            .filter(|a| a.selector.matches(id, labels))
+            .filter(|a| self.profiles.contains_key(&a.profile))
+            .map(|a| a.profile.clone())
+            .collect()
+    }
+
+    /// The set of `names` at this version.
+    pub fn set_of(&self, names: &std::collections::BTreeSet<String>) -> ProfileSet {
+        ProfileSet {
+            version: self.version,
+            profiles: names
+                .iter()
+                .filter_map(|n| self.profiles.get(n).cloned())
+                .collect(),
+        }
+    }
+
+    /// The profile set an agent must run at this version.
+    pub fn set_for(&self, id: &str, labels: &BTreeMap<String, String>) -> ProfileSet {
+        self.set_of(&self.names_for(id, labels))
+    }
+}
+
 /// A named set of redundant OMA endpoints in priority order, with how the coordinator probes
 /// them and when it fails back. Created by the operator; `active` and `drained` are changed by
 /// failover, failback and `tunnelfleet oma drain`.
@@ -387,12 +428,12 @@ impl Store {
         id: &str,
         labels: &BTreeMap<String, String>,
     ) -> Result<ProfileSet, StoreError> {
-        let wanted: std::collections::BTreeSet<String> = self
-            .assignments()?
-            .into_iter()
-            .filter(|a| a.selector.matches(id, labels))
-            .map(|a| a.profile)
-            .collect();
+        Ok(self.snapshot()?.set_for(id, labels))
+    }
+
+    /// Everything a push needs, read once: the version, the assignments, and every profile
+    /// with its OMA group resolved into endpoints (active endpoint first).
+    pub fn snapshot(&self) -> Result<Snapshot, StoreError> {
         let groups: BTreeMap<String, OmaGroup> = self
             .groups()?
             .into_iter()
@@ -401,7 +442,6 @@ impl Store {
         let profiles = self
             .profiles()?
             .into_iter()
-            .filter(|p| wanted.contains(&p.name))
             .map(|mut p| {
                 if let Some(g) = p.group.as_ref().and_then(|g| groups.get(g)) {
                     let mut endpoints = g.ordered();
@@ -412,11 +452,12 @@ impl Store {
                     }
                     p.endpoints = endpoints;
                 }
-                p
+                (p.name.clone(), p)
             })
             .collect();
-        Ok(ProfileSet {
+        Ok(Snapshot {
             version: self.fleet_version()?,
+            assignments: self.assignments()?,
             profiles,
         })
     }

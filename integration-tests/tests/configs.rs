@@ -38,10 +38,28 @@ fn every_shipped_example_config_is_accepted() {
 
 #[test]
 fn every_shipped_coordinator_config_is_accepted() {
+    let mut groups = 0;
     for path in files("../ops/examples/coordinator") {
-        tunnelfleet_coordinator::server::CoordinatorConfig::load(&path)
+        if path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("groups"))
+        {
+            groups += tunnelfleet_ops::fleet::load_groups(&path)
+                .unwrap_or_else(|e| panic!("{e:#}"))
+                .len();
+            continue;
+        }
+        let cfg = tunnelfleet_coordinator::server::CoordinatorConfig::load(&path)
             .unwrap_or_else(|e| panic!("{e:#}"));
+        for h in &cfg.hooks {
+            // Everything but the secret file, which exists only on a real coordinator.
+            let mut h = h.clone();
+            h.secret_file = None;
+            tunnelfleet_coordinator::hooks::Hook::from_config(&h)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        }
     }
+    assert!(groups > 0, "no example groups file");
 }
 
 #[test]

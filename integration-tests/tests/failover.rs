@@ -395,12 +395,20 @@ async fn an_undelivered_alert_survives_a_coordinator_sigkill_and_is_delivered_af
         .unwrap()
         .to_string();
     assert_eq!(sink.received()[0].json()["alert"]["subject"], dead.as_str());
-    let hooks: serde_json::Value = c.api.get("/v1/hooks").await.unwrap();
-    assert_eq!(hooks[0]["pending"], 1, "{hooks}");
-    assert!(
-        hooks[0]["last_error"].as_str().unwrap().contains("503"),
-        "{hooks}"
-    );
+    // The sink records the request before the coordinator sees the 503: wait for the
+    // outbox to account for the failed attempt.
+    wait_until(
+        20,
+        "the refused attempt recorded in the hook's stats",
+        || async {
+            let hooks: serde_json::Value = c.api.get("/v1/hooks").await.unwrap();
+            hooks[0]["pending"] == 1
+                && hooks[0]["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("503"))
+        },
+    )
+    .await;
 
     c.kill9();
     sink.failing

@@ -106,6 +106,20 @@ struct GroupsFile {
     group: Vec<OmaGroup>,
 }
 
+/// Reads and checks a groups file (`[[group]]` blocks); a bad file is refused whole, with the
+/// file, group and key in the error.
+pub fn load_groups(file: &std::path::Path) -> anyhow::Result<Vec<OmaGroup>> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("{}: cannot read", file.display()))?;
+    let groups: GroupsFile = toml::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {}", file.display(), e.to_string().trim_end()))?;
+    for g in &groups.group {
+        g.validate()
+            .map_err(|e| anyhow::anyhow!("{}: group.{}.{e}", file.display(), g.name))?;
+    }
+    Ok(groups.group)
+}
+
 /// Runs `oma …`.
 pub async fn oma(client: &ApiClient, action: OmaAction, json: bool) -> anyhow::Result<ExitCode> {
     match action {
@@ -118,16 +132,8 @@ pub async fn oma(client: &ApiClient, action: OmaAction, json: bool) -> anyhow::R
             }
         }
         OmaAction::Apply { file } => {
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("{}: cannot read", file.display()))?;
-            let groups: GroupsFile = toml::from_str(&text)
-                .map_err(|e| anyhow::anyhow!("{}: {}", file.display(), e.to_string().trim_end()))?;
-            // Check every group before sending any: a bad file changes nothing.
-            for g in &groups.group {
-                g.validate()
-                    .map_err(|e| anyhow::anyhow!("{}: group.{}.{e}", file.display(), g.name))?;
-            }
-            for g in &groups.group {
+            let groups = load_groups(&file)?;
+            for g in &groups {
                 let c: Changed = client
                     .call("PUT", &format!("/v1/groups/{}", g.name), Some(g))
                     .await?;
