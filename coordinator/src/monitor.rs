@@ -460,7 +460,14 @@ impl Monitor {
         }
         let n = st.restarts.len();
         let key = alert_key(AlertKind::AgentRestarting, agent);
-        if n as u32 >= limit && limit > 0 && self.firing.insert(key) {
+        if n == 0 && self.firing.remove(&key) {
+            // A reconnect without a restart after a quiet window ([`Monitor::tick`] skips
+            // agents without recent restarts).
+            actions.push(Action::Resolve {
+                kind: AlertKind::AgentRestarting,
+                subject: agent.to_string(),
+            });
+        } else if n as u32 >= limit && limit > 0 && self.firing.insert(key) {
             actions.push(Action::Fire {
                 kind: AlertKind::AgentRestarting,
                 subject: agent.to_string(),
@@ -507,7 +514,12 @@ impl Monitor {
     pub fn tick(&mut self, now: Instant) -> Vec<Action> {
         let mut actions = self.decide(now);
         let window = self.rules.restart_window;
+        // Runs four times a second over every agent: only agents with recent restarts cost
+        // anything.
         for (agent, st) in &mut self.agents {
+            if st.restarts.is_empty() {
+                continue;
+            }
             while st
                 .restarts
                 .front()

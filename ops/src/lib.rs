@@ -4,6 +4,7 @@
 //! # Layout
 //! - [`api`]: the client of the coordinator's admin API.
 //! - [`audit`]: `tunnelfleet audit`: keys, sshd settings, sockets, failed logins, own config.
+//! - [`import`]: `tunnelfleet profiles import`: seed 004's profile lines, ssh command lines.
 //! - [`demo`]: `tunnelfleet demo`, the seed's tunnel set with a failover, end to end.
 //! - [`net`]: `tunnelfleet net check`: DNS, latency, ports, SSH banners; `net bandwidth`.
 //! - [`oma`]: an embedded OMA (russh SSH server) for the demo.
@@ -14,6 +15,7 @@ pub mod api;
 pub mod audit;
 pub mod demo;
 pub mod fleet;
+pub mod import;
 pub mod net;
 pub mod oma;
 pub mod render;

@@ -189,6 +189,34 @@ enum ProfilesAction {
         /// Profile name.
         name: String,
     },
+    /// Turn seed 004's profile file (NAME|HOST|USER|LOCAL_PORT|REMOTE_HOST|REMOTE_PORT|
+    /// DESCRIPTION) or ssh/autossh command lines (scripts, unit files) into profiles: TOML on
+    /// stdout (or -o), and a note on stderr for everything not carried over as it was.
+    #[command(
+        after_help = "Examples:\n  tunnelfleet profiles import ~/.ssh-tunnels.conf -o profiles.toml\n  tunnelfleet profiles import vma-tunnel.sh --name oma --apply\n  echo 'ssh -p 443 -L 8082:localhost:8082 vma@oma1' | tunnelfleet profiles import -"
+    )]
+    Import {
+        /// The file, or `-` for stdin.
+        file: PathBuf,
+        /// Input format.
+        #[arg(long, value_enum, default_value_t = tunnelfleet_ops::import::Format::Auto)]
+        format: tunnelfleet_ops::import::Format,
+        /// Name of the (first) ssh command line's profile; default: from its host.
+        #[arg(long)]
+        name: Option<String>,
+        /// Identity file for profiles whose source names none.
+        #[arg(long, default_value = "/etc/tunnelfleet/id_ed25519")]
+        identity_file: PathBuf,
+        /// known_hosts file the profiles verify host keys against.
+        #[arg(long, default_value = "/etc/tunnelfleet/known_hosts")]
+        known_hosts: PathBuf,
+        /// Write the TOML here instead of stdout (refuses to overwrite).
+        #[arg(short = 'o', long)]
+        out: Option<PathBuf>,
+        /// Also apply the profiles to the coordinator.
+        #[arg(long)]
+        apply: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -486,8 +514,26 @@ async fn fleet_profiles(
     action: ProfilesAction,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
+    if let ProfilesAction::Import {
+        file,
+        format,
+        name,
+        identity_file,
+        known_hosts,
+        out,
+        apply,
+    } = action
+    {
+        let defaults = tunnelfleet_ops::import::Defaults {
+            identity_file,
+            known_hosts,
+            name,
+        };
+        return import_profiles(api, &file, format, &defaults, out, apply, json).await;
+    }
     let client = api.client()?;
     match action {
+        ProfilesAction::Import { .. } => unreachable!("handled above"),
         ProfilesAction::List => {
             let list: serde_json::Value = client.get("/v1/profiles").await?;
             if json {
@@ -528,6 +574,85 @@ async fn fleet_profiles(
                 .call::<(), _>("DELETE", &format!("/v1/profiles/{name}"), None)
                 .await?;
             print_changed(&changed, json)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tunnelfleet profiles import`.
+async fn import_profiles(
+    api: &ApiArgs,
+    file: &std::path::Path,
+    format: tunnelfleet_ops::import::Format,
+    defaults: &tunnelfleet_ops::import::Defaults,
+    out: Option<PathBuf>,
+    apply: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let text = if file == std::path::Path::new("-") {
+        std::io::read_to_string(std::io::stdin()).context("reading stdin")?
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("{}", file.display()))?
+    };
+    let imported = tunnelfleet_ops::import::import(&text, format, defaults)
+        .with_context(|| format!("{}", file.display()))?;
+    let toml = imported.to_toml()?;
+    let header = format!(
+        "# Imported by `tunnelfleet profiles import` from {}.\n# Review the notes it printed before you apply this.\n\n",
+        file.display()
+    );
+    match &out {
+        Some(path) => {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .with_context(|| {
+                    format!("{}: cannot create (it must not exist)", path.display())
+                })?;
+            f.write_all(header.as_bytes())?;
+            f.write_all(toml.as_bytes())?;
+        }
+        None if !json => print!("{header}{toml}"),
+        None => {}
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "profiles": imported.profiles,
+                "notes": imported.notes,
+                "toml": toml,
+            }))?
+        );
+    } else {
+        for n in &imported.notes {
+            eprintln!("note: {} (line {}): {}", n.profile, n.line, n.text);
+        }
+        if let Some(path) = &out {
+            eprintln!(
+                "{} profile(s) written to {}",
+                imported.profiles.len(),
+                path.display()
+            );
+        }
+    }
+    if apply {
+        let client = api.client()?;
+        for p in &imported.profiles {
+            let spec = tunnelfleet_protocol::ProfileSpec::from(p);
+            let changed: serde_json::Value = client
+                .call("PUT", &format!("/v1/profiles/{}", p.name), Some(&spec))
+                .await?;
+            if !json {
+                eprint!("{}: ", p.name);
+                eprintln!(
+                    "version {} (pushed to {})",
+                    changed["version"],
+                    join(&changed["pushed_to"])
+                );
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
