@@ -19,6 +19,9 @@ pub enum RunError {
     /// The control socket could not be bound.
     #[error(transparent)]
     Control(#[from] ControlError),
+    /// Enrollment with a join token failed.
+    #[error(transparent)]
+    Enroll(#[from] crate::enroll::EnrollError),
 }
 
 /// A prepared agent: config checked, identities loaded, control socket bound.
@@ -34,6 +37,9 @@ impl Agent {
     pub async fn prepare(cfg: &AgentConfig) -> Result<Self, RunError> {
         let supervisor = Supervisor::new(cfg)?;
         if let Some(c) = &cfg.coordinator {
+            if crate::enroll::needed(c) {
+                crate::enroll::enroll(c).await?;
+            }
             crate::identity::check_permissions(&c.key).map_err(|source| StartError::Identity {
                 profile: "coordinator".into(),
                 source,

@@ -87,6 +87,15 @@ pub struct CoordinatorSection {
     /// Reconnect backoff cap.
     #[serde(default = "default_link_max", with = "humantime_serde")]
     pub reconnect_max: Duration,
+    /// A join token (file, 0600) to enroll with when `cert` or `key` does not exist yet:
+    /// the agent creates its key, the coordinator signs it, and `cert`, `key` and `ca` are
+    /// written. Needs `ca_fingerprint`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enroll_token_file: Option<PathBuf>,
+    /// `SHA256:…` of the fleet CA certificate (`tunnelfleet pki init` prints it): the only
+    /// thing an enrolling agent trusts the coordinator by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_fingerprint: Option<String>,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -312,6 +321,17 @@ impl AgentConfig {
                         "{:?}: use 1-64 letters, digits, '.', '_' or '-'",
                         c.agent_id
                     ),
+                ));
+            }
+            if let Some(f) = &c.ca_fingerprint
+                && let Err(r) = crate::enroll::parse_fingerprint(f)
+            {
+                return Err(invalid("coordinator.ca_fingerprint".into(), r));
+            }
+            if c.enroll_token_file.is_some() && c.ca_fingerprint.is_none() {
+                return Err(invalid(
+                    "coordinator.ca_fingerprint".into(),
+                    "required with enroll_token_file: it is how the agent knows its coordinator (tunnelfleet pki init printed it)".into(),
                 ));
             }
             if c.reconnect_min.is_zero() || c.reconnect_max < c.reconnect_min {

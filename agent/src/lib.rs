@@ -20,6 +20,7 @@
 //! - [`supervisor`]: all profiles and the commands that act on them.
 //! - [`control`]: the local Unix control socket (JSON lines) and its client.
 //! - [`status`]: status data shared by the tasks and returned to the CLI.
+//! - [`enroll`]: a join token traded for the agent's own certificate, trusting a pinned CA.
 //! - [`fleet`]: fleet membership: cached profiles, the coordinator link loop, heartbeats.
 //! - [`link`]: the control link to the coordinator (QUIC, mutual TLS, hello, heartbeats).
 //! - [`agent`]: `run`, the whole agent as one call.
@@ -30,6 +31,7 @@ pub mod agent;
 pub mod backoff;
 pub mod config;
 pub mod control;
+pub mod enroll;
 pub mod fleet;
 pub mod forward;
 pub mod health;

@@ -59,6 +59,10 @@ pub fn router(admin: Admin) -> Router {
         .route("/v1/silences", get(silences).post(silence))
         .route("/v1/hooks", get(hooks))
         .route("/v1/events", get(events))
+        .route("/v1/tokens", get(tokens).post(create_token))
+        .route("/v1/tokens/{id}", axum::routing::delete(delete_token))
+        .route("/v1/agents/{id}/revoke", post(revoke).delete(unrevoke))
+        .route("/v1/revocations", get(revocations))
         .with_state(admin)
 }
 
@@ -78,6 +82,7 @@ impl From<StoreError> for ApiError {
             | StoreError::NoGroup(_)
             | StoreError::NoAlert(_)
             | StoreError::NoEndpoint(_) => ApiError(StatusCode::NOT_FOUND, e.to_string()),
+            StoreError::NoToken(_) => ApiError(StatusCode::NOT_FOUND, e.to_string()),
             StoreError::UnknownGroup { .. } | StoreError::GroupInUse { .. } => {
                 ApiError(StatusCode::CONFLICT, e.to_string())
             }
@@ -134,6 +139,9 @@ pub struct AgentSummary {
     pub tunnels: usize,
     /// Heartbeats received on its current connection.
     pub heartbeats: u64,
+    /// Revoked: refused at every connection.
+    #[serde(default)]
+    pub revoked: bool,
 }
 
 /// `agents show`.
@@ -150,8 +158,16 @@ pub struct AgentDetail {
 
 fn summaries(fleet: &Fleet) -> Result<Vec<AgentDetail>, ApiError> {
     let mut out = Vec::new();
+    let revoked: std::collections::BTreeSet<String> = fleet
+        .store
+        .revocations()?
+        .into_iter()
+        .map(|r| r.agent)
+        .collect();
     for rec in fleet.store.agents()? {
         let link = fleet.links.get(&rec.id);
+        let mut labels = rec.labels.clone();
+        labels.extend(rec.enrolled_labels.clone());
         let hb = link.as_ref().and_then(|l| l.last_heartbeat.clone());
         let (up, total) = hb
             .as_ref()
@@ -170,13 +186,14 @@ fn summaries(fleet: &Fleet) -> Result<Vec<AgentDetail>, ApiError> {
                 id: rec.id.clone(),
                 connected: link.as_ref().is_some_and(|l| l.connected),
                 online: link.as_ref().is_some_and(|l| l.connected && l.online),
-                labels: rec.labels.clone(),
+                labels,
                 last_seen_unix_ms: rec.last_seen_unix_ms,
                 applied_version: rec.applied_version,
                 applied_ok: rec.applied_ok,
                 tunnels_up: up,
                 tunnels: total,
                 heartbeats: link.as_ref().map(|l| l.heartbeats).unwrap_or(0),
+                revoked: revoked.contains(&rec.id),
             },
             apply_errors: rec.apply_errors.clone(),
             last_heartbeat: hb,
@@ -599,4 +616,142 @@ fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Body of `token create`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenRequest {
+    /// Labels the enrolled agent gets.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Lifetime in seconds.
+    pub ttl_s: u64,
+    /// Restrict the token to one agent id (needed to re-enroll a known agent).
+    #[serde(default)]
+    pub agent: Option<String>,
+}
+
+/// Answer of `token create`: the secret, shown once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenCreated {
+    /// The secret to give the agent (not stored by the coordinator).
+    pub token: String,
+    /// The token as stored.
+    #[serde(flatten)]
+    pub info: crate::enroll::JoinToken,
+}
+
+/// Longest a join token may live: a week.
+const MAX_TOKEN_TTL_S: u64 = 7 * 24 * 3600;
+
+async fn create_token(
+    State(a): State<Admin>,
+    h: HeaderMap,
+    Json(r): Json<TokenRequest>,
+) -> Result<Json<TokenCreated>, ApiError> {
+    authorize(&a, &h)?;
+    if r.ttl_s == 0 || r.ttl_s > MAX_TOKEN_TTL_S {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("ttl: between 1 s and {MAX_TOKEN_TTL_S} s (a week)"),
+        ));
+    }
+    if let Some(agent) = &r.agent {
+        crate::pki::check_agent_id(agent)
+            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    }
+    if a.fleet.signer.get().is_none() {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            "enrollment is not enabled on this coordinator: its PKI directory holds no CA key"
+                .into(),
+        ));
+    }
+    let (secret, hash, id) = crate::enroll::new_token();
+    let now = now_ms();
+    let info = crate::enroll::JoinToken {
+        id,
+        labels: r.labels,
+        agent: r.agent,
+        created_unix_ms: now,
+        expires_unix_ms: now + r.ttl_s * 1000,
+        used_by: None,
+        used_unix_ms: None,
+    };
+    a.fleet.store.put_token(&hash, &info).await?;
+    Ok(Json(TokenCreated {
+        token: secret,
+        info,
+    }))
+}
+
+async fn tokens(
+    State(a): State<Admin>,
+    h: HeaderMap,
+) -> Result<Json<Vec<crate::enroll::JoinToken>>, ApiError> {
+    authorize(&a, &h)?;
+    Ok(Json(a.fleet.store.tokens()?))
+}
+
+async fn delete_token(
+    State(a): State<Admin>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Done>, ApiError> {
+    authorize(&a, &h)?;
+    a.fleet.store.delete_token(&id).await?;
+    Ok(Json(Done {
+        message: format!("join token {id} deleted"),
+    }))
+}
+
+/// Body of `agents revoke`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RevokeRequest {
+    /// Why (kept with the revocation, shown to the agent).
+    #[serde(default)]
+    pub reason: String,
+}
+
+async fn revoke(
+    State(a): State<Admin>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+    Json(r): Json<RevokeRequest>,
+) -> Result<Json<crate::enroll::Revocation>, ApiError> {
+    authorize(&a, &h)?;
+    crate::pki::check_agent_id(&id)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let reason = if r.reason.is_empty() {
+        "revoked by an operator".to_string()
+    } else {
+        r.reason
+    };
+    Ok(Json(a.fleet.revoke(&id, &reason).await?))
+}
+
+async fn unrevoke(
+    State(a): State<Admin>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Done>, ApiError> {
+    authorize(&a, &h)?;
+    if a.fleet.store.unrevoke(&id).await? {
+        Ok(Json(Done {
+            message: format!("agent {id} may connect again"),
+        }))
+    } else {
+        Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("agent {id} is not revoked"),
+        ))
+    }
+}
+
+async fn revocations(
+    State(a): State<Admin>,
+    h: HeaderMap,
+) -> Result<Json<Vec<crate::enroll::Revocation>>, ApiError> {
+    authorize(&a, &h)?;
+    Ok(Json(a.fleet.store.revocations()?))
 }

@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`pki`]: the fleet CA; coordinator and agent certificates.
 //! - [`tls`]: mutual-TLS QUIC settings; the agent id from a verified certificate.
+//! - [`enroll`]: join tokens, enrollment of new agents, revocation.
 //! - [`link`]: accepting agents: hello checked against the certificate, heartbeats.
 //! - [`store`]: fleet state in sled; every acknowledged write flushed first.
 //! - [`admin`]: the admin HTTP API (bearer token) the CLI drives.
@@ -10,6 +11,7 @@
 
 pub mod admin;
 pub mod alerts;
+pub mod enroll;
 pub mod hooks;
 pub mod link;
 pub mod monitor;

@@ -19,7 +19,7 @@ use tunnelfleet_protocol::{
     check_version, encode,
 };
 
-use crate::store::{Store, StoreError};
+use crate::store::{Revocation, Store, StoreError};
 use crate::tls;
 use crate::watch::WatchEvent;
 
@@ -34,6 +34,8 @@ pub mod close {
     pub const MALFORMED: u32 = 2;
     /// The coordinator is shutting down.
     pub const SHUTDOWN: u32 = 3;
+    /// The agent was revoked.
+    pub const REVOKED: u32 = 4;
 }
 
 /// What the coordinator knows about a connected agent, in memory.
@@ -66,8 +68,14 @@ pub const MISSED_HEARTBEATS_OFFLINE: u32 = 3;
 /// Frames queued for one agent's writer task.
 type Outbox = mpsc::Sender<Vec<u8>>;
 
+/// A connected agent's outbox and connection.
+struct Live {
+    tx: Outbox,
+    conn: quinn::Connection,
+}
+
 /// One agent: what we know, and its outbox while connected.
-type Slot = (AgentLink, Option<Outbox>);
+type Slot = (AgentLink, Option<Live>);
 
 /// Connected agents and their outgoing queues. A `std` mutex: held only to copy or replace an
 /// entry, never across an await.
@@ -109,6 +117,8 @@ pub struct Fleet {
     pub heartbeat_interval: Duration,
     /// The watcher (alerts, OMA health, failover), once started.
     pub watch: std::sync::OnceLock<crate::watch::WatchHandle>,
+    /// The CA's signing key, when this coordinator enrolls agents.
+    pub signer: std::sync::OnceLock<Arc<crate::pki::Signer>>,
 }
 
 impl Fleet {
@@ -119,7 +129,26 @@ impl Fleet {
             store,
             heartbeat_interval,
             watch: std::sync::OnceLock::new(),
+            signer: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Revokes an agent durably and closes its connection at once; it is refused from then on.
+    pub async fn revoke(&self, agent_id: &str, reason: &str) -> Result<Revocation, StoreError> {
+        let r = self.store.revoke(agent_id, reason).await?;
+        let conn = self
+            .links
+            .lock()
+            .get(agent_id)
+            .and_then(|(_, live)| live.as_ref().map(|l| l.conn.clone()));
+        if let Some(conn) = conn {
+            conn.close(
+                close::REVOKED.into(),
+                format!("agent {agent_id:?} is revoked: {reason}").as_bytes(),
+            );
+        }
+        tracing::warn!(agent = %agent_id, "agent revoked: {reason}");
+        Ok(r)
     }
 
     /// Pushes the current fleet version to every connected agent that has not been sent it;
@@ -134,8 +163,8 @@ impl Fleet {
         let version = snapshot.version;
         let mut frames: HashMap<std::collections::BTreeSet<String>, Vec<u8>> = HashMap::new();
         let mut links = self.links.lock();
-        for (link, tx) in links.values_mut() {
-            let Some(tx) = tx.as_ref().filter(|_| link.connected) else {
+        for (link, live) in links.values_mut() {
+            let Some(tx) = live.as_ref().filter(|_| link.connected).map(|l| &l.tx) else {
                 continue;
             };
             if link.pushed == Some(version) {
@@ -247,6 +276,10 @@ pub async fn serve(endpoint: quinn::Endpoint, fleet: Arc<Fleet>, shutdown: Cance
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             match incoming.await {
+                Ok(conn) if alpn(&conn).as_deref() == Some(tunnelfleet_protocol::ENROLL_ALPN) => {
+                    let signer = fleet.signer.get().cloned();
+                    crate::enroll::serve(conn, fleet, signer).await
+                }
                 Ok(conn) => handle(conn, fleet).await,
                 // A client certificate from another CA, or an expired one, ends here.
                 Err(e) => tracing::warn!(%remote, "control link refused during handshake: {e}"),
@@ -257,6 +290,14 @@ pub async fn serve(endpoint: quinn::Endpoint, fleet: Arc<Fleet>, shutdown: Cance
     // Let the close reach the agents (so they reconnect at once instead of timing out) and
     // release the UDP port before returning; a peer that never answers cannot hold us up.
     let _ = tokio::time::timeout(SHUTDOWN_DRAIN, endpoint.wait_idle()).await;
+}
+
+/// The ALPN protocol a connection negotiated.
+fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
 }
 
 async fn handle(conn: quinn::Connection, fleet: Arc<Fleet>) {
@@ -311,7 +352,11 @@ async fn handle(conn: quinn::Connection, fleet: Arc<Fleet>) {
             "hello says agent {:?} but the certificate is for {cert_id:?}",
             hello.agent_id
         )),
-        Ok(()) => None,
+        Ok(()) => match fleet.store.revocation(&cert_id) {
+            Ok(Some(r)) => Some(format!("agent {cert_id:?} is revoked: {}", r.reason)),
+            Ok(None) => None,
+            Err(e) => Some(format!("coordinator store: {e}")),
+        },
     };
     if let Some(reason) = refusal {
         tracing::warn!(agent = %cert_id, %remote, "control link refused: {reason}");
@@ -335,6 +380,9 @@ async fn handle(conn: quinn::Connection, fleet: Arc<Fleet>) {
         .unwrap_or_default();
     record.id = cert_id.clone();
     record.labels = hello.labels.clone();
+    // What its join token gave it wins over what it declares.
+    let mut labels = hello.labels;
+    labels.extend(record.enrolled_labels.clone());
     record.last_seen_unix_ms = now_ms();
     if let Err(e) = fleet.store.record_agent(&record).await {
         tracing::error!(agent = %cert_id, "{e}");
@@ -355,7 +403,7 @@ async fn handle(conn: quinn::Connection, fleet: Arc<Fleet>) {
             AgentLink {
                 agent_id: cert_id.clone(),
                 remote,
-                labels: hello.labels,
+                labels,
                 last_heartbeat: None,
                 heartbeats: 0,
                 connected: true,
@@ -363,7 +411,10 @@ async fn handle(conn: quinn::Connection, fleet: Arc<Fleet>) {
                 last_heard: Instant::now(),
                 online: true,
             },
-            Some(tx),
+            Some(Live {
+                tx,
+                conn: conn.clone(),
+            }),
         ),
     );
     tracing::info!(agent = %cert_id, %remote, version = %hello.agent_version, "agent connected");
@@ -418,9 +469,17 @@ async fn handle(conn: quinn::Connection, fleet: Arc<Fleet>) {
             }
         }
     }
-    if let Some((l, tx)) = fleet.links.lock().get_mut(&cert_id) {
-        l.connected = false;
-        *tx = None;
+    {
+        let mut links = fleet.links.lock();
+        // A newer connection of the same agent may have replaced this one already.
+        if let Some((l, live)) = links.get_mut(&cert_id)
+            && live
+                .as_ref()
+                .is_none_or(|l| l.conn.stable_id() == conn.stable_id())
+        {
+            l.connected = false;
+            *live = None;
+        }
     }
     writer.abort();
 }

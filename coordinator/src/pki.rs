@@ -145,21 +145,11 @@ pub fn issue_agent_valid(
     not_after: OffsetDateTime,
     out: &Path,
 ) -> Result<AgentFiles, PkiError> {
-    check_agent_id(agent_id)?;
     let ca_pem = read(&dir.join(CA_CERT))?;
     let ca_key = KeyPair::from_pem(&read(&dir.join(CA_KEY))?)?;
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
     let key = KeyPair::generate()?;
-    let mut p = CertificateParams::default();
-    p.distinguished_name = name(agent_id);
-    p.subject_alt_names = vec![SanType::URI(
-        format!("urn:tunnelfleet:agent:{agent_id}").try_into()?,
-    )];
-    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    p.not_before = not_before;
-    p.not_after = not_after;
-    let cert = p.signed_by(&key, &issuer)?;
+    let cert = agent_params(agent_id, not_before, not_after)?.signed_by(&key, &issuer)?;
     create_dir(out)?;
     let files = AgentFiles {
         cert: out.join(format!("{agent_id}.pem")),
@@ -172,6 +162,76 @@ pub fn issue_agent_valid(
         write(&files.ca, ca_pem.as_bytes(), 0o644)?;
     }
     Ok(files)
+}
+
+/// What every agent certificate says: the id as common name and as a
+/// `urn:tunnelfleet:agent:ID` URI SAN, client authentication only.
+fn agent_params(
+    agent_id: &str,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> Result<CertificateParams, PkiError> {
+    check_agent_id(agent_id)?;
+    let mut p = CertificateParams::default();
+    p.distinguished_name = name(agent_id);
+    p.subject_alt_names = vec![SanType::URI(
+        format!("urn:tunnelfleet:agent:{agent_id}").try_into()?,
+    )];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.not_before = not_before;
+    p.not_after = not_after;
+    Ok(p)
+}
+
+/// The CA's signing half, held by a coordinator that enrolls agents itself.
+pub struct Signer {
+    issuer: Issuer<'static, KeyPair>,
+    ca_pem: String,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("Signer").finish_non_exhaustive()
+    }
+}
+
+impl Signer {
+    /// The CA of a PKI directory; `None` when its key is not there (a coordinator may run
+    /// with the CA key kept offline; it then cannot enroll).
+    pub fn load(dir: &Path) -> Result<Option<Signer>, PkiError> {
+        if !dir.join(CA_KEY).exists() {
+            return Ok(None);
+        }
+        let ca_pem = read(&dir.join(CA_CERT))?;
+        let ca_key = KeyPair::from_pem(&read(&dir.join(CA_KEY))?)?;
+        let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
+        Ok(Some(Signer { issuer, ca_pem }))
+    }
+
+    /// The CA certificate (PEM).
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// Signs the key of a PKCS#10 request (whose self-signature is checked) into a certificate
+    /// for `agent_id`, valid for `days`. Nothing of the request but its key is used.
+    pub fn sign_request(
+        &self,
+        csr_pem: &str,
+        agent_id: &str,
+        days: i64,
+    ) -> Result<String, PkiError> {
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
+        let now = OffsetDateTime::now_utc();
+        csr.params = agent_params(
+            agent_id,
+            now - Duration::hours(1),
+            now + Duration::days(days),
+        )?;
+        Ok(csr.signed_by(&self.issuer)?.pem())
+    }
 }
 
 /// `SHA256:` plus the hex SHA-256 of a DER certificate, for pinning the CA.

@@ -111,18 +111,26 @@ pub async fn bind(cfg: &CoordinatorConfig) -> anyhow::Result<Bound> {
         hooks.push(Hook::from_config(h).map_err(anyhow::Error::msg)?);
     }
     let server = tls::server_config(&cfg.pki_dir)?;
+    let signer = crate::pki::Signer::load(&cfg.pki_dir)?;
+    if signer.is_none() {
+        tracing::info!(pki = %cfg.pki_dir.display(), "no CA key in the PKI directory: agents cannot enroll with join tokens here");
+    }
     let store = Store::open(&cfg.state_dir)?;
     let endpoint = quinn::Endpoint::server(server, cfg.listen)
         .with_context(|| format!("control link: cannot listen on udp {}", cfg.listen))?;
     let admin_listener = tokio::net::TcpListener::bind(cfg.admin_listen)
         .await
         .with_context(|| format!("admin API: cannot listen on tcp {}", cfg.admin_listen))?;
+    let fleet = Fleet::new(store.clone(), cfg.heartbeat_interval);
+    if let Some(signer) = signer {
+        let _ = fleet.signer.set(Arc::new(signer));
+    }
     Ok(Bound {
         control: endpoint.local_addr()?,
         admin: admin_listener.local_addr()?,
         outbox: Outbox::new(store.clone(), hooks),
         rules: cfg.alerts.clone(),
-        fleet: Fleet::new(store, cfg.heartbeat_interval),
+        fleet,
         endpoint,
         admin_listener,
         token,

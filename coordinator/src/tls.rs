@@ -1,7 +1,8 @@
 //! TLS and QUIC settings of the control link, server side, and the agent's identity.
 //!
-//! Mutual TLS with the fleet CA: a client without a certificate from this CA (or with an
-//! expired one) fails the handshake. The agent id comes from the verified certificate only.
+//! Mutual TLS with the fleet CA: a client with a certificate from another CA (or an expired
+//! one) fails the handshake, and the control link refuses a client without one (only the
+//! enrollment ALPN serves those). The agent id comes from the verified certificate only.
 //! QUIC keep-alives every 2 s and a 10 s idle timeout (protocol::KEEP_ALIVE, IDLE_TIMEOUT) notice a dead link within seconds, where
 //! TCP keepalive defaults would take hours.
 
@@ -83,17 +84,24 @@ pub fn server_config(pki_dir: &Path) -> Result<quinn::ServerConfig, TlsError> {
     for c in load_certs(&pki_dir.join(pki::CA_CERT))? {
         roots.add(c)?;
     }
+    // A client certificate, when presented, must chain to the CA (a foreign or expired one
+    // fails the handshake). Presenting none is allowed only so that a new agent can enroll:
+    // the control link refuses a connection without one before reading a byte.
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .allow_unauthenticated()
         .build()
         .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    // The chain carries the CA certificate too: an enrolling agent knows only its fingerprint.
+    let mut chain = load_certs(&pki_dir.join(pki::SERVER_CERT))?;
+    chain.extend(load_certs(&pki_dir.join(pki::CA_CERT))?);
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            load_certs(&pki_dir.join(pki::SERVER_CERT))?,
-            load_key(&pki_dir.join(pki::SERVER_KEY))?,
-        )?;
-    tls.alpn_protocols = vec![tunnelfleet_protocol::ALPN.to_vec()];
+        .with_single_cert(chain, load_key(&pki_dir.join(pki::SERVER_KEY))?)?;
+    tls.alpn_protocols = vec![
+        tunnelfleet_protocol::ALPN.to_vec(),
+        tunnelfleet_protocol::ENROLL_ALPN.to_vec(),
+    ];
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));

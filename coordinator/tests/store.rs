@@ -213,3 +213,78 @@ async fn many_concurrent_durable_writes_do_not_deadlock_the_store() {
     assert_eq!(version, 1);
     assert_eq!(s.agents().unwrap().len(), 300);
 }
+
+#[tokio::test]
+async fn a_join_token_is_spent_once_within_its_lifetime_and_only_by_its_agent() {
+    use tunnelfleet_coordinator::enroll::{JoinToken, new_token, token_hash};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let token = |agent: Option<&str>, expires: u64| JoinToken {
+        id: String::new(),
+        labels: [("site".to_string(), "dc1".to_string())].into(),
+        agent: agent.map(str::to_string),
+        created_unix_ms: 0,
+        expires_unix_ms: expires,
+        used_by: None,
+        used_unix_ms: None,
+    };
+    let refused = |r: Result<JoinToken, StoreError>| match r {
+        Err(StoreError::TokenRefused(why)) => why,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let (secret, hash, id) = new_token();
+    assert_eq!(token_hash(&secret), hash);
+    assert!(hash.starts_with(&id));
+    store
+        .put_token(
+            &hash,
+            &JoinToken {
+                id,
+                ..token(None, 1_000)
+            },
+        )
+        .await
+        .unwrap();
+    // The last millisecond of its life is too late.
+    assert!(refused(store.spend_token(&hash, "vma-1", 1_000).await).contains("expired"));
+    let t = store.spend_token(&hash, "vma-1", 999).await.unwrap();
+    assert_eq!(t.used_by.as_deref(), Some("vma-1"));
+    assert_eq!(
+        store.agent("vma-1").unwrap().unwrap().enrolled_labels["site"],
+        "dc1"
+    );
+    assert!(refused(store.spend_token(&hash, "vma-2", 10).await).contains("already used"));
+    assert!(refused(store.spend_token("nope", "vma-2", 10).await).contains("unknown"));
+
+    // A token for one agent is useless to another; a known agent needs a token naming it.
+    let (_, h2, id2) = new_token();
+    store
+        .put_token(
+            &h2,
+            &JoinToken {
+                id: id2,
+                ..token(Some("vma-1"), 5_000)
+            },
+        )
+        .await
+        .unwrap();
+    assert!(refused(store.spend_token(&h2, "vma-3", 10).await).contains("is for agent"));
+    let (_, h3, id3) = new_token();
+    store
+        .put_token(
+            &h3,
+            &JoinToken {
+                id: id3,
+                ..token(None, 5_000)
+            },
+        )
+        .await
+        .unwrap();
+    assert!(refused(store.spend_token(&h3, "vma-1", 10).await).contains("already enrolled"));
+    store.spend_token(&h2, "vma-1", 10).await.unwrap();
+
+    // Spent stays spent across a reopen.
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    assert!(refused(store.spend_token(&hash, "vma-9", 10).await).contains("already used"));
+}

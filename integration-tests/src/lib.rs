@@ -374,9 +374,12 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    let start = tokio::time::Instant::now();
+    let deadline = start + Duration::from_secs(secs);
     loop {
         if cond().await {
+            // Shown with --nocapture: where a slow test spends its time.
+            eprintln!("waited {:?} for: {what}", start.elapsed());
             return;
         }
         if tokio::time::Instant::now() > deadline {
@@ -777,6 +780,18 @@ pub fn spawn_sim_agent(
 
 /// A debug binary of this workspace (tests), built first so a test never runs a stale one.
 pub fn debug_binary(package: &str, bin: &str) -> std::io::Result<PathBuf> {
+    // Built once per test process: a cargo run per call costs a second each in polling loops.
+    static BUILT: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, p)) = built.iter().find(|(b, _)| b == bin) {
+        return Ok(p.clone());
+    }
+    let path = build_debug_binary(package, bin)?;
+    built.push((bin.to_string(), path.clone()));
+    Ok(path)
+}
+
+fn build_debug_binary(package: &str, bin: &str) -> std::io::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     // target/debug/deps/<test> -> target/debug/<bin>
     let path = exe
@@ -808,6 +823,10 @@ pub struct CoordinatorProcess {
     pub control: std::net::SocketAddr,
     /// The admin API.
     pub api: tunnelfleet_ops::api::ApiClient,
+    /// The admin API's address (for the CLI: `--coordinator`).
+    pub admin: std::net::SocketAddr,
+    /// The admin token file (for the CLI: `--token-file`).
+    pub token_file: PathBuf,
     /// Its config file (a restart uses the same).
     pub config: PathBuf,
     child: std::process::Child,
@@ -846,6 +865,8 @@ impl CoordinatorProcess {
         let mut c = CoordinatorProcess {
             control,
             api,
+            admin,
+            token_file,
             config,
             child,
             log,

@@ -2,6 +2,7 @@
 //! what it embeds.
 //!
 //! # Layout
+//! - [`access`]: `tunnelfleet token …`, `agents revoke|unrevoke`: who may join the fleet.
 //! - [`api`]: the client of the coordinator's admin API.
 //! - [`audit`]: `tunnelfleet audit`: keys, sshd settings, sockets, failed logins, own config.
 //! - [`import`]: `tunnelfleet profiles import`: seed 004's profile lines, ssh command lines.
@@ -11,6 +12,7 @@
 //! - [`services`]: small HTTP and echo services standing in for OMA/VMA APIs and NBD.
 //! - [`render`]: human tables for `tunnels` commands.
 
+pub mod access;
 pub mod api;
 pub mod audit;
 pub mod demo;

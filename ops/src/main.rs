@@ -80,7 +80,7 @@ enum Command {
         #[arg(long, conflicts_with = "labels", required_unless_present = "labels")]
         agent: Option<String>,
         /// A label the agents must have, `key=value` (repeatable).
-        #[arg(long = "label", value_parser = parse_label)]
+        #[arg(long = "label", value_parser = tunnelfleet_ops::access::parse_label)]
         labels: Vec<(String, String)>,
     },
     /// Rollout of the current version: which agents applied it, which failed and why.
@@ -101,6 +101,13 @@ enum Command {
         api: ApiArgs,
         #[command(subcommand)]
         action: tunnelfleet_ops::fleet::AlertsAction,
+    },
+    /// One-time join tokens that let new agents enroll themselves.
+    Token {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        action: tunnelfleet_ops::access::TokenAction,
     },
     /// The fleet's certificate authority.
     Pki {
@@ -150,19 +157,26 @@ impl ApiArgs {
     }
 }
 
-fn parse_label(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .filter(|(k, _)| !k.is_empty())
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .ok_or_else(|| format!("{s:?}: expected key=value"))
-}
-
 #[derive(Subcommand, Debug)]
 enum AgentsAction {
     /// Every agent: state, labels, tunnels up, applied version.
     List,
     /// One agent with its last heartbeat.
     Show {
+        /// Agent id.
+        id: String,
+    },
+    /// Shut an agent out: its connection is closed at once and it is refused from now on,
+    /// whatever certificate it holds.
+    Revoke {
+        /// Agent id.
+        id: String,
+        /// Why (kept, and shown to the agent).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Let a revoked agent connect again.
+    Unrevoke {
         /// Agent id.
         id: String,
     },
@@ -416,6 +430,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Oma { api, action } => {
             tunnelfleet_ops::fleet::oma(&api.client()?, action, cli.json).await
         }
+        Command::Token { api, action } => {
+            tunnelfleet_ops::access::token(&api.client()?, action, cli.json).await
+        }
         Command::Alerts { api, action } => {
             tunnelfleet_ops::fleet::alerts(&api.client()?, action, cli.json).await
         }
@@ -504,6 +521,12 @@ async fn fleet_agents(api: &ApiArgs, action: AgentsAction, json: bool) -> anyhow
         AgentsAction::Show { id } => {
             let a: serde_json::Value = client.get(&format!("/v1/agents/{id}")).await?;
             println!("{}", serde_json::to_string_pretty(&a)?);
+        }
+        AgentsAction::Revoke { id, reason } => {
+            return tunnelfleet_ops::access::revoke(&client, &id, reason, json).await;
+        }
+        AgentsAction::Unrevoke { id } => {
+            return tunnelfleet_ops::access::unrevoke(&client, &id, json).await;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -98,7 +98,8 @@ pub fn health(r: &HealthResult) -> String {
     )
 }
 
-fn table(header: &[&str]) -> Table {
+/// A borderless table with a header row.
+pub fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_preset(NOTHING);
     t.set_header(header.to_vec());
@@ -136,7 +137,9 @@ pub fn fleet_agents(list: &[tunnelfleet_coordinator::admin::AgentSummary]) -> St
         "LAST SEEN",
     ]);
     for a in list {
-        let state = if a.online {
+        let state = if a.revoked {
+            "REVOKED"
+        } else if a.online {
             "online"
         } else if a.connected {
             "OFFLINE (silent)"

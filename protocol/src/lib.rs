@@ -7,11 +7,14 @@
 //!
 //! # Layout
 //! - [`message`]: the messages each side sends, and the version check of the hello.
+//! - [`enroll`]: the one-shot exchange that gives a new agent its certificate.
 //! - [`frame`]: length-prefixed frames, encoding, and the incremental decoder with limits.
 
+pub mod enroll;
 pub mod frame;
 pub mod message;
 
+pub use enroll::{ENROLL_ALPN, EnrollReply, EnrollRequest};
 pub use frame::{DecodeError, EncodeError, FrameDecoder, MAX_FRAME_LEN, decode, encode};
 pub use message::*;
 

@@ -127,9 +127,26 @@ fn random_bytes_never_panic() {
         dec.push(&bytes);
         while let Ok(Some(_)) = dec.next_message::<CoordinatorMessage>() {}
         let _ = decode::<AgentMessage>(&bytes);
+        let _ = decode::<EnrollRequest>(&bytes);
+        let _ = decode::<EnrollReply>(&bytes);
         Ok(())
     })
     .budget_ms(1_000);
+}
+
+#[test]
+fn enrollment_messages_round_trip() {
+    arbtest::arbtest(|u| {
+        let req: EnrollRequest = u.arbitrary()?;
+        let rep: EnrollReply = u.arbitrary()?;
+        let mut dec = FrameDecoder::new();
+        dec.push(&encode(&req).unwrap());
+        dec.push(&encode(&rep).unwrap());
+        assert_eq!(dec.next_message::<EnrollRequest>().unwrap(), Some(req));
+        assert_eq!(dec.next_message::<EnrollReply>().unwrap(), Some(rep));
+        Ok(())
+    })
+    .budget_ms(500);
 }
 
 #[test]

@@ -1,0 +1,357 @@
+//! Enrollment: a new agent turns a join token into its own certificate.
+//!
+//! Started with `enroll_token_file` and `ca_fingerprint` in its `[coordinator]` section and no
+//! certificate yet, the agent creates its key (it never leaves the appliance), sends a
+//! certificate request with the token on the enrollment ALPN, and writes the certificate and
+//! the CA it receives. It trusts the coordinator only through the pinned CA fingerprint: the
+//! server's chain must contain a certificate with that SHA-256, and the server certificate must
+//! verify against it — so a token is never handed to an impostor.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tunnelfleet_protocol::{
+    ENROLL_ALPN, EnrollReply, EnrollRequest, FrameDecoder, PROTOCOL_VERSION, encode,
+};
+
+use crate::config::{CoordinatorSection, split_host_port};
+
+/// Why enrollment failed. Nothing is written unless it succeeded.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    /// The token file could not be read or is readable by others.
+    #[error("coordinator.enroll_token_file {path}: {reason}")]
+    Token {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// The coordinator could not be reached or the exchange broke.
+    #[error("enrolling with coordinator {addr}: {reason}")]
+    Exchange {
+        /// Coordinator address as configured.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// The coordinator refused the token or the request.
+    #[error("coordinator {addr} refused the enrollment: {reason}")]
+    Refused {
+        /// Coordinator address as configured.
+        addr: String,
+        /// Its reason.
+        reason: String,
+    },
+    /// A certificate or key could not be created or written.
+    #[error("{path}: {reason}")]
+    Write {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// How long the whole exchange may take.
+const ENROLL_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Largest reply read (two certificates).
+const MAX_REPLY: usize = 64 * 1024;
+
+/// Whether this agent must enroll before it can connect: it has a token and lacks a
+/// certificate or key.
+pub fn needed(c: &CoordinatorSection) -> bool {
+    c.enroll_token_file.is_some() && (!c.cert.exists() || !c.key.exists())
+}
+
+/// `SHA256:…` (hex, any case, colons allowed) as 32 bytes.
+pub fn parse_fingerprint(s: &str) -> Result<Vec<u8>, String> {
+    let hex: String = s
+        .trim()
+        .strip_prefix("SHA256:")
+        .ok_or_else(|| format!("{s:?}: expected SHA256: followed by 64 hex digits"))?
+        .chars()
+        .filter(|c| *c != ':')
+        .collect::<String>()
+        .to_ascii_lowercase();
+    let bytes = data_encoding::HEXLOWER
+        .decode(hex.as_bytes())
+        .map_err(|_| format!("{s:?}: expected SHA256: followed by 64 hex digits"))?;
+    if bytes.len() != 32 {
+        return Err(format!("{s:?}: expected SHA256: followed by 64 hex digits"));
+    }
+    Ok(bytes)
+}
+
+/// Enrolls and writes `cert`, `key` and `ca` of the section. Returns the labels the token gave.
+pub async fn enroll(
+    c: &CoordinatorSection,
+) -> Result<std::collections::BTreeMap<String, String>, EnrollError> {
+    let addr_s = c.address.clone();
+    let xerr = |reason: String| EnrollError::Exchange {
+        addr: addr_s.clone(),
+        reason,
+    };
+    let token_path = c
+        .enroll_token_file
+        .as_deref()
+        .ok_or_else(|| EnrollError::Token {
+            path: "-".into(),
+            reason: "not set".into(),
+        })?;
+    let terr = |reason: String| EnrollError::Token {
+        path: token_path.display().to_string(),
+        reason,
+    };
+    crate::identity::check_permissions(token_path).map_err(|e| terr(e.to_string()))?;
+    let token = std::fs::read_to_string(token_path)
+        .map_err(|e| terr(e.to_string()))?
+        .trim()
+        .to_string();
+    if token.is_empty() {
+        return Err(terr("empty".into()));
+    }
+    let pin = c
+        .ca_fingerprint
+        .as_deref()
+        .ok_or_else(|| xerr("coordinator.ca_fingerprint is required to enroll".into()))
+        .and_then(|f| parse_fingerprint(f).map_err(xerr))?;
+
+    let key = rcgen::KeyPair::generate().map_err(|e| xerr(format!("generating a key: {e}")))?;
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, c.agent_id.clone());
+    let csr_pem = params
+        .serialize_request(&key)
+        .and_then(|r| r.pem())
+        .map_err(|e| xerr(format!("certificate request: {e}")))?;
+
+    let reply = tokio::time::timeout(
+        ENROLL_TIMEOUT,
+        exchange(
+            c,
+            pin.clone(),
+            EnrollRequest {
+                protocol: PROTOCOL_VERSION,
+                agent_id: c.agent_id.clone(),
+                token,
+                csr_pem,
+            },
+        ),
+    )
+    .await
+    .map_err(|_| xerr(format!("no answer within {ENROLL_TIMEOUT:?}")))?
+    .map_err(xerr)?;
+    let (cert_pem, ca_pem, labels) = match reply {
+        EnrollReply::Issued {
+            cert_pem,
+            ca_pem,
+            labels,
+        } => (cert_pem, ca_pem, labels),
+        EnrollReply::Refused { reason } => {
+            return Err(EnrollError::Refused {
+                addr: c.address.clone(),
+                reason,
+            });
+        }
+    };
+    // The CA we are told to trust from now on must be the one we pinned.
+    let ca_der = CertificateDer::from_pem_slice(ca_pem.as_bytes())
+        .map_err(|e| xerr(format!("CA certificate in the reply: {e}")))?;
+    if sha256(ca_der.as_ref()) != pin {
+        return Err(xerr(
+            "the CA certificate in the reply does not match coordinator.ca_fingerprint".into(),
+        ));
+    }
+    write_file(&c.key, key.serialize_pem().as_bytes(), 0o600)?;
+    write_file(&c.cert, cert_pem.as_bytes(), 0o644)?;
+    write_file(&c.ca, ca_pem.as_bytes(), 0o644)?;
+    tracing::info!(agent = %c.agent_id, cert = %c.cert.display(), ?labels, "enrolled: certificate written");
+    Ok(labels)
+}
+
+async fn exchange(
+    c: &CoordinatorSection,
+    pin: Vec<u8>,
+    req: EnrollRequest,
+) -> Result<EnrollReply, String> {
+    let addr: SocketAddr = tokio::net::lookup_host(&c.address)
+        .await
+        .map_err(|e| e.to_string())?
+        .next()
+        .ok_or("no address")?;
+    let server_name = match &c.server_name {
+        Some(n) => n.clone(),
+        None => split_host_port(&c.address, None)?.0,
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedCa { pin, provider }))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ENROLL_ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
+    let bind: SocketAddr = if addr.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let endpoint = quinn::Endpoint::client(bind).map_err(|e| e.to_string())?;
+    let conn = endpoint
+        .connect_with(quinn::ClientConfig::new(Arc::new(quic)), addr, &server_name)
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let frame = encode(&req).map_err(|e| e.to_string())?;
+    send.write_all(&frame).await.map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| e.to_string())?;
+    let bytes = recv
+        .read_to_end(MAX_REPLY)
+        .await
+        .map_err(|e| e.to_string())?;
+    conn.close(0u32.into(), b"done");
+    endpoint.wait_idle().await;
+    let mut dec = FrameDecoder::new();
+    dec.push(&bytes);
+    dec.next_message::<EnrollReply>()
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| "the coordinator closed without a reply".to_string())
+}
+
+fn sha256(b: &[u8]) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, b)
+        .as_ref()
+        .to_vec()
+}
+
+/// Writes a file whole (temp file, fsync, rename) with `mode`.
+fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), EnrollError> {
+    let err = |e: std::io::Error| EnrollError::Write {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    let tmp = path.with_extension("enroll-tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(err)?;
+    f.write_all(bytes).map_err(err)?;
+    f.sync_all().map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
+}
+
+/// Trusts a server whose chain holds the pinned CA and whose certificate verifies against it.
+#[derive(Debug)]
+struct PinnedCa {
+    pin: Vec<u8>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca = intermediates
+            .iter()
+            .find(|c| sha256(c.as_ref()) == self.pin)
+            .ok_or_else(|| {
+                rustls::Error::General(
+                    "no certificate in the coordinator's chain matches coordinator.ca_fingerprint"
+                        .into(),
+                )
+            })?;
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_parse_in_the_usual_spellings() {
+        let hex = "ab".repeat(32);
+        assert_eq!(
+            parse_fingerprint(&format!("SHA256:{hex}")).unwrap(),
+            vec![0xab; 32]
+        );
+        assert_eq!(
+            parse_fingerprint(&format!("SHA256:{}", hex.to_uppercase())).unwrap(),
+            vec![0xab; 32]
+        );
+        let colons: Vec<String> = (0..32).map(|_| "AB".to_string()).collect();
+        assert_eq!(
+            parse_fingerprint(&format!("SHA256:{}", colons.join(":"))).unwrap(),
+            vec![0xab; 32]
+        );
+        assert!(parse_fingerprint(&hex).is_err());
+        assert!(parse_fingerprint("SHA256:abcd").is_err());
+        assert!(parse_fingerprint(&format!("SHA256:{}", "zz".repeat(32))).is_err());
+    }
+}

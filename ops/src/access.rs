@@ -1,0 +1,173 @@
+//! `tunnelfleet token …` and `tunnelfleet agents revoke|unrevoke`: who may join the fleet.
+//!
+//! A join token is shown once, when it is made; the coordinator keeps only its hash. The
+//! commands are thin clients of the admin API.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Subcommand;
+use tunnelfleet_coordinator::admin::{Done, RevokeRequest, TokenCreated, TokenRequest};
+use tunnelfleet_coordinator::enroll::{JoinToken, Revocation};
+
+use crate::api::ApiClient;
+use crate::render;
+
+/// `tunnelfleet token …`
+#[derive(Subcommand, Debug)]
+pub enum TokenAction {
+    /// Make a one-time join token; an agent started with it (and the CA fingerprint) enrolls
+    /// itself. The token is printed once and cannot be shown again.
+    #[command(
+        after_help = "Examples:\n  tunnelfleet token create --label site=dc1 --ttl 1h\n  tunnelfleet token create --agent vma-17 --ttl 30m   # re-enroll a replaced appliance"
+    )]
+    Create {
+        /// A label the enrolled agent gets, `key=value` (repeatable).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// How long the token is good for (at most a week).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Only this agent id may use it (required to re-enroll an agent the fleet knows).
+        #[arg(long)]
+        agent: Option<String>,
+    },
+    /// Every token: unused, used (by whom) and expired.
+    List,
+    /// Delete a token by its id (`token list` shows ids).
+    Delete {
+        /// Token id.
+        id: String,
+    },
+}
+
+/// `key=value`.
+pub fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .filter(|(k, _)| !k.is_empty())
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?}: expected key=value"))
+}
+
+/// Runs a `token` command.
+pub async fn token(api: &ApiClient, action: TokenAction, json: bool) -> anyhow::Result<ExitCode> {
+    match action {
+        TokenAction::Create { labels, ttl, agent } => {
+            let req = TokenRequest {
+                labels: labels.into_iter().collect::<BTreeMap<_, _>>(),
+                ttl_s: ttl.as_secs().max(1),
+                agent,
+            };
+            let t: TokenCreated = api.call("POST", "/v1/tokens", Some(&req)).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&t)?);
+            } else {
+                println!("{}", t.token);
+                eprintln!(
+                    "join token {} for {}, labels {}, expires in {} — shown once; give it to the agent as coordinator.enroll_token_file (mode 0600)",
+                    t.info.id,
+                    t.info.agent.as_deref().unwrap_or("any new agent"),
+                    labels_text(&t.info.labels),
+                    humantime::format_duration(ttl)
+                );
+            }
+        }
+        TokenAction::List => {
+            let list: Vec<JoinToken> = api.get("/v1/tokens").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                let mut t = render::table(&["TOKEN", "STATE", "AGENT", "LABELS", "CREATED"]);
+                let now = now_ms();
+                for k in &list {
+                    let state = match (&k.used_by, now >= k.expires_unix_ms) {
+                        (Some(by), _) => format!("used by {by}"),
+                        (None, true) => "expired".into(),
+                        (None, false) => format!(
+                            "unused, expires in {}",
+                            humantime::format_duration(Duration::from_secs(
+                                (k.expires_unix_ms - now) / 1000
+                            ))
+                        ),
+                    };
+                    t.add_row(vec![
+                        k.id.clone(),
+                        state,
+                        k.agent.clone().unwrap_or_else(|| "any".into()),
+                        labels_text(&k.labels),
+                        format!("{} ago", render::ago(k.created_unix_ms)),
+                    ]);
+                }
+                println!("{t}");
+            }
+        }
+        TokenAction::Delete { id } => {
+            let d: Done = api
+                .call::<(), _>("DELETE", &format!("/v1/tokens/{id}"), None)
+                .await?;
+            print_done(&d, json)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `agents revoke ID`: durable, and the agent's connection is closed at once.
+pub async fn revoke(
+    api: &ApiClient,
+    id: &str,
+    reason: String,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let r: Revocation = api
+        .call(
+            "POST",
+            &format!("/v1/agents/{id}/revoke"),
+            Some(&RevokeRequest { reason }),
+        )
+        .await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "agent {} revoked: {} (its connection was closed; it is refused from now on)",
+            r.agent, r.reason
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `agents unrevoke ID`.
+pub async fn unrevoke(api: &ApiClient, id: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let d: Done = api
+        .call::<(), _>("DELETE", &format!("/v1/agents/{id}/revoke"), None)
+        .await?;
+    print_done(&d, json)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_done(d: &Done, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(d)?);
+    } else {
+        println!("{}", d.message);
+    }
+    Ok(())
+}
+
+fn labels_text(l: &BTreeMap<String, String>) -> String {
+    if l.is_empty() {
+        return "-".into();
+    }
+    l.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
