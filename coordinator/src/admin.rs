@@ -755,3 +755,25 @@ async fn revocations(
     authorize(&a, &h)?;
     Ok(Json(a.fleet.store.revocations()?))
 }
+
+/// The read-only `/metrics` router (its own listener, no token).
+pub fn metrics_router(fleet: Arc<Fleet>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(fleet)
+}
+
+async fn metrics(State(fleet): State<Arc<Fleet>>) -> Response {
+    match fleet.metrics.as_ref().map(|m| m.render()) {
+        Some(Ok(text)) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Some(Err(e)) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        None => ApiError(StatusCode::NOT_FOUND, "metrics are disabled".into()).into_response(),
+    }
+}

@@ -5,6 +5,7 @@
 //! - [`tls`]: mutual-TLS QUIC settings; the agent id from a verified certificate.
 //! - [`enroll`]: join tokens, enrollment of new agents, revocation.
 //! - [`link`]: accepting agents: hello checked against the certificate, heartbeats.
+//! - [`metrics`]: Prometheus `/metrics` through OpenTelemetry.
 //! - [`store`]: fleet state in sled; every acknowledged write flushed first.
 //! - [`admin`]: the admin HTTP API (bearer token) the CLI drives.
 //! - [`server`]: `run`, the whole coordinator as one call.
@@ -14,6 +15,7 @@ pub mod alerts;
 pub mod enroll;
 pub mod hooks;
 pub mod link;
+pub mod metrics;
 pub mod monitor;
 pub mod pki;
 pub mod server;

@@ -49,6 +49,8 @@ pub struct AgentLink {
     pub labels: BTreeMap<String, String>,
     /// Latest heartbeat.
     pub last_heartbeat: Option<Heartbeat>,
+    /// When the last push was queued for it.
+    pub pushed_at: Option<Instant>,
     /// Heartbeats received on this connection.
     pub heartbeats: u64,
     /// Still connected.
@@ -102,6 +104,30 @@ impl Links {
         v
     }
 
+    /// Time since each connected agent was last heard from.
+    pub fn heartbeat_ages(&self) -> Vec<(String, Duration)> {
+        let now = Instant::now();
+        self.lock()
+            .values()
+            .filter(|(l, _)| l.connected)
+            .map(|(l, _)| {
+                (
+                    l.agent_id.clone(),
+                    now.saturating_duration_since(l.last_heard),
+                )
+            })
+            .collect()
+    }
+
+    /// The last heartbeat of every connected agent.
+    pub fn heartbeats(&self) -> Vec<Heartbeat> {
+        self.lock()
+            .values()
+            .filter(|(l, _)| l.connected)
+            .filter_map(|(l, _)| l.last_heartbeat.clone())
+            .collect()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -119,18 +145,32 @@ pub struct Fleet {
     pub watch: std::sync::OnceLock<crate::watch::WatchHandle>,
     /// The CA's signing key, when this coordinator enrolls agents.
     pub signer: std::sync::OnceLock<Arc<crate::pki::Signer>>,
+    /// Prometheus metrics (absent only if the exporter could not be built).
+    pub metrics: Option<crate::metrics::Metrics>,
 }
 
 impl Fleet {
     /// A fleet over `store`.
     pub fn new(store: Store, heartbeat_interval: Duration) -> Arc<Fleet> {
-        Arc::new(Fleet {
+        let metrics = match crate::metrics::Metrics::new() {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::error!("{e}; /metrics disabled");
+                None
+            }
+        };
+        let fleet = Arc::new(Fleet {
             links: Links::default(),
             store,
             heartbeat_interval,
             watch: std::sync::OnceLock::new(),
             signer: std::sync::OnceLock::new(),
-        })
+            metrics,
+        });
+        if let Some(m) = &fleet.metrics {
+            m.observe(Arc::downgrade(&fleet));
+        }
+        fleet
     }
 
     /// Revokes an agent durably and closes its connection at once; it is refused from then on.
@@ -183,6 +223,7 @@ impl Fleet {
             };
             if tx.try_send(frame).is_ok() {
                 link.pushed = Some(version);
+                link.pushed_at = Some(Instant::now());
                 pushed.push(link.agent_id.clone());
             }
         }
@@ -226,6 +267,20 @@ impl Fleet {
         }
     }
 
+    /// Records the push-to-acknowledgement time of the version an agent just applied.
+    fn acknowledged(&self, id: &str, version: u64) {
+        let Some(m) = &self.metrics else { return };
+        let at = self
+            .links
+            .lock()
+            .get(id)
+            .filter(|(l, _)| l.pushed == Some(version))
+            .and_then(|(l, _)| l.pushed_at);
+        if let Some(at) = at {
+            m.push_latency.record(at.elapsed().as_secs_f64(), &[]);
+        }
+    }
+
     /// Tells the watcher, when one runs.
     pub fn notify(&self, ev: WatchEvent) {
         if let Some(w) = self.watch.get() {
@@ -245,6 +300,9 @@ impl Fleet {
             }
             if let Some(hb) = hb {
                 l.heartbeats += 1;
+                if let Some(m) = &self.metrics {
+                    m.heartbeats.add(1, &[]);
+                }
                 if self.watch.get().is_some() {
                     self.notify(WatchEvent::Heartbeat {
                         agent: id.to_string(),
@@ -408,6 +466,7 @@ async fn handle(conn: quinn::Connection, fleet: Arc<Fleet>) {
                 heartbeats: 0,
                 connected: true,
                 pushed: None,
+                pushed_at: None,
                 last_heard: Instant::now(),
                 online: true,
             },
@@ -432,6 +491,7 @@ async fn handle(conn: quinn::Connection, fleet: Arc<Fleet>) {
             Ok(Some(AgentMessage::Heartbeat(hb))) => fleet.heard(&cert_id, Some(hb)),
             Ok(Some(AgentMessage::Applied(a))) => {
                 fleet.heard(&cert_id, None);
+                fleet.acknowledged(&cert_id, a.version);
                 tracing::info!(agent = %cert_id, version = a.version, ok = a.ok, "agent applied profiles");
                 let mut rec = fleet
                     .store
@@ -545,6 +605,7 @@ mod tests {
                     heartbeats: 0,
                     connected: true,
                     pushed: None,
+                    pushed_at: None,
                     last_heard: Instant::now(),
                     online: true,
                 },

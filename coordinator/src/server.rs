@@ -42,6 +42,9 @@ pub struct CoordinatorConfig {
     /// Where alerts go (`[[hook]]`).
     #[serde(default, rename = "hook")]
     pub hooks: Vec<HookConfig>,
+    /// Prometheus `/metrics` (no authentication, read-only); off when absent.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -76,8 +79,11 @@ pub struct Bound {
     pub control: SocketAddr,
     /// Admin API address.
     pub admin: SocketAddr,
+    /// The `/metrics` address, when enabled.
+    pub metrics: Option<SocketAddr>,
     /// The shared fleet state.
     pub fleet: Arc<Fleet>,
+    metrics_listener: Option<tokio::net::TcpListener>,
     endpoint: quinn::Endpoint,
     admin_listener: tokio::net::TcpListener,
     token: String,
@@ -121,6 +127,14 @@ pub async fn bind(cfg: &CoordinatorConfig) -> anyhow::Result<Bound> {
     let admin_listener = tokio::net::TcpListener::bind(cfg.admin_listen)
         .await
         .with_context(|| format!("admin API: cannot listen on tcp {}", cfg.admin_listen))?;
+    let metrics_listener = match cfg.metrics_listen {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("metrics: cannot listen on tcp {a}"))?,
+        ),
+        None => None,
+    };
     let fleet = Fleet::new(store.clone(), cfg.heartbeat_interval);
     if let Some(signer) = signer {
         let _ = fleet.signer.set(Arc::new(signer));
@@ -128,6 +142,8 @@ pub async fn bind(cfg: &CoordinatorConfig) -> anyhow::Result<Bound> {
     Ok(Bound {
         control: endpoint.local_addr()?,
         admin: admin_listener.local_addr()?,
+        metrics: metrics_listener.as_ref().and_then(|l| l.local_addr().ok()),
+        metrics_listener,
         outbox: Outbox::new(store.clone(), hooks),
         rules: cfg.alerts.clone(),
         fleet,
@@ -164,7 +180,19 @@ impl Bound {
                 .with_graceful_shutdown(async move { s.cancelled().await })
                 .await;
         });
+        let metrics = self.metrics_listener.map(|l| {
+            let s = shutdown.clone();
+            let app = admin::metrics_router(self.fleet.clone());
+            tokio::spawn(async move {
+                let _ = axum::serve(l, app)
+                    .with_graceful_shutdown(async move { s.cancelled().await })
+                    .await;
+            })
+        });
         shutdown.cancelled().await;
+        if let Some(m) = metrics {
+            let _ = m.await;
+        }
         let _ = serve.await;
         let _ = sweeper.await;
         let _ = api.await;

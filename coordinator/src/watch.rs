@@ -309,6 +309,12 @@ impl Watcher {
                         Ok(a) => {
                             tracing::warn!(alert = a.id, kind = a.kind.as_str(), subject = %a.subject, silenced = a.silenced, "alert firing: {}", a.summary);
                             self.alert_ids.insert(key, a.id);
+                            if let Some(m) = &self.fleet.metrics {
+                                m.alerts_fired.add(
+                                    1,
+                                    &[opentelemetry::KeyValue::new("kind", a.kind.as_str())],
+                                );
+                            }
                             woke = true;
                             Ok(())
                         }
@@ -341,6 +347,10 @@ impl Watcher {
                 {
                     Ok(version) => {
                         tracing::warn!(group = %group, endpoint = %endpoint, version, "OMA group moved: {reason}");
+                        if let Some(m) = &self.fleet.metrics {
+                            m.failovers
+                                .add(1, &[opentelemetry::KeyValue::new("group", group.clone())]);
+                        }
                         self.fleet
                             .push_changed()
                             .map(|_| ())

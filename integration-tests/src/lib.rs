@@ -654,6 +654,7 @@ impl FullCoordinator {
             heartbeat_interval: heartbeat,
             alerts: Default::default(),
             hooks,
+            metrics_listen: None,
         })
         .await
         .expect("coordinator bind");

@@ -158,6 +158,7 @@ async fn run_in(dir: &Path, out: &mut (impl Write + Send)) -> anyhow::Result<Dem
             command: Vec::new(),
             timeout: Duration::from_secs(2),
         }],
+        metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
     })
     .await?;
     let (control_addr, admin_addr, fleet) = (bound.control, bound.admin, bound.fleet.clone());

@@ -49,6 +49,7 @@ async fn profiles_assign_rollout_and_agents_through_the_cli() {
         heartbeat_interval: Duration::from_millis(500),
         alerts: Default::default(),
         hooks: Vec::new(),
+        metrics_listen: None,
     };
     let bound = server::bind(&cfg).await.unwrap();
     let (control, admin) = (bound.control, bound.admin.to_string());

@@ -1,0 +1,238 @@
+//! `/metrics` of a real `tunnelfleet-coordinator` process, scraped over HTTP and parsed as
+//! Prometheus text: agents by state, tunnels per OMA endpoint, an OMA endpoint down with its
+//! alert, heartbeats and push latency.
+
+#![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use integration_tests::{CoordinatorProcess, free_port, wait_until};
+use tunnelfleet_agent::link;
+use tunnelfleet_coordinator::pki;
+use tunnelfleet_coordinator::store::OmaGroup;
+use tunnelfleet_protocol::{
+    CoordinatorMessage, Heartbeat, Hello, PROTOCOL_VERSION, ProfileReport, TunnelState,
+};
+
+/// One sample: name and labels -> value.
+type Samples = BTreeMap<(String, BTreeMap<String, String>), f64>;
+
+/// Parses the text exposition (what Prometheus does), refusing lines it cannot read.
+fn parse(text: &str) -> Samples {
+    let mut out = Samples::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("value in {line:?}"));
+        let (name, labels) = match series.split_once('{') {
+            Some((n, rest)) => {
+                let body = rest.strip_suffix('}').unwrap();
+                let labels = body
+                    .split("\",")
+                    .filter(|kv| !kv.is_empty())
+                    .map(|kv| {
+                        let (k, v) = kv.split_once("=\"").unwrap();
+                        (k.to_string(), v.trim_end_matches('"').to_string())
+                    })
+                    .collect();
+                (n.to_string(), labels)
+            }
+            None => (series.to_string(), BTreeMap::new()),
+        };
+        out.insert((name, labels), value);
+    }
+    out
+}
+
+fn get(s: &Samples, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    s.iter()
+        .find(|((n, l), _)| {
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|(_, v)| *v)
+}
+
+async fn scrape(port: u16) -> (String, Samples) {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).await.unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain"),
+        "{head}"
+    );
+    (body.to_string(), parse(body))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_agents_tunnels_oma_health_alerts_and_push_latency() {
+    let dir = tempfile::tempdir().unwrap();
+    pki::init(&dir.path().join("pki"), &["localhost".into()]).unwrap();
+    let port = free_port();
+    let mut c = CoordinatorProcess::start_with(
+        dir.path(),
+        "500ms",
+        &format!("metrics_listen = \"127.0.0.1:{port}\"\n"),
+    )
+    .await;
+    let dead = format!("127.0.0.1:{}", free_port());
+    let group = OmaGroup {
+        name: "oma".into(),
+        endpoints: vec![dead.clone()],
+        probe: true,
+        probe_interval: Duration::from_millis(200),
+        probe_timeout: Duration::from_millis(200),
+        threshold: 3,
+        failback_after: Duration::from_secs(300),
+        active: None,
+        drained: Default::default(),
+        pinned: false,
+    };
+    let _: serde_json::Value = c
+        .api
+        .call("PUT", "/v1/groups/oma", Some(&group))
+        .await
+        .unwrap();
+
+    // One agent with one tunnel up on an endpoint.
+    let files =
+        pki::issue_agent(&dir.path().join("pki"), "vma-1", 1, &dir.path().join("a")).unwrap();
+    let client = link::client_config(&files.ca, &files.cert, &files.key).unwrap();
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        agent_id: "vma-1".into(),
+        agent_version: "test".into(),
+        labels: [("site".to_string(), "dc1".to_string())].into(),
+        applied_version: None,
+        started_unix_ms: 1,
+    };
+    let mut l = link::connect(&ep, client, c.control, "localhost", hello)
+        .await
+        .unwrap();
+    let report = ProfileReport {
+        name: "oma".into(),
+        state: TunnelState::Up,
+        active_endpoint: "10.0.0.1:443".into(),
+        up_since_unix_ms: None,
+        reconnects: 0,
+        failovers: 0,
+        last_error: None,
+        consecutive_failures: 0,
+        health: vec![],
+        forwards: vec![],
+        errors: vec![],
+        failover_log: vec![],
+    };
+    l.heartbeat(Heartbeat {
+        seq: 1,
+        sent_unix_ms: 0,
+        profiles: vec![report],
+    })
+    .await
+    .unwrap();
+    // A push (an assignment) the agent acknowledges: one push latency sample.
+    let spec = integration_tests::profile_spec("p", &["L 18082:localhost:8082"]);
+    let _: serde_json::Value = c
+        .api
+        .call("PUT", "/v1/profiles/p", Some(&spec))
+        .await
+        .unwrap();
+    let _: serde_json::Value = c
+        .api
+        .call(
+            "POST",
+            "/v1/assignments",
+            Some(&serde_json::json!({ "profile": "p", "agent": "vma-1" })),
+        )
+        .await
+        .unwrap();
+    let set = loop {
+        match tokio::time::timeout(Duration::from_secs(10), l.next()).await {
+            Ok(Ok(CoordinatorMessage::Push(set))) if !set.profiles.is_empty() => break set,
+            Ok(Ok(_)) => continue,
+            other => panic!("no push: {other:?}"),
+        }
+    };
+    l.applied(tunnelfleet_protocol::Applied {
+        version: set.version,
+        ok: true,
+        results: vec![],
+    })
+    .await
+    .unwrap();
+
+    wait_until(
+        20,
+        "metrics with the agent, its tunnel, the dead OMA and its alert",
+        || async {
+            let (_, s) = scrape(port).await;
+            get(&s, "tunnelfleet_agents", &[("state", "online")]) == Some(1.0)
+                && get(
+                    &s,
+                    "tunnelfleet_tunnels",
+                    &[("endpoint", "10.0.0.1:443"), ("state", "up")],
+                ) == Some(1.0)
+                && get(
+                    &s,
+                    "tunnelfleet_oma_endpoint_up",
+                    &[("endpoint", dead.as_str())],
+                ) == Some(0.0)
+                && get(&s, "tunnelfleet_alerts_firing", &[("kind", "oma_down")]) == Some(1.0)
+                && get(&s, "tunnelfleet_push_ack_seconds_count", &[]).is_some_and(|n| n >= 1.0)
+        },
+    )
+    .await;
+    let (text, s) = scrape(port).await;
+    assert!(
+        get(&s, "tunnelfleet_heartbeats_total", &[]).is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+    assert!(
+        get(
+            &s,
+            "tunnelfleet_alerts_fired_total",
+            &[("kind", "oma_down")]
+        ) == Some(1.0),
+        "{text}"
+    );
+    assert!(
+        get(
+            &s,
+            "tunnelfleet_agent_heartbeat_age_seconds",
+            &[("agent", "vma-1")]
+        )
+        .is_some(),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE tunnelfleet_push_ack_seconds histogram"),
+        "{text}"
+    );
+    assert!(text.contains("# HELP tunnelfleet_agents "), "{text}");
+
+    // The agent gone: no longer online.
+    l.close();
+    wait_until(20, "the agent counted as disconnected", || async {
+        let (_, s) = scrape(port).await;
+        get(&s, "tunnelfleet_agents", &[("state", "disconnected")]) == Some(1.0)
+    })
+    .await;
+    c.kill9();
+}
