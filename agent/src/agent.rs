@@ -83,6 +83,12 @@ impl Agent {
                 fleet_stop.clone(),
             )));
         }
+        crate::systemd::ready(&format!(
+            "{} profiles; control socket {}",
+            self.supervisor.profile_count(),
+            self.socket.display()
+        ));
+        let watchdog = crate::systemd::spawn_watchdog(shutdown.clone());
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -97,6 +103,10 @@ impl Agent {
                     }
                 },
             }
+        }
+        crate::systemd::stopping();
+        if let Some(w) = watchdog {
+            let _ = w.await;
         }
         fleet_stop.cancel();
         if let Some(f) = fleet {

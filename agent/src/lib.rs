@@ -21,6 +21,7 @@
 //! - [`control`]: the local Unix control socket (JSON lines) and its client.
 //! - [`status`]: status data shared by the tasks and returned to the CLI.
 //! - [`enroll`]: a join token traded for the agent's own certificate, trusting a pinned CA.
+//! - [`systemd`]: Type=notify readiness, the watchdog, STOPPING.
 //! - [`fleet`]: fleet membership: cached profiles, the coordinator link loop, heartbeats.
 //! - [`link`]: the control link to the coordinator (QUIC, mutual TLS, hello, heartbeats).
 //! - [`agent`]: `run`, the whole agent as one call.
@@ -46,4 +47,5 @@ pub mod socks;
 pub mod ssh;
 pub mod status;
 pub mod supervisor;
+pub mod systemd;
 pub mod telemetry;

@@ -87,6 +87,11 @@ impl Supervisor {
         })
     }
 
+    /// How many profiles it holds (local and pushed).
+    pub fn profile_count(&self) -> usize {
+        self.slots.len()
+    }
+
     /// Starts every profile marked `autostart`.
     pub fn start_autostart(&mut self) {
         let names: Vec<String> = self

@@ -189,7 +189,16 @@ impl Bound {
                     .await;
             })
         });
+        tunnelfleet_agent::systemd::ready(&format!(
+            "control link {}, admin API {}",
+            self.control, self.admin
+        ));
+        let watchdog = tunnelfleet_agent::systemd::spawn_watchdog(shutdown.clone());
         shutdown.cancelled().await;
+        tunnelfleet_agent::systemd::stopping();
+        if let Some(w) = watchdog {
+            let _ = w.await;
+        }
         if let Some(m) = metrics {
             let _ = m.await;
         }
