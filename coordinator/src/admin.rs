@@ -63,6 +63,10 @@ pub fn router(admin: Admin) -> Router {
         .route("/v1/tokens/{id}", axum::routing::delete(delete_token))
         .route("/v1/agents/{id}/revoke", post(revoke).delete(unrevoke))
         .route("/v1/revocations", get(revocations))
+        .route("/v1/plan", post(plan))
+        .route("/v1/history", get(history))
+        .route("/v1/history/{version}", get(revision))
+        .route("/v1/rollback", post(rollback))
         .with_state(admin)
 }
 
@@ -82,7 +86,9 @@ impl From<StoreError> for ApiError {
             | StoreError::NoGroup(_)
             | StoreError::NoAlert(_)
             | StoreError::NoEndpoint(_) => ApiError(StatusCode::NOT_FOUND, e.to_string()),
-            StoreError::NoToken(_) => ApiError(StatusCode::NOT_FOUND, e.to_string()),
+            StoreError::NoToken(_) | StoreError::NoRevision(_) => {
+                ApiError(StatusCode::NOT_FOUND, e.to_string())
+            }
             StoreError::UnknownGroup { .. } | StoreError::GroupInUse { .. } => {
                 ApiError(StatusCode::CONFLICT, e.to_string())
             }
@@ -776,4 +782,76 @@ async fn metrics(State(fleet): State<Arc<Fleet>>) -> Response {
         Some(Err(e)) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
         None => ApiError(StatusCode::NOT_FOUND, "metrics are disabled".into()).into_response(),
     }
+}
+
+async fn plan(
+    State(a): State<Admin>,
+    h: HeaderMap,
+    Json(proposed): Json<Vec<ProfileSpec>>,
+) -> Result<Json<crate::plan::Plan>, ApiError> {
+    authorize(&a, &h)?;
+    let store = &a.fleet.store;
+    let agents: Vec<(String, BTreeMap<String, String>)> = store
+        .agents()?
+        .into_iter()
+        .map(|r| {
+            let mut labels = r.labels;
+            labels.extend(r.enrolled_labels);
+            (r.id, labels)
+        })
+        .collect();
+    Ok(Json(crate::plan::plan(
+        store.fleet_version()?,
+        &store.profiles()?,
+        &store.assignments()?,
+        &agents,
+        &proposed,
+    )))
+}
+
+/// `?limit=` of `profiles history`.
+#[derive(Debug, Deserialize)]
+struct HistoryQuery {
+    #[serde(default = "default_history")]
+    limit: usize,
+}
+
+fn default_history() -> usize {
+    20
+}
+
+async fn history(
+    State(a): State<Admin>,
+    h: HeaderMap,
+    Query(q): Query<HistoryQuery>,
+) -> Result<Json<Vec<crate::store::RevisionSummary>>, ApiError> {
+    authorize(&a, &h)?;
+    Ok(Json(a.fleet.store.history(q.limit)?))
+}
+
+async fn revision(
+    State(a): State<Admin>,
+    h: HeaderMap,
+    Path(version): Path<u64>,
+) -> Result<Json<crate::store::Revision>, ApiError> {
+    authorize(&a, &h)?;
+    Ok(Json(a.fleet.store.revision(version)?))
+}
+
+/// Body of `profiles rollback`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RollbackRequest {
+    /// The version whose profiles and assignments to restore.
+    pub version: u64,
+}
+
+async fn rollback(
+    State(a): State<Admin>,
+    h: HeaderMap,
+    Json(r): Json<RollbackRequest>,
+) -> Result<Json<Changed>, ApiError> {
+    authorize(&a, &h)?;
+    let version = a.fleet.store.rollback(r.version).await?;
+    let pushed_to = a.fleet.push_changed()?;
+    Ok(Json(Changed { version, pushed_to }))
 }

@@ -6,6 +6,7 @@
 //! - [`enroll`]: join tokens, enrollment of new agents, revocation.
 //! - [`link`]: accepting agents: hello checked against the certificate, heartbeats.
 //! - [`metrics`]: Prometheus `/metrics` through OpenTelemetry.
+//! - [`plan`]: `profiles diff`: what applying a file would change, before it is applied.
 //! - [`store`]: fleet state in sled; every acknowledged write flushed first.
 //! - [`admin`]: the admin HTTP API (bearer token) the CLI drives.
 //! - [`server`]: `run`, the whole coordinator as one call.
@@ -18,6 +19,7 @@ pub mod link;
 pub mod metrics;
 pub mod monitor;
 pub mod pki;
+pub mod plan;
 pub mod server;
 pub mod store;
 pub mod tls;

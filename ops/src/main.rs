@@ -203,6 +203,31 @@ enum ProfilesAction {
         /// Profile name.
         name: String,
     },
+    /// What `apply -f FILE` would change, before anything is applied: profiles created or
+    /// changed, forwards added and removed, whether sessions restart, which agents get it.
+    #[command(
+        after_help = "Exit codes: 0 success (with --detailed-exitcode: no changes), 2 with --detailed-exitcode when there are changes, 1 on errors."
+    )]
+    Diff {
+        /// The file.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Exit 2 when applying would change something (for CI pipelines).
+        #[arg(long)]
+        detailed_exitcode: bool,
+    },
+    /// Past versions of the fleet's profiles and assignments, newest first.
+    History {
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Restore the profiles and assignments of an earlier version (as a new version, pushed
+    /// at once).
+    Rollback {
+        /// The version to restore (`profiles history` lists them).
+        version: u64,
+    },
     /// Turn seed 004's profile file (NAME|HOST|USER|LOCAL_PORT|REMOTE_HOST|REMOTE_PORT|
     /// DESCRIPTION) or ssh/autossh command lines (scripts, unit files) into profiles: TOML on
     /// stdout (or -o), and a note on stderr for everything not carried over as it was.
@@ -591,6 +616,57 @@ async fn fleet_profiles(
                 }
                 print_changed(&changed, json)?;
             }
+        }
+        ProfilesAction::Diff {
+            file,
+            detailed_exitcode,
+        } => {
+            let cfg = AgentConfig::load_for_coordinator(&file)?;
+            let specs: Vec<tunnelfleet_protocol::ProfileSpec> = cfg
+                .profiles
+                .iter()
+                .map(tunnelfleet_protocol::ProfileSpec::from)
+                .collect();
+            let plan: tunnelfleet_coordinator::plan::Plan =
+                client.call("POST", "/v1/plan", Some(&specs)).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&plan)?);
+            } else {
+                print!("{}", render::plan(&plan));
+            }
+            if detailed_exitcode && plan.has_changes() {
+                return Ok(ExitCode::from(2));
+            }
+        }
+        ProfilesAction::History { limit } => {
+            let h: Vec<tunnelfleet_coordinator::store::RevisionSummary> =
+                client.get(&format!("/v1/history?limit={limit}")).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&h)?);
+            } else {
+                let mut t =
+                    render::table(&["VERSION", "WHEN", "PROFILES", "ASSIGNMENTS", "CHANGE"]);
+                for r in &h {
+                    t.add_row(vec![
+                        r.version.to_string(),
+                        format!("{} ago", render::ago(r.at_unix_ms)),
+                        r.profiles.to_string(),
+                        r.assignments.to_string(),
+                        r.what.clone(),
+                    ]);
+                }
+                println!("{t}");
+            }
+        }
+        ProfilesAction::Rollback { version } => {
+            let changed: serde_json::Value = client
+                .call(
+                    "POST",
+                    "/v1/rollback",
+                    Some(&tunnelfleet_coordinator::admin::RollbackRequest { version }),
+                )
+                .await?;
+            print_changed(&changed, json)?;
         }
         ProfilesAction::Delete { name } => {
             let changed: serde_json::Value = client

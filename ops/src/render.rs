@@ -196,3 +196,60 @@ mod tests {
         assert_eq!(bytes(1_500_000), "1.5 MB");
     }
 }
+
+/// `profiles diff`: a plan, one profile per block.
+pub fn plan(p: &tunnelfleet_coordinator::plan::Plan) -> String {
+    use std::fmt::Write;
+    use tunnelfleet_coordinator::plan::PlanAction;
+    let mut out = String::new();
+    let _ = writeln!(out, "against fleet version {}:", p.version);
+    for pp in &p.profiles {
+        let (mark, what) = match pp.action {
+            PlanAction::Create => ("+", "create"),
+            PlanAction::Change => ("~", "change"),
+            PlanAction::Unchanged => ("=", "unchanged"),
+        };
+        let _ = writeln!(out, "{mark} {} ({what})", pp.name);
+        for f in &pp.forwards_added {
+            let _ = writeln!(out, "    + forward {f}");
+        }
+        for f in &pp.forwards_removed {
+            let _ = writeln!(out, "    - forward {f}");
+        }
+        for c in &pp.changes {
+            let _ = writeln!(out, "    ~ {c}");
+        }
+        if pp.action == PlanAction::Change {
+            let _ = writeln!(
+                out,
+                "    {}",
+                if pp.session_restarts {
+                    "the SSH session is re-established: every forward of the profile reconnects"
+                } else {
+                    "the session stays up: unchanged forwards keep their connections"
+                }
+            );
+        }
+        if pp.action != PlanAction::Unchanged {
+            let _ = writeln!(
+                out,
+                "    agents: {}",
+                if pp.agents.is_empty() {
+                    "none assigned yet".to_string()
+                } else {
+                    pp.agents.join(", ")
+                }
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "{}",
+        if p.has_changes() {
+            format!("{} agent(s) affected", p.agents_affected.len())
+        } else {
+            "no changes".to_string()
+        }
+    );
+    out
+}

@@ -174,8 +174,108 @@ async fn profiles_assign_rollout_and_agents_through_the_cli() {
         String::from_utf8_lossy(&o.stderr)
     );
 
+    // profiles diff: a known change, planned before anything is applied.
+    let changed = dir.path().join("oma-v2.toml");
+    std::fs::write(
+        &changed,
+        "[[profile]]\nname = \"oma\"\nendpoints = [\"oma-a:443\", \"oma-b:443\"]\nuser = \"vma\"\nidentity_file = \"/etc/tunnelfleet/id\"\n\
+         known_hosts = \"/etc/tunnelfleet/known_hosts\"\nforwards = [\"L 8082:localhost:8082\", \"L 10809:localhost:10809\"]\n\n\
+         [[profile]]\nname = \"nbd\"\nendpoints = [\"oma-a:443\"]\nuser = \"vma\"\nidentity_file = \"/etc/tunnelfleet/id\"\n\
+         known_hosts = \"/etc/tunnelfleet/known_hosts\"\nforwards = [\"L 10808:localhost:10809\"]\n",
+    )
+    .unwrap();
+    let f = changed.to_str().unwrap();
+    let o = tf(
+        &admin,
+        &token,
+        &["profiles", "diff", "-f", f, "--json", "--detailed-exitcode"],
+    )
+    .await;
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let plan = json(&o);
+    assert_eq!(plan["version"], 2);
+    assert_eq!(plan["profiles"][0]["action"], "change");
+    assert_eq!(
+        plan["profiles"][0]["forwards_added"],
+        serde_json::json!(["L 10809:localhost:10809"])
+    );
+    assert_eq!(
+        plan["profiles"][0]["forwards_removed"],
+        serde_json::json!(["R 9081:localhost:8081"])
+    );
+    assert_eq!(plan["profiles"][0]["session_restarts"], false);
+    assert_eq!(plan["profiles"][0]["agents"], serde_json::json!(["vma-1"]));
+    assert_eq!(plan["profiles"][1]["action"], "create");
+    assert_eq!(plan["agents_affected"], serde_json::json!(["vma-1"]));
+    let human = tf(&admin, &token, &["profiles", "diff", "-f", f]).await;
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(human.status.success());
+    assert!(
+        text.contains("~ oma (change)")
+            && text.contains("+ forward L 10809:localhost:10809")
+            && text.contains("- forward R 9081:localhost:8081"),
+        "{text}"
+    );
+    // Nothing was applied by the diff.
+    assert_eq!(
+        json(&tf(&admin, &token, &["profiles", "list", "--json"]).await)
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    // Applied, the same diff says there is nothing left to do.
+    assert!(
+        tf(&admin, &token, &["profiles", "apply", "-f", f])
+            .await
+            .status
+            .success()
+    );
+    let o = tf(
+        &admin,
+        &token,
+        &["profiles", "diff", "-f", f, "--detailed-exitcode"],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("no changes"));
+
+    // History, and a rollback to version 2 (before the change) as a new version.
+    let h = json(&tf(&admin, &token, &["profiles", "history", "--json"]).await);
+    assert_eq!(h[0]["version"], 4);
+    assert_eq!(h[0]["what"], "profile nbd applied");
+    assert_eq!(h[3]["version"], 1);
+    let o = tf(&admin, &token, &["profiles", "rollback", "2", "--json"]).await;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(json(&o)["version"], 5);
+    let list = json(&tf(&admin, &token, &["profiles", "list", "--json"]).await);
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list[0]["forwards"][1], "R 9081:localhost:8081");
+    let h = json(
+        &tf(
+            &admin,
+            &token,
+            &["profiles", "history", "--limit", "1", "--json"],
+        )
+        .await,
+    );
+    assert!(
+        h[0]["what"]
+            .as_str()
+            .unwrap()
+            .starts_with("rollback to version 2")
+    );
+    let o = tf(&admin, &token, &["profiles", "rollback", "999"]).await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no revision 999"));
+
     let o = tf(&admin, &token, &["profiles", "delete", "oma", "--json"]).await;
-    assert_eq!(json(&o)["version"], 3);
+    assert_eq!(json(&o)["version"], 6);
     let o = tf(&admin, &token, &["profiles", "delete", "oma"]).await;
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("no profile named \"oma\""));
