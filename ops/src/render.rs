@@ -186,17 +186,6 @@ pub fn ago(unix_ms: u64) -> String {
     humantime::format_duration(std::time::Duration::from_secs(secs)).to_string()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(bytes(999), "999 B");
-        assert_eq!(bytes(1_500_000), "1.5 MB");
-    }
-}
-
 /// `profiles diff`: a plan, one profile per block.
 pub fn plan(p: &tunnelfleet_coordinator::plan::Plan) -> String {
     use std::fmt::Write;
@@ -252,4 +241,15 @@ pub fn plan(p: &tunnelfleet_coordinator::plan::Plan) -> String {
         }
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(bytes(999), "999 B");
+        assert_eq!(bytes(1_500_000), "1.5 MB");
+    }
 }
