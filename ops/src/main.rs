@@ -14,12 +14,12 @@ use tunnelfleet_ops::{audit, demo, net, render};
 /// Exit code when the agent cannot be reached.
 const EXIT_UNREACHABLE: u8 = 3;
 
-/// Operate tunnelfleet: the local agent's tunnels, and the demo.
+/// Operate tunnelfleet: the fleet (through the coordinator), the local agent's tunnels, and the demo.
 #[derive(Parser, Debug)]
 #[command(
     version,
     about,
-    after_help = "Examples:\n  tunnelfleet demo\n  tunnelfleet tunnels status\n  tunnelfleet tunnels restart oma --socket /run/tunnelfleet/agent.sock\n  tunnelfleet tunnels list --json | jq '.profiles[].name'"
+    after_help = "Examples:\n  tunnelfleet demo\n  tunnelfleet tunnels status\n  tunnelfleet tunnels restart oma --socket /run/tunnelfleet/agent.sock\n  tunnelfleet tunnels list --json | jq '.profiles[].name'\n  tunnelfleet watch\n  tunnelfleet profiles diff -f profiles.toml && tunnelfleet profiles apply -f profiles.toml\n  tunnelfleet oma failover oma-dc1\n  tunnelfleet token create --label site=dc1 --ttl 1h\n  tunnelfleet completions bash > /etc/bash_completion.d/tunnelfleet\n\nExit codes: 0 ok, 1 failure (or a failed check), 2 changes pending (profiles diff --detailed-exitcode), 3 agent or coordinator unreachable."
 )]
 struct Cli {
     /// Print machine-readable JSON instead of tables.
@@ -101,6 +101,18 @@ enum Command {
         api: ApiArgs,
         #[command(subcommand)]
         action: tunnelfleet_ops::fleet::AlertsAction,
+    },
+    /// The whole fleet, refreshed in place: agents, tunnels, OMA endpoints, firing alerts.
+    /// With --json, one view per line.
+    Watch {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Time between refreshes.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
+        /// Stop after this many refreshes (0 = until interrupted).
+        #[arg(long, default_value_t = 0)]
+        count: u64,
     },
     /// One-time join tokens that let new agents enroll themselves.
     Token {
@@ -455,6 +467,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Oma { api, action } => {
             tunnelfleet_ops::fleet::oma(&api.client()?, action, cli.json).await
         }
+        Command::Watch {
+            api,
+            interval,
+            count,
+        } => tunnelfleet_ops::fleet::watch(&api.client()?, interval, count, cli.json).await,
         Command::Token { api, action } => {
             tunnelfleet_ops::access::token(&api.client()?, action, cli.json).await
         }

@@ -139,6 +139,19 @@ async fn profiles_assign_rollout_and_agents_through_the_cli() {
     assert_eq!(agents[0]["applied_version"], 2);
     let human = tf(&admin, &token, &["agents", "list"]).await;
     assert!(String::from_utf8_lossy(&human.stdout).contains("online"));
+    // watch: one refresh, as JSON and as the screen.
+    let o = tf(&admin, &token, &["watch", "--count", "1", "--json"]).await;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(json(&o)["agents"][0]["id"], "vma-1");
+    let o = tf(
+        &admin,
+        &token,
+        &["watch", "--count", "2", "--interval", "10ms"],
+    )
+    .await;
+    let screen = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(screen.matches("\x1b[2J").count(), 2, "{screen}");
+    assert!(screen.contains("agents 1/1 online"), "{screen}");
 
     // A bad profile file is refused before anything is sent, naming the file and key.
     std::fs::write(dir.path().join("bad.toml"), "[[profile]]\nname = \"x\"\nendpoints = []\nuser = \"u\"\nidentity_file = \"/k\"\nknown_hosts = \"/kh\"\nforwards = [\"L 1:a:2\"]\n").unwrap();
