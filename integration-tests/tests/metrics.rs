@@ -85,16 +85,34 @@ async fn metrics_show_agents_tunnels_oma_health_alerts_and_push_latency() {
     let dir = tempfile::tempdir().unwrap();
     pki::init(&dir.path().join("pki"), &["localhost".into()]).unwrap();
     let port = free_port();
+    let sink = tunnelfleet_ops::services::WebhookSink::start(0)
+        .await
+        .unwrap();
+    let secret = dir.path().join("webhook.secret");
+    integration_tests::write_secret(&secret, b"metrics-test-webhook-secret");
     let mut c = CoordinatorProcess::start_with(
         dir.path(),
         "500ms",
-        &format!("metrics_listen = \"127.0.0.1:{port}\"\n"),
+        &format!(
+            "metrics_listen = \"127.0.0.1:{port}\"\n\n[[hook]]\nname = \"ops\"\nkind = \"webhook\"\nurl = \"http://127.0.0.1:{}/alerts\"\nsecret_file = \"{}\"\n",
+            sink.port,
+            secret.display()
+        ),
     )
     .await;
     let dead = format!("127.0.0.1:{}", free_port());
+    // A standby that answers probes like an sshd does: the group fails over to it.
+    let standby = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let standby_addr = standby.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        while let Ok((mut s, _)) = standby.accept().await {
+            let _ = s.write_all(b"SSH-2.0-OpenSSH_9.2p1 test\r\n").await;
+        }
+    });
     let group = OmaGroup {
         name: "oma".into(),
-        endpoints: vec![dead.clone()],
+        endpoints: vec![dead.clone(), standby_addr.clone()],
         probe: true,
         probe_interval: Duration::from_millis(200),
         probe_timeout: Duration::from_millis(200),
@@ -196,6 +214,13 @@ async fn metrics_show_agents_tunnels_oma_health_alerts_and_push_latency() {
                 ) == Some(0.0)
                 && get(&s, "tunnelfleet_alerts_firing", &[("kind", "oma_down")]) == Some(1.0)
                 && get(&s, "tunnelfleet_push_ack_seconds_count", &[]).is_some_and(|n| n >= 1.0)
+                && get(&s, "tunnelfleet_hook_deliveries_total", &[("hook", "ops")]) == Some(1.0)
+                && get(&s, "tunnelfleet_oma_failovers_total", &[("group", "oma")]) == Some(1.0)
+                && get(
+                    &s,
+                    "tunnelfleet_oma_endpoint_up",
+                    &[("endpoint", standby_addr.as_str()), ("active", "true")],
+                ) == Some(1.0)
         },
     )
     .await;
@@ -226,6 +251,42 @@ async fn metrics_show_agents_tunnels_oma_health_alerts_and_push_latency() {
         "{text}"
     );
     assert!(text.contains("# HELP tunnelfleet_agents "), "{text}");
+    assert_eq!(
+        get(&s, "tunnelfleet_hook_pending", &[("hook", "ops")]),
+        Some(0.0)
+    );
+    assert_eq!(
+        get(
+            &s,
+            "tunnelfleet_hook_delivery_failures_total",
+            &[("hook", "ops")]
+        ),
+        Some(0.0)
+    );
+
+    // Every metric the shipped Grafana dashboard queries is one the coordinator exports.
+    let dashboard = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../ops/deploy/grafana/tunnelfleet.json"),
+    )
+    .unwrap();
+    let exported: std::collections::BTreeSet<&str> = s.keys().map(|(n, _)| n.as_str()).collect();
+    let mut queried = 0;
+    for (i, _) in dashboard.match_indices("tunnelfleet_") {
+        let name: String = dashboard[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        if name == "tunnelfleet_" || name.starts_with("tunnelfleet_fleet") {
+            continue; // the dashboard's own uid
+        }
+        assert!(
+            exported.contains(name.as_str()),
+            "dashboard queries {name}, not exported:\n{text}"
+        );
+        queried += 1;
+    }
+    assert!(queried >= 10, "{queried}");
 
     // The agent gone: no longer online.
     l.close();
