@@ -162,6 +162,10 @@ async fn run_in(dir: &Path, out: &mut (impl Write + Send)) -> anyhow::Result<Dem
     })
     .await?;
     let (control_addr, admin_addr, fleet) = (bound.control, bound.admin, bound.fleet.clone());
+    let metrics_port = bound
+        .metrics
+        .map(|a| a.port())
+        .context("metrics listener")?;
     let coordinator_stop = CancellationToken::new();
     let coordinator = tokio::spawn(bound.run(coordinator_stop.clone()));
     let api = ApiClient::new(&admin_addr.to_string(), &token);
@@ -282,6 +286,7 @@ async fn run_in(dir: &Path, out: &mut (impl Write + Send)) -> anyhow::Result<Dem
         say(out, &format!("    all {AGENTS} agents back on oma-a {failback_s:.2}s after it returned (make-before-break: new session up, then the old one drained)"))?;
         nbd_bytes += show_traffic(out, first, "oma-a").await?;
         print_alerts(out, &api).await?;
+        print_metrics(out, metrics_port).await?;
         let status = print_status(out, first).await?;
         let p = &status.profiles[0];
         anyhow::Ok(DemoReport {
@@ -506,6 +511,31 @@ async fn print_oma(out: &mut (impl Write + Send), api: &ApiClient) -> anyhow::Re
     say(out, "\n  $ tunnelfleet oma list")?;
     for line in crate::fleet::oma_table(&v).lines() {
         say(out, &format!("  {line}"))?;
+    }
+    Ok(())
+}
+
+/// A few lines of what Prometheus would scrape.
+async fn print_metrics(out: &mut (impl Write + Send), port: u16) -> anyhow::Result<()> {
+    let text = get(port, "/metrics").await?;
+    say(
+        out,
+        &format!(
+            "\n  $ curl -s http://127.0.0.1:{port}/metrics | grep -E 'agents|failovers|alerts_fired|hook_deliveries'"
+        ),
+    )?;
+    for line in text.lines().filter(|l| {
+        !l.starts_with('#')
+            && [
+                "tunnelfleet_agents{",
+                "tunnelfleet_oma_failovers_total",
+                "tunnelfleet_alerts_fired_total",
+                "tunnelfleet_hook_deliveries_total",
+            ]
+            .iter()
+            .any(|m| l.starts_with(m))
+    }) {
+        say(out, &format!("    {line}"))?;
     }
     Ok(())
 }

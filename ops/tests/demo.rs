@@ -25,6 +25,15 @@ async fn demo_runs_fails_over_and_leaves_nothing_behind() {
     assert_eq!(report.agents, 3);
     assert!(text.contains("FIRING [oma_down]"), "{text}");
     assert!(text.contains("RESOLVED [oma_down]"), "{text}");
+    // Failover and failback counted, both webhook deliveries too, as Prometheus sees them.
+    assert!(
+        text.contains("tunnelfleet_oma_failovers_total{group=\"oma\"} 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("tunnelfleet_hook_deliveries_total{hook=\"ops-webhook\"} 2"),
+        "{text}"
+    );
     assert_eq!(report.alerts_delivered, 2, "{text}");
     assert!(text.contains("acknowledged by every agent"), "{text}");
     assert!(
