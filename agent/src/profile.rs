@@ -268,7 +268,10 @@ impl Runner {
             );
             let connected = tokio::select! {
                 _ = self.cancel.cancelled() => break 'outer,
-                r = ssh::connect(&self.params, host, *port) => r,
+                r = tracing::Instrument::instrument(
+                    ssh::connect(&self.params, host, *port),
+                    tracing::info_span!("ssh_connect", profile = %self.cfg.name, %endpoint),
+                ) => r,
             };
             let mut immediate = false;
             match connected {

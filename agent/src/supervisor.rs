@@ -188,6 +188,7 @@ impl Supervisor {
     /// are replaced, new ones started. Local profiles are never touched; a pushed profile with a
     /// local profile's name is refused. Returns one result per forward, after the listeners
     /// have settled, so a port conflict is reported in the acknowledgement.
+    #[tracing::instrument(name = "apply_profiles", skip_all, fields(version = set.version, profiles = set.profiles.len()))]
     pub async fn apply(&mut self, set: &ProfileSet) -> Applied {
         let mut results = Vec::new();
         let wanted: BTreeMap<&str, &tunnelfleet_protocol::ProfileSpec> =

@@ -67,7 +67,22 @@ pub fn router(admin: Admin) -> Router {
         .route("/v1/history", get(history))
         .route("/v1/history/{version}", get(revision))
         .route("/v1/rollback", post(rollback))
+        .layer(axum::middleware::from_fn(request_span))
         .with_state(admin)
+}
+
+/// One span per admin request (exported over OTLP when configured), with its outcome.
+async fn request_span(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use tracing::Instrument;
+    let span = tracing::info_span!(
+        "admin_request",
+        method = %req.method(),
+        path = %req.uri().path(),
+        status = tracing::field::Empty
+    );
+    let resp = next.run(req).instrument(span.clone()).await;
+    span.record("status", resp.status().as_u16());
+    resp
 }
 
 /// An error as JSON with a status code.

@@ -227,6 +227,7 @@ fn client() -> Result<Client, String> {
 }
 
 /// Delivers one entry once; `Err` says why it failed.
+#[tracing::instrument(name = "hook_delivery", skip_all, fields(hook = %hook.name, alert = d.alert.id, attempt = d.attempts + 1))]
 async fn deliver(hook: &Hook, client: &Client, d: &Delivery) -> Result<(), String> {
     match hook.kind {
         HookKind::Command => run_command(hook, d).await,

@@ -333,12 +333,23 @@ pub async fn serve(endpoint: quinn::Endpoint, fleet: Arc<Fleet>, shutdown: Cance
         let fleet = fleet.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
+            use tracing::Instrument;
             match incoming.await {
                 Ok(conn) if alpn(&conn).as_deref() == Some(tunnelfleet_protocol::ENROLL_ALPN) => {
                     let signer = fleet.signer.get().cloned();
-                    crate::enroll::serve(conn, fleet, signer).await
+                    crate::enroll::serve(conn, fleet, signer)
+                        .instrument(tracing::info_span!("enrollment", %remote))
+                        .await
                 }
-                Ok(conn) => handle(conn, fleet).await,
+                Ok(conn) => {
+                    handle(conn, fleet)
+                        .instrument(tracing::info_span!(
+                            "control_link",
+                            %remote,
+                            agent = tracing::field::Empty
+                        ))
+                        .await
+                }
                 // A client certificate from another CA, or an expired one, ends here.
                 Err(e) => tracing::warn!(%remote, "control link refused during handshake: {e}"),
             }
@@ -361,7 +372,10 @@ fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
 async fn handle(conn: quinn::Connection, fleet: Arc<Fleet>) {
     let remote = conn.remote_address();
     let cert_id = match tls::connection_agent_id(&conn) {
-        Ok(id) => id,
+        Ok(id) => {
+            tracing::Span::current().record("agent", id.as_str());
+            id
+        }
         Err(e) => {
             tracing::warn!(%remote, "control link refused: {e}");
             conn.close(close::REFUSED.into(), e.as_bytes());

@@ -830,6 +830,7 @@ pub struct CoordinatorProcess {
     pub token_file: PathBuf,
     /// Its config file (a restart uses the same).
     pub config: PathBuf,
+    env: Vec<(String, String)>,
     child: std::process::Child,
     log: PathBuf,
 }
@@ -843,6 +844,16 @@ impl CoordinatorProcess {
 
     /// As [`CoordinatorProcess::start`], with more config (`[[hook]]`s) appended.
     pub async fn start_with(dir: &Path, heartbeat: &str, extra: &str) -> CoordinatorProcess {
+        Self::start_with_env(dir, heartbeat, extra, &[]).await
+    }
+
+    /// As [`CoordinatorProcess::start_with`], with environment variables for the process.
+    pub async fn start_with_env(
+        dir: &Path,
+        heartbeat: &str,
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> CoordinatorProcess {
         let control = std::net::SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
         let admin = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
         let token_file = dir.join("admin.token");
@@ -862,8 +873,13 @@ impl CoordinatorProcess {
         .expect("coordinator config");
         let api = tunnelfleet_ops::api::ApiClient::new(&admin.to_string(), token);
         let log = dir.join("coordinator.log");
-        let child = Self::spawn(&config, &log);
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let child = Self::spawn(&config, &log, &env);
         let mut c = CoordinatorProcess {
+            env,
             control,
             api,
             admin,
@@ -876,7 +892,7 @@ impl CoordinatorProcess {
         c
     }
 
-    fn spawn(config: &Path, log: &Path) -> std::process::Child {
+    fn spawn(config: &Path, log: &Path, env: &[(String, String)]) -> std::process::Child {
         let bin = debug_binary("tunnelfleet-coordinator", "tunnelfleet-coordinator")
             .expect("coordinator binary");
         let log = std::fs::OpenOptions::new()
@@ -887,6 +903,7 @@ impl CoordinatorProcess {
         Command::new(bin)
             .arg("--config")
             .arg(config)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -922,7 +939,7 @@ impl CoordinatorProcess {
 
     /// Starts it again on the same config (state dir and ports).
     pub async fn restart(&mut self) {
-        self.child = Self::spawn(&self.config, &self.log);
+        self.child = Self::spawn(&self.config, &self.log, &self.env);
         self.wait_ready().await;
     }
 

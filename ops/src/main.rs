@@ -388,7 +388,7 @@ fn main() -> ExitCode {
         Command::Demo => "warn",
         _ => "warn",
     };
-    telemetry::init(LogFormat::Human, default_filter);
+    let _telemetry = telemetry::init(LogFormat::Human, default_filter, "tunnelfleet");
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -35,7 +35,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    telemetry::init(args.log_format, "info,russh=warn");
+    let _telemetry = telemetry::init(args.log_format, "info,russh=warn", "tunnelfleet-agent");
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

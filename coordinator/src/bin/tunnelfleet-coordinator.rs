@@ -27,7 +27,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    telemetry::init(args.log_format, "info");
+    let _telemetry = telemetry::init(args.log_format, "info", "tunnelfleet-coordinator");
     let result = (|| {
         let cfg = CoordinatorConfig::load(&args.config)?;
         let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
