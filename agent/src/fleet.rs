@@ -110,11 +110,20 @@ pub async fn run(cfg: CoordinatorSection, sup: SupervisorHandle, shutdown: Cance
                 let mut tick = tokio::time::interval(every);
                 let mut seq = 0u64;
                 let mut since = status::now_unix_ms();
+                // Commands run beside the link (a health check takes its timeout); their
+                // results come back here to be sent.
+                let (done_tx, mut done_rx) =
+                    tokio::sync::mpsc::channel::<tunnelfleet_protocol::CommandResult>(16);
                 let ended: Result<(), LinkError> = loop {
                     tokio::select! {
                         _ = shutdown.cancelled() => {
                             l.close();
                             return;
+                        }
+                        Some(r) = done_rx.recv() => {
+                            if let Err(e) = l.command_result(r).await {
+                                break Err(e);
+                            }
                         }
                         _ = tick.tick() => {
                             let Some(status) = sup.status().await else { return };
@@ -138,6 +147,13 @@ pub async fn run(cfg: CoordinatorSection, sup: SupervisorHandle, shutdown: Cance
                                     break Err(e);
                                 }
                             }
+                            Ok(CoordinatorMessage::Command(c)) => {
+                                tracing::info!(id = c.id, action = ?c.action, profile = %c.profile, "command from the coordinator");
+                                let (sup, done) = (sup.clone(), done_tx.clone());
+                                tokio::spawn(async move {
+                                    let _ = done.send(run_command(&sup, c).await).await;
+                                });
+                            }
                             Ok(other) => tracing::debug!("ignoring {other:?}"),
                             Err(e) => break Err(e),
                         }
@@ -153,6 +169,41 @@ pub async fn run(cfg: CoordinatorSection, sup: SupervisorHandle, shutdown: Cance
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(backoff.next_delay()) => {}
         }
+    }
+}
+
+/// Runs a coordinator command through the same path as the local control socket.
+pub async fn run_command(
+    sup: &SupervisorHandle,
+    c: tunnelfleet_protocol::Command,
+) -> tunnelfleet_protocol::CommandResult {
+    use crate::control::{Request, Response};
+    use tunnelfleet_protocol::CommandAction;
+    let name = c.profile.clone();
+    let req = match c.action {
+        CommandAction::Start => Request::Start { name },
+        CommandAction::Stop => Request::Stop { name },
+        CommandAction::Restart => Request::Restart { name },
+        CommandAction::Health => Request::Health { name },
+    };
+    let (ok, message) = match sup.call(req).await {
+        Response::Ok { message } => (true, message),
+        Response::Health(h) => (
+            h.ok,
+            format!(
+                "health {}: {} ({:.1} ms)",
+                if h.ok { "passed" } else { "FAILED" },
+                h.detail,
+                h.latency_ms
+            ),
+        ),
+        Response::Error { message } => (false, message),
+        Response::Status(_) => (false, "unexpected status answer".into()),
+    };
+    tunnelfleet_protocol::CommandResult {
+        id: c.id,
+        ok,
+        message,
     }
 }
 

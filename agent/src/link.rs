@@ -173,9 +173,9 @@ pub async fn connect(
             Ok(link)
         }
         Ok(CoordinatorMessage::Refused { reason }) => Err(LinkError::Refused { addr, reason }),
-        Ok(CoordinatorMessage::Push(_)) => Err(LinkError::Lost {
+        Ok(CoordinatorMessage::Push(_) | CoordinatorMessage::Command(_)) => Err(LinkError::Lost {
             addr,
-            reason: "profiles pushed before the welcome".into(),
+            reason: "a push or command before the welcome".into(),
         }),
         Err(e) => Err(e),
     }
@@ -193,6 +193,14 @@ impl ControlLink {
         applied: tunnelfleet_protocol::Applied,
     ) -> Result<(), LinkError> {
         self.send_message(AgentMessage::Applied(applied)).await
+    }
+
+    /// Answers a coordinator command.
+    pub async fn command_result(
+        &mut self,
+        r: tunnelfleet_protocol::CommandResult,
+    ) -> Result<(), LinkError> {
+        self.send_message(AgentMessage::CommandResult(r)).await
     }
 
     async fn send_message(&mut self, msg: AgentMessage) -> Result<(), LinkError> {

@@ -67,6 +67,10 @@ pub fn router(admin: Admin) -> Router {
         .route("/v1/history", get(history))
         .route("/v1/history/{version}", get(revision))
         .route("/v1/rollback", post(rollback))
+        .route(
+            "/v1/agents/{id}/tunnels/{profile}/{action}",
+            post(agent_command),
+        )
         .layer(axum::middleware::from_fn(request_span))
         .with_state(admin)
 }
@@ -869,4 +873,30 @@ async fn rollback(
     let version = a.fleet.store.rollback(r.version).await?;
     let pushed_to = a.fleet.push_changed()?;
     Ok(Json(Changed { version, pushed_to }))
+}
+
+async fn agent_command(
+    State(a): State<Admin>,
+    h: HeaderMap,
+    Path((id, profile, action)): Path<(String, String, String)>,
+) -> Result<Json<tunnelfleet_protocol::CommandResult>, ApiError> {
+    use tunnelfleet_protocol::CommandAction;
+    authorize(&a, &h)?;
+    let action = match action.as_str() {
+        "start" => CommandAction::Start,
+        "stop" => CommandAction::Stop,
+        "restart" => CommandAction::Restart,
+        "health" => CommandAction::Health,
+        other => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("{other:?}: expected start, stop, restart or health"),
+            ));
+        }
+    };
+    a.fleet
+        .command(&id, action, &profile)
+        .await
+        .map(Json)
+        .map_err(|e| ApiError(StatusCode::CONFLICT, e))
 }

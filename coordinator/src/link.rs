@@ -15,9 +15,12 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tunnelfleet_protocol::{
-    AgentMessage, CoordinatorMessage, FrameDecoder, Heartbeat, PROTOCOL_VERSION, Welcome,
-    check_version, encode,
+    AgentMessage, Command, CommandAction, CommandResult, CoordinatorMessage, FrameDecoder,
+    Heartbeat, PROTOCOL_VERSION, Welcome, check_version, encode,
 };
+
+/// Commands waiting for results: id -> (agent asked, where the answer goes).
+type Pending = HashMap<u64, (String, tokio::sync::oneshot::Sender<CommandResult>)>;
 
 use crate::store::{Revocation, Store, StoreError};
 use crate::tls;
@@ -147,7 +150,14 @@ pub struct Fleet {
     pub signer: std::sync::OnceLock<Arc<crate::pki::Signer>>,
     /// Prometheus metrics (absent only if the exporter could not be built).
     pub metrics: Option<crate::metrics::Metrics>,
+    /// Commands sent to agents, waiting for their results.
+    commands: Mutex<Pending>,
+    next_command: std::sync::atomic::AtomicU64,
 }
+
+/// How long an operator's command may take on the agent (a health check is bounded by its
+/// own timeout, well below this).
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Fleet {
     /// A fleet over `store`.
@@ -166,6 +176,8 @@ impl Fleet {
             watch: std::sync::OnceLock::new(),
             signer: std::sync::OnceLock::new(),
             metrics,
+            commands: Mutex::default(),
+            next_command: std::sync::atomic::AtomicU64::new(1),
         });
         if let Some(m) = &fleet.metrics {
             m.observe(Arc::downgrade(&fleet));
@@ -265,6 +277,50 @@ impl Fleet {
                 });
             }
         }
+    }
+
+    /// Runs an operator's command on a connected agent and waits for its result.
+    pub async fn command(
+        &self,
+        agent: &str,
+        action: CommandAction,
+        profile: &str,
+    ) -> Result<CommandResult, String> {
+        let id = self
+            .next_command
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tx = self
+            .links
+            .lock()
+            .get(agent)
+            .filter(|(l, _)| l.connected)
+            .and_then(|(_, live)| live.as_ref().map(|l| l.tx.clone()))
+            .ok_or_else(|| format!("agent {agent:?} is not connected"))?;
+        let frame = encode(&CoordinatorMessage::Command(Command {
+            id,
+            action,
+            profile: profile.to_string(),
+        }))
+        .map_err(|e| e.to_string())?;
+        let (done, answer) = tokio::sync::oneshot::channel();
+        self.pending().insert(id, (agent.to_string(), done));
+        if tx.send(frame).await.is_err() {
+            self.pending().remove(&id);
+            return Err(format!("agent {agent:?} disconnected"));
+        }
+        let r = tokio::time::timeout(COMMAND_TIMEOUT, answer).await;
+        self.pending().remove(&id);
+        match r {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(_)) => Err(format!("agent {agent:?} disconnected before answering")),
+            Err(_) => Err(format!(
+                "agent {agent:?} did not answer within {COMMAND_TIMEOUT:?}"
+            )),
+        }
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.commands.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Records the push-to-acknowledgement time of the version an agent just applied.
@@ -525,6 +581,25 @@ async fn handle(conn: quinn::Connection, fleet: Arc<Fleet>) {
                     .collect();
                 if let Err(e) = fleet.store.record_agent(&rec).await {
                     tracing::error!(agent = %cert_id, "{e}");
+                }
+            }
+            Ok(Some(AgentMessage::CommandResult(r))) => {
+                // Only answers to commands sent to this agent are taken.
+                let waiting = {
+                    let mut p = fleet.pending();
+                    match p.get(&r.id) {
+                        Some((asked, _)) if *asked == cert_id => p.remove(&r.id),
+                        _ => None,
+                    }
+                };
+                match waiting {
+                    Some((_, done)) => {
+                        tracing::info!(agent = %cert_id, id = r.id, ok = r.ok, "command result: {}", r.message);
+                        let _ = done.send(r);
+                    }
+                    None => {
+                        tracing::debug!(agent = %cert_id, id = r.id, "result of a command nobody waits for")
+                    }
                 }
             }
             Ok(Some(AgentMessage::Hello(_))) => {

@@ -11,7 +11,7 @@ use integration_tests::*;
 use tunnelfleet_agent::config::AgentConfig;
 use tunnelfleet_coordinator::pki;
 use tunnelfleet_coordinator::store::{Assignment, Selector};
-use tunnelfleet_protocol::{ProfileSpec, TunnelState};
+use tunnelfleet_protocol::{CommandAction, ProfileSpec, TunnelState};
 
 fn coordinator_toml(c: &TestCoordinator, files: &pki::AgentFiles, state: &Path) -> String {
     format!(
@@ -97,6 +97,29 @@ async fn pushed_profiles_run_survive_the_coordinator_and_come_back_from_cache() 
             })
     })
     .await;
+
+    // An operator's commands through the coordinator (`tunnels … --agent vma-1`), carried
+    // over the control link and run by the agent as its local socket would.
+    let r = c
+        .fleet
+        .command("vma-1", CommandAction::Restart, "oma")
+        .await
+        .unwrap();
+    assert!(r.ok, "{r:?}");
+    agent.wait_all_active("oma").await;
+    echo_roundtrip(l, b"after a remote restart").await.unwrap();
+    let r = c
+        .fleet
+        .command("vma-1", CommandAction::Stop, "no-such-profile")
+        .await
+        .unwrap();
+    assert!(!r.ok && r.message.contains("no profile named"), "{r:?}");
+    let e = c
+        .fleet
+        .command("vma-9", CommandAction::Restart, "oma")
+        .await
+        .unwrap_err();
+    assert!(e.contains("not connected"), "{e}");
 
     // The coordinator goes away: the tunnel does not notice.
     c.stop().await;

@@ -466,3 +466,95 @@ pub async fn watch(
         }
     }
 }
+
+/// What `tunnels … --agent ID` does through the coordinator.
+#[derive(Debug, Clone)]
+pub enum RemoteAction {
+    /// `list` / `status`: the agent's last heartbeat.
+    Status,
+    /// `start|stop|restart|health NAME`, run on the agent.
+    Command(tunnelfleet_protocol::CommandAction, String),
+}
+
+/// `tunnelfleet tunnels … --agent ID`.
+pub async fn remote_tunnels(
+    client: &ApiClient,
+    agent: &str,
+    action: RemoteAction,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    match action {
+        RemoteAction::Status => {
+            let d: tunnelfleet_coordinator::admin::AgentDetail =
+                client.get(&format!("/v1/agents/{agent}")).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&d)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let state = if d.summary.online {
+                "online"
+            } else if d.summary.connected {
+                "OFFLINE (silent)"
+            } else {
+                "disconnected"
+            };
+            println!(
+                "agent {agent}: {state}, last seen {} ago (as of its last heartbeat)",
+                render::ago(d.summary.last_seen_unix_ms)
+            );
+            let Some(hb) = d.last_heartbeat else {
+                println!("no heartbeat on its current connection");
+                return Ok(ExitCode::SUCCESS);
+            };
+            let mut t = render::table(&[
+                "PROFILE",
+                "STATE",
+                "ENDPOINT",
+                "RECONNECTS",
+                "FAILOVERS",
+                "FORWARDS",
+                "IN",
+                "OUT",
+                "LAST ERROR",
+            ]);
+            for p in &hb.profiles {
+                let active = p
+                    .forwards
+                    .iter()
+                    .filter(|f| f.state == tunnelfleet_protocol::ForwardState::Active)
+                    .count();
+                t.add_row(vec![
+                    p.name.clone(),
+                    format!("{:?}", p.state).to_uppercase(),
+                    p.active_endpoint.clone(),
+                    p.reconnects.to_string(),
+                    p.failovers.to_string(),
+                    format!("{active}/{} active", p.forwards.len()),
+                    render::bytes(p.forwards.iter().map(|f| f.bytes_in).sum()),
+                    render::bytes(p.forwards.iter().map(|f| f.bytes_out).sum()),
+                    p.last_error.clone().unwrap_or_else(|| "-".into()),
+                ]);
+            }
+            println!("{t}");
+        }
+        RemoteAction::Command(action, profile) => {
+            let verb = format!("{action:?}").to_ascii_lowercase();
+            let r: tunnelfleet_protocol::CommandResult = client
+                .call::<(), _>(
+                    "POST",
+                    &format!("/v1/agents/{agent}/tunnels/{profile}/{verb}"),
+                    None,
+                )
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!("{agent}: {}", r.message);
+            }
+            if !r.ok {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -31,8 +31,14 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// The local agent's tunnels (through its control socket).
+    /// An agent's tunnels: the local one through its control socket, any other with
+    /// --agent ID through the coordinator.
     Tunnels {
+        /// Act on this agent through the coordinator instead of the local agent.
+        #[arg(long, global = true)]
+        agent: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
         /// Agent control socket.
         #[arg(long, env = "TUNNELFLEET_SOCKET", global = true)]
         socket: Option<PathBuf>,
@@ -438,9 +444,24 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Tunnels {
+            agent: Some(agent),
+            api,
+            action,
+            ..
+        } => {
+            tunnelfleet_ops::fleet::remote_tunnels(
+                &api.client()?,
+                &agent,
+                remote_action(action)?,
+                cli.json,
+            )
+            .await
+        }
+        Command::Tunnels {
             socket,
             config,
             action,
+            ..
         } => tunnels(&control_socket(socket, &config)?, action, cli.json).await,
         Command::Net { action } => net(action, cli.json).await,
         Command::Pki { action } => pki(action, cli.json),
@@ -513,6 +534,28 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
     }
+}
+
+/// A `tunnels` action as the coordinator can carry it to another agent.
+fn remote_action(a: TunnelAction) -> anyhow::Result<tunnelfleet_ops::fleet::RemoteAction> {
+    use tunnelfleet_ops::fleet::RemoteAction;
+    use tunnelfleet_protocol::CommandAction;
+    let one = |t: Target, what: &str| match (t.name, t.all) {
+        (Some(n), false) => Ok(n),
+        _ => Err(anyhow::anyhow!(
+            "tunnels {what} --all --agent: name one profile (tunnels list --agent shows them)"
+        )),
+    };
+    Ok(match a {
+        TunnelAction::List | TunnelAction::Status => RemoteAction::Status,
+        TunnelAction::Start(t) => RemoteAction::Command(CommandAction::Start, one(t, "start")?),
+        TunnelAction::Stop(t) => RemoteAction::Command(CommandAction::Stop, one(t, "stop")?),
+        TunnelAction::Restart { name } => RemoteAction::Command(CommandAction::Restart, name),
+        TunnelAction::Health { name } => RemoteAction::Command(CommandAction::Health, name),
+        TunnelAction::Monitor { .. } => {
+            anyhow::bail!("tunnels monitor --agent: use `tunnelfleet watch` for the fleet")
+        }
+    })
 }
 
 fn join(v: &serde_json::Value) -> String {

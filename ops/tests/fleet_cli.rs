@@ -74,14 +74,25 @@ async fn profiles_assign_rollout_and_agents_through_the_cli() {
         .unwrap();
     let agent = tokio::spawn(async move {
         while let Ok(m) = link.next().await {
-            if let CoordinatorMessage::Push(set) = m {
-                link.applied(Applied {
-                    version: set.version,
-                    ok: true,
-                    results: vec![],
-                })
-                .await
-                .unwrap();
+            match m {
+                CoordinatorMessage::Push(set) => link
+                    .applied(Applied {
+                        version: set.version,
+                        ok: true,
+                        results: vec![],
+                    })
+                    .await
+                    .unwrap(),
+                // Answers commands as the agent would: a known profile works, others do not.
+                CoordinatorMessage::Command(c) => link
+                    .command_result(tunnelfleet_protocol::CommandResult {
+                        id: c.id,
+                        ok: c.profile == "oma",
+                        message: format!("{:?} {}", c.action, c.profile),
+                    })
+                    .await
+                    .unwrap(),
+                _ => {}
             }
         }
     });
@@ -139,6 +150,48 @@ async fn profiles_assign_rollout_and_agents_through_the_cli() {
     assert_eq!(agents[0]["applied_version"], 2);
     let human = tf(&admin, &token, &["agents", "list"]).await;
     assert!(String::from_utf8_lossy(&human.stdout).contains("online"));
+    // tunnels --agent: through the coordinator to the agent and back.
+    let o = tf(
+        &admin,
+        &token,
+        &["tunnels", "restart", "oma", "--agent", "vma-1", "--json"],
+    )
+    .await;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(json(&o)["message"], "Restart oma");
+    let o = tf(
+        &admin,
+        &token,
+        &["tunnels", "health", "other", "--agent", "vma-1"],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "vma-1: Health other"
+    );
+    let o = tf(
+        &admin,
+        &token,
+        &["tunnels", "stop", "oma", "--agent", "vma-404"],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not connected"));
+    let o = tf(
+        &admin,
+        &token,
+        &["tunnels", "status", "--agent", "vma-1", "--json"],
+    )
+    .await;
+    assert_eq!(json(&o)["id"], "vma-1");
+    let o = tf(&admin, &token, &["tunnels", "status", "--agent", "vma-1"]).await;
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("agent vma-1: online"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+
     // watch: one refresh, as JSON and as the screen.
     let o = tf(&admin, &token, &["watch", "--count", "1", "--json"]).await;
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

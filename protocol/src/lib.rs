@@ -19,7 +19,8 @@ pub use frame::{DecodeError, EncodeError, FrameDecoder, MAX_FRAME_LEN, decode, e
 pub use message::*;
 
 /// The protocol version this build speaks; exchanged in [`Hello`] and [`Welcome`].
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: coordinator -> agent commands (`tunnels … --agent`).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// QUIC keep-alive of the control link (both ends).
 pub const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(2);

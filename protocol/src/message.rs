@@ -26,6 +26,8 @@ pub enum AgentMessage {
     Heartbeat(Heartbeat),
     /// The result of applying a pushed profile set.
     Applied(Applied),
+    /// The answer to a [`CoordinatorMessage::Command`].
+    CommandResult(CommandResult),
 }
 
 /// What the coordinator sends.
@@ -41,6 +43,47 @@ pub enum CoordinatorMessage {
     },
     /// The profiles this agent must run now.
     Push(ProfileSet),
+    /// An operator's command for one of the agent's profiles (`tunnelfleet tunnels … --agent`).
+    Command(Command),
+}
+
+/// What an operator asks of a profile on an agent, as `tunnelfleet tunnels` does locally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub enum CommandAction {
+    /// Start a stopped profile.
+    Start,
+    /// Stop it, draining open connections.
+    Stop,
+    /// Re-establish its session now.
+    Restart,
+    /// Run its health check now.
+    Health,
+}
+
+/// Coordinator -> agent: run `action` on `profile`; answered by a [`CommandResult`] with the
+/// same `id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct Command {
+    /// Matches the answer to the question.
+    pub id: u64,
+    /// What to do.
+    pub action: CommandAction,
+    /// Which profile.
+    pub profile: String,
+}
+
+/// Agent -> coordinator: how a [`Command`] went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct CommandResult {
+    /// The command's id.
+    pub id: u64,
+    /// Done (for `Health`: the check passed).
+    pub ok: bool,
+    /// What happened, as the local CLI would print it.
+    pub message: String,
 }
 
 /// The agent introduces itself. Its identity comes from its certificate; `agent_id` must
