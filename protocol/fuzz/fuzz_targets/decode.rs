@@ -1,9 +1,11 @@
-//! Arbitrary bytes from a peer, through the frame decoder and both message decoders: any
+//! Arbitrary bytes from a peer, through the frame decoder and every message decoder: any
 //! outcome but a panic, an abort or an unbounded allocation is fine.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tunnelfleet_protocol::{AgentMessage, CoordinatorMessage, FrameDecoder, decode, encode};
+use tunnelfleet_protocol::{
+    AgentMessage, CoordinatorMessage, EnrollReply, EnrollRequest, FrameDecoder, decode, encode,
+};
 
 fuzz_target!(|data: &[u8]| {
     // As a stream, split in two pushes.
@@ -19,4 +21,7 @@ fuzz_target!(|data: &[u8]| {
     // As single payloads of either direction.
     let _ = decode::<AgentMessage>(data);
     let _ = decode::<CoordinatorMessage>(data);
+    // Enrollment: the coordinator decodes requests from peers without a certificate.
+    let _ = decode::<EnrollRequest>(data);
+    let _ = decode::<EnrollReply>(data);
 });
