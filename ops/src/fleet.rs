@@ -441,30 +441,16 @@ pub async fn watch(
     count: u64,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let mut shown = 0u64;
-    loop {
+    render::live(interval, count, json, || async {
         let v = fleet_view(client).await?;
-        if json {
-            println!("{}", serde_json::to_string(&v)?);
-        } else {
-            // Clear the screen and home the cursor, like watch(1).
-            print!("\x1b[2J\x1b[H");
-            println!(
-                "tunnelfleet watch (every {}, Ctrl+C to stop)\n",
-                humantime::format_duration(interval)
-            );
-            print!("{}", render_view(&v));
-        }
-        std::io::Write::flush(&mut std::io::stdout())?;
-        shown += 1;
-        if count != 0 && shown >= count {
-            return Ok(ExitCode::SUCCESS);
-        }
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
-            _ = tokio::time::sleep(interval) => {}
-        }
-    }
+        let screen = format!(
+            "tunnelfleet watch (every {}, Ctrl+C to stop)\n\n{}",
+            humantime::format_duration(interval),
+            render_view(&v)
+        );
+        Ok((serde_json::to_string(&v)?, screen))
+    })
+    .await
 }
 
 /// What `tunnels … --agent ID` does through the coordinator.

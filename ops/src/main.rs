@@ -1014,29 +1014,15 @@ async fn monitor(
     count: u64,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let mut shown = 0u64;
-    loop {
+    render::live(interval, count, json, || async {
         let s = status(socket).await?;
-        if json {
-            println!("{}", serde_json::to_string(&s)?);
-        } else {
-            // Clear the screen and home the cursor, like watch(1).
-            print!("\x1b[2J\x1b[H");
-            println!(
-                "tunnelfleet monitor: agent pid {} (every {}, Ctrl+C to stop)\n",
-                s.pid,
-                humantime::format_duration(interval)
-            );
-            print!("{}", render::status(&s));
-        }
-        std::io::Write::flush(&mut std::io::stdout())?;
-        shown += 1;
-        if count != 0 && shown >= count {
-            return Ok(ExitCode::SUCCESS);
-        }
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
-            _ = tokio::time::sleep(interval) => {}
-        }
-    }
+        let screen = format!(
+            "tunnelfleet monitor: agent pid {} (every {}, Ctrl+C to stop)\n\n{}",
+            s.pid,
+            humantime::format_duration(interval),
+            render::status(&s)
+        );
+        Ok((serde_json::to_string(&s)?, screen))
+    })
+    .await
 }

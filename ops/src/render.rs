@@ -243,6 +243,39 @@ pub fn plan(p: &tunnelfleet_coordinator::plan::Plan) -> String {
     out
 }
 
+/// Shows `frame()` every `interval` until Ctrl+C or `count` frames (0 = no limit): with
+/// `json`, one line per frame; otherwise the screen is cleared and redrawn, like watch(1).
+/// `frame` returns (JSON line, screen text).
+pub async fn live<F, Fut>(
+    interval: std::time::Duration,
+    count: u64,
+    json: bool,
+    mut frame: F,
+) -> anyhow::Result<std::process::ExitCode>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<(String, String)>>,
+{
+    let mut shown = 0u64;
+    loop {
+        let (line, screen) = frame().await?;
+        if json {
+            println!("{line}");
+        } else {
+            print!("\x1b[2J\x1b[H{screen}");
+        }
+        std::io::Write::flush(&mut std::io::stdout())?;
+        shown += 1;
+        if count != 0 && shown >= count {
+            return Ok(std::process::ExitCode::SUCCESS);
+        }
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(std::process::ExitCode::SUCCESS),
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
