@@ -185,6 +185,27 @@ pub async fn run_command(
         CommandAction::Stop => Request::Stop { name },
         CommandAction::Restart => Request::Restart { name },
         CommandAction::Health => Request::Health { name },
+        CommandAction::NetCheck => return net_check(sup, c.id).await,
+        CommandAction::Audit => {
+            let report = tokio::task::spawn_blocking(|| {
+                crate::audit::run(&crate::audit::AuditOptions::default())
+            })
+            .await;
+            return match report {
+                Ok(r) => tunnelfleet_protocol::CommandResult {
+                    id: c.id,
+                    ok: true,
+                    message: r.render(),
+                    report: serde_json::to_string(&r).ok(),
+                },
+                Err(e) => tunnelfleet_protocol::CommandResult {
+                    id: c.id,
+                    ok: false,
+                    message: format!("audit: {e}"),
+                    report: None,
+                },
+            };
+        }
     };
     let (ok, message) = match sup.call(req).await {
         Response::Ok { message } => (true, message),
@@ -204,6 +225,46 @@ pub async fn run_command(
         id: c.id,
         ok,
         message,
+        report: None,
+    }
+}
+
+/// `net check` from this agent against every endpoint of its profiles (SSH ports: banner too).
+async fn net_check(sup: &SupervisorHandle, id: u64) -> tunnelfleet_protocol::CommandResult {
+    let Some(status) = sup.status().await else {
+        return tunnelfleet_protocol::CommandResult {
+            id,
+            ok: false,
+            message: "agent is shutting down".into(),
+            report: None,
+        };
+    };
+    let mut targets: Vec<String> = status
+        .profiles
+        .iter()
+        .flat_map(|p| p.endpoints.iter().cloned())
+        .collect();
+    targets.sort();
+    targets.dedup();
+    let opts = crate::net::CheckOptions {
+        ports: Vec::new(),
+        ssh_ports: Vec::new(),
+        probes: 3,
+        timeout: Duration::from_secs(2),
+    };
+    let mut reports = Vec::new();
+    for t in &targets {
+        reports.push(crate::net::check(t, &opts).await);
+    }
+    tunnelfleet_protocol::CommandResult {
+        id,
+        ok: reports.iter().all(|r| r.ok),
+        message: if reports.is_empty() {
+            "no OMA endpoints in this agent's profiles".into()
+        } else {
+            crate::net::render(&reports)
+        },
+        report: serde_json::to_string(&reports).ok(),
     }
 }
 

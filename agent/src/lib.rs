@@ -22,6 +22,8 @@
 //! - [`status`]: status data shared by the tasks and returned to the CLI.
 //! - [`enroll`]: a join token traded for the agent's own certificate, trusting a pinned CA.
 //! - [`systemd`]: Type=notify readiness, the watchdog, STOPPING.
+//! - [`net`], [`audit`]: `tunnelfleet net check` and `audit`, here so an agent runs them for
+//!   `--agent ID` too.
 //! - [`fleet`]: fleet membership: cached profiles, the coordinator link loop, heartbeats.
 //! - [`link`]: the control link to the coordinator (QUIC, mutual TLS, hello, heartbeats).
 //! - [`agent`]: `run`, the whole agent as one call.
@@ -29,6 +31,7 @@
 //! - [`telemetry`]: logging setup.
 
 pub mod agent;
+pub mod audit;
 pub mod backoff;
 pub mod config;
 pub mod control;
@@ -40,6 +43,7 @@ pub mod hostkey;
 pub mod identity;
 pub mod link;
 pub mod local;
+pub mod net;
 pub mod profile;
 pub mod relay;
 pub mod shutdown;

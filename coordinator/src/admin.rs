@@ -71,6 +71,8 @@ pub fn router(admin: Admin) -> Router {
             "/v1/agents/{id}/tunnels/{profile}/{action}",
             post(agent_command),
         )
+        .route("/v1/agents/{id}/net-check", post(agent_net_check))
+        .route("/v1/agents/{id}/audit", post(agent_audit))
         .layer(axum::middleware::from_fn(request_span))
         .with_state(admin)
 }
@@ -875,6 +877,38 @@ async fn rollback(
     Ok(Json(Changed { version, pushed_to }))
 }
 
+async fn agent_net_check(
+    State(a): State<Admin>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<tunnelfleet_protocol::CommandResult>, ApiError> {
+    authorize(&a, &h)?;
+    on_agent(&a, &id, tunnelfleet_protocol::CommandAction::NetCheck, "").await
+}
+
+async fn agent_audit(
+    State(a): State<Admin>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<tunnelfleet_protocol::CommandResult>, ApiError> {
+    authorize(&a, &h)?;
+    on_agent(&a, &id, tunnelfleet_protocol::CommandAction::Audit, "").await
+}
+
+/// Runs a command on a connected agent; not connected or no answer is a 409.
+async fn on_agent(
+    a: &Admin,
+    id: &str,
+    action: tunnelfleet_protocol::CommandAction,
+    profile: &str,
+) -> Result<Json<tunnelfleet_protocol::CommandResult>, ApiError> {
+    a.fleet
+        .command(id, action, profile)
+        .await
+        .map(Json)
+        .map_err(|e| ApiError(StatusCode::CONFLICT, e))
+}
+
 async fn agent_command(
     State(a): State<Admin>,
     h: HeaderMap,
@@ -894,9 +928,5 @@ async fn agent_command(
             ));
         }
     };
-    a.fleet
-        .command(&id, action, &profile)
-        .await
-        .map(Json)
-        .map_err(|e| ApiError(StatusCode::CONFLICT, e))
+    on_agent(&a, &id, action, &profile).await
 }

@@ -114,6 +114,24 @@ async fn pushed_profiles_run_survive_the_coordinator_and_come_back_from_cache() 
         .await
         .unwrap();
     assert!(!r.ok && r.message.contains("no profile named"), "{r:?}");
+    // net check from the agent's side: its OMA endpoint (the real sshd) answers with a banner.
+    let r = c
+        .fleet
+        .command("vma-1", CommandAction::NetCheck, "")
+        .await
+        .unwrap();
+    assert!(r.ok, "{r:?}");
+    let report: serde_json::Value = serde_json::from_str(r.report.as_deref().unwrap()).unwrap();
+    assert_eq!(report[0]["target"], sshd.endpoint().as_str(), "{report}");
+    assert!(r.message.contains("SSH-2.0-OpenSSH"), "{}", r.message);
+    // The audit of the agent's host comes back whole.
+    let r = c
+        .fleet
+        .command("vma-1", CommandAction::Audit, "")
+        .await
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_str(r.report.as_deref().unwrap()).unwrap();
+    assert!(report["findings"].is_array(), "{report}");
     let e = c
         .fleet
         .command("vma-9", CommandAction::Restart, "oma")

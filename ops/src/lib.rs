@@ -14,11 +14,12 @@
 
 pub mod access;
 pub mod api;
-pub mod audit;
 pub mod demo;
 pub mod fleet;
 pub mod import;
-pub mod net;
 pub mod oma;
 pub mod render;
 pub mod services;
+
+// The checks run on the agent too (`--agent ID`), so they live in the agent library.
+pub use tunnelfleet_agent::{audit, net};

@@ -58,6 +58,14 @@ enum Command {
     Audit {
         #[command(flatten)]
         opts: audit::AuditOptions,
+        /// Audit this agent's host through the coordinator (with its default options).
+        #[arg(long, conflicts_with = "all")]
+        agent: Option<String>,
+        /// Audit every connected agent's host through the coordinator.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        api: ApiArgs,
         /// Exit 1 when a finding is at least this severe.
         #[arg(long, value_enum, default_value_t = audit::Severity::High)]
         fail_on: audit::Severity,
@@ -309,8 +317,13 @@ enum NetAction {
     /// Exit 0 when every check passed, 1 otherwise.
     Check {
         /// Hosts to check.
-        #[arg(required = true)]
+        #[arg(required_unless_present = "agent")]
         targets: Vec<String>,
+        /// Run the check on this agent, against its OMA endpoints, through the coordinator.
+        #[arg(long, conflicts_with = "targets")]
+        agent: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
         /// TCP port that must be open (repeatable).
         #[arg(long = "port")]
         ports: Vec<u16>,
@@ -520,7 +533,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::SUCCESS
             })
         }
-        Command::Audit { opts, fail_on } => {
+        Command::Audit {
+            agent,
+            all,
+            api,
+            fail_on,
+            ..
+        } if agent.is_some() || all => {
+            tunnelfleet_ops::fleet::remote_audit(&api.client()?, agent, fail_on, cli.json).await
+        }
+        Command::Audit { opts, fail_on, .. } => {
             let report = tokio::task::spawn_blocking(move || audit::run(&opts)).await?;
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -870,11 +892,17 @@ fn control_socket(socket: Option<PathBuf>, config: &std::path::Path) -> anyhow::
 async fn net(action: NetAction, json: bool) -> anyhow::Result<ExitCode> {
     match action {
         NetAction::Check {
+            agent: Some(agent),
+            api,
+            ..
+        } => tunnelfleet_ops::fleet::remote_net_check(&api.client()?, &agent, json).await,
+        NetAction::Check {
             targets,
             ports,
             ssh_ports,
             probes,
             timeout,
+            ..
         } => {
             let opts = net::CheckOptions {
                 ports,

@@ -87,8 +87,9 @@ async fn profiles_assign_rollout_and_agents_through_the_cli() {
                 CoordinatorMessage::Command(c) => link
                     .command_result(tunnelfleet_protocol::CommandResult {
                         id: c.id,
-                        ok: c.profile == "oma",
+                        ok: c.profile == "oma" || c.profile.is_empty(),
                         message: format!("{:?} {}", c.action, c.profile),
+                        report: Some(format!("{{\"action\":\"{:?}\"}}", c.action)),
                     })
                     .await
                     .unwrap(),
@@ -191,6 +192,21 @@ async fn profiles_assign_rollout_and_agents_through_the_cli() {
         "{}",
         String::from_utf8_lossy(&o.stdout)
     );
+
+    // net check and audit run on the agent.
+    let o = tf(
+        &admin,
+        &token,
+        &["net", "check", "--agent", "vma-1", "--json"],
+    )
+    .await;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(json(&o)["action"], "NetCheck");
+    let o = tf(&admin, &token, &["audit", "--all", "--json"]).await;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(json(&o)["vma-1"]["action"], "Audit");
+    let o = tf(&admin, &token, &["audit", "--agent", "vma-1"]).await;
+    assert!(String::from_utf8_lossy(&o.stdout).contains("== agent vma-1"));
 
     // watch: one refresh, as JSON and as the screen.
     let o = tf(&admin, &token, &["watch", "--count", "1", "--json"]).await;

@@ -59,6 +59,11 @@ pub enum CommandAction {
     Restart,
     /// Run its health check now.
     Health,
+    /// `tunnelfleet net check` from the agent against its OMA endpoints (the profile is
+    /// ignored).
+    NetCheck,
+    /// `tunnelfleet audit` on the agent's host (the profile is ignored).
+    Audit,
 }
 
 /// Coordinator -> agent: run `action` on `profile`; answered by a [`CommandResult`] with the
@@ -84,6 +89,8 @@ pub struct CommandResult {
     pub ok: bool,
     /// What happened, as the local CLI would print it.
     pub message: String,
+    /// The full report as JSON, for `--json` (net check, audit).
+    pub report: Option<String>,
 }
 
 /// The agent introduces itself. Its identity comes from its certificate; `agent_id` must

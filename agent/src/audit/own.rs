@@ -6,7 +6,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use tunnelfleet_agent::config::AgentConfig;
+use crate::config::AgentConfig;
 
 use super::{Finding, Severity, keys};
 
