@@ -267,6 +267,29 @@ fn default_failback_after() -> std::time::Duration {
 }
 
 impl OmaGroup {
+    /// A new probed group of `endpoints` (priority order): down after 3 failed probes, no
+    /// endpoint active, drained or pinned yet.
+    pub fn probed(
+        name: &str,
+        endpoints: Vec<String>,
+        probe_interval: std::time::Duration,
+        probe_timeout: std::time::Duration,
+        failback_after: std::time::Duration,
+    ) -> OmaGroup {
+        OmaGroup {
+            name: name.to_string(),
+            endpoints,
+            probe: true,
+            probe_interval,
+            probe_timeout,
+            threshold: 3,
+            failback_after,
+            active: None,
+            drained: Default::default(),
+            pinned: false,
+        }
+    }
+
     /// The active endpoint.
     pub fn active(&self) -> Option<&str> {
         self.active

@@ -28,18 +28,13 @@ use tunnelfleet_protocol::ProfileSpec;
 const SECRET: &str = "webhook-shared-secret-for-the-test";
 
 fn group(primary: &Sshd, standby: &Sshd, failback_after: Duration) -> OmaGroup {
-    OmaGroup {
-        name: "oma".into(),
-        endpoints: vec![primary.endpoint(), standby.endpoint()],
-        probe: true,
-        probe_interval: Duration::from_millis(500),
-        probe_timeout: Duration::from_millis(400),
-        threshold: 3,
+    OmaGroup::probed(
+        "oma",
+        vec![primary.endpoint(), standby.endpoint()],
+        Duration::from_millis(500),
+        Duration::from_millis(400),
         failback_after,
-        active: None,
-        drained: Default::default(),
-        pinned: false,
-    }
+    )
 }
 
 fn webhook(dir: &Path, sink: &WebhookSink) -> HookConfig {
@@ -372,18 +367,13 @@ async fn an_undelivered_alert_survives_a_coordinator_sigkill_and_is_delivered_af
     let mut c = CoordinatorProcess::start_with(dir.path(), "500ms", &hooks).await;
     // An OMA endpoint nobody listens on: down after three probes.
     let dead = format!("127.0.0.1:{}", free_port());
-    let g = OmaGroup {
-        name: "oma".into(),
-        endpoints: vec![dead.clone()],
-        probe: true,
-        probe_interval: Duration::from_millis(200),
-        probe_timeout: Duration::from_millis(200),
-        threshold: 3,
-        failback_after: Duration::from_secs(300),
-        active: None,
-        drained: Default::default(),
-        pinned: false,
-    };
+    let g = OmaGroup::probed(
+        "oma",
+        vec![dead.clone()],
+        Duration::from_millis(200),
+        Duration::from_millis(200),
+        Duration::from_secs(300),
+    );
     let _: Changed = c.api.call("PUT", "/v1/groups/oma", Some(&g)).await.unwrap();
     // The receiver refuses: the delivery stays in the outbox, retried.
     wait_until(20, "a refused delivery attempt", || async {

@@ -110,18 +110,13 @@ async fn metrics_show_agents_tunnels_oma_health_alerts_and_push_latency() {
             let _ = s.write_all(b"SSH-2.0-OpenSSH_9.2p1 test\r\n").await;
         }
     });
-    let group = OmaGroup {
-        name: "oma".into(),
-        endpoints: vec![dead.clone(), standby_addr.clone()],
-        probe: true,
-        probe_interval: Duration::from_millis(200),
-        probe_timeout: Duration::from_millis(200),
-        threshold: 3,
-        failback_after: Duration::from_secs(300),
-        active: None,
-        drained: Default::default(),
-        pinned: false,
-    };
+    let group = OmaGroup::probed(
+        "oma",
+        vec![dead.clone(), standby_addr.clone()],
+        Duration::from_millis(200),
+        Duration::from_millis(200),
+        Duration::from_secs(300),
+    );
     let _: serde_json::Value = c
         .api
         .call("PUT", "/v1/groups/oma", Some(&group))

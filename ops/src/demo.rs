@@ -197,18 +197,13 @@ async fn run_in(dir: &Path, out: &mut (impl Write + Send)) -> anyhow::Result<Dem
 
         // The OMA pair as a group: probed every 500 ms (TCP plus SSH banner), down after three
         // failures, failback after 3 s of health (5 minutes by default).
-        let group = OmaGroup {
-            name: "oma".into(),
-            endpoints: vec![format!("127.0.0.1:{}", primary.port), format!("127.0.0.1:{}", standby.port)],
-            probe: true,
-            probe_interval: Duration::from_millis(500),
-            probe_timeout: Duration::from_millis(400),
-            threshold: 3,
-            failback_after: FAILBACK_AFTER,
-            active: None,
-            drained: Default::default(),
-            pinned: false,
-        };
+        let group = OmaGroup::probed(
+            "oma",
+            vec![format!("127.0.0.1:{}", primary.port), format!("127.0.0.1:{}", standby.port)],
+            Duration::from_millis(500),
+            Duration::from_millis(400),
+            FAILBACK_AFTER,
+        );
         let _: Changed = api.call("PUT", "/v1/groups/oma", Some(&group)).await?;
         say(out, &format!("\n  $ tunnelfleet oma apply -f groups.toml   # group oma: oma-a {} primary, oma-b {} standby, 500 ms probes, failback after {}", group.endpoints[0], group.endpoints[1], humantime::format_duration(FAILBACK_AFTER)))?;
 

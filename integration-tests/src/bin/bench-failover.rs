@@ -65,18 +65,13 @@ async fn main() -> anyhow::Result<()> {
         }],
     )
     .await;
-    let group = OmaGroup {
-        name: "oma".into(),
-        endpoints: vec![primary.endpoint(), standby.endpoint()],
-        probe: true,
-        probe_interval: Duration::from_secs(1),
-        probe_timeout: Duration::from_millis(800),
-        threshold: 3,
-        failback_after: Duration::from_secs(300),
-        active: None,
-        drained: Default::default(),
-        pinned: false,
-    };
+    let group = OmaGroup::probed(
+        "oma",
+        vec![primary.endpoint(), standby.endpoint()],
+        Duration::from_secs(1),
+        Duration::from_millis(800),
+        Duration::from_secs(300),
+    );
     let _: Changed = c.api.call("PUT", "/v1/groups/oma", Some(&group)).await?;
 
     // 1. One real agent, production keepalive, coordinator-driven failover.
