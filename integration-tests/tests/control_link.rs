@@ -323,3 +323,50 @@ async fn a_profile_change_reaches_every_assigned_agent_and_is_acknowledged() {
     let set = expect_push(&mut l).await;
     assert_eq!(set.profiles[0].name, "oma");
 }
+
+#[tokio::test]
+async fn a_client_without_a_certificate_gets_no_control_link() {
+    use quinn::rustls::pki_types::{CertificateDer, pem::PemObject};
+    // The server allows a handshake without a client certificate (new agents enroll that
+    // way); the control link must still refuse such a connection before reading a byte.
+    let dir = tempfile::tempdir().unwrap();
+    pki::init(&dir.path().join("pki"), &["localhost".into()]).unwrap();
+    let c = coordinator(&dir.path().join("pki")).await;
+    let mut roots = quinn::rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(dir.path().join("pki").join(pki::CA_CERT)).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(quinn::rustls::crypto::ring::default_provider());
+    let mut tls = quinn::rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&quinn::rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![tunnelfleet_protocol::ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let conn = client()
+        .connect_with(
+            quinn::ClientConfig::new(std::sync::Arc::new(quic)),
+            c.addr,
+            "localhost",
+        )
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    let frame =
+        tunnelfleet_protocol::encode(&tunnelfleet_protocol::AgentMessage::Hello(hello("vma-1")))
+            .unwrap();
+    let _ = send.write_all(&frame).await;
+    match tokio::time::timeout(Duration::from_secs(10), conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(close)) => {
+            assert_eq!(
+                close.error_code,
+                tunnelfleet_coordinator::link::close::REFUSED.into()
+            );
+            assert_eq!(&close.reason[..], b"no client certificate");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(c.fleet.links.connected().is_empty());
+}
