@@ -27,12 +27,14 @@
 //! - [`fleet`]: fleet membership: cached profiles, the coordinator link loop, heartbeats.
 //! - [`link`]: the control link to the coordinator (QUIC, mutual TLS, hello, heartbeats).
 //! - [`agent`]: `run`, the whole agent as one call.
+//! - [`cli`]: the `tunnelfleet-agent` command line (the binary is a one-line `main` over it).
 //! - [`shutdown`]: signals to a cancellation token.
 //! - [`telemetry`]: logging setup.
 
 pub mod agent;
 pub mod audit;
 pub mod backoff;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod enroll;

@@ -10,9 +10,12 @@
 //! - [`store`]: fleet state in sled; every acknowledged write flushed first.
 //! - [`admin`]: the admin HTTP API (bearer token) the CLI drives.
 //! - [`server`]: `run`, the whole coordinator as one call.
+//! - [`cli`]: the `tunnelfleet-coordinator` command line (the binary is a one-line `main` over
+//!   it).
 
 pub mod admin;
 pub mod alerts;
+pub mod cli;
 pub mod enroll;
 pub mod hooks;
 pub mod link;

@@ -779,37 +779,45 @@ pub fn spawn_sim_agent(
     });
 }
 
-/// A debug binary of this workspace (tests), built first so a test never runs a stale one.
-pub fn debug_binary(package: &str, bin: &str) -> std::io::Result<PathBuf> {
-    // Built once per test process: a cargo run per call costs a second each in polling loops.
-    static BUILT: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
-    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((_, p)) = built.iter().find(|(b, _)| b == bin) {
-        return Ok(p.clone());
-    }
-    let path = build_debug_binary(package, bin)?;
-    built.push((bin.to_string(), path.clone()));
-    Ok(path)
+/// One of the workspace's programs, as the test build compiled it: integration-tests' own
+/// `test-*` binaries, each a one-line `main` over the program's `cli` module. Cargo builds them
+/// with the integration tests, with the same features, so they are never stale and never cost a
+/// second compile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Program {
+    /// `tunnelfleet-agent`.
+    Agent,
+    /// `tunnelfleet-coordinator`.
+    Coordinator,
+    /// `tunnelfleet`, the operator CLI.
+    Cli,
 }
 
-fn build_debug_binary(package: &str, bin: &str) -> std::io::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    // target/debug/deps/<test> -> target/debug/<bin>
-    let path = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join(bin))
-        .ok_or_else(|| std::io::Error::other("no target dir"))?;
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "-q", "-p", package, "--bin", bin])
-        .status()?;
-    if !status.success() || !path.exists() {
-        return Err(std::io::Error::other(format!(
-            "could not build {}",
+impl Program {
+    /// The binary's path, next to the running test's own executable.
+    ///
+    /// # Panics
+    /// When the binary is missing: the test was not started by `cargo test`.
+    pub fn path(self) -> PathBuf {
+        let name = match self {
+            Program::Agent => "test-agent",
+            Program::Coordinator => "test-coordinator",
+            Program::Cli => "test-tunnelfleet",
+        };
+        let exe = std::env::current_exe().expect("current exe");
+        // Tests run from target/<profile>/deps/, binaries live in target/<profile>/.
+        let mut dir = exe.parent().expect("exe dir").to_path_buf();
+        if dir.ends_with("deps") {
+            dir.pop();
+        }
+        let path = dir.join(name);
+        assert!(
+            path.exists(),
+            "{} is missing: run the tests through cargo test, which builds it",
             path.display()
-        )));
+        );
+        path
     }
-    Ok(path)
 }
 
 /// A UDP port that was free a moment ago (a coordinator restarted on the same address).
@@ -893,8 +901,7 @@ impl CoordinatorProcess {
     }
 
     fn spawn(config: &Path, log: &Path, env: &[(String, String)]) -> std::process::Child {
-        let bin = debug_binary("tunnelfleet-coordinator", "tunnelfleet-coordinator")
-            .expect("coordinator binary");
+        let bin = Program::Coordinator.path();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

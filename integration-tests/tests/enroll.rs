@@ -9,11 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use integration_tests::{CoordinatorProcess, debug_binary, wait_until, write_secret};
+use integration_tests::{CoordinatorProcess, Program, wait_until, write_secret};
 use tunnelfleet_coordinator::pki;
 
 fn cli(c: &CoordinatorProcess, args: &[&str]) -> Output {
-    Command::new(debug_binary("tunnelfleet-ops", "tunnelfleet").unwrap())
+    Command::new(Program::Cli.path())
         .args(args)
         .arg("--coordinator")
         .arg(c.admin.to_string())
@@ -76,7 +76,7 @@ fn new_agent_in(dir: &Path, c: &CoordinatorProcess, id: &str, token: &str, fp: &
 }
 
 fn spawn_agent(a: &NewAgent) -> Child {
-    Command::new(debug_binary("tunnelfleet-agent", "tunnelfleet-agent").unwrap())
+    Command::new(Program::Agent.path())
         .arg("--config")
         .arg(&a.config)
         .stdout(Stdio::null())

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use integration_tests::debug_binary;
+use integration_tests::Program;
 use tunnelfleet_coordinator::pki;
 
 /// Datagrams received until `until` matches one, or the deadline.
@@ -56,7 +56,7 @@ fn the_agent_reports_ready_feeds_the_watchdog_and_says_stopping() {
     let sock = UnixDatagram::bind(&notify).unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
-    let mut child = Command::new(debug_binary("tunnelfleet-agent", "tunnelfleet-agent").unwrap())
+    let mut child = Command::new(Program::Agent.path())
         .arg("--config")
         .arg(&config)
         .env("NOTIFY_SOCKET", &notify)
@@ -129,10 +129,10 @@ fn the_shipped_units_use_options_the_binaries_have() {
     let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/deploy/systemd");
     check_unit(
         &units.join("tunnelfleet-agent.service"),
-        &debug_binary("tunnelfleet-agent", "tunnelfleet-agent").unwrap(),
+        &Program::Agent.path(),
     );
     check_unit(
         &units.join("tunnelfleet-coordinator.service"),
-        &debug_binary("tunnelfleet-coordinator", "tunnelfleet-coordinator").unwrap(),
+        &Program::Coordinator.path(),
     );
 }

@@ -4,6 +4,7 @@
 //! # Layout
 //! - [`access`]: `tunnelfleet token …`, `agents revoke|unrevoke`: who may join the fleet.
 //! - [`api`]: the client of the coordinator's admin API.
+//! - [`cli`]: the `tunnelfleet` command line (the binary is a one-line `main` over it).
 //! - [`audit`]: `tunnelfleet audit`: keys, sshd settings, sockets, failed logins, own config.
 //! - [`import`]: `tunnelfleet profiles import`: seed 004's profile lines, ssh command lines.
 //! - [`demo`]: `tunnelfleet demo`, the seed's tunnel set with a failover, end to end.
@@ -14,6 +15,7 @@
 
 pub mod access;
 pub mod api;
+pub mod cli;
 pub mod demo;
 pub mod fleet;
 pub mod import;

@@ -1,47 +1,6 @@
-//! `tunnelfleet-coordinator --config coordinator.toml`.
+//! `tunnelfleet-coordinator --config coordinator.toml` (all of it lives in
+//! [`tunnelfleet_coordinator::cli`]).
 
-use std::path::PathBuf;
-use std::process::ExitCode;
-
-use anyhow::Context;
-use clap::Parser;
-use tunnelfleet_agent::telemetry::{self, LogFormat};
-use tunnelfleet_coordinator::server::{self, CoordinatorConfig};
-
-/// The tunnelfleet coordinator: fleet state, profile pushes, the admin API.
-#[derive(Parser, Debug)]
-#[command(version, about)]
-struct Args {
-    /// Configuration file.
-    #[arg(
-        short,
-        long,
-        env = "TUNNELFLEET_COORDINATOR_CONFIG",
-        default_value = "/etc/tunnelfleet/coordinator.toml"
-    )]
-    config: PathBuf,
-    /// Log format.
-    #[arg(long, value_enum, default_value_t = LogFormat::Human)]
-    log_format: LogFormat,
-}
-
-fn main() -> ExitCode {
-    let args = Args::parse();
-    let _telemetry = telemetry::init(args.log_format, "info", "tunnelfleet-coordinator");
-    let result = (|| {
-        let cfg = CoordinatorConfig::load(&args.config)?;
-        let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
-        rt.block_on(async {
-            let shutdown = tunnelfleet_agent::shutdown::on_signals().context("signal handlers")?;
-            server::bind(&cfg).await?.run(shutdown).await;
-            anyhow::Ok(())
-        })
-    })();
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("tunnelfleet-coordinator: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+fn main() -> std::process::ExitCode {
+    tunnelfleet_coordinator::cli::main()
 }
