@@ -22,14 +22,19 @@ pub enum RunError {
     /// Enrollment with a join token failed.
     #[error(transparent)]
     Enroll(#[from] crate::enroll::EnrollError),
+    /// The metrics listener could not be bound.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
 }
 
-/// A prepared agent: config checked, identities loaded, control socket bound.
+/// A prepared agent: config checked, identities loaded, control socket (and metrics listener)
+/// bound.
 pub struct Agent {
     coordinator: Option<crate::config::CoordinatorSection>,
     supervisor: Supervisor,
     listener: UnixListener,
     socket: std::path::PathBuf,
+    metrics: Option<(tokio::net::TcpListener, crate::metrics::Metrics)>,
 }
 
 impl Agent {
@@ -45,13 +50,26 @@ impl Agent {
                 source,
             })?;
         }
+        let metrics = match cfg.agent.metrics_listen {
+            Some(addr) => Some((
+                crate::metrics::bind(addr).await?,
+                crate::metrics::Metrics::new()?,
+            )),
+            None => None,
+        };
         let listener = control::bind(&cfg.agent.control_socket).await?;
         Ok(Agent {
             coordinator: cfg.coordinator.clone(),
             supervisor,
             listener,
             socket: cfg.agent.control_socket.clone(),
+            metrics,
         })
+    }
+
+    /// Where `/metrics` is served, when it is (the bound address: port 0 is resolved).
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
     /// Runs until `shutdown` is cancelled, then stops every profile gracefully.
@@ -63,6 +81,17 @@ impl Agent {
             handle.clone(),
             control_stop.clone(),
         ));
+        let metrics = self.metrics.take().map(|(listener, metrics)| {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "serving /metrics");
+            }
+            tokio::spawn(crate::metrics::serve(
+                listener,
+                metrics,
+                handle.clone(),
+                control_stop.clone(),
+            ))
+        });
         tracing::info!(socket = %self.socket.display(), "agent running");
         self.supervisor.start_autostart();
         let fleet_stop = CancellationToken::new();
@@ -104,6 +133,10 @@ impl Agent {
                 },
             }
         }
+        // Requests still queued or arriving (control socket, /metrics, the fleet link) now get
+        // "shutting down" at once instead of waiting for a loop that no longer runs, so the
+        // listeners below can finish their graceful shutdown.
+        drop(requests);
         crate::systemd::stopping();
         if let Some(w) = watchdog {
             let _ = w.await;
@@ -114,6 +147,9 @@ impl Agent {
         }
         control_stop.cancel();
         let _ = control.await;
+        if let Some(m) = metrics {
+            let _ = m.await;
+        }
         self.supervisor.shutdown().await;
         let _ = std::fs::remove_file(&self.socket);
         tracing::info!("agent stopped");

@@ -118,6 +118,9 @@ pub struct AgentSection {
     /// How long open connections may drain at shutdown or on `stop`.
     #[serde(default = "default_drain", with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Where to serve Prometheus `/metrics` (e.g. `127.0.0.1:9465`); off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for AgentSection {
@@ -125,6 +128,7 @@ impl Default for AgentSection {
         AgentSection {
             control_socket: default_control_socket(),
             drain_timeout: default_drain(),
+            metrics_listen: None,
         }
     }
 }

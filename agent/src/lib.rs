@@ -21,6 +21,7 @@
 //! - [`control`]: the local Unix control socket (JSON lines) and its client.
 //! - [`status`]: status data shared by the tasks and returned to the CLI.
 //! - [`enroll`]: a join token traded for the agent's own certificate, trusting a pinned CA.
+//! - [`metrics`]: Prometheus `/metrics` of the agent (opt-in), read from status snapshots.
 //! - [`systemd`]: Type=notify readiness, the watchdog, STOPPING.
 //! - [`net`], [`audit`]: `tunnelfleet net check` and `audit`, here so an agent runs them for
 //!   `--agent ID` too.
@@ -45,6 +46,7 @@ pub mod hostkey;
 pub mod identity;
 pub mod link;
 pub mod local;
+pub mod metrics;
 pub mod net;
 pub mod profile;
 pub mod relay;

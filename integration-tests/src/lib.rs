@@ -393,6 +393,8 @@ where
 pub struct TestAgent {
     /// Its control socket.
     pub socket: PathBuf,
+    /// Where it serves `/metrics`, when `agent.metrics_listen` was given.
+    pub metrics: Option<std::net::SocketAddr>,
     stop: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
     _dir: tempfile::TempDir,
@@ -401,20 +403,27 @@ pub struct TestAgent {
 impl TestAgent {
     /// Starts an agent from TOML (the `[agent]` section is added: socket in a temp dir).
     pub async fn start(profiles_toml: &str) -> TestAgent {
+        Self::start_with("", profiles_toml).await
+    }
+
+    /// Like [`TestAgent::start`], with `agent_keys` (TOML lines) added to the `[agent]` section.
+    pub async fn start_with(agent_keys: &str, profiles_toml: &str) -> TestAgent {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("agent.sock");
         let text = format!(
-            "[agent]\ncontrol_socket = \"{}\"\ndrain_timeout = \"1s\"\n\n{profiles_toml}",
+            "[agent]\ncontrol_socket = \"{}\"\ndrain_timeout = \"1s\"\n{agent_keys}\n\n{profiles_toml}",
             socket.display()
         );
         let cfg = AgentConfig::parse(&text, Path::new("test.toml")).expect("test config");
         let agent = tunnelfleet_agent::agent::Agent::prepare(&cfg)
             .await
             .expect("agent prepare");
+        let metrics = agent.metrics_addr();
         let stop = CancellationToken::new();
         let task = tokio::spawn(agent.run(stop.clone()));
         TestAgent {
             socket,
+            metrics,
             stop,
             task: Some(task),
             _dir: dir,

@@ -289,12 +289,12 @@ fn own_config_tofu_exposed_forwards_and_keys() {
     let kh = dir.path().join("known_hosts");
     std::fs::write(&kh, "").unwrap();
     chmod(&kh, 0o644);
-    let write = |name: &str, extra: &str, forward: &str| {
+    let write = |name: &str, extra: &str, forward: &str, metrics: &str| {
         let p = dir.path().join(name);
         std::fs::write(
             &p,
             format!(
-                "[agent]\ncontrol_socket = \"{}/run/agent.sock\"\n[[profile]]\nname = \"oma\"\nendpoints = [\"oma:443\"]\nuser = \"vma\"\n\
+                "[agent]\ncontrol_socket = \"{}/run/agent.sock\"\nmetrics_listen = \"{metrics}\"\n[[profile]]\nname = \"oma\"\nendpoints = [\"oma:443\"]\nuser = \"vma\"\n\
                  identity_file = \"{}\"\nknown_hosts = \"{}\"\nforwards = [\"{forward}\"]\n{extra}\n",
                 dir.path().display(),
                 key.display(),
@@ -308,16 +308,18 @@ fn own_config_tofu_exposed_forwards_and_keys() {
         "lax.toml",
         "trust_on_first_use = true",
         "L 0.0.0.0:8082:localhost:8082",
+        "0.0.0.0:9465",
     );
     let f = own::audit(&lax);
     for id in [
         "tunnelfleet.tofu",
         "tunnelfleet.exposed-forward",
+        "tunnelfleet.exposed-metrics",
         "key.no-passphrase",
     ] {
         assert!(ids(&f).contains(&id), "{id} missing: {:?}", ids(&f));
     }
-    let strict = write("strict.toml", "", "L 8082:localhost:8082");
+    let strict = write("strict.toml", "", "L 8082:localhost:8082", "127.0.0.1:9465");
     assert_eq!(ids(&own::audit(&strict)), vec!["key.no-passphrase"]);
     chmod(&key, 0o640);
     chmod(&kh, 0o666);
@@ -327,7 +329,7 @@ fn own_config_tofu_exposed_forwards_and_keys() {
             && ids(&f).contains(&"tunnelfleet.known-hosts-writable"),
         "{f:?}"
     );
-    let broken = write("broken.toml", "", "L 8082:nowhere");
+    let broken = write("broken.toml", "", "L 8082:nowhere", "127.0.0.1:9465");
     let f = own::audit(&broken);
     assert_eq!(f[0].id, "tunnelfleet.config-invalid");
     assert!(f[0].evidence.contains("broken.toml"));

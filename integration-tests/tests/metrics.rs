@@ -292,3 +292,151 @@ async fn metrics_show_agents_tunnels_oma_health_alerts_and_push_latency() {
     .await;
     c.kill9();
 }
+
+/// The agent's own `/metrics` (opt-in) against a real sshd: the session up on its endpoint,
+/// bytes each way through a forward, health checks and their latency, all equal to what
+/// `tunnels status` says; then sshd killed: the tunnel down and the failures counted by endpoint
+/// and kind; at shutdown the listener closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_metrics_show_sessions_bytes_health_and_errors() {
+    use integration_tests::{Sshd, TestAgent, echo_roundtrip, echo_server, http_service};
+    if !Sshd::available("agent_metrics") {
+        return;
+    }
+    let mut sshd = Sshd::start();
+    let api = http_service("oma-api").await;
+    let (echo, _echo) = echo_server().await;
+    let (l_api, l_echo) = (free_port(), free_port());
+    let health = format!(
+        "[profile.health]\nhttp = \"http://127.0.0.1:{l_api}/health\"\ninterval = \"200ms\"\ntimeout = \"1s\"\nthreshold = 3\n"
+    );
+    let profile = integration_tests::profile_toml(
+        "oma",
+        &[sshd.endpoint()],
+        &sshd,
+        &[
+            format!("L {l_api}:localhost:{}", api.port),
+            format!("L {l_echo}:localhost:{echo}"),
+        ],
+        &health,
+    );
+    let agent = TestAgent::start_with("metrics_listen = \"127.0.0.1:0\"", &profile).await;
+    let port = agent.metrics.expect("metrics listener").port();
+    agent.wait_all_active("oma").await;
+    let payload = vec![5u8; 100_000];
+    echo_roundtrip(l_echo, &payload).await.unwrap();
+    wait_until(20, "two health checks passed", || async {
+        agent
+            .profile("oma")
+            .await
+            .health
+            .is_some_and(|h| h.checks >= 2 && h.failures == 0)
+    })
+    .await;
+
+    let (text, s) = scrape(port).await;
+    let status = agent.profile("oma").await;
+    let ep = sshd.endpoint();
+    let p = ("profile", "oma");
+    assert_eq!(
+        get(&s, "tunnelfleet_agent_tunnel_up", &[p, ("endpoint", &ep)]),
+        Some(1.0),
+        "{text}"
+    );
+    let echo_fwd = status.forwards[1].spec.as_str();
+    for (direction, n) in [("out", payload.len()), ("in", payload.len())] {
+        assert_eq!(
+            get(
+                &s,
+                "tunnelfleet_agent_forward_bytes_total",
+                &[p, ("forward", echo_fwd), ("direction", direction)]
+            ),
+            Some(n as f64),
+            "{direction}: {text}"
+        );
+    }
+    assert_eq!(
+        get(
+            &s,
+            "tunnelfleet_agent_forward_connections_total",
+            &[p, ("forward", echo_fwd)]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    for f in &status.forwards {
+        assert_eq!(
+            get(
+                &s,
+                "tunnelfleet_agent_forward_up",
+                &[p, ("forward", f.spec.as_str())]
+            ),
+            Some(1.0),
+            "{}: {text}",
+            f.spec
+        );
+    }
+    let checks = get(&s, "tunnelfleet_agent_health_checks_total", &[p]).unwrap();
+    assert!(checks >= 2.0, "{text}");
+    assert_eq!(
+        get(&s, "tunnelfleet_agent_health_failures_total", &[p]),
+        Some(0.0)
+    );
+    assert_eq!(
+        get(&s, "tunnelfleet_agent_health_consecutive_failures", &[p]),
+        Some(0.0)
+    );
+    let latency = get(&s, "tunnelfleet_agent_health_latency_seconds", &[p]).unwrap();
+    assert!(latency > 0.0 && latency < 1.0, "{text}");
+    assert_eq!(
+        get(&s, "tunnelfleet_agent_reconnects_total", &[p]),
+        Some(0.0)
+    );
+
+    // The OMA gone: the tunnel shows down and the failed attempts are counted against it.
+    sshd.kill_all();
+    wait_until(30, "tunnel down and connect failures counted", || async {
+        let (_, s) = scrape(port).await;
+        get(&s, "tunnelfleet_agent_tunnel_up", &[p]) == Some(0.0)
+            && get(
+                &s,
+                "tunnelfleet_agent_session_errors_total",
+                &[p, ("endpoint", &ep), ("kind", "connect")],
+            )
+            .is_some_and(|n| n >= 1.0)
+    })
+    .await;
+    agent.shutdown().await;
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err(),
+        "the metrics listener closed at shutdown"
+    );
+}
+
+/// A metrics address already in use refuses the agent at start, naming the key and the port.
+#[tokio::test]
+async fn agent_metrics_port_in_use_is_refused_naming_it() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[agent]\ncontrol_socket = \"{}\"\nmetrics_listen = \"{addr}\"\n",
+        dir.path().join("agent.sock").display()
+    );
+    let cfg = tunnelfleet_agent::config::AgentConfig::parse(&text, std::path::Path::new("a.toml"))
+        .unwrap();
+    let err = match tunnelfleet_agent::agent::Agent::prepare(&cfg).await {
+        Ok(_) => panic!("an agent started on a port in use"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("agent.metrics_listen") && err.contains(&addr.to_string()),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("agent.sock").exists(),
+        "nothing was started"
+    );
+}

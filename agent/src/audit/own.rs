@@ -97,6 +97,17 @@ pub fn audit(path: &Path) -> Vec<Finding> {
             ));
         }
     }
+    if let Some(addr) = cfg.agent.metrics_listen
+        && !addr.ip().is_loopback()
+    {
+        out.push(Finding::new(
+            "tunnelfleet.exposed-metrics",
+            Severity::Low,
+            "agent metrics served beyond loopback",
+            format!("agent.metrics_listen = {addr}"),
+            "listen on 127.0.0.1 unless the Prometheus server is on another host (and then firewall the port to it)",
+        ));
+    }
     if let Some(dir) = cfg.agent.control_socket.parent()
         && let Ok(m) = std::fs::metadata(dir)
         && m.permissions().mode() & 0o002 != 0
