@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`pki`]: the fleet CA; coordinator and agent certificates.
 //! - [`tls`]: mutual-TLS QUIC settings; the agent id from a verified certificate.
+//! - [`udp`]: the control link's UDP socket, buffers sized for thousands of agents.
 //! - [`enroll`]: join tokens, enrollment of new agents, revocation.
 //! - [`link`]: accepting agents: hello checked against the certificate, heartbeats.
 //! - [`metrics`]: Prometheus `/metrics` through OpenTelemetry.
@@ -26,4 +27,5 @@ pub mod plan;
 pub mod server;
 pub mod store;
 pub mod tls;
+pub mod udp;
 pub mod watch;

@@ -45,6 +45,14 @@ pub struct CoordinatorConfig {
     /// Prometheus `/metrics` (no authentication, read-only); off when absent.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// UDP receive and send buffer of the control link, bytes (capped by the kernel's
+    /// `net.core.rmem_max` / `wmem_max`; a warning says when the cap grants less).
+    #[serde(default = "default_udp_buffer")]
+    pub udp_buffer: usize,
+}
+
+fn default_udp_buffer() -> usize {
+    crate::udp::DEFAULT_BUFFER
 }
 
 fn default_listen() -> SocketAddr {
@@ -122,7 +130,17 @@ pub async fn bind(cfg: &CoordinatorConfig) -> anyhow::Result<Bound> {
         tracing::info!(pki = %cfg.pki_dir.display(), "no CA key in the PKI directory: agents cannot enroll with join tokens here");
     }
     let store = Store::open(&cfg.state_dir)?;
-    let endpoint = quinn::Endpoint::server(server, cfg.listen)
+    let udp = crate::udp::bind(cfg.listen, cfg.udp_buffer)
+        .with_context(|| format!("control link: cannot listen on udp {}", cfg.listen))?;
+    if udp.recv_buffer < cfg.udp_buffer || udp.send_buffer < cfg.udp_buffer {
+        tracing::warn!(
+            wanted = cfg.udp_buffer,
+            recv = udp.recv_buffer,
+            send = udp.send_buffer,
+            "control link: the kernel granted smaller UDP buffers than udp_buffer; with many agents, packets will be dropped in bursts: raise net.core.rmem_max and net.core.wmem_max (sysctl)"
+        );
+    }
+    let endpoint = crate::udp::endpoint(udp.socket, Some(server))
         .with_context(|| format!("control link: cannot listen on udp {}", cfg.listen))?;
     let admin_listener = tokio::net::TcpListener::bind(cfg.admin_listen)
         .await

@@ -664,6 +664,7 @@ impl FullCoordinator {
             alerts: Default::default(),
             hooks,
             metrics_listen: None,
+            udp_buffer: tunnelfleet_coordinator::udp::DEFAULT_BUFFER,
         })
         .await
         .expect("coordinator bind");
@@ -714,6 +715,22 @@ pub fn write_secret(path: &Path, bytes: &[u8]) {
         .open(path)
         .expect("secret file");
     f.write_all(bytes).expect("write secret");
+}
+
+/// `n` client endpoints (UDP sockets) for simulated agents, each shared by many of them as
+/// NATed appliances would share an address, with the coordinator's buffer size: one socket
+/// standing in for a thousand appliances needs a thousand appliances' room.
+pub fn sim_endpoints(n: usize) -> std::io::Result<Vec<quinn::Endpoint>> {
+    use tunnelfleet_coordinator::udp;
+    (0..n)
+        .map(|_| {
+            let b = udp::bind(
+                std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+                udp::DEFAULT_BUFFER,
+            )?;
+            udp::endpoint(b.socket, None)
+        })
+        .collect()
 }
 
 /// A protocol-level agent for benchmarks: real QUIC and mutual TLS, no SSH. Connects with

@@ -159,6 +159,7 @@ async fn run_in(dir: &Path, out: &mut (impl Write + Send)) -> anyhow::Result<Dem
             timeout: Duration::from_secs(2),
         }],
         metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        udp_buffer: tunnelfleet_coordinator::udp::DEFAULT_BUFFER,
     })
     .await?;
     let (control_addr, admin_addr, fleet) = (bound.control, bound.admin, bound.fleet.clone());

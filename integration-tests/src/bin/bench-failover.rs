@@ -145,9 +145,7 @@ async fn main() -> anyhow::Result<()> {
             Some(&serde_json::json!({"profile": "sim", "labels": {"site": "sim"}})),
         )
         .await?;
-    let endpoints: Vec<quinn::Endpoint> = (0..8)
-        .map(|_| quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")))
-        .collect::<Result<_, _>>()?;
+    let endpoints = integration_tests::sim_endpoints(8)?;
     let (push_tx, mut push_rx) = mpsc::unbounded_channel();
     let (up_tx, mut up_rx) = mpsc::unbounded_channel();
     let gate = Arc::new(Semaphore::new(128));

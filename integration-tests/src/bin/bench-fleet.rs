@@ -77,10 +77,7 @@ async fn main() -> anyhow::Result<()> {
             tunnelfleet_agent::link::client_config(&f.ca, &f.cert, &f.key)?,
         ));
     }
-    // A few client endpoints (UDP sockets) share the agents, as NATed appliances would.
-    let endpoints: Vec<quinn::Endpoint> = (0..8)
-        .map(|_| quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")))
-        .collect::<Result<_, _>>()?;
+    let endpoints = integration_tests::sim_endpoints(8)?;
 
     eprintln!("bench-fleet: connecting {agents} agents to {udp}");
     let (acks_tx, mut acks_rx) = mpsc::unbounded_channel();
@@ -128,6 +125,8 @@ async fn main() -> anyhow::Result<()> {
         integration_tests::profile_spec("oma", &["L 8082:localhost:8082", "R 9081:localhost:8081"]);
     let _: serde_json::Value = api.call("PUT", "/v1/profiles/oma", Some(&spec)).await?;
     let tp = Instant::now();
+    let (cpu_c0, cpu_s0) = (cpu_ticks(pid)?, cpu_ticks(std::process::id())?);
+    let drops0 = udp_rcvbuf_errors();
     let changed: serde_json::Value = api
         .call(
             "POST",
@@ -136,6 +135,8 @@ async fn main() -> anyhow::Result<()> {
         )
         .await?;
     let version = changed["version"].as_u64().context("version")?;
+    // The coordinator answers once the change is durable and every frame is queued.
+    let queued_ms = tp.elapsed().as_secs_f64() * 1000.0;
     let mut lat = Vec::with_capacity(agents);
     while lat.len() < agents {
         match tokio::time::timeout(Duration::from_secs(60), acks_rx.recv()).await {
@@ -149,6 +150,17 @@ async fn main() -> anyhow::Result<()> {
             ),
         }
     }
+    let push_s = tp.elapsed().as_secs_f64();
+    let (cpu_c1, cpu_s1) = (cpu_ticks(pid)?, cpu_ticks(std::process::id())?);
+    eprintln!(
+        "  during the push ({push_s:.2} s): coordinator CPU {:.0}%, simulated agents' CPU {:.0}% (of one core; the machine has {}); UDP datagrams dropped for want of buffer (whole host): {}",
+        (cpu_c1 - cpu_c0) as f64 / push_s,
+        (cpu_s1 - cpu_s0) as f64 / push_s,
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        udp_rcvbuf_errors()
+            .zip(drops0)
+            .map_or("unknown".to_string(), |(b, a)| (b - a).to_string())
+    );
     let cpu1 = cpu_ticks(pid)?;
     let busy_s = (cpu1 - cpu0) as f64 / 100.0; // USER_HZ is 100 on Linux
     let coordinator_cpu_pct = 100.0 * busy_s / w0.elapsed().as_secs_f64();
@@ -158,7 +170,7 @@ async fn main() -> anyhow::Result<()> {
     let _ = coordinator.kill();
     let _ = coordinator.wait();
     eprintln!(
-        "  heartbeats {heartbeats_per_s:.0}/s; push to all: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; coordinator CPU {coordinator_cpu_pct:.1}%, peak RSS {rss} kB",
+        "  heartbeats {heartbeats_per_s:.0}/s; push durable and queued for all in {queued_ms:.1} ms; received: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; coordinator CPU {coordinator_cpu_pct:.1}%, peak RSS {rss} kB",
         pct(0.50),
         pct(0.99),
         pct(1.0)
@@ -178,6 +190,15 @@ async fn heartbeats(api: &ApiClient) -> anyhow::Result<u64> {
         .as_array()
         .map(|a| a.iter().filter_map(|x| x["heartbeats"].as_u64()).sum())
         .unwrap_or(0))
+}
+
+/// The host's UDP `RcvbufErrors` counter (datagrams dropped on a full receive buffer).
+fn udp_rcvbuf_errors() -> Option<u64> {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (udp.next()?, udp.next()?);
+    let i = names.split_whitespace().position(|n| n == "RcvbufErrors")?;
+    values.split_whitespace().nth(i)?.parse().ok()
 }
 
 fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
