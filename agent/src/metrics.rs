@@ -44,25 +44,23 @@ pub enum MetricsError {
 /// The status snapshot the instruments read while one scrape is rendered.
 type Snapshot = Arc<Mutex<Option<AgentStatus>>>;
 
-/// The agent's instruments and the registry they are exported through.
-pub struct Metrics {
+/// A Prometheus registry fed by an OpenTelemetry meter provider, rendered as the text format:
+/// what the agent's and the coordinator's `/metrics` share. Each owner has its own registry, so
+/// several agents or coordinators can run in one process (tests).
+pub struct Exporter {
     registry: prometheus::Registry,
-    // Kept alive: dropping the provider would stop the instruments' callbacks.
-    _provider: SdkMeterProvider,
-    snapshot: Snapshot,
-    // One scrape at a time, so a concurrent scrape cannot swap the snapshot mid-render.
-    scrape: tokio::sync::Mutex<()>,
+    provider: SdkMeterProvider,
 }
 
-impl std::fmt::Debug for Metrics {
+impl std::fmt::Debug for Exporter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Metrics").finish_non_exhaustive()
+        f.debug_struct("Exporter").finish_non_exhaustive()
     }
 }
 
-impl Metrics {
-    /// Instruments on a fresh registry (each agent owns its own, so tests can run several).
-    pub fn new() -> Result<Metrics, MetricsError> {
+impl Exporter {
+    /// A fresh registry and the provider that feeds it.
+    pub fn new() -> Result<Exporter, MetricsError> {
         let registry = prometheus::Registry::new();
         let exporter = opentelemetry_prometheus::exporter()
             .with_registry(registry.clone())
@@ -70,11 +68,42 @@ impl Metrics {
             .build()
             .map_err(|e| MetricsError::Export(e.to_string()))?;
         let provider = SdkMeterProvider::builder().with_reader(exporter).build();
+        Ok(Exporter { registry, provider })
+    }
+
+    /// A meter whose instruments land in this registry.
+    pub fn meter(&self, scope: &'static str) -> Meter {
+        self.provider.meter(scope)
+    }
+
+    /// The text exposition; observable instruments' callbacks run now.
+    pub fn render(&self) -> Result<String, MetricsError> {
+        use prometheus::Encoder;
+        let mut out = Vec::new();
+        prometheus::TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .map_err(|e| MetricsError::Export(e.to_string()))?;
+        String::from_utf8(out).map_err(|e| MetricsError::Export(e.to_string()))
+    }
+}
+
+/// The agent's instruments, read from the status snapshot of the scrape in progress.
+#[derive(Debug)]
+pub struct Metrics {
+    exporter: Exporter,
+    snapshot: Snapshot,
+    // One scrape at a time, so a concurrent scrape cannot swap the snapshot mid-render.
+    scrape: tokio::sync::Mutex<()>,
+}
+
+impl Metrics {
+    /// Instruments on a fresh registry.
+    pub fn new() -> Result<Metrics, MetricsError> {
+        let exporter = Exporter::new()?;
         let snapshot: Snapshot = Arc::default();
-        register(&provider.meter("tunnelfleet-agent"), &snapshot);
+        register(&exporter.meter("tunnelfleet-agent"), &snapshot);
         Ok(Metrics {
-            registry,
-            _provider: provider,
+            exporter,
             snapshot,
             scrape: tokio::sync::Mutex::new(()),
         })
@@ -82,16 +111,11 @@ impl Metrics {
 
     /// The Prometheus text exposition of `status`.
     pub async fn render(&self, status: AgentStatus) -> Result<String, MetricsError> {
-        use prometheus::Encoder;
         let _one = self.scrape.lock().await;
         *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
-        let families = self.registry.gather();
+        let text = self.exporter.render();
         *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        let mut out = Vec::new();
-        prometheus::TextEncoder::new()
-            .encode(&families, &mut out)
-            .map_err(|e| MetricsError::Export(e.to_string()))?;
-        String::from_utf8(out).map_err(|e| MetricsError::Export(e.to_string()))
+        text
     }
 }
 
@@ -209,42 +233,51 @@ fn register(meter: &Meter, snapshot: &Snapshot) {
             });
         })
         .build();
-    let s = snapshot.clone();
-    let _ = meter
-        .u64_observable_counter("tunnelfleet_agent_health_checks")
-        .with_description("Health checks run, per profile")
-        .with_callback(move |o| {
+    // Per profile with a health check: (name, description, counter or gauge, value).
+    type HealthValue = fn(&crate::status::HealthStatus) -> u64;
+    let health: [(&'static str, &'static str, bool, HealthValue); 3] = [
+        (
+            "tunnelfleet_agent_health_checks",
+            "Health checks run, per profile",
+            true,
+            |h| h.checks,
+        ),
+        (
+            "tunnelfleet_agent_health_failures",
+            "Health checks failed, per profile",
+            true,
+            |h| h.failures,
+        ),
+        (
+            "tunnelfleet_agent_health_consecutive_failures",
+            "Health checks failed in a row (the profile is down at its threshold)",
+            false,
+            |h| u64::from(h.consecutive_failures),
+        ),
+    ];
+    for (name, description, counter, value) in health {
+        let s = snapshot.clone();
+        let callback = move |o: &dyn opentelemetry::metrics::AsyncInstrument<u64>| {
             each_profile(&s, |p| {
                 if let Some(h) = &p.health {
-                    o.observe(h.checks, &[profile(p)]);
+                    o.observe(value(h), &[profile(p)]);
                 }
             });
-        })
-        .build();
-    let s = snapshot.clone();
-    let _ = meter
-        .u64_observable_counter("tunnelfleet_agent_health_failures")
-        .with_description("Health checks failed, per profile")
-        .with_callback(move |o| {
-            each_profile(&s, |p| {
-                if let Some(h) = &p.health {
-                    o.observe(h.failures, &[profile(p)]);
-                }
-            });
-        })
-        .build();
-    let s = snapshot.clone();
-    let _ = meter
-        .u64_observable_gauge("tunnelfleet_agent_health_consecutive_failures")
-        .with_description("Health checks failed in a row (the profile is down at its threshold)")
-        .with_callback(move |o| {
-            each_profile(&s, |p| {
-                if let Some(h) = &p.health {
-                    o.observe(u64::from(h.consecutive_failures), &[profile(p)]);
-                }
-            });
-        })
-        .build();
+        };
+        if counter {
+            let _ = meter
+                .u64_observable_counter(name)
+                .with_description(description)
+                .with_callback(callback)
+                .build();
+        } else {
+            let _ = meter
+                .u64_observable_gauge(name)
+                .with_description(description)
+                .with_callback(callback)
+                .build();
+        }
+    }
     let s = snapshot.clone();
     let _ = meter
         .f64_observable_gauge("tunnelfleet_agent_health_latency")

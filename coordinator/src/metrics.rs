@@ -11,16 +11,15 @@ use std::collections::BTreeMap;
 use std::sync::Weak;
 
 use opentelemetry::KeyValue;
-use opentelemetry::metrics::{Counter, Histogram, MeterProvider};
-use opentelemetry_sdk::metrics::SdkMeterProvider;
+use opentelemetry::metrics::{Counter, Histogram};
+use tunnelfleet_agent::metrics::Exporter;
 use tunnelfleet_protocol::TunnelState;
 
 use crate::link::Fleet;
 
 /// The coordinator's instruments and the registry they are exported through.
 pub struct Metrics {
-    registry: prometheus::Registry,
-    provider: SdkMeterProvider,
+    exporter: Exporter,
     /// OMA group moves (failover, failback, operator), by group.
     pub failovers: Counter<u64>,
     /// Alerts raised, by kind.
@@ -45,14 +44,8 @@ pub struct MetricsError(String);
 impl Metrics {
     /// Instruments on a fresh registry.
     pub fn new() -> Result<Metrics, MetricsError> {
-        let registry = prometheus::Registry::new();
-        let exporter = opentelemetry_prometheus::exporter()
-            .with_registry(registry.clone())
-            .scope_info_enabled(false)
-            .build()
-            .map_err(|e| MetricsError(e.to_string()))?;
-        let provider = SdkMeterProvider::builder().with_reader(exporter).build();
-        let meter = provider.meter("tunnelfleet-coordinator");
+        let exporter = Exporter::new().map_err(|e| MetricsError(e.to_string()))?;
+        let meter = exporter.meter("tunnelfleet-coordinator");
         Ok(Metrics {
             failovers: meter
                 .u64_counter("tunnelfleet_oma_failovers")
@@ -78,14 +71,13 @@ impl Metrics {
                 .u64_counter("tunnelfleet_heartbeats")
                 .with_description("Agent heartbeats received")
                 .build(),
-            registry,
-            provider,
+            exporter,
         })
     }
 
     /// Registers the instruments that read the fleet at scrape time.
     pub fn observe(&self, fleet: Weak<Fleet>) {
-        let meter = self.provider.meter("tunnelfleet-coordinator");
+        let meter = self.exporter.meter("tunnelfleet-coordinator");
         let f = fleet.clone();
         let _ = meter
             .u64_observable_gauge("tunnelfleet_agents")
@@ -229,12 +221,9 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> Result<String, MetricsError> {
-        use prometheus::Encoder;
-        let mut out = Vec::new();
-        prometheus::TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
-            .map_err(|e| MetricsError(e.to_string()))?;
-        String::from_utf8(out).map_err(|e| MetricsError(e.to_string()))
+        self.exporter
+            .render()
+            .map_err(|e| MetricsError(e.to_string()))
     }
 }
 
