@@ -188,6 +188,10 @@ pub struct ProfileConfig {
     /// Health check run through the tunnel.
     #[serde(default)]
     pub health: Option<HealthConfig>,
+    /// Jump hosts to reach the endpoints through, first to last (`ssh -J`):
+    /// `["ops@bastion.example:22"]`. Their host keys are verified like the endpoints'.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub jump: Vec<String>,
 }
 
 /// A health check of a profile.
@@ -424,6 +428,11 @@ impl ProfileConfig {
         for (i, e) in self.endpoints.iter().enumerate() {
             if let Err(r) = split_host_port(e, Some(22)) {
                 return err(&format!("endpoints[{i}]"), r);
+            }
+        }
+        for (i, j) in self.jump.iter().enumerate() {
+            if let Err(r) = crate::jump::JumpHost::parse(j) {
+                return err(&format!("jump[{i}]"), r);
             }
         }
         if self.user.is_empty() {
@@ -713,6 +722,7 @@ impl From<&ProfileConfig> for tunnelfleet_protocol::ProfileSpec {
                 timeout_ms: ms(h.timeout),
                 threshold: h.threshold,
             }),
+            jump: p.jump.clone(),
         }
     }
 }
@@ -747,6 +757,7 @@ impl ProfileConfig {
                 timeout: ms(h.timeout_ms),
                 threshold: h.threshold,
             }),
+            jump: s.jump.clone(),
         };
         if p.endpoints.is_empty() {
             return Err((
@@ -773,6 +784,7 @@ user = "vma"
 identity_file = "/k"
 known_hosts = "/kh"
 forwards = ["L 8082:localhost:8082", "R 9081:localhost:8081"]
+jump = ["ops@bastion:2222"]
 [profile.health]
 http = "http://localhost:8082/health"
 "#,

@@ -11,6 +11,7 @@
 //! - [`hostkey`]: host key trust: known_hosts, pinned fingerprints, opt-in TOFU.
 //! - [`identity`]: loading the private key, refusing loose permissions.
 //! - [`backoff`]: exponential backoff with full jitter.
+//! - [`jump`]: jump hosts (`ssh -J`): a hop as written, parsed and printed.
 //! - [`ssh`]: one SSH client session and its handler (remote-forward channels land here).
 //! - [`local`]: local listeners for `L` and `D` forwards.
 //! - [`socks`]: SOCKS5 CONNECT for `D` forwards.
@@ -44,6 +45,7 @@ pub mod forward;
 pub mod health;
 pub mod hostkey;
 pub mod identity;
+pub mod jump;
 pub mod link;
 pub mod local;
 pub mod metrics;

@@ -179,6 +179,7 @@ fn kind_label(kind: ErrorKind) -> &'static str {
         ErrorKind::Auth => "auth",
         ErrorKind::SessionLost => "session_lost",
         ErrorKind::Ssh => "ssh",
+        ErrorKind::Jump => "jump",
     }
 }
 
@@ -217,7 +218,7 @@ fn register(meter: &Meter, snapshot: &Snapshot) {
     let s = snapshot.clone();
     let _ = meter
         .u64_observable_counter("tunnelfleet_agent_session_errors")
-        .with_description("Session failures by endpoint and kind (connect, timeout, host_key, auth, session_lost, ssh)")
+        .with_description("Session failures by endpoint and kind (connect, timeout, host_key, auth, session_lost, ssh, jump)")
         .with_callback(move |o| {
             each_profile(&s, |p| {
                 for e in &p.errors {

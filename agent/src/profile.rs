@@ -146,6 +146,12 @@ pub fn start(
         remote: Arc::new(RemoteForwards::default()),
         tracker: TaskTracker::new(),
         connect_timeout: cfg.connect_timeout,
+        // Validated with the config: every hop parses.
+        jump: cfg
+            .jump
+            .iter()
+            .filter_map(|j| crate::jump::JumpHost::parse(j).ok())
+            .collect(),
     };
     let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
     let drain_override = Arc::new(std::sync::Mutex::new(None));
@@ -346,8 +352,14 @@ impl Runner {
                     };
                     tracing::warn!(profile = %self.cfg.name, endpoint = %endpoint, "{why}");
                     if let SessionEnd::Lost(_) = end {
-                        self.shared
-                            .record_error(&endpoint, ErrorKind::SessionLost, why);
+                        // Through jump hosts a lost session may be the path's doing as much as
+                        // the endpoint's: not evidence against the endpoint.
+                        let kind = if self.params.jump.is_empty() {
+                            ErrorKind::SessionLost
+                        } else {
+                            ErrorKind::Jump
+                        };
+                        self.shared.record_error(&endpoint, kind, why);
                     } else {
                         self.shared.lock().last_error = Some(why);
                     }

@@ -17,6 +17,7 @@ use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 
 use crate::hostkey::{HostKeyError, HostTrust, Verdict, fingerprint};
+use crate::jump::JumpHost;
 use crate::relay::{ForwardCounters, OpenGuard, relay};
 
 /// Ciphers in order of preference. AES-GCM first: with AES-NI (ring uses it) it is the fastest
@@ -43,6 +44,7 @@ impl SessionError {
             SessionError::HostKey { .. } => K::HostKey,
             SessionError::Auth { .. } => K::Auth,
             SessionError::Ssh { .. } => K::Ssh,
+            SessionError::Jump { .. } => K::Jump,
         }
     }
 }
@@ -91,6 +93,16 @@ pub enum SessionError {
         endpoint: String,
         /// russh's error.
         source: russh::Error,
+    },
+    /// A jump host on the way failed.
+    #[error("{endpoint} via jump host {hop}: {source}")]
+    Jump {
+        /// The hop that failed, `[user@]host:port`.
+        hop: String,
+        /// The endpoint being reached.
+        endpoint: String,
+        /// What went wrong at the hop.
+        source: Box<SessionError>,
     },
 }
 
@@ -169,8 +181,10 @@ pub struct SessionParams {
     pub remote: Arc<RemoteForwards>,
     /// Tracks relay tasks so shutdown can drain them.
     pub tracker: TaskTracker,
-    /// Deadline for connect + handshake + auth.
+    /// Deadline for connect + handshake + auth (through every jump host).
     pub connect_timeout: Duration,
+    /// Jump hosts, first to last (empty: connect directly).
+    pub jump: Vec<JumpHost>,
 }
 
 /// Builds the russh client config for a profile.
@@ -200,6 +214,8 @@ pub struct SshSession {
     pub endpoint: String,
     /// Host key fingerprint of the server.
     pub host_key: String,
+    /// Sessions to the jump hosts this one runs through; they close when it is dropped.
+    pub jumps: Vec<Handle<ClientHandler>>,
 }
 
 /// Connects to `host:port`, verifies, authenticates.
@@ -221,6 +237,34 @@ async fn connect_inner(
     port: u16,
     endpoint: &str,
 ) -> Result<SshSession, SessionError> {
+    if !p.jump.is_empty() {
+        return connect_via_jumps(p, host, port, endpoint).await;
+    }
+    let stream = tcp(host, port, endpoint).await?;
+    let (closed_tx, closed) = oneshot::channel();
+    let (handle, host_key) = handshake(
+        p,
+        stream,
+        Hop {
+            host,
+            port,
+            user: &p.user,
+            endpoint,
+        },
+        p.remote.clone(),
+        Some(closed_tx),
+    )
+    .await?;
+    Ok(SshSession {
+        handle,
+        closed,
+        endpoint: endpoint.to_string(),
+        host_key,
+        jumps: Vec::new(),
+    })
+}
+
+async fn tcp(host: &str, port: u16, endpoint: &str) -> Result<TcpStream, SessionError> {
     let stream =
         TcpStream::connect((host, port))
             .await
@@ -229,17 +273,133 @@ async fn connect_inner(
                 source,
             })?;
     let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// Where one SSH handshake goes, and as whom.
+#[derive(Clone, Copy)]
+struct Hop<'a> {
+    host: &'a str,
+    port: u16,
+    user: &'a str,
+    endpoint: &'a str,
+}
+
+/// Reaches `host:port` through the profile's jump hosts: an SSH session to the first, a
+/// `direct-tcpip` channel from each to the next, and the endpoint's own session over the last
+/// channel. The jump sessions live as long as the endpoint's session (dropped with it).
+async fn connect_via_jumps(
+    p: &SessionParams,
+    host: &str,
+    port: u16,
+    endpoint: &str,
+) -> Result<SshSession, SessionError> {
+    let via = |hop: &JumpHost, source: SessionError| SessionError::Jump {
+        hop: hop.to_string(),
+        endpoint: endpoint.to_string(),
+        source: Box::new(source),
+    };
+    let mut jumps: Vec<Handle<ClientHandler>> = Vec::with_capacity(p.jump.len());
+    for (i, hop) in p.jump.iter().enumerate() {
+        let hop_endpoint = hop.endpoint();
+        let at = Hop {
+            host: &hop.host,
+            port: hop.port,
+            user: hop.user.as_deref().unwrap_or(&p.user),
+            endpoint: &hop_endpoint,
+        };
+        // No forwards are served on a jump session: an empty table refuses any the server opens.
+        let empty = Arc::new(RemoteForwards::default());
+        let session = match jumps.last() {
+            None => {
+                let stream = tcp(&hop.host, hop.port, &hop_endpoint)
+                    .await
+                    .map_err(|e| via(hop, e))?;
+                handshake(p, stream, at, empty, None).await
+            }
+            Some(prev) => {
+                let stream = open_direct(prev, &hop.host, hop.port, &p.jump[i - 1])
+                    .await
+                    .map_err(|e| via(&p.jump[i - 1], e))?;
+                handshake(p, stream, at, empty, None).await
+            }
+        };
+        let (handle, _) = session.map_err(|e| via(hop, e))?;
+        jumps.push(handle);
+    }
+    let (Some(last), Some(last_hop)) = (jumps.last(), p.jump.last()) else {
+        return Err(SessionError::Connect {
+            endpoint: endpoint.to_string(),
+            source: std::io::Error::other("no jump hosts"),
+        });
+    };
+    let stream = open_direct(last, host, port, last_hop)
+        .await
+        .map_err(|e| via(last_hop, e))?;
     let (closed_tx, closed) = oneshot::channel();
+    let (handle, host_key) = handshake(
+        p,
+        stream,
+        Hop {
+            host,
+            port,
+            user: &p.user,
+            endpoint,
+        },
+        p.remote.clone(),
+        Some(closed_tx),
+    )
+    .await?;
+    tracing::info!(profile = %p.profile, %endpoint, via = %p.jump.iter().map(ToString::to_string).collect::<Vec<_>>().join(","), "session through jump hosts");
+    Ok(SshSession {
+        handle,
+        closed,
+        endpoint: endpoint.to_string(),
+        host_key,
+        jumps,
+    })
+}
+
+/// A `direct-tcpip` channel from the jump session `from` to `host:port`, as a byte stream.
+async fn open_direct(
+    from: &Handle<ClientHandler>,
+    host: &str,
+    port: u16,
+    hop: &JumpHost,
+) -> Result<russh::ChannelStream<Msg>, SessionError> {
+    let channel = from
+        .channel_open_direct_tcpip(host, u32::from(port), "127.0.0.1", 0)
+        .await
+        .map_err(|source| SessionError::Ssh {
+            endpoint: format!("{} (opening a channel to {host}:{port})", hop.endpoint()),
+            source,
+        })?;
+    Ok(channel.into_stream())
+}
+
+/// The SSH handshake over `stream`: host key verified for `hop`, then public-key authentication
+/// as `hop.user`. Returns the handle and the verified host key's fingerprint.
+async fn handshake<S>(
+    p: &SessionParams,
+    stream: S,
+    hop: Hop<'_>,
+    remote: Arc<RemoteForwards>,
+    closed: Option<oneshot::Sender<String>>,
+) -> Result<(Handle<ClientHandler>, String), SessionError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let endpoint = hop.endpoint;
     let verdict = Arc::new(Mutex::new(None));
     let handler = ClientHandler {
-        host: host.to_string(),
-        port,
+        host: hop.host.to_string(),
+        port: hop.port,
         profile: p.profile.clone(),
         trust: p.trust.clone(),
         verdict: verdict.clone(),
-        remote: p.remote.clone(),
+        remote,
         tracker: p.tracker.clone(),
-        closed: Some(closed_tx),
+        closed,
     };
     let ssh_err = |source: russh::Error| -> SessionError {
         let v = verdict.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -268,7 +428,7 @@ async fn connect_inner(
         .flatten();
     let auth = handle
         .authenticate_publickey(
-            p.user.clone(),
+            hop.user.to_string(),
             PrivateKeyWithHashAlg::new(p.key.clone(), hash),
         )
         .await
@@ -276,16 +436,11 @@ async fn connect_inner(
     if !auth.success() {
         return Err(SessionError::Auth {
             endpoint: endpoint.to_string(),
-            user: p.user.clone(),
+            user: hop.user.to_string(),
             key: fingerprint(p.key.public_key()),
         });
     }
-    Ok(SshSession {
-        handle,
-        closed,
-        endpoint: endpoint.to_string(),
-        host_key,
-    })
+    Ok((handle, host_key))
 }
 
 /// The russh client handler of one session.

@@ -29,6 +29,7 @@ fn spec(name: &str) -> ProfileSpec {
         reconnect_max_ms: 30_000,
         failover_after: 3,
         health: None,
+        jump: vec![],
     }
 }
 

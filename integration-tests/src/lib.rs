@@ -1024,5 +1024,6 @@ pub fn profile_spec(name: &str, forwards: &[&str]) -> tunnelfleet_protocol::Prof
         reconnect_max_ms: 30_000,
         failover_after: 3,
         health: None,
+        jump: vec![],
     }
 }

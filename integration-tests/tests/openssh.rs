@@ -525,3 +525,89 @@ async fn shutdown_drains_open_connections_and_cancels_remote_forwards() {
     .await;
     assert!(closed.is_ok(), "connection still open after the drain");
 }
+
+/// ProxyJump: the OMA reached through a bastion (a second real sshd). Data flows, the bastion
+/// authenticated the agent and both host keys are verified; the bastion killed, the session
+/// goes with it and the failures are the jump's (never evidence against the OMA); the tunnel
+/// comes back with the bastion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jump_host_carries_the_session_and_its_failures_are_its_own() {
+    use tunnelfleet_protocol::ErrorKind;
+    if !Sshd::available("jump") {
+        return;
+    }
+    let oma = Sshd::start();
+    let mut bastion = Sshd::start_sharing_client_key(&oma);
+    let (echo, _e) = echo_server().await;
+    let l = free_port();
+    let extra = format!(
+        "host_key_fingerprints = [{:?}, {:?}]\njump = [\"{}@{}\"]",
+        oma.fingerprint,
+        bastion.fingerprint,
+        bastion.user,
+        bastion.endpoint()
+    );
+    let agent = TestAgent::on(&oma, &[format!("L {l}:localhost:{echo}")], &extra).await;
+    agent.wait_all_active("oma").await;
+    echo_roundtrip(l, b"through the bastion").await.unwrap();
+    let log = bastion.log();
+    assert!(
+        log.contains("Accepted publickey"),
+        "the bastion was not used:\n{log}"
+    );
+
+    // The bastion gone takes the session with it: it was carrying it.
+    bastion.kill_all();
+    wait_until(30, "the session lost and retried at the jump", || async {
+        let p = agent.profile("oma").await;
+        p.state != SessionState::Up
+            && p.errors
+                .iter()
+                .any(|e| e.kind == ErrorKind::Jump && e.last_detail.contains("via jump host"))
+    })
+    .await;
+    let p = agent.profile("oma").await;
+    assert!(
+        p.errors.iter().all(|e| !e.kind.implicates_endpoint()),
+        "a bastion outage counted against the OMA: {:?}",
+        p.errors
+    );
+    bastion.restart();
+    wait_until(30, "back through the restarted bastion", || async {
+        agent.profile("oma").await.state == SessionState::Up
+    })
+    .await;
+    echo_roundtrip(l, b"through the bastion again")
+        .await
+        .unwrap();
+    agent.shutdown().await;
+}
+
+/// An unknown host key at the jump host is refused like an endpoint's, naming the hop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jump_host_with_an_unknown_key_is_refused_naming_it() {
+    use tunnelfleet_protocol::ErrorKind;
+    if !Sshd::available("jump_host_key") {
+        return;
+    }
+    let oma = Sshd::start();
+    let bastion = Sshd::start_sharing_client_key(&oma);
+    let l = free_port();
+    // Only the OMA's key is trusted (its known_hosts): the bastion's is unknown.
+    let extra = format!("jump = [\"{}\"]", bastion.endpoint());
+    let agent = TestAgent::on(&oma, &[format!("L {l}:localhost:9")], &extra).await;
+    wait_until(20, "the jump host refused for its key", || async {
+        agent.profile("oma").await.errors.iter().any(|e| {
+            e.kind == ErrorKind::Jump
+                && e.last_detail.contains(&bastion.endpoint())
+                && e.last_detail.contains(&bastion.fingerprint)
+        })
+    })
+    .await;
+    assert!(
+        !bastion.log().contains("Accepted publickey"),
+        "authenticated to an unverified jump host"
+    );
+    assert_ne!(agent.profile("oma").await.state, SessionState::Up);
+    agent.shutdown().await;
+}

@@ -286,6 +286,7 @@ fn ssh_line(
     let autossh = words[start].ends_with("autossh");
     let mut notes = Vec::new();
     let mut identity: Option<String> = None;
+    let mut jump: Option<String> = None;
     let mut port: Option<u16> = None;
     let mut user: Option<String> = None;
     let mut forwards: Vec<String> = Vec::new();
@@ -347,7 +348,7 @@ fn ssh_line(
                             .ok_or_else(|| err(format!("-o {arg:?}: expected Key=Value")))?;
                         options.insert(k.to_ascii_lowercase(), v);
                     }
-                    'J' => notes.push(format!("-J {arg}: jump hosts are not supported; reach the OMA directly or run the agent where it can")),
+                    'J' => jump = Some(arg),
                     'E' => notes.push(format!("-E {arg}: the agent logs through its own log (journald under systemd)")),
                     'F' => notes.push(format!("-F {arg}: ssh_config files are not read; only this command line was imported")),
                     'b' | 'B' => notes.push(format!("-{c} {arg}: the source address is not configurable; dropped")),
@@ -409,6 +410,25 @@ fn ssh_line(
         )),
     }
     p.forwards = forwards;
+    // ProxyJump: the flag wins over -o; `none` means direct.
+    if let Some(j) = jump.or_else(|| opt("proxyjump"))
+        && !j.eq_ignore_ascii_case("none")
+    {
+        p.jump = j
+            .split(',')
+            .map(str::trim)
+            .filter(|h| !h.is_empty())
+            .map(String::from)
+            .collect();
+        for (i, h) in p.jump.iter().enumerate() {
+            tunnelfleet_agent::jump::JumpHost::parse(h)
+                .map_err(|e| err(format!("jump host {}: {e}", i + 1)))?;
+        }
+        notes.push(format!(
+            "jump hosts {}: their host keys are verified too (ssh-keyscan each into the known_hosts file)",
+            p.jump.join(", ")
+        ));
+    }
     for (k, v) in &options {
         let (fwd, kind) = match k.as_str() {
             "localforward" => (true, 'L'),
@@ -433,7 +453,7 @@ fn ssh_line(
         let lv = v.to_ascii_lowercase();
         match k.as_str() {
             "user" | "port" | "hostname" | "identityfile" | "localforward" | "remoteforward"
-            | "dynamicforward" => {}
+            | "dynamicforward" | "proxyjump" => {}
             "serveraliveinterval" => p.keepalive_interval = dur("ServerAliveInterval", v)?,
             "serveralivecountmax" => {
                 p.keepalive_count = v

@@ -162,7 +162,7 @@ fn an_autossh_unit_line_from_stdin_and_bad_input_refused_with_the_line() {
         .stdin
         .take()
         .unwrap()
-        .write_all(b"[Service]\nExecStart=/usr/bin/autossh -M 0 -N -J bastion -o ServerAliveInterval=10 -o StrictHostKeyChecking=accept-new -D 1080 ops@oma2.example -p 2222 sleep infinity\n")
+        .write_all(b"[Service]\nExecStart=/usr/bin/autossh -M 0 -N -J jump@bastion:2200,bastion2 -o ServerAliveInterval=10 -o StrictHostKeyChecking=accept-new -D 1080 ops@oma2.example -p 2222 sleep infinity\n")
         .unwrap();
     let o = child.wait_with_output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -174,7 +174,15 @@ fn an_autossh_unit_line_from_stdin_and_bad_input_refused_with_the_line() {
     assert_eq!(p["trust_on_first_use"], true);
     let n = notes(&v);
     assert!(n.iter().any(|x| x.contains("autossh -M")), "{n:#?}");
-    assert!(n.iter().any(|x| x.contains("-J bastion")), "{n:#?}");
+    assert_eq!(
+        p["jump"],
+        serde_json::json!(["jump@bastion:2200", "bastion2"])
+    );
+    assert!(
+        n.iter()
+            .any(|x| x.contains("jump hosts jump@bastion:2200, bastion2")),
+        "{n:#?}"
+    );
     assert!(n.iter().any(|x| x.contains("remote command")), "{n:#?}");
 
     // A line with a bad port: refused, naming the file and the line; nothing written.

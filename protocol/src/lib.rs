@@ -20,7 +20,8 @@ pub use message::*;
 
 /// The protocol version this build speaks; exchanged in [`Hello`] and [`Welcome`].
 /// 2: coordinator -> agent commands (`tunnels … --agent`).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: jump hosts in profiles (`ProfileSpec::jump`) and the `Jump` session error kind.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// QUIC keep-alive of the control link (both ends).
 pub const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(2);

@@ -238,6 +238,10 @@ pub enum ErrorKind {
     SessionLost,
     /// Any other SSH failure.
     Ssh,
+    /// A jump host on the way failed (connect, host key, authentication, or it would not open
+    /// a channel to the endpoint), or a session through jump hosts was lost: the path's
+    /// problem as far as the agent can tell, not evidence against the endpoint.
+    Jump,
 }
 
 impl ErrorKind {
@@ -363,6 +367,9 @@ pub struct ProfileSpec {
     pub failover_after: u32,
     /// Health check.
     pub health: Option<HealthSpec>,
+    /// Jump hosts (`[user@]host[:port]`), first to last, as `ssh -J` takes them.
+    #[serde(default)]
+    pub jump: Vec<String>,
 }
 
 /// A profile's health check on the wire.
