@@ -241,26 +241,36 @@ async fn connect_inner(
         return connect_via_jumps(p, host, port, endpoint).await;
     }
     let stream = tcp(host, port, endpoint).await?;
+    endpoint_session(p, stream, host, port, endpoint, Vec::new()).await
+}
+
+/// The endpoint's own session over `stream` (direct, or the last jump host's channel): it
+/// serves the profile's remote forwards and reports its end.
+async fn endpoint_session<S>(
+    p: &SessionParams,
+    stream: S,
+    host: &str,
+    port: u16,
+    endpoint: &str,
+    jumps: Vec<Handle<ClientHandler>>,
+) -> Result<SshSession, SessionError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (closed_tx, closed) = oneshot::channel();
-    let (handle, host_key) = handshake(
-        p,
-        stream,
-        Hop {
-            host,
-            port,
-            user: &p.user,
-            endpoint,
-        },
-        p.remote.clone(),
-        Some(closed_tx),
-    )
-    .await?;
+    let hop = Hop {
+        host,
+        port,
+        user: &p.user,
+        endpoint,
+    };
+    let (handle, host_key) = handshake(p, stream, hop, p.remote.clone(), Some(closed_tx)).await?;
     Ok(SshSession {
         handle,
         closed,
         endpoint: endpoint.to_string(),
         host_key,
-        jumps: Vec::new(),
+        jumps,
     })
 }
 
@@ -336,28 +346,9 @@ async fn connect_via_jumps(
     let stream = open_direct(last, host, port, last_hop)
         .await
         .map_err(|e| via(last_hop, e))?;
-    let (closed_tx, closed) = oneshot::channel();
-    let (handle, host_key) = handshake(
-        p,
-        stream,
-        Hop {
-            host,
-            port,
-            user: &p.user,
-            endpoint,
-        },
-        p.remote.clone(),
-        Some(closed_tx),
-    )
-    .await?;
+    let session = endpoint_session(p, stream, host, port, endpoint, jumps).await?;
     tracing::info!(profile = %p.profile, %endpoint, via = %p.jump.iter().map(ToString::to_string).collect::<Vec<_>>().join(","), "session through jump hosts");
-    Ok(SshSession {
-        handle,
-        closed,
-        endpoint: endpoint.to_string(),
-        host_key,
-        jumps,
-    })
+    Ok(session)
 }
 
 /// A `direct-tcpip` channel from the jump session `from` to `host:port`, as a byte stream.
