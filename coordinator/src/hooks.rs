@@ -1,5 +1,6 @@
 //! Alert delivery: a generic webhook (JSON signed with HMAC-SHA256), Slack incoming webhooks,
-//! Prometheus Alertmanager (its v2 API) and a local command (the alert JSON on stdin).
+//! Prometheus Alertmanager (its v2 API), email through an SMTP relay ([`crate::email`]) and a
+//! local command (the alert JSON on stdin).
 //!
 //! Every alert state reaches the hooks through the sled outbox ([`crate::store`]): written in
 //! the same transaction as the alert, removed only after the hook accepted it. One task per
@@ -41,6 +42,8 @@ pub enum HookKind {
     Alertmanager,
     /// Run a program with the alert JSON on stdin.
     Command,
+    /// Send an email through an SMTP relay (`url` is `smtp://relay:587` or `smtps://relay:465`).
+    Email,
 }
 
 /// One `[[hook]]` of the coordinator's config.
@@ -63,10 +66,44 @@ pub struct HookConfig {
     /// Per attempt.
     #[serde(default = "default_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// Sender (email): `tunnelfleet <tunnelfleet@example.com>`.
+    #[serde(default)]
+    pub from: Option<String>,
+    /// Recipients (email).
+    #[serde(default)]
+    pub to: Vec<String>,
+    /// SMTP login (email), with `password_file`.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// File holding the SMTP password (readable by its owner only).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// An extra CA certificate (PEM) the SMTP relay's certificate may chain to (email).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_timeout() -> Duration {
     Duration::from_secs(10)
+}
+
+impl HookConfig {
+    /// A signed generic webhook posting to `url` with a 2 s timeout (the demo, tests, benches).
+    pub fn webhook(name: &str, url: String, secret_file: PathBuf) -> HookConfig {
+        HookConfig {
+            name: name.to_string(),
+            kind: HookKind::Webhook,
+            url: Some(url),
+            secret_file: Some(secret_file),
+            command: Vec::new(),
+            timeout: Duration::from_secs(2),
+            from: None,
+            to: Vec::new(),
+            username: None,
+            password_file: None,
+            ca_file: None,
+        }
+    }
 }
 
 /// A hook ready to deliver.
@@ -79,6 +116,7 @@ pub struct Hook {
     url: Option<hyper::Uri>,
     secret: Option<Vec<u8>>,
     command: Vec<String>,
+    email: Option<crate::email::Email>,
     timeout: Duration,
 }
 
@@ -89,8 +127,14 @@ impl Hook {
         if !tunnelfleet_agent::config::valid_name(&c.name) {
             return Err(err("name", "use letters, digits, '-', '_', '.'".into()));
         }
+        let email = match c.kind {
+            HookKind::Email => {
+                Some(crate::email::Email::from_config(c).map_err(|(key, why)| err(key, why))?)
+            }
+            _ => None,
+        };
         let url = match c.kind {
-            HookKind::Command => None,
+            HookKind::Command | HookKind::Email => None,
             _ => {
                 let raw = c
                     .url
@@ -129,6 +173,7 @@ impl Hook {
             url,
             secret,
             command: c.command.clone(),
+            email,
             timeout: c.timeout,
         })
     }
@@ -231,6 +276,10 @@ fn client() -> Result<Client, String> {
 async fn deliver(hook: &Hook, client: &Client, d: &Delivery) -> Result<(), String> {
     match hook.kind {
         HookKind::Command => run_command(hook, d).await,
+        HookKind::Email => {
+            let email = hook.email.as_ref().ok_or("no email settings")?;
+            email.send(d, hook.timeout).await
+        }
         kind => {
             let (body, content_type) = match kind {
                 HookKind::Slack => (

@@ -6,6 +6,9 @@
 //! - [`udp`]: the control link's UDP socket, buffers sized for thousands of agents.
 //! - [`enroll`]: join tokens, enrollment of new agents, revocation.
 //! - [`link`]: accepting agents: hello checked against the certificate, heartbeats.
+//! - [`hooks`]: alert delivery to webhooks, Slack, Alertmanager, email and commands, through
+//!   the durable outbox.
+//! - [`email`]: the email hook: SMTP with STARTTLS or TLS by default.
 //! - [`metrics`]: Prometheus `/metrics` through OpenTelemetry.
 //! - [`plan`]: `profiles diff`: what applying a file would change, before it is applied.
 //! - [`store`]: fleet state in sled; every acknowledged write flushed first.
@@ -17,6 +20,7 @@
 pub mod admin;
 pub mod alerts;
 pub mod cli;
+pub mod email;
 pub mod enroll;
 pub mod hooks;
 pub mod link;

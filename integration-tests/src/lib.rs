@@ -5,6 +5,8 @@
 //! and every process is killed on drop. Tests that need sshd call [`Sshd::available`]: it fails
 //! the test when `CI` is set and sshd is missing, and elsewhere says why the test was skipped.
 
+pub mod smtp;
+
 use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -731,6 +733,39 @@ pub fn sim_endpoints(n: usize) -> std::io::Result<Vec<quinn::Endpoint>> {
             udp::endpoint(b.socket, None)
         })
         .collect()
+}
+
+/// Answers every connection on `listener` with an OpenSSH banner, as a live OMA answers the
+/// coordinator's probes.
+pub fn serve_ssh_banner(listener: tokio::net::TcpListener) {
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let _ = s.write_all(b"SSH-2.0-OpenSSH_9.2p1 test\r\n").await;
+        }
+    });
+}
+
+/// Puts OMA group `oma` on the coordinator behind `api`: primary `dead` (nothing need listen
+/// there), then a standby that answers probes like an sshd; probed every 200 ms, failback after
+/// 5 min. Returns the standby's address.
+pub async fn put_probed_group(api: &tunnelfleet_ops::api::ApiClient, dead: &str) -> String {
+    let standby = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("standby");
+    let standby_addr = standby.local_addr().expect("addr").to_string();
+    serve_ssh_banner(standby);
+    let group = tunnelfleet_coordinator::store::OmaGroup::probed(
+        "oma",
+        vec![dead.to_string(), standby_addr.clone()],
+        Duration::from_millis(200),
+        Duration::from_millis(200),
+        Duration::from_secs(300),
+    );
+    let _: serde_json::Value = api
+        .call("PUT", "/v1/groups/oma", Some(&group))
+        .await
+        .expect("PUT /v1/groups/oma");
+    standby_addr
 }
 
 /// A protocol-level agent for benchmarks: real QUIC and mutual TLS, no SSH. Connects with

@@ -19,7 +19,7 @@ use std::time::Duration;
 use integration_tests::*;
 use tunnelfleet_agent::config::AgentConfig;
 use tunnelfleet_coordinator::admin::{Changed, Done};
-use tunnelfleet_coordinator::hooks::{HookConfig, HookKind, SIGNATURE_HEADER};
+use tunnelfleet_coordinator::hooks::{HookConfig, SIGNATURE_HEADER};
 use tunnelfleet_coordinator::monitor::EndpointView;
 use tunnelfleet_coordinator::store::{Event, OmaGroup};
 use tunnelfleet_ops::api::ApiClient;
@@ -40,14 +40,11 @@ fn group(primary: &Sshd, standby: &Sshd, failback_after: Duration) -> OmaGroup {
 fn webhook(dir: &Path, sink: &WebhookSink) -> HookConfig {
     let secret = dir.join("webhook.secret");
     write_secret(&secret, SECRET.as_bytes());
-    HookConfig {
-        name: "ops".into(),
-        kind: HookKind::Webhook,
-        url: Some(format!("http://127.0.0.1:{}/alerts", sink.port)),
-        secret_file: Some(secret),
-        command: vec![],
-        timeout: Duration::from_secs(2),
-    }
+    HookConfig::webhook(
+        "ops",
+        format!("http://127.0.0.1:{}/alerts", sink.port),
+        secret,
+    )
 }
 
 /// Two agents, each with its own profile on group `oma` (one machine plays both appliances).

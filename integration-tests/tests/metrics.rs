@@ -10,7 +10,6 @@ use std::time::Duration;
 use integration_tests::{CoordinatorProcess, free_port, wait_until};
 use tunnelfleet_agent::link;
 use tunnelfleet_coordinator::pki;
-use tunnelfleet_coordinator::store::OmaGroup;
 use tunnelfleet_protocol::{
     CoordinatorMessage, Heartbeat, Hello, PROTOCOL_VERSION, ProfileReport, TunnelState,
 };
@@ -102,26 +101,7 @@ async fn metrics_show_agents_tunnels_oma_health_alerts_and_push_latency() {
     .await;
     let dead = format!("127.0.0.1:{}", free_port());
     // A standby that answers probes like an sshd does: the group fails over to it.
-    let standby = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let standby_addr = standby.local_addr().unwrap().to_string();
-    tokio::spawn(async move {
-        use tokio::io::AsyncWriteExt;
-        while let Ok((mut s, _)) = standby.accept().await {
-            let _ = s.write_all(b"SSH-2.0-OpenSSH_9.2p1 test\r\n").await;
-        }
-    });
-    let group = OmaGroup::probed(
-        "oma",
-        vec![dead.clone(), standby_addr.clone()],
-        Duration::from_millis(200),
-        Duration::from_millis(200),
-        Duration::from_secs(300),
-    );
-    let _: serde_json::Value = c
-        .api
-        .call("PUT", "/v1/groups/oma", Some(&group))
-        .await
-        .unwrap();
+    let standby_addr = integration_tests::put_probed_group(&c.api, &dead).await;
 
     // One agent with one tunnel up on an endpoint.
     let files =

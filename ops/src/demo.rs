@@ -24,7 +24,7 @@ use tunnelfleet_agent::control::{self, Request, Response};
 use tunnelfleet_agent::status::{AgentStatus, ForwardState, ProfileStatus, SessionState};
 use tunnelfleet_coordinator::admin::{AgentSummary, Changed, Rollout};
 use tunnelfleet_coordinator::alerts::Alert;
-use tunnelfleet_coordinator::hooks::{HookConfig, HookKind};
+use tunnelfleet_coordinator::hooks::HookConfig;
 use tunnelfleet_coordinator::monitor::EndpointView;
 use tunnelfleet_coordinator::server::CoordinatorConfig;
 use tunnelfleet_coordinator::store::OmaGroup;
@@ -150,14 +150,11 @@ async fn run_in(dir: &Path, out: &mut (impl Write + Send)) -> anyhow::Result<Dem
         admin_token_file: token_file,
         heartbeat_interval: Duration::from_secs(1),
         alerts: Default::default(),
-        hooks: vec![HookConfig {
-            name: "ops-webhook".into(),
-            kind: HookKind::Webhook,
-            url: Some(format!("http://127.0.0.1:{}/alerts", sink.port)),
-            secret_file: Some(secret),
-            command: Vec::new(),
-            timeout: Duration::from_secs(2),
-        }],
+        hooks: vec![HookConfig::webhook(
+            "ops-webhook",
+            format!("http://127.0.0.1:{}/alerts", sink.port),
+            secret,
+        )],
         metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
         udp_buffer: tunnelfleet_coordinator::udp::DEFAULT_BUFFER,
     })

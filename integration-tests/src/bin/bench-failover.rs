@@ -25,7 +25,7 @@ use integration_tests::*;
 use tokio::sync::{Semaphore, mpsc};
 use tunnelfleet_agent::config::AgentConfig;
 use tunnelfleet_coordinator::admin::Changed;
-use tunnelfleet_coordinator::hooks::{HookConfig, HookKind};
+use tunnelfleet_coordinator::hooks::HookConfig;
 use tunnelfleet_coordinator::store::OmaGroup;
 use tunnelfleet_protocol::{Hello, PROTOCOL_VERSION, ProfileSpec};
 
@@ -55,14 +55,11 @@ async fn main() -> anyhow::Result<()> {
     let c = FullCoordinator::start(
         dir.path(),
         Duration::from_secs(5),
-        vec![HookConfig {
-            name: "bench".into(),
-            kind: HookKind::Webhook,
-            url: Some(format!("http://127.0.0.1:{}/alerts", sink.port)),
-            secret_file: Some(secret),
-            command: vec![],
-            timeout: Duration::from_secs(2),
-        }],
+        vec![HookConfig::webhook(
+            "bench",
+            format!("http://127.0.0.1:{}/alerts", sink.port),
+            secret,
+        )],
     )
     .await;
     let group = OmaGroup::probed(

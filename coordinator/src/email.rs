@@ -1,0 +1,232 @@
+//! The email hook: each alert state as one message through an SMTP relay (lettre, rustls).
+//!
+//! `url` says how to reach the relay and how it is protected, with tunnelfleet's defaults rather
+//! than SMTP's: `smtp://host[:587]` requires STARTTLS, `smtps://host[:465]` is TLS from the first
+//! byte, and plaintext (`smtp://host?tls=none`) is accepted only for a relay on loopback (a local
+//! postfix), so credentials and alerts never cross a network in clear. The password is read from
+//! a file readable by its owner only and never logged. The idempotency key becomes the
+//! `Message-ID`, so a redelivered alert is the same message to every mail system.
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use lettre::message::{Mailbox, header::ContentType};
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+
+use crate::alerts::{AlertStatus, Delivery};
+use crate::hooks::{HookConfig, text, webhook_body};
+
+/// A checked email hook, ready to send.
+#[derive(Clone)]
+pub struct Email {
+    transport: AsyncSmtpTransport<Tokio1Executor>,
+    from: Mailbox,
+    to: Vec<Mailbox>,
+    /// `host:port` of the relay (for errors).
+    relay: String,
+}
+
+impl std::fmt::Debug for Email {
+    // The transport holds the credentials: only where it goes is shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Email")
+            .field("relay", &self.relay)
+            .field("from", &self.from.to_string())
+            .field("to", &self.to.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// How the relay's connection is protected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protection {
+    StartTls,
+    Tls,
+    Plain,
+}
+
+impl Email {
+    /// Checks an `[[hook]]` of kind `email`; the error is `(key, reason)`.
+    pub fn from_config(c: &HookConfig) -> Result<Email, (&'static str, String)> {
+        let raw = c.url.as_deref().ok_or((
+            "url",
+            "required: smtp://relay:587 or smtps://relay:465".into(),
+        ))?;
+        let (protection, host, port) = parse_url(raw).map_err(|e| ("url", e))?;
+        let from: Mailbox = c
+            .from
+            .as_deref()
+            .ok_or(("from", "required: the sender address".to_string()))?
+            .parse()
+            .map_err(|e| ("from", format!("{e}")))?;
+        if c.to.is_empty() {
+            return Err(("to", "at least one recipient is required".into()));
+        }
+        let to =
+            c.to.iter()
+                .map(|t| {
+                    t.parse::<Mailbox>()
+                        .map_err(|e| ("to", format!("{t:?}: {e}")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+        let tls = |host: &str| -> Result<TlsParameters, (&'static str, String)> {
+            let mut b = TlsParameters::builder(host.to_string());
+            if let Some(ca) = &c.ca_file {
+                b = b.add_root_certificate(read_ca(ca).map_err(|e| ("ca_file", e))?);
+            }
+            b.build().map_err(|e| ("url", format!("TLS: {e}")))
+        };
+        let mut b = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host.clone())
+            .port(port)
+            .timeout(Some(c.timeout))
+            .tls(match protection {
+                Protection::StartTls => Tls::Required(tls(&host)?),
+                Protection::Tls => Tls::Wrapper(tls(&host)?),
+                Protection::Plain => Tls::None,
+            });
+        match (&c.username, &c.password_file) {
+            (Some(user), Some(file)) => {
+                tunnelfleet_agent::identity::check_permissions(file)
+                    .map_err(|e| ("password_file", e.to_string()))?;
+                let password = std::fs::read_to_string(file)
+                    .map_err(|e| ("password_file", format!("{}: {e}", file.display())))?;
+                b = b.credentials(Credentials::new(
+                    user.clone(),
+                    password.trim_end_matches(['\r', '\n']).to_string(),
+                ));
+            }
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(("password_file", "required with username".into()));
+            }
+            (None, Some(_)) => return Err(("username", "required with password_file".into())),
+        }
+        Ok(Email {
+            transport: b.build(),
+            from,
+            to,
+            relay: format!("{host}:{port}"),
+        })
+    }
+
+    /// Sends one alert state; `Err` says why the relay did not take it.
+    pub async fn send(&self, d: &Delivery, timeout: Duration) -> Result<(), String> {
+        let message = self.message(d)?;
+        tokio::time::timeout(timeout, self.transport.send(message))
+            .await
+            .map_err(|_| format!("{}: no answer within {timeout:?}", self.relay))?
+            .map_err(|e| format!("{}: {e}", self.relay))?;
+        Ok(())
+    }
+
+    /// The message: a subject a pager can show, the one-line summary, then the alert as JSON.
+    pub fn message(&self, d: &Delivery) -> Result<Message, String> {
+        let a = &d.alert;
+        let state = match a.status {
+            AlertStatus::Firing => "FIRING",
+            AlertStatus::Resolved => "RESOLVED",
+        };
+        let subject = format!("[tunnelfleet] {state} {}: {}", a.kind.as_str(), a.summary);
+        let json = String::from_utf8_lossy(&webhook_body(d)).into_owned();
+        let body = format!(
+            "{}\n\nAlert {} ({}), subject {}.\nIdempotency key: {}\n\n{json}\n",
+            text(a),
+            a.id,
+            a.kind.as_str(),
+            a.subject,
+            d.idempotency_key
+        );
+        let mut m = Message::builder()
+            .from(self.from.clone())
+            .subject(subject)
+            .message_id(Some(format!("<{}@tunnelfleet>", d.idempotency_key)))
+            .header(ContentType::TEXT_PLAIN);
+        for t in &self.to {
+            m = m.to(t.clone());
+        }
+        m.body(body)
+            .map_err(|e| format!("building the message: {e}"))
+    }
+}
+
+/// `smtp://host[:port][?tls=none]` or `smtps://host[:port]`.
+fn parse_url(raw: &str) -> Result<(Protection, String, u16), String> {
+    let (scheme, rest) = raw
+        .split_once("://")
+        .ok_or_else(|| format!("{raw:?}: expected smtp://relay:587 or smtps://relay:465"))?;
+    let (authority, query) = match rest.split_once('?') {
+        Some((a, q)) => (a.trim_end_matches('/'), Some(q)),
+        None => (rest.trim_end_matches('/'), None),
+    };
+    if authority.contains('@') {
+        return Err(format!(
+            "{raw:?}: no credentials in the URL; use username and password_file"
+        ));
+    }
+    let (mut protection, default_port) = match scheme {
+        "smtp" => (Protection::StartTls, 587),
+        "smtps" => (Protection::Tls, 465),
+        other => return Err(format!("{raw:?}: scheme {other:?} (use smtp or smtps)")),
+    };
+    match query {
+        None => {}
+        Some("tls=none") if protection == Protection::StartTls => protection = Protection::Plain,
+        Some(q) => {
+            return Err(format!(
+                "{raw:?}: unknown parameter {q:?} (only tls=none, with smtp://)"
+            ));
+        }
+    }
+    let (host, port) = tunnelfleet_agent::config::split_host_port(authority, Some(default_port))?;
+    if protection == Protection::Plain && !is_loopback(&host) {
+        return Err(format!(
+            "{raw:?}: plaintext SMTP only to a relay on this host (127.0.0.1, ::1, localhost); use smtp:// (STARTTLS) or smtps://"
+        ));
+    }
+    Ok((protection, host, port))
+}
+
+fn is_loopback(host: &str) -> bool {
+    host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+fn read_ca(path: &Path) -> Result<Certificate, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Certificate::from_pem(&pem).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
+
+    use super::*;
+
+    #[test]
+    fn urls_default_to_protected_relays() {
+        assert_eq!(
+            parse_url("smtp://mail.example.com").unwrap(),
+            (Protection::StartTls, "mail.example.com".into(), 587)
+        );
+        assert_eq!(
+            parse_url("smtps://mail.example.com").unwrap(),
+            (Protection::Tls, "mail.example.com".into(), 465)
+        );
+        assert_eq!(
+            parse_url("smtp://127.0.0.1:2525?tls=none").unwrap(),
+            (Protection::Plain, "127.0.0.1".into(), 2525)
+        );
+        for bad in [
+            "smtp://mail.example.com?tls=none",
+            "smtps://127.0.0.1?tls=none",
+            "http://mail.example.com",
+            "smtp://user:pw@mail.example.com",
+            "mail.example.com:25",
+            "smtp://mail.example.com:0",
+        ] {
+            assert!(parse_url(bad).is_err(), "{bad} accepted");
+        }
+    }
+}
