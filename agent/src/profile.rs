@@ -111,13 +111,15 @@ pub fn new_shared(cfg: &ProfileConfig) -> Arc<ProfileShared> {
         failures: 0,
         last: None,
     });
-    Arc::new(ProfileShared::new(
+    let shared = ProfileShared::new(
         &cfg.name,
         &cfg.description,
         cfg.endpoints.clone(),
         &specs,
         health,
-    ))
+    );
+    shared.lock().jump = cfg.jump.clone();
+    Arc::new(shared)
 }
 
 /// Starts a profile; the identity must already be loaded (see `Supervisor`).

@@ -136,6 +136,9 @@ pub struct ProfileStatus {
     /// The latest endpoint changes this profile made on its own, oldest first.
     #[serde(default)]
     pub failover_log: Vec<FailoverRecord>,
+    /// Jump hosts the session goes through, first to last (empty: direct).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub jump: Vec<String>,
 }
 
 /// How many failovers a profile remembers for status and heartbeats.
@@ -198,6 +201,7 @@ impl ProfileShared {
                 forwards,
                 errors: Vec::new(),
                 failover_log: Vec::new(),
+                jump: Vec::new(),
             }),
             counters: specs
                 .iter()

@@ -549,6 +549,10 @@ async fn a_jump_host_carries_the_session_and_its_failures_are_its_own() {
     );
     let agent = TestAgent::on(&oma, &[format!("L {l}:localhost:{echo}")], &extra).await;
     agent.wait_all_active("oma").await;
+    assert_eq!(
+        agent.profile("oma").await.jump,
+        [format!("{}@{}", bastion.user, bastion.endpoint())]
+    );
     echo_roundtrip(l, b"through the bastion").await.unwrap();
     let log = bastion.log();
     assert!(

@@ -43,6 +43,9 @@ pub fn profile(p: &ProfileStatus) -> String {
         None => "-".to_string(),
     };
     out.push_str(&format!("  endpoint {} ({role})", p.active_endpoint));
+    if !p.jump.is_empty() {
+        out.push_str(&format!("  via {}", p.jump.join(" -> ")));
+    }
     if let Some(since) = p.up_since_unix_ms {
         out.push_str(&format!("  up {}", ago(since)));
     }
