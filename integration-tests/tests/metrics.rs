@@ -14,6 +14,31 @@ use tunnelfleet_protocol::{
     CoordinatorMessage, Heartbeat, Hello, PROTOCOL_VERSION, ProfileReport, TunnelState,
 };
 
+/// Asserts that every `tunnelfleet_*` metric the shipped Grafana dashboard `file` queries is in
+/// `exported` (a scrape whose text is `text`); returns how many queries it checked.
+fn dashboard_queries_exported(file: &str, exported: &Samples, text: &str) -> usize {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../ops/deploy/grafana")
+        .join(file);
+    let dashboard = std::fs::read_to_string(&path).unwrap();
+    let names: std::collections::BTreeSet<&str> =
+        exported.keys().map(|(n, _)| n.as_str()).collect();
+    let mut queried = 0;
+    for (i, _) in dashboard.match_indices("tunnelfleet_") {
+        let name: String = dashboard[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        assert!(
+            names.contains(name.as_str()),
+            "{} queries {name}, not exported:\n{text}",
+            path.display()
+        );
+        queried += 1;
+    }
+    queried
+}
+
 /// One sample: name and labels -> value.
 type Samples = BTreeMap<(String, BTreeMap<String, String>), f64>;
 
@@ -240,27 +265,7 @@ async fn metrics_show_agents_tunnels_oma_health_alerts_and_push_latency() {
     );
 
     // Every metric the shipped Grafana dashboard queries is one the coordinator exports.
-    let dashboard = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../ops/deploy/grafana/tunnelfleet.json"),
-    )
-    .unwrap();
-    let exported: std::collections::BTreeSet<&str> = s.keys().map(|(n, _)| n.as_str()).collect();
-    let mut queried = 0;
-    for (i, _) in dashboard.match_indices("tunnelfleet_") {
-        let name: String = dashboard[i..]
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-            .collect();
-        if name == "tunnelfleet_" || name.starts_with("tunnelfleet_fleet") {
-            continue; // the dashboard's own uid
-        }
-        assert!(
-            exported.contains(name.as_str()),
-            "dashboard queries {name}, not exported:\n{text}"
-        );
-        queried += 1;
-    }
+    let queried = dashboard_queries_exported("tunnelfleet.json", &s, &text);
     assert!(queried >= 10, "{queried}");
 
     // The agent gone: no longer online.
@@ -386,6 +391,10 @@ async fn agent_metrics_show_sessions_bytes_health_and_errors() {
             .is_some_and(|n| n >= 1.0)
     })
     .await;
+    // Every metric the shipped agent dashboard queries is one the agent exports.
+    let (text, s) = scrape(port).await;
+    let queried = dashboard_queries_exported("tunnelfleet-agent.json", &s, &text);
+    assert!(queried >= 12, "{queried}");
     agent.shutdown().await;
     assert!(
         tokio::net::TcpStream::connect(("127.0.0.1", port))
