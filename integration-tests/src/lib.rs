@@ -1023,12 +1023,28 @@ impl Drop for CoordinatorProcess {
     }
 }
 
-/// A release binary of this workspace next to the running one, built first (benchmarks).
-pub fn release_binary(package: &str, bin: &str) -> std::io::Result<PathBuf> {
+/// A program of this workspace as it ships (the `dist` profile), built first: what the
+/// benchmarks measure. The harness itself runs from `target/release`.
+pub fn dist_binary(package: &str, bin: &str) -> std::io::Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let path = exe.with_file_name(bin);
+    // target/<profile>/<bench> -> target/dist/<bin>
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|t| t.join("dist").join(bin))
+        .ok_or_else(|| std::io::Error::other("no target dir"))?;
+    eprintln!("building {bin} with the dist profile (fat LTO: a few minutes the first time)");
     let status = Command::new(env!("CARGO"))
-        .args(["build", "--release", "-q", "-p", package, "--bin", bin])
+        .args([
+            "build",
+            "--profile",
+            "dist",
+            "-q",
+            "-p",
+            package,
+            "--bin",
+            bin,
+        ])
         .status()?;
     if !status.success() || !path.exists() {
         return Err(std::io::Error::other(format!(

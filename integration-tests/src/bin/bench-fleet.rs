@@ -29,8 +29,7 @@ async fn main() -> anyhow::Result<()> {
             other => bail!("unknown argument {other} (use --agents N)"),
         }
     }
-    let bin =
-        integration_tests::release_binary("tunnelfleet-coordinator", "tunnelfleet-coordinator")?;
+    let bin = integration_tests::dist_binary("tunnelfleet-coordinator", "tunnelfleet-coordinator")?;
     let dir = tempfile::tempdir()?;
     let pki_dir = dir.path().join("pki");
     pki::init(&pki_dir, &["localhost".into()])?;

@@ -39,7 +39,7 @@ async fn main() -> anyhow::Result<()> {
     if !Sshd::available("bench-tunnel") {
         bail!("bench-tunnel needs /usr/sbin/sshd");
     }
-    let agent_bin = integration_tests::release_binary("tunnelfleet-agent", "tunnelfleet-agent")?;
+    let agent_bin = integration_tests::dist_binary("tunnelfleet-agent", "tunnelfleet-agent")?;
     let sshd = Sshd::start();
     let sink = sink_server().await?;
     let bytes = args.mib << 20;
