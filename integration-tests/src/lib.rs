@@ -314,9 +314,27 @@ fn run_out(cmd: &str, args: &[&str]) -> String {
 }
 
 /// A port that was free a moment ago (for services that cannot bind port 0 themselves).
+/// Never the same port twice in one test process: the kernel readily hands a just-released
+/// port to the next `bind(0)`, and two tests running side by side once got the same one (a
+/// coordinator's admin API and another test's forward).
 pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
+    unique_port(|| {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    })
+}
+
+/// Calls `pick` until it returns a port this process has not handed out before.
+fn unique_port(pick: impl Fn() -> u16) -> u16 {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let port = pick();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A TCP echo server on 127.0.0.1 (stops when the guard drops).
@@ -883,8 +901,10 @@ impl Program {
 
 /// A UDP port that was free a moment ago (a coordinator restarted on the same address).
 pub fn free_udp_port() -> u16 {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
-    s.local_addr().expect("addr").port()
+    unique_port(|| {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        s.local_addr().expect("addr").port()
+    })
 }
 
 /// A `tunnelfleet-coordinator` process on loopback, for tests that kill it for real.
