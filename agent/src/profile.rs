@@ -8,7 +8,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use russh::Disconnect;
 use russh::client::Handle;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -337,13 +336,7 @@ impl Runner {
                         break 'outer;
                     }
                     self.mark_remote_waiting(&specs);
-                    let _ = handle
-                        .disconnect(
-                            Disconnect::ByApplication,
-                            "tunnelfleet: session restart",
-                            "",
-                        )
-                        .await;
+                    ssh::disconnect(&handle, "tunnelfleet: session restart").await;
                     let why = match &end {
                         SessionEnd::Lost(r) => format!("session to {endpoint} lost: {r}"),
                         SessionEnd::Restart(c) => format!("session restarted: {c}"),
@@ -468,9 +461,7 @@ impl Runner {
                 tracing::warn!(profile = %self.cfg.name, open = self.params.tracker.len(), "drain timeout: closing remaining connections");
             }
         }
-        let _ = handle
-            .disconnect(Disconnect::ByApplication, "tunnelfleet: shutting down", "")
-            .await;
+        ssh::disconnect(handle, "tunnelfleet: shutting down").await;
     }
 }
 

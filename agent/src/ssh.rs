@@ -204,6 +204,28 @@ pub fn client_config(keepalive_interval: Duration, keepalive_count: u32) -> clie
     }
 }
 
+/// How long a session may take to say goodbye. A server that stopped reading (or a stalled
+/// transport) would otherwise hold the disconnect until its own inactivity timeout, minutes
+/// later, and with it a shutdown that promised a bounded drain.
+pub const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Sends SSH_MSG_DISCONNECT, waiting at most [`DISCONNECT_TIMEOUT`]; the session is closed
+/// either way once its handles are dropped.
+pub async fn disconnect(handle: &Handle<ClientHandler>, why: &str) {
+    if tokio::time::timeout(
+        DISCONNECT_TIMEOUT,
+        handle.disconnect(russh::Disconnect::ByApplication, why, ""),
+    )
+    .await
+    .is_err()
+    {
+        tracing::warn!(
+            reason = why,
+            "the server did not take the disconnect within {DISCONNECT_TIMEOUT:?}; dropping the session"
+        );
+    }
+}
+
 /// An established session.
 pub struct SshSession {
     /// The russh handle: open channels, request forwards, disconnect.

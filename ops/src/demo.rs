@@ -63,6 +63,8 @@ const AGENTS: usize = 3;
 
 /// The demo's stable period before failback (the default is 5 minutes).
 const FAILBACK_AFTER: Duration = Duration::from_secs(3);
+/// How long stopping everything may take (the agents' drain is 1 s, an OMA's stop 5 s).
+const STOP_WITHIN: Duration = Duration::from_secs(30);
 
 /// Runs the demo, narrating to `out`.
 pub async fn run(out: &mut (impl Write + Send)) -> anyhow::Result<DemoReport> {
@@ -297,16 +299,24 @@ async fn run_in(dir: &Path, out: &mut (impl Write + Send)) -> anyhow::Result<Dem
     for a in &agents {
         a.stop.cancel();
     }
-    for a in agents {
-        let _ = a.task.await;
-    }
-    coordinator_stop.cancel();
-    let _ = coordinator.await;
-    for o in &omas {
-        o.stop().await;
-    }
+    // Every part stops with a bounded drain; a stop that hangs anyway is a failure to report,
+    // not a demo that sits there for minutes.
+    let stopped = tokio::time::timeout(STOP_WITHIN, async {
+        for a in agents {
+            let _ = a.task.await;
+        }
+        coordinator_stop.cancel();
+        let _ = coordinator.await;
+        for o in &omas {
+            o.stop().await;
+        }
+    })
+    .await;
     drop(keep);
     let report = result?;
+    if stopped.is_err() {
+        bail!("the demo's agents, coordinator and OMAs did not stop within {STOP_WITHIN:?}");
+    }
     say(
         out,
         &format!(
