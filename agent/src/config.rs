@@ -394,6 +394,14 @@ impl ProfileConfig {
             .collect()
     }
 
+    /// The parsed jump hosts, first to last (valid after validation).
+    pub fn jump_hosts(&self) -> Result<Vec<crate::jump::JumpHost>, String> {
+        self.jump
+            .iter()
+            .map(|j| crate::jump::JumpHost::parse(j))
+            .collect()
+    }
+
     /// The parsed endpoints as `(host, port)`.
     pub fn endpoint_addrs(&self) -> Result<Vec<(String, u16)>, String> {
         self.endpoints

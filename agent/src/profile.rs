@@ -147,12 +147,7 @@ pub fn start(
         remote: Arc::new(RemoteForwards::default()),
         tracker: TaskTracker::new(),
         connect_timeout: cfg.connect_timeout,
-        // Validated with the config: every hop parses.
-        jump: cfg
-            .jump
-            .iter()
-            .filter_map(|j| crate::jump::JumpHost::parse(j).ok())
-            .collect(),
+        jump: cfg.jump_hosts().unwrap_or_default(),
     };
     let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
     let drain_override = Arc::new(std::sync::Mutex::new(None));

@@ -259,11 +259,13 @@ async fn connect_inner(
     port: u16,
     endpoint: &str,
 ) -> Result<SshSession, SessionError> {
-    if !p.jump.is_empty() {
-        return connect_via_jumps(p, host, port, endpoint).await;
+    match p.jump.split_first() {
+        None => {
+            let stream = tcp(host, port, endpoint).await?;
+            endpoint_session(p, stream, host, port, endpoint, Vec::new()).await
+        }
+        Some((first, rest)) => connect_via_jumps(p, first, rest, host, port, endpoint).await,
     }
-    let stream = tcp(host, port, endpoint).await?;
-    endpoint_session(p, stream, host, port, endpoint, Vec::new()).await
 }
 
 /// The endpoint's own session over `stream` (direct, or the last jump host's channel): it
@@ -317,11 +319,14 @@ struct Hop<'a> {
     endpoint: &'a str,
 }
 
-/// Reaches `host:port` through the profile's jump hosts: an SSH session to the first, a
-/// `direct-tcpip` channel from each to the next, and the endpoint's own session over the last
-/// channel. The jump sessions live as long as the endpoint's session (dropped with it).
+/// Reaches `host:port` through the profile's jump hosts (`first`, then `rest`): an SSH session
+/// to the first, a `direct-tcpip` channel from each to the next, and the endpoint's own session
+/// over the last channel. The jump sessions live as long as the endpoint's session (dropped
+/// with it).
 async fn connect_via_jumps(
     p: &SessionParams,
+    first: &JumpHost,
+    rest: &[JumpHost],
     host: &str,
     port: u16,
     endpoint: &str,
@@ -331,46 +336,52 @@ async fn connect_via_jumps(
         endpoint: endpoint.to_string(),
         source: Box::new(source),
     };
-    let mut jumps: Vec<Handle<ClientHandler>> = Vec::with_capacity(p.jump.len());
-    for (i, hop) in p.jump.iter().enumerate() {
-        let hop_endpoint = hop.endpoint();
-        let at = Hop {
-            host: &hop.host,
-            port: hop.port,
-            user: hop.user.as_deref().unwrap_or(&p.user),
-            endpoint: &hop_endpoint,
-        };
-        // No forwards are served on a jump session: an empty table refuses any the server opens.
-        let empty = Arc::new(RemoteForwards::default());
-        let session = match jumps.last() {
-            None => {
-                let stream = tcp(&hop.host, hop.port, &hop_endpoint)
-                    .await
-                    .map_err(|e| via(hop, e))?;
-                handshake(p, stream, at, empty, None).await
-            }
-            Some(prev) => {
-                let stream = open_direct(prev, &hop.host, hop.port, &p.jump[i - 1])
-                    .await
-                    .map_err(|e| via(&p.jump[i - 1], e))?;
-                handshake(p, stream, at, empty, None).await
-            }
-        };
-        let (handle, _) = session.map_err(|e| via(hop, e))?;
-        jumps.push(handle);
-    }
-    let (Some(last), Some(last_hop)) = (jumps.last(), p.jump.last()) else {
-        return Err(SessionError::Connect {
-            endpoint: endpoint.to_string(),
-            source: std::io::Error::other("no jump hosts"),
-        });
-    };
-    let stream = open_direct(last, host, port, last_hop)
+    let stream = tcp(&first.host, first.port, &first.endpoint())
         .await
-        .map_err(|e| via(last_hop, e))?;
-    let session = endpoint_session(p, stream, host, port, endpoint, jumps).await?;
+        .map_err(|e| via(first, e))?;
+    let mut current = jump_session(p, stream, first)
+        .await
+        .map_err(|e| via(first, e))?;
+    let mut earlier = Vec::with_capacity(rest.len());
+    let mut at = first;
+    for hop in rest {
+        let stream = open_direct(&current, &hop.host, hop.port, at)
+            .await
+            .map_err(|e| via(at, e))?;
+        let next = jump_session(p, stream, hop)
+            .await
+            .map_err(|e| via(hop, e))?;
+        earlier.push(std::mem::replace(&mut current, next));
+        at = hop;
+    }
+    let stream = open_direct(&current, host, port, at)
+        .await
+        .map_err(|e| via(at, e))?;
+    earlier.push(current);
+    let session = endpoint_session(p, stream, host, port, endpoint, earlier).await?;
     tracing::info!(profile = %p.profile, %endpoint, via = %p.jump.iter().map(ToString::to_string).collect::<Vec<_>>().join(","), "session through jump hosts");
     Ok(session)
+}
+
+/// A session to jump host `hop` over `stream`, as its user (or the profile's). It serves no
+/// forwards: an empty table refuses any channel the server opens.
+async fn jump_session<S>(
+    p: &SessionParams,
+    stream: S,
+    hop: &JumpHost,
+) -> Result<Handle<ClientHandler>, SessionError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let endpoint = hop.endpoint();
+    let at = Hop {
+        host: &hop.host,
+        port: hop.port,
+        user: hop.user.as_deref().unwrap_or(&p.user),
+        endpoint: &endpoint,
+    };
+    let (handle, _) = handshake(p, stream, at, Arc::default(), None).await?;
+    Ok(handle)
 }
 
 /// A `direct-tcpip` channel from the jump session `from` to `host:port`, as a byte stream.

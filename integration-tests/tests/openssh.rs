@@ -615,3 +615,35 @@ async fn a_jump_host_with_an_unknown_key_is_refused_naming_it() {
     assert_ne!(agent.profile("oma").await.state, SessionState::Up);
     agent.shutdown().await;
 }
+
+/// Two jump hosts in a row (`ssh -J a,b`): the second is reached through a channel of the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_jump_hosts_in_a_row_carry_the_session() {
+    if !Sshd::available("two_jumps") {
+        return;
+    }
+    let oma = Sshd::start();
+    let outer = Sshd::start_sharing_client_key(&oma);
+    let inner = Sshd::start_sharing_client_key(&oma);
+    let (echo, _e) = echo_server().await;
+    let l = free_port();
+    let extra = format!(
+        "host_key_fingerprints = [{:?}, {:?}, {:?}]\njump = [{:?}, {:?}]",
+        oma.fingerprint,
+        outer.fingerprint,
+        inner.fingerprint,
+        outer.endpoint(),
+        inner.endpoint()
+    );
+    let agent = TestAgent::on(&oma, &[format!("L {l}:localhost:{echo}")], &extra).await;
+    agent.wait_all_active("oma").await;
+    echo_roundtrip(l, b"through two bastions").await.unwrap();
+    for (name, s) in [("outer", &outer), ("inner", &inner)] {
+        assert!(
+            s.log().contains("Accepted publickey"),
+            "{name} bastion not used:\n{}",
+            s.log()
+        );
+    }
+    agent.shutdown().await;
+}
