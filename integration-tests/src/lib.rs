@@ -925,6 +925,22 @@ pub struct CoordinatorProcess {
 }
 
 impl CoordinatorProcess {
+    /// Waits until the first hook holds exactly one undelivered entry whose last attempt failed
+    /// with `error` in its message (`tunnelfleet alerts hooks`).
+    pub async fn wait_hook_backlog(&self, error: &str) {
+        wait_until(
+            30,
+            &format!("one delivery kept in the outbox after {error:?}"),
+            || async {
+                let h: serde_json::Value = self.api.get("/v1/hooks").await.unwrap_or_default();
+                h[0]["pending"] == 1
+                    && h[0]["last_error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains(error))
+            },
+        )
+        .await;
+    }
     /// Writes a config under `dir` (PKI in `dir/pki`, state in `dir/state`, fixed ports) and
     /// starts the coordinator; returns once its admin API answers.
     pub async fn start(dir: &Path, heartbeat: &str) -> CoordinatorProcess {

@@ -83,18 +83,8 @@ async fn an_incident_and_its_resolution_arrive_by_email_over_starttls() {
             .await
             .unwrap(),
     );
-    wait_until(
-        30,
-        "the resolution refused by the relay and kept",
-        || async {
-            let h: serde_json::Value = c.api.get("/v1/hooks").await.unwrap();
-            h[0]["pending"] == 1
-                && h[0]["last_error"]
-                    .as_str()
-                    .is_some_and(|e| e.contains("451"))
-        },
-    )
-    .await;
+    // The resolution refused by the relay and kept.
+    c.wait_hook_backlog("451").await;
     assert_eq!(sink.mails().len(), 1);
     sink.failing.store(false, Ordering::Relaxed);
     wait_until(30, "the resolution delivered on retry", || async {

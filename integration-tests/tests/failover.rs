@@ -384,18 +384,7 @@ async fn an_undelivered_alert_survives_a_coordinator_sigkill_and_is_delivered_af
     assert_eq!(sink.received()[0].json()["alert"]["subject"], dead.as_str());
     // The sink records the request before the coordinator sees the 503: wait for the
     // outbox to account for the failed attempt.
-    wait_until(
-        20,
-        "the refused attempt recorded in the hook's stats",
-        || async {
-            let hooks: serde_json::Value = c.api.get("/v1/hooks").await.unwrap();
-            hooks[0]["pending"] == 1
-                && hooks[0]["last_error"]
-                    .as_str()
-                    .is_some_and(|e| e.contains("503"))
-        },
-    )
-    .await;
+    c.wait_hook_backlog("503").await;
 
     c.kill9();
     sink.failing
