@@ -114,6 +114,14 @@ pub async fn bind(cfg: &CoordinatorConfig) -> anyhow::Result<Bound> {
             cfg.admin_token_file.display()
         );
     }
+    if cfg.udp_buffer < crate::udp::MIN_BUFFER {
+        anyhow::bail!(
+            "udp_buffer: {} bytes is too small; at least {} (default {})",
+            cfg.udp_buffer,
+            crate::udp::MIN_BUFFER,
+            crate::udp::DEFAULT_BUFFER
+        );
+    }
     if cfg.alerts.threshold == 0 {
         anyhow::bail!("alerts.threshold: must be at least 1");
     }

@@ -14,6 +14,9 @@ use socket2::{Domain, Protocol, Socket, Type};
 /// What the coordinator asks for by default: room for about 3,000 full datagrams.
 pub const DEFAULT_BUFFER: usize = 4 << 20;
 
+/// The least `udp_buffer` accepted: below Linux's own default is a typo, not a tuning.
+pub const MIN_BUFFER: usize = 64 << 10;
+
 /// A bound UDP socket and the buffer sizes the kernel granted.
 #[derive(Debug)]
 pub struct Bound {

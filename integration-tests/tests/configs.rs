@@ -142,3 +142,25 @@ async fn a_second_agent_on_the_same_socket_is_refused() {
     );
     drop(first);
 }
+
+/// A coordinator config with a typo'd UDP buffer is refused at start, naming the key.
+#[tokio::test]
+async fn a_coordinator_with_a_tiny_udp_buffer_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("admin.token");
+    integration_tests::write_secret(&token, b"0123456789abcdef0123");
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\npki_dir = \"{0}/pki\"\nstate_dir = \"{0}/state\"\nadmin_token_file = \"{1}\"\nudp_buffer = 4096\n",
+        dir.path().display(),
+        token.display()
+    );
+    let path = dir.path().join("coordinator.toml");
+    std::fs::write(&path, text).unwrap();
+    let cfg = tunnelfleet_coordinator::server::CoordinatorConfig::load(&path).unwrap();
+    let err = match tunnelfleet_coordinator::server::bind(&cfg).await {
+        Ok(_) => panic!("a 4 KiB udp_buffer was accepted"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.starts_with("udp_buffer: 4096 bytes"), "{err}");
+    assert!(!dir.path().join("state").exists(), "the store was opened");
+}
