@@ -45,9 +45,11 @@ impl Agent {
             if crate::enroll::needed(c) {
                 crate::enroll::enroll(c).await?;
             }
-            crate::identity::check_permissions(&c.key).map_err(|source| StartError::Identity {
-                profile: "coordinator".into(),
-                source,
+            tunnelfleet_runtime::secret::check_permissions(&c.key).map_err(|source| {
+                StartError::Identity {
+                    profile: "coordinator".into(),
+                    source: source.into(),
+                }
             })?;
         }
         let metrics = match cfg.agent.metrics_listen {
@@ -112,12 +114,12 @@ impl Agent {
                 fleet_stop.clone(),
             )));
         }
-        crate::systemd::ready(&format!(
+        tunnelfleet_runtime::systemd::ready(&format!(
             "{} profiles; control socket {}",
             self.supervisor.profile_count(),
             self.socket.display()
         ));
-        let watchdog = crate::systemd::spawn_watchdog(shutdown.clone());
+        let watchdog = tunnelfleet_runtime::systemd::spawn_watchdog(shutdown.clone());
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -137,7 +139,7 @@ impl Agent {
         // "shutting down" at once instead of waiting for a loop that no longer runs, so the
         // listeners below can finish their graceful shutdown.
         drop(requests);
-        crate::systemd::stopping();
+        tunnelfleet_runtime::systemd::stopping();
         if let Some(w) = watchdog {
             let _ = w.await;
         }

@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::config::AgentConfig;
-use crate::telemetry::{self, LogFormat};
 use anyhow::Context;
 use clap::Parser;
+use tunnelfleet_runtime::telemetry::{self, LogFormat};
 
 /// Holds this appliance's SSH tunnels: forwards, health checks, reconnects and failover.
 #[derive(Parser, Debug)]
@@ -72,7 +72,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         .build()
         .context("starting the tokio runtime")?;
     rt.block_on(async {
-        let shutdown = crate::shutdown::on_signals().context("installing signal handlers")?;
+        let shutdown =
+            tunnelfleet_runtime::shutdown::on_signals().context("installing signal handlers")?;
         crate::agent::run(cfg, shutdown).await?;
         anyhow::Ok(())
     })

@@ -22,7 +22,9 @@ use tunnelfleet_protocol::{
     ENROLL_ALPN, EnrollReply, EnrollRequest, FrameDecoder, PROTOCOL_VERSION, encode,
 };
 
-use crate::config::{CoordinatorSection, split_host_port};
+use crate::config::CoordinatorSection;
+use tunnelfleet_protocol::addr::split_host_port;
+use tunnelfleet_protocol::fingerprint::parse_ca_fingerprint;
 
 /// Why enrollment failed. Nothing is written unless it succeeded.
 #[derive(Debug, thiserror::Error)]
@@ -73,25 +75,6 @@ pub fn needed(c: &CoordinatorSection) -> bool {
     c.enroll_token_file.is_some() && (!c.cert.exists() || !c.key.exists())
 }
 
-/// `SHA256:…` (hex, any case, colons allowed) as 32 bytes.
-pub fn parse_fingerprint(s: &str) -> Result<Vec<u8>, String> {
-    let hex: String = s
-        .trim()
-        .strip_prefix("SHA256:")
-        .ok_or_else(|| format!("{s:?}: expected SHA256: followed by 64 hex digits"))?
-        .chars()
-        .filter(|c| *c != ':')
-        .collect::<String>()
-        .to_ascii_lowercase();
-    let bytes = data_encoding::HEXLOWER
-        .decode(hex.as_bytes())
-        .map_err(|_| format!("{s:?}: expected SHA256: followed by 64 hex digits"))?;
-    if bytes.len() != 32 {
-        return Err(format!("{s:?}: expected SHA256: followed by 64 hex digits"));
-    }
-    Ok(bytes)
-}
-
 /// Enrolls and writes `cert`, `key` and `ca` of the section. Returns the labels the token gave.
 pub async fn enroll(
     c: &CoordinatorSection,
@@ -112,7 +95,7 @@ pub async fn enroll(
         path: token_path.display().to_string(),
         reason,
     };
-    crate::identity::check_permissions(token_path).map_err(|e| terr(e.to_string()))?;
+    tunnelfleet_runtime::secret::check_permissions(token_path).map_err(|e| terr(e.to_string()))?;
     let token = std::fs::read_to_string(token_path)
         .map_err(|e| terr(e.to_string()))?
         .trim()
@@ -124,7 +107,7 @@ pub async fn enroll(
         .ca_fingerprint
         .as_deref()
         .ok_or_else(|| xerr("coordinator.ca_fingerprint is required to enroll".into()))
-        .and_then(|f| parse_fingerprint(f).map_err(xerr))?;
+        .and_then(|f| parse_ca_fingerprint(f).map_err(|e| xerr(e.to_string())))?;
 
     let key = rcgen::KeyPair::generate().map_err(|e| xerr(format!("generating a key: {e}")))?;
     let mut params = rcgen::CertificateParams::default();
@@ -192,7 +175,11 @@ async fn exchange(
         .ok_or("no address")?;
     let server_name = match &c.server_name {
         Some(n) => n.clone(),
-        None => split_host_port(&c.address, None)?.0,
+        None => {
+            split_host_port(&c.address, None)
+                .map_err(|e| e.to_string())?
+                .0
+        }
     };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
@@ -327,31 +314,5 @@ impl ServerCertVerifier for PinnedCa {
         self.provider
             .signature_verification_algorithms
             .supported_schemes()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fingerprints_parse_in_the_usual_spellings() {
-        let hex = "ab".repeat(32);
-        assert_eq!(
-            parse_fingerprint(&format!("SHA256:{hex}")).unwrap(),
-            vec![0xab; 32]
-        );
-        assert_eq!(
-            parse_fingerprint(&format!("SHA256:{}", hex.to_uppercase())).unwrap(),
-            vec![0xab; 32]
-        );
-        let colons: Vec<String> = (0..32).map(|_| "AB".to_string()).collect();
-        assert_eq!(
-            parse_fingerprint(&format!("SHA256:{}", colons.join(":"))).unwrap(),
-            vec![0xab; 32]
-        );
-        assert!(parse_fingerprint(&hex).is_err());
-        assert!(parse_fingerprint("SHA256:abcd").is_err());
-        assert!(parse_fingerprint(&format!("SHA256:{}", "zz".repeat(32))).is_err());
     }
 }

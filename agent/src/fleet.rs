@@ -16,10 +16,11 @@ use tunnelfleet_protocol::{
 };
 
 use crate::backoff::Backoff;
-use crate::config::{CoordinatorSection, split_host_port};
+use crate::config::CoordinatorSection;
 use crate::link::{self, LinkError};
 use crate::status::{self, AgentStatus, ProfileStatus};
 use crate::supervisor::SupervisorHandle;
+use tunnelfleet_protocol::addr::split_host_port;
 
 /// The cache file inside the state dir.
 pub fn cache_path(state_dir: &Path) -> PathBuf {
@@ -30,7 +31,9 @@ pub fn cache_path(state_dir: &Path) -> PathBuf {
 pub fn load_cache(state_dir: &Path) -> Option<ProfileSet> {
     let path = cache_path(state_dir);
     let text = std::fs::read(&path).ok()?;
-    match serde_json::from_slice(&text) {
+    // A cache written before protocol 4 is read too, so an upgraded agent starts its tunnels
+    // without waiting for the coordinator.
+    match tunnelfleet_protocol::legacy::profile_set_from_json(&text) {
         Ok(set) => Some(set),
         Err(e) => {
             tracing::warn!(file = %path.display(), "ignoring unreadable profile cache: {e}");
@@ -68,7 +71,7 @@ pub async fn run(cfg: CoordinatorSection, sup: SupervisorHandle, shutdown: Cance
     });
     let mut applied_version = load_cache(&cfg.state_dir).map(|s| s.version);
     // The coordinator tells a restart from a reconnect by this.
-    let started = status::now_unix_ms();
+    let started = tunnelfleet_runtime::clock::now_unix_ms();
     let mut backoff = Backoff::new(cfg.reconnect_min, cfg.reconnect_max);
     loop {
         let attempt = async {
@@ -109,7 +112,7 @@ pub async fn run(cfg: CoordinatorSection, sup: SupervisorHandle, shutdown: Cance
                     Duration::from_millis(u64::from(l.welcome.heartbeat_interval_ms).max(200));
                 let mut tick = tokio::time::interval(every);
                 let mut seq = 0u64;
-                let mut since = status::now_unix_ms();
+                let mut since = tunnelfleet_runtime::clock::now_unix_ms();
                 // Commands run beside the link (a health check takes its timeout); their
                 // results come back here to be sent.
                 let (done_tx, mut done_rx) =
@@ -272,7 +275,7 @@ async fn net_check(sup: &SupervisorHandle, id: u64) -> tunnelfleet_protocol::Com
 pub fn heartbeat(seq: u64, s: &AgentStatus, since_ms: u64) -> Heartbeat {
     Heartbeat {
         seq,
-        sent_unix_ms: status::now_unix_ms(),
+        sent_unix_ms: tunnelfleet_runtime::clock::now_unix_ms(),
         profiles: s.profiles.iter().map(|p| report(p, since_ms)).collect(),
     }
 }
@@ -333,5 +336,28 @@ fn report(p: &ProfileStatus, since_ms: u64) -> ProfileReport {
             .collect(),
         errors: p.errors.clone(),
         failover_log: p.failover_log.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
+
+    use super::*;
+
+    #[test]
+    fn a_cache_written_by_a_protocol_3_agent_still_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            cache_path(dir.path()),
+            r#"{"version":4,"profiles":[{"name":"oma","description":"","endpoints":["oma-a:443"],"user":"vma","identity_file":"/k","known_hosts":"/kh","host_key_fingerprints":[],"trust_on_first_use":false,"forwards":["L 8082:localhost:8082"],"connect_timeout_ms":15000,"keepalive_interval_ms":5000,"keepalive_count":3,"reconnect_min_ms":500,"reconnect_max_ms":30000,"failover_after":3,"health":null}]}"#,
+        )
+        .unwrap();
+        let set = load_cache(dir.path()).unwrap();
+        assert_eq!(set.version, 4);
+        assert_eq!(set.profiles[0].connect_timeout, Duration::from_secs(15));
+        // Written back in the current form, it reads the same.
+        store_cache(dir.path(), &set).unwrap();
+        assert_eq!(load_cache(dir.path()).unwrap(), set);
     }
 }

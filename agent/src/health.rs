@@ -17,8 +17,9 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::HealthTarget;
-use crate::status::{HealthResult, ProfileShared, now_unix_ms};
+use crate::status::{HealthResult, ProfileShared};
+use tunnelfleet_protocol::profile::HealthTarget;
+use tunnelfleet_runtime::clock::now_unix_ms;
 
 /// What one observation did to the profile's health.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -4,33 +4,17 @@
 //! because a key anyone on the appliance can copy is not an identity. We refuse the same way and
 //! say the `chmod` that fixes it.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use russh::keys::PrivateKey;
+use tunnelfleet_runtime::secret::{SecretFileError, check_permissions};
 
 /// Why the identity file cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
-    /// Could not read the file.
-    #[error("identity file {path}: {source}")]
-    Read {
-        /// The file.
-        path: String,
-        /// The IO error.
-        source: std::io::Error,
-    },
-    /// Group or others may read it.
-    #[error(
-        "identity file {path}: permissions {mode:04o} are too open; a private key must not be \
-         accessible by group or others (chmod 600 {path})"
-    )]
-    TooOpen {
-        /// The file.
-        path: String,
-        /// Its mode bits.
-        mode: u32,
-    },
+    /// Could not read the file, or group or others may read it.
+    #[error("identity file {0}")]
+    Permissions(#[from] SecretFileError),
     /// Not a key we can use (or encrypted: a service cannot type a passphrase).
     #[error("identity file {path}: {reason}")]
     Invalid {
@@ -39,22 +23,6 @@ pub enum IdentityError {
         /// What is wrong.
         reason: String,
     },
-}
-
-/// Checks the file's mode the way OpenSSH does.
-pub fn check_permissions(path: &Path) -> Result<(), IdentityError> {
-    let meta = std::fs::metadata(path).map_err(|source| IdentityError::Read {
-        path: path.display().to_string(),
-        source,
-    })?;
-    let mode = meta.permissions().mode() & 0o7777;
-    if mode & 0o077 != 0 {
-        return Err(IdentityError::TooOpen {
-            path: path.display().to_string(),
-            mode,
-        });
-    }
-    Ok(())
 }
 
 /// Reads and decodes an unencrypted OpenSSH/PEM private key after checking its permissions.
@@ -78,6 +46,8 @@ pub fn load_identity(path: &Path) -> Result<PrivateKey, IdentityError> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
     use russh::keys::Algorithm;
 

@@ -1,91 +1,99 @@
-//! Jump hosts (OpenSSH's `ProxyJump`, `ssh -J`): a profile's `jump = ["user@bastion:22"]` reaches
-//! its endpoints through one or more SSH hosts, each hop a `direct-tcpip` channel of the one
-//! before, the way appliances behind a bastion reach their OMA.
+//! The jump-host chain (OpenSSH's `ProxyJump`, `ssh -J`): a profile's `jump =
+//! ["user@bastion:22"]` reaches its endpoints through one or more SSH hosts, each hop a
+//! `direct-tcpip` channel of the one before, the way appliances behind a bastion reach their OMA.
 //!
-//! This module parses and prints a hop; [`crate::ssh`] opens the chain. Every hop's host key
-//! is verified with the profile's trust (known_hosts or pinned fingerprints), as the endpoint's
-//! is, and a hop's failure is reported as the path's problem (`ErrorKind::Jump`), not the
+//! A hop as written is parsed by [`tunnelfleet_protocol::jump`]. Every hop's host key is
+//! verified with the profile's trust (known_hosts or pinned fingerprints), as the endpoint's is,
+//! and a hop's failure is reported as the path's problem (`ErrorKind::Jump`), not the
 //! endpoint's, so the coordinator does not fail over an OMA because a bastion is down.
 
-use std::fmt;
+use std::sync::Arc;
 
-/// One jump host: `[user@]host[:port]` (or `ssh://[user@]host[:port]`), port 22 by default.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JumpHost {
-    /// Login on the jump host; the profile's user when absent (as OpenSSH does).
-    pub user: Option<String>,
-    /// Host name or address (IPv6 in brackets when a port follows).
-    pub host: String,
-    /// SSH port.
-    pub port: u16,
+use russh::client::{Handle, Msg};
+use tunnelfleet_protocol::jump::JumpHost;
+
+use crate::ssh::{
+    ClientHandler, Hop, SessionError, SessionParams, SshSession, endpoint_session, handshake, tcp,
+};
+
+/// Reaches `host:port` through the profile's jump hosts (`first`, then `rest`): an SSH session
+/// to the first, a `direct-tcpip` channel from each to the next, and the endpoint's own session
+/// over the last channel. The jump sessions live as long as the endpoint's session (dropped
+/// with it).
+pub(crate) async fn connect_via_jumps(
+    p: &SessionParams,
+    first: &JumpHost,
+    rest: &[JumpHost],
+    host: &str,
+    port: u16,
+    endpoint: &str,
+) -> Result<SshSession, SessionError> {
+    let via = |hop: &JumpHost, source: SessionError| SessionError::Jump {
+        hop: hop.to_string(),
+        endpoint: endpoint.to_string(),
+        source: Box::new(source),
+    };
+    let stream = tcp(&first.host, first.port, &first.endpoint())
+        .await
+        .map_err(|e| via(first, e))?;
+    let mut current = jump_session(p, stream, first)
+        .await
+        .map_err(|e| via(first, e))?;
+    let mut earlier = Vec::with_capacity(rest.len());
+    let mut at = first;
+    for hop in rest {
+        let stream = open_direct(&current, &hop.host, hop.port, at)
+            .await
+            .map_err(|e| via(at, e))?;
+        let next = jump_session(p, stream, hop)
+            .await
+            .map_err(|e| via(hop, e))?;
+        earlier.push(std::mem::replace(&mut current, next));
+        at = hop;
+    }
+    let stream = open_direct(&current, host, port, at)
+        .await
+        .map_err(|e| via(at, e))?;
+    earlier.push(current);
+    let session = endpoint_session(p, stream, host, port, endpoint, earlier).await?;
+    tracing::info!(profile = %p.profile, %endpoint, via = %p.jump.iter().map(ToString::to_string).collect::<Vec<_>>().join(","), "session through jump hosts");
+    Ok(session)
 }
 
-impl JumpHost {
-    /// Parses one hop as `ssh -J` writes it.
-    pub fn parse(text: &str) -> Result<JumpHost, String> {
-        let t = text.trim();
-        let t = t.strip_prefix("ssh://").unwrap_or(t);
-        if t.is_empty() {
-            return Err("empty jump host (expected [user@]host[:port])".into());
-        }
-        let (user, rest) = match t.rsplit_once('@') {
-            Some((u, r)) if !u.is_empty() => (Some(u.to_string()), r),
-            Some(_) => return Err(format!("{text:?}: empty user before '@'")),
-            None => (None, t),
-        };
-        let (host, port) = crate::config::split_host_port(rest, Some(22))?;
-        if host.contains(['/', ' ', ',']) {
-            return Err(format!(
-                "{text:?}: not a host name (one hop per list entry: jump = [\"a\", \"b\"])"
-            ));
-        }
-        Ok(JumpHost { user, host, port })
-    }
-
-    /// `host:port`, as endpoints are written (logs, errors, known_hosts lookups).
-    pub fn endpoint(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
-    }
+/// A session to jump host `hop` over `stream`, as its user (or the profile's). It serves no
+/// forwards: an empty table refuses any channel the server opens.
+async fn jump_session<S>(
+    p: &SessionParams,
+    stream: S,
+    hop: &JumpHost,
+) -> Result<Handle<ClientHandler>, SessionError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let endpoint = hop.endpoint();
+    let at = Hop {
+        host: &hop.host,
+        port: hop.port,
+        user: hop.user.as_deref().unwrap_or(&p.user),
+        endpoint: &endpoint,
+    };
+    let (handle, _) = handshake(p, stream, at, Arc::default(), None).await?;
+    Ok(handle)
 }
 
-impl fmt::Display for JumpHost {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if let Some(u) = &self.user {
-            write!(f, "{u}@")?;
-        }
-        f.write_str(&self.endpoint())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
-
-    use super::*;
-
-    #[test]
-    fn hops_as_ssh_j_writes_them() {
-        let h = JumpHost::parse("ops@bastion.example:2222").unwrap();
-        assert_eq!(
-            h,
-            JumpHost {
-                user: Some("ops".into()),
-                host: "bastion.example".into(),
-                port: 2222
-            }
-        );
-        assert_eq!(h.to_string(), "ops@bastion.example:2222");
-        let h = JumpHost::parse("bastion").unwrap();
-        assert_eq!((h.user, h.port), (None, 22));
-        let h = JumpHost::parse("ssh://me@[2001:db8::1]:23").unwrap();
-        assert_eq!(h.host, "2001:db8::1");
-        assert_eq!(h.endpoint(), "[2001:db8::1]:23");
-        for bad in ["", "@host", "a,b", "host:notaport", "host:70000"] {
-            assert!(JumpHost::parse(bad).is_err(), "{bad:?} accepted");
-        }
-    }
+/// A `direct-tcpip` channel from the jump session `from` to `host:port`, as a byte stream.
+async fn open_direct(
+    from: &Handle<ClientHandler>,
+    host: &str,
+    port: u16,
+    hop: &JumpHost,
+) -> Result<russh::ChannelStream<Msg>, SessionError> {
+    let channel = from
+        .channel_open_direct_tcpip(host, u32::from(port), "127.0.0.1", 0)
+        .await
+        .map_err(|source| SessionError::Ssh {
+            endpoint: format!("{} (opening a channel to {host}:{port})", hop.endpoint()),
+            source,
+        })?;
+    Ok(channel.into_stream())
 }

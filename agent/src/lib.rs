@@ -6,13 +6,14 @@
 //! under autossh or a bash loop.
 //!
 //! # Layout
-//! - [`config`]: the TOML config, validated whole.
-//! - [`forward`]: OpenSSH-style forward specs (`L [bind:]port:host:hostport`, …).
+//! - [`config`]: the agent's TOML file around its profiles, validated whole (the profile model
+//!   itself is `tunnelfleet_protocol::profile`).
 //! - [`hostkey`]: host key trust: known_hosts, pinned fingerprints, opt-in TOFU.
 //! - [`identity`]: loading the private key, refusing loose permissions.
 //! - [`backoff`]: exponential backoff with full jitter.
-//! - [`jump`]: jump hosts (`ssh -J`): a hop as written, parsed and printed.
 //! - [`ssh`]: one SSH client session and its handler (remote-forward channels land here).
+//! - [`jump`]: the jump-host chain (`ssh -J`): a session to each hop, a channel to the next.
+//! - [`dial`]: reaching an endpoint within the connect timeout, directly or through jumps.
 //! - [`local`]: local listeners for `L` and `D` forwards.
 //! - [`socks`]: SOCKS5 CONNECT for `D` forwards.
 //! - [`relay`]: byte copying between sockets and channels, with counters.
@@ -23,15 +24,12 @@
 //! - [`status`]: status data shared by the tasks and returned to the CLI.
 //! - [`enroll`]: a join token traded for the agent's own certificate, trusting a pinned CA.
 //! - [`metrics`]: Prometheus `/metrics` of the agent (opt-in), read from status snapshots.
-//! - [`systemd`]: Type=notify readiness, the watchdog, STOPPING.
 //! - [`net`], [`audit`]: `tunnelfleet net check` and `audit`, here so an agent runs them for
 //!   `--agent ID` too.
 //! - [`fleet`]: fleet membership: cached profiles, the coordinator link loop, heartbeats.
 //! - [`link`]: the control link to the coordinator (QUIC, mutual TLS, hello, heartbeats).
 //! - [`agent`]: `run`, the whole agent as one call.
 //! - [`cli`]: the `tunnelfleet-agent` command line (the binary is a one-line `main` over it).
-//! - [`shutdown`]: signals to a cancellation token.
-//! - [`telemetry`]: logging setup.
 
 pub mod agent;
 pub mod audit;
@@ -39,9 +37,9 @@ pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod dial;
 pub mod enroll;
 pub mod fleet;
-pub mod forward;
 pub mod health;
 pub mod hostkey;
 pub mod identity;
@@ -52,10 +50,7 @@ pub mod metrics;
 pub mod net;
 pub mod profile;
 pub mod relay;
-pub mod shutdown;
 pub mod socks;
 pub mod ssh;
 pub mod status;
 pub mod supervisor;
-pub mod systemd;
-pub mod telemetry;

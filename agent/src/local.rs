@@ -17,11 +17,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backoff::Backoff;
-use crate::forward::ForwardSpec;
 use crate::relay::{ForwardCounters, OpenGuard, relay};
 use crate::socks;
 use crate::ssh::ClientHandler;
 use crate::status::{ForwardState, ProfileShared};
+use tunnelfleet_protocol::forward::ForwardSpec;
 
 /// The current session of a profile, if one is up.
 pub type SessionSlot = watch::Receiver<Option<Arc<Handle<ClientHandler>>>>;

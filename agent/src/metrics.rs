@@ -16,11 +16,11 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use opentelemetry::KeyValue;
-use opentelemetry::metrics::{Meter, MeterProvider};
-use opentelemetry_sdk::metrics::SdkMeterProvider;
+use opentelemetry::metrics::Meter;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tunnelfleet_protocol::ErrorKind;
+use tunnelfleet_runtime::metrics::{ExportError, Exporter};
 
 use crate::status::{AgentStatus, ForwardState, ProfileStatus, SessionState};
 use crate::supervisor::SupervisorHandle;
@@ -37,55 +37,12 @@ pub enum MetricsError {
         source: std::io::Error,
     },
     /// The exporter could not be built or the registry not encoded.
-    #[error("metrics: {0}")]
-    Export(String),
+    #[error(transparent)]
+    Export(#[from] ExportError),
 }
 
 /// The status snapshot the instruments read while one scrape is rendered.
 type Snapshot = Arc<Mutex<Option<AgentStatus>>>;
-
-/// A Prometheus registry fed by an OpenTelemetry meter provider, rendered as the text format:
-/// what the agent's and the coordinator's `/metrics` share. Each owner has its own registry, so
-/// several agents or coordinators can run in one process (tests).
-pub struct Exporter {
-    registry: prometheus::Registry,
-    provider: SdkMeterProvider,
-}
-
-impl std::fmt::Debug for Exporter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Exporter").finish_non_exhaustive()
-    }
-}
-
-impl Exporter {
-    /// A fresh registry and the provider that feeds it.
-    pub fn new() -> Result<Exporter, MetricsError> {
-        let registry = prometheus::Registry::new();
-        let exporter = opentelemetry_prometheus::exporter()
-            .with_registry(registry.clone())
-            .scope_info_enabled(false)
-            .build()
-            .map_err(|e| MetricsError::Export(e.to_string()))?;
-        let provider = SdkMeterProvider::builder().with_reader(exporter).build();
-        Ok(Exporter { registry, provider })
-    }
-
-    /// A meter whose instruments land in this registry.
-    pub fn meter(&self, scope: &'static str) -> Meter {
-        self.provider.meter(scope)
-    }
-
-    /// The text exposition; observable instruments' callbacks run now.
-    pub fn render(&self) -> Result<String, MetricsError> {
-        use prometheus::Encoder;
-        let mut out = Vec::new();
-        prometheus::TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
-            .map_err(|e| MetricsError::Export(e.to_string()))?;
-        String::from_utf8(out).map_err(|e| MetricsError::Export(e.to_string()))
-    }
-}
 
 /// The agent's instruments, read from the status snapshot of the scrape in progress.
 #[derive(Debug)]
@@ -115,7 +72,7 @@ impl Metrics {
         *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
         let text = self.exporter.render();
         *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        text
+        Ok(text?)
     }
 }
 

@@ -124,7 +124,7 @@ pub struct HostReport {
 /// Checks one target: `host` or `host:port` (a port in the target is an SSH port, as in
 /// a profile's endpoints).
 pub async fn check(target: &str, opts: &CheckOptions) -> HostReport {
-    let (host, target_port) = match crate::config::split_host_port(target, Some(0)) {
+    let (host, target_port) = match tunnelfleet_protocol::addr::split_host_port(target, Some(0)) {
         Ok((h, p)) => (h, (p != 0).then_some(p)),
         Err(_) => (target.to_string(), None),
     };
@@ -428,8 +428,8 @@ pub async fn bandwidth(
     url: Option<&str>,
     timeout: Duration,
 ) -> anyhow::Result<BandwidthReport> {
-    use crate::forward::ForwardSpec;
     use anyhow::{Context, bail};
+    use tunnelfleet_protocol::forward::ForwardSpec;
     let p = profile_status(socket, profile).await?;
     let url = match url {
         Some(u) => u.to_string(),

@@ -18,13 +18,14 @@ use tokio_util::task::TaskTracker;
 use tunnelfleet_protocol::ErrorKind;
 
 use crate::backoff::Backoff;
-use crate::config::ProfileConfig;
-use crate::forward::ForwardSpec;
+use crate::dial;
 use crate::health::{HealthMonitor, HealthTracker, run_check};
 use crate::hostkey::HostTrust;
 use crate::local::LocalForward;
 use crate::ssh::{self, ClientHandler, RemoteEntry, RemoteForwards, SessionParams};
 use crate::status::{ForwardState, HealthStatus, ProfileShared, SessionState};
+use tunnelfleet_protocol::ProfileSpec;
+use tunnelfleet_protocol::forward::ForwardSpec;
 
 /// A session that lasted this long counts as a success: backoff and failover counts reset.
 /// Shorter ones (accepted, then dropped) count as failures of the endpoint, so a server that
@@ -96,7 +97,7 @@ impl Drop for ProfileHandle {
 }
 
 /// Fresh shared state for a profile's status.
-pub fn new_shared(cfg: &ProfileConfig) -> Arc<ProfileShared> {
+pub fn new_shared(cfg: &ProfileSpec) -> Arc<ProfileShared> {
     let specs: Vec<String> = cfg
         .forward_specs()
         .map(|v| v.iter().map(|f| f.to_string()).collect())
@@ -123,7 +124,7 @@ pub fn new_shared(cfg: &ProfileConfig) -> Arc<ProfileShared> {
 
 /// Starts a profile; the identity must already be loaded (see `Supervisor`).
 pub fn start(
-    cfg: Arc<ProfileConfig>,
+    cfg: Arc<ProfileSpec>,
     key: Arc<russh::keys::PrivateKey>,
     shared: Arc<ProfileShared>,
     drain: Duration,
@@ -172,7 +173,7 @@ pub fn start(
 }
 
 struct Runner {
-    cfg: Arc<ProfileConfig>,
+    cfg: Arc<ProfileSpec>,
     shared: Arc<ProfileShared>,
     params: SessionParams,
     drain: Duration,
@@ -271,7 +272,7 @@ impl Runner {
             let connected = tokio::select! {
                 _ = self.cancel.cancelled() => break 'outer,
                 r = tracing::Instrument::instrument(
-                    ssh::connect(&self.params, host, *port),
+                    dial::connect(&self.params, host, *port),
                     tracing::info_span!("ssh_connect", profile = %self.cfg.name, %endpoint),
                 ) => r,
             };

@@ -17,8 +17,8 @@ use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 
 use crate::hostkey::{HostKeyError, HostTrust, Verdict, fingerprint};
-use crate::jump::JumpHost;
 use crate::relay::{ForwardCounters, OpenGuard, relay};
+use tunnelfleet_protocol::jump::JumpHost;
 
 /// Ciphers in order of preference. AES-GCM first: with AES-NI (ring uses it) it is the fastest
 /// AEAD on the x86 appliances we run on, ahead of chacha20-poly1305 which OpenSSH prefers.
@@ -240,37 +240,9 @@ pub struct SshSession {
     pub jumps: Vec<Handle<ClientHandler>>,
 }
 
-/// Connects to `host:port`, verifies, authenticates.
-pub async fn connect(p: &SessionParams, host: &str, port: u16) -> Result<SshSession, SessionError> {
-    let endpoint = format!("{host}:{port}");
-    tokio::time::timeout(p.connect_timeout, connect_inner(p, host, port, &endpoint))
-        .await
-        .unwrap_or_else(|_| {
-            Err(SessionError::Timeout {
-                endpoint: endpoint.clone(),
-                timeout: p.connect_timeout,
-            })
-        })
-}
-
-async fn connect_inner(
-    p: &SessionParams,
-    host: &str,
-    port: u16,
-    endpoint: &str,
-) -> Result<SshSession, SessionError> {
-    match p.jump.split_first() {
-        None => {
-            let stream = tcp(host, port, endpoint).await?;
-            endpoint_session(p, stream, host, port, endpoint, Vec::new()).await
-        }
-        Some((first, rest)) => connect_via_jumps(p, first, rest, host, port, endpoint).await,
-    }
-}
-
 /// The endpoint's own session over `stream` (direct, or the last jump host's channel): it
 /// serves the profile's remote forwards and reports its end.
-async fn endpoint_session<S>(
+pub(crate) async fn endpoint_session<S>(
     p: &SessionParams,
     stream: S,
     host: &str,
@@ -298,7 +270,7 @@ where
     })
 }
 
-async fn tcp(host: &str, port: u16, endpoint: &str) -> Result<TcpStream, SessionError> {
+pub(crate) async fn tcp(host: &str, port: u16, endpoint: &str) -> Result<TcpStream, SessionError> {
     let stream =
         TcpStream::connect((host, port))
             .await
@@ -312,98 +284,20 @@ async fn tcp(host: &str, port: u16, endpoint: &str) -> Result<TcpStream, Session
 
 /// Where one SSH handshake goes, and as whom.
 #[derive(Clone, Copy)]
-struct Hop<'a> {
-    host: &'a str,
-    port: u16,
-    user: &'a str,
-    endpoint: &'a str,
-}
-
-/// Reaches `host:port` through the profile's jump hosts (`first`, then `rest`): an SSH session
-/// to the first, a `direct-tcpip` channel from each to the next, and the endpoint's own session
-/// over the last channel. The jump sessions live as long as the endpoint's session (dropped
-/// with it).
-async fn connect_via_jumps(
-    p: &SessionParams,
-    first: &JumpHost,
-    rest: &[JumpHost],
-    host: &str,
-    port: u16,
-    endpoint: &str,
-) -> Result<SshSession, SessionError> {
-    let via = |hop: &JumpHost, source: SessionError| SessionError::Jump {
-        hop: hop.to_string(),
-        endpoint: endpoint.to_string(),
-        source: Box::new(source),
-    };
-    let stream = tcp(&first.host, first.port, &first.endpoint())
-        .await
-        .map_err(|e| via(first, e))?;
-    let mut current = jump_session(p, stream, first)
-        .await
-        .map_err(|e| via(first, e))?;
-    let mut earlier = Vec::with_capacity(rest.len());
-    let mut at = first;
-    for hop in rest {
-        let stream = open_direct(&current, &hop.host, hop.port, at)
-            .await
-            .map_err(|e| via(at, e))?;
-        let next = jump_session(p, stream, hop)
-            .await
-            .map_err(|e| via(hop, e))?;
-        earlier.push(std::mem::replace(&mut current, next));
-        at = hop;
-    }
-    let stream = open_direct(&current, host, port, at)
-        .await
-        .map_err(|e| via(at, e))?;
-    earlier.push(current);
-    let session = endpoint_session(p, stream, host, port, endpoint, earlier).await?;
-    tracing::info!(profile = %p.profile, %endpoint, via = %p.jump.iter().map(ToString::to_string).collect::<Vec<_>>().join(","), "session through jump hosts");
-    Ok(session)
-}
-
-/// A session to jump host `hop` over `stream`, as its user (or the profile's). It serves no
-/// forwards: an empty table refuses any channel the server opens.
-async fn jump_session<S>(
-    p: &SessionParams,
-    stream: S,
-    hop: &JumpHost,
-) -> Result<Handle<ClientHandler>, SessionError>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let endpoint = hop.endpoint();
-    let at = Hop {
-        host: &hop.host,
-        port: hop.port,
-        user: hop.user.as_deref().unwrap_or(&p.user),
-        endpoint: &endpoint,
-    };
-    let (handle, _) = handshake(p, stream, at, Arc::default(), None).await?;
-    Ok(handle)
-}
-
-/// A `direct-tcpip` channel from the jump session `from` to `host:port`, as a byte stream.
-async fn open_direct(
-    from: &Handle<ClientHandler>,
-    host: &str,
-    port: u16,
-    hop: &JumpHost,
-) -> Result<russh::ChannelStream<Msg>, SessionError> {
-    let channel = from
-        .channel_open_direct_tcpip(host, u32::from(port), "127.0.0.1", 0)
-        .await
-        .map_err(|source| SessionError::Ssh {
-            endpoint: format!("{} (opening a channel to {host}:{port})", hop.endpoint()),
-            source,
-        })?;
-    Ok(channel.into_stream())
+pub(crate) struct Hop<'a> {
+    /// Host to verify the key for.
+    pub(crate) host: &'a str,
+    /// Its port.
+    pub(crate) port: u16,
+    /// Login.
+    pub(crate) user: &'a str,
+    /// `host:port` for errors and logs.
+    pub(crate) endpoint: &'a str,
 }
 
 /// The SSH handshake over `stream`: host key verified for `hop`, then public-key authentication
 /// as `hop.user`. Returns the handle and the verified host key's fingerprint.
-async fn handshake<S>(
+pub(crate) async fn handshake<S>(
     p: &SessionParams,
     stream: S,
     hop: Hop<'_>,

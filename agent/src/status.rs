@@ -7,20 +7,12 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tunnelfleet_protocol::{ErrorCount, ErrorKind, FailoverRecord};
+use tunnelfleet_runtime::clock::now_unix_ms;
 
 use crate::relay::ForwardCounters;
-
-/// Milliseconds since the Unix epoch (status timestamps are wall-clock for humans).
-pub fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 /// The state of a profile's SSH session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

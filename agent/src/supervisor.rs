@@ -11,13 +11,15 @@ use std::time::Duration;
 use russh::keys::PrivateKey;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::{AgentConfig, ProfileConfig};
+use crate::config::AgentConfig;
 use crate::control::{Request, Response};
 use crate::health::run_check;
 use crate::identity::{IdentityError, load_identity};
 use crate::profile::{self, ProfileHandle};
-use crate::status::{AgentStatus, ForwardState, ProfileShared, now_unix_ms};
+use crate::status::{AgentStatus, ForwardState, ProfileShared};
+use tunnelfleet_protocol::ProfileSpec;
 use tunnelfleet_protocol::{Applied, ForwardResult, ProfileSet};
+use tunnelfleet_runtime::clock::now_unix_ms;
 
 /// How long `apply` waits for new listeners to bind before reporting.
 const APPLY_SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
@@ -44,7 +46,7 @@ enum Origin {
 
 struct Slot {
     origin: Origin,
-    cfg: Arc<ProfileConfig>,
+    cfg: Arc<ProfileSpec>,
     key: Arc<PrivateKey>,
     shared: Arc<ProfileShared>,
     running: Option<ProfileHandle>,
@@ -158,7 +160,7 @@ impl Supervisor {
         let Some(h) = slot.cfg.health.clone() else {
             return Err(format!("profile {name} has no health check configured"));
         };
-        let target = h.target()?;
+        let target = h.target().map_err(|e| e.to_string())?;
         Ok(async move { Response::Health(run_check(&target, h.timeout).await) })
     }
 
@@ -191,7 +193,7 @@ impl Supervisor {
     #[tracing::instrument(name = "apply_profiles", skip_all, fields(version = set.version, profiles = set.profiles.len()))]
     pub async fn apply(&mut self, set: &ProfileSet) -> Applied {
         let mut results = Vec::new();
-        let wanted: BTreeMap<&str, &tunnelfleet_protocol::ProfileSpec> =
+        let wanted: BTreeMap<&str, &ProfileSpec> =
             set.profiles.iter().map(|p| (p.name.as_str(), p)).collect();
         let gone: Vec<String> = self
             .slots
@@ -215,12 +217,16 @@ impl Supervisor {
                 ok: false,
                 detail,
             };
-            let cfg = match ProfileConfig::from_spec(spec) {
-                Ok(c) => c,
-                Err((key, reason)) => {
-                    results.push(fail(format!("profile.{name}.{key}: {reason}")));
-                    continue;
-                }
+            if let Err(e) = spec.validate_runnable() {
+                results.push(fail(e.within(&format!("profile.{name}")).to_string()));
+                continue;
+            }
+            let cfg = ProfileSpec {
+                // Resolved by the coordinator into `endpoints`: the agent runs endpoints only.
+                group: None,
+                // A pushed profile runs: the coordinator decides by assigning it.
+                autostart: true,
+                ..(*spec).clone()
             };
             match self.slots.get(name) {
                 Some(s) if s.origin == Origin::Local => {

@@ -6,7 +6,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use tunnelfleet_agent::config::{AgentConfig, ProfileConfig};
+use tunnelfleet_agent::config::AgentConfig;
 use tunnelfleet_agent::supervisor::Supervisor;
 use tunnelfleet_protocol::{ProfileSet, ProfileSpec};
 
@@ -38,7 +38,7 @@ fn spec(dir: &Path, name: &str, forwards: &[String]) -> ProfileSpec {
             .join(", ")
     );
     let cfg = AgentConfig::parse(&text, Path::new("t.toml")).unwrap();
-    ProfileSpec::from(&cfg.profiles[0])
+    cfg.profiles[0].clone()
 }
 
 fn details(a: &tunnelfleet_protocol::Applied) -> Vec<String> {
@@ -162,5 +162,5 @@ async fn a_pushed_set_is_applied_as_a_diff() {
     let names: Vec<String> = sup.status().profiles.into_iter().map(|p| p.name).collect();
     assert_eq!(names, vec!["local"]);
     sup.shutdown().await;
-    let _ = ProfileConfig::from_spec(&a).unwrap();
+    a.validate_runnable().unwrap();
 }

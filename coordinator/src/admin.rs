@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use tunnelfleet_runtime::clock::now_unix_ms;
 
 use axum::extract::Query;
 use axum::extract::{Path, State};
@@ -15,7 +16,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use tunnelfleet_agent::config::ProfileConfig;
 use tunnelfleet_protocol::{Heartbeat, ProfileSpec};
 
 use crate::alerts::{Alert, Silence};
@@ -298,22 +298,24 @@ async fn put_profile(
         ));
     }
     // A group profile is checked as the agents will get it: with the group's endpoints.
-    let mut resolved = spec.clone();
-    if let Some(g) = &spec.group {
-        let group = a
-            .fleet
-            .store
-            .group(g)?
-            .ok_or_else(|| StoreError::UnknownGroup {
-                profile: name.clone(),
-                group: g.clone(),
-            })?;
-        resolved.endpoints.splice(0..0, group.ordered());
-    }
-    ProfileConfig::from_spec(&resolved).map_err(|(key, reason)| {
+    let resolved = match &spec.group {
+        Some(g) => {
+            let group = a
+                .fleet
+                .store
+                .group(g)?
+                .ok_or_else(|| StoreError::UnknownGroup {
+                    profile: name.clone(),
+                    group: g.clone(),
+                })?;
+            spec.resolved(&group.ordered())
+        }
+        None => spec.clone(),
+    };
+    resolved.validate_runnable().map_err(|e| {
         ApiError(
             StatusCode::BAD_REQUEST,
-            format!("profile.{name}.{key}: {reason}"),
+            e.within(&format!("profile.{name}")).to_string(),
         )
     })?;
     let version = a.fleet.store.put_profile(&spec).await?;
@@ -588,7 +590,7 @@ async fn ack(
 
 async fn silences(State(a): State<Admin>, h: HeaderMap) -> Result<Json<Vec<Silence>>, ApiError> {
     authorize(&a, &h)?;
-    Ok(Json(a.fleet.store.silences(now_ms())?))
+    Ok(Json(a.fleet.store.silences(now_unix_ms())?))
 }
 
 /// Body of `alerts silence`.
@@ -621,7 +623,7 @@ async fn silence(
             .add_silence(Silence {
                 id: 0,
                 matcher: r.matcher,
-                until_unix_ms: now_ms() + r.for_s.saturating_mul(1000),
+                until_unix_ms: now_unix_ms() + r.for_s.saturating_mul(1000),
                 comment: r.comment,
             })
             .await?,
@@ -636,13 +638,6 @@ async fn hooks(State(a): State<Admin>, h: HeaderMap) -> Result<Json<Vec<HookStat
 async fn events(State(a): State<Admin>, h: HeaderMap) -> Result<Json<Vec<Event>>, ApiError> {
     authorize(&a, &h)?;
     Ok(Json(a.fleet.store.events(200)?))
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Body of `token create`.
@@ -695,7 +690,7 @@ async fn create_token(
         ));
     }
     let (secret, hash, id) = crate::enroll::new_token();
-    let now = now_ms();
+    let now = now_unix_ms();
     let info = crate::enroll::JoinToken {
         id,
         labels: r.labels,

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use crate::server::{self, CoordinatorConfig};
 use anyhow::Context;
 use clap::Parser;
-use tunnelfleet_agent::telemetry::{self, LogFormat};
+use tunnelfleet_runtime::telemetry::{self, LogFormat};
 
 /// The tunnelfleet coordinator: fleet state, profile pushes, the admin API.
 #[derive(Parser, Debug)]
@@ -36,7 +36,8 @@ pub fn main() -> ExitCode {
         let cfg = CoordinatorConfig::load(&args.config)?;
         let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
         rt.block_on(async {
-            let shutdown = tunnelfleet_agent::shutdown::on_signals().context("signal handlers")?;
+            let shutdown =
+                tunnelfleet_runtime::shutdown::on_signals().context("signal handlers")?;
             server::bind(&cfg).await?.run(shutdown).await;
             anyhow::Ok(())
         })

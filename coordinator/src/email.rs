@@ -89,7 +89,7 @@ impl Email {
             });
         match (&c.username, &c.password_file) {
             (Some(user), Some(file)) => {
-                tunnelfleet_agent::identity::check_permissions(file)
+                tunnelfleet_runtime::secret::check_permissions(file)
                     .map_err(|e| ("password_file", e.to_string()))?;
                 let password = std::fs::read_to_string(file)
                     .map_err(|e| ("password_file", format!("{}: {e}", file.display())))?;
@@ -180,7 +180,8 @@ fn parse_url(raw: &str) -> Result<(Protection, String, u16), String> {
             ));
         }
     }
-    let (host, port) = tunnelfleet_agent::config::split_host_port(authority, Some(default_port))?;
+    let (host, port) = tunnelfleet_protocol::addr::split_host_port(authority, Some(default_port))
+        .map_err(|e| e.to_string())?;
     if protection == Protection::Plain && !is_loopback(&host) {
         return Err(format!(
             "{raw:?}: plaintext SMTP only to a relay on this host (127.0.0.1, ::1, localhost); use smtp:// (STARTTLS) or smtps://"

@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
+use tunnelfleet_runtime::clock::now_unix_ms;
 
 use serde::{Deserialize, Serialize};
 use tunnelfleet_protocol::{EnrollReply, EnrollRequest, FrameDecoder, check_version, encode};
@@ -159,7 +160,7 @@ async fn decide(
     }
     let token = match fleet
         .store
-        .spend_token(&token_hash(&req.token), id, now_ms())
+        .spend_token(&token_hash(&req.token), id, now_unix_ms())
         .await
     {
         Ok(t) => t,
@@ -177,11 +178,4 @@ async fn decide(
         }
         Err(e) => refuse(format!("signing: {e}")),
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tunnelfleet_runtime::clock::now_unix_ms;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -124,7 +125,7 @@ impl Hook {
     /// Checks a config entry and reads its secret; the error names the hook and the key.
     pub fn from_config(c: &HookConfig) -> Result<Hook, String> {
         let err = |key: &str, why: String| format!("hook {:?}: {key}: {why}", c.name);
-        if !tunnelfleet_agent::config::valid_name(&c.name) {
+        if !tunnelfleet_protocol::addr::valid_name(&c.name) {
             return Err(err("name", "use letters, digits, '-', '_', '.'".into()));
         }
         let email = match c.kind {
@@ -160,7 +161,7 @@ impl Hook {
         let secret = match &c.secret_file {
             None => None,
             Some(path) => {
-                tunnelfleet_agent::identity::check_permissions(path)
+                tunnelfleet_runtime::secret::check_permissions(path)
                     .map_err(|e| err("secret_file", e.to_string()))?;
                 let s = std::fs::read_to_string(path)
                     .map_err(|e| err("secret_file", format!("{}: {e}", path.display())))?;
@@ -494,7 +495,9 @@ impl Outbox {
             let wait = match &head {
                 None => Duration::from_secs(5),
                 Some(_) if fresh => Duration::ZERO,
-                Some(d) => Duration::from_millis(d.next_attempt_unix_ms.saturating_sub(now_ms())),
+                Some(d) => {
+                    Duration::from_millis(d.next_attempt_unix_ms.saturating_sub(now_unix_ms()))
+                }
             };
             if head.is_none() || !wait.is_zero() {
                 tokio::select! {
@@ -519,13 +522,13 @@ impl Outbox {
                     let mut s = self.lock();
                     if let Some(s) = s.get_mut(&hook.name) {
                         s.delivered += 1;
-                        s.last_delivered_unix_ms = Some(now_ms());
+                        s.last_delivered_unix_ms = Some(now_unix_ms());
                     }
                 }
                 Err(e) => {
                     d.attempts += 1;
                     let delay = backoff(d.attempts);
-                    d.next_attempt_unix_ms = now_ms() + delay.as_millis() as u64;
+                    d.next_attempt_unix_ms = now_unix_ms() + delay.as_millis() as u64;
                     tracing::warn!(hook = %hook.name, alert = d.alert.id, attempts = d.attempts, retry_in = ?delay, "alert delivery failed: {e}");
                     d.last_error = Some(e.clone());
                     if let Err(e) = self.store.delivery_failed(&d).await {
@@ -551,13 +554,6 @@ fn backoff(attempts: u32) -> Duration {
         .min(MAX_BACKOFF);
     let jitter = rand::rng().random_range(0.0..0.2);
     base.mul_f64(1.0 + jitter)
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

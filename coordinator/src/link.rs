@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tunnelfleet_runtime::clock::now_unix_ms;
 
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -536,7 +537,7 @@ async fn handle(conn: quinn::Connection, fleet: Arc<Fleet>) {
     // What its join token gave it wins over what it declares.
     let mut labels = hello.labels;
     labels.extend(record.enrolled_labels.clone());
-    record.last_seen_unix_ms = now_ms();
+    record.last_seen_unix_ms = now_unix_ms();
     if let Err(e) = fleet.store.record_agent(&record).await {
         tracing::error!(agent = %cert_id, "{e}");
     }
@@ -595,7 +596,7 @@ async fn handle(conn: quinn::Connection, fleet: Arc<Fleet>) {
                     .flatten()
                     .unwrap_or_default();
                 rec.id = cert_id.clone();
-                rec.last_seen_unix_ms = now_ms();
+                rec.last_seen_unix_ms = now_unix_ms();
                 rec.applied_version = Some(a.version);
                 rec.applied_ok = a.ok;
                 rec.apply_errors = a
@@ -691,13 +692,6 @@ async fn refuse(conn: &quinn::Connection, send: &mut quinn::SendStream, reason: 
         let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
     }
     conn.close(close::REFUSED.into(), reason.as_bytes());
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -12,8 +12,8 @@ use std::sync::Weak;
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram};
-use tunnelfleet_agent::metrics::Exporter;
 use tunnelfleet_protocol::TunnelState;
+use tunnelfleet_runtime::metrics::Exporter;
 
 use crate::link::Fleet;
 

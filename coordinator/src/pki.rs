@@ -60,12 +60,7 @@ pub struct AgentFiles {
 
 /// Checks an agent id's form.
 pub fn check_agent_id(id: &str) -> Result<(), PkiError> {
-    let ok = !id.is_empty()
-        && id.len() <= 64
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-    if ok {
+    if tunnelfleet_protocol::addr::valid_name(id) {
         Ok(())
     } else {
         Err(PkiError::BadAgentId(id.to_string()))

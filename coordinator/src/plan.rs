@@ -178,13 +178,12 @@ mod tests {
     use crate::store::Selector;
 
     fn spec(name: &str, forwards: &[&str]) -> ProfileSpec {
-        let cfg: tunnelfleet_agent::config::ProfileConfig = serde_json::from_value(serde_json::json!({
+        serde_json::from_value(serde_json::json!({
             "name": name, "endpoints": ["oma-a:443"], "user": "vma",
             "identity_file": "/etc/tunnelfleet/id", "known_hosts": "/etc/tunnelfleet/known_hosts",
             "forwards": forwards,
         }))
-        .unwrap_or_else(|e| panic!("{e}"));
-        ProfileSpec::from(&cfg)
+        .unwrap_or_else(|e| panic!("{e}"))
     }
 
     #[test]

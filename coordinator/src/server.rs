@@ -102,7 +102,7 @@ pub struct Bound {
 /// Everything that can fail before serving: token, PKI, store, sockets.
 pub async fn bind(cfg: &CoordinatorConfig) -> anyhow::Result<Bound> {
     use anyhow::Context;
-    tunnelfleet_agent::identity::check_permissions(&cfg.admin_token_file)
+    tunnelfleet_runtime::secret::check_permissions(&cfg.admin_token_file)
         .map_err(|e| anyhow::anyhow!("admin token: {e}"))?;
     let token = std::fs::read_to_string(&cfg.admin_token_file)
         .with_context(|| format!("{}: cannot read", cfg.admin_token_file.display()))?
@@ -215,13 +215,13 @@ impl Bound {
                     .await;
             })
         });
-        tunnelfleet_agent::systemd::ready(&format!(
+        tunnelfleet_runtime::systemd::ready(&format!(
             "control link {}, admin API {}",
             self.control, self.admin
         ));
-        let watchdog = tunnelfleet_agent::systemd::spawn_watchdog(shutdown.clone());
+        let watchdog = tunnelfleet_runtime::systemd::spawn_watchdog(shutdown.clone());
         shutdown.cancelled().await;
-        tunnelfleet_agent::systemd::stopping();
+        tunnelfleet_runtime::systemd::stopping();
         if let Some(w) = watchdog {
             let _ = w.await;
         }

@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use tunnelfleet_runtime::clock::now_unix_ms;
 
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
@@ -18,7 +19,8 @@ pub use crate::alerts::{Alert, AlertKind, AlertStatus, Delivery, Silence};
 pub use crate::enroll::{JoinToken, Revocation};
 
 /// The schema this build writes and reads.
-pub const SCHEMA_VERSION: u64 = 1;
+/// 2: profiles in the one profile model (durations as `"15s"`, `autostart`), protocol 4.
+pub const SCHEMA_VERSION: u64 = 2;
 
 const META_SCHEMA: &[u8] = b"schema_version";
 const META_FLEET_VERSION: &[u8] = b"fleet_version";
@@ -320,14 +322,14 @@ impl OmaGroup {
 
     /// Checks a definition from the operator; the error names the key.
     pub fn validate(&self) -> Result<(), String> {
-        if !tunnelfleet_agent::config::valid_name(&self.name) {
+        if !tunnelfleet_protocol::addr::valid_name(&self.name) {
             return Err(format!("name: {:?} is not a valid group name", self.name));
         }
         if self.endpoints.is_empty() {
             return Err("endpoints: at least one host:port is required".into());
         }
         for (i, e) in self.endpoints.iter().enumerate() {
-            tunnelfleet_agent::config::split_host_port(e, None)
+            tunnelfleet_protocol::addr::split_host_port(e, None)
                 .map_err(|r| format!("endpoints[{i}]: {r}"))?;
             if self.endpoints[..i].contains(e) {
                 return Err(format!("endpoints[{i}]: {e} is listed twice"));
@@ -423,6 +425,9 @@ impl Store {
                         found,
                     });
                 }
+                if found < SCHEMA_VERSION {
+                    s.migrate_profiles_to_v2()?;
+                }
             }
             None => {
                 s.meta.insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
@@ -430,6 +435,44 @@ impl Store {
             }
         }
         Ok(s)
+    }
+
+    /// Schema 1 to 2: rewrites every stored profile (and every profile in the history) from
+    /// protocol 3's `*_ms` form. Each record converts the same way twice, and the schema mark
+    /// is written only after the records are flushed, so a crash midway repeats it harmlessly.
+    fn migrate_profiles_to_v2(&self) -> Result<(), StoreError> {
+        let bad = |tree: &'static str, key: String, e: serde_json::Error| StoreError::Corrupt {
+            tree,
+            key,
+            reason: e.to_string(),
+        };
+        for r in self.profiles.iter() {
+            let (k, v) = r?;
+            let p = tunnelfleet_protocol::legacy::profile_from_json(&v)
+                .map_err(|e| bad("profiles", String::from_utf8_lossy(&k).into(), e))?;
+            self.profiles.insert(k, json(&p))?;
+        }
+        for r in self.history.iter() {
+            let (k, v) = r?;
+            let key = || u64_of(&k).to_string();
+            let mut rev: serde_json::Value =
+                serde_json::from_slice(&v).map_err(|e| bad("history", key(), e))?;
+            if let Some(list) = rev.get_mut("profiles").and_then(|p| p.as_array_mut()) {
+                for p in list.iter_mut() {
+                    let bytes = serde_json::to_vec(p).map_err(|e| bad("history", key(), e))?;
+                    let spec = tunnelfleet_protocol::legacy::profile_from_json(&bytes)
+                        .map_err(|e| bad("history", key(), e))?;
+                    *p = serde_json::to_value(&spec).map_err(|e| bad("history", key(), e))?;
+                }
+            }
+            self.history.insert(k, json(&rev))?;
+        }
+        self.db.flush()?;
+        self.meta
+            .insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
+        self.db.flush()?;
+        tracing::info!("state store migrated to schema {SCHEMA_VERSION}");
+        Ok(())
     }
 
     /// The current fleet version (bumped by every profile or assignment change).
@@ -533,16 +576,11 @@ impl Store {
         let profiles = self
             .profiles()?
             .into_iter()
-            .map(|mut p| {
-                if let Some(g) = p.group.as_ref().and_then(|g| groups.get(g)) {
-                    let mut endpoints = g.ordered();
-                    for e in p.endpoints.drain(..) {
-                        if !endpoints.contains(&e) {
-                            endpoints.push(e);
-                        }
-                    }
-                    p.endpoints = endpoints;
-                }
+            .map(|p| {
+                let p = match p.group.as_ref().and_then(|g| groups.get(g)) {
+                    Some(g) => p.resolved(&g.ordered()),
+                    None => p,
+                };
                 (p.name.clone(), p)
             })
             .collect();
@@ -717,7 +755,7 @@ impl Store {
         let seq = self.db.generate_id()?;
         let event = json(&Event {
             seq,
-            at_unix_ms: now_ms(),
+            at_unix_ms: now_unix_ms(),
             text: text.to_string(),
         });
         self.events.insert(seq.to_be_bytes(), event)?;
@@ -749,7 +787,7 @@ impl Store {
     ) -> Result<Alert, StoreError> {
         alert.id = self.db.generate_id()? + 1;
         alert.status = AlertStatus::Firing;
-        alert.silenced = self.silenced(&alert.key(), now_ms())?;
+        alert.silenced = self.silenced(&alert.key(), now_unix_ms())?;
         self.write_alert(&alert, hooks).await?;
         Ok(alert)
     }
@@ -758,7 +796,7 @@ impl Store {
     pub async fn resolve_alert(&self, id: u64, hooks: &[String]) -> Result<Alert, StoreError> {
         let mut alert = self.alert(id)?.ok_or(StoreError::NoAlert(id))?;
         alert.status = AlertStatus::Resolved;
-        alert.resolved_unix_ms = Some(now_ms());
+        alert.resolved_unix_ms = Some(now_unix_ms());
         self.write_alert(&alert, hooks).await?;
         Ok(alert)
     }
@@ -767,7 +805,7 @@ impl Store {
     pub async fn ack_alert(&self, id: u64, by: &str) -> Result<Alert, StoreError> {
         let mut alert = self.alert(id)?.ok_or(StoreError::NoAlert(id))?;
         alert.acked_by = Some(by.to_string());
-        alert.acked_unix_ms = Some(now_ms());
+        alert.acked_unix_ms = Some(now_unix_ms());
         self.alerts.insert(id.to_be_bytes(), json(&alert))?;
         self.durable().await?;
         Ok(alert)
@@ -958,7 +996,7 @@ impl Store {
     pub async fn revoke(&self, agent_id: &str, reason: &str) -> Result<Revocation, StoreError> {
         let r = Revocation {
             agent: agent_id.to_string(),
-            at_unix_ms: now_ms(),
+            at_unix_ms: now_unix_ms(),
             reason: reason.to_string(),
         };
         self.revoked.insert(agent_id.as_bytes(), json(&r))?;
@@ -1000,7 +1038,7 @@ impl Store {
         let seq = self.db.generate_id()?;
         let event = json(&Event {
             seq,
-            at_unix_ms: now_ms(),
+            at_unix_ms: now_unix_ms(),
             text: what.to_string(),
         });
         let version = (&self.groups, &self.meta, &self.events)
@@ -1057,7 +1095,7 @@ impl Store {
         let seq = self.db.generate_id()?;
         let event = json(&Event {
             seq,
-            at_unix_ms: now_ms(),
+            at_unix_ms: now_unix_ms(),
             text: what.to_string(),
         });
         let version = (&self.profiles, &self.assignments, &self.meta, &self.events)
@@ -1076,7 +1114,7 @@ impl Store {
         // The revision goes to disk with the change itself (one flush below).
         let rev = Revision {
             version,
-            at_unix_ms: now_ms(),
+            at_unix_ms: now_unix_ms(),
             what: what.to_string(),
             profiles: self.profiles()?,
             assignments: self.assignments()?,
@@ -1222,13 +1260,6 @@ fn decode_all<T: serde::de::DeserializeOwned>(
 
 fn u64_of(v: &[u8]) -> u64 {
     v.try_into().map(u64::from_be_bytes).unwrap_or(0)
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

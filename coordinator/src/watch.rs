@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tunnelfleet_runtime::clock::now_unix_ms;
 
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot};
@@ -299,7 +300,7 @@ impl Watcher {
                         summary,
                         affected_agents: affected,
                         status: AlertStatus::Firing,
-                        fired_unix_ms: now_ms(),
+                        fired_unix_ms: now_unix_ms(),
                         resolved_unix_ms: None,
                         acked_by: None,
                         acked_unix_ms: None,
@@ -491,11 +492,4 @@ pub async fn probe(endpoint: &str, timeout: Duration) -> Result<Duration, String
             humantime::format_duration(timeout)
         )),
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

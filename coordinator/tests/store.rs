@@ -11,26 +11,11 @@ use tunnelfleet_coordinator::store::{Assignment, Selector, Store, StoreError};
 use tunnelfleet_protocol::ProfileSpec;
 
 fn spec(name: &str) -> ProfileSpec {
-    ProfileSpec {
-        name: name.into(),
-        group: None,
-        description: String::new(),
-        endpoints: vec!["oma-a:443".into(), "oma-b:443".into()],
-        user: "vma".into(),
-        identity_file: "/etc/tunnelfleet/id".into(),
-        known_hosts: Some("/etc/tunnelfleet/known_hosts".into()),
-        host_key_fingerprints: vec![],
-        trust_on_first_use: false,
-        forwards: vec!["L 8082:localhost:8082".into()],
-        connect_timeout_ms: 15_000,
-        keepalive_interval_ms: 5_000,
-        keepalive_count: 3,
-        reconnect_min_ms: 500,
-        reconnect_max_ms: 30_000,
-        failover_after: 3,
-        health: None,
-        jump: vec![],
-    }
+    let mut p = ProfileSpec::new(name, "vma", "/etc/tunnelfleet/id");
+    p.endpoints = vec!["oma-a:443".into(), "oma-b:443".into()];
+    p.known_hosts = Some("/etc/tunnelfleet/known_hosts".into());
+    p.forwards = vec!["L 8082:localhost:8082".into()];
+    p
 }
 
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -120,6 +105,45 @@ async fn a_store_from_a_newer_coordinator_is_refused() {
         e.contains("schema version 99") && e.contains(&dir.path().display().to_string()),
         "{e}"
     );
+}
+
+/// A profile as a protocol-3 coordinator stored it (durations as `*_ms`).
+const V3_PROFILE: &str = r#"{"name":"oma","group":null,"description":"","endpoints":["oma-a:443"],"user":"vma","identity_file":"/etc/tunnelfleet/id","known_hosts":"/etc/tunnelfleet/known_hosts","host_key_fingerprints":[],"trust_on_first_use":false,"forwards":["L 8082:localhost:8082"],"connect_timeout_ms":15000,"keepalive_interval_ms":2000,"keepalive_count":3,"reconnect_min_ms":500,"reconnect_max_ms":30000,"failover_after":3,"health":{"http":"http://localhost:8082/health","tcp":null,"interval_ms":60000,"timeout_ms":5000,"threshold":3},"jump":[]}"#;
+
+#[tokio::test]
+async fn a_schema_1_store_is_migrated_profiles_and_history_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = sled::open(dir.path()).unwrap();
+        db.open_tree("meta")
+            .unwrap()
+            .insert(b"schema_version", &1u64.to_be_bytes())
+            .unwrap();
+        db.open_tree("profiles")
+            .unwrap()
+            .insert(b"oma", V3_PROFILE.as_bytes())
+            .unwrap();
+        let rev = format!(
+            r#"{{"version":7,"at_unix_ms":1,"what":"profile oma applied","profiles":[{V3_PROFILE}],"assignments":[]}}"#
+        );
+        db.open_tree("history")
+            .unwrap()
+            .insert(7u64.to_be_bytes(), rev.as_bytes())
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    let p = &store.profiles().unwrap()[0];
+    assert_eq!(p.keepalive_interval, std::time::Duration::from_secs(2));
+    assert_eq!(
+        p.health.as_ref().unwrap().interval,
+        std::time::Duration::from_secs(60)
+    );
+    assert_eq!(&store.revision(7).unwrap().profiles[0], p);
+    drop(store);
+    // Opened again: already schema 2, nothing to do, same data.
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(&store.profiles().unwrap()[0], p);
 }
 
 /// Child mode for the kill -9 test: writes profiles forever, printing each acknowledgement.

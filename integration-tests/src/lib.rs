@@ -1093,24 +1093,9 @@ pub fn dist_binary(package: &str, bin: &str) -> std::io::Result<PathBuf> {
 
 /// A valid profile as the coordinator holds it (tests and benchmarks), forwarding `forwards`.
 pub fn profile_spec(name: &str, forwards: &[&str]) -> tunnelfleet_protocol::ProfileSpec {
-    tunnelfleet_protocol::ProfileSpec {
-        name: name.into(),
-        group: None,
-        description: String::new(),
-        endpoints: vec!["oma-a:443".into(), "oma-b:443".into()],
-        user: "vma".into(),
-        identity_file: "/etc/tunnelfleet/id".into(),
-        known_hosts: Some("/etc/tunnelfleet/known_hosts".into()),
-        host_key_fingerprints: vec![],
-        trust_on_first_use: false,
-        forwards: forwards.iter().map(|f| f.to_string()).collect(),
-        connect_timeout_ms: 15_000,
-        keepalive_interval_ms: 5_000,
-        keepalive_count: 3,
-        reconnect_min_ms: 500,
-        reconnect_max_ms: 30_000,
-        failover_after: 3,
-        health: None,
-        jump: vec![],
-    }
+    let mut p = tunnelfleet_protocol::ProfileSpec::new(name, "vma", "/etc/tunnelfleet/id");
+    p.endpoints = vec!["oma-a:443".into(), "oma-b:443".into()];
+    p.known_hosts = Some("/etc/tunnelfleet/known_hosts".into());
+    p.forwards = forwards.iter().map(|f| f.to_string()).collect();
+    p
 }

@@ -23,7 +23,6 @@ use tunnelfleet_coordinator::hooks::{HookConfig, SIGNATURE_HEADER};
 use tunnelfleet_coordinator::monitor::EndpointView;
 use tunnelfleet_coordinator::store::{Event, OmaGroup};
 use tunnelfleet_ops::api::ApiClient;
-use tunnelfleet_protocol::ProfileSpec;
 
 const SECRET: &str = "webhook-shared-secret-for-the-test";
 
@@ -82,7 +81,7 @@ async fn fleet(
             Path::new("p.toml"),
         )
         .unwrap();
-        let mut spec = ProfileSpec::from(&local.profiles[0]);
+        let mut spec = local.profiles[0].clone();
         spec.group = Some("oma".into());
         spec.endpoints.clear();
         let _: Changed = c

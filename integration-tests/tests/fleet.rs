@@ -11,7 +11,7 @@ use integration_tests::*;
 use tunnelfleet_agent::config::AgentConfig;
 use tunnelfleet_coordinator::pki;
 use tunnelfleet_coordinator::store::{Assignment, Selector};
-use tunnelfleet_protocol::{CommandAction, ProfileSpec, TunnelState};
+use tunnelfleet_protocol::{CommandAction, TunnelState};
 
 fn coordinator_toml(c: &TestCoordinator, files: &pki::AgentFiles, state: &Path) -> String {
     format!(
@@ -62,7 +62,7 @@ async fn pushed_profiles_run_survive_the_coordinator_and_come_back_from_cache() 
     .unwrap();
     c.fleet
         .store
-        .put_profile(&ProfileSpec::from(&local.profiles[0]))
+        .put_profile(&local.profiles[0].clone())
         .await
         .unwrap();
     let v = c
@@ -208,7 +208,7 @@ async fn a_forward_that_did_not_change_keeps_its_open_connection_through_a_push(
             Path::new("p.toml"),
         )
         .unwrap();
-        ProfileSpec::from(&cfg.profiles[0])
+        cfg.profiles[0].clone()
     };
     c.fleet
         .store
@@ -316,7 +316,7 @@ async fn a_coordinator_killed_with_sigkill_loses_nothing_and_agents_converge_aft
             Path::new("p.toml"),
         )
         .unwrap();
-        let spec = ProfileSpec::from(&local.profiles[0]);
+        let spec = local.profiles[0].clone();
         let _: Changed = api
             .call("PUT", &format!("/v1/profiles/{id}"), Some(&spec))
             .await
@@ -381,7 +381,7 @@ async fn a_coordinator_killed_with_sigkill_loses_nothing_and_agents_converge_aft
         .call(
             "PUT",
             "/v1/profiles/vma-1",
-            Some(&ProfileSpec::from(&local.profiles[0])),
+            Some(&local.profiles[0].clone()),
         )
         .await
         .unwrap();

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::Duration;
+use tunnelfleet_runtime::clock::now_unix_ms;
 
 use clap::Subcommand;
 use tunnelfleet_coordinator::admin::{Done, RevokeRequest, TokenCreated, TokenRequest};
@@ -79,7 +80,7 @@ pub async fn token(api: &ApiClient, action: TokenAction, json: bool) -> anyhow::
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 let mut t = render::table(&["TOKEN", "STATE", "AGENT", "LABELS", "CREATED"]);
-                let now = now_ms();
+                let now = now_unix_ms();
                 for k in &list {
                     let state = match (&k.used_by, now >= k.expires_unix_ms) {
                         (Some(by), _) => format!("used by {by}"),
@@ -163,11 +164,4 @@ fn labels_text(l: &BTreeMap<String, String>) -> String {
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(",")
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

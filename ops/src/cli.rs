@@ -11,7 +11,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 use tunnelfleet_agent::config::AgentConfig;
 use tunnelfleet_agent::control::{self, ControlError, Request, Response};
 use tunnelfleet_agent::status::AgentStatus;
-use tunnelfleet_agent::telemetry::{self, LogFormat};
+use tunnelfleet_runtime::telemetry::{self, LogFormat};
 
 /// Exit code when the agent cannot be reached.
 const EXIT_UNREACHABLE: u8 = 3;
@@ -681,9 +681,8 @@ async fn fleet_profiles(
                 anyhow::bail!("{}: no [[profile]] in the file", file.display());
             }
             for p in &cfg.profiles {
-                let spec = tunnelfleet_protocol::ProfileSpec::from(p);
                 let changed: serde_json::Value = client
-                    .call("PUT", &format!("/v1/profiles/{}", p.name), Some(&spec))
+                    .call("PUT", &format!("/v1/profiles/{}", p.name), Some(p))
                     .await?;
                 if !json {
                     print!("{}: ", p.name);
@@ -696,11 +695,7 @@ async fn fleet_profiles(
             detailed_exitcode,
         } => {
             let cfg = AgentConfig::load_for_coordinator(&file)?;
-            let specs: Vec<tunnelfleet_protocol::ProfileSpec> = cfg
-                .profiles
-                .iter()
-                .map(tunnelfleet_protocol::ProfileSpec::from)
-                .collect();
+            let specs = cfg.profiles;
             let plan: tunnelfleet_coordinator::plan::Plan =
                 client.call("POST", "/v1/plan", Some(&specs)).await?;
             if json {
@@ -814,9 +809,8 @@ async fn import_profiles(
     if apply {
         let client = api.client()?;
         for p in &imported.profiles {
-            let spec = tunnelfleet_protocol::ProfileSpec::from(p);
             let changed: serde_json::Value = client
-                .call("PUT", &format!("/v1/profiles/{}", p.name), Some(&spec))
+                .call("PUT", &format!("/v1/profiles/{}", p.name), Some(p))
                 .await?;
             if !json {
                 eprint!("{}: ", p.name);

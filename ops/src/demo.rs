@@ -439,7 +439,7 @@ threshold = 3
     // The same validation `tunnelfleet profiles apply -f` runs; then the endpoints come from
     // the group, active one first.
     let cfg = AgentConfig::parse(&toml, Path::new(&format!("{}.toml", a.id)))?;
-    let mut spec = ProfileSpec::from(&cfg.profiles[0]);
+    let mut spec = cfg.profiles[0].clone();
     spec.group = Some("oma".into());
     spec.endpoints.clear();
     Ok(spec)

@@ -13,7 +13,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Serialize;
-use tunnelfleet_agent::config::{ProfileConfig, valid_name};
+use tunnelfleet_protocol::ProfileSpec;
+use tunnelfleet_protocol::addr::valid_name;
 
 /// Which format the input is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -52,7 +53,7 @@ pub struct Note {
 #[derive(Debug, Clone, Serialize)]
 pub struct Imported {
     /// The profiles, each valid by the agent's own rules.
-    pub profiles: Vec<ProfileConfig>,
+    pub profiles: Vec<ProfileSpec>,
     /// What was changed, implied or dropped.
     pub notes: Vec<Note>,
 }
@@ -73,7 +74,7 @@ impl Imported {
     pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
         #[derive(Serialize)]
         struct File<'a> {
-            profile: &'a [ProfileConfig],
+            profile: &'a [ProfileSpec],
         }
         toml::to_string(&File {
             profile: &self.profiles,
@@ -117,10 +118,10 @@ pub fn import(text: &str, format: Format, defaults: &Defaults) -> Result<Importe
                 reason: format!("a second profile named {:?}", profile.name),
             });
         }
-        if let Err((key, reason)) = profile.validate_fields() {
+        if let Err(e) = profile.validate() {
             return Err(ImportError {
                 line: *line,
-                reason: format!("profile {:?}: {key}: {reason}", profile.name),
+                reason: format!("profile {:?}: {e}", profile.name),
             });
         }
         out.notes.extend(notes.into_iter().map(|text| Note {
@@ -204,17 +205,8 @@ fn ssh_start(words: &[String]) -> Option<usize> {
 }
 
 /// A profile with tunnelfleet's defaults for what the source does not set.
-fn base_profile(name: &str, defaults: &Defaults) -> ProfileConfig {
-    let v = serde_json::json!({
-        "name": name,
-        "user": "",
-        "identity_file": defaults.identity_file,
-        "forwards": [],
-    });
-    let mut p: ProfileConfig = serde_json::from_value(v).unwrap_or_else(|_| {
-        // The struct's defaults are all serde defaults; this shape always deserializes.
-        unreachable!("ProfileConfig from its required fields")
-    });
+fn base_profile(name: &str, defaults: &Defaults) -> ProfileSpec {
+    let mut p = ProfileSpec::new(name, "", defaults.identity_file.clone());
     p.known_hosts = Some(defaults.known_hosts.clone());
     p
 }
@@ -224,7 +216,7 @@ fn pipe_line(
     line: usize,
     text: &str,
     defaults: &Defaults,
-) -> Result<(ProfileConfig, Vec<String>), ImportError> {
+) -> Result<(ProfileSpec, Vec<String>), ImportError> {
     let err = |reason: String| ImportError { line, reason };
     let f: Vec<&str> = text.splitn(7, '|').map(str::trim).collect();
     if f.len() < 6 {
@@ -281,7 +273,7 @@ fn ssh_line(
     start: usize,
     name: Option<String>,
     defaults: &Defaults,
-) -> Result<(ProfileConfig, Vec<String>), ImportError> {
+) -> Result<(ProfileSpec, Vec<String>), ImportError> {
     let err = |reason: String| ImportError { line, reason };
     let autossh = words[start].ends_with("autossh");
     let mut notes = Vec::new();
@@ -421,7 +413,7 @@ fn ssh_line(
             .map(String::from)
             .collect();
         for (i, h) in p.jump.iter().enumerate() {
-            tunnelfleet_agent::jump::JumpHost::parse(h)
+            tunnelfleet_protocol::jump::JumpHost::parse(h)
                 .map_err(|e| err(format!("jump host {}: {e}", i + 1)))?;
         }
         notes.push(format!(
@@ -551,7 +543,7 @@ fn parse_destination(d: &str) -> Result<(Option<String>, String, Option<u16>), S
         None => (None, rest),
     };
     let (host, port) = if uri {
-        match tunnelfleet_agent::config::split_host_port(hostport, Some(22)) {
+        match tunnelfleet_protocol::addr::split_host_port(hostport, Some(22)) {
             Ok((h, p)) => (h, Some(p)),
             Err(e) => return Err(format!("destination {d:?}: {e}")),
         }

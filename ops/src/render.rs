@@ -3,8 +3,9 @@
 use comfy_table::presets::NOTHING;
 use comfy_table::{Cell, Table};
 use tunnelfleet_agent::status::{
-    AgentStatus, ForwardState, HealthResult, ProfileStatus, SessionState, now_unix_ms,
+    AgentStatus, ForwardState, HealthResult, ProfileStatus, SessionState,
 };
+use tunnelfleet_runtime::clock::now_unix_ms;
 
 /// `tunnels list`: one line per profile.
 pub fn list(status: &AgentStatus) -> String {

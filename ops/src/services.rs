@@ -184,7 +184,7 @@ impl WebhookSink {
                                 .map(|b| b.to_bytes().to_vec())
                                 .unwrap_or_default();
                             let status = if f.load(Ordering::Relaxed) { 503 } else { 200 };
-                            let received_unix_ms = tunnelfleet_agent::status::now_unix_ms();
+                            let received_unix_ms = tunnelfleet_runtime::clock::now_unix_ms();
                             r.lock().unwrap_or_else(|p| p.into_inner()).push(Received {
                                 headers,
                                 body,

@@ -9,19 +9,35 @@
 //! - [`message`]: the messages each side sends, and the version check of the hello.
 //! - [`enroll`]: the one-shot exchange that gives a new agent its certificate.
 //! - [`frame`]: length-prefixed frames, encoding, and the incremental decoder with limits.
+//! - [`profile`]: the one profile model: fields, defaults, validation, OMA-group resolution.
+//! - [`forward`]: forwards as OpenSSH writes them (`L [bind:]port:host:hostport`, `R`, `D`).
+//! - [`jump`]: jump hosts (`ssh -J`): a hop as written, parsed and printed.
+//! - [`addr`]: `host:port` and the one name rule of profiles, groups, hooks and agent ids.
+//! - [`fingerprint`]: host key and CA fingerprints as operators paste them.
+//! - [`duration`]: durations as `"15s"` in TOML/JSON and exact in frames.
+//! - [`legacy`]: profiles as protocol 3 stored them, read once at upgrade.
 
+pub mod addr;
+pub mod duration;
 pub mod enroll;
+pub mod fingerprint;
+pub mod forward;
 pub mod frame;
+pub mod jump;
+pub mod legacy;
 pub mod message;
+pub mod profile;
 
 pub use enroll::{ENROLL_ALPN, EnrollReply, EnrollRequest};
 pub use frame::{DecodeError, EncodeError, FrameDecoder, MAX_FRAME_LEN, decode, encode};
 pub use message::*;
+pub use profile::{HealthSpec, ProfileSpec};
 
 /// The protocol version this build speaks; exchanged in [`Hello`] and [`Welcome`].
 /// 2: coordinator -> agent commands (`tunnels … --agent`).
 /// 3: jump hosts in profiles (`ProfileSpec::jump`) and the `Jump` session error kind.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: one profile model on both sides: exact durations, `autostart` on the wire.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// QUIC keep-alive of the control link (both ends).
 pub const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(2);

@@ -3,8 +3,9 @@
 //! The agent opens with [`Hello`]; the coordinator answers [`Welcome`] or [`CoordinatorMessage::Refused`]
 //! (for example on a version mismatch, which both sides log with the reason). After that the
 //! agent sends [`Heartbeat`]s and [`Applied`] acknowledgements; the coordinator pushes
-//! [`ProfileSet`]s. Durations are integer milliseconds and latencies integer microseconds, so
-//! every message compares equal after a round trip (no floats).
+//! [`ProfileSet`]s. Durations are exact (`std::time::Duration`, or integer milliseconds) and
+//! latencies integer microseconds, so every message compares equal after a round trip (no
+//! floats).
 //!
 //! Compatibility: enums are encoded by variant index, so new variants go at the end and a
 //! removed one leaves its slot; a change that older peers cannot read bumps
@@ -15,6 +16,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::PROTOCOL_VERSION;
+use crate::profile::ProfileSpec;
 
 /// What the agent sends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -325,67 +327,6 @@ pub struct ProfileSet {
     pub version: u64,
     /// The profiles.
     pub profiles: Vec<ProfileSpec>,
-}
-
-/// A profile as the coordinator holds it: the agent's local profile model on the wire.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
-pub struct ProfileSpec {
-    /// Unique name.
-    pub name: String,
-    /// The OMA group whose endpoints this profile uses (the coordinator puts the group's
-    /// active endpoint first in `endpoints` before pushing; agents never resolve groups).
-    #[serde(default)]
-    pub group: Option<String>,
-    /// Free text.
-    pub description: String,
-    /// `host:port`, priority order.
-    pub endpoints: Vec<String>,
-    /// Remote user.
-    pub user: String,
-    /// Private key path on the agent.
-    pub identity_file: String,
-    /// known_hosts path on the agent.
-    pub known_hosts: Option<String>,
-    /// Pinned `SHA256:` fingerprints.
-    pub host_key_fingerprints: Vec<String>,
-    /// Record unknown keys.
-    pub trust_on_first_use: bool,
-    /// Forwards in OpenSSH syntax.
-    pub forwards: Vec<String>,
-    /// Connect deadline.
-    pub connect_timeout_ms: u64,
-    /// Keepalive interval.
-    pub keepalive_interval_ms: u64,
-    /// Unanswered keepalives before giving up.
-    pub keepalive_count: u32,
-    /// Backoff floor.
-    pub reconnect_min_ms: u64,
-    /// Backoff cap.
-    pub reconnect_max_ms: u64,
-    /// Failures before the next endpoint.
-    pub failover_after: u32,
-    /// Health check.
-    pub health: Option<HealthSpec>,
-    /// Jump hosts (`[user@]host[:port]`), first to last, as `ssh -J` takes them.
-    #[serde(default)]
-    pub jump: Vec<String>,
-}
-
-/// A profile's health check on the wire.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
-pub struct HealthSpec {
-    /// HTTP URL.
-    pub http: Option<String>,
-    /// TCP `host:port`.
-    pub tcp: Option<String>,
-    /// Interval.
-    pub interval_ms: u64,
-    /// Deadline.
-    pub timeout_ms: u64,
-    /// Failures in a row that mark the profile down.
-    pub threshold: u32,
 }
 
 /// The agent applied (or could not apply) a profile set.

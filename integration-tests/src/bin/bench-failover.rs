@@ -263,7 +263,7 @@ fn group_profile(
     .replace("keepalive_count = 2", "keepalive_count = 3")
     .replace("connect_timeout = \"2s\"", "connect_timeout = \"10s\"");
     let cfg = AgentConfig::parse(&toml, Path::new("bench.toml"))?;
-    let mut spec = ProfileSpec::from(&cfg.profiles[0]);
+    let mut spec = cfg.profiles[0].clone();
     spec.group = Some("oma".into());
     spec.endpoints.clear();
     Ok(spec)

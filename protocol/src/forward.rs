@@ -68,7 +68,7 @@ impl ForwardSpec {
             .next()
             .ok_or_else(|| err("empty; expected L, R or D"))?;
         let rest = chars.as_str().trim();
-        let parts = split_colons(rest).map_err(|r| err(&r))?;
+        let parts = split_colons(rest).map_err(err)?;
         match kind.to_ascii_uppercase() {
             'L' | 'R' => {
                 let (bind, port, host, host_port) = match parts.as_slice() {
@@ -76,8 +76,8 @@ impl ForwardSpec {
                     [bind, port, host, host_port] => (Some(bind.clone()), port, host, host_port),
                     _ => return Err(err("expected [bind:]port:host:hostport")),
                 };
-                let port = parse_port(port, kind == 'R').map_err(|r| err(&r))?;
-                let host_port = parse_port(host_port, false).map_err(|r| err(&r))?;
+                let port = parse_port(port, kind == 'R').map_err(|r| err(&r.to_string()))?;
+                let host_port = parse_port(host_port, false).map_err(|r| err(&r.to_string()))?;
                 if host.is_empty() {
                     return Err(err("the target host is empty"));
                 }
@@ -104,7 +104,7 @@ impl ForwardSpec {
                     [bind, port] => (Some(bind.clone()), port),
                     _ => return Err(err("expected [bind:]port")),
                 };
-                let port = parse_port(port, false).map_err(|r| err(&r))?;
+                let port = parse_port(port, false).map_err(|r| err(&r.to_string()))?;
                 Ok(ForwardSpec::Dynamic {
                     bind: normalize_bind(bind, false),
                     port,
@@ -195,7 +195,7 @@ fn normalize_bind(bind: Option<String>, remote: bool) -> String {
 }
 
 /// Splits on `:` outside `[...]`, so IPv6 literals can be written `[::1]`.
-fn split_colons(s: &str) -> Result<Vec<String>, String> {
+fn split_colons(s: &str) -> Result<Vec<String>, &'static str> {
     let mut parts = Vec::new();
     let mut cur = String::new();
     let mut in_bracket = false;
@@ -204,23 +204,35 @@ fn split_colons(s: &str) -> Result<Vec<String>, String> {
             '[' if !in_bracket => in_bracket = true,
             ']' if in_bracket => in_bracket = false,
             ':' if !in_bracket => parts.push(std::mem::take(&mut cur)),
-            c if c.is_whitespace() => return Err("unexpected whitespace".to_string()),
+            c if c.is_whitespace() => return Err("unexpected whitespace"),
             c => cur.push(c),
         }
     }
     if in_bracket {
-        return Err("unclosed '['".to_string());
+        return Err("unclosed '['");
     }
     parts.push(cur);
     Ok(parts)
 }
 
-fn parse_port(s: &str, zero_ok: bool) -> Result<u16, String> {
+/// A port as written, or the reason it is not one (the caller adds the forward's text).
+fn parse_port(s: &str, zero_ok: bool) -> Result<u16, PortReason> {
     match s.parse::<u16>() {
-        Ok(0) if !zero_ok => Err("port 0 is not allowed here".to_string()),
+        Ok(0) if !zero_ok => Err(PortReason::Zero),
         Ok(p) => Ok(p),
-        Err(_) => Err(format!("{s:?} is not a port (1-65535)")),
+        Err(_) => Err(PortReason::NotAPort(s.to_string())),
     }
+}
+
+/// Why a port of a forward was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum PortReason {
+    /// 0 where the peer cannot choose.
+    #[error("port 0 is not allowed here")]
+    Zero,
+    /// Not 0-65535.
+    #[error("{0:?} is not a port (1-65535)")]
+    NotAPort(String),
 }
 
 /// True when `bind` is a loopback address or name (what "secure by default" means for listeners).
@@ -234,6 +246,8 @@ pub fn is_loopback_bind(bind: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
+
     use super::*;
 
     #[test]

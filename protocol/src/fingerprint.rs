@@ -1,0 +1,85 @@
+//! The two fingerprints operators paste into configs: an SSH host key's (`SHA256:` and base64,
+//! as `ssh-keygen -lf` prints it) and the fleet CA certificate's (`SHA256:` and hex, as
+//! `tunnelfleet pki init` prints it).
+
+use data_encoding::{BASE64_NOPAD, HEXLOWER};
+
+/// Why a fingerprint was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FingerprintError {
+    /// A host key fingerprint without its `SHA256:` prefix.
+    #[error("{0:?} must start with \"SHA256:\" (as `ssh-keygen -lf` prints it)")]
+    HostKeyPrefix(String),
+    /// A host key fingerprint that is not 32 bytes of base64.
+    #[error("{0:?} is not a SHA256 fingerprint (43 base64 characters after \"SHA256:\")")]
+    HostKeyDigest(String),
+    /// A CA fingerprint that is not `SHA256:` and 64 hex digits.
+    #[error("{0:?}: expected SHA256: followed by 64 hex digits")]
+    Ca(String),
+}
+
+/// Checks the form of a pinned host key fingerprint (`SHA256:` and 43 base64 characters).
+pub fn parse_host_key_fingerprint(fp: &str) -> Result<(), FingerprintError> {
+    let Some(b64) = fp.strip_prefix("SHA256:") else {
+        return Err(FingerprintError::HostKeyPrefix(fp.into()));
+    };
+    match BASE64_NOPAD.decode(b64.as_bytes()) {
+        Ok(bytes) if bytes.len() == 32 => Ok(()),
+        _ => Err(FingerprintError::HostKeyDigest(fp.into())),
+    }
+}
+
+/// The fleet CA's `SHA256:…` (hex, any case, colons allowed) as 32 bytes.
+pub fn parse_ca_fingerprint(s: &str) -> Result<Vec<u8>, FingerprintError> {
+    let bad = || FingerprintError::Ca(s.into());
+    let hex: String = s
+        .trim()
+        .strip_prefix("SHA256:")
+        .ok_or_else(bad)?
+        .chars()
+        .filter(|c| *c != ':')
+        .collect::<String>()
+        .to_ascii_lowercase();
+    let bytes = HEXLOWER.decode(hex.as_bytes()).map_err(|_| bad())?;
+    if bytes.len() != 32 {
+        return Err(bad());
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
+
+    use super::*;
+
+    #[test]
+    fn host_key_fingerprints() {
+        let fp = format!("SHA256:{}", BASE64_NOPAD.encode(&[7u8; 32]));
+        assert!(parse_host_key_fingerprint(&fp).is_ok());
+        assert!(parse_host_key_fingerprint("MD5:aa").is_err());
+        assert!(parse_host_key_fingerprint("SHA256:short").is_err());
+    }
+
+    #[test]
+    fn ca_fingerprints_in_any_case_with_or_without_colons() {
+        let hex = "ab".repeat(32);
+        let want = vec![0xab; 32];
+        assert_eq!(
+            parse_ca_fingerprint(&format!("SHA256:{hex}")).unwrap(),
+            want
+        );
+        assert_eq!(
+            parse_ca_fingerprint(&format!("SHA256:{}", hex.to_uppercase())).unwrap(),
+            want
+        );
+        let colons: Vec<String> = (0..32).map(|_| "ab".to_string()).collect();
+        assert_eq!(
+            parse_ca_fingerprint(&format!("SHA256:{}", colons.join(":"))).unwrap(),
+            want
+        );
+        assert!(parse_ca_fingerprint(&hex).is_err());
+        assert!(parse_ca_fingerprint("SHA256:abcd").is_err());
+        assert!(parse_ca_fingerprint(&format!("SHA256:{}", "zz".repeat(32))).is_err());
+    }
+}

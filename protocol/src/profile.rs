@@ -1,0 +1,617 @@
+//! The one profile model: what a profile is, its defaults, its validation and its OMA-group
+//! resolution. The agent's config file (`[[profile]]`), the coordinator's admin API and store,
+//! `profiles diff` and the control link's pushes all carry this type, so a profile is checked
+//! by the same rules wherever it comes from.
+//!
+//! Serialization follows the format: durations are `"15s"` in TOML and JSON and exact
+//! seconds/nanoseconds in bincode frames ([`crate::duration`]). No field is skipped when
+//! serializing, because bincode frames are positional.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::addr::{split_host_port, valid_name};
+use crate::fingerprint::parse_host_key_fingerprint;
+use crate::forward::{ForwardParseError, ForwardSpec, is_loopback_bind};
+use crate::jump::{JumpError, JumpHost};
+
+/// A profile or one of its keys was refused: the key (relative to the profile, e.g.
+/// `forwards[2]`, or absolute from [`validate_set`], e.g. `profile.oma.forwards[2]`) and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {reason}")]
+pub struct ProfileError {
+    /// Dotted path of the offending key.
+    pub key: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl ProfileError {
+    fn new(key: impl Into<String>, reason: impl ToString) -> Self {
+        ProfileError {
+            key: key.into(),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// The same error with `prefix.` put before its key.
+    pub fn within(self, prefix: &str) -> Self {
+        ProfileError {
+            key: format!("{prefix}.{}", self.key),
+            reason: self.reason,
+        }
+    }
+}
+
+/// One SSH destination with its redundant endpoints and all its forwards.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[serde(deny_unknown_fields)]
+pub struct ProfileSpec {
+    /// Unique name, used by `tunnelfleet tunnels start NAME`.
+    pub name: String,
+    /// Free text shown by `tunnels list`.
+    #[serde(default)]
+    pub description: String,
+    /// Endpoints in priority order (`host:port`; port 22 when omitted): primary first.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// OMA group (profiles held by the coordinator): its endpoints, active one first, are put
+    /// before `endpoints` when the profile is pushed ([`ProfileSpec::resolved`]).
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Remote user name.
+    pub user: String,
+    /// Private key file (OpenSSH format) on the agent; refused when group or others can read it.
+    pub identity_file: PathBuf,
+    /// known_hosts file to verify host keys against (and to record into with TOFU).
+    #[serde(default)]
+    pub known_hosts: Option<PathBuf>,
+    /// Pinned host key fingerprints, `SHA256:…` as `ssh-keygen -lf` prints them.
+    #[serde(default)]
+    pub host_key_fingerprints: Vec<String>,
+    /// Record an unknown host's key into `known_hosts` on first contact. Off unless asked.
+    #[serde(default)]
+    pub trust_on_first_use: bool,
+    /// Forwards in OpenSSH syntax: `L [bind:]port:host:hostport`, `R …`, `D [bind:]port`.
+    pub forwards: Vec<String>,
+    /// TCP connect plus SSH handshake and authentication deadline.
+    #[serde(default = "default_connect_timeout", with = "crate::duration")]
+    pub connect_timeout: Duration,
+    /// Send an SSH keepalive after this much silence (ServerAliveInterval).
+    #[serde(default = "default_keepalive_interval", with = "crate::duration")]
+    pub keepalive_interval: Duration,
+    /// Unanswered keepalives before the session is declared dead (ServerAliveCountMax).
+    #[serde(default = "default_keepalive_count")]
+    pub keepalive_count: u32,
+    /// Smallest reconnect delay (the backoff's base).
+    #[serde(default = "default_reconnect_min", with = "crate::duration")]
+    pub reconnect_min: Duration,
+    /// Largest reconnect delay.
+    #[serde(default = "default_reconnect_max", with = "crate::duration")]
+    pub reconnect_max: Duration,
+    /// Consecutive failures of the active endpoint before moving to the next one.
+    #[serde(default = "default_failover_after")]
+    pub failover_after: u32,
+    /// Start this profile when the agent starts (or when it is pushed).
+    #[serde(default = "default_true")]
+    pub autostart: bool,
+    /// Health check run through the tunnel.
+    #[serde(default)]
+    pub health: Option<HealthSpec>,
+    /// Jump hosts to reach the endpoints through, first to last (`ssh -J`):
+    /// `["ops@bastion.example:22"]`. Their host keys are verified like the endpoints'.
+    #[serde(default)]
+    pub jump: Vec<String>,
+}
+
+/// A health check of a profile.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[serde(deny_unknown_fields)]
+pub struct HealthSpec {
+    /// `http://host:port/path` fetched with GET (2xx passes), usually through an L forward.
+    #[serde(default)]
+    pub http: Option<String>,
+    /// `host:port` that must accept a TCP connection.
+    #[serde(default)]
+    pub tcp: Option<String>,
+    /// Time between checks.
+    #[serde(default = "default_health_interval", with = "crate::duration")]
+    pub interval: Duration,
+    /// Deadline of one check.
+    #[serde(default = "default_health_timeout", with = "crate::duration")]
+    pub timeout: Duration,
+    /// Consecutive failures that mark the profile down and restart its session.
+    #[serde(default = "default_threshold")]
+    pub threshold: u32,
+}
+
+/// What a health check does, after validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthTarget {
+    /// HTTP GET; 2xx passes.
+    Http {
+        /// Host to connect to.
+        host: String,
+        /// Port to connect to.
+        port: u16,
+        /// Path and query to request.
+        path: String,
+    },
+    /// TCP connect.
+    Tcp {
+        /// Host to connect to.
+        host: String,
+        /// Port to connect to.
+        port: u16,
+    },
+}
+
+/// Why a health check's target was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HealthTargetError {
+    /// Both kinds set.
+    #[error("set either http or tcp, not both")]
+    Both,
+    /// Neither kind set.
+    #[error("set http = \"http://…\" or tcp = \"host:port\"")]
+    Neither,
+    /// The TCP target is not `host:port`.
+    #[error(transparent)]
+    Tcp(#[from] crate::addr::AddrError),
+    /// The URL does not parse.
+    #[error("{url:?} is not a URL: {reason}")]
+    NotAUrl {
+        /// The URL as written.
+        url: String,
+        /// The parser's reason.
+        reason: String,
+    },
+    /// Not `http://` (the check runs through the tunnel).
+    #[error(
+        "{url:?}: scheme {scheme:?} is not supported; the check runs through the tunnel, use http://"
+    )]
+    Scheme {
+        /// The URL as written.
+        url: String,
+        /// Its scheme.
+        scheme: String,
+    },
+    /// No scheme.
+    #[error("{0:?}: expected http://host:port/path")]
+    NoScheme(String),
+    /// No host.
+    #[error("{0:?}: no host")]
+    NoHost(String),
+}
+
+impl HealthSpec {
+    /// The target; valid after [`ProfileSpec::validate`].
+    pub fn target(&self) -> Result<HealthTarget, HealthTargetError> {
+        match (&self.http, &self.tcp) {
+            (Some(url), None) => parse_http_url(url),
+            (None, Some(addr)) => {
+                let (host, port) = split_host_port(addr, None)?;
+                Ok(HealthTarget::Tcp { host, port })
+            }
+            (Some(_), Some(_)) => Err(HealthTargetError::Both),
+            (None, None) => Err(HealthTargetError::Neither),
+        }
+    }
+}
+
+impl HealthTarget {
+    /// Human description for logs and status.
+    pub fn describe(&self) -> String {
+        match self {
+            HealthTarget::Http { host, port, path } => format!("GET http://{host}:{port}{path}"),
+            HealthTarget::Tcp { host, port } => format!("TCP {host}:{port}"),
+        }
+    }
+}
+
+impl ProfileSpec {
+    /// A profile with every default (the ones a TOML file gets for keys it leaves out), no
+    /// endpoints, forwards or host-key trust yet: fill those in, then validate.
+    pub fn new(
+        name: impl Into<String>,
+        user: impl Into<String>,
+        identity_file: impl Into<PathBuf>,
+    ) -> ProfileSpec {
+        ProfileSpec {
+            name: name.into(),
+            description: String::new(),
+            endpoints: Vec::new(),
+            group: None,
+            user: user.into(),
+            identity_file: identity_file.into(),
+            known_hosts: None,
+            host_key_fingerprints: Vec::new(),
+            trust_on_first_use: false,
+            forwards: Vec::new(),
+            connect_timeout: default_connect_timeout(),
+            keepalive_interval: default_keepalive_interval(),
+            keepalive_count: default_keepalive_count(),
+            reconnect_min: default_reconnect_min(),
+            reconnect_max: default_reconnect_max(),
+            failover_after: default_failover_after(),
+            autostart: true,
+            health: None,
+            jump: Vec::new(),
+        }
+    }
+
+    /// The parsed forwards (valid after validation).
+    pub fn forward_specs(&self) -> Result<Vec<ForwardSpec>, ForwardParseError> {
+        self.forwards
+            .iter()
+            .map(|f| ForwardSpec::parse(f))
+            .collect()
+    }
+
+    /// The parsed jump hosts, first to last (valid after validation).
+    pub fn jump_hosts(&self) -> Result<Vec<JumpHost>, JumpError> {
+        self.jump.iter().map(|j| JumpHost::parse(j)).collect()
+    }
+
+    /// The parsed endpoints as `(host, port)`.
+    pub fn endpoint_addrs(&self) -> Result<Vec<(String, u16)>, crate::addr::AddrError> {
+        self.endpoints
+            .iter()
+            .map(|e| split_host_port(e, Some(22)))
+            .collect()
+    }
+
+    /// The profile as agents get it: the group's endpoints (as
+    /// `OmaGroup::ordered` puts them: active first) before its own, each endpoint once.
+    /// The one place a group is resolved, for pushes and for validating what will be pushed.
+    pub fn resolved(&self, group_endpoints: &[String]) -> ProfileSpec {
+        let mut p = self.clone();
+        let mut endpoints = group_endpoints.to_vec();
+        for e in p.endpoints.drain(..) {
+            if !endpoints.contains(&e) {
+                endpoints.push(e);
+            }
+        }
+        p.endpoints = endpoints;
+        p
+    }
+
+    /// Validates a profile an agent is to run: [`ProfileSpec::validate`], and its endpoints
+    /// are listed (a group profile is only runnable once [`ProfileSpec::resolved`]).
+    pub fn validate_runnable(&self) -> Result<(), ProfileError> {
+        self.validate()?;
+        if self.endpoints.is_empty() {
+            return Err(ProfileError::new(
+                "endpoints",
+                "the pushed profile has no endpoints (is its OMA group empty?)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks everything serde cannot; the error's key is relative to the profile.
+    pub fn validate(&self) -> Result<(), ProfileError> {
+        let err = |k: &str, r: String| Err(ProfileError::new(k, r));
+        if !valid_name(&self.name) {
+            return err(
+                "name",
+                format!(
+                    "{:?} is not a valid name (letters, digits, '-', '_', '.')",
+                    self.name
+                ),
+            );
+        }
+        if self.endpoints.is_empty() && self.group.is_none() {
+            return err(
+                "endpoints",
+                "at least one host:port is required (or a group, for a profile held by the coordinator)".into(),
+            );
+        }
+        if let Some(g) = &self.group
+            && !valid_name(g)
+        {
+            return err("group", format!("{g:?} is not a valid group name"));
+        }
+        for (i, e) in self.endpoints.iter().enumerate() {
+            if let Err(r) = split_host_port(e, Some(22)) {
+                return err(&format!("endpoints[{i}]"), r.to_string());
+            }
+        }
+        for (i, j) in self.jump.iter().enumerate() {
+            if let Err(r) = JumpHost::parse(j) {
+                return err(&format!("jump[{i}]"), r.to_string());
+            }
+        }
+        if self.user.is_empty() {
+            return err("user", "must not be empty".into());
+        }
+        if self.forwards.is_empty() {
+            return err("forwards", "a profile needs at least one forward".into());
+        }
+        let mut seen = HashSet::new();
+        for (i, f) in self.forwards.iter().enumerate() {
+            let spec = match ForwardSpec::parse(f) {
+                Ok(s) => s,
+                Err(e) => return err(&format!("forwards[{i}]"), e.to_string()),
+            };
+            if let ForwardSpec::Remote { port: rp, .. } = &spec
+                && !seen.insert(*rp)
+                && *rp != 0
+            {
+                return err(
+                    &format!("forwards[{i}]"),
+                    format!("remote port {rp} is forwarded twice"),
+                );
+            }
+        }
+        for (i, fp) in self.host_key_fingerprints.iter().enumerate() {
+            if let Err(r) = parse_host_key_fingerprint(fp) {
+                return err(&format!("host_key_fingerprints[{i}]"), r.to_string());
+            }
+        }
+        if self.known_hosts.is_none() && self.host_key_fingerprints.is_empty() {
+            return err(
+                "known_hosts",
+                "no host-key trust configured: set known_hosts = \"/path\" and/or host_key_fingerprints = [\"SHA256:…\"] (host keys are always verified)".into(),
+            );
+        }
+        if self.trust_on_first_use && self.known_hosts.is_none() {
+            return err(
+                "trust_on_first_use",
+                "needs known_hosts: the first key seen is recorded there".into(),
+            );
+        }
+        if self.connect_timeout.is_zero() {
+            return err("connect_timeout", "must be more than 0".into());
+        }
+        if self.keepalive_interval.is_zero() {
+            return err("keepalive_interval", "must be more than 0".into());
+        }
+        if self.keepalive_count == 0 {
+            return err("keepalive_count", "must be at least 1".into());
+        }
+        if self.reconnect_min.is_zero() {
+            return err("reconnect_min", "must be more than 0".into());
+        }
+        if self.reconnect_max < self.reconnect_min {
+            return err(
+                "reconnect_max",
+                format!(
+                    "{} is less than reconnect_min {}",
+                    humantime::format_duration(self.reconnect_max),
+                    humantime::format_duration(self.reconnect_min)
+                ),
+            );
+        }
+        if self.failover_after == 0 {
+            return err("failover_after", "must be at least 1".into());
+        }
+        if let Some(h) = &self.health {
+            if let Err(r) = h.target() {
+                return err("health", r.to_string());
+            }
+            if h.threshold == 0 {
+                return err("health.threshold", "must be at least 1".into());
+            }
+            if h.interval.is_zero() {
+                return err("health.interval", "must be more than 0".into());
+            }
+            if h.timeout.is_zero() {
+                return err("health.timeout", "must be more than 0".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Forwards that listen beyond loopback (reported at start; the operator asked for them).
+    pub fn exposed_forwards(&self) -> Vec<String> {
+        self.forward_specs()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|f| match f.local_listen() {
+                Some((bind, _)) if !is_loopback_bind(bind) => Some(f.to_string()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// Validates every profile of one agent's set, and what only the set can tell: names are
+/// unique and no two forwards listen on one local port. Keys are absolute
+/// (`profile.NAME.forwards[1]`, `profile[0].name` for an unnamed one).
+pub fn validate_set(profiles: &[ProfileSpec]) -> Result<(), ProfileError> {
+    let mut names = HashSet::new();
+    let mut listens: BTreeMap<u16, String> = BTreeMap::new();
+    for (i, p) in profiles.iter().enumerate() {
+        let key = if p.name.is_empty() {
+            format!("profile[{i}]")
+        } else {
+            format!("profile.{}", p.name)
+        };
+        p.validate().map_err(|e| e.within(&key))?;
+        if !names.insert(p.name.as_str()) {
+            return Err(ProfileError::new(
+                format!("{key}.name"),
+                format!("profile name {:?} is used twice", p.name),
+            ));
+        }
+        for (j, f) in p.forwards.iter().enumerate() {
+            // validate() parsed every forward already.
+            let Ok(spec) = ForwardSpec::parse(f) else {
+                continue;
+            };
+            if let Some((_, port)) = spec.local_listen() {
+                let here = format!("{key}.forwards[{j}]");
+                if let Some(other) = listens.insert(port, here.clone()) {
+                    return Err(ProfileError::new(
+                        here,
+                        format!("local port {port} is already used by {other}"),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn parse_http_url(url: &str) -> Result<HealthTarget, HealthTargetError> {
+    let uri: http::Uri =
+        url.parse()
+            .map_err(|e: http::uri::InvalidUri| HealthTargetError::NotAUrl {
+                url: url.into(),
+                reason: e.to_string(),
+            })?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some(other) => {
+            return Err(HealthTargetError::Scheme {
+                url: url.into(),
+                scheme: other.into(),
+            });
+        }
+        None => return Err(HealthTargetError::NoScheme(url.into())),
+    }
+    let host = uri
+        .host()
+        .ok_or_else(|| HealthTargetError::NoHost(url.into()))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let port = uri.port_u16().unwrap_or(80);
+    let path = uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".to_string());
+    Ok(HealthTarget::Http { host, port, path })
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_keepalive_interval() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_keepalive_count() -> u32 {
+    3
+}
+fn default_reconnect_min() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_reconnect_max() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_failover_after() -> u32 {
+    3
+}
+fn default_true() -> bool {
+    true
+}
+fn default_health_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_health_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_threshold() -> u32 {
+    3
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
+
+    use super::*;
+
+    fn seed() -> ProfileSpec {
+        toml::from_str(
+            r#"name = "oma"
+endpoints = ["oma-a:443", "oma-b:443"]
+user = "vma"
+identity_file = "/k"
+known_hosts = "/kh"
+forwards = ["L 8082:localhost:8082", "R 9081:localhost:8081"]
+jump = ["ops@bastion:2222"]
+[health]
+http = "http://localhost:8082/health"
+"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn new_has_the_defaults_a_file_gets() {
+        let from_file: ProfileSpec =
+            toml::from_str("name = \"a\"\nuser = \"u\"\nidentity_file = \"/k\"\nforwards = []\n")
+                .unwrap();
+        assert_eq!(ProfileSpec::new("a", "u", "/k"), from_file);
+    }
+
+    #[test]
+    fn defaults_and_the_health_target() {
+        let p = seed();
+        p.validate_runnable().unwrap();
+        assert_eq!(p.connect_timeout, Duration::from_secs(15));
+        assert_eq!(p.endpoint_addrs().unwrap()[1], ("oma-b".into(), 443));
+        let h = p.health.as_ref().unwrap();
+        assert_eq!(h.threshold, 3);
+        assert_eq!(
+            h.target().unwrap(),
+            HealthTarget::Http {
+                host: "localhost".into(),
+                port: 8082,
+                path: "/health".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_profile_survives_the_wire_and_bad_pushes_are_refused_with_the_key() {
+        let p = seed();
+        let frame = crate::encode(&p).unwrap();
+        let back: ProfileSpec = crate::decode(&frame[4..]).unwrap();
+        assert_eq!(back, p);
+        let json: ProfileSpec = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
+        assert_eq!(json, p);
+        let mut bad = p.clone();
+        bad.forwards.push("L nope".into());
+        let e = bad.validate_runnable().unwrap_err();
+        assert_eq!(e.key, "forwards[2]");
+        assert!(e.reason.contains("L nope"), "{e}");
+        bad = p;
+        bad.host_key_fingerprints.clear();
+        bad.known_hosts = None;
+        assert_eq!(bad.validate_runnable().unwrap_err().key, "known_hosts");
+    }
+
+    #[test]
+    fn a_group_resolves_once_active_first_without_duplicates() {
+        let mut p = seed();
+        p.group = Some("pair".into());
+        p.endpoints = vec!["oma-b:443".into(), "spare:22".into()];
+        let r = p.resolved(&["oma-b:443".into(), "oma-a:443".into()]);
+        assert_eq!(r.endpoints, ["oma-b:443", "oma-a:443", "spare:22"]);
+        p.endpoints.clear();
+        p.validate().unwrap();
+        assert_eq!(p.validate_runnable().unwrap_err().key, "endpoints");
+    }
+
+    #[test]
+    fn a_set_refuses_a_name_twice_and_a_local_port_twice() {
+        let a = seed();
+        let mut b = seed();
+        b.name = "b".into();
+        b.forwards = vec!["L 8082:x:1".into()];
+        let e = validate_set(&[a.clone(), b]).unwrap_err();
+        assert_eq!(e.key, "profile.b.forwards[0]");
+        assert!(e.reason.contains("profile.oma.forwards[0]"), "{e}");
+        assert_eq!(
+            validate_set(&[a.clone(), a]).unwrap_err().key,
+            "profile.oma.name"
+        );
+    }
+}
