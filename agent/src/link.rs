@@ -14,9 +14,10 @@ use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tunnelfleet_protocol::{
-    AgentMessage, CoordinatorMessage, DecodeError, FrameDecoder, Heartbeat, Hello, Welcome,
+    AgentMessage, CoordinatorMessage, DecodeError, EncodeError, Heartbeat, Hello, Welcome,
     check_version, encode,
 };
+use tunnelfleet_runtime::frames::{FrameReadError, FrameReader};
 
 /// Why the control link could not be established or used.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +75,14 @@ pub enum LinkError {
         /// The decode error.
         source: DecodeError,
     },
+    /// A message of ours could not be encoded (over the frame limit).
+    #[error("coordinator {addr}: {source}")]
+    Encode {
+        /// Coordinator address.
+        addr: SocketAddr,
+        /// Why.
+        source: EncodeError,
+    },
     /// The link broke after it was established.
     #[error("coordinator {addr}: link lost: {reason}")]
     Lost {
@@ -127,7 +136,7 @@ pub struct ControlLink {
     conn: quinn::Connection,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
-    dec: FrameDecoder,
+    reader: FrameReader,
 }
 
 /// Connects, says hello, and waits for the welcome.
@@ -146,7 +155,8 @@ pub async fn connect(
         })?;
     let conn = connecting.await.map_err(|e| handshake_error(addr, e))?;
     let (mut send, recv) = conn.open_bi().await.map_err(|e| handshake_error(addr, e))?;
-    let frame = encode(&AgentMessage::Hello(hello)).map_err(|e| LinkError::Tls(e.to_string()))?;
+    let frame =
+        encode(&AgentMessage::Hello(hello)).map_err(|source| LinkError::Encode { addr, source })?;
     send.write_all(&frame).await.map_err(|e| match e {
         quinn::WriteError::ConnectionLost(c) => handshake_error(addr, c),
         other => LinkError::Lost {
@@ -164,7 +174,7 @@ pub async fn connect(
         conn,
         send,
         recv,
-        dec: FrameDecoder::new(),
+        reader: FrameReader::new(),
     };
     match link.next().await {
         Ok(CoordinatorMessage::Welcome(w)) => {
@@ -204,9 +214,9 @@ impl ControlLink {
     }
 
     async fn send_message(&mut self, msg: AgentMessage) -> Result<(), LinkError> {
-        let frame = encode(&msg).map_err(|e| LinkError::Lost {
+        let frame = encode(&msg).map_err(|source| LinkError::Encode {
             addr: self.addr,
-            reason: e.to_string(),
+            source,
         })?;
         self.send
             .write_all(&frame)
@@ -219,36 +229,21 @@ impl ControlLink {
 
     /// The next message from the coordinator.
     pub async fn next(&mut self) -> Result<CoordinatorMessage, LinkError> {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            if let Some(m) = self
-                .dec
-                .next_message::<CoordinatorMessage>()
-                .map_err(|source| LinkError::Protocol {
-                    addr: self.addr,
-                    source,
-                })?
-            {
-                return Ok(m);
+        let addr = self.addr;
+        match self.reader.next(&mut self.recv).await {
+            Ok(Some(m)) => Ok(m),
+            Ok(None) => Err(LinkError::Lost {
+                addr,
+                reason: "stream closed".into(),
+            }),
+            Err(FrameReadError::Decode(source)) => Err(LinkError::Protocol { addr, source }),
+            Err(FrameReadError::Read(quinn::ReadError::ConnectionLost(e))) => {
+                Err(handshake_error(addr, e))
             }
-            match self.recv.read(&mut buf).await {
-                Ok(Some(n)) => self.dec.push(&buf[..n]),
-                Ok(None) => {
-                    return Err(LinkError::Lost {
-                        addr: self.addr,
-                        reason: "stream closed".into(),
-                    });
-                }
-                Err(quinn::ReadError::ConnectionLost(e)) => {
-                    return Err(handshake_error(self.addr, e));
-                }
-                Err(e) => {
-                    return Err(LinkError::Lost {
-                        addr: self.addr,
-                        reason: e.to_string(),
-                    });
-                }
-            }
+            Err(FrameReadError::Read(e)) => Err(LinkError::Lost {
+                addr,
+                reason: e.to_string(),
+            }),
         }
     }
 

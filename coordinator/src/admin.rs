@@ -18,10 +18,11 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tunnelfleet_protocol::{Heartbeat, ProfileSpec};
 
-use crate::alerts::{Alert, Silence};
+use crate::fleet::Fleet;
 use crate::hooks::HookStats;
-use crate::link::Fleet;
+use crate::metrics::Metrics;
 use crate::monitor::EndpointView;
+use crate::store::{Alert, Silence};
 use crate::store::{Assignment, Event, OmaGroup, Selector, StoreError};
 use crate::watch::{Command, WatchHandle};
 
@@ -30,6 +31,10 @@ use crate::watch::{Command, WatchHandle};
 pub struct Admin {
     /// The fleet.
     pub fleet: Arc<Fleet>,
+    /// The watcher: OMA commands, endpoint health, hook stats.
+    pub watch: WatchHandle,
+    /// Whether this coordinator holds the CA key and so can enroll agents with join tokens.
+    pub enrollment: bool,
     /// The bearer token every request must carry.
     pub token: Arc<String>,
 }
@@ -193,8 +198,7 @@ fn summaries(fleet: &Fleet) -> Result<Vec<AgentDetail>, ApiError> {
         .collect();
     for rec in fleet.store.agents()? {
         let link = fleet.links.get(&rec.id);
-        let mut labels = rec.labels.clone();
-        labels.extend(rec.enrolled_labels.clone());
+        let labels = rec.effective_labels();
         let hb = link.as_ref().and_then(|l| l.last_heartbeat.clone());
         let (up, total) = hb
             .as_ref()
@@ -422,12 +426,7 @@ async fn groups(State(a): State<Admin>, h: HeaderMap) -> Result<Json<Vec<OmaGrou
 }
 
 fn watcher(a: &Admin) -> Result<&WatchHandle, ApiError> {
-    a.fleet.watch.get().ok_or_else(|| {
-        ApiError(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the watcher is not running".into(),
-        )
-    })
+    Ok(&a.watch)
 }
 
 async fn put_group(
@@ -682,7 +681,7 @@ async fn create_token(
         crate::pki::check_agent_id(agent)
             .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
     }
-    if a.fleet.signer.get().is_none() {
+    if !a.enrollment {
         return Err(ApiError(
             StatusCode::CONFLICT,
             "enrollment is not enabled on this coordinator: its PKI directory holds no CA key"
@@ -779,14 +778,14 @@ async fn revocations(
 }
 
 /// The read-only `/metrics` router (its own listener, no token).
-pub fn metrics_router(fleet: Arc<Fleet>) -> Router {
+pub fn metrics_router(metrics: Option<Arc<Metrics>>) -> Router {
     Router::new()
-        .route("/metrics", get(metrics))
-        .with_state(fleet)
+        .route("/metrics", get(render_metrics))
+        .with_state(metrics)
 }
 
-async fn metrics(State(fleet): State<Arc<Fleet>>) -> Response {
-    match fleet.metrics.as_ref().map(|m| m.render()) {
+async fn render_metrics(State(metrics): State<Option<Arc<Metrics>>>) -> Response {
+    match metrics.as_ref().map(|m| m.render()) {
         Some(Ok(text)) => (
             [(
                 axum::http::header::CONTENT_TYPE,
@@ -811,8 +810,7 @@ async fn plan(
         .agents()?
         .into_iter()
         .map(|r| {
-            let mut labels = r.labels;
-            labels.extend(r.enrolled_labels);
+            let labels = r.effective_labels();
             (r.id, labels)
         })
         .collect();
@@ -901,7 +899,7 @@ async fn on_agent(
         .command(id, action, profile)
         .await
         .map(Json)
-        .map_err(|e| ApiError(StatusCode::CONFLICT, e))
+        .map_err(|e| ApiError(StatusCode::CONFLICT, e.to_string()))
 }
 
 async fn agent_command(

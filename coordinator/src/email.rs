@@ -16,8 +16,8 @@ use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
-use crate::alerts::{AlertStatus, Delivery};
 use crate::hooks::{HookConfig, text, webhook_body};
+use crate::store::{AlertStatus, Delivery};
 
 /// A checked email hook, ready to send.
 #[derive(Clone)]

@@ -8,48 +8,16 @@
 //! crash. A revoked agent id is refused at every connection, whatever certificate it holds, and a
 //! connected one is closed at once.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tunnelfleet_runtime::clock::now_unix_ms;
 
-use serde::{Deserialize, Serialize};
 use tunnelfleet_protocol::{EnrollReply, EnrollRequest, FrameDecoder, check_version, encode};
 
-use crate::link::Fleet;
+use crate::fleet::Fleet;
 use crate::pki::Signer;
 use crate::store::StoreError;
-
-/// A join token as stored (the secret itself is not).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct JoinToken {
-    /// Short public id (the first 12 hex digits of the secret's SHA-256), for listing and
-    /// deleting.
-    pub id: String,
-    /// Labels the enrolled agent gets.
-    pub labels: BTreeMap<String, String>,
-    /// The one agent id it may enroll, if restricted.
-    pub agent: Option<String>,
-    /// Created (Unix ms).
-    pub created_unix_ms: u64,
-    /// Expires (Unix ms).
-    pub expires_unix_ms: u64,
-    /// The agent that spent it.
-    pub used_by: Option<String>,
-    /// When it was spent (Unix ms).
-    pub used_unix_ms: Option<u64>,
-}
-
-/// A revoked agent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Revocation {
-    /// Agent id.
-    pub agent: String,
-    /// Revoked (Unix ms).
-    pub at_unix_ms: u64,
-    /// Operator's reason.
-    pub reason: String,
-}
+pub use crate::store::{JoinToken, Revocation};
 
 /// Prefix of every join token secret (recognizable in a leaked log or paste).
 pub const TOKEN_PREFIX: &str = "tfj_";

@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::alerts::{Alert, AlertStatus, Delivery};
 use crate::store::Store;
+use crate::store::{Alert, AlertStatus, Delivery};
 
 /// The signature header of the generic webhook: `sha256=<hex HMAC-SHA256(secret, body)>`.
 pub const SIGNATURE_HEADER: &str = "x-tunnelfleet-signature";

@@ -18,10 +18,11 @@
 //!   it).
 
 pub mod admin;
-pub mod alerts;
 pub mod cli;
 pub mod email;
 pub mod enroll;
+pub mod fleet;
+pub mod gauges;
 pub mod hooks;
 pub mod link;
 pub mod metrics;

@@ -25,8 +25,8 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tunnelfleet_protocol::{ErrorKind, ForwardState, Heartbeat, TunnelState};
 
-use crate::alerts::{AlertKind, alert_key};
 use crate::store::OmaGroup;
+use crate::store::{AlertKind, alert_key};
 
 /// How long an agent seen on an endpoint counts as "on it" for the incident's list.
 const SEEN_WINDOW: Duration = Duration::from_secs(120);

@@ -11,8 +11,10 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, Admin};
+use crate::fleet::{Fleet, FleetEvent};
 use crate::hooks::{Hook, HookConfig, Outbox};
-use crate::link::{self, Fleet};
+use crate::link::{self, LinkContext};
+use crate::metrics::Metrics;
 use crate::monitor::AlertRules;
 use crate::store::Store;
 use crate::tls;
@@ -97,6 +99,8 @@ pub struct Bound {
     token: String,
     outbox: Arc<Outbox>,
     rules: AlertRules,
+    fleet_events: tokio::sync::mpsc::Receiver<FleetEvent>,
+    link: LinkContext,
 }
 
 /// Everything that can fail before serving: token, PKI, store, sockets.
@@ -161,10 +165,14 @@ pub async fn bind(cfg: &CoordinatorConfig) -> anyhow::Result<Bound> {
         ),
         None => None,
     };
-    let fleet = Fleet::new(store.clone(), cfg.heartbeat_interval);
-    if let Some(signer) = signer {
-        let _ = fleet.signer.set(Arc::new(signer));
-    }
+    let (fleet, fleet_events) = Fleet::new(store.clone(), cfg.heartbeat_interval);
+    let metrics = match Metrics::new() {
+        Ok(m) => Some(Arc::new(m)),
+        Err(e) => {
+            tracing::error!("{e}; /metrics disabled");
+            None
+        }
+    };
     Ok(Bound {
         control: endpoint.local_addr()?,
         admin: admin_listener.local_addr()?,
@@ -173,6 +181,11 @@ pub async fn bind(cfg: &CoordinatorConfig) -> anyhow::Result<Bound> {
         outbox: Outbox::new(store.clone(), hooks),
         rules: cfg.alerts.clone(),
         fleet,
+        fleet_events,
+        link: LinkContext {
+            signer: signer.map(Arc::new),
+            metrics,
+        },
         endpoint,
         admin_listener,
         token,
@@ -183,23 +196,31 @@ impl Bound {
     /// Serves until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
         tracing::info!(control = %self.control, admin = %self.admin, "coordinator running");
+        let metrics = self.link.metrics.clone();
         let (watch, watcher) = crate::watch::start(
             self.fleet.clone(),
+            self.fleet_events,
             self.rules,
             self.outbox,
+            metrics.clone(),
             shutdown.clone(),
         );
-        let _ = self.fleet.watch.set(watch);
+        if let Some(m) = &metrics {
+            crate::gauges::observe(m, Arc::downgrade(&self.fleet), watch.clone());
+        }
+        let app = admin::router(Admin {
+            fleet: self.fleet.clone(),
+            watch,
+            enrollment: self.link.signer.is_some(),
+            token: Arc::new(self.token),
+        });
         let serve = tokio::spawn(link::serve(
             self.endpoint,
             self.fleet.clone(),
+            self.link,
             shutdown.clone(),
         ));
         let sweeper = tokio::spawn(self.fleet.clone().run_sweeper(shutdown.clone()));
-        let app = admin::router(Admin {
-            fleet: self.fleet.clone(),
-            token: Arc::new(self.token),
-        });
         let s = shutdown.clone();
         let api = tokio::spawn(async move {
             let _ = axum::serve(self.admin_listener, app)
@@ -208,7 +229,7 @@ impl Bound {
         });
         let metrics = self.metrics_listener.map(|l| {
             let s = shutdown.clone();
-            let app = admin::metrics_router(self.fleet.clone());
+            let app = admin::metrics_router(metrics.clone());
             tokio::spawn(async move {
                 let _ = axum::serve(l, app)
                     .with_graceful_shutdown(async move { s.cancelled().await })

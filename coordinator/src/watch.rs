@@ -14,42 +14,18 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tunnelfleet_protocol::Heartbeat;
 
-use crate::alerts::{Alert, AlertStatus, alert_key};
+use crate::fleet::{Fleet, FleetEvent};
 use crate::hooks::Outbox;
-use crate::link::Fleet;
+use crate::metrics::Metrics;
 use crate::monitor::{Action, AlertRules, EndpointView, Monitor};
+use crate::store::{Alert, AlertStatus, alert_key};
 
 /// Inputs of the watcher.
 #[derive(Debug)]
 pub enum WatchEvent {
-    /// An agent connected.
-    Hello {
-        /// Agent.
-        agent: String,
-        /// Its process start.
-        started_unix_ms: u64,
-    },
-    /// A heartbeat arrived.
-    Heartbeat {
-        /// Agent.
-        agent: String,
-        /// The heartbeat.
-        hb: Box<Heartbeat>,
-    },
-    /// The sweeper marked an agent offline.
-    Offline {
-        /// Agent.
-        agent: String,
-        /// Heartbeats missed.
-        missed: u32,
-    },
-    /// An offline agent was heard again.
-    Online {
-        /// Agent.
-        agent: String,
-    },
+    /// Something happened to an agent (from the [`Fleet`]).
+    Fleet(FleetEvent),
     /// A probe finished.
     Probe {
         /// Endpoint.
@@ -116,11 +92,14 @@ impl WatchHandle {
     }
 }
 
-/// Starts the watcher and the alert outbox; both stop at `shutdown`.
+/// Starts the watcher over `fleet` and its events, and the alert outbox; both stop at
+/// `shutdown`. Failovers and alerts are counted in `metrics`.
 pub fn start(
     fleet: Arc<Fleet>,
+    fleet_events: mpsc::Receiver<FleetEvent>,
     rules: AlertRules,
     outbox: Arc<Outbox>,
+    metrics: Option<Arc<Metrics>>,
     shutdown: CancellationToken,
 ) -> (WatchHandle, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(QUEUE);
@@ -132,13 +111,14 @@ pub fn start(
     let watcher = Watcher {
         monitor: Monitor::new(rules),
         fleet,
+        metrics,
         handle: handle.clone(),
         alert_ids: HashMap::new(),
         probers: HashMap::new(),
     };
     let task = tokio::spawn(async move {
         let o = tokio::spawn(outbox.run(shutdown.clone()));
-        watcher.run(rx, shutdown).await;
+        watcher.run(rx, fleet_events, shutdown).await;
         let _ = o.await;
     });
     (handle, task)
@@ -147,6 +127,7 @@ pub fn start(
 struct Watcher {
     monitor: Monitor,
     fleet: Arc<Fleet>,
+    metrics: Option<Arc<Metrics>>,
     handle: WatchHandle,
     /// Firing alert key -> alert id.
     alert_ids: HashMap<String, u64>,
@@ -155,7 +136,12 @@ struct Watcher {
 }
 
 impl Watcher {
-    async fn run(mut self, mut rx: mpsc::Receiver<WatchEvent>, shutdown: CancellationToken) {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<WatchEvent>,
+        mut fleet_events: mpsc::Receiver<FleetEvent>,
+        shutdown: CancellationToken,
+    ) {
         match self.fleet.store.alerts(false) {
             Ok(firing) => {
                 for a in firing {
@@ -173,6 +159,7 @@ impl Watcher {
             let (actions, reply) = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 Some(ev) = rx.recv() => self.handle(ev).await,
+                Some(ev) = fleet_events.recv() => self.handle(WatchEvent::Fleet(ev)).await,
                 _ = tick.tick() => {
                     let now = Instant::now();
                     if now.duration_since(refreshed) >= Duration::from_secs(5) {
@@ -206,13 +193,17 @@ impl Watcher {
     ) {
         let now = Instant::now();
         let actions = match ev {
-            WatchEvent::Hello {
+            WatchEvent::Fleet(FleetEvent::Hello {
                 agent,
                 started_unix_ms,
-            } => self.monitor.hello(&agent, started_unix_ms, now),
-            WatchEvent::Heartbeat { agent, hb } => self.monitor.heartbeat(&agent, &hb, now),
-            WatchEvent::Offline { agent, missed } => self.monitor.agent_offline(&agent, missed),
-            WatchEvent::Online { agent } => self.monitor.agent_online(&agent),
+            }) => self.monitor.hello(&agent, started_unix_ms, now),
+            WatchEvent::Fleet(FleetEvent::Heartbeat { agent, hb }) => {
+                self.monitor.heartbeat(&agent, &hb, now)
+            }
+            WatchEvent::Fleet(FleetEvent::Offline { agent, missed }) => {
+                self.monitor.agent_offline(&agent, missed)
+            }
+            WatchEvent::Fleet(FleetEvent::Online { agent }) => self.monitor.agent_online(&agent),
             WatchEvent::Probe { endpoint, result } => self.monitor.probe(&endpoint, result, now),
             WatchEvent::Command(cmd, reply) => {
                 let (answer, actions) = self.command(cmd, now).await;
@@ -310,7 +301,7 @@ impl Watcher {
                         Ok(a) => {
                             tracing::warn!(alert = a.id, kind = a.kind.as_str(), subject = %a.subject, silenced = a.silenced, "alert firing: {}", a.summary);
                             self.alert_ids.insert(key, a.id);
-                            if let Some(m) = &self.fleet.metrics {
+                            if let Some(m) = &self.metrics {
                                 m.alerts_fired.add(
                                     1,
                                     &[opentelemetry::KeyValue::new("kind", a.kind.as_str())],
@@ -348,7 +339,7 @@ impl Watcher {
                 {
                     Ok(version) => {
                         tracing::warn!(group = %group, endpoint = %endpoint, version, "OMA group moved: {reason}");
-                        if let Some(m) = &self.fleet.metrics {
+                        if let Some(m) = &self.metrics {
                             m.failovers
                                 .add(1, &[opentelemetry::KeyValue::new("group", group.clone())]);
                         }

@@ -589,7 +589,7 @@ pub struct TestCoordinator {
     /// Where agents dial.
     pub addr: std::net::SocketAddr,
     /// Its state.
-    pub fleet: Arc<tunnelfleet_coordinator::link::Fleet>,
+    pub fleet: Arc<tunnelfleet_coordinator::fleet::Fleet>,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -616,11 +616,12 @@ impl TestCoordinator {
         };
         let addr = endpoint.local_addr().expect("addr");
         let store = tunnelfleet_coordinator::store::Store::open(state_dir).expect("store");
-        let fleet = tunnelfleet_coordinator::link::Fleet::new(store, Duration::from_millis(500));
+        let fleet = tunnelfleet_coordinator::fleet::Fleet::new(store, Duration::from_millis(500)).0;
         let stop = CancellationToken::new();
         let task = tokio::spawn(tunnelfleet_coordinator::link::serve(
             endpoint,
             fleet.clone(),
+            tunnelfleet_coordinator::link::LinkContext::default(),
             stop.clone(),
         ));
         TestCoordinator {
@@ -654,7 +655,7 @@ pub struct FullCoordinator {
     /// The admin API.
     pub api: tunnelfleet_ops::api::ApiClient,
     /// Its state.
-    pub fleet: Arc<tunnelfleet_coordinator::link::Fleet>,
+    pub fleet: Arc<tunnelfleet_coordinator::fleet::Fleet>,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }

@@ -137,7 +137,7 @@ async fn pushed_profiles_run_survive_the_coordinator_and_come_back_from_cache() 
         .command("vma-9", CommandAction::Restart, "oma")
         .await
         .unwrap_err();
-    assert!(e.contains("not connected"), "{e}");
+    assert!(e.to_string().contains("not connected"), "{e}");
 
     // The coordinator goes away: the tunnel does not notice.
     c.stop().await;

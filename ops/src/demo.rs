@@ -23,10 +23,10 @@ use tunnelfleet_agent::config::AgentConfig;
 use tunnelfleet_agent::control::{self, Request, Response};
 use tunnelfleet_agent::status::{AgentStatus, ForwardState, ProfileStatus, SessionState};
 use tunnelfleet_coordinator::admin::{AgentSummary, Changed, Rollout};
-use tunnelfleet_coordinator::alerts::Alert;
 use tunnelfleet_coordinator::hooks::HookConfig;
 use tunnelfleet_coordinator::monitor::EndpointView;
 use tunnelfleet_coordinator::server::CoordinatorConfig;
+use tunnelfleet_coordinator::store::Alert;
 use tunnelfleet_coordinator::store::OmaGroup;
 use tunnelfleet_protocol::ProfileSpec;
 

@@ -10,10 +10,10 @@ use comfy_table::presets::NOTHING;
 use comfy_table::{Cell, Table};
 use serde::Deserialize;
 use tunnelfleet_coordinator::admin::{AckRequest, Changed, Done, EndpointRequest, SilenceRequest};
-use tunnelfleet_coordinator::alerts::{Alert, AlertStatus, Silence};
 use tunnelfleet_coordinator::hooks::HookStats;
 use tunnelfleet_coordinator::monitor::EndpointView;
 use tunnelfleet_coordinator::store::OmaGroup;
+use tunnelfleet_coordinator::store::{Alert, AlertStatus, Silence};
 
 use crate::api::ApiClient;
 use crate::render;

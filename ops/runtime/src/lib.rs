@@ -1,15 +1,17 @@
 //! What both tunnelfleet daemons (agent and coordinator) share at run time, and nothing else:
-//! no SSH, no QUIC, no profile logic, so the coordinator links none of the agent's machinery.
+//! no SSH, no profile logic, so the coordinator links none of the agent's machinery.
 //!
 //! # Layout
 //! - [`shutdown`]: SIGTERM and SIGINT as one cancellation token.
 //! - [`systemd`]: `Type=notify` readiness, the watchdog, STOPPING.
 //! - [`telemetry`]: logging setup (human or JSON) and OTLP span export.
 //! - [`metrics`]: the Prometheus registry fed by OpenTelemetry behind each `/metrics`.
+//! - [`frames`]: control-link frames read off a QUIC stream (both ends).
 //! - [`secret`]: key and secret files refused when group or others can read them.
 //! - [`clock`]: wall-clock milliseconds for records and reports.
 
 pub mod clock;
+pub mod frames;
 pub mod metrics;
 pub mod secret;
 pub mod shutdown;

@@ -1,0 +1,540 @@
+//! The fleet registry: every agent the coordinator is connected to (or was), with its outgoing
+//! queue, and what acts on many of them at once — pushes, the offline sweep, operator commands,
+//! revocation. One connection's protocol lives in [`crate::link`], which registers here.
+//!
+//! What happens to agents (a hello, a heartbeat, going offline and coming back) is sent as a
+//! [`FleetEvent`] to whoever took the receiver from [`Fleet::new`] (the watcher), without waiting.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tunnelfleet_protocol::{
+    Command, CommandAction, CommandResult, CoordinatorMessage, Heartbeat, encode,
+};
+
+use crate::link::close;
+use crate::store::{Revocation, Store, StoreError};
+
+/// Commands waiting for results: id -> (agent asked, where the answer goes).
+type Pending = HashMap<u64, (String, oneshot::Sender<CommandResult>)>;
+
+/// What happened to an agent, for the watcher.
+#[derive(Debug)]
+pub enum FleetEvent {
+    /// An agent connected.
+    Hello {
+        /// Agent.
+        agent: String,
+        /// Its process start.
+        started_unix_ms: u64,
+    },
+    /// A heartbeat arrived.
+    Heartbeat {
+        /// Agent.
+        agent: String,
+        /// The heartbeat.
+        hb: Box<Heartbeat>,
+    },
+    /// The sweeper marked an agent offline.
+    Offline {
+        /// Agent.
+        agent: String,
+        /// Heartbeats missed.
+        missed: u32,
+    },
+    /// An offline agent was heard again.
+    Online {
+        /// Agent.
+        agent: String,
+    },
+}
+
+/// Queue depth of [`FleetEvent`]s; a heartbeat that does not fit is dropped (the next one
+/// carries the same state).
+pub const EVENT_QUEUE: usize = 65_536;
+
+/// Why an operator's command did not get an answer from the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// No connection to that agent.
+    #[error("agent {0:?} is not connected")]
+    NotConnected(String),
+    /// Its connection went away before the command was sent.
+    #[error("agent {0:?} disconnected")]
+    Disconnected(String),
+    /// Its connection went away before it answered.
+    #[error("agent {0:?} disconnected before answering")]
+    NoAnswer(String),
+    /// It did not answer in time.
+    #[error("agent {agent:?} did not answer within {timeout:?}")]
+    Timeout {
+        /// The agent.
+        agent: String,
+        /// How long we waited.
+        timeout: Duration,
+    },
+    /// The command could not be encoded.
+    #[error(transparent)]
+    Encode(#[from] tunnelfleet_protocol::EncodeError),
+}
+
+/// What the coordinator knows about a connected agent, in memory.
+#[derive(Debug, Clone)]
+pub struct AgentLink {
+    /// Verified agent id.
+    pub agent_id: String,
+    /// Remote address.
+    pub remote: SocketAddr,
+    /// Labels from the hello.
+    pub labels: BTreeMap<String, String>,
+    /// Latest heartbeat.
+    pub last_heartbeat: Option<Heartbeat>,
+    /// When the last push was queued for it.
+    pub pushed_at: Option<Instant>,
+    /// Heartbeats received on this connection.
+    pub heartbeats: u64,
+    /// Still connected.
+    pub connected: bool,
+    /// The fleet version last pushed to it.
+    pub pushed: Option<u64>,
+    /// When we last heard from it (hello or heartbeat).
+    pub last_heard: Instant,
+    /// False after [`MISSED_HEARTBEATS_OFFLINE`] intervals of silence, until it speaks again.
+    pub online: bool,
+}
+
+/// Heartbeats an agent may miss before it is marked offline: one lost datagram is noise, three
+/// in a row is an outage (the same rule as tunnel health checks).
+pub const MISSED_HEARTBEATS_OFFLINE: u32 = 3;
+
+/// Frames queued for one agent's writer task.
+pub type FrameQueue = mpsc::Sender<Vec<u8>>;
+
+/// A connected agent's queue and connection.
+struct Live {
+    tx: FrameQueue,
+    conn: quinn::Connection,
+}
+
+/// One agent: what we know, and its outbox while connected.
+type Slot = (AgentLink, Option<Live>);
+
+/// Connected agents and their outgoing queues. A `std` mutex: held only to copy or replace an
+/// entry, never across an await.
+#[derive(Default)]
+pub struct Links {
+    inner: Mutex<HashMap<String, Slot>>,
+}
+
+impl Links {
+    /// A snapshot of one agent.
+    pub fn get(&self, id: &str) -> Option<AgentLink> {
+        self.lock().get(id).map(|(l, _)| l.clone())
+    }
+
+    /// Ids of connected agents.
+    pub fn connected(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .lock()
+            .values()
+            .filter(|(l, _)| l.connected)
+            .map(|(l, _)| l.agent_id.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Time since each connected agent was last heard from.
+    pub fn heartbeat_ages(&self) -> Vec<(String, Duration)> {
+        let now = Instant::now();
+        self.lock()
+            .values()
+            .filter(|(l, _)| l.connected)
+            .map(|(l, _)| {
+                (
+                    l.agent_id.clone(),
+                    now.saturating_duration_since(l.last_heard),
+                )
+            })
+            .collect()
+    }
+
+    /// The last heartbeat of every connected agent.
+    pub fn heartbeats(&self) -> Vec<Heartbeat> {
+        self.lock()
+            .values()
+            .filter(|(l, _)| l.connected)
+            .filter_map(|(l, _)| l.last_heartbeat.clone())
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The coordinator's shared state: connections in memory, fleet state on disk.
+pub struct Fleet {
+    /// Connected agents.
+    pub links: Links,
+    /// Persistent state.
+    pub store: Store,
+    /// Heartbeat interval told to agents.
+    pub heartbeat_interval: Duration,
+    /// Where [`FleetEvent`]s go.
+    events: mpsc::Sender<FleetEvent>,
+    /// Commands sent to agents, waiting for their results.
+    commands: Mutex<Pending>,
+    next_command: std::sync::atomic::AtomicU64,
+}
+
+/// How long an operator's command may take on the agent (a health check is bounded by its
+/// own timeout, well below this).
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Fleet {
+    /// A fleet over `store`, and the receiver of its [`FleetEvent`]s (drop it when nothing
+    /// watches: events are then discarded).
+    pub fn new(
+        store: Store,
+        heartbeat_interval: Duration,
+    ) -> (Arc<Fleet>, mpsc::Receiver<FleetEvent>) {
+        let (events, rx) = mpsc::channel(EVENT_QUEUE);
+        let fleet = Arc::new(Fleet {
+            links: Links::default(),
+            store,
+            heartbeat_interval,
+            events,
+            commands: Mutex::default(),
+            next_command: std::sync::atomic::AtomicU64::new(1),
+        });
+        (fleet, rx)
+    }
+
+    /// Revokes an agent durably and closes its connection at once; it is refused from then on.
+    pub async fn revoke(&self, agent_id: &str, reason: &str) -> Result<Revocation, StoreError> {
+        let r = self.store.revoke(agent_id, reason).await?;
+        let conn = self
+            .links
+            .lock()
+            .get(agent_id)
+            .and_then(|(_, live)| live.as_ref().map(|l| l.conn.clone()));
+        if let Some(conn) = conn {
+            conn.close(
+                close::REVOKED.into(),
+                format!("agent {agent_id:?} is revoked: {reason}").as_bytes(),
+            );
+        }
+        tracing::warn!(agent = %agent_id, "agent revoked: {reason}");
+        Ok(r)
+    }
+
+    /// Pushes the current fleet version to every connected agent that has not been sent it;
+    /// returns the agents pushed to. Every agent gets every version — an agent whose profiles
+    /// did not change applies it as a no-op and acknowledges — so a rollout is complete when
+    /// every agent reports the current version.
+    pub fn push_changed(&self) -> Result<Vec<String>, StoreError> {
+        let mut pushed = Vec::new();
+        // Read the store once, and encode each distinct set once: thousands of agents
+        // assigned by the same labels share one frame.
+        let snapshot = self.store.snapshot()?;
+        let version = snapshot.version;
+        let mut frames: HashMap<std::collections::BTreeSet<String>, Vec<u8>> = HashMap::new();
+        let mut links = self.links.lock();
+        for (link, live) in links.values_mut() {
+            let Some(tx) = live.as_ref().filter(|_| link.connected).map(|l| &l.tx) else {
+                continue;
+            };
+            if link.pushed == Some(version) {
+                continue;
+            }
+            let names = snapshot.names_for(&link.agent_id, &link.labels);
+            let frame = match frames.get(&names) {
+                Some(f) => f.clone(),
+                None => {
+                    let Ok(f) = encode(&CoordinatorMessage::Push(snapshot.set_of(&names))) else {
+                        continue;
+                    };
+                    frames.insert(names, f.clone());
+                    f
+                }
+            };
+            if tx.try_send(frame).is_ok() {
+                link.pushed = Some(version);
+                link.pushed_at = Some(Instant::now());
+                pushed.push(link.agent_id.clone());
+            }
+        }
+        pushed.sort();
+        Ok(pushed)
+    }
+}
+
+impl Fleet {
+    /// Pushes the current version to one agent (on connect), unless it has it already. Cheaper
+    /// than [`Fleet::push_changed`] when thousands reconnect at once: no scan of every link.
+    pub fn push_one(&self, id: &str) -> Result<bool, StoreError> {
+        let snapshot = self.store.snapshot()?;
+        let version = snapshot.version;
+        let mut links = self.links.lock();
+        let Some((link, Some(live))) = links.get_mut(id) else {
+            return Ok(false);
+        };
+        if !link.connected || link.pushed == Some(version) {
+            return Ok(false);
+        }
+        let Ok(frame) = encode(&CoordinatorMessage::Push(
+            snapshot.set_for(&link.agent_id, &link.labels),
+        )) else {
+            return Ok(false);
+        };
+        if live.tx.try_send(frame).is_ok() {
+            link.pushed = Some(version);
+            link.pushed_at = Some(Instant::now());
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Marks agents silent for more than [`MISSED_HEARTBEATS_OFFLINE`] heartbeat intervals as
+    /// offline; returns the ones that just went offline. No IO and no clock of its own, so the
+    /// rule is tested with a virtual clock.
+    pub fn sweep(&self, now: Instant) -> Vec<String> {
+        let limit = self.heartbeat_interval * MISSED_HEARTBEATS_OFFLINE;
+        let mut gone = Vec::new();
+        for (l, _) in self.links.lock().values_mut() {
+            if l.online && now.saturating_duration_since(l.last_heard) > limit {
+                l.online = false;
+                gone.push(l.agent_id.clone());
+            }
+        }
+        gone.sort();
+        gone
+    }
+
+    /// Runs [`Fleet::sweep`] every heartbeat interval until `shutdown`, logging each change.
+    pub async fn run_sweeper(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(self.heartbeat_interval);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            for id in self.sweep(Instant::now()) {
+                tracing::warn!(agent = %id, missed = MISSED_HEARTBEATS_OFFLINE, "agent offline: no heartbeat for {} intervals", MISSED_HEARTBEATS_OFFLINE);
+                self.notify(FleetEvent::Offline {
+                    agent: id,
+                    missed: MISSED_HEARTBEATS_OFFLINE,
+                });
+            }
+        }
+    }
+
+    /// Runs an operator's command on a connected agent and waits for its result.
+    pub async fn command(
+        &self,
+        agent: &str,
+        action: CommandAction,
+        profile: &str,
+    ) -> Result<CommandResult, CommandError> {
+        let id = self
+            .next_command
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tx = self
+            .links
+            .lock()
+            .get(agent)
+            .filter(|(l, _)| l.connected)
+            .and_then(|(_, live)| live.as_ref().map(|l| l.tx.clone()))
+            .ok_or_else(|| CommandError::NotConnected(agent.to_string()))?;
+        let frame = encode(&CoordinatorMessage::Command(Command {
+            id,
+            action,
+            profile: profile.to_string(),
+        }))?;
+        let (done, answer) = oneshot::channel();
+        self.pending().insert(id, (agent.to_string(), done));
+        if tx.send(frame).await.is_err() {
+            self.pending().remove(&id);
+            return Err(CommandError::Disconnected(agent.to_string()));
+        }
+        let r = tokio::time::timeout(COMMAND_TIMEOUT, answer).await;
+        self.pending().remove(&id);
+        match r {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(_)) => Err(CommandError::NoAnswer(agent.to_string())),
+            Err(_) => Err(CommandError::Timeout {
+                agent: agent.to_string(),
+                timeout: COMMAND_TIMEOUT,
+            }),
+        }
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.commands.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The time from the push of `version` to this agent until now (its acknowledgement), if
+    /// that version is the one last pushed to it.
+    pub fn acknowledged(&self, id: &str, version: u64) -> Option<Duration> {
+        self.links
+            .lock()
+            .get(id)
+            .filter(|(l, _)| l.pushed == Some(version))
+            .and_then(|(l, _)| l.pushed_at)
+            .map(|at| at.elapsed())
+    }
+
+    /// Queues an event for the watcher without waiting; a full queue drops it (logged), a
+    /// closed one (nothing watches) discards it.
+    fn notify(&self, ev: FleetEvent) {
+        if let Err(mpsc::error::TrySendError::Full(ev)) = self.events.try_send(ev) {
+            tracing::warn!(
+                "watcher queue full; dropped {:?}",
+                std::mem::discriminant(&ev)
+            );
+        }
+    }
+
+    /// Registers a new connection of `agent_id` (replacing an older one) with the queue its
+    /// writer task drains, and tells the watcher.
+    pub fn attach(
+        &self,
+        agent_id: &str,
+        remote: SocketAddr,
+        labels: BTreeMap<String, String>,
+        tx: FrameQueue,
+        conn: quinn::Connection,
+        started_unix_ms: u64,
+    ) {
+        self.links.lock().insert(
+            agent_id.to_string(),
+            (
+                AgentLink {
+                    agent_id: agent_id.to_string(),
+                    remote,
+                    labels,
+                    last_heartbeat: None,
+                    heartbeats: 0,
+                    connected: true,
+                    pushed: None,
+                    pushed_at: None,
+                    last_heard: Instant::now(),
+                    online: true,
+                },
+                Some(Live { tx, conn }),
+            ),
+        );
+        self.notify(FleetEvent::Hello {
+            agent: agent_id.to_string(),
+            started_unix_ms,
+        });
+    }
+
+    /// Marks `agent_id` disconnected, unless a newer connection replaced `conn` already.
+    pub fn detach(&self, agent_id: &str, conn: &quinn::Connection) {
+        let mut links = self.links.lock();
+        if let Some((l, live)) = links.get_mut(agent_id)
+            && live
+                .as_ref()
+                .is_none_or(|l| l.conn.stable_id() == conn.stable_id())
+        {
+            l.connected = false;
+            *live = None;
+        }
+    }
+
+    /// Takes the waiter of command `id` if it was sent to `agent_id` (an agent cannot answer
+    /// another agent's command).
+    pub fn answered(&self, agent_id: &str, id: u64) -> Option<oneshot::Sender<CommandResult>> {
+        let mut p = self.pending();
+        match p.get(&id) {
+            Some((asked, _)) if asked == agent_id => p.remove(&id).map(|(_, done)| done),
+            _ => None,
+        }
+    }
+
+    /// Records that `id` was heard from now; logs a return from offline.
+    pub fn heard(&self, id: &str, hb: Option<Heartbeat>) {
+        let mut back = false;
+        if let Some((l, _)) = self.links.lock().get_mut(id) {
+            l.last_heard = Instant::now();
+            if !l.online {
+                l.online = true;
+                back = true;
+                tracing::info!(agent = %id, "agent back online");
+            }
+            if let Some(hb) = hb {
+                l.heartbeats += 1;
+                if !self.events.is_closed() {
+                    self.notify(FleetEvent::Heartbeat {
+                        agent: id.to_string(),
+                        hb: Box::new(hb.clone()),
+                    });
+                }
+                l.last_heartbeat = Some(hb);
+            }
+        }
+        if back {
+            self.notify(FleetEvent::Online {
+                agent: id.to_string(),
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn offline_after_three_missed_heartbeats_and_back_on_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let (fleet, _events) = Fleet::new(Store::open(dir.path()).unwrap(), Duration::from_secs(5));
+        fleet.links.lock().insert(
+            "vma-1".into(),
+            (
+                AgentLink {
+                    agent_id: "vma-1".into(),
+                    remote: SocketAddr::from(([127, 0, 0, 1], 1)),
+                    labels: BTreeMap::new(),
+                    last_heartbeat: None,
+                    heartbeats: 0,
+                    connected: true,
+                    pushed: None,
+                    pushed_at: None,
+                    last_heard: Instant::now(),
+                    online: true,
+                },
+                None,
+            ),
+        );
+        tokio::time::advance(Duration::from_secs(15)).await;
+        assert!(
+            fleet.sweep(Instant::now()).is_empty(),
+            "three intervals exactly is not yet three missed"
+        );
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(fleet.sweep(Instant::now()), vec!["vma-1"]);
+        assert!(fleet.sweep(Instant::now()).is_empty(), "reported once");
+        fleet.heard(
+            "vma-1",
+            Some(Heartbeat {
+                seq: 1,
+                sent_unix_ms: 0,
+                profiles: vec![],
+            }),
+        );
+        let l = fleet.links.get("vma-1").unwrap();
+        assert!(l.online && l.heartbeats == 1);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(fleet.sweep(Instant::now()).is_empty());
+    }
+}

@@ -1,0 +1,57 @@
+//! What the coordinator remembers about each agent between connections.
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Store, StoreError, decode, decode_all, json};
+
+/// What the coordinator remembers about an agent between connections.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    /// Agent id.
+    pub id: String,
+    /// Labels from its last hello.
+    pub labels: BTreeMap<String, String>,
+    /// Last contact (Unix ms).
+    pub last_seen_unix_ms: u64,
+    /// The fleet version it last acknowledged.
+    pub applied_version: Option<u64>,
+    /// Whether that apply succeeded on every forward.
+    pub applied_ok: bool,
+    /// Per-forward failures of that apply.
+    pub apply_errors: Vec<String>,
+    /// Labels its join token gave it; they override what its hello declares.
+    #[serde(default)]
+    pub enrolled_labels: BTreeMap<String, String>,
+}
+
+impl AgentRecord {
+    /// The labels assignments match: what its hello declared, overridden by what its join token
+    /// gave it (an agent cannot talk itself into another site's profiles).
+    pub fn effective_labels(&self) -> BTreeMap<String, String> {
+        let mut labels = self.labels.clone();
+        labels.extend(self.enrolled_labels.clone());
+        labels
+    }
+}
+
+impl Store {
+    /// Records an agent's contact (durable before return).
+    pub async fn record_agent(&self, rec: &AgentRecord) -> Result<(), StoreError> {
+        self.agents.insert(rec.id.as_bytes(), json(rec))?;
+        self.durable().await
+    }
+
+    /// One agent's record.
+    pub fn agent(&self, id: &str) -> Result<Option<AgentRecord>, StoreError> {
+        self.agents
+            .get(id.as_bytes())?
+            .map(|v| decode(&v, "agents", id))
+            .transpose()
+    }
+
+    /// Every agent ever seen.
+    pub fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        decode_all(&self.agents, "agents")
+    }
+}

@@ -1,0 +1,281 @@
+//! Alerts from firing to resolution, the outbox that carries each alert state to each hook
+//! (written in the same transaction as the alert, so none is lost), and silences. The rules
+//! that raise and resolve alerts live in `crate::monitor`, delivery in `crate::hooks`.
+use serde::{Deserialize, Serialize};
+use sled::Transactional;
+use tunnelfleet_runtime::clock::now_unix_ms;
+
+use super::{Store, StoreError, decode, decode_all, json, tx_error};
+
+/// What went wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertKind {
+    /// An OMA endpoint failed its checks: one incident for the fleet, naming the agents on it.
+    OmaDown,
+    /// A tunnel's health check keeps failing on one agent while its OMA is healthy.
+    TunnelHealth,
+    /// An agent stopped sending heartbeats.
+    AgentOffline,
+    /// An OMA refuses an agent's key.
+    SshAuth,
+    /// A forward cannot bind its port (or the server refuses it).
+    PortConflict,
+    /// An agent process keeps restarting.
+    AgentRestarting,
+}
+
+impl AlertKind {
+    /// The name used in keys, hooks and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertKind::OmaDown => "oma_down",
+            AlertKind::TunnelHealth => "tunnel_health",
+            AlertKind::AgentOffline => "agent_offline",
+            AlertKind::SshAuth => "ssh_auth",
+            AlertKind::PortConflict => "port_conflict",
+            AlertKind::AgentRestarting => "agent_restarting",
+        }
+    }
+
+    /// How bad: OMA and auth problems take tunnels down for many or for good.
+    pub fn severity(self) -> &'static str {
+        match self {
+            AlertKind::OmaDown | AlertKind::SshAuth | AlertKind::TunnelHealth => "critical",
+            _ => "warning",
+        }
+    }
+}
+
+/// Firing or resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertStatus {
+    /// The condition holds.
+    Firing,
+    /// The condition cleared.
+    Resolved,
+}
+
+/// One alert, from firing to resolution.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Alert {
+    /// Id (assigned by the store).
+    pub id: u64,
+    /// Kind.
+    pub kind: AlertKind,
+    /// What it is about: an endpoint, `agent`, `agent/profile` or `agent/profile/forward`.
+    pub subject: String,
+    /// One line for people.
+    pub summary: String,
+    /// Agents affected (the OMA-down incident lists every agent on the endpoint).
+    pub affected_agents: Vec<String>,
+    /// Firing or resolved.
+    pub status: AlertStatus,
+    /// When it fired (Unix ms).
+    pub fired_unix_ms: u64,
+    /// When it resolved (Unix ms).
+    pub resolved_unix_ms: Option<u64>,
+    /// Who acknowledged it.
+    pub acked_by: Option<String>,
+    /// When (Unix ms).
+    pub acked_unix_ms: Option<u64>,
+    /// A silence matched when it fired: recorded, not delivered.
+    pub silenced: bool,
+}
+
+impl Alert {
+    /// `kind:subject`: one firing alert per key at a time.
+    pub fn key(&self) -> String {
+        alert_key(self.kind, &self.subject)
+    }
+
+    /// The idempotency key of this alert in its current state: a receiver that sees it twice
+    /// (at-least-once delivery) can drop the second.
+    pub fn idempotency_key(&self) -> String {
+        let state = match self.status {
+            AlertStatus::Firing => "firing",
+            AlertStatus::Resolved => "resolved",
+        };
+        format!("tunnelfleet-alert-{}-{state}", self.id)
+    }
+}
+
+/// `kind:subject`.
+pub fn alert_key(kind: AlertKind, subject: &str) -> String {
+    format!("{}:{subject}", kind.as_str())
+}
+
+/// One alert state on its way to one hook; stays in the outbox until delivered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivery {
+    /// Outbox order.
+    pub seq: u64,
+    /// Hook name.
+    pub hook: String,
+    /// Same for every attempt of this alert state.
+    pub idempotency_key: String,
+    /// The alert as it was at this state.
+    pub alert: Alert,
+    /// Attempts so far.
+    pub attempts: u32,
+    /// Not before (Unix ms).
+    pub next_attempt_unix_ms: u64,
+    /// Why the last attempt failed.
+    pub last_error: Option<String>,
+}
+
+/// Alerts whose key matches are recorded but not delivered until `until`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Silence {
+    /// Id (assigned by the store).
+    pub id: u64,
+    /// Glob on the alert key (`oma_down:*`, `*:vma-7*`).
+    pub matcher: String,
+    /// Until (Unix ms).
+    pub until_unix_ms: u64,
+    /// Why.
+    pub comment: String,
+}
+
+/// `*` matches any run of characters; everything else matches itself.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == text,
+        Some((head, rest)) => {
+            let Some(tail) = text.strip_prefix(head) else {
+                return false;
+            };
+            if rest.is_empty() {
+                return true;
+            }
+            (0..=tail.len())
+                .filter(|&i| tail.is_char_boundary(i))
+                .any(|i| glob_match(rest, &tail[i..]))
+        }
+    }
+}
+
+impl Store {
+    /// Alerts, newest first; only firing ones unless `all`.
+    pub fn alerts(&self, all: bool) -> Result<Vec<Alert>, StoreError> {
+        let mut v: Vec<Alert> = decode_all(&self.alerts, "alerts")?;
+        v.retain(|a| all || a.status == AlertStatus::Firing);
+        v.reverse();
+        Ok(v)
+    }
+
+    /// One alert.
+    pub fn alert(&self, id: u64) -> Result<Option<Alert>, StoreError> {
+        self.alerts
+            .get(id.to_be_bytes())?
+            .map(|v| decode(&v, "alerts", &id.to_string()))
+            .transpose()
+    }
+
+    /// Records a new firing alert (id assigned here) and queues one delivery per hook unless a
+    /// silence matches; durable before return.
+    pub async fn fire_alert(
+        &self,
+        mut alert: Alert,
+        hooks: &[String],
+    ) -> Result<Alert, StoreError> {
+        alert.id = self.db.generate_id()? + 1;
+        alert.status = AlertStatus::Firing;
+        alert.silenced = self.silenced(&alert.key(), now_unix_ms())?;
+        self.write_alert(&alert, hooks).await?;
+        Ok(alert)
+    }
+
+    /// Resolves a firing alert and queues its resolution to the hooks its firing went to.
+    pub async fn resolve_alert(&self, id: u64, hooks: &[String]) -> Result<Alert, StoreError> {
+        let mut alert = self.alert(id)?.ok_or(StoreError::NoAlert(id))?;
+        alert.status = AlertStatus::Resolved;
+        alert.resolved_unix_ms = Some(now_unix_ms());
+        self.write_alert(&alert, hooks).await?;
+        Ok(alert)
+    }
+
+    /// Acknowledges an alert (someone is on it).
+    pub async fn ack_alert(&self, id: u64, by: &str) -> Result<Alert, StoreError> {
+        let mut alert = self.alert(id)?.ok_or(StoreError::NoAlert(id))?;
+        alert.acked_by = Some(by.to_string());
+        alert.acked_unix_ms = Some(now_unix_ms());
+        self.alerts.insert(id.to_be_bytes(), json(&alert))?;
+        self.durable().await?;
+        Ok(alert)
+    }
+
+    async fn write_alert(&self, alert: &Alert, hooks: &[String]) -> Result<(), StoreError> {
+        {
+            let mut deliveries = Vec::new();
+            if !alert.silenced {
+                for h in hooks {
+                    let seq = self.db.generate_id()?;
+                    deliveries.push((
+                        seq,
+                        json(&Delivery {
+                            seq,
+                            hook: h.clone(),
+                            idempotency_key: alert.idempotency_key(),
+                            alert: alert.clone(),
+                            attempts: 0,
+                            next_attempt_unix_ms: 0,
+                            last_error: None,
+                        }),
+                    ));
+                }
+            }
+            let value = json(alert);
+            (&self.alerts, &self.outbox)
+                .transaction(|(alerts, outbox)| {
+                    alerts.insert(&alert.id.to_be_bytes(), value.clone())?;
+                    for (seq, d) in &deliveries {
+                        outbox.insert(&seq.to_be_bytes(), d.clone())?;
+                    }
+                    Ok(())
+                })
+                .map_err(tx_error)?;
+            self.durable().await
+        }
+    }
+
+    /// Every queued delivery, oldest first.
+    pub fn deliveries(&self) -> Result<Vec<Delivery>, StoreError> {
+        decode_all(&self.outbox, "outbox")
+    }
+
+    /// A delivery succeeded: it leaves the outbox (durable before return).
+    pub async fn delivered(&self, seq: u64) -> Result<(), StoreError> {
+        self.outbox.remove(seq.to_be_bytes())?;
+        self.durable().await
+    }
+
+    /// A delivery failed: record the attempt and when to try again.
+    pub async fn delivery_failed(&self, d: &Delivery) -> Result<(), StoreError> {
+        self.outbox.insert(d.seq.to_be_bytes(), json(d))?;
+        self.durable().await
+    }
+
+    /// Adds a silence; returns it with its id.
+    pub async fn add_silence(&self, mut s: Silence) -> Result<Silence, StoreError> {
+        s.id = self.db.generate_id()? + 1;
+        self.silences.insert(s.id.to_be_bytes(), json(&s))?;
+        self.durable().await?;
+        Ok(s)
+    }
+
+    /// Silences still in force at `now_unix_ms`.
+    pub fn silences(&self, now_unix_ms: u64) -> Result<Vec<Silence>, StoreError> {
+        let mut v: Vec<Silence> = decode_all(&self.silences, "silences")?;
+        v.retain(|s| s.until_unix_ms > now_unix_ms);
+        Ok(v)
+    }
+
+    fn silenced(&self, key: &str, now_unix_ms: u64) -> Result<bool, StoreError> {
+        Ok(self
+            .silences(now_unix_ms)?
+            .iter()
+            .any(|s| glob_match(&s.matcher, key)))
+    }
+}

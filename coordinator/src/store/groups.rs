@@ -1,0 +1,281 @@
+//! OMA groups: the redundant endpoints of one OMA pair, which one is active, which are
+//! drained. The operator defines them; failover, failback and drains move `active`.
+use serde::{Deserialize, Serialize};
+
+use sled::Transactional;
+
+use super::{Store, StoreError, bump_version, decode, decode_all, json, tx_error};
+
+/// A named set of redundant OMA endpoints in priority order, with how the coordinator probes
+/// them and when it fails back. Created by the operator; `active` and `drained` are changed by
+/// failover, failback and `tunnelfleet oma drain`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OmaGroup {
+    /// Group name (profiles name it).
+    pub name: String,
+    /// `host:port`, priority order: primary first.
+    pub endpoints: Vec<String>,
+    /// Probe the endpoints (TCP connect plus SSH banner); off: agents' reports only.
+    #[serde(default = "yes")]
+    pub probe: bool,
+    /// Between probes.
+    #[serde(default = "default_probe_interval", with = "humantime_serde")]
+    pub probe_interval: std::time::Duration,
+    /// A probe slower than this failed.
+    #[serde(default = "default_probe_timeout", with = "humantime_serde")]
+    pub probe_timeout: std::time::Duration,
+    /// Failed checks in a row that mark an endpoint down.
+    #[serde(default = "default_threshold")]
+    pub threshold: u32,
+    /// How long a recovered higher-priority endpoint must stay healthy before failback.
+    #[serde(default = "default_failback_after", with = "humantime_serde")]
+    pub failback_after: std::time::Duration,
+    /// The endpoint agents are sent to (the first endpoint until a failover).
+    #[serde(default)]
+    pub active: Option<String>,
+    /// Endpoints taken out of service by the operator.
+    #[serde(default)]
+    pub drained: std::collections::BTreeSet<String>,
+    /// An operator moved the group (`oma failover`): no automatic failback until
+    /// `oma failback`. Failover away from a down endpoint still happens.
+    #[serde(default)]
+    pub pinned: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_probe_interval() -> std::time::Duration {
+    std::time::Duration::from_secs(1)
+}
+fn default_probe_timeout() -> std::time::Duration {
+    std::time::Duration::from_millis(800)
+}
+fn default_threshold() -> u32 {
+    3
+}
+fn default_failback_after() -> std::time::Duration {
+    std::time::Duration::from_secs(300)
+}
+
+impl OmaGroup {
+    /// A new probed group of `endpoints` (priority order): down after 3 failed probes, no
+    /// endpoint active, drained or pinned yet.
+    pub fn probed(
+        name: &str,
+        endpoints: Vec<String>,
+        probe_interval: std::time::Duration,
+        probe_timeout: std::time::Duration,
+        failback_after: std::time::Duration,
+    ) -> OmaGroup {
+        OmaGroup {
+            name: name.to_string(),
+            endpoints,
+            probe: true,
+            probe_interval,
+            probe_timeout,
+            threshold: 3,
+            failback_after,
+            active: None,
+            drained: Default::default(),
+            pinned: false,
+        }
+    }
+
+    /// The active endpoint.
+    pub fn active(&self) -> Option<&str> {
+        self.active
+            .as_deref()
+            .or_else(|| self.endpoints.first().map(String::as_str))
+    }
+
+    /// The endpoints as pushed to agents: the active one first, then the others in priority
+    /// order (the agent's own failover order), drained ones left out.
+    pub fn ordered(&self) -> Vec<String> {
+        let active = self
+            .active()
+            .filter(|a| !self.drained.contains(*a))
+            .map(str::to_string);
+        let mut v: Vec<String> = active.iter().cloned().collect();
+        v.extend(
+            self.endpoints
+                .iter()
+                .filter(|e| Some(*e) != active.as_ref() && !self.drained.contains(*e))
+                .cloned(),
+        );
+        if v.is_empty() {
+            // Everything drained: better the full list than no way to reach an OMA.
+            v = self.endpoints.clone();
+        }
+        v
+    }
+
+    /// Checks a definition from the operator; the error names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        if !tunnelfleet_protocol::addr::valid_name(&self.name) {
+            return Err(format!("name: {:?} is not a valid group name", self.name));
+        }
+        if self.endpoints.is_empty() {
+            return Err("endpoints: at least one host:port is required".into());
+        }
+        for (i, e) in self.endpoints.iter().enumerate() {
+            tunnelfleet_protocol::addr::split_host_port(e, None)
+                .map_err(|r| format!("endpoints[{i}]: {r}"))?;
+            if self.endpoints[..i].contains(e) {
+                return Err(format!("endpoints[{i}]: {e} is listed twice"));
+            }
+        }
+        if self.threshold == 0 {
+            return Err("threshold: must be at least 1".into());
+        }
+        if self.probe_interval.is_zero() || self.probe_timeout.is_zero() {
+            return Err("probe_interval and probe_timeout must be more than 0".into());
+        }
+        Ok(())
+    }
+}
+
+impl Store {
+    /// Every OMA group, by name.
+    pub fn groups(&self) -> Result<Vec<OmaGroup>, StoreError> {
+        decode_all(&self.groups, "groups")
+    }
+
+    /// One OMA group.
+    pub fn group(&self, name: &str) -> Result<Option<OmaGroup>, StoreError> {
+        self.groups
+            .get(name.as_bytes())?
+            .map(|v| decode(&v, "groups", name))
+            .transpose()
+    }
+
+    /// Creates or replaces a group's definition, keeping its active endpoint and drains when
+    /// they still belong to it; returns the new fleet version once durable.
+    pub async fn put_group(&self, def: &OmaGroup) -> Result<u64, StoreError> {
+        let mut g = def.clone();
+        if let Some(old) = self.group(&g.name)? {
+            g.active = old.active.filter(|a| g.endpoints.contains(a));
+            g.pinned = old.pinned && g.active.is_some();
+            g.drained = old
+                .drained
+                .into_iter()
+                .filter(|d| g.endpoints.contains(d))
+                .collect();
+        } else {
+            g.active = None;
+            g.drained.clear();
+            g.pinned = false;
+        }
+        let value = json(&g);
+        let name = g.name.clone();
+        self.change_groups(&format!("OMA group {name} applied"), |groups| {
+            groups.insert(name.as_bytes(), value.clone())?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Deletes a group no profile names; returns the new fleet version once durable.
+    pub async fn delete_group(&self, name: &str) -> Result<u64, StoreError> {
+        if self.group(name)?.is_none() {
+            return Err(StoreError::NoGroup(name.to_string()));
+        }
+        let users: Vec<String> = self
+            .profiles()?
+            .into_iter()
+            .filter(|p| p.group.as_deref() == Some(name))
+            .map(|p| p.name)
+            .collect();
+        if !users.is_empty() {
+            return Err(StoreError::GroupInUse {
+                group: name.to_string(),
+                profiles: users,
+            });
+        }
+        self.change_groups(&format!("OMA group {name} deleted"), |groups| {
+            groups.remove(name.as_bytes())?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Makes `endpoint` the active endpoint of `group` (the coordinator's failover and
+    /// failback, and the operator's); returns the new fleet version once durable.
+    pub async fn set_active(
+        &self,
+        group: &str,
+        endpoint: &str,
+        why: &str,
+        pinned: bool,
+    ) -> Result<u64, StoreError> {
+        let mut g = self
+            .group(group)?
+            .ok_or_else(|| StoreError::NoGroup(group.to_string()))?;
+        let from = g.active().unwrap_or_default().to_string();
+        g.active = Some(endpoint.to_string());
+        g.pinned = pinned;
+        let value = json(&g);
+        self.change_groups(
+            &format!("OMA group {group}: active endpoint {from} -> {endpoint} ({why})"),
+            |groups| {
+                groups.insert(group.as_bytes(), value.clone())?;
+                Ok(())
+            },
+        )
+        .await
+    }
+
+    /// Marks `endpoint` drained (or not) in every group that has it; returns the new fleet
+    /// version and the groups changed.
+    pub async fn set_drained(
+        &self,
+        endpoint: &str,
+        drained: bool,
+    ) -> Result<(u64, Vec<String>), StoreError> {
+        let mut changed = Vec::new();
+        for mut g in self.groups()? {
+            if !g.endpoints.iter().any(|e| e == endpoint) {
+                continue;
+            }
+            if drained {
+                g.drained.insert(endpoint.to_string());
+            } else {
+                g.drained.remove(endpoint);
+            }
+            changed.push(g);
+        }
+        if changed.is_empty() {
+            return Err(StoreError::NoEndpoint(endpoint.to_string()));
+        }
+        let names = changed.iter().map(|g| g.name.clone()).collect();
+        let verb = if drained { "drained" } else { "undrained" };
+        let version = self
+            .change_groups(&format!("OMA endpoint {endpoint} {verb}"), |groups| {
+                for g in &changed {
+                    groups.insert(g.name.as_bytes(), json(g))?;
+                }
+                Ok(())
+            })
+            .await?;
+        Ok((version, names))
+    }
+
+    /// Groups changes (bumps the fleet version, logs the event) in one transaction.
+    async fn change_groups<F>(&self, what: &str, f: F) -> Result<u64, StoreError>
+    where
+        F: Fn(
+            &sled::transaction::TransactionalTree,
+        ) -> sled::transaction::ConflictableTransactionResult<(), sled::Error>,
+    {
+        let event = self.change_event(what)?;
+        let version = (&self.groups, &self.meta, &self.events)
+            .transaction(|(groups, meta, events)| {
+                f(groups)?;
+                bump_version(meta, events, &event)
+            })
+            .map_err(tx_error)?;
+        self.durable().await?;
+        Ok(version)
+    }
+}

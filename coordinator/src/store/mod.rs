@@ -1,0 +1,358 @@
+//! Fleet state on disk, in sled: one file per record family, the transaction that bumps the
+//! fleet version once, and group commit.
+//!
+//! Everything the coordinator acknowledges to anyone is flushed first: every write method is
+//! `async` and returns only after `flush_async`, so an acknowledged change survives kill -9.
+//! Multi-tree changes (a profile and the fleet version that numbers it) go in one sled
+//! transaction. Records are JSON so a schema change is visible and migratable; the schema
+//! version is checked at open and a store written by a newer coordinator is refused. All of
+//! sled stays inside this module, so another store can replace it.
+//!
+//! # Layout
+//! - [`profiles`]: profiles, assignments and the snapshot a push is made from.
+//! - [`history`]: revisions for `profiles history` and rollback.
+//! - [`groups`]: OMA groups: definition, active endpoint, drains.
+//! - [`agents`]: what is remembered about each agent between connections.
+//! - [`events`]: the event log.
+//! - [`alerts`]: alerts, the hook outbox, silences.
+//! - [`tokens`]: join tokens and revocations.
+//! - [`schema`]: the schema version and migrations.
+
+mod agents;
+mod alerts;
+mod events;
+mod groups;
+mod history;
+mod profiles;
+mod schema;
+mod tokens;
+
+use std::path::Path;
+
+use serde::Serialize;
+use sled::transaction::{ConflictableTransactionResult, TransactionalTree};
+use tunnelfleet_runtime::clock::now_unix_ms;
+
+pub use agents::AgentRecord;
+pub use alerts::{Alert, AlertKind, AlertStatus, Delivery, Silence, alert_key, glob_match};
+pub use events::Event;
+pub use groups::OmaGroup;
+pub use history::{HISTORY_KEPT, Revision, RevisionSummary};
+pub use profiles::{Assignment, Selector, Snapshot};
+pub use tokens::{JoinToken, Revocation};
+
+/// The schema this build writes and reads.
+/// 2: profiles in the one profile model (durations as `"15s"`, `autostart`), protocol 4.
+pub const SCHEMA_VERSION: u64 = 2;
+
+const META_SCHEMA: &[u8] = b"schema_version";
+const META_FLEET_VERSION: &[u8] = b"fleet_version";
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// sled failed (IO, corruption).
+    #[error("state store: {0}")]
+    Sled(#[from] sled::Error),
+    /// A stored record does not decode.
+    #[error("state store: record {key:?} in {tree}: {reason}")]
+    Corrupt {
+        /// Tree name.
+        tree: &'static str,
+        /// Key.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+    /// The store was written by a newer schema.
+    #[error(
+        "state store at {path}: schema version {found} is newer than this coordinator's {SCHEMA_VERSION}; upgrade the coordinator"
+    )]
+    NewerSchema {
+        /// The store directory.
+        path: String,
+        /// What it holds.
+        found: u64,
+    },
+    /// No such profile.
+    #[error("no profile named {0:?}")]
+    NoProfile(String),
+    /// No such OMA group.
+    #[error("no OMA group named {0:?}")]
+    NoGroup(String),
+    /// A profile names a group that does not exist.
+    #[error(
+        "profile {profile:?} names OMA group {group:?}, which does not exist (create it with `tunnelfleet oma apply`)"
+    )]
+    UnknownGroup {
+        /// The profile.
+        profile: String,
+        /// The group it names.
+        group: String,
+    },
+    /// A group still used by profiles.
+    #[error("OMA group {group:?} is used by profiles {profiles:?}")]
+    GroupInUse {
+        /// The group.
+        group: String,
+        /// Profiles naming it.
+        profiles: Vec<String>,
+    },
+    /// No endpoint of that name in any group.
+    #[error("no OMA group has endpoint {0:?}")]
+    NoEndpoint(String),
+    /// No such alert.
+    #[error("no alert {0}")]
+    NoAlert(u64),
+    /// No revision of that version in the history.
+    #[error("no revision {0} in the history (see `tunnelfleet profiles history`)")]
+    NoRevision(u64),
+    /// No join token with that id.
+    #[error("no join token {0:?}")]
+    NoToken(String),
+    /// A join token that cannot be used, and why.
+    #[error("{0}")]
+    TokenRefused(String),
+}
+
+/// Group-commit counters of [`Store::durable`].
+#[derive(Debug, Default)]
+struct GroupCommit {
+    /// Tickets handed out (one per durable write, after the write).
+    taken: std::sync::atomic::AtomicU64,
+    /// The highest ticket covered by a finished flush.
+    flushed: std::sync::atomic::AtomicU64,
+    /// Flushes run.
+    flushes: std::sync::atomic::AtomicU64,
+}
+
+/// The coordinator's persistent state.
+#[derive(Clone)]
+pub struct Store {
+    /// One flush at a time. sled 0.34 runs every `flush_async` on its small IO thread pool,
+    /// and the log writes a flush waits for need a thread from that same pool: hundreds of
+    /// agents connecting at once (one durable record each) blocked every pool thread in a
+    /// flush and the store deadlocked (found by bench-fleet).
+    flush_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// Group commit: tickets taken by writers after their write, and the highest ticket a
+    /// finished flush covered. A writer queued behind a flush that started after its write
+    /// returns without flushing again, so 10,000 agents acknowledging a push cost a handful of
+    /// flushes instead of 10,000 in a row.
+    tickets: std::sync::Arc<GroupCommit>,
+    db: sled::Db,
+    meta: sled::Tree,
+    profiles: sled::Tree,
+    assignments: sled::Tree,
+    agents: sled::Tree,
+    events: sled::Tree,
+    groups: sled::Tree,
+    alerts: sled::Tree,
+    outbox: sled::Tree,
+    silences: sled::Tree,
+    tokens: sled::Tree,
+    revoked: sled::Tree,
+    history: sled::Tree,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`, checking the schema version.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let db = sled::open(dir)?;
+        let s = Store {
+            flush_lock: std::sync::Arc::new(tokio::sync::Mutex::new(())),
+            tickets: std::sync::Arc::default(),
+            meta: db.open_tree("meta")?,
+            profiles: db.open_tree("profiles")?,
+            assignments: db.open_tree("assignments")?,
+            agents: db.open_tree("agents")?,
+            events: db.open_tree("events")?,
+            groups: db.open_tree("groups")?,
+            alerts: db.open_tree("alerts")?,
+            outbox: db.open_tree("outbox")?,
+            silences: db.open_tree("silences")?,
+            tokens: db.open_tree("tokens")?,
+            revoked: db.open_tree("revoked")?,
+            history: db.open_tree("history")?,
+            db,
+        };
+        match s.meta.get(META_SCHEMA)? {
+            Some(v) => {
+                let found = u64_of(&v);
+                if found > SCHEMA_VERSION {
+                    return Err(StoreError::NewerSchema {
+                        path: dir.display().to_string(),
+                        found,
+                    });
+                }
+                if found < SCHEMA_VERSION {
+                    s.migrate_profiles_to_v2()?;
+                }
+            }
+            None => {
+                s.meta.insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
+                s.db.flush()?;
+            }
+        }
+        Ok(s)
+    }
+
+    /// The current fleet version (bumped by every profile or assignment change).
+    pub fn fleet_version(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .meta
+            .get(META_FLEET_VERSION)?
+            .map(|v| u64_of(&v))
+            .unwrap_or(0))
+    }
+
+    /// Returns once everything this caller wrote is on disk: by its own flush, or by one that
+    /// started after its write (group commit; see `flush_lock` for why one flush at a time).
+    async fn durable(&self) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        // Taken after this caller's writes: any flush that starts later covers them.
+        let ticket = self.tickets.taken.fetch_add(1, SeqCst) + 1;
+        let _one = self.flush_lock.lock().await;
+        if self.tickets.flushed.load(SeqCst) >= ticket {
+            return Ok(());
+        }
+        // Every ticket up to here was taken after its write, so this flush covers them all.
+        let covers = self.tickets.taken.load(SeqCst);
+        self.db.flush_async().await?;
+        self.tickets.flushed.store(covers, SeqCst);
+        self.tickets.flushes.fetch_add(1, SeqCst);
+        Ok(())
+    }
+
+    /// Flushes run since the store was opened (`durable` calls share them).
+    pub fn flushes(&self) -> u64 {
+        self.tickets
+            .flushes
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The event that will number a change, made before its transaction (ids are not
+    /// transactional in sled).
+    fn change_event(&self, what: &str) -> Result<(u64, Vec<u8>), StoreError> {
+        let seq = self.db.generate_id()?;
+        let event = json(&Event {
+            seq,
+            at_unix_ms: now_unix_ms(),
+            text: what.to_string(),
+        });
+        Ok((seq, event))
+    }
+}
+
+fn tx_error(e: sled::transaction::TransactionError<sled::Error>) -> StoreError {
+    match e {
+        sled::transaction::TransactionError::Abort(e)
+        | sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
+    }
+}
+
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    // Serializing plain structs of strings and numbers to JSON cannot fail.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+fn decode<T: serde::de::DeserializeOwned>(
+    v: &[u8],
+    tree: &'static str,
+    key: &str,
+) -> Result<T, StoreError> {
+    serde_json::from_slice(v).map_err(|e| StoreError::Corrupt {
+        tree,
+        key: key.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn decode_all<T: serde::de::DeserializeOwned>(
+    t: &sled::Tree,
+    tree: &'static str,
+) -> Result<Vec<T>, StoreError> {
+    t.iter()
+        .map(|r| {
+            let (k, v) = r?;
+            decode(&v, tree, &String::from_utf8_lossy(&k))
+        })
+        .collect()
+}
+
+fn u64_of(v: &[u8]) -> u64 {
+    v.try_into().map(u64::from_be_bytes).unwrap_or(0)
+}
+
+/// Inside a change's transaction: bumps the fleet version and logs the change's event with it,
+/// so a version and the event that explains it are written together or not at all. Every
+/// versioned change (profiles, assignments, groups) goes through here.
+fn bump_version(
+    meta: &TransactionalTree,
+    events: &TransactionalTree,
+    (seq, event): &(u64, Vec<u8>),
+) -> ConflictableTransactionResult<u64, sled::Error> {
+    let next = meta
+        .get(META_FLEET_VERSION)?
+        .map(|v| u64_of(&v))
+        .unwrap_or(0)
+        + 1;
+    meta.insert(META_FLEET_VERSION, &next.to_be_bytes())?;
+    events.insert(&seq.to_be_bytes(), event.clone())?;
+    Ok(next)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
+
+    use std::sync::atomic::Ordering::SeqCst;
+
+    use super::*;
+
+    /// Fifty writers queued behind a flush in progress are all covered by the next single
+    /// flush, and each still returns only after it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writers_queued_behind_a_flush_share_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let (flushes, taken) = (s.flushes(), s.tickets.taken.load(SeqCst));
+        // A flush in progress: the lock held.
+        let held = s.flush_lock.clone().lock_owned().await;
+        let writers: Vec<_> = (0..50)
+            .map(|i| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let rec = AgentRecord {
+                        id: format!("a{i}"),
+                        ..Default::default()
+                    };
+                    s.record_agent(&rec).await
+                })
+            })
+            .collect();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+        while s.tickets.taken.load(SeqCst) < taken + 50 {
+            assert!(tokio::time::Instant::now() < deadline, "writers stuck");
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        assert!(
+            writers.iter().all(|w| !w.is_finished()),
+            "none returned unflushed"
+        );
+        drop(held);
+        for w in writers {
+            w.await.unwrap().unwrap();
+        }
+        assert_eq!(s.flushes() - flushes, 1);
+        assert_eq!(s.tickets.flushed.load(SeqCst), taken + 50);
+        assert_eq!(s.agents().unwrap().len(), 50);
+        // A write after that flush is not covered by it: it flushes again.
+        s.record_agent(&AgentRecord {
+            id: "late".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        assert_eq!(s.flushes() - flushes, 2);
+    }
+}
