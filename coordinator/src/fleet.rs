@@ -17,8 +17,8 @@ use tunnelfleet_protocol::{
     Command, CommandAction, CommandResult, CoordinatorMessage, Heartbeat, encode,
 };
 
-use crate::link::close;
 use crate::store::{Revocation, Store, StoreError};
+use tunnelfleet_protocol::close;
 
 /// Commands waiting for results: id -> (agent asked, where the answer goes).
 type Pending = HashMap<u64, (String, oneshot::Sender<CommandResult>)>;

@@ -19,7 +19,6 @@
 
 pub mod admin;
 pub mod cli;
-pub mod email;
 pub mod enroll;
 pub mod fleet;
 pub mod gauges;

@@ -22,21 +22,10 @@ use crate::fleet::Fleet;
 use crate::metrics::Metrics;
 use crate::pki::Signer;
 use crate::tls;
+use tunnelfleet_protocol::close;
 
 /// How long a new connection may take to send its hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// QUIC application close codes.
-pub mod close {
-    /// Refused at hello (version, identity).
-    pub const REFUSED: u32 = 1;
-    /// The peer sent bytes that are not a valid frame.
-    pub const MALFORMED: u32 = 2;
-    /// The coordinator is shutting down.
-    pub const SHUTDOWN: u32 = 3;
-    /// The agent was revoked.
-    pub const REVOKED: u32 = 4;
-}
 
 /// How long a stopping coordinator waits for its closed connections to drain.
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(3);

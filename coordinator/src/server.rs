@@ -134,7 +134,7 @@ pub async fn bind(cfg: &CoordinatorConfig) -> anyhow::Result<Bound> {
         if hooks.iter().any(|x: &Hook| x.name == h.name) {
             anyhow::bail!("hook {:?}: name used twice", h.name);
         }
-        hooks.push(Hook::from_config(h).map_err(anyhow::Error::msg)?);
+        hooks.push(Hook::from_config(h)?);
     }
     let server = tls::server_config(&cfg.pki_dir)?;
     let signer = crate::pki::Signer::load(&cfg.pki_dir)?;

@@ -203,10 +203,7 @@ async fn malformed_frames_close_that_connection_and_no_other() {
             .unwrap();
         match closed {
             quinn::ConnectionError::ApplicationClosed(a) => {
-                assert_eq!(
-                    a.error_code,
-                    tunnelfleet_coordinator::link::close::MALFORMED.into()
-                );
+                assert_eq!(a.error_code, tunnelfleet_protocol::close::MALFORMED.into());
             }
             other => panic!("{other}"),
         }
@@ -362,7 +359,7 @@ async fn a_client_without_a_certificate_gets_no_control_link() {
         Ok(quinn::ConnectionError::ApplicationClosed(close)) => {
             assert_eq!(
                 close.error_code,
-                tunnelfleet_coordinator::link::close::REFUSED.into()
+                tunnelfleet_protocol::close::REFUSED.into()
             );
             assert_eq!(&close.reason[..], b"no client certificate");
         }

@@ -151,7 +151,7 @@ fn unsafe_or_incomplete_email_hooks_are_refused_naming_the_key() {
     for (change, key) in cases {
         let mut h = base();
         change(&mut h);
-        let err = Hook::from_config(&h).unwrap_err();
+        let err = Hook::from_config(&h).unwrap_err().to_string();
         assert!(
             err.starts_with(&format!("hook \"mail\": {key}:")),
             "{key}: {err}"

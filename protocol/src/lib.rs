@@ -46,5 +46,17 @@ pub const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(2);
 /// hours TCP keepalive defaults would take.
 pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// QUIC application close codes of the control link (the agent logs them; tests read them).
+pub mod close {
+    /// Refused at hello (version, identity).
+    pub const REFUSED: u32 = 1;
+    /// The peer sent bytes that are not a valid frame.
+    pub const MALFORMED: u32 = 2;
+    /// The coordinator is shutting down.
+    pub const SHUTDOWN: u32 = 3;
+    /// The agent was revoked.
+    pub const REVOKED: u32 = 4;
+}
+
 /// The QUIC ALPN of the control link.
 pub const ALPN: &[u8] = b"tunnelfleet/1";

@@ -57,6 +57,16 @@ pub enum AlertStatus {
     Resolved,
 }
 
+impl AlertStatus {
+    /// `firing` or `resolved`, as hooks and idempotency keys spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertStatus::Firing => "firing",
+            AlertStatus::Resolved => "resolved",
+        }
+    }
+}
+
 /// One alert, from firing to resolution.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Alert {
@@ -93,11 +103,7 @@ impl Alert {
     /// The idempotency key of this alert in its current state: a receiver that sees it twice
     /// (at-least-once delivery) can drop the second.
     pub fn idempotency_key(&self) -> String {
-        let state = match self.status {
-            AlertStatus::Firing => "firing",
-            AlertStatus::Resolved => "resolved",
-        };
-        format!("tunnelfleet-alert-{}-{state}", self.id)
+        format!("tunnelfleet-alert-{}-{}", self.id, self.status.as_str())
     }
 }
 

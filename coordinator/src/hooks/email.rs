@@ -16,8 +16,10 @@ use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
-use crate::hooks::{HookConfig, text, webhook_body};
-use crate::store::{AlertStatus, Delivery};
+use super::config::HookConfig;
+use super::error::{DeliveryError, HookConfigError};
+use super::format::{text, webhook_body};
+use crate::store::Delivery;
 
 /// A checked email hook, ready to send.
 #[derive(Clone)]
@@ -49,8 +51,17 @@ enum Protection {
 }
 
 impl Email {
-    /// Checks an `[[hook]]` of kind `email`; the error is `(key, reason)`.
-    pub fn from_config(c: &HookConfig) -> Result<Email, (&'static str, String)> {
+    /// Checks an `[[hook]]` of kind `email`; the error names the hook and the key.
+    pub fn from_config(c: &HookConfig) -> Result<Email, HookConfigError> {
+        let err = |(key, reason): (&'static str, String)| HookConfigError {
+            hook: c.name.clone(),
+            key,
+            reason,
+        };
+        Self::checked(c).map_err(err)
+    }
+
+    fn checked(c: &HookConfig) -> Result<Email, (&'static str, String)> {
         let raw = c.url.as_deref().ok_or((
             "url",
             "required: smtp://relay:587 or smtps://relay:465".into(),
@@ -113,22 +124,23 @@ impl Email {
     }
 
     /// Sends one alert state; `Err` says why the relay did not take it.
-    pub async fn send(&self, d: &Delivery, timeout: Duration) -> Result<(), String> {
+    pub async fn send(&self, d: &Delivery, timeout: Duration) -> Result<(), DeliveryError> {
         let message = self.message(d)?;
+        let failed = |reason: String| DeliveryError::Smtp {
+            relay: self.relay.clone(),
+            reason,
+        };
         tokio::time::timeout(timeout, self.transport.send(message))
             .await
-            .map_err(|_| format!("{}: no answer within {timeout:?}", self.relay))?
-            .map_err(|e| format!("{}: {e}", self.relay))?;
+            .map_err(|_| failed(format!("no answer within {timeout:?}")))?
+            .map_err(|e| failed(e.to_string()))?;
         Ok(())
     }
 
     /// The message: a subject a pager can show, the one-line summary, then the alert as JSON.
-    pub fn message(&self, d: &Delivery) -> Result<Message, String> {
+    pub fn message(&self, d: &Delivery) -> Result<Message, DeliveryError> {
         let a = &d.alert;
-        let state = match a.status {
-            AlertStatus::Firing => "FIRING",
-            AlertStatus::Resolved => "RESOLVED",
-        };
+        let state = a.status.as_str().to_ascii_uppercase();
         let subject = format!("[tunnelfleet] {state} {}: {}", a.kind.as_str(), a.summary);
         let json = String::from_utf8_lossy(&webhook_body(d)).into_owned();
         let body = format!(
@@ -147,8 +159,7 @@ impl Email {
         for t in &self.to {
             m = m.to(t.clone());
         }
-        m.body(body)
-            .map_err(|e| format!("building the message: {e}"))
+        Ok(m.body(body)?)
     }
 }
 
