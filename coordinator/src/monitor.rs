@@ -165,6 +165,33 @@ pub struct EndpointView {
     pub agents: Vec<String>,
 }
 
+/// Why an operator's failover or failback was not carried out.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// No such group.
+    #[error("no OMA group {0:?}")]
+    NoGroup(String),
+    /// Every other endpoint is drained or down.
+    #[error("group {group}: no other usable endpoint than {active}")]
+    NoOtherEndpoint {
+        /// The group.
+        group: String,
+        /// Its active endpoint.
+        active: String,
+    },
+    /// Every endpoint is drained or down.
+    #[error("group {0}: no usable endpoint")]
+    NoUsableEndpoint(String),
+    /// Failback to where it already is.
+    #[error("group {group} is already on {active}, its best usable endpoint")]
+    AlreadyBest {
+        /// The group.
+        group: String,
+        /// Its active endpoint.
+        active: String,
+    },
+}
+
 /// The rules' state. See the module doc.
 #[derive(Debug, Default)]
 pub struct Monitor {
@@ -378,11 +405,11 @@ impl Monitor {
     }
 
     /// `tunnelfleet oma failover GROUP`: the next usable endpoint after the active one.
-    pub fn failover(&mut self, group: &str) -> Result<Action, String> {
+    pub fn failover(&mut self, group: &str) -> Result<Action, Refusal> {
         let g = self
             .groups
             .get(group)
-            .ok_or_else(|| format!("no OMA group {group:?}"))?;
+            .ok_or_else(|| Refusal::NoGroup(group.to_string()))?;
         let active = g.active().unwrap_or_default().to_string();
         let at = g.endpoints.iter().position(|e| *e == active).unwrap_or(0);
         let n = g.endpoints.len();
@@ -390,7 +417,10 @@ impl Monitor {
             .map(|i| &g.endpoints[(at + i) % n])
             .find(|e| !g.drained.contains(*e) && !self.is_down(e))
             .cloned()
-            .ok_or_else(|| format!("group {group}: no other usable endpoint than {active}"))?;
+            .ok_or_else(|| Refusal::NoOtherEndpoint {
+                group: group.to_string(),
+                active: active.clone(),
+            })?;
         self.move_group(
             group,
             target,
@@ -400,22 +430,23 @@ impl Monitor {
     }
 
     /// `tunnelfleet oma failback GROUP`: the highest-priority usable endpoint, now.
-    pub fn failback(&mut self, group: &str) -> Result<Action, String> {
+    pub fn failback(&mut self, group: &str) -> Result<Action, Refusal> {
         let g = self
             .groups
             .get(group)
-            .ok_or_else(|| format!("no OMA group {group:?}"))?;
+            .ok_or_else(|| Refusal::NoGroup(group.to_string()))?;
         let active = g.active().unwrap_or_default().to_string();
         let target = g
             .endpoints
             .iter()
             .find(|e| !g.drained.contains(*e) && !self.is_down(e))
             .cloned()
-            .ok_or_else(|| format!("group {group}: no usable endpoint"))?;
+            .ok_or_else(|| Refusal::NoUsableEndpoint(group.to_string()))?;
         if target == active && !g.pinned {
-            return Err(format!(
-                "group {group} is already on {active}, its best usable endpoint"
-            ));
+            return Err(Refusal::AlreadyBest {
+                group: group.to_string(),
+                active,
+            });
         }
         self.move_group(group, target, "operator failback".into(), false)
     }
@@ -426,7 +457,7 @@ impl Monitor {
         endpoint: String,
         reason: String,
         pinned: bool,
-    ) -> Result<Action, String> {
+    ) -> Result<Action, Refusal> {
         if let Some(g) = self.groups.get_mut(group) {
             g.active = Some(endpoint.clone());
             g.pinned = pinned;

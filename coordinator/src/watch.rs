@@ -18,7 +18,8 @@ use tokio_util::sync::CancellationToken;
 use crate::fleet::{Fleet, FleetEvent};
 use crate::hooks::Outbox;
 use crate::metrics::Metrics;
-use crate::monitor::{Action, AlertRules, EndpointView, Monitor};
+use crate::monitor::{Action, AlertRules, EndpointView, Monitor, Refusal};
+use crate::store::StoreError;
 use crate::store::{Alert, AlertStatus, alert_key};
 
 /// Inputs of the watcher.
@@ -34,7 +35,21 @@ pub enum WatchEvent {
         result: Result<Duration, String>,
     },
     /// An operator command; the answer says what happened.
-    Command(Command, oneshot::Sender<Result<String, String>>),
+    Command(Command, oneshot::Sender<Result<String, OmaCommandError>>),
+}
+
+/// Why an operator's OMA command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OmaCommandError {
+    /// The rules refused it (no such group, nowhere to move).
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    /// The store failed, or has no such endpoint.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The watcher is gone.
+    #[error("the coordinator is shutting down")]
+    ShuttingDown,
 }
 
 /// Operator commands.
@@ -76,14 +91,13 @@ impl WatchHandle {
     }
 
     /// Runs an operator command.
-    pub async fn command(&self, cmd: Command) -> Result<String, String> {
+    pub async fn command(&self, cmd: Command) -> Result<String, OmaCommandError> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(WatchEvent::Command(cmd, tx))
             .await
-            .map_err(|_| "the coordinator is shutting down".to_string())?;
-        rx.await
-            .map_err(|_| "the coordinator is shutting down".to_string())?
+            .map_err(|_| OmaCommandError::ShuttingDown)?;
+        rx.await.map_err(|_| OmaCommandError::ShuttingDown)?
     }
 
     /// Every group endpoint with its health and agents.
@@ -172,7 +186,7 @@ impl Watcher {
             };
             let done = self.exec(actions).await;
             if let Some((tx, answer)) = reply {
-                let _ = tx.send(done.and(answer));
+                let _ = tx.send(done.map_err(OmaCommandError::from).and(answer));
             }
         }
         for (_, (_, _, t)) in self.probers.drain() {
@@ -187,8 +201,8 @@ impl Watcher {
     ) -> (
         Vec<Action>,
         Option<(
-            oneshot::Sender<Result<String, String>>,
-            Result<String, String>,
+            oneshot::Sender<Result<String, OmaCommandError>>,
+            Result<String, OmaCommandError>,
         )>,
     ) {
         let now = Instant::now();
@@ -217,7 +231,7 @@ impl Watcher {
         &mut self,
         cmd: Command,
         now: Instant,
-    ) -> (Result<String, String>, Vec<Action>) {
+    ) -> (Result<String, OmaCommandError>, Vec<Action>) {
         let store = &self.fleet.store;
         match cmd {
             Command::GroupsChanged => {
@@ -226,11 +240,11 @@ impl Watcher {
             }
             Command::Failover(g) => match self.monitor.failover(&g) {
                 Ok(a) => (Ok(describe(&a)), vec![a]),
-                Err(e) => (Err(e), Vec::new()),
+                Err(e) => (Err(e.into()), Vec::new()),
             },
             Command::Failback(g) => match self.monitor.failback(&g) {
                 Ok(a) => (Ok(describe(&a)), vec![a]),
-                Err(e) => (Err(e), Vec::new()),
+                Err(e) => (Err(e.into()), Vec::new()),
             },
             Command::Drain(ep) => self.set_drained(store.clone(), ep, true, now).await,
             Command::Undrain(ep) => self.set_drained(store.clone(), ep, false, now).await,
@@ -243,9 +257,9 @@ impl Watcher {
         ep: String,
         drained: bool,
         now: Instant,
-    ) -> (Result<String, String>, Vec<Action>) {
+    ) -> (Result<String, OmaCommandError>, Vec<Action>) {
         match store.set_drained(&ep, drained).await {
-            Err(e) => (Err(e.to_string()), Vec::new()),
+            Err(e) => (Err(e.into()), Vec::new()),
             Ok((_, groups)) => {
                 self.refresh_groups();
                 let actions = self.monitor.decide(now);
@@ -260,7 +274,7 @@ impl Watcher {
                 if actions.is_empty()
                     && let Err(e) = self.fleet.push_changed()
                 {
-                    return (Err(e.to_string()), actions);
+                    return (Err(e.into()), actions);
                 }
                 (Ok(msg), actions)
             }
@@ -268,7 +282,7 @@ impl Watcher {
     }
 
     /// Carries out the monitor's decisions; the first store failure is returned (and logged).
-    async fn exec(&mut self, actions: Vec<Action>) -> Result<(), String> {
+    async fn exec(&mut self, actions: Vec<Action>) -> Result<(), StoreError> {
         let mut result = Ok(());
         let hooks = self.handle.outbox.names();
         let mut woke = false;
@@ -310,7 +324,7 @@ impl Watcher {
                             woke = true;
                             Ok(())
                         }
-                        Err(e) => Err(e.to_string()),
+                        Err(e) => Err(e),
                     }
                 }
                 Action::Resolve { kind, subject } => {
@@ -323,7 +337,7 @@ impl Watcher {
                             woke = true;
                             Ok(())
                         }
-                        Err(e) => Err(e.to_string()),
+                        Err(e) => Err(e),
                     }
                 }
                 Action::SetActive {
@@ -343,24 +357,17 @@ impl Watcher {
                             m.failovers
                                 .add(1, &[opentelemetry::KeyValue::new("group", group.clone())]);
                         }
-                        self.fleet
-                            .push_changed()
-                            .map(|_| ())
-                            .map_err(|e| e.to_string())
+                        self.fleet.push_changed().map(|_| ())
                     }
                     Err(e) => {
                         // Keep the rules in line with what is stored.
                         self.refresh_groups();
-                        Err(e.to_string())
+                        Err(e)
                     }
                 },
                 Action::Event(text) => {
                     tracing::info!("{text}");
-                    self.fleet
-                        .store
-                        .log_event(&text)
-                        .await
-                        .map_err(|e| e.to_string())
+                    self.fleet.store.log_event(&text).await
                 }
             };
             if let Err(e) = r {

@@ -1,0 +1,181 @@
+//! `/v1/agents`: the fleet's agents as the coordinator knows them, and commands run on one
+//! (`tunnels … --agent`, `net check --agent`, `audit --agent`).
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tunnelfleet_protocol::Heartbeat;
+
+use super::Admin;
+use super::error::ApiError;
+use crate::fleet::Fleet;
+
+/// The routes of this resource.
+pub(super) fn routes() -> Router<Admin> {
+    Router::new()
+        .route("/v1/agents", get(agents))
+        .route("/v1/agents/{id}", get(agent))
+        .route(
+            "/v1/agents/{id}/tunnels/{profile}/{action}",
+            post(agent_command),
+        )
+        .route("/v1/agents/{id}/net-check", post(agent_net_check))
+        .route("/v1/agents/{id}/audit", post(agent_audit))
+}
+
+/// One agent in `agents list`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentSummary {
+    /// Agent id.
+    pub id: String,
+    /// Connected now.
+    pub connected: bool,
+    /// Heartbeats arriving (false after three missed).
+    pub online: bool,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Last contact (Unix ms).
+    pub last_seen_unix_ms: u64,
+    /// Fleet version it acknowledged.
+    pub applied_version: Option<u64>,
+    /// Whether that apply succeeded.
+    pub applied_ok: bool,
+    /// Tunnels up / total, from the last heartbeat.
+    pub tunnels_up: usize,
+    /// Tunnels in the last heartbeat.
+    pub tunnels: usize,
+    /// Heartbeats received on its current connection.
+    pub heartbeats: u64,
+    /// Revoked: refused at every connection.
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+/// `agents show`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentDetail {
+    /// The summary.
+    #[serde(flatten)]
+    pub summary: AgentSummary,
+    /// Failures of its last apply.
+    pub apply_errors: Vec<String>,
+    /// The last heartbeat.
+    pub last_heartbeat: Option<Heartbeat>,
+}
+
+fn summaries(fleet: &Fleet) -> Result<Vec<AgentDetail>, ApiError> {
+    let mut out = Vec::new();
+    let revoked: std::collections::BTreeSet<String> = fleet
+        .store
+        .revocations()?
+        .into_iter()
+        .map(|r| r.agent)
+        .collect();
+    for rec in fleet.store.agents()? {
+        let link = fleet.links.get(&rec.id);
+        let labels = rec.effective_labels();
+        let hb = link.as_ref().and_then(|l| l.last_heartbeat.clone());
+        let (up, total) = hb
+            .as_ref()
+            .map(|h| {
+                (
+                    h.profiles
+                        .iter()
+                        .filter(|p| p.state == tunnelfleet_protocol::TunnelState::Up)
+                        .count(),
+                    h.profiles.len(),
+                )
+            })
+            .unwrap_or((0, 0));
+        out.push(AgentDetail {
+            summary: AgentSummary {
+                id: rec.id.clone(),
+                connected: link.as_ref().is_some_and(|l| l.connected),
+                online: link.as_ref().is_some_and(|l| l.connected && l.online),
+                labels,
+                last_seen_unix_ms: rec.last_seen_unix_ms,
+                applied_version: rec.applied_version,
+                applied_ok: rec.applied_ok,
+                tunnels_up: up,
+                tunnels: total,
+                heartbeats: link.as_ref().map(|l| l.heartbeats).unwrap_or(0),
+                revoked: revoked.contains(&rec.id),
+            },
+            apply_errors: rec.apply_errors.clone(),
+            last_heartbeat: hb,
+        });
+    }
+    Ok(out)
+}
+
+async fn agents(State(a): State<Admin>) -> Result<Json<Vec<AgentSummary>>, ApiError> {
+    Ok(Json(
+        summaries(&a.fleet)?
+            .into_iter()
+            .map(|d| d.summary)
+            .collect(),
+    ))
+}
+
+async fn agent(
+    State(a): State<Admin>,
+    Path(id): Path<String>,
+) -> Result<Json<AgentDetail>, ApiError> {
+    summaries(&a.fleet)?
+        .into_iter()
+        .find(|d| d.summary.id == id)
+        .map(Json)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no agent {id:?}")))
+}
+
+async fn agent_command(
+    State(a): State<Admin>,
+    Path((id, profile, action)): Path<(String, String, String)>,
+) -> Result<Json<tunnelfleet_protocol::CommandResult>, ApiError> {
+    use tunnelfleet_protocol::CommandAction;
+    let action = match action.as_str() {
+        "start" => CommandAction::Start,
+        "stop" => CommandAction::Stop,
+        "restart" => CommandAction::Restart,
+        "health" => CommandAction::Health,
+        other => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("{other:?}: expected start, stop, restart or health"),
+            ));
+        }
+    };
+    on_agent(&a, &id, action, &profile).await
+}
+
+async fn agent_net_check(
+    State(a): State<Admin>,
+    Path(id): Path<String>,
+) -> Result<Json<tunnelfleet_protocol::CommandResult>, ApiError> {
+    on_agent(&a, &id, tunnelfleet_protocol::CommandAction::NetCheck, "").await
+}
+
+async fn agent_audit(
+    State(a): State<Admin>,
+    Path(id): Path<String>,
+) -> Result<Json<tunnelfleet_protocol::CommandResult>, ApiError> {
+    on_agent(&a, &id, tunnelfleet_protocol::CommandAction::Audit, "").await
+}
+
+/// Runs a command on a connected agent; not connected or no answer is a 409.
+async fn on_agent(
+    a: &Admin,
+    id: &str,
+    action: tunnelfleet_protocol::CommandAction,
+    profile: &str,
+) -> Result<Json<tunnelfleet_protocol::CommandResult>, ApiError> {
+    a.fleet
+        .command(id, action, profile)
+        .await
+        .map(Json)
+        .map_err(|e| ApiError(StatusCode::CONFLICT, e.to_string()))
+}

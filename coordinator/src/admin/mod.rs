@@ -1,0 +1,136 @@
+//! The admin HTTP API: JSON over HTTP on 127.0.0.1 by default, a bearer token from a file.
+//!
+//! The CLI's `agents`, `profiles`, `assign`, `rollout`, `oma`, `alerts` and `token` commands are
+//! thin clients of this. Every change is durable (flushed) before the response and pushed to
+//! connected agents right after. Profiles are validated by the one profile model the agents
+//! use, so a profile the coordinator accepts is one the agent will accept.
+//!
+//! # Layout
+//! - this module: the shared state, the router, the bearer-token layer, request spans, and
+//!   the read-only `/metrics` router.
+//! - [`agents`], [`profiles`], [`oma`], [`alerts`], [`access`]: one file per resource.
+//! - [`error`]: status codes by error variant.
+
+pub mod access;
+pub mod agents;
+pub mod alerts;
+pub mod error;
+pub mod oma;
+pub mod profiles;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+pub use access::{RevokeRequest, TokenCreated, TokenRequest};
+pub use agents::{AgentDetail, AgentSummary};
+pub use alerts::{AckRequest, SilenceRequest};
+pub use error::ApiError;
+pub use oma::{Done, EndpointRequest};
+pub use profiles::{AssignRequest, Changed, RollbackRequest, Rollout};
+
+use crate::fleet::Fleet;
+use crate::metrics::Metrics;
+use crate::watch::WatchHandle;
+
+/// Shared state of the handlers.
+#[derive(Clone)]
+pub struct Admin {
+    /// The fleet.
+    pub fleet: Arc<Fleet>,
+    /// The watcher: OMA commands, endpoint health, hook stats.
+    pub watch: WatchHandle,
+    /// Whether this coordinator holds the CA key and so can enroll agents with join tokens.
+    pub enrollment: bool,
+    /// The bearer token every request must carry.
+    pub token: Arc<String>,
+}
+
+/// The router: every resource's routes behind the bearer token.
+pub fn router(admin: Admin) -> Router {
+    Router::new()
+        .merge(agents::routes())
+        .merge(profiles::routes())
+        .merge(oma::routes())
+        .merge(alerts::routes())
+        .merge(access::routes())
+        .route_layer(axum::middleware::from_fn_with_state(
+            admin.clone(),
+            require_token,
+        ))
+        .layer(axum::middleware::from_fn(request_span))
+        .with_state(admin)
+}
+
+/// One span per admin request (exported over OTLP when configured), with its outcome.
+async fn request_span(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use tracing::Instrument;
+    let span = tracing::info_span!(
+        "admin_request",
+        method = %req.method(),
+        path = %req.uri().path(),
+        status = tracing::field::Empty
+    );
+    let resp = next.run(req).instrument(span.clone()).await;
+    span.record("status", resp.status().as_u16());
+    resp
+}
+
+/// Every admin request carries `Authorization: Bearer <token>`, checked before its handler
+/// runs (and before its body is read).
+async fn require_token(
+    State(admin): State<Admin>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let given = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Compare without an early exit, so timing does not reveal the token.
+    let want = admin.token.as_bytes();
+    let same = given.len() == want.len()
+        && given
+            .as_bytes()
+            .iter()
+            .zip(want)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if same {
+        next.run(req).await
+    } else {
+        ApiError(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token".into(),
+        )
+        .into_response()
+    }
+}
+
+/// The read-only `/metrics` router (its own listener, no token).
+pub fn metrics_router(metrics: Option<Arc<Metrics>>) -> Router {
+    Router::new()
+        .route("/metrics", get(render_metrics))
+        .with_state(metrics)
+}
+
+async fn render_metrics(State(metrics): State<Option<Arc<Metrics>>>) -> Response {
+    match metrics.as_ref().map(|m| m.render()) {
+        Some(Ok(text)) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Some(Err(e)) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        None => ApiError(StatusCode::NOT_FOUND, "metrics are disabled".into()).into_response(),
+    }
+}

@@ -1,0 +1,115 @@
+//! `/v1/groups`, `/v1/oma`: OMA groups, their endpoints' health, and the operator's drain,
+//! failover and failback (carried out by the watcher, the only writer of an active endpoint).
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use super::Admin;
+use super::error::ApiError;
+use super::profiles::Changed;
+use crate::monitor::EndpointView;
+use crate::store::OmaGroup;
+use crate::watch::Command;
+
+/// The routes of this resource.
+pub(super) fn routes() -> Router<Admin> {
+    Router::new()
+        .route("/v1/groups", get(groups))
+        .route("/v1/groups/{name}", put(put_group).delete(delete_group))
+        .route("/v1/groups/{name}/failover", post(group_failover))
+        .route("/v1/groups/{name}/failback", post(group_failback))
+        .route("/v1/oma", get(oma))
+        .route("/v1/oma/drain", post(oma_drain))
+        .route("/v1/oma/undrain", post(oma_undrain))
+}
+
+async fn groups(State(a): State<Admin>) -> Result<Json<Vec<OmaGroup>>, ApiError> {
+    Ok(Json(a.fleet.store.groups()?))
+}
+
+async fn put_group(
+    State(a): State<Admin>,
+    Path(name): Path<String>,
+    Json(group): Json<OmaGroup>,
+) -> Result<Json<Changed>, ApiError> {
+    if group.name != name {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("the body names group {:?}, the URL {name:?}", group.name),
+        ));
+    }
+    group
+        .validate()
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("group.{name}.{e}")))?;
+    let version = a.fleet.store.put_group(&group).await?;
+    a.watch.command(Command::GroupsChanged).await?;
+    let pushed_to = a.fleet.push_changed()?;
+    Ok(Json(Changed { version, pushed_to }))
+}
+
+async fn delete_group(
+    State(a): State<Admin>,
+    Path(name): Path<String>,
+) -> Result<Json<Changed>, ApiError> {
+    let version = a.fleet.store.delete_group(&name).await?;
+    a.watch.command(Command::GroupsChanged).await?;
+    let pushed_to = a.fleet.push_changed()?;
+    Ok(Json(Changed { version, pushed_to }))
+}
+
+/// The answer to an OMA command.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Done {
+    /// What happened.
+    pub message: String,
+}
+
+async fn run_command(a: &Admin, cmd: Command) -> Result<Json<Done>, ApiError> {
+    a.watch
+        .command(cmd)
+        .await
+        .map(|message| Json(Done { message }))
+        .map_err(ApiError::from)
+}
+
+async fn group_failover(
+    State(a): State<Admin>,
+    Path(name): Path<String>,
+) -> Result<Json<Done>, ApiError> {
+    run_command(&a, Command::Failover(name)).await
+}
+
+async fn group_failback(
+    State(a): State<Admin>,
+    Path(name): Path<String>,
+) -> Result<Json<Done>, ApiError> {
+    run_command(&a, Command::Failback(name)).await
+}
+
+/// Body of `oma drain | undrain`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EndpointRequest {
+    /// `host:port`.
+    pub endpoint: String,
+}
+
+async fn oma_drain(
+    State(a): State<Admin>,
+    Json(r): Json<EndpointRequest>,
+) -> Result<Json<Done>, ApiError> {
+    run_command(&a, Command::Drain(r.endpoint)).await
+}
+
+async fn oma_undrain(
+    State(a): State<Admin>,
+    Json(r): Json<EndpointRequest>,
+) -> Result<Json<Done>, ApiError> {
+    run_command(&a, Command::Undrain(r.endpoint)).await
+}
+
+async fn oma(State(a): State<Admin>) -> Result<Json<Vec<EndpointView>>, ApiError> {
+    Ok(Json(a.watch.view()))
+}
