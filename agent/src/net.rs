@@ -235,26 +235,11 @@ async fn check_port(addr: SocketAddr, ssh: bool, timeout: Duration) -> PortResul
     r
 }
 
-/// Reads the server's first line (SSH servers speak first; RFC 4253 §4.2 caps it at 255 bytes).
+/// The server's identification line within `timeout`.
 async fn read_banner(s: &mut TcpStream, timeout: Duration) -> std::io::Result<String> {
-    let mut buf = Vec::with_capacity(256);
-    let mut byte = [0u8; 1];
-    let read = async {
-        while buf.len() < 255 {
-            if s.read(&mut byte).await? == 0 {
-                break;
-            }
-            if byte[0] == b'\n' {
-                break;
-            }
-            buf.push(byte[0]);
-        }
-        Ok::<_, std::io::Error>(())
-    };
-    tokio::time::timeout(timeout, read)
+    tokio::time::timeout(timeout, tunnelfleet_runtime::banner::read_banner(s))
         .await
-        .map_err(|_| std::io::Error::other(format!("nothing within {timeout:?}")))??;
-    Ok(String::from_utf8_lossy(&buf).trim_end().to_string())
+        .map_err(|_| std::io::Error::other(format!("nothing within {timeout:?}")))?
 }
 
 async fn reach(ip: IpAddr, tcp_port: Option<u16>, probes: u32, timeout: Duration) -> Reachability {

@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tunnelfleet_runtime::clock::now_unix_ms;
 
-use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -461,24 +460,17 @@ pub async fn probe(endpoint: &str, timeout: Duration) -> Result<Duration, String
         let mut s = tokio::net::TcpStream::connect(endpoint)
             .await
             .map_err(|e| format!("connect: {e}"))?;
-        let mut got = Vec::with_capacity(256);
-        let mut buf = [0u8; 256];
-        while !got.contains(&b'\n') && got.len() < 255 {
-            let n = s
-                .read(&mut buf)
-                .await
-                .map_err(|e| format!("reading the banner: {e}"))?;
-            if n == 0 {
-                return Err("connection closed before the SSH banner".to_string());
-            }
-            got.extend_from_slice(&buf[..n]);
-        }
-        if got.starts_with(b"SSH-") {
+        let banner = tunnelfleet_runtime::banner::read_banner(&mut s)
+            .await
+            .map_err(|e| format!("reading the banner: {e}"))?;
+        if banner.is_empty() {
+            Err("connection closed before the SSH banner".to_string())
+        } else if banner.starts_with("SSH-") {
             Ok(())
         } else {
             Err(format!(
                 "not an SSH server: {:?}",
-                String::from_utf8_lossy(&got[..got.len().min(40)])
+                banner.chars().take(40).collect::<String>()
             ))
         }
     };

@@ -9,7 +9,9 @@
 //! - [`frames`]: control-link frames read off a QUIC stream (both ends).
 //! - [`secret`]: key and secret files refused when group or others can read them.
 //! - [`clock`]: wall-clock milliseconds for records and reports.
+//! - [`banner`]: the SSH identification line (OMA probes, `net check`).
 
+pub mod banner;
 pub mod clock;
 pub mod frames;
 pub mod metrics;

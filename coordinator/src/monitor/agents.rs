@@ -1,0 +1,330 @@
+//! What the rules learn from agents: hellos (a new start time is a restart), the offline
+//! sweep, and heartbeats — where each profile runs, evidence about its endpoint from the
+//! session error counters, its own health checks, its forwards.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use tokio::time::Instant;
+use tunnelfleet_protocol::{ErrorKind, ForwardState, Heartbeat, ProfileReport, TunnelState};
+
+use super::endpoints::Endpoint;
+use super::{Action, Monitor};
+use crate::store::{AlertKind, alert_key};
+
+/// What is remembered per agent between heartbeats.
+#[derive(Debug, Default)]
+pub(super) struct AgentState {
+    started_unix_ms: Option<u64>,
+    restarts: VecDeque<Instant>,
+    /// Error counters from the previous heartbeat: (profile, endpoint, kind) -> count.
+    errors: HashMap<(String, String, ErrorKind), u64>,
+    /// Newest failover record already logged, per profile.
+    failover_seen: HashMap<String, u64>,
+    /// Whether `errors` holds a baseline yet.
+    baseline: bool,
+}
+
+/// What one heartbeat's counters say, before any rule runs.
+#[derive(Default)]
+struct Reading {
+    /// Where each profile runs.
+    placement: BTreeMap<String, String>,
+    /// (endpoint, the check passed) per piece of evidence.
+    evidence: Vec<(String, bool)>,
+    /// Refused keys per profile since the previous heartbeat.
+    auth_failures: HashMap<String, u32>,
+    /// Failovers the agent made on its own, for the event log.
+    events: Vec<String>,
+}
+
+impl AgentState {
+    /// Reads a heartbeat against the previous one: session error counters are monotonic, so
+    /// the difference is what happened since (nothing is counted twice, and a lost heartbeat
+    /// loses nothing).
+    fn read(&mut self, agent: &str, hb: &Heartbeat) -> Reading {
+        let had_baseline = self.baseline;
+        self.baseline = true;
+        let mut r = Reading::default();
+        for p in &hb.profiles {
+            r.placement
+                .insert(p.name.clone(), p.active_endpoint.clone());
+            if p.state == TunnelState::Up {
+                r.evidence.push((p.active_endpoint.clone(), true));
+            }
+            for e in &p.errors {
+                let k = (p.name.clone(), e.endpoint.clone(), e.kind);
+                let prev = self.errors.insert(k, e.count);
+                let delta = match prev {
+                    Some(prev) if e.count >= prev => e.count - prev,
+                    _ if had_baseline => e.count,
+                    _ => 0,
+                };
+                if delta == 0 {
+                    continue;
+                }
+                if e.kind.implicates_endpoint() {
+                    r.evidence.push((e.endpoint.clone(), false));
+                }
+                if e.kind == ErrorKind::Auth {
+                    *r.auth_failures.entry(p.name.clone()).or_default() += delta as u32;
+                }
+            }
+            let seen = self.failover_seen.entry(p.name.clone()).or_insert(0);
+            for f in p.failover_log.iter().filter(|f| f.at_unix_ms > *seen) {
+                r.events.push(format!(
+                    "agent {agent} profile {} moved on its own from {} to {}: {}",
+                    p.name, f.from, f.to, f.reason
+                ));
+            }
+            if let Some(last) = p.failover_log.last() {
+                *seen = (*seen).max(last.at_unix_ms);
+            }
+        }
+        r
+    }
+}
+
+impl Monitor {
+    /// An agent said hello (connected): it is online, and a new start time is a restart.
+    pub fn hello(&mut self, agent: &str, started_unix_ms: u64, now: Instant) -> Vec<Action> {
+        let mut actions = self.agent_online(agent);
+        let window = self.rules.restart_window;
+        let limit = self.rules.restarts;
+        let st = self.agents.entry(agent.to_string()).or_default();
+        if st.started_unix_ms.is_some_and(|s| s != started_unix_ms) {
+            st.restarts.push_back(now);
+        }
+        st.started_unix_ms = Some(started_unix_ms);
+        // A new process has new counters: take a fresh baseline.
+        st.baseline = false;
+        while st
+            .restarts
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) > window)
+        {
+            st.restarts.pop_front();
+        }
+        let n = st.restarts.len();
+        let key = alert_key(AlertKind::AgentRestarting, agent);
+        if n == 0 && self.firing.remove(&key) {
+            // A reconnect without a restart after a quiet window ([`Monitor::tick`] skips
+            // agents without recent restarts).
+            actions.push(Action::Resolve {
+                kind: AlertKind::AgentRestarting,
+                subject: agent.to_string(),
+            });
+        } else if n as u32 >= limit && limit > 0 && self.firing.insert(key) {
+            actions.push(Action::Fire {
+                kind: AlertKind::AgentRestarting,
+                subject: agent.to_string(),
+                summary: format!(
+                    "agent {agent} restarted {n} times within {}",
+                    humantime::format_duration(window)
+                ),
+                affected: vec![agent.to_string()],
+            });
+        }
+        actions
+    }
+    /// The heartbeat sweeper found `agent` silent for three intervals.
+    pub fn agent_offline(&mut self, agent: &str, missed: u32) -> Vec<Action> {
+        let key = alert_key(AlertKind::AgentOffline, agent);
+        if !self.firing.insert(key) {
+            return Vec::new();
+        }
+        vec![Action::Fire {
+            kind: AlertKind::AgentOffline,
+            subject: agent.to_string(),
+            summary: format!("agent {agent} offline: {missed} heartbeats missed in a row"),
+            affected: vec![agent.to_string()],
+        }]
+    }
+    /// `agent` is heard from again.
+    pub fn agent_online(&mut self, agent: &str) -> Vec<Action> {
+        if self
+            .firing
+            .remove(&alert_key(AlertKind::AgentOffline, agent))
+        {
+            vec![Action::Resolve {
+                kind: AlertKind::AgentOffline,
+                subject: agent.to_string(),
+            }]
+        } else {
+            Vec::new()
+        }
+    }
+    /// Periodic: failback clocks and restart windows.
+    pub fn tick(&mut self, now: Instant) -> Vec<Action> {
+        let mut actions = self.decide(now);
+        let window = self.rules.restart_window;
+        // Runs four times a second over every agent: only agents with recent restarts cost
+        // anything.
+        for (agent, st) in &mut self.agents {
+            if st.restarts.is_empty() {
+                continue;
+            }
+            while st
+                .restarts
+                .front()
+                .is_some_and(|t| now.saturating_duration_since(*t) > window)
+            {
+                st.restarts.pop_front();
+            }
+            if st.restarts.is_empty()
+                && self
+                    .firing
+                    .remove(&alert_key(AlertKind::AgentRestarting, agent))
+            {
+                actions.push(Action::Resolve {
+                    kind: AlertKind::AgentRestarting,
+                    subject: agent.clone(),
+                });
+            }
+        }
+        actions
+    }
+
+    /// A heartbeat: placement, endpoint evidence, and the agent's own checks.
+    pub fn heartbeat(&mut self, agent: &str, hb: &Heartbeat, now: Instant) -> Vec<Action> {
+        let reading = self
+            .agents
+            .entry(agent.to_string())
+            .or_default()
+            .read(agent, hb);
+        let mut actions: Vec<Action> = reading.events.into_iter().map(Action::Event).collect();
+        for (endpoint, ok) in reading.evidence {
+            actions.extend(self.endpoint_evidence(agent, &endpoint, ok, now));
+        }
+        for p in &hb.profiles {
+            let refused = reading.auth_failures.get(&p.name).copied().unwrap_or(0);
+            actions.extend(self.ssh_auth_check(agent, p, refused));
+            actions.extend(self.tunnel_health_check(agent, p));
+            actions.extend(self.forward_checks(agent, p));
+        }
+        self.placement.insert(agent.to_string(), reading.placement);
+        actions
+    }
+
+    /// An agent's evidence about an endpoint: it is on it (`ok`) or failing against it.
+    /// Groups without probes judge their endpoints by these reports.
+    fn endpoint_evidence(
+        &mut self,
+        agent: &str,
+        endpoint: &str,
+        ok: bool,
+        now: Instant,
+    ) -> Vec<Action> {
+        let e = self.endpoints.entry(endpoint.to_string()).or_default();
+        if ok {
+            e.seen.insert(agent.to_string(), now);
+        } else {
+            e.failing.insert(agent.to_string(), now);
+        }
+        if !self.probed(endpoint)
+            && self
+                .groups
+                .values()
+                .any(|g| g.endpoints.iter().any(|x| x == endpoint))
+        {
+            return self.endpoint_check(endpoint, ok, now);
+        }
+        Vec::new()
+    }
+
+    /// SSH authentication: every refused key is a failed check; an established session passes.
+    fn ssh_auth_check(&mut self, agent: &str, p: &ProfileReport, refused: u32) -> Option<Action> {
+        if refused == 0 && p.state != TunnelState::Up {
+            return None;
+        }
+        let endpoint = p.active_endpoint.clone();
+        self.agent_check(
+            AlertKind::SshAuth,
+            format!("{agent}/{}", p.name),
+            refused,
+            false,
+            |n| {
+                format!(
+                    "agent {agent} profile {}: {endpoint} refused its key {n} times in a row",
+                    p.name
+                )
+            },
+            agent,
+        )
+    }
+
+    /// Tunnel health: the agent counts its own consecutive failures; a tunnel that is not up
+    /// counts as failing too (no health check can run), one failed check per heartbeat. Held
+    /// while the endpoint itself is suspect: the OMA incident covers it.
+    fn tunnel_health_check(&mut self, agent: &str, p: &ProfileReport) -> Option<Action> {
+        let subject = format!("{agent}/{}", p.name);
+        let hold = self
+            .endpoints
+            .get(&p.active_endpoint)
+            .is_some_and(Endpoint::suspect);
+        let down_key = format!("down:{subject}");
+        let down_for = if !matches!(p.state, TunnelState::Connecting | TunnelState::Backoff) || hold
+        {
+            self.streaks.remove(&down_key);
+            0
+        } else {
+            let n = self.streaks.entry(down_key).or_insert(0);
+            *n = n.saturating_add(1);
+            *n
+        };
+        let failing = p.consecutive_failures.max(down_for);
+        let key = alert_key(AlertKind::TunnelHealth, &subject);
+        if failing >= self.rules.threshold && !hold && !self.firing.contains(&key) {
+            self.firing.insert(key);
+            let detail = match p.health.last() {
+                Some(h) => h.detail.clone(),
+                None => p
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| format!("{:?}", p.state)),
+            };
+            return Some(Action::Fire {
+                kind: AlertKind::TunnelHealth,
+                summary: format!(
+                    "agent {agent} profile {}: tunnel through {} failing for {failing} checks in a row ({detail})",
+                    p.name, p.active_endpoint
+                ),
+                subject,
+                affected: vec![agent.to_string()],
+            });
+        }
+        if failing == 0 && self.firing.remove(&key) {
+            return Some(Action::Resolve {
+                kind: AlertKind::TunnelHealth,
+                subject,
+            });
+        }
+        None
+    }
+
+    /// Forwards that cannot bind (or that the server refuses): one check per heartbeat.
+    fn forward_checks(&mut self, agent: &str, p: &ProfileReport) -> Vec<Action> {
+        let mut actions = Vec::new();
+        for f in &p.forwards {
+            let subject = format!("{agent}/{}/{}", p.name, f.spec);
+            let failed = u32::from(f.state == ForwardState::Retrying);
+            if failed == 0 && !matches!(f.state, ForwardState::Active | ForwardState::Listening) {
+                continue;
+            }
+            let detail = f.detail.clone().unwrap_or_default();
+            actions.extend(self.agent_check(
+                AlertKind::PortConflict,
+                subject,
+                failed,
+                false,
+                |n| {
+                    format!(
+                        "agent {agent} profile {}: forward {} failing for {n} heartbeats: {detail}",
+                        p.name, f.spec
+                    )
+                },
+                agent,
+            ));
+        }
+        actions
+    }
+}
