@@ -8,7 +8,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::AgentConfig;
 use crate::control::{self, ControlError};
-use crate::supervisor::{Envelope, StartError, Supervisor, SupervisorHandle};
+use crate::supervisor::{StartError, Supervisor, SupervisorHandle};
+use tokio_util::task::TaskTracker;
 
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
@@ -120,19 +121,12 @@ impl Agent {
             self.socket.display()
         ));
         let watchdog = tunnelfleet_runtime::systemd::spawn_watchdog(shutdown.clone());
+        // Drains, health checks and applies settling answer from here, not from the loop.
+        let work = TaskTracker::new();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                Some(env) = requests.recv() => match env {
-                    Envelope::Control(req, reply) => {
-                        let resp = self.supervisor.handle(req).await;
-                        let _ = reply.send(resp);
-                    }
-                    Envelope::Apply(set, reply) => {
-                        let applied = self.supervisor.apply(&set).await;
-                        let _ = reply.send(applied);
-                    }
-                },
+                Some(env) = requests.recv() => self.supervisor.serve(env, &work),
             }
         }
         // Requests still queued or arriving (control socket, /metrics, the fleet link) now get
@@ -153,6 +147,8 @@ impl Agent {
             let _ = m.await;
         }
         self.supervisor.shutdown().await;
+        work.close();
+        work.wait().await;
         let _ = std::fs::remove_file(&self.socket);
         tracing::info!("agent stopped");
     }

@@ -8,64 +8,14 @@
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::status::{AgentStatus, HealthResult};
-use crate::supervisor::SupervisorHandle;
+use crate::supervisor::{Request, Response, SupervisorHandle};
 
 /// Longest request line accepted (requests are tiny; this bounds a misbehaving client).
 const MAX_LINE: usize = 64 * 1024;
-
-/// A command for the agent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "snake_case")]
-pub enum Request {
-    /// Every profile's status.
-    Status,
-    /// Start a stopped profile.
-    Start {
-        /// Profile name.
-        name: String,
-    },
-    /// Stop a profile gracefully.
-    Stop {
-        /// Profile name.
-        name: String,
-    },
-    /// Re-establish a profile's session now.
-    Restart {
-        /// Profile name.
-        name: String,
-    },
-    /// Run a profile's health check now.
-    Health {
-        /// Profile name.
-        name: String,
-    },
-}
-
-/// The agent's answer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "result", rename_all = "snake_case")]
-pub enum Response {
-    /// Done.
-    Ok {
-        /// What happened.
-        message: String,
-    },
-    /// Status snapshot.
-    Status(AgentStatus),
-    /// Health check result.
-    Health(HealthResult),
-    /// Refused or failed.
-    Error {
-        /// Why.
-        message: String,
-    },
-}
 
 /// Why the control socket could not be served or reached.
 #[derive(Debug, thiserror::Error)]

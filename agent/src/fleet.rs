@@ -180,7 +180,7 @@ pub async fn run_command(
     sup: &SupervisorHandle,
     c: tunnelfleet_protocol::Command,
 ) -> tunnelfleet_protocol::CommandResult {
-    use crate::control::{Request, Response};
+    use crate::supervisor::{Request, Response};
     use tunnelfleet_protocol::CommandAction;
     let name = c.profile.clone();
     let req = match c.action {

@@ -464,7 +464,8 @@ async fn profile_status(
     socket: &std::path::Path,
     name: &str,
 ) -> anyhow::Result<crate::status::ProfileStatus> {
-    use crate::control::{Request, Response, call};
+    use crate::control::call;
+    use crate::supervisor::{Request, Response};
     match call(socket, &Request::Status).await? {
         Response::Status(s) => s
             .profiles

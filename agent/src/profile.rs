@@ -57,30 +57,67 @@ pub struct ProfileHandle {
     drain_override: Arc<std::sync::Mutex<Option<Duration>>>,
 }
 
+/// A signal that something finished (a profile stopped, a replaced profile freed its ports),
+/// which any number of tasks can wait for. A profile started after a [`Gate`] binds nothing
+/// until the gate opens, so a replacement never races its predecessor for a port.
+#[derive(Clone, Debug, Default)]
+pub struct Gate(CancellationToken);
+
+impl Gate {
+    /// A gate that opens once `done` completes (run in its own task).
+    pub fn after(done: impl std::future::Future<Output = ()> + Send + 'static) -> Gate {
+        let gate = Gate::default();
+        let open = gate.0.clone();
+        tokio::spawn(async move {
+            done.await;
+            open.cancel();
+        });
+        gate
+    }
+
+    /// Waits until the gate is open.
+    pub async fn wait(&self) {
+        self.0.cancelled().await;
+    }
+}
+
 impl ProfileHandle {
     /// Stops gracefully: stop accepting, drain (bounded), cancel remote forwards, disconnect.
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
+        self.begin_stop().await;
+    }
+
+    /// Starts the graceful stop now; the returned future resolves when it is complete (it need
+    /// not be polled for the stop to proceed).
+    pub fn begin_stop(mut self) -> impl std::future::Future<Output = ()> + Send + 'static {
         self.cancel.cancel();
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
+        let task = self.task.take();
+        async move {
+            if let Some(task) = task {
+                let _ = task.await;
+            }
         }
     }
 
-    /// Make-before-break replacement: stops accepting now (returns once the ports are free)
-    /// and lets the old session carry its open connections for up to `drain` in the
-    /// background, so the replacement can start at once.
-    pub async fn replace(mut self, drain: Duration) {
+    /// Make-before-break replacement: stops accepting now and lets the old session carry its
+    /// open connections for up to `drain` in the background, so the replacement can start at
+    /// once. The returned future resolves when the ports are free.
+    pub fn begin_replace(
+        mut self,
+        drain: Duration,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
         *self
             .drain_override
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = Some(drain);
         self.cancel.cancel();
-        if let Some(rx) = self.accepting_closed.take() {
-            let _ = rx.await;
-        }
-        if let Some(task) = self.task.take() {
-            // Detached: the old session ends when its last connection does (or at `drain`).
-            drop(task);
+        let closed = self.accepting_closed.take();
+        // Detached: the old session ends when its last connection does (or at `drain`).
+        drop(self.task.take());
+        async move {
+            if let Some(rx) = closed {
+                let _ = rx.await;
+            }
         }
     }
 
@@ -122,12 +159,14 @@ pub fn new_shared(cfg: &ProfileSpec) -> Arc<ProfileShared> {
     Arc::new(shared)
 }
 
-/// Starts a profile; the identity must already be loaded (see `Supervisor`).
+/// Starts a profile once every gate in `after` is open (its predecessors released their
+/// ports); the identity must already be loaded (see `Supervisor`).
 pub fn start(
     cfg: Arc<ProfileSpec>,
     key: Arc<russh::keys::PrivateKey>,
     shared: Arc<ProfileShared>,
     drain: Duration,
+    after: Vec<Gate>,
 ) -> ProfileHandle {
     let cancel = CancellationToken::new();
     let (restart_tx, restart_rx) = mpsc::channel(4);
@@ -162,7 +201,16 @@ pub fn start(
         cancel: cancel.clone(),
         restart: restart_rx,
     };
-    let task = tokio::spawn(runner.run());
+    let task = tokio::spawn(async move {
+        for gate in &after {
+            tokio::select! {
+                _ = gate.wait() => {}
+                // Stopped before it could start: nothing was bound.
+                _ = runner.cancel.cancelled() => return,
+            }
+        }
+        runner.run().await
+    });
     ProfileHandle {
         cancel,
         restart: restart_tx,

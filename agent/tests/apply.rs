@@ -164,3 +164,51 @@ async fn a_pushed_set_is_applied_as_a_diff() {
     sup.shutdown().await;
     a.validate_runnable().unwrap();
 }
+
+/// A health check that takes long (here: an HTTP server that accepts and never answers) runs
+/// in its own task: the supervisor answers status in the meantime.
+#[tokio::test]
+async fn status_is_answered_while_a_health_check_is_still_running() {
+    use tokio::sync::oneshot;
+    use tunnelfleet_agent::supervisor::{Envelope, Request, Response};
+    let dir = tempfile::tempdir().unwrap();
+    spec(dir.path(), "x", &["L 1:a:2".into()]);
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let cfg = AgentConfig::parse(
+        &format!(
+            "[[profile]]\nname = \"oma\"\nendpoints = [\"127.0.0.1:1\"]\nuser = \"u\"\nidentity_file = \"{}\"\n\
+             host_key_fingerprints = [\"SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU\"]\nforwards = [\"L {}:a:1\"]\nautostart = false\n\
+             [profile.health]\nhttp = \"http://{}/health\"\ntimeout = \"60s\"\n",
+            dir.path().join("id").display(),
+            free_port(),
+            silent.local_addr().unwrap()
+        ),
+        Path::new("t.toml"),
+    )
+    .unwrap();
+    let mut sup = Supervisor::new(&cfg).unwrap();
+    let work = tokio_util::task::TaskTracker::new();
+    let (health_tx, mut health_rx) = oneshot::channel();
+    sup.serve(
+        Envelope::Control(Request::Health { name: "oma".into() }, health_tx),
+        &work,
+    );
+    let (status_tx, mut status_rx) = oneshot::channel();
+    sup.serve(Envelope::Control(Request::Status, status_tx), &work);
+    assert!(matches!(status_rx.try_recv(), Ok(Response::Status(_))));
+    assert!(
+        health_rx.try_recv().is_err(),
+        "the health check cannot have finished: its server never answers"
+    );
+    // The server goes away: the check fails and its answer arrives.
+    drop(silent);
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(30), health_rx)
+        .await
+        .expect("health answer")
+        .unwrap();
+    assert!(
+        matches!(answer, Response::Health(ref h) if !h.ok),
+        "{answer:?}"
+    );
+    sup.shutdown().await;
+}

@@ -17,8 +17,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tunnelfleet_agent::config::AgentConfig;
-use tunnelfleet_agent::control::{self, Request, Response};
+use tunnelfleet_agent::control;
 use tunnelfleet_agent::status::{AgentStatus, ProfileStatus};
+use tunnelfleet_agent::supervisor::{Request, Response};
 
 /// Where Debian's openssh-server puts the daemon.
 pub const SSHD: &str = "/usr/sbin/sshd";

@@ -5,8 +5,8 @@
 
 use integration_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tunnelfleet_agent::control::{Request, Response};
 use tunnelfleet_agent::status::{ForwardState, SessionState};
+use tunnelfleet_agent::supervisor::{Request, Response};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_forwards_carry_data_both_ways_on_one_session_and_two_profiles_run() {

@@ -9,8 +9,9 @@ use crate::{audit, demo, net, render};
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
 use tunnelfleet_agent::config::AgentConfig;
-use tunnelfleet_agent::control::{self, ControlError, Request, Response};
+use tunnelfleet_agent::control::{self, ControlError};
 use tunnelfleet_agent::status::AgentStatus;
+use tunnelfleet_agent::supervisor::{Request, Response};
 use tunnelfleet_runtime::telemetry::{self, LogFormat};
 
 /// Exit code when the agent cannot be reached.

@@ -1,0 +1,268 @@
+//! The agent's profiles and the commands that act on them.
+//!
+//! The supervisor owns every profile's handle; the control socket, `/metrics` and the
+//! coordinator link reach it through [`SupervisorHandle`] (a channel), so commands are applied
+//! one at a time in arrival order and no lock is ever shared between them and the profiles.
+//! Its turn never waits on long work: a drain, a health check or an apply settling runs in its
+//! own task and answers when done ([`Reply::Later`]), so `tunnels status`, heartbeats and
+//! `/metrics` are answered while a profile drains. A profile started after a stop or replace
+//! waits (in its own task) for its predecessor's ports ([`profile::Gate`]).
+//!
+//! # Layout
+//! - this module: the profiles, start, stop, restart, health, status, shutdown.
+//! - [`apply`]: a pushed profile set applied as a diff.
+//! - [`command`]: requests, responses and the handle.
+
+mod apply;
+pub mod command;
+
+pub use command::{Envelope, Later, Reply, Request, Response, SupervisorHandle};
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use russh::keys::PrivateKey;
+use tokio_util::task::TaskTracker;
+use tunnelfleet_protocol::ProfileSpec;
+use tunnelfleet_runtime::clock::now_unix_ms;
+
+use crate::config::AgentConfig;
+use crate::health::run_check;
+use crate::identity::{IdentityError, load_identity};
+use crate::profile::{self, Gate, ProfileHandle};
+use crate::status::{AgentStatus, ProfileShared};
+
+/// Why the agent cannot start its profiles.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A profile's identity file is unusable.
+    #[error("profile {profile}: {source}")]
+    Identity {
+        /// Profile name.
+        profile: String,
+        /// Why.
+        source: IdentityError,
+    },
+}
+
+/// Where a profile came from: a local profile is never replaced by a pushed one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Local,
+    Pushed,
+}
+
+struct Slot {
+    origin: Origin,
+    cfg: Arc<ProfileSpec>,
+    key: Arc<PrivateKey>,
+    shared: Arc<ProfileShared>,
+    running: Option<ProfileHandle>,
+    /// Opens when the previous run of this profile released its ports; the next start
+    /// waits for it.
+    released: Option<Gate>,
+}
+
+/// All profiles of the agent.
+pub struct Supervisor {
+    slots: BTreeMap<String, Slot>,
+    drain: Duration,
+    started_unix_ms: u64,
+}
+
+impl Supervisor {
+    /// Checks every profile's identity file; refuses the whole config if one is unusable.
+    pub fn new(cfg: &AgentConfig) -> Result<Self, StartError> {
+        let mut slots = BTreeMap::new();
+        for p in &cfg.profiles {
+            let key = load_identity(&p.identity_file).map_err(|source| StartError::Identity {
+                profile: p.name.clone(),
+                source,
+            })?;
+            for exposed in p.exposed_forwards() {
+                tracing::warn!(profile = %p.name, forward = %exposed, "forward listens beyond loopback, as configured");
+            }
+            slots.insert(
+                p.name.clone(),
+                Slot {
+                    origin: Origin::Local,
+                    cfg: Arc::new(p.clone()),
+                    key: Arc::new(key),
+                    shared: profile::new_shared(p),
+                    running: None,
+                    released: None,
+                },
+            );
+        }
+        Ok(Supervisor {
+            slots,
+            drain: cfg.agent.drain_timeout,
+            started_unix_ms: now_unix_ms(),
+        })
+    }
+
+    /// How many profiles it holds (local and pushed).
+    pub fn profile_count(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Starts every profile marked `autostart`.
+    pub fn start_autostart(&mut self) {
+        let names: Vec<String> = self
+            .slots
+            .values()
+            .filter(|s| s.cfg.autostart)
+            .map(|s| s.cfg.name.clone())
+            .collect();
+        for n in names {
+            let _ = self.start(&n);
+        }
+    }
+
+    /// Starts a profile.
+    pub fn start(&mut self, name: &str) -> Result<String, String> {
+        let drain = self.drain;
+        let slot = self.slot(name)?;
+        if slot.running.is_some() {
+            return Ok(format!("{name} is already running"));
+        }
+        // Fresh counters and state per run: a stop/start is a new tunnel.
+        slot.shared = profile::new_shared(&slot.cfg);
+        let after = slot.released.take().into_iter().collect();
+        slot.running = Some(profile::start(
+            slot.cfg.clone(),
+            slot.key.clone(),
+            slot.shared.clone(),
+            drain,
+            after,
+        ));
+        tracing::info!(profile = name, "profile started");
+        Ok(format!("{name} started"))
+    }
+
+    /// Stops a profile gracefully: it stops accepting now; the answer comes when its drain is
+    /// over.
+    pub fn stop(&mut self, name: &str) -> Result<Reply, String> {
+        let slot = self.slot(name)?;
+        let Some(h) = slot.running.take() else {
+            return Ok(Reply::Now(Response::Ok {
+                message: format!("{name} is not running"),
+            }));
+        };
+        let released = Gate::after(h.begin_stop());
+        slot.released = Some(released.clone());
+        let name = name.to_string();
+        Ok(Reply::Later(Box::pin(async move {
+            released.wait().await;
+            tracing::info!(profile = %name, "profile stopped");
+            Response::Ok {
+                message: format!("{name} stopped"),
+            }
+        })))
+    }
+
+    /// Restarts a profile's session (starts it if stopped).
+    pub fn restart(&mut self, name: &str) -> Result<String, String> {
+        let slot = self.slot(name)?;
+        match &slot.running {
+            Some(h) => {
+                h.restart("restart requested");
+                Ok(format!("{name} restarting"))
+            }
+            None => self.start(name),
+        }
+    }
+
+    /// Runs the profile's health check now (the result does not count towards the threshold).
+    pub fn health_check(&mut self, name: &str) -> Result<Reply, String> {
+        let slot = self.slot(name)?;
+        let Some(h) = slot.cfg.health.clone() else {
+            return Err(format!("profile {name} has no health check configured"));
+        };
+        let target = h.target().map_err(|e| e.to_string())?;
+        Ok(Reply::Later(Box::pin(async move {
+            Response::Health(run_check(&target, h.timeout).await)
+        })))
+    }
+
+    /// A snapshot of everything.
+    pub fn status(&self) -> AgentStatus {
+        AgentStatus {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+            started_unix_ms: self.started_unix_ms,
+            profiles: self.slots.values().map(|s| s.shared.snapshot()).collect(),
+        }
+    }
+
+    /// Stops every profile, concurrently, each with its bounded drain.
+    pub async fn shutdown(&mut self) {
+        let handles: Vec<ProfileHandle> = self
+            .slots
+            .values_mut()
+            .filter_map(|s| s.running.take())
+            .collect();
+        let stops = handles.into_iter().map(|h| h.stop());
+        futures_join_all(stops).await;
+    }
+
+    fn slot(&mut self, name: &str) -> Result<&mut Slot, String> {
+        let known: Vec<String> = self.slots.keys().cloned().collect();
+        self.slots
+            .get_mut(name)
+            .ok_or_else(|| format!("no profile named {name:?} (profiles: {})", known.join(", ")))
+    }
+
+    /// Applies one control request during the supervisor's turn.
+    pub fn handle(&mut self, req: Request) -> Reply {
+        let result = match req {
+            Request::Status => return Reply::Now(Response::Status(self.status())),
+            Request::Start { name } => self.start(&name),
+            Request::Stop { name } => return self.stop(&name).unwrap_or_else(refused),
+            Request::Restart { name } => self.restart(&name),
+            Request::Health { name } => return self.health_check(&name).unwrap_or_else(refused),
+        };
+        Reply::Now(match result {
+            Ok(message) => Response::Ok { message },
+            Err(message) => Response::Error { message },
+        })
+    }
+
+    /// Takes one envelope: what can be answered now is; longer work goes to `tasks` and
+    /// answers from there.
+    pub fn serve(&mut self, env: Envelope, tasks: &TaskTracker) {
+        match env {
+            Envelope::Control(req, reply) => match self.handle(req) {
+                Reply::Now(resp) => {
+                    let _ = reply.send(resp);
+                }
+                Reply::Later(work) => {
+                    tasks.spawn(async move {
+                        let _ = reply.send(work.await);
+                    });
+                }
+            },
+            Envelope::Apply(set, reply) => {
+                let work = self.begin_apply(&set);
+                tasks.spawn(async move {
+                    let _ = reply.send(work.await);
+                });
+            }
+        }
+    }
+}
+
+fn refused(message: String) -> Reply {
+    Reply::Now(Response::Error { message })
+}
+
+async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
+    futs: impl Iterator<Item = F>,
+) {
+    let mut set = tokio::task::JoinSet::new();
+    for f in futs {
+        set.spawn(f);
+    }
+    while set.join_next().await.is_some() {}
+}
