@@ -17,7 +17,6 @@ use tunnelfleet_protocol::{EnrollReply, EnrollRequest, FrameDecoder, check_versi
 use crate::fleet::Fleet;
 use crate::pki::Signer;
 use crate::store::StoreError;
-pub use crate::store::{JoinToken, Revocation};
 
 /// Prefix of every join token secret (recognizable in a leaked log or paste).
 pub const TOKEN_PREFIX: &str = "tfj_";

@@ -241,7 +241,8 @@ async fn many_concurrent_durable_writes_do_not_deadlock_the_store() {
 
 #[tokio::test]
 async fn a_join_token_is_spent_once_within_its_lifetime_and_only_by_its_agent() {
-    use tunnelfleet_coordinator::enroll::{JoinToken, new_token, token_hash};
+    use tunnelfleet_coordinator::enroll::{new_token, token_hash};
+    use tunnelfleet_coordinator::store::JoinToken;
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let token = |agent: Option<&str>, expires: u64| JoinToken {

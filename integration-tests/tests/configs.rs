@@ -44,7 +44,7 @@ fn every_shipped_coordinator_config_is_accepted() {
             .file_name()
             .is_some_and(|n| n.to_string_lossy().starts_with("groups"))
         {
-            groups += tunnelfleet_ops::fleet::load_groups(&path)
+            groups += tunnelfleet_ops::cli::oma::load_groups(&path)
                 .unwrap_or_else(|e| panic!("{e:#}"))
                 .len();
             continue;

@@ -513,7 +513,7 @@ async fn wait_webhook(sink: &WebhookSink, status: &str) -> anyhow::Result<String
 async fn print_oma(out: &mut (impl Write + Send), api: &ApiClient) -> anyhow::Result<()> {
     let v: Vec<EndpointView> = api.get("/v1/oma").await?;
     say(out, "\n  $ tunnelfleet oma list")?;
-    for line in crate::fleet::oma_table(&v).lines() {
+    for line in crate::render::oma_table(&v).lines() {
         say(out, &format!("  {line}"))?;
     }
     Ok(())
@@ -547,7 +547,7 @@ async fn print_metrics(out: &mut (impl Write + Send), port: u16) -> anyhow::Resu
 async fn print_alerts(out: &mut (impl Write + Send), api: &ApiClient) -> anyhow::Result<()> {
     let v: Vec<Alert> = api.get("/v1/alerts?all=true").await?;
     say(out, "\n  $ tunnelfleet alerts list --all")?;
-    for line in crate::fleet::alerts_table(&v).lines() {
+    for line in crate::render::alerts_table(&v).lines() {
         say(out, &format!("  {line}"))?;
     }
     Ok(())

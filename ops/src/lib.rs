@@ -2,22 +2,20 @@
 //! what it embeds.
 //!
 //! # Layout
-//! - [`access`]: `tunnelfleet token …`, `agents revoke|unrevoke`: who may join the fleet.
 //! - [`api`]: the client of the coordinator's admin API.
-//! - [`cli`]: the `tunnelfleet` command line (the binary is a one-line `main` over it).
+//! - [`cli`]: the `tunnelfleet` command line, its argument tree apart from a file per command
+//!   group (the binary is a one-line `main` over it).
 //! - [`audit`]: `tunnelfleet audit`: keys, sshd settings, sockets, failed logins, own config.
 //! - [`import`]: `tunnelfleet profiles import`: seed 004's profile lines, ssh command lines.
 //! - [`demo`]: `tunnelfleet demo`, the seed's tunnel set with a failover, end to end.
 //! - [`net`]: `tunnelfleet net check`: DNS, latency, ports, SSH banners; `net bandwidth`.
 //! - [`oma`]: an embedded OMA (russh SSH server) for the demo.
 //! - [`services`]: small HTTP and echo services standing in for OMA/VMA APIs and NBD.
-//! - [`render`]: human tables for `tunnels` commands.
+//! - [`render`]: human tables (tunnels, agents, OMA endpoints, alerts, plans).
 
-pub mod access;
 pub mod api;
 pub mod cli;
 pub mod demo;
-pub mod fleet;
 pub mod import;
 pub mod oma;
 pub mod render;

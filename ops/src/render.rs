@@ -1,10 +1,13 @@
-//! Human tables for `tunnelfleet tunnels …` and `tunnelfleet agents …` (the `--json` path prints the data as is).
+//! Human tables for `tunnelfleet tunnels …`, `agents …`, `oma list` and `alerts list` (the
+//! `--json` path prints the data as is).
 
 use comfy_table::presets::NOTHING;
 use comfy_table::{Cell, Table};
 use tunnelfleet_agent::status::{
     AgentStatus, ForwardState, HealthResult, ProfileStatus, SessionState,
 };
+use tunnelfleet_coordinator::monitor::EndpointView;
+use tunnelfleet_coordinator::store::{Alert, AlertStatus};
 use tunnelfleet_runtime::clock::now_unix_ms;
 
 /// `tunnels list`: one line per profile.
@@ -278,6 +281,88 @@ where
             _ = tokio::time::sleep(interval) => {}
         }
     }
+}
+
+/// `oma list` as a table.
+pub fn oma_table(v: &[EndpointView]) -> String {
+    let mut t = Table::new();
+    t.load_preset(NOTHING);
+    t.set_header(vec![
+        "GROUP",
+        "ENDPOINT",
+        "ROLE",
+        "STATE",
+        "HEALTHY FOR",
+        "LAST CHECK",
+        "AGENTS",
+    ]);
+    for e in v {
+        let mut role = if e.priority == 0 {
+            "primary".to_string()
+        } else {
+            format!("standby #{}", e.priority)
+        };
+        if e.active {
+            role.push_str(", ACTIVE");
+        }
+        if e.drained {
+            role.push_str(", drained");
+        }
+        let state = match e.state.as_str() {
+            "down" => format!("DOWN ({} failed)", e.consecutive_failures),
+            s => s.to_string(),
+        };
+        let check = match e.last_latency_ms {
+            Some(ms) if e.state == "up" => format!("{} ({ms:.1} ms)", e.last_detail),
+            _ => e.last_detail.clone(),
+        };
+        t.add_row(vec![
+            Cell::new(&e.group),
+            Cell::new(&e.endpoint),
+            Cell::new(role),
+            Cell::new(state),
+            Cell::new(
+                e.healthy_for_s
+                    .map(|s| {
+                        humantime::format_duration(std::time::Duration::from_secs(s)).to_string()
+                    })
+                    .unwrap_or_else(|| "-".into()),
+            ),
+            Cell::new(check),
+            Cell::new(if e.agents.is_empty() {
+                "-".to_string()
+            } else {
+                e.agents.join(", ")
+            }),
+        ]);
+    }
+    t.to_string() + "\n"
+}
+
+/// `alerts list` as a table.
+pub fn alerts_table(v: &[Alert]) -> String {
+    let mut t = Table::new();
+    t.load_preset(NOTHING);
+    t.set_header(vec![
+        "ID", "STATE", "KIND", "SUBJECT", "SINCE", "ACK", "SUMMARY",
+    ]);
+    for a in v {
+        let state = match (a.status, a.silenced) {
+            (AlertStatus::Firing, false) => "FIRING",
+            (AlertStatus::Firing, true) => "firing (silenced)",
+            (AlertStatus::Resolved, _) => "resolved",
+        };
+        t.add_row(vec![
+            Cell::new(a.id),
+            Cell::new(state),
+            Cell::new(a.kind.as_str()),
+            Cell::new(&a.subject),
+            Cell::new(format!("{} ago", ago(a.fired_unix_ms))),
+            Cell::new(a.acked_by.as_deref().unwrap_or("-")),
+            Cell::new(&a.summary),
+        ]);
+    }
+    t.to_string() + "\n"
 }
 
 #[cfg(test)]

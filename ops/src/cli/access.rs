@@ -3,53 +3,18 @@
 //! A join token is shown once, when it is made; the coordinator keeps only its hash. The
 //! commands are thin clients of the admin API.
 
-use std::collections::BTreeMap;
 use std::process::ExitCode;
+
+use std::collections::BTreeMap;
 use std::time::Duration;
+
+use tunnelfleet_coordinator::admin::{Done, RevokeRequest, TokenCreated, TokenRequest};
+use tunnelfleet_coordinator::store::{JoinToken, Revocation};
 use tunnelfleet_runtime::clock::now_unix_ms;
 
-use clap::Subcommand;
-use tunnelfleet_coordinator::admin::{Done, RevokeRequest, TokenCreated, TokenRequest};
-use tunnelfleet_coordinator::enroll::{JoinToken, Revocation};
-
+use super::args::TokenAction;
 use crate::api::ApiClient;
 use crate::render;
-
-/// `tunnelfleet token …`
-#[derive(Subcommand, Debug)]
-pub enum TokenAction {
-    /// Make a one-time join token; an agent started with it (and the CA fingerprint) enrolls
-    /// itself. The token is printed once and cannot be shown again.
-    #[command(
-        after_help = "Examples:\n  tunnelfleet token create --label site=dc1 --ttl 1h\n  tunnelfleet token create --agent vma-17 --ttl 30m   # re-enroll a replaced appliance"
-    )]
-    Create {
-        /// A label the enrolled agent gets, `key=value` (repeatable).
-        #[arg(long = "label", value_parser = parse_label)]
-        labels: Vec<(String, String)>,
-        /// How long the token is good for (at most a week).
-        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
-        ttl: Duration,
-        /// Only this agent id may use it (required to re-enroll an agent the fleet knows).
-        #[arg(long)]
-        agent: Option<String>,
-    },
-    /// Every token: unused, used (by whom) and expired.
-    List,
-    /// Delete a token by its id (`token list` shows ids).
-    Delete {
-        /// Token id.
-        id: String,
-    },
-}
-
-/// `key=value`.
-pub fn parse_label(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .filter(|(k, _)| !k.is_empty())
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .ok_or_else(|| format!("{s:?}: expected key=value"))
-}
 
 /// Runs a `token` command.
 pub async fn token(api: &ApiClient, action: TokenAction, json: bool) -> anyhow::Result<ExitCode> {

@@ -1,0 +1,509 @@
+//! The `tunnelfleet` argument tree (clap): every command, subcommand and flag, and nothing that
+//! runs them.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+/// Operate tunnelfleet: the fleet (through the coordinator), the local agent's tunnels, and the demo.
+#[derive(Parser, Debug)]
+#[command(
+    name = "tunnelfleet",
+    version,
+    about,
+    after_help = "Examples:\n  tunnelfleet demo\n  tunnelfleet tunnels status\n  tunnelfleet tunnels restart oma --socket /run/tunnelfleet/agent.sock\n  tunnelfleet tunnels list --json | jq '.profiles[].name'\n  tunnelfleet watch\n  tunnelfleet profiles diff -f profiles.toml && tunnelfleet profiles apply -f profiles.toml\n  tunnelfleet oma failover oma-dc1\n  tunnelfleet token create --label site=dc1 --ttl 1h\n  tunnelfleet completions bash > /etc/bash_completion.d/tunnelfleet\n\nExit codes: 0 ok, 1 failure (or a failed check), 2 changes pending (profiles diff --detailed-exitcode), 3 agent or coordinator unreachable."
+)]
+pub(super) struct Cli {
+    /// Print machine-readable JSON instead of tables.
+    #[arg(long, global = true)]
+    pub(super) json: bool,
+    #[command(subcommand)]
+    pub(super) command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub(super) enum Command {
+    /// An agent's tunnels: the local one through its control socket, any other with
+    /// --agent ID through the coordinator.
+    Tunnels {
+        /// Act on this agent through the coordinator instead of the local agent.
+        #[arg(long, global = true)]
+        agent: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Agent control socket.
+        #[arg(long, env = "TUNNELFLEET_SOCKET", global = true)]
+        socket: Option<PathBuf>,
+        /// Read the socket path from this agent config instead.
+        #[arg(long, global = true, default_value = "/etc/tunnelfleet/agent.toml")]
+        config: PathBuf,
+        #[command(subcommand)]
+        action: TunnelAction,
+    },
+    /// Network checks: DNS, latency, TCP ports, SSH banners; bandwidth through a tunnel.
+    Net {
+        #[command(subcommand)]
+        action: NetAction,
+    },
+    /// Security audit: SSH keys, sshd settings, listening sockets, failed logins, and
+    /// tunnelfleet's own config. Exit 1 when a finding reaches --fail-on.
+    Audit {
+        #[command(flatten)]
+        opts: crate::audit::AuditOptions,
+        /// Audit this agent's host through the coordinator (with its default options).
+        #[arg(long, conflicts_with = "all")]
+        agent: Option<String>,
+        /// Audit every connected agent's host through the coordinator.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Exit 1 when a finding is at least this severe.
+        #[arg(long, value_enum, default_value_t = crate::audit::Severity::High)]
+        fail_on: crate::audit::Severity,
+    },
+    /// Fleet agents, through the coordinator's admin API.
+    Agents {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        action: AgentsAction,
+    },
+    /// Fleet profiles, through the coordinator's admin API.
+    Profiles {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        action: ProfilesAction,
+    },
+    /// Assign a profile to one agent or to every agent with some labels.
+    Assign {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Profile name.
+        profile: String,
+        /// One agent.
+        #[arg(long, conflicts_with = "labels", required_unless_present = "labels")]
+        agent: Option<String>,
+        /// A label the agents must have, `key=value` (repeatable).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    /// Rollout of the current version: which agents applied it, which failed and why.
+    Rollout {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// OMA groups: endpoint health, which agents are on each, drain, failover, failback.
+    Oma {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        action: OmaAction,
+    },
+    /// Alerts: list, show, ack, silence, and the state of their delivery hooks.
+    Alerts {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        action: AlertsAction,
+    },
+    /// The whole fleet, refreshed in place: agents, tunnels, OMA endpoints, firing alerts.
+    /// With --json, one view per line.
+    Watch {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Time between refreshes.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
+        /// Stop after this many refreshes (0 = until interrupted).
+        #[arg(long, default_value_t = 0)]
+        count: u64,
+    },
+    /// One-time join tokens that let new agents enroll themselves.
+    Token {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        action: TokenAction,
+    },
+    /// The fleet's certificate authority.
+    Pki {
+        #[command(subcommand)]
+        action: PkiAction,
+    },
+    /// Run the whole system on this machine with nothing set up: a coordinator, an embedded OMA
+    /// pair, three agents with the seed's tunnels, a pushed change, a failover.
+    Demo,
+    /// Print shell completions.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// Where the coordinator's admin API is and how to authenticate.
+#[derive(clap::Args, Debug)]
+pub(super) struct ApiArgs {
+    /// Admin API address.
+    #[arg(
+        long,
+        env = "TUNNELFLEET_COORDINATOR",
+        default_value = "127.0.0.1:4480",
+        global = true
+    )]
+    pub(super) coordinator: String,
+    /// File holding the admin bearer token.
+    #[arg(
+        long,
+        env = "TUNNELFLEET_TOKEN_FILE",
+        default_value = "/etc/tunnelfleet/admin.token",
+        global = true
+    )]
+    pub(super) token_file: PathBuf,
+}
+
+impl ApiArgs {
+    pub(super) fn client(&self) -> anyhow::Result<crate::api::ApiClient> {
+        let token = std::fs::read_to_string(&self.token_file).with_context(|| {
+            format!("{}: cannot read the admin token", self.token_file.display())
+        })?;
+        Ok(crate::api::ApiClient::new(&self.coordinator, &token))
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub(super) enum AgentsAction {
+    /// Every agent: state, labels, tunnels up, applied version.
+    List,
+    /// One agent with its last heartbeat.
+    Show {
+        /// Agent id.
+        id: String,
+    },
+    /// Shut an agent out: its connection is closed at once and it is refused from now on,
+    /// whatever certificate it holds.
+    Revoke {
+        /// Agent id.
+        id: String,
+        /// Why (kept, and shown to the agent).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Let a revoked agent connect again.
+    Unrevoke {
+        /// Agent id.
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub(super) enum ProfilesAction {
+    /// Every profile.
+    List,
+    /// One profile.
+    Show {
+        /// Profile name.
+        name: String,
+    },
+    /// Create or replace the profiles of a file written like an agent config's [[profile]]s
+    /// (validated by the agent's own rules before anything is sent).
+    Apply {
+        /// The file.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// Delete a profile (and its assignments).
+    Delete {
+        /// Profile name.
+        name: String,
+    },
+    /// What `apply -f FILE` would change, before anything is applied: profiles created or
+    /// changed, forwards added and removed, whether sessions restart, which agents get it.
+    #[command(
+        after_help = "Exit codes: 0 success (with --detailed-exitcode: no changes), 2 with --detailed-exitcode when there are changes, 1 on errors."
+    )]
+    Diff {
+        /// The file.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Exit 2 when applying would change something (for CI pipelines).
+        #[arg(long)]
+        detailed_exitcode: bool,
+    },
+    /// Past versions of the fleet's profiles and assignments, newest first.
+    History {
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Restore the profiles and assignments of an earlier version (as a new version, pushed
+    /// at once).
+    Rollback {
+        /// The version to restore (`profiles history` lists them).
+        version: u64,
+    },
+    /// Turn seed 004's profile file (NAME|HOST|USER|LOCAL_PORT|REMOTE_HOST|REMOTE_PORT|
+    /// DESCRIPTION) or ssh/autossh command lines (scripts, unit files) into profiles: TOML on
+    /// stdout (or -o), and a note on stderr for everything not carried over as it was.
+    #[command(
+        after_help = "Examples:\n  tunnelfleet profiles import ~/.ssh-tunnels.conf -o profiles.toml\n  tunnelfleet profiles import vma-tunnel.sh --name oma --apply\n  echo 'ssh -p 443 -L 8082:localhost:8082 vma@oma1' | tunnelfleet profiles import -"
+    )]
+    Import {
+        /// The file, or `-` for stdin.
+        file: PathBuf,
+        /// Input format.
+        #[arg(long, value_enum, default_value_t = crate::import::Format::Auto)]
+        format: crate::import::Format,
+        /// Name of the (first) ssh command line's profile; default: from its host.
+        #[arg(long)]
+        name: Option<String>,
+        /// Identity file for profiles whose source names none.
+        #[arg(long, default_value = "/etc/tunnelfleet/id_ed25519")]
+        identity_file: PathBuf,
+        /// known_hosts file the profiles verify host keys against.
+        #[arg(long, default_value = "/etc/tunnelfleet/known_hosts")]
+        known_hosts: PathBuf,
+        /// Write the TOML here instead of stdout (refuses to overwrite).
+        #[arg(short = 'o', long)]
+        out: Option<PathBuf>,
+        /// Also apply the profiles to the coordinator.
+        #[arg(long)]
+        apply: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub(super) enum PkiAction {
+    /// Create the CA and the coordinator's certificate (refuses to replace an existing CA).
+    Init {
+        /// PKI directory (keys are written 0600).
+        #[arg(long, default_value = "/etc/tunnelfleet/pki")]
+        dir: PathBuf,
+        /// Names and addresses agents dial the coordinator by (repeatable).
+        #[arg(long = "name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        names: Vec<String>,
+    },
+    /// Issue an agent's certificate; the agent id is taken from it by the coordinator.
+    IssueAgent {
+        /// Agent id (letters, digits, '.', '_', '-').
+        id: String,
+        /// PKI directory.
+        #[arg(long, default_value = "/etc/tunnelfleet/pki")]
+        dir: PathBuf,
+        /// Where to write ID.pem, ID.key and ca.pem.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub(super) enum NetAction {
+    /// Check hosts: `host` or `host:port` (a port given with the host is an SSH port).
+    /// Exit 0 when every check passed, 1 otherwise.
+    Check {
+        /// Hosts to check.
+        #[arg(required_unless_present = "agent")]
+        targets: Vec<String>,
+        /// Run the check on this agent, against its OMA endpoints, through the coordinator.
+        #[arg(long, conflicts_with = "targets")]
+        agent: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+        /// TCP port that must be open (repeatable).
+        #[arg(long = "port")]
+        ports: Vec<u16>,
+        /// Port that must be open and greet with an SSH banner (repeatable).
+        #[arg(long = "ssh-port")]
+        ssh_ports: Vec<u16>,
+        /// Latency probes per host.
+        #[arg(long, default_value_t = 4)]
+        probes: u32,
+        /// Deadline per probe, connect and banner.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// Throughput of an HTTP download through a profile's L forward (default URL: the
+    /// profile's health URL).
+    Bandwidth {
+        /// Profile name.
+        profile: String,
+        /// URL to download; its port must be one of the profile's L forwards.
+        #[arg(long)]
+        url: Option<String>,
+        /// Agent control socket.
+        #[arg(long, env = "TUNNELFLEET_SOCKET")]
+        socket: Option<PathBuf>,
+        /// Read the socket path from this agent config instead.
+        #[arg(long, default_value = "/etc/tunnelfleet/agent.toml")]
+        config: PathBuf,
+        /// Deadline for the whole download.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub(super) enum TunnelAction {
+    /// Profiles with their endpoints and state.
+    List,
+    /// Every profile and forward: state, endpoint, uptime, reconnects, health, bytes.
+    Status,
+    /// Start a stopped profile (or every profile with --all).
+    Start(Target),
+    /// Stop a profile, draining open connections first (or every profile with --all).
+    Stop(Target),
+    /// Re-establish a profile's session now.
+    Restart {
+        /// Profile name.
+        name: String,
+    },
+    /// Run a profile's health check now (exit 1 when it fails).
+    Health {
+        /// Profile name.
+        name: String,
+    },
+    /// Live status, refreshed in place (the agent restarts failed tunnels by itself; this
+    /// shows it). With --json, one status object per line.
+    Monitor {
+        /// Time between refreshes.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
+        /// Stop after this many refreshes (0 = until interrupted).
+        #[arg(long, default_value_t = 0)]
+        count: u64,
+    },
+}
+
+/// A profile name, or --all.
+#[derive(clap::Args, Debug)]
+pub(super) struct Target {
+    /// Profile name.
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    pub(super) name: Option<String>,
+    /// Every configured profile.
+    #[arg(long)]
+    pub(super) all: bool,
+}
+
+/// `tunnelfleet oma …`
+#[derive(Subcommand, Debug)]
+pub enum OmaAction {
+    /// Every endpoint of every group: health, which is active, which agents are on it.
+    List,
+    /// Create or replace the groups of a TOML file (`[[group]]` with name, endpoints, …).
+    Apply {
+        /// The file.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// Delete a group no profile uses.
+    Delete {
+        /// Group name.
+        group: String,
+    },
+    /// Take an endpoint out of service: its groups move to the next endpoint, the new
+    /// sessions up before the old ones close.
+    Drain {
+        /// `host:port`.
+        endpoint: String,
+    },
+    /// Put a drained endpoint back (failback to it follows the usual stable period).
+    Undrain {
+        /// `host:port`.
+        endpoint: String,
+    },
+    /// Move a group to its next usable endpoint now.
+    Failover {
+        /// Group name.
+        group: String,
+    },
+    /// Move a group back to its highest-priority usable endpoint now (no stable period).
+    Failback {
+        /// Group name.
+        group: String,
+    },
+}
+
+/// `tunnelfleet alerts …`
+#[derive(Subcommand, Debug)]
+pub enum AlertsAction {
+    /// Firing alerts (with --all, resolved ones too).
+    List {
+        /// Include resolved alerts.
+        #[arg(long)]
+        all: bool,
+    },
+    /// One alert.
+    Show {
+        /// Alert id.
+        id: u64,
+    },
+    /// Acknowledge an alert: someone is on it.
+    Ack {
+        /// Alert id.
+        id: u64,
+        /// Who (default: $USER).
+        #[arg(long, env = "USER", default_value = "operator")]
+        by: String,
+    },
+    /// Record but do not deliver alerts whose `kind:subject` matches a glob, for a while.
+    ///
+    /// Example: tunnelfleet alerts silence 'oma_down:10.0.0.1:*' --for 2h --comment "maintenance"
+    Silence {
+        /// Glob on `kind:subject` (`*` matches anything).
+        matcher: String,
+        /// How long (`30m`, `2h`).
+        #[arg(long = "for", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        /// Why.
+        #[arg(long, default_value = "")]
+        comment: String,
+    },
+    /// Silences in force.
+    Silences,
+    /// Hook deliveries: delivered, failed attempts, backlog, last error. Exit 1 when a hook
+    /// has a backlog with failures.
+    Hooks,
+}
+
+/// `tunnelfleet token …`
+#[derive(Subcommand, Debug)]
+pub enum TokenAction {
+    /// Make a one-time join token; an agent started with it (and the CA fingerprint) enrolls
+    /// itself. The token is printed once and cannot be shown again.
+    #[command(
+        after_help = "Examples:\n  tunnelfleet token create --label site=dc1 --ttl 1h\n  tunnelfleet token create --agent vma-17 --ttl 30m   # re-enroll a replaced appliance"
+    )]
+    Create {
+        /// A label the enrolled agent gets, `key=value` (repeatable).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// How long the token is good for (at most a week).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Only this agent id may use it (required to re-enroll an agent the fleet knows).
+        #[arg(long)]
+        agent: Option<String>,
+    },
+    /// Every token: unused, used (by whom) and expired.
+    List,
+    /// Delete a token by its id (`token list` shows ids).
+    Delete {
+        /// Token id.
+        id: String,
+    },
+}
+
+/// `key=value`.
+pub fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .filter(|(k, _)| !k.is_empty())
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?}: expected key=value"))
+}

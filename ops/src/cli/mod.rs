@@ -1,0 +1,143 @@
+//! `tunnelfleet`, the operator CLI. The binary is a one-line `main` over [`main`], so that the
+//! tests can build the same CLI into their own binary (same features as the test build, no
+//! second compile of the workspace).
+//!
+//! # Layout
+//! - this module: `main` (runtime, logging, exit codes) and the dispatch of each command.
+//! - [`args`]: the argument tree, and nothing that runs it.
+//! - one file per command group: [`tunnels`], [`agents`], [`profiles`] (with `assign`,
+//!   `rollout`), [`oma`], [`alerts`], [`watch`], [`access`] (tokens, revocation), [`pki`],
+//!   [`net`], [`audit`].
+//! - [`output`]: printing for people and for `--json`.
+
+pub mod access;
+pub mod agents;
+pub mod alerts;
+pub mod args;
+pub mod audit;
+pub mod net;
+pub mod oma;
+pub mod output;
+pub mod pki;
+pub mod profiles;
+pub mod tunnels;
+pub mod watch;
+
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser};
+use tunnelfleet_agent::control::ControlError;
+use tunnelfleet_runtime::telemetry::{self, LogFormat};
+
+use crate::demo;
+use args::{Cli, Command};
+
+/// Exit code when the agent cannot be reached.
+const EXIT_UNREACHABLE: u8 = 3;
+
+/// Runs the `tunnelfleet` command line from the process arguments; the exit code says how it went
+/// (see the `--help` text).
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Warnings only: the commands print their own results; the demo's narration tells the story
+    // and the agents' warnings (the failover) show beside it.
+    let _telemetry = telemetry::init(LogFormat::Human, "warn", "tunnelfleet");
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tunnelfleet: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tunnelfleet: {e:#}");
+            if e.downcast_ref::<ControlError>().is_some()
+                || matches!(
+                    e.downcast_ref::<crate::api::ApiError>(),
+                    Some(crate::api::ApiError::Unreachable { .. })
+                )
+            {
+                ExitCode::from(EXIT_UNREACHABLE)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Demo => {
+            let mut out = std::io::stdout();
+            let report = demo::run(&mut out).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string(&report)?);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "tunnelfleet",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Tunnels {
+            agent: Some(agent),
+            api,
+            action,
+            ..
+        } => {
+            tunnels::remote_tunnels(
+                &api.client()?,
+                &agent,
+                tunnels::remote_action(action)?,
+                cli.json,
+            )
+            .await
+        }
+        Command::Tunnels {
+            socket,
+            config,
+            action,
+            ..
+        } => tunnels::tunnels(&tunnels::control_socket(socket, &config)?, action, cli.json).await,
+        Command::Net { action } => net::net(action, cli.json).await,
+        Command::Pki { action } => pki::pki(action, cli.json),
+        Command::Agents { api, action } => agents::fleet_agents(&api, action, cli.json).await,
+        Command::Profiles { api, action } => profiles::fleet_profiles(&api, action, cli.json).await,
+        Command::Assign {
+            api,
+            profile,
+            agent,
+            labels,
+        } => profiles::assign(&api, profile, agent, labels, cli.json).await,
+        Command::Oma { api, action } => oma::oma(&api.client()?, action, cli.json).await,
+        Command::Watch {
+            api,
+            interval,
+            count,
+        } => watch::watch(&api.client()?, interval, count, cli.json).await,
+        Command::Token { api, action } => access::token(&api.client()?, action, cli.json).await,
+        Command::Alerts { api, action } => alerts::alerts(&api.client()?, action, cli.json).await,
+        Command::Rollout { api } => profiles::rollout(&api, cli.json).await,
+        Command::Audit {
+            agent,
+            all,
+            api,
+            fail_on,
+            ..
+        } if agent.is_some() || all => {
+            audit::remote_audit(&api.client()?, agent, fail_on, cli.json).await
+        }
+        Command::Audit { opts, fail_on, .. } => audit::local(opts, fail_on, cli.json).await,
+    }
+}

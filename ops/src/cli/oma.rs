@@ -1,0 +1,94 @@
+//! `tunnelfleet oma …`: OMA groups, endpoint health and planned moves through the coordinator.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+
+use serde::Deserialize;
+use tunnelfleet_coordinator::admin::{Changed, EndpointRequest};
+use tunnelfleet_coordinator::monitor::EndpointView;
+use tunnelfleet_coordinator::store::OmaGroup;
+
+use super::args::OmaAction;
+use super::output::*;
+use crate::api::ApiClient;
+use crate::render;
+
+/// A groups file for `oma apply`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GroupsFile {
+    group: Vec<OmaGroup>,
+}
+
+/// Reads and checks a groups file (`[[group]]` blocks); a bad file is refused whole, with the
+/// file, group and key in the error.
+pub fn load_groups(file: &std::path::Path) -> anyhow::Result<Vec<OmaGroup>> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("{}: cannot read", file.display()))?;
+    let groups: GroupsFile = toml::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {}", file.display(), e.to_string().trim_end()))?;
+    for g in &groups.group {
+        g.validate()
+            .map_err(|e| anyhow::anyhow!("{}: group.{}.{e}", file.display(), g.name))?;
+    }
+    Ok(groups.group)
+}
+
+/// Runs `oma …`.
+pub async fn oma(client: &ApiClient, action: OmaAction, json: bool) -> anyhow::Result<ExitCode> {
+    match action {
+        OmaAction::List => {
+            let v: Vec<EndpointView> = client.get("/v1/oma").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", render::oma_table(&v));
+            }
+        }
+        OmaAction::Apply { file } => {
+            let groups = load_groups(&file)?;
+            for g in &groups {
+                let c: Changed = client
+                    .call("PUT", &format!("/v1/groups/{}", g.name), Some(g))
+                    .await?;
+                if json {
+                    println!("{}", serde_json::to_string(&c)?);
+                } else {
+                    println!("group {}: version {}", g.name, c.version);
+                }
+            }
+        }
+        OmaAction::Delete { group } => {
+            let c: Changed = client
+                .call::<(), _>("DELETE", &format!("/v1/groups/{group}"), None)
+                .await?;
+            println!("group {group} deleted: version {}", c.version);
+        }
+        OmaAction::Drain { endpoint } => {
+            done(
+                client,
+                "/v1/oma/drain",
+                Some(&EndpointRequest { endpoint }),
+                json,
+            )
+            .await?
+        }
+        OmaAction::Undrain { endpoint } => {
+            done(
+                client,
+                "/v1/oma/undrain",
+                Some(&EndpointRequest { endpoint }),
+                json,
+            )
+            .await?
+        }
+        OmaAction::Failover { group } => {
+            done::<()>(client, &format!("/v1/groups/{group}/failover"), None, json).await?
+        }
+        OmaAction::Failback { group } => {
+            done::<()>(client, &format!("/v1/groups/{group}/failback"), None, json).await?
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
