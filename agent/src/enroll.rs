@@ -63,6 +63,53 @@ pub enum EnrollError {
     },
 }
 
+/// Why the enrollment exchange itself broke (before any reply was judged).
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    /// The coordinator's name did not resolve.
+    #[error("resolving the address: {0}")]
+    Resolve(std::io::Error),
+    /// It resolved to nothing.
+    #[error("no address")]
+    NoAddress,
+    /// `coordinator.address` is not `host:port`.
+    #[error(transparent)]
+    Addr(#[from] tunnelfleet_protocol::addr::AddrError),
+    /// TLS could not be set up.
+    #[error(transparent)]
+    Tls(#[from] rustls::Error),
+    /// QUIC could not be set up.
+    #[error(transparent)]
+    Quic(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
+    /// The local UDP socket could not be opened.
+    #[error("local socket: {0}")]
+    Socket(std::io::Error),
+    /// The connection could not start.
+    #[error(transparent)]
+    Connect(#[from] quinn::ConnectError),
+    /// The connection failed.
+    #[error(transparent)]
+    Connection(#[from] quinn::ConnectionError),
+    /// Sending the request failed.
+    #[error(transparent)]
+    Write(#[from] quinn::WriteError),
+    /// Finishing the request stream failed.
+    #[error(transparent)]
+    Finish(#[from] quinn::ClosedStream),
+    /// Reading the reply failed.
+    #[error(transparent)]
+    Read(#[from] quinn::ReadToEndError),
+    /// The request could not be encoded.
+    #[error(transparent)]
+    Encode(#[from] tunnelfleet_protocol::EncodeError),
+    /// The reply is not a valid frame.
+    #[error(transparent)]
+    Decode(#[from] tunnelfleet_protocol::DecodeError),
+    /// The coordinator closed without answering.
+    #[error("the coordinator closed without a reply")]
+    NoReply,
+}
+
 /// How long the whole exchange may take.
 const ENROLL_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -134,7 +181,7 @@ pub async fn enroll(
     )
     .await
     .map_err(|_| xerr(format!("no answer within {ENROLL_TIMEOUT:?}")))?
-    .map_err(xerr)?;
+    .map_err(|e| xerr(e.to_string()))?;
     let (cert_pem, ca_pem, labels) = match reply {
         EnrollReply::Issued {
             cert_pem,
@@ -167,55 +214,44 @@ async fn exchange(
     c: &CoordinatorSection,
     pin: Vec<u8>,
     req: EnrollRequest,
-) -> Result<EnrollReply, String> {
+) -> Result<EnrollReply, ExchangeError> {
     let addr: SocketAddr = tokio::net::lookup_host(&c.address)
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(ExchangeError::Resolve)?
         .next()
-        .ok_or("no address")?;
+        .ok_or(ExchangeError::NoAddress)?;
     let server_name = match &c.server_name {
         Some(n) => n.clone(),
-        None => {
-            split_host_port(&c.address, None)
-                .map_err(|e| e.to_string())?
-                .0
-        }
+        None => split_host_port(&c.address, None)?.0,
     };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| e.to_string())?
+        .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(PinnedCa { pin, provider }))
         .with_no_client_auth();
     tls.alpn_protocols = vec![ENROLL_ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let bind: SocketAddr = if addr.is_ipv4() {
         ([0, 0, 0, 0], 0).into()
     } else {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     };
-    let endpoint = quinn::Endpoint::client(bind).map_err(|e| e.to_string())?;
+    let endpoint = quinn::Endpoint::client(bind).map_err(ExchangeError::Socket)?;
     let conn = endpoint
-        .connect_with(quinn::ClientConfig::new(Arc::new(quic)), addr, &server_name)
-        .map_err(|e| e.to_string())?
-        .await
-        .map_err(|e| e.to_string())?;
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    let frame = encode(&req).map_err(|e| e.to_string())?;
-    send.write_all(&frame).await.map_err(|e| e.to_string())?;
-    send.finish().map_err(|e| e.to_string())?;
-    let bytes = recv
-        .read_to_end(MAX_REPLY)
-        .await
-        .map_err(|e| e.to_string())?;
+        .connect_with(quinn::ClientConfig::new(Arc::new(quic)), addr, &server_name)?
+        .await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let frame = encode(&req)?;
+    send.write_all(&frame).await?;
+    send.finish()?;
+    let bytes = recv.read_to_end(MAX_REPLY).await?;
     conn.close(0u32.into(), b"done");
     endpoint.wait_idle().await;
     let mut dec = FrameDecoder::new();
     dec.push(&bytes);
-    dec.next_message::<EnrollReply>()
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| "the coordinator closed without a reply".to_string())
+    dec.next_message::<EnrollReply>()?
+        .ok_or(ExchangeError::NoReply)
 }
 
 fn sha256(b: &[u8]) -> Vec<u8> {

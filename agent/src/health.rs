@@ -93,7 +93,7 @@ pub async fn run_check(target: &HealthTarget, timeout: Duration) -> HealthResult
     let latency_ms = start.elapsed().as_secs_f64() * 1000.0;
     let (ok, detail) = match outcome {
         Ok(Ok(detail)) => (true, detail),
-        Ok(Err(reason)) => (false, reason),
+        Ok(Err(failure)) => (false, failure.to_string()),
         Err(_) => (
             false,
             format!("timed out after {}", humantime::format_duration(timeout)),
@@ -107,42 +107,72 @@ pub async fn run_check(target: &HealthTarget, timeout: Duration) -> HealthResult
     }
 }
 
-async fn check_once(target: &HealthTarget) -> Result<String, String> {
+/// Why one check failed (its text is the check's detail in status and heartbeats).
+#[derive(Debug, thiserror::Error)]
+enum CheckFailure {
+    /// The target refused or was unreachable.
+    #[error("connect {host}:{port}: {source}")]
+    Connect {
+        /// Host.
+        host: String,
+        /// Port.
+        port: u16,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The HTTP exchange failed.
+    #[error("http: {0}")]
+    Http(#[source] hyper::Error),
+    /// The request could not be built.
+    #[error("http request: {0}")]
+    Request(#[from] hyper::http::Error),
+    /// The body broke off.
+    #[error("http body: {0}")]
+    Body(#[source] hyper::Error),
+    /// A status other than 2xx.
+    #[error("HTTP {0}")]
+    Status(u16),
+}
+
+async fn connect(host: &str, port: u16) -> Result<TcpStream, CheckFailure> {
+    TcpStream::connect((host, port))
+        .await
+        .map_err(|source| CheckFailure::Connect {
+            host: host.to_string(),
+            port,
+            source,
+        })
+}
+
+/// One check: `Ok` with what passed (`connected`, `HTTP 200`).
+async fn check_once(target: &HealthTarget) -> Result<String, CheckFailure> {
     match target {
         HealthTarget::Tcp { host, port } => {
-            TcpStream::connect((host.as_str(), *port))
-                .await
-                .map_err(|e| format!("connect {host}:{port}: {e}"))?;
+            connect(host, *port).await?;
             Ok("connected".to_string())
         }
         HealthTarget::Http { host, port, path } => {
-            let stream = TcpStream::connect((host.as_str(), *port))
-                .await
-                .map_err(|e| format!("connect {host}:{port}: {e}"))?;
+            let stream = connect(host, *port).await?;
             let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
                 .await
-                .map_err(|e| format!("http: {e}"))?;
+                .map_err(CheckFailure::Http)?;
             let driver = tokio::spawn(conn);
             let req = hyper::Request::get(path.as_str())
                 .header(hyper::header::HOST, format!("{host}:{port}"))
                 .header(hyper::header::USER_AGENT, "tunnelfleet-agent")
-                .body(Empty::<Bytes>::new())
-                .map_err(|e| format!("http request: {e}"))?;
+                .body(Empty::<Bytes>::new())?;
             let result = async {
-                let resp = sender
-                    .send_request(req)
-                    .await
-                    .map_err(|e| format!("http: {e}"))?;
+                let resp = sender.send_request(req).await.map_err(CheckFailure::Http)?;
                 let status = resp.status();
                 // Read the body so a server that fails mid-response fails the check.
                 resp.into_body()
                     .collect()
                     .await
-                    .map_err(|e| format!("http body: {e}"))?;
+                    .map_err(CheckFailure::Body)?;
                 if status.is_success() {
                     Ok(format!("HTTP {}", status.as_u16()))
                 } else {
-                    Err(format!("HTTP {}", status.as_u16()))
+                    Err(CheckFailure::Status(status.as_u16()))
                 }
             }
             .await;

@@ -123,13 +123,13 @@ async fn serve(
     session: SessionSlot,
     wait: Duration,
     counters: &Arc<ForwardCounters>,
-) -> Result<(), String> {
+) -> Result<(), ConnectionError> {
     let (host, port, socks) = match spec {
         ForwardSpec::Local {
             host, host_port, ..
         } => (host.clone(), *host_port, false),
         ForwardSpec::Dynamic { .. } => {
-            let (h, p) = socks::accept(&mut tcp).await.map_err(|e| e.to_string())?;
+            let (h, p) = socks::accept(&mut tcp).await?;
             (h, p, true)
         }
         ForwardSpec::Remote { .. } => return Ok(()),
@@ -138,7 +138,7 @@ async fn serve(
         if socks {
             let _ = socks::reply(&mut tcp, socks::Reply::GeneralFailure).await;
         }
-        return Err("no SSH session; connection closed".into());
+        return Err(ConnectionError::NoSession);
     };
     let channel = match handle
         .channel_open_direct_tcpip(
@@ -154,18 +154,43 @@ async fn serve(
             if socks {
                 let _ = socks::reply(&mut tcp, socks::Reply::HostUnreachable).await;
             }
-            return Err(format!("server could not open {host}:{port}: {e}"));
+            return Err(ConnectionError::Open {
+                target: format!("{host}:{port}"),
+                source: e,
+            });
         }
     };
     drop(handle);
     if socks {
         socks::reply(&mut tcp, socks::Reply::Success)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(ConnectionError::Io)?;
     }
     relay(tcp, channel.into_stream(), counters)
         .await
-        .map_err(|e| e.to_string())
+        .map_err(ConnectionError::Io)
+}
+
+/// Why one forwarded connection ended early (logged at debug; the listener carries on).
+#[derive(Debug, thiserror::Error)]
+enum ConnectionError {
+    /// The SOCKS handshake failed.
+    #[error(transparent)]
+    Socks(#[from] socks::SocksError),
+    /// No session came up within the wait.
+    #[error("no SSH session; connection closed")]
+    NoSession,
+    /// The server would not open the channel.
+    #[error("server could not open {target}: {source}")]
+    Open {
+        /// `host:port` asked for.
+        target: String,
+        /// Its refusal.
+        source: russh::Error,
+    },
+    /// Reading or writing failed.
+    #[error(transparent)]
+    Io(std::io::Error),
 }
 
 async fn wait_session(

@@ -100,7 +100,7 @@ async fn handle(conn: quinn::Connection, fleet: Arc<Fleet>, metrics: Option<Arc<
         }
         Err(e) => {
             tracing::warn!(%remote, "control link refused: {e}");
-            conn.close(close::REFUSED.into(), e.as_bytes());
+            conn.close(close::REFUSED.into(), e.to_string().as_bytes());
             return;
         }
     };
@@ -128,7 +128,7 @@ async fn handle(conn: quinn::Connection, fleet: Arc<Fleet>, metrics: Option<Arc<
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
             tracing::warn!(agent = %cert_id, %remote, "closing control link: {e}");
-            conn.close(close::MALFORMED.into(), e.as_bytes());
+            conn.close(close::MALFORMED.into(), e.to_string().as_bytes());
             return;
         }
         Err(_) => {
@@ -257,7 +257,7 @@ async fn handle(conn: quinn::Connection, fleet: Arc<Fleet>, metrics: Option<Arc<
             }
             Err(e) => {
                 tracing::warn!(agent = %cert_id, %remote, "closing control link: {e}");
-                conn.close(close::MALFORMED.into(), e.as_bytes());
+                conn.close(close::MALFORMED.into(), e.to_string().as_bytes());
                 break;
             }
         }
@@ -271,11 +271,11 @@ async fn handle(conn: quinn::Connection, fleet: Arc<Fleet>, metrics: Option<Arc<
 async fn next(
     reader: &mut FrameReader,
     recv: &mut quinn::RecvStream,
-) -> Result<Option<AgentMessage>, String> {
+) -> Result<Option<AgentMessage>, tunnelfleet_protocol::DecodeError> {
     match reader.next(recv).await {
         Ok(m) => Ok(m),
         Err(FrameReadError::Read(_)) => Ok(None),
-        Err(FrameReadError::Decode(e)) => Err(e.to_string()),
+        Err(FrameReadError::Decode(e)) => Err(e),
     }
 }
 

@@ -109,11 +109,31 @@ pub fn server_config(pki_dir: &Path) -> Result<quinn::ServerConfig, TlsError> {
     Ok(cfg)
 }
 
+/// Why a connection's certificate names no agent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerIdError {
+    /// The certificate does not parse.
+    #[error("unparsable client certificate: {0}")]
+    Unparsable(String),
+    /// Neither a tunnelfleet URI nor a common name.
+    #[error("client certificate names no agent")]
+    NoAgent,
+    /// The peer presented no certificate.
+    #[error("no client certificate")]
+    NoCertificate,
+    /// quinn handed an identity of another type.
+    #[error("unexpected peer identity type")]
+    UnexpectedIdentity,
+    /// An empty chain.
+    #[error("empty certificate chain")]
+    EmptyChain,
+}
+
 /// The agent id in a verified client certificate: its `urn:tunnelfleet:agent:ID` URI SAN, or
 /// failing that its common name.
-pub fn agent_id(cert: &CertificateDer<'_>) -> Result<String, String> {
+pub fn agent_id(cert: &CertificateDer<'_>) -> Result<String, PeerIdError> {
     let (_, x) = x509_parser::parse_x509_certificate(cert.as_ref())
-        .map_err(|e| format!("unparsable client certificate: {e}"))?;
+        .map_err(|e| PeerIdError::Unparsable(e.to_string()))?;
     if let Ok(Some(san)) = x.subject_alternative_name() {
         for n in &san.value.general_names {
             if let x509_parser::extensions::GeneralName::URI(u) = n
@@ -128,19 +148,15 @@ pub fn agent_id(cert: &CertificateDer<'_>) -> Result<String, String> {
         .next()
         .and_then(|cn| cn.as_str().ok())
         .map(str::to_string)
-        .ok_or_else(|| "client certificate names no agent".to_string())
+        .ok_or(PeerIdError::NoAgent)
 }
 
 /// The verified agent id of a QUIC connection.
-pub fn connection_agent_id(conn: &quinn::Connection) -> Result<String, String> {
-    let identity = conn
-        .peer_identity()
-        .ok_or_else(|| "no client certificate".to_string())?;
+pub fn connection_agent_id(conn: &quinn::Connection) -> Result<String, PeerIdError> {
+    let identity = conn.peer_identity().ok_or(PeerIdError::NoCertificate)?;
     let certs = identity
         .downcast::<Vec<CertificateDer<'static>>>()
-        .map_err(|_| "unexpected peer identity type".to_string())?;
-    let leaf = certs
-        .first()
-        .ok_or_else(|| "empty certificate chain".to_string())?;
+        .map_err(|_| PeerIdError::UnexpectedIdentity)?;
+    let leaf = certs.first().ok_or(PeerIdError::EmptyChain)?;
     agent_id(leaf)
 }

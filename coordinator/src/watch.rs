@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::fleet::{Fleet, FleetEvent};
 use crate::hooks::Outbox;
 use crate::metrics::Metrics;
-use crate::monitor::{Action, AlertRules, EndpointView, Monitor, Refusal};
+use crate::monitor::{Action, AlertRules, EndpointView, Monitor, ProbeError, Refusal};
 use crate::store::StoreError;
 use crate::store::{Alert, AlertStatus, alert_key};
 
@@ -31,7 +31,7 @@ pub enum WatchEvent {
         /// Endpoint.
         endpoint: String,
         /// Latency or why it failed.
-        result: Result<Duration, String>,
+        result: Result<Duration, ProbeError>,
     },
     /// An operator command; the answer says what happened.
     Command(Command, oneshot::Sender<Result<String, OmaCommandError>>),
@@ -454,32 +454,26 @@ fn describe(a: &Action) -> String {
 
 /// TCP connect plus the SSH identification line, within `timeout`. A blackholed server (or a
 /// stopped sshd whose kernel still completes the handshake) fails here by the deadline.
-pub async fn probe(endpoint: &str, timeout: Duration) -> Result<Duration, String> {
+pub async fn probe(endpoint: &str, timeout: Duration) -> Result<Duration, ProbeError> {
     let start = Instant::now();
     let attempt = async {
         let mut s = tokio::net::TcpStream::connect(endpoint)
             .await
-            .map_err(|e| format!("connect: {e}"))?;
+            .map_err(ProbeError::Connect)?;
         let banner = tunnelfleet_runtime::banner::read_banner(&mut s)
             .await
-            .map_err(|e| format!("reading the banner: {e}"))?;
+            .map_err(ProbeError::Read)?;
         if banner.is_empty() {
-            Err("connection closed before the SSH banner".to_string())
+            Err(ProbeError::Closed)
         } else if banner.starts_with("SSH-") {
             Ok(())
         } else {
-            Err(format!(
-                "not an SSH server: {:?}",
-                banner.chars().take(40).collect::<String>()
-            ))
+            Err(ProbeError::NotSsh(banner.chars().take(40).collect()))
         }
     };
     match tokio::time::timeout(timeout, attempt).await {
         Ok(Ok(())) => Ok(start.elapsed()),
         Ok(Err(e)) => Err(e),
-        Err(_) => Err(format!(
-            "no SSH banner within {}",
-            humantime::format_duration(timeout)
-        )),
+        Err(_) => Err(ProbeError::Timeout(timeout)),
     }
 }

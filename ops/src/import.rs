@@ -372,7 +372,7 @@ fn ssh_line(
             rest.join(" ")
         ));
     }
-    let (dest_user, host, dest_port) = parse_destination(&dest).map_err(err)?;
+    let (dest_user, host, dest_port) = parse_destination(&dest).map_err(|e| err(e.to_string()))?;
     // The -o equivalents of the flags, as ssh applies them (the first value wins; flags first).
     let opt = |k: &str| options.get(k).cloned();
     let user = user
@@ -532,8 +532,19 @@ fn split_option(s: &str) -> Option<(String, String)> {
     (!k.is_empty() && !v.is_empty()).then(|| (k.to_string(), v.to_string()))
 }
 
+/// A destination that is not `[user@]host` or `ssh://[user@]host[:port]`.
+#[derive(Debug, thiserror::Error)]
+enum DestinationError {
+    /// The `ssh://` form's host and port.
+    #[error("destination {0:?}: {1}")]
+    Addr(String, tunnelfleet_protocol::addr::AddrError),
+    /// No host at all.
+    #[error("destination {0:?} has no host")]
+    NoHost(String),
+}
+
 /// `[user@]host`, `ssh://[user@]host[:port]`.
-fn parse_destination(d: &str) -> Result<(Option<String>, String, Option<u16>), String> {
+fn parse_destination(d: &str) -> Result<(Option<String>, String, Option<u16>), DestinationError> {
     let (uri, rest) = match d.strip_prefix("ssh://") {
         Some(r) => (true, r),
         None => (false, d),
@@ -545,13 +556,13 @@ fn parse_destination(d: &str) -> Result<(Option<String>, String, Option<u16>), S
     let (host, port) = if uri {
         match tunnelfleet_protocol::addr::split_host_port(hostport, Some(22)) {
             Ok((h, p)) => (h, Some(p)),
-            Err(e) => return Err(format!("destination {d:?}: {e}")),
+            Err(e) => return Err(DestinationError::Addr(d.into(), e)),
         }
     } else {
         (hostport.to_string(), None)
     };
     if host.is_empty() {
-        return Err(format!("destination {d:?} has no host"));
+        return Err(DestinationError::NoHost(d.into()));
     }
     Ok((user, host, port))
 }

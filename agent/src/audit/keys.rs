@@ -115,14 +115,28 @@ pub fn audit_file(path: &Path) -> Vec<Finding> {
     out
 }
 
+/// Why a key file could not be inspected.
+#[derive(Debug, thiserror::Error)]
+enum InspectError {
+    /// An OpenSSH key that does not parse.
+    #[error(transparent)]
+    OpenSsh(#[from] ssh_key::Error),
+    /// A legacy PEM key behind a passphrase.
+    #[error("encrypted legacy PEM key: its size cannot be read without the passphrase")]
+    EncryptedPem,
+    /// Not a key russh can read.
+    #[error(transparent)]
+    Other(#[from] russh::keys::Error),
+}
+
 /// (algorithm, RSA bits, encrypted) of a key file's text.
-fn inspect(text: &str) -> Result<(Algorithm, Option<usize>, bool), String> {
+fn inspect(text: &str) -> Result<(Algorithm, Option<usize>, bool), InspectError> {
     if text.contains("BEGIN DSA PRIVATE KEY") {
         return Ok((Algorithm::Dsa, None, text.contains("ENCRYPTED")));
     }
     if text.contains("BEGIN OPENSSH PRIVATE KEY") {
         // The public half of an OpenSSH key is readable even when the private half is encrypted.
-        let key = ssh_key::PrivateKey::from_openssh(text).map_err(|e| e.to_string())?;
+        let key = ssh_key::PrivateKey::from_openssh(text)?;
         let bits = key
             .public_key()
             .key_data()
@@ -139,10 +153,8 @@ fn inspect(text: &str) -> Result<(Algorithm, Option<usize>, bool), String> {
                 .map(|r| mpint_bits(r.n().as_bytes()));
             Ok((key.algorithm(), bits, false))
         }
-        Err(russh::keys::Error::KeyIsEncrypted) => {
-            Err("encrypted legacy PEM key: its size cannot be read without the passphrase".into())
-        }
-        Err(e) => Err(e.to_string()),
+        Err(russh::keys::Error::KeyIsEncrypted) => Err(InspectError::EncryptedPem),
+        Err(e) => Err(e.into()),
     }
 }
 

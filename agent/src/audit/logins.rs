@@ -109,8 +109,37 @@ pub fn audit(counts: &BTreeMap<String, usize>, source: &str) -> Vec<Finding> {
     out
 }
 
+/// Why no sshd log could be read.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// The log file named could not be read.
+    #[error("{}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// No auth.log, and journalctl could not run.
+    #[error("no /var/log/auth.log and no journal: {0}")]
+    NoJournal(std::io::Error),
+    /// No auth.log, and journalctl failed (its message).
+    #[error("no /var/log/auth.log, and journalctl failed: {0}")]
+    Journal(String),
+}
+
+/// Reads the log at `path` (`--auth-log`), naming it as the source.
+pub fn file_log(path: &std::path::Path) -> Result<(String, String), LogError> {
+    std::fs::read_to_string(path)
+        .map(|t| (t, path.display().to_string()))
+        .map_err(|source| LogError::Read {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
 /// Reads the system's sshd log: `/var/log/auth.log`, else the journal of ssh/sshd.
-pub fn system_log() -> Result<(String, String), String> {
+pub fn system_log() -> Result<(String, String), LogError> {
     if let Ok(t) = std::fs::read_to_string("/var/log/auth.log") {
         return Ok((t, "/var/log/auth.log".into()));
     }
@@ -128,11 +157,10 @@ pub fn system_log() -> Result<(String, String), String> {
             "-q",
         ])
         .output()
-        .map_err(|e| format!("no /var/log/auth.log and no journal: {e}"))?;
+        .map_err(LogError::NoJournal)?;
     if !out.status.success() {
-        return Err(format!(
-            "no /var/log/auth.log, and journalctl failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
+        return Err(LogError::Journal(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
         ));
     }
     Ok((

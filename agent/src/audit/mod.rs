@@ -225,9 +225,7 @@ pub fn run(o: &AuditOptions) -> Report {
     }
 
     let log = match &o.auth_log {
-        Some(p) => std::fs::read_to_string(p)
-            .map(|t| (t, p.display().to_string()))
-            .map_err(|e| format!("{}: {e}", p.display())),
+        Some(p) => logins::file_log(p),
         None => logins::system_log(),
     };
     match log {

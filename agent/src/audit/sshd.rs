@@ -24,12 +24,39 @@ pub enum Source {
     Parsed(Vec<String>),
 }
 
+/// Why sshd's settings could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum SshdConfigError {
+    /// `sshd` could not be run.
+    #[error("{}: {source}", program.display())]
+    Run {
+        /// The program.
+        program: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// `sshd -T` refused the config (its message).
+    #[error("{0}")]
+    Refused(String),
+    /// A config file could not be read.
+    #[error("{}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// `Include` deeper than sshd itself allows.
+    #[error("{}: Include nested too deeply", .0.display())]
+    TooDeep(std::path::PathBuf),
+}
+
 /// Reads the effective settings: `sshd -T` when it runs, else the files.
 pub fn effective(
     sshd: &Path,
     config: &Path,
     user: Option<&str>,
-) -> Result<(Settings, Source), String> {
+) -> Result<(Settings, Source), SshdConfigError> {
     match sshd_t(sshd, config, user) {
         Ok(s) => Ok((s, Source::SshdT)),
         Err(_) => {
@@ -41,18 +68,21 @@ pub fn effective(
 }
 
 /// Runs `sshd -T -f CONFIG [-C user=USER,host=localhost,addr=127.0.0.1]`.
-pub fn sshd_t(sshd: &Path, config: &Path, user: Option<&str>) -> Result<Settings, String> {
+pub fn sshd_t(sshd: &Path, config: &Path, user: Option<&str>) -> Result<Settings, SshdConfigError> {
     let mut cmd = Command::new(sshd);
     cmd.arg("-T").arg("-f").arg(config);
     if let Some(u) = user {
         cmd.arg("-C")
             .arg(format!("user={u},host=localhost,addr=127.0.0.1"));
     }
-    let out = cmd
-        .output()
-        .map_err(|e| format!("{}: {e}", sshd.display()))?;
+    let out = cmd.output().map_err(|source| SshdConfigError::Run {
+        program: sshd.to_path_buf(),
+        source,
+    })?;
     if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        return Err(SshdConfigError::Refused(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
     }
     Ok(parse_sshd_t(&String::from_utf8_lossy(&out.stdout)))
 }
@@ -76,7 +106,7 @@ pub fn parse_files(
     config: &Path,
     user: Option<&str>,
     notes: &mut Vec<String>,
-) -> Result<Settings, String> {
+) -> Result<Settings, SshdConfigError> {
     let mut s = Settings::new();
     read_into(config, user, &mut s, notes, 0)?;
     Ok(s)
@@ -88,11 +118,14 @@ fn read_into(
     s: &mut Settings,
     notes: &mut Vec<String>,
     depth: usize,
-) -> Result<(), String> {
+) -> Result<(), SshdConfigError> {
     if depth > 16 {
-        return Err(format!("{}: Include nested too deeply", path.display()));
+        return Err(SshdConfigError::TooDeep(path.to_path_buf()));
     }
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path).map_err(|source| SshdConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     // Ok(true): inside a Match block that applies; Ok(false): one that does not.
     let mut matching = true;
     let mut in_match = false;

@@ -46,6 +46,25 @@ pub enum StartError {
     },
 }
 
+/// Why a command on a profile was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// No profile of that name.
+    #[error("no profile named {name:?} (profiles: {})", known.join(", "))]
+    NoProfile {
+        /// The name asked for.
+        name: String,
+        /// The profiles there are.
+        known: Vec<String>,
+    },
+    /// `tunnels health` on a profile without a health check.
+    #[error("profile {0} has no health check configured")]
+    NoHealthCheck(String),
+    /// Its health check's target does not parse (validated at load; here for safety).
+    #[error(transparent)]
+    HealthTarget(#[from] tunnelfleet_protocol::profile::HealthTargetError),
+}
+
 /// Where a profile came from: a local profile is never replaced by a pushed one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Origin {
@@ -121,7 +140,7 @@ impl Supervisor {
     }
 
     /// Starts a profile.
-    pub fn start(&mut self, name: &str) -> Result<String, String> {
+    pub fn start(&mut self, name: &str) -> Result<String, CommandError> {
         let drain = self.drain;
         let slot = self.slot(name)?;
         if slot.running.is_some() {
@@ -143,7 +162,7 @@ impl Supervisor {
 
     /// Stops a profile gracefully: it stops accepting now; the answer comes when its drain is
     /// over.
-    pub fn stop(&mut self, name: &str) -> Result<Reply, String> {
+    pub fn stop(&mut self, name: &str) -> Result<Reply, CommandError> {
         let slot = self.slot(name)?;
         let Some(h) = slot.running.take() else {
             return Ok(Reply::Now(Response::Ok {
@@ -163,7 +182,7 @@ impl Supervisor {
     }
 
     /// Restarts a profile's session (starts it if stopped).
-    pub fn restart(&mut self, name: &str) -> Result<String, String> {
+    pub fn restart(&mut self, name: &str) -> Result<String, CommandError> {
         let slot = self.slot(name)?;
         match &slot.running {
             Some(h) => {
@@ -175,12 +194,12 @@ impl Supervisor {
     }
 
     /// Runs the profile's health check now (the result does not count towards the threshold).
-    pub fn health_check(&mut self, name: &str) -> Result<Reply, String> {
+    pub fn health_check(&mut self, name: &str) -> Result<Reply, CommandError> {
         let slot = self.slot(name)?;
         let Some(h) = slot.cfg.health.clone() else {
-            return Err(format!("profile {name} has no health check configured"));
+            return Err(CommandError::NoHealthCheck(name.to_string()));
         };
-        let target = h.target().map_err(|e| e.to_string())?;
+        let target = h.target()?;
         Ok(Reply::Later(Box::pin(async move {
             Response::Health(run_check(&target, h.timeout).await)
         })))
@@ -207,11 +226,14 @@ impl Supervisor {
         futures_join_all(stops).await;
     }
 
-    fn slot(&mut self, name: &str) -> Result<&mut Slot, String> {
+    fn slot(&mut self, name: &str) -> Result<&mut Slot, CommandError> {
         let known: Vec<String> = self.slots.keys().cloned().collect();
         self.slots
             .get_mut(name)
-            .ok_or_else(|| format!("no profile named {name:?} (profiles: {})", known.join(", ")))
+            .ok_or_else(|| CommandError::NoProfile {
+                name: name.to_string(),
+                known,
+            })
     }
 
     /// Applies one control request during the supervisor's turn.
@@ -225,7 +247,9 @@ impl Supervisor {
         };
         Reply::Now(match result {
             Ok(message) => Response::Ok { message },
-            Err(message) => Response::Error { message },
+            Err(e) => Response::Error {
+                message: e.to_string(),
+            },
         })
     }
 
@@ -253,8 +277,10 @@ impl Supervisor {
     }
 }
 
-fn refused(message: String) -> Reply {
-    Reply::Now(Response::Error { message })
+fn refused(e: CommandError) -> Reply {
+    Reply::Now(Response::Error {
+        message: e.to_string(),
+    })
 }
 
 async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(

@@ -53,42 +53,42 @@ enum Protection {
 impl Email {
     /// Checks an `[[hook]]` of kind `email`; the error names the hook and the key.
     pub fn from_config(c: &HookConfig) -> Result<Email, HookConfigError> {
-        let err = |(key, reason): (&'static str, String)| HookConfigError {
+        let err = |key: &'static str, reason: String| HookConfigError {
             hook: c.name.clone(),
             key,
             reason,
         };
-        Self::checked(c).map_err(err)
-    }
-
-    fn checked(c: &HookConfig) -> Result<Email, (&'static str, String)> {
-        let raw = c.url.as_deref().ok_or((
-            "url",
-            "required: smtp://relay:587 or smtps://relay:465".into(),
-        ))?;
-        let (protection, host, port) = parse_url(raw).map_err(|e| ("url", e))?;
+        let raw = c.url.as_deref().ok_or_else(|| {
+            err(
+                "url",
+                "required: smtp://relay:587 or smtps://relay:465".into(),
+            )
+        })?;
+        let (protection, host, port) = parse_url(raw).map_err(|e| err("url", e.to_string()))?;
         let from: Mailbox = c
             .from
             .as_deref()
-            .ok_or(("from", "required: the sender address".to_string()))?
+            .ok_or_else(|| err("from", "required: the sender address".to_string()))?
             .parse()
-            .map_err(|e| ("from", format!("{e}")))?;
+            .map_err(|e| err("from", format!("{e}")))?;
         if c.to.is_empty() {
-            return Err(("to", "at least one recipient is required".into()));
+            return Err(err("to", "at least one recipient is required".into()));
         }
         let to =
             c.to.iter()
                 .map(|t| {
                     t.parse::<Mailbox>()
-                        .map_err(|e| ("to", format!("{t:?}: {e}")))
+                        .map_err(|e| err("to", format!("{t:?}: {e}")))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-        let tls = |host: &str| -> Result<TlsParameters, (&'static str, String)> {
+        let tls = |host: &str| -> Result<TlsParameters, HookConfigError> {
             let mut b = TlsParameters::builder(host.to_string());
             if let Some(ca) = &c.ca_file {
-                b = b.add_root_certificate(read_ca(ca).map_err(|e| ("ca_file", e))?);
+                let cert =
+                    read_ca(ca).map_err(|e| err("ca_file", format!("{}: {e}", ca.display())))?;
+                b = b.add_root_certificate(cert);
             }
-            b.build().map_err(|e| ("url", format!("TLS: {e}")))
+            b.build().map_err(|e| err("url", format!("TLS: {e}")))
         };
         let mut b = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host.clone())
             .port(port)
@@ -101,9 +101,9 @@ impl Email {
         match (&c.username, &c.password_file) {
             (Some(user), Some(file)) => {
                 tunnelfleet_runtime::secret::check_permissions(file)
-                    .map_err(|e| ("password_file", e.to_string()))?;
+                    .map_err(|e| err("password_file", e.to_string()))?;
                 let password = std::fs::read_to_string(file)
-                    .map_err(|e| ("password_file", format!("{}: {e}", file.display())))?;
+                    .map_err(|e| err("password_file", format!("{}: {e}", file.display())))?;
                 b = b.credentials(Credentials::new(
                     user.clone(),
                     password.trim_end_matches(['\r', '\n']).to_string(),
@@ -111,9 +111,9 @@ impl Email {
             }
             (None, None) => {}
             (Some(_), None) => {
-                return Err(("password_file", "required with username".into()));
+                return Err(err("password_file", "required with username".into()));
             }
-            (None, Some(_)) => return Err(("username", "required with password_file".into())),
+            (None, Some(_)) => return Err(err("username", "required with password_file".into())),
         }
         Ok(Email {
             transport: b.build(),
@@ -163,40 +163,76 @@ impl Email {
     }
 }
 
+/// Why a relay URL was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum UrlError {
+    /// Not `scheme://…`.
+    #[error("{0:?}: expected smtp://relay:587 or smtps://relay:465")]
+    Form(String),
+    /// Credentials in the URL.
+    #[error("{0:?}: no credentials in the URL; use username and password_file")]
+    Credentials(String),
+    /// Another scheme.
+    #[error("{raw:?}: scheme {scheme:?} (use smtp or smtps)")]
+    Scheme {
+        /// The URL.
+        raw: String,
+        /// Its scheme.
+        scheme: String,
+    },
+    /// A query other than `tls=none` with `smtp://`.
+    #[error("{raw:?}: unknown parameter {query:?} (only tls=none, with smtp://)")]
+    Parameter {
+        /// The URL.
+        raw: String,
+        /// The query.
+        query: String,
+    },
+    /// The host part is not `host[:port]`.
+    #[error(transparent)]
+    Addr(#[from] tunnelfleet_protocol::addr::AddrError),
+    /// Plaintext beyond this host.
+    #[error(
+        "{0:?}: plaintext SMTP only to a relay on this host (127.0.0.1, ::1, localhost); use smtp:// (STARTTLS) or smtps://"
+    )]
+    Plaintext(String),
+}
+
 /// `smtp://host[:port][?tls=none]` or `smtps://host[:port]`.
-fn parse_url(raw: &str) -> Result<(Protection, String, u16), String> {
+fn parse_url(raw: &str) -> Result<(Protection, String, u16), UrlError> {
     let (scheme, rest) = raw
         .split_once("://")
-        .ok_or_else(|| format!("{raw:?}: expected smtp://relay:587 or smtps://relay:465"))?;
+        .ok_or_else(|| UrlError::Form(raw.into()))?;
     let (authority, query) = match rest.split_once('?') {
         Some((a, q)) => (a.trim_end_matches('/'), Some(q)),
         None => (rest.trim_end_matches('/'), None),
     };
     if authority.contains('@') {
-        return Err(format!(
-            "{raw:?}: no credentials in the URL; use username and password_file"
-        ));
+        return Err(UrlError::Credentials(raw.into()));
     }
     let (mut protection, default_port) = match scheme {
         "smtp" => (Protection::StartTls, 587),
         "smtps" => (Protection::Tls, 465),
-        other => return Err(format!("{raw:?}: scheme {other:?} (use smtp or smtps)")),
+        other => {
+            return Err(UrlError::Scheme {
+                raw: raw.into(),
+                scheme: other.into(),
+            });
+        }
     };
     match query {
         None => {}
         Some("tls=none") if protection == Protection::StartTls => protection = Protection::Plain,
         Some(q) => {
-            return Err(format!(
-                "{raw:?}: unknown parameter {q:?} (only tls=none, with smtp://)"
-            ));
+            return Err(UrlError::Parameter {
+                raw: raw.into(),
+                query: q.into(),
+            });
         }
     }
-    let (host, port) = tunnelfleet_protocol::addr::split_host_port(authority, Some(default_port))
-        .map_err(|e| e.to_string())?;
+    let (host, port) = tunnelfleet_protocol::addr::split_host_port(authority, Some(default_port))?;
     if protection == Protection::Plain && !is_loopback(&host) {
-        return Err(format!(
-            "{raw:?}: plaintext SMTP only to a relay on this host (127.0.0.1, ::1, localhost); use smtp:// (STARTTLS) or smtps://"
-        ));
+        return Err(UrlError::Plaintext(raw.into()));
     }
     Ok((protection, host, port))
 }
@@ -205,9 +241,20 @@ fn is_loopback(host: &str) -> bool {
     host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
-fn read_ca(path: &Path) -> Result<Certificate, String> {
-    let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    Certificate::from_pem(&pem).map_err(|e| format!("{}: {e}", path.display()))
+/// Why `ca_file` could not be used.
+#[derive(Debug, thiserror::Error)]
+enum CaFileError {
+    /// Not readable.
+    #[error(transparent)]
+    Read(#[from] std::io::Error),
+    /// Not a PEM certificate.
+    #[error(transparent)]
+    Pem(#[from] lettre::transport::smtp::Error),
+}
+
+fn read_ca(path: &Path) -> Result<Certificate, CaFileError> {
+    let pem = std::fs::read(path)?;
+    Ok(Certificate::from_pem(&pem)?)
 }
 
 #[cfg(test)]

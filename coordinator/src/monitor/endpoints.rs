@@ -11,6 +11,26 @@ use tokio::time::Instant;
 use super::{Action, Monitor, Refusal};
 use crate::store::{AlertKind, alert_key};
 
+/// Why a probe of an endpoint failed (its text is the endpoint's last detail in `oma list`).
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// The TCP connect failed.
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    /// Reading failed.
+    #[error("reading the banner: {0}")]
+    Read(std::io::Error),
+    /// The server closed first.
+    #[error("connection closed before the SSH banner")]
+    Closed,
+    /// Something else answered.
+    #[error("not an SSH server: {0:?}")]
+    NotSsh(String),
+    /// Nothing in time (a blackholed endpoint, or a stopped sshd).
+    #[error("no SSH banner within {}", humantime::format_duration(*.0))]
+    Timeout(Duration),
+}
+
 /// How long an agent seen on an endpoint counts as "on it" for the incident's list.
 const SEEN_WINDOW: Duration = Duration::from_secs(120);
 
@@ -86,7 +106,7 @@ impl Monitor {
     pub fn probe(
         &mut self,
         endpoint: &str,
-        result: Result<Duration, String>,
+        result: Result<Duration, ProbeError>,
         now: Instant,
     ) -> Vec<Action> {
         let ok = result.is_ok();
@@ -97,7 +117,7 @@ impl Monitor {
                     e.last_latency = Some(*latency);
                     e.last_detail = "SSH banner received".into();
                 }
-                Err(why) => e.last_detail = why.clone(),
+                Err(why) => e.last_detail = why.to_string(),
             }
         }
         self.endpoint_check(endpoint, ok, now)

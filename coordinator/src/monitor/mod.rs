@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use endpoints::EndpointView;
+pub use endpoints::{EndpointView, ProbeError};
 
 use crate::store::OmaGroup;
 use crate::store::{AlertKind, alert_key};

@@ -53,11 +53,11 @@ fn hb(profiles: Vec<ProfileReport>) -> Heartbeat {
     }
 }
 
-fn fail() -> Result<Duration, String> {
-    Err("no SSH banner within 800ms".into())
+fn fail() -> Result<Duration, ProbeError> {
+    Err(ProbeError::Timeout(Duration::from_millis(800)))
 }
 
-fn pass() -> Result<Duration, String> {
+fn pass() -> Result<Duration, ProbeError> {
     Ok(Duration::from_millis(1))
 }
 

@@ -6,6 +6,16 @@ use sled::Transactional;
 
 use super::{Store, StoreError, bump_version, decode, decode_all, json, tx_error};
 
+/// A group definition was refused: the key (relative to the group) and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {reason}")]
+pub struct GroupError {
+    /// The offending key, e.g. `endpoints[1]`.
+    pub key: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
 /// A named set of redundant OMA endpoints in priority order, with how the coordinator probes
 /// them and when it fails back. Created by the operator; `active` and `drained` are changed by
 /// failover, failback and `tunnelfleet oma drain`.
@@ -112,25 +122,36 @@ impl OmaGroup {
     }
 
     /// Checks a definition from the operator; the error names the key.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), GroupError> {
+        let err = |key: String, reason: String| Err(GroupError { key, reason });
         if !tunnelfleet_protocol::addr::valid_name(&self.name) {
-            return Err(format!("name: {:?} is not a valid group name", self.name));
+            return err(
+                "name".into(),
+                format!("{:?} is not a valid group name", self.name),
+            );
         }
         if self.endpoints.is_empty() {
-            return Err("endpoints: at least one host:port is required".into());
+            return err(
+                "endpoints".into(),
+                "at least one host:port is required".into(),
+            );
         }
         for (i, e) in self.endpoints.iter().enumerate() {
-            tunnelfleet_protocol::addr::split_host_port(e, None)
-                .map_err(|r| format!("endpoints[{i}]: {r}"))?;
+            if let Err(r) = tunnelfleet_protocol::addr::split_host_port(e, None) {
+                return err(format!("endpoints[{i}]"), r.to_string());
+            }
             if self.endpoints[..i].contains(e) {
-                return Err(format!("endpoints[{i}]: {e} is listed twice"));
+                return err(format!("endpoints[{i}]"), format!("{e} is listed twice"));
             }
         }
         if self.threshold == 0 {
-            return Err("threshold: must be at least 1".into());
+            return err("threshold".into(), "must be at least 1".into());
         }
         if self.probe_interval.is_zero() || self.probe_timeout.is_zero() {
-            return Err("probe_interval and probe_timeout must be more than 0".into());
+            return err(
+                "probe_interval".into(),
+                "probe_interval and probe_timeout must be more than 0".into(),
+            );
         }
         Ok(())
     }

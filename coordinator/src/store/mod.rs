@@ -36,7 +36,7 @@ use tunnelfleet_runtime::clock::now_unix_ms;
 pub use agents::AgentRecord;
 pub use alerts::{Alert, AlertKind, AlertStatus, Delivery, Silence, alert_key, glob_match};
 pub use events::Event;
-pub use groups::OmaGroup;
+pub use groups::{GroupError, OmaGroup};
 pub use history::{HISTORY_KEPT, Revision, RevisionSummary};
 pub use profiles::{Assignment, Selector, Snapshot};
 pub use tokens::{JoinToken, Revocation};

@@ -500,10 +500,15 @@ pub enum TokenAction {
     },
 }
 
+/// A `--label` that is not `key=value`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?}: expected key=value")]
+pub struct LabelError(String);
+
 /// `key=value`.
-pub fn parse_label(s: &str) -> Result<(String, String), String> {
+pub fn parse_label(s: &str) -> Result<(String, String), LabelError> {
     s.split_once('=')
         .filter(|(k, _)| !k.is_empty())
         .map(|(k, v)| (k.to_string(), v.to_string()))
-        .ok_or_else(|| format!("{s:?}: expected key=value"))
+        .ok_or_else(|| LabelError(s.to_string()))
 }
