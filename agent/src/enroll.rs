@@ -7,9 +7,7 @@
 //! server's chain must contain a certificate with that SHA-256, and the server certificate must
 //! verify against it — so a token is never handed to an impostor.
 
-use std::io::Write;
 use std::net::SocketAddr;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -262,24 +260,10 @@ fn sha256(b: &[u8]) -> Vec<u8> {
 
 /// Writes a file whole (temp file, fsync, rename) with `mode`.
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), EnrollError> {
-    let err = |e: std::io::Error| EnrollError::Write {
+    tunnelfleet_runtime::secret::write_atomic(path, bytes, mode).map_err(|e| EnrollError::Write {
         path: path.display().to_string(),
         reason: e.to_string(),
-    };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(err)?;
-    }
-    let tmp = path.with_extension("enroll-tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(err)?;
-    f.write_all(bytes).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
+    })
 }
 
 /// Trusts a server whose chain holds the pinned CA and whose certificate verifies against it.

@@ -5,7 +5,6 @@
 //! link only means reconnecting with full-jitter backoff — so a coordinator restart does not
 //! bring the whole fleet back in the same second — while every tunnel keeps running.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -45,14 +44,8 @@ pub fn load_cache(state_dir: &Path) -> Option<ProfileSet> {
 /// Stores the set atomically (temp file, fsync, rename), so a crash leaves the old or the new
 /// cache, never half of one.
 pub fn store_cache(state_dir: &Path, set: &ProfileSet) -> std::io::Result<()> {
-    std::fs::create_dir_all(state_dir)?;
-    let path = cache_path(state_dir);
-    let tmp = state_dir.join("profiles.json.tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&serde_json::to_vec_pretty(set).map_err(std::io::Error::other)?)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, &path)?;
-    std::fs::File::open(state_dir)?.sync_all()
+    let json = serde_json::to_vec_pretty(set).map_err(std::io::Error::other)?;
+    tunnelfleet_runtime::secret::write_atomic(&cache_path(state_dir), &json, 0o644)
 }
 
 /// Runs the coordinator link until `shutdown`. Never returns early on coordinator trouble.

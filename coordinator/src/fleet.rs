@@ -108,6 +108,24 @@ pub struct AgentLink {
     pub online: bool,
 }
 
+impl AgentLink {
+    /// A link that just connected: heard from now, online, nothing pushed yet.
+    pub fn connected(agent_id: &str, remote: SocketAddr, labels: BTreeMap<String, String>) -> Self {
+        AgentLink {
+            agent_id: agent_id.to_string(),
+            remote,
+            labels,
+            last_heartbeat: None,
+            heartbeats: 0,
+            connected: true,
+            pushed: None,
+            pushed_at: None,
+            last_heard: Instant::now(),
+            online: true,
+        }
+    }
+}
+
 /// Heartbeats an agent may miss before it is marked offline: one lost datagram is noise, three
 /// in a row is an outage (the same rule as tunnel health checks).
 pub const MISSED_HEARTBEATS_OFFLINE: u32 = 3;
@@ -415,18 +433,7 @@ impl Fleet {
         self.links.lock().insert(
             agent_id.to_string(),
             (
-                AgentLink {
-                    agent_id: agent_id.to_string(),
-                    remote,
-                    labels,
-                    last_heartbeat: None,
-                    heartbeats: 0,
-                    connected: true,
-                    pushed: None,
-                    pushed_at: None,
-                    last_heard: Instant::now(),
-                    online: true,
-                },
+                AgentLink::connected(agent_id, remote, labels),
                 Some(Live { tx, conn }),
             ),
         );
@@ -501,18 +508,11 @@ mod tests {
         fleet.links.lock().insert(
             "vma-1".into(),
             (
-                AgentLink {
-                    agent_id: "vma-1".into(),
-                    remote: SocketAddr::from(([127, 0, 0, 1], 1)),
-                    labels: BTreeMap::new(),
-                    last_heartbeat: None,
-                    heartbeats: 0,
-                    connected: true,
-                    pushed: None,
-                    pushed_at: None,
-                    last_heard: Instant::now(),
-                    online: true,
-                },
+                AgentLink::connected(
+                    "vma-1",
+                    SocketAddr::from(([127, 0, 0, 1], 1)),
+                    BTreeMap::new(),
+                ),
                 None,
             ),
         );

@@ -4,8 +4,6 @@
 //! reads the agent id from the certificate (its common name, and a `urn:tunnelfleet:agent:ID`
 //! URI SAN) and never from what the agent says. Keys are written 0600 and never logged.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
@@ -257,17 +255,8 @@ fn read(path: &Path) -> Result<String, PkiError> {
 }
 
 fn write(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
-    let io = |source| PkiError::Io {
+    tunnelfleet_runtime::secret::write_atomic(path, bytes, mode).map_err(|source| PkiError::Io {
         path: path.to_path_buf(),
         source,
-    };
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(path)
-        .map_err(io)?;
-    f.write_all(bytes).map_err(io)?;
-    f.sync_all().map_err(io)
+    })
 }

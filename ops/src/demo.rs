@@ -180,7 +180,7 @@ async fn run_in(dir: &Path, out: &mut (impl Write + Send)) -> anyhow::Result<Dem
     // Three appliances, each with a certificate naming it and no local profiles: everything
     // they run comes from the coordinator.
     // Every local port the demo binds, picked at once so that no two collide.
-    let mut ports = free_ports(AGENTS * 4 + 1)?;
+    let mut ports = crate::services::free_tcp_ports(AGENTS * 4 + 1)?;
     let extra = ports.pop().context("no free port")?;
     let mut agents = Vec::new();
 
@@ -693,17 +693,6 @@ async fn echo(port: u16, n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
-    // Hold all listeners until every port is picked so the n ports differ.
-    let listeners: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<_, _>>()?;
-    listeners
-        .iter()
-        .map(|l| Ok(l.local_addr()?.port()))
-        .collect()
-}
-
 fn write_private(path: &Path, key: &PrivateKey) -> anyhow::Result<()> {
     let pem = key.to_openssh(russh::keys::ssh_key::LineEnding::LF)?;
     write_secret(path, pem.as_bytes())
@@ -711,15 +700,8 @@ fn write_private(path: &Path, key: &PrivateKey) -> anyhow::Result<()> {
 
 /// Writes a new file readable by its owner only.
 fn write_secret(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(bytes)?;
-    Ok(())
+    tunnelfleet_runtime::secret::write_atomic(path, bytes, 0o600)
+        .with_context(|| format!("{}: cannot write", path.display()))
 }
 
 fn say(out: &mut impl Write, line: &str) -> std::io::Result<()> {

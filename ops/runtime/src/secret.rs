@@ -1,9 +1,11 @@
 //! Key and secret files with OpenSSH's permission rule: refused when group or others may read
 //! them ("UNPROTECTED PRIVATE KEY FILE"), with the `chmod` that fixes it. A secret anyone on the
 //! host can copy is not a secret. Used for SSH identities, the agent's TLS key, join tokens, the
-//! admin token, hook secrets and SMTP passwords alike.
+//! admin token, hook secrets and SMTP passwords alike; and the one way key, certificate and
+//! state files are written: whole or not at all.
 
-use std::os::unix::fs::PermissionsExt;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// Why a secret file cannot be used.
@@ -47,6 +49,31 @@ pub fn check_permissions(path: &Path) -> Result<(), SecretFileError> {
     Ok(())
 }
 
+/// Writes `bytes` to `path` whole: a temporary file beside it created with `mode` (so a key is
+/// never readable by others, not even for a moment), fsynced, renamed over `path`, and the
+/// directory fsynced. A crash leaves the old file or the new one, never half of one. Creates
+/// the directory if missing.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = dir.join(tmp_name);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
@@ -64,5 +91,20 @@ mod tests {
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
         check_permissions(&f).unwrap();
         assert!(check_permissions(&dir.path().join("missing")).is_err());
+    }
+
+    #[test]
+    fn an_atomic_write_replaces_the_file_whole_with_its_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("sub").join("key");
+        write_atomic(&f, b"one", 0o600).unwrap();
+        write_atomic(&f, b"two", 0o600).unwrap();
+        assert_eq!(std::fs::read(&f).unwrap(), b"two");
+        check_permissions(&f).unwrap();
+        assert_eq!(
+            std::fs::read_dir(f.parent().unwrap()).unwrap().count(),
+            1,
+            "no temp file left"
+        );
     }
 }

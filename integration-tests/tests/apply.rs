@@ -6,17 +6,10 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
+use integration_tests::free_port;
 use tunnelfleet_agent::config::AgentConfig;
 use tunnelfleet_agent::supervisor::Supervisor;
 use tunnelfleet_protocol::{ProfileSet, ProfileSpec};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn spec(dir: &Path, name: &str, forwards: &[String]) -> ProfileSpec {
     let key = dir.join("id");

@@ -1,0 +1,335 @@
+//! Coordinators for tests: the control link alone in this process, the whole coordinator in
+//! this process, and the real `tunnelfleet-coordinator` binary as a process to kill -9.
+
+use crate::ports::{free_port, free_udp_port};
+use crate::programs::Program;
+use crate::services::{serve_ssh_banner, write_secret};
+use crate::wait::wait_until;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+/// A coordinator in this process: real QUIC on loopback, sled on disk.
+pub struct TestCoordinator {
+    /// Where agents dial.
+    pub addr: std::net::SocketAddr,
+    /// Its state.
+    pub fleet: Arc<tunnelfleet_coordinator::fleet::Fleet>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TestCoordinator {
+    /// Starts on 127.0.0.1:`port` (0 for any) with the PKI in `pki_dir` and state in `state_dir`.
+    pub async fn start(pki_dir: &Path, state_dir: &Path, port: u16) -> TestCoordinator {
+        let cfg = tunnelfleet_coordinator::tls::server_config(pki_dir).expect("server config");
+        let bind = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        // A restart on the same port may find the old socket still being released: retry
+        // with a deadline rather than fail on the first EADDRINUSE.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let endpoint = loop {
+            match quinn::Endpoint::server(cfg.clone(), bind) {
+                Ok(e) => break e,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::AddrInUse
+                        && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(e) => panic!("bind coordinator on {bind}: {e}"),
+            }
+        };
+        let addr = endpoint.local_addr().expect("addr");
+        let store = tunnelfleet_coordinator::store::Store::open(state_dir).expect("store");
+        let fleet = tunnelfleet_coordinator::fleet::Fleet::new(store, Duration::from_millis(500)).0;
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(tunnelfleet_coordinator::link::serve(
+            endpoint,
+            fleet.clone(),
+            tunnelfleet_coordinator::link::LinkContext::default(),
+            stop.clone(),
+        ));
+        TestCoordinator {
+            addr,
+            fleet,
+            stop,
+            task,
+        }
+    }
+
+    /// Stops it and waits until its store is closed (so it can be reopened).
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+        let fleet = self.fleet;
+        wait_until(10, "coordinator connections closed", || {
+            let n = Arc::strong_count(&fleet);
+            async move { n == 1 }
+        })
+        .await;
+    }
+}
+
+/// The whole coordinator in this process (control link, watcher, hooks, admin API), as the
+/// binary runs it, on loopback ports with state in `dir`.
+pub struct FullCoordinator {
+    /// Where agents dial.
+    pub control: std::net::SocketAddr,
+    /// The admin API.
+    pub api: tunnelfleet_ops::api::ApiClient,
+    /// Its state.
+    pub fleet: Arc<tunnelfleet_coordinator::fleet::Fleet>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FullCoordinator {
+    /// Starts with PKI in `dir/pki` (created if missing), state in `dir/state`, and `hooks`.
+    pub async fn start(
+        dir: &Path,
+        heartbeat: Duration,
+        hooks: Vec<tunnelfleet_coordinator::hooks::HookConfig>,
+    ) -> FullCoordinator {
+        use tunnelfleet_coordinator::server::{CoordinatorConfig, bind};
+        let pki_dir = dir.join("pki");
+        if !pki_dir.join("ca.pem").exists() {
+            tunnelfleet_coordinator::pki::init(&pki_dir, &["localhost".into()]).expect("pki");
+        }
+        let token_file = dir.join("admin.token");
+        let token = "integration-test-admin-token-0123456789";
+        write_secret(&token_file, token.as_bytes());
+        let bound = bind(&CoordinatorConfig {
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            pki_dir,
+            state_dir: dir.join("state"),
+            admin_token_file: token_file,
+            heartbeat_interval: heartbeat,
+            alerts: Default::default(),
+            hooks,
+            metrics_listen: None,
+            udp_buffer: tunnelfleet_coordinator::udp::DEFAULT_BUFFER,
+        })
+        .await
+        .expect("coordinator bind");
+        let (control, admin, fleet) = (bound.control, bound.admin, bound.fleet.clone());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(bound.run(stop.clone()));
+        FullCoordinator {
+            control,
+            api: tunnelfleet_ops::api::ApiClient::new(&admin.to_string(), token),
+            fleet,
+            stop,
+            task,
+        }
+    }
+
+    /// The `[coordinator]` section for agent `id` (certificate issued into `dir/id`).
+    pub fn agent_section(&self, dir: &Path, id: &str, labels: &str) -> String {
+        let files =
+            tunnelfleet_coordinator::pki::issue_agent(&dir.join("pki"), id, 1, &dir.join(id))
+                .expect("issue agent");
+        format!(
+            "[coordinator]\naddress = \"{}\"\nserver_name = \"localhost\"\nagent_id = \"{id}\"\nlabels = {{ {labels} }}\n\
+             ca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nstate_dir = \"{}\"\nreconnect_min = \"100ms\"\nreconnect_max = \"500ms\"\n",
+            self.control,
+            files.ca.display(),
+            files.cert.display(),
+            files.key.display(),
+            dir.join(id).join("state").display()
+        )
+    }
+
+    /// Stops it gracefully.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// Puts OMA group `oma` on the coordinator behind `api`: primary `dead` (nothing need listen
+/// there), then a standby that answers probes like an sshd; probed every 200 ms, failback after
+/// 5 min. Returns the standby's address.
+pub async fn put_probed_group(api: &tunnelfleet_ops::api::ApiClient, dead: &str) -> String {
+    let standby = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("standby");
+    let standby_addr = standby.local_addr().expect("addr").to_string();
+    serve_ssh_banner(standby);
+    let group = tunnelfleet_coordinator::store::OmaGroup::probed(
+        "oma",
+        vec![dead.to_string(), standby_addr.clone()],
+        Duration::from_millis(200),
+        Duration::from_millis(200),
+        Duration::from_secs(300),
+    );
+    let _: serde_json::Value = api
+        .call("PUT", "/v1/groups/oma", Some(&group))
+        .await
+        .expect("PUT /v1/groups/oma");
+    standby_addr
+}
+
+/// A `tunnelfleet-coordinator` process on loopback, for tests that kill it for real.
+pub struct CoordinatorProcess {
+    /// Where agents dial.
+    pub control: std::net::SocketAddr,
+    /// The admin API.
+    pub api: tunnelfleet_ops::api::ApiClient,
+    /// The admin API's address (for the CLI: `--coordinator`).
+    pub admin: std::net::SocketAddr,
+    /// The admin token file (for the CLI: `--token-file`).
+    pub token_file: PathBuf,
+    /// Its config file (a restart uses the same).
+    pub config: PathBuf,
+    env: Vec<(String, String)>,
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl CoordinatorProcess {
+    /// Waits until the first hook holds exactly one undelivered entry whose last attempt failed
+    /// with `error` in its message (`tunnelfleet alerts hooks`).
+    pub async fn wait_hook_backlog(&self, error: &str) {
+        wait_until(
+            30,
+            &format!("one delivery kept in the outbox after {error:?}"),
+            || async {
+                let h: serde_json::Value = self.api.get("/v1/hooks").await.unwrap_or_default();
+                h[0]["pending"] == 1
+                    && h[0]["last_error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains(error))
+            },
+        )
+        .await;
+    }
+    /// Writes a config under `dir` (PKI in `dir/pki`, state in `dir/state`, fixed ports) and
+    /// starts the coordinator; returns once its admin API answers.
+    pub async fn start(dir: &Path, heartbeat: &str) -> CoordinatorProcess {
+        Self::start_with(dir, heartbeat, "").await
+    }
+
+    /// As [`CoordinatorProcess::start`], with more config (`[[hook]]`s) appended.
+    pub async fn start_with(dir: &Path, heartbeat: &str, extra: &str) -> CoordinatorProcess {
+        Self::start_with_env(dir, heartbeat, extra, &[]).await
+    }
+
+    /// As [`CoordinatorProcess::start_with`], with environment variables for the process.
+    pub async fn start_with_env(
+        dir: &Path,
+        heartbeat: &str,
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> CoordinatorProcess {
+        let control = std::net::SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
+        let admin = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let token_file = dir.join("admin.token");
+        let token = "integration-test-admin-token-0123456789";
+        write_secret(&token_file, token.as_bytes());
+        let config = dir.join("coordinator.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"{control}\"\nadmin_listen = \"{admin}\"\npki_dir = \"{}\"\nstate_dir = \"{}\"\n\
+                 admin_token_file = \"{}\"\nheartbeat_interval = \"{heartbeat}\"\n{extra}",
+                dir.join("pki").display(),
+                dir.join("state").display(),
+                token_file.display()
+            ),
+        )
+        .expect("coordinator config");
+        let api = tunnelfleet_ops::api::ApiClient::new(&admin.to_string(), token);
+        let log = dir.join("coordinator.log");
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let child = Self::spawn(&config, &log, &env);
+        let mut c = CoordinatorProcess {
+            env,
+            control,
+            api,
+            admin,
+            token_file,
+            config,
+            child,
+            log,
+        };
+        c.wait_ready().await;
+        c
+    }
+
+    fn spawn(config: &Path, log: &Path, env: &[(String, String)]) -> std::process::Child {
+        let bin = Program::Coordinator.path();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log");
+        Command::new(bin)
+            .arg("--config")
+            .arg(config)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn coordinator")
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if self
+                .api
+                .get::<serde_json::Value>("/v1/agents")
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("coordinator exited with {status}:\n{}", self.log());
+            }
+            if std::time::Instant::now() > deadline {
+                panic!("coordinator not ready within 30s:\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// kill -9: no shutdown code runs.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same config (state dir and ports).
+    pub async fn restart(&mut self) {
+        self.child = Self::spawn(&self.config, &self.log, &self.env);
+        self.wait_ready().await;
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for CoordinatorProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A valid profile as the coordinator holds it (tests and benchmarks), forwarding `forwards`.
+pub fn profile_spec(name: &str, forwards: &[&str]) -> tunnelfleet_protocol::ProfileSpec {
+    let mut p = tunnelfleet_protocol::ProfileSpec::new(name, "vma", "/etc/tunnelfleet/id");
+    p.endpoints = vec!["oma-a:443".into(), "oma-b:443".into()];
+    p.known_hosts = Some("/etc/tunnelfleet/known_hosts".into());
+    p.forwards = forwards.iter().map(|f| f.to_string()).collect();
+    p
+}

@@ -1,0 +1,78 @@
+//! The workspace's programs as tests run them: the test build's `test-*` binaries, and the
+//! `dist` builds the benchmarks measure.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// One of the workspace's programs, as the test build compiled it: integration-tests' own
+/// `test-*` binaries, each a one-line `main` over the program's `cli` module. Cargo builds them
+/// with the integration tests, with the same features, so they are never stale and never cost a
+/// second compile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Program {
+    /// `tunnelfleet-agent`.
+    Agent,
+    /// `tunnelfleet-coordinator`.
+    Coordinator,
+    /// `tunnelfleet`, the operator CLI.
+    Cli,
+}
+
+impl Program {
+    /// The binary's path, next to the running test's own executable.
+    ///
+    /// # Panics
+    /// When the binary is missing: the test was not started by `cargo test`.
+    pub fn path(self) -> PathBuf {
+        let name = match self {
+            Program::Agent => "test-agent",
+            Program::Coordinator => "test-coordinator",
+            Program::Cli => "test-tunnelfleet",
+        };
+        let exe = std::env::current_exe().expect("current exe");
+        // Tests run from target/<profile>/deps/, binaries live in target/<profile>/.
+        let mut dir = exe.parent().expect("exe dir").to_path_buf();
+        if dir.ends_with("deps") {
+            dir.pop();
+        }
+        let path = dir.join(name);
+        assert!(
+            path.exists(),
+            "{} is missing: run the tests through cargo test, which builds it",
+            path.display()
+        );
+        path
+    }
+}
+
+/// A program of this workspace as it ships (the `dist` profile), built first: what the
+/// benchmarks measure. The harness itself runs from `target/release`.
+pub fn dist_binary(package: &str, bin: &str) -> std::io::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    // target/<profile>/<bench> -> target/dist/<bin>
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|t| t.join("dist").join(bin))
+        .ok_or_else(|| std::io::Error::other("no target dir"))?;
+    eprintln!("building {bin} with the dist profile (fat LTO: a few minutes the first time)");
+    let status = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--profile",
+            "dist",
+            "-q",
+            "-p",
+            package,
+            "--bin",
+            bin,
+        ])
+        .status()?;
+    if !status.success() || !path.exists() {
+        return Err(std::io::Error::other(format!(
+            "could not build {}",
+            path.display()
+        )));
+    }
+    Ok(path)
+}
