@@ -36,7 +36,7 @@ pub enum ControlError {
     Protocol {
         /// The socket path.
         path: PathBuf,
-        /// Why.
+        /// The parse error of the response line.
         reason: String,
     },
 }

@@ -32,7 +32,7 @@ pub enum EnrollError {
     Token {
         /// The file.
         path: String,
-        /// Why.
+        /// What is wrong with the token file.
         reason: String,
     },
     /// The coordinator could not be reached or the exchange broke.
@@ -40,7 +40,7 @@ pub enum EnrollError {
     Exchange {
         /// Coordinator address as configured.
         addr: String,
-        /// Why.
+        /// How the exchange broke.
         reason: String,
     },
     /// The coordinator refused the token or the request.
@@ -56,7 +56,7 @@ pub enum EnrollError {
     Write {
         /// The file.
         path: String,
-        /// Why.
+        /// The IO or encoding error.
         reason: String,
     },
 }

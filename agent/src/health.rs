@@ -113,11 +113,11 @@ enum CheckFailure {
     /// The target refused or was unreachable.
     #[error("connect {host}:{port}: {source}")]
     Connect {
-        /// Host.
+        /// Host the check connects to.
         host: String,
-        /// Port.
+        /// Its port.
         port: u16,
-        /// Why.
+        /// The connect error.
         source: std::io::Error,
     },
     /// The HTTP exchange failed.

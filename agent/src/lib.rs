@@ -19,13 +19,16 @@
 //! - [`relay`]: byte copying between sockets and channels, with counters.
 //! - [`health`]: health checks and the consecutive-failure rule.
 //! - [`profile`]: the life of one profile: session, reconnect, failover.
-//! - [`supervisor`]: all profiles and the commands that act on them.
+//! - [`supervisor`]: all profiles and the commands that act on them; its turn never waits on
+//!   long work.
 //! - [`control`]: the local Unix control socket (JSON lines) and its client.
 //! - [`status`]: status data shared by the tasks and returned to the CLI.
 //! - [`enroll`]: a join token traded for the agent's own certificate, trusting a pinned CA.
 //! - [`metrics`]: Prometheus `/metrics` of the agent (opt-in), read from status snapshots.
-//! - [`net`], [`audit`]: `tunnelfleet net check` and `audit`, here so an agent runs them for
+//! - [`net`]: `tunnelfleet net check` and `net bandwidth`, here so an agent runs them for
 //!   `--agent ID` too.
+//! - [`audit`]: `tunnelfleet audit` (keys, sshd settings, sockets, failed logins, own config),
+//!   here for the same reason.
 //! - [`fleet`]: fleet membership: cached profiles, the coordinator link loop, heartbeats.
 //! - [`link`]: the control link to the coordinator (QUIC, mutual TLS, hello, heartbeats).
 //! - [`agent`]: `run`, the whole agent as one call.

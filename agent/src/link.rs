@@ -27,7 +27,7 @@ pub enum LinkError {
     Pem {
         /// The file.
         path: String,
-        /// Why.
+        /// The PEM parser's or the file system's reason.
         reason: String,
     },
     /// TLS configuration refused.
@@ -38,7 +38,7 @@ pub enum LinkError {
     Connect {
         /// Coordinator address.
         addr: SocketAddr,
-        /// Why.
+        /// quinn's reason.
         reason: String,
     },
     /// The coordinator closed the link during the handshake: our certificate was refused
@@ -80,7 +80,7 @@ pub enum LinkError {
     Encode {
         /// Coordinator address.
         addr: SocketAddr,
-        /// Why.
+        /// The encoding error (a message over the frame limit).
         source: EncodeError,
     },
     /// The link broke after it was established.
@@ -88,7 +88,7 @@ pub enum LinkError {
     Lost {
         /// Coordinator address.
         addr: SocketAddr,
-        /// Why.
+        /// The read or write error, or what arrived out of order.
         reason: String,
     },
 }

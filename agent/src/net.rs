@@ -28,7 +28,7 @@ pub struct CheckOptions {
 /// DNS outcome.
 #[derive(Debug, Clone, Serialize)]
 pub struct DnsResult {
-    /// Resolved.
+    /// Whether the name resolved to at least one address.
     pub ok: bool,
     /// Every address returned.
     pub addresses: Vec<IpAddr>,
@@ -79,7 +79,7 @@ impl Reachability {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PortState {
-    /// Accepted.
+    /// The connection was accepted.
     Open,
     /// Refused (RST).
     Closed,
@@ -111,11 +111,11 @@ pub struct PortResult {
 pub struct HostReport {
     /// The target as given.
     pub target: String,
-    /// DNS.
+    /// How the host name resolved.
     pub dns: DnsResult,
-    /// Reachability.
+    /// ICMP and TCP reachability of its addresses.
     pub reachability: Reachability,
-    /// Ports.
+    /// Each port checked, in order.
     pub ports: Vec<PortResult>,
     /// Every check passed.
     pub ok: bool,

@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// Reply codes (RFC 1928 §6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reply {
-    /// Succeeded.
+    /// The CONNECT succeeded.
     Success = 0,
     /// General SOCKS server failure (tunnel down).
     GeneralFailure = 1,

@@ -289,7 +289,7 @@ pub(crate) struct Hop<'a> {
     pub(crate) host: &'a str,
     /// Its port.
     pub(crate) port: u16,
-    /// Login.
+    /// The login name to authenticate as.
     pub(crate) user: &'a str,
     /// `host:port` for errors and logs.
     pub(crate) endpoint: &'a str,

@@ -28,28 +28,28 @@ type Pending = HashMap<u64, (String, oneshot::Sender<CommandResult>)>;
 pub enum FleetEvent {
     /// An agent connected.
     Hello {
-        /// Agent.
+        /// The agent that connected.
         agent: String,
         /// Its process start.
         started_unix_ms: u64,
     },
     /// A heartbeat arrived.
     Heartbeat {
-        /// Agent.
+        /// The agent that sent it.
         agent: String,
         /// The heartbeat.
         hb: Box<Heartbeat>,
     },
     /// The sweeper marked an agent offline.
     Offline {
-        /// Agent.
+        /// The silent agent.
         agent: String,
         /// Heartbeats missed.
         missed: u32,
     },
     /// An offline agent was heard again.
     Online {
-        /// Agent.
+        /// The agent heard again.
         agent: String,
     },
 }

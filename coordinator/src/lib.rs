@@ -4,18 +4,27 @@
 //! - [`pki`]: the fleet CA; coordinator and agent certificates.
 //! - [`tls`]: mutual-TLS QUIC settings; the agent id from a verified certificate.
 //! - [`udp`]: the control link's UDP socket, buffers sized for thousands of agents.
-//! - [`enroll`]: join tokens, enrollment of new agents, revocation.
-//! - [`link`]: accepting agents: hello checked against the certificate, heartbeats.
-//! - [`hooks`]: alert delivery to webhooks, Slack, Alertmanager, email and commands, through
-//!   the durable outbox.
-//! - [`email`]: the email hook: SMTP with STARTTLS or TLS by default.
-//! - [`metrics`]: Prometheus `/metrics` through OpenTelemetry.
+//! - [`store`]: fleet state in sled, one file per record family; every acknowledged write
+//!   flushed first.
+//! - [`fleet`]: the registry of connected agents: pushes, the offline sweep, commands, revocation.
+//! - [`link`]: one control-link connection: hello checked against the certificate, heartbeats.
+//! - [`enroll`]: join tokens traded for certificates on the enrollment ALPN.
+//! - [`monitor`]: the alert and failover rules, no IO: endpoints, agents, checks.
+//! - [`watch`]: the task that feeds the rules (probes, fleet events, operator commands) and
+//!   carries out their decisions.
+//! - [`hooks`]: alert delivery (webhook, Slack, Alertmanager, email, command) through the
+//!   durable outbox.
+//! - [`metrics`]: the Prometheus registry and the instruments counted where things happen.
+//! - [`gauges`]: the gauges read from the fleet and the watcher at scrape time.
 //! - [`plan`]: `profiles diff`: what applying a file would change, before it is applied.
-//! - [`store`]: fleet state in sled; every acknowledged write flushed first.
-//! - [`admin`]: the admin HTTP API (bearer token) the CLI drives.
-//! - [`server`]: `run`, the whole coordinator as one call.
-//! - [`cli`]: the `tunnelfleet-coordinator` command line (the binary is a one-line `main` over
-//!   it).
+//! - [`admin`]: the admin HTTP API the CLI drives (bearer token), a file per resource.
+//! - [`server`]: `run`, the whole coordinator as one call, wiring the rest together.
+//! - [`cli`]: the `tunnelfleet-coordinator` command line (the binary is a one-line `main`).
+//!
+//! Dependencies point one way: `store` and `monitor` use nothing above them; `fleet` uses the
+//! store; `link`, `enroll`, `watch` and `gauges` use the fleet; `admin` and `server` use them
+//! all. Collaborators (the signer, metrics, the watcher's handle, the fleet's event queue) are
+//! passed in at construction.
 
 pub mod admin;
 pub mod cli;

@@ -26,7 +26,7 @@ pub enum TlsError {
     Pem {
         /// The file.
         path: String,
-        /// Why.
+        /// The PEM parser's or the file system's reason.
         reason: String,
     },
     /// rustls refused the configuration.

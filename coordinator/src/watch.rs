@@ -28,7 +28,7 @@ pub enum WatchEvent {
     Fleet(FleetEvent),
     /// A probe finished.
     Probe {
-        /// Endpoint.
+        /// The probed endpoint (`host:port`).
         endpoint: String,
         /// Latency or why it failed.
         result: Result<Duration, ProbeError>,

@@ -1,25 +1,17 @@
-//! Polling with a deadline instead of sleeping.
+//! Polling with a deadline instead of sleeping (the rule is `tunnelfleet_ops::services::wait_until`,
+//! which the demo uses too; here a timeout fails the test).
 
 use std::future::Future;
-use std::time::Duration;
 
 /// Polls `cond` every 50 ms until it is true or `secs` pass; panics with `what` on timeout.
-pub async fn wait_until<F, Fut>(secs: u64, what: &str, mut cond: F)
+pub async fn wait_until<F, Fut>(secs: u64, what: &str, cond: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let start = tokio::time::Instant::now();
-    let deadline = start + Duration::from_secs(secs);
-    loop {
-        if cond().await {
-            // Shown with --nocapture: where a slow test spends its time.
-            eprintln!("waited {:?} for: {what}", start.elapsed());
-            return;
-        }
-        if tokio::time::Instant::now() > deadline {
-            panic!("timed out after {secs}s waiting for: {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    match tunnelfleet_ops::services::wait_until(secs, what, cond).await {
+        // Shown with --nocapture: where a slow test spends its time.
+        Ok(took) => eprintln!("waited {took:?} for: {what}"),
+        Err(_) => panic!("timed out after {secs}s waiting for: {what}"),
     }
 }

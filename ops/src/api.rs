@@ -15,7 +15,7 @@ pub enum ApiError {
     Unreachable {
         /// host:port.
         addr: String,
-        /// Why.
+        /// The connection error.
         reason: String,
     },
     /// The coordinator answered with an error.

@@ -40,7 +40,7 @@ pub enum EnrollReply {
     },
     /// Refused, with the reason (used, expired or unknown token; an id taken; …).
     Refused {
-        /// Why.
+        /// Why, for the agent's log.
         reason: String,
     },
 }

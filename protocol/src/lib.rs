@@ -16,6 +16,7 @@
 //! - [`fingerprint`]: host key and CA fingerprints as operators paste them.
 //! - [`duration`]: durations as `"15s"` in TOML/JSON and exact in frames.
 //! - [`legacy`]: profiles as protocol 3 stored them, read once at upgrade.
+//! - [`close`]: the QUIC application close codes of the control link.
 
 pub mod addr;
 pub mod duration;

@@ -130,9 +130,9 @@ pub struct Welcome {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("protocol version mismatch: peer speaks {theirs}, this side speaks {ours}")]
 pub struct VersionMismatch {
-    /// Ours.
+    /// The version this side speaks.
     pub ours: u32,
-    /// Theirs.
+    /// The version the peer speaks.
     pub theirs: u32,
 }
 
@@ -166,13 +166,13 @@ pub struct Heartbeat {
 pub enum TunnelState {
     /// Not running.
     Stopped,
-    /// Connecting.
+    /// Connecting, handshaking or authenticating.
     Connecting,
-    /// Up.
+    /// Session established; forwards served.
     Up,
     /// Waiting to reconnect.
     Backoff,
-    /// Draining.
+    /// Draining open connections and closing.
     Stopping,
 }
 
@@ -184,7 +184,7 @@ pub enum ForwardState {
     Stopped,
     /// Bound; session down.
     Listening,
-    /// Serving.
+    /// Serving connections through the session.
     Active,
     /// Remote forward waiting for the session.
     Waiting,
@@ -263,7 +263,7 @@ impl ErrorKind {
 pub struct ErrorCount {
     /// `host:port`.
     pub endpoint: String,
-    /// Kind.
+    /// What kind of failure.
     pub kind: ErrorKind,
     /// Times since the agent started.
     pub count: u64,
@@ -293,7 +293,7 @@ pub struct FailoverRecord {
 pub struct HealthSample {
     /// When (Unix ms).
     pub at_unix_ms: u64,
-    /// Passed.
+    /// Whether the check passed.
     pub ok: bool,
     /// Latency in microseconds.
     pub latency_us: u64,
@@ -307,7 +307,7 @@ pub struct HealthSample {
 pub struct ForwardReport {
     /// The forward as written.
     pub spec: String,
-    /// State.
+    /// Where the forward stands.
     pub state: ForwardState,
     /// Why retrying.
     pub detail: Option<String>,
@@ -345,7 +345,7 @@ pub struct Applied {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct ForwardResult {
-    /// Profile.
+    /// The profile the forward belongs to.
     pub profile: String,
     /// The forward as written.
     pub forward: String,

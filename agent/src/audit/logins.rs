@@ -117,7 +117,7 @@ pub enum LogError {
     Read {
         /// The file.
         path: std::path::PathBuf,
-        /// Why.
+        /// The read error.
         source: std::io::Error,
     },
     /// No auth.log, and journalctl could not run.

@@ -38,7 +38,7 @@ pub enum Severity {
 pub struct Finding {
     /// Stable identifier, e.g. `key.rsa-short` (for scripts and suppression lists).
     pub id: String,
-    /// Severity.
+    /// How bad, from info to critical.
     pub severity: Severity,
     /// One line.
     pub title: String,

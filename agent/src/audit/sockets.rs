@@ -15,7 +15,7 @@ use super::{Finding, Severity};
 pub struct Listener {
     /// Bound address.
     pub addr: IpAddr,
-    /// Port.
+    /// The TCP port it listens on.
     pub port: u16,
     /// Socket inode (to find the process).
     pub inode: u64,

@@ -32,7 +32,7 @@ pub enum SshdConfigError {
     Run {
         /// The program.
         program: std::path::PathBuf,
-        /// Why.
+        /// The spawn error.
         source: std::io::Error,
     },
     /// `sshd -T` refused the config (its message).
@@ -43,7 +43,7 @@ pub enum SshdConfigError {
     Read {
         /// The file.
         path: std::path::PathBuf,
-        /// Why.
+        /// The read error.
         source: std::io::Error,
     },
     /// `Include` deeper than sshd itself allows.

@@ -43,7 +43,7 @@ pub enum Request {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
-    /// Done.
+    /// Done; the message says what happened.
     Ok {
         /// What happened.
         message: String,
@@ -54,7 +54,7 @@ pub enum Response {
     Health(HealthResult),
     /// Refused or failed.
     Error {
-        /// Why.
+        /// Why it was refused or failed, for the operator.
         message: String,
     },
 }

@@ -41,7 +41,7 @@ pub enum StartError {
     Identity {
         /// Profile name.
         profile: String,
-        /// Why.
+        /// Why the key cannot be used (unreadable, loose permissions, encrypted).
         source: IdentityError,
     },
 }

@@ -36,7 +36,7 @@ pub struct AgentSummary {
     pub connected: bool,
     /// Heartbeats arriving (false after three missed).
     pub online: bool,
-    /// Labels.
+    /// Its labels: from its hello, with its join token's on top.
     pub labels: BTreeMap<String, String>,
     /// Last contact (Unix ms).
     pub last_seen_unix_ms: u64,

@@ -49,7 +49,7 @@ async fn alert(State(a): State<Admin>, Path(id): Path<u64>) -> Result<Json<Alert
 /// Body of `alerts ack`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AckRequest {
-    /// Who.
+    /// Who acknowledges it (recorded with the alert).
     pub by: String,
 }
 
@@ -72,7 +72,7 @@ pub struct SilenceRequest {
     pub matcher: String,
     /// For how many seconds.
     pub for_s: u64,
-    /// Why.
+    /// Why, for whoever sees the silence later.
     #[serde(default)]
     pub comment: String,
 }

@@ -27,7 +27,7 @@ pub enum HookKind {
 pub struct HookConfig {
     /// Name (in logs, metrics and the outbox).
     pub name: String,
-    /// Kind.
+    /// What kind of receiver it is.
     pub kind: HookKind,
     /// Where (webhook, slack, alertmanager).
     #[serde(default)]

@@ -45,7 +45,7 @@ pub enum DeliveryError {
     Smtp {
         /// `host:port` of the relay.
         relay: String,
-        /// Why.
+        /// The relay's answer, or that it gave none in time.
         reason: String,
     },
     /// The email could not be built.

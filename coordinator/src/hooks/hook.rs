@@ -12,9 +12,9 @@ use crate::store::Delivery;
 /// A hook ready to deliver.
 #[derive(Debug, Clone)]
 pub struct Hook {
-    /// Name.
+    /// The hook's name (logs, metrics, the outbox).
     pub name: String,
-    /// Kind.
+    /// What kind of receiver it is.
     pub kind: HookKind,
     url: Option<hyper::Uri>,
     secret: Option<Vec<u8>>,

@@ -30,7 +30,7 @@ pub fn client() -> Result<Client, rustls::Error> {
 
 /// What one POST carries.
 pub struct Post<'a> {
-    /// Where.
+    /// The receiver's URL.
     pub url: hyper::Uri,
     /// The JSON body.
     pub body: Vec<u8>,

@@ -20,9 +20,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// What `tunnelfleet alerts hooks` shows per hook.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct HookStats {
-    /// Name.
+    /// The hook's name.
     pub name: String,
-    /// Kind.
+    /// Its kind (`webhook`, `slack`, …).
     pub kind: String,
     /// Deliveries accepted since the coordinator started.
     pub delivered: u64,

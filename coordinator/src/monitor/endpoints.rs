@@ -61,7 +61,7 @@ impl Endpoint {
 /// One endpoint in `tunnelfleet oma list`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EndpointView {
-    /// Group.
+    /// The OMA group it belongs to.
     pub group: String,
     /// `host:port`.
     pub endpoint: String,

@@ -82,9 +82,9 @@ impl Default for AlertRules {
 pub enum Action {
     /// Raise an alert (the key is not firing yet).
     Fire {
-        /// Kind.
+        /// What kind of alert.
         kind: AlertKind,
-        /// Subject.
+        /// What it is about (endpoint, agent, agent/profile, …).
         subject: String,
         /// For people.
         summary: String,
@@ -93,14 +93,14 @@ pub enum Action {
     },
     /// Resolve the firing alert with this key.
     Resolve {
-        /// Kind.
+        /// What kind of alert.
         kind: AlertKind,
-        /// Subject.
+        /// What it was about.
         subject: String,
     },
     /// Move a group to another endpoint.
     SetActive {
-        /// Group.
+        /// The OMA group to move.
         group: String,
         /// The new active endpoint.
         endpoint: String,

@@ -72,7 +72,7 @@ impl AlertStatus {
 pub struct Alert {
     /// Id (assigned by the store).
     pub id: u64,
-    /// Kind.
+    /// What kind of alert.
     pub kind: AlertKind,
     /// What it is about: an endpoint, `agent`, `agent/profile` or `agent/profile/forward`.
     pub subject: String,
@@ -140,7 +140,7 @@ pub struct Silence {
     pub matcher: String,
     /// Until (Unix ms).
     pub until_unix_ms: u64,
-    /// Why.
+    /// Why, from the operator who set it.
     pub comment: String,
 }
 

@@ -59,9 +59,9 @@ pub enum StoreError {
     Corrupt {
         /// Tree name.
         tree: &'static str,
-        /// Key.
+        /// The record's key.
         key: String,
-        /// Why.
+        /// The JSON error.
         reason: String,
     },
     /// The store was written by a newer schema.

@@ -461,7 +461,7 @@ pub enum AlertsAction {
         /// How long (`30m`, `2h`).
         #[arg(long = "for", value_parser = humantime::parse_duration)]
         duration: std::time::Duration,
-        /// Why.
+        /// Why, recorded with the revocation.
         #[arg(long, default_value = "")]
         comment: String,
     },

@@ -7,34 +7,40 @@
 //! change is pushed while a connection stays open through it, the primary is stopped and every
 //! agent carries data through the standby. Then it cleans up: every task stopped, temp dir
 //! removed.
+//!
+//! # Layout
+//! - this module: the story, step by step ([`run`]).
+//! - `setup`: keys, OMAs, agents and their profiles.
+//! - `checks`: what the story waits for and proves through the tunnels.
+//! - `show`: what it prints.
+
+mod checks;
+mod setup;
+mod show;
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use russh::keys::{Algorithm, PrivateKey};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use tunnelfleet_agent::config::AgentConfig;
-use tunnelfleet_agent::control;
-use tunnelfleet_agent::status::{AgentStatus, ForwardState, ProfileStatus, SessionState};
-use tunnelfleet_agent::supervisor::{Request, Response};
-use tunnelfleet_coordinator::admin::{AgentSummary, Changed, Rollout};
+use tunnelfleet_coordinator::admin::{AgentSummary, Changed};
 use tunnelfleet_coordinator::hooks::HookConfig;
-use tunnelfleet_coordinator::monitor::EndpointView;
 use tunnelfleet_coordinator::server::CoordinatorConfig;
-use tunnelfleet_coordinator::store::Alert;
 use tunnelfleet_coordinator::store::OmaGroup;
-use tunnelfleet_protocol::ProfileSpec;
 
 use crate::api::ApiClient;
 use crate::oma::{EmbeddedOma, OmaSpec};
 use crate::render;
 use crate::services::{HttpService, WebhookSink, echo_server};
+
+use checks::*;
+use setup::*;
+use show::*;
 
 /// What the demo measured.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -55,18 +61,6 @@ pub struct DemoReport {
     pub nbd_bytes: u64,
 }
 
-/// The seed's virtual OMA ports.
-const OMA_API: u16 = 8082;
-const OMA_NBD: u16 = 10809;
-
-/// Appliances in the demo fleet.
-const AGENTS: usize = 3;
-
-/// The demo's stable period before failback (the default is 5 minutes).
-const FAILBACK_AFTER: Duration = Duration::from_secs(3);
-/// How long stopping everything may take (the agents' drain is 1 s, an OMA's stop 5 s).
-const STOP_WITHIN: Duration = Duration::from_secs(30);
-
 /// Runs the demo, narrating to `out`.
 pub async fn run(out: &mut (impl Write + Send)) -> anyhow::Result<DemoReport> {
     let dir = tempfile::Builder::new()
@@ -78,17 +72,10 @@ pub async fn run(out: &mut (impl Write + Send)) -> anyhow::Result<DemoReport> {
     result
 }
 
-/// One appliance: its agent task and the local ports of the seed's forwards.
-struct DemoAgent {
-    id: String,
-    socket: PathBuf,
-    /// L api, L nbd, L alternate nbd, R vma api.
-    ports: [u16; 4],
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-async fn run_in(dir: &Path, out: &mut (impl Write + Send)) -> anyhow::Result<DemoReport> {
+pub(super) async fn run_in(
+    dir: &Path,
+    out: &mut (impl Write + Send),
+) -> anyhow::Result<DemoReport> {
     say(
         out,
         "tunnelfleet demo: a coordinator, three appliances (VMAs), an OMA primary and its standby",
@@ -331,380 +318,4 @@ async fn run_in(dir: &Path, out: &mut (impl Write + Send)) -> anyhow::Result<Dem
         ),
     )?;
     Ok(report)
-}
-
-/// Starts appliance `i` (`vma-i`) with its own certificate, control socket and state dir.
-async fn start_agent(
-    dir: &Path,
-    pki_dir: &Path,
-    coordinator: SocketAddr,
-    i: usize,
-    ports: [u16; 4],
-) -> anyhow::Result<DemoAgent> {
-    let id = format!("vma-{i}");
-    let home = dir.join(&id);
-    let files = tunnelfleet_coordinator::pki::issue_agent(pki_dir, &id, 1, &home.join("tls"))?;
-    let socket = home.join("agent.sock");
-    let config = format!(
-        r#"[agent]
-control_socket = "{socket}"
-drain_timeout = "1s"
-
-[coordinator]
-address = "{coordinator}"
-server_name = "localhost"
-agent_id = "{id}"
-labels = {{ site = "demo" }}
-ca = "{ca}"
-cert = "{cert}"
-key = "{key}"
-state_dir = "{state}"
-reconnect_min = "100ms"
-reconnect_max = "1s"
-"#,
-        socket = socket.display(),
-        ca = files.ca.display(),
-        cert = files.cert.display(),
-        key = files.key.display(),
-        state = home.join("state").display(),
-    );
-    let cfg_path = home.join("agent.toml");
-    std::fs::write(&cfg_path, &config)?;
-    let cfg = AgentConfig::load(&cfg_path)?;
-    let agent = tunnelfleet_agent::agent::Agent::prepare(&cfg).await?;
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(agent.run(stop.clone()));
-    Ok(DemoAgent {
-        id,
-        socket,
-        ports,
-        stop,
-        task,
-    })
-}
-
-/// The seed's tunnel set for appliance `a`, plus `extra` forwards, as the coordinator holds it.
-fn profile(
-    a: &DemoAgent,
-    key: &Path,
-    primary: &EmbeddedOma,
-    standby: &EmbeddedOma,
-    vma_api: u16,
-    extra: &[String],
-) -> anyhow::Result<ProfileSpec> {
-    let [l_api, l_nbd, l_alt, r_vma] = a.ports;
-    let mut forwards = vec![
-        format!("L {l_api}:localhost:{OMA_API}"),
-        format!("L {l_nbd}:localhost:{OMA_NBD}"),
-        format!("L {l_alt}:localhost:{OMA_NBD}"),
-        format!("R {r_vma}:localhost:{vma_api}"),
-    ];
-    forwards.extend(extra.iter().cloned());
-    let toml = format!(
-        r#"[agent]
-control_socket = "/unused"
-
-[[profile]]
-name = "{name}"
-description = "VMA to OMA: API, NBD, alternate NBD, reverse VMA API"
-endpoints = ["127.0.0.1:{p1}", "127.0.0.1:{p2}"]
-user = "vma"
-identity_file = "{key}"
-host_key_fingerprints = ["{f1}", "{f2}"]
-forwards = [{fw}]
-connect_timeout = "2s"
-keepalive_interval = "1s"
-keepalive_count = 3
-reconnect_min = "100ms"
-reconnect_max = "1s"
-failover_after = 2
-
-[profile.health]
-http = "http://127.0.0.1:{l_api}/health"
-interval = "500ms"
-timeout = "1s"
-threshold = 3
-"#,
-        name = a.id,
-        p1 = primary.port,
-        p2 = standby.port,
-        key = key.display(),
-        f1 = primary.fingerprint,
-        f2 = standby.fingerprint,
-        fw = forwards
-            .iter()
-            .map(|f| format!("{f:?}"))
-            .collect::<Vec<_>>()
-            .join(", "),
-    );
-    // The same validation `tunnelfleet profiles apply -f` runs; then the endpoints come from
-    // the group, active one first.
-    let cfg = AgentConfig::parse(&toml, Path::new(&format!("{}.toml", a.id)))?;
-    let mut spec = cfg.profiles[0].clone();
-    spec.group = Some("oma".into());
-    spec.endpoints.clear();
-    Ok(spec)
-}
-
-/// Waits until every agent has acknowledged `version`; fails on an agent's failed apply.
-async fn wait_rollout(api: &ApiClient, version: u64) -> anyhow::Result<Rollout> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let r: Rollout = api.get("/v1/rollout").await?;
-        if let Some((agent, errors)) = r.failed.iter().next() {
-            bail!(
-                "{agent} could not apply version {}: {}",
-                r.version,
-                errors.join("; ")
-            );
-        }
-        if r.version >= version && r.pending.is_empty() && r.applied.len() == AGENTS {
-            return Ok(r);
-        }
-        if Instant::now() > deadline {
-            bail!("version {version} not acknowledged by every agent within 20s: {r:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn wait_until<F, Fut>(secs: u64, what: &str, mut cond: F) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !cond().await {
-        if Instant::now() > deadline {
-            bail!("not reached within {secs}s: {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(())
-}
-
-async fn print_agents(out: &mut (impl Write + Send), api: &ApiClient) -> anyhow::Result<()> {
-    let list: Vec<AgentSummary> = api.get("/v1/agents").await?;
-    say(out, "\n  $ tunnelfleet agents list")?;
-    for line in render::fleet_agents(&list).lines() {
-        say(out, &format!("  {line}"))?;
-    }
-    Ok(())
-}
-
-/// Waits for the webhook delivery of the OMA-down incident in `status` and renders it.
-async fn wait_webhook(sink: &WebhookSink, status: &str) -> anyhow::Result<String> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(r) = sink.delivered().into_iter().find(|r| {
-            let j = r.json();
-            j["status"] == status && j["alert"]["kind"] == "oma_down"
-        }) {
-            let alert: Alert = serde_json::from_value(r.json()["alert"].clone())?;
-            return Ok(tunnelfleet_coordinator::hooks::text(&alert));
-        }
-        if Instant::now() > deadline {
-            bail!("no {status} OMA-down alert at the webhook within 20s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn print_oma(out: &mut (impl Write + Send), api: &ApiClient) -> anyhow::Result<()> {
-    let v: Vec<EndpointView> = api.get("/v1/oma").await?;
-    say(out, "\n  $ tunnelfleet oma list")?;
-    for line in crate::render::oma_table(&v).lines() {
-        say(out, &format!("  {line}"))?;
-    }
-    Ok(())
-}
-
-/// A few lines of what Prometheus would scrape.
-async fn print_metrics(out: &mut (impl Write + Send), port: u16) -> anyhow::Result<()> {
-    let text = get(port, "/metrics").await?;
-    say(
-        out,
-        &format!(
-            "\n  $ curl -s http://127.0.0.1:{port}/metrics | grep -E 'agents|failovers|alerts_fired|hook_deliveries'"
-        ),
-    )?;
-    for line in text.lines().filter(|l| {
-        !l.starts_with('#')
-            && [
-                "tunnelfleet_agents{",
-                "tunnelfleet_oma_failovers_total",
-                "tunnelfleet_alerts_fired_total",
-                "tunnelfleet_hook_deliveries_total",
-            ]
-            .iter()
-            .any(|m| l.starts_with(m))
-    }) {
-        say(out, &format!("    {line}"))?;
-    }
-    Ok(())
-}
-
-async fn print_alerts(out: &mut (impl Write + Send), api: &ApiClient) -> anyhow::Result<()> {
-    let v: Vec<Alert> = api.get("/v1/alerts?all=true").await?;
-    say(out, "\n  $ tunnelfleet alerts list --all")?;
-    for line in crate::render::alerts_table(&v).lines() {
-        say(out, &format!("  {line}"))?;
-    }
-    Ok(())
-}
-
-async fn roundtrip(s: &mut TcpStream, payload: &[u8]) -> anyhow::Result<()> {
-    s.write_all(payload).await?;
-    let mut back = vec![0u8; payload.len()];
-    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back)).await??;
-    if back != payload {
-        bail!("echo returned other bytes");
-    }
-    Ok(())
-}
-
-async fn show_traffic(
-    out: &mut (impl Write + Send),
-    a: &DemoAgent,
-    oma: &str,
-) -> anyhow::Result<u64> {
-    let [l_api, l_nbd, l_alt, r_vma] = a.ports;
-    let body = get(l_api, "/health").await?;
-    if !body.starts_with(oma) {
-        bail!("expected the API of {oma}, got {body:?}");
-    }
-    say(
-        out,
-        &format!("    L {l_api} -> {oma}:8082   GET /health -> {body:?}"),
-    )?;
-    let n = 8 << 20;
-    let t = Instant::now();
-    echo(l_nbd, n).await?;
-    say(
-        out,
-        &format!(
-            "    L {l_nbd} -> {oma}:10809  {} echoed through NBD in {:.0} ms",
-            render::bytes(n as u64),
-            t.elapsed().as_secs_f64() * 1000.0
-        ),
-    )?;
-    echo(l_alt, 64 << 10).await?;
-    say(
-        out,
-        &format!("    L {l_alt} -> {oma}:10809  alternate NBD port echoes"),
-    )?;
-    let body = get(r_vma, "/health").await?;
-    say(
-        out,
-        &format!("    R {oma}:{r_vma} -> VMA api  reverse GET /health -> {body:?}"),
-    )?;
-    Ok(2 * n as u64 + 2 * (64 << 10))
-}
-
-async fn print_status(out: &mut (impl Write + Send), a: &DemoAgent) -> anyhow::Result<AgentStatus> {
-    let status = status(&a.socket).await?;
-    say(
-        out,
-        &format!("\n  $ tunnelfleet tunnels status   # on {}", a.id),
-    )?;
-    for line in render::status(&status).lines() {
-        say(out, &format!("  {line}"))?;
-    }
-    Ok(status)
-}
-
-async fn status(socket: &Path) -> anyhow::Result<AgentStatus> {
-    match control::call(socket, &Request::Status).await? {
-        Response::Status(s) => Ok(s),
-        other => bail!("unexpected answer {other:?}"),
-    }
-}
-
-fn all_active(p: &ProfileStatus) -> bool {
-    p.state == SessionState::Up && p.forwards.iter().all(|f| f.state == ForwardState::Active)
-}
-
-async fn wait_for(
-    socket: &Path,
-    secs: u64,
-    cond: impl Fn(&ProfileStatus) -> bool,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Ok(s) = status(socket).await
-            && s.profiles.first().is_some_and(&cond)
-        {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            let last = status(socket)
-                .await
-                .map(|s| render::status(&s))
-                .unwrap_or_default();
-            bail!("not reached within {secs}s; last status:\n{last}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn get(port: u16, path: &str) -> anyhow::Result<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await??;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    if !head.starts_with("HTTP/1.") || !head.contains(" 200 ") {
-        bail!(
-            "GET 127.0.0.1:{port}{path}: {}",
-            head.lines().next().unwrap_or("no response")
-        );
-    }
-    Ok(body.to_string())
-}
-
-async fn echo(port: u16, n: usize) -> anyhow::Result<()> {
-    let s = TcpStream::connect(("127.0.0.1", port)).await?;
-    let (mut r, mut w) = s.into_split();
-    let writer = tokio::spawn(async move {
-        let chunk = vec![0x5au8; 64 << 10];
-        let mut left = n;
-        while left > 0 {
-            let k = left.min(chunk.len());
-            w.write_all(&chunk[..k]).await?;
-            left -= k;
-        }
-        anyhow::Ok(w)
-    });
-    let mut got = 0usize;
-    let mut buf = vec![0u8; 64 << 10];
-    while got < n {
-        let k = tokio::time::timeout(Duration::from_secs(10), r.read(&mut buf)).await??;
-        if k == 0 {
-            bail!("echo through port {port} ended after {got} of {n} bytes");
-        }
-        if buf[..k].iter().any(|&b| b != 0x5a) {
-            bail!("echo through port {port} returned corrupted data");
-        }
-        got += k;
-    }
-    writer.await??;
-    Ok(())
-}
-
-fn write_private(path: &Path, key: &PrivateKey) -> anyhow::Result<()> {
-    let pem = key.to_openssh(russh::keys::ssh_key::LineEnding::LF)?;
-    write_secret(path, pem.as_bytes())
-}
-
-/// Writes a new file readable by its owner only.
-fn write_secret(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    tunnelfleet_runtime::secret::write_atomic(path, bytes, 0o600)
-        .with_context(|| format!("{}: cannot write", path.display()))
-}
-
-fn say(out: &mut impl Write, line: &str) -> std::io::Result<()> {
-    writeln!(out, "{line}")?;
-    out.flush()
 }

@@ -3,6 +3,10 @@
 //! `profiles diff` and the control link's pushes all carry this type, so a profile is checked
 //! by the same rules wherever it comes from.
 //!
+//! # Layout
+//! - this module: [`ProfileSpec`], its validation, group resolution, [`validate_set`].
+//! - [`health`]: a profile's health check and its target.
+//!
 //! Serialization follows the format: durations are `"15s"` in TOML and JSON and exact
 //! seconds/nanoseconds in bincode frames ([`crate::duration`]). No field is skipped when
 //! serializing, because bincode frames are positional.
@@ -13,10 +17,13 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub mod health;
+
 use crate::addr::{split_host_port, valid_name};
 use crate::fingerprint::parse_host_key_fingerprint;
 use crate::forward::{ForwardParseError, ForwardSpec, is_loopback_bind};
 use crate::jump::{JumpError, JumpHost};
+pub use health::{HealthSpec, HealthTarget, HealthTargetError};
 
 /// A profile or one of its keys was refused: the key (relative to the profile, e.g.
 /// `forwards[2]`, or absolute from [`validate_set`], e.g. `profile.oma.forwards[2]`) and why.
@@ -106,112 +113,6 @@ pub struct ProfileSpec {
     /// `["ops@bastion.example:22"]`. Their host keys are verified like the endpoints'.
     #[serde(default)]
     pub jump: Vec<String>,
-}
-
-/// A health check of a profile.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
-#[serde(deny_unknown_fields)]
-pub struct HealthSpec {
-    /// `http://host:port/path` fetched with GET (2xx passes), usually through an L forward.
-    #[serde(default)]
-    pub http: Option<String>,
-    /// `host:port` that must accept a TCP connection.
-    #[serde(default)]
-    pub tcp: Option<String>,
-    /// Time between checks.
-    #[serde(default = "default_health_interval", with = "crate::duration")]
-    pub interval: Duration,
-    /// Deadline of one check.
-    #[serde(default = "default_health_timeout", with = "crate::duration")]
-    pub timeout: Duration,
-    /// Consecutive failures that mark the profile down and restart its session.
-    #[serde(default = "default_threshold")]
-    pub threshold: u32,
-}
-
-/// What a health check does, after validation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HealthTarget {
-    /// HTTP GET; 2xx passes.
-    Http {
-        /// Host to connect to.
-        host: String,
-        /// Port to connect to.
-        port: u16,
-        /// Path and query to request.
-        path: String,
-    },
-    /// TCP connect.
-    Tcp {
-        /// Host to connect to.
-        host: String,
-        /// Port to connect to.
-        port: u16,
-    },
-}
-
-/// Why a health check's target was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum HealthTargetError {
-    /// Both kinds set.
-    #[error("set either http or tcp, not both")]
-    Both,
-    /// Neither kind set.
-    #[error("set http = \"http://…\" or tcp = \"host:port\"")]
-    Neither,
-    /// The TCP target is not `host:port`.
-    #[error(transparent)]
-    Tcp(#[from] crate::addr::AddrError),
-    /// The URL does not parse.
-    #[error("{url:?} is not a URL: {reason}")]
-    NotAUrl {
-        /// The URL as written.
-        url: String,
-        /// The parser's reason.
-        reason: String,
-    },
-    /// Not `http://` (the check runs through the tunnel).
-    #[error(
-        "{url:?}: scheme {scheme:?} is not supported; the check runs through the tunnel, use http://"
-    )]
-    Scheme {
-        /// The URL as written.
-        url: String,
-        /// Its scheme.
-        scheme: String,
-    },
-    /// No scheme.
-    #[error("{0:?}: expected http://host:port/path")]
-    NoScheme(String),
-    /// No host.
-    #[error("{0:?}: no host")]
-    NoHost(String),
-}
-
-impl HealthSpec {
-    /// The target; valid after [`ProfileSpec::validate`].
-    pub fn target(&self) -> Result<HealthTarget, HealthTargetError> {
-        match (&self.http, &self.tcp) {
-            (Some(url), None) => parse_http_url(url),
-            (None, Some(addr)) => {
-                let (host, port) = split_host_port(addr, None)?;
-                Ok(HealthTarget::Tcp { host, port })
-            }
-            (Some(_), Some(_)) => Err(HealthTargetError::Both),
-            (None, None) => Err(HealthTargetError::Neither),
-        }
-    }
-}
-
-impl HealthTarget {
-    /// Human description for logs and status.
-    pub fn describe(&self) -> String {
-        match self {
-            HealthTarget::Http { host, port, path } => format!("GET http://{host}:{port}{path}"),
-            HealthTarget::Tcp { host, port } => format!("TCP {host}:{port}"),
-        }
-    }
 }
 
 impl ProfileSpec {
@@ -459,37 +360,6 @@ pub fn validate_set(profiles: &[ProfileSpec]) -> Result<(), ProfileError> {
     Ok(())
 }
 
-fn parse_http_url(url: &str) -> Result<HealthTarget, HealthTargetError> {
-    let uri: http::Uri =
-        url.parse()
-            .map_err(|e: http::uri::InvalidUri| HealthTargetError::NotAUrl {
-                url: url.into(),
-                reason: e.to_string(),
-            })?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some(other) => {
-            return Err(HealthTargetError::Scheme {
-                url: url.into(),
-                scheme: other.into(),
-            });
-        }
-        None => return Err(HealthTargetError::NoScheme(url.into())),
-    }
-    let host = uri
-        .host()
-        .ok_or_else(|| HealthTargetError::NoHost(url.into()))?
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_string();
-    let port = uri.port_u16().unwrap_or(80);
-    let path = uri
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".to_string());
-    Ok(HealthTarget::Http { host, port, path })
-}
-
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(15)
 }
@@ -511,107 +381,6 @@ fn default_failover_after() -> u32 {
 fn default_true() -> bool {
     true
 }
-fn default_health_interval() -> Duration {
-    Duration::from_secs(10)
-}
-fn default_health_timeout() -> Duration {
-    Duration::from_secs(5)
-}
-fn default_threshold() -> u32 {
-    3
-}
 
 #[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
-
-    use super::*;
-
-    fn seed() -> ProfileSpec {
-        toml::from_str(
-            r#"name = "oma"
-endpoints = ["oma-a:443", "oma-b:443"]
-user = "vma"
-identity_file = "/k"
-known_hosts = "/kh"
-forwards = ["L 8082:localhost:8082", "R 9081:localhost:8081"]
-jump = ["ops@bastion:2222"]
-[health]
-http = "http://localhost:8082/health"
-"#,
-        )
-        .unwrap()
-    }
-
-    #[test]
-    fn new_has_the_defaults_a_file_gets() {
-        let from_file: ProfileSpec =
-            toml::from_str("name = \"a\"\nuser = \"u\"\nidentity_file = \"/k\"\nforwards = []\n")
-                .unwrap();
-        assert_eq!(ProfileSpec::new("a", "u", "/k"), from_file);
-    }
-
-    #[test]
-    fn defaults_and_the_health_target() {
-        let p = seed();
-        p.validate_runnable().unwrap();
-        assert_eq!(p.connect_timeout, Duration::from_secs(15));
-        assert_eq!(p.endpoint_addrs().unwrap()[1], ("oma-b".into(), 443));
-        let h = p.health.as_ref().unwrap();
-        assert_eq!(h.threshold, 3);
-        assert_eq!(
-            h.target().unwrap(),
-            HealthTarget::Http {
-                host: "localhost".into(),
-                port: 8082,
-                path: "/health".into()
-            }
-        );
-    }
-
-    #[test]
-    fn a_profile_survives_the_wire_and_bad_pushes_are_refused_with_the_key() {
-        let p = seed();
-        let frame = crate::encode(&p).unwrap();
-        let back: ProfileSpec = crate::decode(&frame[4..]).unwrap();
-        assert_eq!(back, p);
-        let json: ProfileSpec = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
-        assert_eq!(json, p);
-        let mut bad = p.clone();
-        bad.forwards.push("L nope".into());
-        let e = bad.validate_runnable().unwrap_err();
-        assert_eq!(e.key, "forwards[2]");
-        assert!(e.reason.contains("L nope"), "{e}");
-        bad = p;
-        bad.host_key_fingerprints.clear();
-        bad.known_hosts = None;
-        assert_eq!(bad.validate_runnable().unwrap_err().key, "known_hosts");
-    }
-
-    #[test]
-    fn a_group_resolves_once_active_first_without_duplicates() {
-        let mut p = seed();
-        p.group = Some("pair".into());
-        p.endpoints = vec!["oma-b:443".into(), "spare:22".into()];
-        let r = p.resolved(&["oma-b:443".into(), "oma-a:443".into()]);
-        assert_eq!(r.endpoints, ["oma-b:443", "oma-a:443", "spare:22"]);
-        p.endpoints.clear();
-        p.validate().unwrap();
-        assert_eq!(p.validate_runnable().unwrap_err().key, "endpoints");
-    }
-
-    #[test]
-    fn a_set_refuses_a_name_twice_and_a_local_port_twice() {
-        let a = seed();
-        let mut b = seed();
-        b.name = "b".into();
-        b.forwards = vec!["L 8082:x:1".into()];
-        let e = validate_set(&[a.clone(), b]).unwrap_err();
-        assert_eq!(e.key, "profile.b.forwards[0]");
-        assert!(e.reason.contains("profile.oma.forwards[0]"), "{e}");
-        assert_eq!(
-            validate_set(&[a.clone(), a]).unwrap_err().key,
-            "profile.oma.name"
-        );
-    }
-}
+mod tests;

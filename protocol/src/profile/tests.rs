@@ -1,0 +1,93 @@
+//! The profile model: defaults, the wire, groups, sets.
+
+#![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
+
+use super::*;
+
+fn seed() -> ProfileSpec {
+    toml::from_str(
+        r#"name = "oma"
+endpoints = ["oma-a:443", "oma-b:443"]
+user = "vma"
+identity_file = "/k"
+known_hosts = "/kh"
+forwards = ["L 8082:localhost:8082", "R 9081:localhost:8081"]
+jump = ["ops@bastion:2222"]
+[health]
+http = "http://localhost:8082/health"
+"#,
+    )
+    .unwrap()
+}
+
+#[test]
+fn new_has_the_defaults_a_file_gets() {
+    let from_file: ProfileSpec =
+        toml::from_str("name = \"a\"\nuser = \"u\"\nidentity_file = \"/k\"\nforwards = []\n")
+            .unwrap();
+    assert_eq!(ProfileSpec::new("a", "u", "/k"), from_file);
+}
+
+#[test]
+fn defaults_and_the_health_target() {
+    let p = seed();
+    p.validate_runnable().unwrap();
+    assert_eq!(p.connect_timeout, Duration::from_secs(15));
+    assert_eq!(p.endpoint_addrs().unwrap()[1], ("oma-b".into(), 443));
+    let h = p.health.as_ref().unwrap();
+    assert_eq!(h.threshold, 3);
+    assert_eq!(
+        h.target().unwrap(),
+        HealthTarget::Http {
+            host: "localhost".into(),
+            port: 8082,
+            path: "/health".into()
+        }
+    );
+}
+
+#[test]
+fn a_profile_survives_the_wire_and_bad_pushes_are_refused_with_the_key() {
+    let p = seed();
+    let frame = crate::encode(&p).unwrap();
+    let back: ProfileSpec = crate::decode(&frame[4..]).unwrap();
+    assert_eq!(back, p);
+    let json: ProfileSpec = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
+    assert_eq!(json, p);
+    let mut bad = p.clone();
+    bad.forwards.push("L nope".into());
+    let e = bad.validate_runnable().unwrap_err();
+    assert_eq!(e.key, "forwards[2]");
+    assert!(e.reason.contains("L nope"), "{e}");
+    bad = p;
+    bad.host_key_fingerprints.clear();
+    bad.known_hosts = None;
+    assert_eq!(bad.validate_runnable().unwrap_err().key, "known_hosts");
+}
+
+#[test]
+fn a_group_resolves_once_active_first_without_duplicates() {
+    let mut p = seed();
+    p.group = Some("pair".into());
+    p.endpoints = vec!["oma-b:443".into(), "spare:22".into()];
+    let r = p.resolved(&["oma-b:443".into(), "oma-a:443".into()]);
+    assert_eq!(r.endpoints, ["oma-b:443", "oma-a:443", "spare:22"]);
+    p.endpoints.clear();
+    p.validate().unwrap();
+    assert_eq!(p.validate_runnable().unwrap_err().key, "endpoints");
+}
+
+#[test]
+fn a_set_refuses_a_name_twice_and_a_local_port_twice() {
+    let a = seed();
+    let mut b = seed();
+    b.name = "b".into();
+    b.forwards = vec!["L 8082:x:1".into()];
+    let e = validate_set(&[a.clone(), b]).unwrap_err();
+    assert_eq!(e.key, "profile.b.forwards[0]");
+    assert!(e.reason.contains("profile.oma.forwards[0]"), "{e}");
+    assert_eq!(
+        validate_set(&[a.clone(), a]).unwrap_err().key,
+        "profile.oma.name"
+    );
+}
