@@ -35,14 +35,10 @@ fn defaults_and_the_health_target() {
     assert_eq!(p.connect_timeout, Duration::from_secs(15));
     assert_eq!(p.endpoint_addrs().unwrap()[1], ("oma-b".into(), 443));
     let h = p.health.as_ref().unwrap();
-    assert_eq!(h.threshold, 3);
+    assert_eq!((h.threshold, h.interval), (3, Duration::from_secs(10)));
     assert_eq!(
-        h.target().unwrap(),
-        HealthTarget::Http {
-            host: "localhost".into(),
-            port: 8082,
-            path: "/health".into()
-        }
+        h.target().unwrap().describe(),
+        "GET http://localhost:8082/health"
     );
 }
 
