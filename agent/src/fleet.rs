@@ -17,7 +17,7 @@ use tunnelfleet_protocol::{
 use crate::backoff::Backoff;
 use crate::config::CoordinatorSection;
 use crate::link::{self, LinkError};
-use crate::status::{self, AgentStatus, ProfileStatus};
+use crate::status::{AgentStatus, ProfileStatus};
 use crate::supervisor::SupervisorHandle;
 use tunnelfleet_protocol::addr::split_host_port;
 
@@ -274,14 +274,7 @@ pub fn heartbeat(seq: u64, s: &AgentStatus, since_ms: u64) -> Heartbeat {
 }
 
 fn report(p: &ProfileStatus, since_ms: u64) -> ProfileReport {
-    use tunnelfleet_protocol::{ForwardState as F, TunnelState as T};
-    let state = match p.state {
-        status::SessionState::Stopped => T::Stopped,
-        status::SessionState::Connecting => T::Connecting,
-        status::SessionState::Up => T::Up,
-        status::SessionState::Backoff => T::Backoff,
-        status::SessionState::Stopping => T::Stopping,
-    };
+    let state = p.state;
     let health = p
         .health
         .as_ref()
@@ -314,13 +307,7 @@ fn report(p: &ProfileStatus, since_ms: u64) -> ProfileReport {
             .iter()
             .map(|f| ForwardReport {
                 spec: f.spec.clone(),
-                state: match f.state {
-                    status::ForwardState::Stopped => F::Stopped,
-                    status::ForwardState::Listening => F::Listening,
-                    status::ForwardState::Active => F::Active,
-                    status::ForwardState::Waiting => F::Waiting,
-                    status::ForwardState::Retrying => F::Retrying,
-                },
+                state: f.state,
                 detail: f.detail.clone(),
                 bytes_out: f.bytes_out,
                 bytes_in: f.bytes_in,

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tunnelfleet_protocol::ErrorKind;
 use tunnelfleet_runtime::metrics::{ExportError, Exporter};
 
-use crate::status::{AgentStatus, ForwardState, ProfileStatus, SessionState};
+use crate::status::{AgentStatus, ForwardState, ProfileStatus, TunnelState};
 use crate::supervisor::SupervisorHandle;
 
 /// Why metrics could not be set up or rendered.
@@ -151,7 +151,7 @@ fn register(meter: &Meter, snapshot: &Snapshot) {
         .with_callback(move |o| {
             each_profile(&s, |p| {
                 o.observe(
-                    i64::from(p.state == SessionState::Up),
+                    i64::from(p.state == TunnelState::Up),
                     &[
                         profile(p),
                         KeyValue::new("endpoint", p.active_endpoint.clone()),

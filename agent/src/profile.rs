@@ -23,7 +23,7 @@ use crate::health::{HealthMonitor, HealthTracker, run_check};
 use crate::hostkey::HostTrust;
 use crate::local::LocalForward;
 use crate::ssh::{self, ClientHandler, RemoteEntry, RemoteForwards, SessionParams};
-use crate::status::{ForwardState, HealthStatus, ProfileShared, SessionState};
+use crate::status::{ForwardState, HealthStatus, ProfileShared, TunnelState};
 use tunnelfleet_protocol::ProfileSpec;
 use tunnelfleet_protocol::forward::ForwardSpec;
 
@@ -314,7 +314,7 @@ impl Runner {
             let endpoint = format!("{host}:{port}");
             self.shared.lock().active_endpoint = endpoint.clone();
             self.shared.set_state(
-                SessionState::Connecting,
+                TunnelState::Connecting,
                 &format!("connecting to {endpoint}"),
             );
             let connected = tokio::select! {
@@ -340,7 +340,7 @@ impl Runner {
                     let handle = Arc::new(session.handle);
                     let cause =
                         format!("established to {endpoint} (host key {})", session.host_key);
-                    self.shared.set_state(SessionState::Up, &cause);
+                    self.shared.set_state(TunnelState::Up, &cause);
                     let _ = session_tx.send(Some(handle.clone()));
                     let _ = up_tx.send(true);
                     let remote_cancel = CancellationToken::new();
@@ -370,7 +370,7 @@ impl Runner {
                     let _ = session_tx.send(None);
                     if let SessionEnd::Shutdown = end {
                         self.shared
-                            .set_state(SessionState::Stopping, "stopping: draining connections");
+                            .set_state(TunnelState::Stopping, "stopping: draining connections");
                         listeners.cancel();
                         for t in side_tasks.drain(..) {
                             let _ = t.await;
@@ -432,7 +432,7 @@ impl Runner {
             }
             let delay = backoff.next_delay();
             self.shared.set_state(
-                SessionState::Backoff,
+                TunnelState::Backoff,
                 &format!(
                     "retrying {endpoint} in {}",
                     humantime::format_duration(round_ms(delay))
@@ -455,7 +455,7 @@ impl Runner {
         for i in 0..specs.len() {
             self.shared.set_forward(i, ForwardState::Stopped, None);
         }
-        self.shared.set_state(SessionState::Stopped, "stopped");
+        self.shared.set_state(TunnelState::Stopped, "stopped");
     }
 
     fn signal_accepting_closed(&mut self) {

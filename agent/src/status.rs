@@ -14,37 +14,9 @@ use tunnelfleet_runtime::clock::now_unix_ms;
 
 use crate::relay::ForwardCounters;
 
-/// The state of a profile's SSH session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SessionState {
-    /// Not running (never started, or stopped by command).
-    Stopped,
-    /// Connecting, handshaking or authenticating.
-    Connecting,
-    /// Session established; forwards served.
-    Up,
-    /// Waiting before the next attempt.
-    Backoff,
-    /// Draining and closing.
-    Stopping,
-}
-
-/// The state of one forward.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ForwardState {
-    /// Not running.
-    Stopped,
-    /// Local listener bound; waiting for the session.
-    Listening,
-    /// Serving: listener bound and session up, or the remote forward granted.
-    Active,
-    /// Remote forward waiting for the session to come up.
-    Waiting,
-    /// Cannot bind, or the server refused the remote forward; retrying.
-    Retrying,
-}
+// The session and forward states are the protocol's: what `tunnels status` shows is what the
+// heartbeat carries.
+pub use tunnelfleet_protocol::{ForwardState, TunnelState};
 
 /// One health check's outcome.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -105,7 +77,7 @@ pub struct ProfileStatus {
     /// Free text from the config.
     pub description: String,
     /// Session state.
-    pub state: SessionState,
+    pub state: TunnelState,
     /// Configured endpoints, priority order.
     pub endpoints: Vec<String>,
     /// The endpoint in use (or being tried).
@@ -182,7 +154,7 @@ impl ProfileShared {
             status: Mutex::new(ProfileStatus {
                 name: name.to_string(),
                 description: description.to_string(),
-                state: SessionState::Stopped,
+                state: TunnelState::Stopped,
                 active_endpoint: endpoints.first().cloned().unwrap_or_default(),
                 endpoints,
                 up_since_unix_ms: None,
@@ -221,12 +193,12 @@ impl ProfileShared {
     }
 
     /// Sets the session state; logs the change once, with its cause.
-    pub fn set_state(&self, state: SessionState, cause: &str) {
+    pub fn set_state(&self, state: TunnelState, cause: &str) {
         let mut s = self.lock();
         if s.state != state {
             tracing::info!(profile = %s.name, from = ?s.state, to = ?state, endpoint = %s.active_endpoint, "session {}", cause);
             s.state = state;
-            if state == SessionState::Up {
+            if state == TunnelState::Up {
                 s.up_since_unix_ms = Some(now_unix_ms());
             } else if s.up_since_unix_ms.is_some() {
                 s.up_since_unix_ms = None;

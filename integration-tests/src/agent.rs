@@ -147,7 +147,7 @@ impl TestAgent {
                 // A pushed profile appears only once applied: absent means not yet.
                 self.status().await.profiles.iter().any(|p| {
                     p.name == name
-                        && p.state == tunnelfleet_agent::status::SessionState::Up
+                        && p.state == tunnelfleet_agent::status::TunnelState::Up
                         && p.forwards
                             .iter()
                             .all(|f| f.state == tunnelfleet_agent::status::ForwardState::Active)

@@ -3,10 +3,10 @@
 
 /// A TCP port that was free a moment ago (for services that cannot bind port 0 themselves).
 pub fn free_port() -> u16 {
-    tunnelfleet_ops::services::free_tcp_ports(1).expect("free port")[0]
+    tunnelfleet_ops::ports::free_tcp_ports(1).expect("free port")[0]
 }
 
 /// A UDP port that was free a moment ago (a coordinator restarted on the same address).
 pub fn free_udp_port() -> u16 {
-    tunnelfleet_ops::services::free_udp_port().expect("free udp port")
+    tunnelfleet_ops::ports::free_udp_port().expect("free udp port")
 }

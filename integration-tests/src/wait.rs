@@ -1,4 +1,4 @@
-//! Polling with a deadline instead of sleeping (the rule is `tunnelfleet_ops::services::wait_until`,
+//! Polling with a deadline instead of sleeping (the rule is `tunnelfleet_ops::wait::wait_until`,
 //! which the demo uses too; here a timeout fails the test).
 
 use std::future::Future;
@@ -9,7 +9,7 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    match tunnelfleet_ops::services::wait_until(secs, what, cond).await {
+    match tunnelfleet_ops::wait::wait_until(secs, what, cond).await {
         // Shown with --nocapture: where a slow test spends its time.
         Ok(took) => eprintln!("waited {took:?} for: {what}"),
         Err(_) => panic!("timed out after {secs}s waiting for: {what}"),

@@ -115,7 +115,7 @@ impl Fleet {
                     s.profiles.iter().any(|p| {
                         p.name == *id
                             && p.active_endpoint == endpoint
-                            && p.state == tunnelfleet_agent::status::SessionState::Up
+                            && p.state == tunnelfleet_agent::status::TunnelState::Up
                     }) && echo_roundtrip(*l_echo, b"through the tunnel").await.is_ok()
                         && http_get(*l_api, "/health")
                             .await

@@ -5,7 +5,7 @@
 
 use integration_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tunnelfleet_agent::status::{ForwardState, SessionState};
+use tunnelfleet_agent::status::{ForwardState, TunnelState};
 use tunnelfleet_agent::supervisor::{Request, Response};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -48,8 +48,7 @@ async fn seed_forwards_carry_data_both_ways_on_one_session_and_two_profiles_run(
     wait_until(20, "both profiles up with every forward active", || async {
         let s = agent.status().await;
         s.profiles.iter().all(|p| {
-            p.state == SessionState::Up
-                && p.forwards.iter().all(|f| f.state == ForwardState::Active)
+            p.state == TunnelState::Up && p.forwards.iter().all(|f| f.state == ForwardState::Active)
         })
     })
     .await;
@@ -137,7 +136,7 @@ async fn unknown_and_changed_host_keys_are_refused_with_the_fingerprint() {
         err.contains(&format!("[127.0.0.1]:{} ssh-ed25519 ", sshd.port)),
         "{err}"
     );
-    assert_ne!(p.state, SessionState::Up);
+    assert_ne!(p.state, TunnelState::Up);
     assert!(
         !sshd.log().contains("Accepted publickey"),
         "must not authenticate to an untrusted host"
@@ -220,7 +219,7 @@ async fn sshd_killed_and_started_again_brings_every_forward_back() {
     agent.wait_all_active("oma").await;
     sshd.kill_all();
     wait_until(20, "session loss noticed", || async {
-        agent.profile("oma").await.state != SessionState::Up
+        agent.profile("oma").await.state != TunnelState::Up
     })
     .await;
     sshd.restart();
@@ -289,13 +288,13 @@ async fn unreachable_primary_fails_over_to_the_standby_and_data_flows() {
     let agent = TestAgent::on_pair(&primary, &standby, &[format!("L {l}:localhost:{echo}")]).await;
     wait_until(20, "up on the primary", || async {
         let p = agent.profile("oma").await;
-        p.state == SessionState::Up && p.active_endpoint == primary.endpoint()
+        p.state == TunnelState::Up && p.active_endpoint == primary.endpoint()
     })
     .await;
     primary.kill_all();
     wait_until(30, "failed over to the standby", || async {
         let p = agent.profile("oma").await;
-        p.state == SessionState::Up && p.active_endpoint == standby.endpoint()
+        p.state == TunnelState::Up && p.active_endpoint == standby.endpoint()
     })
     .await;
     echo_roundtrip(l, b"via standby").await.unwrap();
@@ -316,13 +315,13 @@ async fn blackholed_primary_is_detected_by_keepalive_and_the_standby_takes_over(
     let l = free_port();
     let agent = TestAgent::on_pair(&primary, &standby, &[format!("L {l}:localhost:{echo}")]).await;
     wait_until(20, "up on the primary", || async {
-        agent.profile("oma").await.state == SessionState::Up
+        agent.profile("oma").await.state == TunnelState::Up
     })
     .await;
     let frozen = primary.freeze();
     wait_until(40, "failed over to the standby", || async {
         let p = agent.profile("oma").await;
-        p.state == SessionState::Up && p.active_endpoint == standby.endpoint()
+        p.state == TunnelState::Up && p.active_endpoint == standby.endpoint()
     })
     .await;
     echo_roundtrip(l, b"via standby").await.unwrap();
@@ -352,7 +351,7 @@ async fn health_threshold_restarts_the_session_and_a_pass_resets_the_count() {
         .store(true, std::sync::atomic::Ordering::Relaxed);
     wait_until(20, "session restarted by the health rule", || async {
         let p = agent.profile("oma").await;
-        p.reconnects >= 1 && p.state == SessionState::Up
+        p.reconnects >= 1 && p.state == TunnelState::Up
     })
     .await;
     let h = agent.profile("oma").await.health.unwrap();
@@ -427,14 +426,14 @@ async fn stop_start_and_restart_through_the_control_socket() {
     let l = free_port();
     let agent = TestAgent::on(&sshd, &[format!("L {l}:localhost:{echo}")], "").await;
     wait_until(20, "up", || async {
-        agent.profile("oma").await.state == SessionState::Up
+        agent.profile("oma").await.state == TunnelState::Up
     })
     .await;
     assert!(matches!(
         agent.call(Request::Stop { name: "oma".into() }).await,
         Response::Ok { .. }
     ));
-    assert_eq!(agent.profile("oma").await.state, SessionState::Stopped);
+    assert_eq!(agent.profile("oma").await.state, TunnelState::Stopped);
     assert!(
         echo_roundtrip(l, b"x").await.is_err(),
         "port closed after stop"
@@ -444,7 +443,7 @@ async fn stop_start_and_restart_through_the_control_socket() {
         Response::Ok { .. }
     ));
     wait_until(20, "up again", || async {
-        agent.profile("oma").await.state == SessionState::Up
+        agent.profile("oma").await.state == TunnelState::Up
     })
     .await;
     assert!(matches!(
@@ -453,7 +452,7 @@ async fn stop_start_and_restart_through_the_control_socket() {
     ));
     wait_until(20, "restarted", || async {
         let p = agent.profile("oma").await;
-        p.reconnects == 1 && p.state == SessionState::Up
+        p.reconnects == 1 && p.state == TunnelState::Up
     })
     .await;
     echo_roundtrip(l, b"after restart").await.unwrap();
@@ -564,7 +563,7 @@ async fn a_jump_host_carries_the_session_and_its_failures_are_its_own() {
     bastion.kill_all();
     wait_until(30, "the session lost and retried at the jump", || async {
         let p = agent.profile("oma").await;
-        p.state != SessionState::Up
+        p.state != TunnelState::Up
             && p.errors
                 .iter()
                 .any(|e| e.kind == ErrorKind::Jump && e.last_detail.contains("via jump host"))
@@ -578,7 +577,7 @@ async fn a_jump_host_carries_the_session_and_its_failures_are_its_own() {
     );
     bastion.restart();
     wait_until(30, "back through the restarted bastion", || async {
-        agent.profile("oma").await.state == SessionState::Up
+        agent.profile("oma").await.state == TunnelState::Up
     })
     .await;
     echo_roundtrip(l, b"through the bastion again")
@@ -612,7 +611,7 @@ async fn a_jump_host_with_an_unknown_key_is_refused_naming_it() {
         !bastion.log().contains("Accepted publickey"),
         "authenticated to an unverified jump host"
     );
-    assert_ne!(agent.profile("oma").await.state, SessionState::Up);
+    assert_ne!(agent.profile("oma").await.state, TunnelState::Up);
     agent.shutdown().await;
 }
 

@@ -9,17 +9,22 @@
 //! - [`import`]: `tunnelfleet profiles import`: seed 004's profile lines, ssh command lines.
 //! - [`demo`]: `tunnelfleet demo`, the seed's tunnel set with a failover, end to end.
 //! - [`net`]: `tunnelfleet net check`: DNS, latency, ports, SSH banners; `net bandwidth`.
-//! - [`oma`]: an embedded OMA (russh SSH server) for the demo.
-//! - [`services`]: small HTTP and echo services standing in for OMA/VMA APIs and NBD.
+//! - [`embedded_oma`]: an embedded OMA (russh SSH server) for the demo.
+//! - [`services`]: small HTTP and echo services standing in for OMA/VMA APIs and NBD, and a
+//!   webhook receiver.
+//! - [`ports`]: free ports, never twice per process (the demo and the tests).
+//! - [`wait`]: polling with a deadline (the demo and the tests).
 //! - [`render`]: human tables (tunnels, agents, OMA endpoints, alerts, plans).
 
 pub mod api;
 pub mod cli;
 pub mod demo;
+pub mod embedded_oma;
 pub mod import;
-pub mod oma;
+pub mod ports;
 pub mod render;
 pub mod services;
+pub mod wait;
 
 // The checks run on the agent too (`--agent ID`), so they live in the agent library.
 pub use tunnelfleet_agent::{audit, net};

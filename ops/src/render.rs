@@ -4,7 +4,7 @@
 use comfy_table::presets::NOTHING;
 use comfy_table::{Cell, Table};
 use tunnelfleet_agent::status::{
-    AgentStatus, ForwardState, HealthResult, ProfileStatus, SessionState,
+    AgentStatus, ForwardState, HealthResult, ProfileStatus, TunnelState,
 };
 use tunnelfleet_coordinator::monitor::EndpointView;
 use tunnelfleet_coordinator::store::{Alert, AlertStatus};
@@ -71,7 +71,7 @@ pub fn profile(p: &ProfileStatus) -> String {
         ));
     }
     if let Some(e) = &p.last_error
-        && p.state != SessionState::Up
+        && p.state != TunnelState::Up
     {
         out.push_str(&format!("  last error: {e}\n"));
     }
@@ -113,13 +113,13 @@ pub fn table(header: &[&str]) -> Table {
     t
 }
 
-fn state(s: SessionState) -> &'static str {
+fn state(s: TunnelState) -> &'static str {
     match s {
-        SessionState::Stopped => "stopped",
-        SessionState::Connecting => "connecting",
-        SessionState::Up => "up",
-        SessionState::Backoff => "backoff",
-        SessionState::Stopping => "stopping",
+        TunnelState::Stopped => "stopped",
+        TunnelState::Connecting => "connecting",
+        TunnelState::Up => "up",
+        TunnelState::Backoff => "backoff",
+        TunnelState::Stopping => "stopping",
     }
 }
 

@@ -13,7 +13,7 @@ use std::process::Output;
 use russh::keys::{Algorithm, PrivateKey};
 use tokio_util::sync::CancellationToken;
 use tunnelfleet_agent::config::AgentConfig;
-use tunnelfleet_ops::oma::{EmbeddedOma, OmaSpec};
+use tunnelfleet_ops::embedded_oma::{EmbeddedOma, OmaSpec};
 use tunnelfleet_ops::services::HttpService;
 
 async fn cli(socket: &Path, args: &[&str]) -> Output {

@@ -160,9 +160,10 @@ pub struct Heartbeat {
     pub profiles: Vec<ProfileReport>,
 }
 
-/// A session's state.
+/// A session's state (`up`, `backoff`, … in JSON; by index in frames).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[serde(rename_all = "snake_case")]
 pub enum TunnelState {
     /// Not running.
     Stopped,
@@ -176,9 +177,10 @@ pub enum TunnelState {
     Stopping,
 }
 
-/// A forward's state.
+/// A forward's state (`active`, `retrying`, … in JSON; by index in frames).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[serde(rename_all = "snake_case")]
 pub enum ForwardState {
     /// Not running.
     Stopped,

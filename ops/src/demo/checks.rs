@@ -7,7 +7,7 @@ use anyhow::bail;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tunnelfleet_agent::control;
-use tunnelfleet_agent::status::{AgentStatus, ForwardState, ProfileStatus, SessionState};
+use tunnelfleet_agent::status::{AgentStatus, ForwardState, ProfileStatus, TunnelState};
 use tunnelfleet_agent::supervisor::{Request, Response};
 use tunnelfleet_coordinator::admin::Rollout;
 use tunnelfleet_coordinator::store::Alert;
@@ -45,7 +45,7 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    crate::services::wait_until(secs, what, cond).await?;
+    crate::wait::wait_until(secs, what, cond).await?;
     Ok(())
 }
 
@@ -85,7 +85,7 @@ pub(super) async fn status(socket: &Path) -> anyhow::Result<AgentStatus> {
 }
 
 pub(super) fn all_active(p: &ProfileStatus) -> bool {
-    p.state == SessionState::Up && p.forwards.iter().all(|f| f.state == ForwardState::Active)
+    p.state == TunnelState::Up && p.forwards.iter().all(|f| f.state == ForwardState::Active)
 }
 
 pub(super) async fn wait_for(

@@ -34,7 +34,7 @@ use tunnelfleet_coordinator::server::CoordinatorConfig;
 use tunnelfleet_coordinator::store::OmaGroup;
 
 use crate::api::ApiClient;
-use crate::oma::{EmbeddedOma, OmaSpec};
+use crate::embedded_oma::{EmbeddedOma, OmaSpec};
 use crate::render;
 use crate::services::{HttpService, WebhookSink, echo_server};
 
@@ -167,7 +167,7 @@ pub(super) async fn run_in(
     // Three appliances, each with a certificate naming it and no local profiles: everything
     // they run comes from the coordinator.
     // Every local port the demo binds, picked at once so that no two collide.
-    let mut ports = crate::services::free_tcp_ports(AGENTS * 4 + 1)?;
+    let mut ports = crate::ports::free_tcp_ports(AGENTS * 4 + 1)?;
     let extra = ports.pop().context("no free port")?;
     let mut agents = Vec::new();
 
