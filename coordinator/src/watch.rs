@@ -75,20 +75,12 @@ pub struct WatchHandle {
     pub outbox: Arc<Outbox>,
 }
 
-/// Queue depth; a heartbeat that does not fit is dropped (the next one carries the same state).
-const QUEUE: usize = 65_536;
+/// Depth of the watcher's own queue: probe results (one per endpoint per interval) and operator
+/// commands. The fleet's events, thousands a second, come on the fleet's queue
+/// ([`crate::fleet::EVENT_QUEUE`]).
+const QUEUE: usize = 1024;
 
 impl WatchHandle {
-    /// Queues an event without waiting.
-    pub fn notify(&self, ev: WatchEvent) {
-        if let Err(mpsc::error::TrySendError::Full(ev)) = self.tx.try_send(ev) {
-            tracing::warn!(
-                "watcher queue full; dropped {:?}",
-                std::mem::discriminant(&ev)
-            );
-        }
-    }
-
     /// Runs an operator command.
     pub async fn command(&self, cmd: Command) -> Result<String, OmaCommandError> {
         let (tx, rx) = oneshot::channel();
