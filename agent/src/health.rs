@@ -41,6 +41,8 @@ pub struct HealthTracker {
     threshold: u32,
     consecutive: u32,
     healthy: bool,
+    /// The endpoint the count is about: a session on another endpoint starts a fresh count.
+    endpoint: Option<String>,
 }
 
 impl HealthTracker {
@@ -50,7 +52,19 @@ impl HealthTracker {
             threshold: threshold.max(1),
             consecutive: 0,
             healthy: true,
+            endpoint: None,
         }
+    }
+
+    /// Records one result of a check through a session to `endpoint`. Failures against the
+    /// endpoint the profile just left say nothing about the one it is on now, so a move starts
+    /// the count afresh.
+    pub fn observe_at(&mut self, endpoint: &str, ok: bool) -> Transition {
+        if self.endpoint.as_deref() != Some(endpoint) {
+            self.endpoint = Some(endpoint.to_string());
+            self.consecutive = 0;
+        }
+        self.observe(ok)
     }
 
     /// Records one result.
@@ -63,19 +77,20 @@ impl HealthTracker {
             }
             return Transition::Same;
         }
-        self.consecutive += 1;
-        if self.consecutive >= self.threshold {
-            let failures = self.consecutive;
-            // The session is restarted now; the next streak is counted from zero so a dead
-            // endpoint triggers one restart per `threshold` checks, not one per check.
-            self.consecutive = 0;
+        self.consecutive = self.consecutive.saturating_add(1);
+        // The count grows until a pass (it is what heartbeats report, and three in a row is the
+        // alert); the session is restarted once per `threshold` of them, so a dead endpoint
+        // triggers one restart per `threshold` checks, not one per check.
+        if self.consecutive.is_multiple_of(self.threshold) {
             self.healthy = false;
-            return Transition::WentDown { failures };
+            return Transition::WentDown {
+                failures: self.consecutive,
+            };
         }
         Transition::Same
     }
 
-    /// Failures in a row so far.
+    /// Failures in a row so far; grows until a check passes.
     pub fn consecutive(&self) -> u32 {
         self.consecutive
     }
@@ -228,11 +243,12 @@ where
 
     /// Records a scheduled check's result and acts on the transition.
     async fn record(&mut self, result: HealthResult) {
-        let transition = self.tracker.observe(result.ok);
         let name;
+        let transition;
         {
             let mut s = self.shared.lock();
             name = s.name.clone();
+            transition = self.tracker.observe_at(&s.active_endpoint, result.ok);
             if let Some(h) = s.health.as_mut() {
                 h.checks += 1;
                 if !result.ok {
@@ -280,12 +296,28 @@ mod tests {
         assert_eq!(t.observe(false), Transition::Same);
         assert_eq!(t.observe(false), Transition::WentDown { failures: 3 });
         assert!(!t.healthy());
-        // Still failing: the next restart needs another full streak.
+        // Still failing: the count keeps growing (heartbeats carry it), and the next restart
+        // comes after another full streak.
         assert_eq!(t.observe(false), Transition::Same);
+        assert_eq!(t.consecutive(), 4);
         assert_eq!(t.observe(false), Transition::Same);
-        assert_eq!(t.observe(false), Transition::WentDown { failures: 3 });
+        assert_eq!(t.observe(false), Transition::WentDown { failures: 6 });
         assert_eq!(t.observe(true), Transition::Recovered);
+        assert_eq!(t.consecutive(), 0);
         assert!(t.healthy());
+    }
+
+    #[test]
+    fn a_move_to_another_endpoint_starts_a_fresh_count() {
+        let mut t = HealthTracker::new(3);
+        for _ in 0..4 {
+            t.observe_at("oma-a:22", false);
+        }
+        assert_eq!(t.consecutive(), 4);
+        // The failures were oma-a's: on oma-b the count starts again.
+        assert_eq!(t.observe_at("oma-b:22", false), Transition::Same);
+        assert_eq!(t.consecutive(), 1);
+        assert_eq!(t.observe_at("oma-b:22", true), Transition::Recovered);
     }
 
     fn result(ok: bool) -> HealthResult {
@@ -345,6 +377,9 @@ mod tests {
         assert_eq!(start.elapsed(), Duration::from_secs(360));
         let h = shared.snapshot().health.unwrap();
         assert_eq!((h.checks, h.failures, h.healthy), (6, 5, false));
+        // What the heartbeat carries: three in a row, not a count reset at the restart (which
+        // kept the coordinator's `tunnel_health` rule from ever seeing three).
+        assert_eq!(h.consecutive_failures, 3);
         // While the session is down no checks run.
         up_tx.send(false).unwrap();
         tokio::time::sleep(Duration::from_secs(600)).await;

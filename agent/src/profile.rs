@@ -312,7 +312,17 @@ impl Runner {
         'outer: loop {
             let (host, port) = &endpoints[idx];
             let endpoint = format!("{host}:{port}");
-            self.shared.lock().active_endpoint = endpoint.clone();
+            {
+                let mut s = self.shared.lock();
+                // Health failures were the previous endpoint's: the health monitor starts a
+                // fresh count on this one, and so does what status and heartbeats show.
+                if s.active_endpoint != endpoint
+                    && let Some(h) = s.health.as_mut()
+                {
+                    h.consecutive_failures = 0;
+                }
+                s.active_endpoint = endpoint.clone();
+            }
             self.shared.set_state(
                 TunnelState::Connecting,
                 &format!("connecting to {endpoint}"),

@@ -8,6 +8,9 @@
 //!   and the group fails back only after the stable period.
 //! - The primary killed outright and bouncing: one failover, no failback while it bounces,
 //!   one failback once it is stable.
+//! - The OMA's API down while its sshd answers (the seed's own `GET /health` failing through
+//!   the tunnel): three failed checks in a row reach the webhook as one `tunnel_health` alert
+//!   per agent, and passing checks resolve them.
 //! - An undelivered alert survives a SIGKILL of the coordinator process and is delivered by
 //!   the restarted one with the same idempotency key.
 
@@ -244,6 +247,77 @@ async fn a_blackholed_primary_fails_over_with_one_signed_incident_and_fails_back
     assert_eq!(moves.len(), 2, "{moves:?}");
     assert!(moves[0].contains("failover"), "{moves:?}");
     assert!(moves[1].contains("failback"), "{moves:?}");
+    f.shutdown().await;
+    c.stop().await;
+}
+
+/// Regression: the agent reset its failure count when it reached the threshold (and restarted
+/// the session), so no heartbeat ever carried three failures and `tunnel_health` never fired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oma_api_down_while_its_sshd_answers_raises_tunnel_health_after_three_failed_checks() {
+    if !Sshd::available("failover_api_down") {
+        return;
+    }
+    let primary = Sshd::start();
+    let standby = Sshd::start_sharing_client_key(&primary);
+    let api_service = http_service("oma api").await;
+    let (echo, _e) = echo_server().await;
+    let sink = WebhookSink::start(0).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let c = FullCoordinator::start(
+        dir.path(),
+        Duration::from_millis(500),
+        vec![webhook(dir.path(), &sink)],
+    )
+    .await;
+    let _: Changed = c
+        .api
+        .call(
+            "PUT",
+            "/v1/groups/oma",
+            Some(&group(&primary, &standby, Duration::from_secs(3))),
+        )
+        .await
+        .unwrap();
+    let f = fleet(&c, dir.path(), &primary, &standby, api_service.port, echo).await;
+    f.all_on(&primary.endpoint(), "start").await;
+
+    // The API behind the OMA answers 503; its sshd (and so the coordinator's probe) is fine.
+    api_service
+        .failing
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    wait_until(
+        30,
+        "tunnel_health for both agents at the webhook",
+        || async { deliveries(&sink, "tunnel_health", "firing").len() == 2 },
+    )
+    .await;
+    let mut subjects: Vec<String> = deliveries(&sink, "tunnel_health", "firing")
+        .iter()
+        .map(|r| {
+            r.json()["alert"]["subject"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    subjects.sort();
+    assert_eq!(subjects, ["vma-1/vma-1", "vma-2/vma-2"]);
+    let summary = deliveries(&sink, "tunnel_health", "firing")[0].json()["alert"]["summary"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(summary.contains("HTTP 503"), "{summary}");
+    // sshd answers: not an OMA incident.
+    assert!(deliveries(&sink, "oma_down", "firing").is_empty());
+
+    api_service
+        .failing
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    wait_until(30, "both tunnel_health alerts resolved", || async {
+        deliveries(&sink, "tunnel_health", "resolved").len() == 2
+    })
+    .await;
     f.shutdown().await;
     c.stop().await;
 }

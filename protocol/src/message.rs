@@ -212,7 +212,9 @@ pub struct ProfileReport {
     pub failovers: u64,
     /// Last failure.
     pub last_error: Option<String>,
-    /// Health failures in a row now.
+    /// Health checks failed in a row now: grows with every failed check until one passes (it
+    /// is not reset when the agent restarts the session), so `threshold` here means
+    /// `threshold` failures in a row — the coordinator's `tunnel_health` rule.
     pub consecutive_failures: u32,
     /// Health results since the previous heartbeat.
     pub health: Vec<HealthSample>,
