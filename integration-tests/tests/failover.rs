@@ -170,11 +170,20 @@ async fn group_moves(api: &ApiClient) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_blackholed_primary_fails_over_with_one_signed_incident_and_fails_back_when_stable() {
-    if !Sshd::available("failover_blackhole") {
-        return;
-    }
+/// Two real sshd OMAs in group `oma` (failback after 3 s), the coordinator with a webhook
+/// receiver, and both agents carrying data through the primary.
+struct OnPrimary {
+    primary: Sshd,
+    standby: Sshd,
+    api_service: HttpService,
+    sink: WebhookSink,
+    c: FullCoordinator,
+    f: Fleet,
+    _echo: tokio_util::sync::DropGuard,
+    _dir: tempfile::TempDir,
+}
+
+async fn on_primary() -> OnPrimary {
     let primary = Sshd::start();
     let standby = Sshd::start_sharing_client_key(&primary);
     let api_service = http_service("oma api").await;
@@ -198,6 +207,34 @@ async fn a_blackholed_primary_fails_over_with_one_signed_incident_and_fails_back
         .unwrap();
     let f = fleet(&c, dir.path(), &primary, &standby, api_service.port, echo).await;
     f.all_on(&primary.endpoint(), "start").await;
+    OnPrimary {
+        primary,
+        standby,
+        api_service,
+        sink,
+        c,
+        f,
+        _echo: _e,
+        _dir: dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blackholed_primary_fails_over_with_one_signed_incident_and_fails_back_when_stable() {
+    if !Sshd::available("failover_blackhole") {
+        return;
+    }
+    // Every field bound by name: a field left to `..` would drop (echo server, temp dir) here.
+    let OnPrimary {
+        primary,
+        standby,
+        api_service: _api_service,
+        sink,
+        c,
+        f,
+        _echo,
+        _dir,
+    } = on_primary().await;
 
     // Blackhole: no RST, no FIN; the probes and keepalives can only time out.
     let frozen = primary.freeze();
@@ -258,29 +295,16 @@ async fn an_oma_api_down_while_its_sshd_answers_raises_tunnel_health_after_three
     if !Sshd::available("failover_api_down") {
         return;
     }
-    let primary = Sshd::start();
-    let standby = Sshd::start_sharing_client_key(&primary);
-    let api_service = http_service("oma api").await;
-    let (echo, _e) = echo_server().await;
-    let sink = WebhookSink::start(0).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let c = FullCoordinator::start(
-        dir.path(),
-        Duration::from_millis(500),
-        vec![webhook(dir.path(), &sink)],
-    )
-    .await;
-    let _: Changed = c
-        .api
-        .call(
-            "PUT",
-            "/v1/groups/oma",
-            Some(&group(&primary, &standby, Duration::from_secs(3))),
-        )
-        .await
-        .unwrap();
-    let f = fleet(&c, dir.path(), &primary, &standby, api_service.port, echo).await;
-    f.all_on(&primary.endpoint(), "start").await;
+    let OnPrimary {
+        primary: _primary,
+        standby: _standby,
+        api_service,
+        sink,
+        c,
+        f,
+        _echo,
+        _dir,
+    } = on_primary().await;
 
     // The API behind the OMA answers 503; its sshd (and so the coordinator's probe) is fine.
     api_service

@@ -40,15 +40,6 @@ pub(super) async fn wait_rollout(api: &ApiClient, version: u64) -> anyhow::Resul
     }
 }
 
-pub(super) async fn wait_until<F, Fut>(secs: u64, what: &str, cond: F) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    crate::wait::wait_until(secs, what, cond).await?;
-    Ok(())
-}
-
 /// Waits for the webhook delivery of the OMA-down incident in `status` and renders it.
 pub(super) async fn wait_webhook(sink: &WebhookSink, status: &str) -> anyhow::Result<String> {
     let deadline = Instant::now() + Duration::from_secs(20);

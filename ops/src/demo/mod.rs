@@ -38,6 +38,7 @@ use crate::embedded_oma::{EmbeddedOma, OmaSpec};
 use crate::render;
 use crate::services::{HttpService, WebhookSink, echo_server};
 
+use crate::wait::wait_until;
 use checks::*;
 use setup::*;
 use show::*;
