@@ -112,6 +112,7 @@ impl Agent {
             fleet = Some(tokio::spawn(crate::fleet::run(
                 c,
                 handle.clone(),
+                self.supervisor.coordination(),
                 fleet_stop.clone(),
             )));
         }

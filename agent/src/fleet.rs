@@ -17,6 +17,7 @@ use tunnelfleet_protocol::{
 use crate::backoff::Backoff;
 use crate::config::CoordinatorSection;
 use crate::link::{self, LinkError};
+use crate::placement::Coordinated;
 use crate::status::{AgentStatus, ProfileStatus};
 use crate::supervisor::SupervisorHandle;
 use tunnelfleet_protocol::addr::split_host_port;
@@ -49,7 +50,14 @@ pub fn store_cache(state_dir: &Path, set: &ProfileSet) -> std::io::Result<()> {
 }
 
 /// Runs the coordinator link until `shutdown`. Never returns early on coordinator trouble.
-pub async fn run(cfg: CoordinatorSection, sup: SupervisorHandle, shutdown: CancellationToken) {
+/// `coordinated` is set while the link is up: pushed profiles then leave health-driven moves to
+/// the coordinator, and move on their own when it is away.
+pub async fn run(
+    cfg: CoordinatorSection,
+    sup: SupervisorHandle,
+    coordinated: Coordinated,
+    shutdown: CancellationToken,
+) {
     let client = match link::client_config(&cfg.ca, &cfg.cert, &cfg.key) {
         Ok(c) => c,
         Err(e) => {
@@ -101,6 +109,7 @@ pub async fn run(cfg: CoordinatorSection, sup: SupervisorHandle, shutdown: Cance
             Ok((_endpoint, mut l)) => {
                 tracing::info!(coordinator = %cfg.address, agent = %cfg.agent_id, "connected to the coordinator");
                 backoff.reset();
+                coordinated.set(true);
                 let every =
                     Duration::from_millis(u64::from(l.welcome.heartbeat_interval_ms).max(200));
                 let mut tick = tokio::time::interval(every);
@@ -155,6 +164,7 @@ pub async fn run(cfg: CoordinatorSection, sup: SupervisorHandle, shutdown: Cance
                         }
                     }
                 };
+                coordinated.set(false);
                 if let Err(e) = ended {
                     tracing::warn!("{e}; tunnels keep running, reconnecting");
                 }

@@ -17,7 +17,10 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::ssh::ClientHandler;
 use crate::status::{HealthResult, ProfileShared};
+use russh::client::Handle;
+use tunnelfleet_protocol::forward::ForwardSpec;
 use tunnelfleet_protocol::profile::HealthTarget;
 use tunnelfleet_runtime::clock::now_unix_ms;
 
@@ -101,10 +104,54 @@ impl HealthTracker {
     }
 }
 
+/// Where a check's connection goes.
+pub enum Route<'a> {
+    /// Straight to the target (through the profile's listener and its current session).
+    Direct,
+    /// Over a `direct-tcpip` channel of `handle` to `host:port`, the destination of the `L`
+    /// forward that serves the target: a check through a session that carries no traffic yet,
+    /// before a move to it completes.
+    Through {
+        /// The candidate session.
+        handle: &'a Handle<ClientHandler>,
+        /// The forward's destination host, as the server resolves it.
+        host: String,
+        /// Its port.
+        port: u16,
+    },
+}
+
+/// The destination of the `L` forward that serves `target` (a check of
+/// `http://127.0.0.1:8082/health` is served by `L 8082:localhost:8082`), if one does.
+pub fn served_by(target: &HealthTarget, forwards: &[ForwardSpec]) -> Option<(String, u16)> {
+    let (host, port) = match target {
+        HealthTarget::Tcp { host, port } | HealthTarget::Http { host, port, .. } => (host, *port),
+    };
+    let loopback = matches!(host.as_str(), "localhost" | "127.0.0.1" | "::1" | "[::1]");
+    forwards.iter().find_map(|f| match f {
+        ForwardSpec::Local {
+            bind,
+            port: listen,
+            host: to,
+            host_port,
+        } if *listen == port && (loopback || bind == host) => Some((to.clone(), *host_port)),
+        _ => None,
+    })
+}
+
 /// Runs one check with a deadline.
 pub async fn run_check(target: &HealthTarget, timeout: Duration) -> HealthResult {
+    run_check_via(target, timeout, Route::Direct).await
+}
+
+/// Runs one check along `route` with a deadline.
+pub async fn run_check_via(
+    target: &HealthTarget,
+    timeout: Duration,
+    route: Route<'_>,
+) -> HealthResult {
     let start = Instant::now();
-    let outcome = tokio::time::timeout(timeout, check_once(target)).await;
+    let outcome = tokio::time::timeout(timeout, check_once(target, route)).await;
     let latency_ms = start.elapsed().as_secs_f64() * 1000.0;
     let (ok, detail) = match outcome {
         Ok(Ok(detail)) => (true, detail),
@@ -135,6 +182,16 @@ enum CheckFailure {
         /// The connect error.
         source: std::io::Error,
     },
+    /// The candidate session could not reach the forward's destination.
+    #[error("through the new session, {host}:{port}: {source}")]
+    Channel {
+        /// The forward's destination host.
+        host: String,
+        /// Its port.
+        port: u16,
+        /// The server's refusal.
+        source: russh::Error,
+    },
     /// The HTTP exchange failed.
     #[error("http: {0}")]
     Http(#[source] hyper::Error),
@@ -160,14 +217,30 @@ async fn connect(host: &str, port: u16) -> Result<TcpStream, CheckFailure> {
 }
 
 /// One check: `Ok` with what passed (`connected`, `HTTP 200`).
-async fn check_once(target: &HealthTarget) -> Result<String, CheckFailure> {
-    match target {
-        HealthTarget::Tcp { host, port } => {
-            connect(host, *port).await?;
-            Ok("connected".to_string())
+async fn check_once(target: &HealthTarget, route: Route<'_>) -> Result<String, CheckFailure> {
+    let (host, port) = match target {
+        HealthTarget::Tcp { host, port } | HealthTarget::Http { host, port, .. } => (host, *port),
+    };
+    match route {
+        Route::Direct => check_over(target, connect(host, port).await?).await,
+        Route::Through { handle, host, port } => {
+            let channel = handle
+                .channel_open_direct_tcpip(host.clone(), u32::from(port), "127.0.0.1", 0)
+                .await
+                .map_err(|source| CheckFailure::Channel { host, port, source })?;
+            check_over(target, channel.into_stream()).await
         }
+    }
+}
+
+/// The check over an open connection to its target.
+async fn check_over<S>(target: &HealthTarget, stream: S) -> Result<String, CheckFailure>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    match target {
+        HealthTarget::Tcp { .. } => Ok("connected".to_string()),
         HealthTarget::Http { host, port, path } => {
-            let stream = connect(host, *port).await?;
             let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
                 .await
                 .map_err(CheckFailure::Http)?;

@@ -5,9 +5,12 @@
 //! A hop as written is parsed by [`tunnelfleet_protocol::jump`]. Every hop's host key is
 //! verified with the profile's trust (known_hosts or pinned fingerprints), as the endpoint's is,
 //! and a hop's failure is reported as the path's problem (`ErrorKind::Jump`), not the
-//! endpoint's, so the coordinator does not fail over an OMA because a bastion is down.
+//! endpoint's, so neither the agent nor the coordinator fails over an OMA because a bastion is
+//! down. The last hop refusing to reach the endpoint is the endpoint's failure: the bastion
+//! answered, the OMA did not.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use russh::client::{Handle, Msg};
 use tunnelfleet_protocol::jump::JumpHost;
@@ -27,6 +30,7 @@ pub(crate) async fn connect_via_jumps(
     host: &str,
     port: u16,
     endpoint: &str,
+    progress: &AtomicUsize,
 ) -> Result<SshSession, SessionError> {
     let via = |hop: &JumpHost, source: SessionError| SessionError::Jump {
         hop: hop.to_string(),
@@ -39,6 +43,7 @@ pub(crate) async fn connect_via_jumps(
     let mut current = jump_session(p, stream, first)
         .await
         .map_err(|e| via(first, e))?;
+    progress.fetch_add(1, Ordering::Relaxed);
     let mut earlier = Vec::with_capacity(rest.len());
     let mut at = first;
     for hop in rest {
@@ -49,11 +54,20 @@ pub(crate) async fn connect_via_jumps(
             .await
             .map_err(|e| via(hop, e))?;
         earlier.push(std::mem::replace(&mut current, next));
+        progress.fetch_add(1, Ordering::Relaxed);
         at = hop;
     }
     let stream = open_direct(&current, host, port, at)
         .await
-        .map_err(|e| via(at, e))?;
+        .map_err(|e| match e {
+            // The hop is up and says the endpoint is not: that is the endpoint's failure.
+            SessionError::Ssh { source, .. } => SessionError::Unreachable {
+                endpoint: endpoint.to_string(),
+                hop: at.to_string(),
+                source,
+            },
+            other => via(at, other),
+        })?;
     earlier.push(current);
     let session = endpoint_session(p, stream, host, port, endpoint, earlier).await?;
     tracing::info!(profile = %p.profile, %endpoint, via = %p.jump.iter().map(ToString::to_string).collect::<Vec<_>>().join(","), "session through jump hosts");
@@ -77,7 +91,7 @@ where
         user: hop.user.as_deref().unwrap_or(&p.user),
         endpoint: &endpoint,
     };
-    let (handle, _) = handshake(p, stream, at, Arc::default(), None).await?;
+    let (handle, _) = handshake(p, stream, at, Arc::default(), None, Default::default()).await?;
     Ok(handle)
 }
 

@@ -18,7 +18,10 @@
 //! - [`socks`]: SOCKS5 CONNECT for `D` forwards.
 //! - [`relay`]: byte copying between sockets and channels, with counters.
 //! - [`health`]: health checks and the consecutive-failure rule.
-//! - [`profile`]: the life of one profile: session, reconnect, failover.
+//! - [`placement`]: where a profile's session goes next: failover and failback rules, no IO.
+//! - [`profile`]: the life of one profile: session, reconnect, moves make-before-break.
+//! - [`reclaim`]: `reclaim_remote_ports`: ending this account's stale session holding an `R`
+//!   port, through the new session.
 //! - [`supervisor`]: all profiles and the commands that act on them; its turn never waits on
 //!   long work.
 //! - [`control`]: the local Unix control socket (JSON lines) and its client.
@@ -51,7 +54,9 @@ pub mod link;
 pub mod local;
 pub mod metrics;
 pub mod net;
+pub mod placement;
 pub mod profile;
+pub mod reclaim;
 pub mod relay;
 pub mod socks;
 pub mod ssh;

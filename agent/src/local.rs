@@ -10,7 +10,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use russh::client::Handle;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -19,12 +18,12 @@ use tokio_util::task::TaskTracker;
 use crate::backoff::Backoff;
 use crate::relay::{ForwardCounters, OpenGuard, relay};
 use crate::socks;
-use crate::ssh::ClientHandler;
+use crate::ssh::Live;
 use crate::status::{ForwardState, ProfileShared};
 use tunnelfleet_protocol::forward::ForwardSpec;
 
 /// The current session of a profile, if one is up.
-pub type SessionSlot = watch::Receiver<Option<Arc<Handle<ClientHandler>>>>;
+pub type SessionSlot = watch::Receiver<Option<Arc<Live>>>;
 
 /// One L or D forward's listener task.
 pub struct LocalForward {
@@ -134,13 +133,17 @@ async fn serve(
         }
         ForwardSpec::Remote { .. } => return Ok(()),
     };
-    let Some(handle) = wait_session(session, wait).await else {
+    let Some(live) = wait_session(session, wait).await else {
         if socks {
             let _ = socks::reply(&mut tcp, socks::Reply::GeneralFailure).await;
         }
         return Err(ConnectionError::NoSession);
     };
-    let channel = match handle
+    // The connection belongs to the session it was opened on: a move to another endpoint lets
+    // it finish there.
+    let _carried = live.conns.token();
+    let channel = match live
+        .handle
         .channel_open_direct_tcpip(
             host.clone(),
             port as u32,
@@ -160,7 +163,7 @@ async fn serve(
             });
         }
     };
-    drop(handle);
+    drop(live);
     if socks {
         socks::reply(&mut tcp, socks::Reply::Success)
             .await
@@ -193,10 +196,7 @@ enum ConnectionError {
     Io(std::io::Error),
 }
 
-async fn wait_session(
-    mut session: SessionSlot,
-    wait: Duration,
-) -> Option<Arc<Handle<ClientHandler>>> {
+async fn wait_session(mut session: SessionSlot, wait: Duration) -> Option<Arc<Live>> {
     let found = tokio::time::timeout(wait, session.wait_for(|s| s.is_some())).await;
     match found {
         Ok(Ok(s)) => s.clone(),

@@ -1,15 +1,23 @@
 //! The life of one profile: its SSH session, reconnects, failover, forwards and health.
 //!
-//! One task per profile owns the session and decides when to reconnect and where. Listener,
-//! remote-forward and health tasks hang off it and learn about the session through watch
-//! channels. Reasons to leave a session (lost, health threshold, command, shutdown) all come to
-//! one `select!`, so there is exactly one place that decides what happens next — and logs why.
+//! One task per profile owns the session and decides when to reconnect and where (the rules are
+//! [`crate::placement`]'s). Listener, remote-forward and health tasks hang off it and learn about
+//! the session through watch channels. Reasons to leave a session (lost, health threshold,
+//! command, shutdown) all come to one `select!`, so there is exactly one place that decides what
+//! happens next — and logs why.
+//!
+//! A move to another endpoint while the current session works (failback to the preferred
+//! endpoint, or following the group when the coordinator moved it) is make-before-break: the new
+//! session must come up, bind every remote forward and pass the health check through itself
+//! before it carries anything; until then the old one carries everything, and a refusal leaves
+//! the profile where it works with the reason in its status. The old session then stops
+//! accepting and carries its open connections to their end (bounded by the drain).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use russh::client::Handle;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -19,18 +27,16 @@ use tunnelfleet_protocol::ErrorKind;
 
 use crate::backoff::Backoff;
 use crate::dial;
-use crate::health::{HealthMonitor, HealthTracker, run_check};
+use crate::health::{HealthMonitor, HealthTracker, Route, run_check, run_check_via, served_by};
 use crate::hostkey::HostTrust;
 use crate::local::LocalForward;
-use crate::ssh::{self, ClientHandler, RemoteEntry, RemoteForwards, SessionParams};
+use crate::placement::{Coordinated, Ended, Next, Placement, STABLE_SESSION};
+use crate::ssh::{
+    self, ClientHandler, Live, RemoteEntry, RemoteForwards, SessionParams, SshSession,
+};
 use crate::status::{ForwardState, HealthStatus, ProfileShared, TunnelState};
 use tunnelfleet_protocol::ProfileSpec;
 use tunnelfleet_protocol::forward::ForwardSpec;
-
-/// A session that lasted this long counts as a success: backoff and failover counts reset.
-/// Shorter ones (accepted, then dropped) count as failures of the endpoint, so a server that
-/// lets us in and throws us out cannot hold us in a tight reconnect loop.
-pub const STABLE_SESSION: Duration = Duration::from_secs(30);
 
 /// Why the runner left a session.
 #[derive(Debug)]
@@ -50,6 +56,7 @@ pub const REPLACE_DRAIN: Duration = Duration::from_secs(3600);
 pub struct ProfileHandle {
     cancel: CancellationToken,
     restart: mpsc::Sender<String>,
+    retarget: watch::Sender<Vec<String>>,
     task: Option<JoinHandle<()>>,
     /// Fires once the profile stopped accepting (listeners closed, ports free).
     accepting_closed: Option<tokio::sync::oneshot::Receiver<()>>,
@@ -125,6 +132,12 @@ impl ProfileHandle {
     pub fn restart(&self, cause: &str) {
         let _ = self.restart.try_send(cause.to_string());
     }
+
+    /// The coordinator moved the group: `endpoints` in their new order, the group's choice
+    /// first. The profile follows make-before-break, keeping its session, counters and health.
+    pub fn retarget(&self, endpoints: Vec<String>) {
+        self.retarget.send_replace(endpoints);
+    }
 }
 
 impl Drop for ProfileHandle {
@@ -160,16 +173,19 @@ pub fn new_shared(cfg: &ProfileSpec) -> Arc<ProfileShared> {
 }
 
 /// Starts a profile once every gate in `after` is open (its predecessors released their
-/// ports); the identity must already be loaded (see `Supervisor`).
+/// ports); the identity must already be loaded (see `Supervisor`). `coordinated` tells whether a
+/// coordinator decides moves for it now.
 pub fn start(
     cfg: Arc<ProfileSpec>,
     key: Arc<russh::keys::PrivateKey>,
     shared: Arc<ProfileShared>,
     drain: Duration,
     after: Vec<Gate>,
+    coordinated: Coordinated,
 ) -> ProfileHandle {
     let cancel = CancellationToken::new();
     let (restart_tx, restart_rx) = mpsc::channel(4);
+    let (retarget_tx, retarget_rx) = watch::channel(cfg.endpoints.clone());
     let trust = HostTrust {
         known_hosts: cfg.known_hosts.clone(),
         pinned: cfg.host_key_fingerprints.clone(),
@@ -200,6 +216,8 @@ pub fn start(
         accepting_closed: Some(closed_tx),
         cancel: cancel.clone(),
         restart: restart_rx,
+        retarget: retarget_rx,
+        coordinated,
     };
     let task = tokio::spawn(async move {
         for gate in &after {
@@ -214,6 +232,7 @@ pub fn start(
     ProfileHandle {
         cancel,
         restart: restart_tx,
+        retarget: retarget_tx,
         task: Some(task),
         accepting_closed: Some(closed_rx),
         drain_override,
@@ -229,17 +248,37 @@ struct Runner {
     accepting_closed: Option<tokio::sync::oneshot::Sender<()>>,
     cancel: CancellationToken,
     restart: mpsc::Receiver<String>,
+    retarget: watch::Receiver<Vec<String>>,
+    coordinated: Coordinated,
+}
+
+/// The session that carries the profile's traffic now.
+struct Current {
+    live: Arc<Live>,
+    closed: oneshot::Receiver<String>,
+    started: Instant,
+    /// Cancels this session's pending remote-forward requests.
+    remote_cancel: CancellationToken,
+    /// Sessions to the jump hosts it runs through (closed with it).
+    _jumps: Vec<Handle<ClientHandler>>,
+}
+
+/// A session that passed every check of a move and is ready to carry traffic.
+struct Candidate {
+    session: SshSession,
+    /// `(forward index, bound port)` of its remote forwards, all bound.
+    bound: Vec<(usize, u32)>,
 }
 
 impl Runner {
     async fn run(mut self) {
         // Safe: the config was validated before a profile can be started.
         let specs = self.cfg.forward_specs().unwrap_or_default();
-        let endpoints = self.cfg.endpoint_addrs().unwrap_or_default();
+        let mut endpoints = self.cfg.endpoint_addrs().unwrap_or_default();
         if endpoints.is_empty() {
             return;
         }
-        let (session_tx, session_rx) = watch::channel(None::<Arc<Handle<ClientHandler>>>);
+        let (session_tx, session_rx) = watch::channel(None::<Arc<Live>>);
         let (up_tx, up_rx) = watch::channel(false);
         let (health_tx, mut health_rx) = mpsc::channel::<u32>(1);
         let listeners = CancellationToken::new();
@@ -305,79 +344,127 @@ impl Runner {
             side_tasks.push(tokio::spawn(monitor.run()));
         }
 
-        let mut idx = 0usize;
-        let mut failures = 0u32;
+        let mut place = Placement::new(
+            endpoints.len(),
+            self.cfg.failover_after,
+            self.cfg.failback_after,
+            !self.params.jump.is_empty(),
+        );
         let mut backoff = Backoff::new(self.cfg.reconnect_min, self.cfg.reconnect_max);
         let mut sessions = 0u64;
+        let probe_every = self.cfg.keepalive_interval.max(Duration::from_secs(1));
         'outer: loop {
-            let (host, port) = &endpoints[idx];
+            let (host, port) = endpoints[place.current()].clone();
             let endpoint = format!("{host}:{port}");
-            {
-                let mut s = self.shared.lock();
-                // Health failures were the previous endpoint's: the health monitor starts a
-                // fresh count on this one, and so does what status and heartbeats show.
-                if s.active_endpoint != endpoint
-                    && let Some(h) = s.health.as_mut()
-                {
-                    h.consecutive_failures = 0;
-                }
-                s.active_endpoint = endpoint.clone();
-            }
+            self.set_active(&endpoint);
             self.shared.set_state(
                 TunnelState::Connecting,
                 &format!("connecting to {endpoint}"),
             );
             let connected = tokio::select! {
                 _ = self.cancel.cancelled() => break 'outer,
+                Ok(()) = self.retarget.changed() => {
+                    let list = self.retarget.borrow_and_update().clone();
+                    // Not on any endpoint yet: go straight to the group's choice.
+                    let _ = self.retargeted(&mut endpoints, &mut place, list, None);
+                    continue 'outer;
+                }
                 r = tracing::Instrument::instrument(
-                    dial::connect(&self.params, host, *port),
+                    dial::connect(&self.params, &host, port),
                     tracing::info_span!("ssh_connect", profile = %self.cfg.name, %endpoint),
                 ) => r,
             };
-            let mut immediate = false;
-            match connected {
+            let next = match connected {
                 Err(e) => {
-                    failures += 1;
-                    tracing::warn!(profile = %self.cfg.name, endpoint = %endpoint, attempt = failures, "{e}");
+                    tracing::warn!(profile = %self.cfg.name, endpoint = %endpoint, failures = place.failures() + 1, "{e}");
                     self.shared.record_error(&endpoint, e.kind(), e.to_string());
+                    place.connect_failed(e.kind())
                 }
                 Ok(session) => {
                     sessions += 1;
                     if sessions > 1 {
                         self.shared.lock().reconnects += 1;
                     }
-                    let started = Instant::now();
-                    let handle = Arc::new(session.handle);
+                    place.connected();
                     let cause =
                         format!("established to {endpoint} (host key {})", session.host_key);
+                    let mut cur = self.go_live(session, &specs, None);
                     self.shared.set_state(TunnelState::Up, &cause);
-                    let _ = session_tx.send(Some(handle.clone()));
+                    let _ = session_tx.send(Some(cur.live.clone()));
                     let _ = up_tx.send(true);
-                    let remote_cancel = CancellationToken::new();
-                    for (index, spec) in specs.iter().enumerate() {
-                        if let ForwardSpec::Remote { bind, port, .. } = spec {
-                            tokio::spawn(hold_remote_forward(
-                                handle.clone(),
-                                index,
-                                bind.clone(),
-                                *port,
-                                self.shared.clone(),
-                                self.params.remote.clone(),
-                                remote_cancel.clone(),
-                                Backoff::new(self.cfg.reconnect_min, self.cfg.reconnect_max),
-                            ));
-                        }
-                    }
-                    let mut closed = session.closed;
-                    let end = tokio::select! {
-                        r = &mut closed => SessionEnd::Lost(r.unwrap_or_else(|_| "session ended".into())),
-                        Some(c) = self.restart.recv() => SessionEnd::Restart(c),
-                        Some(n) = health_rx.recv() => SessionEnd::Health(n),
-                        _ = self.cancel.cancelled() => SessionEnd::Shutdown,
+                    // Set when the coordinator moved the group away from where we are and the
+                    // move to its choice has not completed yet.
+                    let mut follow = false;
+                    let mut probe = tokio::time::interval(probe_every);
+                    probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    probe.reset();
+                    let end = loop {
+                        tokio::select! {
+                                r = &mut cur.closed => break SessionEnd::Lost(r.unwrap_or_else(|_| "session ended".into())),
+                                Some(c) = self.restart.recv() => break SessionEnd::Restart(c),
+                                Some(n) = health_rx.recv() => break SessionEnd::Health(n),
+                                _ = self.cancel.cancelled() => break SessionEnd::Shutdown,
+                                Ok(()) = self.retarget.changed() => {
+                        let list = self.retarget.borrow_and_update().clone();
+                                    let on = cur.live.endpoint.clone();
+                                    // Off the group's choice (or on an endpoint no longer listed, a drained one):
+                                    // follow it.
+                                    follow = !self.retargeted(&mut endpoints, &mut place, list, Some(&on));
+                                    if follow {
+                                        probe.reset_immediately();
+                                    }
+                                }
+                                _ = probe.tick(), if place.away() || follow => {
+                                    let (h, p) = endpoints[0].clone();
+                                    let to = format!("{h}:{p}");
+                                    let due = follow || {
+                                        let reachable = self.probe(&h, p).await;
+                                        place.probed(reachable, Instant::now())
+                                    };
+                                    if !due {
+                                        continue;
+                                    }
+                                    let why = if follow {
+                                        format!("following the group to {to}")
+                                    } else {
+                                        format!(
+                                            "{to} reachable for {}: back to the preferred endpoint",
+                                            humantime::format_duration(self.cfg.failback_after)
+                                        )
+                                    };
+                                    match self.try_move(&h, p, &specs, &cur.live).await {
+                                        Ok(candidate) => {
+                                            let from = cur.live.endpoint.clone();
+                                            let old = std::mem::replace(
+                                                &mut cur,
+                                                self.go_live(candidate.session, &specs, Some(&candidate.bound)),
+                                            );
+                                            let _ = session_tx.send(Some(cur.live.clone()));
+                                            self.retire(old, &specs);
+                                            place.moved(0);
+                                            // A move the coordinator ordered is the group's, not
+                                            // this agent's own.
+                                            self.shared.record_move(&from, &to, &why, !follow);
+                                            self.shared.set_state(TunnelState::Up, &why);
+                                            tracing::info!(profile = %self.cfg.name, %from, %to, "moved make-before-break: {why}");
+                                            follow = false;
+                                        }
+                                        Err(refusal) => {
+                                            place.failback_refused();
+                                            let on = cur.live.endpoint.clone();
+                                            tracing::warn!(profile = %self.cfg.name, %on, %to, "staying on {on}: {refusal}");
+                                            self.shared.lock().last_error =
+                                                Some(format!("staying on {on}: {refusal}"));
+                                        }
+                                    }
+                                }
+                            }
                     };
-                    remote_cancel.cancel();
+                    let lasted = cur.started.elapsed();
+                    cur.remote_cancel.cancel();
                     let _ = up_tx.send(false);
                     let _ = session_tx.send(None);
+                    let endpoint = cur.live.endpoint.clone();
                     if let SessionEnd::Shutdown = end {
                         self.shared
                             .set_state(TunnelState::Stopping, "stopping: draining connections");
@@ -386,16 +473,16 @@ impl Runner {
                             let _ = t.await;
                         }
                         self.signal_accepting_closed();
-                        self.close_gracefully(&handle, &specs).await;
+                        self.close_gracefully(&cur.live.handle, &specs).await;
                         break 'outer;
                     }
                     self.mark_remote_waiting(&specs);
-                    ssh::disconnect(&handle, "tunnelfleet: session restart").await;
+                    ssh::disconnect(&cur.live.handle, "tunnelfleet: session restart").await;
                     let why = match &end {
                         SessionEnd::Lost(r) => format!("session to {endpoint} lost: {r}"),
                         SessionEnd::Restart(c) => format!("session restarted: {c}"),
                         SessionEnd::Health(n) => {
-                            format!("session restarted: health check failed {n} times in a row")
+                            format!("health check failed {n} times in a row")
                         }
                         SessionEnd::Shutdown => String::new(),
                     };
@@ -412,33 +499,28 @@ impl Runner {
                     } else {
                         self.shared.lock().last_error = Some(why);
                     }
-                    if started.elapsed() >= STABLE_SESSION {
-                        failures = 0;
+                    if lasted >= STABLE_SESSION {
                         backoff.reset();
                     }
-                    match end {
-                        SessionEnd::Restart(_) => {
-                            // Asked for by an operator: go again now, and not as a failure.
-                            failures = 0;
-                            immediate = true;
-                        }
-                        _ => failures += 1,
-                    }
+                    let ended = match end {
+                        SessionEnd::Lost(_) => Ended::Lost,
+                        SessionEnd::Health(_) => Ended::Health,
+                        _ => Ended::Restart,
+                    };
+                    place.session_ended(ended, lasted, self.coordinated.get())
                 }
-            }
-            if failures >= self.cfg.failover_after && endpoints.len() > 1 {
-                let next = (idx + 1) % endpoints.len();
-                let to = format!("{}:{}", endpoints[next].0, endpoints[next].1);
-                let reason = self.shared.lock().last_error.clone().unwrap_or_default();
-                tracing::warn!(profile = %self.cfg.name, from = %endpoint, to = %to, failures, "failing over to the next endpoint: {reason}");
-                self.shared.record_failover(&endpoint, &to, &reason);
-                idx = next;
-                failures = 0;
-                backoff.reset();
-                continue;
-            }
-            if immediate {
-                continue;
+            };
+            match next {
+                Next::Move { from, to } => {
+                    let (from, to) = (addr(&endpoints[from]), addr(&endpoints[to]));
+                    let reason = self.shared.lock().last_error.clone().unwrap_or_default();
+                    tracing::warn!(profile = %self.cfg.name, %from, %to, "failing over to the next endpoint: {reason}");
+                    self.shared.record_move(&from, &to, &reason, true);
+                    backoff.reset();
+                    continue;
+                }
+                Next::Now => continue,
+                Next::Retry => {}
             }
             let delay = backoff.next_delay();
             self.shared.set_state(
@@ -454,6 +536,10 @@ impl Runner {
                 Some(c) = self.restart.recv() => {
                     tracing::info!(profile = %self.cfg.name, "backoff cut short: {c}");
                 }
+                Ok(()) = self.retarget.changed() => {
+                    let list = self.retarget.borrow_and_update().clone();
+                    let _ = self.retargeted(&mut endpoints, &mut place, list, None);
+                }
             }
         }
         listeners.cancel();
@@ -466,6 +552,235 @@ impl Runner {
             self.shared.set_forward(i, ForwardState::Stopped, None);
         }
         self.shared.set_state(TunnelState::Stopped, "stopped");
+    }
+
+    fn set_active(&self, endpoint: &str) {
+        let mut s = self.shared.lock();
+        // Health failures were the previous endpoint's: the health monitor starts a fresh count
+        // on this one, and so does what status and heartbeats show.
+        if s.active_endpoint != endpoint
+            && let Some(h) = s.health.as_mut()
+        {
+            h.consecutive_failures = 0;
+        }
+        s.active_endpoint = endpoint.to_string();
+    }
+
+    /// Makes `session` the one that carries traffic: its remote forwards are either already
+    /// bound (`bound`, after a move) or requested now and held.
+    fn go_live(
+        &self,
+        session: SshSession,
+        specs: &[ForwardSpec],
+        bound: Option<&[(usize, u32)]>,
+    ) -> Current {
+        let live = Arc::new(Live {
+            handle: session.handle,
+            conns: session.conns,
+            endpoint: session.endpoint,
+        });
+        let remote_cancel = CancellationToken::new();
+        match bound {
+            Some(bound) => {
+                self.params.remote.clear_bound();
+                for &(index, port) in bound {
+                    self.params.remote.mark_bound(index, port);
+                    let requested =
+                        matches!(specs.get(index), Some(ForwardSpec::Remote { port: 0, .. }));
+                    let detail = requested.then(|| format!("server assigned port {port}"));
+                    self.shared.set_forward(index, ForwardState::Active, detail);
+                }
+            }
+            None => {
+                for (index, spec) in specs.iter().enumerate() {
+                    if let ForwardSpec::Remote { bind, port, .. } = spec {
+                        tokio::spawn(hold_remote_forward(
+                            live.clone(),
+                            RemoteRequest {
+                                index,
+                                bind: bind.clone(),
+                                port: *port,
+                                reclaim: self.cfg.reclaim_remote_ports,
+                            },
+                            self.shared.clone(),
+                            self.params.remote.clone(),
+                            remote_cancel.clone(),
+                            Backoff::new(self.cfg.reconnect_min, self.cfg.reconnect_max),
+                        ));
+                    }
+                }
+            }
+        }
+        self.set_active(&live.endpoint);
+        Current {
+            live,
+            closed: session.closed,
+            started: Instant::now(),
+            remote_cancel,
+            _jumps: session.jumps,
+        }
+    }
+
+    /// A session left behind by a move: the server stops accepting on its remote forwards, its
+    /// open connections get the drain to finish, then it is closed.
+    fn retire(&self, old: Current, specs: &[ForwardSpec]) {
+        old.remote_cancel.cancel();
+        let remotes: Vec<(String, u32)> = specs
+            .iter()
+            .filter_map(|s| match s {
+                ForwardSpec::Remote { bind, port, .. } => Some((bind.clone(), u32::from(*port))),
+                _ => None,
+            })
+            .collect();
+        let drain = self.drain;
+        let profile = self.cfg.name.clone();
+        self.params.tracker.spawn(async move {
+            for (bind, port) in remotes {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    old.live.handle.cancel_tcpip_forward(bind, port),
+                )
+                .await;
+            }
+            old.live.conns.close();
+            if !old.live.conns.is_empty() {
+                tracing::info!(profile = %profile, endpoint = %old.live.endpoint, open = old.live.conns.len(), "the previous session carries its open connections to their end");
+            }
+            let _ = tokio::time::timeout(drain, old.live.conns.wait()).await;
+            ssh::disconnect(&old.live.handle, "tunnelfleet: moved to another endpoint").await;
+            drop(old);
+        });
+    }
+
+    /// Everything a move needs, on a new session to `host:port`, before it carries anything:
+    /// the session itself, every remote forward bound, and the health check passing through it.
+    /// An `R` port the target refuses while `old` holds the same port (two OMAs on one host,
+    /// as in the demo) is released on `old` and asked for again; if the target still refuses,
+    /// `old` gets it back. The refusal says what failed; nothing is left half-moved.
+    async fn try_move(
+        &self,
+        host: &str,
+        port: u16,
+        specs: &[ForwardSpec],
+        old: &Live,
+    ) -> Result<Candidate, String> {
+        let to = format!("{host}:{port}");
+        let session = tokio::select! {
+            r = dial::connect(&self.params, host, port) => r.map_err(|e| e.to_string())?,
+            _ = self.cancel.cancelled() => return Err("stopping".into()),
+        };
+        let reclaim = self.cfg.reclaim_remote_ports;
+        let mut bound = Vec::new();
+        // Remote ports `old` released for the candidate: given back if the move fails.
+        let mut released: Vec<(String, u16)> = Vec::new();
+        let mut refusal = None;
+        for (index, spec) in specs.iter().enumerate() {
+            let ForwardSpec::Remote { bind, port, .. } = spec else {
+                continue;
+            };
+            let first = bind_remote(&session.handle, bind, *port, false).await;
+            let result = match first {
+                Ok(p) => Ok(p),
+                Err(_) if *port != 0 => {
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        old.handle
+                            .cancel_tcpip_forward(bind.clone(), u32::from(*port)),
+                    )
+                    .await;
+                    released.push((bind.clone(), *port));
+                    bind_remote(&session.handle, bind, *port, reclaim).await
+                }
+                Err(why) => Err(why),
+            };
+            match result {
+                Ok(p) => bound.push((index, p)),
+                Err(why) => {
+                    refusal = Some(format!("{spec} on {to}: {why}"));
+                    break;
+                }
+            }
+        }
+        if refusal.is_none()
+            && let Some(h) = &self.cfg.health
+            && let Ok(target) = h.target()
+            && let Some((dest, dest_port)) = served_by(&target, specs)
+        {
+            let route = Route::Through {
+                handle: &session.handle,
+                host: dest,
+                port: dest_port,
+            };
+            let r = run_check_via(&target, h.timeout, route).await;
+            if !r.ok {
+                refusal = Some(format!(
+                    "health check {} through the new session to {to} failed: {}",
+                    target.describe(),
+                    r.detail
+                ));
+            }
+        }
+        if let Some(why) = refusal {
+            ssh::disconnect(&session.handle, "tunnelfleet: move not completed").await;
+            for (bind, port) in released {
+                if let Err(e) = bind_remote(&old.handle, &bind, port, false).await {
+                    tracing::warn!(profile = %self.cfg.name, port, "could not take the remote port back on {}: {e}", old.endpoint);
+                }
+            }
+            return Err(why);
+        }
+        Ok(Candidate { session, bound })
+    }
+
+    /// Whether the preferred endpoint answers: its SSH identification line (directly), or a
+    /// whole session (through jump hosts, where only that reaches it).
+    async fn probe(&self, host: &str, port: u16) -> bool {
+        let limit = self.cfg.connect_timeout.min(Duration::from_secs(5));
+        if self.params.jump.is_empty() {
+            let banner = async {
+                let mut s = tokio::net::TcpStream::connect((host, port)).await.ok()?;
+                let line = tunnelfleet_runtime::banner::read_banner(&mut s)
+                    .await
+                    .ok()?;
+                line.starts_with("SSH-").then_some(())
+            };
+            return matches!(tokio::time::timeout(limit, banner).await, Ok(Some(())));
+        }
+        match dial::connect(&self.params, host, port).await {
+            Ok(s) => {
+                ssh::disconnect(&s.handle, "tunnelfleet: probe").await;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// The coordinator sent a new endpoint list (the group moved): `on` is the endpoint the
+    /// session is on, if one is up. True when that is the new list's first (nothing to do).
+    fn retargeted(
+        &mut self,
+        endpoints: &mut Vec<(String, u16)>,
+        place: &mut Placement,
+        list: Vec<String>,
+        on: Option<&str>,
+    ) -> bool {
+        let spec = ProfileSpec {
+            endpoints: list.clone(),
+            ..(*self.cfg).clone()
+        };
+        let parsed = match spec.endpoint_addrs() {
+            Ok(p) if !p.is_empty() => p,
+            _ => {
+                tracing::warn!(profile = %self.cfg.name, endpoints = ?list, "ignoring an endpoint list that does not parse");
+                return true;
+            }
+        };
+        let position = on.and_then(|on| parsed.iter().position(|e| addr(e) == on));
+        *endpoints = parsed;
+        place.retargeted(endpoints.len(), position);
+        self.shared.lock().endpoints = list;
+        tracing::info!(profile = %self.cfg.name, preferred = %addr(&endpoints[0]), "endpoints changed by the coordinator");
+        position == Some(0)
     }
 
     fn signal_accepting_closed(&mut self) {
@@ -523,18 +838,91 @@ fn round_ms(d: Duration) -> Duration {
     Duration::from_millis(d.as_millis() as u64)
 }
 
+/// `host:port` of an endpoint.
+fn addr((host, port): &(String, u16)) -> String {
+    format!("{host}:{port}")
+}
+
+/// One remote forward to request.
+struct RemoteRequest {
+    index: usize,
+    bind: String,
+    port: u16,
+    reclaim: bool,
+}
+
+/// How long one remote-forward request may take before it counts as refused.
+const REMOTE_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What to tell an operator when the server refuses an `R` port.
+fn held_port(bind: &str, port: u16) -> String {
+    format!(
+        "the server refused to listen on {bind}:{port} (port {port} in use on the server, most likely by this account's stale session from before a reconnect: install ops/deploy/oma/ on the OMA so sshd drops dead sessions within 15 s, or set reclaim_remote_ports = true)"
+    )
+}
+
+/// One request for a remote forward on `handle`; with `reclaim`, a refusal ends this account's
+/// stale session holding the port and asks again. The port the server bound, or why not.
+async fn bind_remote(
+    handle: &Handle<ClientHandler>,
+    bind: &str,
+    port: u16,
+    reclaim: bool,
+) -> Result<u32, String> {
+    let request = || async {
+        match tokio::time::timeout(
+            REMOTE_REQUEST_TIMEOUT,
+            handle.tcpip_forward(bind.to_string(), u32::from(port)),
+        )
+        .await
+        {
+            Ok(Ok(assigned)) => Ok(if port == 0 { assigned } else { u32::from(port) }),
+            Ok(Err(russh::Error::RequestDenied)) => Err(None),
+            Ok(Err(e)) => Err(Some(format!("remote forward request failed: {e}"))),
+            Err(_) => Err(Some(format!(
+                "no answer to the remote forward request within {REMOTE_REQUEST_TIMEOUT:?}"
+            ))),
+        }
+    };
+    match request().await {
+        Ok(p) => return Ok(p),
+        Err(Some(why)) => return Err(why),
+        Err(None) if !reclaim => return Err(held_port(bind, port)),
+        Err(None) => {}
+    }
+    let pids = crate::reclaim::reclaim(handle, port)
+        .await
+        .map_err(|e| format!("{}; {e}", held_port(bind, port)))?;
+    tracing::warn!(
+        port,
+        ?pids,
+        "reclaim_remote_ports: ended this account's stale session holding the port"
+    );
+    // sshd closes the listener as the process exits: a few quick tries.
+    for _ in 0..10 {
+        match request().await {
+            Ok(p) => return Ok(p),
+            Err(Some(why)) => return Err(why),
+            Err(None) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    Err(format!(
+        "{}; ended stale session(s) {pids:?}, yet the port is still held",
+        held_port(bind, port)
+    ))
+}
+
 /// Requests one remote forward, retrying while the server refuses.
 ///
 /// The classic autossh failure: after a reconnect the server still holds the port for the old,
 /// half-dead session and answers "remote port forwarding failed". `ssh -o
 /// ExitOnForwardFailure=yes` then exits and the loop spins; without it ssh runs on without the
-/// forward. Here the request is simply retried with backoff until the old session is reaped.
-#[allow(clippy::too_many_arguments)]
+/// forward. Here the request is retried with backoff until the old session is reaped (the OMA
+/// drop-in makes sshd do that within 15 s) or, with `reclaim_remote_ports`, this account's
+/// stale session is ended through the new one.
 async fn hold_remote_forward(
-    handle: Arc<Handle<ClientHandler>>,
-    index: usize,
-    bind: String,
-    port: u16,
+    live: Arc<Live>,
+    req: RemoteRequest,
     shared: Arc<ProfileShared>,
     remote: Arc<RemoteForwards>,
     cancel: CancellationToken,
@@ -543,33 +931,26 @@ async fn hold_remote_forward(
     loop {
         let result = tokio::select! {
             _ = cancel.cancelled() => return,
-            r = handle.tcpip_forward(bind.clone(), port as u32) => r,
+            r = bind_remote(&live.handle, &req.bind, req.port, req.reclaim) => r,
         };
         match result {
-            Ok(assigned) => {
-                let bound = if port == 0 { assigned } else { port as u32 };
-                remote.mark_bound(index, bound);
-                let detail = (port == 0).then(|| format!("server assigned port {bound}"));
-                shared.set_forward(index, ForwardState::Active, detail);
+            Ok(bound) => {
+                remote.mark_bound(req.index, bound);
+                let detail = (req.port == 0).then(|| format!("server assigned port {bound}"));
+                shared.set_forward(req.index, ForwardState::Active, detail);
                 return;
             }
-            Err(russh::Error::RequestDenied) => {
+            Err(why) => {
                 let delay = backoff.next_delay();
                 shared.set_forward(
-                    index,
+                    req.index,
                     ForwardState::Retrying,
-                    Some(format!(
-                        "server refused to listen on {bind}:{port} (port {port} in use on the server, often by a stale session); retrying"
-                    )),
+                    Some(format!("{why}; retrying")),
                 );
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(delay) => {}
                 }
-            }
-            Err(e) => {
-                tracing::debug!(port, "remote forward request ended: {e}");
-                return;
             }
         }
     }

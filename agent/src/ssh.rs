@@ -45,6 +45,7 @@ impl SessionError {
             SessionError::Auth { .. } => K::Auth,
             SessionError::Ssh { .. } => K::Ssh,
             SessionError::Jump { .. } => K::Jump,
+            SessionError::Unreachable { .. } => K::Connect,
         }
     }
 }
@@ -92,6 +93,16 @@ pub enum SessionError {
         /// `host:port`.
         endpoint: String,
         /// russh's error.
+        source: russh::Error,
+    },
+    /// The last jump host is up but could not reach the endpoint.
+    #[error("{endpoint} unreachable from jump host {hop}: {source}")]
+    Unreachable {
+        /// `host:port`.
+        endpoint: String,
+        /// The hop that tried, `[user@]host:port`.
+        hop: String,
+        /// Its refusal.
         source: russh::Error,
     },
     /// A jump host on the way failed.
@@ -226,6 +237,18 @@ pub async fn disconnect(handle: &Handle<ClientHandler>, why: &str) {
     }
 }
 
+/// A session as the forwards use it: the handle to open channels on, and the connections it
+/// carries (each holds a token of `conns`), so a session left behind by a move drains its own
+/// connections and no one else's.
+pub struct Live {
+    /// The russh handle.
+    pub handle: Handle<ClientHandler>,
+    /// Connections carried by this session.
+    pub conns: TaskTracker,
+    /// `host:port` it is connected to.
+    pub endpoint: String,
+}
+
 /// An established session.
 pub struct SshSession {
     /// The russh handle: open channels, request forwards, disconnect.
@@ -238,6 +261,8 @@ pub struct SshSession {
     pub host_key: String,
     /// Sessions to the jump hosts this one runs through; they close when it is dropped.
     pub jumps: Vec<Handle<ClientHandler>>,
+    /// Connections carried by this session (remote-forward ones are counted by its handler).
+    pub conns: TaskTracker,
 }
 
 /// The endpoint's own session over `stream` (direct, or the last jump host's channel): it
@@ -260,13 +285,23 @@ where
         user: &p.user,
         endpoint,
     };
-    let (handle, host_key) = handshake(p, stream, hop, p.remote.clone(), Some(closed_tx)).await?;
+    let conns = TaskTracker::new();
+    let (handle, host_key) = handshake(
+        p,
+        stream,
+        hop,
+        p.remote.clone(),
+        Some(closed_tx),
+        conns.clone(),
+    )
+    .await?;
     Ok(SshSession {
         handle,
         closed,
         endpoint: endpoint.to_string(),
         host_key,
         jumps,
+        conns,
     })
 }
 
@@ -303,6 +338,7 @@ pub(crate) async fn handshake<S>(
     hop: Hop<'_>,
     remote: Arc<RemoteForwards>,
     closed: Option<oneshot::Sender<String>>,
+    conns: TaskTracker,
 ) -> Result<(Handle<ClientHandler>, String), SessionError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -317,6 +353,7 @@ where
         verdict: verdict.clone(),
         remote,
         tracker: p.tracker.clone(),
+        conns,
         closed,
     };
     let ssh_err = |source: russh::Error| -> SessionError {
@@ -370,6 +407,7 @@ pub struct ClientHandler {
     verdict: Arc<Mutex<Option<(Verdict, String)>>>,
     remote: Arc<RemoteForwards>,
     tracker: TaskTracker,
+    conns: TaskTracker,
     closed: Option<oneshot::Sender<String>>,
 }
 
@@ -421,7 +459,9 @@ impl client::Handler for ClientHandler {
         let profile = self.profile.clone();
         let origin = format!("{originator_address}:{originator_port}");
         // Connecting to the local target may take a while; never block the session loop on it.
+        let carried = self.conns.token();
         self.tracker.spawn(async move {
+            let _carried = carried;
             match TcpStream::connect((entry.host.as_str(), entry.port)).await {
                 Ok(local) => {
                     let _ = local.set_nodelay(true);

@@ -231,11 +231,15 @@ impl ProfileShared {
         s.last_error = Some(detail);
     }
 
-    /// Records a move to another endpoint made by this agent on its own.
-    pub fn record_failover(&self, from: &str, to: &str, reason: &str) {
+    /// Records a move to another endpoint; `own` when this agent made it on its own (a move
+    /// the coordinator ordered for the group is counted, but not logged as the agent's).
+    pub fn record_move(&self, from: &str, to: &str, reason: &str, own: bool) {
         let mut s = self.lock();
         s.failovers += 1;
         s.active_endpoint = to.to_string();
+        if !own {
+            return;
+        }
         if s.failover_log.len() == FAILOVER_LOG {
             s.failover_log.remove(0);
         }

@@ -1,14 +1,17 @@
 //! Test harness: real OpenSSH `sshd` instances and small real services, for the end-to-end
 //! tests and the benchmarks.
 //!
-//! Everything binds 127.0.0.1 on a port the OS chose, keys are throwaway files in a temp dir,
-//! and every process is killed on drop. Tests that need sshd call [`Sshd::available`]: it fails
+//! Everything binds 127.0.0.1 (or a test host's own address in a network namespace) on a port
+//! the OS chose, keys are throwaway files in a temp dir, and every process is killed on drop. Tests that need sshd call [`Sshd::available`]: it fails
 //! the test when `CI` is set and sshd is missing, and elsewhere says why the test was skipped.
 //! Every helper is re-exported here, so tests write `integration_tests::Sshd`.
 //!
 //! # Layout
 //! - [`sshd`]: real OpenSSH servers and their faults.
 //! - [`faults`]: signals to processes, groups and descendants.
+//! - [`netns`]: test hosts in network namespaces on 198.18.0.0/15 (blackholes, cut links) and
+//!   an HTTP server inside one.
+//! - [`skip`]: a skipped test says so where the run's reader sees it.
 //! - [`ports`]: free ports, never twice per process.
 //! - [`services`]: echo, HTTP, SOCKS, SSH banners, secret files.
 //! - [`wait`]: polling with a deadline.
@@ -21,10 +24,12 @@
 pub mod agent;
 pub mod coordinator;
 pub mod faults;
+pub mod netns;
 pub mod ports;
 pub mod programs;
 pub mod services;
 pub mod sim;
+pub mod skip;
 pub mod smtp;
 pub mod sshd;
 pub mod wait;
@@ -32,6 +37,7 @@ pub mod wait;
 pub use agent::*;
 pub use coordinator::*;
 pub use faults::*;
+pub use netns::*;
 pub use ports::*;
 pub use programs::*;
 pub use services::*;

@@ -25,6 +25,10 @@ pub struct Sshd {
     pub fingerprint: String,
     /// The user to log in as (the user running the tests).
     pub user: String,
+    /// Lines added at the end of its sshd_config.
+    extra_config: String,
+    /// The test host it runs in (namespace, address); None: this namespace, 127.0.0.1.
+    host: Option<(String, std::net::Ipv4Addr)>,
     child: Option<Child>,
 }
 
@@ -38,12 +42,41 @@ impl Sshd {
         if std::env::var_os("CI").is_some() {
             panic!("{test}: {SSHD} is missing and CI is set; install openssh-server");
         }
-        eprintln!("SKIPPED {test}: {SSHD} not found (apt-get install openssh-server)");
+        crate::skip::skipped(
+            test,
+            &format!("{SSHD} not found (apt-get install openssh-server)"),
+        );
         false
     }
 
     /// Starts a fresh sshd with new host and client keys.
     pub fn start() -> Sshd {
+        Sshd::start_with("")
+    }
+
+    /// Like [`Sshd::start`], with `extra` lines at the end of its sshd_config (an `Include` of
+    /// a drop-in, a `PermitListen`).
+    pub fn start_with(extra: &str) -> Sshd {
+        Sshd::start_at(None, extra)
+    }
+
+    /// A fresh sshd inside test host `host`, listening on its address.
+    pub fn start_in(host: &crate::NetHost) -> Sshd {
+        Sshd::start_at(Some((host.name.clone(), host.addr)), "")
+    }
+
+    /// Like [`Sshd::start_sharing_client_key`], inside test host `host`.
+    pub fn start_sharing_client_key_in(other: &Sshd, host: &crate::NetHost) -> Sshd {
+        let s = Sshd::start_in(host);
+        std::fs::copy(
+            other.dir.path().join("id_ed25519.pub"),
+            s.dir.path().join("authorized_keys"),
+        )
+        .expect("authorized_keys");
+        s
+    }
+
+    fn start_at(host: Option<(String, std::net::Ipv4Addr)>, extra: &str) -> Sshd {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
         keygen(&d.join("ssh_host_ed25519_key"));
@@ -58,6 +91,8 @@ impl Sshd {
             fingerprint,
             user,
             port: 0,
+            extra_config: extra.to_string(),
+            host,
             child: None,
             dir,
         };
@@ -86,12 +121,14 @@ impl Sshd {
     fn write_config(&self) -> PathBuf {
         let d = self.dir.path();
         let cfg = format!(
-            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/ssh_host_ed25519_key\nPidFile {d}/sshd.pid\n\
+            "Port {port}\nListenAddress {listen}\nHostKey {d}/ssh_host_ed25519_key\nPidFile {d}/sshd.pid\n\
              AuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n\
              KbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin prohibit-password\n\
-             AllowTcpForwarding yes\nGatewayPorts no\nMaxStartups 100\nMaxSessions 100\nLogLevel VERBOSE\n",
+             AllowTcpForwarding yes\nGatewayPorts no\nMaxStartups 100\nMaxSessions 100\nLogLevel VERBOSE\n{extra}\n",
             port = self.port,
-            d = d.display()
+            listen = self.listen(),
+            d = d.display(),
+            extra = self.extra_config,
         );
         let path = d.join("sshd_config");
         std::fs::write(&path, cfg).expect("sshd_config");
@@ -101,7 +138,15 @@ impl Sshd {
     fn spawn(&mut self) -> bool {
         let cfg = self.write_config();
         let log = std::fs::File::create(self.dir.path().join("sshd.log")).expect("log");
-        let child = Command::new(SSHD)
+        let mut command = match &self.host {
+            Some((ns, _)) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, SSHD]);
+                c
+            }
+            None => Command::new(SSHD),
+        };
+        let child = command
             .args(["-D", "-e", "-f"])
             .arg(&cfg)
             .stdin(Stdio::null())
@@ -115,7 +160,7 @@ impl Sshd {
                 self.child = None;
                 return false;
             }
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            if std::net::TcpStream::connect((self.listen(), self.port)).is_ok() {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(25));
@@ -123,12 +168,21 @@ impl Sshd {
         false
     }
 
+    /// The address it listens on.
+    fn listen(&self) -> std::net::Ipv4Addr {
+        self.host
+            .as_ref()
+            .map(|(_, a)| *a)
+            .unwrap_or(std::net::Ipv4Addr::LOCALHOST)
+    }
+
     fn write_known_hosts(&self) {
         let pubkey = std::fs::read_to_string(self.dir.path().join("ssh_host_ed25519_key.pub"))
             .expect("host pub");
         let mut parts = pubkey.split_whitespace();
         let line = format!(
-            "[127.0.0.1]:{} {} {}\n",
+            "[{}]:{} {} {}\n",
+            self.listen(),
             self.port,
             parts.next().unwrap_or_default(),
             parts.next().unwrap_or_default()
@@ -136,9 +190,9 @@ impl Sshd {
         std::fs::write(&self.known_hosts, line).expect("known_hosts");
     }
 
-    /// The `127.0.0.1:port` endpoint string.
+    /// The `address:port` endpoint string (`127.0.0.1:port` unless in a test host).
     pub fn endpoint(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.listen(), self.port)
     }
 
     /// The listener's pid.
@@ -160,6 +214,13 @@ impl Sshd {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Starts sshd again with `extra` as its added config lines (same port, same keys).
+    pub fn restart_with(&mut self, extra: &str) {
+        self.kill_all();
+        self.extra_config = extra.to_string();
+        self.restart();
     }
 
     /// Starts sshd again on the same port with the same keys.
@@ -246,4 +307,40 @@ pub(crate) fn host_fingerprint(pubfile: &Path) -> String {
 pub(crate) fn run_out(cmd: &str, args: &[&str]) -> String {
     let out = Command::new(cmd).args(args).output().expect(cmd);
     String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A real OpenSSH client holding `R localhost:remote_port:127.0.0.1:to_port` on `sshd` (the
+/// way a session from before a reconnect holds the port); SIGSTOP it to leave a stale session.
+pub fn ssh_holding_remote_port(sshd: &Sshd, remote_port: u16, to_port: u16) -> Child {
+    let child = Command::new("ssh")
+        .args([
+            "-N",
+            "-T",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ExitOnForwardFailure=yes",
+        ])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", sshd.known_hosts.display()))
+        .args(["-o", "StrictHostKeyChecking=yes", "-i"])
+        .arg(&sshd.client_key)
+        .args(["-p", &sshd.port.to_string(), "-R"])
+        .arg(format!("localhost:{remote_port}:127.0.0.1:{to_port}"))
+        .arg(format!("{}@127.0.0.1", sshd.user))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn ssh");
+    let mut child = child;
+    for _ in 0..400 {
+        if std::net::TcpStream::connect(("127.0.0.1", remote_port)).is_ok() {
+            return child;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("ssh -R {remote_port} did not bind on the server");
 }

@@ -97,8 +97,15 @@ fn sshd_config(dir: &Path, name: &str, body: &str) -> PathBuf {
 }
 
 const LAX: &str = "PasswordAuthentication yes\nPermitRootLogin yes\nX11Forwarding yes\nGatewayPorts yes\nAllowTcpForwarding yes\n";
-const STRICT: &str = "PasswordAuthentication no\nPermitRootLogin no\nX11Forwarding no\nGatewayPorts no\nAllowTcpForwarding yes\n\
-                      Match User vma\n  PermitOpen localhost:8082 localhost:10809\n  PermitListen localhost:9081\n";
+/// Strict main settings, with the OMA drop-in we ship (ops/deploy/oma/) doing the rest: the
+/// ClientAlive probes and the tunnel account's forwards.
+fn strict() -> String {
+    let drop_in = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/deploy/oma/tunnelfleet.conf");
+    format!(
+        "PasswordAuthentication no\nPermitRootLogin no\nX11Forwarding no\nGatewayPorts no\nAllowTcpForwarding yes\nInclude {}\n",
+        drop_in.display()
+    )
+}
 
 #[test]
 fn sshd_settings_from_real_sshd_t() {
@@ -116,10 +123,11 @@ fn sshd_settings_from_real_sshd_t() {
         "sshd.gatewayports",
         "sshd.permitopen-any",
         "sshd.permitlisten-any",
+        "sshd.client-alive",
     ] {
         assert!(ids(&f).contains(&id), "{id} missing from {:?}", ids(&f));
     }
-    let strict = sshd_config(dir.path(), "strict", STRICT);
+    let strict = sshd_config(dir.path(), "strict", &strict());
     let s = sshd::sshd_t(Path::new(SSHD_BIN), &strict, Some("vma")).unwrap();
     assert!(
         sshd::audit(&s, "strict").is_empty(),
@@ -159,7 +167,7 @@ fn sshd_files_parsed_with_include_and_match_when_sshd_cannot_run() {
     std::fs::write(
         &main,
         format!(
-            "Include {}/conf.d/*.conf\nPasswordAuthentication no\nPermitRootLogin no\nGatewayPorts no\n\
+            "Include {}/conf.d/*.conf\nPasswordAuthentication no\nPermitRootLogin no\nGatewayPorts no\nClientAliveInterval 5\n\
              Match User vma\n  PermitOpen localhost:8082\n  PermitListen localhost:9081\nMatch Address 10.0.0.0/8\n  X11Forwarding yes\n",
             dir.path().display()
         ),

@@ -73,6 +73,9 @@ impl From<ProfileSpecV3> for ProfileSpec {
                 threshold: h.threshold,
             }),
             jump: s.jump,
+            // Fields protocol 3 did not have take today's defaults.
+            failback_after: ProfileSpec::new("", "", "").failback_after,
+            reclaim_remote_ports: false,
         }
     }
 }

@@ -326,6 +326,26 @@ pub fn audit(s: &Settings, what: &str) -> Vec<Finding> {
             "Match User <tunnel user>: PermitListen localhost:9081 (only the reverse forwards)",
         ));
     }
+    // A session whose client is gone keeps its reverse-forward ports until sshd notices; with
+    // ClientAlive probes off (sshd's default) that is when TCP gives up, hours later.
+    let interval: u64 = first(s, "clientaliveinterval")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let count: u64 = first(s, "clientalivecountmax")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    if interval == 0 || count == 0 || interval.saturating_mul(count) > 15 {
+        out.push(Finding::new(
+            "sshd.client-alive",
+            Severity::Medium,
+            "a dead tunnel session keeps its reverse-forward ports (R 9081) until TCP gives up",
+            ev(
+                "ClientAliveInterval",
+                &format!("{interval}, ClientAliveCountMax {count}"),
+            ),
+            "install ops/deploy/oma/tunnelfleet.conf into /etc/ssh/sshd_config.d/ (ClientAliveInterval 5, ClientAliveCountMax 3: a dead session dropped within 15 s)",
+        ));
+    }
     match first(s, "gatewayports") {
         Some(v @ "yes") => out.push(Finding::new(
             "sshd.gatewayports",

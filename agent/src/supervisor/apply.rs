@@ -99,6 +99,28 @@ impl Supervisor {
                 }
                 _ => {}
             }
+            if let Some(slot) = self.slots.get_mut(name)
+                && only_endpoints_differ(&slot.cfg, &cfg)
+            {
+                // The group moved: the running profile follows make-before-break on its own
+                // session (counters, health and open connections stay); nothing restarts.
+                let to = cfg.endpoints.first().cloned().unwrap_or_default();
+                match &slot.running {
+                    Some(h) => h.retarget(cfg.endpoints.clone()),
+                    None => slot.shared.lock().endpoints = cfg.endpoints.clone(),
+                }
+                slot.cfg = Arc::new(cfg.clone());
+                tracing::info!(profile = %name, version = set.version, %to, "pushed endpoints applied: following the group");
+                for f in &cfg.forwards {
+                    results.push(ForwardResult {
+                        profile: name.to_string(),
+                        forward: f.clone(),
+                        ok: true,
+                        detail: format!("unchanged; following the group to {to}"),
+                    });
+                }
+                continue;
+            }
             let key = match load_identity(&cfg.identity_file) {
                 Ok(k) => k,
                 Err(e) => {
@@ -202,4 +224,13 @@ impl Supervisor {
             span,
         ))
     }
+}
+
+/// True when `new` is `old` with other endpoints (or the same ones in another order).
+fn only_endpoints_differ(old: &ProfileSpec, new: &ProfileSpec) -> bool {
+    old.endpoints != new.endpoints
+        && ProfileSpec {
+            endpoints: new.endpoints.clone(),
+            ..old.clone()
+        } == *new
 }

@@ -30,6 +30,7 @@ use tunnelfleet_runtime::clock::now_unix_ms;
 use crate::config::AgentConfig;
 use crate::health::run_check;
 use crate::identity::{IdentityError, load_identity};
+use crate::placement::Coordinated;
 use crate::profile::{self, Gate, ProfileHandle};
 use crate::status::{AgentStatus, ProfileShared};
 
@@ -88,6 +89,8 @@ pub struct Supervisor {
     slots: BTreeMap<String, Slot>,
     drain: Duration,
     started_unix_ms: u64,
+    /// Whether the coordinator is connected (it then decides moves for pushed profiles).
+    coordinated: Coordinated,
 }
 
 impl Supervisor {
@@ -118,7 +121,13 @@ impl Supervisor {
             slots,
             drain: cfg.agent.drain_timeout,
             started_unix_ms: now_unix_ms(),
+            coordinated: Coordinated::default(),
         })
+    }
+
+    /// The flag the coordinator link sets while it is connected.
+    pub fn coordination(&self) -> Coordinated {
+        self.coordinated.clone()
     }
 
     /// How many profiles it holds (local and pushed).
@@ -142,7 +151,13 @@ impl Supervisor {
     /// Starts a profile.
     pub fn start(&mut self, name: &str) -> Result<String, CommandError> {
         let drain = self.drain;
+        let coordinated = self.coordinated.clone();
         let slot = self.slot(name)?;
+        // A local profile is on its own whether or not a coordinator is connected.
+        let coordinated = match slot.origin {
+            Origin::Pushed => coordinated,
+            Origin::Local => Coordinated::default(),
+        };
         if slot.running.is_some() {
             return Ok(format!("{name} is already running"));
         }
@@ -155,6 +170,7 @@ impl Supervisor {
             slot.shared.clone(),
             drain,
             after,
+            coordinated,
         ));
         tracing::info!(profile = name, "profile started");
         Ok(format!("{name} started"))

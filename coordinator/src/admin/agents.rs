@@ -13,6 +13,7 @@ use tunnelfleet_protocol::Heartbeat;
 use super::Admin;
 use super::error::ApiError;
 use crate::fleet::Fleet;
+use tunnelfleet_runtime::clock::now_unix_ms;
 
 /// The routes of this resource.
 pub(super) fn routes() -> Router<Admin> {
@@ -97,7 +98,15 @@ fn summaries(fleet: &Fleet) -> Result<Vec<AgentDetail>, ApiError> {
                 connected: link.as_ref().is_some_and(|l| l.connected),
                 online: link.as_ref().is_some_and(|l| l.connected && l.online),
                 labels,
-                last_seen_unix_ms: rec.last_seen_unix_ms,
+                // The last heartbeat (or hello, or acknowledgement) of a connected agent; the
+                // stored time once it is gone.
+                last_seen_unix_ms: link
+                    .as_ref()
+                    .map(|l| {
+                        now_unix_ms().saturating_sub(l.last_heard.elapsed().as_millis() as u64)
+                    })
+                    .unwrap_or(0)
+                    .max(rec.last_seen_unix_ms),
                 applied_version: rec.applied_version,
                 applied_ok: rec.applied_ok,
                 tunnels_up: up,

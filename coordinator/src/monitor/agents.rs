@@ -128,6 +128,8 @@ impl Monitor {
     }
     /// The heartbeat sweeper found `agent` silent for three intervals.
     pub fn agent_offline(&mut self, agent: &str, missed: u32) -> Vec<Action> {
+        // What its tunnels showed is no evidence of anything any more.
+        self.forget_tunnels(agent);
         let key = alert_key(AlertKind::AgentOffline, agent);
         if !self.firing.insert(key) {
             return Vec::new();
@@ -202,6 +204,8 @@ impl Monitor {
             actions.extend(self.forward_checks(agent, p));
         }
         self.placement.insert(agent.to_string(), reading.placement);
+        self.observe_tunnels(agent, &hb.profiles, now);
+        actions.extend(self.judge_tunnels(now));
         actions
     }
 
@@ -311,6 +315,7 @@ impl Monitor {
                 continue;
             }
             let detail = f.detail.clone().unwrap_or_default();
+            let (cause, fix) = port_conflict_advice(&f.spec, &p.active_endpoint);
             actions.extend(self.agent_check(
                 AlertKind::PortConflict,
                 subject,
@@ -318,7 +323,7 @@ impl Monitor {
                 false,
                 |n| {
                     format!(
-                        "agent {agent} profile {}: forward {} failing for {n} heartbeats: {detail}",
+                        "agent {agent} profile {}: forward {} failing for {n} heartbeats: {detail}. Likely cause: {cause}. Fix: {fix}",
                         p.name, f.spec
                     )
                 },
@@ -326,5 +331,35 @@ impl Monitor {
             ));
         }
         actions
+    }
+}
+
+/// The likely cause of a forward that cannot bind, and what fixes it, for the alert.
+fn port_conflict_advice(spec: &str, endpoint: &str) -> (String, String) {
+    let port = tunnelfleet_protocol::forward::ForwardSpec::parse(spec)
+        .ok()
+        .and_then(|f| match f {
+            tunnelfleet_protocol::forward::ForwardSpec::Remote { port, .. } => Some((true, port)),
+            other => other.local_listen().map(|(_, p)| (false, p)),
+        });
+    match port {
+        Some((true, port)) => (
+            format!(
+                "the OMA's sshd at {endpoint} still holds port {port} for a stale session of the tunnel account (one whose client is gone: sshd's defaults never probe it)"
+            ),
+            format!(
+                "install ops/deploy/oma/tunnelfleet.conf on the OMA (sshd then drops dead sessions within 15 s), or set reclaim_remote_ports = true in the profile; to free it now, on the OMA: ss -ltnp 'sport = :{port}' and kill that sshd process"
+            ),
+        ),
+        Some((false, port)) => (
+            format!("another process on the appliance listens on port {port}"),
+            format!(
+                "on the appliance: ss -ltnp 'sport = :{port}' names it; stop it or give the forward another port"
+            ),
+        ),
+        None => (
+            "the forward does not parse".to_string(),
+            "correct the profile".to_string(),
+        ),
     }
 }

@@ -50,6 +50,8 @@ pub(super) struct Endpoint {
     pub(super) seen: HashMap<String, Instant>,
     /// Agents that reported failures against it.
     pub(super) failing: HashMap<String, Instant>,
+    /// When agents' tunnels last made it impaired ([`super::tunnels`]).
+    pub(super) impaired: Option<Instant>,
 }
 
 impl Endpoint {
@@ -194,12 +196,15 @@ impl Monitor {
             let usable: Vec<&String> = g
                 .endpoints
                 .iter()
-                .filter(|e| !g.drained.contains(*e) && !self.is_down(e))
+                .filter(|e| !g.drained.contains(*e) && !self.is_down(e) && !self.impaired(e, now))
                 .collect();
-            let move_to = if g.drained.contains(&active) || self.is_down(&active) {
+            let impaired = self.impaired(&active, now);
+            let move_to = if g.drained.contains(&active) || self.is_down(&active) || impaired {
                 usable.first().map(|e| {
                     let why = if g.drained.contains(&active) {
                         format!("{active} drained")
+                    } else if impaired {
+                        format!("{active} fails its agents' tunnels")
                     } else {
                         format!("{active} down")
                     };

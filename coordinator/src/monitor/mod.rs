@@ -8,6 +8,8 @@
 //!   failover and failback, `oma list`.
 //! - [`agents`]: hellos, restarts, offline agents, and what a heartbeat says.
 //! - [`checks`]: the consecutive-failure rule of the agent-side checks.
+//! - [`tunnels`]: agents' tunnels as evidence against their group's active endpoint (health
+//!   checks through it, agents that left it), with a quorum: `oma_unhealthy` and a failover.
 //!
 //! [`Monitor`] holds no IO and no clock: every input carries `now`, every output is an
 //! [`Action`] for [`crate::watch`] to carry out (persist, deliver, push). That keeps the
@@ -25,10 +27,16 @@
 //!   endpoint in priority order. A higher-priority endpoint takes over again only after it has
 //!   passed every check for `failback_after`; a single failure restarts that clock, so a
 //!   bouncing primary never gets the fleet back until it is stable.
+//! - When the active endpoint's sshd answers but most agents' tunnels through it fail (health
+//!   checks failing `threshold` times in a row, or agents gone elsewhere on their own for
+//!   longer than a move takes), and they are at least the group's `quorum` (2 or more), that is
+//!   one `oma_unhealthy` incident and a failover; the endpoint is out of automatic use for
+//!   `failback_after`. One agent alone never moves a group.
 
 mod agents;
 mod checks;
 mod endpoints;
+mod tunnels;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
@@ -153,6 +161,8 @@ pub struct Monitor {
     agents: HashMap<String, AgentState>,
     /// Agent -> (profile -> endpoint) from its last heartbeat.
     placement: HashMap<String, BTreeMap<String, String>>,
+    /// Agent -> (profile -> what its tunnel showed), for [`tunnels`].
+    tunnels: HashMap<String, BTreeMap<String, tunnels::TunnelView>>,
 }
 
 impl Monitor {

@@ -2,7 +2,9 @@
 
 use super::*;
 use tokio::time::Instant;
-use tunnelfleet_protocol::{ErrorCount, ErrorKind, Heartbeat, ProfileReport, TunnelState};
+use tunnelfleet_protocol::{
+    ErrorCount, ErrorKind, ForwardState, Heartbeat, ProfileReport, TunnelState,
+};
 
 const A: &str = "10.0.0.1:22";
 const B: &str = "10.0.0.2:22";
@@ -19,6 +21,7 @@ fn group(failback: Duration) -> OmaGroup {
         active: None,
         drained: Default::default(),
         pinned: false,
+        quorum: 2,
     }
 }
 
@@ -294,5 +297,205 @@ async fn an_incident_restored_after_a_restart_resolves_on_the_first_pass() {
             kind: AlertKind::OmaDown,
             subject: A.into()
         }]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_held_reverse_port_alert_names_the_stale_session_and_the_fix() {
+    let mut m = monitor();
+    let now = Instant::now();
+    m.probe(A, pass(), now);
+    let held = |state| {
+        let mut r = report(A, TunnelState::Up, 0);
+        r.forwards = vec![tunnelfleet_protocol::ForwardReport {
+            spec: "R localhost:9081:localhost:8080".into(),
+            state,
+            detail: Some("the server refused to listen on localhost:9081".into()),
+            bytes_out: 0,
+            bytes_in: 0,
+            connections_open: 0,
+        }];
+        hb(vec![r])
+    };
+    let mut fires = Vec::new();
+    for _ in 0..3 {
+        fires.extend(m.heartbeat("vma-1", &held(ForwardState::Retrying), now));
+    }
+    let fired = fired(&fires, AlertKind::PortConflict);
+    let [Action::Fire { summary, .. }] = fired.as_slice() else {
+        panic!("one port_conflict expected: {fires:?}")
+    };
+    for part in [
+        "stale session",
+        "ops/deploy/oma/tunnelfleet.conf",
+        "reclaim_remote_ports = true",
+        "ss -ltnp 'sport = :9081'",
+    ] {
+        assert!(summary.contains(part), "{part:?} missing from {summary}");
+    }
+    let a = m.heartbeat("vma-1", &held(ForwardState::Active), now);
+    assert!(
+        matches!(
+            a.as_slice(),
+            [Action::Resolve {
+                kind: AlertKind::PortConflict,
+                ..
+            }]
+        ),
+        "{a:?}"
+    );
+}
+
+fn failing_health(endpoint: &str, n: u32) -> ProfileReport {
+    let mut r = report(endpoint, TunnelState::Up, n);
+    r.health = vec![tunnelfleet_protocol::HealthSample {
+        at_unix_ms: 1,
+        ok: false,
+        latency_us: 900,
+        detail: "HTTP 503".into(),
+    }];
+    r
+}
+
+fn moved_away(from: &str, to: &str) -> ProfileReport {
+    let mut r = report(to, TunnelState::Up, 0);
+    r.failover_log = vec![tunnelfleet_protocol::FailoverRecord {
+        at_unix_ms: 1,
+        from: from.into(),
+        to: to.into(),
+        reason: format!("session to {from} lost: keepalive timeout"),
+    }];
+    r
+}
+
+#[tokio::test(start_paused = true)]
+async fn most_agents_failing_health_through_an_answering_sshd_is_one_incident_and_a_failover() {
+    let mut m = monitor();
+    let now = Instant::now();
+    m.probe(A, pass(), now);
+    // One agent failing alone: its own alert, never the group's move.
+    let a = m.heartbeat("vma-1", &hb(vec![failing_health(A, 3)]), now);
+    assert_eq!(fired(&a, AlertKind::TunnelHealth).len(), 1, "{a:?}");
+    assert!(fired(&a, AlertKind::OmaUnhealthy).is_empty(), "{a:?}");
+    assert!(!a.iter().any(|x| matches!(x, Action::SetActive { .. })));
+    let a = m.heartbeat("vma-2", &hb(vec![report(A, TunnelState::Up, 0)]), now);
+    assert!(fired(&a, AlertKind::OmaUnhealthy).is_empty(), "{a:?}");
+    // Two of three failing: the quorum and most of the agents there.
+    let a = m.heartbeat("vma-3", &hb(vec![failing_health(A, 4)]), now);
+    let incident = fired(&a, AlertKind::OmaUnhealthy);
+    let [
+        Action::Fire {
+            summary, affected, ..
+        },
+    ] = incident.as_slice()
+    else {
+        panic!("one oma_unhealthy expected: {a:?}")
+    };
+    assert!(
+        summary.contains("health checks through the tunnel failing on 2 of 3 agents (HTTP 503)"),
+        "{summary}"
+    );
+    assert_eq!(affected, &["vma-1", "vma-3"]);
+    assert!(a.contains(&Action::SetActive {
+        group: "oma".into(),
+        endpoint: B.into(),
+        reason: format!("failover: {A} fails its agents' tunnels"),
+        pinned: false,
+    }));
+    // More of the same: no second incident, no second move.
+    let a = m.heartbeat("vma-1", &hb(vec![failing_health(A, 5)]), now);
+    assert!(fired(&a, AlertKind::OmaUnhealthy).is_empty(), "{a:?}");
+    assert!(!a.iter().any(|x| matches!(x, Action::SetActive { .. })));
+}
+
+#[tokio::test(start_paused = true)]
+async fn agents_that_left_the_active_endpoint_count_against_it_after_the_grace_and_with_a_quorum() {
+    let mut m = monitor();
+    m.probe(A, pass(), Instant::now());
+    m.probe(B, pass(), Instant::now());
+    // Its own move is logged (an event); nothing else may come of one agent.
+    let decided = |a: &[Action]| -> Vec<Action> {
+        a.iter()
+            .filter(|x| !matches!(x, Action::Event(_)))
+            .cloned()
+            .collect()
+    };
+    // One agent cut off from A, on B on its own: never moves the group, however long.
+    for _ in 0..3 {
+        let a = m.heartbeat("vma-1", &hb(vec![moved_away(A, B)]), Instant::now());
+        assert!(decided(&a).is_empty(), "{a:?}");
+        tokio::time::advance(tunnels::FOLLOW_GRACE).await;
+    }
+    // A second one: counted only once it has been away longer than a move takes.
+    let a = m.heartbeat("vma-2", &hb(vec![moved_away(A, B)]), Instant::now());
+    assert!(decided(&a).is_empty(), "{a:?}");
+    tokio::time::advance(tunnels::FOLLOW_GRACE - Duration::from_secs(1)).await;
+    let a = m.heartbeat("vma-2", &hb(vec![moved_away(A, B)]), Instant::now());
+    assert!(decided(&a).is_empty(), "counted within the grace: {a:?}");
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let a = m.heartbeat("vma-2", &hb(vec![moved_away(A, B)]), Instant::now());
+    let incident = fired(&a, AlertKind::OmaUnhealthy);
+    let [Action::Fire { summary, .. }] = incident.as_slice() else {
+        panic!("one oma_unhealthy expected: {a:?}")
+    };
+    assert!(
+        summary.contains("2 of 2 agents could not stay on it")
+            && summary.contains("keepalive timeout"),
+        "{summary}"
+    );
+    assert!(
+        a.iter()
+            .any(|x| matches!(x, Action::SetActive { endpoint, .. } if endpoint == B)),
+        "{a:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_impaired_endpoint_gets_a_trial_after_failback_after_and_resolves_when_its_agents_pass()
+{
+    let mut m = Monitor::new(AlertRules::default());
+    m.set_groups(vec![group(Duration::from_secs(60))]);
+    m.probe(A, pass(), Instant::now());
+    m.probe(B, pass(), Instant::now());
+    for agent in ["vma-1", "vma-2"] {
+        m.heartbeat(agent, &hb(vec![failing_health(A, 3)]), Instant::now());
+    }
+    assert_eq!(m.groups().next().unwrap().active(), Some(B));
+    // On the standby, passing. The primary's sshd keeps answering its probes.
+    for agent in ["vma-1", "vma-2"] {
+        m.heartbeat(
+            agent,
+            &hb(vec![report(B, TunnelState::Up, 0)]),
+            Instant::now(),
+        );
+    }
+    tokio::time::advance(Duration::from_secs(59)).await;
+    m.probe(A, pass(), Instant::now());
+    assert!(
+        m.tick(Instant::now()).is_empty(),
+        "back before failback_after"
+    );
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let a = m.tick(Instant::now());
+    assert!(
+        a.iter()
+            .any(|x| matches!(x, Action::SetActive { endpoint, .. } if endpoint == A)),
+        "no trial after failback_after: {a:?}"
+    );
+    // The trial works: the agents pass on A, the incident resolves.
+    let mut resolved = Vec::new();
+    for agent in ["vma-1", "vma-2"] {
+        resolved.extend(m.heartbeat(
+            agent,
+            &hb(vec![report(A, TunnelState::Up, 0)]),
+            Instant::now(),
+        ));
+    }
+    assert!(
+        resolved.contains(&Action::Resolve {
+            kind: AlertKind::OmaUnhealthy,
+            subject: A.into()
+        }),
+        "{resolved:?}"
     );
 }

@@ -13,6 +13,9 @@ use super::{Store, StoreError, decode, decode_all, json, tx_error};
 pub enum AlertKind {
     /// An OMA endpoint failed its checks: one incident for the fleet, naming the agents on it.
     OmaDown,
+    /// An OMA endpoint's sshd answers, but most agents' tunnels through it fail (health checks,
+    /// or agents that had to leave it): one incident, and the group fails over.
+    OmaUnhealthy,
     /// A tunnel's health check keeps failing on one agent while its OMA is healthy.
     TunnelHealth,
     /// An agent stopped sending heartbeats.
@@ -30,6 +33,7 @@ impl AlertKind {
     pub fn as_str(self) -> &'static str {
         match self {
             AlertKind::OmaDown => "oma_down",
+            AlertKind::OmaUnhealthy => "oma_unhealthy",
             AlertKind::TunnelHealth => "tunnel_health",
             AlertKind::AgentOffline => "agent_offline",
             AlertKind::SshAuth => "ssh_auth",
@@ -41,7 +45,10 @@ impl AlertKind {
     /// How bad: OMA and auth problems take tunnels down for many or for good.
     pub fn severity(self) -> &'static str {
         match self {
-            AlertKind::OmaDown | AlertKind::SshAuth | AlertKind::TunnelHealth => "critical",
+            AlertKind::OmaDown
+            | AlertKind::OmaUnhealthy
+            | AlertKind::SshAuth
+            | AlertKind::TunnelHealth => "critical",
             _ => "warning",
         }
     }

@@ -51,6 +51,11 @@ pub struct OmaGroup {
     /// `oma failback`. Failover away from a down endpoint still happens.
     #[serde(default)]
     pub pinned: bool,
+    /// Agents whose tunnels must fail on the active endpoint (health checks failing through
+    /// it, or gone elsewhere on their own) before that is evidence against it — and they must
+    /// also be most of the agents there. At least 2: one agent alone never moves a group.
+    #[serde(default = "default_quorum")]
+    pub quorum: u32,
 }
 
 fn yes() -> bool {
@@ -64,6 +69,9 @@ fn default_probe_timeout() -> std::time::Duration {
 }
 fn default_threshold() -> u32 {
     3
+}
+fn default_quorum() -> u32 {
+    2
 }
 fn default_failback_after() -> std::time::Duration {
     std::time::Duration::from_secs(300)
@@ -90,6 +98,7 @@ impl OmaGroup {
             active: None,
             drained: Default::default(),
             pinned: false,
+            quorum: default_quorum(),
         }
     }
 
@@ -146,6 +155,15 @@ impl OmaGroup {
         }
         if self.threshold == 0 {
             return err("threshold".into(), "must be at least 1".into());
+        }
+        if self.quorum < 2 {
+            return err(
+                "quorum".into(),
+                format!(
+                    "{} is less than 2: one agent alone never moves a group",
+                    self.quorum
+                ),
+            );
         }
         if self.probe_interval.is_zero() || self.probe_timeout.is_zero() {
             return err(

@@ -103,6 +103,14 @@ pub struct ProfileSpec {
     /// Consecutive failures of the active endpoint before moving to the next one.
     #[serde(default = "default_failover_after")]
     pub failover_after: u32,
+    /// How long the preferred endpoint (the first; for a group, its active one) must stay
+    /// reachable before a profile that left it goes back (make-before-break).
+    #[serde(default = "default_failback_after", with = "crate::duration")]
+    pub failback_after: Duration,
+    /// When the server refuses an `R` forward because the port is held, end this account's
+    /// own stale session holding it (found through the new session) and bind again.
+    #[serde(default)]
+    pub reclaim_remote_ports: bool,
     /// Start this profile when the agent starts (or when it is pushed).
     #[serde(default = "default_true")]
     pub autostart: bool,
@@ -140,6 +148,8 @@ impl ProfileSpec {
             reconnect_min: default_reconnect_min(),
             reconnect_max: default_reconnect_max(),
             failover_after: default_failover_after(),
+            failback_after: default_failback_after(),
+            reclaim_remote_ports: false,
             autostart: true,
             health: None,
             jump: Vec::new(),
@@ -292,6 +302,9 @@ impl ProfileSpec {
         if self.failover_after == 0 {
             return err("failover_after", "must be at least 1".into());
         }
+        if self.failback_after.is_zero() {
+            return err("failback_after", "must be more than 0".into());
+        }
         if let Some(h) = &self.health {
             if let Err(r) = h.target() {
                 return err("health", r.to_string());
@@ -377,6 +390,9 @@ fn default_reconnect_max() -> Duration {
 }
 fn default_failover_after() -> u32 {
     3
+}
+fn default_failback_after() -> Duration {
+    Duration::from_secs(30)
 }
 fn default_true() -> bool {
     true

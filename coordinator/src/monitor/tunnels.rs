@@ -1,0 +1,245 @@
+//! What agents' tunnels say about the endpoint their group is on, when its sshd answers the
+//! probes: health checks failing through it, or agents that had to leave it on their own. With
+//! a quorum (the group's `quorum` agents, and most of those there), that is evidence against
+//! the endpoint: one `oma_unhealthy` incident naming what fails, and the group fails over
+//! (agents follow make-before-break, so a standby that does no better is never moved to). One
+//! agent alone never moves a group: its own alerts cover it.
+//!
+//! An impaired endpoint stays out of automatic use for its group's `failback_after`; then the
+//! group may fail back onto it as a trial (the agents' make-before-break refuses a move whose
+//! health check fails, so a trial costs no traffic), and the evidence decides again. The
+//! incident resolves once most agents on the endpoint pass.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tunnelfleet_protocol::{ProfileReport, TunnelState};
+
+use super::{Action, Monitor};
+use crate::store::{AlertKind, alert_key};
+
+/// How long an agent may be on another endpoint than its group's active one before that counts
+/// against the active one: following a move takes a session setup, and a refused move is
+/// retried.
+pub(super) const FOLLOW_GRACE: Duration = Duration::from_secs(15);
+
+/// How long a heartbeat's view of a tunnel counts.
+const FRESH: Duration = Duration::from_secs(120);
+
+/// One profile of one agent, as its last heartbeat showed it.
+#[derive(Debug, Clone)]
+pub(super) struct TunnelView {
+    endpoint: String,
+    up: bool,
+    /// The failing check's detail, when it failed `threshold` times in a row.
+    health_failing: Option<String>,
+    /// Why it is where it is, when it moved on its own (its latest move or refusal).
+    reason: Option<String>,
+    /// The active endpoint it was found away from, and since when.
+    away: Option<(String, Instant)>,
+    at: Instant,
+}
+
+/// One agent's tunnel on a group's endpoints, judged against the active one.
+enum Verdict {
+    Good,
+    Health(String),
+    Away(String),
+}
+
+impl Monitor {
+    /// Records what a heartbeat's profiles show (called with every heartbeat).
+    pub(super) fn observe_tunnels(
+        &mut self,
+        agent: &str,
+        profiles: &[ProfileReport],
+        now: Instant,
+    ) {
+        let threshold = self.rules.threshold;
+        let previous = self.tunnels.remove(agent).unwrap_or_default();
+        let mut views = BTreeMap::new();
+        for p in profiles {
+            let health_failing = (p.consecutive_failures >= threshold).then(|| {
+                p.health
+                    .last()
+                    .map(|h| h.detail.clone())
+                    .or_else(|| p.last_error.clone())
+                    .unwrap_or_else(|| "failing".into())
+            });
+            let reason = p
+                .last_error
+                .clone()
+                .filter(|e| e.starts_with("staying on"))
+                .or_else(|| p.failover_log.last().map(|f| f.reason.clone()));
+            let away = previous
+                .get(&p.name)
+                .and_then(|v: &TunnelView| v.away.clone());
+            views.insert(
+                p.name.clone(),
+                TunnelView {
+                    endpoint: p.active_endpoint.clone(),
+                    up: p.state == TunnelState::Up,
+                    health_failing,
+                    reason,
+                    away,
+                    at: now,
+                },
+            );
+        }
+        self.tunnels.insert(agent.to_string(), views);
+    }
+
+    /// Forgets an agent's tunnels (it went offline or was removed).
+    pub(super) fn forget_tunnels(&mut self, agent: &str) {
+        self.tunnels.remove(agent);
+    }
+
+    /// Judges every group's active endpoint by the agents' tunnels on its endpoints.
+    pub(super) fn judge_tunnels(&mut self, now: Instant) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let groups: Vec<(String, String, Vec<String>, u32)> = self
+            .groups
+            .values()
+            .filter_map(|g| {
+                Some((
+                    g.name.clone(),
+                    g.active()?.to_string(),
+                    g.endpoints.clone(),
+                    g.quorum.max(2),
+                ))
+            })
+            .collect();
+        for (group, active, endpoints, quorum) in groups {
+            // Failing probes are the probe rule's: its incident covers the tunnels.
+            if self.endpoints.get(&active).is_some_and(|e| e.suspect()) {
+                continue;
+            }
+            let mut verdicts: Vec<(String, Verdict)> = Vec::new();
+            for (agent, views) in self.tunnels.iter_mut() {
+                for v in views.values_mut() {
+                    if !v.up
+                        || now.saturating_duration_since(v.at) > FRESH
+                        || !endpoints.contains(&v.endpoint)
+                    {
+                        continue;
+                    }
+                    if v.endpoint == active {
+                        v.away = None;
+                        let verdict = match &v.health_failing {
+                            Some(d) => Verdict::Health(d.clone()),
+                            None => Verdict::Good,
+                        };
+                        verdicts.push((agent.clone(), verdict));
+                        continue;
+                    }
+                    // Away from the active one: since when, against this active endpoint.
+                    let since = match &v.away {
+                        Some((from, t)) if *from == active => *t,
+                        _ => {
+                            v.away = Some((active.clone(), now));
+                            now
+                        }
+                    };
+                    if now.saturating_duration_since(since) >= FOLLOW_GRACE {
+                        let why = v
+                            .reason
+                            .clone()
+                            .unwrap_or_else(|| format!("on {}", v.endpoint));
+                        verdicts.push((agent.clone(), Verdict::Away(why)));
+                    }
+                }
+            }
+            actions.extend(self.judge_endpoint(&group, &active, &verdicts, quorum, now));
+        }
+        actions
+    }
+
+    fn judge_endpoint(
+        &mut self,
+        group: &str,
+        endpoint: &str,
+        verdicts: &[(String, Verdict)],
+        quorum: u32,
+        now: Instant,
+    ) -> Vec<Action> {
+        let total = verdicts.len();
+        let health: Vec<&(String, Verdict)> = verdicts
+            .iter()
+            .filter(|(_, v)| matches!(v, Verdict::Health(_)))
+            .collect();
+        let away: Vec<&(String, Verdict)> = verdicts
+            .iter()
+            .filter(|(_, v)| matches!(v, Verdict::Away(_)))
+            .collect();
+        let bad = health.len() + away.len();
+        let key = alert_key(AlertKind::OmaUnhealthy, endpoint);
+        if bad >= quorum as usize && bad * 2 > total {
+            let e = self.endpoints.entry(endpoint.to_string()).or_default();
+            e.impaired = Some(now);
+            let mut actions = Vec::new();
+            if self.firing.insert(key) {
+                let mut parts = Vec::new();
+                if let Some((_, Verdict::Health(d))) = health.first() {
+                    parts.push(format!(
+                        "health checks through the tunnel failing on {} of {total} agents ({d})",
+                        health.len()
+                    ));
+                }
+                if let Some((_, Verdict::Away(why))) = away.first() {
+                    parts.push(format!(
+                        "{} of {total} agents could not stay on it ({why})",
+                        away.len()
+                    ));
+                }
+                let mut affected: Vec<String> = health
+                    .iter()
+                    .chain(away.iter())
+                    .map(|(a, _)| a.clone())
+                    .collect();
+                affected.sort();
+                affected.dedup();
+                actions.push(Action::Fire {
+                    kind: AlertKind::OmaUnhealthy,
+                    subject: endpoint.to_string(),
+                    summary: format!(
+                        "OMA endpoint {endpoint} (group {group}) fails its agents while its sshd answers: {}",
+                        parts.join("; ")
+                    ),
+                    affected,
+                });
+            }
+            actions.extend(self.decide(now));
+            return actions;
+        }
+        let passing = verdicts
+            .iter()
+            .filter(|(_, v)| matches!(v, Verdict::Good))
+            .count();
+        if passing > 0 && bad * 2 < total.max(1) && self.firing.remove(&key) {
+            if let Some(e) = self.endpoints.get_mut(endpoint) {
+                e.impaired = None;
+            }
+            return vec![Action::Resolve {
+                kind: AlertKind::OmaUnhealthy,
+                subject: endpoint.to_string(),
+            }];
+        }
+        Vec::new()
+    }
+
+    /// Whether agents' evidence keeps `endpoint` out of automatic use now.
+    pub(super) fn impaired(&self, endpoint: &str, now: Instant) -> bool {
+        let window = self
+            .groups
+            .values()
+            .filter(|g| g.endpoints.iter().any(|e| e == endpoint))
+            .map(|g| g.failback_after)
+            .max()
+            .unwrap_or_default();
+        self.endpoints
+            .get(endpoint)
+            .and_then(|e| e.impaired)
+            .is_some_and(|t| now.saturating_duration_since(t) < window)
+    }
+}
