@@ -22,6 +22,10 @@ use crate::status::{AgentStatus, ProfileStatus};
 use crate::supervisor::SupervisorHandle;
 use tunnelfleet_protocol::addr::split_host_port;
 
+/// The least time between heartbeats a profile asked for (its health went down, it moved):
+/// changes that come together go in one heartbeat.
+pub const URGENT_GAP: Duration = Duration::from_millis(250);
+
 /// The cache file inside the state dir.
 pub fn cache_path(state_dir: &Path) -> PathBuf {
     state_dir.join("profiles.json")
@@ -138,6 +142,20 @@ pub async fn run(
                             if let Err(e) = l.heartbeat(hb).await {
                                 break Err(e);
                             }
+                        }
+                        _ = coordinated.report_asked() => {
+                            // A profile's health went down or it moved: tell the coordinator
+                            // now, not at the next tick; at most one such extra heartbeat per
+                            // URGENT_GAP.
+                            tokio::time::sleep(URGENT_GAP).await;
+                            let Some(status) = sup.status().await else { return };
+                            seq += 1;
+                            let hb = heartbeat(seq, &status, since);
+                            since = hb.sent_unix_ms;
+                            if let Err(e) = l.heartbeat(hb).await {
+                                break Err(e);
+                            }
+                            tick.reset();
                         }
                         m = l.next() => match m {
                             Ok(CoordinatorMessage::Push(set)) => {

@@ -2,7 +2,8 @@
 //!
 //! The seed curls `http://localhost:8082/health` every 60 s and restarts ssh when it fails; the
 //! rule here is the same, made explicit: `threshold` failures in a row (default 3) mark the
-//! profile down and restart its session, and any pass resets the count. A single lost check is
+//! profile down and ask the runner for a new session (make-before-break: it replaces the
+//! current one only once its own check passes), and any pass resets the count. A single lost check is
 //! noise; three in a row is an outage. The counting lives in [`HealthTracker`], free of IO and
 //! time, so it is tested directly; [`HealthMonitor`] drives it on an interval.
 
@@ -29,7 +30,7 @@ use tunnelfleet_runtime::clock::now_unix_ms;
 pub enum Transition {
     /// Nothing changed.
     Same,
-    /// The threshold was crossed: mark down and restart the session.
+    /// The threshold was crossed: mark down and try a new session.
     WentDown {
         /// Failures in a row that crossed it.
         failures: u32,
@@ -82,8 +83,8 @@ impl HealthTracker {
         }
         self.consecutive = self.consecutive.saturating_add(1);
         // The count grows until a pass (it is what heartbeats report, and three in a row is the
-        // alert); the session is restarted once per `threshold` of them, so a dead endpoint
-        // triggers one restart per `threshold` checks, not one per check.
+        // alert); a new session is tried once per `threshold` of them, so a dead endpoint
+        // triggers one attempt per `threshold` checks, not one per check.
         if self.consecutive.is_multiple_of(self.threshold) {
             self.healthy = false;
             return Transition::WentDown {
@@ -334,7 +335,7 @@ where
         }
         match transition {
             Transition::WentDown { failures } => {
-                tracing::warn!(profile = %name, failures, reason = %result.detail, "health check failed {failures} times in a row: profile down, restarting session");
+                tracing::warn!(profile = %name, failures, reason = %result.detail, "health check failed {failures} times in a row: profile down, trying a new session");
                 // The runner may be busy reconnecting already; a full queue means a restart
                 // is pending, which is what we want anyway.
                 let _ = self.on_down.try_send(failures);

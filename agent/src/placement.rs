@@ -15,9 +15,10 @@
 //!   session lost through it) never counts toward `failover_after`: the path is retried with
 //!   backoff, the endpoint keeps its place.
 //! - **Health.** A profile with no coordinator to decide for it moves at once when its health
-//!   check crosses its threshold; a coordinated one restarts on the same endpoint and leaves the
-//!   move to the coordinator, which sees every agent on that endpoint (and still moves on its own
-//!   after `failover_after` such restarts, should the coordinator not act).
+//!   check crosses its threshold; a coordinated one gets a fresh session on the same endpoint
+//!   and leaves the move to the coordinator, which sees every agent on that endpoint (and still
+//!   moves on its own after `failover_after` refused ones, should the coordinator not act).
+//!   Either way the new session replaces the old only once its own check passes.
 //! - **Failback.** Off the preferred endpoint (the first: for a group, the group's choice), the
 //!   runner probes it; once it answered every probe for `failback_after`, the runner moves back,
 //!   make-before-break.
@@ -34,20 +35,38 @@ use tunnelfleet_protocol::ErrorKind;
 /// throws us out cannot hold us in a tight reconnect loop.
 pub const STABLE_SESSION: Duration = Duration::from_secs(30);
 
-/// Whether a coordinator is connected and so decides moves for the profiles it pushed. The
-/// fleet link sets it; local profiles get one that stays false (they are on their own).
+/// Whether a coordinator is connected and so decides moves for the profiles it pushed, and the
+/// way a profile asks for a heartbeat now (its health went down, it moved) instead of at the
+/// next tick, so the coordinator's rules see it at once. The fleet link sets and reads it;
+/// local profiles get one that stays false and that nobody reads (they are on their own).
 #[derive(Debug, Clone, Default)]
-pub struct Coordinated(Arc<AtomicBool>);
+pub struct Coordinated(Arc<CoordinatedInner>);
+
+#[derive(Debug, Default)]
+struct CoordinatedInner {
+    connected: AtomicBool,
+    report: tokio::sync::Notify,
+}
 
 impl Coordinated {
     /// Sets it (the link came up, or went away).
     pub fn set(&self, connected: bool) {
-        self.0.store(connected, Ordering::Relaxed);
+        self.0.connected.store(connected, Ordering::Relaxed);
     }
 
     /// Whether a coordinator is connected now.
     pub fn get(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.0.connected.load(Ordering::Relaxed)
+    }
+
+    /// Asks the link for a heartbeat now (several asks before it sends are one heartbeat).
+    pub fn report_now(&self) {
+        self.0.report.notify_one();
+    }
+
+    /// Resolves when a heartbeat was asked for.
+    pub async fn report_asked(&self) {
+        self.0.report.notified().await;
     }
 }
 
@@ -56,8 +75,6 @@ impl Coordinated {
 pub enum Ended {
     /// The session died (keepalive timeout, reset, EOF, server disconnect).
     Lost,
-    /// The health check crossed its threshold.
-    Health,
     /// An operator (or the coordinator) asked for a fresh session.
     Restart,
 }
@@ -138,9 +155,8 @@ impl Placement {
 
     /// The session to the current endpoint ended after `lasted`; `coordinated` when a
     /// coordinator is connected to decide moves for the group.
-    pub fn session_ended(&mut self, ended: Ended, lasted: Duration, coordinated: bool) -> Next {
-        // A session that lasted is a success, except one whose health check kept failing.
-        if lasted >= STABLE_SESSION && ended != Ended::Health {
+    pub fn session_ended(&mut self, ended: Ended, lasted: Duration) -> Next {
+        if lasted >= STABLE_SESSION {
             self.failures = 0;
         }
         match ended {
@@ -159,9 +175,26 @@ impl Placement {
                     Next::Retry
                 }
             }
-            Ended::Health if !coordinated && self.endpoints > 1 => self.move_next(),
-            Ended::Health => self.count_failure(),
         }
+    }
+
+    /// The health check crossed its threshold on the current endpoint while the session
+    /// works: the endpoint to try a new session on (make-before-break: the current one carries
+    /// traffic until the new one passes its own check). Without a coordinator, the next
+    /// endpoint at once; with one (which sees every agent there and moves the group), a fresh
+    /// session on the same endpoint, and the next only after `failover_after` of these.
+    pub fn health_down(&self, coordinated: bool) -> usize {
+        let next = (self.current + 1) % self.endpoints;
+        if self.endpoints > 1 && (!coordinated || self.failures + 1 >= self.failover_after) {
+            return next;
+        }
+        self.current
+    }
+
+    /// A health-driven new session was refused (its own check failed too): one more failure of
+    /// the current endpoint.
+    pub fn health_refused(&mut self) {
+        self.failures = self.failures.saturating_add(1);
     }
 
     /// Whether the profile is off its preferred endpoint (and so probes it for failback).
@@ -235,11 +268,11 @@ mod tests {
     #[test]
     fn a_lost_session_moves_to_the_next_endpoint_at_once() {
         let mut p = two();
-        let next = p.session_ended(Ended::Lost, Duration::from_secs(600), false);
+        let next = p.session_ended(Ended::Lost, Duration::from_secs(600));
         assert_eq!(next, Next::Move { from: 0, to: 1 });
         assert_eq!(p.current(), 1);
         // And from the standby to the next one (round robin).
-        let next = p.session_ended(Ended::Lost, Duration::from_secs(1), false);
+        let next = p.session_ended(Ended::Lost, Duration::from_secs(1));
         assert_eq!(next, Next::Move { from: 1, to: 0 });
     }
 
@@ -247,17 +280,17 @@ mod tests {
     fn a_single_endpoint_is_retried_and_a_short_session_counts_as_a_failure() {
         let mut p = Placement::new(1, 3, Duration::from_secs(30), false);
         assert_eq!(
-            p.session_ended(Ended::Lost, Duration::from_secs(1), false),
+            p.session_ended(Ended::Lost, Duration::from_secs(1)),
             Next::Retry
         );
         assert_eq!(p.failures(), 1);
         assert_eq!(
-            p.session_ended(Ended::Lost, Duration::from_secs(2), false),
+            p.session_ended(Ended::Lost, Duration::from_secs(2)),
             Next::Retry
         );
         assert_eq!(p.failures(), 2);
         // A stable session wipes the slate, then the loss itself counts once.
-        p.session_ended(Ended::Lost, STABLE_SESSION, false);
+        p.session_ended(Ended::Lost, STABLE_SESSION);
         assert_eq!(p.failures(), 1);
     }
 
@@ -279,7 +312,7 @@ mod tests {
         for _ in 0..50 {
             assert_eq!(p.connect_failed(ErrorKind::Jump), Next::Retry);
             assert_eq!(
-                p.session_ended(Ended::Lost, Duration::from_secs(1), false),
+                p.session_ended(Ended::Lost, Duration::from_secs(1)),
                 Next::Retry
             );
         }
@@ -295,27 +328,22 @@ mod tests {
 
     #[test]
     fn health_moves_a_standalone_profile_at_once_and_a_coordinated_one_only_as_a_last_resort() {
-        let mut p = two();
-        assert_eq!(
-            p.session_ended(Ended::Health, Duration::from_secs(90), false),
-            Next::Move { from: 0, to: 1 }
-        );
+        let p = two();
+        assert_eq!(p.health_down(false), 1);
         let mut c = two();
-        assert_eq!(
-            c.session_ended(Ended::Health, Duration::from_secs(31), true),
-            Next::Retry
-        );
-        assert_eq!(
-            c.session_ended(Ended::Health, Duration::from_secs(31), true),
-            Next::Retry
-        );
-        // Each restart lasted longer than a stable session, yet health failures are failures:
-        // the third moves even a coordinated profile, should the coordinator not have.
-        assert_eq!(c.failures(), 2);
-        assert_eq!(
-            c.session_ended(Ended::Health, Duration::from_secs(1), true),
-            Next::Move { from: 0, to: 1 }
-        );
+        // A fresh session on the same endpoint, refused because its check fails too...
+        assert_eq!(c.health_down(true), 0);
+        c.health_refused();
+        assert_eq!(c.health_down(true), 0);
+        c.health_refused();
+        // ...and the third time the next endpoint, should the coordinator not have moved it.
+        assert_eq!(c.health_down(true), 1);
+        // One endpoint: always a fresh session there.
+        let mut one = Placement::new(1, 3, Duration::from_secs(30), false);
+        for _ in 0..5 {
+            assert_eq!(one.health_down(false), 0);
+            one.health_refused();
+        }
     }
 
     #[test]
@@ -324,7 +352,7 @@ mod tests {
         p.connect_failed(ErrorKind::Timeout);
         p.connect_failed(ErrorKind::Timeout);
         assert_eq!(
-            p.session_ended(Ended::Restart, Duration::from_secs(1), false),
+            p.session_ended(Ended::Restart, Duration::from_secs(1)),
             Next::Now
         );
         assert_eq!((p.current(), p.failures()), (0, 0));
@@ -333,7 +361,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn failback_needs_the_preferred_endpoint_reachable_for_the_whole_stable_period() {
         let mut p = two();
-        p.session_ended(Ended::Lost, Duration::from_secs(100), false);
+        p.session_ended(Ended::Lost, Duration::from_secs(100));
         assert!(p.away());
         let probe = Duration::from_secs(5);
         // Reachable at 0, 5, 10, 15, 20, 25 s: not yet.

@@ -43,7 +43,6 @@ use tunnelfleet_protocol::forward::ForwardSpec;
 enum SessionEnd {
     Lost(String),
     Restart(String),
-    Health(u32),
     Shutdown,
 }
 
@@ -392,6 +391,7 @@ impl Runner {
                     self.shared.set_state(TunnelState::Up, &cause);
                     let _ = session_tx.send(Some(cur.live.clone()));
                     let _ = up_tx.send(true);
+                    self.coordinated.report_now();
                     // Set when the coordinator moved the group away from where we are and the
                     // move to its choice has not completed yet.
                     let mut follow = false;
@@ -402,7 +402,43 @@ impl Runner {
                         tokio::select! {
                                 r = &mut cur.closed => break SessionEnd::Lost(r.unwrap_or_else(|_| "session ended".into())),
                                 Some(c) = self.restart.recv() => break SessionEnd::Restart(c),
-                                Some(n) = health_rx.recv() => break SessionEnd::Health(n),
+                                Some(n) = health_rx.recv() => {
+                                    // The session works, the service behind it does not: a new
+                                    // session (here, or on the next endpoint) replaces it only
+                                    // once its own check passes; open connections carry on.
+                                    self.coordinated.report_now();
+                                    let target = place.health_down(self.coordinated.get());
+                                    let (h, p) = endpoints[target].clone();
+                                    let to = format!("{h}:{p}");
+                                    let why = format!("health check failed {n} times in a row");
+                                    match self.try_move(&h, p, &specs, &cur.live).await {
+                                        Ok(candidate) => {
+                                            let from = cur.live.endpoint.clone();
+                                            let old = std::mem::replace(
+                                                &mut cur,
+                                                self.go_live(candidate.session, &specs, Some(&candidate.bound)),
+                                            );
+                                            let _ = session_tx.send(Some(cur.live.clone()));
+                                            self.retire(old, &specs);
+                                            place.moved(target);
+                                            if from == to {
+                                                self.shared.lock().reconnects += 1;
+                                            } else {
+                                                self.shared.record_move(&from, &to, &why, true);
+                                            }
+                                            self.coordinated.report_now();
+                                            tracing::warn!(profile = %self.cfg.name, %from, %to, "new session make-before-break: {why}");
+                                            self.shared.lock().last_error = Some(why);
+                                        }
+                                        Err(refusal) => {
+                                            place.health_refused();
+                                            let on = cur.live.endpoint.clone();
+                                            tracing::warn!(profile = %self.cfg.name, %on, %to, "{why}; staying on {on}: {refusal}");
+                                            self.shared.lock().last_error =
+                                                Some(format!("{why}; staying on {on}: {refusal}"));
+                                        }
+                                    }
+                                }
                                 _ = self.cancel.cancelled() => break SessionEnd::Shutdown,
                                 Ok(()) = self.retarget.changed() => {
                         let list = self.retarget.borrow_and_update().clone();
@@ -445,6 +481,7 @@ impl Runner {
                                             // A move the coordinator ordered is the group's, not
                                             // this agent's own.
                                             self.shared.record_move(&from, &to, &why, !follow);
+                                        self.coordinated.report_now();
                                             self.shared.set_state(TunnelState::Up, &why);
                                             tracing::info!(profile = %self.cfg.name, %from, %to, "moved make-before-break: {why}");
                                             follow = false;
@@ -481,9 +518,6 @@ impl Runner {
                     let why = match &end {
                         SessionEnd::Lost(r) => format!("session to {endpoint} lost: {r}"),
                         SessionEnd::Restart(c) => format!("session restarted: {c}"),
-                        SessionEnd::Health(n) => {
-                            format!("health check failed {n} times in a row")
-                        }
                         SessionEnd::Shutdown => String::new(),
                     };
                     tracing::warn!(profile = %self.cfg.name, endpoint = %endpoint, "{why}");
@@ -504,10 +538,9 @@ impl Runner {
                     }
                     let ended = match end {
                         SessionEnd::Lost(_) => Ended::Lost,
-                        SessionEnd::Health(_) => Ended::Health,
                         _ => Ended::Restart,
                     };
-                    place.session_ended(ended, lasted, self.coordinated.get())
+                    place.session_ended(ended, lasted)
                 }
             };
             match next {
@@ -516,6 +549,7 @@ impl Runner {
                     let reason = self.shared.lock().last_error.clone().unwrap_or_default();
                     tracing::warn!(profile = %self.cfg.name, %from, %to, "failing over to the next endpoint: {reason}");
                     self.shared.record_move(&from, &to, &reason, true);
+                    self.coordinated.report_now();
                     backoff.reset();
                     continue;
                 }

@@ -1,5 +1,6 @@
 //! The coordinator's gauges, read at scrape time: agents by state, tunnels per OMA endpoint,
-//! heartbeat ages, firing alerts, endpoint health and agents per endpoint, hook deliveries.
+//! tunnels diverged from their group, heartbeat ages, firing alerts, endpoint health and agents
+//! per endpoint, hook deliveries.
 //! A scrape shows the state as it is; nothing is kept twice.
 
 use std::collections::BTreeMap;
@@ -43,6 +44,17 @@ pub fn observe(metrics: &Metrics, fleet: Weak<Fleet>, watch: WatchHandle) {
                         KeyValue::new("state", state),
                     ],
                 );
+            }
+        })
+        .build();
+    let f = fleet.clone();
+    let _ = meter
+        .u64_observable_gauge("tunnelfleet_tunnels_diverged")
+        .with_description("Tunnels up on another endpoint of their OMA group than its active one (moved on their own, or a move refused), by group")
+        .with_callback(move |o| {
+            let Some(fleet) = f.upgrade() else { return };
+            for (group, n) in diverged(&fleet) {
+                o.observe(n, &[KeyValue::new("group", group)]);
             }
         })
         .build();
@@ -175,6 +187,21 @@ fn agent_states(fleet: &Fleet) -> Vec<(&'static str, u64)> {
 }
 
 /// Tunnels by (active endpoint, up|down) from the connected agents' last heartbeats.
+/// Per group (every group, zero included): tunnels up elsewhere than its active endpoint.
+fn diverged(fleet: &Fleet) -> BTreeMap<String, u64> {
+    let groups = fleet.store.groups().unwrap_or_default();
+    let mut out: BTreeMap<String, u64> = groups.iter().map(|g| (g.name.clone(), 0)).collect();
+    for hb in fleet.links.heartbeats() {
+        for p in hb.profiles.iter().filter(|p| p.state == TunnelState::Up) {
+            let at = crate::monitor::placement(&groups, p);
+            if let (false, Some(g)) = (at.follows, at.group) {
+                *out.entry(g).or_default() += 1;
+            }
+        }
+    }
+    out
+}
+
 fn tunnels(fleet: &Fleet) -> BTreeMap<(String, &'static str), u64> {
     let mut out = BTreeMap::new();
     for hb in fleet.links.heartbeats() {

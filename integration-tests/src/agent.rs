@@ -18,6 +18,8 @@ pub struct TestAgent {
     pub metrics: Option<std::net::SocketAddr>,
     stop: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
+    /// The agent as a process (in a test host) instead of a task in this one.
+    child: Option<std::process::Child>,
     _dir: tempfile::TempDir,
 }
 
@@ -47,8 +49,56 @@ impl TestAgent {
             metrics,
             stop,
             task: Some(task),
+            child: None,
             _dir: dir,
         }
+    }
+
+    /// The real agent binary as a process inside test host `host` (its own network: its
+    /// links are the only way out), with the same `[agent]` section as [`TestAgent::start`]
+    /// plus `agent_keys`; its log is `agent.log` in its dir. Its control socket is a file, so
+    /// this process reads its status as any other's.
+    pub async fn start_in(
+        host: &crate::NetHost,
+        agent_keys: &str,
+        profiles_toml: &str,
+    ) -> TestAgent {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("agent.sock");
+        let text = format!(
+            "[agent]\ncontrol_socket = \"{}\"\ndrain_timeout = \"1s\"\n{agent_keys}\n\n{profiles_toml}",
+            socket.display()
+        );
+        let config = dir.path().join("agent.toml");
+        std::fs::write(&config, text).expect("agent.toml");
+        let log = std::fs::File::create(dir.path().join("agent.log")).expect("agent.log");
+        let child = host
+            .command(crate::Program::Agent.path())
+            .arg("--config")
+            .arg(&config)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn the agent");
+        let agent = TestAgent {
+            socket,
+            metrics: None,
+            stop: CancellationToken::new(),
+            task: None,
+            child: Some(child),
+            _dir: dir,
+        };
+        wait_until(20, "the agent process's control socket", || async {
+            control::call(&agent.socket, &Request::Status).await.is_ok()
+        })
+        .await;
+        agent
+    }
+
+    /// The agent process's log so far (empty for an agent in this process).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("agent.log")).unwrap_or_default()
     }
 
     /// Status through the control socket.
@@ -82,12 +132,20 @@ impl TestAgent {
         if let Some(t) = self.task.take() {
             let _ = t.await;
         }
+        if let Some(mut c) = self.child.take() {
+            crate::faults::signal(c.id(), libc::SIGTERM);
+            let _ = tokio::task::spawn_blocking(move || c.wait()).await;
+        }
     }
 }
 
 impl Drop for TestAgent {
     fn drop(&mut self) {
         self.stop.cancel();
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 

@@ -93,6 +93,17 @@ impl FullCoordinator {
         heartbeat: Duration,
         hooks: Vec<tunnelfleet_coordinator::hooks::HookConfig>,
     ) -> FullCoordinator {
+        FullCoordinator::start_on(dir, heartbeat, hooks, std::net::Ipv4Addr::LOCALHOST).await
+    }
+
+    /// Like [`FullCoordinator::start`], its control link on `ip` (a test host's peer address,
+    /// for agents inside test hosts); the admin API stays on 127.0.0.1.
+    pub async fn start_on(
+        dir: &Path,
+        heartbeat: Duration,
+        hooks: Vec<tunnelfleet_coordinator::hooks::HookConfig>,
+        ip: std::net::Ipv4Addr,
+    ) -> FullCoordinator {
         use tunnelfleet_coordinator::server::{CoordinatorConfig, bind};
         let pki_dir = dir.join("pki");
         if !pki_dir.join("ca.pem").exists() {
@@ -102,7 +113,7 @@ impl FullCoordinator {
         let token = "integration-test-admin-token-0123456789";
         write_secret(&token_file, token.as_bytes());
         let bound = bind(&CoordinatorConfig {
-            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            listen: std::net::SocketAddr::from((ip, 0)),
             admin_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
             pki_dir,
             state_dir: dir.join("state"),

@@ -124,6 +124,101 @@ impl NetHost {
         ip(&["-n", &self.name, "link", "set", "lo", "up"])
     }
 
+    /// A direct link from this host to `other` (a veth pair between the two namespaces, on a
+    /// /30 of its own), routed so this host reaches `other.addr` over it and not through the
+    /// test's namespace: an appliance's own path to an OMA, which [`NetHost::cut`] can break
+    /// while everyone else still reaches that OMA. Returns the link's interface inside `other`.
+    pub fn link_to(&self, other: &NetHost) -> String {
+        for _ in 0..50 {
+            let block = 1 + rand_block() % (BLOCKS - 1);
+            let (here, there) = (format!("tfl{block}"), format!("tfm{block}"));
+            if ip(&[
+                "-n",
+                &self.name,
+                "link",
+                "add",
+                &here,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &there,
+                "netns",
+                &other.name,
+            ])
+            .is_err()
+            {
+                continue;
+            }
+            let near = Ipv4Addr::from(BASE + block * 4 + 1);
+            let far = Ipv4Addr::from(BASE + block * 4 + 2);
+            let steps: [Vec<String>; 5] = [
+                vec![
+                    "-n".into(),
+                    self.name.clone(),
+                    "addr".into(),
+                    "add".into(),
+                    format!("{near}/30"),
+                    "dev".into(),
+                    here.clone(),
+                ],
+                vec![
+                    "-n".into(),
+                    self.name.clone(),
+                    "link".into(),
+                    "set".into(),
+                    here.clone(),
+                    "up".into(),
+                ],
+                vec![
+                    "-n".into(),
+                    other.name.clone(),
+                    "addr".into(),
+                    "add".into(),
+                    format!("{far}/30"),
+                    "dev".into(),
+                    there.clone(),
+                ],
+                vec![
+                    "-n".into(),
+                    other.name.clone(),
+                    "link".into(),
+                    "set".into(),
+                    there.clone(),
+                    "up".into(),
+                ],
+                vec![
+                    "-n".into(),
+                    self.name.clone(),
+                    "route".into(),
+                    "add".into(),
+                    format!("{}/32", other.addr),
+                    "via".into(),
+                    far.to_string(),
+                ],
+            ];
+            for step in &steps {
+                let args: Vec<&str> = step.iter().map(String::as_str).collect();
+                if let Err(e) = ip(&args) {
+                    panic!("linking {} to {}: {e}", self.name, other.name);
+                }
+            }
+            return there;
+        }
+        panic!(
+            "no free block for a link from {} to {}",
+            self.name, other.name
+        );
+    }
+
+    /// Cuts one link of this host (`iface`, as [`NetHost::link_to`] returned it): every packet
+    /// in or out through it dropped, the host's other links untouched.
+    pub fn cut(&self, iface: &str) {
+        self.nft(&format!(
+            "table inet {FAULT_TABLE} {{\n  chain input {{ type filter hook input priority -300; iifname \"{iface}\" drop; }}\n  chain output {{ type filter hook output priority -300; oifname \"{iface}\" drop; }}\n}}\n"
+        ));
+    }
+
     /// `program` to be run inside the host (`ip netns exec NAME program`; the child's pid is
     /// the program's own: `ip` execs it).
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {

@@ -10,7 +10,9 @@
 //!   one failback once it is stable.
 //! - The OMA's API down while its sshd answers (the seed's own `GET /health` failing through
 //!   the tunnel): three failed checks in a row reach the webhook as one `tunnel_health` alert
-//!   per agent, and passing checks resolve them.
+//!   per agent, and passing checks resolve them. With the OMAs as hosts of their own (network
+//!   namespaces, each with its own API), most agents failing there is one `oma_unhealthy`
+//!   incident and the group moves to the standby make-before-break; a trial failback resolves it.
 //! - An undelivered alert survives a SIGKILL of the coordinator process and is delivered by
 //!   the restarted one with the same idempotency key.
 
@@ -62,12 +64,29 @@ async fn fleet(
     api_port: u16,
     echo: u16,
 ) -> Fleet {
+    fleet_in(c, dir, primary, standby, api_port, echo, None).await
+}
+
+/// Like [`fleet`], with vma-1 as the agent binary inside test host `site` when given.
+async fn fleet_in(
+    c: &FullCoordinator,
+    dir: &Path,
+    primary: &Sshd,
+    standby: &Sshd,
+    api_port: u16,
+    echo: u16,
+    site: Option<&NetHost>,
+) -> Fleet {
     let mut agents = Vec::new();
     for id in ["vma-1", "vma-2"] {
-        let agent = TestAgent::start(&c.agent_section(dir, id, "site = \"dc1\"")).await;
+        let section = c.agent_section(dir, id, "site = \"dc1\"");
+        let agent = match site {
+            Some(host) if id == "vma-1" => TestAgent::start_in(host, "", &section).await,
+            _ => TestAgent::start(&section).await,
+        };
         let (l_api, l_echo) = (free_port(), free_port());
         let pins = format!(
-            "host_key_fingerprints = [{:?}, {:?}]\n[profile.health]\nhttp = \"http://127.0.0.1:{l_api}/health\"\ninterval = \"500ms\"\ntimeout = \"1s\"\n",
+            "host_key_fingerprints = [{:?}, {:?}]\nfailback_after = \"2s\"\n[profile.health]\nhttp = \"http://127.0.0.1:{l_api}/health\"\ninterval = \"500ms\"\ntimeout = \"1s\"\n",
             primary.fingerprint, standby.fingerprint
         );
         let local = AgentConfig::parse(
@@ -155,6 +174,15 @@ fn assert_signed(r: &Received) {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET.as_bytes());
     ring::hmac::verify(&key, &r.body, &tag).expect("valid HMAC-SHA256 signature");
     assert!(r.header("idempotency-key").is_some());
+}
+
+/// Writes `payload` and reads it back on an open connection through an echo forward.
+async fn echo_on(conn: &mut tokio::net::TcpStream, payload: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    conn.write_all(payload).await.unwrap();
+    let mut back = vec![0u8; payload.len()];
+    conn.read_exact(&mut back).await.unwrap();
+    assert_eq!(back, payload);
 }
 
 async fn oma(api: &ApiClient) -> Vec<EndpointView> {
@@ -340,6 +368,234 @@ async fn an_oma_api_down_while_its_sshd_answers_raises_tunnel_health_after_three
         .store(false, std::sync::atomic::Ordering::Relaxed);
     wait_until(30, "both tunnel_health alerts resolved", || async {
         deliveries(&sink, "tunnel_health", "resolved").len() == 2
+    })
+    .await;
+    f.shutdown().await;
+    c.stop().await;
+}
+
+/// The seed's own health check failing on two OMAs that are hosts of their own (network
+/// namespaces: each sshd with its own API and NBD on its own `localhost`): the primary's API
+/// answers 503 while its sshd answers the probes. Both agents' checks through it fail: one
+/// `oma_unhealthy` incident naming what fails, and the group moves to the standby, whose API
+/// works — make-before-break: a connection opened before the move keeps flowing, and the agents
+/// keep their sessions' counters. The API fixed, a trial failback finds the checks passing on
+/// the primary and the incident resolves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oma_api_down_while_its_sshd_answers_is_one_incident_and_the_group_moves_make_before_break()
+ {
+    if !NetHost::available("failover_api_down_hosts") {
+        return;
+    }
+    let (h1, h2) = (NetHost::create(), NetHost::create());
+    let primary = Sshd::start_in(&h1);
+    let standby = Sshd::start_sharing_client_key_in(&primary, &h2);
+    let (api_port, echo_port) = (free_port(), free_port());
+    let api1 = NsHttp::start_on(&h1, "oma-a api", api_port);
+    let _api2 = NsHttp::start_on(&h2, "oma-b api", api_port);
+    let _echo1 = NsHttp::echo_on(&h1, echo_port);
+    let _echo2 = NsHttp::echo_on(&h2, echo_port);
+    let sink = WebhookSink::start(0).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let c = FullCoordinator::start(
+        dir.path(),
+        Duration::from_millis(500),
+        vec![webhook(dir.path(), &sink)],
+    )
+    .await;
+    let _: Changed = c
+        .api
+        .call(
+            "PUT",
+            "/v1/groups/oma",
+            Some(&group(&primary, &standby, Duration::from_secs(3))),
+        )
+        .await
+        .unwrap();
+    let f = fleet(&c, dir.path(), &primary, &standby, api_port, echo_port).await;
+    f.all_on(&primary.endpoint(), "start").await;
+    let (_, _, l_api, l_echo) = &f.agents[0];
+    let (_, body) = http_get(*l_api, "/health").await.unwrap();
+    assert_eq!(body, "oma-a api ok");
+    let mut open = tokio::net::TcpStream::connect(("127.0.0.1", *l_echo))
+        .await
+        .unwrap();
+    echo_on(&mut open, b"before the move").await;
+
+    api1.set_failing(true);
+    wait_until(30, "one oma_unhealthy incident at the webhook", || async {
+        !deliveries(&sink, "oma_unhealthy", "firing").is_empty()
+    })
+    .await;
+    f.all_on(&standby.endpoint(), "after the API failed").await;
+    let (_, body) = http_get(*l_api, "/health").await.unwrap();
+    assert_eq!(
+        body, "oma-b api ok",
+        "checks pass through the standby's own API"
+    );
+    // Opened on the primary before the move: still flowing, on the session it started on.
+    echo_on(&mut open, b"through the move").await;
+    let firing = deliveries(&sink, "oma_unhealthy", "firing");
+    assert_eq!(firing.len(), 1, "one incident, not one per agent");
+    let alert = &firing[0].json()["alert"];
+    assert_eq!(alert["subject"], primary.endpoint().as_str());
+    let summary = alert["summary"].as_str().unwrap_or_default();
+    assert!(
+        summary.contains("health checks through the tunnel failing on 2 of 2 agents (HTTP 503)"),
+        "{summary}"
+    );
+    assert!(
+        deliveries(&sink, "oma_down", "firing").is_empty(),
+        "its sshd answered: not oma_down"
+    );
+    let moves = group_moves(&c.api).await;
+    assert!(moves[0].contains("fails its agents' tunnels"), "{moves:?}");
+    for (agent, id, ..) in &f.agents {
+        let p = agent.profile(id).await;
+        // The move kept the session's history: no reconnect, one move counted.
+        assert_eq!((p.reconnects, p.failovers), (0, 1), "{p:?}");
+    }
+
+    api1.set_failing(false);
+    wait_until(
+        60,
+        "the incident resolved after a trial failback",
+        || async { !deliveries(&sink, "oma_unhealthy", "resolved").is_empty() },
+    )
+    .await;
+    f.all_on(&primary.endpoint(), "after the failback").await;
+    f.shutdown().await;
+    c.stop().await;
+}
+
+/// One appliance cut off from the primary (its own link to it dropped by nftables) while the
+/// coordinator and the other appliance still reach the primary: that agent — the real binary,
+/// in a test host of its own — moves to the standby on its own at once and data flows there;
+/// the group stays where it is (one agent never moves a group); `oma list` and `agents show` say
+/// it diverged and why. Its link back, it returns to the group's choice after the stable period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_agent_cut_off_from_the_primary_moves_on_its_own_and_the_group_stays() {
+    if !NetHost::available("failover_partition") {
+        return;
+    }
+    let (h1, h2, site) = (NetHost::create(), NetHost::create(), NetHost::create());
+    let primary = Sshd::start_in(&h1);
+    let standby = Sshd::start_sharing_client_key_in(&primary, &h2);
+    let (api_port, echo_port) = (free_port(), free_port());
+    let _services = [
+        NsHttp::start_on(&h1, "oma-a api", api_port),
+        NsHttp::start_on(&h2, "oma-b api", api_port),
+        NsHttp::echo_on(&h1, echo_port),
+        NsHttp::echo_on(&h2, echo_port),
+    ];
+    // The site's own paths to both OMAs; the coordinator and vma-2 reach them from here.
+    let site_to_primary = site.link_to(&h1);
+    let _site_to_standby = site.link_to(&h2);
+    let sink = WebhookSink::start(0).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let c = FullCoordinator::start_on(
+        dir.path(),
+        Duration::from_millis(500),
+        vec![webhook(dir.path(), &sink)],
+        site.peer,
+    )
+    .await;
+    let _: Changed = c
+        .api
+        .call(
+            "PUT",
+            "/v1/groups/oma",
+            Some(&group(&primary, &standby, Duration::from_secs(3))),
+        )
+        .await
+        .unwrap();
+    let f = fleet_in(
+        &c,
+        dir.path(),
+        &primary,
+        &standby,
+        api_port,
+        echo_port,
+        Some(&site),
+    )
+    .await;
+    let (vma1, _, vma1_api, _) = &f.agents[0];
+    let api_body = || async { site.http_get(*vma1_api, "/health").map(|(_, b)| b) };
+    wait_until(30, "vma-1 through the primary", || async {
+        api_body().await.is_ok_and(|b| b == "oma-a api ok")
+    })
+    .await;
+
+    h1.cut(&site_to_primary);
+    wait_until(30, "vma-1 through the standby on its own", || async {
+        api_body().await.is_ok_and(|b| b == "oma-b api ok")
+    })
+    .await;
+    let p = vma1.profile("vma-1").await;
+    assert_eq!(p.active_endpoint, standby.endpoint());
+    assert!(
+        p.failover_log
+            .last()
+            .is_some_and(|m| m.reason.contains("keepalive timeout")),
+        "{:?}",
+        p.failover_log
+    );
+    // The coordinator shows it diverged, and why.
+    wait_until(20, "vma-1 shown diverged in oma list", || async {
+        oma(&c.api).await.iter().any(|e| {
+            e.endpoint == primary.endpoint()
+                && e.diverged.iter().any(|d| {
+                    d.starts_with(&format!("vma-1/vma-1 on {}", standby.endpoint()))
+                        && d.contains("keepalive timeout")
+                })
+        })
+    })
+    .await;
+    let shown: serde_json::Value = c.api.get("/v1/agents/vma-1").await.unwrap();
+    assert_eq!(shown["placement"][0]["follows"], false, "{shown}");
+    assert_eq!(
+        shown["placement"][0]["group_active"],
+        primary.endpoint().as_str()
+    );
+    // Well past the grace a move takes, with the other agent still on the primary: the group
+    // stays, no incident.
+    let beats = |id: &'static str| {
+        let api = &c.api;
+        async move {
+            let list: Vec<tunnelfleet_coordinator::admin::AgentSummary> =
+                api.get("/v1/agents").await.unwrap();
+            list.iter()
+                .find(|a| a.id == id)
+                .map(|a| a.heartbeats)
+                .unwrap_or(0)
+        }
+    };
+    let from = beats("vma-1").await;
+    wait_until(
+        60,
+        "40 more heartbeats from vma-1 (20 s at 500 ms)",
+        || async { beats("vma-1").await >= from + 40 },
+    )
+    .await;
+    let view = oma(&c.api).await;
+    assert!(
+        view.iter()
+            .any(|e| e.endpoint == primary.endpoint() && e.active),
+        "one agent moved the group: {view:?}"
+    );
+    assert!(group_moves(&c.api).await.is_empty());
+    assert!(deliveries(&sink, "oma_unhealthy", "firing").is_empty());
+    assert!(deliveries(&sink, "oma_down", "firing").is_empty());
+    let (vma2, id2, ..) = &f.agents[1];
+    assert_eq!(vma2.profile(id2).await.active_endpoint, primary.endpoint());
+
+    h1.restore();
+    wait_until(30, "vma-1 back on the group's choice", || async {
+        api_body().await.is_ok_and(|b| b == "oma-a api ok")
+    })
+    .await;
+    wait_until(20, "no one diverged any more", || async {
+        oma(&c.api).await.iter().all(|e| e.diverged.is_empty())
     })
     .await;
     f.shutdown().await;

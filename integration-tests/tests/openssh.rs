@@ -330,7 +330,7 @@ async fn blackholed_primary_is_detected_by_keepalive_and_the_standby_takes_over(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn health_threshold_restarts_the_session_and_a_pass_resets_the_count() {
+async fn health_threshold_tries_a_fresh_session_that_must_pass_and_a_pass_resets_the_count() {
     if !Sshd::available("health") {
         return;
     }
@@ -347,13 +347,36 @@ async fn health_threshold_restarts_the_session_and_a_pass_resets_the_count() {
     })
     .await;
     assert_eq!(agent.profile("oma").await.reconnects, 0);
+    let logins = || sshd.log().matches("Accepted publickey").count();
+    let before = logins();
     api.failing
         .store(true, std::sync::atomic::Ordering::Relaxed);
-    wait_until(20, "session restarted by the health rule", || async {
-        let p = agent.profile("oma").await;
-        p.reconnects >= 1 && p.state == TunnelState::Up
-    })
+    // Three failures in a row: a fresh session is tried make-before-break; its own check fails
+    // too (the API is down, not the tunnel), so the working session stays and says why.
+    wait_until(
+        20,
+        "a fresh session tried and refused by its own check",
+        || async {
+            let p = agent.profile("oma").await;
+            p.last_error.as_deref().is_some_and(|e| {
+                e.contains("health check failed 3 times in a row; staying on")
+                    && e.contains("through the new session")
+                    && e.contains("HTTP 503")
+            })
+        },
+    )
     .await;
+    assert!(
+        logins() > before,
+        "no fresh session was tried:\n{}",
+        sshd.log()
+    );
+    let p = agent.profile("oma").await;
+    assert_eq!(
+        (p.state, p.reconnects),
+        (TunnelState::Up, 0),
+        "the working session was torn down: {p:?}"
+    );
     let h = agent.profile("oma").await.health.unwrap();
     assert!(h.failures >= 3, "{h:?}");
     assert!(!h.last.as_ref().unwrap().ok);

@@ -336,7 +336,19 @@ pub fn oma_table(v: &[EndpointView]) -> String {
             }),
         ]);
     }
-    t.to_string() + "\n"
+    let mut out = t.to_string() + "\n";
+    for e in v.iter().filter(|e| !e.diverged.is_empty()) {
+        out.push_str(&format!(
+            "group {}: {} not on its active endpoint {}:\n",
+            e.group,
+            e.diverged.len(),
+            e.endpoint
+        ));
+        for d in &e.diverged {
+            out.push_str(&format!("  {d}\n"));
+        }
+    }
+    out
 }
 
 /// `alerts list` as a table.

@@ -13,6 +13,7 @@ use tunnelfleet_protocol::Heartbeat;
 use super::Admin;
 use super::error::ApiError;
 use crate::fleet::Fleet;
+use crate::monitor::{ProfilePlacement, placement};
 use tunnelfleet_runtime::clock::now_unix_ms;
 
 /// The routes of this resource.
@@ -66,6 +67,9 @@ pub struct AgentDetail {
     pub apply_errors: Vec<String>,
     /// The last heartbeat.
     pub last_heartbeat: Option<Heartbeat>,
+    /// Where each profile runs against its OMA group's choice (diverged, and why).
+    #[serde(default)]
+    pub placement: Vec<ProfilePlacement>,
 }
 
 fn summaries(fleet: &Fleet) -> Result<Vec<AgentDetail>, ApiError> {
@@ -76,6 +80,7 @@ fn summaries(fleet: &Fleet) -> Result<Vec<AgentDetail>, ApiError> {
         .into_iter()
         .map(|r| r.agent)
         .collect();
+    let groups = fleet.store.groups()?;
     for rec in fleet.store.agents()? {
         let link = fleet.links.get(&rec.id);
         let labels = rec.effective_labels();
@@ -115,6 +120,10 @@ fn summaries(fleet: &Fleet) -> Result<Vec<AgentDetail>, ApiError> {
                 revoked: revoked.contains(&rec.id),
             },
             apply_errors: rec.apply_errors.clone(),
+            placement: hb
+                .iter()
+                .flat_map(|h| h.profiles.iter().map(|p| placement(&groups, p)))
+                .collect(),
             last_heartbeat: hb,
         });
     }

@@ -85,6 +85,10 @@ pub struct EndpointView {
     pub last_latency_ms: Option<f64>,
     /// Agents on it now.
     pub agents: Vec<String>,
+    /// On the group's active endpoint: the agents' profiles that are up elsewhere in the group
+    /// (`agent/profile on ENDPOINT: why`): diverged, on their own or because a move was refused.
+    #[serde(default)]
+    pub diverged: Vec<String>,
 }
 
 impl Monitor {
@@ -346,6 +350,11 @@ impl Monitor {
                         .and_then(|e| e.last_latency)
                         .map(|l| l.as_secs_f64() * 1000.0),
                     agents,
+                    diverged: if ep == active {
+                        self.diverged_from(active, &g.endpoints, now)
+                    } else {
+                        Vec::new()
+                    },
                 });
             }
         }

@@ -44,6 +44,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use endpoints::{EndpointView, ProbeError};
+pub use tunnels::{ProfilePlacement, placement};
 
 use crate::store::OmaGroup;
 use crate::store::{AlertKind, alert_key};

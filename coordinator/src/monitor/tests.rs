@@ -499,3 +499,27 @@ async fn an_impaired_endpoint_gets_a_trial_after_failback_after_and_resolves_whe
         "{resolved:?}"
     );
 }
+
+#[test]
+fn placement_says_who_follows_the_group_and_why_not() {
+    let groups = vec![group(Duration::from_secs(60))];
+    let on_active = placement(&groups, &report(A, TunnelState::Up, 0));
+    assert!(on_active.follows);
+    assert_eq!(on_active.group.as_deref(), Some("oma"));
+    let away = placement(&groups, &moved_away(A, B));
+    assert!(!away.follows);
+    assert_eq!(away.group_active.as_deref(), Some(A));
+    assert!(away.reason.unwrap().contains("keepalive timeout"));
+    // A refused move is the better reason: it is why it is still there.
+    let mut refused = moved_away(A, B);
+    refused.last_error = Some(format!("staying on {B}: R 9081 on {A}: refused"));
+    assert!(
+        placement(&groups, &refused)
+            .reason
+            .unwrap()
+            .starts_with("staying on")
+    );
+    // Not in any group: nothing to diverge from.
+    let alone = placement(&groups, &report("10.9.9.9:22", TunnelState::Up, 0));
+    assert!(alone.follows && alone.group.is_none());
+}

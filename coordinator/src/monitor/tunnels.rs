@@ -13,11 +13,56 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tunnelfleet_protocol::{ProfileReport, TunnelState};
 
 use super::{Action, Monitor};
-use crate::store::{AlertKind, alert_key};
+use crate::store::{AlertKind, OmaGroup, alert_key};
+
+/// Where one profile of an agent runs, measured against its OMA group's choice: what
+/// `agents show`, `tunnels status --agent`, `oma list` and the metrics say.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProfilePlacement {
+    /// The profile.
+    pub profile: String,
+    /// The endpoint it is on (or trying).
+    pub endpoint: String,
+    /// The OMA group that endpoint belongs to, if any.
+    pub group: Option<String>,
+    /// That group's active endpoint.
+    pub group_active: Option<String>,
+    /// On the group's active endpoint (or in no group).
+    pub follows: bool,
+    /// Why it is elsewhere: its refused move, or its own latest move.
+    pub reason: Option<String>,
+}
+
+/// Where `p` runs relative to its group, from the coordinator's own groups (the endpoint an
+/// agent reports only picks which group it is measured against).
+pub fn placement(groups: &[OmaGroup], p: &ProfileReport) -> ProfilePlacement {
+    let group = groups
+        .iter()
+        .find(|g| g.endpoints.contains(&p.active_endpoint));
+    let active = group.and_then(|g| g.active()).map(str::to_string);
+    let follows = active.as_deref().is_none_or(|a| a == p.active_endpoint);
+    let reason = (!follows)
+        .then(|| {
+            p.last_error
+                .clone()
+                .filter(|e| e.contains("staying on"))
+                .or_else(|| p.failover_log.last().map(|f| f.reason.clone()))
+        })
+        .flatten();
+    ProfilePlacement {
+        profile: p.name.clone(),
+        endpoint: p.active_endpoint.clone(),
+        group: group.map(|g| g.name.clone()),
+        group_active: active,
+        follows,
+        reason,
+    }
+}
 
 /// How long an agent may be on another endpoint than its group's active one before that counts
 /// against the active one: following a move takes a session setup, and a refused move is
@@ -226,6 +271,34 @@ impl Monitor {
             }];
         }
         Vec::new()
+    }
+
+    /// The agents' profiles on `endpoints` (a group's) that are up elsewhere than `active`:
+    /// `agent/profile on ENDPOINT: why`, for `oma list`.
+    pub(super) fn diverged_from(
+        &self,
+        active: &str,
+        endpoints: &[String],
+        now: Instant,
+    ) -> Vec<String> {
+        let mut out = Vec::new();
+        for (agent, views) in &self.tunnels {
+            for (profile, v) in views {
+                if v.up
+                    && v.endpoint != active
+                    && endpoints.contains(&v.endpoint)
+                    && now.saturating_duration_since(v.at) <= FRESH
+                {
+                    let why = v
+                        .reason
+                        .clone()
+                        .unwrap_or_else(|| "no reason reported".into());
+                    out.push(format!("{agent}/{profile} on {}: {why}", v.endpoint));
+                }
+            }
+        }
+        out.sort();
+        out
     }
 
     /// Whether agents' evidence keeps `endpoint` out of automatic use now.

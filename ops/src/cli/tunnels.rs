@@ -206,6 +206,22 @@ pub async fn remote_tunnels(
                 "LAST ERROR",
             ]);
             for p in &hb.profiles {
+                let at = d.placement.iter().find(|x| x.profile == p.name);
+                let endpoint = match at {
+                    Some(at) if !at.follows => format!(
+                        "{} (diverged from {} {}: {})",
+                        p.active_endpoint,
+                        at.group.as_deref().unwrap_or("its group"),
+                        at.group_active.as_deref().unwrap_or("-"),
+                        at.reason.as_deref().unwrap_or("no reason reported")
+                    ),
+                    Some(at) if at.group.is_some() => format!(
+                        "{} (follows {})",
+                        p.active_endpoint,
+                        at.group.as_deref().unwrap_or_default()
+                    ),
+                    _ => p.active_endpoint.clone(),
+                };
                 let active = p
                     .forwards
                     .iter()
@@ -214,7 +230,7 @@ pub async fn remote_tunnels(
                 t.add_row(vec![
                     p.name.clone(),
                     format!("{:?}", p.state).to_uppercase(),
-                    p.active_endpoint.clone(),
+                    endpoint,
                     p.reconnects.to_string(),
                     p.failovers.to_string(),
                     format!("{active}/{} active", p.forwards.len()),
