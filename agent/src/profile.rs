@@ -37,6 +37,7 @@ use crate::ssh::{
 use crate::status::{ForwardState, HealthStatus, ProfileShared, TunnelState};
 use tunnelfleet_protocol::ProfileSpec;
 use tunnelfleet_protocol::forward::ForwardSpec;
+use tunnelfleet_protocol::profile::Standby;
 
 /// Why the runner left a session.
 #[derive(Debug)]
@@ -217,6 +218,7 @@ pub fn start(
         restart: restart_rx,
         retarget: retarget_rx,
         coordinated,
+        warm: None,
     };
     let task = tokio::spawn(async move {
         for gate in &after {
@@ -249,6 +251,91 @@ struct Runner {
     restart: mpsc::Receiver<String>,
     retarget: watch::Receiver<Vec<String>>,
     coordinated: Coordinated,
+    /// `standby = "warm"`: the session held open to the next endpoint.
+    warm: Option<WarmStandby>,
+}
+
+/// `standby = "warm"`: a second authenticated session held open (and kept alive by the same
+/// keepalive) to the endpoint the profile would go to next, with no forwards bound, so a
+/// failover to it is only the forward setup. A task keeps it: redialled with backoff when it
+/// dies or the target changes; the runner takes it when it moves there.
+struct WarmStandby {
+    target: watch::Sender<Option<(String, u16)>>,
+    slot: WarmSlot,
+}
+
+/// The warm session and the endpoint it is to.
+type WarmSlot = Arc<std::sync::Mutex<Option<((String, u16), SshSession)>>>;
+
+impl WarmStandby {
+    fn start(params: SessionParams, cancel: CancellationToken, mut backoff: Backoff) -> Self {
+        let (target, mut rx) = watch::channel(None::<(String, u16)>);
+        let slot: WarmSlot = Arc::default();
+        let held = slot.clone();
+        tokio::spawn(async move {
+            let lock = || held.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                let want = rx.borrow_and_update().clone();
+                if let Some((host, port)) = want.clone() {
+                    let ok = lock()
+                        .as_ref()
+                        .is_some_and(|(t, s)| Some(t) == want.as_ref() && !s.handle.is_closed());
+                    if !ok {
+                        // Not the one wanted, or dead: dropped, and the wanted one dialled.
+                        *lock() = None;
+                        let dialled = tokio::select! {
+                            _ = cancel.cancelled() => return,
+                            r = dial::connect(&params, &host, port) => r,
+                        };
+                        match dialled {
+                            Ok(session) => {
+                                tracing::info!(profile = %params.profile, endpoint = %format!("{host}:{port}"), "warm standby session up");
+                                backoff.reset();
+                                *lock() = Some(((host, port), session));
+                            }
+                            Err(e) => {
+                                tracing::debug!(profile = %params.profile, "warm standby: {e}");
+                                tokio::select! {
+                                    _ = cancel.cancelled() => return,
+                                    _ = tokio::time::sleep(backoff.next_delay()) => {}
+                                    r = rx.changed() => if r.is_err() { return },
+                                }
+                                continue;
+                            }
+                        }
+                    }
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    r = rx.changed() => if r.is_err() { return },
+                    // A dead session is noticed within a second (keepalive declared it dead).
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        });
+        WarmStandby { target, slot }
+    }
+
+    /// Holds a session to `to` from now on (None: none).
+    fn aim(&self, to: Option<(String, u16)>) {
+        self.target.send_if_modified(|t| {
+            let changed = *t != to;
+            *t = to;
+            changed
+        });
+    }
+
+    /// The held session, if it is to `host:port` and alive.
+    fn take(&self, host: &str, port: u16) -> Option<SshSession> {
+        let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        match slot.take() {
+            Some((t, s)) if t.0 == host && t.1 == port && !s.handle.is_closed() => Some(s),
+            other => {
+                *slot = other;
+                None
+            }
+        }
+    }
 }
 
 /// The session that carries the profile's traffic now.
@@ -343,6 +430,13 @@ impl Runner {
             side_tasks.push(tokio::spawn(monitor.run()));
         }
 
+        if self.cfg.standby == Standby::Warm && endpoints.len() > 1 {
+            self.warm = Some(WarmStandby::start(
+                self.params.clone(),
+                self.cancel.clone(),
+                Backoff::new(self.cfg.reconnect_min, self.cfg.reconnect_max),
+            ));
+        }
         let mut place = Placement::new(
             endpoints.len(),
             self.cfg.failover_after,
@@ -360,18 +454,26 @@ impl Runner {
                 TunnelState::Connecting,
                 &format!("connecting to {endpoint}"),
             );
-            let connected = tokio::select! {
-                _ = self.cancel.cancelled() => break 'outer,
-                Ok(()) = self.retarget.changed() => {
-                    let list = self.retarget.borrow_and_update().clone();
-                    // Not on any endpoint yet: go straight to the group's choice.
-                    let _ = self.retargeted(&mut endpoints, &mut place, list, None);
-                    continue 'outer;
+            let warm = self.warm.as_ref().and_then(|w| w.take(&host, port));
+            if warm.is_some() {
+                tracing::info!(profile = %self.cfg.name, %endpoint, "taking over the warm standby session");
+            }
+            let connected = if let Some(session) = warm {
+                Ok(session)
+            } else {
+                tokio::select! {
+                    _ = self.cancel.cancelled() => break 'outer,
+                    Ok(()) = self.retarget.changed() => {
+                        let list = self.retarget.borrow_and_update().clone();
+                        // Not on any endpoint yet: go straight to the group's choice.
+                        let _ = self.retargeted(&mut endpoints, &mut place, list, None);
+                        continue 'outer;
+                    }
+                    r = tracing::Instrument::instrument(
+                        dial::connect(&self.params, &host, port),
+                        tracing::info_span!("ssh_connect", profile = %self.cfg.name, %endpoint),
+                    ) => r,
                 }
-                r = tracing::Instrument::instrument(
-                    dial::connect(&self.params, &host, port),
-                    tracing::info_span!("ssh_connect", profile = %self.cfg.name, %endpoint),
-                ) => r,
             };
             let next = match connected {
                 Err(e) => {
@@ -392,6 +494,7 @@ impl Runner {
                     let _ = session_tx.send(Some(cur.live.clone()));
                     let _ = up_tx.send(true);
                     self.coordinated.report_now();
+                    self.aim_warm(&endpoints, &cur.live.endpoint);
                     // Set when the coordinator moved the group away from where we are and the
                     // move to its choice has not completed yet.
                     let mut follow = false;
@@ -411,7 +514,12 @@ impl Runner {
                                     let (h, p) = endpoints[target].clone();
                                     let to = format!("{h}:{p}");
                                     let why = format!("health check failed {n} times in a row");
-                                    match self.try_move(&h, p, &specs, &cur.live).await {
+                                    // The current session dying meanwhile ends the attempt: that is a loss.
+                                    let attempt = tokio::select! {
+                                        r = self.try_move(&h, p, &specs, &cur.live) => r,
+                                        r = &mut cur.closed => break SessionEnd::Lost(r.unwrap_or_else(|_| "session ended".into())),
+                                    };
+                                    match attempt {
                                         Ok(candidate) => {
                                             let from = cur.live.endpoint.clone();
                                             let old = std::mem::replace(
@@ -420,6 +528,7 @@ impl Runner {
                                             );
                                             let _ = session_tx.send(Some(cur.live.clone()));
                                             self.retire(old, &specs);
+                                            self.aim_warm(&endpoints, &cur.live.endpoint);
                                             place.moved(target);
                                             if from == to {
                                                 self.shared.lock().reconnects += 1;
@@ -446,6 +555,7 @@ impl Runner {
                                     // Off the group's choice (or on an endpoint no longer listed, a drained one):
                                     // follow it.
                                     follow = !self.retargeted(&mut endpoints, &mut place, list, Some(&on));
+                                    self.aim_warm(&endpoints, &on);
                                     if follow {
                                         probe.reset_immediately();
                                     }
@@ -454,7 +564,10 @@ impl Runner {
                                     let (h, p) = endpoints[0].clone();
                                     let to = format!("{h}:{p}");
                                     let due = follow || {
-                                        let reachable = self.probe(&h, p).await;
+                                        let reachable = tokio::select! {
+                                            r = self.probe(&h, p) => r,
+                                            r = &mut cur.closed => break SessionEnd::Lost(r.unwrap_or_else(|_| "session ended".into())),
+                                        };
                                         place.probed(reachable, Instant::now())
                                     };
                                     if !due {
@@ -468,7 +581,12 @@ impl Runner {
                                             humantime::format_duration(self.cfg.failback_after)
                                         )
                                     };
-                                    match self.try_move(&h, p, &specs, &cur.live).await {
+                                    // The current session dying meanwhile ends the attempt: that is a loss.
+                                    let attempt = tokio::select! {
+                                        r = self.try_move(&h, p, &specs, &cur.live) => r,
+                                        r = &mut cur.closed => break SessionEnd::Lost(r.unwrap_or_else(|_| "session ended".into())),
+                                    };
+                                    match attempt {
                                         Ok(candidate) => {
                                             let from = cur.live.endpoint.clone();
                                             let old = std::mem::replace(
@@ -477,6 +595,7 @@ impl Runner {
                                             );
                                             let _ = session_tx.send(Some(cur.live.clone()));
                                             self.retire(old, &specs);
+                                            self.aim_warm(&endpoints, &cur.live.endpoint);
                                             place.moved(0);
                                             // A move the coordinator ordered is the group's, not
                                             // this agent's own.
@@ -586,6 +705,14 @@ impl Runner {
             self.shared.set_forward(i, ForwardState::Stopped, None);
         }
         self.shared.set_state(TunnelState::Stopped, "stopped");
+    }
+
+    /// Points the warm standby (if any) at the endpoint after `on` in priority order.
+    fn aim_warm(&self, endpoints: &[(String, u16)], on: &str) {
+        let Some(w) = &self.warm else { return };
+        let at = endpoints.iter().position(|e| addr(e) == on).unwrap_or(0);
+        let next = endpoints.get((at + 1) % endpoints.len()).cloned();
+        w.aim(next.filter(|n| addr(n) != on));
     }
 
     fn set_active(&self, endpoint: &str) {
@@ -699,9 +826,12 @@ impl Runner {
         old: &Live,
     ) -> Result<Candidate, String> {
         let to = format!("{host}:{port}");
-        let session = tokio::select! {
-            r = dial::connect(&self.params, host, port) => r.map_err(|e| e.to_string())?,
-            _ = self.cancel.cancelled() => return Err("stopping".into()),
+        let session = match self.warm.as_ref().and_then(|w| w.take(host, port)) {
+            Some(s) => s,
+            None => tokio::select! {
+                r = dial::connect(&self.params, host, port) => r.map_err(|e| e.to_string())?,
+                _ = self.cancel.cancelled() => return Err("stopping".into()),
+            },
         };
         let reclaim = self.cfg.reclaim_remote_ports;
         let mut bound = Vec::new();

@@ -198,11 +198,14 @@ pub struct SessionParams {
     pub jump: Vec<JumpHost>,
 }
 
-/// Builds the russh client config for a profile.
+/// Builds the russh client config for a profile: a silent server is dropped
+/// `keepalive_interval × keepalive_count` after it last sent anything (OpenSSH's
+/// `ServerAliveInterval × ServerAliveCountMax`).
 pub fn client_config(keepalive_interval: Duration, keepalive_count: u32) -> client::Config {
+    let (interval, max) = keepalive(keepalive_interval, keepalive_count);
     client::Config {
-        keepalive_interval: Some(keepalive_interval),
-        keepalive_max: keepalive_count as usize,
+        keepalive_interval: Some(interval),
+        keepalive_max: max,
         window_size: WINDOW_SIZE,
         maximum_packet_size: 32768,
         channel_buffer_size: 64,
@@ -212,6 +215,17 @@ pub fn client_config(keepalive_interval: Duration, keepalive_count: u32) -> clie
             ..Preferred::default()
         },
         ..client::Config::default()
+    }
+}
+
+/// russh's keepalive timer and limit for "dead after `count` silent intervals". russh counts a
+/// timeout on every silent interval and gives up when the count *exceeds* its limit (and 0
+/// means never), so `count` intervals are a limit of `count - 1`; a count of 1 is two
+/// half-intervals with a limit of 1.
+pub fn keepalive(interval: Duration, count: u32) -> (Duration, usize) {
+    match count {
+        0 | 1 => (interval / 2, 1),
+        n => (interval, (n - 1) as usize),
     }
 }
 
@@ -506,5 +520,33 @@ fn describe_close(e: &russh::Error) -> String {
         russh::Error::IO(io) => format!("connection lost: {io}"),
         russh::Error::Disconnect => "connection closed by server".into(),
         other => format!("session error: {other}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// russh's rule, as its client loop applies it: one more timeout per silent interval, dead
+    /// once the count exceeds the limit.
+    fn dead_after((interval, max): (Duration, usize)) -> Duration {
+        let mut timeouts = 0usize;
+        let mut t = Duration::ZERO;
+        loop {
+            t += interval;
+            timeouts += 1;
+            if max != 0 && timeouts > max {
+                return t;
+            }
+        }
+    }
+
+    #[test]
+    fn a_silent_server_is_dropped_after_interval_times_count() {
+        let s = Duration::from_secs;
+        assert_eq!(dead_after(keepalive(s(5), 3)), s(15));
+        assert_eq!(dead_after(keepalive(s(1), 2)), s(2));
+        assert_eq!(dead_after(keepalive(s(4), 1)), s(4));
+        assert_eq!(dead_after(keepalive(s(30), 3)), s(90));
     }
 }

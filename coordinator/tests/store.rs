@@ -18,6 +18,24 @@ fn spec(name: &str) -> ProfileSpec {
     p
 }
 
+/// Opens the store once the previous handle in this process has released sled's file lock
+/// (its background flusher lets go a moment after the drop).
+fn open_when_released(dir: &std::path::Path) -> Store {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match Store::open(dir) {
+            Ok(s) => return s,
+            Err(e)
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            Err(e) => panic!("{}: {e}", dir.display()),
+        }
+    }
+}
+
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs
         .iter()
@@ -100,7 +118,15 @@ async fn a_store_from_a_newer_coordinator_is_refused() {
             .unwrap();
         db.flush().unwrap();
     }
-    let e = Store::open(dir.path()).err().unwrap().to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let e = loop {
+        // The handle above lets go of sled's file lock a moment after its drop.
+        let e = Store::open(dir.path()).err().unwrap().to_string();
+        if !e.contains("could not acquire lock") || std::time::Instant::now() > deadline {
+            break e;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
     assert!(
         e.contains("schema version 99") && e.contains(&dir.path().display().to_string()),
         "{e}"
@@ -132,7 +158,7 @@ async fn a_schema_1_store_is_migrated_profiles_and_history_alike() {
             .unwrap();
         db.flush().unwrap();
     }
-    let store = Store::open(dir.path()).unwrap();
+    let store = open_when_released(dir.path());
     let p = &store.profiles().unwrap()[0];
     assert_eq!(p.keepalive_interval, std::time::Duration::from_secs(2));
     assert_eq!(
@@ -142,7 +168,7 @@ async fn a_schema_1_store_is_migrated_profiles_and_history_alike() {
     assert_eq!(&store.revision(7).unwrap().profiles[0], p);
     drop(store);
     // Opened again: already schema 2, nothing to do, same data.
-    let store = Store::open(dir.path()).unwrap();
+    let store = open_when_released(dir.path());
     assert_eq!(&store.profiles().unwrap()[0], p);
 }
 

@@ -63,6 +63,23 @@ impl TestAgent {
         agent_keys: &str,
         profiles_toml: &str,
     ) -> TestAgent {
+        TestAgent::start_binary_in(
+            host,
+            &crate::Program::Agent.path(),
+            agent_keys,
+            profiles_toml,
+        )
+        .await
+    }
+
+    /// Like [`TestAgent::start_in`] with the agent binary at `program` (a benchmark's `dist`
+    /// build).
+    pub async fn start_binary_in(
+        host: &crate::NetHost,
+        program: &Path,
+        agent_keys: &str,
+        profiles_toml: &str,
+    ) -> TestAgent {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("agent.sock");
         let text = format!(
@@ -73,7 +90,7 @@ impl TestAgent {
         std::fs::write(&config, text).expect("agent.toml");
         let log = std::fs::File::create(dir.path().join("agent.log")).expect("agent.log");
         let child = host
-            .command(crate::Program::Agent.path())
+            .command(program)
             .arg("--config")
             .arg(&config)
             .stdin(std::process::Stdio::null())

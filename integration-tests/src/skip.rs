@@ -5,9 +5,12 @@
 
 use std::io::Write;
 
-/// Reports that `test` was skipped and why, where the run's reader sees it.
-pub fn skipped(test: &str, why: &str) {
+/// Reports that the running test (the harness names its thread after it; `what` is the
+/// caller's label) was skipped and why, where the run's reader sees it.
+pub fn skipped(what: &str, why: &str) {
+    let thread = std::thread::current();
+    let test = thread.name().filter(|n| *n != "main").unwrap_or(what);
     // `eprintln!` goes to the harness's capture buffer (shown only for failures); a write to
     // the stderr handle itself is not captured.
-    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test} ({what}): {why}");
 }

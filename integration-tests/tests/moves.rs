@@ -445,3 +445,63 @@ async fn a_blackholed_host_sends_a_standalone_agent_to_the_standby_and_back_once
     );
     agent.shutdown().await;
 }
+
+/// `standby = "warm"`: a second session is held open to the standby (authenticated, no
+/// forwards) before anything fails, and the failover after a blackhole of the primary's host
+/// takes it over: no new login on the standby, only the forwards set up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_standby_session_is_held_and_taken_over_without_a_new_login() {
+    if !NetHost::available("moves_warm_standby") {
+        return;
+    }
+    let (h1, h2) = (NetHost::create(), NetHost::create());
+    let primary = Sshd::start_in(&h1);
+    let standby = Sshd::start_sharing_client_key_in(&primary, &h2);
+    let api_port = free_port();
+    let _api1 = NsHttp::start_on(&h1, "oma-a api", api_port);
+    let _api2 = NsHttp::start_on(&h2, "oma-b api", api_port);
+    let vma = http_service("vma-api").await;
+    let (l_api, r_vma) = (free_port(), free_port());
+    let forwards = [
+        format!("L {l_api}:localhost:{api_port}"),
+        format!("R localhost:{r_vma}:localhost:{}", vma.port),
+    ];
+    let extra = format!("{}standby = \"warm\"\n", pins(&primary, &standby));
+    let agent = TestAgent::start(&profile_toml(
+        "oma",
+        &[primary.endpoint(), standby.endpoint()],
+        &primary,
+        &forwards,
+        &extra,
+    ))
+    .await;
+    agent.wait_all_active("oma").await;
+    let logins = || standby.log().matches("Accepted publickey").count();
+    wait_until(20, "the warm session logged in on the standby", || async {
+        logins() == 1
+    })
+    .await;
+    // No forwards on it: nothing listens on the reverse port on the standby yet.
+    assert!(
+        h2.http_get(r_vma, "/health").is_err(),
+        "the warm session bound the reverse forward"
+    );
+
+    h1.blackhole();
+    wait_until(30, "on the standby with every forward bound", || async {
+        let p = agent.profile("oma").await;
+        all_active(&p) && p.active_endpoint == standby.endpoint()
+    })
+    .await;
+    let (_, body) = http_get(l_api, "/health").await.unwrap();
+    assert_eq!(body, "oma-b api ok");
+    assert_eq!(h2.http_get(r_vma, "/health").unwrap().0, 200);
+    assert_eq!(
+        logins(),
+        1,
+        "the failover logged in again:\n{}",
+        standby.log()
+    );
+    h1.restore();
+    agent.shutdown().await;
+}

@@ -76,6 +76,7 @@ impl From<ProfileSpecV3> for ProfileSpec {
             // Fields protocol 3 did not have take today's defaults.
             failback_after: ProfileSpec::new("", "", "").failback_after,
             reclaim_remote_ports: false,
+            standby: Default::default(),
         }
     }
 }

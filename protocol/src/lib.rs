@@ -38,7 +38,7 @@ pub use profile::{HealthSpec, ProfileSpec};
 /// 2: coordinator -> agent commands (`tunnels … --agent`).
 /// 3: jump hosts in profiles (`ProfileSpec::jump`) and the `Jump` session error kind.
 /// 4: one profile model on both sides: exact durations, `autostart` on the wire.
-/// 5: `failback_after` and `reclaim_remote_ports` in profiles.
+/// 5: `failback_after`, `reclaim_remote_ports` and `standby` in profiles.
 pub const PROTOCOL_VERSION: u32 = 5;
 
 /// QUIC keep-alive of the control link (both ends).

@@ -195,6 +195,7 @@ async fn main() -> anyhow::Result<()> {
     if !NetHost::available("bench-failover") {
         bail!("bench-failover needs root, iproute2, nftables, python3 and openssh-server");
     }
+    let agent_bin = dist_binary("tunnelfleet-agent", "tunnelfleet-agent")?;
     let o = omas();
     let site = NetHost::create();
     let site_to_primary = site.link_to(&o.h1);
@@ -230,7 +231,7 @@ async fn main() -> anyhow::Result<()> {
     for id in ["vma-1", "vma-2", "vma-3"] {
         let section = c.agent_section(dir.path(), id, "site = \"real\"");
         let agent = if id == "vma-3" {
-            TestAgent::start_in(&site, "", &section).await
+            TestAgent::start_binary_in(&site, &agent_bin, "", &section).await
         } else {
             TestAgent::start(&section).await
         };

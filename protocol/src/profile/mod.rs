@@ -53,6 +53,18 @@ impl ProfileError {
     }
 }
 
+/// How a profile's next endpoint waits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[serde(rename_all = "snake_case")]
+pub enum Standby {
+    /// Connected when needed.
+    #[default]
+    Cold,
+    /// A session held open to it, no forwards bound.
+    Warm,
+}
+
 /// One SSH destination with its redundant endpoints and all its forwards.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
@@ -111,6 +123,11 @@ pub struct ProfileSpec {
     /// own stale session holding it (found through the new session) and bind again.
     #[serde(default)]
     pub reclaim_remote_ports: bool,
+    /// `warm`: hold a second authenticated session open (and kept alive) to the next endpoint,
+    /// with no forwards bound, so a failover is only the forward setup. `cold` (the default):
+    /// connect when needed.
+    #[serde(default)]
+    pub standby: Standby,
     /// Start this profile when the agent starts (or when it is pushed).
     #[serde(default = "default_true")]
     pub autostart: bool,
@@ -150,6 +167,7 @@ impl ProfileSpec {
             failover_after: default_failover_after(),
             failback_after: default_failback_after(),
             reclaim_remote_ports: false,
+            standby: Standby::Cold,
             autostart: true,
             health: None,
             jump: Vec::new(),
