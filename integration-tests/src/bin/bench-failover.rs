@@ -20,7 +20,8 @@
 //! - `simulated_failover_s`: `--agents N` (default 1,000) protocol-level agents (real QUIC and
 //!   mTLS) on the same coordinator; the primary host blackholed → every one pushed the standby.
 //!
-//! Standalone (no coordinator, defaults): `standalone_blackhole_s`. Competitors, the same
+//! Standalone (no coordinator, the defaults: keepalive 5 s × 3, health every 10 s):
+//! `standalone_blackhole_s`. Competitors, the same
 //! blackhole: `ssh -N -L` in a bash loop over both hosts with ServerAliveInterval=5 × 3 and
 //! ConnectTimeout=5 (`ssh_loop_blackhole_s`), and with the seed's 30 × 3 and 30
 //! (`seed_blackhole_s`, skipped by `--quick`).
@@ -88,10 +89,18 @@ struct Ports {
     r: u16,
 }
 
-/// A profile block with production keepalive (5 s × 3, connect 10 s) and a 2 s health check.
-fn profile_text(o: &Omas, name: &str, p: &Ports, vma_api: u16, failback_after: &str) -> String {
+/// A profile block with production keepalive (5 s × 3, connect 10 s) and a health check every
+/// `health_every` (threshold 3).
+fn profile_text(
+    o: &Omas,
+    name: &str,
+    p: &Ports,
+    vma_api: u16,
+    failback_after: &str,
+    health_every: &str,
+) -> String {
     let extra = format!(
-        "host_key_fingerprints = [{:?}, {:?}]\nfailback_after = \"{failback_after}\"\n[profile.health]\nhttp = \"http://127.0.0.1:{}/health\"\ninterval = \"2s\"\ntimeout = \"1s\"\nthreshold = 3\n",
+        "host_key_fingerprints = [{:?}, {:?}]\nfailback_after = \"{failback_after}\"\n[profile.health]\nhttp = \"http://127.0.0.1:{}/health\"\ninterval = \"{health_every}\"\ntimeout = \"1s\"\nthreshold = 3\n",
         o.primary.fingerprint, o.standby.fingerprint, p.api
     );
     profile_toml(
@@ -115,7 +124,7 @@ fn profile_text(o: &Omas, name: &str, p: &Ports, vma_api: u16, failback_after: &
 /// The same profile for group `oma`, for the coordinator.
 fn group_profile(o: &Omas, name: &str, p: &Ports, vma_api: u16) -> anyhow::Result<ProfileSpec> {
     let cfg = AgentConfig::parse(
-        &profile_text(o, name, p, vma_api, "5s"),
+        &profile_text(o, name, p, vma_api, "5s", "2s"),
         Path::new("bench.toml"),
     )?;
     let mut spec = cfg.profiles[0].clone();
@@ -364,8 +373,8 @@ async fn main() -> anyhow::Result<()> {
         echo: free_port(),
         r: free_port(),
     };
-    // Standalone with the defaults: failback after 30 s.
-    let alone = TestAgent::start(&profile_text(&o, "alone", &ps, vma_api.port, "30s")).await;
+    // Standalone with the defaults: health every 10 s, failback after 30 s.
+    let alone = TestAgent::start(&profile_text(&o, "alone", &ps, vma_api.port, "30s", "10s")).await;
     until("the standalone agent through the primary", 30, || {
         on(ps.api, "oma-a")
     })
