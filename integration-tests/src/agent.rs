@@ -33,8 +33,14 @@ impl TestAgent {
     pub async fn start_with(agent_keys: &str, profiles_toml: &str) -> TestAgent {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("agent.sock");
+        // A short drain unless the caller chose one.
+        let drain = if agent_keys.contains("drain_timeout") {
+            ""
+        } else {
+            "drain_timeout = \"1s\"\n"
+        };
         let text = format!(
-            "[agent]\ncontrol_socket = \"{}\"\ndrain_timeout = \"1s\"\n{agent_keys}\n\n{profiles_toml}",
+            "[agent]\ncontrol_socket = \"{}\"\n{drain}{agent_keys}\n\n{profiles_toml}",
             socket.display()
         );
         let cfg = AgentConfig::parse(&text, Path::new("test.toml")).expect("test config");

@@ -16,6 +16,8 @@ pub enum Program {
     Coordinator,
     /// `tunnelfleet`, the operator CLI.
     Cli,
+    /// The store's writer for its kill -9 test.
+    StoreWriter,
 }
 
 impl Program {
@@ -28,6 +30,7 @@ impl Program {
             Program::Agent => "test-agent",
             Program::Coordinator => "test-coordinator",
             Program::Cli => "test-tunnelfleet",
+            Program::StoreWriter => "test-store-writer",
         };
         let exe = std::env::current_exe().expect("current exe");
         // Tests run from target/<profile>/deps/, binaries live in target/<profile>/.

@@ -624,7 +624,10 @@ async fn a_killed_and_bouncing_primary_gets_one_failover_and_one_failback_only_o
         .call(
             "PUT",
             "/v1/groups/oma",
-            Some(&group(&primary, &standby, Duration::from_secs(4))),
+            // Longer than the bounce can take, however slow this machine: no failback can
+            // land in it. (That a bounce restarts the stable period's clock is the monitor's
+            // paused-clock test.)
+            Some(&group(&primary, &standby, Duration::from_secs(3600))),
         )
         .await
         .unwrap();
@@ -669,6 +672,16 @@ async fn a_killed_and_bouncing_primary_gets_one_failover_and_one_failback_only_o
         "failed back onto a bouncing primary"
     );
     primary.restart();
+    // Stable from here; a stable period this test can wait for.
+    let _: Changed = c
+        .api
+        .call(
+            "PUT",
+            "/v1/groups/oma",
+            Some(&group(&primary, &standby, Duration::from_secs(2))),
+        )
+        .await
+        .unwrap();
     f.all_on(&primary.endpoint(), "after the stable period")
         .await;
     let moves = group_moves(&c.api).await;
