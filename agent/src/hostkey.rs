@@ -366,14 +366,69 @@ mod tests {
             "bad.example.com"
         ));
         assert!(hosts_match("[10.0.0.?]:443", "[10.0.0.5]:443"));
-        // `ssh-keygen -H` output for "localhost" with a fixed salt.
-        let salt = [7u8; 20];
-        let mut mac = <Hmac<Sha1> as KeyInit>::new_from_slice(&salt).unwrap();
-        mac.update(b"localhost");
-        let h = mac.finalize().into_bytes();
-        let entry = format!("|1|{}|{}", BASE64.encode(&salt), BASE64.encode(&h));
-        assert!(hosts_match(&entry, "localhost"));
-        assert!(!hosts_match(&entry, "otherhost"));
+    }
+
+    /// Hashed entries as OpenSSH writes them: a known_hosts file hashed by the real
+    /// `ssh-keygen -H` (not by the HMAC this module checks with).
+    #[test]
+    fn entries_hashed_by_the_real_ssh_keygen_match() {
+        let program = std::path::Path::new("/usr/bin/ssh-keygen");
+        if !program.exists() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "ssh-keygen is missing and CI is set; install openssh-client"
+            );
+            let _ = std::io::Write::write_all(
+                &mut std::io::stderr(),
+                b"SKIPPED entries_hashed_by_the_real_ssh_keygen_match: no /usr/bin/ssh-keygen\n",
+            );
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let kh = dir.path().join("known_hosts");
+        let (k1, k2) = (key(), key());
+        std::fs::write(
+            &kh,
+            format!(
+                "{}\n{}\n",
+                known_hosts_line("localhost", &k1),
+                known_hosts_line("[10.0.0.5]:2222", &k2)
+            ),
+        )
+        .unwrap();
+        let out = std::process::Command::new(program)
+            .arg("-H")
+            .arg("-f")
+            .arg(&kh)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let hashed = std::fs::read_to_string(&kh).unwrap();
+        assert!(
+            hashed.lines().all(|l| l.starts_with("|1|")),
+            "not hashed: {hashed}"
+        );
+        assert!(!hashed.contains("localhost") && !hashed.contains("10.0.0.5"));
+        assert_eq!(
+            check_known_hosts_text(&hashed, "localhost", &k1),
+            KnownHostsMatch::Match
+        );
+        assert_eq!(
+            check_known_hosts_text(&hashed, "[10.0.0.5]:2222", &k2),
+            KnownHostsMatch::Match
+        );
+        assert_eq!(
+            check_known_hosts_text(&hashed, "otherhost", &k1),
+            KnownHostsMatch::NoEntry
+        );
+        assert_eq!(
+            check_known_hosts_text(&hashed, "localhost", &k2),
+            KnownHostsMatch::Mismatch(1)
+        );
     }
 
     #[test]

@@ -88,8 +88,13 @@ impl TestAgent {
     ) -> TestAgent {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("agent.sock");
+        let drain = if agent_keys.contains("drain_timeout") {
+            ""
+        } else {
+            "drain_timeout = \"1s\"\n"
+        };
         let text = format!(
-            "[agent]\ncontrol_socket = \"{}\"\ndrain_timeout = \"1s\"\n{agent_keys}\n\n{profiles_toml}",
+            "[agent]\ncontrol_socket = \"{}\"\n{drain}{agent_keys}\n\n{profiles_toml}",
             socket.display()
         );
         let config = dir.path().join("agent.toml");

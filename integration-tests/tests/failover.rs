@@ -80,9 +80,12 @@ async fn fleet_in(
     let mut agents = Vec::new();
     for id in ["vma-1", "vma-2"] {
         let section = c.agent_section(dir, id, "site = \"dc1\"");
+        // A session left by a move carries its open connections until they end (bounded by
+        // the drain): long here, so no clock decides whether a test's connection survived.
+        let drain = "drain_timeout = \"10m\"";
         let agent = match site {
-            Some(host) if id == "vma-1" => TestAgent::start_in(host, "", &section).await,
-            _ => TestAgent::start(&section).await,
+            Some(host) if id == "vma-1" => TestAgent::start_in(host, drain, &section).await,
+            _ => TestAgent::start_with(drain, &section).await,
         };
         let (l_api, l_echo) = (free_port(), free_port());
         let pins = format!(
@@ -464,6 +467,8 @@ async fn an_oma_api_down_while_its_sshd_answers_is_one_incident_and_the_group_mo
     )
     .await;
     f.all_on(&primary.endpoint(), "after the failback").await;
+    // Closed before the shutdown, whose drain would wait for it.
+    drop(open);
     f.shutdown().await;
     c.stop().await;
 }
@@ -598,6 +603,77 @@ async fn one_agent_cut_off_from_the_primary_moves_on_its_own_and_the_group_stays
         oma(&c.api).await.iter().all(|e| e.diverged.is_empty())
     })
     .await;
+    f.shutdown().await;
+    c.stop().await;
+}
+
+/// Planned maintenance: `oma drain` of the primary moves every agent to the standby
+/// make-before-break (a connection opened before keeps flowing, on the session it started on;
+/// nobody reconnects), no incident; `oma undrain` brings the group back after the stable
+/// period, the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oma_drain_moves_every_agent_make_before_break_and_undrain_brings_them_back() {
+    if !Sshd::available("failover_drain") {
+        return;
+    }
+    let OnPrimary {
+        primary,
+        standby,
+        api_service: _api_service,
+        sink,
+        c,
+        f,
+        _echo,
+        _dir,
+    } = on_primary().await;
+    let (_, _, _, l_echo) = &f.agents[0];
+    let mut open = tokio::net::TcpStream::connect(("127.0.0.1", *l_echo))
+        .await
+        .unwrap();
+    echo_on(&mut open, b"before the drain").await;
+
+    let d: Done = c
+        .api
+        .call(
+            "POST",
+            "/v1/oma/drain",
+            Some(&serde_json::json!({"endpoint": primary.endpoint()})),
+        )
+        .await
+        .unwrap();
+    assert!(d.message.contains(&primary.endpoint()), "{}", d.message);
+    f.all_on(&standby.endpoint(), "after the drain").await;
+    echo_on(&mut open, b"through the drain").await;
+    let view = oma(&c.api).await;
+    assert!(
+        view.iter()
+            .any(|e| e.endpoint == primary.endpoint() && e.drained && !e.active),
+        "{view:?}"
+    );
+    for (agent, id, ..) in &f.agents {
+        let p = agent.profile(id).await;
+        assert_eq!((p.reconnects, p.failovers), (0, 1), "{p:?}");
+        // Drained endpoints are not pushed: the profile follows the group's list.
+        assert_eq!(p.endpoints, vec![standby.endpoint()], "{p:?}");
+    }
+    assert!(sink.delivered().is_empty(), "a drain is not an incident");
+
+    let _: Done = c
+        .api
+        .call(
+            "POST",
+            "/v1/oma/undrain",
+            Some(&serde_json::json!({"endpoint": primary.endpoint()})),
+        )
+        .await
+        .unwrap();
+    f.all_on(&primary.endpoint(), "after the undrain").await;
+    echo_on(&mut open, b"through the undrain").await;
+    let moves = group_moves(&c.api).await;
+    assert_eq!(moves.len(), 2, "{moves:?}");
+    assert!(moves[0].contains("drained"), "{moves:?}");
+    assert!(moves[1].contains("failback"), "{moves:?}");
+    drop(open);
     f.shutdown().await;
     c.stop().await;
 }

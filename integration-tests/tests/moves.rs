@@ -65,13 +65,18 @@ async fn a_lost_primary_moves_at_once_and_fails_back_make_before_break_with_ever
         pins(&primary, &standby),
         health(l_api)
     );
-    let agent = TestAgent::start(&profile_toml(
-        "oma",
-        &[primary.endpoint(), standby.endpoint()],
-        &primary,
-        &forwards,
-        &extra,
-    ))
+    // The session left by the move back carries the open connection until it ends: a drain
+    // far longer than the test, so no clock decides it.
+    let agent = TestAgent::start_with(
+        "drain_timeout = \"10m\"",
+        &profile_toml(
+            "oma",
+            &[primary.endpoint(), standby.endpoint()],
+            &primary,
+            &forwards,
+            &extra,
+        ),
+    )
     .await;
     agent.wait_all_active("oma").await;
 
