@@ -140,18 +140,7 @@ impl FullCoordinator {
 
     /// The `[coordinator]` section for agent `id` (certificate issued into `dir/id`).
     pub fn agent_section(&self, dir: &Path, id: &str, labels: &str) -> String {
-        let files =
-            tunnelfleet_coordinator::pki::issue_agent(&dir.join("pki"), id, 1, &dir.join(id))
-                .expect("issue agent");
-        format!(
-            "[coordinator]\naddress = \"{}\"\nserver_name = \"localhost\"\nagent_id = \"{id}\"\nlabels = {{ {labels} }}\n\
-             ca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nstate_dir = \"{}\"\nreconnect_min = \"100ms\"\nreconnect_max = \"500ms\"\n",
-            self.control,
-            files.ca.display(),
-            files.cert.display(),
-            files.key.display(),
-            dir.join(id).join("state").display()
-        )
+        agent_section(self.control, dir, id, labels)
     }
 
     /// Stops it gracefully.
@@ -182,6 +171,21 @@ pub async fn put_probed_group(api: &tunnelfleet_ops::api::ApiClient, dead: &str)
         .await
         .expect("PUT /v1/groups/oma");
     standby_addr
+}
+
+/// The `[coordinator]` section for agent `id` of the coordinator at `control` whose PKI is in
+/// `dir/pki` (certificate issued into `dir/id`; state in `dir/id/state`).
+pub fn agent_section(control: std::net::SocketAddr, dir: &Path, id: &str, labels: &str) -> String {
+    let files = tunnelfleet_coordinator::pki::issue_agent(&dir.join("pki"), id, 1, &dir.join(id))
+        .expect("issue agent");
+    format!(
+        "[coordinator]\naddress = \"{control}\"\nserver_name = \"localhost\"\nagent_id = \"{id}\"\nlabels = {{ {labels} }}\n\
+         ca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nstate_dir = \"{}\"\nreconnect_min = \"100ms\"\nreconnect_max = \"500ms\"\n",
+        files.ca.display(),
+        files.cert.display(),
+        files.key.display(),
+        dir.join(id).join("state").display()
+    )
 }
 
 /// A `tunnelfleet-coordinator` process on loopback, for tests that kill it for real.

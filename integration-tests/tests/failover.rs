@@ -789,6 +789,106 @@ async fn a_killed_and_bouncing_primary_gets_one_failover_and_one_failback_only_o
     c.stop().await;
 }
 
+/// The coordinator away (SIGKILL), the primary killed: the agent moves to the standby on its
+/// own and its tunnels carry data; the restarted coordinator learns of that move from its
+/// heartbeats and logs it as the agent's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agents_own_failover_while_the_coordinator_is_away_is_reported_when_it_returns() {
+    if !Sshd::available("failover_own_reported") {
+        return;
+    }
+    let mut primary = Sshd::start();
+    let standby = Sshd::start_sharing_client_key(&primary);
+    let (echo, _e) = echo_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    tunnelfleet_coordinator::pki::init(&dir.path().join("pki"), &["localhost".into()]).unwrap();
+    let mut c = CoordinatorProcess::start(dir.path(), "500ms").await;
+    let _: Changed = c
+        .api
+        .call(
+            "PUT",
+            "/v1/groups/oma",
+            Some(&group(&primary, &standby, Duration::from_secs(3600))),
+        )
+        .await
+        .unwrap();
+    let agent = TestAgent::start(&agent_section(c.control, dir.path(), "vma-1", "")).await;
+    let l = free_port();
+    let pins = format!(
+        "host_key_fingerprints = [{:?}, {:?}]\n",
+        primary.fingerprint, standby.fingerprint
+    );
+    let local = AgentConfig::parse(
+        &profile_toml(
+            "vma-1",
+            &[primary.endpoint()],
+            &primary,
+            &[format!("L {l}:localhost:{echo}")],
+            &pins,
+        ),
+        Path::new("p.toml"),
+    )
+    .unwrap();
+    let mut spec = local.profiles[0].clone();
+    spec.group = Some("oma".into());
+    spec.endpoints.clear();
+    let _: Changed = c
+        .api
+        .call("PUT", "/v1/profiles/vma-1", Some(&spec))
+        .await
+        .unwrap();
+    let _: Changed = c
+        .api
+        .call(
+            "POST",
+            "/v1/assignments",
+            Some(&serde_json::json!({"profile": "vma-1", "agent": "vma-1"})),
+        )
+        .await
+        .unwrap();
+    agent.wait_all_active("vma-1").await;
+    assert_eq!(
+        agent.profile("vma-1").await.active_endpoint,
+        primary.endpoint()
+    );
+
+    c.kill9();
+    primary.kill_all();
+    wait_until(30, "the agent on the standby on its own", || async {
+        let p = agent.profile("vma-1").await;
+        p.active_endpoint == standby.endpoint() && p.failover_log.len() == 1
+    })
+    .await;
+    echo_roundtrip(l, b"through the standby").await.unwrap();
+
+    c.restart().await;
+    let expected = format!(
+        "agent vma-1 profile vma-1 moved on its own from {} to {}: session to {} lost",
+        primary.endpoint(),
+        standby.endpoint(),
+        primary.endpoint()
+    );
+    wait_until(
+        30,
+        "the agent's own move in the coordinator's events",
+        || async {
+            let events: Vec<Event> = c.api.get("/v1/events").await.unwrap_or_default();
+            events.iter().any(|e| e.text.starts_with(&expected))
+        },
+    )
+    .await;
+    let events: Vec<Event> = c.api.get("/v1/events").await.unwrap();
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.text.starts_with(&expected))
+            .count(),
+        1,
+        "reported more than once"
+    );
+    agent.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_undelivered_alert_survives_a_coordinator_sigkill_and_is_delivered_after_restart() {
     let sink = WebhookSink::start(0).await.unwrap();
