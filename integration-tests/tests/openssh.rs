@@ -230,6 +230,48 @@ async fn sshd_killed_and_started_again_brings_every_forward_back() {
     agent.shutdown().await;
 }
 
+/// A connection an application makes while the session is down is accepted and waits for the
+/// new session (up to `connect_timeout`) instead of being refused — what `ssh -L` under a
+/// restart loop cannot do; it then carries data like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_made_during_a_reconnect_waits_for_the_new_session() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if !Sshd::available("wait_for_session") {
+        return;
+    }
+    let mut sshd = Sshd::start();
+    let (echo, _e) = echo_server().await;
+    let l = free_port();
+    // The wait is connect_timeout: long here, so the restart below always fits in it.
+    let toml = profile_toml(
+        "oma",
+        &[sshd.endpoint()],
+        &sshd,
+        &[format!("L {l}:localhost:{echo}")],
+        "",
+    )
+    .replace("connect_timeout = \"2s\"", "connect_timeout = \"60s\"");
+    let agent = TestAgent::start(&toml).await;
+    agent.wait_all_active("oma").await;
+    sshd.kill_all();
+    wait_until(20, "session loss noticed", || async {
+        agent.profile("oma").await.state != TunnelState::Up
+    })
+    .await;
+    // Accepted by the listener that stayed bound, with no session behind it yet.
+    let mut waiting = tokio::net::TcpStream::connect(("127.0.0.1", l))
+        .await
+        .unwrap();
+    waiting.write_all(b"sent while down").await.unwrap();
+    assert_ne!(agent.profile("oma").await.state, TunnelState::Up);
+    sshd.restart();
+    let mut back = [0u8; 15];
+    waiting.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"sent while down");
+    assert_eq!(agent.profile("oma").await.state, TunnelState::Up);
+    agent.shutdown().await;
+}
+
 /// The autossh failure: the server still holds the remote port for the old, frozen session.
 /// The agent must keep asking until the port is free, not give up or run without it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
