@@ -19,7 +19,7 @@ use crate::hooks::Outbox;
 use crate::metrics::Metrics;
 use crate::monitor::{Action, AlertRules, EndpointView, Monitor, ProbeError, Refusal};
 use crate::store::StoreError;
-use crate::store::{Alert, AlertStatus, alert_key};
+use crate::store::{Alert, AlertStatus, alert_key, glob_match};
 
 /// Inputs of the watcher.
 #[derive(Debug)]
@@ -119,6 +119,7 @@ pub fn start(
         metrics,
         handle: handle.clone(),
         alert_ids: HashMap::new(),
+        silenced: HashMap::new(),
         probers: HashMap::new(),
     };
     let task = tokio::spawn(async move {
@@ -136,6 +137,8 @@ struct Watcher {
     handle: WatchHandle,
     /// Firing alert key -> alert id.
     alert_ids: HashMap<String, u64>,
+    /// Firing alerts that fired under a silence (key -> id): delivered once it ends.
+    silenced: HashMap<String, u64>,
     /// Endpoint -> (interval, timeout, prober task).
     probers: HashMap<String, (Duration, Duration, tokio::task::JoinHandle<()>)>,
 }
@@ -152,6 +155,9 @@ impl Watcher {
                 for a in firing {
                     self.monitor.restore_firing(a.kind, &a.subject);
                     self.alert_ids.insert(a.key(), a.id);
+                    if a.silenced {
+                        self.silenced.insert(a.key(), a.id);
+                    }
                 }
             }
             Err(e) => tracing::error!("reading firing alerts: {e}"),
@@ -172,6 +178,7 @@ impl Watcher {
                         self.refresh_groups();
                         refreshed = now;
                     }
+                    self.release_silenced().await;
                     (self.monitor.tick(now), None)
                 }
             };
@@ -272,6 +279,41 @@ impl Watcher {
         }
     }
 
+    /// Firing alerts whose silences ended are delivered now (a silence hides an incident for
+    /// its time, not for good).
+    async fn release_silenced(&mut self) {
+        if self.silenced.is_empty() {
+            return;
+        }
+        let active = match self.fleet.store.silences(now_unix_ms()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("reading silences: {e}");
+                return;
+            }
+        };
+        let hooks = self.handle.outbox.names();
+        let mut released = Vec::new();
+        for (key, id) in &self.silenced {
+            if active.iter().any(|s| glob_match(&s.matcher, key)) {
+                continue;
+            }
+            match self.fleet.store.release_silenced(*id, &hooks).await {
+                Ok(a) => {
+                    tracing::warn!(alert = a.id, kind = a.kind.as_str(), subject = %a.subject, "silence over, alert still firing: {}", a.summary);
+                    released.push(key.clone());
+                }
+                Err(e) => tracing::error!(alert = id, "releasing a silenced alert: {e}"),
+            }
+        }
+        if !released.is_empty() {
+            for k in released {
+                self.silenced.remove(&k);
+            }
+            self.handle.outbox.wake();
+        }
+    }
+
     /// Carries out the monitor's decisions; the first store failure is returned (and logged).
     async fn exec(&mut self, actions: Vec<Action>) -> Result<(), StoreError> {
         let mut result = Ok(());
@@ -305,6 +347,9 @@ impl Watcher {
                     match self.fleet.store.fire_alert(alert, &hooks).await {
                         Ok(a) => {
                             tracing::warn!(alert = a.id, kind = a.kind.as_str(), subject = %a.subject, silenced = a.silenced, "alert firing: {}", a.summary);
+                            if a.silenced {
+                                self.silenced.insert(key.clone(), a.id);
+                            }
                             self.alert_ids.insert(key, a.id);
                             if let Some(m) = &self.metrics {
                                 m.alerts_fired.add(
@@ -319,7 +364,9 @@ impl Watcher {
                     }
                 }
                 Action::Resolve { kind, subject } => {
-                    let Some(id) = self.alert_ids.remove(&alert_key(kind, &subject)) else {
+                    let key = alert_key(kind, &subject);
+                    self.silenced.remove(&key);
+                    let Some(id) = self.alert_ids.remove(&key) else {
                         continue;
                     };
                     match self.fleet.store.resolve_alert(id, &hooks).await {

@@ -104,6 +104,17 @@ impl FullCoordinator {
         hooks: Vec<tunnelfleet_coordinator::hooks::HookConfig>,
         ip: std::net::Ipv4Addr,
     ) -> FullCoordinator {
+        FullCoordinator::start_with_rules(dir, heartbeat, hooks, ip, Default::default()).await
+    }
+
+    /// Like [`FullCoordinator::start_on`], with alert rules of the test's own.
+    pub async fn start_with_rules(
+        dir: &Path,
+        heartbeat: Duration,
+        hooks: Vec<tunnelfleet_coordinator::hooks::HookConfig>,
+        ip: std::net::Ipv4Addr,
+        alerts: tunnelfleet_coordinator::monitor::AlertRules,
+    ) -> FullCoordinator {
         use tunnelfleet_coordinator::server::{CoordinatorConfig, bind};
         let pki_dir = dir.join("pki");
         if !pki_dir.join("ca.pem").exists() {
@@ -119,7 +130,7 @@ impl FullCoordinator {
             state_dir: dir.join("state"),
             admin_token_file: token_file,
             heartbeat_interval: heartbeat,
-            alerts: Default::default(),
+            alerts,
             hooks,
             metrics_listen: None,
             udp_buffer: tunnelfleet_coordinator::udp::DEFAULT_BUFFER,

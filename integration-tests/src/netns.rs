@@ -28,6 +28,9 @@ pub struct NetHost {
     pub addr: Ipv4Addr,
     /// The test side's address on the link.
     pub peer: Ipv4Addr,
+    /// The link's interface inside the host (to [`NetHost::cut`] the host off from the test's
+    /// namespace, leaving only the links made with [`NetHost::link_to`]).
+    pub iface: String,
 }
 
 fn run(cmd: &mut Command) -> Result<(), String> {
@@ -100,6 +103,7 @@ impl NetHost {
             let host = NetHost {
                 addr: Ipv4Addr::from(BASE + block * 4 + 2),
                 peer: Ipv4Addr::from(BASE + block * 4 + 1),
+                iface: format!("tfn{block}"),
                 name,
             };
             match host.link(block) {
@@ -388,8 +392,10 @@ impl NsHttp {
             _dir: dir,
             child,
         };
+        let addr = std::net::SocketAddr::from((host.addr, port));
         for _ in 0..400 {
-            if std::net::TcpStream::connect((host.addr, port)).is_ok() {
+            // A deadline per try: a host already cut off would hold a plain connect for minutes.
+            if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
                 return s;
             }
             std::thread::sleep(Duration::from_millis(25));

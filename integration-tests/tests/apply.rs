@@ -78,6 +78,17 @@ async fn a_pushed_set_is_applied_as_a_diff() {
         "forward listening"
     );
 
+    // A connection held on the forward: its count lives in the running profile, and only an
+    // untouched profile keeps it (a replaced one starts from zero).
+    let held = std::net::TcpStream::connect(("127.0.0.1", p1)).unwrap();
+    // The one just made and the probe above.
+    let mut tries = 0;
+    while connections(&sup) < 2 && tries < 500 {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        tries += 1;
+    }
+    let before = connections(&sup);
+    assert_eq!(before, 2);
     let r = sup
         .apply(&ProfileSet {
             version: 2,
@@ -85,6 +96,12 @@ async fn a_pushed_set_is_applied_as_a_diff() {
         })
         .await;
     assert_eq!(r.results[0].detail, "unchanged");
+    assert_eq!(
+        connections(&sup),
+        before,
+        "an unchanged profile was restarted"
+    );
+    drop(held);
 
     let mut changed = a.clone();
     changed.forwards.push(format!("L {p2}:localhost:10809"));
@@ -155,7 +172,6 @@ async fn a_pushed_set_is_applied_as_a_diff() {
     let names: Vec<String> = sup.status().profiles.into_iter().map(|p| p.name).collect();
     assert_eq!(names, vec!["local"]);
     sup.shutdown().await;
-    a.validate_runnable().unwrap();
 }
 
 /// A health check that takes long (here: an HTTP server that accepts and never answers) runs
@@ -204,4 +220,15 @@ async fn status_is_answered_while_a_health_check_is_still_running() {
         "{answer:?}"
     );
     sup.shutdown().await;
+}
+
+/// Connections the `oma` profile's first forward has taken since it started.
+fn connections(sup: &Supervisor) -> u64 {
+    sup.status()
+        .profiles
+        .iter()
+        .find(|p| p.name == "oma")
+        .unwrap()
+        .forwards[0]
+        .connections_total
 }

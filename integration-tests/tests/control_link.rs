@@ -276,6 +276,11 @@ async fn a_profile_change_reaches_every_assigned_agent_and_is_acknowledged() {
     );
     // Nothing changed since: nothing is pushed again.
     assert!(c.fleet.push_changed().unwrap().is_empty());
+    // dc2's push is read too: the new version, with nothing in it for dc2.
+    let (_, _, dc2) = agents.iter_mut().find(|(id, _, _)| *id == "dc2-a").unwrap();
+    let set = expect_push(dc2).await;
+    assert_eq!(set.version, v, "dc2-a got another version");
+    assert!(set.profiles.is_empty(), "dc2-a got dc1's profile: {set:?}");
     for (id, _, l) in agents.iter_mut().filter(|(id, _, _)| id.starts_with("dc1")) {
         let set = expect_push(l).await;
         assert_eq!((set.version, set.profiles.len()), (v, 1), "{id}");

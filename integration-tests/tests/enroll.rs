@@ -235,13 +235,48 @@ async fn an_agent_enrolls_with_a_token_once_and_bad_tokens_are_refused() {
         &takeover.dir.join("join.token"),
         own["token"].as_str().unwrap().as_bytes(),
     );
-    let mut child = spawn_agent(&takeover);
+    // The old appliance is gone: its process stops.
+    drop(_agent);
+    let before = heartbeats(&c, "vma-new");
+    let child = Killed(spawn_agent(&takeover));
     wait_until(30, "the re-enrolled agent's certificate", || async {
         takeover.cert().exists()
     })
     .await;
-    let _ = child.kill();
-    let _ = child.wait();
+    // A new certificate for that id, issued by the fleet CA (verified against it as the
+    // coordinator does), not the old one copied.
+    let new_pem = std::fs::read_to_string(takeover.cert()).unwrap();
+    assert_ne!(new_pem, cert, "the old certificate again");
+    let new_der = CertificateDer::from_pem_slice(new_pem.as_bytes()).unwrap();
+    assert_eq!(
+        tunnelfleet_coordinator::tls::agent_id(&new_der).unwrap(),
+        "vma-new"
+    );
+    let verify = std::process::Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(dir.path().join("pki/ca.pem"))
+        .arg(takeover.cert())
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "not from the fleet CA: {}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    // And the replacement connects with it: heartbeats from vma-new again, on a new link.
+    wait_until(30, "the replacement's heartbeats", || async {
+        heartbeats(&c, "vma-new") > 0 && heartbeats(&c, "vma-new") != before
+    })
+    .await;
+    drop(child);
+}
+
+/// Heartbeats on `id`'s current connection, from `agents list`.
+fn heartbeats(c: &CoordinatorProcess, id: &str) -> u64 {
+    let list = json(&cli(c, &["agents", "list", "--json"]));
+    agent(&list, id)
+        .and_then(|x| x["heartbeats"].as_u64())
+        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -292,12 +327,26 @@ async fn a_revoked_agent_is_disconnected_at_once_and_refused_until_unrevoked() {
     assert_eq!(agent(&list, "vma-lost").unwrap()["connected"], false);
     let coordinator_log = c.log();
     assert!(coordinator_log.contains("revoked"), "{coordinator_log}");
-    // Survives a restart of the coordinator (kill -9: it was durable when acknowledged).
+    // Survives a restart of the coordinator (kill -9: it was durable when acknowledged): the
+    // agent, still retrying, is refused by the restarted one too.
+    let refusals = || {
+        std::fs::read_to_string(a.dir.join("agent.log"))
+            .unwrap()
+            .matches("is revoked: appliance stolen")
+            .count()
+    };
     let mut c = c;
     c.kill9();
+    let before = refusals();
     c.restart().await;
     let revs: serde_json::Value = c.api.get("/v1/revocations").await.unwrap();
     assert_eq!(revs[0]["agent"], "vma-lost");
+    wait_until(30, "a refusal by the restarted coordinator", || async {
+        refusals() > before
+    })
+    .await;
+    let list = json(&cli(&c, &["agents", "list", "--json"]));
+    assert_eq!(agent(&list, "vma-lost").unwrap()["connected"], false);
 
     let o = cli(&c, &["agents", "unrevoke", "vma-lost"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

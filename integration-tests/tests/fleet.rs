@@ -100,12 +100,22 @@ async fn pushed_profiles_run_survive_the_coordinator_and_come_back_from_cache() 
 
     // An operator's commands through the coordinator (`tunnels … --agent vma-1`), carried
     // over the control link and run by the agent as its local socket would.
+    let before = agent.profile("oma").await.reconnects;
+    let logins = || sshd.log().matches("Accepted publickey").count();
+    let logins_before = logins();
     let r = c
         .fleet
         .command("vma-1", CommandAction::Restart, "oma")
         .await
         .unwrap();
     assert!(r.ok, "{r:?}");
+    // A real restart: a new session (one more login on the sshd, one more reconnect).
+    wait_until(20, "a new session after the remote restart", || async {
+        let p = agent.profile("oma").await;
+        p.reconnects == before + 1 && p.state == TunnelState::Up
+    })
+    .await;
+    assert_eq!(logins(), logins_before + 1, "{}", sshd.log());
     agent.wait_all_active("oma").await;
     echo_roundtrip(l, b"after a remote restart").await.unwrap();
     let r = c
@@ -131,7 +141,28 @@ async fn pushed_profiles_run_survive_the_coordinator_and_come_back_from_cache() 
         .await
         .unwrap();
     let report: serde_json::Value = serde_json::from_str(r.report.as_deref().unwrap()).unwrap();
-    assert!(report["findings"].is_array(), "{report}");
+    // What the agent's own audit finds on this host, computed here the same way (listening
+    // sockets aside: other tests open and close them by the millisecond).
+    let local = tunnelfleet_agent::audit::run(&tunnelfleet_agent::audit::AuditOptions::default());
+    let ids = |v: &serde_json::Value| -> std::collections::BTreeSet<String> {
+        v["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["id"].as_str().unwrap().to_string())
+            .filter(|id| !id.starts_with("socket."))
+            .collect()
+    };
+    let here = serde_json::to_value(&local).unwrap();
+    assert!(!ids(&here).is_empty(), "nothing to compare: {here}");
+    assert_eq!(ids(&report), ids(&here), "{report}");
+    for id in ids(&here) {
+        assert!(
+            r.message.contains(&format!("({id})")),
+            "{id} missing: {}",
+            r.message
+        );
+    }
     let e = c
         .fleet
         .command("vma-9", CommandAction::Restart, "oma")
@@ -139,9 +170,11 @@ async fn pushed_profiles_run_survive_the_coordinator_and_come_back_from_cache() 
         .unwrap_err();
     assert!(e.to_string().contains("not connected"), "{e}");
 
-    // The coordinator goes away: the tunnel does not notice.
+    // The coordinator goes away: the tunnel does not notice (same session: no reconnect).
+    let reconnects = agent.profile("oma").await.reconnects;
     c.stop().await;
     echo_roundtrip(l, b"coordinator down").await.unwrap();
+    assert_eq!(agent.profile("oma").await.reconnects, reconnects);
 
     // The agent restarts while the coordinator is down: it runs its cached profile.
     agent.shutdown().await;

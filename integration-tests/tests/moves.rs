@@ -135,7 +135,8 @@ async fn a_lost_primary_moves_at_once_and_fails_back_make_before_break_with_ever
         "health history reset by the move: {h:?}"
     );
     assert!(h.last.is_some(), "health 'not run yet' after the move");
-    drop(open);
+    // Closed before the shutdown, whose (long) drain would wait for them.
+    drop((open, fresh));
     agent.shutdown().await;
 }
 

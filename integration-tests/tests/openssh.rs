@@ -685,16 +685,33 @@ async fn a_jump_host_with_an_unknown_key_is_refused_naming_it() {
     agent.shutdown().await;
 }
 
-/// Two jump hosts in a row (`ssh -J a,b`): the second is reached through a channel of the first.
+/// Two jump hosts in a row (`ssh -J a,b`): the second is reached through a channel of the
+/// first, the OMA through a channel of the second — the only way there is (test hosts in a line).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_jump_hosts_in_a_row_carry_the_session() {
-    if !Sshd::available("two_jumps") {
+    if !NetHost::available("two_jumps") {
         return;
     }
-    let oma = Sshd::start();
-    let outer = Sshd::start_sharing_client_key(&oma);
-    let inner = Sshd::start_sharing_client_key(&oma);
-    let (echo, _e) = echo_server().await;
+    // Three hosts in a line: this namespace reaches only the outer bastion, the outer only
+    // the inner, the inner only the OMA. The session can only exist through both, in order.
+    let (h_outer, h_inner, h_oma) = (NetHost::create(), NetHost::create(), NetHost::create());
+    h_outer.link_to(&h_inner);
+    h_inner.link_to(&h_oma);
+    let outer = Sshd::start_in(&h_outer);
+    let inner = Sshd::start_sharing_client_key_in(&outer, &h_inner);
+    let oma = Sshd::start_sharing_client_key_in(&outer, &h_oma);
+    let api_port = free_port();
+    let _api = NsHttp::start_on(&h_oma, "oma api", api_port);
+    h_inner.cut(&h_inner.iface);
+    h_oma.cut(&h_oma.iface);
+    assert!(
+        std::net::TcpStream::connect_timeout(
+            &std::net::SocketAddr::from((h_oma.addr, oma.port)),
+            std::time::Duration::from_millis(500)
+        )
+        .is_err(),
+        "the OMA is reachable directly"
+    );
     let l = free_port();
     let extra = format!(
         "host_key_fingerprints = [{:?}, {:?}, {:?}]\njump = [{:?}, {:?}]",
@@ -704,13 +721,22 @@ async fn two_jump_hosts_in_a_row_carry_the_session() {
         outer.endpoint(),
         inner.endpoint()
     );
-    let agent = TestAgent::on(&oma, &[format!("L {l}:localhost:{echo}")], &extra).await;
+    // The OMA's endpoint; the client key (shared by all three) and known_hosts from `outer`.
+    let toml = profile_toml(
+        "oma",
+        &[oma.endpoint()],
+        &outer,
+        &[format!("L {l}:localhost:{api_port}")],
+        &extra,
+    );
+    let agent = TestAgent::start(&toml).await;
     agent.wait_all_active("oma").await;
-    echo_roundtrip(l, b"through two bastions").await.unwrap();
-    for (name, s) in [("outer", &outer), ("inner", &inner)] {
+    let (status, body) = http_get(l, "/health").await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "oma api ok"));
+    for (name, s) in [("outer", &outer), ("inner", &inner), ("OMA", &oma)] {
         assert!(
             s.log().contains("Accepted publickey"),
-            "{name} bastion not used:\n{}",
+            "{name} not logged into:\n{}",
             s.log()
         );
     }

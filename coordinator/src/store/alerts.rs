@@ -209,6 +209,16 @@ impl Store {
         Ok(alert)
     }
 
+    /// A firing alert that fired silenced, its silences now over: queued to `hooks` as firing
+    /// (durable before return), so an incident that outlived its silence reaches someone. Its
+    /// resolution is then delivered too.
+    pub async fn release_silenced(&self, id: u64, hooks: &[String]) -> Result<Alert, StoreError> {
+        let mut alert = self.alert(id)?.ok_or(StoreError::NoAlert(id))?;
+        alert.silenced = false;
+        self.write_alert(&alert, hooks).await?;
+        Ok(alert)
+    }
+
     /// Acknowledges an alert (someone is on it).
     pub async fn ack_alert(&self, id: u64, by: &str) -> Result<Alert, StoreError> {
         let mut alert = self.alert(id)?.ok_or(StoreError::NoAlert(id))?;
