@@ -73,8 +73,17 @@ async fn profiles_assign_rollout_and_agents_through_the_cli() {
     let mut link = tunnelfleet_agent::link::connect(&endpoint, client, control, "localhost", hello)
         .await
         .unwrap();
+    // What the CLI asked the agent for, in order: the CLI's own work, checked below (the
+    // answers are the stub's).
+    let asked: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>> = Default::default();
+    let log = asked.clone();
     let agent = tokio::spawn(async move {
         while let Ok(m) = link.next().await {
+            if let CoordinatorMessage::Command(c) = &m {
+                log.lock()
+                    .unwrap()
+                    .push((format!("{:?}", c.action), c.profile.clone()));
+            }
             match m {
                 CoordinatorMessage::Push(set) => link
                     .applied(Applied {
@@ -160,6 +169,10 @@ async fn profiles_assign_rollout_and_agents_through_the_cli() {
     )
     .await;
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let last =
+        |asked: &std::sync::Mutex<Vec<(String, String)>>| asked.lock().unwrap().last().cloned();
+    assert_eq!(last(&asked), Some(("Restart".into(), "oma".into())));
+    // The agent's answer passed through whole.
     assert_eq!(json(&o)["message"], "Restart oma");
     let o = tf(
         &admin,
@@ -167,7 +180,9 @@ async fn profiles_assign_rollout_and_agents_through_the_cli() {
         &["tunnels", "health", "other", "--agent", "vma-1"],
     )
     .await;
+    // The agent said no: exit 1, its answer printed after the agent's name.
     assert_eq!(o.status.code(), Some(1));
+    assert_eq!(last(&asked), Some(("Health".into(), "other".into())));
     assert_eq!(
         String::from_utf8_lossy(&o.stdout).trim(),
         "vma-1: Health other"
@@ -180,6 +195,11 @@ async fn profiles_assign_rollout_and_agents_through_the_cli() {
     .await;
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("not connected"));
+    assert_eq!(
+        last(&asked),
+        Some(("Health".into(), "other".into())),
+        "a command for an agent that is not there reached another"
+    );
     let o = tf(
         &admin,
         &token,
@@ -202,10 +222,21 @@ async fn profiles_assign_rollout_and_agents_through_the_cli() {
     )
     .await;
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(last(&asked), Some(("NetCheck".into(), String::new())));
     assert_eq!(json(&o)["action"], "NetCheck");
+    let before = asked.lock().unwrap().len();
     let o = tf(&admin, &token, &["audit", "--all", "--json"]).await;
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(json(&o)["vma-1"]["action"], "Audit");
+    // `--all`: one audit per connected agent (one here), keyed by agent in the CLI's output.
+    assert_eq!(
+        asked.lock().unwrap()[before..].to_vec(),
+        vec![("Audit".to_string(), String::new())]
+    );
+    assert!(
+        json(&o).as_object().unwrap().keys().eq(["vma-1"]),
+        "{}",
+        json(&o)
+    );
     let o = tf(&admin, &token, &["audit", "--agent", "vma-1"]).await;
     assert!(String::from_utf8_lossy(&o.stdout).contains("== agent vma-1"));
 
