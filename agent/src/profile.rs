@@ -521,14 +521,7 @@ impl Runner {
                                     };
                                     match attempt {
                                         Ok(candidate) => {
-                                            let from = cur.live.endpoint.clone();
-                                            let old = std::mem::replace(
-                                                &mut cur,
-                                                self.go_live(candidate.session, &specs, Some(&candidate.bound)),
-                                            );
-                                            let _ = session_tx.send(Some(cur.live.clone()));
-                                            self.retire(old, &specs);
-                                            self.aim_warm(&endpoints, &cur.live.endpoint);
+                                            let from = self.take_over(&mut cur, candidate, &specs, &session_tx, &endpoints);
                                             place.moved(target);
                                             if from == to {
                                                 self.shared.lock().reconnects += 1;
@@ -588,19 +581,12 @@ impl Runner {
                                     };
                                     match attempt {
                                         Ok(candidate) => {
-                                            let from = cur.live.endpoint.clone();
-                                            let old = std::mem::replace(
-                                                &mut cur,
-                                                self.go_live(candidate.session, &specs, Some(&candidate.bound)),
-                                            );
-                                            let _ = session_tx.send(Some(cur.live.clone()));
-                                            self.retire(old, &specs);
-                                            self.aim_warm(&endpoints, &cur.live.endpoint);
+                                            let from = self.take_over(&mut cur, candidate, &specs, &session_tx, &endpoints);
                                             place.moved(0);
                                             // A move the coordinator ordered is the group's, not
                                             // this agent's own.
                                             self.shared.record_move(&from, &to, &why, !follow);
-                                        self.coordinated.report_now();
+                                            self.coordinated.report_now();
                                             self.shared.set_state(TunnelState::Up, &why);
                                             tracing::info!(profile = %self.cfg.name, %from, %to, "moved make-before-break: {why}");
                                             follow = false;
@@ -705,6 +691,28 @@ impl Runner {
             self.shared.set_forward(i, ForwardState::Stopped, None);
         }
         self.shared.set_state(TunnelState::Stopped, "stopped");
+    }
+
+    /// The second half of a make-before-break move: `candidate` carries new connections from
+    /// now on, the session it replaces is retired (it finishes its own), the warm standby is
+    /// re-aimed. Returns the endpoint left.
+    fn take_over(
+        &self,
+        cur: &mut Current,
+        candidate: Candidate,
+        specs: &[ForwardSpec],
+        session_tx: &watch::Sender<Option<Arc<Live>>>,
+        endpoints: &[(String, u16)],
+    ) -> String {
+        let from = cur.live.endpoint.clone();
+        let old = std::mem::replace(
+            cur,
+            self.go_live(candidate.session, specs, Some(&candidate.bound)),
+        );
+        let _ = session_tx.send(Some(cur.live.clone()));
+        self.retire(old, specs);
+        self.aim_warm(endpoints, &cur.live.endpoint);
+        from
     }
 
     /// Points the warm standby (if any) at the endpoint after `on` in priority order.

@@ -33,16 +33,7 @@ impl TestAgent {
     pub async fn start_with(agent_keys: &str, profiles_toml: &str) -> TestAgent {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("agent.sock");
-        // A short drain unless the caller chose one.
-        let drain = if agent_keys.contains("drain_timeout") {
-            ""
-        } else {
-            "drain_timeout = \"1s\"\n"
-        };
-        let text = format!(
-            "[agent]\ncontrol_socket = \"{}\"\n{drain}{agent_keys}\n\n{profiles_toml}",
-            socket.display()
-        );
+        let text = config_text(&socket, agent_keys, profiles_toml);
         let cfg = AgentConfig::parse(&text, Path::new("test.toml")).expect("test config");
         let agent = tunnelfleet_agent::agent::Agent::prepare(&cfg)
             .await
@@ -88,15 +79,7 @@ impl TestAgent {
     ) -> TestAgent {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("agent.sock");
-        let drain = if agent_keys.contains("drain_timeout") {
-            ""
-        } else {
-            "drain_timeout = \"1s\"\n"
-        };
-        let text = format!(
-            "[agent]\ncontrol_socket = \"{}\"\n{drain}{agent_keys}\n\n{profiles_toml}",
-            socket.display()
-        );
+        let text = config_text(&socket, agent_keys, profiles_toml);
         let config = dir.path().join("agent.toml");
         std::fs::write(&config, text).expect("agent.toml");
         let log = std::fs::File::create(dir.path().join("agent.log")).expect("agent.log");
@@ -175,6 +158,20 @@ impl Drop for TestAgent {
             let _ = c.wait();
         }
     }
+}
+
+/// A test agent's whole config: the `[agent]` section (its control socket, a short drain
+/// unless `agent_keys` sets one, then `agent_keys`) and `profiles_toml`.
+fn config_text(socket: &Path, agent_keys: &str, profiles_toml: &str) -> String {
+    let drain = if agent_keys.contains("drain_timeout") {
+        ""
+    } else {
+        "drain_timeout = \"1s\"\n"
+    };
+    format!(
+        "[agent]\ncontrol_socket = \"{}\"\n{drain}{agent_keys}\n\n{profiles_toml}",
+        socket.display()
+    )
 }
 
 /// A profile block for tests, with short timings so failures show in seconds.

@@ -161,6 +161,35 @@ impl FullCoordinator {
     }
 }
 
+/// Puts the test profile block `profile_toml` (one `[[profile]]`, as [`crate::profile_toml`]
+/// writes it) on the coordinator behind `api` as profile `name` of OMA group `group` (its
+/// endpoints dropped: the group's are pushed) and assigns it to agent `name`.
+pub async fn assign_group_profile(
+    api: &tunnelfleet_ops::api::ApiClient,
+    name: &str,
+    group: &str,
+    profile_toml: &str,
+) {
+    use tunnelfleet_coordinator::admin::Changed;
+    let local = tunnelfleet_agent::config::AgentConfig::parse(profile_toml, Path::new("p.toml"))
+        .expect("test profile");
+    let mut spec = local.profiles[0].clone();
+    spec.group = Some(group.into());
+    spec.endpoints.clear();
+    let _: Changed = api
+        .call("PUT", &format!("/v1/profiles/{name}"), Some(&spec))
+        .await
+        .expect("put profile");
+    let _: Changed = api
+        .call(
+            "POST",
+            "/v1/assignments",
+            Some(&serde_json::json!({"profile": name, "agent": name})),
+        )
+        .await
+        .expect("assign");
+}
+
 /// Puts OMA group `oma` on the coordinator behind `api`: primary `dead` (nothing need listen
 /// there), then a standby that answers probes like an sshd; probed every 200 ms, failback after
 /// 5 min. Returns the standby's address.

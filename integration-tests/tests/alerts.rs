@@ -6,11 +6,9 @@
 
 #![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
 
-use std::path::Path;
 use std::time::Duration;
 
 use integration_tests::*;
-use tunnelfleet_agent::config::AgentConfig;
 use tunnelfleet_coordinator::admin::Changed;
 use tunnelfleet_coordinator::hooks::HookConfig;
 use tunnelfleet_coordinator::monitor::AlertRules;
@@ -65,30 +63,8 @@ impl Setup {
     /// Agent `vma-1` with one profile on the group, `forwards` as given.
     async fn agent(&self, forwards: &[String]) -> TestAgent {
         let agent = TestAgent::start(&self.c.agent_section(self.dir.path(), "vma-1", "")).await;
-        let local = AgentConfig::parse(
-            &profile_toml("vma-1", &[self.sshd.endpoint()], &self.sshd, forwards, ""),
-            Path::new("p.toml"),
-        )
-        .unwrap();
-        let mut spec = local.profiles[0].clone();
-        spec.group = Some("oma".into());
-        spec.endpoints.clear();
-        let _: Changed = self
-            .c
-            .api
-            .call("PUT", "/v1/profiles/vma-1", Some(&spec))
-            .await
-            .unwrap();
-        let _: Changed = self
-            .c
-            .api
-            .call(
-                "POST",
-                "/v1/assignments",
-                Some(&serde_json::json!({"profile": "vma-1", "agent": "vma-1"})),
-            )
-            .await
-            .unwrap();
+        let profile = profile_toml("vma-1", &[self.sshd.endpoint()], &self.sshd, forwards, "");
+        assign_group_profile(&self.c.api, "vma-1", "oma", &profile).await;
         agent
     }
 

@@ -22,7 +22,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use integration_tests::*;
-use tunnelfleet_agent::config::AgentConfig;
 use tunnelfleet_coordinator::admin::{Changed, Done};
 use tunnelfleet_coordinator::hooks::{HookConfig, SIGNATURE_HEADER};
 use tunnelfleet_coordinator::monitor::EndpointView;
@@ -92,37 +91,17 @@ async fn fleet_in(
             "host_key_fingerprints = [{:?}, {:?}]\nfailback_after = \"2s\"\n[profile.health]\nhttp = \"http://127.0.0.1:{l_api}/health\"\ninterval = \"500ms\"\ntimeout = \"1s\"\n",
             primary.fingerprint, standby.fingerprint
         );
-        let local = AgentConfig::parse(
-            &profile_toml(
-                id,
-                &[primary.endpoint()],
-                primary,
-                &[
-                    format!("L {l_api}:localhost:{api_port}"),
-                    format!("L {l_echo}:localhost:{echo}"),
-                ],
-                &pins,
-            ),
-            Path::new("p.toml"),
-        )
-        .unwrap();
-        let mut spec = local.profiles[0].clone();
-        spec.group = Some("oma".into());
-        spec.endpoints.clear();
-        let _: Changed = c
-            .api
-            .call("PUT", &format!("/v1/profiles/{id}"), Some(&spec))
-            .await
-            .unwrap();
-        let _: Changed = c
-            .api
-            .call(
-                "POST",
-                "/v1/assignments",
-                Some(&serde_json::json!({"profile": id, "agent": id})),
-            )
-            .await
-            .unwrap();
+        let profile = profile_toml(
+            id,
+            &[primary.endpoint()],
+            primary,
+            &[
+                format!("L {l_api}:localhost:{api_port}"),
+                format!("L {l_echo}:localhost:{echo}"),
+            ],
+            &pins,
+        );
+        assign_group_profile(&c.api, id, "oma", &profile).await;
         agents.push((agent, id.to_string(), l_api, l_echo));
     }
     Fleet { agents }
@@ -818,34 +797,14 @@ async fn an_agents_own_failover_while_the_coordinator_is_away_is_reported_when_i
         "host_key_fingerprints = [{:?}, {:?}]\n",
         primary.fingerprint, standby.fingerprint
     );
-    let local = AgentConfig::parse(
-        &profile_toml(
-            "vma-1",
-            &[primary.endpoint()],
-            &primary,
-            &[format!("L {l}:localhost:{echo}")],
-            &pins,
-        ),
-        Path::new("p.toml"),
-    )
-    .unwrap();
-    let mut spec = local.profiles[0].clone();
-    spec.group = Some("oma".into());
-    spec.endpoints.clear();
-    let _: Changed = c
-        .api
-        .call("PUT", "/v1/profiles/vma-1", Some(&spec))
-        .await
-        .unwrap();
-    let _: Changed = c
-        .api
-        .call(
-            "POST",
-            "/v1/assignments",
-            Some(&serde_json::json!({"profile": "vma-1", "agent": "vma-1"})),
-        )
-        .await
-        .unwrap();
+    let profile = profile_toml(
+        "vma-1",
+        &[primary.endpoint()],
+        &primary,
+        &[format!("L {l}:localhost:{echo}")],
+        &pins,
+    );
+    assign_group_profile(&c.api, "vma-1", "oma", &profile).await;
     agent.wait_all_active("vma-1").await;
     assert_eq!(
         agent.profile("vma-1").await.active_endpoint,
