@@ -1,6 +1,7 @@
-//! The `alertmanager` hook against a real Prometheus Alertmanager (Debian's
-//! `prometheus-alertmanager`): an `oma_down` incident arrives as an active alert with its
-//! labels and summary, and its resolution (`endsAt`) resolves it there.
+//! The alert hooks against real receivers: the `alertmanager` hook against a real Prometheus
+//! Alertmanager (Debian's `prometheus-alertmanager`): an `oma_down` incident arrives as an
+//! active alert with its labels and summary, and its resolution (`endsAt`) resolves it there;
+//! the `command` hook with a real program, a refusal retried.
 
 #![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
 
@@ -131,5 +132,72 @@ async fn an_incident_fires_and_resolves_in_a_real_alertmanager() {
         })
     })
     .await;
+    c.stop().await;
+}
+
+/// The `command` hook: a real program gets each alert state as JSON on stdin and in its
+/// environment; an exit other than 0 is a failed delivery, retried until the program takes it
+/// (delivered at least once, same idempotency key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_hook_gets_each_state_and_a_refusal_is_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("hook.log");
+    let refused_once = dir.path().join("refused-once");
+    // Refuses its first call (exit 1), then records status, key and the JSON it was given.
+    let script = format!(
+        "if [ ! -e {r} ]; then touch {r}; echo 'not now' >&2; exit 1; fi; \
+         printf '%s %s ' \"$TUNNELFLEET_ALERT_STATUS\" \"$TUNNELFLEET_IDEMPOTENCY_KEY\" >> {l}; cat >> {l}; echo >> {l}",
+        r = refused_once.display(),
+        l = log.display()
+    );
+    let mut hook = HookConfig::webhook("cmd", String::new(), "".into());
+    hook.kind = HookKind::Command;
+    hook.url = None;
+    hook.secret_file = None;
+    hook.command = vec!["sh".into(), "-c".into(), script];
+    let c = FullCoordinator::start(dir.path(), Duration::from_millis(500), vec![hook]).await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = listener.local_addr().unwrap().to_string();
+    drop(listener);
+    let g = OmaGroup::probed(
+        "oma",
+        vec![endpoint.clone()],
+        Duration::from_millis(200),
+        Duration::from_millis(200),
+        Duration::from_secs(300),
+    );
+    let _: Changed = c.api.call("PUT", "/v1/groups/oma", Some(&g)).await.unwrap();
+    let lines = || -> Vec<String> {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(String::from)
+            .collect()
+    };
+    wait_until(30, "the firing state taken by the command", || async {
+        lines().iter().any(|l| l.starts_with("firing "))
+    })
+    .await;
+    assert!(refused_once.exists(), "the first call was not made");
+    let back = tokio::net::TcpListener::bind(&endpoint).await.unwrap();
+    serve_ssh_banner(back);
+    wait_until(30, "the resolved state taken by the command", || async {
+        lines().iter().any(|l| l.starts_with("resolved "))
+    })
+    .await;
+    let got = lines();
+    assert_eq!(got.len(), 2, "{got:?}");
+    for (line, status) in got.iter().zip(["firing", "resolved"]) {
+        let mut parts = line.splitn(3, ' ');
+        assert_eq!(parts.next(), Some(status));
+        let key = parts.next().unwrap();
+        let json: serde_json::Value = serde_json::from_str(parts.next().unwrap()).unwrap();
+        assert_eq!(json["status"], status, "{json}");
+        assert_eq!(json["alert"]["kind"], "oma_down", "{json}");
+        assert_eq!(json["alert"]["subject"], endpoint.as_str(), "{json}");
+        assert!(!key.is_empty());
+    }
+    let hooks: serde_json::Value = c.api.get("/v1/hooks").await.unwrap();
+    assert_eq!(hooks[0]["pending"], 0, "{hooks}");
     c.stop().await;
 }
