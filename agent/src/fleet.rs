@@ -134,28 +134,21 @@ pub async fn run(
                                 break Err(e);
                             }
                         }
-                        _ = tick.tick() => {
-                            let Some(status) = sup.status().await else { return };
-                            seq += 1;
-                            let hb = heartbeat(seq, &status, since);
-                            since = hb.sent_unix_ms;
-                            if let Err(e) = l.heartbeat(hb).await {
-                                break Err(e);
-                            }
-                        }
+                        _ = tick.tick() => match beat(&mut l, &sup, &mut seq, &mut since).await {
+                            None => return,
+                            Some(Err(e)) => break Err(e),
+                            Some(Ok(())) => {}
+                        },
                         _ = coordinated.report_asked() => {
                             // A profile's health went down or it moved: tell the coordinator
                             // now, not at the next tick; at most one such extra heartbeat per
                             // URGENT_GAP.
                             tokio::time::sleep(URGENT_GAP).await;
-                            let Some(status) = sup.status().await else { return };
-                            seq += 1;
-                            let hb = heartbeat(seq, &status, since);
-                            since = hb.sent_unix_ms;
-                            if let Err(e) = l.heartbeat(hb).await {
-                                break Err(e);
+                            match beat(&mut l, &sup, &mut seq, &mut since).await {
+                                None => return,
+                                Some(Err(e)) => break Err(e),
+                                Some(Ok(())) => tick.reset(),
                             }
-                            tick.reset();
                         }
                         m = l.next() => match m {
                             Ok(CoordinatorMessage::Push(set)) => {
@@ -194,6 +187,21 @@ pub async fn run(
             _ = tokio::time::sleep(backoff.next_delay()) => {}
         }
     }
+}
+
+/// Sends the next heartbeat from the supervisor's status (results newer than `since`); None
+/// when the agent is shutting down.
+async fn beat(
+    l: &mut link::ControlLink,
+    sup: &SupervisorHandle,
+    seq: &mut u64,
+    since: &mut u64,
+) -> Option<Result<(), LinkError>> {
+    let status = sup.status().await?;
+    *seq += 1;
+    let hb = heartbeat(*seq, &status, *since);
+    *since = hb.sent_unix_ms;
+    Some(l.heartbeat(hb).await)
 }
 
 /// Runs a coordinator command through the same path as the local control socket.

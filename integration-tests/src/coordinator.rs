@@ -190,6 +190,28 @@ pub async fn assign_group_profile(
         .expect("assign");
 }
 
+/// Puts OMA group `oma` on the coordinator behind `api` with one endpoint nobody listens on
+/// (probed every 200 ms: down, and its `oma_down` fired, after three probes); returns the
+/// endpoint, so a test can bring it up (`serve_ssh_banner`) to resolve the incident.
+pub async fn put_dead_group(api: &tunnelfleet_ops::api::ApiClient) -> String {
+    use tunnelfleet_coordinator::admin::Changed;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let endpoint = listener.local_addr().expect("addr").to_string();
+    drop(listener);
+    let g = tunnelfleet_coordinator::store::OmaGroup::probed(
+        "oma",
+        vec![endpoint.clone()],
+        Duration::from_millis(200),
+        Duration::from_millis(200),
+        Duration::from_secs(300),
+    );
+    let _: Changed = api
+        .call("PUT", "/v1/groups/oma", Some(&g))
+        .await
+        .expect("put group");
+    endpoint
+}
+
 /// Puts OMA group `oma` on the coordinator behind `api`: primary `dead` (nothing need listen
 /// there), then a standby that answers probes like an sshd; probed every 200 ms, failback after
 /// 5 min. Returns the standby's address.

@@ -864,15 +864,7 @@ async fn an_undelivered_alert_survives_a_coordinator_sigkill_and_is_delivered_af
     );
     let mut c = CoordinatorProcess::start_with(dir.path(), "500ms", &hooks).await;
     // An OMA endpoint nobody listens on: down after three probes.
-    let dead = format!("127.0.0.1:{}", free_port());
-    let g = OmaGroup::probed(
-        "oma",
-        vec![dead.clone()],
-        Duration::from_millis(200),
-        Duration::from_millis(200),
-        Duration::from_secs(300),
-    );
-    let _: Changed = c.api.call("PUT", "/v1/groups/oma", Some(&g)).await.unwrap();
+    let dead = put_dead_group(&c.api).await;
     // The receiver refuses: the delivery stays in the outbox, retried.
     wait_until(20, "a refused delivery attempt", || async {
         !sink.received().is_empty()

@@ -10,9 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use integration_tests::*;
-use tunnelfleet_coordinator::admin::Changed;
 use tunnelfleet_coordinator::hooks::{HookConfig, HookKind};
-use tunnelfleet_coordinator::store::OmaGroup;
 
 const ALERTMANAGER: &str = "/usr/bin/prometheus-alertmanager";
 
@@ -87,17 +85,7 @@ async fn an_incident_fires_and_resolves_in_a_real_alertmanager() {
     hook.secret_file = None;
     let c = FullCoordinator::start(dir.path(), Duration::from_millis(500), vec![hook]).await;
     // An OMA endpoint nobody listens on yet: down after three probes.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let endpoint = listener.local_addr().unwrap().to_string();
-    drop(listener);
-    let g = OmaGroup::probed(
-        "oma",
-        vec![endpoint.clone()],
-        Duration::from_millis(200),
-        Duration::from_millis(200),
-        Duration::from_secs(300),
-    );
-    let _: Changed = c.api.call("PUT", "/v1/groups/oma", Some(&g)).await.unwrap();
+    let endpoint = put_dead_group(&c.api).await;
 
     wait_until(30, "the incident active in Alertmanager", || async {
         am.alerts().await.is_some_and(|a| {
@@ -156,17 +144,7 @@ async fn a_command_hook_gets_each_state_and_a_refusal_is_retried() {
     hook.secret_file = None;
     hook.command = vec!["sh".into(), "-c".into(), script];
     let c = FullCoordinator::start(dir.path(), Duration::from_millis(500), vec![hook]).await;
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let endpoint = listener.local_addr().unwrap().to_string();
-    drop(listener);
-    let g = OmaGroup::probed(
-        "oma",
-        vec![endpoint.clone()],
-        Duration::from_millis(200),
-        Duration::from_millis(200),
-        Duration::from_secs(300),
-    );
-    let _: Changed = c.api.call("PUT", "/v1/groups/oma", Some(&g)).await.unwrap();
+    let endpoint = put_dead_group(&c.api).await;
     let lines = || -> Vec<String> {
         std::fs::read_to_string(&log)
             .unwrap_or_default()

@@ -362,6 +362,49 @@ async fn a_bastion_outage_never_fails_over_to_the_standby() {
     agent.shutdown().await;
 }
 
+/// Two OMA hosts of their own (network namespaces), each with its sshd and its API
+/// (`oma-a api ok`, `oma-b api ok`) on the same port of its own `localhost`, and the forwards
+/// of an appliance: `L l_api` to that API, `R r_vma` back to the appliance's API.
+struct TwoHosts {
+    h1: NetHost,
+    h2: NetHost,
+    primary: Sshd,
+    standby: Sshd,
+    l_api: u16,
+    r_vma: u16,
+    forwards: [String; 2],
+    _services: [NsHttp; 2],
+    _vma: HttpService,
+}
+
+async fn two_hosts() -> TwoHosts {
+    let (h1, h2) = (NetHost::create(), NetHost::create());
+    let primary = Sshd::start_in(&h1);
+    let standby = Sshd::start_sharing_client_key_in(&primary, &h2);
+    let api_port = free_port();
+    let services = [
+        NsHttp::start_on(&h1, "oma-a api", api_port),
+        NsHttp::start_on(&h2, "oma-b api", api_port),
+    ];
+    let vma = http_service("vma-api").await;
+    let (l_api, r_vma) = (free_port(), free_port());
+    let forwards = [
+        format!("L {l_api}:localhost:{api_port}"),
+        format!("R localhost:{r_vma}:localhost:{}", vma.port),
+    ];
+    TwoHosts {
+        h1,
+        h2,
+        primary,
+        standby,
+        l_api,
+        r_vma,
+        forwards,
+        _services: services,
+        _vma: vma,
+    }
+}
+
 /// Two OMAs as hosts of their own (network namespaces, each sshd with its own API on its own
 /// `localhost`), a standalone agent on the first. The first host blackholed (nftables drops
 /// every packet: no RST, no FIN): keepalive notices, the agent goes to the standby at once —
@@ -373,18 +416,17 @@ async fn a_blackholed_host_sends_a_standalone_agent_to_the_standby_and_back_once
     if !NetHost::available("moves_netns_blackhole") {
         return;
     }
-    let (h1, h2) = (NetHost::create(), NetHost::create());
-    let primary = Sshd::start_in(&h1);
-    let standby = Sshd::start_sharing_client_key_in(&primary, &h2);
-    let api_port = free_port();
-    let _api1 = NsHttp::start_on(&h1, "oma-a api", api_port);
-    let _api2 = NsHttp::start_on(&h2, "oma-b api", api_port);
-    let vma = http_service("vma-api").await;
-    let (l_api, r_vma) = (free_port(), free_port());
-    let forwards = [
-        format!("L {l_api}:localhost:{api_port}"),
-        format!("R localhost:{r_vma}:localhost:{}", vma.port),
-    ];
+    let TwoHosts {
+        h1,
+        h2,
+        primary,
+        standby,
+        l_api,
+        r_vma,
+        forwards,
+        _services,
+        _vma,
+    } = two_hosts().await;
     let extra = format!(
         "{}failback_after = \"2s\"\n{}",
         pins(&primary, &standby),
@@ -460,18 +502,17 @@ async fn a_warm_standby_session_is_held_and_taken_over_without_a_new_login() {
     if !NetHost::available("moves_warm_standby") {
         return;
     }
-    let (h1, h2) = (NetHost::create(), NetHost::create());
-    let primary = Sshd::start_in(&h1);
-    let standby = Sshd::start_sharing_client_key_in(&primary, &h2);
-    let api_port = free_port();
-    let _api1 = NsHttp::start_on(&h1, "oma-a api", api_port);
-    let _api2 = NsHttp::start_on(&h2, "oma-b api", api_port);
-    let vma = http_service("vma-api").await;
-    let (l_api, r_vma) = (free_port(), free_port());
-    let forwards = [
-        format!("L {l_api}:localhost:{api_port}"),
-        format!("R localhost:{r_vma}:localhost:{}", vma.port),
-    ];
+    let TwoHosts {
+        h1,
+        h2,
+        primary,
+        standby,
+        l_api,
+        r_vma,
+        forwards,
+        _services,
+        _vma,
+    } = two_hosts().await;
     let extra = format!("{}standby = \"warm\"\n", pins(&primary, &standby));
     let agent = TestAgent::start(&profile_toml(
         "oma",

@@ -155,9 +155,11 @@ impl Monitor {
             Vec::new()
         }
     }
-    /// Periodic: failback clocks and restart windows.
+    /// Periodic: agents' tunnels as evidence against their endpoints, failback clocks and
+    /// restart windows.
     pub fn tick(&mut self, now: Instant) -> Vec<Action> {
-        let mut actions = self.decide(now);
+        let mut actions = self.judge_tunnels(now);
+        actions.extend(self.decide(now));
         let window = self.rules.restart_window;
         // Runs four times a second over every agent: only agents with recent restarts cost
         // anything.
@@ -205,7 +207,6 @@ impl Monitor {
         }
         self.placement.insert(agent.to_string(), reading.placement);
         self.observe_tunnels(agent, &hb.profiles, now);
-        actions.extend(self.judge_tunnels(now));
         actions
     }
 

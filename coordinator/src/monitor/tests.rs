@@ -346,6 +346,13 @@ async fn a_held_reverse_port_alert_names_the_stale_session_and_the_fix() {
     );
 }
 
+/// A heartbeat and the watcher's next tick (where agents' tunnels are judged).
+fn beat(m: &mut Monitor, agent: &str, hb: &Heartbeat, now: Instant) -> Vec<Action> {
+    let mut a = m.heartbeat(agent, hb, now);
+    a.extend(m.tick(now));
+    a
+}
+
 fn failing_health(endpoint: &str, n: u32) -> ProfileReport {
     let mut r = report(endpoint, TunnelState::Up, n);
     r.health = vec![tunnelfleet_protocol::HealthSample {
@@ -374,14 +381,19 @@ async fn most_agents_failing_health_through_an_answering_sshd_is_one_incident_an
     let now = Instant::now();
     m.probe(A, pass(), now);
     // One agent failing alone: its own alert, never the group's move.
-    let a = m.heartbeat("vma-1", &hb(vec![failing_health(A, 3)]), now);
+    let a = beat(&mut m, "vma-1", &hb(vec![failing_health(A, 3)]), now);
     assert_eq!(fired(&a, AlertKind::TunnelHealth).len(), 1, "{a:?}");
     assert!(fired(&a, AlertKind::OmaUnhealthy).is_empty(), "{a:?}");
     assert!(!a.iter().any(|x| matches!(x, Action::SetActive { .. })));
-    let a = m.heartbeat("vma-2", &hb(vec![report(A, TunnelState::Up, 0)]), now);
+    let a = beat(
+        &mut m,
+        "vma-2",
+        &hb(vec![report(A, TunnelState::Up, 0)]),
+        now,
+    );
     assert!(fired(&a, AlertKind::OmaUnhealthy).is_empty(), "{a:?}");
     // Two of three failing: the quorum and most of the agents there.
-    let a = m.heartbeat("vma-3", &hb(vec![failing_health(A, 4)]), now);
+    let a = beat(&mut m, "vma-3", &hb(vec![failing_health(A, 4)]), now);
     let incident = fired(&a, AlertKind::OmaUnhealthy);
     let [
         Action::Fire {
@@ -403,7 +415,7 @@ async fn most_agents_failing_health_through_an_answering_sshd_is_one_incident_an
         pinned: false,
     }));
     // More of the same: no second incident, no second move.
-    let a = m.heartbeat("vma-1", &hb(vec![failing_health(A, 5)]), now);
+    let a = beat(&mut m, "vma-1", &hb(vec![failing_health(A, 5)]), now);
     assert!(fired(&a, AlertKind::OmaUnhealthy).is_empty(), "{a:?}");
     assert!(!a.iter().any(|x| matches!(x, Action::SetActive { .. })));
 }
@@ -422,18 +434,18 @@ async fn agents_that_left_the_active_endpoint_count_against_it_after_the_grace_a
     };
     // One agent cut off from A, on B on its own: never moves the group, however long.
     for _ in 0..3 {
-        let a = m.heartbeat("vma-1", &hb(vec![moved_away(A, B)]), Instant::now());
+        let a = beat(&mut m, "vma-1", &hb(vec![moved_away(A, B)]), Instant::now());
         assert!(decided(&a).is_empty(), "{a:?}");
         tokio::time::advance(tunnels::FOLLOW_GRACE).await;
     }
     // A second one: counted only once it has been away longer than a move takes.
-    let a = m.heartbeat("vma-2", &hb(vec![moved_away(A, B)]), Instant::now());
+    let a = beat(&mut m, "vma-2", &hb(vec![moved_away(A, B)]), Instant::now());
     assert!(decided(&a).is_empty(), "{a:?}");
     tokio::time::advance(tunnels::FOLLOW_GRACE - Duration::from_secs(1)).await;
-    let a = m.heartbeat("vma-2", &hb(vec![moved_away(A, B)]), Instant::now());
+    let a = beat(&mut m, "vma-2", &hb(vec![moved_away(A, B)]), Instant::now());
     assert!(decided(&a).is_empty(), "counted within the grace: {a:?}");
     tokio::time::advance(Duration::from_secs(1)).await;
-    let a = m.heartbeat("vma-2", &hb(vec![moved_away(A, B)]), Instant::now());
+    let a = beat(&mut m, "vma-2", &hb(vec![moved_away(A, B)]), Instant::now());
     let incident = fired(&a, AlertKind::OmaUnhealthy);
     let [Action::Fire { summary, .. }] = incident.as_slice() else {
         panic!("one oma_unhealthy expected: {a:?}")
@@ -458,12 +470,18 @@ async fn an_impaired_endpoint_gets_a_trial_after_failback_after_and_resolves_whe
     m.probe(A, pass(), Instant::now());
     m.probe(B, pass(), Instant::now());
     for agent in ["vma-1", "vma-2"] {
-        m.heartbeat(agent, &hb(vec![failing_health(A, 3)]), Instant::now());
+        beat(
+            &mut m,
+            agent,
+            &hb(vec![failing_health(A, 3)]),
+            Instant::now(),
+        );
     }
     assert_eq!(m.groups().next().unwrap().active(), Some(B));
     // On the standby, passing. The primary's sshd keeps answering its probes.
     for agent in ["vma-1", "vma-2"] {
-        m.heartbeat(
+        beat(
+            &mut m,
             agent,
             &hb(vec![report(B, TunnelState::Up, 0)]),
             Instant::now(),
@@ -485,7 +503,8 @@ async fn an_impaired_endpoint_gets_a_trial_after_failback_after_and_resolves_whe
     // The trial works: the agents pass on A, the incident resolves.
     let mut resolved = Vec::new();
     for agent in ["vma-1", "vma-2"] {
-        resolved.extend(m.heartbeat(
+        resolved.extend(beat(
+            &mut m,
             agent,
             &hb(vec![report(A, TunnelState::Up, 0)]),
             Instant::now(),

@@ -10,7 +10,7 @@
 //! health check fails, so a trial costs no traffic), and the evidence decides again. The
 //! incident resolves once most agents on the endpoint pass.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -94,7 +94,8 @@ enum Verdict {
 }
 
 impl Monitor {
-    /// Records what a heartbeat's profiles show (called with every heartbeat).
+    /// Records what a heartbeat's profiles show (called with every heartbeat; judged on the
+    /// tick, [`Monitor::judge_tunnels`]).
     pub(super) fn observe_tunnels(
         &mut self,
         agent: &str,
@@ -140,62 +141,72 @@ impl Monitor {
         self.tunnels.remove(agent);
     }
 
-    /// Judges every group's active endpoint by the agents' tunnels on its endpoints.
+    /// Judges every group's active endpoint by the agents' tunnels on its endpoints: one pass
+    /// over the tunnels (it runs on the watcher's tick, over the whole fleet), each tunnel
+    /// counted for the group its endpoint belongs to.
     pub(super) fn judge_tunnels(&mut self, now: Instant) -> Vec<Action> {
-        let mut actions = Vec::new();
-        let groups: Vec<(String, String, Vec<String>, u32)> = self
-            .groups
-            .values()
-            .filter_map(|g| {
-                Some((
-                    g.name.clone(),
-                    g.active()?.to_string(),
-                    g.endpoints.clone(),
-                    g.quorum.max(2),
-                ))
-            })
-            .collect();
-        for (group, active, endpoints, quorum) in groups {
+        struct Judged {
+            group: String,
+            active: String,
+            quorum: u32,
+            verdicts: Vec<(String, Verdict)>,
+        }
+        let mut judged: Vec<Judged> = Vec::new();
+        let mut group_of: HashMap<String, usize> = HashMap::new();
+        for g in self.groups.values() {
+            let Some(active) = g.active() else { continue };
             // Failing probes are the probe rule's: its incident covers the tunnels.
-            if self.endpoints.get(&active).is_some_and(|e| e.suspect()) {
+            if self.endpoints.get(active).is_some_and(|e| e.suspect()) {
                 continue;
             }
-            let mut verdicts: Vec<(String, Verdict)> = Vec::new();
-            for (agent, views) in self.tunnels.iter_mut() {
-                for v in views.values_mut() {
-                    if !v.up
-                        || now.saturating_duration_since(v.at) > FRESH
-                        || !endpoints.contains(&v.endpoint)
-                    {
-                        continue;
-                    }
-                    if v.endpoint == active {
-                        v.away = None;
-                        let verdict = match &v.health_failing {
-                            Some(d) => Verdict::Health(d.clone()),
-                            None => Verdict::Good,
-                        };
-                        verdicts.push((agent.clone(), verdict));
-                        continue;
-                    }
-                    // Away from the active one: since when, against this active endpoint.
-                    let since = match &v.away {
-                        Some((from, t)) if *from == active => *t,
-                        _ => {
-                            v.away = Some((active.clone(), now));
-                            now
-                        }
+            for e in &g.endpoints {
+                group_of.entry(e.clone()).or_insert(judged.len());
+            }
+            judged.push(Judged {
+                group: g.name.clone(),
+                active: active.to_string(),
+                quorum: g.quorum.max(2),
+                verdicts: Vec::new(),
+            });
+        }
+        for (agent, views) in self.tunnels.iter_mut() {
+            for v in views.values_mut() {
+                if !v.up || now.saturating_duration_since(v.at) > FRESH {
+                    continue;
+                }
+                let Some(&i) = group_of.get(&v.endpoint) else {
+                    continue;
+                };
+                let j = &mut judged[i];
+                if v.endpoint == j.active {
+                    v.away = None;
+                    let verdict = match &v.health_failing {
+                        Some(d) => Verdict::Health(d.clone()),
+                        None => Verdict::Good,
                     };
-                    if now.saturating_duration_since(since) >= FOLLOW_GRACE {
-                        let why = v
-                            .reason
-                            .clone()
-                            .unwrap_or_else(|| format!("on {}", v.endpoint));
-                        verdicts.push((agent.clone(), Verdict::Away(why)));
+                    j.verdicts.push((agent.clone(), verdict));
+                    continue;
+                }
+                // Away from the active one: since when, against this active endpoint.
+                let since = match &v.away {
+                    Some((from, t)) if *from == j.active => *t,
+                    _ => {
+                        v.away = Some((j.active.clone(), now));
+                        now
                     }
+                };
+                if now.saturating_duration_since(since) >= FOLLOW_GRACE {
+                    let why = v
+                        .reason
+                        .clone()
+                        .unwrap_or_else(|| format!("on {}", v.endpoint));
+                    j.verdicts.push((agent.clone(), Verdict::Away(why)));
                 }
             }
-            actions.extend(self.judge_endpoint(&group, &active, &verdicts, quorum, now));
+        }
+        let mut actions = Vec::new();
+        for j in judged {
+            actions.extend(self.judge_endpoint(&j.group, &j.active, &j.verdicts, j.quorum, now));
         }
         actions
     }
