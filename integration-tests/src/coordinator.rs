@@ -410,3 +410,98 @@ pub fn profile_spec(name: &str, forwards: &[&str]) -> tunnelfleet_protocol::Prof
     p.forwards = forwards.iter().map(|f| f.to_string()).collect();
     p
 }
+
+/// A coordinator of another protocol version (a newer release in the middle of an upgrade), on
+/// 127.0.0.1:`port` with the fleet's PKI: it takes each agent's hello and turns it away, by
+/// turns with a `Refused` naming the version mismatch (its own check) and with a `Welcome`
+/// for its own version (so the agent's check refuses). Records every hello it was sent.
+pub struct OtherVersionCoordinator {
+    hellos: Arc<std::sync::Mutex<Vec<tunnelfleet_protocol::Hello>>>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl OtherVersionCoordinator {
+    /// Starts it; it speaks [`tunnelfleet_protocol::PROTOCOL_VERSION`] + 1.
+    pub async fn start(pki_dir: &Path, port: u16) -> OtherVersionCoordinator {
+        use tunnelfleet_protocol::{
+            AgentMessage, CoordinatorMessage, PROTOCOL_VERSION, VersionMismatch, Welcome, encode,
+        };
+        let cfg = tunnelfleet_coordinator::tls::server_config(pki_dir).expect("server config");
+        let bind = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let endpoint = loop {
+            match quinn::Endpoint::server(cfg.clone(), bind) {
+                Ok(e) => break e,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::AddrInUse
+                        && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(e) => panic!("bind coordinator on {bind}: {e}"),
+            }
+        };
+        let hellos = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = CancellationToken::new();
+        let (seen, s) = (hellos.clone(), stop.clone());
+        let ours = PROTOCOL_VERSION + 1;
+        let task = tokio::spawn(async move {
+            let mut turn = 0u32;
+            loop {
+                let incoming = tokio::select! {
+                    _ = s.cancelled() => break,
+                    i = endpoint.accept() => match i { Some(i) => i, None => break },
+                };
+                turn += 1;
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let Ok(conn) = incoming.await else { return };
+                    let Ok((mut send, mut recv)) = conn.accept_bi().await else {
+                        return;
+                    };
+                    let mut reader = tunnelfleet_runtime::frames::FrameReader::new();
+                    let Ok(Some(AgentMessage::Hello(hello))) = reader.next(&mut recv).await else {
+                        return;
+                    };
+                    let theirs = hello.protocol;
+                    seen.lock().unwrap_or_else(|p| p.into_inner()).push(hello);
+                    let answer = if turn % 2 == 1 {
+                        // What a newer coordinator's own check says.
+                        let reason = VersionMismatch { ours, theirs }.to_string();
+                        CoordinatorMessage::Refused { reason }
+                    } else {
+                        CoordinatorMessage::Welcome(Welcome {
+                            protocol: ours,
+                            heartbeat_interval_ms: 500,
+                            coordinator_version: "99.0.0".into(),
+                        })
+                    };
+                    if let Ok(frame) = encode(&answer) {
+                        let _ = send.write_all(&frame).await;
+                        let _ = send.finish();
+                        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+                    }
+                    conn.close(1u32.into(), b"other version");
+                });
+            }
+            endpoint.close(0u32.into(), b"stopped");
+            endpoint.wait_idle().await;
+        });
+        OtherVersionCoordinator { hellos, stop, task }
+    }
+
+    /// The hellos it was sent so far.
+    pub fn hellos(&self) -> Vec<tunnelfleet_protocol::Hello> {
+        self.hellos
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Stops it and releases its port.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}

@@ -25,13 +25,27 @@ fn coordinator_toml(c: &TestCoordinator, files: &pki::AgentFiles, state: &Path) 
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pushed_profiles_run_survive_the_coordinator_and_come_back_from_cache() {
-    if !Sshd::available("fleet") {
-        return;
-    }
+/// One agent (`vma-1`, site dc1) linked to a coordinator in this process, which pushed it
+/// profile `oma`: `L l → echo` through a real sshd. The tunnel carries data on return.
+struct Pushed {
+    sshd: Sshd,
+    c: TestCoordinator,
+    agent: TestAgent,
+    /// The agent's config (to restart it).
+    agent_toml: String,
+    pki_dir: std::path::PathBuf,
+    coord_state: std::path::PathBuf,
+    /// The local forward's port.
+    l: u16,
+    /// The fleet version pushed.
+    v: u64,
+    _echo: tokio_util::sync::DropGuard,
+    _dir: tempfile::TempDir,
+}
+
+async fn pushed() -> Pushed {
     let sshd = Sshd::start();
-    let (echo, _e) = echo_server().await;
+    let (echo, _echo) = echo_server().await;
     let dir = tempfile::tempdir().unwrap();
     let pki_dir = dir.path().join("pki");
     pki::init(&pki_dir, &["localhost".into()]).unwrap();
@@ -39,7 +53,6 @@ async fn pushed_profiles_run_survive_the_coordinator_and_come_back_from_cache() 
     let coord_state = dir.path().join("coordinator");
     let agent_state = dir.path().join("agent-state");
     let c = TestCoordinator::start(&pki_dir, &coord_state, 0).await;
-    let addr = c.addr;
     let agent_toml = coordinator_toml(&c, &files, &agent_state);
     let agent = TestAgent::start(&agent_toml).await;
     wait_until(20, "agent connected", || async {
@@ -85,6 +98,38 @@ async fn pushed_profiles_run_survive_the_coordinator_and_come_back_from_cache() 
     .await;
     agent.wait_all_active("oma").await;
     echo_roundtrip(l, b"pushed profile").await.unwrap();
+    Pushed {
+        sshd,
+        c,
+        agent,
+        agent_toml,
+        pki_dir,
+        coord_state,
+        l,
+        v,
+        _echo,
+        _dir: dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushed_profiles_run_survive_the_coordinator_and_come_back_from_cache() {
+    if !Sshd::available("fleet") {
+        return;
+    }
+    let Pushed {
+        sshd,
+        c,
+        agent,
+        agent_toml,
+        pki_dir,
+        coord_state,
+        l,
+        v,
+        _echo,
+        _dir,
+    } = pushed().await;
+    let addr = c.addr;
     wait_until(20, "heartbeat reports the tunnel up", || async {
         c.fleet
             .links
@@ -435,4 +480,87 @@ async fn coordinator_get<T: serde::de::DeserializeOwned>(
     path: &str,
 ) -> T {
     api.get(path).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_of_another_protocol_version_leaves_tunnels_and_cache_alone() {
+    if !Sshd::available("fleet") {
+        return;
+    }
+    let Pushed {
+        sshd: _sshd,
+        c,
+        agent,
+        agent_toml,
+        pki_dir,
+        coord_state,
+        l,
+        v,
+        _echo,
+        _dir,
+    } = pushed().await;
+    let port = c.addr.port();
+    let reconnects = agent.profile("oma").await.reconnects;
+    // The coordinator is replaced by a release that speaks another protocol version.
+    c.stop().await;
+    let other = OtherVersionCoordinator::start(&pki_dir, port).await;
+    // Refused both ways (its refusal, then its welcome refused by the agent), and retried.
+    wait_until(
+        30,
+        "the agent retrying the refusing coordinator",
+        || async { other.hellos().len() >= 4 },
+    )
+    .await;
+    for h in other.hellos() {
+        assert_eq!(h.protocol, tunnelfleet_protocol::PROTOCOL_VERSION);
+        assert_eq!(h.applied_version, Some(v), "{h:?}");
+    }
+    // The tunnel was never touched: same session, data flows.
+    echo_roundtrip(l, b"refused by the coordinator")
+        .await
+        .unwrap();
+    let p = agent.profile("oma").await;
+    assert_eq!(p.reconnects, reconnects);
+    assert_eq!(p.state, TunnelState::Up);
+
+    // Restarted meanwhile, the agent runs its cached profiles and says which version it runs.
+    agent.shutdown().await;
+    let seen = other.hellos().len();
+    let agent = TestAgent::start(&agent_toml).await;
+    agent.wait_all_active("oma").await;
+    echo_roundtrip(l, b"cached while refused").await.unwrap();
+    wait_until(30, "hellos from the restarted agent", || async {
+        other.hellos().len() >= seen + 2
+    })
+    .await;
+    let restarted = other.hellos();
+    assert_eq!(restarted[seen].applied_version, Some(v));
+    assert!(
+        restarted[seen].started_unix_ms > restarted[0].started_unix_ms,
+        "{restarted:?}"
+    );
+
+    // A coordinator of our version back on the same port: the agent's retries find it.
+    other.stop().await;
+    let c = TestCoordinator::start(&pki_dir, &coord_state, port).await;
+    wait_until(30, "agent connected again", || async {
+        c.fleet.links.connected() == vec!["vma-1"]
+    })
+    .await;
+    wait_until(20, "heartbeats again", || async {
+        c.fleet.links.get("vma-1").is_some_and(|a| a.heartbeats > 0)
+    })
+    .await;
+    assert_eq!(
+        c.fleet
+            .store
+            .agent("vma-1")
+            .unwrap()
+            .unwrap()
+            .applied_version,
+        Some(v)
+    );
+    echo_roundtrip(l, b"our version again").await.unwrap();
+    agent.shutdown().await;
+    c.stop().await;
 }
