@@ -10,7 +10,9 @@
 //!   standby about 15 s after a blackhole plus one handshake.
 //! - **Connect failures count.** `failover_after` failed connects in a row move to the next
 //!   endpoint; a session that lasted [`STABLE_SESSION`] resets the count, so a server that lets
-//!   us in and throws us out at once counts against itself.
+//!   us in and throws us out at once counts against itself. When every endpoint does that, the
+//!   moves after the first wait the backoff (it resets only after a stable session): no tight
+//!   loop of logins between two servers that each throw us out.
 //! - **A bastion is not the OMA.** A jump host's failure (its own connect, handshake, or a
 //!   session lost through it) never counts toward `failover_after`: the path is retried with
 //!   backoff, the endpoint keeps its place.
@@ -93,6 +95,14 @@ pub enum Next {
         /// Where it goes.
         to: usize,
     },
+    /// Endpoint `to`, after the backoff: sessions keep ending before they are stable, on
+    /// more than one endpoint.
+    MoveLater {
+        /// Where it was.
+        from: usize,
+        /// Where it goes.
+        to: usize,
+    },
 }
 
 /// The placement state of one profile.
@@ -104,6 +114,8 @@ pub struct Placement {
     failover_after: u32,
     failback_after: Duration,
     through_jumps: bool,
+    /// Sessions lost before they were stable, in a row, on any endpoint.
+    short_losses: u32,
     /// Since when the preferred endpoint has answered every probe.
     reachable_since: Option<Instant>,
 }
@@ -123,6 +135,7 @@ impl Placement {
             failover_after: failover_after.max(1),
             failback_after,
             through_jumps,
+            short_losses: 0,
             reachable_since: None,
         }
     }
@@ -132,7 +145,8 @@ impl Placement {
         self.current
     }
 
-    /// Failures of the current endpoint in a row.
+    /// Failures of the current endpoint in a row (failed connects, sessions shorter than
+    /// [`STABLE_SESSION`]).
     pub fn failures(&self) -> u32 {
         self.failures
     }
@@ -156,8 +170,10 @@ impl Placement {
     /// The session to the current endpoint ended after `lasted`; `coordinated` when a
     /// coordinator is connected to decide moves for the group.
     pub fn session_ended(&mut self, ended: Ended, lasted: Duration) -> Next {
-        if lasted >= STABLE_SESSION {
+        let stable = lasted >= STABLE_SESSION;
+        if stable {
             self.failures = 0;
+            self.short_losses = 0;
         }
         match ended {
             Ended::Restart => {
@@ -168,11 +184,20 @@ impl Placement {
             // endpoint's: not evidence against it.
             Ended::Lost if self.through_jumps => Next::Retry,
             Ended::Lost => {
-                if self.endpoints > 1 {
-                    self.move_next()
-                } else {
+                if !stable {
+                    self.short_losses = self.short_losses.saturating_add(1);
+                }
+                if self.endpoints == 1 {
                     self.failures = self.failures.saturating_add(1);
-                    Next::Retry
+                    return Next::Retry;
+                }
+                match self.move_next() {
+                    // The first loss moves at once (a blackholed OMA); a second short one in a
+                    // row means the next endpoint threw us out too.
+                    Next::Move { from, to } if self.short_losses >= 2 => {
+                        Next::MoveLater { from, to }
+                    }
+                    next => next,
                 }
             }
         }
@@ -292,6 +317,35 @@ mod tests {
         // A stable session wipes the slate, then the loss itself counts once.
         p.session_ended(Ended::Lost, STABLE_SESSION);
         assert_eq!(p.failures(), 1);
+    }
+
+    #[test]
+    fn endpoints_that_all_throw_us_out_are_tried_after_the_backoff() {
+        let mut p = two();
+        let short = Duration::from_secs(2);
+        // The first short session moves at once; the next (on the standby) waits.
+        assert_eq!(
+            p.session_ended(Ended::Lost, short),
+            Next::Move { from: 0, to: 1 }
+        );
+        assert_eq!(
+            p.session_ended(Ended::Lost, short),
+            Next::MoveLater { from: 1, to: 0 }
+        );
+        assert_eq!(
+            p.session_ended(Ended::Lost, short),
+            Next::MoveLater { from: 0, to: 1 }
+        );
+        // A stable session ends the streak: its loss moves at once again.
+        assert_eq!(
+            p.session_ended(Ended::Lost, STABLE_SESSION),
+            Next::Move { from: 1, to: 0 }
+        );
+        // A long session's loss followed by a short one: still one short loss, at once.
+        assert_eq!(
+            p.session_ended(Ended::Lost, short),
+            Next::Move { from: 0, to: 1 }
+        );
     }
 
     #[test]

@@ -648,26 +648,38 @@ impl Runner {
                     place.session_ended(ended, lasted)
                 }
             };
-            match next {
-                Next::Move { from, to } => {
+            self.shared.lock().failures_in_a_row = place.failures();
+            let later = match next {
+                Next::Move { from, to } | Next::MoveLater { from, to } => {
                     let (from, to) = (addr(&endpoints[from]), addr(&endpoints[to]));
                     let reason = self.shared.lock().last_error.clone().unwrap_or_default();
                     tracing::warn!(profile = %self.cfg.name, %from, %to, "failing over to the next endpoint: {reason}");
                     self.shared.record_move(&from, &to, &reason, true);
                     self.coordinated.report_now();
-                    backoff.reset();
-                    continue;
+                    if let Next::Move { .. } = next {
+                        backoff.reset();
+                        continue;
+                    }
+                    // Every endpoint lets us in and throws us out: no tight loop of logins.
+                    Some(to)
                 }
                 Next::Now => continue,
-                Next::Retry => {}
-            }
+                Next::Retry => None,
+            };
             let delay = backoff.next_delay();
+            let wait = humantime::format_duration(round_ms(delay));
+            let failures = place.failures();
             self.shared.set_state(
                 TunnelState::Backoff,
-                &format!(
-                    "retrying {endpoint} in {}",
-                    humantime::format_duration(round_ms(delay))
-                ),
+                &match later {
+                    Some(to) => format!(
+                        "moving to {to} in {wait}: sessions keep ending before they are stable"
+                    ),
+                    None if failures > 1 => {
+                        format!("retrying {endpoint} in {wait} ({failures} failures in a row)")
+                    }
+                    None => format!("retrying {endpoint} in {wait}"),
+                },
             );
             tokio::select! {
                 _ = self.cancel.cancelled() => break 'outer,

@@ -90,6 +90,10 @@ pub struct ProfileStatus {
     pub failovers: u64,
     /// The last failure, for `status`.
     pub last_error: Option<String>,
+    /// Failures of the active endpoint in a row: failed connects and sessions that ended before
+    /// they were stable (30 s); `failover_after` of them move to the next endpoint.
+    #[serde(default)]
+    pub failures_in_a_row: u32,
     /// Health, when a check is configured.
     pub health: Option<HealthStatus>,
     /// Forwards in config order.
@@ -161,6 +165,7 @@ impl ProfileShared {
                 reconnects: 0,
                 failovers: 0,
                 last_error: None,
+                failures_in_a_row: 0,
                 health,
                 forwards,
                 errors: Vec::new(),

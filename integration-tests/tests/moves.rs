@@ -552,3 +552,73 @@ async fn a_warm_standby_session_is_held_and_taken_over_without_a_new_login() {
     h1.restore();
     agent.shutdown().await;
 }
+
+/// OMAs that let the agent in and throw it out a second later (real sshd with
+/// `UnusedConnectionTimeout`: no channel is open on an idle tunnel): each such session counts
+/// against its endpoint. With two endpoints the first loss moves at once, but once the standby
+/// throws it out too the agent waits its backoff between moves instead of logging in again at
+/// once; a profile with one such endpoint shows its failures in a row growing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_that_throw_us_out_count_against_themselves_and_are_not_hammered() {
+    if !Sshd::available("moves_short_sessions") {
+        return;
+    }
+    let mut a = Sshd::start();
+    let mut b = Sshd::start_sharing_client_key(&a);
+    a.restart_with("UnusedConnectionTimeout 1s");
+    b.restart_with("UnusedConnectionTimeout 1s");
+    let (echo, _e) = echo_server().await;
+    let slow = |t: String| {
+        t.replace("reconnect_min = \"100ms\"", "reconnect_min = \"2s\"")
+            .replace("reconnect_max = \"1s\"", "reconnect_max = \"20s\"")
+    };
+    let pair = slow(profile_toml(
+        "pair",
+        &[a.endpoint(), b.endpoint()],
+        &a,
+        &[format!("L {}:localhost:{echo}", free_port())],
+        &pins(&a, &b),
+    ));
+    let one = slow(profile_toml(
+        "one",
+        &[a.endpoint()],
+        &a,
+        &[format!("L {}:localhost:{echo}", free_port())],
+        "",
+    ));
+    let agent = TestAgent::start(&format!("{pair}\n{one}")).await;
+
+    // Thrown out of A and then of B: the move back to A waits the backoff.
+    wait_until(
+        60,
+        "pair waiting its backoff before the next move",
+        || async {
+            let p = agent.profile("pair").await;
+            p.state == TunnelState::Backoff && p.failovers >= 2
+        },
+    )
+    .await;
+    let p = agent.profile("pair").await;
+    for ep in [a.endpoint(), b.endpoint()] {
+        assert!(
+            p.errors
+                .iter()
+                .any(|e| e.endpoint == ep && e.kind == ErrorKind::SessionLost && e.count >= 1),
+            "no lost session counted for {ep}: {:?}",
+            p.errors
+        );
+    }
+    // The first move was at once: it is the second that waited.
+    assert_eq!(p.failover_log[0].from, a.endpoint(), "{:?}", p.failover_log);
+    assert_eq!(p.failover_log[0].to, b.endpoint(), "{:?}", p.failover_log);
+
+    // One endpoint: every short session is one more failure in a row, none resets the count.
+    wait_until(60, "one's failures in a row growing", || async {
+        let p = agent.profile("one").await;
+        p.state == TunnelState::Backoff && p.failures_in_a_row >= 3
+    })
+    .await;
+    let logins = |s: &Sshd| s.log().matches("Accepted publickey").count();
+    assert!(logins(&a) >= 4 && logins(&b) >= 1, "{}", a.log());
+    agent.shutdown().await;
+}

@@ -57,6 +57,12 @@ pub fn profile(p: &ProfileStatus) -> String {
         "  reconnects {}  failovers {}\n",
         p.reconnects, p.failovers
     ));
+    if p.state != TunnelState::Up && p.failures_in_a_row > 0 {
+        out.push_str(&format!(
+            "  {} failure(s) in a row on {} (failed connects, sessions shorter than 30 s)\n",
+            p.failures_in_a_row, p.active_endpoint
+        ));
+    }
     if let Some(h) = &p.health {
         out.push_str(&format!(
             "  health {}: {}  ({}/{} failing, {} checks)\n",
