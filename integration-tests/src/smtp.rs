@@ -1,5 +1,6 @@
 //! An SMTP receiver for the email hook's tests: speaks enough ESMTP for a real client (lettre):
-//! EHLO, STARTTLS (with a certificate from a throwaway CA), AUTH PLAIN, MAIL, RCPT, DATA, QUIT.
+//! EHLO, STARTTLS (with a certificate from a throwaway CA) or TLS from the first byte (as on
+//! port 465), AUTH PLAIN, MAIL, RCPT, DATA, QUIT.
 //! Records each accepted message with its envelope and whether it came over TLS; answers 451
 //! to DATA while `failing`, as a relay with a full queue would.
 
@@ -20,7 +21,7 @@ pub struct Mail {
     pub to: Vec<String>,
     /// The message as sent (headers and body, dot-unstuffed).
     pub data: String,
-    /// True when it arrived after STARTTLS.
+    /// True when it arrived over TLS (after STARTTLS, or on an `smtps` relay).
     pub tls: bool,
     /// The `AUTH PLAIN` login, when the client authenticated.
     pub login: Option<(String, String)>,
@@ -33,32 +34,53 @@ pub struct SmtpSink {
     /// Set to answer 451 to DATA.
     pub failing: Arc<AtomicBool>,
     mails: Arc<std::sync::Mutex<Vec<Mail>>>,
+    verbs: Verbs,
     stop: CancellationToken,
 }
+
+/// Every command verb the sink was sent (`EHLO`, `AUTH`, …), with whether it came over TLS.
+type Verbs = Arc<std::sync::Mutex<Vec<(String, bool)>>>;
 
 impl SmtpSink {
     /// Starts a sink; with `tls`, STARTTLS is offered with the coordinator-style PKI in
     /// `pki_dir` (`ca.pem`, `coordinator.pem`/`.key` for the name `localhost`).
     pub async fn start(tls: Option<&Path>) -> std::io::Result<SmtpSink> {
+        SmtpSink::start_with(tls, false).await
+    }
+
+    /// A relay speaking TLS from the first byte (`smtps://`, port 465) with the PKI in
+    /// `pki_dir`; it offers no STARTTLS inside.
+    pub async fn start_smtps(pki_dir: &Path) -> std::io::Result<SmtpSink> {
+        SmtpSink::start_with(Some(pki_dir), true).await
+    }
+
+    async fn start_with(tls: Option<&Path>, implicit: bool) -> std::io::Result<SmtpSink> {
         let acceptor = match tls {
-            Some(dir) => Some(acceptor(dir)?),
+            Some(dir) => Some(crate::services::tls_acceptor(dir)?),
             None => None,
         };
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
         let failing = Arc::new(AtomicBool::new(false));
         let mails = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let verbs: Verbs = Arc::default();
         let stop = CancellationToken::new();
-        let (f, m, s) = (failing.clone(), mails.clone(), stop.clone());
+        let (f, m, v, s) = (failing.clone(), mails.clone(), verbs.clone(), stop.clone());
         tokio::spawn(async move {
             loop {
                 let conn = tokio::select! {
                     _ = s.cancelled() => return,
                     c = listener.accept() => match c { Ok((c, _)) => c, Err(_) => continue },
                 };
-                let (f, m, a) = (f.clone(), m.clone(), acceptor.clone());
+                let (f, m, v, a) = (f.clone(), m.clone(), v.clone(), acceptor.clone());
                 tokio::spawn(async move {
-                    let _ = session(conn, a, f, m).await;
+                    let _ = match (a, implicit) {
+                        (Some(a), true) => match a.accept(conn).await {
+                            Ok(tls) => session(tls, None, true, f, m, v).await,
+                            Err(_) => Ok(()),
+                        },
+                        (a, _) => session(conn, a, false, f, m, v).await,
+                    };
                 });
             }
         });
@@ -66,8 +88,14 @@ impl SmtpSink {
             port,
             failing,
             mails,
+            verbs,
             stop,
         })
+    }
+
+    /// Every command verb received so far, with whether it came over TLS.
+    pub fn verbs(&self) -> Vec<(String, bool)> {
+        self.verbs.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Messages accepted so far.
@@ -82,41 +110,24 @@ impl Drop for SmtpSink {
     }
 }
 
-fn acceptor(dir: &Path) -> std::io::Result<tokio_rustls::TlsAcceptor> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let certs = CertificateDer::pem_file_iter(dir.join("coordinator.pem"))
-        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-        .map_err(std::io::Error::other)?;
-    let key =
-        PrivateKeyDer::from_pem_file(dir.join("coordinator.key")).map_err(std::io::Error::other)?;
-    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(std::io::Error::other)?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(std::io::Error::other)?;
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
-}
-
 /// What the plaintext part of a session ended with.
 enum Next {
     Done,
     StartTls,
 }
 
-async fn session(
-    conn: tokio::net::TcpStream,
+async fn session<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: S,
     acceptor: Option<tokio_rustls::TlsAcceptor>,
+    tls: bool,
     failing: Arc<AtomicBool>,
     mails: Arc<std::sync::Mutex<Vec<Mail>>>,
+    verbs: Verbs,
 ) -> std::io::Result<()> {
     let mut plain = BufReader::new(conn);
     plain.get_mut().write_all(b"220 sink ESMTP\r\n").await?;
     let offer_tls = acceptor.is_some();
-    match dialogue(&mut plain, offer_tls, false, &failing, &mails).await? {
+    match dialogue(&mut plain, offer_tls, tls, &failing, &mails, &verbs).await? {
         Next::Done => Ok(()),
         Next::StartTls => {
             let Some(acceptor) = acceptor else {
@@ -124,7 +135,7 @@ async fn session(
             };
             let tls = acceptor.accept(plain.into_inner()).await?;
             let mut tls = BufReader::new(tls);
-            dialogue(&mut tls, false, true, &failing, &mails)
+            dialogue(&mut tls, false, true, &failing, &mails, &verbs)
                 .await
                 .map(|_| ())
         }
@@ -137,6 +148,7 @@ async fn dialogue<S: AsyncRead + AsyncWrite + Unpin>(
     tls: bool,
     failing: &AtomicBool,
     mails: &std::sync::Mutex<Vec<Mail>>,
+    verbs: &std::sync::Mutex<Vec<(String, bool)>>,
 ) -> std::io::Result<Next> {
     let mut from = String::new();
     let mut to = Vec::new();
@@ -149,6 +161,11 @@ async fn dialogue<S: AsyncRead + AsyncWrite + Unpin>(
         }
         let cmd = line.trim_end().to_string();
         let upper = cmd.to_ascii_uppercase();
+        let verb = upper.split_whitespace().next().unwrap_or("").to_string();
+        verbs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((verb, tls));
         let reply: String = if upper.starts_with("EHLO") || upper.starts_with("HELO") {
             let mut r = String::from("250-sink\r\n250-AUTH PLAIN\r\n");
             if offer_tls {

@@ -1,7 +1,9 @@
 //! The email hook against an SMTP receiver: an OMA-down incident and its resolution arrive as
 //! two messages over STARTTLS (the relay's certificate checked against `ca_file`) with the
 //! configured login; a relay answering 451 keeps the message in the durable outbox until it
-//! takes it; unsafe settings are refused naming the hook and the key.
+//! takes it; an `smtps://` relay gets it over TLS from the first byte; a relay that offers no
+//! STARTTLS gets neither the message nor the login; unsafe settings are refused naming the hook
+//! and the key.
 
 #![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
 
@@ -102,6 +104,88 @@ async fn an_incident_and_its_resolution_arrive_by_email_over_starttls() {
     let h: serde_json::Value = c.api.get("/v1/hooks").await.unwrap();
     assert_eq!(h[0]["pending"], 0);
     assert_eq!(h[0]["kind"], "email");
+}
+
+/// An email hook on `url` with a login and the relay's CA, as coordinator.toml would have it.
+fn mail_hook(dir: &std::path::Path, url: &str, relay_pki: &std::path::Path) -> String {
+    let password = dir.join("smtp.password");
+    write_secret(&password, b"s3cret-relay-password\n");
+    format!(
+        "[[hook]]\nname = \"mail\"\nkind = \"email\"\nurl = \"{url}\"\nfrom = \"tunnelfleet@example.com\"\nto = [\"oncall@example.com\"]\nusername = \"alerts\"\npassword_file = \"{}\"\nca_file = \"{}\"\ntimeout = \"5s\"\n",
+        password.display(),
+        relay_pki.join("ca.pem").display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_smtps_relay_gets_the_incident_over_tls_from_the_first_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    pki::init(&dir.path().join("pki"), &["localhost".into()]).unwrap();
+    let relay_pki = dir.path().join("relay-pki");
+    pki::init(&relay_pki, &["localhost".into()]).unwrap();
+    let sink = SmtpSink::start_smtps(&relay_pki).await.unwrap();
+    let url = format!("smtps://localhost:{}", sink.port);
+    let c = CoordinatorProcess::start_with(
+        dir.path(),
+        "500ms",
+        &mail_hook(dir.path(), &url, &relay_pki),
+    )
+    .await;
+    let dead = format!("127.0.0.1:{}", free_port());
+    put_probed_group(&c.api, &dead).await;
+    wait_until(30, "the OMA-down incident over smtps", || async {
+        !sink.mails().is_empty()
+    })
+    .await;
+    let m = &sink.mails()[0];
+    assert!(m.tls);
+    assert_eq!(
+        m.login,
+        Some(("alerts".into(), "s3cret-relay-password".into()))
+    );
+    assert!(
+        m.data.contains("Subject: [tunnelfleet] FIRING oma_down:") && m.data.contains(&dead),
+        "{}",
+        m.data
+    );
+    // TLS from the first byte: no command ever arrived in the clear, STARTTLS was not needed.
+    let verbs = sink.verbs();
+    assert!(verbs.iter().all(|(_, tls)| *tls), "{verbs:?}");
+    assert!(!verbs.iter().any(|(v, _)| v == "STARTTLS"), "{verbs:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_offers_no_starttls_gets_neither_the_message_nor_the_login() {
+    let dir = tempfile::tempdir().unwrap();
+    pki::init(&dir.path().join("pki"), &["localhost".into()]).unwrap();
+    let relay_pki = dir.path().join("relay-pki");
+    pki::init(&relay_pki, &["localhost".into()]).unwrap();
+    // A relay (or someone in the path stripping the offer) without STARTTLS.
+    let sink = SmtpSink::start(None).await.unwrap();
+    let url = format!("smtp://localhost:{}", sink.port);
+    let c = CoordinatorProcess::start_with(
+        dir.path(),
+        "500ms",
+        &mail_hook(dir.path(), &url, &relay_pki),
+    )
+    .await;
+    put_probed_group(&c.api, &format!("127.0.0.1:{}", free_port())).await;
+    // The delivery is refused by the coordinator itself and kept for a later attempt.
+    c.wait_hook_backlog("STARTTLS").await;
+    let h: serde_json::Value = c.api.get("/v1/hooks").await.unwrap();
+    assert_eq!(h[0]["delivered"], 0, "{h}");
+    assert!(sink.mails().is_empty());
+    let verbs = sink.verbs();
+    assert!(
+        verbs.iter().any(|(v, _)| v == "EHLO"),
+        "the relay was never asked: {verbs:?}"
+    );
+    for never in ["AUTH", "MAIL", "RCPT", "DATA"] {
+        assert!(
+            !verbs.iter().any(|(v, _)| v == never),
+            "{never} sent to a relay without TLS: {verbs:?}"
+        );
+    }
 }
 
 #[test]

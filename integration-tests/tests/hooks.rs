@@ -1,7 +1,8 @@
 //! The alert hooks against real receivers: the `alertmanager` hook against a real Prometheus
 //! Alertmanager (Debian's `prometheus-alertmanager`): an `oma_down` incident arrives as an
 //! active alert with its labels and summary, and its resolution (`endsAt`) resolves it there;
-//! the `command` hook with a real program, a refusal retried.
+//! the `command` hook with a real program, a refusal retried; the `slack` hook over HTTPS to a
+//! receiver with its own CA (`ca_file`), and refused by a receiver whose CA it does not trust.
 
 #![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
 
@@ -177,5 +178,92 @@ async fn a_command_hook_gets_each_state_and_a_refusal_is_retried() {
     }
     let hooks: serde_json::Value = c.api.get("/v1/hooks").await.unwrap();
     assert_eq!(hooks[0]["pending"], 0, "{hooks}");
+    c.stop().await;
+}
+
+/// The `slack` hook: an incident and its resolution arrive as Slack incoming-webhook messages
+/// (`{"text": …}`) over HTTPS at a receiver whose certificate chains to the hook's `ca_file`;
+/// the same receiver is refused by a hook without it (the certificate is really checked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slack_hook_posts_each_state_over_verified_https() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver_pki = dir.path().join("receiver-pki");
+    tunnelfleet_coordinator::pki::init(&receiver_pki, &["localhost".into()]).unwrap();
+    let sink = WebhookSink::start_with(0, Some(tls_acceptor(&receiver_pki).unwrap()))
+        .await
+        .unwrap();
+    let url = format!("https://localhost:{}/services/T0/B0/s3cret", sink.port);
+    let slack = |name: &str, ca: Option<std::path::PathBuf>| {
+        let mut h = HookConfig::webhook(name, url.clone(), "".into());
+        h.kind = HookKind::Slack;
+        h.secret_file = None;
+        h.ca_file = ca;
+        h
+    };
+    let hooks = vec![
+        slack("slack", Some(receiver_pki.join("ca.pem"))),
+        slack("slack-untrusting", None),
+    ];
+    let c = FullCoordinator::start(dir.path(), Duration::from_millis(500), hooks).await;
+    let endpoint = put_dead_group(&c.api).await;
+    wait_until(30, "the incident in Slack", || async {
+        !sink.delivered().is_empty()
+    })
+    .await;
+    let firing = sink.delivered()[0].json();
+    let text = firing["text"].as_str().unwrap();
+    assert!(
+        text.contains("FIRING [oma_down]") && text.contains(&endpoint),
+        "{firing}"
+    );
+    assert_eq!(
+        sink.delivered()[0].header("content-type"),
+        Some("application/json")
+    );
+
+    let back = tokio::net::TcpListener::bind(&endpoint).await.unwrap();
+    serve_ssh_banner(back);
+    wait_until(30, "the resolution in Slack", || async {
+        sink.delivered().len() == 2
+    })
+    .await;
+    let resolved = sink.delivered()[1].json();
+    assert!(
+        resolved["text"]
+            .as_str()
+            .unwrap()
+            .contains("RESOLVED [oma_down]"),
+        "{resolved}"
+    );
+    // Both messages came through the trusting hook; the other never got past TLS.
+    let hook = |n: &'static str| {
+        let api = &c.api;
+        async move {
+            let h: serde_json::Value = api.get("/v1/hooks").await.unwrap();
+            h.as_array()
+                .unwrap()
+                .iter()
+                .find(|x| x["name"] == n)
+                .cloned()
+                .unwrap()
+        }
+    };
+    wait_until(
+        30,
+        "the untrusting hook refusing the certificate",
+        || async {
+            hook("slack-untrusting").await["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("UnknownIssuer"))
+        },
+    )
+    .await;
+    assert_eq!(hook("slack").await["delivered"], 2);
+    assert_eq!(hook("slack-untrusting").await["delivered"], 0);
+    assert_eq!(
+        sink.received().len(),
+        2,
+        "only the trusting hook's requests arrived"
+    );
     c.stop().await;
 }

@@ -152,6 +152,14 @@ pub struct WebhookSink {
 impl WebhookSink {
     /// Starts on 127.0.0.1:`port` (0 for any).
     pub async fn start(port: u16) -> std::io::Result<WebhookSink> {
+        WebhookSink::start_with(port, None).await
+    }
+
+    /// Like [`WebhookSink::start`], speaking HTTPS with `tls` (a receiver with its own CA).
+    pub async fn start_with(
+        port: u16,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> std::io::Result<WebhookSink> {
         use http_body_util::BodyExt;
         let listener = TcpListener::bind(("127.0.0.1", port)).await?;
         let port = listener.local_addr()?.port();
@@ -165,7 +173,7 @@ impl WebhookSink {
                     _ = s.cancelled() => return,
                     c = listener.accept() => match c { Ok((c, _)) => c, Err(_) => continue },
                 };
-                let (f, r) = (f.clone(), r.clone());
+                let (f, r, tls) = (f.clone(), r.clone(), tls.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                         let (f, r) = (f.clone(), r.clone());
@@ -197,9 +205,17 @@ impl WebhookSink {
                             Ok::<_, Infallible>(resp)
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(conn), svc)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(conn), svc).await;
+                        }
+                        Some(tls) => {
+                            if let Ok(conn) = tls.accept(conn).await {
+                                let _ = http.serve_connection(TokioIo::new(conn), svc).await;
+                            }
+                        }
+                    }
                 });
             }
         });

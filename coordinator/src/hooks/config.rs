@@ -53,7 +53,8 @@ pub struct HookConfig {
     /// File holding the SMTP password (readable by its owner only).
     #[serde(default)]
     pub password_file: Option<PathBuf>,
-    /// An extra CA certificate (PEM) the SMTP relay's certificate may chain to (email).
+    /// Extra CA certificates (PEM) the receiver's certificate may chain to, besides the web
+    /// PKI roots: an internal Alertmanager, a company relay (every kind but `command`).
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
 }

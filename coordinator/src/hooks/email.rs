@@ -7,7 +7,6 @@
 //! a file readable by its owner only and never logged. The idempotency key becomes the
 //! `Message-ID`, so a redelivered alert is the same message to every mail system.
 
-use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -19,6 +18,7 @@ use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use super::config::HookConfig;
 use super::error::{DeliveryError, HookConfigError};
 use super::format::{text, webhook_body};
+use super::hook::is_loopback;
 use crate::store::Delivery;
 
 /// A checked email hook, ready to send.
@@ -235,10 +235,6 @@ fn parse_url(raw: &str) -> Result<(Protection, String, u16), UrlError> {
         return Err(UrlError::Plaintext(raw.into()));
     }
     Ok((protection, host, port))
-}
-
-fn is_loopback(host: &str) -> bool {
-    host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Why `ca_file` could not be used.

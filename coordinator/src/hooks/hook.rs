@@ -6,7 +6,7 @@ use super::config::{HookConfig, HookKind};
 use super::email::Email;
 use super::error::{DeliveryError, HookConfigError};
 use super::format::{alertmanager_body, text, webhook_body};
-use super::http::{Client, Post, post};
+use super::http::{Client, Post, client, post};
 use crate::store::Delivery;
 
 /// A hook ready to deliver.
@@ -17,6 +17,8 @@ pub struct Hook {
     /// What kind of receiver it is.
     pub kind: HookKind,
     url: Option<hyper::Uri>,
+    /// The HTTP client of an HTTP kind (its own: `ca_file` may add a root).
+    client: Option<Client>,
     secret: Option<Vec<u8>>,
     command: Vec<String>,
     email: Option<Email>,
@@ -50,11 +52,35 @@ impl Hook {
                     raw = format!("{}/api/v2/alerts", raw.trim_end_matches('/'));
                 }
                 let uri: hyper::Uri = raw.parse().map_err(|e| err("url", format!("{e}")))?;
-                if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+                let Some(host) = uri.host() else {
                     return Err(err("url", format!("{raw:?} is not an http(s) URL")));
+                };
+                match uri.scheme_str() {
+                    Some("https") => {}
+                    // A Slack webhook's URL is its credential: never in the clear on a network.
+                    Some("http") if c.kind == HookKind::Slack && !is_loopback(host) => {
+                        return Err(err(
+                            "url",
+                            format!(
+                                "a Slack webhook URL is its secret: https:// only (http:// only to this host), not {host:?}"
+                            ),
+                        ));
+                    }
+                    Some("http") => {}
+                    _ => return Err(err("url", format!("{raw:?} is not an http(s) URL"))),
                 }
                 Some(uri)
             }
+        };
+        let client = match (url.is_some(), &c.ca_file) {
+            (true, ca) => Some(client(ca.as_deref()).map_err(|e| {
+                let file = ca
+                    .as_deref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default();
+                err("ca_file", format!("{file}: {e}"))
+            })?),
+            (false, _) => None,
         };
         if c.kind == HookKind::Command && c.command.is_empty() {
             return Err(err(
@@ -76,6 +102,7 @@ impl Hook {
             name: c.name.clone(),
             kind: c.kind,
             url,
+            client,
             secret,
             command: c.command.clone(),
             email,
@@ -85,7 +112,7 @@ impl Hook {
 
     /// Delivers one entry once; `Err` says why it failed.
     #[tracing::instrument(name = "hook_delivery", skip_all, fields(hook = %self.name, alert = d.alert.id, attempt = d.attempts + 1))]
-    pub async fn deliver(&self, client: &Client, d: &Delivery) -> Result<(), DeliveryError> {
+    pub async fn deliver(&self, d: &Delivery) -> Result<(), DeliveryError> {
         let body = match self.kind {
             HookKind::Command => return super::command::run(&self.command, self.timeout, d).await,
             HookKind::Email => {
@@ -99,7 +126,7 @@ impl Hook {
             HookKind::Alertmanager => alertmanager_body(&d.alert),
             HookKind::Webhook => webhook_body(d),
         };
-        let Some(url) = self.url.clone() else {
+        let (Some(url), Some(client)) = (self.url.clone(), &self.client) else {
             return Err(DeliveryError::Transport("no url".into()));
         };
         post(
@@ -114,6 +141,15 @@ impl Hook {
         )
         .await
     }
+}
+
+/// `localhost` or a loopback address.
+pub(crate) fn is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]
@@ -132,5 +168,30 @@ mod tests {
         Hook::from_config(&c).unwrap();
         c.name = "a b".into();
         assert_eq!(Hook::from_config(&c).unwrap_err().key, "name");
+        c.name = "ops".into();
+        c.ca_file = Some("/nonexistent/ca.pem".into());
+        let e = Hook::from_config(&c).unwrap_err();
+        assert_eq!(e.key, "ca_file");
+        assert!(e.reason.starts_with("/nonexistent/ca.pem: "), "{e}");
+    }
+
+    #[test]
+    fn a_slack_url_travels_only_over_tls_or_on_this_host() {
+        let mut c = HookConfig::webhook("chat", String::new(), "/nonexistent".into());
+        c.kind = HookKind::Slack;
+        c.secret_file = None;
+        for ok in [
+            "https://hooks.slack.com/services/T0/B0/x",
+            "http://127.0.0.1:8080/slack",
+            "http://localhost/slack",
+            "http://[::1]:81/slack",
+        ] {
+            c.url = Some(ok.into());
+            Hook::from_config(&c).unwrap();
+        }
+        c.url = Some("http://hooks.slack.com/services/T0/B0/x".into());
+        let e = Hook::from_config(&c).unwrap_err();
+        assert_eq!(e.key, "url");
+        assert!(e.reason.contains("https:// only"), "{e}");
     }
 }

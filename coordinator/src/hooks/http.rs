@@ -1,6 +1,7 @@
 //! The HTTPS client of the webhook, Slack and Alertmanager hooks (rustls with the web PKI
-//! roots), and one POST with its deadline.
+//! roots, and a hook's own `ca_file` for an internal receiver), and one POST with its deadline.
 
+use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,10 +16,34 @@ pub type Client = hyper_util::client::legacy::Client<
     Full<Bytes>,
 >;
 
-/// A client over the web PKI roots (with the ring provider, like every TLS in tunnelfleet).
-pub fn client() -> Result<Client, rustls::Error> {
+/// A client over the web PKI roots plus, with `extra_ca`, the CA certificates in that PEM file
+/// (an internal Alertmanager's, a company proxy's), with the ring provider like every TLS in
+/// tunnelfleet.
+pub fn client(extra_ca: Option<&Path>) -> Result<Client, CaError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = extra_ca {
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| CaError::Pem(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(CaError::Pem("no certificate in it".into()));
+        }
+        for c in certs {
+            roots.add(c).map_err(|e| CaError::Pem(e.to_string()))?;
+        }
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| CaError::Tls(e.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())?
+        .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .build();
@@ -26,6 +51,17 @@ pub fn client() -> Result<Client, rustls::Error> {
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .build(https),
     )
+}
+
+/// Why a hook's HTTPS client could not be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CaError {
+    /// `ca_file` is not a readable PEM certificate file.
+    #[error("{0}")]
+    Pem(String),
+    /// The TLS configuration was refused.
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// What one POST carries.

@@ -11,7 +11,6 @@ use tokio_util::sync::CancellationToken;
 use tunnelfleet_runtime::clock::now_unix_ms;
 
 use super::hook::Hook;
-use super::http::{Client, client};
 use crate::store::Store;
 
 /// Longest wait between attempts.
@@ -95,13 +94,6 @@ impl Outbox {
     /// Delivers until `shutdown`; entries of hooks no longer configured are dropped with a
     /// warning (nobody could ever take them).
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let client = match client() {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!("alert hooks disabled: {e}");
-                return;
-            }
-        };
         let known: Vec<String> = self.names();
         if let Ok(all) = self.store.deliveries() {
             for d in all.iter().filter(|d| !known.contains(&d.hook)) {
@@ -112,18 +104,17 @@ impl Outbox {
         let mut tasks = Vec::new();
         for hook in self.hooks.clone() {
             let me = self.clone();
-            let client = client.clone();
             let shutdown = shutdown.clone();
-            tasks.push(tokio::spawn(async move {
-                me.run_hook(hook, client, shutdown).await
-            }));
+            tasks.push(tokio::spawn(
+                async move { me.run_hook(hook, shutdown).await },
+            ));
         }
         for t in tasks {
             let _ = t.await;
         }
     }
 
-    async fn run_hook(&self, hook: Hook, client: Client, shutdown: CancellationToken) {
+    async fn run_hook(&self, hook: Hook, shutdown: CancellationToken) {
         // At start, try the backlog at once: the receiver may have been fixed while the
         // coordinator was down.
         let mut fresh = true;
@@ -156,7 +147,7 @@ impl Outbox {
             fresh = false;
             let result = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                r = hook.deliver(&client, &d) => r,
+                r = hook.deliver(&d) => r,
             };
             match result {
                 Ok(()) => {
