@@ -54,8 +54,13 @@ pub struct AgentConfig {
     /// Agent-wide settings.
     #[serde(default)]
     pub agent: AgentSection,
-    /// Tunnel profiles, one SSH session each.
-    #[serde(default, rename = "profile")]
+    /// Tunnel profiles, one SSH session each (at most
+    /// [`tunnelfleet_protocol::limits::MAX_PROFILES`]: every one is in each heartbeat).
+    #[serde(
+        default,
+        rename = "profile",
+        deserialize_with = "tunnelfleet_protocol::limits::set_profiles"
+    )]
     pub profiles: Vec<ProfileSpec>,
     /// The coordinator to report to and take profiles from (standalone when absent).
     #[serde(default)]
@@ -73,8 +78,9 @@ pub struct CoordinatorSection {
     pub server_name: Option<String>,
     /// This agent's id (must match its certificate).
     pub agent_id: String,
-    /// Labels for assignment, e.g. `{ site = "dc1" }`.
-    #[serde(default)]
+    /// Labels for assignment, e.g. `{ site = "dc1" }` (at most
+    /// [`tunnelfleet_protocol::limits::MAX_LABELS`]).
+    #[serde(default, deserialize_with = "tunnelfleet_protocol::limits::labels")]
     pub labels: BTreeMap<String, String>,
     /// The fleet CA certificate.
     pub ca: PathBuf,
@@ -268,6 +274,37 @@ interval = "60s"
                 port: 8082,
                 path: "/health".into()
             }
+        );
+    }
+
+    #[test]
+    fn more_profiles_or_forwards_than_a_heartbeat_carries_are_refused_naming_them() {
+        let one = |i: usize, forwards: usize| {
+            let f: Vec<String> = (0..forwards)
+                .map(|n| format!("\"L {}:localhost:22\"", 10000 + i * 100 + n))
+                .collect();
+            format!(
+                "[[profile]]\nname = \"p{i}\"\nendpoints = [\"oma:22\"]\nuser = \"u\"\nidentity_file = \"/k\"\nknown_hosts = \"/kh\"\nforwards = [{}]\n",
+                f.join(", ")
+            )
+        };
+        let many: String = (0..=tunnelfleet_protocol::limits::MAX_PROFILES)
+            .map(|i| one(i, 1))
+            .collect();
+        let e = AgentConfig::parse(&many, Path::new("agent.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("agent.toml") && e.contains("at most 256 profiles"),
+            "{e}"
+        );
+        let wide = one(0, tunnelfleet_protocol::limits::MAX_FORWARDS + 1);
+        let e = AgentConfig::parse(&wide, Path::new("agent.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("forwards") && e.contains("at most 64 forwards"),
+            "{e}"
         );
     }
 }

@@ -233,6 +233,13 @@ impl ProfileShared {
                 last_unix_ms: now,
             }),
         }
+        // Endpoints come and go with the group: the oldest counter makes room, so every
+        // heartbeat stays within the protocol's bound.
+        if s.errors.len() > tunnelfleet_protocol::limits::MAX_ERROR_COUNTS
+            && let Some(oldest) = (0..s.errors.len()).min_by_key(|&i| s.errors[i].last_unix_ms)
+        {
+            s.errors.remove(oldest);
+        }
         s.last_error = Some(detail);
     }
 

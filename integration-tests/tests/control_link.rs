@@ -372,3 +372,83 @@ async fn a_client_without_a_certificate_gets_no_control_link() {
     }
     assert!(c.fleet.links.connected().is_empty());
 }
+
+/// bincode's serde path does not charge sequence elements to the frame limit: 50,000 empty
+/// profile reports fit in one frame and its limit (about 0.6 MB on the wire) and decode to about
+/// 15 MB, held under the fleet's lock; 300,000 trip bincode's own limit. Both are bounded while
+/// decoding (at most 256 profiles): that link is closed as malformed, its heartbeat never
+/// counted, and no other link notices.
+#[tokio::test]
+async fn a_heartbeat_of_300000_empty_reports_closes_that_link_and_no_other() {
+    let dir = tempfile::tempdir().unwrap();
+    pki::init(&dir.path().join("pki"), &["localhost".into()]).unwrap();
+    let issue = |id: &str| {
+        pki::issue_agent(&dir.path().join("pki"), id, 365, &dir.path().join(id)).unwrap()
+    };
+    let c = coordinator(&dir.path().join("pki")).await;
+    let mut g = connect(&c, &issue("good"), hello("good")).await.unwrap();
+    let empty = tunnelfleet_protocol::ProfileReport {
+        name: String::new(),
+        state: tunnelfleet_protocol::TunnelState::Up,
+        active_endpoint: String::new(),
+        up_since_unix_ms: None,
+        reconnects: 0,
+        failovers: 0,
+        last_error: None,
+        consecutive_failures: 0,
+        health: vec![],
+        forwards: vec![],
+        errors: vec![],
+        failover_log: vec![],
+    };
+    for (id, n) in [("bad-300k", 300_000), ("bad-50k", 50_000), ("bad-257", 257)] {
+        let mut b = connect(&c, &issue(id), hello(id)).await.unwrap();
+        let hb = Heartbeat {
+            seq: 1,
+            sent_unix_ms: 0,
+            profiles: vec![empty.clone(); n],
+        };
+        let frame = tunnelfleet_protocol::encode(&tunnelfleet_protocol::AgentMessage::Heartbeat(
+            hb.clone(),
+        ))
+        .unwrap();
+        assert!(frame.len() < tunnelfleet_protocol::MAX_FRAME_LEN as usize);
+        b.heartbeat(hb).await.unwrap();
+        wait_until(10, &format!("the hostile link {id} closed"), || async {
+            !c.fleet.links.get(id).is_some_and(|a| a.connected)
+        })
+        .await;
+        assert!(
+            c.fleet
+                .links
+                .get(id)
+                .is_none_or(|a| a.heartbeats == 0 && a.last_heartbeat.is_none()),
+            "{id}: the oversized heartbeat was taken"
+        );
+        // The push of its (empty) set on connect may still arrive; then the refusal.
+        let mut next = b.next().await;
+        if let Ok(tunnelfleet_protocol::CoordinatorMessage::Push(_)) = next {
+            next = b.next().await;
+        }
+        match next {
+            Err(LinkError::Refused { reason, .. }) => {
+                assert!(reason.starts_with("malformed message"), "{id}: {reason}")
+            }
+            other => panic!("{id}: the hostile link still answers: {other:?}"),
+        }
+    }
+    g.heartbeat(Heartbeat {
+        seq: 1,
+        sent_unix_ms: 0,
+        profiles: vec![],
+    })
+    .await
+    .unwrap();
+    wait_until(10, "the good agent's heartbeat", || async {
+        c.fleet
+            .links
+            .get("good")
+            .is_some_and(|a| a.heartbeats == 1 && a.connected)
+    })
+    .await;
+}

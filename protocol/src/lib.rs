@@ -9,6 +9,7 @@
 //! - [`message`]: the messages each side sends, and the version check of the hello.
 //! - [`enroll`]: the one-shot exchange that gives a new agent its certificate.
 //! - [`frame`]: length-prefixed frames, encoding, and the incremental decoder with limits.
+//! - [`limits`]: how many of each thing a message may carry, enforced while decoding.
 //! - [`profile`]: the one profile model: fields, defaults, validation, OMA-group resolution.
 //! - [`forward`]: forwards as OpenSSH writes them (`L [bind:]port:host:hostport`, `R`, `D`).
 //! - [`jump`]: jump hosts (`ssh -J`): a hop as written, parsed and printed.
@@ -26,6 +27,7 @@ pub mod forward;
 pub mod frame;
 pub mod jump;
 pub mod legacy;
+pub mod limits;
 pub mod message;
 pub mod profile;
 

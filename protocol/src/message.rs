@@ -107,6 +107,7 @@ pub struct Hello {
     /// Agent software version.
     pub agent_version: String,
     /// Labels for assignment (`site=dc1`).
+    #[serde(deserialize_with = "crate::limits::labels")]
     pub labels: BTreeMap<String, String>,
     /// The profile-set version it runs now (from its cache), if any.
     pub applied_version: Option<u64>,
@@ -157,6 +158,7 @@ pub struct Heartbeat {
     /// Agent wall clock when sent (Unix ms).
     pub sent_unix_ms: u64,
     /// Every profile the agent runs.
+    #[serde(deserialize_with = "crate::limits::report_profiles")]
     pub profiles: Vec<ProfileReport>,
 }
 
@@ -217,14 +219,18 @@ pub struct ProfileReport {
     /// `threshold` failures in a row — the coordinator's `tunnel_health` rule.
     pub consecutive_failures: u32,
     /// Health results since the previous heartbeat.
+    #[serde(deserialize_with = "crate::limits::health_samples")]
     pub health: Vec<HealthSample>,
     /// Forwards in config order.
+    #[serde(deserialize_with = "crate::limits::forward_reports")]
     pub forwards: Vec<ForwardReport>,
     /// Session failures per endpoint and kind since the agent started (monotonic counters,
     /// so a lost heartbeat loses nothing: the coordinator compares with the previous one).
+    #[serde(deserialize_with = "crate::limits::error_counts")]
     pub errors: Vec<ErrorCount>,
     /// The latest endpoint changes the agent made on its own, oldest first (bounded), so an
     /// agent that failed over while the coordinator was unreachable reports it on reconnect.
+    #[serde(deserialize_with = "crate::limits::failover_log")]
     pub failover_log: Vec<FailoverRecord>,
 }
 
@@ -330,6 +336,7 @@ pub struct ProfileSet {
     /// Version; increases with every change.
     pub version: u64,
     /// The profiles.
+    #[serde(deserialize_with = "crate::limits::set_profiles")]
     pub profiles: Vec<ProfileSpec>,
 }
 
@@ -342,6 +349,7 @@ pub struct Applied {
     /// True when every forward was applied.
     pub ok: bool,
     /// One result per forward.
+    #[serde(deserialize_with = "crate::limits::results")]
     pub results: Vec<ForwardResult>,
 }
 

@@ -145,6 +145,13 @@ impl OmaGroup {
                 "at least one host:port is required".into(),
             );
         }
+        let max = tunnelfleet_protocol::limits::MAX_ENDPOINTS;
+        if self.endpoints.len() > max {
+            return err(
+                "endpoints".into(),
+                format!("{} given; at most {max}", self.endpoints.len()),
+            );
+        }
         for (i, e) in self.endpoints.iter().enumerate() {
             if let Err(r) = tunnelfleet_protocol::addr::split_host_port(e, None) {
                 return err(format!("endpoints[{i}]"), r.to_string());

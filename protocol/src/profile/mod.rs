@@ -76,7 +76,7 @@ pub struct ProfileSpec {
     #[serde(default)]
     pub description: String,
     /// Endpoints in priority order (`host:port`; port 22 when omitted): primary first.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::limits::endpoints")]
     pub endpoints: Vec<String>,
     /// OMA group (profiles held by the coordinator): its endpoints, active one first, are put
     /// before `endpoints` when the profile is pushed ([`ProfileSpec::resolved`]).
@@ -90,12 +90,13 @@ pub struct ProfileSpec {
     #[serde(default)]
     pub known_hosts: Option<PathBuf>,
     /// Pinned host key fingerprints, `SHA256:…` as `ssh-keygen -lf` prints them.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::limits::pins")]
     pub host_key_fingerprints: Vec<String>,
     /// Record an unknown host's key into `known_hosts` on first contact. Off unless asked.
     #[serde(default)]
     pub trust_on_first_use: bool,
     /// Forwards in OpenSSH syntax: `L [bind:]port:host:hostport`, `R …`, `D [bind:]port`.
+    #[serde(deserialize_with = "crate::limits::forwards")]
     pub forwards: Vec<String>,
     /// TCP connect plus SSH handshake and authentication deadline.
     #[serde(default = "default_connect_timeout", with = "crate::duration")]
@@ -136,7 +137,7 @@ pub struct ProfileSpec {
     pub health: Option<HealthSpec>,
     /// Jump hosts to reach the endpoints through, first to last (`ssh -J`):
     /// `["ops@bastion.example:22"]`. Their host keys are verified like the endpoints'.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::limits::jumps")]
     pub jump: Vec<String>,
 }
 
@@ -206,6 +207,8 @@ impl ProfileSpec {
                 endpoints.push(e);
             }
         }
+        // The group's endpoints first; what does not fit the bound is the lowest priority.
+        endpoints.truncate(crate::limits::MAX_ENDPOINTS);
         p.endpoints = endpoints;
         p
     }
@@ -226,6 +229,21 @@ impl ProfileSpec {
     /// Checks everything serde cannot; the error's key is relative to the profile.
     pub fn validate(&self) -> Result<(), ProfileError> {
         let err = |k: &str, r: String| Err(ProfileError::new(k, r));
+        use crate::limits::{MAX_ENDPOINTS, MAX_FORWARDS, MAX_JUMPS, MAX_PINS};
+        for (key, n, max) in [
+            ("endpoints", self.endpoints.len(), MAX_ENDPOINTS),
+            ("forwards", self.forwards.len(), MAX_FORWARDS),
+            ("jump", self.jump.len(), MAX_JUMPS),
+            (
+                "host_key_fingerprints",
+                self.host_key_fingerprints.len(),
+                MAX_PINS,
+            ),
+        ] {
+            if n > max {
+                return err(key, format!("{n} given; at most {max}"));
+            }
+        }
         if !valid_name(&self.name) {
             return err(
                 "name",

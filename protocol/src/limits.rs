@@ -1,0 +1,226 @@
+//! How many of each thing a message may carry, enforced while decoding.
+//!
+//! The frame limit bounds bytes, not memory: bincode's serde path does not charge sequence
+//! elements to its limit, so 4 MiB of empty `ProfileReport`s (about 12 bytes each on the wire,
+//! hundreds in memory) would decode to roughly 100 MB. Every sequence and map a peer controls is
+//! therefore read through [`seq`] or [`map`], which refuse a length over its bound before
+//! allocating (bincode announces the length first) and stop at the bound otherwise: a frame
+//! over them is a decode error, and the connection that sent it is closed as malformed.
+//!
+//! The bounds are far above what a real agent sends (one profile has at most
+//! [`MAX_ENDPOINTS`] endpoints and [`MAX_FORWARDS`] forwards; config files are held to the
+//! same numbers when they are read, so a valid configuration always fits).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::de::{Deserialize, Deserializer, Error, MapAccess, SeqAccess, Visitor};
+
+/// Profiles per agent (a heartbeat, a pushed set, an agent config).
+pub const MAX_PROFILES: usize = 256;
+/// Endpoints per profile.
+pub const MAX_ENDPOINTS: usize = 16;
+/// Forwards per profile.
+pub const MAX_FORWARDS: usize = 64;
+/// Jump hosts per profile.
+pub const MAX_JUMPS: usize = 8;
+/// Pinned host key fingerprints per profile.
+pub const MAX_PINS: usize = 64;
+/// Labels per agent.
+pub const MAX_LABELS: usize = 32;
+/// Health results per profile in one heartbeat.
+pub const MAX_HEALTH_SAMPLES: usize = 64;
+/// Error counters (endpoint × kind) per profile in one heartbeat.
+pub const MAX_ERROR_COUNTS: usize = 128;
+/// Remembered endpoint changes per profile in one heartbeat.
+pub const MAX_FAILOVER_LOG: usize = 16;
+/// Forward results in one `Applied`.
+pub const MAX_RESULTS: usize = MAX_PROFILES * MAX_FORWARDS;
+
+/// A sequence of at most `max` elements; `what` names them in the error.
+pub fn seq<'de, D, T>(d: D, max: usize, what: &'static str) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    d.deserialize_seq(SeqVisitor {
+        max,
+        what,
+        _t: PhantomData,
+    })
+}
+
+/// A map of at most `max` entries; `what` names them in the error.
+pub fn map<'de, D, K, V>(d: D, max: usize, what: &'static str) -> Result<BTreeMap<K, V>, D::Error>
+where
+    D: Deserializer<'de>,
+    K: Deserialize<'de> + Ord,
+    V: Deserialize<'de>,
+{
+    d.deserialize_map(MapVisitor {
+        max,
+        what,
+        _t: PhantomData,
+    })
+}
+
+struct SeqVisitor<T> {
+    max: usize,
+    what: &'static str,
+    _t: PhantomData<T>,
+}
+
+impl<'de, T: Deserialize<'de>> Visitor<'de> for SeqVisitor<T> {
+    type Value = Vec<T>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "at most {} {}", self.max, self.what)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> Result<Vec<T>, A::Error> {
+        let hint = s.size_hint().unwrap_or(0);
+        if hint > self.max {
+            return Err(A::Error::invalid_length(hint, &self));
+        }
+        let mut out = Vec::with_capacity(hint);
+        while let Some(x) = s.next_element()? {
+            if out.len() == self.max {
+                return Err(A::Error::invalid_length(self.max + 1, &self));
+            }
+            out.push(x);
+        }
+        Ok(out)
+    }
+}
+
+struct MapVisitor<K, V> {
+    max: usize,
+    what: &'static str,
+    _t: PhantomData<(K, V)>,
+}
+
+impl<'de, K: Deserialize<'de> + Ord, V: Deserialize<'de>> Visitor<'de> for MapVisitor<K, V> {
+    type Value = BTreeMap<K, V>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "at most {} {}", self.max, self.what)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<BTreeMap<K, V>, A::Error> {
+        let hint = m.size_hint().unwrap_or(0);
+        if hint > self.max {
+            return Err(A::Error::invalid_length(hint, &self));
+        }
+        let mut out = BTreeMap::new();
+        while let Some((k, v)) = m.next_entry()? {
+            if out.len() == self.max {
+                return Err(A::Error::invalid_length(self.max + 1, &self));
+            }
+            out.insert(k, v);
+        }
+        Ok(out)
+    }
+}
+
+/// One function per bounded field, for `#[serde(deserialize_with = "…")]`.
+macro_rules! bounded {
+    ($($name:ident: $ty:ty, $max:expr, $what:literal;)*) => {$(
+        #[doc = concat!("At most the bound of ", $what, ".")]
+        pub fn $name<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<$ty>, D::Error> {
+            seq(d, $max, $what)
+        }
+    )*};
+}
+
+bounded! {
+    report_profiles: crate::ProfileReport, MAX_PROFILES, "profiles";
+    set_profiles: crate::ProfileSpec, MAX_PROFILES, "profiles";
+    endpoints: String, MAX_ENDPOINTS, "endpoints";
+    forwards: String, MAX_FORWARDS, "forwards";
+    jumps: String, MAX_JUMPS, "jump hosts";
+    pins: String, MAX_PINS, "host key fingerprints";
+    forward_reports: crate::ForwardReport, MAX_FORWARDS, "forwards";
+    health_samples: crate::HealthSample, MAX_HEALTH_SAMPLES, "health results";
+    error_counts: crate::ErrorCount, MAX_ERROR_COUNTS, "error counters";
+    failover_log: crate::FailoverRecord, MAX_FAILOVER_LOG, "failover records";
+    results: crate::ForwardResult, MAX_RESULTS, "forward results";
+}
+
+/// Labels: at most [`MAX_LABELS`].
+pub fn labels<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    map(d, MAX_LABELS, "labels")
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
+
+    use crate::*;
+
+    fn heartbeat(profiles: usize, forwards: usize) -> AgentMessage {
+        let report = ProfileReport {
+            name: "p".into(),
+            state: TunnelState::Up,
+            active_endpoint: "oma:22".into(),
+            up_since_unix_ms: None,
+            reconnects: 0,
+            failovers: 0,
+            last_error: None,
+            consecutive_failures: 0,
+            health: vec![],
+            forwards: vec![
+                ForwardReport {
+                    spec: "L 1:a:2".into(),
+                    state: ForwardState::Active,
+                    detail: None,
+                    bytes_out: 0,
+                    bytes_in: 0,
+                    connections_open: 0,
+                };
+                forwards
+            ],
+            errors: vec![],
+            failover_log: vec![],
+        };
+        AgentMessage::Heartbeat(Heartbeat {
+            seq: 1,
+            sent_unix_ms: 0,
+            profiles: vec![report; profiles],
+        })
+    }
+
+    #[test]
+    fn a_count_at_its_bound_decodes_and_one_more_is_refused_naming_it() {
+        let ok = heartbeat(super::MAX_PROFILES, super::MAX_FORWARDS);
+        let frame = encode(&ok).unwrap();
+        assert_eq!(decode::<AgentMessage>(&frame[4..]).unwrap(), ok);
+        for (msg, what) in [
+            (
+                heartbeat(super::MAX_PROFILES + 1, 0),
+                "at most 256 profiles",
+            ),
+            (heartbeat(1, super::MAX_FORWARDS + 1), "at most 64 forwards"),
+        ] {
+            let frame = encode(&msg).unwrap();
+            let e = decode::<AgentMessage>(&frame[4..]).unwrap_err().to_string();
+            assert!(e.contains(what), "{e}");
+        }
+    }
+
+    #[test]
+    fn labels_and_config_lists_are_bounded_in_toml_too() {
+        let mut labels = String::from("[l]\n");
+        for i in 0..=super::MAX_LABELS {
+            labels.push_str(&format!("k{i} = \"v\"\n"));
+        }
+        #[derive(Debug, serde::Deserialize)]
+        struct L {
+            #[serde(deserialize_with = "super::labels")]
+            #[allow(dead_code)]
+            l: std::collections::BTreeMap<String, String>,
+        }
+        let e = toml::from_str::<L>(&labels).unwrap_err().to_string();
+        assert!(e.contains("at most 32 labels"), "{e}");
+    }
+}
