@@ -33,13 +33,6 @@ pub enum FleetEvent {
         /// Its process start.
         started_unix_ms: u64,
     },
-    /// A heartbeat arrived.
-    Heartbeat {
-        /// The agent that sent it.
-        agent: String,
-        /// The heartbeat.
-        hb: Box<Heartbeat>,
-    },
     /// The sweeper marked an agent offline.
     Offline {
         /// The silent agent.
@@ -53,10 +46,6 @@ pub enum FleetEvent {
         agent: String,
     },
 }
-
-/// Queue depth of [`FleetEvent`]s; a heartbeat that does not fit is dropped (the next one
-/// carries the same state).
-pub const EVENT_QUEUE: usize = 65_536;
 
 /// Why an operator's command did not get an answer from the agent.
 #[derive(Debug, thiserror::Error)]
@@ -92,8 +81,8 @@ pub struct AgentLink {
     pub remote: SocketAddr,
     /// Labels from the hello.
     pub labels: BTreeMap<String, String>,
-    /// Latest heartbeat.
-    pub last_heartbeat: Option<Heartbeat>,
+    /// Latest heartbeat (shared with the watcher and the scrapes: never copied under the lock).
+    pub last_heartbeat: Option<Arc<Heartbeat>>,
     /// When the last push was queued for it.
     pub pushed_at: Option<Instant>,
     /// Heartbeats received on this connection.
@@ -183,7 +172,7 @@ impl Links {
     }
 
     /// The last heartbeat of every connected agent.
-    pub fn heartbeats(&self) -> Vec<Heartbeat> {
+    pub fn heartbeats(&self) -> Vec<Arc<Heartbeat>> {
         self.lock()
             .values()
             .filter(|(l, _)| l.connected)
@@ -204,8 +193,16 @@ pub struct Fleet {
     pub store: Store,
     /// Heartbeat interval told to agents.
     pub heartbeat_interval: Duration,
-    /// Where [`FleetEvent`]s go.
-    events: mpsc::Sender<FleetEvent>,
+    /// Where [`FleetEvent`]s go. Unbounded so that none is ever dropped: they are lifecycle
+    /// events only (a hello per accepted connection, one connection per agent; offline and
+    /// online per silence), while heartbeats, which an agent can send at any rate, wait in
+    /// [`Fleet::take_heartbeats`]'s map, one per agent.
+    events: mpsc::UnboundedSender<FleetEvent>,
+    /// Heartbeats the watcher has not judged yet: the latest per agent (a newer one replaces
+    /// an older, so a flood costs the watcher one heartbeat per agent per turn).
+    fresh: Mutex<HashMap<String, Arc<Heartbeat>>>,
+    /// Woken when `fresh` gets one.
+    fresh_ready: tokio::sync::Notify,
     /// Commands sent to agents, waiting for their results.
     commands: Mutex<Pending>,
     next_command: std::sync::atomic::AtomicU64,
@@ -221,13 +218,15 @@ impl Fleet {
     pub fn new(
         store: Store,
         heartbeat_interval: Duration,
-    ) -> (Arc<Fleet>, mpsc::Receiver<FleetEvent>) {
-        let (events, rx) = mpsc::channel(EVENT_QUEUE);
+    ) -> (Arc<Fleet>, mpsc::UnboundedReceiver<FleetEvent>) {
+        let (events, rx) = mpsc::unbounded_channel();
         let fleet = Arc::new(Fleet {
             links: Links::default(),
             store,
             heartbeat_interval,
             events,
+            fresh: Mutex::default(),
+            fresh_ready: tokio::sync::Notify::new(),
             commands: Mutex::default(),
             next_command: std::sync::atomic::AtomicU64::new(1),
         });
@@ -408,15 +407,20 @@ impl Fleet {
             .map(|at| at.elapsed())
     }
 
-    /// Queues an event for the watcher without waiting; a full queue drops it (logged), a
-    /// closed one (nothing watches) discards it.
+    /// Queues an event for the watcher without waiting (nothing watching: discarded).
     fn notify(&self, ev: FleetEvent) {
-        if let Err(mpsc::error::TrySendError::Full(ev)) = self.events.try_send(ev) {
-            tracing::warn!(
-                "watcher queue full; dropped {:?}",
-                std::mem::discriminant(&ev)
-            );
-        }
+        let _ = self.events.send(ev);
+    }
+
+    /// The heartbeats that arrived since the last call, the latest per agent.
+    pub fn take_heartbeats(&self) -> Vec<(String, Arc<Heartbeat>)> {
+        let mut fresh = self.fresh.lock().unwrap_or_else(|p| p.into_inner());
+        fresh.drain().collect()
+    }
+
+    /// Resolves once a heartbeat is waiting in [`Fleet::take_heartbeats`].
+    pub async fn heartbeats_ready(&self) {
+        self.fresh_ready.notified().await;
     }
 
     /// Registers a new connection of `agent_id` (replacing an older one) with the queue its
@@ -469,6 +473,7 @@ impl Fleet {
     /// Records that `id` was heard from now; logs a return from offline.
     pub fn heard(&self, id: &str, hb: Option<Heartbeat>) {
         let mut back = false;
+        let mut fresh = None;
         if let Some((l, _)) = self.links.lock().get_mut(id) {
             l.last_heard = Instant::now();
             if !l.online {
@@ -478,14 +483,17 @@ impl Fleet {
             }
             if let Some(hb) = hb {
                 l.heartbeats += 1;
-                if !self.events.is_closed() {
-                    self.notify(FleetEvent::Heartbeat {
-                        agent: id.to_string(),
-                        hb: Box::new(hb.clone()),
-                    });
-                }
-                l.last_heartbeat = Some(hb);
+                let hb = Arc::new(hb);
+                l.last_heartbeat = Some(hb.clone());
+                fresh = Some(hb);
             }
+        }
+        if let Some(hb) = fresh.filter(|_| !self.events.is_closed()) {
+            self.fresh
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id.to_string(), hb);
+            self.fresh_ready.notify_one();
         }
         if back {
             self.notify(FleetEvent::Online {
@@ -536,5 +544,54 @@ mod tests {
         assert!(l.online && l.heartbeats == 1);
         tokio::time::advance(Duration::from_secs(10)).await;
         assert!(fleet.sweep(Instant::now()).is_empty());
+    }
+
+    fn link(fleet: &Fleet, id: &str) {
+        fleet.links.lock().insert(
+            id.into(),
+            (
+                AgentLink::connected(id, SocketAddr::from(([127, 0, 0, 1], 1)), BTreeMap::new()),
+                None,
+            ),
+        );
+    }
+
+    /// One agent's heartbeat flood can neither crowd out another agent's lifecycle events (a
+    /// bounded queue of both used to drop them once full) nor make the watcher judge every
+    /// one of its heartbeats: they are coalesced per agent, the latest kept.
+    #[tokio::test]
+    async fn a_heartbeat_flood_is_coalesced_and_never_drops_another_agents_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let (fleet, mut events) =
+            Fleet::new(Store::open(dir.path()).unwrap(), Duration::from_secs(5));
+        link(&fleet, "hostile");
+        link(&fleet, "honest");
+        fleet.links.lock().get_mut("honest").unwrap().0.online = false;
+        for seq in 1..=70_000 {
+            fleet.heard(
+                "hostile",
+                Some(Heartbeat {
+                    seq,
+                    sent_unix_ms: 0,
+                    profiles: vec![],
+                }),
+            );
+        }
+        fleet.heard("honest", None);
+        let mut lifecycle = Vec::new();
+        while let Ok(ev) = events.try_recv() {
+            lifecycle.push(ev);
+        }
+        assert!(
+            matches!(&lifecycle[..], [FleetEvent::Online { agent }] if agent == "honest"),
+            "{} events, last {:?}",
+            lifecycle.len(),
+            lifecycle.last()
+        );
+        let fresh = fleet.take_heartbeats();
+        assert_eq!(fresh.len(), 1);
+        assert_eq!((fresh[0].0.as_str(), fresh[0].1.seq), ("hostile", 70_000));
+        assert!(fleet.take_heartbeats().is_empty(), "taken once");
+        assert_eq!(fleet.links.get("hostile").unwrap().heartbeats, 70_000);
     }
 }

@@ -99,7 +99,7 @@ pub struct Bound {
     token: String,
     outbox: Arc<Outbox>,
     rules: AlertRules,
-    fleet_events: tokio::sync::mpsc::Receiver<FleetEvent>,
+    fleet_events: tokio::sync::mpsc::UnboundedReceiver<FleetEvent>,
     link: LinkContext,
 }
 

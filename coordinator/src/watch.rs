@@ -76,8 +76,8 @@ pub struct WatchHandle {
 }
 
 /// Depth of the watcher's own queue: probe results (one per endpoint per interval) and operator
-/// commands. The fleet's events, thousands a second, come on the fleet's queue
-/// ([`crate::fleet::EVENT_QUEUE`]).
+/// commands. The fleet's lifecycle events come on the fleet's queue and its heartbeats through
+/// [`Fleet::take_heartbeats`] (the latest per agent).
 const QUEUE: usize = 1024;
 
 impl WatchHandle {
@@ -101,7 +101,7 @@ impl WatchHandle {
 /// `shutdown`. Failovers and alerts are counted in `metrics`.
 pub fn start(
     fleet: Arc<Fleet>,
-    fleet_events: mpsc::Receiver<FleetEvent>,
+    fleet_events: mpsc::UnboundedReceiver<FleetEvent>,
     rules: AlertRules,
     outbox: Arc<Outbox>,
     metrics: Option<Arc<Metrics>>,
@@ -147,7 +147,7 @@ impl Watcher {
     async fn run(
         mut self,
         mut rx: mpsc::Receiver<WatchEvent>,
-        mut fleet_events: mpsc::Receiver<FleetEvent>,
+        mut fleet_events: mpsc::UnboundedReceiver<FleetEvent>,
         shutdown: CancellationToken,
     ) {
         match self.fleet.store.alerts(false) {
@@ -166,11 +166,20 @@ impl Watcher {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut refreshed = Instant::now();
+        let fleet = self.fleet.clone();
         loop {
             let (actions, reply) = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 Some(ev) = rx.recv() => self.handle(ev).await,
                 Some(ev) = fleet_events.recv() => self.handle(WatchEvent::Fleet(ev)).await,
+                _ = fleet.heartbeats_ready() => {
+                    let now = Instant::now();
+                    let mut actions = Vec::new();
+                    for (agent, hb) in fleet.take_heartbeats() {
+                        actions.extend(self.monitor.heartbeat(&agent, &hb, now));
+                    }
+                    (actions, None)
+                }
                 _ = tick.tick() => {
                     let now = Instant::now();
                     if now.duration_since(refreshed) >= Duration::from_secs(5) {
@@ -209,9 +218,6 @@ impl Watcher {
                 agent,
                 started_unix_ms,
             }) => self.monitor.hello(&agent, started_unix_ms, now),
-            WatchEvent::Fleet(FleetEvent::Heartbeat { agent, hb }) => {
-                self.monitor.heartbeat(&agent, &hb, now)
-            }
             WatchEvent::Fleet(FleetEvent::Offline { agent, missed }) => {
                 self.monitor.agent_offline(&agent, missed)
             }

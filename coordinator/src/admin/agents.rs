@@ -124,7 +124,7 @@ fn summaries(fleet: &Fleet) -> Result<Vec<AgentDetail>, ApiError> {
                 .iter()
                 .flat_map(|h| h.profiles.iter().map(|p| placement(&groups, p)))
                 .collect(),
-            last_heartbeat: hb,
+            last_heartbeat: hb.map(|h| (*h).clone()),
         });
     }
     Ok(out)
