@@ -5,7 +5,7 @@
 //! What happens to agents (a hello, a heartbeat, going offline and coming back) is sent as a
 //! [`FleetEvent`] to whoever took the receiver from [`Fleet::new`] (the watcher), without waiting.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tunnelfleet_protocol::{
-    Command, CommandAction, CommandResult, CoordinatorMessage, Heartbeat, encode,
+    Command, CommandAction, CommandResult, CoordinatorMessage, Heartbeat, ProfileSet, encode,
 };
 
 use crate::store::{Revocation, Store, StoreError};
@@ -81,8 +81,15 @@ pub struct AgentLink {
     pub remote: SocketAddr,
     /// Labels from the hello.
     pub labels: BTreeMap<String, String>,
-    /// Latest heartbeat (shared with the watcher and the scrapes: never copied under the lock).
+    /// Latest heartbeat as the agent sent it (what `agents show` prints as the agent's words).
     pub last_heartbeat: Option<Arc<Heartbeat>>,
+    /// What of it counts ([`judged`]): the rules, the gauges and the placement read this one.
+    /// Shared, never copied under the lock.
+    pub judged: Option<Arc<Heartbeat>>,
+    /// The profiles last pushed to it, with the endpoints each was given.
+    pub given: Arc<Given>,
+    /// The version whose `Applied` was taken (one per push).
+    pub acked: Option<u64>,
     /// When the last push was queued for it.
     pub pushed_at: Option<Instant>,
     /// Heartbeats received on this connection.
@@ -105,6 +112,9 @@ impl AgentLink {
             remote,
             labels,
             last_heartbeat: None,
+            judged: None,
+            given: Arc::default(),
+            acked: None,
             heartbeats: 0,
             connected: true,
             pushed: None,
@@ -112,6 +122,46 @@ impl AgentLink {
             last_heard: Instant::now(),
             online: true,
         }
+    }
+}
+
+/// Profile name -> the endpoints it was pushed with.
+pub type Given = BTreeMap<String, BTreeSet<String>>;
+
+/// What a pushed set gives an agent to report on.
+pub fn given(set: &ProfileSet) -> Arc<Given> {
+    Arc::new(
+        set.profiles
+            .iter()
+            .map(|p| (p.name.clone(), p.endpoints.iter().cloned().collect()))
+            .collect(),
+    )
+}
+
+/// What of an agent's heartbeat counts: only profiles pushed to it, each only when it runs on
+/// an endpoint it was given, with only the error counters and moves of those endpoints. An
+/// enrolled agent (perhaps a stolen one) can report on what it was given, nothing else: no
+/// alerts under invented names, no evidence against endpoints it never had.
+pub fn judged(hb: &Heartbeat, given: &Given) -> Heartbeat {
+    let profiles = hb
+        .profiles
+        .iter()
+        .filter_map(|p| {
+            let eps = given.get(&p.name)?;
+            if !eps.contains(&p.active_endpoint) {
+                return None;
+            }
+            let mut p = p.clone();
+            p.errors.retain(|e| eps.contains(&e.endpoint));
+            p.failover_log
+                .retain(|f| eps.contains(&f.from) && eps.contains(&f.to));
+            Some(p)
+        })
+        .collect();
+    Heartbeat {
+        seq: hb.seq,
+        sent_unix_ms: hb.sent_unix_ms,
+        profiles,
     }
 }
 
@@ -171,12 +221,12 @@ impl Links {
             .collect()
     }
 
-    /// The last heartbeat of every connected agent.
+    /// What counts of the last heartbeat of every connected agent ([`judged`]).
     pub fn heartbeats(&self) -> Vec<Arc<Heartbeat>> {
         self.lock()
             .values()
             .filter(|(l, _)| l.connected)
-            .filter_map(|(l, _)| l.last_heartbeat.clone())
+            .filter_map(|(l, _)| l.judged.clone())
             .collect()
     }
 
@@ -261,7 +311,7 @@ impl Fleet {
         // assigned by the same labels share one frame.
         let snapshot = self.store.snapshot()?;
         let version = snapshot.version;
-        let mut frames: HashMap<std::collections::BTreeSet<String>, Vec<u8>> = HashMap::new();
+        let mut frames: HashMap<BTreeSet<String>, (Vec<u8>, Arc<Given>)> = HashMap::new();
         let mut links = self.links.lock();
         for (link, live) in links.values_mut() {
             let Some(tx) = live.as_ref().filter(|_| link.connected).map(|l| &l.tx) else {
@@ -271,17 +321,20 @@ impl Fleet {
                 continue;
             }
             let names = snapshot.names_for(&link.agent_id, &link.labels);
-            let frame = match frames.get(&names) {
+            let (frame, gave) = match frames.get(&names) {
                 Some(f) => f.clone(),
                 None => {
-                    let Ok(f) = encode(&CoordinatorMessage::Push(snapshot.set_of(&names))) else {
+                    let set = snapshot.set_of(&names);
+                    let Ok(f) = encode(&CoordinatorMessage::Push(set.clone())) else {
                         continue;
                     };
-                    frames.insert(names, f.clone());
-                    f
+                    let entry = (f, given(&set));
+                    frames.insert(names, entry.clone());
+                    entry
                 }
             };
             if tx.try_send(frame).is_ok() {
+                link.given = gave;
                 link.pushed = Some(version);
                 link.pushed_at = Some(Instant::now());
                 pushed.push(link.agent_id.clone());
@@ -305,12 +358,12 @@ impl Fleet {
         if !link.connected || link.pushed == Some(version) {
             return Ok(false);
         }
-        let Ok(frame) = encode(&CoordinatorMessage::Push(
-            snapshot.set_for(&link.agent_id, &link.labels),
-        )) else {
+        let set = snapshot.set_for(&link.agent_id, &link.labels);
+        let Ok(frame) = encode(&CoordinatorMessage::Push(set.clone())) else {
             return Ok(false);
         };
         if live.tx.try_send(frame).is_ok() {
+            link.given = given(&set);
             link.pushed = Some(version);
             link.pushed_at = Some(Instant::now());
             return Ok(true);
@@ -396,15 +449,17 @@ impl Fleet {
         self.commands.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The time from the push of `version` to this agent until now (its acknowledgement), if
-    /// that version is the one last pushed to it.
+    /// Takes the agent's acknowledgement of `version`: the time since its push, once per push
+    /// of that version, and None for any other (a version never pushed to it, or one already
+    /// acknowledged), which must change nothing.
     pub fn acknowledged(&self, id: &str, version: u64) -> Option<Duration> {
-        self.links
-            .lock()
-            .get(id)
-            .filter(|(l, _)| l.pushed == Some(version))
-            .and_then(|(l, _)| l.pushed_at)
-            .map(|at| at.elapsed())
+        let mut links = self.links.lock();
+        let (l, _) = links.get_mut(id)?;
+        if l.pushed != Some(version) || l.acked == Some(version) {
+            return None;
+        }
+        l.acked = Some(version);
+        Some(l.pushed_at.map(|at| at.elapsed()).unwrap_or_default())
     }
 
     /// Queues an event for the watcher without waiting (nothing watching: discarded).
@@ -474,6 +529,11 @@ impl Fleet {
     pub fn heard(&self, id: &str, hb: Option<Heartbeat>) {
         let mut back = false;
         let mut fresh = None;
+        // Judged outside the lock: the lock is only for swapping the results in.
+        let given = self.links.lock().get(id).map(|(l, _)| l.given.clone());
+        let hb = hb
+            .zip(given)
+            .map(|(hb, g)| (Arc::new(judged(&hb, &g)), Arc::new(hb)));
         if let Some((l, _)) = self.links.lock().get_mut(id) {
             l.last_heard = Instant::now();
             if !l.online {
@@ -481,11 +541,11 @@ impl Fleet {
                 back = true;
                 tracing::info!(agent = %id, "agent back online");
             }
-            if let Some(hb) = hb {
+            if let Some((judged, hb)) = hb {
                 l.heartbeats += 1;
-                let hb = Arc::new(hb);
-                l.last_heartbeat = Some(hb.clone());
-                fresh = Some(hb);
+                l.last_heartbeat = Some(hb);
+                l.judged = Some(judged.clone());
+                fresh = Some(judged);
             }
         }
         if let Some(hb) = fresh.filter(|_| !self.events.is_closed()) {

@@ -210,7 +210,13 @@ async fn handle(conn: quinn::Connection, fleet: Arc<Fleet>, metrics: Option<Arc<
             }
             Ok(Some(AgentMessage::Applied(a))) => {
                 fleet.heard(&cert_id, None);
-                if let (Some(m), Some(took)) = (&metrics, fleet.acknowledged(&cert_id, a.version)) {
+                // Only the acknowledgement of the version pushed to it, once: anything else
+                // (a version never pushed, a repeat) is written nowhere.
+                let Some(took) = fleet.acknowledged(&cert_id, a.version) else {
+                    tracing::debug!(agent = %cert_id, version = a.version, "ignoring an Applied for a version not pushed to it");
+                    continue;
+                };
+                if let Some(m) = &metrics {
                     m.push_latency.record(took.as_secs_f64(), &[]);
                 }
                 tracing::info!(agent = %cert_id, version = a.version, ok = a.ok, "agent applied profiles");

@@ -144,27 +144,6 @@ async fn metrics_show_agents_tunnels_oma_health_alerts_and_push_latency() {
     let mut l = link::connect(&ep, client, c.control, "localhost", hello)
         .await
         .unwrap();
-    let report = ProfileReport {
-        name: "oma".into(),
-        state: TunnelState::Up,
-        active_endpoint: "10.0.0.1:443".into(),
-        up_since_unix_ms: None,
-        reconnects: 0,
-        failovers: 0,
-        last_error: None,
-        consecutive_failures: 0,
-        health: vec![],
-        forwards: vec![],
-        errors: vec![],
-        failover_log: vec![],
-    };
-    l.heartbeat(Heartbeat {
-        seq: 1,
-        sent_unix_ms: 0,
-        profiles: vec![report],
-    })
-    .await
-    .unwrap();
     // A push (an assignment) the agent acknowledges: one push latency sample.
     let spec = integration_tests::profile_spec("p", &["L 18082:localhost:8082"]);
     let _: serde_json::Value = c
@@ -195,6 +174,28 @@ async fn metrics_show_agents_tunnels_oma_health_alerts_and_push_latency() {
     })
     .await
     .unwrap();
+    // Its tunnel up, as pushed (only what was pushed to an agent counts).
+    let report = ProfileReport {
+        name: "p".into(),
+        state: TunnelState::Up,
+        active_endpoint: "oma-a:443".into(),
+        up_since_unix_ms: None,
+        reconnects: 0,
+        failovers: 0,
+        last_error: None,
+        consecutive_failures: 0,
+        health: vec![],
+        forwards: vec![],
+        errors: vec![],
+        failover_log: vec![],
+    };
+    l.heartbeat(Heartbeat {
+        seq: 1,
+        sent_unix_ms: 0,
+        profiles: vec![report],
+    })
+    .await
+    .unwrap();
 
     wait_until(
         20,
@@ -205,7 +206,7 @@ async fn metrics_show_agents_tunnels_oma_health_alerts_and_push_latency() {
                 && get(
                     &s,
                     "tunnelfleet_tunnels",
-                    &[("endpoint", "10.0.0.1:443"), ("state", "up")],
+                    &[("endpoint", "oma-a:443"), ("state", "up")],
                 ) == Some(1.0)
                 && get(
                     &s,

@@ -1,0 +1,216 @@
+//! One enrolled agent against the coordinator (a stolen appliance speaking the protocol with
+//! its own certificate): what it reports counts only for what it was given. Made-up profiles
+//! and endpoints raise nothing; `Applied` frames for versions never pushed change nothing; a
+//! revoked certificate keeps no connection.
+
+#![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
+
+use std::path::Path;
+use std::time::Duration;
+
+use integration_tests::{FullCoordinator, profile_spec, wait_until};
+use tunnelfleet_agent::link::{self, ControlLink};
+use tunnelfleet_coordinator::pki;
+use tunnelfleet_coordinator::store::{AlertKind, Assignment, Selector};
+use tunnelfleet_protocol::{
+    Applied, CoordinatorMessage, ErrorCount, ErrorKind, Heartbeat, Hello, PROTOCOL_VERSION,
+    ProfileReport, ProfileSet, TunnelState,
+};
+
+fn hello(id: &str) -> Hello {
+    Hello {
+        protocol: PROTOCOL_VERSION,
+        agent_id: id.into(),
+        agent_version: "test".into(),
+        labels: [("site".to_string(), "dc1".to_string())].into(),
+        applied_version: None,
+        started_unix_ms: 1,
+    }
+}
+
+async fn connect(c: &FullCoordinator, dir: &Path, id: &str) -> ControlLink {
+    let files = pki::issue_agent(&dir.join("pki"), id, 365, &dir.join(id)).unwrap();
+    let cfg = link::client_config(&files.ca, &files.cert, &files.key).unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    link::connect(&endpoint, cfg, c.control, "localhost", hello(id))
+        .await
+        .unwrap()
+}
+
+/// The next push on `l`, skipping nothing else.
+async fn push(l: &mut ControlLink) -> ProfileSet {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), l.next())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            CoordinatorMessage::Push(set) => return set,
+            _ => continue,
+        }
+    }
+}
+
+/// A profile failing its health checks (and its sessions) for many checks in a row.
+fn failing(name: &str, endpoint: &str) -> ProfileReport {
+    ProfileReport {
+        name: name.into(),
+        state: TunnelState::Up,
+        active_endpoint: endpoint.into(),
+        up_since_unix_ms: Some(1),
+        reconnects: 0,
+        failovers: 0,
+        last_error: Some("health check failed: HTTP 503".into()),
+        consecutive_failures: 10,
+        health: vec![],
+        forwards: vec![],
+        errors: vec![ErrorCount {
+            endpoint: endpoint.into(),
+            kind: ErrorKind::Auth,
+            count: 5,
+            last_detail: "refused".into(),
+            last_unix_ms: 1,
+        }],
+        failover_log: vec![],
+    }
+}
+
+/// Pushes profile `oma` (endpoints oma-a:443, oma-b:443) to site dc1; returns the version.
+async fn push_oma(c: &FullCoordinator) -> u64 {
+    c.fleet
+        .store
+        .put_profile(&profile_spec("oma", &["L 8082:localhost:8082"]))
+        .await
+        .unwrap();
+    let v = c
+        .fleet
+        .store
+        .assign(&Assignment {
+            profile: "oma".into(),
+            selector: Selector::Labels([("site".to_string(), "dc1".to_string())].into()),
+        })
+        .await
+        .unwrap();
+    c.fleet.push_changed().unwrap();
+    v
+}
+
+/// Heartbeats with 1,000 made-up failing profiles (beside the real one, failing too):
+/// only the real profile's alerts fire. And 1,000 `Applied` frames for versions never pushed
+/// leave the agent's record at the version it was really given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invented_profiles_raise_nothing_and_unsolicited_applies_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = FullCoordinator::start(dir.path(), Duration::from_millis(500), vec![]).await;
+    let mut l = connect(&c, dir.path(), "vma-stolen").await;
+    let v = push_oma(&c).await;
+    let set = loop {
+        let set = push(&mut l).await;
+        if set.version == v {
+            break set;
+        }
+    };
+    assert_eq!(set.profiles[0].name, "oma");
+    l.applied(Applied {
+        version: v,
+        ok: true,
+        results: vec![],
+    })
+    .await
+    .unwrap();
+    wait_until(10, "the real version acknowledged", || async {
+        c.fleet
+            .store
+            .agent("vma-stolen")
+            .unwrap()
+            .is_some_and(|r| r.applied_version == Some(v))
+    })
+    .await;
+
+    // 1,000 made-up profiles over four heartbeats (a heartbeat carries at most 256).
+    for seq in 0..4u64 {
+        let mut profiles = vec![failing("oma", "oma-a:443")];
+        // The real profile also claims failures against an endpoint never pushed to it.
+        profiles[0].errors.push(ErrorCount {
+            endpoint: "victim-x:22".into(),
+            kind: ErrorKind::Timeout,
+            count: 50 * (seq + 1),
+            last_detail: "timeout".into(),
+            last_unix_ms: 1,
+        });
+        for i in 0..250 {
+            let n = seq * 250 + i;
+            profiles.push(failing(&format!("made-up-{n}"), &format!("victim-{n}:22")));
+        }
+        l.heartbeat(Heartbeat {
+            seq: seq + 1,
+            sent_unix_ms: 0,
+            profiles,
+        })
+        .await
+        .unwrap();
+    }
+    // The real profile's failing checks are its tunnel_health alert (the positive control:
+    // the heartbeats were judged).
+    wait_until(20, "tunnel_health for the real profile", || async {
+        c.fleet
+            .store
+            .alerts(false)
+            .unwrap()
+            .iter()
+            .any(|a| a.kind == AlertKind::TunnelHealth && a.subject == "vma-stolen/oma")
+    })
+    .await;
+    let firing = c.fleet.store.alerts(false).unwrap();
+    let invented: Vec<_> = firing
+        .iter()
+        .filter(|a| a.subject.contains("made-up") || a.subject.contains("victim"))
+        .map(|a| format!("{} {}", a.kind.as_str(), a.subject))
+        .collect();
+    assert!(
+        invented.is_empty(),
+        "{} alerts from invented names, e.g. {:?}",
+        invented.len(),
+        &invented[..invented.len().min(3)]
+    );
+    let groups: serde_json::Value = c.api.get("/v1/oma").await.unwrap_or_default();
+    assert!(
+        !groups.to_string().contains("victim"),
+        "an endpoint never pushed became evidence: {groups}"
+    );
+
+    // Unsolicited acknowledgements.
+    for i in 0..1000u64 {
+        l.applied(Applied {
+            version: v + 1 + i,
+            ok: false,
+            results: vec![],
+        })
+        .await
+        .unwrap();
+    }
+    // A heartbeat after them: once it is seen, every Applied before it was read.
+    l.heartbeat(Heartbeat {
+        seq: 5,
+        sent_unix_ms: 0,
+        profiles: vec![],
+    })
+    .await
+    .unwrap();
+    wait_until(10, "the heartbeat after the applies", || async {
+        c.fleet
+            .links
+            .get("vma-stolen")
+            .and_then(|a| a.last_heartbeat)
+            .is_some_and(|hb| hb.seq == 5)
+    })
+    .await;
+    let rec = c.fleet.store.agent("vma-stolen").unwrap().unwrap();
+    assert_eq!(
+        rec.applied_version,
+        Some(v),
+        "a version never pushed was recorded"
+    );
+    assert!(rec.applied_ok);
+    c.stop().await;
+}
