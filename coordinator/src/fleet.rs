@@ -47,6 +47,17 @@ pub enum FleetEvent {
     },
 }
 
+/// Why a connection was not registered.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// The agent was revoked (while its hello was being handled).
+    #[error("agent {:?} is revoked: {}", .0.agent, .0.reason)]
+    Revoked(Revocation),
+    /// The revocation could not be read.
+    #[error("coordinator store: {0}")]
+    Store(StoreError),
+}
+
 /// Why an operator's command did not get an answer from the agent.
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
@@ -478,8 +489,12 @@ impl Fleet {
         self.fresh_ready.notified().await;
     }
 
-    /// Registers a new connection of `agent_id` (replacing an older one) with the queue its
-    /// writer task drains, and tells the watcher.
+    /// Registers a new connection of `agent_id` with the queue its writer task drains, and
+    /// tells the watcher. One connection per agent: an older one is closed (a certificate
+    /// copied to a second machine cannot keep both). The revocation is read again once the
+    /// connection is registered: a revoke that came after the hello's check either finds the
+    /// connection here to close, or is found by this read ([`Fleet::revoke`] writes before it
+    /// looks), so no revoked agent keeps a link.
     pub fn attach(
         &self,
         agent_id: &str,
@@ -488,18 +503,42 @@ impl Fleet {
         tx: FrameQueue,
         conn: quinn::Connection,
         started_unix_ms: u64,
-    ) {
-        self.links.lock().insert(
+    ) -> Result<(), AttachError> {
+        let old = self.links.lock().insert(
             agent_id.to_string(),
             (
                 AgentLink::connected(agent_id, remote, labels),
-                Some(Live { tx, conn }),
+                Some(Live {
+                    tx,
+                    conn: conn.clone(),
+                }),
             ),
         );
+        if let Some((prev, Some(live))) = old
+            && live.conn.stable_id() != conn.stable_id()
+        {
+            tracing::warn!(agent = %agent_id, old = %prev.remote, new = %remote, "a newer connection of this agent replaces the older one");
+            live.conn.close(
+                close::REPLACED.into(),
+                format!(
+                    "a newer connection of agent {agent_id:?} (from {remote}) replaced this one"
+                )
+                .as_bytes(),
+            );
+        }
+        let revoked = match self.store.revocation(agent_id) {
+            Ok(r) => r.map(AttachError::Revoked),
+            Err(e) => Some(AttachError::Store(e)),
+        };
+        if let Some(e) = revoked {
+            self.detach(agent_id, &conn);
+            return Err(e);
+        }
         self.notify(FleetEvent::Hello {
             agent: agent_id.to_string(),
             started_unix_ms,
         });
+        Ok(())
     }
 
     /// Marks `agent_id` disconnected, unless a newer connection replaced `conn` already.

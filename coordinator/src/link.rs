@@ -187,14 +187,23 @@ async fn handle(conn: quinn::Connection, fleet: Arc<Fleet>, metrics: Option<Arc<
         }
     });
     tracing::info!(agent = %cert_id, %remote, version = %hello.agent_version, "agent connected");
-    fleet.attach(
+    if let Err(e) = fleet.attach(
         &cert_id,
         remote,
         labels,
         tx,
         conn.clone(),
         hello.started_unix_ms,
-    );
+    ) {
+        tracing::warn!(agent = %cert_id, %remote, "control link refused: {e}");
+        let code = match e {
+            crate::fleet::AttachError::Revoked(_) => close::REVOKED,
+            crate::fleet::AttachError::Store(_) => close::REFUSED,
+        };
+        conn.close(code.into(), e.to_string().as_bytes());
+        writer.abort();
+        return;
+    }
     // An agent that was away gets the current profiles at once.
     if let Err(e) = fleet.push_one(&cert_id) {
         tracing::error!(agent = %cert_id, "computing profiles: {e}");

@@ -30,6 +30,10 @@ fn hello(id: &str) -> Hello {
 
 async fn connect(c: &FullCoordinator, dir: &Path, id: &str) -> ControlLink {
     let files = pki::issue_agent(&dir.join("pki"), id, 365, &dir.join(id)).unwrap();
+    connect_with(c, &files, id).await
+}
+
+async fn connect_with(c: &FullCoordinator, files: &pki::AgentFiles, id: &str) -> ControlLink {
     let cfg = link::client_config(&files.ca, &files.cert, &files.key).unwrap();
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     link::connect(&endpoint, cfg, c.control, "localhost", hello(id))
@@ -213,4 +217,105 @@ async fn invented_profiles_raise_nothing_and_unsolicited_applies_change_nothing(
     );
     assert!(rec.applied_ok);
     c.stop().await;
+}
+
+/// Whether the coordinator closed `l` (within 10 s), and with what.
+async fn closed(l: &mut ControlLink) -> Option<link::LinkError> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), l.next()).await {
+            Err(_) => return None,
+            Ok(Ok(_)) => continue,
+            Ok(Err(e)) => return Some(e),
+        }
+    }
+}
+
+/// One certificate, two connections: the newer replaces the older (closed, not left serving
+/// heartbeats beside it), and a revoke closes what is left. No link stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_per_agent_and_a_revoke_leaves_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = FullCoordinator::start(dir.path(), Duration::from_millis(500), vec![]).await;
+    let files =
+        pki::issue_agent(&dir.path().join("pki"), "vma-2", 365, &dir.path().join("a")).unwrap();
+    let mut first = connect_with(&c, &files, "vma-2").await;
+    let mut second = connect_with(&c, &files, "vma-2").await;
+    let e = closed(&mut first).await;
+    assert!(
+        e.as_ref()
+            .is_some_and(|e| e.to_string().contains("newer connection")),
+        "the older connection is still open: {e:?}"
+    );
+    c.fleet.revoke("vma-2", "appliance stolen").await.unwrap();
+    let e = closed(&mut second).await;
+    assert!(
+        e.as_ref()
+            .is_some_and(|e| e.to_string().contains("revoked")),
+        "{e:?}"
+    );
+    assert!(c.fleet.links.connected().is_empty());
+    c.stop().await;
+}
+
+/// A revoke that lands while a hello is being handled (after its revocation check, before the
+/// connection is registered): registering reads the revocation again, so the connection is
+/// closed as revoked instead of staying live. Driven step by step on a real QUIC connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_during_a_held_hello_leaves_no_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki_dir = dir.path().join("pki");
+    pki::init(&pki_dir, &["localhost".into()]).unwrap();
+    let files = pki::issue_agent(&pki_dir, "vma-3", 365, &dir.path().join("a")).unwrap();
+    let server = quinn::Endpoint::server(
+        tunnelfleet_coordinator::tls::server_config(&pki_dir).unwrap(),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .unwrap();
+    let addr = server.local_addr().unwrap();
+    let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let cfg = link::client_config(&files.ca, &files.cert, &files.key).unwrap();
+    let (agent_side, coordinator_side) = tokio::join!(
+        async {
+            client
+                .connect_with(cfg, addr, "localhost")
+                .unwrap()
+                .await
+                .unwrap()
+        },
+        async { server.accept().await.unwrap().await.unwrap() }
+    );
+    let store = tunnelfleet_coordinator::store::Store::open(&dir.path().join("state")).unwrap();
+    let (fleet, _events) =
+        tunnelfleet_coordinator::fleet::Fleet::new(store, Duration::from_secs(5));
+    // The hello was checked (not revoked); now the operator revokes, before registration.
+    assert!(fleet.store.revocation("vma-3").unwrap().is_none());
+    fleet.revoke("vma-3", "appliance stolen").await.unwrap();
+    let (tx, _rx) = tokio::sync::mpsc::channel(1);
+    let r = fleet.attach(
+        "vma-3",
+        addr,
+        Default::default(),
+        tx,
+        coordinator_side.clone(),
+        1,
+    );
+    assert!(
+        r.as_ref().is_err_and(|e| e.to_string().contains("revoked")),
+        "{r:?}"
+    );
+    assert!(fleet.links.connected().is_empty());
+    // The caller closes it with the reason (as the control link does).
+    coordinator_side.close(
+        tunnelfleet_protocol::close::REVOKED.into(),
+        r.unwrap_err().to_string().as_bytes(),
+    );
+    match tokio::time::timeout(Duration::from_secs(10), agent_side.closed())
+        .await
+        .unwrap()
+    {
+        quinn::ConnectionError::ApplicationClosed(a) => {
+            assert_eq!(a.error_code, tunnelfleet_protocol::close::REVOKED.into())
+        }
+        other => panic!("{other}"),
+    }
 }

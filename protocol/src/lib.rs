@@ -60,6 +60,8 @@ pub mod close {
     pub const SHUTDOWN: u32 = 3;
     /// The agent was revoked.
     pub const REVOKED: u32 = 4;
+    /// A newer connection of the same agent replaced this one (one connection per agent).
+    pub const REPLACED: u32 = 5;
 }
 
 /// The QUIC ALPN of the control link.
