@@ -11,6 +11,9 @@ use super::endpoints::Endpoint;
 use super::{Action, Monitor};
 use crate::store::{AlertKind, alert_key};
 
+/// How long an agent's report about an endpoint counts toward a quorum (groups without probes).
+const EVIDENCE_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// What is remembered per agent between heartbeats.
 #[derive(Debug, Default)]
 pub(super) struct AgentState {
@@ -211,7 +214,10 @@ impl Monitor {
     }
 
     /// An agent's evidence about an endpoint: it is on it (`ok`) or failing against it.
-    /// Groups without probes judge their endpoints by these reports.
+    /// Groups without probes judge their endpoints by these reports, and only with a quorum:
+    /// a check fails when the group's `quorum` agents failed against the endpoint recently
+    /// (each more recently than it was seen on it), and passes when that many are on it. One
+    /// agent — cut off on its own, or stolen and lying — moves nothing and resolves nothing.
     fn endpoint_evidence(
         &mut self,
         agent: &str,
@@ -219,21 +225,45 @@ impl Monitor {
         ok: bool,
         now: Instant,
     ) -> Vec<Action> {
-        let e = self.endpoints.entry(endpoint.to_string()).or_default();
-        if ok {
-            e.seen.insert(agent.to_string(), now);
-        } else {
-            e.failing.insert(agent.to_string(), now);
-        }
-        if !self.probed(endpoint)
-            && self
-                .groups
-                .values()
-                .any(|g| g.endpoints.iter().any(|x| x == endpoint))
         {
-            return self.endpoint_check(endpoint, ok, now);
+            let e = self.endpoints.entry(endpoint.to_string()).or_default();
+            if ok {
+                e.seen.insert(agent.to_string(), now);
+            } else {
+                e.failing.insert(agent.to_string(), now);
+            }
         }
-        Vec::new()
+        if self.probed(endpoint) {
+            return Vec::new();
+        }
+        let Some(quorum) = self
+            .groups
+            .values()
+            .filter(|g| g.endpoints.iter().any(|x| x == endpoint))
+            .map(|g| g.quorum.max(2))
+            .max()
+        else {
+            return Vec::new();
+        };
+        let recent = |at: &Instant| now.saturating_duration_since(*at) <= EVIDENCE_WINDOW;
+        let Some(e) = self.endpoints.get(endpoint) else {
+            return Vec::new();
+        };
+        let (seen, failing) = (&e.seen, &e.failing);
+        let agreeing = if ok {
+            seen.iter()
+                .filter(|(a, at)| recent(at) && failing.get(*a).is_none_or(|f| f <= *at))
+                .count()
+        } else {
+            failing
+                .iter()
+                .filter(|(a, at)| recent(at) && seen.get(*a).is_none_or(|s| s < *at))
+                .count()
+        };
+        if (agreeing as u32) < quorum {
+            return Vec::new();
+        }
+        self.endpoint_check(endpoint, ok, now)
     }
 
     /// SSH authentication: every refused key is a failed check; an established session passes.

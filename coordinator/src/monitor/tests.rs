@@ -542,3 +542,78 @@ fn placement_says_who_follows_the_group_and_why_not() {
     let alone = placement(&groups, &report("10.9.9.9:22", TunnelState::Up, 0));
     assert!(alone.follows && alone.group.is_none());
 }
+
+/// A session-lost counter growing against `endpoint` (the agent failing to reach it).
+fn losing(endpoint: &str, other: &str, count: u64) -> ProfileReport {
+    let mut r = report(other, TunnelState::Backoff, 0);
+    r.errors = vec![ErrorCount {
+        endpoint: endpoint.into(),
+        kind: ErrorKind::Timeout,
+        count,
+        last_detail: "timeout".into(),
+        last_unix_ms: 0,
+    }];
+    r
+}
+
+/// Without probes, agents' reports are the checks — but one agent (a stolen one, or one cut
+/// off on its own) neither takes an endpoint down and the group with it, nor brings a down one
+/// back: it takes the group's quorum of agents agreeing.
+#[tokio::test(start_paused = true)]
+async fn without_probes_one_agent_neither_fails_a_group_over_nor_resolves_it() {
+    let mut m = Monitor::new(AlertRules::default());
+    let mut g = group(Duration::from_secs(300));
+    g.probe = false;
+    m.set_groups(vec![g]);
+    // Heartbeats a tenth of a second apart.
+    let start = Instant::now();
+    let mut ticks = 0u64;
+    let mut now = move || {
+        ticks += 1;
+        start + Duration::from_millis(100 * ticks)
+    };
+    for agent in ["vma-1", "vma-2"] {
+        m.heartbeat(agent, &hb(vec![report(A, TunnelState::Up, 0)]), now());
+    }
+    // One agent, failing against A heartbeat after heartbeat.
+    for n in 1..=10 {
+        let a = m.heartbeat("vma-1", &hb(vec![losing(A, B, n)]), now());
+        assert!(fired(&a, AlertKind::OmaDown).is_empty(), "{a:?}");
+        assert!(
+            !a.iter().any(|x| matches!(x, Action::SetActive { .. })),
+            "one agent moved the group: {a:?}"
+        );
+    }
+    // A second agent agrees: that is the quorum, and the endpoint goes down.
+    let mut all = Vec::new();
+    for n in 1..=4 {
+        all.extend(m.heartbeat("vma-2", &hb(vec![losing(A, B, n)]), now()));
+        all.extend(m.heartbeat("vma-1", &hb(vec![losing(A, B, 10 + n)]), now()));
+    }
+    assert_eq!(fired(&all, AlertKind::OmaDown).len(), 1, "{all:?}");
+    assert!(all.iter().any(|x| matches!(x, Action::SetActive { .. })));
+    // One agent claiming to be up on A again resolves nothing…
+    let a = m.heartbeat("vma-1", &hb(vec![report(A, TunnelState::Up, 0)]), now());
+    assert!(
+        !a.iter().any(|x| matches!(
+            x,
+            Action::Resolve {
+                kind: AlertKind::OmaDown,
+                ..
+            }
+        )),
+        "one agent's word resolved the incident: {a:?}"
+    );
+    // …the quorum does.
+    let a = m.heartbeat("vma-2", &hb(vec![report(A, TunnelState::Up, 0)]), now());
+    assert!(
+        a.iter().any(|x| matches!(
+            x,
+            Action::Resolve {
+                kind: AlertKind::OmaDown,
+                ..
+            }
+        )),
+        "{a:?}"
+    );
+}
