@@ -40,6 +40,14 @@ pub struct LinkContext {
     pub metrics: Option<Arc<Metrics>>,
 }
 
+/// Connections the coordinator holds at once (one per agent, plus enrollments); more are
+/// refused before the handshake.
+pub const MAX_CONNECTIONS: usize = 16_384;
+
+/// Enrollment connections (no certificate yet) at once: a new appliance enrolls once, so a
+/// flood of anonymous clients gets this many and no more.
+pub const MAX_ENROLLING: usize = 64;
+
 /// Serves the control link on `endpoint` until `shutdown`.
 pub async fn serve(
     endpoint: quinn::Endpoint,
@@ -47,18 +55,38 @@ pub async fn serve(
     ctx: LinkContext,
     shutdown: CancellationToken,
 ) {
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let enrolling = Arc::new(tokio::sync::Semaphore::new(MAX_ENROLLING));
     loop {
         let incoming = tokio::select! {
             _ = shutdown.cancelled() => break,
             i = endpoint.accept() => match i { Some(i) => i, None => break },
         };
+        // Address validation (a Retry round trip) before any handshake work: a spoofed
+        // source cannot make the coordinator send it a certificate chain.
+        if !incoming.remote_address_validated() && incoming.may_retry() {
+            let _ = incoming.retry();
+            continue;
+        }
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tracing::warn!(remote = %incoming.remote_address(), "{MAX_CONNECTIONS} connections open; refusing another");
+            incoming.refuse();
+            continue;
+        };
         let fleet = fleet.clone();
         let ctx = ctx.clone();
+        let enrolling = enrolling.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let remote = incoming.remote_address();
             use tracing::Instrument;
             match incoming.await {
                 Ok(conn) if alpn(&conn).as_deref() == Some(tunnelfleet_protocol::ENROLL_ALPN) => {
+                    let Ok(_enrolling) = enrolling.try_acquire_owned() else {
+                        tracing::warn!(%remote, "{MAX_ENROLLING} enrollments in progress; refusing another");
+                        conn.close(close::REFUSED.into(), b"too many enrollments in progress");
+                        return;
+                    };
                     crate::enroll::serve(conn, fleet, ctx.signer)
                         .instrument(tracing::info_span!("enrollment", %remote))
                         .await

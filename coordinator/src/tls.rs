@@ -69,12 +69,24 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     })
 }
 
-/// Transport settings shared by both ends.
+/// Receive window of the one stream a peer may open, and of its whole connection: a
+/// heartbeat frame streams through it (the window slides as frames are read), and it is all the
+/// memory a peer can make the coordinator buffer per connection.
+const RECEIVE_WINDOW: u32 = 1024 * 1024;
+
+/// The coordinator's transport settings: the protocol uses one bidirectional stream per
+/// connection (the control link, or one enrollment exchange), so a peer gets exactly that
+/// (quinn's defaults would let anyone, before any certificate, open 100 of each kind at
+/// 1.25 MB of buffer each).
 pub fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(KEEP_ALIVE));
     // Safe: 10 s fits the VarInt range of an idle timeout.
     t.max_idle_timeout(IDLE_TIMEOUT.try_into().ok());
+    t.max_concurrent_bidi_streams(1u32.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    t.stream_receive_window(RECEIVE_WINDOW.into());
+    t.receive_window(RECEIVE_WINDOW.into());
     Arc::new(t)
 }
 

@@ -319,3 +319,57 @@ async fn a_revoke_during_a_held_hello_leaves_no_link() {
         other => panic!("{other}"),
     }
 }
+
+/// `f` polled once: its output if it is ready now.
+async fn now<F: std::future::Future>(f: F) -> Option<F::Output> {
+    tokio::select! {
+        biased;
+        r = f => Some(r),
+        _ = std::future::ready(()) => None,
+    }
+}
+
+/// A client without a certificate (anyone who can reach the port) gets the enrollment ALPN
+/// and exactly one bidirectional stream, no unidirectional one: the protocol uses one stream per
+/// connection, and every other stream would be up to a window of buffered memory held on the
+/// coordinator. Checked by polling each open once: stream credit is known after the handshake,
+/// so an open either completes at once or waits for credit that never comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_without_a_certificate_gets_one_stream_and_no_more() {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let dir = tempfile::tempdir().unwrap();
+    let c = FullCoordinator::start(dir.path(), Duration::from_millis(500), vec![]).await;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(dir.path().join("pki/ca.pem")).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tls.alpn_protocols = vec![tunnelfleet_protocol::ENROLL_ALPN.to_vec()];
+    let cfg = quinn::ClientConfig::new(std::sync::Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+    ));
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = endpoint
+        .connect_with(cfg, c.control, "localhost")
+        .unwrap()
+        .await
+        .unwrap();
+    let first = now(conn.open_bi()).await;
+    assert!(first.is_some_and(|r| r.is_ok()), "no first stream");
+    assert!(
+        now(conn.open_bi()).await.is_none(),
+        "a second bidirectional stream was granted"
+    );
+    assert!(
+        now(conn.open_uni()).await.is_none(),
+        "a unidirectional stream was granted"
+    );
+    c.stop().await;
+}
