@@ -116,18 +116,18 @@ async fn decide(
         return refuse(e.to_string());
     }
     let id = req.agent_id.as_str();
-    match fleet.store.revocation(id) {
-        Ok(Some(r)) => return refuse(format!("agent {id:?} is revoked: {}", r.reason)),
-        Ok(None) => {}
-        Err(e) => return refuse(format!("coordinator store: {e}")),
-    }
     // Check the request before the token is spent on it.
     if let Err(e) = rcgen::CertificateSigningRequestParams::from_pem(&req.csr_pem) {
         return refuse(format!("certificate request: {e}"));
     }
     let token = match fleet
         .store
-        .spend_token(&token_hash(&req.token), id, now_unix_ms())
+        .spend_token(
+            &token_hash(&req.token),
+            id,
+            now_unix_ms(),
+            signer.issued_offline(id),
+        )
         .await
     {
         Ok(t) => t,

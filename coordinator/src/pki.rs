@@ -21,6 +21,15 @@ pub const SERVER_CERT: &str = "coordinator.pem";
 /// The coordinator's private key.
 pub const SERVER_KEY: &str = "coordinator.key";
 
+/// The ledger of ids issued by hand (`pki issue-agent`), one file per id: the coordinator
+/// counts them as known, so a join token cannot enroll an impostor under one of them.
+pub const ISSUED_DIR: &str = "issued";
+
+/// Whether `agent_id` was issued a certificate by hand from the PKI in `dir`.
+pub fn issued_offline(dir: &Path, agent_id: &str) -> bool {
+    check_agent_id(agent_id).is_ok() && dir.join(ISSUED_DIR).join(agent_id).exists()
+}
+
 /// Why a PKI operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
@@ -143,6 +152,12 @@ pub fn issue_agent_valid(
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
     let key = KeyPair::generate()?;
     let cert = agent_params(agent_id, not_before, not_after)?.signed_by(&key, &issuer)?;
+    create_dir(&dir.join(ISSUED_DIR))?;
+    write(
+        &dir.join(ISSUED_DIR).join(agent_id),
+        format!("{}\n", not_after.unix_timestamp()).as_bytes(),
+        0o644,
+    )?;
     create_dir(out)?;
     let files = AgentFiles {
         cert: out.join(format!("{agent_id}.pem")),
@@ -181,6 +196,7 @@ fn agent_params(
 pub struct Signer {
     issuer: Issuer<'static, KeyPair>,
     ca_pem: String,
+    dir: std::path::PathBuf,
 }
 
 impl std::fmt::Debug for Signer {
@@ -200,7 +216,16 @@ impl Signer {
         let ca_pem = read(&dir.join(CA_CERT))?;
         let ca_key = KeyPair::from_pem(&read(&dir.join(CA_KEY))?)?;
         let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
-        Ok(Some(Signer { issuer, ca_pem }))
+        Ok(Some(Signer {
+            issuer,
+            ca_pem,
+            dir: dir.to_path_buf(),
+        }))
+    }
+
+    /// Whether `agent_id` was issued a certificate by hand from this CA ([`issued_offline`]).
+    pub fn issued_offline(&self, agent_id: &str) -> bool {
+        issued_offline(&self.dir, agent_id)
     }
 
     /// The CA certificate (PEM).

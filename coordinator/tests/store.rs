@@ -238,15 +238,15 @@ async fn a_join_token_is_spent_once_within_its_lifetime_and_only_by_its_agent() 
         .await
         .unwrap();
     // The last millisecond of its life is too late.
-    assert!(refused(store.spend_token(&hash, "vma-1", 1_000).await).contains("expired"));
-    let t = store.spend_token(&hash, "vma-1", 999).await.unwrap();
+    assert!(refused(store.spend_token(&hash, "vma-1", 1_000, false).await).contains("expired"));
+    let t = store.spend_token(&hash, "vma-1", 999, false).await.unwrap();
     assert_eq!(t.used_by.as_deref(), Some("vma-1"));
     assert_eq!(
         store.agent("vma-1").unwrap().unwrap().enrolled_labels["site"],
         "dc1"
     );
-    assert!(refused(store.spend_token(&hash, "vma-2", 10).await).contains("already used"));
-    assert!(refused(store.spend_token("nope", "vma-2", 10).await).contains("unknown"));
+    assert!(refused(store.spend_token(&hash, "vma-2", 10, false).await).contains("already used"));
+    assert!(refused(store.spend_token("nope", "vma-2", 10, false).await).contains("unknown"));
 
     // A token for one agent is useless to another; a known agent needs a token naming it.
     let (_, h2, id2) = new_token();
@@ -260,7 +260,7 @@ async fn a_join_token_is_spent_once_within_its_lifetime_and_only_by_its_agent() 
         )
         .await
         .unwrap();
-    assert!(refused(store.spend_token(&h2, "vma-3", 10).await).contains("is for agent"));
+    assert!(refused(store.spend_token(&h2, "vma-3", 10, false).await).contains("is for agent"));
     let (_, h3, id3) = new_token();
     store
         .put_token(
@@ -272,11 +272,70 @@ async fn a_join_token_is_spent_once_within_its_lifetime_and_only_by_its_agent() 
         )
         .await
         .unwrap();
-    assert!(refused(store.spend_token(&h3, "vma-1", 10).await).contains("already enrolled"));
-    store.spend_token(&h2, "vma-1", 10).await.unwrap();
+    assert!(refused(store.spend_token(&h3, "vma-1", 10, false).await).contains("already enrolled"));
+    store.spend_token(&h2, "vma-1", 10, false).await.unwrap();
 
     // Spent stays spent across a reopen.
     drop(store);
     let store = Store::open(dir.path()).unwrap();
-    assert!(refused(store.spend_token(&hash, "vma-9", 10).await).contains("already used"));
+    assert!(refused(store.spend_token(&hash, "vma-9", 10, false).await).contains("already used"));
+}
+
+/// Two unrestricted tokens racing to enroll the same new id: exactly one wins, every time
+/// (the id is claimed in the same transaction that spends the token).
+#[test]
+fn two_tokens_racing_for_one_new_id_enroll_it_once() {
+    use tunnelfleet_coordinator::enroll::new_token;
+    use tunnelfleet_coordinator::store::JoinToken;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    for round in 0..200 {
+        let id = format!("vma-race-{round}");
+        let hashes: Vec<String> = ["dc1", "dc2"]
+            .iter()
+            .map(|site| {
+                let (_, hash, token_id) = new_token();
+                rt.block_on(store.put_token(
+                    &hash,
+                    &JoinToken {
+                        id: token_id,
+                        labels: [("site".to_string(), site.to_string())].into(),
+                        agent: None,
+                        created_unix_ms: 0,
+                        expires_unix_ms: u64::MAX,
+                        used_by: None,
+                        used_unix_ms: None,
+                    },
+                ))
+                .unwrap();
+                hash
+            })
+            .collect();
+        let barrier = std::sync::Barrier::new(2);
+        let won: Vec<bool> = std::thread::scope(|s| {
+            let racers: Vec<_> = hashes
+                .iter()
+                .map(|h| {
+                    let (store, barrier, id) = (&store, &barrier, &id);
+                    s.spawn(move || {
+                        let rt = tokio::runtime::Builder::new_current_thread()
+                            .build()
+                            .unwrap();
+                        barrier.wait();
+                        rt.block_on(store.spend_token(h, id, 1, false)).is_ok()
+                    })
+                })
+                .collect();
+            racers.into_iter().map(|r| r.join().unwrap()).collect()
+        });
+        assert_eq!(
+            won.iter().filter(|w| **w).count(),
+            1,
+            "round {round}: {won:?}, labels now {:?}",
+            store.agent(&id).unwrap().map(|r| r.enrolled_labels)
+        );
+    }
 }

@@ -140,7 +140,7 @@ async fn an_agent_enrolls_with_a_token_once_and_bad_tokens_are_refused() {
     assert!(!listed.to_string().contains(&token));
 
     // The new agent enrolls: its own key (0600), a certificate, and the labels of the token
-    // on top of its own.
+    // (its own config's `role` selects nothing: only what the token granted counts).
     let a = new_agent(dir.path(), &c, "vma-new", &token, &fp);
     let _agent = Killed(spawn_agent(&a));
     wait_until(30, "the enrolled agent online", || async {
@@ -150,8 +150,7 @@ async fn an_agent_enrolls_with_a_token_once_and_bad_tokens_are_refused() {
     .await;
     let list = json(&cli(&c, &["agents", "list", "--json"]));
     let labels = &agent(&list, "vma-new").unwrap()["labels"];
-    assert_eq!(labels["site"], "dc1");
-    assert_eq!(labels["role"], "vma");
+    assert_eq!(labels, &serde_json::json!({ "site": "dc1" }), "{list}");
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(a.key()).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600);
@@ -359,4 +358,124 @@ async fn a_revoked_agent_is_disconnected_at_once_and_refused_until_unrevoked() {
     let o = cli(&c, &["agents", "unrevoke", "vma-lost"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("not revoked"));
+}
+
+/// Enrollment believes the token, not the caller: an id issued by hand with `pki issue-agent`
+/// is known (an unrestricted token cannot enroll an impostor under it); a revoked id's state and
+/// reason are told only to a caller with a valid token; the labels an enrolled agent declares
+/// beyond its token's select nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrollment_believes_the_token_not_the_caller() {
+    let dir = tempfile::tempdir().unwrap();
+    let fp = pki::init(&dir.path().join("pki"), &["localhost".into()]).unwrap();
+    pki::issue_agent(
+        &dir.path().join("pki"),
+        "vma-offline",
+        30,
+        &dir.path().join("off"),
+    )
+    .unwrap();
+    let c = CoordinatorProcess::start(dir.path(), "500ms").await;
+    let token = |args: &[&str]| {
+        let mut a = vec!["token", "create", "--json"];
+        a.extend_from_slice(args);
+        json(&cli(&c, &a))["token"].as_str().unwrap().to_string()
+    };
+
+    let general = token(&[]);
+    let impostor = new_agent(dir.path(), &c, "vma-offline", &general, &fp);
+    let log = refused(&impostor);
+    assert!(log.contains("already enrolled"), "{log}");
+
+    // A revoked id: a caller without a valid token learns nothing about it.
+    let o = cli(
+        &c,
+        &[
+            "agents",
+            "revoke",
+            "vma-gone",
+            "--reason",
+            "stolen in transit",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let prober = new_agent(dir.path(), &c, "vma-gone", "tfj_guess", &fp);
+    let log = refused(&prober);
+    assert!(log.contains("unknown join token"), "{log}");
+    assert!(
+        !log.contains("revoked") && !log.contains("stolen in transit"),
+        "{log}"
+    );
+    // With a valid token the refusal says why (and the token stays unspent).
+    let bound = token(&["--agent", "vma-gone"]);
+    let holder = new_agent_in(&dir.path().join("holder"), &c, "vma-gone", &bound, &fp);
+    let log = refused(&holder);
+    assert!(log.contains("revoked: stolen in transit"), "{log}");
+    let listed = json(&cli(&c, &["token", "list", "--json"]));
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["agent"] == "vma-gone")
+            .all(|t| t["used_by"].is_null()),
+        "{listed}"
+    );
+
+    // An enrolled agent declaring `role = "vma"` (its config) on top of its token's dc1: an
+    // assignment by role does not reach it, one by site does.
+    let site = token(&["--label", "site=dc1"]);
+    let a = new_agent(dir.path(), &c, "vma-labels", &site, &fp);
+    let _agent = Killed(spawn_agent(&a));
+    wait_until(30, "the enrolled agent online", || async {
+        let list = json(&cli(&c, &["agents", "list", "--json"]));
+        agent(&list, "vma-labels").is_some_and(|x| x["online"] == true)
+    })
+    .await;
+    let profile = dir.path().join("p.toml");
+    std::fs::write(
+        &profile,
+        "[[profile]]\nname = \"byrole\"\nendpoints = [\"oma-a:22\"]\nuser = \"vma\"\nidentity_file = \"/k\"\nknown_hosts = \"/kh\"\nforwards = [\"L 18082:localhost:8082\"]\n",
+    )
+    .unwrap();
+    let o = cli(&c, &["profiles", "apply", "-f", profile.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let by_role = json(&cli(
+        &c,
+        &["assign", "byrole", "--label", "role=vma", "--json"],
+    ));
+    let version = by_role["version"].as_u64().unwrap();
+    // Every agent gets every version; what it runs is in its cache once it applied it.
+    wait_until(30, "the version applied", || async {
+        let list = json(&cli(&c, &["agents", "list", "--json"]));
+        agent(&list, "vma-labels").is_some_and(|x| x["applied_version"] == version)
+    })
+    .await;
+    let cache = || {
+        let path = tunnelfleet_agent::fleet::cache_path(&a.dir.join("state"));
+        std::fs::read_to_string(path).unwrap()
+    };
+    assert!(
+        !cache().contains("byrole"),
+        "a label the token did not grant selected a profile: {}",
+        cache()
+    );
+    // The positive control: the same profile by the granted label reaches it.
+    let by_site = json(&cli(
+        &c,
+        &["assign", "byrole", "--label", "site=dc1", "--json"],
+    ));
+    let version = by_site["version"].as_u64().unwrap();
+    wait_until(30, "the version by site applied", || async {
+        let list = json(&cli(&c, &["agents", "list", "--json"]));
+        agent(&list, "vma-labels").is_some_and(|x| x["applied_version"] == version)
+    })
+    .await;
+    assert!(cache().contains("byrole"), "{}", cache());
+    let list = json(&cli(&c, &["agents", "list", "--json"]));
+    assert_eq!(
+        agent(&list, "vma-labels").unwrap()["labels"],
+        serde_json::json!({ "site": "dc1" }),
+        "{list}"
+    );
 }

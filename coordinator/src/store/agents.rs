@@ -20,15 +20,23 @@ pub struct AgentRecord {
     pub applied_ok: bool,
     /// Per-forward failures of that apply.
     pub apply_errors: Vec<String>,
-    /// Labels its join token gave it; they override what its hello declares.
+    /// Labels its join token gave it.
     #[serde(default)]
     pub enrolled_labels: BTreeMap<String, String>,
+    /// Enrolled with a join token: only the token's labels count.
+    #[serde(default)]
+    pub enrolled: bool,
 }
 
 impl AgentRecord {
-    /// The labels assignments match: what its hello declared, overridden by what its join token
-    /// gave it (an agent cannot talk itself into another site's profiles).
+    /// The labels assignments match. An agent enrolled with a token has the token's labels and
+    /// nothing else: what its hello declares on top is shown but selects nothing (a stolen
+    /// appliance cannot talk itself into another site's profiles). An agent whose certificate
+    /// the operator issued by hand (`pki issue-agent`) declares its labels in its own config.
     pub fn effective_labels(&self) -> BTreeMap<String, String> {
+        if self.enrolled {
+            return self.enrolled_labels.clone();
+        }
         let mut labels = self.labels.clone();
         labels.extend(self.enrolled_labels.clone());
         labels

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use tunnelfleet_runtime::clock::now_unix_ms;
 
-use super::{Store, StoreError, decode, decode_all, json};
+use super::{AgentRecord, Store, StoreError, decode, decode_all, json};
 
 /// A join token as stored (the secret itself is not).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,23 +71,24 @@ impl Store {
     }
 
     /// Spends the token whose secret hashes to `hash` for `agent_id`, at `now_unix_ms`: it must
-    /// exist, be unused and unexpired, name this agent if it names one, and an agent the
-    /// coordinator already knows may only be enrolled again by a token that names it. The
-    /// spend is durable before this returns: a token is never good twice, even across kill -9.
+    /// exist, be unused and unexpired, and name this agent if it names one; a revoked agent is
+    /// refused (told only to a caller holding a valid token); an agent the coordinator already
+    /// knows — enrolled before, or `issued_offline` by `pki issue-agent` — may only be enrolled
+    /// again by a token that names it. The token, the claim on the id and the token's labels
+    /// are written in one transaction (two tokens racing for one new id: one wins), durable
+    /// before this returns: a token is never good twice, even across kill -9.
     pub async fn spend_token(
         &self,
         hash: &str,
         agent_id: &str,
         now_unix_ms: u64,
+        issued_offline: bool,
     ) -> Result<JoinToken, StoreError> {
-        let known = self.agents.get(agent_id.as_bytes())?.is_some();
-        let refused = |r: String| {
-            Err(sled::transaction::ConflictableTransactionError::Abort(
-                StoreError::TokenRefused(r),
-            ))
-        };
-        let result = self.tokens.transaction(|tx| {
-            let Some(v) = tx.get(hash.as_bytes())? else {
+        use sled::Transactional;
+        use sled::transaction::ConflictableTransactionError::Abort;
+        let refused = |r: String| Err(Abort(StoreError::TokenRefused(r)));
+        let result = (&self.tokens, &self.agents, &self.revoked).transaction(|(tt, at, rt)| {
+            let Some(v) = tt.get(hash.as_bytes())? else {
                 return refused("unknown join token".into());
             };
             let mut t: JoinToken = match serde_json::from_slice(&v) {
@@ -109,23 +110,35 @@ impl Store {
                     ))
                 ));
             }
-            match &t.agent {
-                Some(a) if a != agent_id => {
-                    return refused(format!(
-                        "join token {} is for agent {a:?}, not {agent_id:?}",
-                        t.id
-                    ));
-                }
-                None if known => {
-                    return refused(format!(
-                        "agent {agent_id:?} is already enrolled; re-enrolling it needs a token made for it (tunnelfleet token create --agent {agent_id})"
-                    ));
-                }
-                _ => {}
+            if let Some(a) = t.agent.as_deref().filter(|a| *a != agent_id) {
+                return refused(format!(
+                    "join token {} is for agent {a:?}, not {agent_id:?}",
+                    t.id
+                ));
+            }
+            if let Some(r) = rt.get(agent_id.as_bytes())? {
+                let reason = serde_json::from_slice::<Revocation>(&r)
+                    .map(|r| r.reason)
+                    .unwrap_or_default();
+                return refused(format!("agent {agent_id:?} is revoked: {reason}"));
+            }
+            let record = at.get(agent_id.as_bytes())?;
+            if t.agent.is_none() && (record.is_some() || issued_offline) {
+                return refused(format!(
+                    "agent {agent_id:?} is already enrolled; re-enrolling it needs a token made for it (tunnelfleet token create --agent {agent_id})"
+                ));
             }
             t.used_by = Some(agent_id.to_string());
             t.used_unix_ms = Some(now_unix_ms);
-            tx.insert(hash.as_bytes(), json(&t))?;
+            tt.insert(hash.as_bytes(), json(&t))?;
+            // The agent's record carries the token's labels from now on (and only them).
+            let mut rec: AgentRecord = record
+                .and_then(|v| serde_json::from_slice(&v).ok())
+                .unwrap_or_default();
+            rec.id = agent_id.to_string();
+            rec.enrolled = true;
+            rec.enrolled_labels = t.labels.clone();
+            at.insert(agent_id.as_bytes(), json(&rec))?;
             Ok(t)
         });
         let t = match result {
@@ -133,11 +146,6 @@ impl Store {
             Err(sled::transaction::TransactionError::Abort(e)) => return Err(e),
             Err(sled::transaction::TransactionError::Storage(e)) => return Err(e.into()),
         };
-        // The agent's record carries the token's labels from now on.
-        let mut rec = self.agent(agent_id)?.unwrap_or_default();
-        rec.id = agent_id.to_string();
-        rec.enrolled_labels = t.labels.clone();
-        self.agents.insert(agent_id.as_bytes(), json(&rec))?;
         self.log_event(&format!(
             "agent {agent_id} enrolled with join token {}",
             t.id
