@@ -59,7 +59,7 @@ pub enum HostKeyError {
         /// A known_hosts line that would trust it.
         line: String,
     },
-    /// known_hosts holds a different key of the same type: possible man in the middle.
+    /// known_hosts holds a different key for the host (of any type): possible man in the middle.
     #[error(
         "HOST KEY CHANGED for {host}: the server offered {algorithm} {fingerprint}, \
          but {known_hosts}:{line_no} holds a different key. Someone may be intercepting the \
@@ -244,7 +244,9 @@ fn check_known_hosts_text(text: &str, name: &str, key: &PublicKey) -> KnownHosts
         }
         if same {
             matched = true;
-        } else if recorded.algorithm() == key.algorithm() && mismatch.is_none() {
+        } else if mismatch.is_none() {
+            // Any recorded key and a different offered one, whatever its algorithm: an
+            // attacker would otherwise just offer another algorithm and be learned (TOFU).
             mismatch = Some(line_no);
         }
     }
@@ -474,5 +476,47 @@ mod tests {
         assert!(parse_host_key_fingerprint(&fingerprint(&key())).is_ok());
         assert!(parse_host_key_fingerprint("MD5:aa").is_err());
         assert!(parse_host_key_fingerprint("SHA256:short").is_err());
+    }
+
+    /// A known host offering a key of another algorithm is not "unknown" (to be learned with
+    /// TOFU): an attacker would simply offer another algorithm. Any recorded key for the host
+    /// and a different offered one is HOST KEY CHANGED.
+    #[test]
+    fn another_algorithm_for_a_known_host_is_a_change_not_a_new_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let kh = dir.path().join("known_hosts");
+        let recorded = key();
+        std::fs::write(
+            &kh,
+            format!("{}\n", known_hosts_line("[h]:2222", &recorded)),
+        )
+        .unwrap();
+        let tofu = HostTrust {
+            known_hosts: Some(kh.clone()),
+            pinned: vec![],
+            trust_on_first_use: true,
+        };
+        let other = PrivateKey::random(
+            &mut rand::rng(),
+            Algorithm::Ecdsa {
+                curve: russh::keys::EcdsaCurve::NistP256,
+            },
+        )
+        .unwrap()
+        .public_key()
+        .clone();
+        assert!(
+            matches!(
+                tofu.verify("h", 2222, &other),
+                Verdict::Refused(HostKeyError::Changed { line_no: 1, .. })
+            ),
+            "{:?}",
+            tofu.verify("h", 2222, &other)
+        );
+        assert_eq!(
+            std::fs::read_to_string(&kh).unwrap().lines().count(),
+            1,
+            "the other algorithm's key was learned"
+        );
     }
 }

@@ -27,6 +27,15 @@ pub enum AddrError {
         /// The port as written.
         port: String,
     },
+    /// A character no host name or address has (whitespace, control characters, or
+    /// known_hosts pattern syntax that would change what a recorded line matches).
+    #[error("{text:?}: {found:?} cannot be in a host name or address")]
+    BadHost {
+        /// The address as written.
+        text: String,
+        /// The first offending character.
+        found: char,
+    },
     /// No port and no default.
     #[error("{0:?}: expected host:port")]
     MissingPort(String),
@@ -57,6 +66,17 @@ pub fn split_host_port(s: &str, default_port: Option<u16>) -> Result<(String, u1
     };
     if host.is_empty() {
         return Err(AddrError::EmptyHost(s.into()));
+    }
+    // Letters, digits and `-._` for names; `:` and `%zone` for IPv6 literals. Nothing that
+    // known_hosts reads as syntax (`,*?!|#@[]` and whitespace) or a terminal would act on.
+    if let Some(found) = host
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | ':' | '%')))
+    {
+        return Err(AddrError::BadHost {
+            text: s.into(),
+            found,
+        });
     }
     let port = match (port, default_port) {
         (Some(p), _) => match p.parse::<u16>() {
@@ -126,6 +146,38 @@ mod tests {
         assert!(split_host_port("a:0", None).is_err());
         assert!(split_host_port("a", None).is_err());
         assert_eq!(join_host_port("::1", 2), "[::1]:2");
+    }
+
+    /// A host is written into known_hosts (TOFU) and logs: whitespace, control characters and
+    /// known_hosts pattern syntax would inject lines or patterns there.
+    #[test]
+    fn hosts_with_whitespace_or_pattern_characters_are_refused() {
+        for bad in [
+            "[oma a]:22",
+            "[oma\n* ssh-ed25519 AAAA]:22",
+            "oma\tb:22",
+            "[*]:22",
+            "[a,b]:22",
+            "|1|x:22",
+            "!oma:22",
+            "oma?:22",
+            "[a@b]:22",
+            "oma#:22",
+        ] {
+            let e = split_host_port(bad, None);
+            assert!(
+                matches!(e, Err(AddrError::BadHost { .. })),
+                "{bad:?}: {e:?}"
+            );
+        }
+        for good in [
+            "oma-a.example.com:443",
+            "10.0.0.1:22",
+            "[fe80::1%eth0]:22",
+            "oma_b:2",
+        ] {
+            split_host_port(good, None).unwrap();
+        }
     }
 
     #[test]
