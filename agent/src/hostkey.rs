@@ -15,14 +15,15 @@ use data_encoding::BASE64;
 use hmac::{Hmac, KeyInit, Mac};
 use russh::keys::{HashAlg, PublicKey};
 use sha1::Sha1;
+pub use tunnelfleet_protocol::fingerprint::Pin;
 
 /// How a profile trusts host keys (built from its config).
 #[derive(Debug, Clone)]
 pub struct HostTrust {
     /// known_hosts file, if any.
     pub known_hosts: Option<PathBuf>,
-    /// Pinned `SHA256:` fingerprints.
-    pub pinned: Vec<String>,
+    /// Pinned keys: bare ones for the endpoints, scoped ones for their host.
+    pub pinned: Vec<Pin>,
     /// Record unknown hosts' keys into `known_hosts`.
     pub trust_on_first_use: bool,
 }
@@ -44,12 +45,14 @@ pub enum HostKeyError {
     /// Nothing trusted matches this host.
     #[error(
         "host key for {host} is not trusted: the server offered {algorithm} {fingerprint}. \
-         If that is the right server, add it to host_key_fingerprints = [\"{fingerprint}\"] \
+         If that is the right server, add it to host_key_fingerprints = [\"{pin}\"] \
          or add this line to {known_hosts}: {line}"
     )]
     Unknown {
         /// `host` or `[host]:port`.
         host: String,
+        /// The pin that would trust it (naming the host for a jump host).
+        pin: String,
         /// Key algorithm offered.
         algorithm: String,
         /// `SHA256:…` of the offered key.
@@ -114,11 +117,24 @@ pub fn host_pattern_name(host: &str, port: u16) -> String {
 }
 
 impl HostTrust {
-    /// Decides on `key` offered by `host:port`.
-    pub fn verify(&self, host: &str, port: u16, key: &PublicKey) -> Verdict {
+    /// Pins from a profile's `host_key_fingerprints` (checked when the profile was loaded; one
+    /// that does not parse trusts nothing).
+    pub fn pins(written: &[String]) -> Vec<Pin> {
+        written
+            .iter()
+            .filter_map(|p| tunnelfleet_protocol::fingerprint::parse_pin(p).ok())
+            .collect()
+    }
+
+    /// Decides on `key` offered by `host:port`, an endpoint of the profile or (`jump`) a jump
+    /// host on the way to one.
+    pub fn verify(&self, host: &str, port: u16, key: &PublicKey, jump: bool) -> Verdict {
         let fp = fingerprint(key);
         let name = host_pattern_name(host, port);
-        let pinned = self.pinned.iter().any(|p| p == &fp);
+        let pinned = self
+            .pinned
+            .iter()
+            .any(|p| p.fingerprint == fp && p.covers(host, port, jump));
         let kh_display = self
             .known_hosts
             .as_ref()
@@ -173,7 +189,16 @@ impl HostTrust {
                 }),
             };
         }
+        let pin = if jump {
+            format!(
+                "{} {fp}",
+                tunnelfleet_protocol::addr::join_host_port(host, port)
+            )
+        } else {
+            fp.clone()
+        };
         Verdict::Refused(HostKeyError::Unknown {
+            pin,
             host: name.clone(),
             algorithm: key.algorithm().to_string(),
             fingerprint: fp,
@@ -443,7 +468,7 @@ mod tests {
             pinned: vec![],
             trust_on_first_use: false,
         };
-        match strict.verify("h", 2222, &k) {
+        match strict.verify("h", 2222, &k, false) {
             Verdict::Refused(e @ HostKeyError::Unknown { .. }) => {
                 let msg = e.to_string();
                 assert!(msg.contains(&fingerprint(&k)), "{msg}");
@@ -452,19 +477,19 @@ mod tests {
             v => panic!("{v:?}"),
         }
         let pinned = HostTrust {
-            pinned: vec![fingerprint(&k)],
+            pinned: HostTrust::pins(&[fingerprint(&k)]),
             ..strict.clone()
         };
-        assert_eq!(pinned.verify("h", 2222, &k), Verdict::Trusted);
+        assert_eq!(pinned.verify("h", 2222, &k, false), Verdict::Trusted);
         let tofu = HostTrust {
             trust_on_first_use: true,
             ..strict.clone()
         };
-        assert_eq!(tofu.verify("h", 2222, &k), Verdict::Learned);
-        assert_eq!(strict.verify("h", 2222, &k), Verdict::Trusted);
+        assert_eq!(tofu.verify("h", 2222, &k, false), Verdict::Learned);
+        assert_eq!(strict.verify("h", 2222, &k, false), Verdict::Trusted);
         // A different key of the same type is a change, even with TOFU on.
         assert!(matches!(
-            tofu.verify("h", 2222, &key()),
+            tofu.verify("h", 2222, &key(), false),
             Verdict::Refused(HostKeyError::Changed { line_no: 1, .. })
         ));
     }
@@ -507,11 +532,11 @@ mod tests {
         .clone();
         assert!(
             matches!(
-                tofu.verify("h", 2222, &other),
+                tofu.verify("h", 2222, &other, false),
                 Verdict::Refused(HostKeyError::Changed { line_no: 1, .. })
             ),
             "{:?}",
-            tofu.verify("h", 2222, &other)
+            tofu.verify("h", 2222, &other, false)
         );
         assert_eq!(
             std::fs::read_to_string(&kh).unwrap().lines().count(),

@@ -90,6 +90,7 @@ where
         port: hop.port,
         user: hop.user.as_deref().unwrap_or(&p.user),
         endpoint: &endpoint,
+        jump: true,
     };
     let (handle, _) = handshake(p, stream, at, Arc::default(), None, Default::default()).await?;
     Ok(handle)

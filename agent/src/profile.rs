@@ -188,7 +188,7 @@ pub fn start(
     let (retarget_tx, retarget_rx) = watch::channel(cfg.endpoints.clone());
     let trust = HostTrust {
         known_hosts: cfg.known_hosts.clone(),
-        pinned: cfg.host_key_fingerprints.clone(),
+        pinned: HostTrust::pins(&cfg.host_key_fingerprints),
         trust_on_first_use: cfg.trust_on_first_use,
     };
     let params = SessionParams {

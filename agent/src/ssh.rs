@@ -298,6 +298,7 @@ where
         port,
         user: &p.user,
         endpoint,
+        jump: false,
     };
     let conns = TaskTracker::new();
     let (handle, host_key) = handshake(
@@ -342,6 +343,8 @@ pub(crate) struct Hop<'a> {
     pub(crate) user: &'a str,
     /// `host:port` for errors and logs.
     pub(crate) endpoint: &'a str,
+    /// A jump host on the way (its key is trusted only by a pin or line naming it).
+    pub(crate) jump: bool,
 }
 
 /// The SSH handshake over `stream`: host key verified for `hop`, then public-key authentication
@@ -362,6 +365,7 @@ where
     let handler = ClientHandler {
         host: hop.host.to_string(),
         port: hop.port,
+        jump: hop.jump,
         profile: p.profile.clone(),
         trust: p.trust.clone(),
         verdict: verdict.clone(),
@@ -416,6 +420,7 @@ where
 pub struct ClientHandler {
     host: String,
     port: u16,
+    jump: bool,
     profile: String,
     trust: Arc<HostTrust>,
     verdict: Arc<Mutex<Option<(Verdict, String)>>>,
@@ -436,7 +441,7 @@ impl client::Handler for ClientHandler {
             // We never advertise certificate algorithms, so a server cannot pick one.
             return Ok(false);
         };
-        let verdict = self.trust.verify(&self.host, self.port, key);
+        let verdict = self.trust.verify(&self.host, self.port, key, self.jump);
         let fp = fingerprint(key);
         let accepted = match &verdict {
             Verdict::Trusted => true,

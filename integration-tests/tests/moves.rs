@@ -314,9 +314,10 @@ async fn a_bastion_outage_never_fails_over_to_the_standby() {
     let (echo, _e) = echo_server().await;
     let l = free_port();
     let extra = format!(
-        "host_key_fingerprints = [{:?}, {:?}, {:?}]\njump = [\"{}@{}\"]\n",
+        "host_key_fingerprints = [{:?}, {:?}, \"{} {}\"]\njump = [\"{}@{}\"]\n",
         primary.fingerprint,
         standby.fingerprint,
+        bastion.endpoint(),
         bastion.fingerprint,
         bastion.user,
         bastion.endpoint()

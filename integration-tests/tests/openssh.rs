@@ -610,8 +610,9 @@ async fn a_jump_host_carries_the_session_and_its_failures_are_its_own() {
     let (echo, _e) = echo_server().await;
     let l = free_port();
     let extra = format!(
-        "host_key_fingerprints = [{:?}, {:?}]\njump = [\"{}@{}\"]",
+        "host_key_fingerprints = [{:?}, \"{} {}\"]\njump = [\"{}@{}\"]",
         oma.fingerprint,
+        bastion.endpoint(),
         bastion.fingerprint,
         bastion.user,
         bastion.endpoint()
@@ -685,6 +686,61 @@ async fn a_jump_host_with_an_unknown_key_is_refused_naming_it() {
     agent.shutdown().await;
 }
 
+/// Pins belong to a host. With the bastion pinned by name and the OMA's key bare, a server at
+/// the OMA's address offering the bastion's key (the bastion standing in for the OMA behind
+/// it) is refused, while the bastion itself is trusted by its pin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bastion_pin_never_vouches_for_the_endpoint_behind_it() {
+    use tunnelfleet_protocol::ErrorKind;
+    if !Sshd::available("pin_per_host") {
+        return;
+    }
+    let oma = Sshd::start();
+    let bastion = Sshd::start_sharing_client_key(&oma);
+    // The impostor: an sshd at another address holding the bastion's host key.
+    let mut impostor = Sshd::start_sharing_client_key(&oma);
+    for f in ["ssh_host_ed25519_key", "ssh_host_ed25519_key.pub"] {
+        std::fs::copy(bastion.dir.path().join(f), impostor.dir.path().join(f)).unwrap();
+    }
+    impostor.restart();
+    let extra = format!(
+        "host_key_fingerprints = [{:?}, \"{} {}\"]\njump = [\"{}@{}\"]",
+        oma.fingerprint,
+        bastion.endpoint(),
+        bastion.fingerprint,
+        bastion.user,
+        bastion.endpoint()
+    );
+    // The profile's endpoint is the impostor's address (its known_hosts has no line for it).
+    let toml = profile_toml(
+        "oma",
+        &[impostor.endpoint()],
+        &oma,
+        &[format!("L {}:localhost:9", free_port())],
+        &extra,
+    );
+    let agent = TestAgent::start(&toml).await;
+    wait_until(20, "the bastion's key refused for the endpoint", || async {
+        agent.profile("oma").await.errors.iter().any(|e| {
+            e.kind == ErrorKind::HostKey
+                && e.last_detail.contains(&impostor.port.to_string())
+                && e.last_detail.contains(&bastion.fingerprint)
+        })
+    })
+    .await;
+    assert!(
+        bastion.log().contains("Accepted publickey"),
+        "the bastion, pinned by name, was not trusted:\n{}",
+        bastion.log()
+    );
+    assert!(
+        !impostor.log().contains("Accepted publickey"),
+        "authenticated to the impostor"
+    );
+    assert_ne!(agent.profile("oma").await.state, TunnelState::Up);
+    agent.shutdown().await;
+}
+
 /// Two jump hosts in a row (`ssh -J a,b`): the second is reached through a channel of the
 /// first, the OMA through a channel of the second — the only way there is (test hosts in a line).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -714,9 +770,11 @@ async fn two_jump_hosts_in_a_row_carry_the_session() {
     );
     let l = free_port();
     let extra = format!(
-        "host_key_fingerprints = [{:?}, {:?}, {:?}]\njump = [{:?}, {:?}]",
+        "host_key_fingerprints = [{:?}, \"{} {}\", \"{} {}\"]\njump = [{:?}, {:?}]",
         oma.fingerprint,
+        outer.endpoint(),
         outer.fingerprint,
+        inner.endpoint(),
         inner.fingerprint,
         outer.endpoint(),
         inner.endpoint()

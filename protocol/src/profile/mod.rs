@@ -20,7 +20,6 @@ use serde::{Deserialize, Serialize};
 pub mod health;
 
 use crate::addr::{split_host_port, valid_name};
-use crate::fingerprint::parse_host_key_fingerprint;
 use crate::forward::{ForwardParseError, ForwardSpec, is_loopback_bind};
 use crate::jump::{JumpError, JumpHost};
 pub use health::{HealthSpec, HealthTarget, HealthTargetError};
@@ -89,7 +88,9 @@ pub struct ProfileSpec {
     /// known_hosts file to verify host keys against (and to record into with TOFU).
     #[serde(default)]
     pub known_hosts: Option<PathBuf>,
-    /// Pinned host key fingerprints, `SHA256:…` as `ssh-keygen -lf` prints them.
+    /// Pinned host key fingerprints, `SHA256:…` as `ssh-keygen -lf` prints them: a bare one
+    /// trusts that key for the profile's endpoints (never for a jump host); `host[:port]
+    /// SHA256:…` for that host only (how a jump host is pinned).
     #[serde(default, deserialize_with = "crate::limits::pins")]
     pub host_key_fingerprints: Vec<String>,
     /// Record an unknown host's key into `known_hosts` on first contact. Off unless asked.
@@ -297,7 +298,7 @@ impl ProfileSpec {
             }
         }
         for (i, fp) in self.host_key_fingerprints.iter().enumerate() {
-            if let Err(r) = parse_host_key_fingerprint(fp) {
+            if let Err(r) = crate::fingerprint::parse_pin(fp) {
                 return err(&format!("host_key_fingerprints[{i}]"), r.to_string());
             }
         }
