@@ -339,3 +339,44 @@ fn two_tokens_racing_for_one_new_id_enroll_it_once() {
         );
     }
 }
+
+/// A state directory recreated from scratch starts its alert ids again: its idempotency keys
+/// must not repeat the old directory's, or a receiver that remembers keys drops new incidents
+/// as duplicates. Keys carry the store's own identity, kept across reopen.
+#[tokio::test]
+async fn idempotency_keys_differ_between_state_directories_and_survive_a_reopen() {
+    use tunnelfleet_coordinator::store::{Alert, AlertKind, AlertStatus};
+    let alert = || Alert {
+        id: 0,
+        kind: AlertKind::OmaDown,
+        subject: "oma-a:443".into(),
+        summary: "down".into(),
+        affected_agents: vec![],
+        status: AlertStatus::Firing,
+        fired_unix_ms: 0,
+        resolved_unix_ms: None,
+        acked_by: None,
+        acked_unix_ms: None,
+        silenced: false,
+    };
+    let mut keys = Vec::new();
+    for _ in 0..2 {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let a = store.fire_alert(alert(), &["ops".into()]).await.unwrap();
+        let key = store.deliveries().unwrap()[0].idempotency_key.clone();
+        assert!(key.contains(&format!("alert-{}-firing", a.id)), "{key}");
+        // Reopened: the same identity, so a retried delivery keeps its key.
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        store.resolve_alert(a.id, &["ops".into()]).await.unwrap();
+        let resolved = store.deliveries().unwrap()[1].idempotency_key.clone();
+        assert_eq!(
+            resolved,
+            key.replace("-firing", "-resolved"),
+            "another identity after a reopen"
+        );
+        keys.push(key);
+    }
+    assert_ne!(keys[0], keys[1], "two state directories, one key");
+}

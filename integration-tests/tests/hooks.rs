@@ -126,16 +126,21 @@ async fn an_incident_fires_and_resolves_in_a_real_alertmanager() {
 
 /// The `command` hook: a real program gets each alert state as JSON on stdin and in its
 /// environment; an exit other than 0 is a failed delivery, retried until the program takes it
-/// (delivered at least once, same idempotency key).
+/// (delivered at least once, same idempotency key). It runs with a clean environment: nothing
+/// of the coordinator's (credentials, OTLP headers) but `PATH`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_hook_gets_each_state_and_a_refusal_is_retried() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("hook.log");
+    let env = dir.path().join("hook.env");
     let refused_once = dir.path().join("refused-once");
+    // This process's environment has cargo's variables: the hook must not see them.
+    assert!(std::env::var_os("CARGO_MANIFEST_DIR").is_some());
     // Refuses its first call (exit 1), then records status, key and the JSON it was given.
     let script = format!(
-        "if [ ! -e {r} ]; then touch {r}; echo 'not now' >&2; exit 1; fi; \
+        "env > {e}; if [ ! -e {r} ]; then touch {r}; echo 'not now' >&2; exit 1; fi; \
          printf '%s %s ' \"$TUNNELFLEET_ALERT_STATUS\" \"$TUNNELFLEET_IDEMPOTENCY_KEY\" >> {l}; cat >> {l}; echo >> {l}",
+        e = env.display(),
         r = refused_once.display(),
         l = log.display()
     );
@@ -178,6 +183,20 @@ async fn a_command_hook_gets_each_state_and_a_refusal_is_retried() {
     }
     let hooks: serde_json::Value = c.api.get("/v1/hooks").await.unwrap();
     assert_eq!(hooks[0]["pending"], 0, "{hooks}");
+    let names: Vec<String> = std::fs::read_to_string(&env)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k.to_string()))
+        .collect();
+    // What sh adds itself (PWD, SHLVL, _) aside.
+    let inherited: Vec<&String> = names
+        .iter()
+        .filter(|n| {
+            !n.starts_with("TUNNELFLEET_")
+                && !["PATH", "PWD", "SHLVL", "_", "OLDPWD"].contains(&n.as_str())
+        })
+        .collect();
+    assert!(inherited.is_empty(), "the hook inherited {inherited:?}");
     c.stop().await;
 }
 

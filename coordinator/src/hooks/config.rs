@@ -21,8 +21,9 @@ pub enum HookKind {
     Email,
 }
 
-/// One `[[hook]]` of the coordinator's config.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// One `[[hook]]` of the coordinator's config. Its `Debug` shows a URL only up to its host: a
+/// Slack URL's path is its credential, and other receivers put tokens there too.
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HookConfig {
     /// Name (in logs, metrics and the outbox).
@@ -80,4 +81,35 @@ impl HookConfig {
             ca_file: None,
         }
     }
+}
+
+impl std::fmt::Debug for HookConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HookConfig")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("url", &self.url.as_deref().map(redact_url))
+            .field("secret_file", &self.secret_file)
+            .field("command", &self.command)
+            .field("timeout", &self.timeout)
+            .field("from", &self.from)
+            .field("to", &self.to)
+            .field("username", &self.username)
+            .field("password_file", &self.password_file)
+            .field("ca_file", &self.ca_file)
+            .finish()
+    }
+}
+
+/// `scheme://host[:port]/…`: a URL without what may be a credential (path, query, login).
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let more = if rest.len() > authority.len() {
+        "/…"
+    } else {
+        ""
+    };
+    format!("{scheme}://{host}{more}")
 }

@@ -47,6 +47,22 @@ pub fn text(a: &Alert) -> String {
     t
 }
 
+/// [`text`] for Slack, escaped as Slack asks (`&`, `<`, `>`): a name like `<!channel>` in an
+/// alert is shown, not a mention that pages a whole channel (nor a link, nor a user ping).
+pub fn slack_text(a: &Alert) -> String {
+    let t = text(a);
+    let mut out = String::with_capacity(t.len());
+    for c in t.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 fn rfc3339(unix_ms: u64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(unix_ms) * 1_000_000)
         .ok()
@@ -82,6 +98,33 @@ pub fn alertmanager_body(a: &Alert) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Names in an alert come partly from agents (profile names are checked, but an endpoint or
+    /// error text may carry anything): Slack must show them, not act on them.
+    #[test]
+    fn slack_control_sequences_in_an_alert_are_shown_not_acted_on() {
+        let a = Alert {
+            id: 7,
+            kind: crate::store::AlertKind::TunnelHealth,
+            subject: "vma-1/oma".into(),
+            summary: "health failed: <!channel> <@U123|boss> & <https://evil|click>".into(),
+            affected_agents: vec!["<!here>".into()],
+            status: AlertStatus::Firing,
+            fired_unix_ms: 0,
+            resolved_unix_ms: None,
+            acked_by: None,
+            acked_unix_ms: None,
+            silenced: false,
+        };
+        let t = slack_text(&a);
+        for raw in ["<!channel>", "<@U123", "<https://", "<!here>"] {
+            assert!(!t.contains(raw), "{raw} reached Slack as is: {t}");
+        }
+        assert!(
+            t.contains("&lt;!channel&gt;") && t.contains(" &amp; "),
+            "{t}"
+        );
+    }
 
     #[test]
     fn signature_matches_a_known_hmac_sha256_vector() {

@@ -5,12 +5,12 @@ use std::time::Duration;
 use super::config::{HookConfig, HookKind};
 use super::email::Email;
 use super::error::{DeliveryError, HookConfigError};
-use super::format::{alertmanager_body, text, webhook_body};
+use super::format::{alertmanager_body, slack_text, webhook_body};
 use super::http::{Client, Post, client, post};
 use crate::store::Delivery;
 
-/// A hook ready to deliver.
-#[derive(Debug, Clone)]
+/// A hook ready to deliver (its `Debug` shows neither its secret nor its URL's path).
+#[derive(Clone)]
 pub struct Hook {
     /// The hook's name (logs, metrics, the outbox).
     pub name: String,
@@ -23,6 +23,25 @@ pub struct Hook {
     command: Vec<String>,
     email: Option<Email>,
     timeout: Duration,
+}
+
+impl std::fmt::Debug for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hook")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field(
+                "url",
+                &self
+                    .url
+                    .as_ref()
+                    .map(|u| super::config::redact_url(&u.to_string())),
+            )
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("command", &self.command)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Hook {
@@ -121,8 +140,10 @@ impl Hook {
                 };
                 return email.send(d, self.timeout).await;
             }
-            HookKind::Slack => serde_json::to_vec(&serde_json::json!({ "text": text(&d.alert) }))
-                .unwrap_or_default(),
+            HookKind::Slack => {
+                serde_json::to_vec(&serde_json::json!({ "text": slack_text(&d.alert) }))
+                    .unwrap_or_default()
+            }
             HookKind::Alertmanager => alertmanager_body(&d.alert),
             HookKind::Webhook => webhook_body(d),
         };
@@ -173,6 +194,35 @@ mod tests {
         let e = Hook::from_config(&c).unwrap_err();
         assert_eq!(e.key, "ca_file");
         assert!(e.reason.starts_with("/nonexistent/ca.pem: "), "{e}");
+    }
+
+    /// A Slack URL is its credential and a signing secret is one: neither appears in `Debug`
+    /// (logs, panics), of the config or of the hook built from it.
+    #[test]
+    fn debug_shows_no_secret_and_no_slack_url() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("webhook.secret");
+        std::fs::write(&secret, "s3cret-signing-key\n").unwrap();
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let signed = HookConfig::webhook("ops", "https://hooks.example.com/in".into(), secret);
+        let mut slack = HookConfig::webhook(
+            "chat",
+            "https://hooks.slack.com/services/T0/B0/s3cretpath".into(),
+            "/x".into(),
+        );
+        slack.kind = HookKind::Slack;
+        slack.secret_file = None;
+        for c in [&signed, &slack] {
+            let hook = Hook::from_config(c).unwrap();
+            for shown in [format!("{c:?}"), format!("{hook:?}")] {
+                assert!(
+                    !shown.contains("s3cret-signing-key") && !shown.contains("s3cretpath"),
+                    "{shown}"
+                );
+                assert!(shown.contains(&c.name), "{shown}");
+            }
+        }
     }
 
     #[test]

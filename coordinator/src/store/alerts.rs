@@ -107,10 +107,14 @@ impl Alert {
         alert_key(self.kind, &self.subject)
     }
 
-    /// The idempotency key of this alert in its current state: a receiver that sees it twice
-    /// (at-least-once delivery) can drop the second.
-    pub fn idempotency_key(&self) -> String {
-        format!("tunnelfleet-alert-{}-{}", self.id, self.status.as_str())
+    /// The idempotency key of this alert in its current state, in the store `store_id`: a
+    /// receiver that sees it twice (at-least-once delivery) can drop the second.
+    pub fn idempotency_key(&self, store_id: &str) -> String {
+        format!(
+            "tunnelfleet-{store_id}-alert-{}-{}",
+            self.id,
+            self.status.as_str()
+        )
     }
 }
 
@@ -240,7 +244,7 @@ impl Store {
                         json(&Delivery {
                             seq,
                             hook: h.clone(),
-                            idempotency_key: alert.idempotency_key(),
+                            idempotency_key: alert.idempotency_key(&self.id),
                             alert: alert.clone(),
                             attempts: 0,
                             next_attempt_unix_ms: 0,

@@ -47,6 +47,10 @@ pub const SCHEMA_VERSION: u64 = 2;
 
 const META_SCHEMA: &[u8] = b"schema_version";
 const META_FLEET_VERSION: &[u8] = b"fleet_version";
+/// A random identity of this state directory, made when it is created (or first opened by a
+/// version that has it): alert idempotency keys carry it, so a directory recreated from
+/// scratch (ids from 1 again) never repeats the keys of the one it replaced.
+const META_STORE_ID: &[u8] = b"store_id";
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -152,6 +156,8 @@ pub struct Store {
     tokens: sled::Tree,
     revoked: sled::Tree,
     history: sled::Tree,
+    /// [`META_STORE_ID`].
+    id: String,
 }
 
 impl Store {
@@ -173,7 +179,18 @@ impl Store {
             tokens: db.open_tree("tokens")?,
             revoked: db.open_tree("revoked")?,
             history: db.open_tree("history")?,
+            id: String::new(),
             db,
+        };
+        let mut s = s;
+        s.id = match s.meta.get(META_STORE_ID)? {
+            Some(v) => String::from_utf8_lossy(&v).into_owned(),
+            None => {
+                let id = format!("{:016x}", rand::random::<u64>());
+                s.meta.insert(META_STORE_ID, id.as_bytes())?;
+                s.db.flush()?;
+                id
+            }
         };
         match s.meta.get(META_SCHEMA)? {
             Some(v) => {
@@ -194,6 +211,11 @@ impl Store {
             }
         }
         Ok(s)
+    }
+
+    /// This state directory's identity ([`META_STORE_ID`]).
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     /// The current fleet version (bumped by every profile or assignment change).
