@@ -92,11 +92,29 @@ pub fn write_secret(path: &Path, bytes: &[u8]) {
 /// Answers every connection on `listener` with an OpenSSH banner, as a live OMA answers the
 /// coordinator's probes.
 pub fn serve_ssh_banner(listener: tokio::net::TcpListener) {
+    std::mem::forget(serve_ssh_banner_until_dropped(listener));
+}
+
+/// Like [`serve_ssh_banner`], until the guard is dropped (the port closes: the OMA is down).
+pub fn serve_ssh_banner_until_dropped(
+    listener: tokio::net::TcpListener,
+) -> tokio_util::sync::DropGuard {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let s = stop.clone();
     tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let _ = s.write_all(b"SSH-2.0-OpenSSH_9.2p1 test\r\n").await;
+        loop {
+            tokio::select! {
+                _ = s.cancelled() => return,
+                a = listener.accept() => match a {
+                    Ok((mut c, _)) => {
+                        let _ = c.write_all(b"SSH-2.0-OpenSSH_9.2p1 test\r\n").await;
+                    }
+                    Err(_) => return,
+                },
+            }
         }
     });
+    stop.drop_guard()
 }
 
 /// A TLS acceptor for a test receiver (an HTTPS webhook, an SMTP relay) with the certificate of
