@@ -235,6 +235,9 @@ async fn check_once(target: &HealthTarget, route: Route<'_>) -> Result<String, C
 }
 
 /// The check over an open connection to its target.
+/// How much of a health endpoint's body is read (and dropped) before its status decides.
+const BODY_READ_LIMIT: usize = 64 * 1024;
+
 async fn check_over<S>(target: &HealthTarget, stream: S) -> Result<String, CheckFailure>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -253,11 +256,17 @@ where
             let result = async {
                 let resp = sender.send_request(req).await.map_err(CheckFailure::Http)?;
                 let status = resp.status();
-                // Read the body so a server that fails mid-response fails the check.
-                resp.into_body()
-                    .collect()
-                    .await
-                    .map_err(CheckFailure::Body)?;
+                // Read the body (a server that fails mid-response fails the check), up to a
+                // bound: its status decides, and an endless body is not held in memory.
+                let mut body = resp.into_body();
+                let mut read = 0usize;
+                while read < BODY_READ_LIMIT {
+                    match body.frame().await {
+                        None => break,
+                        Some(Err(e)) => return Err(CheckFailure::Body(e)),
+                        Some(Ok(f)) => read += f.data_ref().map_or(0, |d| d.len()),
+                    }
+                }
                 if status.is_success() {
                     Ok(format!("HTTP {}", status.as_u16()))
                 } else {
@@ -464,6 +473,40 @@ mod tests {
         assert_eq!((h.checks, h.healthy), (7, true));
         cancel.cancel();
         task.await.unwrap();
+    }
+
+    /// A health endpoint that answers 200 and then streams forever (or gigabytes) is healthy by
+    /// its status: the check reads a bounded part of the body and stops, instead of holding it
+    /// all in memory until the timeout fails the check.
+    #[tokio::test]
+    async fn an_endless_body_is_read_only_so_far() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    let _ = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await;
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                        .await;
+                    let chunk = format!("{:x}\r\n{}\r\n", 64 * 1024, "x".repeat(64 * 1024));
+                    while s.write_all(chunk.as_bytes()).await.is_ok() {}
+                });
+            }
+        });
+        let r = run_check(
+            &HealthTarget::Http {
+                host: "127.0.0.1".into(),
+                port,
+                path: "/health".into(),
+            },
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(r.ok, "{r:?}");
+        assert_eq!(r.detail, "HTTP 200");
     }
 
     #[tokio::test]

@@ -25,6 +25,10 @@ use tunnelfleet_protocol::forward::ForwardSpec;
 /// The current session of a profile, if one is up.
 pub type SessionSlot = watch::Receiver<Option<Arc<Live>>>;
 
+/// Connections one L or D forward serves at once; more are closed as they arrive (a local
+/// process gone wild cannot exhaust the agent's descriptors or the session's channels).
+pub const MAX_CONNECTIONS: usize = 4096;
+
 /// One L or D forward's listener task.
 pub struct LocalForward {
     /// Index in the profile's forwards.
@@ -75,6 +79,7 @@ impl LocalForward {
                 }
             }
         };
+        let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
             let state = if self.session.borrow().is_some() {
                 ForwardState::Active
@@ -86,7 +91,13 @@ impl LocalForward {
                 _ = self.cancel.cancelled() => break,
                 changed = self.session.changed() => if changed.is_err() { break },
                 accepted = listener.accept() => match accepted {
-                    Ok((tcp, peer)) => self.spawn_connection(tcp, peer),
+                    Ok((tcp, peer)) => match permits.clone().try_acquire_owned() {
+                        Ok(permit) => self.spawn_connection(tcp, peer, permit),
+                        Err(_) => {
+                            tracing::warn!(forward = %self.spec, %peer, "{MAX_CONNECTIONS} connections open; closing a new one");
+                            drop(tcp);
+                        }
+                    },
                     Err(e) => {
                         // Out of file descriptors and the like: back off briefly, keep serving.
                         tracing::warn!(forward = %self.spec, "accept failed: {e}");
@@ -100,13 +111,19 @@ impl LocalForward {
             .set_forward(self.index, ForwardState::Stopped, None);
     }
 
-    fn spawn_connection(&self, tcp: TcpStream, peer: SocketAddr) {
+    fn spawn_connection(
+        &self,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
         let _ = tcp.set_nodelay(true);
         let spec = self.spec.clone();
         let counters = self.counters.clone();
         let session = self.session.clone();
         let wait = self.wait_for_session;
         self.tracker.spawn(async move {
+            let _permit = permit;
             let _open = OpenGuard::new(&counters);
             if let Err(e) = serve(tcp, peer, &spec, session, wait, &counters).await {
                 tracing::debug!(forward = %spec, %peer, "connection ended: {e}");
@@ -128,7 +145,7 @@ async fn serve(
             host, host_port, ..
         } => (host.clone(), *host_port, false),
         ForwardSpec::Dynamic { .. } => {
-            let (h, p) = socks::accept(&mut tcp).await?;
+            let (h, p) = socks::accept_in_time(&mut tcp).await?;
             (h, p, true)
         }
         ForwardSpec::Remote { .. } => return Ok(()),

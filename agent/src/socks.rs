@@ -33,6 +33,24 @@ pub enum SocksError {
     Protocol(String),
 }
 
+/// How long a SOCKS client has to say where it goes: a client that connects and sends nothing
+/// (or dribbles a byte a minute) does not hold a connection slot for ever.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// [`accept`] within [`HANDSHAKE_TIMEOUT`].
+pub async fn accept_in_time<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+) -> Result<(String, u16), SocksError> {
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, accept(s))
+        .await
+        .map_err(|_| {
+            SocksError::Protocol(format!(
+                "no SOCKS request within {}",
+                humantime::format_duration(HANDSHAKE_TIMEOUT)
+            ))
+        })?
+}
+
 /// Reads the greeting and CONNECT request; returns the target `(host, port)`.
 /// On a protocol error the matching failure reply has already been sent.
 pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
@@ -154,5 +172,13 @@ mod tests {
         // Truncated: the client goes away mid-request.
         let (r, _) = run(&[5, 1, 0, 5, 1]).await;
         assert!(matches!(r, Err(SocksError::Io(_))));
+    }
+
+    /// A client that connects and says nothing is let go after the handshake timeout.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_client_is_let_go() {
+        let (_client, mut server) = tokio::io::duplex(64);
+        let e = accept_in_time(&mut server).await.unwrap_err().to_string();
+        assert!(e.contains("no SOCKS request within 10s"), "{e}");
     }
 }

@@ -104,16 +104,72 @@ pub async fn post(client: &Client, p: Post<'_>) -> Result<(), DeliveryError> {
     if status.is_success() {
         return Ok(());
     }
-    let body: String = tokio::time::timeout(Duration::from_secs(2), resp.into_body().collect())
-        .await
-        .ok()
-        .and_then(|r| r.ok())
-        .map(|b| {
-            String::from_utf8_lossy(&b.to_bytes())
-                .chars()
-                .take(200)
-                .collect()
-        })
-        .unwrap_or_default();
+    // The start of the error body, for the outbox's last error: a bounded read (a receiver
+    // answering with an endless body costs nothing), within two seconds.
+    let mut kept = Vec::new();
+    let mut body = resp.into_body();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while kept.len() < ERROR_BODY_KEPT {
+            match body.frame().await {
+                Some(Ok(f)) => {
+                    if let Some(d) = f.data_ref() {
+                        let room = ERROR_BODY_KEPT - kept.len();
+                        kept.extend_from_slice(&d[..d.len().min(room)]);
+                    }
+                }
+                _ => break,
+            }
+        }
+    })
+    .await;
+    let body: String = String::from_utf8_lossy(&kept).chars().take(200).collect();
     Err(DeliveryError::Status { status, body })
+}
+
+/// Bytes of an error answer's body read for the message.
+const ERROR_BODY_KEPT: usize = 1024;
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
+
+    use super::*;
+
+    /// A receiver refusing with an endless body: the attempt ends with its status and the
+    /// start of its body, read only so far.
+    #[tokio::test]
+    async fn an_endless_error_body_is_read_only_so_far() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await;
+                    let _ = s
+                        .write_all(
+                            b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\r\n",
+                        )
+                        .await;
+                    let chunk = format!("{:x}\r\n{}\r\n", 64 * 1024, "busy ".repeat(13_107) + "b");
+                    while s.write_all(chunk.as_bytes()).await.is_ok() {}
+                });
+            }
+        });
+        let e = post(
+            &client(None).unwrap(),
+            Post {
+                url: format!("http://127.0.0.1:{port}/hook").parse().unwrap(),
+                body: b"{}".to_vec(),
+                secret: None,
+                idempotency_key: "k",
+                timeout: Duration::from_secs(5),
+            },
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("HTTP 503") && e.contains("busy busy"), "{e}");
+    }
 }
