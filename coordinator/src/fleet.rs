@@ -166,6 +166,20 @@ pub fn judged(hb: &Heartbeat, given: &Given) -> Heartbeat {
             p.errors.retain(|e| eps.contains(&e.endpoint));
             p.failover_log
                 .retain(|f| eps.contains(&f.from) && eps.contains(&f.to));
+            // Its words reach alerts, events, logs and terminals: shown, never acted on.
+            clean(&mut p.last_error);
+            for h in &mut p.health {
+                h.detail = clean_text(&h.detail, false, MAX_TEXT);
+            }
+            for f in &mut p.forwards {
+                clean(&mut f.detail);
+            }
+            for e in &mut p.errors {
+                e.last_detail = clean_text(&e.last_detail, false, MAX_TEXT);
+            }
+            for f in &mut p.failover_log {
+                f.reason = clean_text(&f.reason, false, MAX_TEXT);
+            }
             Some(p)
         })
         .collect();
@@ -173,6 +187,34 @@ pub fn judged(hb: &Heartbeat, given: &Given) -> Heartbeat {
         seq: hb.seq,
         sent_unix_ms: hb.sent_unix_ms,
         profiles,
+    }
+}
+
+/// The longest free text kept from an agent's report (an error, a health detail).
+pub const MAX_TEXT: usize = 512;
+
+/// Text an agent wrote, made safe to show: control characters (escape sequences a terminal
+/// would act on, newlines that would forge log lines — kept when `lines`) written out as
+/// `\u{..}`, and at most `max` characters ([`MAX_TEXT`] for a report's texts).
+pub fn clean_text(s: &str, lines: bool, max: usize) -> String {
+    let mut out = String::with_capacity(s.len().min(max));
+    for (i, c) in s.chars().enumerate() {
+        if i == max {
+            out.push('…');
+            break;
+        }
+        if c.is_control() && !(lines && c == '\n') {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn clean(s: &mut Option<String>) {
+    if let Some(t) = s {
+        *t = clean_text(t, false, MAX_TEXT);
     }
 }
 
@@ -692,5 +734,48 @@ mod tests {
         assert_eq!((fresh[0].0.as_str(), fresh[0].1.seq), ("hostile", 70_000));
         assert!(fleet.take_heartbeats().is_empty(), "taken once");
         assert_eq!(fleet.links.get("hostile").unwrap().heartbeats, 70_000);
+    }
+
+    /// What an agent writes is shown, not acted on: escape sequences and forged log lines in
+    /// its error texts are written out, and long texts cut.
+    #[test]
+    fn agent_text_is_cleaned_before_anything_shows_it() {
+        let mut given = Given::new();
+        given.insert("oma".into(), ["oma-a:443".to_string()].into());
+        let report = tunnelfleet_protocol::ProfileReport {
+            name: "oma".into(),
+            state: tunnelfleet_protocol::TunnelState::Up,
+            active_endpoint: "oma-a:443".into(),
+            up_since_unix_ms: None,
+            reconnects: 0,
+            failovers: 0,
+            last_error: Some("refused\u{1b}[2J\n2026-12-01 ERROR forged line".into()),
+            consecutive_failures: 0,
+            health: vec![],
+            forwards: vec![],
+            errors: vec![],
+            failover_log: vec![],
+        };
+        let long = tunnelfleet_protocol::ProfileReport {
+            last_error: Some("x".repeat(10_000)),
+            ..report.clone()
+        };
+        for (r, check) in [(report, 0), (long, 1)] {
+            let hb = Heartbeat {
+                seq: 1,
+                sent_unix_ms: 0,
+                profiles: vec![r],
+            };
+            let e = judged(&hb, &given).profiles[0].last_error.clone().unwrap();
+            if check == 0 {
+                assert!(!e.contains('\u{1b}') && !e.contains('\n'), "{e:?}");
+                assert!(
+                    e.contains("\\u{1b}[2J") && e.contains("forged line"),
+                    "{e:?}"
+                );
+            } else {
+                assert!(e.chars().count() <= MAX_TEXT + 1, "{}", e.len());
+            }
+        }
     }
 }

@@ -214,7 +214,7 @@ async fn handle(conn: quinn::Connection, fleet: Arc<Fleet>, metrics: Option<Arc<
             }
         }
     });
-    tracing::info!(agent = %cert_id, %remote, version = %hello.agent_version, "agent connected");
+    tracing::info!(agent = %cert_id, %remote, version = ?hello.agent_version, "agent connected");
     if let Err(e) = fleet.attach(
         &cert_id,
         remote,
@@ -281,7 +281,11 @@ async fn handle(conn: quinn::Connection, fleet: Arc<Fleet>, metrics: Option<Arc<
                 // Only answers to commands sent to this agent are taken.
                 match fleet.answered(&cert_id, r.id) {
                     Some(done) => {
-                        tracing::info!(agent = %cert_id, id = r.id, ok = r.ok, "command result: {}", r.message);
+                        // Its words go to a log and an operator's terminal: lines kept (an
+                        // audit report has them), escape sequences written out.
+                        let mut r = r;
+                        r.message = crate::fleet::clean_text(&r.message, true, usize::MAX);
+                        tracing::info!(agent = %cert_id, id = r.id, ok = r.ok, "command result: {:?}", r.message);
                         let _ = done.send(r);
                     }
                     None => {

@@ -29,6 +29,10 @@ pub struct CoordinatorConfig {
     /// Admin HTTP API address (loopback unless told otherwise).
     #[serde(default = "default_admin")]
     pub admin_listen: SocketAddr,
+    /// Accept a non-loopback `admin_listen`: the API is plain HTTP, so its bearer token crosses
+    /// that network in clear. Off: put a TLS proxy on this host in front of a loopback API.
+    #[serde(default)]
+    pub admin_plaintext_on_network: bool,
     /// PKI directory from `tunnelfleet pki init`.
     pub pki_dir: PathBuf,
     /// sled state directory.
@@ -106,6 +110,12 @@ pub struct Bound {
 /// Everything that can fail before serving: token, PKI, store, sockets.
 pub async fn bind(cfg: &CoordinatorConfig) -> anyhow::Result<Bound> {
     use anyhow::Context;
+    if !cfg.admin_listen.ip().is_loopback() && !cfg.admin_plaintext_on_network {
+        anyhow::bail!(
+            "admin_listen: {} is not loopback, and the admin API is plain HTTP: its bearer token would cross the network in clear. Keep it on 127.0.0.1 behind a TLS proxy on this host, or set admin_plaintext_on_network = true to accept that",
+            cfg.admin_listen
+        );
+    }
     tunnelfleet_runtime::secret::check_permissions(&cfg.admin_token_file)
         .map_err(|e| anyhow::anyhow!("admin token: {e}"))?;
     let token = std::fs::read_to_string(&cfg.admin_token_file)

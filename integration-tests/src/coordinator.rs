@@ -126,6 +126,7 @@ impl FullCoordinator {
         let bound = bind(&CoordinatorConfig {
             listen: std::net::SocketAddr::from((ip, 0)),
             admin_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_plaintext_on_network: false,
             pki_dir,
             state_dir: dir.join("state"),
             admin_token_file: token_file,

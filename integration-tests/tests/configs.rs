@@ -164,3 +164,76 @@ async fn a_coordinator_with_a_tiny_udp_buffer_is_refused() {
     assert!(err.starts_with("udp_buffer: 4096 bytes"), "{err}");
     assert!(!dir.path().join("state").exists(), "the store was opened");
 }
+
+/// The admin API speaks plain HTTP and takes a bearer token: on anything but loopback the token
+/// would cross the network in clear, so such an `admin_listen` is refused at start, naming the
+/// key, unless the operator says so explicitly.
+#[tokio::test]
+async fn a_plaintext_admin_api_off_loopback_is_refused_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("admin.token");
+    integration_tests::write_secret(&token, b"0123456789abcdef0123");
+    let config = |extra: &str| {
+        let text = format!(
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"0.0.0.0:0\"\npki_dir = \"{0}/pki\"\nstate_dir = \"{0}/state\"\nadmin_token_file = \"{1}\"\n{extra}",
+            dir.path().display(),
+            token.display()
+        );
+        let path = dir.path().join("coordinator.toml");
+        std::fs::write(&path, text).unwrap();
+        tunnelfleet_coordinator::server::CoordinatorConfig::load(&path).unwrap()
+    };
+    let err = match tunnelfleet_coordinator::server::bind(&config("")).await {
+        Ok(_) => panic!("a plaintext admin API on 0.0.0.0 was accepted"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.starts_with("admin_listen: 0.0.0.0:0 is not loopback"),
+        "{err}"
+    );
+    assert!(err.contains("admin_plaintext_on_network"), "{err}");
+    assert!(!dir.path().join("state").exists(), "the store was opened");
+    // Allowed explicitly: it starts.
+    tunnelfleet_coordinator::pki::init(&dir.path().join("pki"), &["localhost".into()]).unwrap();
+    let bound =
+        tunnelfleet_coordinator::server::bind(&config("admin_plaintext_on_network = true\n"))
+            .await
+            .unwrap();
+    assert!(!bound.admin.ip().is_loopback());
+}
+
+/// An unauthenticated request is refused before its body is read: a malformed body without a
+/// token is 401, never 422 (which would tell a stranger the route and its schema).
+#[tokio::test]
+async fn an_unauthenticated_malformed_request_is_401() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let c = integration_tests::FullCoordinator::start(
+        dir.path(),
+        std::time::Duration::from_millis(500),
+        vec![],
+    )
+    .await;
+    let addr = c.api.addr().to_string();
+    for (method, path) in [
+        ("PUT", "/v1/profiles/x"),
+        ("POST", "/v1/tokens"),
+        ("PUT", "/v1/groups/g"),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let body = "{not json";
+        s.write_all(
+            format!(
+                "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).await.unwrap();
+        assert!(resp.starts_with("HTTP/1.1 401"), "{method} {path}: {resp}");
+    }
+    c.stop().await;
+}

@@ -47,6 +47,11 @@ impl ApiClient {
         }
     }
 
+    /// `host:port` of the API.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
     /// GET `path`.
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ApiError> {
         self.call::<(), T>("GET", path, None).await
