@@ -83,7 +83,26 @@ impl AgentState {
                 *seen = (*seen).max(last.at_unix_ms);
             }
         }
+        // Only what this heartbeat still reports is remembered: profiles and endpoints that
+        // went (a retargeted group, a removed profile) take their counters with them.
+        self.errors.retain(|(name, endpoint, kind), _| {
+            hb.profiles.iter().any(|p| {
+                &p.name == name
+                    && p
+                        .errors
+                        .iter()
+                        .any(|e| &e.endpoint == endpoint && e.kind == *kind)
+            })
+        });
+        self.failover_seen
+            .retain(|name, _| hb.profiles.iter().any(|p| &p.name == name));
         r
+    }
+
+    /// Counters and marks remembered (tests: the state stays as small as the last report).
+    #[cfg(test)]
+    pub(super) fn remembered(&self) -> usize {
+        self.errors.len() + self.failover_seen.len()
     }
 }
 

@@ -617,3 +617,19 @@ async fn without_probes_one_agent_neither_fails_a_group_over_nor_resolves_it() {
         "{a:?}"
     );
 }
+
+/// What the rules remember of an agent is what its last heartbeat still reports: endpoints and
+/// profiles that went take their counters with them.
+#[tokio::test(start_paused = true)]
+async fn an_agents_remembered_counters_follow_its_last_report() {
+    let mut m = monitor();
+    let now = Instant::now();
+    for round in 0..50u64 {
+        let ep = format!("10.9.{round}.1:22");
+        let mut r = losing(&ep, A, 1);
+        r.name = format!("p{round}");
+        m.heartbeat("vma-1", &hb(vec![r]), now);
+    }
+    let remembered = m.agents.get("vma-1").unwrap().remembered();
+    assert!(remembered <= 2, "{remembered} counters kept for one reported profile");
+}
