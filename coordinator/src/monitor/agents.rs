@@ -88,8 +88,7 @@ impl AgentState {
         self.errors.retain(|(name, endpoint, kind), _| {
             hb.profiles.iter().any(|p| {
                 &p.name == name
-                    && p
-                        .errors
+                    && p.errors
                         .iter()
                         .any(|e| &e.endpoint == endpoint && e.kind == *kind)
             })

@@ -631,5 +631,8 @@ async fn an_agents_remembered_counters_follow_its_last_report() {
         m.heartbeat("vma-1", &hb(vec![r]), now);
     }
     let remembered = m.agents.get("vma-1").unwrap().remembered();
-    assert!(remembered <= 2, "{remembered} counters kept for one reported profile");
+    assert!(
+        remembered <= 2,
+        "{remembered} counters kept for one reported profile"
+    );
 }
