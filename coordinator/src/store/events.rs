@@ -68,7 +68,8 @@ impl Store {
 }
 
 /// How long the event log keeps an event.
-pub(super) const EVENT_RETENTION: std::time::Duration = std::time::Duration::from_secs(90 * 24 * 3600);
+pub(super) const EVENT_RETENTION: std::time::Duration =
+    std::time::Duration::from_secs(90 * 24 * 3600);
 
 /// Old events dropped per new one, at most.
 const PRUNE_PER_EVENT: usize = 8;
