@@ -18,6 +18,7 @@
 //! - [`gauges`]: the gauges read from the fleet and the watcher at scrape time.
 //! - [`plan`]: `profiles diff`: what applying a file would change, before it is applied.
 //! - [`admin`]: the admin HTTP API the CLI drives (bearer token), a file per resource.
+//! - [`admin_tls`]: the admin API over TLS with the coordinator's certificate (`admin_tls`).
 //! - [`server`]: `run`, the whole coordinator as one call, wiring the rest together.
 //! - [`cli`]: the `tunnelfleet-coordinator` command line (the binary is a one-line `main`).
 //!
@@ -27,6 +28,7 @@
 //! passed in at construction.
 
 pub mod admin;
+pub mod admin_tls;
 pub mod cli;
 pub mod enroll;
 pub mod fleet;

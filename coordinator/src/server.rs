@@ -29,8 +29,13 @@ pub struct CoordinatorConfig {
     /// Admin HTTP API address (loopback unless told otherwise).
     #[serde(default = "default_admin")]
     pub admin_listen: SocketAddr,
-    /// Accept a non-loopback `admin_listen`: the API is plain HTTP, so its bearer token crosses
-    /// that network in clear. Off: put a TLS proxy on this host in front of a loopback API.
+    /// Serve the admin API over TLS with the coordinator's certificate from `pki_dir` (the
+    /// CLI: `--coordinator https://NAME:PORT --ca-file ca.pem`). Needed for an `admin_listen`
+    /// other than loopback, since the bearer token must not cross a network in clear.
+    #[serde(default)]
+    pub admin_tls: bool,
+    /// Accept a non-loopback `admin_listen` without `admin_tls`: its bearer token then crosses
+    /// that network in clear. Off: use `admin_tls`, or a TLS proxy on this host.
     #[serde(default)]
     pub admin_plaintext_on_network: bool,
     /// PKI directory from `tunnelfleet pki init`.
@@ -100,6 +105,7 @@ pub struct Bound {
     metrics_listener: Option<tokio::net::TcpListener>,
     endpoint: quinn::Endpoint,
     admin_listener: tokio::net::TcpListener,
+    admin_tls: Option<tokio_rustls::TlsAcceptor>,
     token: String,
     outbox: Arc<Outbox>,
     rules: AlertRules,
@@ -110,9 +116,9 @@ pub struct Bound {
 /// Everything that can fail before serving: token, PKI, store, sockets.
 pub async fn bind(cfg: &CoordinatorConfig) -> anyhow::Result<Bound> {
     use anyhow::Context;
-    if !cfg.admin_listen.ip().is_loopback() && !cfg.admin_plaintext_on_network {
+    if !cfg.admin_listen.ip().is_loopback() && !cfg.admin_tls && !cfg.admin_plaintext_on_network {
         anyhow::bail!(
-            "admin_listen: {} is not loopback, and the admin API is plain HTTP: its bearer token would cross the network in clear. Keep it on 127.0.0.1 behind a TLS proxy on this host, or set admin_plaintext_on_network = true to accept that",
+            "admin_listen: {} is not loopback, and the admin API is plain HTTP: its bearer token would cross the network in clear. Set admin_tls = true (the coordinator's certificate from pki_dir), or keep it on 127.0.0.1, or set admin_plaintext_on_network = true to accept that",
             cfg.admin_listen
         );
     }
@@ -164,6 +170,14 @@ pub async fn bind(cfg: &CoordinatorConfig) -> anyhow::Result<Bound> {
     }
     let endpoint = crate::udp::endpoint(udp.socket, Some(server))
         .with_context(|| format!("control link: cannot listen on udp {}", cfg.listen))?;
+    let admin_tls = if cfg.admin_tls {
+        Some(
+            crate::admin_tls::acceptor(&cfg.pki_dir)
+                .map_err(|e| anyhow::anyhow!("admin_tls: {e}"))?,
+        )
+    } else {
+        None
+    };
     let admin_listener = tokio::net::TcpListener::bind(cfg.admin_listen)
         .await
         .with_context(|| format!("admin API: cannot listen on tcp {}", cfg.admin_listen))?;
@@ -198,6 +212,7 @@ pub async fn bind(cfg: &CoordinatorConfig) -> anyhow::Result<Bound> {
         },
         endpoint,
         admin_listener,
+        admin_tls,
         token,
     })
 }
@@ -232,10 +247,16 @@ impl Bound {
         ));
         let sweeper = tokio::spawn(self.fleet.clone().run_sweeper(shutdown.clone()));
         let s = shutdown.clone();
+        let (admin_listener, admin_tls) = (self.admin_listener, self.admin_tls);
         let api = tokio::spawn(async move {
-            let _ = axum::serve(self.admin_listener, app)
-                .with_graceful_shutdown(async move { s.cancelled().await })
-                .await;
+            match admin_tls {
+                Some(acceptor) => crate::admin_tls::serve(admin_listener, acceptor, app, s).await,
+                None => {
+                    let _ = axum::serve(admin_listener, app)
+                        .with_graceful_shutdown(async move { s.cancelled().await })
+                        .await;
+                }
+            }
         });
         let metrics = self.metrics_listener.map(|l| {
             let s = shutdown.clone();

@@ -126,6 +126,7 @@ impl FullCoordinator {
         let bound = bind(&CoordinatorConfig {
             listen: std::net::SocketAddr::from((ip, 0)),
             admin_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_tls: false,
             admin_plaintext_on_network: false,
             pki_dir,
             state_dir: dir.join("state"),
@@ -320,7 +321,18 @@ impl CoordinatorProcess {
             ),
         )
         .expect("coordinator config");
-        let api = tunnelfleet_ops::api::ApiClient::new(&admin.to_string(), token);
+        // With `admin_tls`, the API is reached as the CLI would: https, by the certificate's
+        // name, checked against the fleet CA.
+        let api = if extra.contains("admin_tls = true") {
+            tunnelfleet_ops::api::ApiClient::new(
+                &format!("https://localhost:{}", admin.port()),
+                token,
+            )
+            .with_ca(&dir.join("pki").join("ca.pem"))
+            .expect("the fleet CA")
+        } else {
+            tunnelfleet_ops::api::ApiClient::new(&admin.to_string(), token)
+        };
         let log = dir.join("coordinator.log");
         let env: Vec<(String, String)> = env
             .iter()

@@ -28,23 +28,74 @@ pub enum ApiError {
     },
 }
 
-/// The admin API at `addr` with `token`.
+/// The admin API at `addr` with `token`: plain HTTP to `host:port` (or `http://host:port`),
+/// TLS to `https://host:port` with the fleet CA given by [`ApiClient::with_ca`].
 #[derive(Clone)]
 pub struct ApiClient {
     addr: String,
     token: String,
+    https: bool,
+    tls: Option<Tls>,
+}
+
+/// How an `https://` API is reached.
+#[derive(Clone)]
+struct Tls {
+    connector: tokio_rustls::TlsConnector,
+    name: rustls::pki_types::ServerName<'static>,
 }
 
 impl ApiClient {
-    /// A client; `addr` is `host:port` (an `http://` prefix is accepted).
+    /// A client; `addr` is `host:port`, `http://host:port` or `https://host:port`.
     pub fn new(addr: &str, token: &str) -> Self {
+        let https = addr.starts_with("https://");
         ApiClient {
             addr: addr
                 .trim_start_matches("http://")
+                .trim_start_matches("https://")
                 .trim_end_matches('/')
                 .to_string(),
             token: token.trim().to_string(),
+            https,
+            tls: None,
         }
+    }
+
+    /// Trusts the CA certificates in `ca` (the fleet CA, `pki_dir/ca.pem`) for an `https://`
+    /// API; the coordinator's certificate must name the host of the address.
+    pub fn with_ca(mut self, ca: &std::path::Path) -> Result<Self, ApiError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, ServerName};
+        let bad = |reason: String| ApiError::Unreachable {
+            addr: self.addr.clone(),
+            reason,
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        let certs = CertificateDer::pem_file_iter(ca)
+            .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| bad(format!("CA file {}: {e}", ca.display())))?;
+        for c in certs {
+            roots
+                .add(c)
+                .map_err(|e| bad(format!("CA file {}: {e}", ca.display())))?;
+        }
+        let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let host = tunnelfleet_protocol::addr::split_host_port(&self.addr, None)
+            .map_err(|e| bad(e.to_string()))?
+            .0;
+        let name = ServerName::try_from(host).map_err(|e| bad(e.to_string()))?;
+        self.tls = Some(Tls {
+            connector: tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)),
+            name,
+        });
+        Ok(self)
     }
 
     /// `host:port` of the API.
@@ -71,10 +122,24 @@ impl ApiClient {
         let stream = TcpStream::connect(&self.addr)
             .await
             .map_err(|e| unreachable(e.to_string()))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        let driver = tokio::spawn(conn);
+        let mut sender = match (self.https, &self.tls) {
+            (false, _) => handshake(stream).await,
+            (true, Some(tls)) => {
+                let stream = tls
+                    .connector
+                    .connect(tls.name.clone(), stream)
+                    .await
+                    .map_err(|e| unreachable(format!("TLS: {e}")))?;
+                handshake(stream).await
+            }
+            (true, None) => {
+                return Err(unreachable(
+                    "an https:// coordinator needs the fleet CA: --ca-file or $TUNNELFLEET_CA_FILE"
+                        .into(),
+                ));
+            }
+        }
+        .map_err(|e| unreachable(e.to_string()))?;
         let bytes = match body {
             Some(b) => serde_json::to_vec(b).map_err(|e| unreachable(e.to_string()))?,
             None => Vec::new(),
@@ -101,7 +166,6 @@ impl ApiClient {
             .await
             .map_err(|e| unreachable(e.to_string()))?
             .to_bytes();
-        driver.abort();
         if !status.is_success() {
             let message = serde_json::from_slice::<serde_json::Value>(&body)
                 .ok()
@@ -117,4 +181,16 @@ impl ApiClient {
             message: format!("unreadable answer: {e}"),
         })
     }
+}
+
+/// An HTTP/1.1 connection over `stream`, driven by its own task (ended with the sender).
+async fn handshake<S>(
+    stream: S,
+) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, hyper::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    Ok(sender)
 }

@@ -43,6 +43,7 @@ async fn profiles_assign_rollout_and_agents_through_the_cli() {
     let cfg = CoordinatorConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         admin_listen: "127.0.0.1:0".parse().unwrap(),
+        admin_tls: false,
         admin_plaintext_on_network: false,
         pki_dir: pki_dir.clone(),
         state_dir: dir.path().join("state"),

@@ -147,7 +147,8 @@ pub(super) enum Command {
 /// Where the coordinator's admin API is and how to authenticate.
 #[derive(clap::Args, Debug)]
 pub(super) struct ApiArgs {
-    /// Admin API address.
+    /// Admin API address: `host:port`, or `https://name:port` for a coordinator with
+    /// `admin_tls` (with `--ca-file`).
     #[arg(
         long,
         env = "TUNNELFLEET_COORDINATOR",
@@ -163,6 +164,9 @@ pub(super) struct ApiArgs {
         global = true
     )]
     pub(super) token_file: PathBuf,
+    /// The fleet CA certificate (`pki_dir/ca.pem`) an `https://` coordinator is checked against.
+    #[arg(long, env = "TUNNELFLEET_CA_FILE", global = true)]
+    pub(super) ca_file: Option<PathBuf>,
 }
 
 impl ApiArgs {
@@ -170,7 +174,11 @@ impl ApiArgs {
         let token = std::fs::read_to_string(&self.token_file).with_context(|| {
             format!("{}: cannot read the admin token", self.token_file.display())
         })?;
-        Ok(crate::api::ApiClient::new(&self.coordinator, &token))
+        let client = crate::api::ApiClient::new(&self.coordinator, &token);
+        match &self.ca_file {
+            Some(ca) => Ok(client.with_ca(ca)?),
+            None => Ok(client),
+        }
     }
 }
 

@@ -136,6 +136,7 @@ pub(super) async fn run_in(
     let bound = tunnelfleet_coordinator::server::bind(&CoordinatorConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        admin_tls: false,
         admin_plaintext_on_network: false,
         pki_dir: pki_dir.clone(),
         state_dir: dir.join("coordinator"),

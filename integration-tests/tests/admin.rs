@@ -1,0 +1,97 @@
+//! The admin API on a network (`admin_tls = true`): the real coordinator serves it over TLS with
+//! its certificate from the fleet PKI; the CLI reaches it over `https://` checked against the
+//! fleet CA; a client trusting another CA is refused in the handshake, and a plain-HTTP request
+//! (a token in clear) gets no answer.
+
+#![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
+
+use std::process::Command;
+
+use integration_tests::{CoordinatorProcess, Program};
+use tunnelfleet_coordinator::pki;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_over_tls_with_the_fleet_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    pki::init(&dir.path().join("pki"), &["localhost".into()]).unwrap();
+    // `start_with` sees `admin_tls` and waits on it over https with the fleet CA.
+    let c = CoordinatorProcess::start_with(dir.path(), "500ms", "admin_tls = true\n").await;
+    let agents: serde_json::Value = c.api.get("/v1/agents").await.unwrap();
+    assert!(agents.as_array().is_some(), "{agents}");
+
+    // The CLI, as an operator on another machine would run it.
+    let url = format!("https://localhost:{}", c.admin.port());
+    let cli = |ca: Option<&std::path::Path>| {
+        let mut cmd = Command::new(Program::Cli.path());
+        cmd.args([
+            "token",
+            "create",
+            "--json",
+            "--coordinator",
+            &url,
+            "--token-file",
+        ])
+        .arg(&c.token_file);
+        if let Some(ca) = ca {
+            cmd.arg("--ca-file").arg(ca);
+        }
+        cmd.env_remove("TUNNELFLEET_CA_FILE").output().unwrap()
+    };
+    let o = cli(Some(&dir.path().join("pki/ca.pem")));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let t: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(t["token"].as_str().unwrap().starts_with("tfj_"), "{t}");
+
+    // Without the CA it says what is missing; with another CA the handshake fails.
+    let o = cli(None);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--ca-file"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    pki::init(&dir.path().join("other"), &["localhost".into()]).unwrap();
+    let o = cli(Some(&dir.path().join("other/ca.pem")));
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("TLS: invalid peer certificate"), "{err}");
+
+    // Plain HTTP with the token to the TLS port: no HTTP answer, nothing done.
+    let plain = tunnelfleet_ops::api::ApiClient::new(
+        &c.admin.to_string(),
+        "integration-test-admin-token-0123456789",
+    );
+    let before: serde_json::Value = c.api.get("/v1/tokens").await.unwrap();
+    let r = plain
+        .call::<_, serde_json::Value>(
+            "POST",
+            "/v1/tokens",
+            Some(&serde_json::json!({ "ttl_s": 60 })),
+        )
+        .await;
+    assert!(r.is_err(), "{r:?}");
+    let after: serde_json::Value = c.api.get("/v1/tokens").await.unwrap();
+    assert_eq!(before, after);
+}
+
+/// With TLS, an admin API off loopback starts (no plaintext consent needed).
+#[tokio::test]
+async fn admin_tls_may_listen_on_the_network() {
+    let dir = tempfile::tempdir().unwrap();
+    pki::init(&dir.path().join("pki"), &["localhost".into()]).unwrap();
+    let token = dir.path().join("admin.token");
+    integration_tests::write_secret(&token, b"0123456789abcdef0123");
+    let path = dir.path().join("coordinator.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"0.0.0.0:0\"\nadmin_tls = true\npki_dir = \"{0}/pki\"\nstate_dir = \"{0}/state\"\nadmin_token_file = \"{1}\"\n",
+            dir.path().display(),
+            token.display()
+        ),
+    )
+    .unwrap();
+    let cfg = tunnelfleet_coordinator::server::CoordinatorConfig::load(&path).unwrap();
+    let bound = tunnelfleet_coordinator::server::bind(&cfg).await.unwrap();
+    assert!(!bound.admin.ip().is_loopback());
+}
