@@ -47,6 +47,18 @@ pub enum FleetEvent {
     },
 }
 
+/// Hellos one agent id may make in a burst ([`Fleet::hello_allowed`]).
+pub const HELLO_BURST: f64 = 5.0;
+/// Then one per this long.
+pub const HELLO_EVERY: Duration = Duration::from_secs(2);
+
+/// A token bucket of hellos for one agent id.
+#[derive(Debug, Clone, Copy)]
+struct HelloBucket {
+    tokens: f64,
+    at: Instant,
+}
+
 /// Why a connection was not registered.
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
@@ -306,6 +318,8 @@ pub struct Fleet {
     fresh: Mutex<HashMap<String, Arc<Heartbeat>>>,
     /// Woken when `fresh` gets one.
     fresh_ready: tokio::sync::Notify,
+    /// Hello allowance per agent id ([`Fleet::hello_allowed`]).
+    hellos: Mutex<HashMap<String, HelloBucket>>,
     /// Commands sent to agents, waiting for their results.
     commands: Mutex<Pending>,
     next_command: std::sync::atomic::AtomicU64,
@@ -330,6 +344,7 @@ impl Fleet {
             events,
             fresh: Mutex::default(),
             fresh_ready: tokio::sync::Notify::new(),
+            hellos: Mutex::default(),
             commands: Mutex::default(),
             next_command: std::sync::atomic::AtomicU64::new(1),
         });
@@ -518,6 +533,28 @@ impl Fleet {
     /// Queues an event for the watcher without waiting (nothing watching: discarded).
     fn notify(&self, ev: FleetEvent) {
         let _ = self.events.send(ev);
+    }
+
+    /// Whether agent `id` may have another hello handled now: a burst of [`HELLO_BURST`], then
+    /// one per [`HELLO_EVERY`]. An honest agent reconnects with backoff and never notices; a
+    /// certificate copied to several machines (each connection replacing the other) or a
+    /// reconnect loop costs the coordinator a durable write and a replacement a few times a
+    /// minute, not hundreds a second.
+    pub fn hello_allowed(&self, id: &str, now: Instant) -> bool {
+        let mut hellos = self.hellos.lock().unwrap_or_else(|p| p.into_inner());
+        let b = hellos.entry(id.to_string()).or_insert(HelloBucket {
+            tokens: HELLO_BURST,
+            at: now,
+        });
+        let refill = now.saturating_duration_since(b.at).as_secs_f64() / HELLO_EVERY.as_secs_f64();
+        b.tokens = (b.tokens + refill).min(HELLO_BURST);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
     }
 
     /// The heartbeats that arrived since the last call, the latest per agent.
@@ -777,5 +814,28 @@ mod tests {
                 assert!(e.chars().count() <= MAX_TEXT + 1, "{}", e.len());
             }
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hellos_come_in_a_burst_then_one_every_two_seconds_per_agent() {
+        let dir = tempfile::tempdir().unwrap();
+        let (fleet, _events) = Fleet::new(Store::open(dir.path()).unwrap(), Duration::from_secs(5));
+        let t = Instant::now();
+        for _ in 0..5 {
+            assert!(fleet.hello_allowed("vma-1", t));
+        }
+        assert!(!fleet.hello_allowed("vma-1", t), "a sixth at once");
+        assert!(
+            fleet.hello_allowed("vma-2", t),
+            "another agent is not held back"
+        );
+        assert!(!fleet.hello_allowed("vma-1", t + Duration::from_secs(1)));
+        assert!(fleet.hello_allowed("vma-1", t + Duration::from_secs(3)));
+        // Quiet for a while: the burst is back, no more.
+        let later = t + Duration::from_secs(600);
+        for _ in 0..5 {
+            assert!(fleet.hello_allowed("vma-1", later));
+        }
+        assert!(!fleet.hello_allowed("vma-1", later));
     }
 }

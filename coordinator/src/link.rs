@@ -165,6 +165,16 @@ async fn handle(conn: quinn::Connection, fleet: Arc<Fleet>, metrics: Option<Arc<
             return;
         }
     };
+    if !fleet.hello_allowed(&cert_id, tokio::time::Instant::now()) {
+        let reason = format!(
+            "agent {cert_id:?} is connecting too often (more than {} hellos, then one per {:?}); retry later",
+            crate::fleet::HELLO_BURST,
+            crate::fleet::HELLO_EVERY
+        );
+        tracing::warn!(agent = %cert_id, %remote, "control link refused: {reason}");
+        refuse(&conn, &mut send, reason).await;
+        return;
+    }
     let refusal = match check_version(hello.protocol) {
         Err(e) => Some(e.to_string()),
         Ok(()) if hello.agent_id != cert_id => Some(format!(
