@@ -79,10 +79,9 @@ impl Outbox {
 
     /// Per-hook counters with the outbox's current backlog.
     pub fn stats(&self) -> Vec<HookStats> {
-        let pending = self.store.deliveries().unwrap_or_default();
         let mut v: Vec<HookStats> = self.lock().values().cloned().collect();
         for s in &mut v {
-            s.pending = pending.iter().filter(|d| d.hook == s.name).count();
+            s.pending = self.store.backlog(&s.name);
         }
         v
     }
@@ -98,7 +97,7 @@ impl Outbox {
         if let Ok(all) = self.store.deliveries() {
             for d in all.iter().filter(|d| !known.contains(&d.hook)) {
                 tracing::warn!(hook = %d.hook, key = %d.idempotency_key, "hook no longer configured; dropping its queued delivery");
-                let _ = self.store.delivered(d.seq).await;
+                let _ = self.store.delivered(d).await;
             }
         }
         let mut tasks = Vec::new();
@@ -121,8 +120,8 @@ impl Outbox {
         loop {
             // Register for a wake-up before looking, so an entry written meanwhile is seen.
             let woken = self.wake.notified();
-            let head = match self.store.deliveries() {
-                Ok(all) => all.into_iter().find(|d| d.hook == hook.name),
+            let head = match self.store.next_delivery(&hook.name) {
+                Ok(d) => d,
                 Err(e) => {
                     tracing::error!(hook = %hook.name, "reading the outbox: {e}");
                     None
@@ -151,7 +150,7 @@ impl Outbox {
             };
             match result {
                 Ok(()) => {
-                    if let Err(e) = self.store.delivered(d.seq).await {
+                    if let Err(e) = self.store.delivered(&d).await {
                         tracing::error!(hook = %hook.name, "outbox: {e}");
                     }
                     tracing::info!(hook = %hook.name, alert = d.alert.id, key = %d.idempotency_key, attempts = d.attempts + 1, "alert delivered");

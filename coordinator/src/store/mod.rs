@@ -152,6 +152,9 @@ pub struct Store {
     groups: sled::Tree,
     alerts: sled::Tree,
     outbox: sled::Tree,
+    /// The outbox by hook: `hook \0 seq` -> nothing, so a hook's next entry and its backlog
+    /// are found without reading the other hooks' entries.
+    outbox_by_hook: sled::Tree,
     silences: sled::Tree,
     tokens: sled::Tree,
     revoked: sled::Tree,
@@ -175,6 +178,7 @@ impl Store {
             groups: db.open_tree("groups")?,
             alerts: db.open_tree("alerts")?,
             outbox: db.open_tree("outbox")?,
+            outbox_by_hook: db.open_tree("outbox_by_hook")?,
             silences: db.open_tree("silences")?,
             tokens: db.open_tree("tokens")?,
             revoked: db.open_tree("revoked")?,
@@ -183,6 +187,7 @@ impl Store {
             db,
         };
         let mut s = s;
+        s.index_outbox()?;
         s.id = match s.meta.get(META_STORE_ID)? {
             Some(v) => String::from_utf8_lossy(&v).into_owned(),
             None => {
