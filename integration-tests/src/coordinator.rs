@@ -12,6 +12,27 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+/// The coordinator's QUIC endpoint with the PKI in `pki_dir` on 127.0.0.1:`port` (0 for any).
+/// A restart on the same port may find the old socket still being released: retried with a
+/// deadline rather than failed on the first EADDRINUSE.
+async fn quic_server(pki_dir: &Path, port: u16) -> quinn::Endpoint {
+    let cfg = tunnelfleet_coordinator::tls::server_config(pki_dir).expect("server config");
+    let bind = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match quinn::Endpoint::server(cfg.clone(), bind) {
+            Ok(e) => return e,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("bind coordinator on {bind}: {e}"),
+        }
+    }
+}
+
 /// A coordinator in this process: real QUIC on loopback, sled on disk.
 pub struct TestCoordinator {
     /// Where agents dial.
@@ -25,23 +46,7 @@ pub struct TestCoordinator {
 impl TestCoordinator {
     /// Starts on 127.0.0.1:`port` (0 for any) with the PKI in `pki_dir` and state in `state_dir`.
     pub async fn start(pki_dir: &Path, state_dir: &Path, port: u16) -> TestCoordinator {
-        let cfg = tunnelfleet_coordinator::tls::server_config(pki_dir).expect("server config");
-        let bind = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        // A restart on the same port may find the old socket still being released: retry
-        // with a deadline rather than fail on the first EADDRINUSE.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let endpoint = loop {
-            match quinn::Endpoint::server(cfg.clone(), bind) {
-                Ok(e) => break e,
-                Err(e)
-                    if e.kind() == std::io::ErrorKind::AddrInUse
-                        && std::time::Instant::now() < deadline =>
-                {
-                    tokio::time::sleep(Duration::from_millis(50)).await
-                }
-                Err(e) => panic!("bind coordinator on {bind}: {e}"),
-            }
-        };
+        let endpoint = quic_server(pki_dir, port).await;
         let addr = endpoint.local_addr().expect("addr");
         let store = tunnelfleet_coordinator::store::Store::open(state_dir).expect("store");
         let fleet = tunnelfleet_coordinator::fleet::Fleet::new(store, Duration::from_millis(500)).0;
@@ -415,6 +420,25 @@ impl Drop for CoordinatorProcess {
     }
 }
 
+/// Stores `spec` and assigns it to the agents labelled `site = site`; returns the new fleet
+/// version (not pushed yet: the caller pushes when it wants).
+pub async fn assign_to_site(
+    fleet: &tunnelfleet_coordinator::fleet::Fleet,
+    spec: &tunnelfleet_protocol::ProfileSpec,
+    site: &str,
+) -> u64 {
+    use tunnelfleet_coordinator::store::{Assignment, Selector};
+    fleet.store.put_profile(spec).await.expect("put profile");
+    fleet
+        .store
+        .assign(&Assignment {
+            profile: spec.name.clone(),
+            selector: Selector::Labels([("site".to_string(), site.to_string())].into()),
+        })
+        .await
+        .expect("assign")
+}
+
 /// A valid profile as the coordinator holds it (tests and benchmarks), forwarding `forwards`.
 pub fn profile_spec(name: &str, forwards: &[&str]) -> tunnelfleet_protocol::ProfileSpec {
     let mut p = tunnelfleet_protocol::ProfileSpec::new(name, "vma", "/etc/tunnelfleet/id");
@@ -440,21 +464,7 @@ impl OtherVersionCoordinator {
         use tunnelfleet_protocol::{
             AgentMessage, CoordinatorMessage, PROTOCOL_VERSION, VersionMismatch, Welcome, encode,
         };
-        let cfg = tunnelfleet_coordinator::tls::server_config(pki_dir).expect("server config");
-        let bind = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let endpoint = loop {
-            match quinn::Endpoint::server(cfg.clone(), bind) {
-                Ok(e) => break e,
-                Err(e)
-                    if e.kind() == std::io::ErrorKind::AddrInUse
-                        && std::time::Instant::now() < deadline =>
-                {
-                    tokio::time::sleep(Duration::from_millis(50)).await
-                }
-                Err(e) => panic!("bind coordinator on {bind}: {e}"),
-            }
-        };
+        let endpoint = quic_server(pki_dir, port).await;
         let hellos = Arc::new(std::sync::Mutex::new(Vec::new()));
         let stop = CancellationToken::new();
         let (seen, s) = (hellos.clone(), stop.clone());

@@ -9,7 +9,6 @@ use std::time::Duration;
 use integration_tests::{TestCoordinator, wait_until};
 use tunnelfleet_agent::link::{self, LinkError};
 use tunnelfleet_coordinator::pki;
-use tunnelfleet_coordinator::store::{Assignment, Selector};
 use tunnelfleet_protocol::{Heartbeat, Hello, PROTOCOL_VERSION};
 
 /// A coordinator with its state in a temp dir that lives as long as it does.
@@ -209,6 +208,11 @@ async fn malformed_frames_close_that_connection_and_no_other() {
         }
     }
     // The well-behaved agent never noticed.
+    still_served(&c, &mut g).await;
+}
+
+/// The agent `good` on `g` is still connected and its first heartbeat is counted.
+async fn still_served(c: &Coordinator, g: &mut link::ControlLink) {
     g.heartbeat(Heartbeat {
         seq: 1,
         sent_unix_ms: 0,
@@ -252,23 +256,12 @@ async fn a_profile_change_reaches_every_assigned_agent_and_is_acknowledged() {
         assert!(expect_push(&mut l).await.profiles.is_empty());
         agents.push((id, files, l));
     }
-    c.fleet
-        .store
-        .put_profile(&integration_tests::profile_spec(
-            "oma",
-            &["L 8082:localhost:8082"],
-        ))
-        .await
-        .unwrap();
-    let v = c
-        .fleet
-        .store
-        .assign(&Assignment {
-            profile: "oma".into(),
-            selector: Selector::Labels([("site".to_string(), "dc1".to_string())].into()),
-        })
-        .await
-        .unwrap();
+    let v = integration_tests::assign_to_site(
+        &c.fleet,
+        &integration_tests::profile_spec("oma", &["L 8082:localhost:8082"]),
+        "dc1",
+    )
+    .await;
     // Every agent gets every version; dc2's set is empty.
     assert_eq!(
         c.fleet.push_changed().unwrap(),
@@ -437,18 +430,5 @@ async fn a_heartbeat_of_300000_empty_reports_closes_that_link_and_no_other() {
             other => panic!("{id}: the hostile link still answers: {other:?}"),
         }
     }
-    g.heartbeat(Heartbeat {
-        seq: 1,
-        sent_unix_ms: 0,
-        profiles: vec![],
-    })
-    .await
-    .unwrap();
-    wait_until(10, "the good agent's heartbeat", || async {
-        c.fleet
-            .links
-            .get("good")
-            .is_some_and(|a| a.heartbeats == 1 && a.connected)
-    })
-    .await;
+    still_served(&c, &mut g).await;
 }

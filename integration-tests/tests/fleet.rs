@@ -73,20 +73,7 @@ async fn pushed() -> Pushed {
         Path::new("p.toml"),
     )
     .unwrap();
-    c.fleet
-        .store
-        .put_profile(&local.profiles[0].clone())
-        .await
-        .unwrap();
-    let v = c
-        .fleet
-        .store
-        .assign(&Assignment {
-            profile: "oma".into(),
-            selector: Selector::Labels([("site".to_string(), "dc1".to_string())].into()),
-        })
-        .await
-        .unwrap();
+    let v = assign_to_site(&c.fleet, &local.profiles[0], "dc1").await;
     assert_eq!(c.fleet.push_changed().unwrap(), vec!["vma-1"]);
     wait_until(20, "version acknowledged", || async {
         c.fleet

@@ -8,10 +8,10 @@
 use std::path::Path;
 use std::time::Duration;
 
-use integration_tests::{FullCoordinator, profile_spec, wait_until};
+use integration_tests::{FullCoordinator, assign_to_site, profile_spec, wait_until};
 use tunnelfleet_agent::link::{self, ControlLink};
 use tunnelfleet_coordinator::pki;
-use tunnelfleet_coordinator::store::{AlertKind, Assignment, Selector};
+use tunnelfleet_coordinator::store::AlertKind;
 use tunnelfleet_protocol::{
     Applied, CoordinatorMessage, ErrorCount, ErrorKind, Heartbeat, Hello, PROTOCOL_VERSION,
     ProfileReport, ProfileSet, TunnelState,
@@ -81,20 +81,12 @@ fn failing(name: &str, endpoint: &str) -> ProfileReport {
 
 /// Pushes profile `oma` (endpoints oma-a:443, oma-b:443) to site dc1; returns the version.
 async fn push_oma(c: &FullCoordinator) -> u64 {
-    c.fleet
-        .store
-        .put_profile(&profile_spec("oma", &["L 8082:localhost:8082"]))
-        .await
-        .unwrap();
-    let v = c
-        .fleet
-        .store
-        .assign(&Assignment {
-            profile: "oma".into(),
-            selector: Selector::Labels([("site".to_string(), "dc1".to_string())].into()),
-        })
-        .await
-        .unwrap();
+    let v = assign_to_site(
+        &c.fleet,
+        &profile_spec("oma", &["L 8082:localhost:8082"]),
+        "dc1",
+    )
+    .await;
     c.fleet.push_changed().unwrap();
     v
 }
