@@ -80,6 +80,9 @@ pub struct WatchHandle {
 /// [`Fleet::take_heartbeats`] (the latest per agent).
 const QUEUE: usize = 1024;
 
+/// How often old resolved alerts and ended silences are dropped.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
 impl WatchHandle {
     /// Runs an operator command.
     pub async fn command(&self, cmd: Command) -> Result<String, OmaCommandError> {
@@ -166,6 +169,8 @@ impl Watcher {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut refreshed = Instant::now();
+        // Old resolved alerts and ended silences are dropped at start and then hourly.
+        let mut pruned: Option<Instant> = None;
         let fleet = self.fleet.clone();
         loop {
             let (actions, reply) = tokio::select! {
@@ -186,6 +191,14 @@ impl Watcher {
                         // Catch changes made behind our back.
                         self.refresh_groups();
                         refreshed = now;
+                    }
+                    if pruned.is_none_or(|p| now.duration_since(p) >= PRUNE_EVERY) {
+                        pruned = Some(now);
+                        match self.fleet.store.prune_alerts(tunnelfleet_runtime::clock::now_unix_ms()).await {
+                            Ok((0, 0)) => {}
+                            Ok((a, s)) => tracing::info!(alerts = a, silences = s, "dropped resolved alerts past their retention and ended silences"),
+                            Err(e) => tracing::error!("pruning alerts: {e}"),
+                        }
                     }
                     self.release_silenced().await;
                     (self.monitor.tick(now), None)

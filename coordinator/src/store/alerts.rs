@@ -359,6 +359,32 @@ impl Store {
         Ok(v)
     }
 
+    /// Drops what no rule and no operator needs any more: alerts resolved more than 90 days
+    /// (`ALERT_RETENTION`) ago, and silences that ended. Firing alerts are never touched, nor
+    /// queued deliveries (each holds its own copy of its alert). Returns (alerts, silences)
+    /// dropped.
+    pub async fn prune_alerts(&self, now_unix_ms: u64) -> Result<(usize, usize), StoreError> {
+        let cutoff = now_unix_ms.saturating_sub(ALERT_RETENTION.as_millis() as u64);
+        let mut alerts = 0;
+        for a in decode_all::<Alert>(&self.alerts, "alerts")? {
+            if a.status == AlertStatus::Resolved && a.resolved_unix_ms.is_some_and(|r| r < cutoff) {
+                self.alerts.remove(a.id.to_be_bytes())?;
+                alerts += 1;
+            }
+        }
+        let mut silences = 0;
+        for s in decode_all::<Silence>(&self.silences, "silences")? {
+            if s.until_unix_ms <= now_unix_ms {
+                self.silences.remove(s.id.to_be_bytes())?;
+                silences += 1;
+            }
+        }
+        if alerts + silences > 0 {
+            self.durable().await?;
+        }
+        Ok((alerts, silences))
+    }
+
     fn silenced(&self, key: &str, now_unix_ms: u64) -> Result<bool, StoreError> {
         Ok(self
             .silences(now_unix_ms)?
@@ -366,6 +392,10 @@ impl Store {
             .any(|s| glob_match(&s.matcher, key)))
     }
 }
+
+/// How long a resolved alert stays in `alerts list --all`.
+pub(super) const ALERT_RETENTION: std::time::Duration =
+    std::time::Duration::from_secs(90 * 24 * 3600);
 
 fn hook_prefix(hook: &str) -> Vec<u8> {
     let mut k = hook.as_bytes().to_vec();
@@ -446,6 +476,47 @@ mod tests {
         assert_eq!(
             s.next_delivery("slow").unwrap().unwrap().alert.subject,
             "a0:22"
+        );
+    }
+
+    /// Old resolved alerts and ended silences go; firing alerts, recent ones and running
+    /// silences stay, and so do queued deliveries.
+    #[tokio::test]
+    async fn pruning_drops_old_resolved_alerts_and_ended_silences_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let day = 24 * 3600 * 1000u64;
+        let old = s
+            .fire_alert(alert("old:22"), &["ops".into()])
+            .await
+            .unwrap();
+        s.resolve_alert(old.id, &["ops".into()]).await.unwrap();
+        let firing = s.fire_alert(alert("firing:22"), &[]).await.unwrap();
+        let recent = s.fire_alert(alert("recent:22"), &[]).await.unwrap();
+        s.resolve_alert(recent.id, &[]).await.unwrap();
+        let now = now_unix_ms();
+        for (m, until) in [("ended:*", now - 1), ("running:*", now + day)] {
+            s.add_silence(Silence {
+                id: 0,
+                matcher: m.into(),
+                until_unix_ms: until,
+                comment: String::new(),
+            })
+            .await
+            .unwrap();
+        }
+        let queued = s.deliveries().unwrap().len();
+        // Now: only the ended silence goes (both alerts were resolved just now).
+        assert_eq!(s.prune_alerts(now).await.unwrap(), (0, 1));
+        assert_eq!(s.silences(now).unwrap().len(), 1);
+        let (alerts, _) = s.prune_alerts(now + 91 * day).await.unwrap();
+        assert_eq!(alerts, 2, "both resolved alerts are past 90 days by then");
+        let left: Vec<u64> = s.alerts(true).unwrap().iter().map(|a| a.id).collect();
+        assert_eq!(left, vec![firing.id], "only the firing alert stays");
+        assert_eq!(
+            s.deliveries().unwrap().len(),
+            queued,
+            "queued deliveries untouched"
         );
     }
 }
