@@ -780,18 +780,12 @@ mod tests {
         let mut given = Given::new();
         given.insert("oma".into(), ["oma-a:443".to_string()].into());
         let report = tunnelfleet_protocol::ProfileReport {
-            name: "oma".into(),
-            state: tunnelfleet_protocol::TunnelState::Up,
-            active_endpoint: "oma-a:443".into(),
-            up_since_unix_ms: None,
-            reconnects: 0,
-            failovers: 0,
             last_error: Some("refused\u{1b}[2J\n2026-12-01 ERROR forged line".into()),
-            consecutive_failures: 0,
-            health: vec![],
-            forwards: vec![],
-            errors: vec![],
-            failover_log: vec![],
+            ..tunnelfleet_protocol::ProfileReport::new(
+                "oma",
+                tunnelfleet_protocol::TunnelState::Up,
+                "oma-a:443",
+            )
         };
         let long = tunnelfleet_protocol::ProfileReport {
             last_error: Some("x".repeat(10_000)),

@@ -19,7 +19,7 @@ use crate::hooks::Outbox;
 use crate::metrics::Metrics;
 use crate::monitor::{Action, AlertRules, EndpointView, Monitor, ProbeError, Refusal};
 use crate::store::StoreError;
-use crate::store::{Alert, AlertStatus, alert_key, glob_match};
+use crate::store::{Alert, alert_key, glob_match};
 
 /// Inputs of the watcher.
 #[derive(Debug)]
@@ -350,19 +350,7 @@ impl Watcher {
                     if self.alert_ids.contains_key(&key) {
                         continue;
                     }
-                    let alert = Alert {
-                        id: 0,
-                        kind,
-                        subject,
-                        summary,
-                        affected_agents: affected,
-                        status: AlertStatus::Firing,
-                        fired_unix_ms: now_unix_ms(),
-                        resolved_unix_ms: None,
-                        acked_by: None,
-                        acked_unix_ms: None,
-                        silenced: false,
-                    };
+                    let alert = Alert::firing(kind, subject, summary, affected);
                     match self.fleet.store.fire_alert(alert, &hooks).await {
                         Ok(a) => {
                             tracing::warn!(alert = a.id, kind = a.kind.as_str(), subject = %a.subject, silenced = a.silenced, "alert firing: {}", a.summary);

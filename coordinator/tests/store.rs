@@ -277,7 +277,7 @@ async fn a_join_token_is_spent_once_within_its_lifetime_and_only_by_its_agent() 
 
     // Spent stays spent across a reopen.
     drop(store);
-    let store = Store::open(dir.path()).unwrap();
+    let store = open_when_released(dir.path());
     assert!(refused(store.spend_token(&hash, "vma-9", 10, false).await).contains("already used"));
 }
 
@@ -345,19 +345,14 @@ fn two_tokens_racing_for_one_new_id_enroll_it_once() {
 /// as duplicates. Keys carry the store's own identity, kept across reopen.
 #[tokio::test]
 async fn idempotency_keys_differ_between_state_directories_and_survive_a_reopen() {
-    use tunnelfleet_coordinator::store::{Alert, AlertKind, AlertStatus};
-    let alert = || Alert {
-        id: 0,
-        kind: AlertKind::OmaDown,
-        subject: "oma-a:443".into(),
-        summary: "down".into(),
-        affected_agents: vec![],
-        status: AlertStatus::Firing,
-        fired_unix_ms: 0,
-        resolved_unix_ms: None,
-        acked_by: None,
-        acked_unix_ms: None,
-        silenced: false,
+    use tunnelfleet_coordinator::store::{Alert, AlertKind};
+    let alert = || {
+        Alert::firing(
+            AlertKind::OmaDown,
+            "oma-a:443".into(),
+            "down".into(),
+            vec![],
+        )
     };
     let mut keys = Vec::new();
     for _ in 0..2 {
@@ -368,7 +363,7 @@ async fn idempotency_keys_differ_between_state_directories_and_survive_a_reopen(
         assert!(key.contains(&format!("alert-{}-firing", a.id)), "{key}");
         // Reopened: the same identity, so a retried delivery keeps its key.
         drop(store);
-        let store = Store::open(dir.path()).unwrap();
+        let store = open_when_released(dir.path());
         store.resolve_alert(a.id, &["ops".into()]).await.unwrap();
         let resolved = store.deliveries().unwrap()[1].idempotency_key.clone();
         assert_eq!(

@@ -380,20 +380,8 @@ async fn a_heartbeat_of_300000_empty_reports_closes_that_link_and_no_other() {
     };
     let c = coordinator(&dir.path().join("pki")).await;
     let mut g = connect(&c, &issue("good"), hello("good")).await.unwrap();
-    let empty = tunnelfleet_protocol::ProfileReport {
-        name: String::new(),
-        state: tunnelfleet_protocol::TunnelState::Up,
-        active_endpoint: String::new(),
-        up_since_unix_ms: None,
-        reconnects: 0,
-        failovers: 0,
-        last_error: None,
-        consecutive_failures: 0,
-        health: vec![],
-        forwards: vec![],
-        errors: vec![],
-        failover_log: vec![],
-    };
+    let empty =
+        tunnelfleet_protocol::ProfileReport::new("", tunnelfleet_protocol::TunnelState::Up, "");
     for (id, n) in [("bad-300k", 300_000), ("bad-50k", 50_000), ("bad-257", 257)] {
         let mut b = connect(&c, &issue(id), hello(id)).await.unwrap();
         let hb = Heartbeat {

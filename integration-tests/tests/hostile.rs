@@ -58,16 +58,9 @@ async fn push(l: &mut ControlLink) -> ProfileSet {
 /// A profile failing its health checks (and its sessions) for many checks in a row.
 fn failing(name: &str, endpoint: &str) -> ProfileReport {
     ProfileReport {
-        name: name.into(),
-        state: TunnelState::Up,
-        active_endpoint: endpoint.into(),
         up_since_unix_ms: Some(1),
-        reconnects: 0,
-        failovers: 0,
         last_error: Some("health check failed: HTTP 503".into()),
         consecutive_failures: 10,
-        health: vec![],
-        forwards: vec![],
         errors: vec![ErrorCount {
             endpoint: endpoint.into(),
             kind: ErrorKind::Auth,
@@ -75,7 +68,7 @@ fn failing(name: &str, endpoint: &str) -> ProfileReport {
             last_detail: "refused".into(),
             last_unix_ms: 1,
         }],
-        failover_log: vec![],
+        ..ProfileReport::new(name, TunnelState::Up, endpoint)
     }
 }
 

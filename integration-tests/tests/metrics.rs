@@ -175,20 +175,7 @@ async fn metrics_show_agents_tunnels_oma_health_alerts_and_push_latency() {
     .await
     .unwrap();
     // Its tunnel up, as pushed (only what was pushed to an agent counts).
-    let report = ProfileReport {
-        name: "p".into(),
-        state: TunnelState::Up,
-        active_endpoint: "oma-a:443".into(),
-        up_since_unix_ms: None,
-        reconnects: 0,
-        failovers: 0,
-        last_error: None,
-        consecutive_failures: 0,
-        health: vec![],
-        forwards: vec![],
-        errors: vec![],
-        failover_log: vec![],
-    };
+    let report = ProfileReport::new("p", TunnelState::Up, "oma-a:443");
     l.heartbeat(Heartbeat {
         seq: 1,
         sent_unix_ms: 0,

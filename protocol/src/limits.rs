@@ -160,15 +160,6 @@ mod tests {
 
     fn heartbeat(profiles: usize, forwards: usize) -> AgentMessage {
         let report = ProfileReport {
-            name: "p".into(),
-            state: TunnelState::Up,
-            active_endpoint: "oma:22".into(),
-            up_since_unix_ms: None,
-            reconnects: 0,
-            failovers: 0,
-            last_error: None,
-            consecutive_failures: 0,
-            health: vec![],
             forwards: vec![
                 ForwardReport {
                     spec: "L 1:a:2".into(),
@@ -180,8 +171,7 @@ mod tests {
                 };
                 forwards
             ],
-            errors: vec![],
-            failover_log: vec![],
+            ..ProfileReport::new("p", TunnelState::Up, "oma:22")
         };
         AgentMessage::Heartbeat(Heartbeat {
             seq: 1,

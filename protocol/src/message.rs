@@ -234,6 +234,27 @@ pub struct ProfileReport {
     pub failover_log: Vec<FailoverRecord>,
 }
 
+impl ProfileReport {
+    /// A report of profile `name` in `state` on `active_endpoint`, with no counters, health
+    /// results, forwards, errors or moves yet (fill in what a caller has).
+    pub fn new(name: &str, state: TunnelState, active_endpoint: &str) -> Self {
+        ProfileReport {
+            name: name.to_string(),
+            state,
+            active_endpoint: active_endpoint.to_string(),
+            up_since_unix_ms: None,
+            reconnects: 0,
+            failovers: 0,
+            last_error: None,
+            consecutive_failures: 0,
+            health: Vec::new(),
+            forwards: Vec::new(),
+            errors: Vec::new(),
+            failover_log: Vec::new(),
+        }
+    }
+}
+
 /// What kind of session failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]

@@ -105,16 +105,12 @@ mod tests {
     fn slack_control_sequences_in_an_alert_are_shown_not_acted_on() {
         let a = Alert {
             id: 7,
-            kind: crate::store::AlertKind::TunnelHealth,
-            subject: "vma-1/oma".into(),
-            summary: "health failed: <!channel> <@U123|boss> & <https://evil|click>".into(),
-            affected_agents: vec!["<!here>".into()],
-            status: AlertStatus::Firing,
-            fired_unix_ms: 0,
-            resolved_unix_ms: None,
-            acked_by: None,
-            acked_unix_ms: None,
-            silenced: false,
+            ..Alert::firing(
+                crate::store::AlertKind::TunnelHealth,
+                "vma-1/oma".into(),
+                "health failed: <!channel> <@U123|boss> & <https://evil|click>".into(),
+                vec!["<!here>".into()],
+            )
         };
         let t = slack_text(&a);
         for raw in ["<!channel>", "<@U123", "<https://", "<!here>"] {

@@ -33,18 +33,8 @@ fn monitor() -> Monitor {
 
 fn report(endpoint: &str, state: TunnelState, health_failures: u32) -> ProfileReport {
     ProfileReport {
-        name: "p".into(),
-        state,
-        active_endpoint: endpoint.into(),
-        up_since_unix_ms: None,
-        reconnects: 0,
-        failovers: 0,
-        last_error: None,
         consecutive_failures: health_failures,
-        health: vec![],
-        forwards: vec![],
-        errors: vec![],
-        failover_log: vec![],
+        ..ProfileReport::new("p", state, endpoint)
     }
 }
 

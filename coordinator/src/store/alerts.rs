@@ -102,6 +102,28 @@ pub struct Alert {
 }
 
 impl Alert {
+    /// A new firing alert (the store gives it its id when it is fired).
+    pub fn firing(
+        kind: AlertKind,
+        subject: String,
+        summary: String,
+        affected: Vec<String>,
+    ) -> Self {
+        Alert {
+            id: 0,
+            kind,
+            subject,
+            summary,
+            affected_agents: affected,
+            status: AlertStatus::Firing,
+            fired_unix_ms: now_unix_ms(),
+            resolved_unix_ms: None,
+            acked_by: None,
+            acked_unix_ms: None,
+            silenced: false,
+        }
+    }
+
     /// `kind:subject`: one firing alert per key at a time.
     pub fn key(&self) -> String {
         alert_key(self.kind, &self.subject)
@@ -424,19 +446,7 @@ mod tests {
     use super::*;
 
     fn alert(subject: &str) -> Alert {
-        Alert {
-            id: 0,
-            kind: AlertKind::OmaDown,
-            subject: subject.into(),
-            summary: "down".into(),
-            affected_agents: vec![],
-            status: AlertStatus::Firing,
-            fired_unix_ms: 0,
-            resolved_unix_ms: None,
-            acked_by: None,
-            acked_unix_ms: None,
-            silenced: false,
-        }
+        Alert::firing(AlertKind::OmaDown, subject.into(), "down".into(), vec![])
     }
 
     /// A hook's next delivery and its backlog come from the per-hook index: a long backlog of
@@ -467,11 +477,10 @@ mod tests {
         assert_eq!(s.backlog("fast"), 0);
         assert_eq!(s.deliveries().unwrap().len(), 301);
 
-        // An outbox from before the index: indexed at open, nothing lost.
+        // An outbox from before the index: indexed (as `Store::open` does), nothing lost.
         s.outbox_by_hook.clear().unwrap();
-        s.db.flush().unwrap();
-        drop(s);
-        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.backlog("slow"), 0);
+        s.index_outbox().unwrap();
         assert_eq!(s.backlog("slow"), 301);
         assert_eq!(
             s.next_delivery("slow").unwrap().unwrap().alert.subject,

@@ -268,16 +268,9 @@ async fn attack(
     let client = tunnelfleet_agent::link::client_config(&f.ca, &f.cert, &f.key)?;
     let ep = integration_tests::sim_endpoints(1)?.remove(0);
     let report = |i: usize| ProfileReport {
-        name: format!("made-up-{i}"),
-        state: TunnelState::Backoff,
-        active_endpoint: format!("victim-{i}:22"),
-        up_since_unix_ms: None,
         reconnects: i as u64,
-        failovers: 0,
         last_error: Some("health check failed: HTTP 503".into()),
         consecutive_failures: 99,
-        health: vec![],
-        forwards: vec![],
         errors: vec![ErrorCount {
             endpoint: format!("victim-{i}:22"),
             kind: ErrorKind::Auth,
@@ -285,7 +278,11 @@ async fn attack(
             last_detail: "refused".into(),
             last_unix_ms: 1,
         }],
-        failover_log: vec![],
+        ..ProfileReport::new(
+            &format!("made-up-{i}"),
+            TunnelState::Backoff,
+            &format!("victim-{i}:22"),
+        )
     };
     let invented: Vec<ProfileReport> = (0..255).map(report).collect();
     let oversized: Vec<ProfileReport> = (0..1_000).map(report).collect();
