@@ -93,12 +93,15 @@ pub async fn serve(
     let app = Router::new()
         .route("/metrics", get(scrape))
         .with_state(Arc::new((metrics, agent)));
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await
-    {
-        tracing::warn!(error = %e, "metrics listener stopped");
-    }
+    tunnelfleet_runtime::serve::serve(
+        "metrics",
+        listener,
+        None,
+        app,
+        tunnelfleet_runtime::serve::Limits::METRICS,
+        stop,
+    )
+    .await;
 }
 
 async fn scrape(State(state): State<Arc<(Metrics, SupervisorHandle)>>) -> Response {

@@ -246,26 +246,23 @@ impl Bound {
             shutdown.clone(),
         ));
         let sweeper = tokio::spawn(self.fleet.clone().run_sweeper(shutdown.clone()));
-        let s = shutdown.clone();
-        let (admin_listener, admin_tls) = (self.admin_listener, self.admin_tls);
-        let api = tokio::spawn(async move {
-            match admin_tls {
-                Some(acceptor) => crate::admin_tls::serve(admin_listener, acceptor, app, s).await,
-                None => {
-                    let _ = axum::serve(admin_listener, app)
-                        .with_graceful_shutdown(async move { s.cancelled().await })
-                        .await;
-                }
-            }
-        });
+        let api = tokio::spawn(tunnelfleet_runtime::serve::serve(
+            "admin API",
+            self.admin_listener,
+            self.admin_tls,
+            app,
+            tunnelfleet_runtime::serve::Limits::ADMIN,
+            shutdown.clone(),
+        ));
         let metrics = self.metrics_listener.map(|l| {
-            let s = shutdown.clone();
-            let app = admin::metrics_router(metrics.clone());
-            tokio::spawn(async move {
-                let _ = axum::serve(l, app)
-                    .with_graceful_shutdown(async move { s.cancelled().await })
-                    .await;
-            })
+            tokio::spawn(tunnelfleet_runtime::serve::serve(
+                "metrics",
+                l,
+                None,
+                admin::metrics_router(metrics.clone()),
+                tunnelfleet_runtime::serve::Limits::METRICS,
+                shutdown.clone(),
+            ))
         });
         tunnelfleet_runtime::systemd::ready(&format!(
             "control link {}, admin API {}",

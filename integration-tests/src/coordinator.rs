@@ -408,6 +408,11 @@ impl CoordinatorProcess {
         self.wait_ready().await;
     }
 
+    /// Its process id (for `/proc/<pid>`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Its log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

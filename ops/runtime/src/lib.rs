@@ -6,6 +6,8 @@
 //! - [`systemd`]: `Type=notify` readiness, the watchdog, STOPPING.
 //! - [`telemetry`]: logging setup (human or JSON) and OTLP span export.
 //! - [`metrics`]: the Prometheus registry fed by OpenTelemetry behind each `/metrics`.
+//! - [`serve`]: HTTP listeners with bounds: connections overall and per address, TLS
+//!   handshake, request head and whole-request timeouts.
 //! - [`frames`]: control-link frames read off a QUIC stream (both ends).
 //! - [`secret`]: key and secret files refused when group or others can read them.
 //! - [`clock`]: wall-clock milliseconds for records and reports.
@@ -16,6 +18,7 @@ pub mod clock;
 pub mod frames;
 pub mod metrics;
 pub mod secret;
+pub mod serve;
 pub mod shutdown;
 pub mod systemd;
 pub mod telemetry;
