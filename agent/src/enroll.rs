@@ -222,7 +222,7 @@ async fn exchange(
         Some(n) => n.clone(),
         None => split_host_port(&c.address, None)?.0,
     };
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = tunnelfleet_runtime::pem::provider();
     let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()

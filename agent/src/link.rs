@@ -10,14 +10,12 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use rustls::RootCertStore;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tunnelfleet_protocol::{
     AgentMessage, CoordinatorMessage, DecodeError, EncodeError, Heartbeat, Hello, Welcome,
     check_version, encode,
 };
 use tunnelfleet_runtime::frames::{FrameReadError, FrameReader};
+use tunnelfleet_runtime::pem;
 
 /// Why the control link could not be established or used.
 #[derive(Debug, thiserror::Error)]
@@ -95,23 +93,14 @@ pub enum LinkError {
 
 /// The agent's TLS client settings: trust the fleet CA, present the agent certificate.
 pub fn client_config(ca: &Path, cert: &Path, key: &Path) -> Result<quinn::ClientConfig, LinkError> {
-    let pem = |path: &Path, e: &dyn std::fmt::Display| LinkError::Pem {
-        path: path.display().to_string(),
-        reason: e.to_string(),
+    let pem = |e: pem::PemError| LinkError::Pem {
+        path: e.path.display().to_string(),
+        reason: e.reason,
     };
-    let mut roots = RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(ca).map_err(|e| pem(ca, &e))? {
-        roots
-            .add(c.map_err(|e| pem(ca, &e))?)
-            .map_err(|e| pem(ca, &e))?;
-    }
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| pem(cert, &e))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| pem(cert, &e))?;
-    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| pem(key, &e))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+    let roots = pem::roots(ca).map_err(pem)?;
+    let chain = pem::certs(cert).map_err(pem)?;
+    let key_der = pem::key(key).map_err(pem)?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(pem::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| LinkError::Tls(e.to_string()))?
         .with_root_certificates(roots)

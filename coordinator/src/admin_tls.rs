@@ -5,14 +5,16 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::tls::{self, TlsError};
+use tunnelfleet_runtime::pem;
+
+use crate::tls::TlsError;
 
 /// The acceptor for the admin listener, from the PKI in `pki_dir`.
 pub fn acceptor(pki_dir: &Path) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
-    let mut chain = tls::load_certs(&pki_dir.join(crate::pki::SERVER_CERT))?;
-    chain.extend(tls::load_certs(&pki_dir.join(crate::pki::CA_CERT))?);
-    let key = tls::load_key(&pki_dir.join(crate::pki::SERVER_KEY))?;
-    let mut cfg = rustls::ServerConfig::builder_with_provider(tls::provider())
+    let mut chain = pem::certs(&pki_dir.join(crate::pki::SERVER_CERT))?;
+    chain.extend(pem::certs(&pki_dir.join(crate::pki::CA_CERT))?);
+    let key = pem::key(&pki_dir.join(crate::pki::SERVER_KEY))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(pem::provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(chain, key)?;

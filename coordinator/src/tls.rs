@@ -9,9 +9,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use rustls::RootCertStore;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::CertificateDer;
 use rustls::server::WebPkiClientVerifier;
 
 use crate::pki;
@@ -40,33 +38,15 @@ pub enum TlsError {
     Quic(String),
 }
 
-/// The ring crypto provider (the workspace uses ring for rustls and russh alike).
-pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
+use tunnelfleet_runtime::pem::{self, provider};
 
-/// Reads every certificate of a PEM file.
-pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let err = |reason: String| TlsError::Pem {
-        path: path.display().to_string(),
-        reason,
-    };
-    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| err(e.to_string()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| err(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(err("no certificate in file".into()));
+impl From<tunnelfleet_runtime::pem::PemError> for TlsError {
+    fn from(e: tunnelfleet_runtime::pem::PemError) -> TlsError {
+        TlsError::Pem {
+            path: e.path.display().to_string(),
+            reason: e.reason,
+        }
     }
-    Ok(certs)
-}
-
-/// Reads a private key.
-pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Pem {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    })
 }
 
 /// Receive window of the one stream a peer may open, and of its whole connection: a
@@ -92,10 +72,7 @@ pub fn transport() -> Arc<quinn::TransportConfig> {
 
 /// The coordinator's QUIC server config from a PKI directory.
 pub fn server_config(pki_dir: &Path) -> Result<quinn::ServerConfig, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for c in load_certs(&pki_dir.join(pki::CA_CERT))? {
-        roots.add(c)?;
-    }
+    let roots = pem::roots(&pki_dir.join(pki::CA_CERT))?;
     // A client certificate, when presented, must chain to the CA (a foreign or expired one
     // fails the handshake). Presenting none is allowed only so that a new agent can enroll:
     // the control link refuses a connection without one before reading a byte.
@@ -104,12 +81,12 @@ pub fn server_config(pki_dir: &Path) -> Result<quinn::ServerConfig, TlsError> {
         .build()
         .map_err(|e| TlsError::Verifier(e.to_string()))?;
     // The chain carries the CA certificate too: an enrolling agent knows only its fingerprint.
-    let mut chain = load_certs(&pki_dir.join(pki::SERVER_CERT))?;
-    chain.extend(load_certs(&pki_dir.join(pki::CA_CERT))?);
+    let mut chain = pem::certs(&pki_dir.join(pki::SERVER_CERT))?;
+    chain.extend(pem::certs(&pki_dir.join(pki::CA_CERT))?);
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, load_key(&pki_dir.join(pki::SERVER_KEY))?)?;
+        .with_single_cert(chain, pem::key(&pki_dir.join(pki::SERVER_KEY))?)?;
     tls.alpn_protocols = vec![
         tunnelfleet_protocol::ALPN.to_vec(),
         tunnelfleet_protocol::ENROLL_ALPN.to_vec(),

@@ -120,20 +120,14 @@ pub fn serve_ssh_banner_until_dropped(
 /// A TLS acceptor for a test receiver (an HTTPS webhook, an SMTP relay) with the certificate of
 /// a PKI made by `pki::init` in `dir` (`coordinator.pem`/`.key`, for the names given there).
 pub fn tls_acceptor(dir: &Path) -> std::io::Result<tokio_rustls::TlsAcceptor> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let certs = CertificateDer::pem_file_iter(dir.join("coordinator.pem"))
-        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+    use tunnelfleet_runtime::pem;
+    let certs = pem::certs(&dir.join("coordinator.pem")).map_err(std::io::Error::other)?;
+    let key = pem::key(&dir.join("coordinator.key")).map_err(std::io::Error::other)?;
+    let cfg = rustls::ServerConfig::builder_with_provider(pem::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(std::io::Error::other)?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
         .map_err(std::io::Error::other)?;
-    let key =
-        PrivateKeyDer::from_pem_file(dir.join("coordinator.key")).map_err(std::io::Error::other)?;
-    let cfg = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(std::io::Error::other)?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(std::io::Error::other)?;
     Ok(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg)))
 }

@@ -64,28 +64,18 @@ impl ApiClient {
     /// Trusts the CA certificates in `ca` (the fleet CA, `pki_dir/ca.pem`) for an `https://`
     /// API; the coordinator's certificate must name the host of the address.
     pub fn with_ca(mut self, ca: &std::path::Path) -> Result<Self, ApiError> {
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, ServerName};
+        use rustls::pki_types::ServerName;
+        use tunnelfleet_runtime::pem;
         let bad = |reason: String| ApiError::Unreachable {
             addr: self.addr.clone(),
             reason,
         };
-        let mut roots = rustls::RootCertStore::empty();
-        let certs = CertificateDer::pem_file_iter(ca)
-            .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| bad(format!("CA file {}: {e}", ca.display())))?;
-        for c in certs {
-            roots
-                .add(c)
-                .map_err(|e| bad(format!("CA file {}: {e}", ca.display())))?;
-        }
-        let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| bad(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let roots = pem::roots(ca).map_err(|e| bad(format!("CA file {e}")))?;
+        let mut cfg = rustls::ClientConfig::builder_with_provider(pem::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
         let host = tunnelfleet_protocol::addr::split_host_port(&self.addr, None)
             .map_err(|e| bad(e.to_string()))?

@@ -20,28 +20,17 @@ pub type Client = hyper_util::client::legacy::Client<
 /// (an internal Alertmanager's, a company proxy's), with the ring provider like every TLS in
 /// tunnelfleet.
 pub fn client(extra_ca: Option<&Path>) -> Result<Client, CaError> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
+    use tunnelfleet_runtime::pem;
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = extra_ca {
-        let certs = CertificateDer::pem_file_iter(path)
-            .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| CaError::Pem(e.to_string()))?;
-        if certs.is_empty() {
-            return Err(CaError::Pem("no certificate in it".into()));
-        }
-        for c in certs {
-            roots.add(c).map_err(|e| CaError::Pem(e.to_string()))?;
-        }
+        pem::add_roots(&mut roots, path).map_err(|e| CaError::Pem(e.reason))?;
     }
-    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| CaError::Tls(e.to_string()))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let tls = rustls::ClientConfig::builder_with_provider(pem::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| CaError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()

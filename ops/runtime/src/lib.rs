@@ -9,6 +9,7 @@
 //! - [`serve`]: HTTP listeners with bounds: connections overall and per address, TLS
 //!   handshake, request head and whole-request timeouts.
 //! - [`frames`]: control-link frames read off a QUIC stream (both ends).
+//! - [`pem`]: certificates and keys from PEM files, and the ring crypto provider.
 //! - [`secret`]: key and secret files refused when group or others can read them.
 //! - [`clock`]: wall-clock milliseconds for records and reports.
 //! - [`banner`]: the SSH identification line (OMA probes, `net check`).
@@ -17,6 +18,7 @@ pub mod banner;
 pub mod clock;
 pub mod frames;
 pub mod metrics;
+pub mod pem;
 pub mod secret;
 pub mod serve;
 pub mod shutdown;
