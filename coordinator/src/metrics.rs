@@ -23,6 +23,8 @@ pub struct Metrics {
     pub push_latency: Histogram<f64>,
     /// Heartbeats received.
     pub heartbeats: Counter<u64>,
+    /// Alerts not raised because their agent had `MAX_ALERTS_PER_AGENT` firing, by kind.
+    pub alerts_held: Counter<u64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -65,6 +67,12 @@ impl Metrics {
             heartbeats: meter
                 .u64_counter("tunnelfleet_heartbeats")
                 .with_description("Agent heartbeats received")
+                .build(),
+            alerts_held: meter
+                .u64_counter("tunnelfleet_alerts_held")
+                .with_description(
+                    "Alerts not raised because their agent already had the most alerts firing one agent may have",
+                )
                 .build(),
             exporter,
         })

@@ -19,7 +19,7 @@ use crate::hooks::Outbox;
 use crate::metrics::Metrics;
 use crate::monitor::{Action, AlertRules, EndpointView, Monitor, ProbeError, Refusal};
 use crate::store::StoreError;
-use crate::store::{Alert, alert_key, glob_match};
+use crate::store::{Alert, AlertKind, alert_key, glob_match};
 
 /// Inputs of the watcher.
 #[derive(Debug)]
@@ -122,6 +122,7 @@ pub fn start(
         metrics,
         handle: handle.clone(),
         alert_ids: HashMap::new(),
+        per_agent: PerAgent::default(),
         silenced: HashMap::new(),
         probers: HashMap::new(),
     };
@@ -140,6 +141,8 @@ struct Watcher {
     handle: WatchHandle,
     /// Firing alert key -> alert id.
     alert_ids: HashMap<String, u64>,
+    /// Firing alerts per agent, for the cap.
+    per_agent: PerAgent,
     /// Firing alerts that fired under a silence (key -> id): delivered once it ends.
     silenced: HashMap<String, u64>,
     /// Endpoint -> (interval, timeout, prober task).
@@ -158,6 +161,7 @@ impl Watcher {
                 for a in firing {
                     self.monitor.restore_firing(a.kind, &a.subject);
                     self.alert_ids.insert(a.key(), a.id);
+                    self.per_agent.fired(&a.key(), a.kind, &a.affected_agents);
                     if a.silenced {
                         self.silenced.insert(a.key(), a.id);
                     }
@@ -350,6 +354,17 @@ impl Watcher {
                     if self.alert_ids.contains_key(&key) {
                         continue;
                     }
+                    if let Some(agent) = self.per_agent.full(kind, &affected) {
+                        if let Some(m) = &self.metrics {
+                            m.alerts_held
+                                .add(1, &[opentelemetry::KeyValue::new("kind", kind.as_str())]);
+                        }
+                        self.monitor.not_fired(kind, &subject);
+                        if self.per_agent.held.insert(agent.to_string()) {
+                            tracing::warn!(agent = %agent, kind = kind.as_str(), subject = %subject, "{MAX_ALERTS_PER_AGENT} alerts firing for this agent already; holding further ones until some resolve");
+                        }
+                        continue;
+                    }
                     let alert = Alert::firing(kind, subject, summary, affected);
                     match self.fleet.store.fire_alert(alert, &hooks).await {
                         Ok(a) => {
@@ -357,6 +372,7 @@ impl Watcher {
                             if a.silenced {
                                 self.silenced.insert(key.clone(), a.id);
                             }
+                            self.per_agent.fired(&key, a.kind, &a.affected_agents);
                             self.alert_ids.insert(key, a.id);
                             if let Some(m) = &self.metrics {
                                 m.alerts_fired.add(
@@ -376,6 +392,7 @@ impl Watcher {
                     let Some(id) = self.alert_ids.remove(&key) else {
                         continue;
                     };
+                    self.per_agent.resolved(&key);
                     match self.fleet.store.resolve_alert(id, &hooks).await {
                         Ok(a) => {
                             tracing::info!(alert = a.id, kind = a.kind.as_str(), subject = %a.subject, "alert resolved: {}", a.summary);
@@ -521,5 +538,55 @@ pub async fn probe(endpoint: &str, timeout: Duration) -> Result<Duration, ProbeE
         Ok(Ok(())) => Ok(start.elapsed()),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(ProbeError::Timeout(timeout)),
+    }
+}
+
+/// The most alerts about one agent that fire at once (`AlertKind::about_one_agent`): an
+/// appliance, stolen or broken, cannot flood the store and the hooks; what it would raise
+/// beyond is counted in `tunnelfleet_alerts_held` and logged once until some resolve.
+pub const MAX_ALERTS_PER_AGENT: usize = 32;
+
+/// Firing alerts per agent.
+#[derive(Debug, Default)]
+struct PerAgent {
+    /// Agent -> firing alerts about it.
+    firing: HashMap<String, usize>,
+    /// Alert key -> the agent it counts against.
+    agent_of: HashMap<String, String>,
+    /// Agents at the cap that were told about (logged once).
+    held: std::collections::HashSet<String>,
+}
+
+impl PerAgent {
+    fn agent(kind: AlertKind, affected: &[String]) -> Option<&str> {
+        kind.about_one_agent()
+            .then(|| affected.first().map(String::as_str))
+            .flatten()
+    }
+
+    /// The agent, when an alert of `kind` about `affected` would exceed its cap.
+    fn full<'a>(&self, kind: AlertKind, affected: &'a [String]) -> Option<&'a str> {
+        let agent = Self::agent(kind, affected)?;
+        (self.firing.get(agent).copied().unwrap_or(0) >= MAX_ALERTS_PER_AGENT).then_some(agent)
+    }
+
+    fn fired(&mut self, key: &str, kind: AlertKind, affected: &[String]) {
+        if let Some(agent) = Self::agent(kind, affected) {
+            *self.firing.entry(agent.to_string()).or_default() += 1;
+            self.agent_of.insert(key.to_string(), agent.to_string());
+        }
+    }
+
+    fn resolved(&mut self, key: &str) {
+        let Some(agent) = self.agent_of.remove(key) else {
+            return;
+        };
+        if let Some(n) = self.firing.get_mut(&agent) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.firing.remove(&agent);
+            }
+        }
+        self.held.remove(&agent);
     }
 }

@@ -375,3 +375,55 @@ async fn idempotency_keys_differ_between_state_directories_and_survive_a_reopen(
     }
     assert_ne!(keys[0], keys[1], "two state directories, one key");
 }
+
+/// Firing alerts are read through their own index: resolved ones drop out of it, a reopen
+/// keeps it, and a store written before the index existed gets it built at open.
+#[tokio::test]
+async fn firing_alerts_are_read_through_an_index_kept_across_reopen_and_built_for_old_stores() {
+    use tunnelfleet_coordinator::store::{Alert, AlertKind};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let a = Alert::firing(
+            AlertKind::TunnelHealth,
+            format!("vma-{i}/oma"),
+            "failing".into(),
+            vec![format!("vma-{i}")],
+        );
+        ids.push(store.fire_alert(a, &[]).await.unwrap().id);
+    }
+    store.resolve_alert(ids[1], &[]).await.unwrap();
+    store.resolve_alert(ids[3], &[]).await.unwrap();
+    store.ack_alert(ids[2], "ops").await.unwrap();
+    let firing =
+        |s: &Store| -> Vec<u64> { s.alerts(false).unwrap().iter().map(|a| a.id).collect() };
+    assert_eq!(firing(&store), vec![ids[4], ids[2], ids[0]]);
+    assert_eq!(store.alerts(true).unwrap().len(), 5);
+    drop(store);
+    let store = open_when_released(dir.path());
+    assert_eq!(firing(&store), vec![ids[4], ids[2], ids[0]]);
+    drop(store);
+
+    // As a store of the previous version left it: no index, no marker.
+    {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let db = loop {
+            match sled::open(dir.path()) {
+                Ok(db) => break db,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        db.drop_tree("firing").unwrap();
+        db.open_tree("meta")
+            .unwrap()
+            .remove("firing_indexed")
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let store = open_when_released(dir.path());
+    assert_eq!(firing(&store), vec![ids[4], ids[2], ids[0]]);
+}

@@ -358,3 +358,110 @@ async fn a_client_without_a_certificate_gets_one_stream_and_no_more() {
     );
     c.stop().await;
 }
+
+/// One agent reporting 40 pushed profiles all failing raises at most
+/// `MAX_ALERTS_PER_AGENT` alerts; another agent's alert still fires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_agent_raises_at_most_its_cap_of_alerts() {
+    use tunnelfleet_coordinator::watch::MAX_ALERTS_PER_AGENT;
+    let dir = tempfile::tempdir().unwrap();
+    let c = FullCoordinator::start(dir.path(), Duration::from_millis(500), vec![]).await;
+    let mut busy = connect(&c, dir.path(), "vma-busy").await;
+    let mut other = connect(&c, dir.path(), "vma-other").await;
+    let mut last = 0;
+    for i in 0..40 {
+        last = assign_to_site(
+            &c.fleet,
+            &profile_spec(
+                &format!("p{i}"),
+                &[&format!("L {}:localhost:8082", 10000 + i)],
+            ),
+            "dc1",
+        )
+        .await;
+    }
+    c.fleet.push_changed().unwrap();
+    for l in [&mut busy, &mut other] {
+        while push(l).await.version != last {}
+    }
+    let alerts_about = |agent: &'static str| {
+        let store = c.fleet.store.clone();
+        move || {
+            store
+                .alerts(false)
+                .unwrap()
+                .iter()
+                .filter(|a| a.affected_agents.first().is_some_and(|x| x == agent))
+                .count()
+        }
+    };
+    let (busy_alerts, other_alerts) = (alerts_about("vma-busy"), alerts_about("vma-other"));
+    for seq in 1..=2 {
+        busy.heartbeat(Heartbeat {
+            seq,
+            sent_unix_ms: 0,
+            profiles: (0..40)
+                .map(|i| failing(&format!("p{i}"), "oma-a:443"))
+                .collect(),
+        })
+        .await
+        .unwrap();
+        other
+            .heartbeat(Heartbeat {
+                seq,
+                sent_unix_ms: 0,
+                profiles: vec![failing("p7", "oma-a:443")],
+            })
+            .await
+            .unwrap();
+    }
+    wait_until(
+        20,
+        "the busy agent's alerts up to its cap, the other's one",
+        || async { busy_alerts() >= MAX_ALERTS_PER_AGENT && other_alerts() == 1 },
+    )
+    .await;
+    // p0 recovers: its alert resolves and a held one takes its place, never more than the cap.
+    let p0_firing = || {
+        c.fleet
+            .store
+            .alerts(false)
+            .unwrap()
+            .iter()
+            .any(|a| a.subject == "vma-busy/p0")
+    };
+    assert!(p0_firing(), "p0 is among the first alerts");
+    for seq in 3..=4 {
+        let mut profiles: Vec<_> = (1..40)
+            .map(|i| failing(&format!("p{i}"), "oma-a:443"))
+            .collect();
+        profiles.push(ProfileReport::new("p0", TunnelState::Up, "oma-a:443"));
+        busy.heartbeat(Heartbeat {
+            seq,
+            sent_unix_ms: 0,
+            profiles,
+        })
+        .await
+        .unwrap();
+    }
+    wait_until(
+        20,
+        "p0 resolved and a held alert raised in its place",
+        || async { !p0_firing() && busy_alerts() == MAX_ALERTS_PER_AGENT },
+    )
+    .await;
+    let held = c
+        .fleet
+        .store
+        .alerts(true)
+        .unwrap()
+        .iter()
+        .filter(|a| a.affected_agents.first().is_some_and(|x| x == "vma-busy"))
+        .count();
+    assert_eq!(
+        held,
+        MAX_ALERTS_PER_AGENT + 1,
+        "one resolved, the cap firing"
+    );
+    c.stop().await;
+}

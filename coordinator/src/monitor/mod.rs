@@ -182,6 +182,11 @@ impl Monitor {
             self.endpoints.entry(subject.to_string()).or_default().down = true;
         }
     }
+    /// An alert the rules raised that was not recorded (its agent at its cap of alerts): the
+    /// rules raise it again while it holds.
+    pub fn not_fired(&mut self, kind: AlertKind, subject: &str) {
+        self.firing.remove(&alert_key(kind, subject));
+    }
     /// Whether an alert with this key is firing.
     pub fn is_firing(&self, kind: AlertKind, subject: &str) -> bool {
         self.firing.contains(&alert_key(kind, subject))

@@ -29,6 +29,12 @@ pub enum AlertKind {
 }
 
 impl AlertKind {
+    /// Whether an alert of this kind is about one agent (its first affected agent), so that it
+    /// counts against that agent's cap.
+    pub fn about_one_agent(self) -> bool {
+        !matches!(self, AlertKind::OmaDown | AlertKind::OmaUnhealthy)
+    }
+
     /// The name used in keys, hooks and the CLI.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -196,12 +202,40 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
 }
 
 impl Store {
-    /// Alerts, newest first; only firing ones unless `all`.
+    /// Alerts, newest first; only firing ones (read through their index) unless `all`.
     pub fn alerts(&self, all: bool) -> Result<Vec<Alert>, StoreError> {
-        let mut v: Vec<Alert> = decode_all(&self.alerts, "alerts")?;
-        v.retain(|a| all || a.status == AlertStatus::Firing);
+        let mut v: Vec<Alert> = if all {
+            decode_all(&self.alerts, "alerts")?
+        } else {
+            let mut v = Vec::new();
+            for k in self.firing.iter().keys() {
+                let k = k?;
+                if let Some(a) = self.alerts.get(&k)? {
+                    let a: Alert = decode(&a, "alerts", &super::u64_of(&k).to_string())?;
+                    if a.status == AlertStatus::Firing {
+                        v.push(a);
+                    }
+                }
+            }
+            v
+        };
         v.reverse();
         Ok(v)
+    }
+
+    /// Builds the index of firing alerts of a store written before it existed.
+    pub(super) fn index_firing(&self) -> Result<(), StoreError> {
+        if self.meta.get(super::META_FIRING_INDEXED)?.is_some() {
+            return Ok(());
+        }
+        for a in decode_all::<Alert>(&self.alerts, "alerts")? {
+            if a.status == AlertStatus::Firing {
+                self.firing.insert(a.id.to_be_bytes(), &[][..])?;
+            }
+        }
+        self.meta.insert(super::META_FIRING_INDEXED, &[1u8][..])?;
+        self.db.flush()?;
+        Ok(())
     }
 
     /// One alert.
@@ -285,9 +319,20 @@ impl Store {
                     .map(|(h, (seq, _))| hook_key(h, *seq))
                     .collect()
             };
-            (&self.alerts, &self.outbox, &self.outbox_by_hook)
-                .transaction(|(alerts, outbox, by_hook)| {
+            let firing = alert.status == AlertStatus::Firing;
+            (
+                &self.alerts,
+                &self.outbox,
+                &self.outbox_by_hook,
+                &self.firing,
+            )
+                .transaction(|(alerts, outbox, by_hook, index)| {
                     alerts.insert(&alert.id.to_be_bytes(), value.clone())?;
+                    if firing {
+                        index.insert(&alert.id.to_be_bytes(), &[][..])?;
+                    } else {
+                        index.remove(&alert.id.to_be_bytes())?;
+                    }
                     for (seq, d) in &deliveries {
                         outbox.insert(&seq.to_be_bytes(), d.clone())?;
                     }

@@ -52,6 +52,10 @@ const META_FLEET_VERSION: &[u8] = b"fleet_version";
 /// scratch (ids from 1 again) never repeats the keys of the one it replaced.
 const META_STORE_ID: &[u8] = b"store_id";
 
+/// Set once the `firing` index of the alerts holds every firing alert (stores written before it
+/// existed get it built at open).
+const META_FIRING_INDEXED: &[u8] = b"firing_indexed";
+
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -155,6 +159,9 @@ pub struct Store {
     /// The outbox by hook: `hook \0 seq` -> nothing, so a hook's next entry and its backlog
     /// are found without reading the other hooks' entries.
     outbox_by_hook: sled::Tree,
+    /// The ids of the firing alerts (`id` -> nothing): what `/metrics`, the watcher's start
+    /// and `alerts list` read, without decoding 90 days of resolved ones.
+    firing: sled::Tree,
     silences: sled::Tree,
     tokens: sled::Tree,
     revoked: sled::Tree,
@@ -179,6 +186,7 @@ impl Store {
             alerts: db.open_tree("alerts")?,
             outbox: db.open_tree("outbox")?,
             outbox_by_hook: db.open_tree("outbox_by_hook")?,
+            firing: db.open_tree("firing")?,
             silences: db.open_tree("silences")?,
             tokens: db.open_tree("tokens")?,
             revoked: db.open_tree("revoked")?,
@@ -188,6 +196,7 @@ impl Store {
         };
         let mut s = s;
         s.index_outbox()?;
+        s.index_firing()?;
         s.id = match s.meta.get(META_STORE_ID)? {
             Some(v) => String::from_utf8_lossy(&v).into_owned(),
             None => {
