@@ -131,6 +131,13 @@ pub struct AgentSection {
     /// Where to serve Prometheus `/metrics` (e.g. `127.0.0.1:9465`); off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Each SSH session renews its keys after this many bytes either way (OpenSSH's
+    /// `RekeyLimit`; default and most 1 GiB, at least 1 MiB).
+    #[serde(default = "default_rekey_bytes")]
+    pub rekey_after_bytes: u64,
+    /// ... and after this long (default 1 h, at least 1 s).
+    #[serde(default = "default_rekey_after", with = "humantime_serde")]
+    pub rekey_after: Duration,
 }
 
 impl Default for AgentSection {
@@ -139,6 +146,8 @@ impl Default for AgentSection {
             control_socket: default_control_socket(),
             drain_timeout: default_drain(),
             metrics_listen: None,
+            rekey_after_bytes: default_rekey_bytes(),
+            rekey_after: default_rekey_after(),
         }
     }
 }
@@ -196,6 +205,21 @@ impl AgentConfig {
             key,
             reason,
         };
+        if !(1 << 20..=1 << 30).contains(&self.agent.rekey_after_bytes) {
+            return Err(invalid(
+                "agent.rekey_after_bytes".into(),
+                format!(
+                    "{} is outside 1 MiB (1048576) to 1 GiB (1073741824): more would risk nonce reuse",
+                    self.agent.rekey_after_bytes
+                ),
+            ));
+        }
+        if self.agent.rekey_after < Duration::from_secs(1) {
+            return Err(invalid(
+                "agent.rekey_after".into(),
+                "must be at least 1s".into(),
+            ));
+        }
         if let Some(c) = &self.coordinator {
             if let Err(r) = split_host_port(&c.address, None) {
                 return Err(invalid("coordinator.address".into(), r.to_string()));
@@ -228,6 +252,14 @@ impl AgentConfig {
 fn default_control_socket() -> PathBuf {
     PathBuf::from("/run/tunnelfleet/agent.sock")
 }
+fn default_rekey_bytes() -> u64 {
+    1 << 30
+}
+
+fn default_rekey_after() -> Duration {
+    Duration::from_secs(3600)
+}
+
 fn default_drain() -> Duration {
     Duration::from_secs(5)
 }

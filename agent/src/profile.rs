@@ -180,6 +180,7 @@ pub fn start(
     key: Arc<russh::keys::PrivateKey>,
     shared: Arc<ProfileShared>,
     drain: Duration,
+    rekey: (u64, Duration),
     after: Vec<Gate>,
     coordinated: Coordinated,
 ) -> ProfileHandle {
@@ -199,6 +200,7 @@ pub fn start(
         config: Arc::new(ssh::client_config(
             cfg.keepalive_interval,
             cfg.keepalive_count,
+            rekey,
         )),
         remote: Arc::new(RemoteForwards::default()),
         tracker: TaskTracker::new(),

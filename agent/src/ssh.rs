@@ -201,9 +201,20 @@ pub struct SessionParams {
 /// Builds the russh client config for a profile: a silent server is dropped
 /// `keepalive_interval × keepalive_count` after it last sent anything (OpenSSH's
 /// `ServerAliveInterval × ServerAliveCountMax`).
-pub fn client_config(keepalive_interval: Duration, keepalive_count: u32) -> client::Config {
+/// Keys are renewed after `rekey.0` bytes either way or `rekey.1`, whichever comes first.
+pub fn client_config(
+    keepalive_interval: Duration,
+    keepalive_count: u32,
+    rekey: (u64, Duration),
+) -> client::Config {
     let (interval, max) = keepalive(keepalive_interval, keepalive_count);
+    let bytes = usize::try_from(rekey.0).unwrap_or(usize::MAX);
     client::Config {
+        limits: russh::Limits {
+            rekey_write_limit: bytes,
+            rekey_read_limit: bytes,
+            rekey_time_limit: rekey.1,
+        },
         keepalive_interval: Some(interval),
         keepalive_max: max,
         window_size: WINDOW_SIZE,

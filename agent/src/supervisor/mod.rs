@@ -88,6 +88,8 @@ struct Slot {
 pub struct Supervisor {
     slots: BTreeMap<String, Slot>,
     drain: Duration,
+    /// Every session's rekey limits (bytes, time).
+    rekey: (u64, Duration),
     started_unix_ms: u64,
     /// Whether the coordinator is connected (it then decides moves for pushed profiles).
     coordinated: Coordinated,
@@ -120,6 +122,7 @@ impl Supervisor {
         Ok(Supervisor {
             slots,
             drain: cfg.agent.drain_timeout,
+            rekey: (cfg.agent.rekey_after_bytes, cfg.agent.rekey_after),
             started_unix_ms: now_unix_ms(),
             coordinated: Coordinated::default(),
         })
@@ -150,7 +153,7 @@ impl Supervisor {
 
     /// Starts a profile.
     pub fn start(&mut self, name: &str) -> Result<String, CommandError> {
-        let drain = self.drain;
+        let (drain, rekey) = (self.drain, self.rekey);
         let coordinated = self.coordinated.clone();
         let slot = self.slot(name)?;
         // A local profile is on its own whether or not a coordinator is connected.
@@ -169,6 +172,7 @@ impl Supervisor {
             slot.key.clone(),
             slot.shared.clone(),
             drain,
+            rekey,
             after,
             coordinated,
         ));
