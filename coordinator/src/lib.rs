@@ -11,7 +11,7 @@
 //! - [`enroll`]: join tokens traded for certificates on the enrollment ALPN.
 //! - [`monitor`]: the alert and failover rules, no IO: endpoints, agents, checks.
 //! - [`watch`]: the task that feeds the rules (probes, fleet events, operator commands) and
-//!   carries out their decisions.
+//!   carries out their decisions (at most `MAX_ALERTS_PER_AGENT` alerts about one agent firing).
 //! - [`hooks`]: alert delivery (webhook, Slack, Alertmanager, email, command) through the
 //!   durable outbox.
 //! - [`metrics`]: the Prometheus registry and the instruments counted where things happen.

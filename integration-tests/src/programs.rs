@@ -79,3 +79,41 @@ pub fn dist_binary(package: &str, bin: &str) -> std::io::Result<PathBuf> {
     }
     Ok(path)
 }
+
+/// A child process killed (and reaped) when dropped.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A `kB` field of `/proc/<pid>/status`: `VmRSS` (resident now), `VmHWM` (its peak).
+pub fn status_kb(pid: u32, field: &str) -> std::io::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no {field} in /proc/{pid}/status")))
+}
+
+/// This machine's CPU model and count, for a benchmark's report.
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name\t: ").map(str::to_string))
+        })
+        .unwrap_or_default();
+    format!(
+        "{cpu}, {} cpus",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    )
+}

@@ -165,7 +165,7 @@ async fn main() -> anyhow::Result<()> {
     let pct = |p: f64| percentile(&lat, p);
     if hostile {
         let h = attack(&api, &pki_dir, &certs_dir, udp, &mut acks_rx, agents).await?;
-        let rss = vm_hwm(pid)?;
+        let rss = integration_tests::status_kb(pid, "VmHWM")?;
         let _ = coordinator.kill();
         let _ = coordinator.wait();
         eprintln!(
@@ -192,7 +192,7 @@ async fn main() -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let rss = vm_hwm(pid)?;
+    let rss = integration_tests::status_kb(pid, "VmHWM")?;
     let _ = coordinator.kill();
     let _ = coordinator.wait();
     eprintln!(
@@ -444,14 +444,4 @@ fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
         .collect();
     // After the command: state is [0]; utime is [11], stime [12].
     Ok(f[11].parse::<u64>()? + f[12].parse::<u64>()?)
-}
-
-fn vm_hwm(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .context("VmHWM")
 }

@@ -6,11 +6,14 @@
 //! Ends with one JSON line.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use integration_tests::{Sshd, echo_roundtrip, echo_server, free_port, http_get, http_service};
+use integration_tests::{
+    KillOnDrop, Sshd, echo_roundtrip, echo_server, free_port, http_get, http_service, machine,
+    status_kb,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -99,7 +102,7 @@ async fn main() -> anyhow::Result<()> {
     });
     let ssh = ssh_client(&sshd, &ssh_args, &[])?;
     exercise(&ports).await?;
-    let openssh_rss = rss_kb(ssh.0.id())?;
+    let openssh_rss = status_kb(ssh.0.id(), "VmRSS")?;
     drop(ssh);
     wait_port_free(ports[3]).await?;
     let agent_fw = seed(&|p, t| format!("L {p}:127.0.0.1:{t}"), &|p, t| {
@@ -108,7 +111,7 @@ async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let agent = agent_process(&agent_bin, dir.path(), &sshd, &agent_fw)?;
     exercise(&ports).await?;
-    let agent_rss = rss_kb(agent.0.id())?;
+    let agent_rss = status_kb(agent.0.id(), "VmRSS")?;
     drop(agent);
     eprintln!("  RSS with the seed's four forwards: agent {agent_rss} kB, ssh {openssh_rss} kB");
 
@@ -120,16 +123,7 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Kills the child on drop.
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn ssh_client(sshd: &Sshd, forwards: &[String], extra: &[&str]) -> anyhow::Result<Proc> {
+fn ssh_client(sshd: &Sshd, forwards: &[String], extra: &[&str]) -> anyhow::Result<KillOnDrop> {
     let child = Command::new("ssh")
         .args([
             "-N",
@@ -152,10 +146,15 @@ fn ssh_client(sshd: &Sshd, forwards: &[String], extra: &[&str]) -> anyhow::Resul
         .stdin(Stdio::null())
         .spawn()
         .context("spawning ssh")?;
-    Ok(Proc(child))
+    Ok(KillOnDrop(child))
 }
 
-fn agent_process(bin: &Path, dir: &Path, sshd: &Sshd, forwards: &[String]) -> anyhow::Result<Proc> {
+fn agent_process(
+    bin: &Path,
+    dir: &Path,
+    sshd: &Sshd,
+    forwards: &[String],
+) -> anyhow::Result<KillOnDrop> {
     let fw: Vec<String> = forwards.iter().map(|f| format!("{f:?}")).collect();
     let cfg = format!(
         "[agent]\ncontrol_socket = \"{}/agent.sock\"\n[[profile]]\nname = \"bench\"\nendpoints = [\"{}\"]\nuser = \"{}\"\n\
@@ -176,7 +175,7 @@ fn agent_process(bin: &Path, dir: &Path, sshd: &Sshd, forwards: &[String]) -> an
         .stdin(Stdio::null())
         .spawn()
         .context("spawning tunnelfleet-agent")?;
-    Ok(Proc(child))
+    Ok(KillOnDrop(child))
 }
 
 /// Reads everything until EOF, then answers with the byte count.
@@ -287,30 +286,4 @@ async fn exercise(ports: &[u16; 4]) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-fn rss_kb(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .context("VmRSS")
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find_map(|l| l.strip_prefix("model name\t: ").map(str::to_string))
-        })
-        .unwrap_or_default();
-    format!(
-        "{cpu}, {} cpus",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0)
-    )
 }
