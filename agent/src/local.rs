@@ -43,6 +43,8 @@ pub struct LocalForward {
     pub session: SessionSlot,
     /// How long a new connection waits for a session that is down.
     pub wait_for_session: Duration,
+    /// Connections served at once ([`MAX_CONNECTIONS`]); more are closed as they arrive.
+    pub max_connections: usize,
     /// Stop accepting.
     pub cancel: CancellationToken,
     /// Connection tasks, drained at shutdown.
@@ -79,7 +81,8 @@ impl LocalForward {
                 }
             }
         };
-        let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let cap = self.max_connections;
+        let permits = Arc::new(tokio::sync::Semaphore::new(cap));
         loop {
             let state = if self.session.borrow().is_some() {
                 ForwardState::Active
@@ -94,7 +97,7 @@ impl LocalForward {
                     Ok((tcp, peer)) => match permits.clone().try_acquire_owned() {
                         Ok(permit) => self.spawn_connection(tcp, peer, permit),
                         Err(_) => {
-                            tracing::warn!(forward = %self.spec, %peer, "{MAX_CONNECTIONS} connections open; closing a new one");
+                            tracing::warn!(forward = %self.spec, %peer, "{cap} connections open; closing a new one");
                             drop(tcp);
                         }
                     },
@@ -218,5 +221,69 @@ async fn wait_session(mut session: SessionSlot, wait: Duration) -> Option<Arc<Li
     match found {
         Ok(Ok(s)) => s.clone(),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// With the session down, connections wait for it holding their place: beyond the cap a
+    /// new one is closed at once.
+    #[tokio::test]
+    async fn connections_beyond_the_cap_are_closed_as_they_arrive() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let line = format!("L 127.0.0.1:{port}:127.0.0.1:9");
+        let spec = ForwardSpec::parse(&line).unwrap();
+        let shared = Arc::new(ProfileShared::new("p", "", vec![], &[line], None));
+        let (_session_tx, session) = watch::channel(None);
+        let cancel = CancellationToken::new();
+        let lf = LocalForward {
+            index: 0,
+            spec,
+            counters: shared.counters[0].clone(),
+            shared,
+            session,
+            wait_for_session: Duration::from_secs(3600),
+            max_connections: 3,
+            cancel: cancel.clone(),
+            tracker: TaskTracker::new(),
+        };
+        tokio::spawn(lf.run());
+        let connect = || async {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                match TcpStream::connect(("127.0.0.1", port)).await {
+                    Ok(s) => return s,
+                    Err(_) if std::time::Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(10)).await
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        };
+        // Closed at once: EOF well before the hour a held connection would wait.
+        let closed_now = |mut s: TcpStream| async move {
+            let mut b = [0u8; 1];
+            matches!(
+                tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await,
+                Ok(Ok(0)) | Ok(Err(_))
+            )
+        };
+        let mut _held = Vec::new();
+        for _ in 0..3 {
+            _held.push(connect().await);
+        }
+        assert!(
+            closed_now(connect().await).await,
+            "a fourth connection was kept"
+        );
+        cancel.cancel();
     }
 }

@@ -404,6 +404,7 @@ impl Runner {
                         counters,
                         session: session_rx.clone(),
                         wait_for_session: self.cfg.connect_timeout,
+                        max_connections: crate::local::MAX_CONNECTIONS,
                         cancel: listeners.clone(),
                         tracker: self.params.tracker.clone(),
                     };

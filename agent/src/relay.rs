@@ -3,6 +3,13 @@
 //! Every forwarded connection ends here. The copy uses large buffers (the default 8 KiB costs
 //! throughput against OpenSSH) and counts each direction into the forward's counters, which is
 //! what `tunnels status` shows as bytes each way.
+//!
+//! What comes from the tunnel is taken from the channel as soon as it arrives, whether or not
+//! the local side is reading: russh hands every channel's data over from one session loop, which
+//! waits when a channel's queue is full, so one connection whose local reader stalls would stop
+//! every connection of the session, and during a key exchange (when the loop takes nothing
+//! outbound either) the session itself, for good. A local side that leaves more than
+//! [`INBOUND_BACKLOG`] unread has that one connection closed instead.
 
 use std::io;
 use std::pin::Pin;
@@ -10,11 +17,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 /// Copy buffer per direction: two SSH packets' worth. Larger (256 KiB) bought no measurable
 /// throughput and cost RSS per connection (BENCHMARKS.md).
 pub const RELAY_BUFFER: usize = 64 * 1024;
+
+/// The most bytes from the tunnel one connection holds for a local side that is not reading;
+/// beyond, the connection is closed. Twice the window the agent grants a channel.
+pub const INBOUND_BACKLOG: usize = 2 * crate::ssh::WINDOW_SIZE as usize;
 
 /// Byte and connection counters of one forward.
 #[derive(Debug, Default)]
@@ -48,18 +59,60 @@ impl Drop for OpenGuard {
 }
 
 /// Relays `local` <-> `tunnel` until both directions finish; counts into `counters`.
-pub async fn relay<L, T>(local: L, mut tunnel: T, counters: &Arc<ForwardCounters>) -> io::Result<()>
+pub async fn relay<L, T>(local: L, tunnel: T, counters: &Arc<ForwardCounters>) -> io::Result<()>
 where
     L: AsyncRead + AsyncWrite + Unpin,
     T: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut local = Counted {
+    let local = Counted {
         inner: local,
         counters: counters.clone(),
     };
-    tokio::io::copy_bidirectional_with_sizes(&mut local, &mut tunnel, RELAY_BUFFER, RELAY_BUFFER)
-        .await
-        .map(|_| ())
+    let (mut local_r, mut local_w) = tokio::io::split(local);
+    let (mut tunnel_r, mut tunnel_w) = tokio::io::split(tunnel);
+    let outbound = async {
+        let mut buf = vec![0u8; RELAY_BUFFER];
+        loop {
+            let n = local_r.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            tunnel_w.write_all(&buf[..n]).await?;
+        }
+        tunnel_w.shutdown().await
+    };
+    // The tunnel is read by `take` whatever `give` is doing; `waiting` is what it holds.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<bytes::Bytes>();
+    let waiting = std::sync::atomic::AtomicUsize::new(0);
+    let take = async {
+        let mut buf = bytes::BytesMut::new();
+        loop {
+            buf.reserve(RELAY_BUFFER);
+            let n = tunnel_r.read_buf(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            let held = waiting.fetch_add(n, Ordering::Relaxed) + n;
+            if held > INBOUND_BACKLOG {
+                return Err(io::Error::other(format!(
+                    "the local side left {held} bytes from the tunnel unread; connection closed so the rest of the session keeps moving"
+                )));
+            }
+            if tx.send(buf.split().freeze()).is_err() {
+                break;
+            }
+        }
+        drop(tx);
+        Ok(())
+    };
+    let give = async {
+        while let Some(chunk) = rx.recv().await {
+            local_w.write_all(&chunk).await?;
+            waiting.fetch_sub(chunk.len(), Ordering::Relaxed);
+        }
+        local_w.shutdown().await
+    };
+    tokio::try_join!(outbound, take, give).map(|_| ())
 }
 
 /// A local stream that counts what is read from it (out) and written to it (in).
@@ -112,8 +165,36 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A local side that reads nothing does not stop the tunnel being read (the session's other
+    /// channels depend on it): what arrives is held, up to the backlog, then that connection
+    /// closes.
+    #[tokio::test]
+    async fn the_tunnel_is_read_while_the_local_side_is_not() {
+        let (_local_app, local) = tokio::io::duplex(1024);
+        let (tunnel, mut far) = tokio::io::duplex(64 * 1024);
+        let counters = Arc::new(ForwardCounters::default());
+        let c = counters.clone();
+        let task = tokio::spawn(async move { relay(local, tunnel, &c).await });
+        let chunk = vec![7u8; 1 << 20];
+        // Half the backlog goes through at once although the local side takes only 1 KiB.
+        for _ in 0..INBOUND_BACKLOG / 2 / chunk.len() {
+            tokio::time::timeout(std::time::Duration::from_secs(10), far.write_all(&chunk))
+                .await
+                .expect("the tunnel stopped being read while the local side was not reading")
+                .unwrap();
+        }
+        // Beyond the backlog the connection is closed, with why.
+        let mut sent = INBOUND_BACKLOG / 2;
+        while far.write_all(&chunk).await.is_ok() {
+            sent += chunk.len();
+            assert!(sent < 2 * INBOUND_BACKLOG, "held more than the backlog");
+        }
+        let err = task.await.unwrap().unwrap_err().to_string();
+        assert!(err.contains("unread"), "{err}");
+    }
 
     #[tokio::test]
     async fn counts_both_directions() {
