@@ -800,3 +800,66 @@ async fn two_jump_hosts_in_a_row_carry_the_session() {
     }
     agent.shutdown().await;
 }
+
+/// A local client that stops reading while its server keeps sending does not stop the other
+/// connections of the session (russh hands every channel's data over from one loop): another
+/// forward keeps carrying data, and the stuck connection is closed once it holds too much.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_reader_that_stops_does_not_stall_the_session() {
+    if !Sshd::available("stalled_reader") {
+        return;
+    }
+    let sshd = Sshd::start();
+    let (echo, _e) = echo_server().await;
+    // A server that sends for ever.
+    let firehose = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hose = firehose.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = firehose.accept().await {
+            tokio::spawn(async move {
+                let chunk = vec![0x5au8; 1 << 20];
+                while s.write_all(&chunk).await.is_ok() {}
+            });
+        }
+    });
+    let (l_hose, l_echo) = (free_port(), free_port());
+    let agent = TestAgent::on(
+        &sshd,
+        &[
+            format!("L {l_hose}:127.0.0.1:{hose}"),
+            format!("L {l_echo}:127.0.0.1:{echo}"),
+        ],
+        "",
+    )
+    .await;
+    agent.wait_all_active("oma").await;
+    // Connected, then never read.
+    let mut stuck = tokio::net::TcpStream::connect(("127.0.0.1", l_hose))
+        .await
+        .unwrap();
+    // 64 MiB through the other forward while the firehose pushes: each MiB within 10 s.
+    let payload = vec![0xc3u8; 1 << 20];
+    for i in 0..64 {
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            echo_roundtrip(l_echo, &payload),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("the session stalled behind a reader that stopped (MiB {i})"))
+        .unwrap();
+    }
+    // The stuck connection was closed by the agent once it held its backlog: reading now
+    // ends (after what the socket buffers hold) instead of waiting for ever.
+    let drained = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match stuck.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(drained.is_ok(), "the stuck connection was never closed");
+    agent.shutdown().await;
+}
