@@ -24,8 +24,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 pub const RELAY_BUFFER: usize = 64 * 1024;
 
 /// The most bytes from the tunnel one connection holds for a local side that is not reading;
-/// beyond, the connection is closed. Twice the window the agent grants a channel.
-pub const INBOUND_BACKLOG: usize = 2 * crate::ssh::WINDOW_SIZE as usize;
+/// beyond, the connection is closed. The window the agent grants a channel.
+pub const INBOUND_BACKLOG: usize = crate::ssh::WINDOW_SIZE as usize;
 
 /// Byte and connection counters of one forward.
 #[derive(Debug, Default)]
@@ -82,13 +82,23 @@ where
         tunnel_w.shutdown().await
     };
     // The tunnel is read by `take` whatever `give` is doing; `waiting` is what it holds.
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<bytes::Bytes>();
+    // Buffers go from `take` to `give` full and come back empty (at most `POOL` kept), so a
+    // connection whose local side keeps up reuses the same few buffers.
+    const POOL: usize = 2;
+    let (full_tx, mut full_rx) = tokio::sync::mpsc::unbounded_channel::<(Vec<u8>, usize)>();
+    let (empty_tx, mut empty_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let pooled = std::sync::atomic::AtomicUsize::new(0);
     let waiting = std::sync::atomic::AtomicUsize::new(0);
     let take = async {
-        let mut buf = bytes::BytesMut::new();
         loop {
-            buf.reserve(RELAY_BUFFER);
-            let n = tunnel_r.read_buf(&mut buf).await?;
+            let mut buf = match empty_rx.try_recv() {
+                Ok(b) => {
+                    pooled.fetch_sub(1, Ordering::Relaxed);
+                    b
+                }
+                Err(_) => vec![0u8; RELAY_BUFFER],
+            };
+            let n = tunnel_r.read(&mut buf).await?;
             if n == 0 {
                 break;
             }
@@ -98,17 +108,21 @@ where
                     "the local side left {held} bytes from the tunnel unread; connection closed so the rest of the session keeps moving"
                 )));
             }
-            if tx.send(buf.split().freeze()).is_err() {
+            if full_tx.send((buf, n)).is_err() {
                 break;
             }
         }
-        drop(tx);
+        drop(full_tx);
         Ok(())
     };
     let give = async {
-        while let Some(chunk) = rx.recv().await {
-            local_w.write_all(&chunk).await?;
-            waiting.fetch_sub(chunk.len(), Ordering::Relaxed);
+        while let Some((buf, n)) = full_rx.recv().await {
+            local_w.write_all(&buf[..n]).await?;
+            waiting.fetch_sub(n, Ordering::Relaxed);
+            if pooled.load(Ordering::Relaxed) < POOL {
+                pooled.fetch_add(1, Ordering::Relaxed);
+                let _ = empty_tx.send(buf);
+            }
         }
         local_w.shutdown().await
     };
