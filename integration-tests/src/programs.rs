@@ -117,3 +117,21 @@ pub fn machine() -> String {
             .unwrap_or(0)
     )
 }
+
+/// A benchmark's numeric `--name value` options: each of `known` (name, default) in order.
+pub fn bench_options<const N: usize>(known: [(&str, u64); N]) -> anyhow::Result<[u64; N]> {
+    use anyhow::Context;
+    let mut values = known.map(|(_, default)| default);
+    let usage: Vec<String> = known.iter().map(|(k, _)| format!("{k} N")).collect();
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let Some(i) = known.iter().position(|(name, _)| *name == k) else {
+            anyhow::bail!("unknown argument {k} (use {})", usage.join(", "));
+        };
+        let v = it.next().with_context(|| format!("{k} needs a value"))?;
+        values[i] = v
+            .parse()
+            .with_context(|| format!("{k}: {v:?} is not a number"))?;
+    }
+    Ok(values)
+}

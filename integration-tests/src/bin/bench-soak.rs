@@ -30,28 +30,6 @@ const BULK: usize = 32 << 20;
 /// Bytes per short connection.
 const SHORT: usize = 4 << 10;
 
-struct Args {
-    minutes: u64,
-    cycles: usize,
-}
-
-fn args() -> anyhow::Result<Args> {
-    let mut a = Args {
-        minutes: 10,
-        cycles: 1000,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(k) = it.next() {
-        let v = it.next().with_context(|| format!("{k} needs a value"))?;
-        match k.as_str() {
-            "--minutes" => a.minutes = v.parse().context("--minutes")?,
-            "--cycles" => a.cycles = v.parse().context("--cycles")?,
-            other => bail!("unknown argument {other} (use --minutes N --cycles N)"),
-        }
-    }
-    Ok(a)
-}
-
 /// What one contender's traffic came to.
 #[derive(Default)]
 struct Tally {
@@ -324,7 +302,9 @@ async fn cycle(socket: &Path, port: u16, before: u64) -> anyhow::Result<u64> {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    let args = args()?;
+    let [minutes, cycles] =
+        integration_tests::bench_options([("--minutes", 10), ("--cycles", 1000)])?;
+    let cycles = cycles as usize;
     if !Sshd::available("bench-soak") {
         bail!("bench-soak needs /usr/sbin/sshd");
     }
@@ -354,10 +334,10 @@ async fn main() -> anyhow::Result<()> {
     let first = profile(&socket).await?;
     eprintln!(
         "bench-soak: {} min, keys renewed every 1 MiB or 2 s, agent and ssh side by side",
-        args.minutes
+        minutes
     );
 
-    let until = Instant::now() + Duration::from_secs(args.minutes * 60);
+    let until = Instant::now() + Duration::from_secs(minutes * 60);
     let (a, a_tasks) = traffic(a_ports, until, 1);
     let (s, s_tasks) = traffic(s_ports, until, 1 << 50);
     let started = Instant::now();
@@ -391,36 +371,30 @@ async fn main() -> anyhow::Result<()> {
     let ssh_rekeys =
         count(&dir.path().join("ssh.log"), "SSH2_MSG_KEXINIT received").saturating_sub(1);
     let gbps = |t: &Tally| t.bytes.load(Ordering::Relaxed) as f64 * 8.0 / secs / 1e9;
-    eprintln!(
-        "  agent: {:.0} MiB checked ({:.3} Gbit/s), {} short connections, {} key renewals, {} errors, longest wait {} ms, session dropped: {agent_dropped}",
-        a.bytes.load(Ordering::Relaxed) as f64 / 1048576.0,
-        gbps(&a),
-        a.short.load(Ordering::Relaxed),
-        agent_rekeys,
-        a.errors.load(Ordering::Relaxed),
-        a.max_wait_ms.load(Ordering::Relaxed)
-    );
-    eprintln!(
-        "  ssh:   {:.0} MiB checked ({:.3} Gbit/s), {} short connections, {} key renewals, {} errors, longest wait {} ms, session dropped: {ssh_dropped}",
-        s.bytes.load(Ordering::Relaxed) as f64 / 1048576.0,
-        gbps(&s),
-        s.short.load(Ordering::Relaxed),
-        ssh_rekeys,
-        s.errors.load(Ordering::Relaxed),
-        s.max_wait_ms.load(Ordering::Relaxed)
-    );
+    let report = |who: &str, t: &Tally, rekeys: usize, dropped: bool| {
+        eprintln!(
+            "  {who:<6} {:.0} MiB checked ({:.3} Gbit/s), {} short connections, {rekeys} key renewals, {} errors, longest wait {} ms, session dropped: {dropped}",
+            t.bytes.load(Ordering::Relaxed) as f64 / 1048576.0,
+            gbps(t),
+            t.short.load(Ordering::Relaxed),
+            t.errors.load(Ordering::Relaxed),
+            t.max_wait_ms.load(Ordering::Relaxed)
+        )
+    };
+    report("agent:", &a, agent_rekeys, agent_dropped);
+    report("ssh:", &s, ssh_rekeys, ssh_dropped);
     drop(ssh);
 
     // Reconnect cycles: memory after the first 50, then after all of them.
     let pid = agent.0.id();
     let mut reconnects = last.reconnects;
-    let warm = 50.min(args.cycles);
+    let warm = 50.min(cycles);
     let cycles_started = Instant::now();
     for _ in 0..warm {
         reconnects = cycle(&socket, a_ports[0], reconnects).await?;
     }
     let rss_start = status_kb(pid, "VmRSS")?;
-    for i in warm..args.cycles {
+    for i in warm..cycles {
         reconnects = cycle(&socket, a_ports[0], reconnects).await?;
         if (i + 1) % 250 == 0 {
             eprintln!(
@@ -434,7 +408,7 @@ async fn main() -> anyhow::Result<()> {
     let growth = rss_end as i64 - rss_start as i64;
     eprintln!(
         "  {} reconnect cycles in {:.1} s: agent RSS {rss_start} kB after {warm}, {rss_end} kB after all ({growth:+} kB)",
-        args.cycles,
+        cycles,
         cycles_started.elapsed().as_secs_f64()
     );
     let ratio = gbps(&a) / gbps(&s).max(1e-9);
@@ -444,7 +418,7 @@ async fn main() -> anyhow::Result<()> {
     );
     println!(
         "{{\"minutes\":{},\"agent_checked_mib\":{},\"ssh_checked_mib\":{},\"agent_gbps\":{:.3},\"ssh_gbps\":{:.3},\"ratio_vs_openssh\":{ratio:.3},\"agent_short_connections\":{},\"ssh_short_connections\":{},\"agent_rekeys\":{agent_rekeys},\"ssh_rekeys\":{ssh_rekeys},\"agent_errors\":{},\"ssh_errors\":{},\"agent_longest_wait_ms\":{},\"ssh_longest_wait_ms\":{},\"agent_session_dropped\":{agent_dropped},\"ssh_session_dropped\":{ssh_dropped},\"reconnect_cycles\":{},\"agent_rss_kb_after_warmup\":{rss_start},\"agent_rss_kb_after_cycles\":{rss_end},\"agent_rss_growth_kb\":{growth}}}",
-        args.minutes,
+        minutes,
         a.bytes.load(Ordering::Relaxed) >> 20,
         s.bytes.load(Ordering::Relaxed) >> 20,
         gbps(&a),
@@ -455,7 +429,7 @@ async fn main() -> anyhow::Result<()> {
         s.errors.load(Ordering::Relaxed),
         a.max_wait_ms.load(Ordering::Relaxed),
         s.max_wait_ms.load(Ordering::Relaxed),
-        args.cycles,
+        cycles,
     );
     let failed = a.errors.load(Ordering::Relaxed) > 0 || agent_dropped || growth > 1024;
     if failed {

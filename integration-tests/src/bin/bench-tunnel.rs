@@ -17,47 +17,29 @@ use integration_tests::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-struct Args {
-    mib: u64,
-    runs: usize,
-}
-
-fn args() -> anyhow::Result<Args> {
-    let mut a = Args { mib: 512, runs: 5 };
-    let mut it = std::env::args().skip(1);
-    while let Some(k) = it.next() {
-        let v = it.next().with_context(|| format!("{k} needs a value"))?;
-        match k.as_str() {
-            "--mib" => a.mib = v.parse().context("--mib")?,
-            "--runs" => a.runs = v.parse().context("--runs")?,
-            other => bail!("unknown argument {other} (use --mib N --runs N)"),
-        }
-    }
-    Ok(a)
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    let args = args()?;
+    let [mib, n_runs] = integration_tests::bench_options([("--mib", 512), ("--runs", 5)])?;
+    let n_runs = n_runs as usize;
     if !Sshd::available("bench-tunnel") {
         bail!("bench-tunnel needs /usr/sbin/sshd");
     }
     let agent_bin = integration_tests::dist_binary("tunnelfleet-agent", "tunnelfleet-agent")?;
     let sshd = Sshd::start();
     let sink = sink_server().await?;
-    let bytes = args.mib << 20;
+    let bytes = mib << 20;
     eprintln!(
         "bench-tunnel: {} MiB per run, {} runs, sshd on 127.0.0.1:{}",
-        args.mib, args.runs, sshd.port
+        mib, n_runs, sshd.port
     );
 
-    let direct = median(&runs(args.runs, || throughput(sink, bytes)).await?);
+    let direct = median(&runs(n_runs, || throughput(sink, bytes)).await?);
     eprintln!("  direct loopback         {direct:6.2} Gbit/s");
 
     let l = free_port();
     let ssh = ssh_client(&sshd, &[format!("-L{l}:127.0.0.1:{sink}")], &[])?;
     wait_port(l).await?;
-    let openssh = median(&runs(args.runs, || throughput(l, bytes)).await?);
+    let openssh = median(&runs(n_runs, || throughput(l, bytes)).await?);
     drop(ssh);
     eprintln!("  ssh -L (OpenSSH default cipher) {openssh:6.2} Gbit/s");
 
@@ -68,7 +50,7 @@ async fn main() -> anyhow::Result<()> {
         &["-c", "aes128-gcm@openssh.com"],
     )?;
     wait_port(l).await?;
-    let openssh_gcm = median(&runs(args.runs, || throughput(l, bytes)).await?);
+    let openssh_gcm = median(&runs(n_runs, || throughput(l, bytes)).await?);
     drop(ssh);
     eprintln!("  ssh -L -c aes128-gcm    {openssh_gcm:6.2} Gbit/s");
 
@@ -81,7 +63,7 @@ async fn main() -> anyhow::Result<()> {
         &[format!("L {l}:127.0.0.1:{sink}")],
     )?;
     wait_port(l).await?;
-    let agent_gbps = median(&runs(args.runs, || throughput(l, bytes)).await?);
+    let agent_gbps = median(&runs(n_runs, || throughput(l, bytes)).await?);
     drop(agent);
     eprintln!("  tunnelfleet-agent L     {agent_gbps:6.2} Gbit/s");
 
