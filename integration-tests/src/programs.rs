@@ -135,3 +135,72 @@ pub fn bench_options<const N: usize>(known: [(&str, u64); N]) -> anyhow::Result<
     }
     Ok(values)
 }
+
+/// `ssh -N` through `sshd` with its key and known_hosts (host key checked, forwards must bind),
+/// `options` (`-o …`, `-c …`) and `forwards` (`-L…`, `-R…`) added: the OpenSSH client the
+/// benchmarks compare with. Its stderr goes to `log` when given.
+pub fn spawn_ssh(
+    sshd: &crate::Sshd,
+    options: &[&str],
+    forwards: &[String],
+    log: Option<&Path>,
+) -> std::io::Result<KillOnDrop> {
+    let mut cmd = Command::new("ssh");
+    cmd.args([
+        "-N",
+        "-T",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=yes",
+    ])
+    .args(["-o", "ExitOnForwardFailure=yes", "-o"])
+    .arg(format!("UserKnownHostsFile={}", sshd.known_hosts.display()))
+    .arg("-i")
+    .arg(&sshd.client_key)
+    .args(["-p", &sshd.port.to_string()])
+    .args(options)
+    .args(forwards)
+    .arg(format!("{}@127.0.0.1", sshd.user))
+    .stdin(std::process::Stdio::null());
+    if let Some(log) = log {
+        cmd.stderr(std::fs::File::create(log)?);
+    }
+    Ok(KillOnDrop(cmd.spawn()?))
+}
+
+/// The agent binary `bin` with one profile `name` on `sshd` carrying `forwards`, its defaults
+/// otherwise (what ships, unlike [`crate::profile_toml`]'s short test timings); `agent` adds lines
+/// to its `[agent]` section. Config and control socket (`agent.sock`) in `dir`; logs to
+/// `dir/agent.log` with `RUST_LOG=rust_log`.
+pub fn spawn_agent(
+    bin: &Path,
+    dir: &Path,
+    sshd: &crate::Sshd,
+    name: &str,
+    forwards: &[String],
+    agent: &str,
+    rust_log: &str,
+) -> std::io::Result<KillOnDrop> {
+    let fw: Vec<String> = forwards.iter().map(|f| format!("{f:?}")).collect();
+    let cfg = format!(
+        "[agent]\ncontrol_socket = \"{}/agent.sock\"\n{agent}\n[[profile]]\nname = \"{name}\"\nendpoints = [\"{}\"]\n\
+         user = \"{}\"\nidentity_file = \"{}\"\nknown_hosts = \"{}\"\nforwards = [{}]\n",
+        dir.display(),
+        sshd.endpoint(),
+        sshd.user,
+        sshd.client_key.display(),
+        sshd.known_hosts.display(),
+        fw.join(", ")
+    );
+    let path = dir.join("agent.toml");
+    std::fs::write(&path, cfg)?;
+    let child = Command::new(bin)
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", rust_log)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("agent.log"))?)
+        .spawn()?;
+    Ok(KillOnDrop(child))
+}

@@ -11,13 +11,12 @@
 //! Ends with one JSON line.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use integration_tests::{KillOnDrop, Sshd, echo_server, free_port, machine, status_kb};
+use integration_tests::{Sshd, echo_server, free_port, machine, spawn_agent, spawn_ssh, status_kb};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -176,67 +175,17 @@ fn forwards(ports: [u16; 4], echo: u16, appliance: u16) -> [(char, u16, u16); 4]
     ]
 }
 
-fn agent_process(
-    bin: &Path,
-    dir: &Path,
-    sshd: &Sshd,
-    fw: &[(char, u16, u16)],
-) -> anyhow::Result<KillOnDrop> {
-    let fw: Vec<String> = fw
-        .iter()
-        .map(|(k, p, t)| format!("\"{k} {p}:127.0.0.1:{t}\""))
-        .collect();
-    let cfg = format!(
-        "[agent]\ncontrol_socket = \"{}/agent.sock\"\nrekey_after_bytes = 1048576\nrekey_after = \"2s\"\n\
-         [[profile]]\nname = \"soak\"\nendpoints = [\"{}\"]\nuser = \"{}\"\n\
-         identity_file = \"{}\"\nknown_hosts = \"{}\"\nforwards = [{}]\n",
-        dir.display(),
-        sshd.endpoint(),
-        sshd.user,
-        sshd.client_key.display(),
-        sshd.known_hosts.display(),
-        fw.join(", ")
-    );
-    let path = dir.join("agent.toml");
-    std::fs::write(&path, cfg)?;
-    let log = std::fs::File::create(dir.join("agent.log"))?;
-    let child = Command::new(bin)
-        .arg("--config")
-        .arg(&path)
-        .env("RUST_LOG", "warn,russh::client::kex=debug")
-        .stdin(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .context("spawning tunnelfleet-agent")?;
-    Ok(KillOnDrop(child))
+/// The forwards as the agent writes them, and as ssh's flags.
+fn agent_forwards(fw: &[(char, u16, u16)]) -> Vec<String> {
+    fw.iter()
+        .map(|(k, p, t)| format!("{k} {p}:127.0.0.1:{t}"))
+        .collect()
 }
 
-fn ssh_process(sshd: &Sshd, dir: &Path, fw: &[(char, u16, u16)]) -> anyhow::Result<KillOnDrop> {
-    let log = std::fs::File::create(dir.join("ssh.log"))?;
-    let child = Command::new("ssh")
-        .args([
-            "-N",
-            "-T",
-            "-v",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=yes",
-        ])
-        .args(["-o", "ExitOnForwardFailure=yes", "-o", "RekeyLimit=1M 2s"])
-        .args(["-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"])
-        .arg("-o")
-        .arg(format!("UserKnownHostsFile={}", sshd.known_hosts.display()))
-        .arg("-i")
-        .arg(&sshd.client_key)
-        .args(["-p", &sshd.port.to_string()])
-        .args(fw.iter().map(|(k, p, t)| format!("-{k}{p}:127.0.0.1:{t}")))
-        .arg(format!("{}@127.0.0.1", sshd.user))
-        .stdin(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .context("spawning ssh")?;
-    Ok(KillOnDrop(child))
+fn ssh_forwards(fw: &[(char, u16, u16)]) -> Vec<String> {
+    fw.iter()
+        .map(|(k, p, t)| format!("-{k}{p}:127.0.0.1:{t}"))
+        .collect()
 }
 
 /// Waits until each port carries an echo.
@@ -315,13 +264,29 @@ async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let a_ports = [free_port(), free_port(), free_port(), free_port()];
     let s_ports = [free_port(), free_port(), free_port(), free_port()];
-    let agent = agent_process(
+    let agent = spawn_agent(
         &agent_bin,
         dir.path(),
         &sshd,
-        &forwards(a_ports, echo, appliance),
+        "soak",
+        &agent_forwards(&forwards(a_ports, echo, appliance)),
+        "rekey_after_bytes = 1048576\nrekey_after = \"2s\"",
+        "warn,russh::client::kex=debug",
     )?;
-    let mut ssh = ssh_process(&sshd, dir.path(), &forwards(s_ports, echo, appliance))?;
+    let mut ssh = spawn_ssh(
+        &sshd,
+        &[
+            "-v",
+            "-o",
+            "RekeyLimit=1M 2s",
+            "-o",
+            "ServerAliveInterval=5",
+            "-o",
+            "ServerAliveCountMax=3",
+        ],
+        &ssh_forwards(&forwards(s_ports, echo, appliance)),
+        Some(&dir.path().join("ssh.log")),
+    )?;
     if let Err(e) = wait_ready(a_ports).await {
         let log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default();
         bail!("the agent's forwards: {e:#}\n{log}");

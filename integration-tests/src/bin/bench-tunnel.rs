@@ -5,14 +5,12 @@
 //! Run: `cargo run --release -p integration-tests --bin bench-tunnel [-- --mib 512 --runs 5]`.
 //! Ends with one JSON line.
 
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use integration_tests::{
-    KillOnDrop, Sshd, echo_roundtrip, echo_server, free_port, http_get, http_service, machine,
-    status_kb,
+    Sshd, echo_roundtrip, echo_server, free_port, http_get, http_service, machine, spawn_agent,
+    spawn_ssh, status_kb,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -37,17 +35,18 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("  direct loopback         {direct:6.2} Gbit/s");
 
     let l = free_port();
-    let ssh = ssh_client(&sshd, &[format!("-L{l}:127.0.0.1:{sink}")], &[])?;
+    let ssh = spawn_ssh(&sshd, &[], &[format!("-L{l}:127.0.0.1:{sink}")], None)?;
     wait_port(l).await?;
     let openssh = median(&runs(n_runs, || throughput(l, bytes)).await?);
     drop(ssh);
     eprintln!("  ssh -L (OpenSSH default cipher) {openssh:6.2} Gbit/s");
 
     let l = free_port();
-    let ssh = ssh_client(
+    let ssh = spawn_ssh(
         &sshd,
-        &[format!("-L{l}:127.0.0.1:{sink}")],
         &["-c", "aes128-gcm@openssh.com"],
+        &[format!("-L{l}:127.0.0.1:{sink}")],
+        None,
     )?;
     wait_port(l).await?;
     let openssh_gcm = median(&runs(n_runs, || throughput(l, bytes)).await?);
@@ -56,11 +55,14 @@ async fn main() -> anyhow::Result<()> {
 
     let l = free_port();
     let dir = tempfile::tempdir()?;
-    let agent = agent_process(
+    let agent = spawn_agent(
         &agent_bin,
         dir.path(),
         &sshd,
+        "bench",
         &[format!("L {l}:127.0.0.1:{sink}")],
+        "",
+        "warn",
     )?;
     wait_port(l).await?;
     let agent_gbps = median(&runs(n_runs, || throughput(l, bytes)).await?);
@@ -82,7 +84,7 @@ async fn main() -> anyhow::Result<()> {
     let ssh_args = seed(&|p, t| format!("-L{p}:127.0.0.1:{t}"), &|p, t| {
         format!("-R{p}:127.0.0.1:{t}")
     });
-    let ssh = ssh_client(&sshd, &ssh_args, &[])?;
+    let ssh = spawn_ssh(&sshd, &[], &ssh_args, None)?;
     exercise(&ports).await?;
     let openssh_rss = status_kb(ssh.0.id(), "VmRSS")?;
     drop(ssh);
@@ -91,7 +93,15 @@ async fn main() -> anyhow::Result<()> {
         format!("R {p}:127.0.0.1:{t}")
     });
     let dir = tempfile::tempdir()?;
-    let agent = agent_process(&agent_bin, dir.path(), &sshd, &agent_fw)?;
+    let agent = spawn_agent(
+        &agent_bin,
+        dir.path(),
+        &sshd,
+        "bench",
+        &agent_fw,
+        "",
+        "warn",
+    )?;
     exercise(&ports).await?;
     let agent_rss = status_kb(agent.0.id(), "VmRSS")?;
     drop(agent);
@@ -103,61 +113,6 @@ async fn main() -> anyhow::Result<()> {
         "{{\"direct_gbps\":{direct:.3},\"openssh_gbps\":{openssh:.3},\"openssh_aes128gcm_gbps\":{openssh_gcm:.3},\"agent_gbps\":{agent_gbps:.3},\"ratio_vs_openssh\":{ratio:.3},\"agent_rss_kb\":{agent_rss},\"openssh_rss_kb\":{openssh_rss}}}"
     );
     Ok(())
-}
-
-fn ssh_client(sshd: &Sshd, forwards: &[String], extra: &[&str]) -> anyhow::Result<KillOnDrop> {
-    let child = Command::new("ssh")
-        .args([
-            "-N",
-            "-T",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-            "ExitOnForwardFailure=yes",
-        ])
-        .arg("-o")
-        .arg(format!("UserKnownHostsFile={}", sshd.known_hosts.display()))
-        .arg("-i")
-        .arg(&sshd.client_key)
-        .args(["-p", &sshd.port.to_string()])
-        .args(extra)
-        .args(forwards)
-        .arg(format!("{}@127.0.0.1", sshd.user))
-        .stdin(Stdio::null())
-        .spawn()
-        .context("spawning ssh")?;
-    Ok(KillOnDrop(child))
-}
-
-fn agent_process(
-    bin: &Path,
-    dir: &Path,
-    sshd: &Sshd,
-    forwards: &[String],
-) -> anyhow::Result<KillOnDrop> {
-    let fw: Vec<String> = forwards.iter().map(|f| format!("{f:?}")).collect();
-    let cfg = format!(
-        "[agent]\ncontrol_socket = \"{}/agent.sock\"\n[[profile]]\nname = \"bench\"\nendpoints = [\"{}\"]\nuser = \"{}\"\n\
-         identity_file = \"{}\"\nknown_hosts = \"{}\"\nforwards = [{}]\n",
-        dir.display(),
-        sshd.endpoint(),
-        sshd.user,
-        sshd.client_key.display(),
-        sshd.known_hosts.display(),
-        fw.join(", ")
-    );
-    let path = dir.join("agent.toml");
-    std::fs::write(&path, cfg)?;
-    let child = Command::new(bin)
-        .arg("--config")
-        .arg(&path)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .spawn()
-        .context("spawning tunnelfleet-agent")?;
-    Ok(KillOnDrop(child))
 }
 
 /// Reads everything until EOF, then answers with the byte count.
