@@ -86,18 +86,13 @@ where
     // connection whose local side keeps up reuses the same few buffers.
     const POOL: usize = 2;
     let (full_tx, mut full_rx) = tokio::sync::mpsc::unbounded_channel::<(Vec<u8>, usize)>();
-    let (empty_tx, mut empty_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
-    let pooled = std::sync::atomic::AtomicUsize::new(0);
+    let (empty_tx, mut empty_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(POOL);
     let waiting = std::sync::atomic::AtomicUsize::new(0);
     let take = async {
         loop {
-            let mut buf = match empty_rx.try_recv() {
-                Ok(b) => {
-                    pooled.fetch_sub(1, Ordering::Relaxed);
-                    b
-                }
-                Err(_) => vec![0u8; RELAY_BUFFER],
-            };
+            let mut buf = empty_rx
+                .try_recv()
+                .unwrap_or_else(|_| vec![0u8; RELAY_BUFFER]);
             let n = tunnel_r.read(&mut buf).await?;
             if n == 0 {
                 break;
@@ -119,10 +114,8 @@ where
         while let Some((buf, n)) = full_rx.recv().await {
             local_w.write_all(&buf[..n]).await?;
             waiting.fetch_sub(n, Ordering::Relaxed);
-            if pooled.load(Ordering::Relaxed) < POOL {
-                pooled.fetch_add(1, Ordering::Relaxed);
-                let _ = empty_tx.send(buf);
-            }
+            // A full pool drops the buffer.
+            let _ = empty_tx.try_send(buf);
         }
         local_w.shutdown().await
     };

@@ -360,7 +360,7 @@ impl Watcher {
                                 .add(1, &[opentelemetry::KeyValue::new("kind", kind.as_str())]);
                         }
                         self.monitor.not_fired(kind, &subject);
-                        if self.per_agent.held.insert(agent.to_string()) {
+                        if self.per_agent.hold(agent) {
                             tracing::warn!(agent = %agent, kind = kind.as_str(), subject = %subject, "{MAX_ALERTS_PER_AGENT} alerts firing for this agent already; holding further ones until some resolve");
                         }
                         continue;
@@ -575,6 +575,11 @@ impl PerAgent {
             *self.firing.entry(agent.to_string()).or_default() += 1;
             self.agent_of.insert(key.to_string(), agent.to_string());
         }
+    }
+
+    /// Records that `agent` is at its cap; true the first time since it last was under.
+    fn hold(&mut self, agent: &str) -> bool {
+        self.held.insert(agent.to_string())
     }
 
     fn resolved(&mut self, key: &str) {
