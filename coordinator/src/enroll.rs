@@ -27,12 +27,17 @@ const MAX_REQUEST: usize = 16 * 1024;
 /// How long an enrolling agent has to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A new secret, its storage hash and its public id.
+/// A new join-token secret, its storage hash and its public id.
 pub fn new_token() -> (String, String, String) {
+    new_secret(TOKEN_PREFIX)
+}
+
+/// A new secret starting with `prefix` (160 random bits), its storage hash and its public id.
+pub fn new_secret(prefix: &str) -> (String, String, String) {
     let mut bytes = [0u8; 20];
     rand::fill(&mut bytes);
     let secret = format!(
-        "{TOKEN_PREFIX}{}",
+        "{prefix}{}",
         data_encoding::BASE32_NOPAD
             .encode(&bytes)
             .to_ascii_lowercase()

@@ -27,8 +27,11 @@ impl From<StoreError> for ApiError {
             | StoreError::NoAlert(_)
             | StoreError::NoEndpoint(_)
             | StoreError::NoToken(_)
-            | StoreError::NoRevision(_) => StatusCode::NOT_FOUND,
-            StoreError::UnknownGroup { .. } | StoreError::GroupInUse { .. } => StatusCode::CONFLICT,
+            | StoreError::NoRevision(_)
+            | StoreError::NoAdminToken(_) => StatusCode::NOT_FOUND,
+            StoreError::UnknownGroup { .. }
+            | StoreError::GroupInUse { .. }
+            | StoreError::AdminTokenExists(_) => StatusCode::CONFLICT,
             StoreError::TokenRefused(_)
             | StoreError::Sled(_)
             | StoreError::Corrupt { .. }

@@ -1,4 +1,5 @@
-//! The admin HTTP API: JSON over HTTP on 127.0.0.1 by default, a bearer token from a file.
+//! The admin HTTP API: JSON over HTTP on 127.0.0.1 by default, bearer tokens with roles
+//! (the file's, an admin, and named ones), every change in the audit log.
 //!
 //! The CLI's `agents`, `profiles`, `assign`, `rollout`, `oma`, `alerts` and `token` commands are
 //! thin clients of this. Every change is durable (flushed) before the response and pushed to
@@ -6,14 +7,18 @@
 //! use, so a profile the coordinator accepts is one the agent will accept.
 //!
 //! # Layout
-//! - this module: the shared state, the router, the bearer-token layer, request spans, and
-//!   the read-only `/metrics` router.
-//! - [`agents`], [`profiles`], [`oma`], [`alerts`], [`access`]: one file per resource.
+//! - this module: the shared state, the router, request spans, and the read-only `/metrics`
+//!   router.
+//! - [`auth`]: the bearer token, the role each route needs, the audit entry of each change.
+//! - [`agents`], [`profiles`], [`oma`], [`alerts`], [`access`], [`admins`]: one file per
+//!   resource.
 //! - [`error`]: status codes by error variant.
 
 pub mod access;
+pub mod admins;
 pub mod agents;
 pub mod alerts;
+pub mod auth;
 pub mod error;
 pub mod oma;
 pub mod profiles;
@@ -27,8 +32,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
 pub use access::{RevokeRequest, TokenCreated, TokenRequest};
+pub use admins::{AdminTokenCreated, AdminTokenRequest};
 pub use agents::{AgentDetail, AgentSummary};
 pub use alerts::{AckRequest, SilenceRequest};
+pub use auth::Caller;
 pub use error::ApiError;
 pub use oma::{Done, EndpointRequest};
 pub use profiles::{AssignRequest, Changed, RollbackRequest, Rollout};
@@ -46,7 +53,7 @@ pub struct Admin {
     pub watch: WatchHandle,
     /// Whether this coordinator holds the CA key and so can enroll agents with join tokens.
     pub enrollment: bool,
-    /// The bearer token every request must carry.
+    /// The `admin_token_file`'s token (an `admin`; named tokens are in the store).
     pub token: Arc<String>,
 }
 
@@ -58,9 +65,10 @@ pub fn router(admin: Admin) -> Router {
         .merge(oma::routes())
         .merge(alerts::routes())
         .merge(access::routes())
+        .merge(admins::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             admin.clone(),
-            require_token,
+            auth::authorize,
         ))
         .layer(axum::middleware::from_fn(request_span))
         .with_state(admin)
@@ -78,39 +86,6 @@ async fn request_span(req: axum::extract::Request, next: axum::middleware::Next)
     let resp = next.run(req).instrument(span.clone()).await;
     span.record("status", resp.status().as_u16());
     resp
-}
-
-/// Every admin request carries `Authorization: Bearer <token>`, checked before its handler
-/// runs (and before its body is read).
-async fn require_token(
-    State(admin): State<Admin>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let given = req
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    // Compare without an early exit, so timing does not reveal the token.
-    let want = admin.token.as_bytes();
-    let same = given.len() == want.len()
-        && given
-            .as_bytes()
-            .iter()
-            .zip(want)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0;
-    if same {
-        next.run(req).await
-    } else {
-        ApiError(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token".into(),
-        )
-        .into_response()
-    }
 }
 
 /// The read-only `/metrics` router (its own listener, no token).

@@ -16,8 +16,10 @@
 //! - [`events`]: the event log.
 //! - [`alerts`]: alerts, the hook outbox, silences.
 //! - [`tokens`]: join tokens and revocations.
+//! - [`access`]: named admin tokens with their roles, and the audit log.
 //! - [`schema`]: the schema version and migrations.
 
+mod access;
 mod agents;
 mod alerts;
 mod events;
@@ -33,6 +35,7 @@ use serde::Serialize;
 use sled::transaction::{ConflictableTransactionResult, TransactionalTree};
 use tunnelfleet_runtime::clock::now_unix_ms;
 
+pub use access::{AUDIT_RETENTION, AdminToken, AuditEntry, Role, UnknownRole};
 pub use agents::AgentRecord;
 pub use alerts::{Alert, AlertKind, AlertStatus, Delivery, Silence, alert_key, glob_match};
 pub use events::Event;
@@ -118,6 +121,12 @@ pub enum StoreError {
     /// No join token with that id.
     #[error("no join token {0:?}")]
     NoToken(String),
+    /// No admin token of that name.
+    #[error("no admin token named {0:?} (see `tunnelfleet admin-token list`)")]
+    NoAdminToken(String),
+    /// An admin token name already taken.
+    #[error("an admin token named {0:?} exists already (revoke it first to replace it)")]
+    AdminTokenExists(String),
     /// A join token that cannot be used, and why.
     #[error("{0}")]
     TokenRefused(String),
@@ -166,6 +175,12 @@ pub struct Store {
     tokens: sled::Tree,
     revoked: sled::Tree,
     history: sled::Tree,
+    /// Named admin tokens by the SHA-256 of their secret.
+    admin_tokens: sled::Tree,
+    /// Admin token name -> the hash it is stored under (one token per name).
+    admin_names: sled::Tree,
+    /// The audit log: `seq` -> [`AuditEntry`].
+    audit_log: sled::Tree,
     /// [`META_STORE_ID`].
     id: String,
 }
@@ -191,6 +206,9 @@ impl Store {
             tokens: db.open_tree("tokens")?,
             revoked: db.open_tree("revoked")?,
             history: db.open_tree("history")?,
+            admin_tokens: db.open_tree("admin_tokens")?,
+            admin_names: db.open_tree("admin_names")?,
+            audit_log: db.open_tree("audit_log")?,
             id: String::new(),
             db,
         };
@@ -284,6 +302,14 @@ fn tx_error(e: sled::transaction::TransactionError<sled::Error>) -> StoreError {
         sled::transaction::TransactionError::Abort(e)
         | sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
     }
+}
+
+/// A transaction that aborts with a [`StoreError`] of its own: that error, or sled's.
+fn aborted<T>(r: sled::transaction::TransactionResult<T, StoreError>) -> Result<T, StoreError> {
+    r.map_err(|e| match e {
+        sled::transaction::TransactionError::Abort(e) => e,
+        sled::transaction::TransactionError::Storage(e) => e.into(),
+    })
 }
 
 fn json<T: Serialize>(v: &T) -> Vec<u8> {

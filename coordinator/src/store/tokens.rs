@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use tunnelfleet_runtime::clock::now_unix_ms;
 
-use super::{AgentRecord, Store, StoreError, decode, decode_all, json};
+use super::{AgentRecord, Store, StoreError, aborted, decode, decode_all, json};
 
 /// A join token as stored (the secret itself is not).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,11 +141,7 @@ impl Store {
             at.insert(agent_id.as_bytes(), json(&rec))?;
             Ok(t)
         });
-        let t = match result {
-            Ok(t) => t,
-            Err(sled::transaction::TransactionError::Abort(e)) => return Err(e),
-            Err(sled::transaction::TransactionError::Storage(e)) => return Err(e.into()),
-        };
+        let t = aborted(result)?;
         self.log_event(&format!(
             "agent {agent_id} enrolled with join token {}",
             t.id

@@ -129,6 +129,30 @@ pub(super) enum Command {
         #[command(subcommand)]
         action: TokenAction,
     },
+    /// Named admin tokens, each with a role: viewer (read), operator (drain, failover,
+    /// restart tunnels, ack and silence alerts, resume and abort rollouts), admin (the rest).
+    #[command(name = "admin-token")]
+    AdminToken {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        action: AdminTokenAction,
+    },
+    /// Every change made through the admin API: when, which token, what, and the result.
+    #[command(
+        name = "audit-log",
+        after_help = "Examples:\n  tunnelfleet audit-log --since 1h\n  tunnelfleet audit-log --since 30d --json | jq 'select(.status >= 400)'"
+    )]
+    AuditLog {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Only entries younger than this.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        since: Duration,
+        /// At most this many (the latest).
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
     /// The fleet's certificate authority.
     Pki {
         #[command(subcommand)]
@@ -506,6 +530,36 @@ pub enum TokenAction {
         /// Token id.
         id: String,
     },
+}
+
+/// `tunnelfleet admin-token …`
+#[derive(Subcommand, Debug)]
+pub enum AdminTokenAction {
+    /// Make a named admin token; the secret is printed once (the coordinator keeps its hash).
+    #[command(
+        after_help = "Examples:\n  tunnelfleet admin-token create alice --role operator > alice.token\n  tunnelfleet admin-token create grafana --role viewer"
+    )]
+    Create {
+        /// Who holds it: the name the audit log shows.
+        name: String,
+        /// What it may do.
+        #[arg(long, value_parser = parse_role)]
+        role: tunnelfleet_coordinator::store::Role,
+    },
+    /// Every named token and its role (the `admin_token_file`'s is an admin and not listed).
+    List,
+    /// Revoke a token by name: refused from the next request on.
+    Revoke {
+        /// Its name.
+        name: String,
+    },
+}
+
+/// `viewer`, `operator` or `admin`.
+pub fn parse_role(
+    s: &str,
+) -> Result<tunnelfleet_coordinator::store::Role, tunnelfleet_coordinator::store::UnknownRole> {
+    s.parse()
 }
 
 /// A `--label` that is not `key=value`.

@@ -6,7 +6,8 @@
 //! - this module: `main` (runtime, logging, exit codes) and the dispatch of each command.
 //! - [`args`]: the argument tree, and nothing that runs it.
 //! - one file per command group: [`tunnels`], [`agents`], [`profiles`] (with `assign`,
-//!   `rollout`), [`oma`], [`alerts`], [`watch`], [`access`] (tokens, revocation), [`pki`],
+//!   `rollout`), [`oma`], [`alerts`], [`watch`], [`access`] (join and admin tokens,
+//!   revocation, the audit log), [`pki`],
 //!   [`net`], [`audit`].
 //! - [`output`]: printing for people and for `--json`.
 
@@ -127,6 +128,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             count,
         } => watch::watch(&api.client()?, interval, count, cli.json).await,
         Command::Token { api, action } => access::token(&api.client()?, action, cli.json).await,
+        Command::AdminToken { api, action } => {
+            access::admin_token(&api.client()?, action, cli.json).await
+        }
+        Command::AuditLog { api, since, limit } => {
+            access::audit_log(&api.client()?, since, limit, cli.json).await
+        }
         Command::Alerts { api, action } => alerts::alerts(&api.client()?, action, cli.json).await,
         Command::Rollout { api } => profiles::rollout(&api, cli.json).await,
         Command::Audit {
