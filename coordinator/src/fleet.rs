@@ -113,6 +113,16 @@ pub struct AgentLink {
     pub given: Arc<Given>,
     /// The version whose `Applied` was taken (one per push).
     pub acked: Option<u64>,
+    /// Pushes queued to it whose `Applied` has not come back (the agent applies and answers
+    /// them in order): an answer counts for the latest push only once every earlier one was
+    /// answered, so a push of the same version with other profiles (a rollout promoting the
+    /// agent) is never taken as applied on the strength of the one before.
+    pub unacked: u32,
+    /// `heartbeats` when the latest push was acknowledged: the heartbeats after it report
+    /// the profiles as applied.
+    pub acked_heartbeats: u64,
+    /// The latest push was the profiles from before a rollout in progress.
+    pub pushed_held: bool,
     /// When the last push was queued for it.
     pub pushed_at: Option<Instant>,
     /// Heartbeats received on this connection.
@@ -138,6 +148,9 @@ impl AgentLink {
             judged: None,
             given: Arc::default(),
             acked: None,
+            unacked: 0,
+            acked_heartbeats: 0,
+            pushed_held: false,
             heartbeats: 0,
             connected: true,
             pushed: None,
@@ -145,6 +158,18 @@ impl AgentLink {
             last_heard: Instant::now(),
             online: true,
         }
+    }
+}
+
+impl AgentLink {
+    /// Records a push queued to it.
+    fn pushed_to(&mut self, version: u64, held: bool, gave: Arc<Given>) {
+        self.given = gave;
+        self.pushed = Some(version);
+        self.pushed_held = held;
+        self.pushed_at = Some(Instant::now());
+        self.acked = None;
+        self.unacked = self.unacked.saturating_add(1);
     }
 }
 
@@ -379,16 +404,17 @@ impl Fleet {
         // assigned by the same labels share one frame.
         let snapshot = self.store.snapshot()?;
         let version = snapshot.version;
-        let mut frames: HashMap<BTreeSet<String>, (Vec<u8>, Arc<Given>)> = HashMap::new();
+        let mut frames: HashMap<crate::store::SetKey, (Vec<u8>, Arc<Given>)> = HashMap::new();
         let mut links = self.links.lock();
         for (link, live) in links.values_mut() {
             let Some(tx) = live.as_ref().filter(|_| link.connected).map(|l| &l.tx) else {
                 continue;
             };
-            if link.pushed == Some(version) {
+            let names = snapshot.names_for(&link.agent_id, &link.labels);
+            if link.pushed == Some(version) && link.pushed_held == names.held {
                 continue;
             }
-            let names = snapshot.names_for(&link.agent_id, &link.labels);
+            let held = names.held;
             let (frame, gave) = match frames.get(&names) {
                 Some(f) => f.clone(),
                 None => {
@@ -402,9 +428,7 @@ impl Fleet {
                 }
             };
             if tx.try_send(frame).is_ok() {
-                link.given = gave;
-                link.pushed = Some(version);
-                link.pushed_at = Some(Instant::now());
+                link.pushed_to(version, held, gave);
                 pushed.push(link.agent_id.clone());
             }
         }
@@ -423,17 +447,16 @@ impl Fleet {
         let Some((link, Some(live))) = links.get_mut(id) else {
             return Ok(false);
         };
-        if !link.connected || link.pushed == Some(version) {
+        let key = snapshot.names_for(&link.agent_id, &link.labels);
+        if !link.connected || (link.pushed == Some(version) && link.pushed_held == key.held) {
             return Ok(false);
         }
-        let set = snapshot.set_for(&link.agent_id, &link.labels);
+        let set = snapshot.set_of(&key);
         let Ok(frame) = encode(&CoordinatorMessage::Push(set.clone())) else {
             return Ok(false);
         };
         if live.tx.try_send(frame).is_ok() {
-            link.given = given(&set);
-            link.pushed = Some(version);
-            link.pushed_at = Some(Instant::now());
+            link.pushed_to(version, key.held, given(&set));
             return Ok(true);
         }
         Ok(false)
@@ -523,10 +546,15 @@ impl Fleet {
     pub fn acknowledged(&self, id: &str, version: u64) -> Option<Duration> {
         let mut links = self.links.lock();
         let (l, _) = links.get_mut(id)?;
-        if l.pushed != Some(version) || l.acked == Some(version) {
+        if l.unacked == 0 {
+            return None;
+        }
+        l.unacked -= 1;
+        if l.unacked > 0 || l.pushed != Some(version) {
             return None;
         }
         l.acked = Some(version);
+        l.acked_heartbeats = l.heartbeats;
         Some(l.pushed_at.map(|at| at.elapsed()).unwrap_or_default())
     }
 

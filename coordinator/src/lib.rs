@@ -16,6 +16,7 @@
 //!   durable outbox.
 //! - [`metrics`]: the Prometheus registry and the instruments counted where things happen.
 //! - [`gauges`]: the gauges read from the fleet and the watcher at scrape time.
+//! - [`rollout`]: staged rollouts: canaries, waves, halt and rollback; the driver.
 //! - [`plan`]: `profiles diff`: what applying a file would change, before it is applied.
 //! - [`admin`]: the admin HTTP API the CLI drives (bearer token), a file per resource.
 //! - [`admin_tls`]: the admin API over TLS with the coordinator's certificate (`admin_tls`).
@@ -39,6 +40,7 @@ pub mod metrics;
 pub mod monitor;
 pub mod pki;
 pub mod plan;
+pub mod rollout;
 pub mod server;
 pub mod store;
 pub mod tls;

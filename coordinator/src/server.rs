@@ -233,8 +233,11 @@ impl Bound {
         if let Some(m) = &metrics {
             crate::gauges::observe(m, Arc::downgrade(&self.fleet), watch.clone());
         }
+        let rollouts = crate::rollout::Rollouts::new(self.fleet.clone(), watch.outbox.clone());
+        let stager = tokio::spawn(rollouts.clone().run(shutdown.clone()));
         let app = admin::router(Admin {
             fleet: self.fleet.clone(),
+            rollouts,
             watch,
             enrollment: self.link.signer.is_some(),
             token: Arc::new(self.token),
@@ -279,6 +282,7 @@ impl Bound {
         }
         let _ = serve.await;
         let _ = sweeper.await;
+        let _ = stager.await;
         let _ = api.await;
         let _ = watcher.await;
         tracing::info!("coordinator stopped");

@@ -158,7 +158,7 @@ impl Watcher {
     ) {
         match self.fleet.store.alerts(false) {
             Ok(firing) => {
-                for a in firing {
+                for a in firing.into_iter().filter(|a| a.kind.from_rules()) {
                     self.monitor.restore_firing(a.kind, &a.subject);
                     self.alert_ids.insert(a.key(), a.id);
                     self.per_agent.fired(&a.key(), a.kind, &a.affected_agents);

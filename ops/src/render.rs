@@ -393,3 +393,52 @@ mod tests {
         assert_eq!(bytes(1_500_000), "1.5 MB");
     }
 }
+
+/// A staged rollout: where it stands, each stage, why it halted and what to do.
+pub fn staged_rollout(v: &tunnelfleet_coordinator::admin::RolloutView) -> String {
+    use std::fmt::Write;
+    use tunnelfleet_coordinator::store::RolloutState;
+    let r = &v.rollout;
+    let mut out = String::new();
+    let state = match r.state {
+        RolloutState::Running => "running",
+        RolloutState::Halted => "HALTED",
+        RolloutState::Done => "done",
+        RolloutState::Aborted => "aborted",
+    };
+    let _ = writeln!(
+        out,
+        "staged rollout of version {} ({state}): {}, started {} ago by {}, {} of health per stage",
+        r.version,
+        r.what,
+        ago(r.started_unix_ms),
+        r.started_by,
+        humantime::format_duration(std::time::Duration::from_millis(r.wait_ms))
+    );
+    for (i, s) in r.stages.iter().enumerate() {
+        let mark = match (s.passed_unix_ms, s.started_unix_ms) {
+            (Some(_), _) => "passed".to_string(),
+            (None, Some(t)) if i == r.current && r.state == RolloutState::Halted => {
+                format!("halted ({} ago)", ago(r.halted_unix_ms.unwrap_or(t)))
+            }
+            (None, Some(t)) if i == r.current => format!("in progress for {}", ago(t)),
+            _ if r.state == RolloutState::Aborted => "never got it".to_string(),
+            _ => "waiting".to_string(),
+        };
+        let _ = writeln!(out, "  {:<8} {:<24} {}", s.name, mark, s.agents.join(", "));
+    }
+    if r.state == RolloutState::Halted {
+        for (agent, why) in &r.reasons {
+            let _ = writeln!(
+                out,
+                "  FAILED {agent}: {why} (back on the previous version)"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "  fix the cause, then `tunnelfleet rollout resume`; or `tunnelfleet rollout abort` to put every agent back on version {}'s profiles",
+            r.base_version
+        );
+    }
+    out
+}

@@ -28,10 +28,13 @@ impl From<StoreError> for ApiError {
             | StoreError::NoEndpoint(_)
             | StoreError::NoToken(_)
             | StoreError::NoRevision(_)
-            | StoreError::NoAdminToken(_) => StatusCode::NOT_FOUND,
+            | StoreError::NoAdminToken(_)
+            | StoreError::NoRolloutInProgress => StatusCode::NOT_FOUND,
             StoreError::UnknownGroup { .. }
             | StoreError::GroupInUse { .. }
-            | StoreError::AdminTokenExists(_) => StatusCode::CONFLICT,
+            | StoreError::AdminTokenExists(_)
+            | StoreError::RolloutInProgress(_)
+            | StoreError::FleetChanged { .. } => StatusCode::CONFLICT,
             StoreError::TokenRefused(_)
             | StoreError::Sled(_)
             | StoreError::Corrupt { .. }

@@ -10,8 +10,8 @@
 //! - this module: the shared state, the router, request spans, and the read-only `/metrics`
 //!   router.
 //! - [`auth`]: the bearer token, the role each route needs, the audit entry of each change.
-//! - [`agents`], [`profiles`], [`oma`], [`alerts`], [`access`], [`admins`]: one file per
-//!   resource.
+//! - [`agents`], [`profiles`], [`rollouts`], [`oma`], [`alerts`], [`access`], [`admins`]: one
+//!   file per resource.
 //! - [`error`]: status codes by error variant.
 
 pub mod access;
@@ -22,6 +22,7 @@ pub mod auth;
 pub mod error;
 pub mod oma;
 pub mod profiles;
+pub mod rollouts;
 
 use std::sync::Arc;
 
@@ -39,6 +40,7 @@ pub use auth::Caller;
 pub use error::ApiError;
 pub use oma::{Done, EndpointRequest};
 pub use profiles::{AssignRequest, Changed, RollbackRequest, Rollout};
+pub use rollouts::{Aborted, RolloutView};
 
 use crate::fleet::Fleet;
 use crate::metrics::Metrics;
@@ -53,6 +55,8 @@ pub struct Admin {
     pub watch: WatchHandle,
     /// Whether this coordinator holds the CA key and so can enroll agents with join tokens.
     pub enrollment: bool,
+    /// Staged rollouts.
+    pub rollouts: crate::rollout::Rollouts,
     /// The `admin_token_file`'s token (an `admin`; named tokens are in the store).
     pub token: Arc<String>,
 }
@@ -66,6 +70,7 @@ pub fn router(admin: Admin) -> Router {
         .merge(alerts::routes())
         .merge(access::routes())
         .merge(admins::routes())
+        .merge(rollouts::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             admin.clone(),
             auth::authorize,

@@ -68,7 +68,15 @@ async fn put_profile(
             format!("the body names profile {:?}, the URL {name:?}", spec.name),
         ));
     }
-    // A group profile is checked as the agents will get it: with the group's endpoints.
+    runnable(&a, &spec)?;
+    let version = a.fleet.store.put_profile(&spec).await?;
+    let pushed_to = a.fleet.push_changed()?;
+    Ok(Json(Changed { version, pushed_to }))
+}
+
+/// A profile checked as the agents will get it: a group profile with the group's endpoints.
+pub(super) fn runnable(a: &Admin, spec: &ProfileSpec) -> Result<(), ApiError> {
+    let name = &spec.name;
     let resolved = match &spec.group {
         Some(g) => {
             let group = a
@@ -88,10 +96,7 @@ async fn put_profile(
             StatusCode::BAD_REQUEST,
             e.within(&format!("profile.{name}")).to_string(),
         )
-    })?;
-    let version = a.fleet.store.put_profile(&spec).await?;
-    let pushed_to = a.fleet.push_changed()?;
-    Ok(Json(Changed { version, pushed_to }))
+    })
 }
 
 async fn delete_profile(

@@ -26,13 +26,24 @@ pub enum AlertKind {
     PortConflict,
     /// An agent process keeps restarting.
     AgentRestarting,
+    /// A staged rollout halted: which agents failed and why (raised by the rollout driver, not
+    /// the rules; resolved by `rollout resume` or `rollout abort`).
+    RolloutHalted,
 }
 
 impl AlertKind {
     /// Whether an alert of this kind is about one agent (its first affected agent), so that it
     /// counts against that agent's cap.
     pub fn about_one_agent(self) -> bool {
-        !matches!(self, AlertKind::OmaDown | AlertKind::OmaUnhealthy)
+        !matches!(
+            self,
+            AlertKind::OmaDown | AlertKind::OmaUnhealthy | AlertKind::RolloutHalted
+        )
+    }
+
+    /// Whether the alert rules (`monitor`) raise and resolve it.
+    pub fn from_rules(self) -> bool {
+        self != AlertKind::RolloutHalted
     }
 
     /// The name used in keys, hooks and the CLI.
@@ -45,6 +56,7 @@ impl AlertKind {
             AlertKind::SshAuth => "ssh_auth",
             AlertKind::PortConflict => "port_conflict",
             AlertKind::AgentRestarting => "agent_restarting",
+            AlertKind::RolloutHalted => "rollout_halted",
         }
     }
 

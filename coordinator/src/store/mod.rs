@@ -17,6 +17,7 @@
 //! - [`alerts`]: alerts, the hook outbox, silences.
 //! - [`tokens`]: join tokens and revocations.
 //! - [`access`]: named admin tokens with their roles, and the audit log.
+//! - [`rollouts`]: staged rollouts: the stages, where they stand, what the fleet ran before.
 //! - [`schema`]: the schema version and migrations.
 
 mod access;
@@ -26,6 +27,7 @@ mod events;
 mod groups;
 mod history;
 mod profiles;
+mod rollouts;
 mod schema;
 mod tokens;
 
@@ -41,7 +43,8 @@ pub use alerts::{Alert, AlertKind, AlertStatus, Delivery, Silence, alert_key, gl
 pub use events::Event;
 pub use groups::{GroupError, OmaGroup};
 pub use history::{HISTORY_KEPT, Revision, RevisionSummary};
-pub use profiles::{Assignment, Selector, Snapshot};
+pub use profiles::{Assignment, Selector, SetKey, Snapshot};
+pub use rollouts::{Rollout, RolloutState, Stage};
 pub use tokens::{JoinToken, Revocation};
 
 /// The schema this build writes and reads.
@@ -121,6 +124,24 @@ pub enum StoreError {
     /// No join token with that id.
     #[error("no join token {0:?}")]
     NoToken(String),
+    /// A profile change while a staged rollout is in progress.
+    #[error(
+        "the staged rollout of version {0} is in progress: finish it, or `tunnelfleet rollout abort`, before another profile change"
+    )]
+    RolloutInProgress(u64),
+    /// No rollout to resume or abort.
+    #[error("no staged rollout is in progress")]
+    NoRolloutInProgress,
+    /// The rollout was planned on another fleet version.
+    #[error(
+        "the fleet changed while the rollout was planned (version {planned}, now {now}): run it again"
+    )]
+    FleetChanged {
+        /// The version it was planned on.
+        planned: u64,
+        /// The version now.
+        now: u64,
+    },
     /// No admin token of that name.
     #[error("no admin token named {0:?} (see `tunnelfleet admin-token list`)")]
     NoAdminToken(String),
@@ -175,6 +196,8 @@ pub struct Store {
     tokens: sled::Tree,
     revoked: sled::Tree,
     history: sled::Tree,
+    /// Staged rollouts: the one in progress under `active`, finished ones by version.
+    rollouts: sled::Tree,
     /// Named admin tokens by the SHA-256 of their secret.
     admin_tokens: sled::Tree,
     /// Admin token name -> the hash it is stored under (one token per name).
@@ -207,6 +230,7 @@ impl Store {
             revoked: db.open_tree("revoked")?,
             history: db.open_tree("history")?,
             admin_tokens: db.open_tree("admin_tokens")?,
+            rollouts: db.open_tree("rollouts")?,
             admin_names: db.open_tree("admin_names")?,
             audit_log: db.open_tree("audit_log")?,
             id: String::new(),
@@ -301,6 +325,18 @@ fn tx_error(e: sled::transaction::TransactionError<sled::Error>) -> StoreError {
     match e {
         sled::transaction::TransactionError::Abort(e)
         | sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
+    }
+}
+
+/// A sled-error transaction step inside a transaction that aborts with [`StoreError`]s.
+fn lift(
+    e: sled::transaction::ConflictableTransactionError<sled::Error>,
+) -> sled::transaction::ConflictableTransactionError<StoreError> {
+    use sled::transaction::ConflictableTransactionError as E;
+    match e {
+        E::Abort(e) => E::Abort(StoreError::Sled(e)),
+        E::Storage(e) => E::Storage(e),
+        _ => E::Conflict,
     }
 }
 

@@ -1,12 +1,12 @@
 //! Profiles and assignments (which agents get which profile), and the [`Snapshot`] every push
 //! is made from: read once, each profile's OMA group resolved.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
 use tunnelfleet_protocol::{ProfileSet, ProfileSpec};
 
-use super::{OmaGroup, Store, StoreError, bump_version, decode_all, json, tx_error};
+use super::{OmaGroup, Store, StoreError, aborted, bump_version, decode_all, json, lift};
 
 /// Which agents a profile goes to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,17 +42,20 @@ pub struct Assignment {
 pub struct Snapshot {
     /// The fleet version.
     pub version: u64,
+    now: Contents,
+    /// While a staged rollout is in progress: what the agents it has not promoted get.
+    held: Option<Held>,
+}
+
+/// Profiles (each resolved against its OMA group) and assignments.
+#[derive(Debug, Clone, Default)]
+struct Contents {
     assignments: Vec<Assignment>,
     profiles: BTreeMap<String, ProfileSpec>,
 }
 
-impl Snapshot {
-    /// Names of the profiles assigned to an agent.
-    pub fn names_for(
-        &self,
-        id: &str,
-        labels: &BTreeMap<String, String>,
-    ) -> std::collections::BTreeSet<String> {
+impl Contents {
+    fn names_for(&self, id: &str, labels: &BTreeMap<String, String>) -> BTreeSet<String> {
         self.assignments
             .iter()
             .filter(|a| a.selector.matches(id, labels))
@@ -60,14 +63,67 @@ impl Snapshot {
             .map(|a| a.profile.clone())
             .collect()
     }
+}
 
-    /// The set of `names` at this version.
-    pub fn set_of(&self, names: &std::collections::BTreeSet<String>) -> ProfileSet {
+/// The profiles and assignments from before a rollout, and the agents that are past them.
+#[derive(Debug, Clone)]
+struct Held {
+    before: Contents,
+    promoted: BTreeSet<String>,
+}
+
+/// Which profile set an agent gets: the names, and whether from before a rollout in progress
+/// (agents that share a key share one pushed frame).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SetKey {
+    /// From before the rollout in progress.
+    pub held: bool,
+    /// The profiles' names.
+    pub names: BTreeSet<String>,
+}
+
+impl Snapshot {
+    /// The profiles assigned to an agent: the current ones, or those from before a rollout in
+    /// progress that has not promoted it.
+    pub fn names_for(&self, id: &str, labels: &BTreeMap<String, String>) -> SetKey {
+        match &self.held {
+            Some(h) if !h.promoted.contains(id) => SetKey {
+                held: true,
+                names: h.before.names_for(id, labels),
+            },
+            _ => SetKey {
+                held: false,
+                names: self.now.names_for(id, labels),
+            },
+        }
+    }
+
+    /// Whether an agent's set differs between before and after the rollout in progress (always
+    /// false without one).
+    pub fn changes_for(&self, id: &str, labels: &BTreeMap<String, String>) -> bool {
+        let Some(h) = &self.held else {
+            return false;
+        };
+        let before = h.before.names_for(id, labels);
+        let after = self.now.names_for(id, labels);
+        before != after
+            || after
+                .iter()
+                .any(|n| h.before.profiles.get(n) != self.now.profiles.get(n))
+    }
+
+    /// The set of `key` at this version.
+    pub fn set_of(&self, key: &SetKey) -> ProfileSet {
+        let from = match (&self.held, key.held) {
+            (Some(h), true) => &h.before,
+            _ => &self.now,
+        };
         ProfileSet {
             version: self.version,
-            profiles: names
+            profiles: key
+                .names
                 .iter()
-                .filter_map(|n| self.profiles.get(n).cloned())
+                .filter_map(|n| from.profiles.get(n).cloned())
                 .collect(),
         }
     }
@@ -161,33 +217,62 @@ impl Store {
     }
 
     /// Everything a push needs, read once: the version, the assignments, and every profile
-    /// with its OMA group resolved into endpoints (active endpoint first).
+    /// with its OMA group resolved into endpoints (active endpoint first); during a staged
+    /// rollout, the same from before it for the agents it has not promoted.
     pub fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        let rollout = self.active_rollout()?;
+        self.snapshot_of(None, rollout.as_ref())
+    }
+
+    /// The snapshot the fleet would have with `specs` applied (and no rollout): what a staged
+    /// rollout is planned on.
+    pub fn snapshot_with(&self, specs: &[ProfileSpec]) -> Result<Snapshot, StoreError> {
+        self.snapshot_of(Some(specs), None)
+    }
+
+    fn snapshot_of(
+        &self,
+        overlay: Option<&[ProfileSpec]>,
+        rollout: Option<&super::Rollout>,
+    ) -> Result<Snapshot, StoreError> {
         let groups: BTreeMap<String, OmaGroup> = self
             .groups()?
             .into_iter()
             .map(|g| (g.name.clone(), g))
             .collect();
-        let profiles = self
-            .profiles()?
-            .into_iter()
-            .map(|p| {
-                let p = match p.group.as_ref().and_then(|g| groups.get(g)) {
-                    Some(g) => p.resolved(&g.ordered()),
-                    None => p,
-                };
-                (p.name.clone(), p)
-            })
-            .collect();
+        let resolve = |p: ProfileSpec| {
+            let p = match p.group.as_ref().and_then(|g| groups.get(g)) {
+                Some(g) => p.resolved(&g.ordered()),
+                None => p,
+            };
+            (p.name.clone(), p)
+        };
+        let mut profiles: BTreeMap<String, ProfileSpec> =
+            self.profiles()?.into_iter().map(resolve).collect();
+        for p in overlay.unwrap_or_default() {
+            let (n, p) = resolve(p.clone());
+            profiles.insert(n, p);
+        }
+        let held = rollout.filter(|r| r.active()).map(|r| Held {
+            before: Contents {
+                assignments: r.base_assignments.clone(),
+                profiles: r.base_profiles.iter().cloned().map(resolve).collect(),
+            },
+            promoted: r.promoted(),
+        });
         Ok(Snapshot {
             version: self.fleet_version()?,
-            assignments: self.assignments()?,
-            profiles,
+            now: Contents {
+                assignments: self.assignments()?,
+                profiles,
+            },
+            held,
         })
     }
 
     /// Applies a change to profiles/assignments, bumps the fleet version and logs an event,
-    /// atomically; returns the new version after `flush_async`.
+    /// atomically; returns the new version after `flush_async`. Refused while a staged rollout
+    /// is in progress (abort or finish it first): its stages were planned on what it changed.
     pub(super) async fn change<F>(&self, what: &str, f: F) -> Result<u64, StoreError>
     where
         F: Fn(
@@ -195,13 +280,26 @@ impl Store {
             &sled::transaction::TransactionalTree,
         ) -> sled::transaction::ConflictableTransactionResult<(), sled::Error>,
     {
+        use sled::transaction::ConflictableTransactionError as E;
         let event = self.change_event(what)?;
-        let version = (&self.profiles, &self.assignments, &self.meta, &self.events)
-            .transaction(|(profiles, assignments, meta, events)| {
-                f(profiles, assignments)?;
-                bump_version(meta, events, &event)
-            })
-            .map_err(tx_error)?;
+        let result = (
+            &self.profiles,
+            &self.assignments,
+            &self.meta,
+            &self.events,
+            &self.rollouts,
+        )
+            .transaction(|(profiles, assignments, meta, events, rollouts)| {
+                if let Some(v) = rollouts.get(super::rollouts::ACTIVE)? {
+                    let version = serde_json::from_slice::<super::Rollout>(&v)
+                        .map(|r| r.version)
+                        .unwrap_or_default();
+                    return Err(E::Abort(StoreError::RolloutInProgress(version)));
+                }
+                f(profiles, assignments).map_err(lift)?;
+                bump_version(meta, events, &event).map_err(lift)
+            });
+        let version = aborted(result)?;
         // The revision goes to disk with the change itself (one flush below).
         self.record_revision(version, what)?;
         self.durable().await?;

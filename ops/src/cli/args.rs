@@ -91,10 +91,13 @@ pub(super) enum Command {
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
     },
-    /// Rollout of the current version: which agents applied it, which failed and why.
+    /// The staged rollout in progress (or the last): its stage, who failed and why, how to
+    /// go on; and which agents applied the current version. Exit 1 when it halted.
     Rollout {
         #[command(flatten)]
         api: ApiArgs,
+        #[command(subcommand)]
+        action: Option<RolloutAction>,
     },
     /// OMA groups: endpoint health, which agents are on each, drain, failover, failback.
     Oma {
@@ -241,11 +244,29 @@ pub(super) enum ProfilesAction {
         name: String,
     },
     /// Create or replace the profiles of a file written like an agent config's [[profile]]s
-    /// (validated by the agent's own rules before anything is sent).
+    /// (validated by the agent's own rules before anything is sent). With --canary, as one
+    /// staged change: canaries first, then --waves waves, each after --wait of health; any
+    /// failure halts it and puts the failed agents back on the previous version.
+    #[command(
+        after_help = "Examples:\n  tunnelfleet profiles apply -f oma.toml\n  tunnelfleet profiles apply -f oma.toml --canary 5 --wait 2m --waves 3\n  tunnelfleet profiles apply -f oma.toml --canary 2%"
+    )]
     Apply {
         /// The file.
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
+        /// Stage it: this many canaries (`5`) or this share of the affected agents (`2%`).
+        #[arg(long, value_parser = parse_canary)]
+        canary: Option<tunnelfleet_coordinator::rollout::Canary>,
+        /// How long each stage must run healthy before the next gets it.
+        #[arg(long, default_value = "2m", value_parser = humantime::parse_duration, requires = "canary")]
+        wait: Duration,
+        /// Waves after the canaries.
+        #[arg(long, default_value_t = 3, requires = "canary")]
+        waves: u32,
+        /// How long an agent of a stage may take to apply it and come up before what it is
+        /// still waiting for counts as a failure.
+        #[arg(long, default_value = "2m", value_parser = humantime::parse_duration, requires = "canary")]
+        settle: Duration,
     },
     /// Delete a profile (and its assignments).
     Delete {
@@ -553,6 +574,26 @@ pub enum AdminTokenAction {
         /// Its name.
         name: String,
     },
+}
+
+/// `tunnelfleet rollout …`
+#[derive(Subcommand, Debug)]
+pub enum RolloutAction {
+    /// Push the new version to the halted stage again (its failed agents included) and wait
+    /// on it from the start.
+    Resume,
+    /// Abandon it: every agent gets the profiles from before it back, as a new version.
+    Abort,
+}
+
+/// `5` or `2%`.
+pub fn parse_canary(
+    s: &str,
+) -> Result<
+    tunnelfleet_coordinator::rollout::Canary,
+    tunnelfleet_coordinator::rollout::plan::CanaryError,
+> {
+    s.parse()
 }
 
 /// `viewer`, `operator` or `admin`.

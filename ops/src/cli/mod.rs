@@ -135,7 +135,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             access::audit_log(&api.client()?, since, limit, cli.json).await
         }
         Command::Alerts { api, action } => alerts::alerts(&api.client()?, action, cli.json).await,
-        Command::Rollout { api } => profiles::rollout(&api, cli.json).await,
+        Command::Rollout { api, action } => profiles::rollout(&api, action, cli.json).await,
         Command::Audit {
             agent,
             all,

@@ -8,9 +8,11 @@ use anyhow::Context;
 
 use tunnelfleet_agent::config::AgentConfig;
 
-use super::args::{ApiArgs, ProfilesAction};
+use super::args::{ApiArgs, ProfilesAction, RolloutAction};
 use super::output::*;
 use crate::render;
+use tunnelfleet_coordinator::admin::{Aborted, RolloutView};
+use tunnelfleet_coordinator::store::{Rollout, RolloutState};
 
 pub(super) async fn fleet_profiles(
     api: &ApiArgs,
@@ -56,10 +58,41 @@ pub(super) async fn fleet_profiles(
             let p: serde_json::Value = client.get(&format!("/v1/profiles/{name}")).await?;
             println!("{}", serde_json::to_string_pretty(&p)?);
         }
-        ProfilesAction::Apply { file } => {
+        ProfilesAction::Apply {
+            file,
+            canary,
+            wait,
+            waves,
+            settle,
+        } => {
             let cfg = AgentConfig::load_for_coordinator(&file)?;
             if cfg.profiles.is_empty() {
                 anyhow::bail!("{}: no [[profile]] in the file", file.display());
+            }
+            if let Some(canary) = canary {
+                let req = tunnelfleet_coordinator::rollout::StartRequest {
+                    profiles: cfg.profiles,
+                    canary,
+                    waves,
+                    wait_ms: wait.as_millis() as u64,
+                    settle_ms: settle.as_millis() as u64,
+                };
+                let r: Rollout = client.call("POST", "/v1/rollouts", Some(&req)).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&r)?);
+                } else {
+                    println!(
+                        "version {}: staged over {} agents in {} stages, {} of health each; `tunnelfleet rollout` follows it",
+                        r.version,
+                        r.stages.iter().map(|s| s.agents.len()).sum::<usize>(),
+                        r.stages.len(),
+                        humantime::format_duration(wait)
+                    );
+                    for s in &r.stages {
+                        println!("  {}: {}", s.name, s.agents.join(", "));
+                    }
+                }
+                return Ok(ExitCode::SUCCESS);
             }
             for p in &cfg.profiles {
                 let changed: serde_json::Value = client
@@ -227,11 +260,55 @@ pub(super) async fn assign(
 }
 
 /// `tunnelfleet rollout`: who applied the current version, who failed and why.
-pub(super) async fn rollout(api: &ApiArgs, json: bool) -> anyhow::Result<ExitCode> {
-    let r: serde_json::Value = api.client()?.get("/v1/rollout").await?;
+pub(super) async fn rollout(
+    api: &ApiArgs,
+    action: Option<RolloutAction>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let client = api.client()?;
+    match action {
+        Some(RolloutAction::Resume) => {
+            let r: Rollout = client
+                .call::<(), _>("POST", "/v1/rollouts/current/resume", None)
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "rollout of version {} resumed at {}",
+                    r.version,
+                    r.stages.get(r.current).map_or("-", |s| s.name.as_str())
+                );
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        Some(RolloutAction::Abort) => {
+            let a: Aborted = client
+                .call::<(), _>("POST", "/v1/rollouts/current/abort", None)
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&a)?);
+            } else {
+                println!(
+                    "rollout of version {} aborted: version {} restores version {}'s profiles on every agent",
+                    a.rollout.version, a.version, a.rollout.base_version
+                );
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        None => {}
+    }
+    let staged: Option<RolloutView> = client.get("/v1/rollouts/current").await?;
+    let r: serde_json::Value = client.get("/v1/rollout").await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "staged": staged, "version": r }))?
+        );
     } else {
+        if let Some(v) = &staged {
+            print!("{}", render::staged_rollout(v));
+        }
         println!("version {}", r["version"]);
         println!("  applied: {}", join(&r["applied"]));
         println!("  pending: {}", join(&r["pending"]));
@@ -241,9 +318,14 @@ pub(super) async fn rollout(api: &ApiArgs, json: bool) -> anyhow::Result<ExitCod
             }
         }
     }
-    Ok(if r["failed"].as_object().is_some_and(|f| !f.is_empty()) {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
+    let halted = staged
+        .as_ref()
+        .is_some_and(|v| v.rollout.state == RolloutState::Halted);
+    Ok(
+        if halted || r["failed"].as_object().is_some_and(|f| !f.is_empty()) {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        },
+    )
 }

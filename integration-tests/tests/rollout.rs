@@ -1,0 +1,380 @@
+//! Staged rollouts end to end: a coordinator, four agents over two sites, each with its own
+//! profile through a real sshd. A change with a wrong OMA port halts at the canaries: they are
+//! back on the previous version with data flowing, the other agents never got it and their
+//! tunnels never blinked, `rollout_halted` fires, `tunnelfleet rollout` says how to go on, and
+//! an abort restores the old profiles. A good change goes canary, wave, wave, in order.
+
+#![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use integration_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tunnelfleet_agent::config::AgentConfig;
+use tunnelfleet_coordinator::admin::{Aborted, RolloutView};
+use tunnelfleet_coordinator::rollout::{Canary, StartRequest};
+use tunnelfleet_coordinator::store::{Alert, Rollout, RolloutState};
+use tunnelfleet_protocol::ProfileSpec;
+
+/// A coordinator and four agents (`vma-1`..`vma-4`, sites dc1/dc2 by turns), each running its
+/// own pushed profile `oma-N`: `L port → echo` through the real sshd.
+struct Fleet {
+    sshd: Sshd,
+    c: FullCoordinator,
+    agents: Vec<(String, TestAgent, u16)>,
+    echo: u16,
+    dir: tempfile::TempDir,
+    _echo: tokio_util::sync::DropGuard,
+}
+
+fn spec(sshd: &Sshd, name: &str, endpoint: &str, forwards: &[String]) -> ProfileSpec {
+    AgentConfig::parse(
+        &profile_toml(name, &[endpoint.to_string()], sshd, forwards, ""),
+        Path::new("p.toml"),
+    )
+    .unwrap()
+    .profiles
+    .remove(0)
+}
+
+async fn fleet() -> Fleet {
+    let sshd = Sshd::start();
+    let (echo, _echo) = echo_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = FullCoordinator::start(dir.path(), Duration::from_millis(300), vec![]).await;
+    let mut agents = Vec::new();
+    for i in 1..=4 {
+        let id = format!("vma-{i}");
+        let site = format!("site = \"dc{}\"", 2 - i % 2);
+        let agent = TestAgent::start(&c.agent_section(dir.path(), &id, &site)).await;
+        agents.push((id, agent, free_port()));
+    }
+    wait_until(30, "four agents connected", || async {
+        c.fleet.links.connected().len() == 4
+    })
+    .await;
+    for (i, (id, _, port)) in agents.iter().enumerate() {
+        let name = format!("oma-{}", i + 1);
+        let p = spec(
+            &sshd,
+            &name,
+            &sshd.endpoint(),
+            &[format!("L {port}:localhost:{echo}")],
+        );
+        let _: serde_json::Value = c
+            .api
+            .call("PUT", &format!("/v1/profiles/{name}"), Some(&p))
+            .await
+            .unwrap();
+        let _: serde_json::Value = c
+            .api
+            .call(
+                "POST",
+                "/v1/assignments",
+                Some(&serde_json::json!({ "profile": name, "agent": id })),
+            )
+            .await
+            .unwrap();
+    }
+    for (i, (_, agent, port)) in agents.iter().enumerate() {
+        agent.wait_all_active(&format!("oma-{}", i + 1)).await;
+        echo_roundtrip(*port, b"before").await.unwrap();
+    }
+    Fleet {
+        sshd,
+        c,
+        agents,
+        echo,
+        dir,
+        _echo,
+    }
+}
+
+async fn current(c: &FullCoordinator) -> Rollout {
+    let v: Option<RolloutView> = c.api.get("/v1/rollouts/current").await.unwrap();
+    v.unwrap().rollout
+}
+
+/// An open connection through a tunnel: it echoes as long as the tunnel never blinked.
+async fn held_open(port: u16) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(b"hello").await.unwrap();
+    let mut b = [0u8; 5];
+    s.read_exact(&mut b).await.unwrap();
+    s
+}
+
+async fn still_echoes(s: &mut tokio::net::TcpStream) {
+    s.write_all(b"still").await.unwrap();
+    let mut b = [0u8; 5];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut b))
+        .await
+        .expect("an answer through the held connection")
+        .unwrap();
+    assert_eq!(&b, b"still");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_oma_port_halts_at_the_canaries_and_puts_them_back() {
+    if !Sshd::available("rollout") {
+        return;
+    }
+    let f = fleet().await;
+    let c = &f.c;
+    let mut held = Vec::new();
+    let mut reconnects = BTreeMap::new();
+    for (i, (id, agent, port)) in f.agents.iter().enumerate() {
+        held.push(held_open(*port).await);
+        reconnects.insert(
+            id.clone(),
+            agent.profile(&format!("oma-{}", i + 1)).await.reconnects,
+        );
+    }
+    let before = c.fleet.store.fleet_version().unwrap();
+
+    // The change: every profile to an OMA port nobody listens on.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let bad: Vec<ProfileSpec> = f
+        .agents
+        .iter()
+        .enumerate()
+        .map(|(i, (_, _, port))| {
+            spec(
+                &f.sshd,
+                &format!("oma-{}", i + 1),
+                &dead,
+                &[format!("L {port}:localhost:{}", f.echo)],
+            )
+        })
+        .collect();
+    let r: Rollout = c
+        .api
+        .call(
+            "POST",
+            "/v1/rollouts",
+            Some(&StartRequest {
+                profiles: bad,
+                canary: Canary::Count(2),
+                waves: 1,
+                wait_ms: 2000,
+                settle_ms: 6000,
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.base_version, before);
+    assert_eq!(r.stages.len(), 2, "{r:?}");
+    let canaries = r.stages[0].agents.clone();
+    // One canary per site.
+    assert_eq!(canaries, ["vma-1", "vma-2"], "{r:?}");
+
+    // Another profile change meanwhile is refused, naming the rollout.
+    let e = c
+        .api
+        .call::<_, serde_json::Value>(
+            "PUT",
+            "/v1/profiles/other",
+            Some(&spec(
+                &f.sshd,
+                "other",
+                &f.sshd.endpoint(),
+                &[format!("L {}:localhost:{}", free_port(), f.echo)],
+            )),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("409") && e.contains("rollout"), "{e}");
+
+    wait_until(60, "the rollout halted at the canaries", || async {
+        current(c).await.state == RolloutState::Halted
+    })
+    .await;
+    let r = current(c).await;
+    eprintln!("halted: {:?}", r.reasons);
+    assert_eq!(r.current, 0);
+    assert_eq!(
+        r.reasons.keys().cloned().collect::<Vec<_>>(),
+        canaries,
+        "{r:?}"
+    );
+    for why in r.reasons.values() {
+        assert!(
+            why.contains("not an endpoint it was given") || why.contains(&dead),
+            "{why}"
+        );
+    }
+    let alerts: Vec<Alert> = c.api.get("/v1/alerts").await.unwrap();
+    let halted = alerts
+        .iter()
+        .find(|a| a.kind.as_str() == "rollout_halted")
+        .expect("rollout_halted fires");
+    assert_eq!(halted.affected_agents, canaries);
+
+    // The canaries are back on the previous version, with data flowing.
+    for (i, (id, agent, port)) in f.agents.iter().enumerate().take(2) {
+        assert!(canaries.contains(id));
+        let name = format!("oma-{}", i + 1);
+        wait_until(30, "canary back on the previous endpoint", || async {
+            agent.profile(&name).await.endpoints == vec![f.sshd.endpoint()]
+        })
+        .await;
+        agent.wait_all_active(&name).await;
+        echo_roundtrip(*port, b"after the halt").await.unwrap();
+    }
+    // The others never got it, and their tunnels never blinked.
+    for (i, (id, agent, _)) in f.agents.iter().enumerate().skip(2) {
+        let p = agent.profile(&format!("oma-{}", i + 1)).await;
+        assert_eq!(p.endpoints, vec![f.sshd.endpoint()], "{id}");
+        assert_eq!(p.reconnects, reconnects[id], "{id}");
+    }
+    for s in held.iter_mut().skip(2) {
+        still_echoes(s).await;
+    }
+
+    // The CLI says where it stands and how to go on, and exits 1.
+    let o = std::process::Command::new(Program::Cli.path())
+        .args([
+            "rollout",
+            "--coordinator",
+            &c.api.addr().to_string(),
+            "--token-file",
+        ])
+        .arg(f.dir.path().join("admin.token"))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("HALTED") && out.contains("rollout resume") && out.contains("vma-1"),
+        "{out}"
+    );
+
+    // Abort: every profile as it was, as a new version; the alert resolves; changes allowed.
+    let a: Aborted = c
+        .api
+        .call::<(), _>("POST", "/v1/rollouts/current/abort", None)
+        .await
+        .unwrap();
+    assert!(a.version > r.version);
+    assert_eq!(a.rollout.state, RolloutState::Aborted);
+    let p: ProfileSpec = c.api.get("/v1/profiles/oma-3").await.unwrap();
+    assert_eq!(p.endpoints, vec![f.sshd.endpoint()]);
+    let alerts: Vec<Alert> = c.api.get("/v1/alerts").await.unwrap();
+    assert!(
+        !alerts.iter().any(|a| a.kind.as_str() == "rollout_halted"),
+        "{alerts:?}"
+    );
+    for (i, (_, agent, port)) in f.agents.iter().enumerate() {
+        agent.wait_all_active(&format!("oma-{}", i + 1)).await;
+        echo_roundtrip(*port, b"after the abort").await.unwrap();
+    }
+    for s in held.iter_mut().skip(2) {
+        still_echoes(s).await;
+    }
+    f.c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_good_change_goes_canary_then_wave_by_wave() {
+    if !Sshd::available("rollout") {
+        return;
+    }
+    let f = fleet().await;
+    let c = &f.c;
+    // The change: a second forward on every profile.
+    let second: Vec<u16> = f.agents.iter().map(|_| free_port()).collect();
+    let good: Vec<ProfileSpec> = f
+        .agents
+        .iter()
+        .enumerate()
+        .map(|(i, (_, _, port))| {
+            spec(
+                &f.sshd,
+                &format!("oma-{}", i + 1),
+                &f.sshd.endpoint(),
+                &[
+                    format!("L {port}:localhost:{}", f.echo),
+                    format!("L {}:localhost:{}", second[i], f.echo),
+                ],
+            )
+        })
+        .collect();
+    let r: Rollout = c
+        .api
+        .call(
+            "POST",
+            "/v1/rollouts",
+            Some(&StartRequest {
+                profiles: good,
+                canary: Canary::Count(1),
+                waves: 2,
+                wait_ms: 500,
+                settle_ms: 30_000,
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        r.stages.iter().map(|s| s.agents.len()).collect::<Vec<_>>(),
+        [1, 2, 1]
+    );
+    // While the canary runs it, nobody else has it.
+    let canary = r.stages[0].agents[0].clone();
+    wait_until(30, "the canary has the second forward", || async {
+        let i = f
+            .agents
+            .iter()
+            .position(|(id, _, _)| *id == canary)
+            .unwrap();
+        echo_roundtrip(second[i], b"canary").await.is_ok()
+    })
+    .await;
+    let r = current(c).await;
+    if r.current == 0 {
+        for (i, (id, _, _)) in f.agents.iter().enumerate() {
+            if *id != canary {
+                assert!(echo_roundtrip(second[i], b"x").await.is_err(), "{id}");
+            }
+        }
+    }
+    wait_until(60, "the rollout done", || async {
+        current(c).await.state == RolloutState::Done
+    })
+    .await;
+    let r = current(c).await;
+    // Each stage started once the one before had passed.
+    for w in r.stages.windows(2) {
+        assert!(
+            w[1].started_unix_ms.unwrap() >= w[0].passed_unix_ms.unwrap(),
+            "{r:?}"
+        );
+    }
+    for (i, (_, agent, _)) in f.agents.iter().enumerate() {
+        agent.wait_all_active(&format!("oma-{}", i + 1)).await;
+        echo_roundtrip(second[i], b"everyone").await.unwrap();
+    }
+    // Once done, a profile change is taken again.
+    let _: serde_json::Value = c
+        .api
+        .call(
+            "PUT",
+            "/v1/profiles/other",
+            Some(&spec(
+                &f.sshd,
+                "other",
+                &f.sshd.endpoint(),
+                &[format!("L {}:localhost:{}", free_port(), f.echo)],
+            )),
+        )
+        .await
+        .unwrap();
+    f.c.stop().await;
+}
