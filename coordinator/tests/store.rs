@@ -427,3 +427,93 @@ async fn firing_alerts_are_read_through_an_index_kept_across_reopen_and_built_fo
     let store = open_when_released(dir.path());
     assert_eq!(firing(&store), vec![ids[4], ids[2], ids[0]]);
 }
+
+/// A staged rollout as the store keeps it: the stage reached and what the fleet ran before
+/// survive a reopen; agents not promoted get the previous profiles, promoted ones the new;
+/// other profile changes wait for it; an abort restores the previous profiles as a new version.
+#[tokio::test]
+async fn a_rollout_survives_a_reopen_holds_the_unpromoted_back_and_aborts_to_the_old() {
+    use tunnelfleet_coordinator::store::{Rollout, RolloutState, Stage};
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    s.put_profile(&spec("oma")).await.unwrap();
+    let base = s
+        .assign(&Assignment {
+            profile: "oma".into(),
+            selector: Selector::Labels(labels(&[("site", "dc1")])),
+        })
+        .await
+        .unwrap();
+    let mut changed = spec("oma");
+    changed.forwards.push("L 10809:localhost:10809".into());
+    let stage = |name: &str, agents: &[&str]| Stage {
+        name: name.into(),
+        agents: agents.iter().map(|a| a.to_string()).collect(),
+        started_unix_ms: None,
+        passed_unix_ms: None,
+    };
+    let plan = Rollout {
+        version: 0,
+        base_version: base,
+        what: "staged rollout of profiles oma".into(),
+        started_by: "test".into(),
+        started_unix_ms: 1,
+        wait_ms: 1000,
+        settle_ms: 10_000,
+        stages: vec![stage("canary", &["vma-1"]), stage("wave 1", &["vma-2"])],
+        current: 0,
+        state: RolloutState::Running,
+        reasons: BTreeMap::new(),
+        halted_unix_ms: None,
+        reverted: Default::default(),
+        alert: None,
+        finished_unix_ms: None,
+        base_profiles: vec![],
+        base_assignments: vec![],
+    };
+    // Planned on an older version: refused.
+    let mut stale = plan.clone();
+    stale.base_version = base - 1;
+    assert!(matches!(
+        s.start_rollout(&[changed.clone()], stale)
+            .await
+            .unwrap_err(),
+        StoreError::FleetChanged { .. }
+    ));
+    let r = s.start_rollout(&[changed.clone()], plan).await.unwrap();
+    assert_eq!(r.version, base + 1);
+    assert!(matches!(
+        s.put_profile(&spec("nbd")).await.unwrap_err(),
+        StoreError::RolloutInProgress(v) if v == r.version
+    ));
+    let dc1 = labels(&[("site", "dc1")]);
+    let forwards = |s: &Store, id: &str| {
+        s.snapshot().unwrap().set_for(id, &dc1).profiles[0]
+            .forwards
+            .len()
+    };
+    assert_eq!(forwards(&s, "vma-1"), 2, "the canary runs the new version");
+    assert_eq!(forwards(&s, "vma-2"), 1, "the wave waits on the old one");
+    let mut r = r;
+    r.current = 1;
+    s.update_rollout(&r).await.unwrap();
+    drop(s);
+
+    let s = open_when_released(dir.path());
+    let again = s.active_rollout().unwrap().unwrap();
+    assert_eq!(again.current, 1);
+    assert_eq!(again.base_profiles, vec![spec("oma")]);
+    assert_eq!(forwards(&s, "vma-2"), 2);
+    assert_eq!(forwards(&s, "vma-3"), 1, "in no stage: held until done");
+    let (v, closed) = s.abort_rollout().await.unwrap();
+    assert_eq!(v, r.version + 1);
+    assert_eq!(closed.state, RolloutState::Aborted);
+    assert!(s.active_rollout().unwrap().is_none());
+    assert_eq!(
+        s.last_rollout().unwrap().unwrap().state,
+        RolloutState::Aborted
+    );
+    assert_eq!(s.profiles().unwrap(), vec![spec("oma")]);
+    assert_eq!(forwards(&s, "vma-1"), 1);
+    s.put_profile(&spec("nbd")).await.unwrap();
+}

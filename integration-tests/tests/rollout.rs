@@ -241,12 +241,7 @@ async fn a_wrong_oma_port_halts_at_the_canaries_and_puts_them_back() {
 
     // The CLI says where it stands and how to go on, and exits 1.
     let o = std::process::Command::new(Program::Cli.path())
-        .args([
-            "rollout",
-            "--coordinator",
-            &c.api.addr().to_string(),
-            "--token-file",
-        ])
+        .args(["rollout", "--coordinator", c.api.addr(), "--token-file"])
         .arg(f.dir.path().join("admin.token"))
         .output()
         .unwrap();

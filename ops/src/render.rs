@@ -383,17 +383,6 @@ pub fn alerts_table(v: &[Alert]) -> String {
     t.to_string() + "\n"
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(bytes(999), "999 B");
-        assert_eq!(bytes(1_500_000), "1.5 MB");
-    }
-}
-
 /// A staged rollout: where it stands, each stage, why it halted and what to do.
 pub fn staged_rollout(v: &tunnelfleet_coordinator::admin::RolloutView) -> String {
     use std::fmt::Write;
@@ -441,4 +430,15 @@ pub fn staged_rollout(v: &tunnelfleet_coordinator::admin::RolloutView) -> String
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(bytes(999), "999 B");
+        assert_eq!(bytes(1_500_000), "1.5 MB");
+    }
 }

@@ -206,7 +206,7 @@ impl Store {
         } else {
             let mut r = r.clone();
             r.finished_unix_ms.get_or_insert_with(now_unix_ms);
-            aborted((&self.rollouts).transaction(|t| {
+            aborted(self.rollouts.transaction(|t| {
                 t.insert(&r.version.to_be_bytes(), json(&r))?;
                 t.remove(ACTIVE)?;
                 Ok::<_, sled::transaction::ConflictableTransactionError<StoreError>>(())
