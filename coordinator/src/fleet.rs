@@ -113,15 +113,11 @@ pub struct AgentLink {
     pub given: Arc<Given>,
     /// The version whose `Applied` was taken (one per push).
     pub acked: Option<u64>,
-    /// Pushes queued to it whose `Applied` has not come back (the agent applies and answers
-    /// them in order): an answer counts for the latest push only once every earlier one was
-    /// answered, so a push of the same version with other profiles (a rollout promoting the
-    /// agent) is never taken as applied on the strength of the one before.
-    pub unacked: u32,
     /// `heartbeats` when the latest push was acknowledged: the heartbeats after it report
     /// the profiles as applied.
     pub acked_heartbeats: u64,
-    /// The latest push was the profiles from before a rollout in progress.
+    /// The latest push was the profiles from before a rollout in progress (every step of a
+    /// rollout is a new fleet version, so an acknowledgement names what it applied).
     pub pushed_held: bool,
     /// When the last push was queued for it.
     pub pushed_at: Option<Instant>,
@@ -148,7 +144,6 @@ impl AgentLink {
             judged: None,
             given: Arc::default(),
             acked: None,
-            unacked: 0,
             acked_heartbeats: 0,
             pushed_held: false,
             heartbeats: 0,
@@ -168,8 +163,6 @@ impl AgentLink {
         self.pushed = Some(version);
         self.pushed_held = held;
         self.pushed_at = Some(Instant::now());
-        self.acked = None;
-        self.unacked = self.unacked.saturating_add(1);
     }
 }
 
@@ -410,10 +403,10 @@ impl Fleet {
             let Some(tx) = live.as_ref().filter(|_| link.connected).map(|l| &l.tx) else {
                 continue;
             };
-            let names = snapshot.names_for(&link.agent_id, &link.labels);
-            if link.pushed == Some(version) && link.pushed_held == names.held {
+            if link.pushed == Some(version) {
                 continue;
             }
+            let names = snapshot.names_for(&link.agent_id, &link.labels);
             let held = names.held;
             let (frame, gave) = match frames.get(&names) {
                 Some(f) => f.clone(),
@@ -447,10 +440,10 @@ impl Fleet {
         let Some((link, Some(live))) = links.get_mut(id) else {
             return Ok(false);
         };
-        let key = snapshot.names_for(&link.agent_id, &link.labels);
-        if !link.connected || (link.pushed == Some(version) && link.pushed_held == key.held) {
+        if !link.connected || link.pushed == Some(version) {
             return Ok(false);
         }
+        let key = snapshot.names_for(&link.agent_id, &link.labels);
         let set = snapshot.set_of(&key);
         let Ok(frame) = encode(&CoordinatorMessage::Push(set.clone())) else {
             return Ok(false);
@@ -546,11 +539,7 @@ impl Fleet {
     pub fn acknowledged(&self, id: &str, version: u64) -> Option<Duration> {
         let mut links = self.links.lock();
         let (l, _) = links.get_mut(id)?;
-        if l.unacked == 0 {
-            return None;
-        }
-        l.unacked -= 1;
-        if l.unacked > 0 || l.pushed != Some(version) {
+        if l.pushed != Some(version) || l.acked == Some(version) {
             return None;
         }
         l.acked = Some(version);

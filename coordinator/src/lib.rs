@@ -19,6 +19,7 @@
 //! - [`rollout`]: staged rollouts: canaries, waves, halt and rollback; the driver.
 //! - [`plan`]: `profiles diff`: what applying a file would change, before it is applied.
 //! - [`admin`]: the admin HTTP API the CLI drives (bearer token), a file per resource.
+//! - [`web`]: the fleet page in a browser (its own listener, signed in with an admin token).
 //! - [`admin_tls`]: the admin API over TLS with the coordinator's certificate (`admin_tls`).
 //! - [`server`]: `run`, the whole coordinator as one call, wiring the rest together.
 //! - [`cli`]: the `tunnelfleet-coordinator` command line (the binary is a one-line `main`).
@@ -46,3 +47,4 @@ pub mod store;
 pub mod tls;
 pub mod udp;
 pub mod watch;
+pub mod web;

@@ -56,6 +56,11 @@ pub struct CoordinatorConfig {
     /// Prometheus `/metrics` (no authentication, read-only); off when absent.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// The fleet page (`http://ADDRESS/`, signed in with an admin token); off when absent.
+    /// The same rules as `admin_listen`: TLS with `admin_tls`, and off loopback only with it
+    /// (or `admin_plaintext_on_network`).
+    #[serde(default)]
+    pub web_listen: Option<SocketAddr>,
     /// UDP receive and send buffer of the control link, bytes (capped by the kernel's
     /// `net.core.rmem_max` / `wmem_max`; a warning says when the cap grants less).
     #[serde(default = "default_udp_buffer")]
@@ -100,6 +105,9 @@ pub struct Bound {
     pub admin: SocketAddr,
     /// The `/metrics` address, when enabled.
     pub metrics: Option<SocketAddr>,
+    /// The fleet page's address, when enabled.
+    pub web: Option<SocketAddr>,
+    web_listener: Option<tokio::net::TcpListener>,
     /// The shared fleet state.
     pub fleet: Arc<Fleet>,
     metrics_listener: Option<tokio::net::TcpListener>,
@@ -120,6 +128,15 @@ pub async fn bind(cfg: &CoordinatorConfig) -> anyhow::Result<Bound> {
         anyhow::bail!(
             "admin_listen: {} is not loopback, and the admin API is plain HTTP: its bearer token would cross the network in clear. Set admin_tls = true (the coordinator's certificate from pki_dir), or keep it on 127.0.0.1, or set admin_plaintext_on_network = true to accept that",
             cfg.admin_listen
+        );
+    }
+    if let Some(web) = cfg.web_listen
+        && !web.ip().is_loopback()
+        && !cfg.admin_tls
+        && !cfg.admin_plaintext_on_network
+    {
+        anyhow::bail!(
+            "web_listen: {web} is not loopback, and the fleet page is plain HTTP: the admin token it signs in with would cross the network in clear. Set admin_tls = true (the page is then served over TLS too), or keep it on 127.0.0.1, or set admin_plaintext_on_network = true to accept that",
         );
     }
     tunnelfleet_runtime::secret::check_permissions(&cfg.admin_token_file)
@@ -189,6 +206,14 @@ pub async fn bind(cfg: &CoordinatorConfig) -> anyhow::Result<Bound> {
         ),
         None => None,
     };
+    let web_listener = match cfg.web_listen {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("web_listen: cannot listen on tcp {a}"))?,
+        ),
+        None => None,
+    };
     let (fleet, fleet_events) = Fleet::new(store.clone(), cfg.heartbeat_interval);
     let metrics = match Metrics::new() {
         Ok(m) => Some(Arc::new(m)),
@@ -202,6 +227,8 @@ pub async fn bind(cfg: &CoordinatorConfig) -> anyhow::Result<Bound> {
         admin: admin_listener.local_addr()?,
         metrics: metrics_listener.as_ref().and_then(|l| l.local_addr().ok()),
         metrics_listener,
+        web: web_listener.as_ref().and_then(|l| l.local_addr().ok()),
+        web_listener,
         outbox: Outbox::new(store.clone(), hooks),
         rules: cfg.alerts.clone(),
         fleet,
@@ -235,13 +262,24 @@ impl Bound {
         }
         let rollouts = crate::rollout::Rollouts::new(self.fleet.clone(), watch.outbox.clone());
         let stager = tokio::spawn(rollouts.clone().run(shutdown.clone()));
-        let app = admin::router(Admin {
+        let state = Admin {
             fleet: self.fleet.clone(),
             rollouts,
             watch,
             enrollment: self.link.signer.is_some(),
             token: Arc::new(self.token),
+        };
+        let web = self.web_listener.map(|l| {
+            tokio::spawn(tunnelfleet_runtime::serve::serve(
+                "fleet page",
+                l,
+                self.admin_tls.clone(),
+                crate::web::router(state.clone()),
+                tunnelfleet_runtime::serve::Limits::ADMIN,
+                shutdown.clone(),
+            ))
         });
+        let app = admin::router(state);
         let serve = tokio::spawn(link::serve(
             self.endpoint,
             self.fleet.clone(),
@@ -279,6 +317,9 @@ impl Bound {
         }
         if let Some(m) = metrics {
             let _ = m.await;
+        }
+        if let Some(w) = web {
+            let _ = w.await;
         }
         let _ = serve.await;
         let _ = sweeper.await;

@@ -496,7 +496,8 @@ async fn a_rollout_survives_a_reopen_holds_the_unpromoted_back_and_aborts_to_the
     assert_eq!(forwards(&s, "vma-2"), 1, "the wave waits on the old one");
     let mut r = r;
     r.current = 1;
-    s.update_rollout(&r).await.unwrap();
+    let promoted = s.step_rollout(&r, "wave 1 gets it").await.unwrap();
+    assert_eq!(promoted, r.version + 1, "each step is a version of its own");
     drop(s);
 
     let s = open_when_released(dir.path());
@@ -506,7 +507,7 @@ async fn a_rollout_survives_a_reopen_holds_the_unpromoted_back_and_aborts_to_the
     assert_eq!(forwards(&s, "vma-2"), 2);
     assert_eq!(forwards(&s, "vma-3"), 1, "in no stage: held until done");
     let (v, closed) = s.abort_rollout().await.unwrap();
-    assert_eq!(v, r.version + 1);
+    assert_eq!(v, promoted + 1);
     assert_eq!(closed.state, RolloutState::Aborted);
     assert!(s.active_rollout().unwrap().is_none());
     assert_eq!(

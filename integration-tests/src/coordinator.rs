@@ -140,6 +140,7 @@ impl FullCoordinator {
             alerts,
             hooks,
             metrics_listen: None,
+            web_listen: None,
             udp_buffer: tunnelfleet_coordinator::udp::DEFAULT_BUFFER,
         })
         .await

@@ -52,6 +52,7 @@ async fn profiles_assign_rollout_and_agents_through_the_cli() {
         alerts: Default::default(),
         hooks: Vec::new(),
         metrics_listen: None,
+        web_listen: None,
         udp_buffer: tunnelfleet_coordinator::udp::DEFAULT_BUFFER,
     };
     let bound = server::bind(&cfg).await.unwrap();

@@ -72,7 +72,8 @@ pub struct AgentDetail {
     pub placement: Vec<ProfilePlacement>,
 }
 
-fn summaries(fleet: &Fleet) -> Result<Vec<AgentDetail>, ApiError> {
+/// Every known agent, with its last heartbeat and where each profile runs.
+pub(crate) fn details(fleet: &Fleet) -> Result<Vec<AgentDetail>, ApiError> {
     let mut out = Vec::new();
     let revoked: std::collections::BTreeSet<String> = fleet
         .store
@@ -132,10 +133,7 @@ fn summaries(fleet: &Fleet) -> Result<Vec<AgentDetail>, ApiError> {
 
 async fn agents(State(a): State<Admin>) -> Result<Json<Vec<AgentSummary>>, ApiError> {
     Ok(Json(
-        summaries(&a.fleet)?
-            .into_iter()
-            .map(|d| d.summary)
-            .collect(),
+        details(&a.fleet)?.into_iter().map(|d| d.summary).collect(),
     ))
 }
 
@@ -143,7 +141,7 @@ async fn agent(
     State(a): State<Admin>,
     Path(id): Path<String>,
 ) -> Result<Json<AgentDetail>, ApiError> {
-    summaries(&a.fleet)?
+    details(&a.fleet)?
         .into_iter()
         .find(|d| d.summary.id == id)
         .map(Json)

@@ -54,8 +54,8 @@ pub fn required_role(method: &Method, route: &str) -> Role {
     }
 }
 
-/// The caller a bearer token stands for, if any.
-fn caller(admin: &Admin, given: &str) -> Result<Option<Caller>, ApiError> {
+/// The caller a bearer token stands for, if any (the fleet page's sign-in uses it too).
+pub(crate) fn caller(admin: &Admin, given: &str) -> Result<Option<Caller>, ApiError> {
     // The file's token, compared without an early exit so timing does not reveal it.
     let want = admin.token.as_bytes();
     let same = given.len() == want.len()

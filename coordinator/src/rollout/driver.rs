@@ -190,7 +190,12 @@ impl Rollouts {
         if r.stages.is_empty() {
             // Nobody's profiles change: nothing to stage.
             r.state = RolloutState::Done;
-            store.update_rollout(&r).await?;
+            store
+                .step_rollout(
+                    &r,
+                    &format!("rollout of version {} done: no agent to stage", r.version),
+                )
+                .await?;
         }
         self.fleet.push_changed()?;
         Ok(r)
@@ -216,10 +221,22 @@ impl Rollouts {
         r.reverted.clear();
         r.halted_unix_ms = None;
         let now = now_unix_ms();
-        if let Some(s) = r.stages.get_mut(r.current) {
-            s.started_unix_ms = Some(now);
-        }
-        store.update_rollout(&r).await?;
+        let stage = match r.stages.get_mut(r.current) {
+            Some(s) => {
+                s.started_unix_ms = Some(now);
+                s.name.clone()
+            }
+            None => String::new(),
+        };
+        store
+            .step_rollout(
+                &r,
+                &format!(
+                    "rollout of version {} resumed at {stage} by {by}",
+                    r.version
+                ),
+            )
+            .await?;
         tracing::warn!(version = r.version, by, "staged rollout resumed");
         self.fleet.push_changed()?;
         Ok(r)
@@ -235,7 +252,7 @@ impl Rollouts {
             .ok_or(StoreError::NoRolloutInProgress)?;
         if r.alert.is_some() {
             self.resolve_alert(&mut r).await?;
-            store.update_rollout(&r).await?;
+            store.note_rollout(&r).await?;
         }
         let (version, r) = store.abort_rollout().await?;
         tracing::warn!(version, rollout = r.version, by, "staged rollout aborted");
@@ -325,7 +342,7 @@ impl Rollouts {
         }
         let at = now_unix_ms();
         r.stages[r.current].passed_unix_ms = Some(at);
-        if r.current + 1 < r.stages.len() {
+        let what = if r.current + 1 < r.stages.len() {
             r.current += 1;
             r.stages[r.current].started_unix_ms = Some(at);
             tracing::info!(
@@ -335,15 +352,20 @@ impl Rollouts {
                 "staged rollout: stage {} passed, promoted",
                 stage.name
             );
+            format!(
+                "rollout of version {}: {} passed, {} gets it",
+                r.version, stage.name, r.stages[r.current].name
+            )
         } else {
             r.state = RolloutState::Done;
             tracing::info!(
                 version = r.version,
                 "staged rollout done: every stage passed"
             );
-        }
+            format!("rollout of version {} done: every stage passed", r.version)
+        };
         // Durable before any agent of the next stage is pushed the new version.
-        store.update_rollout(&r).await?;
+        store.step_rollout(&r, &what).await?;
         self.fleet.push_changed()?;
         Ok(())
     }
@@ -399,13 +421,22 @@ impl Rollouts {
         r.halted_unix_ms = Some(now_unix_ms());
         r.reverted = failed.keys().cloned().collect();
         r.reasons = failed;
-        store.update_rollout(r).await?;
-        self.fleet.push_changed()?;
         let stage = r
             .stages
             .get(r.current)
             .map(|s| s.name.clone())
             .unwrap_or_default();
+        store
+            .step_rollout(
+                r,
+                &format!(
+                    "rollout of version {} halted at {stage}: {} back on the previous version",
+                    r.version,
+                    r.reverted.iter().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            )
+            .await?;
+        self.fleet.push_changed()?;
         let reasons: Vec<String> = r.reasons.iter().map(|(a, w)| format!("{a}: {w}")).collect();
         let summary = format!(
             "staged rollout of version {} halted at {stage}: {}; the failed agents are back on the previous version, later stages never got it (tunnelfleet rollout resume | abort)",
@@ -422,7 +453,7 @@ impl Rollouts {
         let a = store.fire_alert(alert, &self.outbox.names()).await?;
         self.outbox.wake();
         r.alert = Some(a.id);
-        store.update_rollout(r).await
+        store.note_rollout(r).await
     }
 
     async fn resolve_alert(&self, r: &mut Rollout) -> Result<(), StoreError> {

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use sled::Transactional;
 use tunnelfleet_runtime::clock::now_unix_ms;
 
-use super::{Store, StoreError, decode, decode_all, json, tx_error};
+use super::{Store, StoreError, decode, decode_all, json, tx_error, u64_of};
 
 /// What went wrong.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -223,7 +223,7 @@ impl Store {
             for k in self.firing.iter().keys() {
                 let k = k?;
                 if let Some(a) = self.alerts.get(&k)? {
-                    let a: Alert = decode(&a, "alerts", &super::u64_of(&k).to_string())?;
+                    let a: Alert = decode(&a, "alerts", &u64_of(&k).to_string())?;
                     if a.status == AlertStatus::Firing {
                         v.push(a);
                     }
@@ -256,6 +256,23 @@ impl Store {
             .get(id.to_be_bytes())?
             .map(|v| decode(&v, "alerts", &id.to_string()))
             .transpose()
+    }
+
+    /// The latest `n` resolved alerts, newest first (the fleet page's "recent"); reads at most
+    /// a few times `n` records, never the whole history.
+    pub fn recent_resolved(&self, n: usize) -> Result<Vec<Alert>, StoreError> {
+        let mut out = Vec::new();
+        for r in self.alerts.iter().rev().take(n.saturating_mul(8).max(64)) {
+            let (k, v) = r?;
+            let a: Alert = decode(&v, "alerts", &u64_of(&k).to_string())?;
+            if a.status == AlertStatus::Resolved {
+                out.push(a);
+                if out.len() >= n {
+                    break;
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Records a new firing alert (id assigned here) and queues one delivery per hook unless a

@@ -198,32 +198,41 @@ impl Store {
             .transpose()
     }
 
-    /// Records a step of the rollout in progress (a stage promoted, a halt, a resume), durable
-    /// before return; a finished one (done) is moved out of the way.
-    pub async fn update_rollout(&self, r: &Rollout) -> Result<(), StoreError> {
+    /// Records a step of the rollout in progress (a stage promoted, a halt, a resume, the
+    /// end) as a new fleet version, in one transaction, durable before return: what agents
+    /// get changes with each step, and the version tells an agent's acknowledgement of the
+    /// step from one of the push before it. A finished rollout (done) is moved out of the way.
+    /// Returns the new version.
+    pub async fn step_rollout(&self, r: &Rollout, what: &str) -> Result<u64, StoreError> {
+        let event = self.change_event(what)?;
+        let mut r = r.clone();
+        if !r.active() {
+            r.finished_unix_ms.get_or_insert_with(now_unix_ms);
+        }
+        let result =
+            (&self.meta, &self.events, &self.rollouts).transaction(|(meta, events, rollouts)| {
+                if r.active() {
+                    rollouts.insert(ACTIVE, json(&r))?;
+                } else {
+                    rollouts.insert(&r.version.to_be_bytes(), json(&r))?;
+                    rollouts.remove(ACTIVE)?;
+                }
+                super::bump_version(meta, events, &event).map_err(super::lift)
+            });
+        let version = aborted(result)?;
+        self.prune_rollouts()?;
+        self.durable().await?;
+        Ok(version)
+    }
+
+    /// Records what changed in the rollout in progress without changing what any agent gets
+    /// (the id of its alert), durable before return.
+    pub async fn note_rollout(&self, r: &Rollout) -> Result<(), StoreError> {
         if r.active() {
             self.rollouts.insert(ACTIVE, json(r))?;
-        } else {
-            let mut r = r.clone();
-            r.finished_unix_ms.get_or_insert_with(now_unix_ms);
-            aborted(self.rollouts.transaction(|t| {
-                t.insert(&r.version.to_be_bytes(), json(&r))?;
-                t.remove(ACTIVE)?;
-                Ok::<_, sled::transaction::ConflictableTransactionError<StoreError>>(())
-            }))?;
-            self.prune_rollouts()?;
-            self.log_event(&format!(
-                "rollout of version {} {}",
-                r.version,
-                if r.state == RolloutState::Done {
-                    "done"
-                } else {
-                    "finished"
-                }
-            ))
-            .await?;
+            self.durable().await?;
         }
-        self.durable().await
+        Ok(())
     }
 
     /// Abandons the rollout in progress: the profiles and assignments it started from are

@@ -149,6 +149,7 @@ pub(super) async fn run_in(
             secret,
         )],
         metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        web_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
         udp_buffer: tunnelfleet_coordinator::udp::DEFAULT_BUFFER,
     })
     .await?;
