@@ -20,8 +20,10 @@
 //! - [`sim`]: simulated agents (benchmarks).
 //! - [`programs`]: the test binaries and the `dist` builds.
 //! - [`smtp`]: an SMTP receiver for the email hook.
+//! - [`browser`]: a real headless Chromium over WebDriver, for the fleet page.
 
 pub mod agent;
+pub mod browser;
 pub mod coordinator;
 pub mod faults;
 pub mod netns;
@@ -35,6 +37,7 @@ pub mod sshd;
 pub mod wait;
 
 pub use agent::*;
+pub use browser::Browser;
 pub use coordinator::*;
 pub use faults::*;
 pub use netns::*;

@@ -38,15 +38,19 @@ pub struct EmbeddedOma {
     pub fingerprint: String,
     /// The serving loop's stop token and tasks (replaced by a restart).
     running: std::sync::Mutex<(CancellationToken, TaskTracker)>,
+    /// True while it is frozen: nothing read or written on any connection, nothing accepted.
+    frozen: Arc<tokio::sync::watch::Sender<bool>>,
     spec: Arc<OmaSpec>,
     host_key: PrivateKey,
 }
 
-/// Accepts SSH sessions on `listener` until the returned token is cancelled.
+/// Accepts SSH sessions on `listener` until the returned token is cancelled; while `frozen`
+/// holds true, accepts nothing and moves no byte on any session.
 fn serve(
     shared: Arc<OmaSpec>,
     host_key: PrivateKey,
     listener: TcpListener,
+    frozen: tokio::sync::watch::Receiver<bool>,
 ) -> (CancellationToken, TaskTracker) {
     let config = Arc::new(server::Config {
         methods: MethodSet::from(&[MethodKind::PublicKey][..]),
@@ -63,11 +67,23 @@ fn serve(
     let (s, t) = (stop.clone(), tasks.clone());
     tasks.spawn(async move {
         loop {
+            let mut gate = frozen.clone();
+            // Frozen: the kernel still completes TCP handshakes into the backlog, and nothing
+            // answers them (no banner), like a host that stopped responding.
+            tokio::select! {
+                _ = s.cancelled() => return,
+                _ = gate.wait_for(|f| !*f) => {}
+            }
             let (tcp, _) = tokio::select! {
                 _ = s.cancelled() => return,
                 r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
             };
             let _ = tcp.set_nodelay(true);
+            let tcp = Frozen {
+                inner: tcp,
+                gate: tokio_util::sync::ReusableBoxFuture::new(wait_thawed(frozen.clone())),
+                frozen: frozen.clone(),
+            };
             let handler = OmaHandler {
                 spec: shared.clone(),
                 forwards: Arc::new(Mutex::new(HashMap::new())),
@@ -108,12 +124,14 @@ impl EmbeddedOma {
         let port = listener.local_addr()?.port();
         let name = spec.name.clone();
         let spec = Arc::new(spec);
-        let (stop, tasks) = serve(spec.clone(), host_key.clone(), listener);
+        let frozen = Arc::new(tokio::sync::watch::Sender::new(false));
+        let (stop, tasks) = serve(spec.clone(), host_key.clone(), listener, frozen.subscribe());
         Ok(EmbeddedOma {
             name,
             port,
             fingerprint,
             running: std::sync::Mutex::new((stop, tasks)),
+            frozen,
             spec,
             host_key,
         })
@@ -123,8 +141,26 @@ impl EmbeddedOma {
     /// back after an outage).
     pub async fn restart(&self) -> std::io::Result<()> {
         let listener = TcpListener::bind(("127.0.0.1", self.port)).await?;
-        *self.lock() = serve(self.spec.clone(), self.host_key.clone(), listener);
+        self.frozen.send_replace(false);
+        *self.lock() = serve(
+            self.spec.clone(),
+            self.host_key.clone(),
+            listener,
+            self.frozen.subscribe(),
+        );
         Ok(())
+    }
+
+    /// Stops answering without closing anything (a host that hangs, a network that drops
+    /// every packet): sessions stay open with nothing read or written, new connections are
+    /// not served. Only timeouts can tell.
+    pub fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+
+    /// Answers again after [`EmbeddedOma::freeze`].
+    pub fn thaw(&self) {
+        self.frozen.send_replace(false);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, (CancellationToken, TaskTracker)> {
@@ -137,6 +173,69 @@ impl EmbeddedOma {
         stop.cancel();
         tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
+    }
+}
+
+/// Resolves once the gate is open.
+async fn wait_thawed(mut frozen: tokio::sync::watch::Receiver<bool>) {
+    let _ = frozen.wait_for(|f| !*f).await;
+}
+
+/// A connection that moves no byte while its OMA is frozen.
+struct Frozen {
+    inner: TcpStream,
+    frozen: tokio::sync::watch::Receiver<bool>,
+    gate: tokio_util::sync::ReusableBoxFuture<'static, ()>,
+}
+
+impl Frozen {
+    /// Ready when not frozen; otherwise pending, woken when thawed.
+    fn poll_open(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if !*self.frozen.borrow() {
+            return std::task::Poll::Ready(());
+        }
+        match self.gate.poll(cx) {
+            std::task::Poll::Ready(()) => {
+                self.gate.set(wait_thawed(self.frozen.clone()));
+                std::task::Poll::Ready(())
+            }
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Frozen {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::ready!(self.poll_open(cx));
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Frozen {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::task::ready!(self.poll_open(cx));
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::ready!(self.poll_open(cx));
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -60,12 +60,41 @@ impl Drop for Telemetry {
 /// Installs the global subscriber (stderr, and OTLP when configured) for `service`. Call once,
 /// before the runtime starts.
 pub fn init(format: LogFormat, default_filter: &str, service: &'static str) -> Telemetry {
+    // Colours only for a terminal: a log file or the journal gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    init_with(
+        format,
+        default_filter,
+        service,
+        tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr),
+        ansi,
+    )
+}
+
+/// Like [`init`], the log lines written to `file` (plain text) instead of stderr: a program
+/// whose screen is for something else (the demo's story) keeps its log apart.
+pub fn init_to_file(file: std::fs::File, default_filter: &str, service: &'static str) -> Telemetry {
+    init_with(
+        LogFormat::Human,
+        default_filter,
+        service,
+        tracing_subscriber::fmt::writer::BoxMakeWriter::new(Arc::new(file)),
+        false,
+    )
+}
+
+fn init_with(
+    format: LogFormat,
+    default_filter: &str,
+    service: &'static str,
+    writer: tracing_subscriber::fmt::writer::BoxMakeWriter,
+    ansi: bool,
+) -> Telemetry {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    // Colours only for a terminal: a log file or the journal gets plain text.
     let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        .with_writer(writer)
+        .with_ansi(ansi);
     let fmt = match format {
         LogFormat::Human => fmt.boxed(),
         LogFormat::Json => fmt.json().flatten_event(true).boxed(),

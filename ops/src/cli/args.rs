@@ -162,8 +162,14 @@ pub(super) enum Command {
         action: PkiAction,
     },
     /// Run the whole system on this machine with nothing set up: a coordinator, an embedded OMA
-    /// pair, three agents with the seed's tunnels, a pushed change, a failover.
-    Demo,
+    /// pair, three agents with the seed's tunnels, a pushed change, a staged rollout that
+    /// halts, a silent OMA failure and a loud one. Its components' logs go to a file it names
+    /// at the end.
+    Demo {
+        /// Show the components' logs inline instead.
+        #[arg(long)]
+        verbose: bool,
+    },
     /// Print shell completions.
     Completions {
         /// The shell.

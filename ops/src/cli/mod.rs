@@ -40,9 +40,18 @@ const EXIT_UNREACHABLE: u8 = 3;
 /// (see the `--help` text).
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Warnings only: the commands print their own results; the demo's narration tells the story
-    // and the agents' warnings (the failover) show beside it.
-    let _telemetry = telemetry::init(LogFormat::Human, "warn", "tunnelfleet");
+    // Warnings only: the commands print their own results. The demo's screen is its story:
+    // its components log to a file (plain text, info and up) unless --verbose.
+    let demo_log = matches!(cli.command, Command::Demo { verbose: false })
+        .then(|| std::env::temp_dir().join("tunnelfleet-demo.log"));
+    let file = demo_log
+        .as_ref()
+        .and_then(|p| std::fs::File::create(p).ok());
+    let demo_log = demo_log.filter(|_| file.is_some());
+    let _telemetry = match file {
+        Some(f) => telemetry::init_to_file(f, "info", "tunnelfleet"),
+        None => telemetry::init(LogFormat::Human, "warn", "tunnelfleet"),
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -54,7 +63,14 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
+    let result = rt.block_on(run(cli));
+    if let Some(log) = &demo_log {
+        println!(
+            "logs of every component: {} (tunnelfleet demo --verbose shows them inline)",
+            log.display()
+        );
+    }
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("tunnelfleet: {e:#}");
@@ -74,7 +90,7 @@ pub fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Demo => {
+        Command::Demo { .. } => {
             let mut out = std::io::stdout();
             let report = demo::run(&mut out).await?;
             if cli.json {

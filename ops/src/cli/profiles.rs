@@ -301,10 +301,12 @@ pub(super) async fn rollout(
     let staged: Option<RolloutView> = client.get("/v1/rollouts/current").await?;
     let r: serde_json::Value = client.get("/v1/rollout").await?;
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({ "staged": staged, "version": r }))?
-        );
+        // The current version's view as before, with the staged rollout beside it.
+        let mut all = r.clone();
+        if let Some(o) = all.as_object_mut() {
+            o.insert("staged".into(), serde_json::to_value(&staged)?);
+        }
+        println!("{}", serde_json::to_string_pretty(&all)?);
     } else {
         if let Some(v) = &staged {
             print!("{}", render::staged_rollout(v));

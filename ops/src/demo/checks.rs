@@ -40,6 +40,29 @@ pub(super) async fn wait_rollout(api: &ApiClient, version: u64) -> anyhow::Resul
     }
 }
 
+/// Waits for the staged rollout in progress to halt.
+pub(super) async fn wait_halted(
+    api: &ApiClient,
+) -> anyhow::Result<tunnelfleet_coordinator::admin::RolloutView> {
+    use tunnelfleet_coordinator::store::RolloutState;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v: Option<tunnelfleet_coordinator::admin::RolloutView> =
+            api.get("/v1/rollouts/current").await?;
+        match v {
+            Some(v) if v.rollout.state == RolloutState::Halted => return Ok(v),
+            Some(v) if v.rollout.state != RolloutState::Running => {
+                bail!(
+                    "the staged rollout ended {:?} instead of halting",
+                    v.rollout.state
+                )
+            }
+            _ if Instant::now() > deadline => bail!("the staged rollout did not halt within 30s"),
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
 /// Waits for the webhook delivery of the OMA-down incident in `status` and renders it.
 pub(super) async fn wait_webhook(sink: &WebhookSink, status: &str) -> anyhow::Result<String> {
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -50,8 +50,17 @@ pub struct DemoReport {
     pub agents: usize,
     /// The fleet version every agent acknowledged after the push.
     pub pushed_version: u64,
-    /// Seconds from stopping the primary to data flowing through the standby on every agent.
+    /// The version in force at the end (every agent acknowledged it).
+    pub version: u64,
+    /// The canaries the bad change halted at.
+    pub rollout_halted_at: Vec<String>,
+    /// Seconds from the primary going silent to data flowing through the standby on every
+    /// agent.
     pub failover_s: f64,
+    /// The same when the primary is killed outright (its connections closed).
+    pub loud_failover_s: f64,
+    /// Group moves the coordinator counted (`tunnelfleet_oma_failovers_total`).
+    pub failovers: u64,
     /// Seconds from the primary's return to every agent back on it.
     pub failback_s: f64,
     /// Alert states delivered to the webhook (firing and resolved).
@@ -243,9 +252,57 @@ pub(super) async fn run_in(
         say(out, &format!("    the open NBD connection still echoes; new L {extra} -> oma-a:8082 GET /health -> {body:?}"))?;
         drop(open);
 
-        say(out, "\n[4] stopping the primary OMA (oma-a): every session dropped, port closed")?;
+        // A bad change, staged: one more forward on every appliance, onto a port that is taken
+        // here (the VMA's own API). The canary cannot bind it; the rollout halts there.
+        say(out, &format!("\n[4] a bad change, staged: every appliance gets `L {}:localhost:{OMA_API}`, a port already taken here", vma_api.port))?;
+        let taken = format!("L {}:localhost:{OMA_API}", vma_api.port);
+        let bad: Vec<_> = agents
+            .iter()
+            .map(|a| {
+                let mut extra_fw = vec![taken.clone()];
+                if a.id == first.id {
+                    extra_fw.insert(0, format!("L {extra}:localhost:{OMA_API}"));
+                }
+                profile(a, &key_path, primary, standby, vma_api.port, &extra_fw)
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let staged: tunnelfleet_coordinator::store::Rollout = api
+            .call(
+                "POST",
+                "/v1/rollouts",
+                Some(&tunnelfleet_coordinator::rollout::StartRequest {
+                    profiles: bad,
+                    canary: tunnelfleet_coordinator::rollout::Canary::Count(1),
+                    waves: 2,
+                    wait_ms: 2000,
+                    settle_ms: 20_000,
+                }),
+            )
+            .await?;
+        say(out, &format!("  $ tunnelfleet profiles apply -f vmas.toml --canary 1 --waves 2 --wait 2s\n    version {}: staged over {} agents in {} stages", staged.version, staged.stages.iter().map(|s| s.agents.len()).sum::<usize>(), staged.stages.len()))?;
+        let t = Instant::now();
+        let halted = wait_halted(&api).await?;
+        let canary = halted.rollout.stages[0].agents.clone();
+        say(out, &format!("  $ tunnelfleet rollout   # {:.1}s later", t.elapsed().as_secs_f64()))?;
+        for line in render::staged_rollout(&halted).lines() {
+            say(out, &format!("    {line}"))?;
+        }
+        for a in agents {
+            let want = if a.id == first.id { 5 } else { 4 };
+            wait_for(&a.socket, 20, |p| all_active(p) && p.forwards.len() == want).await
+                .with_context(|| format!("{}: not back on (or not kept on) the previous version", a.id))?;
+            get(a.ports[0], "/health").await?;
+        }
+        say(out, &format!("    canary {} is back on the previous version, data flowing; {} never received the bad one", canary.join(", "), agents.iter().filter(|a| !canary.contains(&a.id)).map(|a| a.id.as_str()).collect::<Vec<_>>().join(" and ")))?;
+        let aborted: tunnelfleet_coordinator::admin::Aborted = api
+            .call::<(), _>("POST", "/v1/rollouts/current/abort", None)
+            .await?;
+        say(out, &format!("  $ tunnelfleet rollout abort\n    version {} restores version {}'s profiles everywhere; the rollout_halted alert resolves", aborted.version, aborted.rollout.base_version))?;
+        wait_rollout(&api, aborted.version).await?;
+
+        say(out, "\n[5] the primary OMA (oma-a) goes silent: it stops answering, nothing is closed (a hung host, a network dropping every packet)")?;
         let t0 = Instant::now();
-        primary.stop().await;
+        primary.freeze();
         for a in agents {
             wait_for(&a.socket, 30, |p| all_active(p) && p.active_endpoint.ends_with(&standby.port.to_string())).await
                 .with_context(|| format!("{}: did not fail over to the standby", a.id))?;
@@ -253,15 +310,15 @@ pub(super) async fn run_in(
             get(a.ports[0], "/health").await?;
         }
         let failover_s = t0.elapsed().as_secs_f64();
-        say(out, &format!("    all {AGENTS} agents on the standby, data flowing again after {failover_s:.2}s"))?;
+        say(out, &format!("    all {AGENTS} agents on the standby, data flowing again after {failover_s:.2}s: the time to notice silence (probes every 500 ms, 3 strikes; SSH keepalives every 1 s, 3 strikes)"))?;
         nbd_bytes += show_traffic(out, first, "oma-b").await?;
         let fired = wait_webhook(&sink, "firing").await?;
         say(out, &format!("    the coordinator's probes confirm it: one incident for the fleet, not one per agent\n    [webhook, signed] {}", fired))?;
         print_oma(out, &api).await?;
 
-        say(out, "\n[5] oma-a comes back: the incident resolves; failback only once it has been healthy for the stable period")?;
+        say(out, "\n[6] oma-a answers again: the incident resolves; failback only once it has been healthy for the stable period")?;
         let t1 = Instant::now();
-        primary.restart().await?;
+        primary.thaw();
         let resolved = wait_webhook(&sink, "resolved").await?;
         say(out, &format!("    [webhook, signed] {resolved}"))?;
         for a in agents {
@@ -272,15 +329,41 @@ pub(super) async fn run_in(
         let failback_s = t1.elapsed().as_secs_f64();
         say(out, &format!("    all {AGENTS} agents back on oma-a {failback_s:.2}s after it returned (make-before-break: new session up, then the old one drained)"))?;
         nbd_bytes += show_traffic(out, first, "oma-a").await?;
+
+        // The loud case: a closed socket is noticed at once.
+        let t2 = Instant::now();
+        primary.stop().await;
+        for a in agents {
+            wait_for(&a.socket, 30, |p| all_active(p) && p.active_endpoint.ends_with(&standby.port.to_string())).await
+                .with_context(|| format!("{}: did not fail over to the standby", a.id))?;
+            get(a.ports[0], "/health").await?;
+        }
+        let loud_failover_s = t2.elapsed().as_secs_f64();
+        primary.restart().await?;
+        say(out, &format!("\n[7] the loud case: oma-a killed outright (every connection closed): all {AGENTS} agents on oma-b in {loud_failover_s:.2}s; oma-a restarted"))?;
+        for a in agents {
+            wait_for(&a.socket, 30, |p| all_active(p) && p.active_endpoint.ends_with(&primary.port.to_string())).await
+                .with_context(|| format!("{}: did not fail back to the primary", a.id))?;
+        }
+        wait_until(20, "every alert resolved and delivered", || async {
+            api.get::<Vec<tunnelfleet_coordinator::store::Alert>>("/v1/alerts").await.is_ok_and(|v| v.is_empty())
+                && sink.delivered().len() == 6
+        })
+        .await?;
         print_alerts(out, &api).await?;
-        print_metrics(out, metrics_port).await?;
+        let counters = print_metrics(out, metrics_port).await?;
         let status = print_status(out, first).await?;
         let p = &status.profiles[0];
+        let in_force = wait_rollout(&api, aborted.version).await?;
         anyhow::Ok(DemoReport {
             agents: AGENTS,
             pushed_version: c.version,
+            version: in_force.version,
+            rollout_halted_at: canary,
             failover_s,
             failback_s,
+            loud_failover_s,
+            failovers: counters.failovers,
             alerts_delivered: sink.delivered().len(),
             final_endpoint: p.active_endpoint.clone(),
             nbd_bytes,
@@ -312,12 +395,14 @@ pub(super) async fn run_in(
     say(
         out,
         &format!(
-            "\ndone: {} agents on version {}; failover to the standby in {:.2}s; one incident and its resolution delivered ({} webhook deliveries); failback after the stable period in {:.2}s; {} through the NBD forwards; everything stopped gracefully, temp files removed",
+            "\ndone: {} agents on version {}; the bad change halted at canary {} and was aborted; a silent OMA failure noticed and failed over in {:.2}s, a loud one in {:.2}s; {} group moves; {} webhook deliveries (each incident fired and resolved); {} through the NBD forwards; everything stopped gracefully, temp files removed",
             report.agents,
-            report.pushed_version,
+            report.version,
+            report.rollout_halted_at.join(", "),
             report.failover_s,
+            report.loud_failover_s,
+            report.failovers,
             report.alerts_delivered,
-            report.failback_s,
             render::bytes(report.nbd_bytes)
         ),
     )?;

@@ -44,9 +44,23 @@ pub(super) async fn print_oma(
     Ok(())
 }
 
-/// A few lines of what Prometheus would scrape.
-pub(super) async fn print_metrics(out: &mut (impl Write + Send), port: u16) -> anyhow::Result<()> {
+/// Counters read off `/metrics`.
+pub(super) struct Counters {
+    /// `tunnelfleet_oma_failovers_total`, every group.
+    pub failovers: u64,
+}
+
+/// A few lines of what Prometheus would scrape; the counters the summary repeats.
+pub(super) async fn print_metrics(
+    out: &mut (impl Write + Send),
+    port: u16,
+) -> anyhow::Result<Counters> {
     let text = get(port, "/metrics").await?;
+    let failovers = text
+        .lines()
+        .filter(|l| l.starts_with("tunnelfleet_oma_failovers_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64;
     say(
         out,
         &format!(
@@ -66,7 +80,7 @@ pub(super) async fn print_metrics(out: &mut (impl Write + Send), port: u16) -> a
     }) {
         say(out, &format!("    {line}"))?;
     }
-    Ok(())
+    Ok(Counters { failovers })
 }
 
 pub(super) async fn print_alerts(

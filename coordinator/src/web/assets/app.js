@@ -36,7 +36,7 @@ function fill(id, items, draw) {
 }
 
 function draw(v) {
-  const online = v.agents.filter((a) => a.summary.online).length;
+  const online = v.agents.filter((a) => a.online).length;
   document.getElementById("summary").textContent =
     `version ${v.version} · ${online}/${v.agents.length} agents online · ${v.firing.length} alerts firing`;
   document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
@@ -51,7 +51,7 @@ function draw(v) {
   });
 
   fill("agents", v.agents, (tr, a) => {
-    const s = a.summary;
+    const s = a;
     tr.dataset.agent = s.id;
     cell(tr, s.id);
     const state = s.revoked ? "revoked" : s.online ? "online" : s.connected ? "silent" : "offline";
@@ -108,10 +108,18 @@ async function refresh() {
       window.location.assign("/login");
       return;
     }
-    if (resp.ok) draw(await resp.json());
-    else document.getElementById("updated").textContent = "coordinator answered " + resp.status;
+    if (resp.ok) {
+      const v = await resp.json();
+      try {
+        draw(v);
+      } catch (e) {
+        document.getElementById("updated").textContent = "cannot show the answer: " + e;
+      }
+    } else {
+      document.getElementById("updated").textContent = "coordinator answered " + resp.status;
+    }
   } catch (e) {
-    document.getElementById("updated").textContent = "coordinator unreachable";
+    document.getElementById("updated").textContent = "coordinator unreachable: " + e;
   }
   setTimeout(refresh, REFRESH_MS);
 }
