@@ -89,6 +89,7 @@ fn serve(
                 forwards: Arc::new(Mutex::new(HashMap::new())),
                 session_stop: s.child_token(),
                 tasks: t.clone(),
+                frozen: frozen.clone(),
             };
             let (config, s2) = (config.clone(), s.clone());
             t.spawn(async move {
@@ -251,6 +252,10 @@ struct OmaHandler {
     forwards: Arc<Mutex<HashMap<u32, CancellationToken>>>,
     session_stop: CancellationToken,
     tasks: TaskTracker,
+    /// The OMA's freeze: its remote-forward ports are on its own host, out of everyone's
+    /// reach while it is frozen, so they close (two embedded OMAs share this machine's ports;
+    /// two real ones do not).
+    frozen: tokio::sync::watch::Receiver<bool>,
 }
 
 impl server::Handler for OmaHandler {
@@ -331,10 +336,12 @@ impl server::Handler for OmaHandler {
         let handle = session.handle();
         let address = address.to_string();
         let tasks = self.tasks.clone();
+        let mut frozen = self.frozen.clone();
         self.tasks.spawn(async move {
             loop {
                 let (mut tcp, peer) = tokio::select! {
                     _ = stop.cancelled() => return,
+                    _ = frozen.wait_for(|f| *f) => return,
                     r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
                 };
                 let (handle, address, stop) = (handle.clone(), address.clone(), stop.clone());

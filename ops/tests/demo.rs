@@ -25,16 +25,38 @@ async fn demo_runs_fails_over_and_leaves_nothing_behind() {
     assert_eq!(report.agents, 3);
     assert!(text.contains("FIRING [oma_down]"), "{text}");
     assert!(text.contains("RESOLVED [oma_down]"), "{text}");
-    // Failover and failback counted, both webhook deliveries too, as Prometheus sees them.
+    // Two incidents (silent, then loud), each failed over and back: four group moves; three
+    // alerts (the halted rollout and the two incidents), each fired and resolved: six
+    // deliveries, as Prometheus sees them and as the closing summary says.
+    assert_eq!(report.failovers, 4, "{text}");
     assert!(
-        text.contains("tunnelfleet_oma_failovers_total{group=\"oma\"} 2"),
+        text.contains("tunnelfleet_oma_failovers_total{group=\"oma\"} 4"),
         "{text}"
     );
     assert!(
-        text.contains("tunnelfleet_hook_deliveries_total{hook=\"ops-webhook\"} 2"),
+        text.contains("tunnelfleet_hook_deliveries_total{hook=\"ops-webhook\"} 6"),
         "{text}"
     );
-    assert_eq!(report.alerts_delivered, 2, "{text}");
+    assert_eq!(report.alerts_delivered, 6, "{text}");
+    // The bad change halted at its canary, which came back; the others never had it.
+    assert_eq!(report.rollout_halted_at, ["vma-1"], "{text}");
+    assert!(
+        text.contains("(HALTED)") && text.contains("never received the bad one"),
+        "{text}"
+    );
+    // The silent failure is noticed by timeouts, the loud one at once.
+    assert!(report.failover_s > report.loud_failover_s, "{text}");
+    // The summary agrees with what happened.
+    let done = text.lines().find(|l| l.starts_with("done:")).unwrap();
+    assert!(
+        done.contains(&format!("on version {}", report.version))
+            && done.contains("4 group moves")
+            && done.contains("6 webhook deliveries"),
+        "{done}"
+    );
+    assert!(text.contains("fleet page   http://127.0.0.1:"), "{text}");
+    // The story is plain text: no terminal escapes.
+    assert!(!text.contains('\x1b'), "{text}");
     assert!(text.contains("acknowledged by every agent"), "{text}");
     assert!(
         text.contains("the open NBD connection still echoes"),

@@ -167,13 +167,15 @@ pub(super) async fn run_in(
         .metrics
         .map(|a| a.port())
         .context("metrics listener")?;
+    let web = bound.web.context("fleet page listener")?;
     let coordinator_stop = CancellationToken::new();
     let coordinator = tokio::spawn(bound.run(coordinator_stop.clone()));
     let api = ApiClient::new(&admin_addr.to_string(), &token);
     say(
         out,
         &format!(
-            "  coordinator  control link quic://{control_addr} (mutual TLS), admin API http://{admin_addr}"
+            "  coordinator  control link quic://{control_addr} (mutual TLS), admin API http://{admin_addr}\n  fleet page   http://{web}/ while the demo runs (sign in with the token in {})",
+            dir.join("admin.token").display()
         ),
     )?;
 
@@ -314,6 +316,14 @@ pub(super) async fn run_in(
         nbd_bytes += show_traffic(out, first, "oma-b").await?;
         let fired = wait_webhook(&sink, "firing").await?;
         say(out, &format!("    the coordinator's probes confirm it: one incident for the fleet, not one per agent\n    [webhook, signed] {}", fired))?;
+        // The agents' next heartbeats report where they are now.
+        let on_standby = format!("127.0.0.1:{}", standby.port);
+        wait_until(10, "heartbeats reporting every agent on the standby", || async {
+            api.get::<Vec<tunnelfleet_coordinator::monitor::EndpointView>>("/v1/oma")
+                .await
+                .is_ok_and(|v| v.iter().any(|e| e.endpoint == on_standby && e.agents.len() == AGENTS))
+        })
+        .await?;
         print_oma(out, &api).await?;
 
         say(out, "\n[6] oma-a answers again: the incident resolves; failback only once it has been healthy for the stable period")?;
