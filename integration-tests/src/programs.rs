@@ -204,3 +204,84 @@ pub fn spawn_agent(
         .spawn()?;
     Ok(KillOnDrop(child))
 }
+
+/// A `tunnelfleet-coordinator` process as it ships (the `dist` build) for a benchmark: its PKI,
+/// admin token and state in a directory of its own, its listeners on loopback; killed on drop.
+pub struct BenchCoordinator {
+    /// Where agents dial.
+    pub control: std::net::SocketAddr,
+    /// The admin API.
+    pub api: tunnelfleet_ops::api::ApiClient,
+    /// The fleet PKI (to issue agents' certificates).
+    pub pki_dir: PathBuf,
+    /// Its process id (CPU, RSS).
+    pub pid: u32,
+    _process: KillOnDrop,
+}
+
+impl BenchCoordinator {
+    /// Starts it in `dir` with `extra` config lines, and waits for its API.
+    pub async fn start(dir: &Path, extra: &str) -> anyhow::Result<BenchCoordinator> {
+        use anyhow::Context;
+        use std::os::unix::fs::PermissionsExt;
+        let bin = dist_binary("tunnelfleet-coordinator", "tunnelfleet-coordinator")?;
+        let pki_dir = dir.join("pki");
+        tunnelfleet_coordinator::pki::init(&pki_dir, &["localhost".into()])?;
+        let secret = "bench-token-0123456789abcdef";
+        let token = dir.join("admin.token");
+        std::fs::write(&token, secret)?;
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600))?;
+        let control = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
+        let admin = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let cfg = dir.join("coordinator.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "listen = \"{control}\"\nadmin_listen = \"{admin}\"\npki_dir = \"{}\"\nstate_dir = \"{}\"\nadmin_token_file = \"{}\"\n{extra}",
+                pki_dir.display(),
+                dir.join("state").display(),
+                token.display()
+            ),
+        )?;
+        let process = Command::new(&bin)
+            .arg("--config")
+            .arg(&cfg)
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .context("starting the coordinator")?;
+        let pid = process.id();
+        let process = KillOnDrop(process);
+        let api = tunnelfleet_ops::api::ApiClient::new(&admin.to_string(), secret);
+        let started = std::time::Instant::now();
+        while api.get::<serde_json::Value>("/v1/agents").await.is_err() {
+            if started.elapsed() > std::time::Duration::from_secs(20) {
+                anyhow::bail!("coordinator did not start");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        Ok(BenchCoordinator {
+            control,
+            api,
+            pki_dir,
+            pid,
+            _process: process,
+        })
+    }
+
+    /// Certificates and QUIC client configs for `n` agents `a00000`, `a00001`, … (into `dir`).
+    pub fn issue_agents(
+        &self,
+        n: usize,
+        dir: &Path,
+    ) -> anyhow::Result<Vec<(String, quinn::ClientConfig)>> {
+        (0..n)
+            .map(|i| {
+                let id = format!("a{i:05}");
+                let f = tunnelfleet_coordinator::pki::issue_agent(&self.pki_dir, &id, 1, dir)?;
+                let client = tunnelfleet_agent::link::client_config(&f.ca, &f.cert, &f.key)?;
+                Ok((id, client))
+            })
+            .collect()
+    }
+}

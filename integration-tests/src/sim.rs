@@ -19,10 +19,72 @@ pub fn sim_endpoints(n: usize) -> std::io::Result<Vec<quinn::Endpoint>> {
         .collect()
 }
 
+/// How a simulated agent reports on what it was pushed.
+#[derive(Clone, Default)]
+pub enum SimReports {
+    /// Heartbeats with no profiles.
+    #[default]
+    Nothing,
+    /// Heartbeats report every pushed profile as a real agent would, at once after each push
+    /// and then every interval: session up on its first endpoint with every forward active,
+    /// except a profile whose first endpoint has port 1 (a wrong OMA port), reported backing
+    /// off with "connection refused"; the first failing heartbeat after a push goes on the
+    /// channel with the time it was sent.
+    Profiles(tokio::sync::mpsc::UnboundedSender<(usize, std::time::Instant)>),
+}
+
+/// What a simulated agent runs, as its heartbeat says.
+fn reports(
+    set: &tunnelfleet_protocol::ProfileSet,
+) -> (Vec<tunnelfleet_protocol::ProfileReport>, bool) {
+    use tunnelfleet_protocol::{ForwardReport, ForwardState, ProfileReport, TunnelState};
+    let mut failing = false;
+    let profiles = set
+        .profiles
+        .iter()
+        .map(|p| {
+            let endpoint = p.endpoints.first().cloned().unwrap_or_default();
+            let bad = endpoint.ends_with(":1");
+            failing |= bad;
+            let mut r = ProfileReport::new(
+                &p.name,
+                if bad {
+                    TunnelState::Backoff
+                } else {
+                    TunnelState::Up
+                },
+                &endpoint,
+            );
+            if bad {
+                r.last_error = Some(format!("connect to {endpoint}: Connection refused"));
+            }
+            r.forwards = p
+                .forwards
+                .iter()
+                .map(|f| ForwardReport {
+                    spec: f.clone(),
+                    state: if bad {
+                        ForwardState::Listening
+                    } else {
+                        ForwardState::Active
+                    },
+                    detail: None,
+                    bytes_out: 0,
+                    bytes_in: 0,
+                    connections_open: 0,
+                })
+                .collect();
+            r
+        })
+        .collect();
+    (profiles, failing)
+}
+
 /// A protocol-level agent for benchmarks: real QUIC and mutual TLS, no SSH. Connects with
 /// jittered backoff like a real agent (at most `gate` handshakes at once), reports `up` once
-/// connected, heartbeats every `heartbeat` (spread by `i`), and acknowledges every push after
-/// reporting it on `pushes` with the time it arrived.
+/// connected, heartbeats every `heartbeat` (spread by `i`; what they carry is `report`'s
+/// choice), and acknowledges every push after reporting it on `pushes` with the time it
+/// arrived.
 #[allow(clippy::too_many_arguments)]
 pub fn spawn_sim_agent(
     i: usize,
@@ -38,6 +100,7 @@ pub fn spawn_sim_agent(
         tunnelfleet_protocol::ProfileSet,
         std::time::Instant,
     )>,
+    report: SimReports,
 ) {
     use tunnelfleet_protocol::{Applied, CoordinatorMessage, Heartbeat};
     tokio::spawn(async move {
@@ -67,26 +130,57 @@ pub fn spawn_sim_agent(
         let offset = Duration::from_millis((i as u64 * 7919) % heartbeat.as_millis().max(1) as u64);
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + offset, heartbeat);
         let mut seq = 0;
+        let mut running = tunnelfleet_protocol::ProfileSet {
+            version: 0,
+            profiles: vec![],
+        };
+        // A failure not told yet (set by a push of a failing set, cleared once told).
+        let mut untold = false;
         loop {
-            tokio::select! {
-                _ = tick.tick() => {
-                    seq += 1;
-                    if link.heartbeat(Heartbeat { seq, sent_unix_ms: 0, profiles: vec![] }).await.is_err() {
-                        return;
-                    }
-                }
+            let pushed = tokio::select! {
+                _ = tick.tick() => false,
                 m = link.next() => match m {
                     Ok(CoordinatorMessage::Push(set)) => {
                         let version = set.version;
+                        running = set.clone();
+                        untold = true;
                         let _ = pushes.send((i, set, std::time::Instant::now()));
                         if link.applied(Applied { version, ok: true, results: vec![] }).await.is_err() {
                             return;
                         }
+                        true
                     }
-                    Ok(_) => {}
+                    Ok(_) => continue,
                     Err(_) => return,
                 }
+            };
+            // A real agent reports at once after it applied; a silent one waits for its tick.
+            if pushed && matches!(report, SimReports::Nothing) {
+                continue;
             }
+            seq += 1;
+            let (profiles, failing) = match &report {
+                SimReports::Nothing => (vec![], false),
+                SimReports::Profiles(_) => reports(&running),
+            };
+            if link
+                .heartbeat(Heartbeat {
+                    seq,
+                    sent_unix_ms: 0,
+                    profiles,
+                })
+                .await
+                .is_err()
+            {
+                return;
+            }
+            if let SimReports::Profiles(failures) = &report
+                && failing
+                && untold
+            {
+                let _ = failures.send((i, std::time::Instant::now()));
+            }
+            untold = false;
         }
     });
 }

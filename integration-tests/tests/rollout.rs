@@ -44,32 +44,52 @@ async fn fleet() -> Fleet {
     let (echo, _echo) = echo_server().await;
     let dir = tempfile::tempdir().unwrap();
     let c = FullCoordinator::start(dir.path(), Duration::from_millis(300), vec![]).await;
+    let agents = agents_on(&c.api, c.control, dir.path(), &sshd, echo).await;
+    Fleet {
+        sshd,
+        c,
+        agents,
+        echo,
+        dir,
+        _echo,
+    }
+}
+
+/// Four agents of the coordinator at `control` (`vma-1`..`vma-4`, sites dc1/dc2 by turns),
+/// each given its own profile `oma-N` through `api`, all up with data flowing.
+async fn agents_on(
+    api: &tunnelfleet_ops::api::ApiClient,
+    control: std::net::SocketAddr,
+    dir: &Path,
+    sshd: &Sshd,
+    echo: u16,
+) -> Vec<(String, TestAgent, u16)> {
     let mut agents = Vec::new();
     for i in 1..=4 {
         let id = format!("vma-{i}");
         let site = format!("site = \"dc{}\"", 2 - i % 2);
-        let agent = TestAgent::start(&c.agent_section(dir.path(), &id, &site)).await;
+        let agent = TestAgent::start(&agent_section(control, dir, &id, &site)).await;
         agents.push((id, agent, free_port()));
     }
     wait_until(30, "four agents connected", || async {
-        c.fleet.links.connected().len() == 4
+        api.get::<Vec<serde_json::Value>>("/v1/agents")
+            .await
+            .is_ok_and(|v| v.len() == 4 && v.iter().all(|a| a["online"] == true))
     })
     .await;
     for (i, (id, _, port)) in agents.iter().enumerate() {
         let name = format!("oma-{}", i + 1);
         let p = spec(
-            &sshd,
+            sshd,
             &name,
             &sshd.endpoint(),
             &[format!("L {port}:localhost:{echo}")],
         );
-        let _: serde_json::Value = c
-            .api
+        let _: serde_json::Value = api
             .call("PUT", &format!("/v1/profiles/{name}"), Some(&p))
             .await
             .unwrap();
-        let _: serde_json::Value = c
-            .api
+        let _: serde_json::Value = api
             .call(
                 "POST",
                 "/v1/assignments",
@@ -82,19 +102,40 @@ async fn fleet() -> Fleet {
         agent.wait_all_active(&format!("oma-{}", i + 1)).await;
         echo_roundtrip(*port, b"before").await.unwrap();
     }
-    Fleet {
-        sshd,
-        c,
-        agents,
-        echo,
-        dir,
-        _echo,
-    }
+    agents
 }
 
 async fn current(c: &FullCoordinator) -> Rollout {
-    let v: Option<RolloutView> = c.api.get("/v1/rollouts/current").await.unwrap();
+    current_of(&c.api).await
+}
+
+async fn current_of(api: &tunnelfleet_ops::api::ApiClient) -> Rollout {
+    let v: Option<RolloutView> = api.get("/v1/rollouts/current").await.unwrap();
     v.unwrap().rollout
+}
+
+/// Every profile with a second forward, `L second[i] → echo`.
+fn with_second_forward(
+    sshd: &Sshd,
+    agents: &[(String, TestAgent, u16)],
+    echo: u16,
+    second: &[u16],
+) -> Vec<ProfileSpec> {
+    agents
+        .iter()
+        .enumerate()
+        .map(|(i, (_, _, port))| {
+            spec(
+                sshd,
+                &format!("oma-{}", i + 1),
+                &sshd.endpoint(),
+                &[
+                    format!("L {port}:localhost:{echo}"),
+                    format!("L {}:localhost:{echo}", second[i]),
+                ],
+            )
+        })
+        .collect()
 }
 
 /// An open connection through a tunnel: it echoes as long as the tunnel never blinked.
@@ -286,22 +327,7 @@ async fn a_good_change_goes_canary_then_wave_by_wave() {
     let c = &f.c;
     // The change: a second forward on every profile.
     let second: Vec<u16> = f.agents.iter().map(|_| free_port()).collect();
-    let good: Vec<ProfileSpec> = f
-        .agents
-        .iter()
-        .enumerate()
-        .map(|(i, (_, _, port))| {
-            spec(
-                &f.sshd,
-                &format!("oma-{}", i + 1),
-                &f.sshd.endpoint(),
-                &[
-                    format!("L {port}:localhost:{}", f.echo),
-                    format!("L {}:localhost:{}", second[i], f.echo),
-                ],
-            )
-        })
-        .collect();
+    let good = with_second_forward(&f.sshd, &f.agents, f.echo, &second);
     let r: Rollout = c
         .api
         .call(
@@ -372,4 +398,83 @@ async fn a_good_change_goes_canary_then_wave_by_wave() {
         .await
         .unwrap();
     f.c.stop().await;
+}
+
+/// kill -9 of the coordinator mid-rollout: it comes back at the stage it reached (the canary
+/// is not run again), the stage's wait starts again, no agent beyond that stage gets the new
+/// version before that stage passes, and the rollout finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_killed_mid_rollout_resumes_at_the_stage_it_reached() {
+    if !Sshd::available("rollout") {
+        return;
+    }
+    let sshd = Sshd::start();
+    let (echo, _echo) = echo_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    tunnelfleet_coordinator::pki::init(&dir.path().join("pki"), &["localhost".into()]).unwrap();
+    let mut c = CoordinatorProcess::start(dir.path(), "300ms").await;
+    let agents = agents_on(&c.api, c.control, dir.path(), &sshd, echo).await;
+    let second: Vec<u16> = agents.iter().map(|_| free_port()).collect();
+    let r: Rollout = c
+        .api
+        .call(
+            "POST",
+            "/v1/rollouts",
+            Some(&StartRequest {
+                profiles: with_second_forward(&sshd, &agents, echo, &second),
+                canary: Canary::Count(1),
+                waves: 3,
+                // Long enough that the kill lands inside wave 1's wait.
+                wait_ms: 4000,
+                settle_ms: 30_000,
+            }),
+        )
+        .await
+        .unwrap();
+    let names: Vec<String> = r.stages.iter().map(|s| s.name.clone()).collect();
+    assert_eq!(names, ["canary", "wave 1", "wave 2", "wave 3"]);
+    let index = |id: &str| agents.iter().position(|(a, _, _)| a == id).unwrap();
+    let wave = |n: usize| index(&r.stages[n].agents[0]);
+    wait_until(60, "wave 1 promoted", || async {
+        current_of(&c.api).await.current == 1
+    })
+    .await;
+    let canary_passed = current_of(&c.api).await.stages[0].passed_unix_ms;
+    c.kill9();
+    c.restart().await;
+    let restarted = tunnelfleet_runtime::clock::now_unix_ms();
+    let again = current_of(&c.api).await;
+    assert_eq!(again.state, RolloutState::Running);
+    assert_eq!(again.current, 1, "back at the stage it reached");
+    assert_eq!(
+        again.stages[0].passed_unix_ms, canary_passed,
+        "the canary is not run again"
+    );
+    // Wave 1's agent runs it (it was promoted before the kill); wave 2's does not yet.
+    wait_until(30, "wave 1's agent has the second forward", || async {
+        echo_roundtrip(second[wave(1)], b"wave 1").await.is_ok()
+    })
+    .await;
+    if current_of(&c.api).await.current == 1 {
+        assert!(
+            echo_roundtrip(second[wave(2)], b"x").await.is_err(),
+            "wave 2 got it before wave 1 passed"
+        );
+    }
+    wait_until(90, "the rollout done after the restart", || async {
+        current_of(&c.api).await.state == RolloutState::Done
+    })
+    .await;
+    let done = current_of(&c.api).await;
+    // Wave 1's wait was waited in full after the restart, not counted from before it.
+    let passed = done.stages[1].passed_unix_ms.unwrap();
+    assert!(
+        passed >= restarted + 4000,
+        "wave 1 passed {} ms after the restart",
+        passed.saturating_sub(restarted)
+    );
+    for (i, (_, agent, _)) in agents.iter().enumerate() {
+        agent.wait_all_active(&format!("oma-{}", i + 1)).await;
+        echo_roundtrip(second[i], b"everyone").await.unwrap();
+    }
 }

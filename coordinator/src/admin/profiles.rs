@@ -188,14 +188,7 @@ async fn plan(
     Json(proposed): Json<Vec<ProfileSpec>>,
 ) -> Result<Json<crate::plan::Plan>, ApiError> {
     let store = &a.fleet.store;
-    let agents: Vec<(String, BTreeMap<String, String>)> = store
-        .agents()?
-        .into_iter()
-        .map(|r| {
-            let labels = r.effective_labels();
-            (r.id, labels)
-        })
-        .collect();
+    let agents = store.agent_labels()?;
     Ok(Json(crate::plan::plan(
         store.fleet_version()?,
         &store.profiles()?,

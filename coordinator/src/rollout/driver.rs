@@ -1,4 +1,4 @@
-//! The rollout driver: starts a staged rollout, then once a second judges the stage in
+//! The rollout driver: starts a staged rollout, then four times a second judges the stage in
 //! progress and promotes it, halts it or finishes the rollout; resumes and aborts on the
 //! operator's word. Every step is durable before the pushes it causes.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -29,7 +29,7 @@ pub const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
 pub const MAX_WAVES: u32 = 20;
 
 /// How often the stage in progress is judged.
-const TICK: Duration = Duration::from_secs(1);
+const TICK: Duration = Duration::from_millis(250);
 
 /// Body of `POST /v1/rollouts`: profiles to apply as one staged change.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -130,14 +130,8 @@ impl Rollouts {
         let before = store.snapshot()?;
         let after = store.snapshot_with(&req.profiles)?;
         // The agents whose profiles change: the known ones and the connected ones.
-        let mut agents: BTreeMap<String, BTreeMap<String, String>> = store
-            .agents()?
-            .into_iter()
-            .map(|r| {
-                let labels = r.effective_labels();
-                (r.id, labels)
-            })
-            .collect();
+        let mut agents: BTreeMap<String, BTreeMap<String, String>> =
+            store.agent_labels()?.into_iter().collect();
         let connected: BTreeSet<String> = self.fleet.links.connected().into_iter().collect();
         for id in &connected {
             if let Some(l) = self.fleet.links.get(id) {
@@ -260,7 +254,7 @@ impl Rollouts {
         Ok((version, r))
     }
 
-    /// Judges the stage in progress every second until `shutdown`.
+    /// Judges the stage in progress every [`TICK`] until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

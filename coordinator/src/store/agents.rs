@@ -43,7 +43,22 @@ impl AgentRecord {
     }
 }
 
+/// An agent's labels.
+pub type Labels = BTreeMap<String, String>;
+
 impl Store {
+    /// Every known agent's id and the labels assignments match against.
+    pub fn agent_labels(&self) -> Result<Vec<(String, Labels)>, StoreError> {
+        Ok(self
+            .agents()?
+            .into_iter()
+            .map(|r| {
+                let labels = r.effective_labels();
+                (r.id, labels)
+            })
+            .collect())
+    }
+
     /// Records an agent's contact (durable before return).
     pub async fn record_agent(&self, rec: &AgentRecord) -> Result<(), StoreError> {
         self.agents.insert(rec.id.as_bytes(), json(rec))?;

@@ -38,7 +38,7 @@ use sled::transaction::{ConflictableTransactionResult, TransactionalTree};
 use tunnelfleet_runtime::clock::now_unix_ms;
 
 pub use access::{AUDIT_RETENTION, AdminToken, AuditEntry, Role, UnknownRole};
-pub use agents::AgentRecord;
+pub use agents::{AgentRecord, Labels};
 pub use alerts::{Alert, AlertKind, AlertStatus, Delivery, Silence, alert_key, glob_match};
 pub use events::Event;
 pub use groups::{GroupError, OmaGroup};

@@ -464,6 +464,7 @@ async fn simulated(
             gate.clone(),
             up_tx.clone(),
             push_tx.clone(),
+            integration_tests::SimReports::Nothing,
         );
     }
     drop(up_tx);

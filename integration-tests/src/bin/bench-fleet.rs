@@ -13,9 +13,6 @@
 //!
 //! Run: `cargo run --release -p integration-tests --bin bench-fleet [-- --agents 10000] [--hostile]`.
 
-use std::os::unix::fs::PermissionsExt;
-
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,53 +36,14 @@ async fn main() -> anyhow::Result<()> {
             other => bail!("unknown argument {other} (use --agents N, --hostile)"),
         }
     }
-    let bin = integration_tests::dist_binary("tunnelfleet-coordinator", "tunnelfleet-coordinator")?;
     let dir = tempfile::tempdir()?;
-    let pki_dir = dir.path().join("pki");
-    pki::init(&pki_dir, &["localhost".into()])?;
-    let token = dir.path().join("admin.token");
-    std::fs::write(&token, "bench-token-0123456789abcdef")?;
-    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600))?;
-    let udp = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
-    let admin = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let cfg = dir.path().join("coordinator.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "listen = \"{udp}\"\nadmin_listen = \"{admin}\"\npki_dir = \"{}\"\nstate_dir = \"{}\"\nadmin_token_file = \"{}\"\nheartbeat_interval = \"5s\"\n",
-            pki_dir.display(),
-            dir.path().join("state").display(),
-            token.display()
-        ),
-    )?;
-    let mut coordinator = Command::new(&bin)
-        .arg("--config")
-        .arg(&cfg)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .spawn()
-        .context("starting the coordinator")?;
-    let pid = coordinator.id();
-    let api = ApiClient::new(&admin.to_string(), "bench-token-0123456789abcdef");
-    let started = Instant::now();
-    while api.get::<serde_json::Value>("/v1/agents").await.is_err() {
-        if started.elapsed() > Duration::from_secs(20) {
-            bail!("coordinator did not start");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let c = integration_tests::BenchCoordinator::start(dir.path(), "heartbeat_interval = \"5s\"\n")
+        .await?;
+    let (pid, api, udp, pki_dir) = (c.pid, c.api.clone(), c.control, c.pki_dir.clone());
 
     eprintln!("bench-fleet: issuing {agents} agent certificates");
     let certs_dir = dir.path().join("agents");
-    let mut configs = Vec::with_capacity(agents);
-    for i in 0..agents {
-        let id = format!("a{i:05}");
-        let f = pki::issue_agent(&pki_dir, &id, 1, &certs_dir)?;
-        configs.push((
-            id,
-            tunnelfleet_agent::link::client_config(&f.ca, &f.cert, &f.key)?,
-        ));
-    }
+    let configs = c.issue_agents(agents, &certs_dir)?;
     let endpoints = integration_tests::sim_endpoints(8)?;
 
     eprintln!("bench-fleet: connecting {agents} agents to {udp}");
@@ -104,7 +62,18 @@ async fn main() -> anyhow::Result<()> {
             applied_version: None,
             started_unix_ms: 1,
         };
-        integration_tests::spawn_sim_agent(i, hello, client, ep, udp, HEARTBEAT, gate, up, acks);
+        integration_tests::spawn_sim_agent(
+            i,
+            hello,
+            client,
+            ep,
+            udp,
+            HEARTBEAT,
+            gate,
+            up,
+            acks,
+            integration_tests::SimReports::Nothing,
+        );
     }
     drop(up_tx);
     let mut connected = 0;
@@ -166,8 +135,7 @@ async fn main() -> anyhow::Result<()> {
     if hostile {
         let h = attack(&api, &pki_dir, &certs_dir, udp, &mut acks_rx, agents).await?;
         let rss = integration_tests::status_kb(pid, "VmHWM")?;
-        let _ = coordinator.kill();
-        let _ = coordinator.wait();
+        drop(c);
         eprintln!(
             "  honest push p99 {:.1} ms under attack vs {:.1} ms before ({:+.0} %); the hostile agent sent {} heartbeats and {} Applied frames over {} connections ({} closed as malformed); alerts raised under its name: {}; its links open 3 s after revoke: {}; coordinator peak RSS {rss} kB",
             h.honest_p99,
@@ -193,8 +161,7 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let rss = integration_tests::status_kb(pid, "VmHWM")?;
-    let _ = coordinator.kill();
-    let _ = coordinator.wait();
+    drop(c);
     eprintln!(
         "  heartbeats {heartbeats_per_s:.0}/s; push durable and queued for all in {queued_ms:.1} ms; received: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; coordinator CPU {coordinator_cpu_pct:.1}%, peak RSS {rss} kB",
         pct(0.50),
