@@ -451,6 +451,7 @@ async fn a_rollout_survives_a_reopen_holds_the_unpromoted_back_and_aborts_to_the
         agents: agents.iter().map(|a| a.to_string()).collect(),
         started_unix_ms: None,
         passed_unix_ms: None,
+        offline: vec![],
     };
     let plan = Rollout {
         version: 0,

@@ -323,11 +323,26 @@ async fn a_good_change_goes_canary_then_wave_by_wave() {
     if !Sshd::available("rollout") {
         return;
     }
-    let f = fleet().await;
+    let mut f = fleet().await;
+    // vma-4 is away (its appliance off) for the whole rollout: it must not hold it.
+    let (away, _, away_port) = f.agents.pop().unwrap();
+    wait_until(30, "vma-4 seen gone", || async {
+        !f.c.fleet.links.connected().contains(&away)
+    })
+    .await;
     let c = &f.c;
     // The change: a second forward on every profile.
-    let second: Vec<u16> = f.agents.iter().map(|_| free_port()).collect();
-    let good = with_second_forward(&f.sshd, &f.agents, f.echo, &second);
+    let second: Vec<u16> = (0..4).map(|_| free_port()).collect();
+    let mut good = with_second_forward(&f.sshd, &f.agents, f.echo, &second);
+    good.push(spec(
+        &f.sshd,
+        "oma-4",
+        &f.sshd.endpoint(),
+        &[
+            format!("L {away_port}:localhost:{}", f.echo),
+            format!("L {}:localhost:{}", second[3], f.echo),
+        ],
+    ));
     let r: Rollout = c
         .api
         .call(
@@ -378,10 +393,20 @@ async fn a_good_change_goes_canary_then_wave_by_wave() {
             "{r:?}"
         );
     }
+    // The canary was chosen among the connected; the one away was in a wave, not waited for.
+    assert_ne!(r.stages[0].agents[0], away);
+    let offline: Vec<&String> = r.stages.iter().flat_map(|s| &s.offline).collect();
+    assert_eq!(offline, [&away], "{r:?}");
     for (i, (_, agent, _)) in f.agents.iter().enumerate() {
         agent.wait_all_active(&format!("oma-{}", i + 1)).await;
         echo_roundtrip(second[i], b"everyone").await.unwrap();
     }
+    // Back, it runs the new version.
+    let back = TestAgent::start(&c.agent_section(f.dir.path(), &away, "site = \"dc2\"")).await;
+    back.wait_all_active("oma-4").await;
+    echo_roundtrip(second[3], b"the one that was away")
+        .await
+        .unwrap();
     // Once done, a profile change is taken again.
     let _: serde_json::Value = c
         .api

@@ -414,7 +414,22 @@ pub fn staged_rollout(v: &tunnelfleet_coordinator::admin::RolloutView) -> String
             _ if r.state == RolloutState::Aborted => "never got it".to_string(),
             _ => "waiting".to_string(),
         };
-        let _ = writeln!(out, "  {:<8} {:<24} {}", s.name, mark, s.agents.join(", "));
+        let away = if s.offline.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " ({} away when it started, not waited for: {})",
+                s.offline.len(),
+                s.offline.join(", ")
+            )
+        };
+        let _ = writeln!(
+            out,
+            "  {:<8} {:<24} {}{away}",
+            s.name,
+            mark,
+            s.agents.join(", ")
+        );
     }
     if r.state == RolloutState::Halted {
         for (agent, why) in &r.reasons {

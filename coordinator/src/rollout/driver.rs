@@ -65,6 +65,15 @@ pub enum StartError {
     Store(#[from] StoreError),
 }
 
+/// The agents of a stage not connected as it starts.
+fn offline_of(agents: &[String], connected: &BTreeSet<String>) -> Vec<String> {
+    agents
+        .iter()
+        .filter(|a| !connected.contains(*a))
+        .cloned()
+        .collect()
+}
+
 /// Runs staged rollouts (cheap to clone).
 #[derive(Clone)]
 pub struct Rollouts {
@@ -148,6 +157,7 @@ impl Rollouts {
         let now = now_unix_ms();
         if let Some(first) = stages.first_mut() {
             first.started_unix_ms = Some(now);
+            first.offline = offline_of(&first.agents, &connected);
         }
         let names: Vec<&str> = req.profiles.iter().map(|p| p.name.as_str()).collect();
         let rollout = Rollout {
@@ -215,9 +225,11 @@ impl Rollouts {
         r.reverted.clear();
         r.halted_unix_ms = None;
         let now = now_unix_ms();
+        let connected: BTreeSet<String> = self.fleet.links.connected().into_iter().collect();
         let stage = match r.stages.get_mut(r.current) {
             Some(s) => {
                 s.started_unix_ms = Some(now);
+                s.offline = offline_of(&s.agents, &connected);
                 s.name.clone()
             }
             None => String::new(),
@@ -297,7 +309,12 @@ impl Rollouts {
         let settle = Duration::from_millis(r.settle_ms);
         let mut failed = BTreeMap::new();
         let mut waiting = 0;
-        for agent in &stage.agents {
+        let judged: Vec<&String> = stage
+            .agents
+            .iter()
+            .filter(|a| !stage.offline.contains(a))
+            .collect();
+        for agent in judged.iter().copied() {
             let view = self.view(agent, &mut mem.seen)?;
             match check(&view) {
                 Check::Good => {
@@ -326,9 +343,9 @@ impl Rollouts {
             return self.halt(&mut r, failed).await;
         }
         let passed = waiting == 0
-            && stage.agents.iter().all(|a| {
+            && judged.iter().all(|a| {
                 mem.good_since
-                    .get(a)
+                    .get(*a)
                     .is_some_and(|t| now.saturating_duration_since(*t) >= wait)
             });
         if !passed {
@@ -339,6 +356,8 @@ impl Rollouts {
         let what = if r.current + 1 < r.stages.len() {
             r.current += 1;
             r.stages[r.current].started_unix_ms = Some(at);
+            let connected: BTreeSet<String> = self.fleet.links.connected().into_iter().collect();
+            r.stages[r.current].offline = offline_of(&r.stages[r.current].agents, &connected);
             tracing::info!(
                 version = r.version,
                 stage = %r.stages[r.current].name,

@@ -74,6 +74,7 @@ pub fn plan_stages(
             agents: canaries,
             started_unix_ms: None,
             passed_unix_ms: None,
+            offline: vec![],
         });
     }
     let waves = (waves.max(1) as usize).min(rest.len().max(1));
@@ -84,6 +85,7 @@ pub fn plan_stages(
             agents: chunk.to_vec(),
             started_unix_ms: None,
             passed_unix_ms: None,
+            offline: vec![],
         });
     }
     stages

@@ -46,6 +46,10 @@ pub struct Stage {
     pub started_unix_ms: Option<u64>,
     /// When it passed (Unix ms).
     pub passed_unix_ms: Option<u64>,
+    /// Its agents that were not connected when it started: not waited for (an appliance that
+    /// is away does not hold the fleet's rollout), given the new version when they return.
+    #[serde(default)]
+    pub offline: Vec<String>,
 }
 
 /// A staged rollout.
