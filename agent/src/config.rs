@@ -71,9 +71,10 @@ pub struct AgentConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct CoordinatorSection {
-    /// `host:port` of its QUIC control link.
-    pub address: String,
-    /// TLS name in its certificate (default: the host part of `address`).
+    /// `host:port` of its QUIC control link, or a list of them for several coordinators
+    /// (a DNS name stands for every address it resolves to).
+    pub address: Addresses,
+    /// TLS name in its certificate (default: the host part of each address).
     #[serde(default)]
     pub server_name: Option<String>,
     /// This agent's id (must match its certificate).
@@ -221,8 +222,21 @@ impl AgentConfig {
             ));
         }
         if let Some(c) = &self.coordinator {
-            if let Err(r) = split_host_port(&c.address, None) {
-                return Err(invalid("coordinator.address".into(), r.to_string()));
+            if c.address.list().is_empty() {
+                return Err(invalid(
+                    "coordinator.address".into(),
+                    "names no coordinator".into(),
+                ));
+            }
+            for (i, a) in c.address.list().iter().enumerate() {
+                if let Err(r) = split_host_port(a, None) {
+                    let key = if c.address.list().len() == 1 {
+                        "coordinator.address".to_string()
+                    } else {
+                        format!("coordinator.address[{i}]")
+                    };
+                    return Err(invalid(key, r.to_string()));
+                }
             }
             if let Err(r) = check_name(&c.agent_id) {
                 return Err(invalid("coordinator.agent_id".into(), r.to_string()));
@@ -246,6 +260,76 @@ impl AgentConfig {
             }
         }
         validate_set(&self.profiles).map_err(|e| invalid(e.key, e.reason))
+    }
+}
+
+/// The most coordinator addresses a config may list.
+pub const MAX_COORDINATORS: usize = 16;
+
+/// `address = "c1:4433"` or `address = ["c1:4433", "c2:4433"]` (at most [`MAX_COORDINATORS`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Addresses(Vec<String>);
+
+impl Addresses {
+    /// The configured addresses, in order.
+    pub fn list(&self) -> &[String] {
+        &self.0
+    }
+}
+
+impl From<&str> for Addresses {
+    fn from(a: &str) -> Self {
+        Addresses(vec![a.to_string()])
+    }
+}
+
+impl std::fmt::Display for Addresses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join(", "))
+    }
+}
+
+impl Serialize for Addresses {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0.as_slice() {
+            [one] => s.serialize_str(one),
+            many => many.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Addresses {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Addresses;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(
+                    f,
+                    "a `host:port` string or a list of at most {MAX_COORDINATORS} of them"
+                )
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Addresses, E> {
+                Ok(Addresses(vec![v.to_string()]))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Addresses, A::Error> {
+                let mut out = Vec::new();
+                while let Some(a) = seq.next_element::<String>()? {
+                    if out.len() == MAX_COORDINATORS {
+                        return Err(serde::de::Error::invalid_length(
+                            MAX_COORDINATORS + 1,
+                            &self,
+                        ));
+                    }
+                    out.push(a);
+                }
+                Ok(Addresses(out))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 

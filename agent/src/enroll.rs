@@ -21,7 +21,7 @@ use tunnelfleet_protocol::{
 };
 
 use crate::config::CoordinatorSection;
-use tunnelfleet_protocol::addr::split_host_port;
+use crate::coordinators::{self, Candidate};
 use tunnelfleet_protocol::fingerprint::parse_ca_fingerprint;
 
 /// Why enrollment failed. Nothing is written unless it succeeded.
@@ -64,15 +64,6 @@ pub enum EnrollError {
 /// Why the enrollment exchange itself broke (before any reply was judged).
 #[derive(Debug, thiserror::Error)]
 pub enum ExchangeError {
-    /// The coordinator's name did not resolve.
-    #[error("resolving the address: {0}")]
-    Resolve(std::io::Error),
-    /// It resolved to nothing.
-    #[error("no address")]
-    NoAddress,
-    /// `coordinator.address` is not `host:port`.
-    #[error(transparent)]
-    Addr(#[from] tunnelfleet_protocol::addr::AddrError),
     /// TLS could not be set up.
     #[error(transparent)]
     Tls(#[from] rustls::Error),
@@ -124,7 +115,7 @@ pub fn needed(c: &CoordinatorSection) -> bool {
 pub async fn enroll(
     c: &CoordinatorSection,
 ) -> Result<std::collections::BTreeMap<String, String>, EnrollError> {
-    let addr_s = c.address.clone();
+    let addr_s = c.address.to_string();
     let xerr = |reason: String| EnrollError::Exchange {
         addr: addr_s.clone(),
         reason,
@@ -164,22 +155,34 @@ pub async fn enroll(
         .and_then(|r| r.pem())
         .map_err(|e| xerr(format!("certificate request: {e}")))?;
 
-    let reply = tokio::time::timeout(
-        ENROLL_TIMEOUT,
-        exchange(
-            c,
-            pin.clone(),
-            EnrollRequest {
-                protocol: PROTOCOL_VERSION,
-                agent_id: c.agent_id.clone(),
-                token,
-                csr_pem,
-            },
-        ),
-    )
-    .await
-    .map_err(|_| xerr(format!("no answer within {ENROLL_TIMEOUT:?}")))?
-    .map_err(|e| xerr(e.to_string()))?;
+    let req = EnrollRequest {
+        protocol: PROTOCOL_VERSION,
+        agent_id: c.agent_id.clone(),
+        token,
+        csr_pem,
+    };
+    // Any coordinator of the fleet enrolls: the first that answers does.
+    let candidates = coordinators::resolve(c)
+        .await
+        .map_err(|e| xerr(e.to_string()))?;
+    let mut failures = Vec::new();
+    let mut answered = None;
+    for cand in &candidates {
+        match tokio::time::timeout(ENROLL_TIMEOUT, exchange(cand, pin.clone(), req.clone())).await {
+            Ok(Ok(r)) => {
+                answered = Some((cand, r));
+                break;
+            }
+            Ok(Err(e)) => failures.push(format!("{}: {e}", cand.addr)),
+            Err(_) => failures.push(format!(
+                "{}: no answer within {ENROLL_TIMEOUT:?}",
+                cand.addr
+            )),
+        }
+    }
+    let Some((cand, reply)) = answered else {
+        return Err(xerr(failures.join("; ")));
+    };
     let (cert_pem, ca_pem, labels) = match reply {
         EnrollReply::Issued {
             cert_pem,
@@ -188,7 +191,7 @@ pub async fn enroll(
         } => (cert_pem, ca_pem, labels),
         EnrollReply::Refused { reason } => {
             return Err(EnrollError::Refused {
-                addr: c.address.clone(),
+                addr: cand.configured.clone(),
                 reason,
             });
         }
@@ -209,19 +212,11 @@ pub async fn enroll(
 }
 
 async fn exchange(
-    c: &CoordinatorSection,
+    cand: &Candidate,
     pin: Vec<u8>,
     req: EnrollRequest,
 ) -> Result<EnrollReply, ExchangeError> {
-    let addr: SocketAddr = tokio::net::lookup_host(&c.address)
-        .await
-        .map_err(ExchangeError::Resolve)?
-        .next()
-        .ok_or(ExchangeError::NoAddress)?;
-    let server_name = match &c.server_name {
-        Some(n) => n.clone(),
-        None => split_host_port(&c.address, None)?.0,
-    };
+    let (addr, server_name) = (cand.addr, cand.server_name.as_str());
     let provider = tunnelfleet_runtime::pem::provider();
     let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -237,7 +232,7 @@ async fn exchange(
     };
     let endpoint = quinn::Endpoint::client(bind).map_err(ExchangeError::Socket)?;
     let conn = endpoint
-        .connect_with(quinn::ClientConfig::new(Arc::new(quic)), addr, &server_name)?
+        .connect_with(quinn::ClientConfig::new(Arc::new(quic)), addr, server_name)?
         .await?;
     let (mut send, mut recv) = conn.open_bi().await?;
     let frame = encode(&req)?;

@@ -16,11 +16,11 @@ use tunnelfleet_protocol::{
 
 use crate::backoff::Backoff;
 use crate::config::CoordinatorSection;
+use crate::coordinators::{self, Rotation};
 use crate::link::{self, LinkError};
 use crate::placement::Coordinated;
 use crate::status::{AgentStatus, ProfileStatus};
 use crate::supervisor::SupervisorHandle;
-use tunnelfleet_protocol::addr::split_host_port;
 
 /// The least time between heartbeats a profile asked for (its health went down, it moved):
 /// changes that come together go in one heartbeat.
@@ -69,49 +69,27 @@ pub async fn run(
             return;
         }
     };
-    let server_name = cfg.server_name.clone().unwrap_or_else(|| {
-        split_host_port(&cfg.address, None)
-            .map(|(h, _)| h)
-            .unwrap_or_default()
-    });
     let mut applied_version = load_cache(&cfg.state_dir).map(|s| s.version);
     // The coordinator tells a restart from a reconnect by this.
     let started = tunnelfleet_runtime::clock::now_unix_ms();
     let mut backoff = Backoff::new(cfg.reconnect_min, cfg.reconnect_max);
+    let mut rotation = Rotation::random();
     loop {
-        let attempt = async {
-            let addr = tokio::net::lookup_host(&cfg.address)
-                .await
-                .map_err(|e| format!("coordinator {}: {e}", cfg.address))?
-                .next()
-                .ok_or_else(|| format!("coordinator {}: no address", cfg.address))?;
-            let bind = if addr.is_ipv4() {
-                "0.0.0.0:0"
-            } else {
-                "[::]:0"
-            };
-            let endpoint = quinn::Endpoint::client(bind.parse().map_err(|e| format!("{e}"))?)
-                .map_err(|e| format!("QUIC endpoint: {e}"))?;
-            let hello = Hello {
-                protocol: PROTOCOL_VERSION,
-                agent_id: cfg.agent_id.clone(),
-                agent_version: env!("CARGO_PKG_VERSION").to_string(),
-                labels: cfg.labels.clone(),
-                applied_version,
-                started_unix_ms: started,
-            };
-            let l = link::connect(&endpoint, client.clone(), addr, &server_name, hello)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>((endpoint, l))
+        let hello = Hello {
+            protocol: PROTOCOL_VERSION,
+            agent_id: cfg.agent_id.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            labels: cfg.labels.clone(),
+            applied_version,
+            started_unix_ms: started,
         };
         let connected = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = attempt => r,
+            r = connect_any(&cfg, &client, &mut rotation, hello) => r,
         };
         match connected {
-            Ok((_endpoint, mut l)) => {
-                tracing::info!(coordinator = %cfg.address, agent = %cfg.agent_id, "connected to the coordinator");
+            Ok((_endpoint, mut l, candidate)) => {
+                tracing::info!(coordinator = %candidate.addr, configured = %candidate.configured, agent = %cfg.agent_id, "connected to the coordinator");
                 backoff.reset();
                 coordinated.set(true);
                 let every =
@@ -176,6 +154,8 @@ pub async fn run(
                     }
                 };
                 coordinated.set(false);
+                // The next round starts at another coordinator: this one may be gone.
+                rotation.down(candidate.index, candidate.of);
                 if let Err(e) = ended {
                     tracing::warn!("{e}; tunnels keep running, reconnecting");
                 }
@@ -187,6 +167,77 @@ pub async fn run(
             _ = tokio::time::sleep(backoff.next_delay()) => {}
         }
     }
+}
+
+/// How long one coordinator may take from the first packet to its welcome before the next
+/// one is tried (a dead host answers nothing; QUIC alone would wait its idle timeout).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The candidate a link was made to, and where it stands in the round.
+struct Reached {
+    addr: std::net::SocketAddr,
+    configured: String,
+    index: usize,
+    of: usize,
+}
+
+/// One round: every configured coordinator once, from where `rotation` stands, until one
+/// welcomes us. The error names every attempt.
+async fn connect_any(
+    cfg: &CoordinatorSection,
+    client: &quinn::ClientConfig,
+    rotation: &mut Rotation,
+    hello: Hello,
+) -> Result<(quinn::Endpoint, link::ControlLink, Reached), String> {
+    let candidates = coordinators::resolve(cfg)
+        .await
+        .map_err(|e| e.to_string())?;
+    let n = candidates.len();
+    let mut failures = Vec::new();
+    for i in rotation.order(n) {
+        let c = &candidates[i];
+        let attempt = async {
+            let bind = if c.addr.is_ipv4() {
+                "0.0.0.0:0"
+            } else {
+                "[::]:0"
+            };
+            let endpoint = quinn::Endpoint::client(bind.parse().map_err(|e| format!("{e}"))?)
+                .map_err(|e| format!("QUIC endpoint: {e}"))?;
+            let l = link::connect(
+                &endpoint,
+                client.clone(),
+                c.addr,
+                &c.server_name,
+                hello.clone(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            Ok::<_, String>((endpoint, l))
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+            Ok(Ok((endpoint, l))) => {
+                rotation.up(i, n);
+                let reached = Reached {
+                    addr: c.addr,
+                    configured: c.configured.clone(),
+                    index: i,
+                    of: n,
+                };
+                return Ok((endpoint, l, reached));
+            }
+            Ok(Err(e)) => failures.push(e),
+            Err(_) => failures.push(format!(
+                "coordinator {}: no welcome within {CONNECT_TIMEOUT:?}",
+                c.addr
+            )),
+        }
+        rotation.down(i, n);
+        if n > 1 {
+            tracing::info!(coordinator = %c.addr, "{}; trying the next coordinator", failures.last().map(String::as_str).unwrap_or(""));
+        }
+    }
+    Err(failures.join("; "))
 }
 
 /// Sends the next heartbeat from the supervisor's status (results newer than `since`); None

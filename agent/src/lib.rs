@@ -32,6 +32,7 @@
 //!   `--agent ID` too.
 //! - [`audit`]: `tunnelfleet audit` (keys, sshd settings, sockets, failed logins, own config),
 //!   here for the same reason.
+//! - [`coordinators`]: which coordinator to dial next (every configured address, in turn).
 //! - [`fleet`]: fleet membership: cached profiles, the coordinator link loop, heartbeats.
 //! - [`link`]: the control link to the coordinator (QUIC, mutual TLS, hello, heartbeats).
 //! - [`agent`]: `run`, the whole agent as one call.
@@ -43,6 +44,7 @@ pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod coordinators;
 pub mod dial;
 pub mod enroll;
 pub mod fleet;

@@ -21,14 +21,14 @@ async fn the_admin_api_over_tls_with_the_fleet_ca() {
 
     // The CLI, as an operator on another machine would run it.
     let url = format!("https://localhost:{}", c.admin.port());
-    let cli = |ca: Option<&std::path::Path>| {
+    let cli_at = |url: &str, ca: Option<&std::path::Path>| {
         let mut cmd = Command::new(Program::Cli.path());
         cmd.args([
             "token",
             "create",
             "--json",
             "--coordinator",
-            &url,
+            url,
             "--token-file",
         ])
         .arg(&c.token_file);
@@ -37,10 +37,27 @@ async fn the_admin_api_over_tls_with_the_fleet_ca() {
         }
         cmd.env_remove("TUNNELFLEET_CA_FILE").output().unwrap()
     };
+    let cli = |ca: Option<&std::path::Path>| cli_at(&url, ca);
     let o = cli(Some(&dir.path().join("pki/ca.pem")));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let t: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(t["token"].as_str().unwrap().starts_with("tfj_"), "{t}");
+
+    // Several coordinators: the first that takes the connection answers; when none does,
+    // the error names each.
+    let dead = integration_tests::free_port();
+    let several = format!("https://localhost:{dead},{url}");
+    let o = cli_at(&several, Some(&dir.path().join("pki/ca.pem")));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let dead2 = integration_tests::free_port();
+    let none = format!("https://localhost:{dead},https://localhost:{dead2}");
+    let o = cli_at(&none, Some(&dir.path().join("pki/ca.pem")));
+    assert_eq!(o.status.code(), Some(3), "unreachable");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!("localhost:{dead}:")) && err.contains(&format!("localhost:{dead2}:")),
+        "{err}"
+    );
 
     // Without the CA it says what is missing; with another CA the handshake fails.
     let o = cli(None);

@@ -551,3 +551,46 @@ async fn a_coordinator_of_another_protocol_version_leaves_tunnels_and_cache_alon
     agent.shutdown().await;
     c.stop().await;
 }
+
+/// An agent that lists two coordinators (one fleet CA) links to one, moves to the other when
+/// its own goes away, and back when that one is gone and the first has returned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_listing_two_coordinators_moves_to_the_other_when_its_own_goes_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki_dir = dir.path().join("pki");
+    pki::init(&pki_dir, &["localhost".into()]).unwrap();
+    let files = pki::issue_agent(&pki_dir, "vma-1", 365, &dir.path().join("agent")).unwrap();
+    let states = [dir.path().join("a"), dir.path().join("b")];
+    let a = TestCoordinator::start(&pki_dir, &states[0], 0).await;
+    let b = TestCoordinator::start(&pki_dir, &states[1], 0).await;
+    let addrs = [a.addr, b.addr];
+    let toml = coordinator_toml(&a, &files, &dir.path().join("agent-state")).replace(
+        &format!("address = \"{}\"", a.addr),
+        &format!("address = [\"{}\", \"{}\"]", a.addr, b.addr),
+    );
+    assert!(toml.contains(&b.addr.to_string()), "{toml}");
+    let _agent = TestAgent::start(&toml).await;
+    let on = |c: &TestCoordinator| c.fleet.links.connected() == vec!["vma-1"];
+    wait_until(20, "linked to one of the two", || async {
+        on(&a) || on(&b)
+    })
+    .await;
+    let (first, other) = if on(&a) { (a, b) } else { (b, a) };
+    assert!(!on(&other), "linked to one coordinator at a time");
+    let i = usize::from(first.addr == addrs[1]);
+
+    first.stop().await;
+    wait_until(20, "relinked to the other coordinator", || async {
+        on(&other)
+    })
+    .await;
+
+    // The first one comes back on its own port; the second goes away: back to the first.
+    let first_again = TestCoordinator::start(&pki_dir, &states[i], addrs[i].port()).await;
+    other.stop().await;
+    wait_until(20, "relinked to the first coordinator again", || async {
+        on(&first_again)
+    })
+    .await;
+    first_again.stop().await;
+}

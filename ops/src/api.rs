@@ -28,12 +28,20 @@ pub enum ApiError {
     },
 }
 
-/// The admin API at `addr` with `token`: plain HTTP to `host:port` (or `http://host:port`),
-/// TLS to `https://host:port` with the fleet CA given by [`ApiClient::with_ca`].
+/// The admin API at one or several addresses with `token`: plain HTTP to `host:port` (or
+/// `http://host:port`), TLS to `https://host:port` with the fleet CA given by
+/// [`ApiClient::with_ca`]. With several coordinators (`a:4480,b:4480`), a request goes to the
+/// first one that takes the connection; a request that was sent is never sent again.
 #[derive(Clone)]
 pub struct ApiClient {
-    addr: String,
+    targets: Vec<Target>,
     token: String,
+}
+
+/// One coordinator's admin API.
+#[derive(Clone)]
+struct Target {
+    addr: String,
     https: bool,
     tls: Option<Tls>,
 }
@@ -45,57 +53,100 @@ struct Tls {
     name: rustls::pki_types::ServerName<'static>,
 }
 
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
 impl ApiClient {
-    /// A client; `addr` is `host:port`, `http://host:port` or `https://host:port`.
-    pub fn new(addr: &str, token: &str) -> Self {
-        let https = addr.starts_with("https://");
+    /// A client; `addrs` is `host:port`, `http://host:port` or `https://host:port`, or several
+    /// of them separated by commas.
+    pub fn new(addrs: &str, token: &str) -> Self {
+        let targets = addrs
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(|a| Target {
+                addr: a
+                    .trim_start_matches("http://")
+                    .trim_start_matches("https://")
+                    .trim_end_matches('/')
+                    .to_string(),
+                https: a.starts_with("https://"),
+                tls: None,
+            })
+            .collect();
         ApiClient {
-            addr: addr
-                .trim_start_matches("http://")
-                .trim_start_matches("https://")
-                .trim_end_matches('/')
-                .to_string(),
+            targets,
             token: token.trim().to_string(),
-            https,
-            tls: None,
         }
     }
 
-    /// Trusts the CA certificates in `ca` (the fleet CA, `pki_dir/ca.pem`) for an `https://`
-    /// API; the coordinator's certificate must name the host of the address.
+    /// Trusts the CA certificates in `ca` (the fleet CA, `pki_dir/ca.pem`) for `https://`
+    /// APIs; each coordinator's certificate must name the host of its address.
     pub fn with_ca(mut self, ca: &std::path::Path) -> Result<Self, ApiError> {
         use rustls::pki_types::ServerName;
         use tunnelfleet_runtime::pem;
-        let bad = |reason: String| ApiError::Unreachable {
-            addr: self.addr.clone(),
+        let bad = |addr: &str, reason: String| ApiError::Unreachable {
+            addr: addr.to_string(),
             reason,
         };
-        let roots = pem::roots(ca).map_err(|e| bad(format!("CA file {e}")))?;
+        let first = self.addr().to_string();
+        let roots = pem::roots(ca).map_err(|e| bad(&first, format!("CA file {e}")))?;
         let mut cfg = rustls::ClientConfig::builder_with_provider(pem::provider())
             .with_safe_default_protocol_versions()
-            .map_err(|e| bad(e.to_string()))?
+            .map_err(|e| bad(&first, e.to_string()))?
             .with_root_certificates(roots)
             .with_no_client_auth();
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let host = tunnelfleet_protocol::addr::split_host_port(&self.addr, None)
-            .map_err(|e| bad(e.to_string()))?
-            .0;
-        let name = ServerName::try_from(host).map_err(|e| bad(e.to_string()))?;
-        self.tls = Some(Tls {
-            connector: tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)),
-            name,
-        });
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
+        for t in &mut self.targets {
+            let host = tunnelfleet_protocol::addr::split_host_port(&t.addr, None)
+                .map_err(|e| bad(&t.addr, e.to_string()))?
+                .0;
+            let name = ServerName::try_from(host).map_err(|e| bad(&t.addr, e.to_string()))?;
+            t.tls = Some(Tls {
+                connector: connector.clone(),
+                name,
+            });
+        }
         Ok(self)
     }
 
-    /// `host:port` of the API.
+    /// `host:port` of the (first) API.
     pub fn addr(&self) -> &str {
-        &self.addr
+        self.targets.first().map(|t| t.addr.as_str()).unwrap_or("")
     }
 
     /// GET `path`.
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ApiError> {
         self.call::<(), T>("GET", path, None).await
+    }
+
+    /// A connection to the first coordinator that takes one, and its address.
+    async fn connect(&self) -> Result<(Sender, &str), ApiError> {
+        let mut failures = Vec::new();
+        for t in &self.targets {
+            match t.connect().await {
+                Ok(sender) => return Ok((sender, &t.addr)),
+                Err(reason) => failures.push((t.addr.as_str(), reason)),
+            }
+        }
+        Err(match failures.as_slice() {
+            [] => ApiError::Unreachable {
+                addr: String::new(),
+                reason: "no coordinator address given (--coordinator)".into(),
+            },
+            [(addr, reason)] => ApiError::Unreachable {
+                addr: addr.to_string(),
+                reason: reason.clone(),
+            },
+            many => ApiError::Unreachable {
+                addr: many.iter().map(|(a, _)| *a).collect::<Vec<_>>().join(", "),
+                reason: many
+                    .iter()
+                    .map(|(a, r)| format!("{a}: {r}"))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            },
+        })
     }
 
     /// A request with an optional JSON body.
@@ -105,31 +156,11 @@ impl ApiClient {
         path: &str,
         body: Option<&B>,
     ) -> Result<T, ApiError> {
+        let (mut sender, addr) = self.connect().await?;
         let unreachable = |reason: String| ApiError::Unreachable {
-            addr: self.addr.clone(),
+            addr: addr.to_string(),
             reason,
         };
-        let stream = TcpStream::connect(&self.addr)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        let mut sender = match (self.https, &self.tls) {
-            (false, _) => handshake(stream).await,
-            (true, Some(tls)) => {
-                let stream = tls
-                    .connector
-                    .connect(tls.name.clone(), stream)
-                    .await
-                    .map_err(|e| unreachable(format!("TLS: {e}")))?;
-                handshake(stream).await
-            }
-            (true, None) => {
-                return Err(unreachable(
-                    "an https:// coordinator needs the fleet CA: --ca-file or $TUNNELFLEET_CA_FILE"
-                        .into(),
-                ));
-            }
-        }
-        .map_err(|e| unreachable(e.to_string()))?;
         let bytes = match body {
             Some(b) => serde_json::to_vec(b).map_err(|e| unreachable(e.to_string()))?,
             None => Vec::new(),
@@ -137,7 +168,7 @@ impl ApiClient {
         let req = hyper::Request::builder()
             .method(method)
             .uri(path)
-            .header(hyper::header::HOST, &self.addr)
+            .header(hyper::header::HOST, addr)
             .header(
                 hyper::header::AUTHORIZATION,
                 format!("Bearer {}", self.token),
@@ -173,10 +204,32 @@ impl ApiClient {
     }
 }
 
+impl Target {
+    /// An HTTP/1.1 connection to this API (TCP, TLS when `https://`), nothing sent yet.
+    async fn connect(&self) -> Result<Sender, String> {
+        let stream = TcpStream::connect(&self.addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        match (self.https, &self.tls) {
+            (false, _) => handshake(stream).await.map_err(|e| e.to_string()),
+            (true, Some(tls)) => {
+                let stream = tls
+                    .connector
+                    .connect(tls.name.clone(), stream)
+                    .await
+                    .map_err(|e| format!("TLS: {e}"))?;
+                handshake(stream).await.map_err(|e| e.to_string())
+            }
+            (true, None) => Err(
+                "an https:// coordinator needs the fleet CA: --ca-file or $TUNNELFLEET_CA_FILE"
+                    .into(),
+            ),
+        }
+    }
+}
+
 /// An HTTP/1.1 connection over `stream`, driven by its own task (ended with the sender).
-async fn handshake<S>(
-    stream: S,
-) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, hyper::Error>
+async fn handshake<S>(stream: S) -> Result<Sender, hyper::Error>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {

@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 /// The QUIC ALPN of enrollment.
 pub const ENROLL_ALPN: &[u8] = b"tunnelfleet-enroll/1";
 
-/// Agent -> coordinator: the only message of an enrollment.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Agent -> coordinator: the only message of an enrollment. Its `Debug` leaves the token out.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct EnrollRequest {
     /// [`crate::PROTOCOL_VERSION`] of the agent.
@@ -23,6 +23,17 @@ pub struct EnrollRequest {
     pub token: String,
     /// PKCS#10 certificate request (PEM) for the agent's own key; the key never leaves it.
     pub csr_pem: String,
+}
+
+impl std::fmt::Debug for EnrollRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrollRequest")
+            .field("protocol", &self.protocol)
+            .field("agent_id", &self.agent_id)
+            .field("token", &"<redacted>")
+            .field("csr_pem", &self.csr_pem)
+            .finish()
+    }
 }
 
 /// Coordinator -> agent: the answer.
@@ -43,4 +54,22 @@ pub enum EnrollReply {
         /// Why, for the agent's log.
         reason: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_leaves_the_join_token_out() {
+        let r = EnrollRequest {
+            protocol: 4,
+            agent_id: "vma-1".into(),
+            token: "tfj_secret-token-value".into(),
+            csr_pem: String::new(),
+        };
+        let shown = format!("{r:?}");
+        assert!(shown.contains("vma-1"), "{shown}");
+        assert!(!shown.contains("secret-token-value"), "{shown}");
+    }
 }

@@ -181,7 +181,8 @@ pub(super) enum Command {
 #[derive(clap::Args, Debug)]
 pub(super) struct ApiArgs {
     /// Admin API address: `host:port`, or `https://name:port` for a coordinator with
-    /// `admin_tls` (with `--ca-file`).
+    /// `admin_tls` (with `--ca-file`); several coordinators separated by commas, tried in
+    /// order until one takes the connection.
     #[arg(
         long,
         env = "TUNNELFLEET_COORDINATOR",
