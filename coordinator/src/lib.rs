@@ -4,7 +4,7 @@
 //! - [`pki`]: the fleet CA; coordinator and agent certificates.
 //! - [`tls`]: mutual-TLS QUIC settings; the agent id from a verified certificate.
 //! - [`udp`]: the control link's UDP socket, buffers sized for thousands of agents.
-//! - [`store`]: fleet state in sled, one file per record family; every acknowledged write
+//! - [`store`]: fleet state (sled, behind `store::engine`), one file per record family; every acknowledged write
 //!   flushed first.
 //! - [`fleet`]: the registry of connected agents: pushes, the offline sweep, commands, revocation.
 //! - [`link`]: one control-link connection: hello checked against the certificate, heartbeats.

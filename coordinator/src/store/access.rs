@@ -2,7 +2,7 @@
 //! a role) and what they did with it (the audit log).
 use serde::{Deserialize, Serialize};
 
-use super::{Store, StoreError, aborted, decode, decode_all, json, u64_of};
+use super::{Store, StoreError, decode, decode_all, json, u64_of};
 
 /// What a token may do. Ordered: each role may do what the ones before it may.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -93,17 +93,15 @@ impl Store {
     /// Stores a new admin token under the SHA-256 of its secret, refusing a name already
     /// taken (the name's claim and the token in one transaction).
     pub async fn put_admin_token(&self, hash: &str, t: &AdminToken) -> Result<(), StoreError> {
-        use sled::Transactional;
-        use sled::transaction::ConflictableTransactionError::Abort;
-        let result = (&self.admin_tokens, &self.admin_names).transaction(|(tt, names)| {
-            if names.get(t.name.as_bytes())?.is_some() {
-                return Err(Abort(StoreError::AdminTokenExists(t.name.clone())));
-            }
-            names.insert(t.name.as_bytes(), hash.as_bytes())?;
-            tt.insert(hash.as_bytes(), json(t))?;
-            Ok(())
-        });
-        aborted(result)?;
+        self.db
+            .transaction([&self.admin_tokens, &self.admin_names], |[tt, names]| {
+                if names.get(t.name.as_bytes())?.is_some() {
+                    return Err(StoreError::AdminTokenExists(t.name.clone()).into());
+                }
+                names.insert(t.name.as_bytes(), hash.as_bytes())?;
+                tt.insert(hash.as_bytes(), json(t))?;
+                Ok(())
+            })?;
         self.log_event(&format!(
             "admin token {} created with role {} by {}",
             t.name, t.role, t.created_by
@@ -128,16 +126,14 @@ impl Store {
 
     /// Revokes (deletes) the admin token named `name`: it is refused from the next request on.
     pub async fn delete_admin_token(&self, name: &str) -> Result<AdminToken, StoreError> {
-        use sled::Transactional;
-        use sled::transaction::ConflictableTransactionError::Abort;
-        let result = (&self.admin_tokens, &self.admin_names).transaction(|(tt, names)| {
-            let Some(hash) = names.remove(name.as_bytes())? else {
-                return Err(Abort(StoreError::NoAdminToken(name.to_string())));
-            };
-            let t = tt.remove(hash)?;
-            Ok(t)
-        });
-        let t = aborted(result)?;
+        let t = self
+            .db
+            .transaction([&self.admin_tokens, &self.admin_names], |[tt, names]| {
+                let Some(hash) = names.remove(name.as_bytes())? else {
+                    return Err(StoreError::NoAdminToken(name.to_string()).into());
+                };
+                tt.remove(hash)
+            })?;
         let t: AdminToken = match t {
             Some(v) => decode(&v, "admin_tokens", name)?,
             None => return Err(StoreError::NoAdminToken(name.to_string())),

@@ -2,10 +2,9 @@
 //! (written in the same transaction as the alert, so none is lost), and silences. The rules
 //! that raise and resolve alerts live in `crate::monitor`, delivery in `crate::hooks`.
 use serde::{Deserialize, Serialize};
-use sled::Transactional;
 use tunnelfleet_runtime::clock::now_unix_ms;
 
-use super::{Store, StoreError, decode, decode_all, json, tx_error, u64_of};
+use super::{Store, StoreError, decode, decode_all, json, u64_of};
 
 /// What went wrong.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -220,8 +219,7 @@ impl Store {
             decode_all(&self.alerts, "alerts")?
         } else {
             let mut v = Vec::new();
-            for k in self.firing.iter().keys() {
-                let k = k?;
+            for k in self.firing.keys()? {
                 if let Some(a) = self.alerts.get(&k)? {
                     let a: Alert = decode(&a, "alerts", &u64_of(&k).to_string())?;
                     if a.status == AlertStatus::Firing {
@@ -349,28 +347,29 @@ impl Store {
                     .collect()
             };
             let firing = alert.status == AlertStatus::Firing;
-            (
-                &self.alerts,
-                &self.outbox,
-                &self.outbox_by_hook,
-                &self.firing,
-            )
-                .transaction(|(alerts, outbox, by_hook, index)| {
-                    alerts.insert(&alert.id.to_be_bytes(), value.clone())?;
+            self.db.transaction(
+                [
+                    &self.alerts,
+                    &self.outbox,
+                    &self.outbox_by_hook,
+                    &self.firing,
+                ],
+                |[alerts, outbox, by_hook, index]| {
+                    alerts.insert(alert.id.to_be_bytes(), &value)?;
                     if firing {
-                        index.insert(&alert.id.to_be_bytes(), &[][..])?;
+                        index.insert(alert.id.to_be_bytes(), [])?;
                     } else {
-                        index.remove(&alert.id.to_be_bytes())?;
+                        index.remove(alert.id.to_be_bytes())?;
                     }
                     for (seq, d) in &deliveries {
-                        outbox.insert(&seq.to_be_bytes(), d.clone())?;
+                        outbox.insert(seq.to_be_bytes(), d)?;
                     }
                     for k in &hooked {
-                        by_hook.insert(k.as_slice(), &[][..])?;
+                        by_hook.insert(k, [])?;
                     }
                     Ok(())
-                })
-                .map_err(tx_error)?;
+                },
+            )?;
             self.durable().await
         }
     }
@@ -383,15 +382,10 @@ impl Store {
     /// The oldest queued delivery of `hook` (one index lookup and one decode, whatever the
     /// other hooks hold).
     pub fn next_delivery(&self, hook: &str) -> Result<Option<Delivery>, StoreError> {
-        let Some(k) = self
-            .outbox_by_hook
-            .scan_prefix(hook_prefix(hook))
-            .keys()
-            .next()
-        else {
+        let Some(first) = self.outbox_by_hook.scan_prefix(hook_prefix(hook)).next() else {
             return Ok(None);
         };
-        let k = k?;
+        let k = first?.0;
         let seq = seq_of_hook_key(&k);
         match self.outbox.get(seq.to_be_bytes())? {
             Some(v) => decode(&v, "outbox", &seq.to_string()).map(Some),
@@ -411,13 +405,12 @@ impl Store {
     /// A delivery succeeded: it leaves the outbox (durable before return).
     pub async fn delivered(&self, d: &Delivery) -> Result<(), StoreError> {
         let key = hook_key(&d.hook, d.seq);
-        (&self.outbox, &self.outbox_by_hook)
-            .transaction(|(outbox, by_hook)| {
-                outbox.remove(&d.seq.to_be_bytes())?;
-                by_hook.remove(key.as_slice())?;
+        self.db
+            .transaction([&self.outbox, &self.outbox_by_hook], |[outbox, by_hook]| {
+                outbox.remove(d.seq.to_be_bytes())?;
+                by_hook.remove(&key)?;
                 Ok(())
-            })
-            .map_err(tx_error)?;
+            })?;
         self.durable().await
     }
 

@@ -2,9 +2,8 @@
 //! drained. The operator defines them; failover, failback and drains move `active`.
 use serde::{Deserialize, Serialize};
 
-use sled::Transactional;
-
-use super::{Store, StoreError, bump_version, decode, decode_all, json, tx_error};
+use super::engine::{Abort, TxTree};
+use super::{Store, StoreError, bump_version, decode, decode_all, json};
 
 /// A group definition was refused: the key (relative to the group) and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -310,17 +309,16 @@ impl Store {
     /// Groups changes (bumps the fleet version, logs the event) in one transaction.
     async fn change_groups<F>(&self, what: &str, f: F) -> Result<u64, StoreError>
     where
-        F: Fn(
-            &sled::transaction::TransactionalTree,
-        ) -> sled::transaction::ConflictableTransactionResult<(), sled::Error>,
+        F: Fn(&TxTree<'_>) -> Result<(), Abort>,
     {
         let event = self.change_event(what)?;
-        let version = (&self.groups, &self.meta, &self.events)
-            .transaction(|(groups, meta, events)| {
+        let version = self.db.transaction(
+            [&self.groups, &self.meta, &self.events],
+            |[groups, meta, events]| {
                 f(groups)?;
                 bump_version(meta, events, &event)
-            })
-            .map_err(tx_error)?;
+            },
+        )?;
         self.durable().await?;
         Ok(version)
     }

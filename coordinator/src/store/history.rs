@@ -83,10 +83,8 @@ impl Store {
                 });
             }
         }
-        let current_profiles: Vec<sled::IVec> =
-            self.profiles.iter().keys().collect::<Result<_, _>>()?;
-        let current_assignments: Vec<sled::IVec> =
-            self.assignments.iter().keys().collect::<Result<_, _>>()?;
+        let current_profiles = self.profiles.keys()?;
+        let current_assignments = self.assignments.keys()?;
         let profiles: Vec<(String, Vec<u8>)> = rev
             .profiles
             .iter()
@@ -103,10 +101,10 @@ impl Store {
                     at.remove(k)?;
                 }
                 for (name, v) in &profiles {
-                    pt.insert(name.as_bytes(), v.clone())?;
+                    pt.insert(name.as_bytes(), v)?;
                 }
                 for a in &assignments {
-                    at.insert(a.clone(), a.clone())?;
+                    at.insert(a, a)?;
                 }
                 Ok(())
             },

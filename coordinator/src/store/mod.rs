@@ -1,14 +1,15 @@
-//! Fleet state on disk, in sled: one file per record family, the transaction that bumps the
-//! fleet version once, and group commit.
+//! Fleet state: one file per record family, and the transaction that bumps the fleet version
+//! once.
 //!
-//! Everything the coordinator acknowledges to anyone is flushed first: every write method is
-//! `async` and returns only after `flush_async`, so an acknowledged change survives kill -9.
-//! Multi-tree changes (a profile and the fleet version that numbers it) go in one sled
-//! transaction. Records are JSON so a schema change is visible and migratable; the schema
-//! version is checked at open and a store written by a newer coordinator is refused. All of
-//! sled stays inside this module, so another store can replace it.
+//! Everything the coordinator acknowledges to anyone is durable first: every write method is
+//! `async` and returns only after the engine made it durable, so an acknowledged change
+//! survives kill -9. Multi-tree changes (a profile and the fleet version that numbers it) go
+//! in one transaction. Records are JSON so a schema change is visible and migratable; the
+//! schema version is checked at open and a store written by a newer coordinator is refused.
+//! The record families see only [`engine`]'s trees and transactions; sled stays inside it.
 //!
 //! # Layout
+//! - [`engine`]: the key-value engine (sled): trees, transactions, ids, group commit.
 //! - [`profiles`]: profiles, assignments and the snapshot a push is made from.
 //! - [`history`]: revisions for `profiles history` and rollback.
 //! - [`groups`]: OMA groups: definition, active endpoint, drains.
@@ -23,6 +24,7 @@
 mod access;
 mod agents;
 mod alerts;
+mod engine;
 mod events;
 mod groups;
 mod history;
@@ -34,8 +36,9 @@ mod tokens;
 use std::path::Path;
 
 use serde::Serialize;
-use sled::transaction::{ConflictableTransactionResult, TransactionalTree};
 use tunnelfleet_runtime::clock::now_unix_ms;
+
+use engine::{Abort, Db, Tree, TxTree};
 
 pub use access::{AUDIT_RETENTION, AdminToken, AuditEntry, Role, UnknownRole};
 pub use agents::{AgentRecord, Labels};
@@ -153,57 +156,36 @@ pub enum StoreError {
     TokenRefused(String),
 }
 
-/// Group-commit counters of [`Store::durable`].
-#[derive(Debug, Default)]
-struct GroupCommit {
-    /// Tickets handed out (one per durable write, after the write).
-    taken: std::sync::atomic::AtomicU64,
-    /// The highest ticket covered by a finished flush.
-    flushed: std::sync::atomic::AtomicU64,
-    /// Flushes run.
-    flushes: std::sync::atomic::AtomicU64,
-}
-
 /// The coordinator's persistent state.
 #[derive(Clone)]
 pub struct Store {
-    /// One flush at a time. sled 0.34 runs every `flush_async` on its small IO thread pool,
-    /// and the log writes a flush waits for need a thread from that same pool: hundreds of
-    /// agents connecting at once (one durable record each) blocked every pool thread in a
-    /// flush and the store deadlocked (found by bench-fleet).
-    flush_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
-    /// Group commit: tickets taken by writers after their write, and the highest ticket a
-    /// finished flush covered. A writer queued behind a flush that started after its write
-    /// returns without flushing again, so 10,000 agents acknowledging a push cost a handful of
-    /// flushes instead of 10,000 in a row.
-    tickets: std::sync::Arc<GroupCommit>,
-    db: sled::Db,
-    meta: sled::Tree,
-    profiles: sled::Tree,
-    assignments: sled::Tree,
-    agents: sled::Tree,
-    events: sled::Tree,
-    groups: sled::Tree,
-    alerts: sled::Tree,
-    outbox: sled::Tree,
+    db: Db,
+    meta: Tree,
+    profiles: Tree,
+    assignments: Tree,
+    agents: Tree,
+    events: Tree,
+    groups: Tree,
+    alerts: Tree,
+    outbox: Tree,
     /// The outbox by hook: `hook \0 seq` -> nothing, so a hook's next entry and its backlog
     /// are found without reading the other hooks' entries.
-    outbox_by_hook: sled::Tree,
+    outbox_by_hook: Tree,
     /// The ids of the firing alerts (`id` -> nothing): what `/metrics`, the watcher's start
     /// and `alerts list` read, without decoding 90 days of resolved ones.
-    firing: sled::Tree,
-    silences: sled::Tree,
-    tokens: sled::Tree,
-    revoked: sled::Tree,
-    history: sled::Tree,
+    firing: Tree,
+    silences: Tree,
+    tokens: Tree,
+    revoked: Tree,
+    history: Tree,
     /// Staged rollouts: the one in progress under `active`, finished ones by version.
-    rollouts: sled::Tree,
+    rollouts: Tree,
     /// Named admin tokens by the SHA-256 of their secret.
-    admin_tokens: sled::Tree,
+    admin_tokens: Tree,
     /// Admin token name -> the hash it is stored under (one token per name).
-    admin_names: sled::Tree,
+    admin_names: Tree,
     /// The audit log: `seq` -> [`AuditEntry`].
-    audit_log: sled::Tree,
+    audit_log: Tree,
     /// [`META_STORE_ID`].
     id: String,
 }
@@ -211,10 +193,8 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the store in `dir`, checking the schema version.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        let db = sled::open(dir)?;
+        let db = Db::open(dir)?;
         let s = Store {
-            flush_lock: std::sync::Arc::new(tokio::sync::Mutex::new(())),
-            tickets: std::sync::Arc::default(),
             meta: db.open_tree("meta")?,
             profiles: db.open_tree("profiles")?,
             assignments: db.open_tree("assignments")?,
@@ -262,7 +242,7 @@ impl Store {
                 }
             }
             None => {
-                s.meta.insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
+                s.meta.insert(META_SCHEMA, SCHEMA_VERSION.to_be_bytes())?;
                 s.db.flush()?;
             }
         }
@@ -283,29 +263,15 @@ impl Store {
             .unwrap_or(0))
     }
 
-    /// Returns once everything this caller wrote is on disk: by its own flush, or by one that
-    /// started after its write (group commit; see `flush_lock` for why one flush at a time).
+    /// Returns once everything this caller wrote is durable (group commit: see
+    /// [`engine::Db::durable`]).
     async fn durable(&self) -> Result<(), StoreError> {
-        use std::sync::atomic::Ordering::SeqCst;
-        // Taken after this caller's writes: any flush that starts later covers them.
-        let ticket = self.tickets.taken.fetch_add(1, SeqCst) + 1;
-        let _one = self.flush_lock.lock().await;
-        if self.tickets.flushed.load(SeqCst) >= ticket {
-            return Ok(());
-        }
-        // Every ticket up to here was taken after its write, so this flush covers them all.
-        let covers = self.tickets.taken.load(SeqCst);
-        self.db.flush_async().await?;
-        self.tickets.flushed.store(covers, SeqCst);
-        self.tickets.flushes.fetch_add(1, SeqCst);
-        Ok(())
+        self.db.durable().await
     }
 
     /// Flushes run since the store was opened (`durable` calls share them).
     pub fn flushes(&self) -> u64 {
-        self.tickets
-            .flushes
-            .load(std::sync::atomic::Ordering::SeqCst)
+        self.db.flushes()
     }
 
     /// The event that will number a change, made before its transaction (ids are not
@@ -319,33 +285,6 @@ impl Store {
         });
         Ok((seq, event))
     }
-}
-
-fn tx_error(e: sled::transaction::TransactionError<sled::Error>) -> StoreError {
-    match e {
-        sled::transaction::TransactionError::Abort(e)
-        | sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
-    }
-}
-
-/// A sled-error transaction step inside a transaction that aborts with [`StoreError`]s.
-fn lift(
-    e: sled::transaction::ConflictableTransactionError<sled::Error>,
-) -> sled::transaction::ConflictableTransactionError<StoreError> {
-    use sled::transaction::ConflictableTransactionError as E;
-    match e {
-        E::Abort(e) => E::Abort(StoreError::Sled(e)),
-        E::Storage(e) => E::Storage(e),
-        _ => E::Conflict,
-    }
-}
-
-/// A transaction that aborts with a [`StoreError`] of its own: that error, or sled's.
-fn aborted<T>(r: sled::transaction::TransactionResult<T, StoreError>) -> Result<T, StoreError> {
-    r.map_err(|e| match e {
-        sled::transaction::TransactionError::Abort(e) => e,
-        sled::transaction::TransactionError::Storage(e) => e.into(),
-    })
 }
 
 fn json<T: Serialize>(v: &T) -> Vec<u8> {
@@ -366,7 +305,7 @@ fn decode<T: serde::de::DeserializeOwned>(
 }
 
 fn decode_all<T: serde::de::DeserializeOwned>(
-    t: &sled::Tree,
+    t: &Tree,
     tree: &'static str,
 ) -> Result<Vec<T>, StoreError> {
     t.iter()
@@ -385,72 +324,16 @@ fn u64_of(v: &[u8]) -> u64 {
 /// so a version and the event that explains it are written together or not at all. Every
 /// versioned change (profiles, assignments, groups) goes through here.
 fn bump_version(
-    meta: &TransactionalTree,
-    events: &TransactionalTree,
+    meta: &TxTree<'_>,
+    events: &TxTree<'_>,
     (seq, event): &(u64, Vec<u8>),
-) -> ConflictableTransactionResult<u64, sled::Error> {
+) -> Result<u64, Abort> {
     let next = meta
         .get(META_FLEET_VERSION)?
         .map(|v| u64_of(&v))
         .unwrap_or(0)
         + 1;
-    meta.insert(META_FLEET_VERSION, &next.to_be_bytes())?;
-    events.insert(&seq.to_be_bytes(), event.clone())?;
+    meta.insert(META_FLEET_VERSION, next.to_be_bytes())?;
+    events.insert(seq.to_be_bytes(), event)?;
     Ok(next)
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
-
-    use std::sync::atomic::Ordering::SeqCst;
-
-    use super::*;
-
-    /// Fifty writers queued behind a flush in progress are all covered by the next single
-    /// flush, and each still returns only after it.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn writers_queued_behind_a_flush_share_the_next_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
-        let (flushes, taken) = (s.flushes(), s.tickets.taken.load(SeqCst));
-        // A flush in progress: the lock held.
-        let held = s.flush_lock.clone().lock_owned().await;
-        let writers: Vec<_> = (0..50)
-            .map(|i| {
-                let s = s.clone();
-                tokio::spawn(async move {
-                    let rec = AgentRecord {
-                        id: format!("a{i}"),
-                        ..Default::default()
-                    };
-                    s.record_agent(&rec).await
-                })
-            })
-            .collect();
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
-        while s.tickets.taken.load(SeqCst) < taken + 50 {
-            assert!(tokio::time::Instant::now() < deadline, "writers stuck");
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-        }
-        assert!(
-            writers.iter().all(|w| !w.is_finished()),
-            "none returned unflushed"
-        );
-        drop(held);
-        for w in writers {
-            w.await.unwrap().unwrap();
-        }
-        assert_eq!(s.flushes() - flushes, 1);
-        assert_eq!(s.tickets.flushed.load(SeqCst), taken + 50);
-        assert_eq!(s.agents().unwrap().len(), 50);
-        // A write after that flush is not covered by it: it flushes again.
-        s.record_agent(&AgentRecord {
-            id: "late".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        assert_eq!(s.flushes() - flushes, 2);
-    }
 }

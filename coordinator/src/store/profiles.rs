@@ -3,10 +3,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
-use sled::Transactional;
 use tunnelfleet_protocol::{ProfileSet, ProfileSpec};
 
-use super::{OmaGroup, Store, StoreError, aborted, bump_version, decode_all, json, lift};
+use super::engine::{Abort, TxTree};
+use super::{OmaGroup, Store, StoreError, bump_version, decode_all, json};
 
 /// Which agents a profile goes to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -159,7 +159,7 @@ impl Store {
         if self.profiles.get(name.as_bytes())?.is_none() {
             return Err(StoreError::NoProfile(name.to_string()));
         }
-        let doomed: Vec<sled::IVec> = self
+        let doomed: Vec<Vec<u8>> = self
             .assignments
             .iter()
             .filter_map(|r| r.ok())
@@ -275,31 +275,28 @@ impl Store {
     /// is in progress (abort or finish it first): its stages were planned on what it changed.
     pub(super) async fn change<F>(&self, what: &str, f: F) -> Result<u64, StoreError>
     where
-        F: Fn(
-            &sled::transaction::TransactionalTree,
-            &sled::transaction::TransactionalTree,
-        ) -> sled::transaction::ConflictableTransactionResult<(), sled::Error>,
+        F: Fn(&TxTree<'_>, &TxTree<'_>) -> Result<(), Abort>,
     {
-        use sled::transaction::ConflictableTransactionError as E;
         let event = self.change_event(what)?;
-        let result = (
-            &self.profiles,
-            &self.assignments,
-            &self.meta,
-            &self.events,
-            &self.rollouts,
-        )
-            .transaction(|(profiles, assignments, meta, events, rollouts)| {
+        let version = self.db.transaction(
+            [
+                &self.profiles,
+                &self.assignments,
+                &self.meta,
+                &self.events,
+                &self.rollouts,
+            ],
+            |[profiles, assignments, meta, events, rollouts]| {
                 if let Some(v) = rollouts.get(super::rollouts::ACTIVE)? {
                     let version = serde_json::from_slice::<super::Rollout>(&v)
                         .map(|r| r.version)
                         .unwrap_or_default();
-                    return Err(E::Abort(StoreError::RolloutInProgress(version)));
+                    return Err(StoreError::RolloutInProgress(version).into());
                 }
-                f(profiles, assignments).map_err(lift)?;
-                bump_version(meta, events, &event).map_err(lift)
-            });
-        let version = aborted(result)?;
+                f(profiles, assignments)?;
+                bump_version(meta, events, &event)
+            },
+        )?;
         // The revision goes to disk with the change itself (one flush below).
         self.record_revision(version, what)?;
         self.durable().await?;

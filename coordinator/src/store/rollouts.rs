@@ -6,12 +6,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
-use sled::Transactional;
-use sled::transaction::ConflictableTransactionError::Abort;
 use tunnelfleet_protocol::ProfileSpec;
 use tunnelfleet_runtime::clock::now_unix_ms;
 
-use super::{Assignment, Store, StoreError, aborted, decode, json};
+use super::{Assignment, Store, StoreError, decode, json};
 
 /// The key of the rollout in progress (running or halted) in the `rollouts` tree; finished
 /// ones are kept under their id.
@@ -135,42 +133,45 @@ impl Store {
         let event = self.change_event(&rollout.what)?;
         let values: Vec<(String, Vec<u8>)> =
             specs.iter().map(|p| (p.name.clone(), json(p))).collect();
-        let result = (&self.profiles, &self.meta, &self.events, &self.rollouts).transaction(
-            |(profiles, meta, events, rollouts)| {
+        let result = self.db.transaction(
+            [&self.profiles, &self.meta, &self.events, &self.rollouts],
+            |[profiles, meta, events, rollouts]| {
                 if let Some(v) = rollouts.get(ACTIVE)? {
                     let other: Rollout = match serde_json::from_slice(&v) {
                         Ok(r) => r,
                         Err(e) => {
-                            return Err(Abort(StoreError::Corrupt {
+                            return Err(StoreError::Corrupt {
                                 tree: "rollouts",
                                 key: "active".into(),
                                 reason: e.to_string(),
-                            }));
+                            }
+                            .into());
                         }
                     };
-                    return Err(Abort(StoreError::RolloutInProgress(other.version)));
+                    return Err(StoreError::RolloutInProgress(other.version).into());
                 }
                 let now = meta
                     .get(super::META_FLEET_VERSION)?
                     .map(|v| super::u64_of(&v))
                     .unwrap_or(0);
                 if now != rollout.base_version {
-                    return Err(Abort(StoreError::FleetChanged {
+                    return Err(StoreError::FleetChanged {
                         planned: rollout.base_version,
                         now,
-                    }));
+                    }
+                    .into());
                 }
                 for (name, v) in &values {
-                    profiles.insert(name.as_bytes(), v.clone())?;
+                    profiles.insert(name.as_bytes(), v)?;
                 }
-                let version = super::bump_version(meta, events, &event).map_err(super::lift)?;
+                let version = super::bump_version(meta, events, &event)?;
                 let mut r = rollout.clone();
                 r.version = version;
                 rollouts.insert(ACTIVE, json(&r))?;
                 Ok(r)
             },
         );
-        let r = aborted(result)?;
+        let r = result?;
         self.record_revision(r.version, &r.what)?;
         self.durable().await?;
         Ok(r)
@@ -193,7 +194,7 @@ impl Store {
             .iter()
             .rev()
             .find_map(|r| match r {
-                Ok((k, v)) if k.as_ref() != ACTIVE => Some(Ok(v)),
+                Ok((k, v)) if k.as_slice() != ACTIVE => Some(Ok(v)),
                 Ok(_) => None,
                 Err(e) => Some(Err(e)),
             })
@@ -213,17 +214,18 @@ impl Store {
         if !r.active() {
             r.finished_unix_ms.get_or_insert_with(now_unix_ms);
         }
-        let result =
-            (&self.meta, &self.events, &self.rollouts).transaction(|(meta, events, rollouts)| {
+        let version = self.db.transaction(
+            [&self.meta, &self.events, &self.rollouts],
+            |[meta, events, rollouts]| {
                 if r.active() {
                     rollouts.insert(ACTIVE, json(&r))?;
                 } else {
-                    rollouts.insert(&r.version.to_be_bytes(), json(&r))?;
+                    rollouts.insert(r.version.to_be_bytes(), json(&r))?;
                     rollouts.remove(ACTIVE)?;
                 }
-                super::bump_version(meta, events, &event).map_err(super::lift)
-            });
-        let version = aborted(result)?;
+                super::bump_version(meta, events, &event)
+            },
+        )?;
         self.prune_rollouts()?;
         self.durable().await?;
         Ok(version)
@@ -246,10 +248,8 @@ impl Store {
         let mut r = self
             .active_rollout()?
             .ok_or(StoreError::NoRolloutInProgress)?;
-        let current_profiles: Vec<sled::IVec> =
-            self.profiles.iter().keys().collect::<Result<_, _>>()?;
-        let current_assignments: Vec<sled::IVec> =
-            self.assignments.iter().keys().collect::<Result<_, _>>()?;
+        let current_profiles: Vec<Vec<u8>> = self.profiles.keys()?;
+        let current_assignments: Vec<Vec<u8>> = self.assignments.keys()?;
         let what = format!(
             "rollout of version {} aborted: back to version {}'s profiles",
             r.version, r.base_version
@@ -257,14 +257,15 @@ impl Store {
         let event = self.change_event(&what)?;
         r.state = RolloutState::Aborted;
         r.finished_unix_ms = Some(now_unix_ms());
-        let result = (
-            &self.profiles,
-            &self.assignments,
-            &self.meta,
-            &self.events,
-            &self.rollouts,
-        )
-            .transaction(|(pt, at, meta, events, rollouts)| {
+        let version = self.db.transaction(
+            [
+                &self.profiles,
+                &self.assignments,
+                &self.meta,
+                &self.events,
+                &self.rollouts,
+            ],
+            |[pt, at, meta, events, rollouts]| {
                 for k in &current_profiles {
                     pt.remove(k)?;
                 }
@@ -278,12 +279,12 @@ impl Store {
                     let k = json(a);
                     at.insert(k.clone(), k)?;
                 }
-                let version = super::bump_version(meta, events, &event).map_err(super::lift)?;
-                rollouts.insert(&r.version.to_be_bytes(), json(&r))?;
+                let version = super::bump_version(meta, events, &event)?;
+                rollouts.insert(r.version.to_be_bytes(), json(&r))?;
                 rollouts.remove(ACTIVE)?;
-                Ok::<_, sled::transaction::ConflictableTransactionError<StoreError>>(version)
-            });
-        let version = aborted(result)?;
+                Ok(version)
+            },
+        )?;
         self.record_revision(version, &what)?;
         self.prune_rollouts()?;
         self.durable().await?;

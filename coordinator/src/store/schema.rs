@@ -34,7 +34,7 @@ impl Store {
         }
         self.db.flush()?;
         self.meta
-            .insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
+            .insert(META_SCHEMA, SCHEMA_VERSION.to_be_bytes())?;
         self.db.flush()?;
         tracing::info!("state store migrated to schema {SCHEMA_VERSION}");
         Ok(())

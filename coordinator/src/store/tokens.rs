@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use tunnelfleet_runtime::clock::now_unix_ms;
 
-use super::{AgentRecord, Store, StoreError, aborted, decode, decode_all, json};
+use super::{AgentRecord, Store, StoreError, decode, decode_all, json};
 
 /// A join token as stored (the secret itself is not).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,10 +84,8 @@ impl Store {
         now_unix_ms: u64,
         issued_offline: bool,
     ) -> Result<JoinToken, StoreError> {
-        use sled::Transactional;
-        use sled::transaction::ConflictableTransactionError::Abort;
-        let refused = |r: String| Err(Abort(StoreError::TokenRefused(r)));
-        let result = (&self.tokens, &self.agents, &self.revoked).transaction(|(tt, at, rt)| {
+        let refused = |r: String| Err(StoreError::TokenRefused(r).into());
+        let result = self.db.transaction([&self.tokens, &self.agents, &self.revoked], |[tt, at, rt]| {
             let Some(v) = tt.get(hash.as_bytes())? else {
                 return refused("unknown join token".into());
             };
@@ -141,7 +139,7 @@ impl Store {
             at.insert(agent_id.as_bytes(), json(&rec))?;
             Ok(t)
         });
-        let t = aborted(result)?;
+        let t = result?;
         self.log_event(&format!(
             "agent {agent_id} enrolled with join token {}",
             t.id
