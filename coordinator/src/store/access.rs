@@ -101,7 +101,8 @@ impl Store {
                 names.insert(t.name.as_bytes(), hash.as_bytes())?;
                 tt.insert(hash.as_bytes(), json(t))?;
                 Ok(())
-            })?;
+            })
+            .await?;
         self.log_event(&format!(
             "admin token {} created with role {} by {}",
             t.name, t.role, t.created_by
@@ -133,7 +134,8 @@ impl Store {
                     return Err(StoreError::NoAdminToken(name.to_string()).into());
                 };
                 tt.remove(hash)
-            })?;
+            })
+            .await?;
         let t: AdminToken = match t {
             Some(v) => decode(&v, "admin_tokens", name)?,
             None => return Err(StoreError::NoAdminToken(name.to_string())),
@@ -146,7 +148,7 @@ impl Store {
     /// Appends an entry to the audit log, durable before return. Entries older than
     /// [`AUDIT_RETENTION`] go, a few per new one.
     pub async fn audit(&self, mut entry: AuditEntry) -> Result<AuditEntry, StoreError> {
-        entry.seq = self.db.generate_id()?;
+        entry.seq = self.db.generate_id().await?;
         self.audit_log
             .insert(entry.seq.to_be_bytes(), json(&entry))?;
         let cutoff = entry

@@ -280,7 +280,7 @@ impl Store {
         mut alert: Alert,
         hooks: &[String],
     ) -> Result<Alert, StoreError> {
-        alert.id = self.db.generate_id()? + 1;
+        alert.id = self.db.generate_id().await? + 1;
         alert.status = AlertStatus::Firing;
         alert.silenced = self.silenced(&alert.key(), now_unix_ms())?;
         self.write_alert(&alert, hooks).await?;
@@ -321,7 +321,7 @@ impl Store {
             let mut deliveries = Vec::new();
             if !alert.silenced {
                 for h in hooks {
-                    let seq = self.db.generate_id()?;
+                    let seq = self.db.generate_id().await?;
                     deliveries.push((
                         seq,
                         json(&Delivery {
@@ -347,29 +347,31 @@ impl Store {
                     .collect()
             };
             let firing = alert.status == AlertStatus::Firing;
-            self.db.transaction(
-                [
-                    &self.alerts,
-                    &self.outbox,
-                    &self.outbox_by_hook,
-                    &self.firing,
-                ],
-                |[alerts, outbox, by_hook, index]| {
-                    alerts.insert(alert.id.to_be_bytes(), &value)?;
-                    if firing {
-                        index.insert(alert.id.to_be_bytes(), [])?;
-                    } else {
-                        index.remove(alert.id.to_be_bytes())?;
-                    }
-                    for (seq, d) in &deliveries {
-                        outbox.insert(seq.to_be_bytes(), d)?;
-                    }
-                    for k in &hooked {
-                        by_hook.insert(k, [])?;
-                    }
-                    Ok(())
-                },
-            )?;
+            self.db
+                .transaction(
+                    [
+                        &self.alerts,
+                        &self.outbox,
+                        &self.outbox_by_hook,
+                        &self.firing,
+                    ],
+                    |[alerts, outbox, by_hook, index]| {
+                        alerts.insert(alert.id.to_be_bytes(), &value)?;
+                        if firing {
+                            index.insert(alert.id.to_be_bytes(), [])?;
+                        } else {
+                            index.remove(alert.id.to_be_bytes())?;
+                        }
+                        for (seq, d) in &deliveries {
+                            outbox.insert(seq.to_be_bytes(), d)?;
+                        }
+                        for k in &hooked {
+                            by_hook.insert(k, [])?;
+                        }
+                        Ok(())
+                    },
+                )
+                .await?;
             self.durable().await
         }
     }
@@ -410,7 +412,8 @@ impl Store {
                 outbox.remove(d.seq.to_be_bytes())?;
                 by_hook.remove(&key)?;
                 Ok(())
-            })?;
+            })
+            .await?;
         self.durable().await
     }
 
@@ -435,7 +438,7 @@ impl Store {
 
     /// Adds a silence; returns it with its id.
     pub async fn add_silence(&self, mut s: Silence) -> Result<Silence, StoreError> {
-        s.id = self.db.generate_id()? + 1;
+        s.id = self.db.generate_id().await? + 1;
         self.silences.insert(s.id.to_be_bytes(), json(&s))?;
         self.durable().await?;
         Ok(s)

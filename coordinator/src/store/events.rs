@@ -38,7 +38,7 @@ impl Store {
     }
 
     async fn log_event_at(&self, text: &str, now: u64) -> Result<(), StoreError> {
-        let seq = self.db.generate_id()?;
+        let seq = self.db.generate_id().await?;
         let event = json(&Event {
             seq,
             at_unix_ms: now,

@@ -311,14 +311,17 @@ impl Store {
     where
         F: Fn(&TxTree<'_>) -> Result<(), Abort>,
     {
-        let event = self.change_event(what)?;
-        let version = self.db.transaction(
-            [&self.groups, &self.meta, &self.events],
-            |[groups, meta, events]| {
-                f(groups)?;
-                bump_version(meta, events, &event)
-            },
-        )?;
+        let event = self.change_event(what).await?;
+        let version = self
+            .db
+            .transaction(
+                [&self.groups, &self.meta, &self.events],
+                |[groups, meta, events]| {
+                    f(groups)?;
+                    bump_version(meta, events, &event)
+                },
+            )
+            .await?;
         self.durable().await?;
         Ok(version)
     }

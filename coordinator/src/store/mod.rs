@@ -193,7 +193,7 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the store in `dir`, checking the schema version.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        let db = Db::open(dir)?;
+        let db = Db::open_sled(dir)?;
         let s = Store {
             meta: db.open_tree("meta")?,
             profiles: db.open_tree("profiles")?,
@@ -276,8 +276,8 @@ impl Store {
 
     /// The event that will number a change, made before its transaction (ids are not
     /// transactional in sled).
-    fn change_event(&self, what: &str) -> Result<(u64, Vec<u8>), StoreError> {
-        let seq = self.db.generate_id()?;
+    async fn change_event(&self, what: &str) -> Result<(u64, Vec<u8>), StoreError> {
+        let seq = self.db.generate_id().await?;
         let event = json(&Event {
             seq,
             at_unix_ms: now_unix_ms(),

@@ -277,26 +277,29 @@ impl Store {
     where
         F: Fn(&TxTree<'_>, &TxTree<'_>) -> Result<(), Abort>,
     {
-        let event = self.change_event(what)?;
-        let version = self.db.transaction(
-            [
-                &self.profiles,
-                &self.assignments,
-                &self.meta,
-                &self.events,
-                &self.rollouts,
-            ],
-            |[profiles, assignments, meta, events, rollouts]| {
-                if let Some(v) = rollouts.get(super::rollouts::ACTIVE)? {
-                    let version = serde_json::from_slice::<super::Rollout>(&v)
-                        .map(|r| r.version)
-                        .unwrap_or_default();
-                    return Err(StoreError::RolloutInProgress(version).into());
-                }
-                f(profiles, assignments)?;
-                bump_version(meta, events, &event)
-            },
-        )?;
+        let event = self.change_event(what).await?;
+        let version = self
+            .db
+            .transaction(
+                [
+                    &self.profiles,
+                    &self.assignments,
+                    &self.meta,
+                    &self.events,
+                    &self.rollouts,
+                ],
+                |[profiles, assignments, meta, events, rollouts]| {
+                    if let Some(v) = rollouts.get(super::rollouts::ACTIVE)? {
+                        let version = serde_json::from_slice::<super::Rollout>(&v)
+                            .map(|r| r.version)
+                            .unwrap_or_default();
+                        return Err(StoreError::RolloutInProgress(version).into());
+                    }
+                    f(profiles, assignments)?;
+                    bump_version(meta, events, &event)
+                },
+            )
+            .await?;
         // The revision goes to disk with the change itself (one flush below).
         self.record_revision(version, what)?;
         self.durable().await?;

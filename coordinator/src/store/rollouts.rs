@@ -130,47 +130,50 @@ impl Store {
         }
         rollout.base_profiles = self.profiles()?;
         rollout.base_assignments = self.assignments()?;
-        let event = self.change_event(&rollout.what)?;
+        let event = self.change_event(&rollout.what).await?;
         let values: Vec<(String, Vec<u8>)> =
             specs.iter().map(|p| (p.name.clone(), json(p))).collect();
-        let result = self.db.transaction(
-            [&self.profiles, &self.meta, &self.events, &self.rollouts],
-            |[profiles, meta, events, rollouts]| {
-                if let Some(v) = rollouts.get(ACTIVE)? {
-                    let other: Rollout = match serde_json::from_slice(&v) {
-                        Ok(r) => r,
-                        Err(e) => {
-                            return Err(StoreError::Corrupt {
-                                tree: "rollouts",
-                                key: "active".into(),
-                                reason: e.to_string(),
+        let result = self
+            .db
+            .transaction(
+                [&self.profiles, &self.meta, &self.events, &self.rollouts],
+                |[profiles, meta, events, rollouts]| {
+                    if let Some(v) = rollouts.get(ACTIVE)? {
+                        let other: Rollout = match serde_json::from_slice(&v) {
+                            Ok(r) => r,
+                            Err(e) => {
+                                return Err(StoreError::Corrupt {
+                                    tree: "rollouts",
+                                    key: "active".into(),
+                                    reason: e.to_string(),
+                                }
+                                .into());
                             }
-                            .into());
-                        }
-                    };
-                    return Err(StoreError::RolloutInProgress(other.version).into());
-                }
-                let now = meta
-                    .get(super::META_FLEET_VERSION)?
-                    .map(|v| super::u64_of(&v))
-                    .unwrap_or(0);
-                if now != rollout.base_version {
-                    return Err(StoreError::FleetChanged {
-                        planned: rollout.base_version,
-                        now,
+                        };
+                        return Err(StoreError::RolloutInProgress(other.version).into());
                     }
-                    .into());
-                }
-                for (name, v) in &values {
-                    profiles.insert(name.as_bytes(), v)?;
-                }
-                let version = super::bump_version(meta, events, &event)?;
-                let mut r = rollout.clone();
-                r.version = version;
-                rollouts.insert(ACTIVE, json(&r))?;
-                Ok(r)
-            },
-        );
+                    let now = meta
+                        .get(super::META_FLEET_VERSION)?
+                        .map(|v| super::u64_of(&v))
+                        .unwrap_or(0);
+                    if now != rollout.base_version {
+                        return Err(StoreError::FleetChanged {
+                            planned: rollout.base_version,
+                            now,
+                        }
+                        .into());
+                    }
+                    for (name, v) in &values {
+                        profiles.insert(name.as_bytes(), v)?;
+                    }
+                    let version = super::bump_version(meta, events, &event)?;
+                    let mut r = rollout.clone();
+                    r.version = version;
+                    rollouts.insert(ACTIVE, json(&r))?;
+                    Ok(r)
+                },
+            )
+            .await;
         let r = result?;
         self.record_revision(r.version, &r.what)?;
         self.durable().await?;
@@ -209,23 +212,26 @@ impl Store {
     /// step from one of the push before it. A finished rollout (done) is moved out of the way.
     /// Returns the new version.
     pub async fn step_rollout(&self, r: &Rollout, what: &str) -> Result<u64, StoreError> {
-        let event = self.change_event(what)?;
+        let event = self.change_event(what).await?;
         let mut r = r.clone();
         if !r.active() {
             r.finished_unix_ms.get_or_insert_with(now_unix_ms);
         }
-        let version = self.db.transaction(
-            [&self.meta, &self.events, &self.rollouts],
-            |[meta, events, rollouts]| {
-                if r.active() {
-                    rollouts.insert(ACTIVE, json(&r))?;
-                } else {
-                    rollouts.insert(r.version.to_be_bytes(), json(&r))?;
-                    rollouts.remove(ACTIVE)?;
-                }
-                super::bump_version(meta, events, &event)
-            },
-        )?;
+        let version = self
+            .db
+            .transaction(
+                [&self.meta, &self.events, &self.rollouts],
+                |[meta, events, rollouts]| {
+                    if r.active() {
+                        rollouts.insert(ACTIVE, json(&r))?;
+                    } else {
+                        rollouts.insert(r.version.to_be_bytes(), json(&r))?;
+                        rollouts.remove(ACTIVE)?;
+                    }
+                    super::bump_version(meta, events, &event)
+                },
+            )
+            .await?;
         self.prune_rollouts()?;
         self.durable().await?;
         Ok(version)
@@ -254,37 +260,40 @@ impl Store {
             "rollout of version {} aborted: back to version {}'s profiles",
             r.version, r.base_version
         );
-        let event = self.change_event(&what)?;
+        let event = self.change_event(&what).await?;
         r.state = RolloutState::Aborted;
         r.finished_unix_ms = Some(now_unix_ms());
-        let version = self.db.transaction(
-            [
-                &self.profiles,
-                &self.assignments,
-                &self.meta,
-                &self.events,
-                &self.rollouts,
-            ],
-            |[pt, at, meta, events, rollouts]| {
-                for k in &current_profiles {
-                    pt.remove(k)?;
-                }
-                for k in &current_assignments {
-                    at.remove(k)?;
-                }
-                for p in &r.base_profiles {
-                    pt.insert(p.name.as_bytes(), json(p))?;
-                }
-                for a in &r.base_assignments {
-                    let k = json(a);
-                    at.insert(k.clone(), k)?;
-                }
-                let version = super::bump_version(meta, events, &event)?;
-                rollouts.insert(r.version.to_be_bytes(), json(&r))?;
-                rollouts.remove(ACTIVE)?;
-                Ok(version)
-            },
-        )?;
+        let version = self
+            .db
+            .transaction(
+                [
+                    &self.profiles,
+                    &self.assignments,
+                    &self.meta,
+                    &self.events,
+                    &self.rollouts,
+                ],
+                |[pt, at, meta, events, rollouts]| {
+                    for k in &current_profiles {
+                        pt.remove(k)?;
+                    }
+                    for k in &current_assignments {
+                        at.remove(k)?;
+                    }
+                    for p in &r.base_profiles {
+                        pt.insert(p.name.as_bytes(), json(p))?;
+                    }
+                    for a in &r.base_assignments {
+                        let k = json(a);
+                        at.insert(k.clone(), k)?;
+                    }
+                    let version = super::bump_version(meta, events, &event)?;
+                    rollouts.insert(r.version.to_be_bytes(), json(&r))?;
+                    rollouts.remove(ACTIVE)?;
+                    Ok(version)
+                },
+            )
+            .await?;
         self.record_revision(version, &what)?;
         self.prune_rollouts()?;
         self.durable().await?;

@@ -138,7 +138,7 @@ impl Store {
             rec.enrolled_labels = t.labels.clone();
             at.insert(agent_id.as_bytes(), json(&rec))?;
             Ok(t)
-        });
+        }).await;
         let t = result?;
         self.log_event(&format!(
             "agent {agent_id} enrolled with join token {}",
