@@ -8,6 +8,7 @@
 //!
 //! # Layout
 //! - [`sshd`]: real OpenSSH servers and their faults.
+//! - [`etcd`]: real etcd clusters on loopback, members killed and restarted.
 //! - [`faults`]: signals to processes, groups and descendants.
 //! - [`netns`]: test hosts in network namespaces on 198.18.0.0/15 (blackholes, cut links) and
 //!   an HTTP server inside one.
@@ -25,6 +26,7 @@
 pub mod agent;
 pub mod browser;
 pub mod coordinator;
+pub mod etcd;
 pub mod faults;
 pub mod netns;
 pub mod ports;
@@ -39,6 +41,7 @@ pub mod wait;
 pub use agent::*;
 pub use browser::Browser;
 pub use coordinator::*;
+pub use etcd::EtcdCluster;
 pub use faults::*;
 pub use netns::*;
 pub use ports::*;

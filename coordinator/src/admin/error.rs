@@ -35,8 +35,11 @@ impl From<StoreError> for ApiError {
             | StoreError::AdminTokenExists(_)
             | StoreError::RolloutInProgress(_)
             | StoreError::FleetChanged { .. } => StatusCode::CONFLICT,
+            // etcd without quorum or out of reach: nothing was changed; try again later.
+            StoreError::Etcd { .. } => StatusCode::SERVICE_UNAVAILABLE,
             StoreError::TokenRefused(_)
             | StoreError::Sled(_)
+            | StoreError::ForeignTree
             | StoreError::Corrupt { .. }
             | StoreError::NewerSchema { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };

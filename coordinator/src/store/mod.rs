@@ -50,6 +50,59 @@ pub use profiles::{Assignment, Selector, SetKey, Snapshot};
 pub use rollouts::{Rollout, RolloutState, Stage};
 pub use tokens::{JoinToken, Revocation};
 
+/// Where an etcd store is (`store = "etcd"` with an `[etcd]` section in coordinator.toml).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdConfig {
+    /// Client URLs of the etcd members (`https://etcd-1:2379`, …).
+    pub endpoints: Vec<String>,
+    /// Every key of this fleet starts with it (several fleets may share one cluster).
+    #[serde(default = "default_etcd_prefix")]
+    pub prefix: String,
+    /// The CA etcd's certificates are checked against (TLS when set).
+    #[serde(default)]
+    pub ca: Option<std::path::PathBuf>,
+    /// This coordinator's client certificate for etcd (with `key`).
+    #[serde(default)]
+    pub cert: Option<std::path::PathBuf>,
+    /// Its private key (refused when group or others can read it).
+    #[serde(default)]
+    pub key: Option<std::path::PathBuf>,
+    /// An etcd user (etcd's own auth), with `password_file`.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// The file holding that user's password (0600).
+    #[serde(default)]
+    pub password_file: Option<std::path::PathBuf>,
+    /// How long one etcd request may take.
+    #[serde(default = "default_etcd_timeout", with = "humantime_serde")]
+    pub timeout: std::time::Duration,
+}
+
+fn default_etcd_prefix() -> String {
+    "/tunnelfleet/".into()
+}
+
+fn default_etcd_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(5)
+}
+
+impl EtcdConfig {
+    /// The defaults with these endpoints.
+    pub fn new(endpoints: Vec<String>) -> EtcdConfig {
+        EtcdConfig {
+            endpoints,
+            prefix: default_etcd_prefix(),
+            ca: None,
+            cert: None,
+            key: None,
+            user: None,
+            password_file: None,
+            timeout: default_etcd_timeout(),
+        }
+    }
+}
+
 /// The schema this build writes and reads.
 /// 2: profiles in the one profile model (durations as `"15s"`, `autostart`), protocol 4.
 pub const SCHEMA_VERSION: u64 = 2;
@@ -71,6 +124,17 @@ pub enum StoreError {
     /// sled failed (IO, corruption).
     #[error("state store: {0}")]
     Sled(#[from] sled::Error),
+    /// etcd refused or did not answer (no quorum, unreachable, a limit).
+    #[error("state store in etcd ({endpoints}): {reason}")]
+    Etcd {
+        /// The endpoints as configured.
+        endpoints: String,
+        /// What failed and why.
+        reason: String,
+    },
+    /// A tree of one engine given to another's transaction (a bug, never a peer's doing).
+    #[error("state store: a tree of another engine in a transaction")]
+    ForeignTree,
     /// A stored record does not decode.
     #[error("state store: record {key:?} in {tree}: {reason}")]
     Corrupt {
@@ -191,9 +255,37 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (or creates) the store in `dir`, checking the schema version.
+    /// Opens (or creates) the store in `dir` (embedded sled), checking the schema version.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        let db = Db::open_sled(dir)?;
+        Store::on(Db::open_sled(dir)?, &dir.display().to_string())
+    }
+
+    /// Opens the store in etcd (made there if new), checking the schema version: every
+    /// coordinator pointed at the same endpoints and prefix shares it.
+    #[cfg(feature = "etcd")]
+    pub async fn open_etcd(cfg: &EtcdConfig) -> Result<Store, StoreError> {
+        let db = Db::open_etcd(cfg).await?;
+        // The identity first, in a transaction: two coordinators opening a new store at once
+        // agree on it.
+        let meta = db.open_tree("meta")?;
+        let fresh = format!("{:016x}", rand::random::<u64>());
+        db.transaction([&meta], |[m]| {
+            if m.get(META_STORE_ID)?.is_none() {
+                m.insert(META_STORE_ID, fresh.as_bytes())?;
+            }
+            Ok(())
+        })
+        .await?;
+        let s = Store::on(
+            db,
+            &format!("etcd {}{}", cfg.endpoints.join(","), cfg.prefix),
+        )?;
+        // What opening wrote (schema version, indexes) is committed before anyone is told.
+        s.durable().await?;
+        Ok(s)
+    }
+
+    fn on(db: Db, path: &str) -> Result<Store, StoreError> {
         let s = Store {
             meta: db.open_tree("meta")?,
             profiles: db.open_tree("profiles")?,
@@ -233,7 +325,7 @@ impl Store {
                 let found = u64_of(&v);
                 if found > SCHEMA_VERSION {
                     return Err(StoreError::NewerSchema {
-                        path: dir.display().to_string(),
+                        path: path.to_string(),
                         found,
                     });
                 }

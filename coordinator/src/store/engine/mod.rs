@@ -5,7 +5,12 @@
 //! # Layout
 //! - [`sled_kv`]: sled, embedded (the default): its trees, its serializable transactions, its
 //!   id generator, group commit.
+//! - `etcd_kv` (cargo feature `etcd`): etcd, shared by several coordinators: a watched mirror
+//!   for reads, optimistic transactions compared by mod revision, queued plain writes
+//!   committed together, ids in blocks.
 
+#[cfg(feature = "etcd")]
+pub(super) mod etcd_kv;
 mod sled_kv;
 
 use super::StoreError;
@@ -18,6 +23,9 @@ pub(super) type Entry = (Vec<u8>, Vec<u8>);
 pub(super) enum Db {
     /// Embedded sled.
     Sled(sled_kv::SledDb),
+    /// etcd.
+    #[cfg(feature = "etcd")]
+    Etcd(etcd_kv::EtcdDb),
 }
 
 /// One tree: ordered keys to values.
@@ -25,18 +33,27 @@ pub(super) enum Db {
 pub(super) enum Tree {
     /// A sled tree.
     Sled(::sled::Tree),
+    /// Keys under a tree's name in etcd.
+    #[cfg(feature = "etcd")]
+    Etcd(etcd_kv::EtcdTree),
 }
 
 /// One tree inside a transaction.
 pub(super) enum TxTree<'a> {
     /// A sled tree in a sled transaction.
     Sled(&'a ::sled::transaction::TransactionalTree),
+    /// A tree in an etcd transaction.
+    #[cfg(feature = "etcd")]
+    Etcd(etcd_kv::EtcdTxTree<'a>),
 }
 
 /// Entries of a tree in key order (either end).
 pub(super) enum Iter {
     /// Straight from sled.
-    Sled(::sled::Iter),
+    Sled(Box<::sled::Iter>),
+    /// Entries read at once.
+    #[cfg(feature = "etcd")]
+    Entries(std::vec::IntoIter<Entry>),
 }
 
 /// Why a transaction step stopped: the store's own reason (the transaction's result), or the
@@ -67,10 +84,18 @@ impl Db {
         Ok(Db::Sled(sled_kv::SledDb::open(dir)?))
     }
 
+    /// Connects to etcd and loads the state under the configured prefix.
+    #[cfg(feature = "etcd")]
+    pub(super) async fn open_etcd(cfg: &super::EtcdConfig) -> Result<Db, StoreError> {
+        Ok(Db::Etcd(etcd_kv::EtcdDb::open(cfg).await?))
+    }
+
     /// The tree called `name` (created empty if new).
     pub(super) fn open_tree(&self, name: &'static str) -> Result<Tree, StoreError> {
         match self {
             Db::Sled(db) => Ok(Tree::Sled(db.open_tree(name)?)),
+            #[cfg(feature = "etcd")]
+            Db::Etcd(db) => Ok(Tree::Etcd(db.open_tree(name))),
         }
     }
 
@@ -79,6 +104,8 @@ impl Db {
     pub(super) async fn generate_id(&self) -> Result<u64, StoreError> {
         match self {
             Db::Sled(db) => db.generate_id(),
+            #[cfg(feature = "etcd")]
+            Db::Etcd(db) => db.generate_id().await,
         }
     }
 
@@ -86,6 +113,9 @@ impl Db {
     pub(super) fn flush(&self) -> Result<(), StoreError> {
         match self {
             Db::Sled(db) => db.flush(),
+            // Queued; the etcd store's open commits them.
+            #[cfg(feature = "etcd")]
+            Db::Etcd(_) => Ok(()),
         }
     }
 
@@ -94,6 +124,8 @@ impl Db {
     pub(super) async fn durable(&self) -> Result<(), StoreError> {
         match self {
             Db::Sled(db) => db.durable().await,
+            #[cfg(feature = "etcd")]
+            Db::Etcd(db) => db.durable().await,
         }
     }
 
@@ -101,6 +133,8 @@ impl Db {
     pub(super) fn flushes(&self) -> u64 {
         match self {
             Db::Sled(db) => db.flushes(),
+            #[cfg(feature = "etcd")]
+            Db::Etcd(db) => db.flushes(),
         }
     }
 
@@ -114,10 +148,30 @@ impl Db {
     ) -> Result<T, StoreError> {
         match self {
             Db::Sled(db) => {
-                let sled_trees = trees.map(|t| match t {
-                    Tree::Sled(t) => t,
-                });
+                let mut sled_trees = Vec::with_capacity(N);
+                for t in trees {
+                    match t {
+                        Tree::Sled(t) => sled_trees.push(t),
+                        #[cfg(feature = "etcd")]
+                        Tree::Etcd(_) => return Err(StoreError::ForeignTree),
+                    }
+                }
+                let sled_trees: [&::sled::Tree; N] =
+                    sled_trees.try_into().map_err(|_| StoreError::ForeignTree)?;
                 db.transaction(sled_trees, f)
+            }
+            #[cfg(feature = "etcd")]
+            Db::Etcd(db) => {
+                let mut etcd_trees = Vec::with_capacity(N);
+                for t in trees {
+                    match t {
+                        Tree::Etcd(t) => etcd_trees.push(t),
+                        Tree::Sled(_) => return Err(StoreError::ForeignTree),
+                    }
+                }
+                let etcd_trees: [&etcd_kv::EtcdTree; N] =
+                    etcd_trees.try_into().map_err(|_| StoreError::ForeignTree)?;
+                db.transaction(etcd_trees, f).await
             }
         }
     }
@@ -128,6 +182,8 @@ impl TxTree<'_> {
     pub(super) fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Vec<u8>>, Abort> {
         match self {
             TxTree::Sled(t) => Ok(sled_kv::bytes(t.get(key.as_ref())?)),
+            #[cfg(feature = "etcd")]
+            TxTree::Etcd(t) => Ok(t.get(key.as_ref())),
         }
     }
 
@@ -139,6 +195,8 @@ impl TxTree<'_> {
     ) -> Result<Option<Vec<u8>>, Abort> {
         match self {
             TxTree::Sled(t) => Ok(sled_kv::bytes(t.insert(key.as_ref(), value.as_ref())?)),
+            #[cfg(feature = "etcd")]
+            TxTree::Etcd(t) => Ok(t.insert(key.as_ref(), value.as_ref())),
         }
     }
 
@@ -146,6 +204,8 @@ impl TxTree<'_> {
     pub(super) fn remove(&self, key: impl AsRef<[u8]>) -> Result<Option<Vec<u8>>, Abort> {
         match self {
             TxTree::Sled(t) => Ok(sled_kv::bytes(t.remove(key.as_ref())?)),
+            #[cfg(feature = "etcd")]
+            TxTree::Etcd(t) => Ok(t.remove(key.as_ref())),
         }
     }
 }
@@ -155,6 +215,8 @@ impl Tree {
     pub(super) fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Vec<u8>>, StoreError> {
         match self {
             Tree::Sled(t) => Ok(sled_kv::bytes(t.get(key)?)),
+            #[cfg(feature = "etcd")]
+            Tree::Etcd(t) => Ok(t.get(key.as_ref())),
         }
     }
 
@@ -167,6 +229,8 @@ impl Tree {
     ) -> Result<Option<Vec<u8>>, StoreError> {
         match self {
             Tree::Sled(t) => Ok(sled_kv::bytes(t.insert(key.as_ref(), value.as_ref())?)),
+            #[cfg(feature = "etcd")]
+            Tree::Etcd(t) => t.insert(key.as_ref(), value.as_ref()),
         }
     }
 
@@ -174,13 +238,17 @@ impl Tree {
     pub(super) fn remove(&self, key: impl AsRef<[u8]>) -> Result<Option<Vec<u8>>, StoreError> {
         match self {
             Tree::Sled(t) => Ok(sled_kv::bytes(t.remove(key)?)),
+            #[cfg(feature = "etcd")]
+            Tree::Etcd(t) => t.remove(key.as_ref()),
         }
     }
 
     /// Every entry in key order.
     pub(super) fn iter(&self) -> Iter {
         match self {
-            Tree::Sled(t) => Iter::Sled(t.iter()),
+            Tree::Sled(t) => Iter::Sled(Box::new(t.iter())),
+            #[cfg(feature = "etcd")]
+            Tree::Etcd(t) => Iter::Entries(t.entries(b"").into_iter()),
         }
     }
 
@@ -192,7 +260,9 @@ impl Tree {
     /// The entries whose key starts with `prefix`, in key order.
     pub(super) fn scan_prefix(&self, prefix: impl AsRef<[u8]>) -> Iter {
         match self {
-            Tree::Sled(t) => Iter::Sled(t.scan_prefix(prefix)),
+            Tree::Sled(t) => Iter::Sled(Box::new(t.scan_prefix(prefix))),
+            #[cfg(feature = "etcd")]
+            Tree::Etcd(t) => Iter::Entries(t.entries(prefix.as_ref()).into_iter()),
         }
     }
 
@@ -205,6 +275,14 @@ impl Tree {
     pub(super) fn pop_min(&self) -> Result<Option<Entry>, StoreError> {
         match self {
             Tree::Sled(t) => Ok(t.pop_min()?.map(|(k, v)| (k.to_vec(), v.to_vec()))),
+            #[cfg(feature = "etcd")]
+            Tree::Etcd(_) => match self.first()? {
+                Some((k, v)) => {
+                    self.remove(&k)?;
+                    Ok(Some((k, v)))
+                }
+                None => Ok(None),
+            },
         }
     }
 
@@ -212,6 +290,8 @@ impl Tree {
     pub(super) fn len(&self) -> usize {
         match self {
             Tree::Sled(t) => t.len(),
+            #[cfg(feature = "etcd")]
+            Tree::Etcd(t) => t.entries(b"").len(),
         }
     }
 
@@ -219,6 +299,8 @@ impl Tree {
     pub(super) fn is_empty(&self) -> bool {
         match self {
             Tree::Sled(t) => t.is_empty(),
+            #[cfg(feature = "etcd")]
+            Tree::Etcd(t) => t.entries(b"").is_empty(),
         }
     }
 
@@ -237,6 +319,8 @@ impl Iterator for Iter {
     fn next(&mut self) -> Option<Self::Item> {
         match self {
             Iter::Sled(i) => i.next().map(sled_kv::entry),
+            #[cfg(feature = "etcd")]
+            Iter::Entries(i) => i.next().map(Ok),
         }
     }
 }
@@ -245,6 +329,8 @@ impl DoubleEndedIterator for Iter {
     fn next_back(&mut self) -> Option<Self::Item> {
         match self {
             Iter::Sled(i) => i.next_back().map(sled_kv::entry),
+            #[cfg(feature = "etcd")]
+            Iter::Entries(i) => i.next_back().map(Ok),
         }
     }
 }

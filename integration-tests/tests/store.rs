@@ -1,0 +1,624 @@
+//! The store on every engine: the same tests on embedded sled and on a real etcd (one member
+//! on loopback; `--features etcd`): versions, assignments by id and label, join tokens spent
+//! once (also when two coordinators race for one), idempotency keys, a staged rollout across
+//! a reopen, many writers at once. On etcd, also what only several coordinators can do:
+//! two stores on one etcd see each other's writes and never hand out one version twice.
+
+#![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
+
+use std::collections::BTreeMap;
+
+use tunnelfleet_coordinator::store::{Assignment, Selector, Store, StoreError};
+use tunnelfleet_protocol::ProfileSpec;
+
+fn spec(name: &str) -> ProfileSpec {
+    let mut p = ProfileSpec::new(name, "vma", "/etc/tunnelfleet/id");
+    p.endpoints = vec!["oma-a:443".into(), "oma-b:443".into()];
+    p.known_hosts = Some("/etc/tunnelfleet/known_hosts".into());
+    p.forwards = vec!["L 8082:localhost:8082".into()];
+    p
+}
+
+fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Where a test's store lives: a sled directory, or a prefix on a real etcd.
+enum Backend {
+    Sled(tempfile::TempDir),
+    #[cfg(feature = "etcd")]
+    Etcd(std::sync::Arc<integration_tests::EtcdCluster>, String),
+}
+
+impl Backend {
+    fn sled() -> Backend {
+        Backend::Sled(tempfile::tempdir().unwrap())
+    }
+
+    /// A fresh store on a new one-member etcd, or None when etcd is not here (skipped).
+    #[cfg(feature = "etcd")]
+    async fn etcd() -> Option<Backend> {
+        if !integration_tests::EtcdCluster::available("store on etcd") {
+            return None;
+        }
+        let cluster = integration_tests::EtcdCluster::start(1).await;
+        Some(Backend::Etcd(std::sync::Arc::new(cluster), "/t/".into()))
+    }
+
+    /// Another, empty store beside this one (another directory; another prefix on the
+    /// same etcd).
+    fn another(&self) -> Backend {
+        match self {
+            Backend::Sled(_) => Backend::sled(),
+            #[cfg(feature = "etcd")]
+            Backend::Etcd(c, p) => Backend::Etcd(c.clone(), format!("{p}other/")),
+        }
+    }
+
+    /// Opens the store (again: what a restarted coordinator does).
+    async fn open(&self) -> Store {
+        match self {
+            Backend::Sled(dir) => open_when_released(dir.path()),
+            #[cfg(feature = "etcd")]
+            Backend::Etcd(c, prefix) => Store::open_etcd(&c.store_config(prefix)).await.unwrap(),
+        }
+    }
+
+    /// A second handle on the same state: the same store for sled (one process owns a
+    /// directory), a second coordinator's store for etcd.
+    async fn second(&self, first: &Store) -> Store {
+        match self {
+            Backend::Sled(_) => first.clone(),
+            #[cfg(feature = "etcd")]
+            Backend::Etcd(..) => self.open().await,
+        }
+    }
+}
+
+/// Opens the store once the previous handle in this process has released sled's file lock
+/// (its background flusher lets go a moment after the drop).
+fn open_when_released(dir: &std::path::Path) -> Store {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match Store::open(dir) {
+            Ok(s) => return s,
+            Err(e)
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            Err(e) => panic!("{}: {e}", dir.display()),
+        }
+    }
+}
+
+/// `name` on sled and on etcd.
+macro_rules! on_every_engine {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sled() {
+                super::$name(super::Backend::sled()).await
+            }
+
+            #[cfg(feature = "etcd")]
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn etcd() {
+                if let Some(b) = super::Backend::etcd().await {
+                    super::$name(b).await
+                }
+            }
+
+            #[cfg(not(feature = "etcd"))]
+            #[test]
+            fn etcd() {
+                if std::env::var_os("CI").is_some() {
+                    panic!("CI is set but the etcd store was not built: --features etcd");
+                }
+                integration_tests::skip::skipped(
+                    "store on etcd",
+                    "built without the etcd feature (cargo test --features integration-tests/etcd; needs protoc)",
+                );
+            }
+        }
+    };
+}
+
+async fn versions_assignments_and_deletes(b: Backend) {
+    let s = b.open().await;
+    assert_eq!(s.fleet_version().unwrap(), 0);
+    assert_eq!(s.put_profile(&spec("oma")).await.unwrap(), 1);
+    assert_eq!(s.put_profile(&spec("nbd")).await.unwrap(), 2);
+    let by_label = Assignment {
+        profile: "oma".into(),
+        selector: Selector::Labels(labels(&[("site", "dc1")])),
+    };
+    assert_eq!(s.assign(&by_label).await.unwrap(), 3);
+    let by_id = Assignment {
+        profile: "nbd".into(),
+        selector: Selector::Agent("vma-9".into()),
+    };
+    assert_eq!(s.assign(&by_id).await.unwrap(), 4);
+    let names = |set: tunnelfleet_protocol::ProfileSet| {
+        set.profiles.into_iter().map(|p| p.name).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        names(
+            s.profiles_for("vma-1", &labels(&[("site", "dc1"), ("rack", "3")]))
+                .unwrap()
+        ),
+        vec!["oma"]
+    );
+    assert_eq!(
+        names(
+            s.profiles_for("vma-9", &labels(&[("site", "dc1")]))
+                .unwrap()
+        ),
+        vec!["nbd", "oma"]
+    );
+    assert!(
+        names(
+            s.profiles_for("vma-2", &labels(&[("site", "dc2")]))
+                .unwrap()
+        )
+        .is_empty()
+    );
+    assert_eq!(s.profiles_for("x", &BTreeMap::new()).unwrap().version, 4);
+    // Unknown profiles are refused and change nothing.
+    let ghost = Assignment {
+        profile: "ghost".into(),
+        selector: Selector::Agent("a".into()),
+    };
+    assert!(matches!(
+        s.assign(&ghost).await,
+        Err(StoreError::NoProfile(_))
+    ));
+    assert_eq!(s.fleet_version().unwrap(), 4);
+    // Deleting a profile removes its assignments.
+    assert_eq!(s.delete_profile("oma").await.unwrap(), 5);
+    assert_eq!(s.assignments().unwrap(), vec![by_id]);
+    assert!(matches!(
+        s.delete_profile("oma").await,
+        Err(StoreError::NoProfile(_))
+    ));
+    let ev = s.events(10).unwrap();
+    assert_eq!(ev.len(), 5);
+    assert!(ev.last().unwrap().text.contains("profile oma deleted"));
+}
+
+on_every_engine!(versions_assignments_and_deletes);
+
+/// Regression: hundreds of agents connecting at once each made a durable record; sled's flush
+/// pool filled with flushes waiting for writes that needed the same pool, and the store hung
+/// (found by bench-fleet). Concurrent durable writes and a transaction must all finish.
+async fn many_concurrent_durable_writes_do_not_deadlock_the_store(b: Backend) {
+    let s = b.open().await;
+    let mut tasks = Vec::new();
+    for i in 0..300 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let rec = tunnelfleet_coordinator::store::AgentRecord {
+                id: format!("a{i}"),
+                ..Default::default()
+            };
+            s.record_agent(&rec).await.unwrap();
+        }));
+    }
+    let writer = {
+        let s = s.clone();
+        tokio::spawn(async move { s.put_profile(&spec("oma")).await.unwrap() })
+    };
+    let all = async {
+        for t in tasks {
+            t.await.unwrap();
+        }
+        writer.await.unwrap()
+    };
+    let version = tokio::time::timeout(std::time::Duration::from_secs(60), all)
+        .await
+        .expect("store writes hung");
+    assert_eq!(version, 1);
+    assert_eq!(s.agents().unwrap().len(), 300);
+}
+
+on_every_engine!(many_concurrent_durable_writes_do_not_deadlock_the_store);
+
+async fn a_join_token_is_spent_once_within_its_lifetime_and_only_by_its_agent(b: Backend) {
+    use tunnelfleet_coordinator::enroll::{new_token, token_hash};
+    use tunnelfleet_coordinator::store::JoinToken;
+    let store = b.open().await;
+    let token = |agent: Option<&str>, expires: u64| JoinToken {
+        id: String::new(),
+        labels: [("site".to_string(), "dc1".to_string())].into(),
+        agent: agent.map(str::to_string),
+        created_unix_ms: 0,
+        expires_unix_ms: expires,
+        used_by: None,
+        used_unix_ms: None,
+    };
+    let refused = |r: Result<JoinToken, StoreError>| match r {
+        Err(StoreError::TokenRefused(why)) => why,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let (secret, hash, id) = new_token();
+    assert_eq!(token_hash(&secret), hash);
+    assert!(hash.starts_with(&id));
+    store
+        .put_token(
+            &hash,
+            &JoinToken {
+                id,
+                ..token(None, 1_000)
+            },
+        )
+        .await
+        .unwrap();
+    // The last millisecond of its life is too late.
+    assert!(refused(store.spend_token(&hash, "vma-1", 1_000, false).await).contains("expired"));
+    let t = store.spend_token(&hash, "vma-1", 999, false).await.unwrap();
+    assert_eq!(t.used_by.as_deref(), Some("vma-1"));
+    assert_eq!(
+        store.agent("vma-1").unwrap().unwrap().enrolled_labels["site"],
+        "dc1"
+    );
+    assert!(refused(store.spend_token(&hash, "vma-2", 10, false).await).contains("already used"));
+    assert!(refused(store.spend_token("nope", "vma-2", 10, false).await).contains("unknown"));
+
+    // A token for one agent is useless to another; a known agent needs a token naming it.
+    let (_, h2, id2) = new_token();
+    store
+        .put_token(
+            &h2,
+            &JoinToken {
+                id: id2,
+                ..token(Some("vma-1"), 5_000)
+            },
+        )
+        .await
+        .unwrap();
+    assert!(refused(store.spend_token(&h2, "vma-3", 10, false).await).contains("is for agent"));
+    let (_, h3, id3) = new_token();
+    store
+        .put_token(
+            &h3,
+            &JoinToken {
+                id: id3,
+                ..token(None, 5_000)
+            },
+        )
+        .await
+        .unwrap();
+    assert!(refused(store.spend_token(&h3, "vma-1", 10, false).await).contains("already enrolled"));
+    store.spend_token(&h2, "vma-1", 10, false).await.unwrap();
+
+    // Spent stays spent across a reopen.
+    drop(store);
+    let store = b.open().await;
+    assert!(refused(store.spend_token(&hash, "vma-9", 10, false).await).contains("already used"));
+}
+
+on_every_engine!(a_join_token_is_spent_once_within_its_lifetime_and_only_by_its_agent);
+
+/// Two unrestricted tokens racing to enroll the same new id: exactly one wins, every time
+/// (the id is claimed in the same transaction that spends the token), also when the racers
+/// are two coordinators on one etcd.
+async fn two_tokens_racing_for_one_new_id_enroll_it_once(b: Backend) {
+    use tunnelfleet_coordinator::enroll::new_token;
+    use tunnelfleet_coordinator::store::JoinToken;
+    let store = b.open().await;
+    // On etcd the second racer is another coordinator's store.
+    let other = b.second(&store).await;
+    for round in 0..100 {
+        let id = format!("vma-race-{round}");
+        let mut hashes = Vec::new();
+        for site in ["dc1", "dc2"] {
+            let (_, hash, token_id) = new_token();
+            store
+                .put_token(
+                    &hash,
+                    &JoinToken {
+                        id: token_id,
+                        labels: [("site".to_string(), site.to_string())].into(),
+                        agent: None,
+                        created_unix_ms: 0,
+                        expires_unix_ms: u64::MAX,
+                        used_by: None,
+                        used_unix_ms: None,
+                    },
+                )
+                .await
+                .unwrap();
+            hashes.push(hash);
+        }
+        let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(2));
+        let racers: Vec<_> = [store.clone(), other.clone()]
+            .into_iter()
+            .zip(hashes)
+            .map(|(s, h)| {
+                let (barrier, id) = (barrier.clone(), id.clone());
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    s.spend_token(&h, &id, 1, false).await
+                })
+            })
+            .collect();
+        let mut won = Vec::new();
+        for r in racers {
+            match r.await.unwrap() {
+                Ok(_) => won.push(true),
+                Err(StoreError::TokenRefused(why)) => {
+                    assert!(why.contains("already enrolled"), "{why}");
+                    won.push(false)
+                }
+                Err(e) => panic!("round {round}: {e}"),
+            }
+        }
+        assert_eq!(
+            won.iter().filter(|w| **w).count(),
+            1,
+            "round {round}: {won:?}, labels now {:?}",
+            store.agent(&id).unwrap().map(|r| r.enrolled_labels)
+        );
+    }
+}
+
+on_every_engine!(two_tokens_racing_for_one_new_id_enroll_it_once);
+
+/// A state directory recreated from scratch starts its alert ids again: its idempotency keys
+/// must not repeat the old directory's, or a receiver that remembers keys drops new incidents
+/// as duplicates. Keys carry the store's own identity, kept across reopen.
+async fn idempotency_keys_differ_between_state_directories_and_survive_a_reopen(b: Backend) {
+    use tunnelfleet_coordinator::store::{Alert, AlertKind};
+    let alert = || {
+        Alert::firing(
+            AlertKind::OmaDown,
+            "oma-a:443".into(),
+            "down".into(),
+            vec![],
+        )
+    };
+    let mut keys = Vec::new();
+    for b in [b.another(), b] {
+        let store = b.open().await;
+        let a = store.fire_alert(alert(), &["ops".into()]).await.unwrap();
+        let key = store.deliveries().unwrap()[0].idempotency_key.clone();
+        assert!(key.contains(&format!("alert-{}-firing", a.id)), "{key}");
+        // Reopened: the same identity, so a retried delivery keeps its key.
+        drop(store);
+        let store = b.open().await;
+        store.resolve_alert(a.id, &["ops".into()]).await.unwrap();
+        let resolved = store.deliveries().unwrap()[1].idempotency_key.clone();
+        assert_eq!(
+            resolved,
+            key.replace("-firing", "-resolved"),
+            "another identity after a reopen"
+        );
+        keys.push(key);
+    }
+    assert_ne!(keys[0], keys[1], "two state directories, one key");
+}
+
+on_every_engine!(idempotency_keys_differ_between_state_directories_and_survive_a_reopen);
+
+/// A staged rollout as the store keeps it: the stage reached and what the fleet ran before
+/// survive a reopen; agents not promoted get the previous profiles, promoted ones the new;
+/// other profile changes wait for it; an abort restores the previous profiles as a new version.
+async fn a_rollout_survives_a_reopen_holds_the_unpromoted_back_and_aborts_to_the_old(b: Backend) {
+    use tunnelfleet_coordinator::store::{Rollout, RolloutState, Stage};
+    let s = b.open().await;
+    s.put_profile(&spec("oma")).await.unwrap();
+    let base = s
+        .assign(&Assignment {
+            profile: "oma".into(),
+            selector: Selector::Labels(labels(&[("site", "dc1")])),
+        })
+        .await
+        .unwrap();
+    let mut changed = spec("oma");
+    changed.forwards.push("L 10809:localhost:10809".into());
+    let stage = |name: &str, agents: &[&str]| Stage {
+        name: name.into(),
+        agents: agents.iter().map(|a| a.to_string()).collect(),
+        started_unix_ms: None,
+        passed_unix_ms: None,
+        offline: vec![],
+    };
+    let plan = Rollout {
+        version: 0,
+        base_version: base,
+        what: "staged rollout of profiles oma".into(),
+        started_by: "test".into(),
+        started_unix_ms: 1,
+        wait_ms: 1000,
+        settle_ms: 10_000,
+        stages: vec![stage("canary", &["vma-1"]), stage("wave 1", &["vma-2"])],
+        current: 0,
+        state: RolloutState::Running,
+        reasons: BTreeMap::new(),
+        halted_unix_ms: None,
+        reverted: Default::default(),
+        alert: None,
+        finished_unix_ms: None,
+        base_profiles: vec![],
+        base_assignments: vec![],
+    };
+    // Planned on an older version: refused.
+    let mut stale = plan.clone();
+    stale.base_version = base - 1;
+    assert!(matches!(
+        s.start_rollout(&[changed.clone()], stale)
+            .await
+            .unwrap_err(),
+        StoreError::FleetChanged { .. }
+    ));
+    let r = s.start_rollout(&[changed.clone()], plan).await.unwrap();
+    assert_eq!(r.version, base + 1);
+    assert!(matches!(
+        s.put_profile(&spec("nbd")).await.unwrap_err(),
+        StoreError::RolloutInProgress(v) if v == r.version
+    ));
+    let dc1 = labels(&[("site", "dc1")]);
+    let forwards = |s: &Store, id: &str| {
+        s.snapshot().unwrap().set_for(id, &dc1).profiles[0]
+            .forwards
+            .len()
+    };
+    assert_eq!(forwards(&s, "vma-1"), 2, "the canary runs the new version");
+    assert_eq!(forwards(&s, "vma-2"), 1, "the wave waits on the old one");
+    let mut r = r;
+    r.current = 1;
+    let promoted = s.step_rollout(&r, "wave 1 gets it").await.unwrap();
+    assert_eq!(promoted, r.version + 1, "each step is a version of its own");
+    drop(s);
+
+    let s = b.open().await;
+    let again = s.active_rollout().unwrap().unwrap();
+    assert_eq!(again.current, 1);
+    assert_eq!(again.base_profiles, vec![spec("oma")]);
+    assert_eq!(forwards(&s, "vma-2"), 2);
+    assert_eq!(forwards(&s, "vma-3"), 1, "in no stage: held until done");
+    let (v, closed) = s.abort_rollout().await.unwrap();
+    assert_eq!(v, promoted + 1);
+    assert_eq!(closed.state, RolloutState::Aborted);
+    assert!(s.active_rollout().unwrap().is_none());
+    assert_eq!(
+        s.last_rollout().unwrap().unwrap().state,
+        RolloutState::Aborted
+    );
+    assert_eq!(s.profiles().unwrap(), vec![spec("oma")]);
+    assert_eq!(forwards(&s, "vma-1"), 1);
+    s.put_profile(&spec("nbd")).await.unwrap();
+}
+
+on_every_engine!(a_rollout_survives_a_reopen_holds_the_unpromoted_back_and_aborts_to_the_old);
+
+/// Two coordinators on one etcd: each sees the other's changes, and versions come from etcd,
+/// so the two never hand out one version twice, however their writes interleave.
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_coordinators_on_one_etcd_share_the_state_and_never_repeat_a_version() {
+    let Some(b) = Backend::etcd().await else {
+        return;
+    };
+    let (one, two) = (b.open().await, b.open().await);
+    assert_eq!(one.id(), two.id(), "one store, one identity");
+    let writers: Vec<_> = [one.clone(), two.clone()]
+        .into_iter()
+        .enumerate()
+        .map(|(w, s)| {
+            tokio::spawn(async move {
+                let mut versions = Vec::new();
+                for i in 0..40 {
+                    versions.push(s.put_profile(&spec(&format!("p{w}-{i}"))).await.unwrap());
+                }
+                versions
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for w in writers {
+        all.extend(w.await.unwrap());
+    }
+    let mut sorted = all.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted.len(), 80, "a version handed out twice: {all:?}");
+    assert_eq!(sorted, (1..=80).collect::<Vec<u64>>());
+    // Each sees all eighty, whoever wrote them (the watch carries the other's).
+    integration_tests::wait_until(10, "both see every profile", || async {
+        one.profiles().unwrap().len() == 80 && two.profiles().unwrap().len() == 80
+    })
+    .await;
+    assert_eq!(one.fleet_version().unwrap(), 80);
+    integration_tests::wait_until(10, "the other sees the version", || async {
+        two.fleet_version().unwrap() == 80
+    })
+    .await;
+    // Plain writes (an agent's record) reach the other too.
+    let rec = tunnelfleet_coordinator::store::AgentRecord {
+        id: "vma-7".into(),
+        ..Default::default()
+    };
+    one.record_agent(&rec).await.unwrap();
+    integration_tests::wait_until(10, "the other sees the agent", || async {
+        two.agent("vma-7").unwrap().is_some()
+    })
+    .await;
+    // Ids (events, alerts) never collide either.
+    let (a, b) = tokio::join!(
+        one.fire_alert(
+            tunnelfleet_coordinator::store::Alert::firing(
+                tunnelfleet_coordinator::store::AlertKind::OmaDown,
+                "oma-a:443".into(),
+                "down".into(),
+                vec![],
+            ),
+            &[],
+        ),
+        two.fire_alert(
+            tunnelfleet_coordinator::store::Alert::firing(
+                tunnelfleet_coordinator::store::AlertKind::OmaDown,
+                "oma-b:443".into(),
+                "down".into(),
+                vec![],
+            ),
+            &[],
+        )
+    );
+    assert_ne!(a.unwrap().id, b.unwrap().id);
+}
+
+/// Three etcd members: losing one changes nothing; losing two refuses writes with an error
+/// that says etcd is the reason, while reads go on from what was committed; with quorum back,
+/// writes go through again and the refused change was never half made.
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_store_refuses_writes_without_quorum_and_resumes_with_it() {
+    if !integration_tests::EtcdCluster::available("etcd quorum") {
+        return;
+    }
+    let mut cluster = integration_tests::EtcdCluster::start(3).await;
+    let mut cfg = cluster.store_config("/q/");
+    cfg.timeout = std::time::Duration::from_secs(1);
+    let s = Store::open_etcd(&cfg).await.unwrap();
+    assert_eq!(s.put_profile(&spec("oma")).await.unwrap(), 1);
+
+    // One member lost: nothing stops.
+    cluster.kill(2);
+    assert_eq!(s.put_profile(&spec("nbd")).await.unwrap(), 2);
+
+    // Two lost: no quorum. The change is refused, naming etcd; reads still answer.
+    cluster.kill(1);
+    let e = s.put_profile(&spec("api")).await.unwrap_err();
+    assert!(matches!(e, StoreError::Etcd { .. }), "{e}");
+    assert!(
+        e.to_string().contains("etcd") && e.to_string().contains("127.0.0.1"),
+        "{e}"
+    );
+    assert_eq!(s.profiles().unwrap().len(), 2);
+    assert_eq!(s.fleet_version().unwrap(), 2);
+
+    // Quorum back: writes resume; the refused change was not applied behind our back.
+    cluster.restart(1);
+    cluster.restart(2);
+    cluster.wait_healthy().await;
+    let v = std::sync::Mutex::new(None);
+    integration_tests::wait_until(30, "writes accepted again", || async {
+        match s.put_profile(&spec("api")).await {
+            Ok(version) => {
+                *v.lock().unwrap() = Some(version);
+                true
+            }
+            Err(_) => false,
+        }
+    })
+    .await;
+    let v = *v.lock().unwrap();
+    assert_eq!(v, Some(3), "the refused change left no version behind");
+    let names: Vec<_> = s.profiles().unwrap().into_iter().map(|p| p.name).collect();
+    assert_eq!(names, vec!["api", "nbd", "oma"]);
+}
