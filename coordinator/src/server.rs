@@ -40,8 +40,16 @@ pub struct CoordinatorConfig {
     pub admin_plaintext_on_network: bool,
     /// PKI directory from `tunnelfleet pki init`.
     pub pki_dir: PathBuf,
-    /// sled state directory.
+    /// Where the fleet state is: `sled` (embedded, in `state_dir`; the default) or `etcd`
+    /// (the `[etcd]` section; several coordinators share it).
+    #[serde(default)]
+    pub store: StoreKind,
+    /// sled state directory (with `store = "sled"`).
+    #[serde(default)]
     pub state_dir: PathBuf,
+    /// The etcd cluster (with `store = "etcd"`).
+    #[serde(default)]
+    pub etcd: Option<crate::store::EtcdConfig>,
     /// File holding the admin bearer token (refused when group or others can read it).
     pub admin_token_file: PathBuf,
     /// Heartbeat interval told to agents.
@@ -65,6 +73,52 @@ pub struct CoordinatorConfig {
     /// `net.core.rmem_max` / `wmem_max`; a warning says when the cap grants less).
     #[serde(default = "default_udp_buffer")]
     pub udp_buffer: usize,
+}
+
+/// The store engine.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// Embedded sled in `state_dir`: one coordinator, nothing to install.
+    #[default]
+    Sled,
+    /// etcd (`[etcd]`): several coordinators on one fleet state.
+    Etcd,
+}
+
+/// Opens the store the config names; the error says which setting is wrong.
+pub async fn open_store(cfg: &CoordinatorConfig) -> anyhow::Result<Store> {
+    match cfg.store {
+        StoreKind::Sled => {
+            if cfg.state_dir.as_os_str().is_empty() {
+                anyhow::bail!("state_dir: required with store = \"sled\" (the default)");
+            }
+            Ok(Store::open(&cfg.state_dir)?)
+        }
+        StoreKind::Etcd => {
+            let Some(etcd) = &cfg.etcd else {
+                anyhow::bail!(
+                    "store = \"etcd\" needs an [etcd] section with endpoints = [\"https://…:2379\", …]"
+                );
+            };
+            if etcd.endpoints.is_empty() {
+                anyhow::bail!("etcd.endpoints: names no etcd member");
+            }
+            open_etcd(etcd).await
+        }
+    }
+}
+
+#[cfg(feature = "etcd")]
+async fn open_etcd(etcd: &crate::store::EtcdConfig) -> anyhow::Result<Store> {
+    Ok(Store::open_etcd(etcd).await?)
+}
+
+#[cfg(not(feature = "etcd"))]
+async fn open_etcd(_: &crate::store::EtcdConfig) -> anyhow::Result<Store> {
+    anyhow::bail!(
+        "store = \"etcd\": this coordinator was built without the etcd store (cargo build --features tunnelfleet-coordinator/etcd; it needs protoc)"
+    )
 }
 
 fn default_udp_buffer() -> usize {
@@ -174,7 +228,7 @@ pub async fn bind(cfg: &CoordinatorConfig) -> anyhow::Result<Bound> {
     if signer.is_none() {
         tracing::info!(pki = %cfg.pki_dir.display(), "no CA key in the PKI directory: agents cannot enroll with join tokens here");
     }
-    let store = Store::open(&cfg.state_dir)?;
+    let store = open_store(cfg).await?;
     let udp = crate::udp::bind(cfg.listen, cfg.udp_buffer)
         .with_context(|| format!("control link: cannot listen on udp {}", cfg.listen))?;
     if udp.recv_buffer < cfg.udp_buffer || udp.send_buffer < cfg.udp_buffer {

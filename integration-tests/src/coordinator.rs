@@ -135,6 +135,8 @@ impl FullCoordinator {
             admin_plaintext_on_network: false,
             pki_dir,
             state_dir: dir.join("state"),
+            store: Default::default(),
+            etcd: None,
             admin_token_file: token_file,
             heartbeat_interval: heartbeat,
             alerts,

@@ -47,6 +47,8 @@ async fn profiles_assign_rollout_and_agents_through_the_cli() {
         admin_plaintext_on_network: false,
         pki_dir: pki_dir.clone(),
         state_dir: dir.path().join("state"),
+        store: Default::default(),
+        etcd: None,
         admin_token_file: token.clone(),
         heartbeat_interval: Duration::from_millis(500),
         alerts: Default::default(),

@@ -149,6 +149,8 @@ pub(super) async fn run_in(
         admin_plaintext_on_network: false,
         pki_dir: pki_dir.clone(),
         state_dir: dir.join("coordinator"),
+        store: Default::default(),
+        etcd: None,
         admin_token_file: token_file,
         heartbeat_interval: Duration::from_secs(1),
         alerts: Default::default(),
