@@ -36,7 +36,7 @@ impl From<StoreError> for ApiError {
             | StoreError::RolloutInProgress(_)
             | StoreError::FleetChanged { .. } => StatusCode::CONFLICT,
             // etcd without quorum or out of reach: nothing was changed; try again later.
-            StoreError::Etcd { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            StoreError::Etcd { .. } | StoreError::NotLeader => StatusCode::SERVICE_UNAVAILABLE,
             StoreError::TokenRefused(_)
             | StoreError::Sled(_)
             | StoreError::ForeignTree

@@ -19,11 +19,14 @@
 //! - [`tokens`]: join tokens and revocations.
 //! - [`access`]: named admin tokens with their roles, and the audit log.
 //! - [`rollouts`]: staged rollouts: the stages, where they stand, what the fleet ran before.
+//! - [`coordinators`]: the coordinators sharing the store and the one that leads (a lease
+//!   each; the leader's writes fenced by its claim).
 //! - [`schema`]: the schema version and migrations.
 
 mod access;
 mod agents;
 mod alerts;
+mod coordinators;
 mod engine;
 mod events;
 mod groups;
@@ -43,6 +46,7 @@ use engine::{Abort, Db, Tree, TxTree};
 pub use access::{AUDIT_RETENTION, AdminToken, AuditEntry, Role, UnknownRole};
 pub use agents::{AgentRecord, Labels};
 pub use alerts::{Alert, AlertKind, AlertStatus, Delivery, Silence, alert_key, glob_match};
+pub use coordinators::{CoordinatorRecord, Membership, Standing};
 pub use events::Event;
 pub use groups::{GroupError, OmaGroup};
 pub use history::{HISTORY_KEPT, Revision, RevisionSummary};
@@ -132,6 +136,11 @@ pub enum StoreError {
         /// What failed and why.
         reason: String,
     },
+    /// A write of the leader's after it lost the lead (its claim in etcd is gone): not made.
+    #[error(
+        "this coordinator no longer leads the fleet: the change was not made (the new leader decides)"
+    )]
+    NotLeader,
     /// A tree of one engine given to another's transaction (a bug, never a peer's doing).
     #[error("state store: a tree of another engine in a transaction")]
     ForeignTree,
@@ -250,6 +259,11 @@ pub struct Store {
     admin_names: Tree,
     /// The audit log: `seq` -> [`AuditEntry`].
     audit_log: Tree,
+    /// The coordinators up (etcd: each under its own lease): name -> [`CoordinatorRecord`].
+    coordinators: Tree,
+    /// `leader`: the leading coordinator's name, under its lease (etcd).
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+    lead: Tree,
     /// [`META_STORE_ID`].
     id: String,
 }
@@ -285,8 +299,9 @@ impl Store {
         Ok(s)
     }
 
-    fn on(db: Db, path: &str) -> Result<Store, StoreError> {
-        let s = Store {
+    /// The store's trees on `db`, nothing read or written.
+    fn trees(db: Db, id: String) -> Result<Store, StoreError> {
+        Ok(Store {
             meta: db.open_tree("meta")?,
             profiles: db.open_tree("profiles")?,
             assignments: db.open_tree("assignments")?,
@@ -305,10 +320,15 @@ impl Store {
             rollouts: db.open_tree("rollouts")?,
             admin_names: db.open_tree("admin_names")?,
             audit_log: db.open_tree("audit_log")?,
-            id: String::new(),
+            coordinators: db.open_tree("coordinators")?,
+            lead: db.open_tree("lead")?,
+            id,
             db,
-        };
-        let mut s = s;
+        })
+    }
+
+    fn on(db: Db, path: &str) -> Result<Store, StoreError> {
+        let mut s = Store::trees(db, String::new())?;
         s.index_outbox()?;
         s.index_firing()?;
         s.id = match s.meta.get(META_STORE_ID)? {

@@ -52,11 +52,30 @@ const PAGE: i64 = 1000;
 /// The key of the shared id counter (not in any tree: tree keys are `name/…`).
 const IDS_KEY: &[u8] = b"_ids";
 
-/// An open etcd store: the client, the mirror and its watch, queued writes.
+/// The key the leader holds with its lease (see `store::coordinators`).
+pub(crate) const LEADER_KEY: &[u8] = b"lead/leader";
+
+/// The leader's hold on [`LEADER_KEY`]: the lease it was put with. A write fenced by it
+/// commits only while etcd still has the key under that lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Claim {
+    /// The lease id.
+    pub(crate) lease: i64,
+}
+
+/// Where a fenced handle reads the claim it writes under (None: not leading now).
+pub(crate) type FenceCell = Arc<std::sync::RwLock<Option<Claim>>>;
+
+/// An open etcd store: the client, the mirror and its watch, queued writes; and, for the
+/// leader's handle, the fence every write of it carries.
 #[derive(Clone)]
 pub(crate) struct EtcdDb {
     inner: Arc<Inner>,
+    fence: Option<FenceCell>,
 }
+
+/// A queued plain write: the value (None: removed) and the lease that fences it.
+type Queued = (Option<Vec<u8>>, Option<i64>);
 
 struct Inner {
     client: Client,
@@ -69,8 +88,10 @@ struct Inner {
     mirror: std::sync::RwLock<Mirror>,
     /// The revision the mirror has seen everything up to.
     seen: tokio::sync::watch::Sender<i64>,
-    /// Plain writes not yet committed: tree-qualified key -> value (None: removed).
-    queued: std::sync::Mutex<BTreeMap<Vec<u8>, Option<Vec<u8>>>>,
+    /// Plain writes not yet committed: tree-qualified key -> value and fence.
+    queued: std::sync::Mutex<BTreeMap<Vec<u8>, Queued>>,
+    /// The last lease a fenced commit found gone (0: none): the leader lost its claim.
+    lost: std::sync::atomic::AtomicI64,
     /// One group commit at a time.
     commit_lock: tokio::sync::Mutex<()>,
     /// The id block: next, end (exclusive).
@@ -108,7 +129,7 @@ pub(crate) struct EtcdTree {
 /// The keys a transaction read (with the mod revision it saw) and what it wrote.
 pub(crate) struct EtcdTx<'a> {
     mirror: &'a Mirror,
-    queued: &'a BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    queued: &'a BTreeMap<Vec<u8>, Queued>,
     reads: std::cell::RefCell<BTreeMap<Vec<u8>, i64>>,
     writes: std::cell::RefCell<BTreeMap<Vec<u8>, Option<Vec<u8>>>>,
     /// It read a key with a queued plain write: commit those first and run again.
@@ -195,12 +216,14 @@ impl EtcdDb {
                 mirror: std::sync::RwLock::new(Mirror::default()),
                 seen: tokio::sync::watch::Sender::new(0),
                 queued: std::sync::Mutex::new(BTreeMap::new()),
+                lost: std::sync::atomic::AtomicI64::new(0),
                 commit_lock: tokio::sync::Mutex::new(()),
                 ids: tokio::sync::Mutex::new((0, 0)),
                 progress,
                 flushes: AtomicU64::new(0),
                 watch_task: std::sync::Mutex::new(None),
             }),
+            fence: None,
         };
         let revision = db.reload().await?;
         let weak = Arc::downgrade(&db.inner);
@@ -209,6 +232,119 @@ impl EtcdDb {
             *t = Some(task);
         }
         Ok(db)
+    }
+
+    /// This database as the leader's handle: every write it makes commits only while the
+    /// claim in `cell` holds.
+    pub(super) fn with_fence(&self, cell: FenceCell) -> EtcdDb {
+        EtcdDb {
+            inner: self.inner.clone(),
+            fence: Some(cell),
+        }
+    }
+
+    /// The claim this handle writes under now: Ok(None) unfenced, an error when fenced and
+    /// not leading (or the claim was found gone).
+    fn claim(&self) -> Result<Option<Claim>, StoreError> {
+        let Some(cell) = &self.fence else {
+            return Ok(None);
+        };
+        let claim = *cell
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match claim {
+            Some(c) if c.lease != self.inner.lost.load(SeqCst) => Ok(Some(c)),
+            _ => Err(StoreError::NotLeader),
+        }
+    }
+
+    /// The lease a fenced commit last found gone (0: none).
+    pub(crate) fn lost_lease(&self) -> i64 {
+        self.inner.lost.load(SeqCst)
+    }
+
+    fn fence_compare(&self, c: Claim) -> Compare {
+        Compare::lease(self.full(LEADER_KEY), CompareOp::Equal, c.lease)
+    }
+
+    /// An etcd request with this store's deadline; the error names what was being done.
+    async fn call<T>(
+        &self,
+        what: &str,
+        f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.inner.timeout, f).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(self.error(what, e)),
+            Err(_) => Err(self.error(what, NO_ANSWER)),
+        }
+    }
+
+    /// A new lease of `ttl`.
+    pub(crate) async fn grant(&self, ttl: Duration) -> Result<i64, StoreError> {
+        let mut c = self.inner.client.lease_client();
+        let secs = ttl.as_secs().max(1) as i64;
+        Ok(self
+            .call("granting a lease", c.grant(secs, None))
+            .await?
+            .id())
+    }
+
+    /// A keep-alive stream for `lease`.
+    pub(crate) async fn keep_alive(
+        &self,
+        lease: i64,
+    ) -> Result<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream), StoreError> {
+        let mut c = self.inner.client.lease_client();
+        self.call("keeping a lease alive", c.keep_alive(lease))
+            .await
+    }
+
+    /// Gives `lease` up (its keys go at once).
+    pub(crate) async fn revoke(&self, lease: i64) -> Result<(), StoreError> {
+        let mut c = self.inner.client.lease_client();
+        self.call("revoking a lease", c.revoke(lease))
+            .await
+            .map(|_| ())
+    }
+
+    /// Puts `key` (prefix-relative) under `lease`.
+    pub(crate) async fn put_leased(
+        &self,
+        key: &[u8],
+        value: Vec<u8>,
+        lease: i64,
+    ) -> Result<(), StoreError> {
+        let mut kv = self.inner.client.kv_client();
+        let opts = etcd_client::PutOptions::new().with_lease(lease);
+        self.call("registering", kv.put(self.full(key), value, Some(opts)))
+            .await
+            .map(|_| ())
+    }
+
+    /// Puts `key` (prefix-relative) under `lease` if nobody holds it: Ok(None) when it is
+    /// ours now, Ok(Some(holder's value)) when someone else's.
+    pub(crate) async fn claim_key(
+        &self,
+        key: &[u8],
+        value: Vec<u8>,
+        lease: i64,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut kv = self.inner.client.kv_client();
+        let full = self.full(key);
+        let txn = Txn::new()
+            .when([Compare::create_revision(full.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                full.clone(),
+                value,
+                Some(etcd_client::PutOptions::new().with_lease(lease)),
+            )])
+            .or_else([TxnOp::get(full, None)]);
+        let r = self.call("claiming the lead", kv.txn(txn)).await?;
+        if r.succeeded() {
+            return Ok(None);
+        }
+        Ok(holder(&r).map(|(v, _)| v).or(Some(Vec::new())))
     }
 
     fn error(&self, what: &str, e: impl std::fmt::Display) -> StoreError {
@@ -298,51 +434,83 @@ impl EtcdDb {
     }
 
     /// Commits every queued plain write (group commit: one caller commits what all queued).
+    /// Writes fenced by a claim go in transactions of their own that commit only while the
+    /// claim holds; when it is gone they are dropped, never applied.
     pub(super) async fn durable(&self) -> Result<(), StoreError> {
+        self.commit_queued().await?;
+        // A fenced caller learns here that its writes went nowhere.
+        self.claim().map(|_| ())
+    }
+
+    async fn commit_queued(&self) -> Result<(), StoreError> {
         let _one = self.inner.commit_lock.lock().await;
-        let batch: Vec<(Vec<u8>, Option<Vec<u8>>)> = match self.inner.queued.lock() {
-            Ok(q) => q.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            Err(_) => return Err(self.error("queue", "poisoned")),
-        };
+        let batch: Vec<(Vec<u8>, Queued)> = self
+            .queued()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         if batch.is_empty() {
             return Ok(());
         }
+        let mut fences: Vec<Option<i64>> = batch.iter().map(|(_, (_, f))| *f).collect();
+        fences.sort_unstable();
+        fences.dedup();
         let mut kv = self.inner.client.kv_client();
         let mut last = 0;
-        let mut start = 0;
-        while start < batch.len() {
-            let mut ops = Vec::new();
-            let mut bytes = 0;
-            let mut end = start;
-            while end < batch.len() && ops.len() < MAX_TXN_OPS {
-                let (k, v) = &batch[end];
-                let size = k.len() + v.as_ref().map_or(0, Vec::len);
-                if !ops.is_empty() && bytes + size > MAX_TXN_BYTES {
+        let mut dropped = Vec::new();
+        for fence in fences {
+            let group: Vec<&(Vec<u8>, Queued)> =
+                batch.iter().filter(|(_, (_, f))| *f == fence).collect();
+            let mut start = 0;
+            while start < group.len() {
+                let mut ops = Vec::new();
+                let mut bytes = 0;
+                let mut end = start;
+                while end < group.len() && ops.len() < MAX_TXN_OPS {
+                    let (k, (v, _)) = group[end];
+                    let size = k.len() + v.as_ref().map_or(0, Vec::len);
+                    if !ops.is_empty() && bytes + size > MAX_TXN_BYTES {
+                        break;
+                    }
+                    bytes += size;
+                    ops.push(match v {
+                        Some(v) => TxnOp::put(self.full(k), v.clone(), None),
+                        None => TxnOp::delete(self.full(k), None),
+                    });
+                    end += 1;
+                }
+                let mut txn = Txn::new();
+                if let Some(lease) = fence {
+                    txn = txn.when([self.fence_compare(Claim { lease })]);
+                }
+                let r = self.call("committing", kv.txn(txn.and_then(ops))).await?;
+                last = r.header().map_or(last, |h| h.revision());
+                if !r.succeeded() {
+                    // The claim is gone: these were the leader's, and it is not any more.
+                    if let Some(lease) = fence {
+                        self.inner.lost.store(lease, SeqCst);
+                    }
+                    dropped.extend(group[start..].iter().map(|(k, _)| k.clone()));
                     break;
                 }
-                bytes += size;
-                ops.push(match v {
-                    Some(v) => TxnOp::put(self.full(k), v.clone(), None),
-                    None => TxnOp::delete(self.full(k), None),
-                });
-                end += 1;
+                start = end;
             }
-            let r = tokio::time::timeout(self.inner.timeout, kv.txn(Txn::new().and_then(ops)))
-                .await
-                .map_err(|_| self.error("committing", NO_ANSWER))?
-                .map_err(|e| self.error("committing", e))?;
-            last = r.header().map_or(last, |h| h.revision());
-            start = end;
         }
         self.seen(last).await?;
-        if let Ok(mut q) = self.inner.queued.lock() {
-            for (k, v) in batch {
-                if q.get(&k) == Some(&v) {
-                    q.remove(&k);
-                }
+        let mut q = self.queued();
+        for (k, v) in &batch {
+            if q.get(k) == Some(v) {
+                q.remove(k);
             }
         }
+        drop(q);
         self.inner.flushes.fetch_add(1, SeqCst);
+        if !dropped.is_empty() {
+            tracing::warn!(
+                writes = dropped.len(),
+                "the leader's claim in etcd is gone: its queued writes were dropped"
+            );
+        }
         Ok(())
     }
 
@@ -361,8 +529,9 @@ impl EtcdDb {
     ) -> Result<T, StoreError> {
         let mut kv = self.inner.client.kv_client();
         for _ in 0..MAX_ATTEMPTS {
+            let claim = self.claim()?;
             if !self.queued_is_empty() {
-                self.durable().await?;
+                self.commit_queued().await?;
             }
             let (result, reads, writes, saw_queued) = {
                 let (Ok(mirror), Ok(queued)) = (self.inner.mirror.read(), self.inner.queued.lock())
@@ -391,7 +560,7 @@ impl EtcdDb {
                 )
             };
             if saw_queued {
-                self.durable().await?;
+                self.commit_queued().await?;
                 continue;
             }
             if let Err(Abort::Sled(e)) = &result {
@@ -413,10 +582,13 @@ impl EtcdDb {
                     ),
                 ));
             }
-            let compares: Vec<Compare> = reads
+            let mut compares: Vec<Compare> = reads
                 .iter()
                 .map(|(k, rev)| Compare::mod_revision(self.full(k), CompareOp::Equal, *rev))
                 .collect();
+            if let Some(c) = claim {
+                compares.push(self.fence_compare(c));
+            }
             let ops: Vec<TxnOp> = writes
                 .iter()
                 .map(|(k, v)| match v {
@@ -424,13 +596,11 @@ impl EtcdDb {
                     None => TxnOp::delete(self.full(k), None),
                 })
                 .collect();
-            let r = tokio::time::timeout(
-                self.inner.timeout,
-                kv.txn(Txn::new().when(compares).and_then(ops)),
-            )
-            .await
-            .map_err(|_| self.error("committing", NO_ANSWER))?
-            .map_err(|e| self.error("committing", e))?;
+            let txn = Txn::new()
+                .when(compares)
+                .and_then(ops)
+                .or_else([TxnOp::get(self.full(LEADER_KEY), None)]);
+            let r = self.call("committing", kv.txn(txn)).await?;
             let revision = r.header().map_or(0, |h| h.revision());
             if r.succeeded() {
                 if !writes.is_empty() {
@@ -441,6 +611,12 @@ impl EtcdDb {
                     Err(Abort::Store(e)) => Err(e),
                     Err(Abort::Sled(e)) => Err(self.error("transaction", format!("{e:?}"))),
                 };
+            }
+            if let Some(c) = claim
+                && holder(&r).is_none_or(|(_, lease)| lease != c.lease)
+            {
+                self.inner.lost.store(c.lease, SeqCst);
+                return Err(StoreError::NotLeader);
             }
             // Someone wrote a key we read: see their write, then run again.
             let _ = self.inner.progress.try_send(());
@@ -457,7 +633,7 @@ impl EtcdDb {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn queued(&self) -> std::sync::MutexGuard<'_, BTreeMap<Vec<u8>, Option<Vec<u8>>>> {
+    fn queued(&self) -> std::sync::MutexGuard<'_, BTreeMap<Vec<u8>, Queued>> {
         self.inner
             .queued
             .lock()
@@ -505,13 +681,14 @@ impl EtcdTxTree<'_> {
 impl EtcdTree {
     pub(super) fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
         let k = qualified(&self.tree, key);
-        if let Some(v) = self.db.queued().get(&k) {
+        if let Some((v, _)) = self.db.queued().get(&k) {
             return v.clone();
         }
         self.db.mirror().kv.get(&k).map(|(v, _)| v.clone())
     }
 
     fn queue(&self, key: &[u8], value: Option<Vec<u8>>) -> Result<Option<Vec<u8>>, StoreError> {
+        let fence = self.db.claim()?.map(|c| c.lease);
         let old = self.get(key);
         let mut q = self.db.queued();
         if q.len() >= MAX_QUEUED {
@@ -520,7 +697,7 @@ impl EtcdTree {
                 format!("{MAX_QUEUED} writes are waiting for etcd to commit them"),
             ));
         }
-        q.insert(qualified(&self.tree, key), value);
+        q.insert(qualified(&self.tree, key), (value, fence));
         Ok(old)
     }
 
@@ -544,7 +721,7 @@ impl EtcdTree {
             .range(from.clone()..to.clone())
             .map(|(k, (v, _))| (k[self.tree.len()..].to_vec(), v.clone()))
             .collect();
-        for (k, v) in self.db.queued().range(from..to) {
+        for (k, (v, _)) in self.db.queued().range(from..to) {
             let k = k[self.tree.len()..].to_vec();
             match v {
                 Some(v) => out.insert(k, v.clone()),
@@ -553,6 +730,16 @@ impl EtcdTree {
         }
         out.into_iter().collect()
     }
+}
+
+/// The value and lease of the key a transaction's `or_else` read, if it exists.
+fn holder(r: &etcd_client::TxnResponse) -> Option<(Vec<u8>, i64)> {
+    r.op_responses().into_iter().find_map(|op| match op {
+        etcd_client::TxnOpResponse::Get(g) => {
+            g.kvs().first().map(|k| (k.value().to_vec(), k.lease()))
+        }
+        _ => None,
+    })
 }
 
 /// Loads every key under the prefix at one revision (paged).

@@ -90,6 +90,25 @@ impl Db {
         Ok(Db::Etcd(etcd_kv::EtcdDb::open(cfg).await?))
     }
 
+    /// This database as the leader's handle: on etcd every write it makes commits only while
+    /// the claim in `cell` holds; sled has one coordinator, always leading.
+    #[cfg(feature = "etcd")]
+    pub(super) fn fenced(&self, cell: etcd_kv::FenceCell) -> Db {
+        match self {
+            Db::Sled(db) => Db::Sled(db.clone()),
+            Db::Etcd(db) => Db::Etcd(db.with_fence(cell)),
+        }
+    }
+
+    /// The etcd database under this one, if it is etcd.
+    #[cfg(feature = "etcd")]
+    pub(super) fn etcd(&self) -> Option<&etcd_kv::EtcdDb> {
+        match self {
+            Db::Etcd(db) => Some(db),
+            Db::Sled(_) => None,
+        }
+    }
+
     /// The tree called `name` (created empty if new).
     pub(super) fn open_tree(&self, name: &'static str) -> Result<Tree, StoreError> {
         match self {
