@@ -4,7 +4,8 @@
 //! - [`pki`]: the fleet CA; coordinator and agent certificates.
 //! - [`tls`]: mutual-TLS QUIC settings; the agent id from a verified certificate.
 //! - [`udp`]: the control link's UDP socket, buffers sized for thousands of agents.
-//! - [`store`]: fleet state (sled, behind `store::engine`), one file per record family; every acknowledged write
+//! - [`store`]: fleet state (sled or etcd, behind `store::engine`), one file per record family;
+//!   the coordinators sharing it and their leader; every acknowledged write
 //!   flushed first.
 //! - [`fleet`]: the registry of connected agents: pushes, the offline sweep, commands, revocation.
 //! - [`link`]: one control-link connection: hello checked against the certificate, heartbeats.
@@ -16,6 +17,8 @@
 //!   durable outbox.
 //! - [`metrics`]: the Prometheus registry and the instruments counted where things happen.
 //! - [`gauges`]: the gauges read from the fleet and the watcher at scrape time.
+//! - [`lead`]: the leader's work (watcher, outbox, rollout driver) run while this coordinator
+//!   leads; pushes of versions another coordinator made.
 //! - [`rollout`]: staged rollouts: canaries, waves, halt and rollback; the driver.
 //! - [`plan`]: `profiles diff`: what applying a file would change, before it is applied.
 //! - [`admin`]: the admin HTTP API the CLI drives (bearer token), a file per resource.
@@ -36,6 +39,7 @@ pub mod enroll;
 pub mod fleet;
 pub mod gauges;
 pub mod hooks;
+pub mod lead;
 pub mod link;
 pub mod metrics;
 pub mod monitor;

@@ -38,6 +38,9 @@ pub struct CoordinatorConfig {
     /// that network in clear. Off: use `admin_tls`, or a TLS proxy on this host.
     #[serde(default)]
     pub admin_plaintext_on_network: bool,
+    /// This coordinator's name among those sharing an etcd store (default: the host name).
+    #[serde(default)]
+    pub name: Option<String>,
     /// PKI directory from `tunnelfleet pki init`.
     pub pki_dir: PathBuf,
     /// Where the fleet state is: `sled` (embedded, in `state_dir`; the default) or `etcd`
@@ -121,6 +124,15 @@ async fn open_etcd(_: &crate::store::EtcdConfig) -> anyhow::Result<Store> {
     )
 }
 
+/// The host's name (the default coordinator name).
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "coordinator".into())
+}
+
 fn default_udp_buffer() -> usize {
     crate::udp::DEFAULT_BUFFER
 }
@@ -173,6 +185,9 @@ pub struct Bound {
     rules: AlertRules,
     fleet_events: tokio::sync::mpsc::UnboundedReceiver<FleetEvent>,
     link: LinkContext,
+    membership: crate::store::Membership,
+    /// Ends the membership (the lease revoked) once the leader's work has stopped.
+    membership_stop: CancellationToken,
 }
 
 /// Everything that can fail before serving: token, PKI, store, sockets.
@@ -269,6 +284,26 @@ pub async fn bind(cfg: &CoordinatorConfig) -> anyhow::Result<Bound> {
         None => None,
     };
     let (fleet, fleet_events) = Fleet::new(store.clone(), cfg.heartbeat_interval);
+    let control = endpoint.local_addr()?;
+    let admin = admin_listener.local_addr()?;
+    let web = web_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let me = crate::store::CoordinatorRecord {
+        name: cfg.name.clone().unwrap_or_else(host_name),
+        control: control.to_string(),
+        admin: admin.to_string(),
+        web: web.map(|w| w.to_string()),
+        started_unix_ms: tunnelfleet_runtime::clock::now_unix_ms(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let ttl = cfg
+        .etcd
+        .as_ref()
+        .map_or(Duration::from_secs(3), |e| e.lease_ttl);
+    let membership_stop = CancellationToken::new();
+    let membership = store
+        .join(me, ttl, membership_stop.clone())
+        .await
+        .context("joining the coordinators")?;
     let metrics = match Metrics::new() {
         Ok(m) => Some(Arc::new(m)),
         Err(e) => {
@@ -277,13 +312,15 @@ pub async fn bind(cfg: &CoordinatorConfig) -> anyhow::Result<Bound> {
         }
     };
     Ok(Bound {
-        control: endpoint.local_addr()?,
-        admin: admin_listener.local_addr()?,
+        control,
+        admin,
         metrics: metrics_listener.as_ref().and_then(|l| l.local_addr().ok()),
         metrics_listener,
-        web: web_listener.as_ref().and_then(|l| l.local_addr().ok()),
+        web,
         web_listener,
-        outbox: Outbox::new(store.clone(), hooks),
+        outbox: Outbox::new(membership.leader_store(), hooks),
+        membership,
+        membership_stop,
         rules: cfg.alerts.clone(),
         fleet,
         fleet_events,
@@ -303,19 +340,33 @@ impl Bound {
     pub async fn run(self, shutdown: CancellationToken) {
         tracing::info!(control = %self.control, admin = %self.admin, "coordinator running");
         let metrics = self.link.metrics.clone();
-        let (watch, watcher) = crate::watch::start(
-            self.fleet.clone(),
-            self.fleet_events,
-            self.rules,
-            self.outbox,
-            metrics.clone(),
-            shutdown.clone(),
-        );
+        let watch = crate::watch::WatchHandle::new(self.outbox.clone());
         if let Some(m) = &metrics {
             crate::gauges::observe(m, Arc::downgrade(&self.fleet), watch.clone());
         }
-        let rollouts = crate::rollout::Rollouts::new(self.fleet.clone(), watch.outbox.clone());
-        let stager = tokio::spawn(rollouts.clone().run(shutdown.clone()));
+        let leader_store = self.membership.leader_store();
+        let rollouts =
+            crate::rollout::Rollouts::new(self.fleet.clone(), leader_store.clone(), self.outbox);
+        let leader = tokio::spawn(crate::lead::run(
+            crate::lead::LeaderWork {
+                fleet: self.fleet.clone(),
+                store: leader_store,
+                fleet_events: self.fleet_events,
+                rules: self.rules,
+                metrics: metrics.clone(),
+                handle: watch.clone(),
+                rollouts: rollouts.clone(),
+            },
+            self.membership.subscribe(),
+            shutdown.clone(),
+        ));
+        let follower = self.fleet.store.shared().then(|| {
+            tokio::spawn(crate::lead::follow_versions(
+                self.fleet.clone(),
+                Duration::from_millis(250),
+                shutdown.clone(),
+            ))
+        });
         let state = Admin {
             fleet: self.fleet.clone(),
             rollouts,
@@ -377,9 +428,14 @@ impl Bound {
         }
         let _ = serve.await;
         let _ = sweeper.await;
-        let _ = stager.await;
         let _ = api.await;
-        let _ = watcher.await;
+        let _ = leader.await;
+        if let Some(f) = follower {
+            let _ = f.await;
+        }
+        // The lead is given up only once nothing decides here any more.
+        self.membership_stop.cancel();
+        self.membership.stopped().await;
         tracing::info!("coordinator stopped");
     }
 }

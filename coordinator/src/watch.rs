@@ -18,8 +18,8 @@ use crate::fleet::{Fleet, FleetEvent};
 use crate::hooks::Outbox;
 use crate::metrics::Metrics;
 use crate::monitor::{Action, AlertRules, EndpointView, Monitor, ProbeError, Refusal};
-use crate::store::StoreError;
 use crate::store::{Alert, AlertKind, alert_key, glob_match};
+use crate::store::{Store, StoreError};
 
 /// Inputs of the watcher.
 #[derive(Debug)]
@@ -49,6 +49,9 @@ pub enum OmaCommandError {
     /// The watcher is gone.
     #[error("the coordinator is shutting down")]
     ShuttingDown,
+    /// Another coordinator leads: it decides OMA moves.
+    #[error("this coordinator does not lead the fleet now: send it to the leader")]
+    NotLeader,
 }
 
 /// Operator commands.
@@ -69,7 +72,8 @@ pub enum Command {
 /// How the rest of the coordinator talks to the watcher.
 #[derive(Clone)]
 pub struct WatchHandle {
-    tx: mpsc::Sender<WatchEvent>,
+    /// The running watcher's queue (None while this coordinator does not lead).
+    tx: Arc<Mutex<Option<mpsc::Sender<WatchEvent>>>>,
     view: Arc<Mutex<Vec<EndpointView>>>,
     /// The alert outbox (hook stats).
     pub outbox: Arc<Outbox>,
@@ -84,10 +88,28 @@ const QUEUE: usize = 1024;
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 impl WatchHandle {
+    /// A handle with no watcher yet (commands are refused until [`start`] runs one).
+    pub fn new(outbox: Arc<Outbox>) -> WatchHandle {
+        WatchHandle {
+            tx: Arc::default(),
+            view: Arc::default(),
+            outbox,
+        }
+    }
+
+    /// Whether a watcher runs (this coordinator leads).
+    pub fn running(&self) -> bool {
+        self.tx.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
     /// Runs an operator command.
     pub async fn command(&self, cmd: Command) -> Result<String, OmaCommandError> {
+        let queue = self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(queue) = queue else {
+            return Err(OmaCommandError::NotLeader);
+        };
         let (tx, rx) = oneshot::channel();
-        self.tx
+        queue
             .send(WatchEvent::Command(cmd, tx))
             .await
             .map_err(|_| OmaCommandError::ShuttingDown)?;
@@ -100,25 +122,27 @@ impl WatchHandle {
     }
 }
 
-/// Starts the watcher over `fleet` and its events, and the alert outbox; both stop at
-/// `shutdown`. Failovers and alerts are counted in `metrics`.
+/// Starts the watcher over `fleet` and its events, and the alert outbox, behind `handle`;
+/// both stop at `shutdown`, and the task gives the events' receiver back (for the next term
+/// of leading). What they decide is written through `store` (the leader's, fenced on etcd).
+/// Failovers and alerts are counted in `metrics`.
 pub fn start(
+    handle: &WatchHandle,
     fleet: Arc<Fleet>,
+    store: Store,
     fleet_events: mpsc::UnboundedReceiver<FleetEvent>,
     rules: AlertRules,
-    outbox: Arc<Outbox>,
     metrics: Option<Arc<Metrics>>,
     shutdown: CancellationToken,
-) -> (WatchHandle, tokio::task::JoinHandle<()>) {
+) -> tokio::task::JoinHandle<mpsc::UnboundedReceiver<FleetEvent>> {
     let (tx, rx) = mpsc::channel(QUEUE);
-    let handle = WatchHandle {
-        tx,
-        view: Arc::default(),
-        outbox: outbox.clone(),
-    };
+    *handle.tx.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx.clone());
+    let outbox = handle.outbox.clone();
     let watcher = Watcher {
         monitor: Monitor::new(rules),
         fleet,
+        store,
+        queue: tx,
         metrics,
         handle: handle.clone(),
         alert_ids: HashMap::new(),
@@ -126,17 +150,23 @@ pub fn start(
         silenced: HashMap::new(),
         probers: HashMap::new(),
     };
-    let task = tokio::spawn(async move {
+    tokio::spawn(async move {
         let o = tokio::spawn(outbox.run(shutdown.clone()));
-        watcher.run(rx, fleet_events, shutdown).await;
+        let handle = watcher.handle.clone();
+        let events = watcher.run(rx, fleet_events, shutdown).await;
+        *handle.tx.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let _ = o.await;
-    });
-    (handle, task)
+        events
+    })
 }
 
 struct Watcher {
     monitor: Monitor,
     fleet: Arc<Fleet>,
+    /// Where its decisions are written (the leader's store).
+    store: Store,
+    /// Its own queue (probers send their results here).
+    queue: mpsc::Sender<WatchEvent>,
     metrics: Option<Arc<Metrics>>,
     handle: WatchHandle,
     /// Firing alert key -> alert id.
@@ -155,8 +185,8 @@ impl Watcher {
         mut rx: mpsc::Receiver<WatchEvent>,
         mut fleet_events: mpsc::UnboundedReceiver<FleetEvent>,
         shutdown: CancellationToken,
-    ) {
-        match self.fleet.store.alerts(false) {
+    ) -> mpsc::UnboundedReceiver<FleetEvent> {
+        match self.store.alerts(false) {
             Ok(firing) => {
                 for a in firing.into_iter().filter(|a| a.kind.from_rules()) {
                     self.monitor.restore_firing(a.kind, &a.subject);
@@ -198,7 +228,7 @@ impl Watcher {
                     }
                     if pruned.is_none_or(|p| now.duration_since(p) >= PRUNE_EVERY) {
                         pruned = Some(now);
-                        match self.fleet.store.prune_alerts(tunnelfleet_runtime::clock::now_unix_ms()).await {
+                        match self.store.prune_alerts(tunnelfleet_runtime::clock::now_unix_ms()).await {
                             Ok((0, 0)) => {}
                             Ok((a, s)) => tracing::info!(alerts = a, silences = s, "dropped resolved alerts past their retention and ended silences"),
                             Err(e) => tracing::error!("pruning alerts: {e}"),
@@ -216,6 +246,7 @@ impl Watcher {
         for (_, (_, _, t)) in self.probers.drain() {
             t.abort();
         }
+        fleet_events
     }
 
     #[allow(clippy::type_complexity)]
@@ -253,7 +284,7 @@ impl Watcher {
         cmd: Command,
         now: Instant,
     ) -> (Result<String, OmaCommandError>, Vec<Action>) {
-        let store = &self.fleet.store;
+        let store = &self.store;
         match cmd {
             Command::GroupsChanged => {
                 self.refresh_groups();
@@ -308,7 +339,7 @@ impl Watcher {
         if self.silenced.is_empty() {
             return;
         }
-        let active = match self.fleet.store.silences(now_unix_ms()) {
+        let active = match self.store.silences(now_unix_ms()) {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!("reading silences: {e}");
@@ -321,7 +352,7 @@ impl Watcher {
             if active.iter().any(|s| glob_match(&s.matcher, key)) {
                 continue;
             }
-            match self.fleet.store.release_silenced(*id, &hooks).await {
+            match self.store.release_silenced(*id, &hooks).await {
                 Ok(a) => {
                     tracing::warn!(alert = a.id, kind = a.kind.as_str(), subject = %a.subject, "silence over, alert still firing: {}", a.summary);
                     released.push(key.clone());
@@ -366,7 +397,7 @@ impl Watcher {
                         continue;
                     }
                     let alert = Alert::firing(kind, subject, summary, affected);
-                    match self.fleet.store.fire_alert(alert, &hooks).await {
+                    match self.store.fire_alert(alert, &hooks).await {
                         Ok(a) => {
                             tracing::warn!(alert = a.id, kind = a.kind.as_str(), subject = %a.subject, silenced = a.silenced, "alert firing: {}", a.summary);
                             if a.silenced {
@@ -393,7 +424,7 @@ impl Watcher {
                         continue;
                     };
                     self.per_agent.resolved(&key);
-                    match self.fleet.store.resolve_alert(id, &hooks).await {
+                    match self.store.resolve_alert(id, &hooks).await {
                         Ok(a) => {
                             tracing::info!(alert = a.id, kind = a.kind.as_str(), subject = %a.subject, "alert resolved: {}", a.summary);
                             woke = true;
@@ -408,7 +439,6 @@ impl Watcher {
                     reason,
                     pinned,
                 } => match self
-                    .fleet
                     .store
                     .set_active(&group, &endpoint, &reason, pinned)
                     .await
@@ -429,7 +459,7 @@ impl Watcher {
                 },
                 Action::Event(text) => {
                     tracing::info!("{text}");
-                    self.fleet.store.log_event(&text).await
+                    self.store.log_event(&text).await
                 }
             };
             if let Err(e) = r {
@@ -449,7 +479,7 @@ impl Watcher {
 
     /// Reloads groups from the store and starts or stops probers to match.
     fn refresh_groups(&mut self) {
-        let groups = match self.fleet.store.groups() {
+        let groups = match self.store.groups() {
             Ok(g) => g,
             Err(e) => {
                 tracing::error!("reading OMA groups: {e}");
@@ -478,7 +508,7 @@ impl Watcher {
             if self.probers.contains_key(&ep) {
                 continue;
             }
-            let tx = self.handle.tx.clone();
+            let tx = self.queue.clone();
             let endpoint = ep.clone();
             let task = tokio::spawn(async move {
                 let mut tick = tokio::time::interval(interval);

@@ -137,6 +137,7 @@ impl FullCoordinator {
             state_dir: dir.join("state"),
             store: Default::default(),
             etcd: None,
+            name: None,
             admin_token_file: token_file,
             heartbeat_interval: heartbeat,
             alerts,

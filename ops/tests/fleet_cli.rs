@@ -49,6 +49,7 @@ async fn profiles_assign_rollout_and_agents_through_the_cli() {
         state_dir: dir.path().join("state"),
         store: Default::default(),
         etcd: None,
+        name: None,
         admin_token_file: token.clone(),
         heartbeat_interval: Duration::from_millis(500),
         alerts: Default::default(),

@@ -56,7 +56,7 @@ impl From<OmaCommandError> for ApiError {
             }
             OmaCommandError::Refused(r) => ApiError(StatusCode::CONFLICT, r.to_string()),
             OmaCommandError::Store(e) => e.into(),
-            OmaCommandError::ShuttingDown => {
+            OmaCommandError::NotLeader | OmaCommandError::ShuttingDown => {
                 ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
             }
         }

@@ -12,7 +12,7 @@ use super::error::ApiError;
 use super::profiles::Changed;
 use crate::monitor::EndpointView;
 use crate::store::OmaGroup;
-use crate::watch::Command;
+use crate::watch::{Command, OmaCommandError};
 
 /// The routes of this resource.
 pub(super) fn routes() -> Router<Admin> {
@@ -45,7 +45,7 @@ async fn put_group(
         .validate()
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("group.{name}.{e}")))?;
     let version = a.fleet.store.put_group(&group).await?;
-    a.watch.command(Command::GroupsChanged).await?;
+    groups_changed(&a).await?;
     let pushed_to = a.fleet.push_changed()?;
     Ok(Json(Changed { version, pushed_to }))
 }
@@ -55,7 +55,7 @@ async fn delete_group(
     Path(name): Path<String>,
 ) -> Result<Json<Changed>, ApiError> {
     let version = a.fleet.store.delete_group(&name).await?;
-    a.watch.command(Command::GroupsChanged).await?;
+    groups_changed(&a).await?;
     let pushed_to = a.fleet.push_changed()?;
     Ok(Json(Changed { version, pushed_to }))
 }
@@ -67,12 +67,43 @@ pub struct Done {
     pub message: String,
 }
 
+/// Tells the watcher the groups changed. On a coordinator that does not lead there is none:
+/// the leader reads the groups again within seconds on its own.
+async fn groups_changed(a: &Admin) -> Result<(), ApiError> {
+    match a.watch.command(Command::GroupsChanged).await {
+        Ok(_) | Err(OmaCommandError::NotLeader) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 async fn run_command(a: &Admin, cmd: Command) -> Result<Json<Done>, ApiError> {
-    a.watch
-        .command(cmd)
-        .await
-        .map(|message| Json(Done { message }))
-        .map_err(ApiError::from)
+    match a.watch.command(cmd).await {
+        Ok(message) => Ok(Json(Done { message })),
+        Err(OmaCommandError::NotLeader) => Err(not_leader(a)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// 503 naming the coordinator that leads and its admin API, where the command must go.
+fn not_leader(a: &Admin) -> ApiError {
+    let leader = a.fleet.store.leader().ok().flatten();
+    let admin = leader.as_ref().and_then(|l| {
+        a.fleet
+            .store
+            .coordinators()
+            .ok()?
+            .into_iter()
+            .find(|c| &c.name == l)
+            .map(|c| c.admin)
+    });
+    let message = match (leader, admin) {
+        (Some(l), Some(addr)) => format!(
+            "coordinator {l} leads the fleet and decides OMA moves: send this to its admin API at {addr}"
+        ),
+        (Some(l), None) => format!("coordinator {l} leads the fleet and decides OMA moves"),
+        (None, _) => "no coordinator leads the fleet right now (an election is under way): try again in a few seconds".into(),
+    };
+    ApiError(StatusCode::SERVICE_UNAVAILABLE, message)
 }
 
 async fn group_failover(

@@ -15,7 +15,7 @@ use super::judge::{AgentView, Check, check};
 use super::plan::{Canary, plan_stages};
 use crate::fleet::Fleet;
 use crate::hooks::Outbox;
-use crate::store::{Alert, AlertKind, Rollout, RolloutState, StoreError};
+use crate::store::{Alert, AlertKind, Rollout, RolloutState, Store, StoreError};
 
 /// How long an agent of a stage may take by default to apply the new version and come up
 /// (from the stage's start, or the coordinator's): past it, what it is still waiting for is a
@@ -78,6 +78,8 @@ fn offline_of(agents: &[String], connected: &BTreeSet<String>) -> Vec<String> {
 #[derive(Clone)]
 pub struct Rollouts {
     fleet: Arc<Fleet>,
+    /// Where steps are written (the leader's store).
+    store: Store,
     outbox: Arc<Outbox>,
     /// One operation at a time (start, step, resume, abort).
     turn: Arc<tokio::sync::Mutex<Memory>>,
@@ -99,9 +101,10 @@ struct Memory {
 
 impl Rollouts {
     /// A driver over `fleet`, raising its alert through `outbox`'s hooks.
-    pub fn new(fleet: Arc<Fleet>, outbox: Arc<Outbox>) -> Self {
+    pub fn new(fleet: Arc<Fleet>, store: Store, outbox: Arc<Outbox>) -> Self {
         Rollouts {
             fleet,
+            store,
             outbox,
             turn: Arc::default(),
         }
@@ -132,7 +135,7 @@ impl Rollouts {
             )));
         }
         let _turn = self.turn.lock().await;
-        let store = &self.fleet.store;
+        let store = &self.store;
         if let Some(r) = store.active_rollout()? {
             return Err(StoreError::RolloutInProgress(r.version).into());
         }
@@ -209,7 +212,7 @@ impl Rollouts {
     /// failed agents included) and waited on from the start.
     pub async fn resume(&self, by: &str) -> Result<Rollout, StartError> {
         let _turn = self.turn.lock().await;
-        let store = &self.fleet.store;
+        let store = &self.store;
         let mut r = store
             .active_rollout()?
             .ok_or(StoreError::NoRolloutInProgress)?;
@@ -252,7 +255,7 @@ impl Rollouts {
     /// a new version).
     pub async fn abort(&self, by: &str) -> Result<(u64, Rollout), StartError> {
         let _turn = self.turn.lock().await;
-        let store = &self.fleet.store;
+        let store = &self.store;
         let mut r = store
             .active_rollout()?
             .ok_or(StoreError::NoRolloutInProgress)?;
@@ -285,7 +288,7 @@ impl Rollouts {
     /// One look at the stage in progress at `now`: promote it, halt it, finish, or wait.
     pub async fn step(&self, now: Instant) -> Result<(), StoreError> {
         let mut mem = self.turn.lock().await;
-        let store = &self.fleet.store;
+        let store = &self.store;
         let Some(mut r) = store.active_rollout()? else {
             *mem = Memory::default();
             return Ok(());
@@ -395,7 +398,7 @@ impl Rollouts {
             seen.insert(agent.to_string());
         }
         let acked = l.acked.is_some() && l.acked == l.pushed;
-        let apply = match self.fleet.store.agent(agent)? {
+        let apply = match self.store.agent(agent)? {
             Some(rec) if acked && rec.applied_version == l.acked => Some(if rec.applied_ok {
                 Ok(())
             } else {
@@ -429,7 +432,7 @@ impl Rollouts {
         r: &mut Rollout,
         failed: BTreeMap<String, String>,
     ) -> Result<(), StoreError> {
-        let store = &self.fleet.store;
+        let store = &self.store;
         r.state = RolloutState::Halted;
         r.halted_unix_ms = Some(now_unix_ms());
         r.reverted = failed.keys().cloned().collect();
@@ -471,10 +474,7 @@ impl Rollouts {
 
     async fn resolve_alert(&self, r: &mut Rollout) -> Result<(), StoreError> {
         if let Some(id) = r.alert.take() {
-            self.fleet
-                .store
-                .resolve_alert(id, &self.outbox.names())
-                .await?;
+            self.store.resolve_alert(id, &self.outbox.names()).await?;
             self.outbox.wake();
         }
         Ok(())

@@ -81,6 +81,14 @@ pub struct EtcdConfig {
     /// How long one etcd request may take.
     #[serde(default = "default_etcd_timeout", with = "humantime_serde")]
     pub timeout: std::time::Duration,
+    /// The lease a coordinator registers and leads under: a leader that dies is replaced
+    /// within it (it steps down itself after half of it without renewing).
+    #[serde(default = "default_lease_ttl", with = "humantime_serde")]
+    pub lease_ttl: std::time::Duration,
+}
+
+fn default_lease_ttl() -> std::time::Duration {
+    std::time::Duration::from_secs(3)
 }
 
 fn default_etcd_prefix() -> String {
@@ -103,6 +111,7 @@ impl EtcdConfig {
             user: None,
             password_file: None,
             timeout: default_etcd_timeout(),
+            lease_ttl: default_lease_ttl(),
         }
     }
 }
@@ -359,6 +368,16 @@ impl Store {
             }
         }
         Ok(s)
+    }
+
+    /// Whether other coordinators may share this store (etcd), so changes can come from
+    /// elsewhere.
+    pub fn shared(&self) -> bool {
+        #[cfg(feature = "etcd")]
+        if self.db.etcd().is_some() {
+            return true;
+        }
+        false
     }
 
     /// This state directory's identity ([`META_STORE_ID`]).

@@ -151,6 +151,7 @@ pub(super) async fn run_in(
         state_dir: dir.join("coordinator"),
         store: Default::default(),
         etcd: None,
+        name: None,
         admin_token_file: token_file,
         heartbeat_interval: Duration::from_secs(1),
         alerts: Default::default(),
