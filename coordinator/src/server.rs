@@ -186,6 +186,8 @@ pub struct Bound {
     fleet_events: tokio::sync::mpsc::UnboundedReceiver<FleetEvent>,
     link: LinkContext,
     membership: crate::store::Membership,
+    /// This coordinator's name.
+    name: String,
     /// Ends the membership (the lease revoked) once the leader's work has stopped.
     membership_stop: CancellationToken,
 }
@@ -287,8 +289,9 @@ pub async fn bind(cfg: &CoordinatorConfig) -> anyhow::Result<Bound> {
     let control = endpoint.local_addr()?;
     let admin = admin_listener.local_addr()?;
     let web = web_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let name = cfg.name.clone().unwrap_or_else(host_name);
     let me = crate::store::CoordinatorRecord {
-        name: cfg.name.clone().unwrap_or_else(host_name),
+        name: name.clone(),
         control: control.to_string(),
         admin: admin.to_string(),
         web: web.map(|w| w.to_string()),
@@ -320,6 +323,7 @@ pub async fn bind(cfg: &CoordinatorConfig) -> anyhow::Result<Bound> {
         web_listener,
         outbox: Outbox::new(membership.leader_store(), hooks),
         membership,
+        name,
         membership_stop,
         rules: cfg.alerts.clone(),
         fleet,
@@ -373,6 +377,8 @@ impl Bound {
             watch,
             enrollment: self.link.signer.is_some(),
             token: Arc::new(self.token),
+            name: Arc::new(self.name),
+            standing: self.membership.subscribe(),
         };
         let web = self.web_listener.map(|l| {
             tokio::spawn(tunnelfleet_runtime::serve::serve(

@@ -180,4 +180,214 @@ mod on_etcd {
         .await;
         stop.cancel();
     }
+
+    /// A coordinator process's config for the shared store, and a copy of the fleet PKI in
+    /// its own directory.
+    fn etcd_extra(cluster: &EtcdCluster, name: &str, hook: &str) -> String {
+        let endpoints: Vec<String> = cluster
+            .endpoints()
+            .iter()
+            .map(|e| format!("{e:?}"))
+            .collect();
+        format!(
+            "name = \"{name}\"\nstore = \"etcd\"\n{hook}\n[etcd]\nendpoints = [{}]\nprefix = \"/fleet/\"\nlease_ttl = \"2s\"\ntimeout = \"1s\"\n",
+            endpoints.join(", ")
+        )
+    }
+
+    fn copy_pki(from: &std::path::Path, to: &std::path::Path) {
+        std::fs::create_dir_all(to.join("pki")).unwrap();
+        for f in std::fs::read_dir(from.join("pki")).unwrap() {
+            let f = f.unwrap();
+            let dest = to.join("pki").join(f.file_name());
+            std::fs::copy(f.path(), &dest).unwrap();
+            let mode = std::fs::metadata(f.path()).unwrap().permissions();
+            std::fs::set_permissions(&dest, mode).unwrap();
+        }
+    }
+
+    async fn view(c: &integration_tests::CoordinatorProcess) -> Option<serde_json::Value> {
+        c.api.get("/v1/coordinators").await.ok()
+    }
+
+    /// Two coordinator processes on a three-member etcd, an agent that knows both, an OMA
+    /// group of two real sshd. kill -9 the leader while profiles are being applied through the
+    /// other and the active OMA dies with it: the other leads within the lease's TTL, fails
+    /// the group over, delivers the alert (one idempotency key however often), the agent
+    /// moves to it, and every acknowledged apply is there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_leader_killed_mid_stream_with_an_oma_loses_nothing_and_the_other_decides() {
+        use integration_tests::*;
+        use tunnelfleet_coordinator::admin::Changed;
+        if !EtcdCluster::available("coordinators on etcd")
+            || !Sshd::available("coordinators on etcd")
+        {
+            return;
+        }
+        let cluster = EtcdCluster::start(3).await;
+        let mut primary = Sshd::start();
+        let standby = Sshd::start_sharing_client_key(&primary);
+        let (echo, _e) = echo_server().await;
+        let sink = WebhookSink::start(0).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        tunnelfleet_coordinator::pki::init(&dir.path().join("pki"), &["localhost".into()]).unwrap();
+        let secret = dir.path().join("webhook.secret");
+        write_secret(&secret, b"ha-webhook-secret-0123456789");
+        let hook = format!(
+            "[[hook]]\nname = \"ops\"\nkind = \"webhook\"\nurl = \"http://127.0.0.1:{}/alerts\"\nsecret_file = \"{}\"\ntimeout = \"1s\"\n",
+            sink.port,
+            secret.display()
+        );
+        let (d1, d2) = (dir.path().join("c1"), dir.path().join("c2"));
+        copy_pki(dir.path(), &d1);
+        copy_pki(dir.path(), &d2);
+        let mut c1 =
+            CoordinatorProcess::start_with(&d1, "500ms", &etcd_extra(&cluster, "c1", &hook)).await;
+        let mut c2 =
+            CoordinatorProcess::start_with(&d2, "500ms", &etcd_extra(&cluster, "c2", &hook)).await;
+        wait_until(20, "one of the two leads", || async {
+            view(&c1).await.is_some_and(|v| v["leader"].is_string())
+        })
+        .await;
+
+        // The group and the agent's profile, through c1; the agent knows both coordinators.
+        let group = tunnelfleet_coordinator::store::OmaGroup::probed(
+            "oma",
+            vec![primary.endpoint(), standby.endpoint()],
+            Duration::from_millis(300),
+            Duration::from_millis(300),
+            Duration::from_secs(3600),
+        );
+        let _: Changed = c1
+            .api
+            .call("PUT", "/v1/groups/oma", Some(&group))
+            .await
+            .unwrap();
+        let section = agent_section(c1.control, dir.path(), "vma-1", "").replace(
+            &format!("address = \"{}\"", c1.control),
+            &format!("address = [\"{}\", \"{}\"]", c1.control, c2.control),
+        );
+        let agent = TestAgent::start(&section).await;
+        let l = free_port();
+        let pins = format!(
+            "host_key_fingerprints = [{:?}, {:?}]\n",
+            primary.fingerprint, standby.fingerprint
+        );
+        let profile = profile_toml(
+            "vma-1",
+            &[primary.endpoint()],
+            &primary,
+            &[format!("L {l}:localhost:{echo}")],
+            &pins,
+        );
+        assign_group_profile(&c1.api, "vma-1", "oma", &profile).await;
+        agent.wait_all_active("vma-1").await;
+        assert_eq!(
+            agent.profile("vma-1").await.active_endpoint,
+            primary.endpoint()
+        );
+
+        let leader = view(&c1).await.unwrap()["leader"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let (dead, survivor) = if leader == "c1" {
+            (&mut c1, &mut c2)
+        } else {
+            (&mut c2, &mut c1)
+        };
+        // A stream of applies through the survivor, each acknowledged one remembered.
+        let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let writer = {
+            let (api, acked, stop) = (survivor.api.clone(), acked.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut i = 0;
+                while !stop.is_cancelled() {
+                    let mut spec = tunnelfleet_protocol::ProfileSpec::new(
+                        format!("stream-{i}"),
+                        "vma",
+                        "/etc/tunnelfleet/id",
+                    );
+                    spec.endpoints = vec!["oma-x:22".into()];
+                    spec.known_hosts = Some("/etc/tunnelfleet/known_hosts".into());
+                    spec.forwards = vec!["L 18082:localhost:8082".into()];
+                    let r: Result<Changed, _> = api
+                        .call("PUT", &format!("/v1/profiles/stream-{i}"), Some(&spec))
+                        .await;
+                    if r.is_ok() {
+                        acked.lock().unwrap().push(format!("stream-{i}"));
+                    }
+                    i += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The leader and the active OMA die together.
+        dead.kill9();
+        primary.kill_all();
+        wait_until(20, "the survivor leads", || async {
+            view(survivor)
+                .await
+                .is_some_and(|v| v["standing"] == "leader")
+        })
+        .await;
+        wait_until(30, "the new leader failed the group over", || async {
+            let groups: serde_json::Value =
+                survivor.api.get("/v1/groups").await.unwrap_or_default();
+            groups[0]["active"].as_str() == Some(standby.endpoint().as_str())
+        })
+        .await;
+        wait_until(
+            30,
+            "the agent on the standby, through the survivor",
+            || async {
+                let p = agent.profile("vma-1").await;
+                let agents: serde_json::Value =
+                    survivor.api.get("/v1/agents").await.unwrap_or_default();
+                p.active_endpoint == standby.endpoint()
+                    && agents.as_array().is_some_and(|a| {
+                        a.iter()
+                            .any(|x| x["id"] == "vma-1" && x["connected"] == true)
+                    })
+            },
+        )
+        .await;
+        agent.wait_all_active("vma-1").await;
+        echo_roundtrip(l, b"through the standby").await.unwrap();
+        wait_until(30, "the oma_down alert delivered", || async {
+            sink.delivered().iter().any(|d| {
+                d.json()["alert"]["subject"] == primary.endpoint().as_str()
+                    && d.json()["alert"]["status"] == "firing"
+            })
+        })
+        .await;
+        let keys: std::collections::BTreeSet<String> = sink
+            .delivered()
+            .iter()
+            .filter(|d| {
+                d.json()["alert"]["subject"] == primary.endpoint().as_str()
+                    && d.json()["alert"]["status"] == "firing"
+            })
+            .filter_map(|d| d.header("idempotency-key").map(str::to_string))
+            .collect();
+        assert_eq!(keys.len(), 1, "one incident, one key: {keys:?}");
+
+        stop.cancel();
+        writer.await.unwrap();
+        let acked = acked.lock().unwrap().clone();
+        assert!(acked.len() > 5, "the stream ran: {acked:?}");
+        let names: std::collections::BTreeSet<String> = survivor
+            .api
+            .get::<Vec<tunnelfleet_protocol::ProfileSpec>>("/v1/profiles")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
+        let lost: Vec<&String> = acked.iter().filter(|n| !names.contains(*n)).collect();
+        assert!(lost.is_empty(), "acknowledged and lost: {lost:?}");
+        agent.shutdown().await;
+    }
 }

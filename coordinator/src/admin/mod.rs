@@ -10,8 +10,8 @@
 //! - this module: the shared state, the router, request spans, and the read-only `/metrics`
 //!   router.
 //! - [`auth`]: the bearer token, the role each route needs, the audit entry of each change.
-//! - [`agents`], [`profiles`], [`rollouts`], [`oma`], [`alerts`], [`access`], [`admins`]: one
-//!   file per resource.
+//! - [`agents`], [`profiles`], [`rollouts`], [`oma`], [`alerts`], [`access`], [`admins`],
+//!   [`coordinators`]: one file per resource.
 //! - [`error`]: status codes by error variant.
 
 pub mod access;
@@ -19,6 +19,7 @@ pub mod admins;
 pub mod agents;
 pub mod alerts;
 pub mod auth;
+pub mod coordinators;
 pub mod error;
 pub mod oma;
 pub mod profiles;
@@ -59,6 +60,10 @@ pub struct Admin {
     pub rollouts: crate::rollout::Rollouts,
     /// The `admin_token_file`'s token (an `admin`; named tokens are in the store).
     pub token: Arc<String>,
+    /// This coordinator's name.
+    pub name: Arc<String>,
+    /// Where it stands among the coordinators sharing the store.
+    pub standing: tokio::sync::watch::Receiver<crate::store::Standing>,
 }
 
 /// The router: every resource's routes behind the bearer token.
@@ -71,6 +76,7 @@ pub fn router(admin: Admin) -> Router {
         .merge(access::routes())
         .merge(admins::routes())
         .merge(rollouts::routes())
+        .merge(coordinators::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             admin.clone(),
             auth::authorize,

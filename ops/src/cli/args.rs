@@ -156,6 +156,11 @@ pub(super) enum Command {
         #[arg(long, default_value_t = 1000)]
         limit: usize,
     },
+    /// The coordinators sharing the fleet state (etcd), which one leads and since when.
+    Coordinators {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// The fleet's certificate authority.
     Pki {
         #[command(subcommand)]

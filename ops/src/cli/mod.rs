@@ -7,8 +7,7 @@
 //! - [`args`]: the argument tree, and nothing that runs it.
 //! - one file per command group: [`tunnels`], [`agents`], [`profiles`] (with `assign`,
 //!   `rollout`), [`oma`], [`alerts`], [`watch`], [`access`] (join and admin tokens,
-//!   revocation, the audit log), [`pki`],
-//!   [`net`], [`audit`].
+//!   revocation, the audit log), [`coordinators`], [`pki`], [`net`], [`audit`].
 //! - [`output`]: printing for people and for `--json`.
 
 pub mod access;
@@ -16,6 +15,7 @@ pub mod agents;
 pub mod alerts;
 pub mod args;
 pub mod audit;
+pub mod coordinators;
 pub mod net;
 pub mod oma;
 pub mod output;
@@ -151,6 +151,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             access::audit_log(&api.client()?, since, limit, cli.json).await
         }
         Command::Alerts { api, action } => alerts::alerts(&api.client()?, action, cli.json).await,
+        Command::Coordinators { api } => coordinators::coordinators(&api.client()?, cli.json).await,
         Command::Rollout { api, action } => profiles::rollout(&api, action, cli.json).await,
         Command::Audit {
             agent,
