@@ -390,4 +390,77 @@ mod on_etcd {
         assert!(lost.is_empty(), "acknowledged and lost: {lost:?}");
         agent.shutdown().await;
     }
+
+    /// The leader cut off from etcd (the only member it talks to is gone) while the others
+    /// keep their quorum: it stops deciding, exactly one other leads, and when it reaches etcd
+    /// again it follows.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leader_cut_off_from_etcd_stops_deciding_and_follows_when_it_is_back() {
+        if !EtcdCluster::available("coordinators on etcd") {
+            return;
+        }
+        let mut cluster = EtcdCluster::start(3).await;
+        let endpoints = cluster.endpoints();
+        let mut only_m0 = cluster.store_config("/cut/");
+        only_m0.endpoints = vec![endpoints[0].clone()];
+        only_m0.timeout = Duration::from_secs(1);
+        let mut the_rest = cluster.store_config("/cut/");
+        the_rest.endpoints = endpoints[1..].to_vec();
+        the_rest.timeout = Duration::from_secs(1);
+        let a = Store::open_etcd(&only_m0).await.unwrap();
+        let stop = CancellationToken::new();
+        let ma = join(&a, "coord-a", &stop).await;
+        wait_until(10, "a leads", || async { ma.standing().leads() }).await;
+        let (b, c) = (
+            Store::open_etcd(&the_rest).await.unwrap(),
+            Store::open_etcd(&the_rest).await.unwrap(),
+        );
+        let mb = join(&b, "coord-b", &stop).await;
+        let mc = join(&c, "coord-c", &stop).await;
+        wait_until(10, "b and c follow a", || async {
+            let follows_a = Standing::Follower {
+                leader: Some("coord-a".into()),
+            };
+            mb.standing() == follows_a && mc.standing() == follows_a
+        })
+        .await;
+
+        // a's only member goes: a is cut off; b and c still have two of three.
+        cluster.kill(0);
+        wait_until(10, "a stops deciding", || async {
+            matches!(ma.standing(), Standing::Cut { .. })
+        })
+        .await;
+        assert!(
+            fire(&ma, "oma-a:443").await.is_err(),
+            "a cut-off leader wrote"
+        );
+        wait_until(15, "exactly one of b and c leads", || async {
+            mb.standing().leads() != mc.standing().leads()
+        })
+        .await;
+        let (new, other) = if mb.standing().leads() {
+            (&mb, &mc)
+        } else {
+            (&mc, &mb)
+        };
+        fire(new, "oma-b:443").await.unwrap();
+        assert!(matches!(
+            fire(other, "oma-c:443").await,
+            Err(StoreError::NotLeader)
+        ));
+
+        // a reaches etcd again: it follows the new leader, and stays off the lead.
+        cluster.restart(0);
+        let new_name = b.leader().unwrap().unwrap();
+        wait_until(20, "a follows the new leader", || async {
+            ma.standing()
+                == Standing::Follower {
+                    leader: Some(new_name.clone()),
+                }
+        })
+        .await;
+        assert!(new.standing().leads() && !ma.standing().leads());
+        stop.cancel();
+    }
 }
