@@ -463,4 +463,153 @@ mod on_etcd {
         assert!(new.standing().leads() && !ma.standing().leads());
         stop.cancel();
     }
+
+    /// `migrate` from a sled state with real history: the same `profiles history`,
+    /// `alerts list --all` and `token list` on etcd afterwards, and new ids after the old.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn migrate_moves_a_sled_fleet_to_etcd_with_its_history() {
+        use integration_tests::*;
+        if !EtcdCluster::available("migrate to etcd") {
+            return;
+        }
+        let cluster = EtcdCluster::start(1).await;
+        let dir = tempfile::tempdir().unwrap();
+        tunnelfleet_coordinator::pki::init(&dir.path().join("pki"), &["localhost".into()]).unwrap();
+        let cli = |c: &CoordinatorProcess, args: &[&str]| {
+            let o = std::process::Command::new(Program::Cli.path())
+                .args(args)
+                .arg("--json")
+                .arg("--coordinator")
+                .arg(c.admin.to_string())
+                .arg("--token-file")
+                .arg(&c.token_file)
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+        };
+
+        // A sled fleet with a past: profiles changed and rolled back, a token, an alert.
+        let mut c = CoordinatorProcess::start(dir.path(), "500ms").await;
+        for (i, fwd) in ["L 8082:localhost:8082", "L 8083:localhost:8083"]
+            .iter()
+            .enumerate()
+        {
+            let mut spec =
+                tunnelfleet_protocol::ProfileSpec::new("oma", "vma", "/etc/tunnelfleet/id");
+            spec.endpoints = vec![format!("oma-{i}:22")];
+            spec.known_hosts = Some("/etc/tunnelfleet/known_hosts".into());
+            spec.forwards = vec![fwd.to_string()];
+            let _: tunnelfleet_coordinator::admin::Changed = c
+                .api
+                .call("PUT", "/v1/profiles/oma", Some(&spec))
+                .await
+                .unwrap();
+        }
+        cli(
+            &c,
+            &["token", "create", "--label", "site=dc1", "--ttl", "1h"],
+        );
+        let dead = put_dead_group(&c.api).await;
+        wait_until(20, "the dead OMA's alert", || async {
+            let a: serde_json::Value = c.api.get("/v1/alerts?all=true").await.unwrap_or_default();
+            a.as_array()
+                .is_some_and(|a| a.iter().any(|x| x["subject"] == dead.as_str()))
+        })
+        .await;
+        let before = (
+            cli(&c, &["profiles", "history"]),
+            cli(&c, &["alerts", "list", "--all"]),
+            cli(&c, &["token", "list"]),
+        );
+        let max_alert = before
+            .1
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|a| a["id"].as_u64())
+            .max()
+            .unwrap();
+        c.kill9();
+
+        // Moved, and opened on etcd by a coordinator whose config says so.
+        let url = cluster.endpoints()[0].clone();
+        let o = std::process::Command::new(Program::Coordinator.path())
+            .args(["migrate", "--from"])
+            .arg(format!("sled:{}", dir.path().join("state").display()))
+            .args(["--to", &format!("etcd:{url}"), "--etcd-prefix", "/moved/"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let said = String::from_utf8_lossy(&o.stdout).to_string();
+        assert!(said.contains("moved") && said.contains("history"), "{said}");
+        // Into a prefix that holds a fleet already: refused, nothing written.
+        let again = std::process::Command::new(Program::Coordinator.path())
+            .args(["migrate", "--from"])
+            .arg(format!("sled:{}", dir.path().join("state").display()))
+            .args(["--to", &format!("etcd:{url}"), "--etcd-prefix", "/moved/"])
+            .output()
+            .unwrap();
+        assert!(!again.status.success());
+        assert!(
+            String::from_utf8_lossy(&again.stderr).contains("already holds a fleet state"),
+            "{}",
+            String::from_utf8_lossy(&again.stderr)
+        );
+
+        let d2 = dir.path().join("on-etcd");
+        copy_pki(dir.path(), &d2);
+        let extra = format!(
+            "name = \"c1\"\nstore = \"etcd\"\n[etcd]\nendpoints = [{url:?}]\nprefix = \"/moved/\"\n"
+        );
+        let c2 = CoordinatorProcess::start_with(&d2, "500ms", &extra).await;
+        // The dead group's alert may have been resolved or still fire; what was is the same.
+        let after = (
+            cli(&c2, &["profiles", "history"]),
+            cli(&c2, &["alerts", "list", "--all"]),
+            cli(&c2, &["token", "list"]),
+        );
+        assert_eq!(after.0, before.0, "profiles history");
+        assert_eq!(after.2, before.2, "token list");
+        for a in before.1.as_array().unwrap() {
+            let id = a["id"].as_u64().unwrap();
+            let moved = after.1.as_array().unwrap().iter().find(|x| x["id"] == id);
+            assert_eq!(
+                moved.map(|m| &m["subject"]),
+                Some(&a["subject"]),
+                "alert {id}"
+            );
+        }
+        // New ids come after the moved ones.
+        let mut spec = tunnelfleet_protocol::ProfileSpec::new("nbd", "vma", "/etc/tunnelfleet/id");
+        spec.endpoints = vec!["oma-9:22".into()];
+        spec.known_hosts = Some("/etc/tunnelfleet/known_hosts".into());
+        spec.forwards = vec!["L 10809:localhost:10809".into()];
+        let changed: tunnelfleet_coordinator::admin::Changed = c2
+            .api
+            .call("PUT", "/v1/profiles/nbd", Some(&spec))
+            .await
+            .unwrap();
+        let history = before.0.as_array().unwrap();
+        let last = history
+            .iter()
+            .filter_map(|h| h["version"].as_u64())
+            .max()
+            .unwrap();
+        assert!(changed.version > last, "{} after {last}", changed.version);
+        let silence: serde_json::Value = c2
+            .api
+            .call(
+                "POST",
+                "/v1/silences",
+                Some(&serde_json::json!({"matcher": "nothing-*", "for_s": 60, "comment": "test"})),
+            )
+            .await
+            .unwrap();
+        assert!(silence["id"].as_u64().unwrap() > max_alert, "{silence}");
+    }
 }

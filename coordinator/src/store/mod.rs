@@ -19,6 +19,7 @@
 //! - [`tokens`]: join tokens and revocations.
 //! - [`access`]: named admin tokens with their roles, and the audit log.
 //! - [`rollouts`]: staged rollouts: the stages, where they stand, what the fleet ran before.
+//! - [`copy`]: a fleet's state moved into another store, records byte for byte (`migrate`).
 //! - [`coordinators`]: the coordinators sharing the store and the one that leads (a lease
 //!   each; the leader's writes fenced by its claim).
 //! - [`schema`]: the schema version and migrations.
@@ -27,6 +28,7 @@ mod access;
 mod agents;
 mod alerts;
 mod coordinators;
+mod copy;
 mod engine;
 mod events;
 mod groups;
@@ -47,6 +49,7 @@ pub use access::{AUDIT_RETENTION, AdminToken, AuditEntry, Role, UnknownRole};
 pub use agents::{AgentRecord, Labels};
 pub use alerts::{Alert, AlertKind, AlertStatus, Delivery, Silence, alert_key, glob_match};
 pub use coordinators::{CoordinatorRecord, Membership, Standing};
+pub use copy::{Copied, CopyError};
 pub use events::Event;
 pub use groups::{GroupError, OmaGroup};
 pub use history::{HISTORY_KEPT, Revision, RevisionSummary};

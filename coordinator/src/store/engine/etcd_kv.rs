@@ -429,6 +429,36 @@ impl EtcdDb {
         Err(self.error("taking ids", "the counter kept changing"))
     }
 
+    /// Makes every id handed out from now on at least `next` (a state moved in from another
+    /// store keeps its ids, and new ones never repeat them).
+    pub(super) async fn reserve_ids(&self, next: u64) -> Result<(), StoreError> {
+        let key = self.full(IDS_KEY);
+        let mut kv = self.inner.client.kv_client();
+        for _ in 0..MAX_ATTEMPTS {
+            let got = self
+                .call("reserving ids", kv.get(key.clone(), None))
+                .await?;
+            let (now, rev) = match got.kvs().first() {
+                Some(k) => (
+                    k.value().try_into().map(u64::from_be_bytes).unwrap_or(0),
+                    k.mod_revision(),
+                ),
+                None => (0, 0),
+            };
+            if now >= next {
+                return Ok(());
+            }
+            let txn = Txn::new()
+                .when([Compare::mod_revision(key.clone(), CompareOp::Equal, rev)])
+                .and_then([TxnOp::put(key.clone(), next.to_be_bytes().to_vec(), None)]);
+            if self.call("reserving ids", kv.txn(txn)).await?.succeeded() {
+                *self.inner.ids.lock().await = (0, 0);
+                return Ok(());
+            }
+        }
+        Err(self.error("reserving ids", "the counter kept changing"))
+    }
+
     pub(super) fn flushes(&self) -> u64 {
         self.inner.flushes.load(SeqCst)
     }

@@ -128,6 +128,19 @@ impl Db {
         }
     }
 
+    /// Makes every id handed out from now on at least `next`.
+    pub(super) async fn reserve_ids(&self, next: u64) -> Result<(), StoreError> {
+        match self {
+            // sled's generator is its own: a sled store is only ever a source.
+            Db::Sled(_) => {
+                let _ = next;
+                Ok(())
+            }
+            #[cfg(feature = "etcd")]
+            Db::Etcd(db) => db.reserve_ids(next).await,
+        }
+    }
+
     /// Everything written so far made durable now (one-off writes at open).
     pub(super) fn flush(&self) -> Result<(), StoreError> {
         match self {
