@@ -62,6 +62,17 @@ fn every_shipped_coordinator_config_is_accepted() {
         }
     }
     assert!(groups > 0, "no example groups file");
+    // The high-availability layout's coordinator config loads too.
+    let ha = tunnelfleet_coordinator::server::CoordinatorConfig::load(std::path::Path::new(
+        "../ops/deploy/ha/coordinator.toml",
+    ))
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(
+        ha.store,
+        tunnelfleet_coordinator::server::StoreKind::Etcd,
+        "ops/deploy/ha/coordinator.toml"
+    );
+    assert_eq!(ha.etcd.map(|e| e.endpoints.len()), Some(3));
 }
 
 #[test]

@@ -574,7 +574,7 @@ async fn two_coordinators_on_one_etcd_share_the_state_and_never_repeat_a_version
 
 /// Three etcd members: losing one changes nothing; losing two refuses writes with an error
 /// that says etcd is the reason, while reads go on from what was committed; with quorum back,
-/// writes go through again and the refused change was never half made.
+/// writes go through again and everything acknowledged is there.
 #[cfg(feature = "etcd")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_etcd_store_refuses_writes_without_quorum_and_resumes_with_it() {
@@ -583,7 +583,9 @@ async fn an_etcd_store_refuses_writes_without_quorum_and_resumes_with_it() {
     }
     let mut cluster = integration_tests::EtcdCluster::start(3).await;
     let mut cfg = cluster.store_config("/q/");
-    cfg.timeout = std::time::Duration::from_secs(1);
+    // Long enough for etcd to elect a new leader when the one lost led (under a second with
+    // the test members' timings), short enough to see a refusal without waiting long.
+    cfg.timeout = std::time::Duration::from_secs(3);
     let s = Store::open_etcd(&cfg).await.unwrap();
     assert_eq!(s.put_profile(&spec("oma")).await.unwrap(), 1);
 
@@ -602,13 +604,15 @@ async fn an_etcd_store_refuses_writes_without_quorum_and_resumes_with_it() {
     assert_eq!(s.profiles().unwrap().len(), 2);
     assert_eq!(s.fleet_version().unwrap(), 2);
 
-    // Quorum back: writes resume; the refused change was not applied behind our back.
+    // Quorum back: writes resume, and what was acknowledged is all there. (The refused change
+    // may still be applied: a member that took it before it lost the others keeps it in its
+    // log; its caller was told the outcome is unknown, never that it was made.)
     cluster.restart(1);
     cluster.restart(2);
     cluster.wait_healthy().await;
     let v = std::sync::Mutex::new(None);
     integration_tests::wait_until(30, "writes accepted again", || async {
-        match s.put_profile(&spec("api")).await {
+        match s.put_profile(&spec("after")).await {
             Ok(version) => {
                 *v.lock().unwrap() = Some(version);
                 true
@@ -617,8 +621,11 @@ async fn an_etcd_store_refuses_writes_without_quorum_and_resumes_with_it() {
         }
     })
     .await;
-    let v = *v.lock().unwrap();
-    assert_eq!(v, Some(3), "the refused change left no version behind");
+    let v = v.lock().unwrap().unwrap();
+    assert!(v >= 3, "{v}");
+    assert_eq!(s.fleet_version().unwrap(), v);
     let names: Vec<_> = s.profiles().unwrap().into_iter().map(|p| p.name).collect();
-    assert_eq!(names, vec!["api", "nbd", "oma"]);
+    for acked in ["oma", "nbd", "after"] {
+        assert!(names.iter().any(|n| n == acked), "{acked} lost: {names:?}");
+    }
 }

@@ -150,6 +150,18 @@ fn qualified(tree: &[u8], key: &[u8]) -> Vec<u8> {
 }
 
 /// The first key after every key starting with `prefix` (etcd's range end for a prefix).
+/// Whether a request failed before it was sent: the connection to the member it was routed
+/// to could not be made. Only such a request may be sent again.
+fn never_sent(e: &etcd_client::Error) -> bool {
+    match e {
+        // gRPC's UNAVAILABLE (14) raised by the transport while connecting.
+        etcd_client::Error::GRpcStatus(s) => {
+            s.code() as i32 == 14 && s.message().contains("connect error")
+        }
+        _ => false,
+    }
+}
+
 fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
@@ -267,27 +279,62 @@ impl EtcdDb {
         Compare::lease(self.full(LEADER_KEY), CompareOp::Equal, c.lease)
     }
 
-    /// An etcd request with this store's deadline; the error names what was being done.
-    async fn call<T>(
+    /// An etcd request with this store's deadline; the error names what was being done. A
+    /// request that never left (the member it was routed to refused the connection: a member
+    /// down, which the client's balancing has not noticed yet) is sent again, so losing one
+    /// member of three stops nothing; one that may have arrived is never sent twice.
+    async fn call<T, F>(&self, what: &str, mut f: impl FnMut() -> F) -> Result<T, StoreError>
+    where
+        F: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.inner.timeout;
+        let mut pause = Duration::from_millis(10);
+        loop {
+            match tokio::time::timeout_at(deadline, f()).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) if never_sent(&e) && tokio::time::Instant::now() + pause < deadline => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                }
+                Ok(Err(e)) => return Err(self.error(what, e)),
+                Err(_) => return Err(self.error(what, NO_ANSWER)),
+            }
+        }
+    }
+
+    /// A transaction, through [`EtcdDb::call`].
+    async fn txn(&self, what: &str, txn: Txn) -> Result<etcd_client::TxnResponse, StoreError> {
+        self.call(what, || {
+            let (mut kv, txn) = (self.inner.client.kv_client(), txn.clone());
+            async move { kv.txn(txn).await }
+        })
+        .await
+    }
+
+    /// A read of one key, through [`EtcdDb::call`].
+    async fn get(
         &self,
         what: &str,
-        f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.inner.timeout, f).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(self.error(what, e)),
-            Err(_) => Err(self.error(what, NO_ANSWER)),
-        }
+        key: &[u8],
+        opts: Option<GetOptions>,
+    ) -> Result<etcd_client::GetResponse, StoreError> {
+        self.call(what, || {
+            let (mut kv, key, opts) = (self.inner.client.kv_client(), key.to_vec(), opts.clone());
+            async move { kv.get(key, opts).await }
+        })
+        .await
     }
 
     /// A new lease of `ttl`.
     pub(crate) async fn grant(&self, ttl: Duration) -> Result<i64, StoreError> {
-        let mut c = self.inner.client.lease_client();
         let secs = ttl.as_secs().max(1) as i64;
-        Ok(self
-            .call("granting a lease", c.grant(secs, None))
-            .await?
-            .id())
+        let r = self
+            .call("granting a lease", || {
+                let mut c = self.inner.client.lease_client();
+                async move { c.grant(secs, None).await }
+            })
+            .await?;
+        Ok(r.id())
     }
 
     /// A keep-alive stream for `lease`.
@@ -295,17 +342,21 @@ impl EtcdDb {
         &self,
         lease: i64,
     ) -> Result<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream), StoreError> {
-        let mut c = self.inner.client.lease_client();
-        self.call("keeping a lease alive", c.keep_alive(lease))
-            .await
+        self.call("keeping a lease alive", || {
+            let mut c = self.inner.client.lease_client();
+            async move { c.keep_alive(lease).await }
+        })
+        .await
     }
 
     /// Gives `lease` up (its keys go at once).
     pub(crate) async fn revoke(&self, lease: i64) -> Result<(), StoreError> {
-        let mut c = self.inner.client.lease_client();
-        self.call("revoking a lease", c.revoke(lease))
-            .await
-            .map(|_| ())
+        self.call("revoking a lease", || {
+            let mut c = self.inner.client.lease_client();
+            async move { c.revoke(lease).await }
+        })
+        .await
+        .map(|_| ())
     }
 
     /// Puts `key` (prefix-relative) under `lease`.
@@ -315,11 +366,15 @@ impl EtcdDb {
         value: Vec<u8>,
         lease: i64,
     ) -> Result<(), StoreError> {
-        let mut kv = self.inner.client.kv_client();
-        let opts = etcd_client::PutOptions::new().with_lease(lease);
-        self.call("registering", kv.put(self.full(key), value, Some(opts)))
-            .await
-            .map(|_| ())
+        let full = self.full(key);
+        self.call("registering", || {
+            let mut kv = self.inner.client.kv_client();
+            let (full, value) = (full.clone(), value.clone());
+            let opts = etcd_client::PutOptions::new().with_lease(lease);
+            async move { kv.put(full, value, Some(opts)).await }
+        })
+        .await
+        .map(|_| ())
     }
 
     /// Puts `key` (prefix-relative) under `lease` if nobody holds it: Ok(None) when it is
@@ -330,7 +385,6 @@ impl EtcdDb {
         value: Vec<u8>,
         lease: i64,
     ) -> Result<Option<Vec<u8>>, StoreError> {
-        let mut kv = self.inner.client.kv_client();
         let full = self.full(key);
         let txn = Txn::new()
             .when([Compare::create_revision(full.clone(), CompareOp::Equal, 0)])
@@ -340,7 +394,7 @@ impl EtcdDb {
                 Some(etcd_client::PutOptions::new().with_lease(lease)),
             )])
             .or_else([TxnOp::get(full, None)]);
-        let r = self.call("claiming the lead", kv.txn(txn)).await?;
+        let r = self.txn("claiming the lead", txn).await?;
         if r.succeeded() {
             return Ok(None);
         }
@@ -400,12 +454,8 @@ impl EtcdDb {
             return Ok(ids.0 - 1);
         }
         let key = self.full(IDS_KEY);
-        let mut kv = self.inner.client.kv_client();
         for _ in 0..MAX_ATTEMPTS {
-            let got = tokio::time::timeout(self.inner.timeout, kv.get(key.clone(), None))
-                .await
-                .map_err(|_| self.error("taking ids", "timed out"))?
-                .map_err(|e| self.error("taking ids", e))?;
+            let got = self.get("taking ids", &key, None).await?;
             let (start, rev) = match got.kvs().first() {
                 Some(k) => (
                     k.value().try_into().map(u64::from_be_bytes).unwrap_or(0),
@@ -417,10 +467,7 @@ impl EtcdDb {
             let txn = Txn::new()
                 .when([Compare::mod_revision(key.clone(), CompareOp::Equal, rev)])
                 .and_then([TxnOp::put(key.clone(), end.to_be_bytes().to_vec(), None)]);
-            let r = tokio::time::timeout(self.inner.timeout, kv.txn(txn))
-                .await
-                .map_err(|_| self.error("taking ids", "timed out"))?
-                .map_err(|e| self.error("taking ids", e))?;
+            let r = self.txn("taking ids", txn).await?;
             if r.succeeded() {
                 *ids = (start + 1, end);
                 return Ok(start);
@@ -433,11 +480,8 @@ impl EtcdDb {
     /// store keeps its ids, and new ones never repeat them).
     pub(super) async fn reserve_ids(&self, next: u64) -> Result<(), StoreError> {
         let key = self.full(IDS_KEY);
-        let mut kv = self.inner.client.kv_client();
         for _ in 0..MAX_ATTEMPTS {
-            let got = self
-                .call("reserving ids", kv.get(key.clone(), None))
-                .await?;
+            let got = self.get("reserving ids", &key, None).await?;
             let (now, rev) = match got.kvs().first() {
                 Some(k) => (
                     k.value().try_into().map(u64::from_be_bytes).unwrap_or(0),
@@ -451,7 +495,7 @@ impl EtcdDb {
             let txn = Txn::new()
                 .when([Compare::mod_revision(key.clone(), CompareOp::Equal, rev)])
                 .and_then([TxnOp::put(key.clone(), next.to_be_bytes().to_vec(), None)]);
-            if self.call("reserving ids", kv.txn(txn)).await?.succeeded() {
+            if self.txn("reserving ids", txn).await?.succeeded() {
                 *self.inner.ids.lock().await = (0, 0);
                 return Ok(());
             }
@@ -485,7 +529,6 @@ impl EtcdDb {
         let mut fences: Vec<Option<i64>> = batch.iter().map(|(_, (_, f))| *f).collect();
         fences.sort_unstable();
         fences.dedup();
-        let mut kv = self.inner.client.kv_client();
         let mut last = 0;
         let mut dropped = Vec::new();
         for fence in fences {
@@ -513,7 +556,7 @@ impl EtcdDb {
                 if let Some(lease) = fence {
                     txn = txn.when([self.fence_compare(Claim { lease })]);
                 }
-                let r = self.call("committing", kv.txn(txn.and_then(ops))).await?;
+                let r = self.txn("committing", txn.and_then(ops)).await?;
                 last = r.header().map_or(last, |h| h.revision());
                 if !r.succeeded() {
                     // The claim is gone: these were the leader's, and it is not any more.
@@ -557,7 +600,6 @@ impl EtcdDb {
         trees: [&EtcdTree; N],
         f: impl Fn(&[TxTree<'_>; N]) -> Result<T, Abort>,
     ) -> Result<T, StoreError> {
-        let mut kv = self.inner.client.kv_client();
         for _ in 0..MAX_ATTEMPTS {
             let claim = self.claim()?;
             if !self.queued_is_empty() {
@@ -630,7 +672,7 @@ impl EtcdDb {
                 .when(compares)
                 .and_then(ops)
                 .or_else([TxnOp::get(self.full(LEADER_KEY), None)]);
-            let r = self.call("committing", kv.txn(txn)).await?;
+            let r = self.txn("committing", txn).await?;
             let revision = r.header().map_or(0, |h| h.revision());
             if r.succeeded() {
                 if !writes.is_empty() {
@@ -788,10 +830,22 @@ async fn load(inner: &Inner) -> Result<(BTreeMap<Vec<u8>, (Vec<u8>, i64)>, i64),
         if revision > 0 {
             opts = opts.with_revision(revision);
         }
-        let r = tokio::time::timeout(inner.timeout, kv.get(from.clone(), Some(opts)))
-            .await
-            .map_err(|_| err(&"timed out"))?
-            .map_err(|e| err(&e))?;
+        // A read may be sent again whatever happened to it: a member that refused the
+        // connection is skipped a moment later.
+        let mut tries = 0;
+        let r = loop {
+            match tokio::time::timeout(inner.timeout, kv.get(from.clone(), Some(opts.clone())))
+                .await
+            {
+                Ok(Ok(r)) => break r,
+                Ok(Err(e)) if never_sent(&e) && tries < 20 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Ok(Err(e)) => return Err(err(&e)),
+                Err(_) => return Err(err(&"timed out")),
+            }
+        };
         if revision == 0 {
             revision = r.header().map_or(0, |h| h.revision());
         }
