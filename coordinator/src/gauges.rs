@@ -1,6 +1,7 @@
 //! The coordinator's gauges, read at scrape time: agents by state, tunnels per OMA endpoint,
 //! tunnels diverged from their group, heartbeat ages, firing alerts, endpoint health and agents
-//! per endpoint, hook deliveries.
+//! per endpoint, hook deliveries; whether this coordinator leads, how many are up, and etcd's
+//! requests, errors and latency.
 //! A scrape shows the state as it is; nothing is kept twice.
 
 use std::collections::BTreeMap;
@@ -15,8 +16,61 @@ use crate::watch::WatchHandle;
 
 /// Registers the instruments that read the fleet and the watcher at scrape time. The fleet is
 /// held weakly: the gauges do not keep a stopped coordinator's state alive.
-pub fn observe(metrics: &Metrics, fleet: Weak<Fleet>, watch: WatchHandle) {
+pub fn observe(
+    metrics: &Metrics,
+    fleet: Weak<Fleet>,
+    watch: WatchHandle,
+    standing: tokio::sync::watch::Receiver<crate::store::Standing>,
+) {
     let meter = metrics.meter();
+    let _ = meter
+        .u64_observable_gauge("tunnelfleet_coordinator_leader")
+        .with_description("1 while this coordinator leads the fleet (decides OMA moves, alerts, deliveries, rollouts), else 0")
+        .with_callback(move |o| o.observe(u64::from(standing.borrow().leads()), &[]))
+        .build();
+    let f = fleet.clone();
+    let _ = meter
+        .u64_observable_gauge("tunnelfleet_coordinators")
+        .with_description("Coordinators up on the shared store (as this one sees them)")
+        .with_callback(move |o| {
+            let Some(fleet) = f.upgrade() else { return };
+            o.observe(
+                fleet.store.coordinators().map_or(0, |c| c.len() as u64),
+                &[],
+            );
+        })
+        .build();
+    let f = fleet.clone();
+    let _ = meter
+        .u64_observable_counter("tunnelfleet_etcd_requests")
+        .with_description("Requests to etcd (etcd store only)")
+        .with_callback(move |o| {
+            if let Some((n, _, _)) = f.upgrade().and_then(|f| f.store.etcd_stats()) {
+                o.observe(n, &[]);
+            }
+        })
+        .build();
+    let f = fleet.clone();
+    let _ = meter
+        .u64_observable_counter("tunnelfleet_etcd_request_errors")
+        .with_description("Requests to etcd that failed or got no answer in time")
+        .with_callback(move |o| {
+            if let Some((_, e, _)) = f.upgrade().and_then(|f| f.store.etcd_stats()) {
+                o.observe(e, &[]);
+            }
+        })
+        .build();
+    let f = fleet.clone();
+    let _ = meter
+        .f64_observable_counter("tunnelfleet_etcd_request_duration")
+        .with_description("Time spent in etcd requests (rate over tunnelfleet_etcd_requests_total: the mean latency)")
+        .with_unit("s")
+        .with_callback(move |o| {
+            if let Some((_, _, secs)) = f.upgrade().and_then(|f| f.store.etcd_stats()) {
+                o.observe(secs, &[]);
+            }
+        })
+        .build();
     let f = fleet.clone();
     let _ = meter
         .u64_observable_gauge("tunnelfleet_agents")

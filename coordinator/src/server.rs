@@ -346,7 +346,12 @@ impl Bound {
         let metrics = self.link.metrics.clone();
         let watch = crate::watch::WatchHandle::new(self.outbox.clone());
         if let Some(m) = &metrics {
-            crate::gauges::observe(m, Arc::downgrade(&self.fleet), watch.clone());
+            crate::gauges::observe(
+                m,
+                Arc::downgrade(&self.fleet),
+                watch.clone(),
+                self.membership.subscribe(),
+            );
         }
         let leader_store = self.membership.leader_store();
         let rollouts =

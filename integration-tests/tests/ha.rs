@@ -210,6 +210,30 @@ mod on_etcd {
         c.api.get("/v1/coordinators").await.ok()
     }
 
+    /// A metric's value from a coordinator process's `/metrics` (its config names the port).
+    async fn metric(c: &integration_tests::CoordinatorProcess, name: &str) -> Option<f64> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let config = std::fs::read_to_string(&c.config).ok()?;
+        let addr = config
+            .lines()
+            .find_map(|l| l.strip_prefix("metrics_listen = "))?
+            .trim_matches('"')
+            .to_string();
+        let mut s = tokio::net::TcpStream::connect(&addr).await.ok()?;
+        s.write_all(
+            format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.ok()?;
+        body.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
     /// Two coordinator processes on a three-member etcd, an agent that knows both, an OMA
     /// group of two real sshd. kill -9 the leader while profiles are being applied through the
     /// other and the active OMA dies with it: the other leads within the lease's TTL, fails

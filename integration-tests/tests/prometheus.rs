@@ -52,7 +52,7 @@ fn the_shipped_scrape_config_and_rules_pass_promtool() {
 }
 
 /// The rules behave: a diverged tunnel for 30 minutes pages, 29 do not; a hook backlog for
-/// 10 minutes pages.
+/// 10 minutes pages; no coordinator leading for a minute pages, and stops once one leads.
 #[test]
 fn the_shipped_rules_fire_when_and_only_when_they_should() {
     if !available("promtool_test_rules") {
@@ -76,7 +76,22 @@ tests:
         values: '0 1x40'
       - series: 'tunnelfleet_hook_pending{hook="ops"}'
         values: '3x20'
+      - series: 'tunnelfleet_coordinator_leader{instance="c1"}'
+        values: '1 1 1 0x10'
+      - series: 'tunnelfleet_coordinator_leader{instance="c2"}'
+        values: '0 0 0 0 0 0 0 0 1x5'
     alert_rule_test:
+      - eval_time: 3m
+        alertname: TunnelfleetNoLeader
+        exp_alerts: []
+      - eval_time: 5m
+        alertname: TunnelfleetNoLeader
+        exp_alerts:
+          - exp_annotations:
+              summary: "no tunnelfleet coordinator has led the fleet for a minute: etcd without quorum, or every coordinator cut off from it (tunnelfleet coordinators)"
+      - eval_time: 9m
+        alertname: TunnelfleetNoLeader
+        exp_alerts: []
       - eval_time: 30m
         alertname: TunnelfleetTunnelsDiverged
         exp_alerts: []

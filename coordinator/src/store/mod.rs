@@ -383,6 +383,15 @@ impl Store {
         false
     }
 
+    /// On etcd: requests sent, failed, and their total time in seconds (None on sled).
+    pub fn etcd_stats(&self) -> Option<(u64, u64, f64)> {
+        #[cfg(feature = "etcd")]
+        if let Some(db) = self.db.etcd() {
+            return Some(db.stats());
+        }
+        None
+    }
+
     /// This state directory's identity ([`META_STORE_ID`]).
     pub fn id(&self) -> &str {
         &self.id

@@ -99,6 +99,10 @@ struct Inner {
     /// Asks the watch for a progress report (after a conflict).
     progress: tokio::sync::mpsc::Sender<()>,
     flushes: AtomicU64,
+    /// Requests sent, failed, and the time they took (µs), for `/metrics`.
+    requests: AtomicU64,
+    errors: AtomicU64,
+    micros: AtomicU64,
     watch_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -233,6 +237,9 @@ impl EtcdDb {
                 ids: tokio::sync::Mutex::new((0, 0)),
                 progress,
                 flushes: AtomicU64::new(0),
+                requests: AtomicU64::new(0),
+                errors: AtomicU64::new(0),
+                micros: AtomicU64::new(0),
                 watch_task: std::sync::Mutex::new(None),
             }),
             fence: None,
@@ -287,10 +294,22 @@ impl EtcdDb {
     where
         F: std::future::Future<Output = Result<T, etcd_client::Error>>,
     {
-        let deadline = tokio::time::Instant::now() + self.inner.timeout;
+        let start = tokio::time::Instant::now();
+        let deadline = start + self.inner.timeout;
         let mut pause = Duration::from_millis(10);
+        let count = |failed: bool| {
+            self.inner.requests.fetch_add(1, SeqCst);
+            if failed {
+                self.inner.errors.fetch_add(1, SeqCst);
+            }
+            self.inner
+                .micros
+                .fetch_add(start.elapsed().as_micros() as u64, SeqCst);
+        };
         loop {
-            match tokio::time::timeout_at(deadline, f()).await {
+            let r = tokio::time::timeout_at(deadline, f()).await;
+            count(!matches!(r, Ok(Ok(_))));
+            match r {
                 Ok(Ok(v)) => return Ok(v),
                 Ok(Err(e)) if never_sent(&e) && tokio::time::Instant::now() + pause < deadline => {
                     tokio::time::sleep(pause).await;
@@ -505,6 +524,15 @@ impl EtcdDb {
 
     pub(super) fn flushes(&self) -> u64 {
         self.inner.flushes.load(SeqCst)
+    }
+
+    /// Requests sent, failed, and their total time in seconds.
+    pub(crate) fn stats(&self) -> (u64, u64, f64) {
+        (
+            self.inner.requests.load(SeqCst),
+            self.inner.errors.load(SeqCst),
+            self.inner.micros.load(SeqCst) as f64 / 1e6,
+        )
     }
 
     /// Commits every queued plain write (group commit: one caller commits what all queued).
