@@ -189,8 +189,9 @@ mod on_etcd {
             .iter()
             .map(|e| format!("{e:?}"))
             .collect();
+        let metrics = integration_tests::free_port();
         format!(
-            "name = \"{name}\"\nstore = \"etcd\"\n{hook}\n[etcd]\nendpoints = [{}]\nprefix = \"/fleet/\"\nlease_ttl = \"2s\"\ntimeout = \"1s\"\n",
+            "name = \"{name}\"\nstore = \"etcd\"\nmetrics_listen = \"127.0.0.1:{metrics}\"\n{hook}\n[etcd]\nendpoints = [{}]\nprefix = \"/fleet/\"\nlease_ttl = \"2s\"\ntimeout = \"1s\"\n",
             endpoints.join(", ")
         )
     }
@@ -357,6 +358,17 @@ mod on_etcd {
                 .is_some_and(|v| v["standing"] == "leader")
         })
         .await;
+        wait_until(10, "its /metrics say so", || async {
+            metric(survivor, "tunnelfleet_coordinator_leader").await == Some(1.0)
+        })
+        .await;
+        assert!(
+            metric(survivor, "tunnelfleet_etcd_requests_total")
+                .await
+                .unwrap_or(0.0)
+                > 0.0,
+            "etcd requests counted"
+        );
         wait_until(30, "the new leader failed the group over", || async {
             let groups: serde_json::Value =
                 survivor.api.get("/v1/groups").await.unwrap_or_default();
