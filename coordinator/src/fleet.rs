@@ -131,6 +131,10 @@ pub struct AgentLink {
     pub last_heard: Instant,
     /// False after [`MISSED_HEARTBEATS_OFFLINE`] intervals of silence, until it speaks again.
     pub online: bool,
+    /// The agent process's start, from its hello.
+    pub started_unix_ms: u64,
+    /// When this connection was made (Unix ms).
+    pub since_unix_ms: u64,
 }
 
 impl AgentLink {
@@ -152,6 +156,8 @@ impl AgentLink {
             pushed_at: None,
             last_heard: Instant::now(),
             online: true,
+            started_unix_ms: 0,
+            since_unix_ms: tunnelfleet_runtime::clock::now_unix_ms(),
         }
     }
 }
@@ -302,6 +308,12 @@ impl Links {
                 )
             })
             .collect()
+    }
+
+    /// Every agent known on this coordinator (connected or not), as evidence for the leader:
+    /// the link's state and what counts of its last heartbeat.
+    pub fn evidence(&self) -> Vec<AgentLink> {
+        self.lock().values().map(|(l, _)| l.clone()).collect()
     }
 
     /// What counts of the last heartbeat of every connected agent ([`judged`]).
@@ -600,10 +612,12 @@ impl Fleet {
         conn: quinn::Connection,
         started_unix_ms: u64,
     ) -> Result<(), AttachError> {
+        let mut link = AgentLink::connected(agent_id, remote, labels);
+        link.started_unix_ms = started_unix_ms;
         let old = self.links.lock().insert(
             agent_id.to_string(),
             (
-                AgentLink::connected(agent_id, remote, labels),
+                link,
                 Some(Live {
                     tx,
                     conn: conn.clone(),

@@ -2,7 +2,8 @@
 //! probes, failover and failback, alerts), the alert outbox and the rollout driver run and
 //! write through the leader's store (fenced by its lease on etcd). When it stops leading they
 //! stop; when it leads again they start again from what the store holds, as after a restart.
-//! While it follows, the fleet's agent events are dropped here: the leader decides.
+//! While it follows, the fleet's agent events are dropped here: the leader decides, from the
+//! evidence every coordinator publishes ([`publish_evidence`]).
 
 use std::sync::Arc;
 
@@ -134,6 +135,53 @@ pub async fn follow_versions(
                 Err(e) => tracing::error!("pushing version {now}: {e}"),
             }
             seen = now;
+        }
+    }
+}
+
+/// Publishes what this coordinator knows of each agent linked to it (on a shared store), for
+/// the leader's rules: every `every`, the agents whose link or heartbeats changed.
+pub async fn publish_evidence(
+    fleet: Arc<Fleet>,
+    me: String,
+    every: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    use std::collections::HashMap;
+    let mut published: HashMap<String, (u64, bool, bool, u64)> = HashMap::new();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let mut records = Vec::new();
+        for l in fleet.links.evidence() {
+            let mark = (l.since_unix_ms, l.connected, l.online, l.heartbeats);
+            if published.get(&l.agent_id) == Some(&mark) {
+                continue;
+            }
+            published.insert(l.agent_id.clone(), mark);
+            records.push(crate::store::LiveRecord {
+                agent: l.agent_id.clone(),
+                coordinator: me.clone(),
+                started_unix_ms: l.started_unix_ms,
+                since_unix_ms: l.since_unix_ms,
+                connected: l.connected,
+                online: l.online,
+                heartbeats: l.heartbeats,
+                heartbeat: l.judged.as_deref().cloned(),
+            });
+        }
+        if records.is_empty() {
+            continue;
+        }
+        if let Err(e) = fleet.store.publish_live(&records).await {
+            tracing::warn!("publishing agents' evidence: {e}; retrying");
+            for r in &records {
+                published.remove(&r.agent);
+            }
         }
     }
 }

@@ -344,7 +344,7 @@ impl Bound {
     pub async fn run(self, shutdown: CancellationToken) {
         tracing::info!(control = %self.control, admin = %self.admin, "coordinator running");
         let metrics = self.link.metrics.clone();
-        let watch = crate::watch::WatchHandle::new(self.outbox.clone());
+        let watch = crate::watch::WatchHandle::new(self.outbox.clone(), &self.name);
         if let Some(m) = &metrics {
             crate::gauges::observe(
                 m,
@@ -370,11 +370,18 @@ impl Bound {
             shutdown.clone(),
         ));
         let follower = self.fleet.store.shared().then(|| {
-            tokio::spawn(crate::lead::follow_versions(
+            let versions = tokio::spawn(crate::lead::follow_versions(
                 self.fleet.clone(),
                 Duration::from_millis(250),
                 shutdown.clone(),
-            ))
+            ));
+            let evidence = tokio::spawn(crate::lead::publish_evidence(
+                self.fleet.clone(),
+                self.name.clone(),
+                Duration::from_millis(500),
+                shutdown.clone(),
+            ));
+            (versions, evidence)
         });
         let state = Admin {
             fleet: self.fleet.clone(),
@@ -441,8 +448,9 @@ impl Bound {
         let _ = sweeper.await;
         let _ = api.await;
         let _ = leader.await;
-        if let Some(f) = follower {
-            let _ = f.await;
+        if let Some((versions, evidence)) = follower {
+            let _ = versions.await;
+            let _ = evidence.await;
         }
         // The lead is given up only once nothing decides here any more.
         self.membership_stop.cancel();

@@ -77,6 +77,8 @@ pub struct WatchHandle {
     view: Arc<Mutex<Vec<EndpointView>>>,
     /// The alert outbox (hook stats).
     pub outbox: Arc<Outbox>,
+    /// This coordinator's name (its own agents' evidence comes from its links, not the store).
+    me: Arc<String>,
 }
 
 /// Depth of the watcher's own queue: probe results (one per endpoint per interval) and operator
@@ -89,11 +91,12 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 impl WatchHandle {
     /// A handle with no watcher yet (commands are refused until [`start`] runs one).
-    pub fn new(outbox: Arc<Outbox>) -> WatchHandle {
+    pub fn new(outbox: Arc<Outbox>, me: &str) -> WatchHandle {
         WatchHandle {
             tx: Arc::default(),
             view: Arc::default(),
             outbox,
+            me: Arc::new(me.to_string()),
         }
     }
 
@@ -149,6 +152,8 @@ pub fn start(
         per_agent: PerAgent::default(),
         silenced: HashMap::new(),
         probers: HashMap::new(),
+        remote: HashMap::new(),
+        live_revision: 0,
     };
     tokio::spawn(async move {
         let o = tokio::spawn(outbox.run(shutdown.clone()));
@@ -177,6 +182,19 @@ struct Watcher {
     silenced: HashMap<String, u64>,
     /// Endpoint -> (interval, timeout, prober task).
     probers: HashMap<String, (Duration, Duration, tokio::task::JoinHandle<()>)>,
+    /// Agents linked to other coordinators, as their evidence last showed them.
+    remote: HashMap<String, Remote>,
+    /// The store revision their evidence was read up to.
+    live_revision: i64,
+}
+
+/// An agent linked to another coordinator: which link, and what of it was fed to the rules.
+#[derive(Debug, Clone, PartialEq)]
+struct Remote {
+    coordinator: String,
+    since_unix_ms: u64,
+    online: bool,
+    heartbeats: u64,
 }
 
 impl Watcher {
@@ -235,7 +253,9 @@ impl Watcher {
                         }
                     }
                     self.release_silenced().await;
-                    (self.monitor.tick(now), None)
+                    let mut actions = self.remote_evidence(now);
+                    actions.extend(self.monitor.tick(now));
+                    (actions, None)
                 }
             };
             let done = self.exec(actions).await;
@@ -247,6 +267,85 @@ impl Watcher {
             t.abort();
         }
         fleet_events
+    }
+
+    /// Feeds the rules what other coordinators published of their agents (shared store):
+    /// a new link as a hello, new heartbeats, going offline and coming back. An agent linked
+    /// here is left to its link; of an agent's records the latest link counts.
+    fn remote_evidence(&mut self, now: Instant) -> Vec<Action> {
+        if !self.store.shared() {
+            return Vec::new();
+        }
+        let records = match self.store.live_since(self.live_revision) {
+            Ok((records, reached)) => {
+                self.live_revision = reached;
+                records
+            }
+            Err(e) => {
+                tracing::warn!("reading agents' evidence: {e}");
+                return Vec::new();
+            }
+        };
+        // Of one agent's records in this read, only its latest link.
+        let mut latest: HashMap<String, crate::store::LiveRecord> = HashMap::new();
+        for r in records {
+            match latest.get(&r.agent) {
+                Some(l) if l.since_unix_ms > r.since_unix_ms => {}
+                _ => {
+                    latest.insert(r.agent.clone(), r);
+                }
+            }
+        }
+        let mut actions = Vec::new();
+        for r in latest.into_values() {
+            if r.coordinator == *self.handle.me {
+                continue;
+            }
+            if self.fleet.links.get(&r.agent).is_some_and(|l| l.connected) {
+                continue;
+            }
+            let known = self.remote.get(&r.agent).cloned();
+            if known.as_ref().is_some_and(|k| {
+                k.coordinator != r.coordinator && k.since_unix_ms > r.since_unix_ms
+            }) {
+                // An older link's news: the agent has moved on.
+                continue;
+            }
+            let same_link = known.as_ref().is_some_and(|k| {
+                k.coordinator == r.coordinator && k.since_unix_ms == r.since_unix_ms
+            });
+            if !same_link && r.connected {
+                actions.extend(self.monitor.hello(&r.agent, r.started_unix_ms, now));
+            }
+            let was_online = known.as_ref().is_none_or(|k| k.online) || !same_link;
+            if was_online && !r.online {
+                actions.extend(
+                    self.monitor
+                        .agent_offline(&r.agent, crate::fleet::MISSED_HEARTBEATS_OFFLINE),
+                );
+            } else if !was_online && r.online {
+                actions.extend(self.monitor.agent_online(&r.agent));
+            }
+            let fresh = known
+                .as_ref()
+                .is_none_or(|k| !same_link || r.heartbeats > k.heartbeats);
+            if fresh
+                && r.online
+                && let Some(hb) = &r.heartbeat
+            {
+                actions.extend(self.monitor.heartbeat(&r.agent, hb, now));
+            }
+            self.remote.insert(
+                r.agent.clone(),
+                Remote {
+                    coordinator: r.coordinator,
+                    since_unix_ms: r.since_unix_ms,
+                    online: r.online,
+                    heartbeats: r.heartbeats,
+                },
+            );
+        }
+        actions
     }
 
     #[allow(clippy::type_complexity)]

@@ -648,4 +648,122 @@ mod on_etcd {
             .unwrap();
         assert!(silence["id"].as_u64().unwrap() > max_alert, "{silence}");
     }
+
+    /// An agent linked only to a follower: its failing health check reaches the leader as
+    /// evidence through etcd, and the leader raises the `tunnel_health` alert and delivers it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_leader_judges_agents_linked_to_a_follower() {
+        use integration_tests::*;
+        if !EtcdCluster::available("coordinators on etcd")
+            || !Sshd::available("coordinators on etcd")
+        {
+            return;
+        }
+        let cluster = EtcdCluster::start(1).await;
+        let sshd = Sshd::start();
+        let api = tunnelfleet_ops::services::HttpService::start("oma api", 0)
+            .await
+            .unwrap();
+        let sink = WebhookSink::start(0).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        tunnelfleet_coordinator::pki::init(&dir.path().join("pki"), &["localhost".into()]).unwrap();
+        let secret = dir.path().join("webhook.secret");
+        write_secret(&secret, b"ha-webhook-secret-0123456789");
+        let hook = format!(
+            "[[hook]]\nname = \"ops\"\nkind = \"webhook\"\nurl = \"http://127.0.0.1:{}/alerts\"\nsecret_file = \"{}\"\ntimeout = \"1s\"\n",
+            sink.port,
+            secret.display()
+        );
+        let (d1, d2) = (dir.path().join("c1"), dir.path().join("c2"));
+        copy_pki(dir.path(), &d1);
+        copy_pki(dir.path(), &d2);
+        let c1 =
+            CoordinatorProcess::start_with(&d1, "500ms", &etcd_extra(&cluster, "c1", &hook)).await;
+        wait_until(20, "c1 leads", || async {
+            view(&c1).await.is_some_and(|v| v["standing"] == "leader")
+        })
+        .await;
+        let c2 =
+            CoordinatorProcess::start_with(&d2, "500ms", &etcd_extra(&cluster, "c2", &hook)).await;
+        wait_until(20, "c2 follows c1", || async {
+            view(&c2)
+                .await
+                .is_some_and(|v| v["standing"] == "follower" && v["leader"] == "c1")
+        })
+        .await;
+        // The agent knows only the follower.
+        let agent = TestAgent::start(&agent_section(c2.control, dir.path(), "vma-1", "")).await;
+        let (l, l_api) = (free_port(), free_port());
+        let health = format!(
+            "[profile.health]\nhttp = \"http://127.0.0.1:{l_api}/health\"\ninterval = \"500ms\"\ntimeout = \"1s\"\n"
+        );
+        let (echo, _e) = echo_server().await;
+        let profile = profile_toml(
+            "vma-1",
+            &[sshd.endpoint()],
+            &sshd,
+            &[
+                format!("L {l}:localhost:{echo}"),
+                format!("L {l_api}:localhost:{}", api.port),
+            ],
+            &health,
+        );
+        let local =
+            tunnelfleet_agent::config::AgentConfig::parse(&profile, std::path::Path::new("p.toml"))
+                .unwrap();
+        let _: tunnelfleet_coordinator::admin::Changed = c2
+            .api
+            .call("PUT", "/v1/profiles/vma-1", Some(&local.profiles[0]))
+            .await
+            .unwrap();
+        let _: tunnelfleet_coordinator::admin::Changed = c2
+            .api
+            .call(
+                "POST",
+                "/v1/assignments",
+                Some(&serde_json::json!({"profile": "vma-1", "agent": "vma-1"})),
+            )
+            .await
+            .unwrap();
+        agent.wait_all_active("vma-1").await;
+
+        // The OMA's API fails behind a healthy sshd: the agent's checks fail, on c2.
+        api.failing
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        wait_until(
+            30,
+            "tunnel_health for vma-1, raised by the leader",
+            || async {
+                sink.delivered().iter().any(|d| {
+                    let j = d.json();
+                    j["alert"]["kind"] == "tunnel_health"
+                        && j["status"] == "firing"
+                        && j["alert"]["subject"]
+                            .as_str()
+                            .is_some_and(|s| s.contains("vma-1"))
+                })
+            },
+        )
+        .await;
+        let agents: serde_json::Value = c1.api.get("/v1/agents").await.unwrap();
+        assert!(
+            !agents
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a["id"] == "vma-1" && a["connected"] == true),
+            "the agent is not linked to the leader: {agents}"
+        );
+        // Healthy again: resolved, by the leader, from the same evidence.
+        api.failing
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        wait_until(30, "tunnel_health resolved", || async {
+            sink.delivered().iter().any(|d| {
+                let j = d.json();
+                j["alert"]["kind"] == "tunnel_health" && j["status"] == "resolved"
+            })
+        })
+        .await;
+        agent.shutdown().await;
+    }
 }

@@ -11,6 +11,7 @@
 //! # Layout
 //! - [`engine`]: the key-value engine (sled): trees, transactions, ids, group commit.
 //! - [`profiles`]: profiles, assignments and the snapshot a push is made from.
+//! - [`live`]: agents' evidence from every coordinator, for the leader's rules.
 //! - [`history`]: revisions for `profiles history` and rollback.
 //! - [`groups`]: OMA groups: definition, active endpoint, drains.
 //! - [`agents`]: what is remembered about each agent between connections.
@@ -33,6 +34,7 @@ mod engine;
 mod events;
 mod groups;
 mod history;
+mod live;
 mod profiles;
 mod rollouts;
 mod schema;
@@ -53,6 +55,7 @@ pub use copy::{Copied, CopyError};
 pub use events::Event;
 pub use groups::{GroupError, OmaGroup};
 pub use history::{HISTORY_KEPT, Revision, RevisionSummary};
+pub use live::LiveRecord;
 pub use profiles::{Assignment, Selector, SetKey, Snapshot};
 pub use rollouts::{Rollout, RolloutState, Stage};
 pub use tokens::{JoinToken, Revocation};
@@ -273,6 +276,8 @@ pub struct Store {
     audit_log: Tree,
     /// The coordinators up (etcd: each under its own lease): name -> [`CoordinatorRecord`].
     coordinators: Tree,
+    /// Agents' evidence by agent and coordinator ([`LiveRecord`]).
+    live: Tree,
     /// `leader`: the leading coordinator's name, under its lease (etcd).
     #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     lead: Tree,
@@ -334,6 +339,7 @@ impl Store {
             audit_log: db.open_tree("audit_log")?,
             coordinators: db.open_tree("coordinators")?,
             lead: db.open_tree("lead")?,
+            live: db.open_tree("live")?,
             id,
             db,
         })

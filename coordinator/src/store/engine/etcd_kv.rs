@@ -809,6 +809,22 @@ impl EtcdTree {
         self.queue(key, None)
     }
 
+    /// The entries of this tree etcd committed after `revision`, and the revision the mirror
+    /// has seen everything up to (queued writes are this coordinator's own: not included).
+    pub(super) fn entries_since(&self, revision: i64) -> (Vec<Entry>, i64) {
+        let reached = *self.db.inner.seen.borrow();
+        let to = prefix_end(&self.tree);
+        let out = self
+            .db
+            .mirror()
+            .kv
+            .range(self.tree.clone()..to)
+            .filter(|(_, (_, rev))| *rev > revision)
+            .map(|(k, (v, _))| (k[self.tree.len()..].to_vec(), v.clone()))
+            .collect();
+        (out, reached)
+    }
+
     /// The entries whose key starts with `prefix` (tree-relative), queued writes included, in
     /// key order.
     pub(super) fn entries(&self, prefix: &[u8]) -> Vec<Entry> {
