@@ -745,14 +745,36 @@ mod on_etcd {
             },
         )
         .await;
+        // The leader lists it as linked to c2, and counts it there; so does the CLI.
         let agents: serde_json::Value = c1.api.get("/v1/agents").await.unwrap();
+        let row = agents
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["id"] == "vma-1")
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(row["connected"], true, "{agents}");
+        assert_eq!(row["coordinator"], "c2", "{agents}");
+        assert!(row["tunnels"].as_u64().unwrap_or(0) == 1, "{agents}");
+        let v = view(&c1).await.unwrap();
+        assert_eq!(v["agents"]["c2"], 1, "{v}");
+        let o = std::process::Command::new(Program::Cli.path())
+            .args(["coordinators", "--coordinator"])
+            .arg(format!("{},{}", c2.admin, c1.admin))
+            .arg("--token-file")
+            .arg(&c1.token_file)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&o.stdout).to_string();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         assert!(
-            !agents
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|a| a["id"] == "vma-1" && a["connected"] == true),
-            "the agent is not linked to the leader: {agents}"
+            text.lines()
+                .any(|l| l.trim_start().starts_with("c1") && l.contains("leader"))
+                && text
+                    .lines()
+                    .any(|l| l.trim_start().starts_with("c2") && l.contains("follower")),
+            "{text}"
         );
         // Healthy again: resolved, by the leader, from the same evidence.
         api.failing

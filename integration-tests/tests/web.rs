@@ -118,6 +118,10 @@ async fn the_fleet_page_in_chromium_follows_an_oma_going_down() {
     b.wait_text(20, &row, "up").await;
     let summary = b.wait_text(10, "#summary", "1/1 agents online").await;
     assert!(summary.contains("0 alerts firing"), "{summary}");
+    // The one coordinator leads, with its agent; the store is named.
+    let c = b.wait_text(10, "tr[data-coordinator]", "leader").await;
+    assert!(c.contains("leader") && c.contains(" 1 "), "{c}");
+    b.wait_text(10, "#standing", "store sled").await;
 
     // The session cookie: Secure, HttpOnly, SameSite=Strict.
     let cookies = b.client.get_all_cookies().await.unwrap();

@@ -55,6 +55,9 @@ pub struct AgentSummary {
     /// Revoked: refused at every connection.
     #[serde(default)]
     pub revoked: bool,
+    /// The coordinator it is linked to (several coordinators on etcd; None: not linked).
+    #[serde(default)]
+    pub coordinator: Option<String>,
 }
 
 /// `agents show`.
@@ -73,8 +76,11 @@ pub struct AgentDetail {
 }
 
 /// Every known agent, with its last heartbeat and where each profile runs.
-pub(crate) fn details(fleet: &Fleet) -> Result<Vec<AgentDetail>, ApiError> {
+/// Every agent with what this coordinator (`me`) knows of it: from its link when it is linked
+/// here, else from the latest evidence another coordinator published (several on etcd).
+pub(crate) fn details(fleet: &Fleet, me: &str) -> Result<Vec<AgentDetail>, ApiError> {
     let mut out = Vec::new();
+    let remote = elsewhere(fleet, me)?;
     let revoked: std::collections::BTreeSet<String> = fleet
         .store
         .revocations()?
@@ -85,7 +91,12 @@ pub(crate) fn details(fleet: &Fleet) -> Result<Vec<AgentDetail>, ApiError> {
     for rec in fleet.store.agents()? {
         let link = fleet.links.get(&rec.id);
         let labels = rec.effective_labels();
-        let hb = link.as_ref().and_then(|l| l.last_heartbeat.clone());
+        let here = link.as_ref().is_some_and(|l| l.connected);
+        let there = remote.get(&rec.id).filter(|_| !here);
+        let hb = match there {
+            Some(r) => r.heartbeat.clone().map(std::sync::Arc::new),
+            None => link.as_ref().and_then(|l| l.last_heartbeat.clone()),
+        };
         let (up, total) = hb
             .as_ref()
             .map(|h| {
@@ -101,8 +112,9 @@ pub(crate) fn details(fleet: &Fleet) -> Result<Vec<AgentDetail>, ApiError> {
         out.push(AgentDetail {
             summary: AgentSummary {
                 id: rec.id.clone(),
-                connected: link.as_ref().is_some_and(|l| l.connected),
-                online: link.as_ref().is_some_and(|l| l.connected && l.online),
+                connected: here || there.is_some_and(|r| r.connected),
+                online: link.as_ref().is_some_and(|l| l.connected && l.online)
+                    || there.is_some_and(|r| r.connected && r.online),
                 labels,
                 // The last heartbeat (or hello, or acknowledgement) of a connected agent; the
                 // stored time once it is gone.
@@ -117,8 +129,16 @@ pub(crate) fn details(fleet: &Fleet) -> Result<Vec<AgentDetail>, ApiError> {
                 applied_ok: rec.applied_ok,
                 tunnels_up: up,
                 tunnels: total,
-                heartbeats: link.as_ref().map(|l| l.heartbeats).unwrap_or(0),
+                heartbeats: match there {
+                    Some(r) => r.heartbeats,
+                    None => link.as_ref().map(|l| l.heartbeats).unwrap_or(0),
+                },
                 revoked: revoked.contains(&rec.id),
+                coordinator: if here {
+                    Some(me.to_string())
+                } else {
+                    there.filter(|r| r.connected).map(|r| r.coordinator.clone())
+                },
             },
             apply_errors: rec.apply_errors.clone(),
             placement: hb
@@ -131,9 +151,33 @@ pub(crate) fn details(fleet: &Fleet) -> Result<Vec<AgentDetail>, ApiError> {
     Ok(out)
 }
 
+/// The latest evidence of each agent published by other coordinators than `me` (none on
+/// sled).
+pub(crate) fn elsewhere(
+    fleet: &Fleet,
+    me: &str,
+) -> Result<BTreeMap<String, crate::store::LiveRecord>, ApiError> {
+    let mut latest: BTreeMap<String, crate::store::LiveRecord> = BTreeMap::new();
+    for r in fleet.store.live_since(0)?.0 {
+        if r.coordinator == me {
+            continue;
+        }
+        match latest.get(&r.agent) {
+            Some(l) if l.since_unix_ms > r.since_unix_ms => {}
+            _ => {
+                latest.insert(r.agent.clone(), r);
+            }
+        }
+    }
+    Ok(latest)
+}
+
 async fn agents(State(a): State<Admin>) -> Result<Json<Vec<AgentSummary>>, ApiError> {
     Ok(Json(
-        details(&a.fleet)?.into_iter().map(|d| d.summary).collect(),
+        details(&a.fleet, &a.name)?
+            .into_iter()
+            .map(|d| d.summary)
+            .collect(),
     ))
 }
 
@@ -141,7 +185,7 @@ async fn agent(
     State(a): State<Admin>,
     Path(id): Path<String>,
 ) -> Result<Json<AgentDetail>, ApiError> {
-    details(&a.fleet)?
+    details(&a.fleet, &a.name)?
         .into_iter()
         .find(|d| d.summary.id == id)
         .map(Json)

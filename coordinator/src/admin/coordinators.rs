@@ -28,6 +28,9 @@ pub struct CoordinatorsView {
     pub leader: Option<String>,
     /// Every coordinator up, by name.
     pub coordinators: Vec<CoordinatorRecord>,
+    /// Agents linked to each (by name), as the coordinator asked knows them.
+    #[serde(default)]
+    pub agents: std::collections::BTreeMap<String, usize>,
 }
 
 /// Its routes.
@@ -36,6 +39,11 @@ pub fn routes() -> Router<Admin> {
 }
 
 async fn coordinators(State(a): State<Admin>) -> Result<Json<CoordinatorsView>, ApiError> {
+    Ok(Json(view(&a)?))
+}
+
+/// The coordinators as `a` sees them (the API and the fleet page).
+pub(crate) fn view(a: &Admin) -> Result<CoordinatorsView, ApiError> {
     let standing = a.standing.borrow().clone();
     let (name, since) = match &standing {
         Standing::Leader { since_unix_ms } => ("leader", Some(*since_unix_ms)),
@@ -47,7 +55,14 @@ async fn coordinators(State(a): State<Admin>) -> Result<Json<CoordinatorsView>, 
         Standing::Leader { .. } => Some(a.name.to_string()),
         Standing::Cut { .. } => a.fleet.store.leader()?,
     };
-    Ok(Json(CoordinatorsView {
+    let mut agents = std::collections::BTreeMap::new();
+    agents.insert(a.name.to_string(), a.fleet.links.connected().len());
+    for r in super::agents::elsewhere(&a.fleet, &a.name)?.into_values() {
+        if r.connected && !a.fleet.links.get(&r.agent).is_some_and(|l| l.connected) {
+            *agents.entry(r.coordinator).or_default() += 1;
+        }
+    }
+    Ok(CoordinatorsView {
         store: if a.fleet.store.shared() {
             "etcd"
         } else {
@@ -59,5 +74,6 @@ async fn coordinators(State(a): State<Admin>) -> Result<Json<CoordinatorsView>, 
         since_unix_ms: since,
         leader,
         coordinators: a.fleet.store.coordinators()?,
-    }))
+        agents,
+    })
 }

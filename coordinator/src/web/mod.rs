@@ -57,6 +57,8 @@ pub struct FleetView {
     pub recent: Vec<AlertRow>,
     /// The rollout in progress or the last one.
     pub rollout: Option<RolloutView>,
+    /// The coordinators, who leads, and the agents on each.
+    pub coordinators: crate::admin::coordinators::CoordinatorsView,
 }
 
 /// An alert with its severity.
@@ -220,7 +222,7 @@ pub fn view(a: &Admin) -> Result<FleetView, crate::admin::ApiError> {
     Ok(FleetView {
         version,
         endpoints: a.watch.view(),
-        agents: crate::admin::agents::details(&a.fleet)?
+        agents: crate::admin::agents::details(&a.fleet, &a.name)?
             .into_iter()
             .map(|mut d| {
                 // The page shows the summary and the placement; the heartbeat stays out.
@@ -230,6 +232,7 @@ pub fn view(a: &Admin) -> Result<FleetView, crate::admin::ApiError> {
             .collect(),
         firing,
         recent: resolved.into_iter().map(row).collect(),
+        coordinators: crate::admin::coordinators::view(a)?,
         rollout: store.last_rollout()?.map(|mut r| {
             r.base_profiles.clear();
             r.base_assignments.clear();

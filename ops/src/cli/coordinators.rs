@@ -14,7 +14,9 @@ pub async fn coordinators(api: &ApiClient, json: bool) -> anyhow::Result<ExitCod
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        let mut t = render::table(&["NAME", "ROLE", "CONTROL", "ADMIN", "UP", "VERSION"]);
+        let mut t = render::table(&[
+            "NAME", "ROLE", "AGENTS", "CONTROL", "ADMIN", "UP", "VERSION",
+        ]);
         for c in &v.coordinators {
             let role = if v.leader.as_deref() == Some(c.name.as_str()) {
                 "leader"
@@ -24,6 +26,7 @@ pub async fn coordinators(api: &ApiClient, json: bool) -> anyhow::Result<ExitCod
             t.add_row(vec![
                 c.name.clone(),
                 role.into(),
+                v.agents.get(&c.name).copied().unwrap_or(0).to_string(),
                 c.control.clone(),
                 c.admin.clone(),
                 render::ago(c.started_unix_ms),

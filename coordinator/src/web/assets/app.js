@@ -41,6 +41,19 @@ function draw(v) {
     `version ${v.version} · ${online}/${v.agents.length} agents online · ${v.firing.length} alerts firing`;
   document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
 
+  const c = v.coordinators;
+  document.getElementById("standing").textContent =
+    `store ${c.store} · this page from ${c.this} (${c.standing}) · leader: ${c.leader || "none: an election is under way"}`;
+  fill("coordinators", c.coordinators, (tr, k) => {
+    tr.dataset.coordinator = k.name;
+    cell(tr, k.name);
+    const leads = c.leader === k.name;
+    cell(tr, leads ? "leader" : "follower", leads ? "up" : "");
+    cell(tr, String(c.agents[k.name] || 0));
+    cell(tr, k.admin);
+    cell(tr, ago(k.started_unix_ms));
+  });
+
   fill("endpoints", v.endpoints, (tr, e) => {
     tr.dataset.endpoint = e.endpoint;
     cell(tr, e.group);
