@@ -51,6 +51,11 @@ impl Program {
 /// A program of this workspace as it ships (the `dist` profile), built first: what the
 /// benchmarks measure. The harness itself runs from `target/release`.
 pub fn dist_binary(package: &str, bin: &str) -> std::io::Result<PathBuf> {
+    dist_binary_with(package, bin, &[])
+}
+
+/// [`dist_binary`] with cargo features (`tunnelfleet-coordinator/etcd`).
+pub fn dist_binary_with(package: &str, bin: &str, features: &[&str]) -> std::io::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     // target/<profile>/<bench> -> target/dist/<bin>
     let path = exe
@@ -59,18 +64,21 @@ pub fn dist_binary(package: &str, bin: &str) -> std::io::Result<PathBuf> {
         .map(|t| t.join("dist").join(bin))
         .ok_or_else(|| std::io::Error::other("no target dir"))?;
     eprintln!("building {bin} with the dist profile (fat LTO: a few minutes the first time)");
-    let status = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--profile",
-            "dist",
-            "-q",
-            "-p",
-            package,
-            "--bin",
-            bin,
-        ])
-        .status()?;
+    let mut build = Command::new(env!("CARGO"));
+    build.args([
+        "build",
+        "--profile",
+        "dist",
+        "-q",
+        "-p",
+        package,
+        "--bin",
+        bin,
+    ]);
+    if !features.is_empty() {
+        build.arg("--features").arg(features.join(","));
+    }
+    let status = build.status()?;
     if !status.success() || !path.exists() {
         return Err(std::io::Error::other(format!(
             "could not build {}",
@@ -222,11 +230,23 @@ pub struct BenchCoordinator {
 impl BenchCoordinator {
     /// Starts it in `dir` with `extra` config lines, and waits for its API.
     pub async fn start(dir: &Path, extra: &str) -> anyhow::Result<BenchCoordinator> {
+        let bin = dist_binary("tunnelfleet-coordinator", "tunnelfleet-coordinator")?;
+        BenchCoordinator::start_binary(&bin, dir, extra).await
+    }
+
+    /// Starts `bin` (a coordinator build) in `dir`; a PKI already in `dir/pki` is kept (several
+    /// coordinators of one fleet share it).
+    pub async fn start_binary(
+        bin: &Path,
+        dir: &Path,
+        extra: &str,
+    ) -> anyhow::Result<BenchCoordinator> {
         use anyhow::Context;
         use std::os::unix::fs::PermissionsExt;
-        let bin = dist_binary("tunnelfleet-coordinator", "tunnelfleet-coordinator")?;
         let pki_dir = dir.join("pki");
-        tunnelfleet_coordinator::pki::init(&pki_dir, &["localhost".into()])?;
+        if !pki_dir.join("ca.pem").exists() {
+            tunnelfleet_coordinator::pki::init(&pki_dir, &["localhost".into()])?;
+        }
         let secret = "bench-token-0123456789abcdef";
         let token = dir.join("admin.token");
         std::fs::write(&token, secret)?;
@@ -243,7 +263,7 @@ impl BenchCoordinator {
                 token.display()
             ),
         )?;
-        let process = Command::new(&bin)
+        let process = Command::new(bin)
             .arg("--config")
             .arg(&cfg)
             .env("RUST_LOG", "warn")
@@ -267,6 +287,12 @@ impl BenchCoordinator {
             pid,
             _process: process,
         })
+    }
+
+    /// kill -9: no shutdown code runs.
+    pub fn kill9(&mut self) {
+        let _ = self._process.0.kill();
+        let _ = self._process.0.wait();
     }
 
     /// Certificates and QUIC client configs for `n` agents `a00000`, `a00001`, … (into `dir`).

@@ -84,14 +84,15 @@ fn reports(
 /// jittered backoff like a real agent (at most `gate` handshakes at once), reports `up` once
 /// connected, heartbeats every `heartbeat` (spread by `i`; what they carry is `report`'s
 /// choice), and acknowledges every push after reporting it on `pushes` with the time it
-/// arrived.
+/// arrived. With several addresses (several coordinators), a lost link is made again to the
+/// next one, as a real agent does, and reported on `up` again; with one, the agent ends.
 #[allow(clippy::too_many_arguments)]
 pub fn spawn_sim_agent(
     i: usize,
     hello: tunnelfleet_protocol::Hello,
     client: quinn::ClientConfig,
     ep: quinn::Endpoint,
-    addr: std::net::SocketAddr,
+    addrs: Vec<std::net::SocketAddr>,
     heartbeat: Duration,
     gate: Arc<tokio::sync::Semaphore>,
     up: tokio::sync::mpsc::UnboundedSender<()>,
@@ -108,79 +109,95 @@ pub fn spawn_sim_agent(
             Duration::from_millis(200),
             Duration::from_secs(5),
         );
-        let mut link = loop {
-            let attempt = {
-                let _permit = gate.acquire().await;
-                tunnelfleet_agent::link::connect(
-                    &ep,
-                    client.clone(),
-                    addr,
-                    "localhost",
-                    hello.clone(),
-                )
-                .await
-            };
-            match attempt {
-                Ok(l) => break l,
-                Err(_) => tokio::time::sleep(backoff.next_delay()).await,
-            }
-        };
-        let _ = up.send(());
-        // Spread heartbeats over the interval, as real agents started at different times.
-        let offset = Duration::from_millis((i as u64 * 7919) % heartbeat.as_millis().max(1) as u64);
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + offset, heartbeat);
-        let mut seq = 0;
-        let mut running = tunnelfleet_protocol::ProfileSet {
-            version: 0,
-            profiles: vec![],
-        };
-        // A failure not told yet (set by a push of a failing set, cleared once told).
-        let mut untold = false;
+        let mut next = i;
         loop {
-            let pushed = tokio::select! {
-                _ = tick.tick() => false,
-                m = link.next() => match m {
-                    Ok(CoordinatorMessage::Push(set)) => {
-                        let version = set.version;
-                        running = set.clone();
-                        untold = true;
-                        let _ = pushes.send((i, set, std::time::Instant::now()));
-                        if link.applied(Applied { version, ok: true, results: vec![] }).await.is_err() {
-                            return;
-                        }
-                        true
+            let mut link = loop {
+                let addr = addrs[next % addrs.len().max(1)];
+                let attempt = {
+                    let _permit = gate.acquire().await;
+                    tunnelfleet_agent::link::connect(
+                        &ep,
+                        client.clone(),
+                        addr,
+                        "localhost",
+                        hello.clone(),
+                    )
+                    .await
+                };
+                match attempt {
+                    Ok(l) => break l,
+                    Err(_) => {
+                        next += 1;
+                        tokio::time::sleep(backoff.next_delay()).await
                     }
-                    Ok(_) => continue,
-                    Err(_) => return,
                 }
             };
-            // A real agent reports at once after it applied; a silent one waits for its tick.
-            if pushed && matches!(report, SimReports::Nothing) {
-                continue;
-            }
-            seq += 1;
-            let (profiles, failing) = match &report {
-                SimReports::Nothing => (vec![], false),
-                SimReports::Profiles(_) => reports(&running),
+            backoff.reset();
+            let _ = up.send(());
+            // Spread heartbeats over the interval, as real agents started at different times.
+            let offset =
+                Duration::from_millis((i as u64 * 7919) % heartbeat.as_millis().max(1) as u64);
+            let mut tick =
+                tokio::time::interval_at(tokio::time::Instant::now() + offset, heartbeat);
+            let mut seq = 0;
+            let mut running = tunnelfleet_protocol::ProfileSet {
+                version: 0,
+                profiles: vec![],
             };
-            if link
-                .heartbeat(Heartbeat {
-                    seq,
-                    sent_unix_ms: 0,
-                    profiles,
-                })
-                .await
-                .is_err()
-            {
+            // A failure not told yet (set by a push of a failing set, cleared once told).
+            let mut untold = false;
+            loop {
+                let pushed = tokio::select! {
+                    _ = tick.tick() => false,
+                    m = link.next() => match m {
+                        Ok(CoordinatorMessage::Push(set)) => {
+                            let version = set.version;
+                            running = set.clone();
+                            untold = true;
+                            let _ = pushes.send((i, set, std::time::Instant::now()));
+                            if link.applied(Applied { version, ok: true, results: vec![] }).await.is_err() {
+                                break;
+                            }
+                            true
+                        }
+                        Ok(_) => continue,
+                        Err(_) => break,
+                    }
+                };
+                // A real agent reports at once after it applied; a silent one waits for its tick.
+                if pushed && matches!(report, SimReports::Nothing) {
+                    continue;
+                }
+                seq += 1;
+                let (profiles, failing) = match &report {
+                    SimReports::Nothing => (vec![], false),
+                    SimReports::Profiles(_) => reports(&running),
+                };
+                if link
+                    .heartbeat(Heartbeat {
+                        seq,
+                        sent_unix_ms: 0,
+                        profiles,
+                    })
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                if let SimReports::Profiles(failures) = &report
+                    && failing
+                    && untold
+                {
+                    let _ = failures.send((i, std::time::Instant::now()));
+                }
+                untold = false;
+            }
+            if addrs.len() < 2 {
                 return;
             }
-            if let SimReports::Profiles(failures) = &report
-                && failing
-                && untold
-            {
-                let _ = failures.send((i, std::time::Instant::now()));
-            }
-            untold = false;
+            // The link is gone: the next coordinator first, after a jittered pause.
+            next += 1;
+            tokio::time::sleep(backoff.next_delay()).await;
         }
     });
 }

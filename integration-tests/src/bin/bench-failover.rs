@@ -459,7 +459,7 @@ async fn simulated(
             hello,
             client,
             endpoints[i % endpoints.len()].clone(),
-            c.control,
+            vec![c.control],
             Duration::from_secs(5),
             gate.clone(),
             up_tx.clone(),

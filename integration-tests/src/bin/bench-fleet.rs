@@ -67,7 +67,7 @@ async fn main() -> anyhow::Result<()> {
             hello,
             client,
             ep,
-            udp,
+            vec![udp],
             HEARTBEAT,
             gate,
             up,

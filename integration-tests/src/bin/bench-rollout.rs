@@ -61,7 +61,7 @@ async fn main() -> anyhow::Result<()> {
             hello,
             client,
             endpoints[i % endpoints.len()].clone(),
-            c.control,
+            vec![c.control],
             Duration::from_secs(1),
             gate.clone(),
             up_tx.clone(),
