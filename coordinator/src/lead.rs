@@ -148,7 +148,8 @@ pub async fn publish_evidence(
     shutdown: CancellationToken,
 ) {
     use std::collections::HashMap;
-    let mut published: HashMap<String, (u64, bool, bool, u64)> = HashMap::new();
+    type Mark = (u64, bool, bool, u64, Option<u64>, Option<u64>);
+    let mut published: HashMap<String, Mark> = HashMap::new();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
@@ -158,7 +159,14 @@ pub async fn publish_evidence(
         }
         let mut records = Vec::new();
         for l in fleet.links.evidence() {
-            let mark = (l.since_unix_ms, l.connected, l.online, l.heartbeats);
+            let mark = (
+                l.since_unix_ms,
+                l.connected,
+                l.online,
+                l.heartbeats,
+                l.pushed,
+                l.acked,
+            );
             if published.get(&l.agent_id) == Some(&mark) {
                 continue;
             }
@@ -172,6 +180,12 @@ pub async fn publish_evidence(
                 online: l.online,
                 heartbeats: l.heartbeats,
                 heartbeat: l.judged.as_deref().cloned(),
+                reported: l.last_heartbeat.as_deref().cloned(),
+                pushed: l.pushed,
+                pushed_held: l.pushed_held,
+                acked: l.acked,
+                acked_heartbeats: l.acked_heartbeats,
+                profiles: l.given.keys().cloned().collect(),
             });
         }
         if records.is_empty() {

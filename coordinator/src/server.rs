@@ -354,8 +354,12 @@ impl Bound {
             );
         }
         let leader_store = self.membership.leader_store();
-        let rollouts =
-            crate::rollout::Rollouts::new(self.fleet.clone(), leader_store.clone(), self.outbox);
+        let rollouts = crate::rollout::Rollouts::new(
+            self.fleet.clone(),
+            &self.name,
+            leader_store.clone(),
+            self.outbox,
+        );
         let leader = tokio::spawn(crate::lead::run(
             crate::lead::LeaderWork {
                 fleet: self.fleet.clone(),

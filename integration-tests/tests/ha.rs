@@ -788,4 +788,133 @@ mod on_etcd {
         .await;
         agent.shutdown().await;
     }
+
+    /// A staged rollout decided by the leader over agents linked to a follower: the bad
+    /// change halts at its canary, judged from the follower's evidence, and the other agent
+    /// never gets it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_staged_rollout_halts_at_a_canary_linked_to_a_follower() {
+        use integration_tests::*;
+        use tunnelfleet_coordinator::admin::RolloutView;
+        use tunnelfleet_coordinator::rollout::{Canary, StartRequest};
+        use tunnelfleet_coordinator::store::RolloutState;
+        if !EtcdCluster::available("coordinators on etcd")
+            || !Sshd::available("coordinators on etcd")
+        {
+            return;
+        }
+        let cluster = EtcdCluster::start(1).await;
+        let sshd = Sshd::start();
+        let (echo, _e) = echo_server().await;
+        let dir = tempfile::tempdir().unwrap();
+        tunnelfleet_coordinator::pki::init(&dir.path().join("pki"), &["localhost".into()]).unwrap();
+        let (d1, d2) = (dir.path().join("c1"), dir.path().join("c2"));
+        copy_pki(dir.path(), &d1);
+        copy_pki(dir.path(), &d2);
+        let c1 =
+            CoordinatorProcess::start_with(&d1, "500ms", &etcd_extra(&cluster, "c1", "")).await;
+        wait_until(20, "c1 leads", || async {
+            view(&c1).await.is_some_and(|v| v["standing"] == "leader")
+        })
+        .await;
+        let c2 =
+            CoordinatorProcess::start_with(&d2, "500ms", &etcd_extra(&cluster, "c2", "")).await;
+        wait_until(20, "c2 follows", || async {
+            view(&c2).await.is_some_and(|v| v["standing"] == "follower")
+        })
+        .await;
+        // Two agents, both on the follower, each with its own profile.
+        let mut agents = Vec::new();
+        for i in 1..=2 {
+            let id = format!("vma-{i}");
+            let agent = TestAgent::start(&agent_section(c2.control, dir.path(), &id, "")).await;
+            let l = free_port();
+            let profile = profile_toml(
+                &id,
+                &[sshd.endpoint()],
+                &sshd,
+                &[format!("L {l}:localhost:{echo}")],
+                "",
+            );
+            let local = tunnelfleet_agent::config::AgentConfig::parse(
+                &profile,
+                std::path::Path::new("p.toml"),
+            )
+            .unwrap();
+            let _: tunnelfleet_coordinator::admin::Changed = c1
+                .api
+                .call(
+                    "PUT",
+                    &format!("/v1/profiles/{id}"),
+                    Some(&local.profiles[0]),
+                )
+                .await
+                .unwrap();
+            let _: tunnelfleet_coordinator::admin::Changed = c1
+                .api
+                .call(
+                    "POST",
+                    "/v1/assignments",
+                    Some(&serde_json::json!({"profile": id, "agent": id})),
+                )
+                .await
+                .unwrap();
+            agent.wait_all_active(&id).await;
+            agents.push((id, agent, l, local.profiles[0].clone()));
+        }
+        // Both changed to an OMA port nobody listens on, staged: one canary, one wave.
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().to_string()
+        };
+        let bad: Vec<_> = agents
+            .iter()
+            .map(|(_, _, _, p)| {
+                let mut p = p.clone();
+                p.endpoints = vec![dead.clone()];
+                p
+            })
+            .collect();
+        let r: tunnelfleet_coordinator::store::Rollout = c1
+            .api
+            .call(
+                "POST",
+                "/v1/rollouts",
+                Some(&StartRequest {
+                    profiles: bad,
+                    canary: Canary::Count(1),
+                    waves: 1,
+                    wait_ms: 2000,
+                    settle_ms: 6000,
+                }),
+            )
+            .await
+            .unwrap();
+        let canary = r.stages[0].agents.clone();
+        assert_eq!(canary.len(), 1, "{r:?}");
+        assert!(
+            r.stages[0].offline.is_empty(),
+            "the follower's agents are not away: {r:?}"
+        );
+        wait_until(60, "the rollout halted at the canary", || async {
+            let v: Option<RolloutView> = c1.api.get("/v1/rollouts/current").await.unwrap_or(None);
+            v.is_some_and(|v| v.rollout.state == RolloutState::Halted)
+        })
+        .await;
+        let v: Option<RolloutView> = c1.api.get("/v1/rollouts/current").await.unwrap();
+        let r = v.unwrap().rollout;
+        assert_eq!(r.current, 0, "{r:?}");
+        assert_eq!(
+            r.reasons.keys().cloned().collect::<Vec<_>>(),
+            canary,
+            "{r:?}"
+        );
+        // The other agent never got the bad change: still on the real sshd, data flowing.
+        let (other, agent, l, _) = agents.iter().find(|(id, ..)| !canary.contains(id)).unwrap();
+        assert_eq!(agent.profile(other).await.active_endpoint, sshd.endpoint());
+        echo_roundtrip(*l, b"never got it").await.unwrap();
+        for (_, agent, _, _) in agents {
+            agent.shutdown().await;
+        }
+    }
 }

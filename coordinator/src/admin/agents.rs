@@ -80,7 +80,7 @@ pub struct AgentDetail {
 /// here, else from the latest evidence another coordinator published (several on etcd).
 pub(crate) fn details(fleet: &Fleet, me: &str) -> Result<Vec<AgentDetail>, ApiError> {
     let mut out = Vec::new();
-    let remote = elsewhere(fleet, me)?;
+    let remote = fleet.store.latest_live(me)?;
     let revoked: std::collections::BTreeSet<String> = fleet
         .store
         .revocations()?
@@ -149,27 +149,6 @@ pub(crate) fn details(fleet: &Fleet, me: &str) -> Result<Vec<AgentDetail>, ApiEr
         });
     }
     Ok(out)
-}
-
-/// The latest evidence of each agent published by other coordinators than `me` (none on
-/// sled).
-pub(crate) fn elsewhere(
-    fleet: &Fleet,
-    me: &str,
-) -> Result<BTreeMap<String, crate::store::LiveRecord>, ApiError> {
-    let mut latest: BTreeMap<String, crate::store::LiveRecord> = BTreeMap::new();
-    for r in fleet.store.live_since(0)?.0 {
-        if r.coordinator == me {
-            continue;
-        }
-        match latest.get(&r.agent) {
-            Some(l) if l.since_unix_ms > r.since_unix_ms => {}
-            _ => {
-                latest.insert(r.agent.clone(), r);
-            }
-        }
-    }
-    Ok(latest)
 }
 
 async fn agents(State(a): State<Admin>) -> Result<Json<Vec<AgentSummary>>, ApiError> {

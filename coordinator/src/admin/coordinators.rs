@@ -57,7 +57,7 @@ pub(crate) fn view(a: &Admin) -> Result<CoordinatorsView, ApiError> {
     };
     let mut agents = std::collections::BTreeMap::new();
     agents.insert(a.name.to_string(), a.fleet.links.connected().len());
-    for r in super::agents::elsewhere(&a.fleet, &a.name)?.into_values() {
+    for r in a.fleet.store.latest_live(&a.name)?.into_values() {
         if r.connected && !a.fleet.links.get(&r.agent).is_some_and(|l| l.connected) {
             *agents.entry(r.coordinator).or_default() += 1;
         }

@@ -78,6 +78,8 @@ fn offline_of(agents: &[String], connected: &BTreeSet<String>) -> Vec<String> {
 #[derive(Clone)]
 pub struct Rollouts {
     fleet: Arc<Fleet>,
+    /// This coordinator's name (its own agents' evidence is its links).
+    me: Arc<String>,
     /// Where steps are written (the leader's store).
     store: Store,
     outbox: Arc<Outbox>,
@@ -101,9 +103,10 @@ struct Memory {
 
 impl Rollouts {
     /// A driver over `fleet`, raising its alert through `outbox`'s hooks.
-    pub fn new(fleet: Arc<Fleet>, store: Store, outbox: Arc<Outbox>) -> Self {
+    pub fn new(fleet: Arc<Fleet>, me: &str, store: Store, outbox: Arc<Outbox>) -> Self {
         Rollouts {
             fleet,
+            me: Arc::new(me.to_string()),
             store,
             outbox,
             turn: Arc::default(),
@@ -144,7 +147,7 @@ impl Rollouts {
         // The agents whose profiles change: the known ones and the connected ones.
         let mut agents: BTreeMap<String, BTreeMap<String, String>> =
             store.agent_labels()?.into_iter().collect();
-        let connected: BTreeSet<String> = self.fleet.links.connected().into_iter().collect();
+        let connected = self.connected_anywhere()?;
         for id in &connected {
             if let Some(l) = self.fleet.links.get(id) {
                 agents.insert(id.clone(), l.labels);
@@ -228,7 +231,7 @@ impl Rollouts {
         r.reverted.clear();
         r.halted_unix_ms = None;
         let now = now_unix_ms();
-        let connected: BTreeSet<String> = self.fleet.links.connected().into_iter().collect();
+        let connected = self.connected_anywhere()?;
         let stage = match r.stages.get_mut(r.current) {
             Some(s) => {
                 s.started_unix_ms = Some(now);
@@ -317,8 +320,9 @@ impl Rollouts {
             .iter()
             .filter(|a| !stage.offline.contains(a))
             .collect();
+        let remote = self.store.latest_live(&self.me)?;
         for agent in judged.iter().copied() {
-            let view = self.view(agent, &mut mem.seen)?;
+            let view = self.view(agent, &mut mem.seen, &remote)?;
             match check(&view) {
                 Check::Good => {
                     mem.good_since.entry(agent.clone()).or_insert(now);
@@ -359,7 +363,7 @@ impl Rollouts {
         let what = if r.current + 1 < r.stages.len() {
             r.current += 1;
             r.stages[r.current].started_unix_ms = Some(at);
-            let connected: BTreeSet<String> = self.fleet.links.connected().into_iter().collect();
+            let connected = self.connected_anywhere()?;
             r.stages[r.current].offline = offline_of(&r.stages[r.current].agents, &connected);
             tracing::info!(
                 version = r.version,
@@ -386,8 +390,52 @@ impl Rollouts {
         Ok(())
     }
 
-    /// What is known of one agent of the stage.
-    fn view(&self, agent: &str, seen: &mut BTreeSet<String>) -> Result<AgentView, StoreError> {
+    /// The agents connected to this coordinator or, as their evidence says, another one.
+    fn connected_anywhere(&self) -> Result<BTreeSet<String>, StoreError> {
+        let mut c: BTreeSet<String> = self.fleet.links.connected().into_iter().collect();
+        c.extend(
+            self.store
+                .latest_live(&self.me)?
+                .into_values()
+                .filter(|r| r.connected)
+                .map(|r| r.agent),
+        );
+        Ok(c)
+    }
+
+    /// What is known of one agent of the stage: from its link here, or from the evidence of
+    /// the coordinator it is linked to (`remote`).
+    fn view(
+        &self,
+        agent: &str,
+        seen: &mut BTreeSet<String>,
+        remote: &BTreeMap<String, crate::store::LiveRecord>,
+    ) -> Result<AgentView, StoreError> {
+        let here = self.fleet.links.get(agent).is_some_and(|l| l.connected);
+        if !here && let Some(r) = remote.get(agent).filter(|r| r.connected) {
+            seen.insert(agent.to_string());
+            let acked = r.acked.is_some() && r.acked == r.pushed;
+            let apply = match self.store.agent(agent)? {
+                Some(rec) if acked && rec.applied_version == r.acked => Some(if rec.applied_ok {
+                    Ok(())
+                } else {
+                    Err(rec.apply_errors)
+                }),
+                _ => None,
+            };
+            let fresh = r.heartbeats > r.acked_heartbeats;
+            return Ok(AgentView {
+                connected: true,
+                online: r.online,
+                seen: true,
+                pushed_new: r.pushed.is_some() && !r.pushed_held,
+                acked,
+                apply,
+                heartbeat: r.heartbeat.clone().map(Arc::new).filter(|_| fresh),
+                reported: r.reported.clone().map(Arc::new).filter(|_| fresh),
+                profiles: r.profiles.clone(),
+            });
+        }
         let Some(l) = self.fleet.links.get(agent) else {
             return Ok(AgentView {
                 seen: seen.contains(agent),

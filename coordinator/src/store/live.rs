@@ -28,6 +28,25 @@ pub struct LiveRecord {
     pub heartbeats: u64,
     /// What counts of its last heartbeat (judged against what was pushed to it).
     pub heartbeat: Option<Heartbeat>,
+    /// Its last heartbeat as it sent it (a rollout's judge reads what it says of endpoints it
+    /// was not given).
+    #[serde(default)]
+    pub reported: Option<Heartbeat>,
+    /// The fleet version last pushed to it on this link.
+    #[serde(default)]
+    pub pushed: Option<u64>,
+    /// That push was the set from before a rollout in progress.
+    #[serde(default)]
+    pub pushed_held: bool,
+    /// The version whose `Applied` was taken.
+    #[serde(default)]
+    pub acked: Option<u64>,
+    /// `heartbeats` when it was.
+    #[serde(default)]
+    pub acked_heartbeats: u64,
+    /// The profiles pushed to it.
+    #[serde(default)]
+    pub profiles: Vec<String>,
 }
 
 fn key(agent: &str, coordinator: &str) -> Vec<u8> {
@@ -44,6 +63,27 @@ impl Store {
             self.live.insert(key(&r.agent, &r.coordinator), json(r))?;
         }
         self.durable().await
+    }
+
+    /// The latest evidence of each agent published by other coordinators than `me` (the
+    /// latest link of an agent is where it is); none on sled.
+    pub fn latest_live(
+        &self,
+        me: &str,
+    ) -> Result<std::collections::BTreeMap<String, LiveRecord>, StoreError> {
+        let mut latest: std::collections::BTreeMap<String, LiveRecord> = Default::default();
+        for r in self.live_since(0)?.0 {
+            if r.coordinator == me {
+                continue;
+            }
+            match latest.get(&r.agent) {
+                Some(l) if l.since_unix_ms > r.since_unix_ms => {}
+                _ => {
+                    latest.insert(r.agent.clone(), r);
+                }
+            }
+        }
+        Ok(latest)
     }
 
     /// The records changed since `revision` (0: all) and the revision they reach; on sled

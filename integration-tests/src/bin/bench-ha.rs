@@ -121,10 +121,15 @@ fn spawn_fleet(
     Ok((pushes, up_rx))
 }
 
-async fn connected(api: &ApiClient) -> usize {
+/// Agents linked to coordinator `name`, as its API lists them.
+async fn linked_to(api: &ApiClient, name: &str) -> usize {
     api.get::<Vec<serde_json::Value>>("/v1/agents")
         .await
-        .map(|a| a.iter().filter(|x| x["connected"] == true).count())
+        .map(|a| {
+            a.iter()
+                .filter(|x| x["connected"] == true && x["coordinator"] == name)
+                .count()
+        })
         .unwrap_or(0)
 }
 
@@ -265,7 +270,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let lead = lead.context("no leader")?;
     let survivor = (lead + 1) % 3;
-    let on_leader = connected(&coords[lead].api).await;
+    let on_leader = linked_to(&coords[lead].api, names[lead]).await;
     eprintln!("  {} leads with {on_leader} agents; kill -9", names[lead]);
 
     // A stream of applies through the survivor while the leader dies.
