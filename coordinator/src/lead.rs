@@ -104,20 +104,22 @@ pub async fn run(
 }
 
 /// Pushes to this coordinator's agents whatever another coordinator changed (etcd): the
-/// fleet version moved without a local write. Every `every` it looks; pushes are per agent
-/// against what it was given, so a version this coordinator pushed itself costs nothing.
+/// fleet version moved without a local write. It looks each time the store has seen a change
+/// (at most every `every`); pushes are per agent against what it was given, so a version this
+/// coordinator pushed itself costs nothing.
 pub async fn follow_versions(
     fleet: Arc<Fleet>,
     every: std::time::Duration,
     shutdown: CancellationToken,
 ) {
+    let Some(mut changes) = fleet.store.changes() else {
+        return;
+    };
     let mut seen = fleet.store.fleet_version().unwrap_or(0);
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
+            r = changes.changed() => if r.is_err() { return },
         }
         let Ok(now) = fleet.store.fleet_version() else {
             continue;
@@ -136,6 +138,8 @@ pub async fn follow_versions(
             }
             seen = now;
         }
+        // Many changes in a burst (a thousand agents' evidence) cost one look per `every`.
+        tokio::time::sleep(every).await;
     }
 }
 

@@ -376,7 +376,7 @@ impl Bound {
         let follower = self.fleet.store.shared().then(|| {
             let versions = tokio::spawn(crate::lead::follow_versions(
                 self.fleet.clone(),
-                Duration::from_millis(250),
+                Duration::from_millis(10),
                 shutdown.clone(),
             ));
             let evidence = tokio::spawn(crate::lead::publish_evidence(

@@ -196,6 +196,53 @@ mod on_etcd {
         )
     }
 
+    /// A fleet's directory: its PKI, and copies of it for coordinators `c1` and `c2`.
+    fn fleet_dir() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        tunnelfleet_coordinator::pki::init(&dir.path().join("pki"), &["localhost".into()]).unwrap();
+        for c in ["c1", "c2"] {
+            copy_pki(dir.path(), &dir.path().join(c));
+        }
+        dir
+    }
+
+    /// The `[[hook]]` that delivers to `sink`, signed with a secret kept in `dir`.
+    fn webhook(dir: &std::path::Path, sink: &integration_tests::WebhookSink) -> String {
+        let secret = dir.join("webhook.secret");
+        integration_tests::write_secret(&secret, b"ha-webhook-secret-0123456789");
+        format!(
+            "[[hook]]\nname = \"ops\"\nkind = \"webhook\"\nurl = \"http://127.0.0.1:{}/alerts\"\nsecret_file = \"{}\"\ntimeout = \"1s\"\n",
+            sink.port,
+            secret.display()
+        )
+    }
+
+    /// Coordinator `c1` (in `dir/c1`), once it leads, then `c2`, once it follows `c1`.
+    async fn leader_then_follower(
+        cluster: &EtcdCluster,
+        dir: &std::path::Path,
+        hook: &str,
+    ) -> (
+        integration_tests::CoordinatorProcess,
+        integration_tests::CoordinatorProcess,
+    ) {
+        use integration_tests::CoordinatorProcess;
+        let extra = |name| etcd_extra(cluster, name, hook);
+        let c1 = CoordinatorProcess::start_with(&dir.join("c1"), "500ms", &extra("c1")).await;
+        wait_until(20, "c1 leads", || async {
+            view(&c1).await.is_some_and(|v| v["standing"] == "leader")
+        })
+        .await;
+        let c2 = CoordinatorProcess::start_with(&dir.join("c2"), "500ms", &extra("c2")).await;
+        wait_until(20, "c2 follows c1", || async {
+            view(&c2)
+                .await
+                .is_some_and(|v| v["standing"] == "follower" && v["leader"] == "c1")
+        })
+        .await;
+        (c1, c2)
+    }
+
     fn copy_pki(from: &std::path::Path, to: &std::path::Path) {
         std::fs::create_dir_all(to.join("pki")).unwrap();
         for f in std::fs::read_dir(from.join("pki")).unwrap() {
@@ -254,18 +301,9 @@ mod on_etcd {
         let standby = Sshd::start_sharing_client_key(&primary);
         let (echo, _e) = echo_server().await;
         let sink = WebhookSink::start(0).await.unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        tunnelfleet_coordinator::pki::init(&dir.path().join("pki"), &["localhost".into()]).unwrap();
-        let secret = dir.path().join("webhook.secret");
-        write_secret(&secret, b"ha-webhook-secret-0123456789");
-        let hook = format!(
-            "[[hook]]\nname = \"ops\"\nkind = \"webhook\"\nurl = \"http://127.0.0.1:{}/alerts\"\nsecret_file = \"{}\"\ntimeout = \"1s\"\n",
-            sink.port,
-            secret.display()
-        );
+        let dir = fleet_dir();
+        let hook = webhook(dir.path(), &sink);
         let (d1, d2) = (dir.path().join("c1"), dir.path().join("c2"));
-        copy_pki(dir.path(), &d1);
-        copy_pki(dir.path(), &d2);
         let mut c1 =
             CoordinatorProcess::start_with(&d1, "500ms", &etcd_extra(&cluster, "c1", &hook)).await;
         let mut c2 =
@@ -509,8 +547,7 @@ mod on_etcd {
             return;
         }
         let cluster = EtcdCluster::start(1).await;
-        let dir = tempfile::tempdir().unwrap();
-        tunnelfleet_coordinator::pki::init(&dir.path().join("pki"), &["localhost".into()]).unwrap();
+        let dir = fleet_dir();
         let cli = |c: &CoordinatorProcess, args: &[&str]| {
             let o = std::process::Command::new(Program::Cli.path())
                 .args(args)
@@ -665,32 +702,9 @@ mod on_etcd {
             .await
             .unwrap();
         let sink = WebhookSink::start(0).await.unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        tunnelfleet_coordinator::pki::init(&dir.path().join("pki"), &["localhost".into()]).unwrap();
-        let secret = dir.path().join("webhook.secret");
-        write_secret(&secret, b"ha-webhook-secret-0123456789");
-        let hook = format!(
-            "[[hook]]\nname = \"ops\"\nkind = \"webhook\"\nurl = \"http://127.0.0.1:{}/alerts\"\nsecret_file = \"{}\"\ntimeout = \"1s\"\n",
-            sink.port,
-            secret.display()
-        );
-        let (d1, d2) = (dir.path().join("c1"), dir.path().join("c2"));
-        copy_pki(dir.path(), &d1);
-        copy_pki(dir.path(), &d2);
-        let c1 =
-            CoordinatorProcess::start_with(&d1, "500ms", &etcd_extra(&cluster, "c1", &hook)).await;
-        wait_until(20, "c1 leads", || async {
-            view(&c1).await.is_some_and(|v| v["standing"] == "leader")
-        })
-        .await;
-        let c2 =
-            CoordinatorProcess::start_with(&d2, "500ms", &etcd_extra(&cluster, "c2", &hook)).await;
-        wait_until(20, "c2 follows c1", || async {
-            view(&c2)
-                .await
-                .is_some_and(|v| v["standing"] == "follower" && v["leader"] == "c1")
-        })
-        .await;
+        let dir = fleet_dir();
+        let hook = webhook(dir.path(), &sink);
+        let (c1, c2) = leader_then_follower(&cluster, dir.path(), &hook).await;
         // The agent knows only the follower.
         let agent = TestAgent::start(&agent_section(c2.control, dir.path(), "vma-1", "")).await;
         let (l, l_api) = (free_port(), free_port());
@@ -806,23 +820,8 @@ mod on_etcd {
         let cluster = EtcdCluster::start(1).await;
         let sshd = Sshd::start();
         let (echo, _e) = echo_server().await;
-        let dir = tempfile::tempdir().unwrap();
-        tunnelfleet_coordinator::pki::init(&dir.path().join("pki"), &["localhost".into()]).unwrap();
-        let (d1, d2) = (dir.path().join("c1"), dir.path().join("c2"));
-        copy_pki(dir.path(), &d1);
-        copy_pki(dir.path(), &d2);
-        let c1 =
-            CoordinatorProcess::start_with(&d1, "500ms", &etcd_extra(&cluster, "c1", "")).await;
-        wait_until(20, "c1 leads", || async {
-            view(&c1).await.is_some_and(|v| v["standing"] == "leader")
-        })
-        .await;
-        let c2 =
-            CoordinatorProcess::start_with(&d2, "500ms", &etcd_extra(&cluster, "c2", "")).await;
-        wait_until(20, "c2 follows", || async {
-            view(&c2).await.is_some_and(|v| v["standing"] == "follower")
-        })
-        .await;
+        let dir = fleet_dir();
+        let (c1, c2) = leader_then_follower(&cluster, dir.path(), "").await;
         // Two agents, both on the follower, each with its own profile.
         let mut agents = Vec::new();
         for i in 1..=2 {
@@ -862,6 +861,17 @@ mod on_etcd {
             agent.wait_all_active(&id).await;
             agents.push((id, agent, l, local.profiles[0].clone()));
         }
+        // The leader knows both are linked to c2 (from c2's evidence).
+        wait_until(10, "the leader sees both agents on c2", || async {
+            let a: serde_json::Value = c1.api.get("/v1/agents").await.unwrap_or_default();
+            a.as_array().is_some_and(|a| {
+                a.iter()
+                    .filter(|x| x["connected"] == true && x["coordinator"] == "c2")
+                    .count()
+                    == 2
+            })
+        })
+        .await;
         // Both changed to an OMA port nobody listens on, staged: one canary, one wave.
         let dead = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

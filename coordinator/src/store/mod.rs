@@ -389,6 +389,16 @@ impl Store {
         false
     }
 
+    /// On etcd: told each time this coordinator's copy of the state has seen more of it
+    /// (anyone's writes); None on sled, where every write is this coordinator's own.
+    pub fn changes(&self) -> Option<tokio::sync::watch::Receiver<i64>> {
+        #[cfg(feature = "etcd")]
+        if let Some(db) = self.db.etcd() {
+            return Some(db.revisions());
+        }
+        None
+    }
+
     /// On etcd: requests sent, failed, and their total time in seconds (None on sled).
     pub fn etcd_stats(&self) -> Option<(u64, u64, f64)> {
         #[cfg(feature = "etcd")]

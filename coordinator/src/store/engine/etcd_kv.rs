@@ -526,6 +526,11 @@ impl EtcdDb {
         self.inner.flushes.load(SeqCst)
     }
 
+    /// Told each time the mirror has seen more of etcd (the revision it reached).
+    pub(crate) fn revisions(&self) -> tokio::sync::watch::Receiver<i64> {
+        self.inner.seen.subscribe()
+    }
+
     /// Requests sent, failed, and their total time in seconds.
     pub(crate) fn stats(&self) -> (u64, u64, f64) {
         (
