@@ -152,7 +152,10 @@ pub async fn publish_evidence(
     shutdown: CancellationToken,
 ) {
     use std::collections::HashMap;
-    type Mark = (u64, bool, bool, u64, Option<u64>, Option<u64>);
+    // What a record says, less the heartbeat count: a heartbeat that says what the last one
+    // did is no news (its arrival is, once, after an acknowledgement: a rollout's judge waits
+    // for a heartbeat after it).
+    type Mark = (u64, bool, bool, Option<u64>, Option<u64>, bool, u64);
     let mut published: HashMap<String, Mark> = HashMap::new();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -163,13 +166,24 @@ pub async fn publish_evidence(
         }
         let mut records = Vec::new();
         for l in fleet.links.evidence() {
+            let says = {
+                use std::hash::{Hash, Hasher};
+                let mut hasher = std::collections::hash_map::DefaultHasher::new();
+                for h in [&l.judged, &l.last_heartbeat].into_iter().flatten() {
+                    serde_json::to_vec(&h.profiles)
+                        .unwrap_or_default()
+                        .hash(&mut hasher);
+                }
+                hasher.finish()
+            };
             let mark = (
                 l.since_unix_ms,
                 l.connected,
                 l.online,
-                l.heartbeats,
                 l.pushed,
                 l.acked,
+                l.heartbeats > l.acked_heartbeats,
+                says,
             );
             if published.get(&l.agent_id) == Some(&mark) {
                 continue;
