@@ -313,7 +313,9 @@ async fn main() -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
-    let (new_leader, relinked) = tokio::join!(
+    // The three at once: the push runs while the agents relink.
+    let (during, new_leader, relinked) = tokio::join!(
+        during,
         tokio::time::timeout(Duration::from_secs(60), new_leader),
         tokio::time::timeout(Duration::from_secs(120), relinked)
     );
@@ -322,7 +324,7 @@ async fn main() -> anyhow::Result<()> {
         .ok()
         .flatten()
         .context("agents not relinked within 120 s")?;
-    let during = during.await?;
+    let during = during?;
     let after = push_p99(
         &coords[survivor].api,
         "bench",
