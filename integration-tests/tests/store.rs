@@ -764,3 +764,44 @@ async fn firing_alerts_are_read_through_an_index_kept_across_reopen_and_built_fo
     let store = open_when_released(dir.path());
     assert_eq!(firing(&store), vec![ids[4], ids[2], ids[0]]);
 }
+
+/// On sled one coordinator owns the store: a run under another name replaces the record an
+/// earlier run left, and it leads from the start.
+#[tokio::test]
+async fn a_sled_store_lists_only_the_coordinator_running_now() {
+    use tunnelfleet_coordinator::store::CoordinatorRecord;
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let me = |name: &str| CoordinatorRecord {
+        name: name.into(),
+        control: "127.0.0.1:4433".into(),
+        admin: "127.0.0.1:4480".into(),
+        web: None,
+        started_unix_ms: 1,
+        version: "test".into(),
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let m = s
+        .join(
+            me("old-host"),
+            std::time::Duration::from_secs(3),
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+    assert!(m.standing().leads());
+    drop(m);
+    let m = s
+        .join(me("new-host"), std::time::Duration::from_secs(3), stop)
+        .await
+        .unwrap();
+    assert!(m.standing().leads());
+    let names: Vec<String> = s
+        .coordinators()
+        .unwrap()
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    assert_eq!(names, vec!["new-host".to_string()]);
+    assert_eq!(s.leader().unwrap().as_deref(), Some("new-host"));
+}

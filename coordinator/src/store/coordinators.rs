@@ -134,6 +134,11 @@ impl Store {
             });
         }
         let _ = (ttl, shutdown);
+        // One coordinator on sled: this run's record replaces any an earlier run left (under
+        // another name, say).
+        for k in self.coordinators.keys()? {
+            self.coordinators.remove(k)?;
+        }
         self.coordinators
             .insert(me.name.as_bytes(), super::json(&me))?;
         self.durable().await?;
