@@ -286,21 +286,11 @@ impl Watcher {
                 return Vec::new();
             }
         };
-        // Of one agent's records in this read, only its latest link.
-        let mut latest: HashMap<String, crate::store::LiveRecord> = HashMap::new();
-        for r in records {
-            match latest.get(&r.agent) {
-                Some(l) if l.since_unix_ms > r.since_unix_ms => {}
-                _ => {
-                    latest.insert(r.agent.clone(), r);
-                }
-            }
-        }
+        // Of one agent's records in this read, only its latest link (this coordinator's
+        // own agents are fed from its links).
+        let latest = crate::store::latest_per_agent(records, &self.handle.me);
         let mut actions = Vec::new();
         for r in latest.into_values() {
-            if r.coordinator == *self.handle.me {
-                continue;
-            }
             if self.fleet.links.get(&r.agent).is_some_and(|l| l.connected) {
                 continue;
             }

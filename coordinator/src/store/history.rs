@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 use tunnelfleet_protocol::ProfileSpec;
 use tunnelfleet_runtime::clock::now_unix_ms;
 
+use super::engine::{Abort, TxTree};
 use super::{Assignment, Store, StoreError, decode, json, u64_of};
 
 /// Revisions kept for `profiles history` and rollback; older ones are pruned.
@@ -83,31 +84,10 @@ impl Store {
                 });
             }
         }
-        let current_profiles = self.profiles.keys()?;
-        let current_assignments = self.assignments.keys()?;
-        let profiles: Vec<(String, Vec<u8>)> = rev
-            .profiles
-            .iter()
-            .map(|p| (p.name.clone(), json(p)))
-            .collect();
-        let assignments: Vec<Vec<u8>> = rev.assignments.iter().map(json).collect();
+        let now = (self.profiles.keys()?, self.assignments.keys()?);
         self.change(
             &format!("rollback to version {version} ({})", rev.what),
-            |pt, at| {
-                for k in &current_profiles {
-                    pt.remove(k)?;
-                }
-                for k in &current_assignments {
-                    at.remove(k)?;
-                }
-                for (name, v) in &profiles {
-                    pt.insert(name.as_bytes(), v)?;
-                }
-                for a in &assignments {
-                    at.insert(a, a)?;
-                }
-                Ok(())
-            },
+            |pt, at| replace_contents(pt, at, &now, &rev.profiles, &rev.assignments),
         )
         .await
     }
@@ -129,4 +109,30 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// Inside a change's transaction: the profiles and assignments become exactly `profiles` and
+/// `assignments`, the keys there now (`now`: profiles', assignments') removed first. A
+/// rollback and a rollout's abort both do this.
+pub(super) fn replace_contents(
+    pt: &TxTree<'_>,
+    at: &TxTree<'_>,
+    now: &(Vec<Vec<u8>>, Vec<Vec<u8>>),
+    profiles: &[ProfileSpec],
+    assignments: &[Assignment],
+) -> Result<(), Abort> {
+    for k in &now.0 {
+        pt.remove(k)?;
+    }
+    for k in &now.1 {
+        at.remove(k)?;
+    }
+    for p in profiles {
+        pt.insert(p.name.as_bytes(), json(p))?;
+    }
+    for a in assignments {
+        let k = json(a);
+        at.insert(&k, &k)?;
+    }
+    Ok(())
 }

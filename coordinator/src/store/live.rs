@@ -71,19 +71,7 @@ impl Store {
         &self,
         me: &str,
     ) -> Result<std::collections::BTreeMap<String, LiveRecord>, StoreError> {
-        let mut latest: std::collections::BTreeMap<String, LiveRecord> = Default::default();
-        for r in self.live_since(0)?.0 {
-            if r.coordinator == me {
-                continue;
-            }
-            match latest.get(&r.agent) {
-                Some(l) if l.since_unix_ms > r.since_unix_ms => {}
-                _ => {
-                    latest.insert(r.agent.clone(), r);
-                }
-            }
-        }
-        Ok(latest)
+        Ok(latest_per_agent(self.live_since(0)?.0, me))
     }
 
     /// The records changed since `revision` (0: all) and the revision they reach; on sled
@@ -96,4 +84,25 @@ impl Store {
         }
         Ok((out, reached))
     }
+}
+
+/// Of each agent's records, its latest link, leaving out those of coordinator `me` (whose
+/// agents it knows from its own links).
+pub fn latest_per_agent(
+    records: Vec<LiveRecord>,
+    me: &str,
+) -> std::collections::BTreeMap<String, LiveRecord> {
+    let mut latest: std::collections::BTreeMap<String, LiveRecord> = Default::default();
+    for r in records {
+        if r.coordinator == me {
+            continue;
+        }
+        match latest.get(&r.agent) {
+            Some(l) if l.since_unix_ms > r.since_unix_ms => {}
+            _ => {
+                latest.insert(r.agent.clone(), r);
+            }
+        }
+    }
+    latest
 }

@@ -55,7 +55,7 @@ pub use copy::{Copied, CopyError};
 pub use events::Event;
 pub use groups::{GroupError, OmaGroup};
 pub use history::{HISTORY_KEPT, Revision, RevisionSummary};
-pub use live::LiveRecord;
+pub use live::{LiveRecord, latest_per_agent};
 pub use profiles::{Assignment, Selector, SetKey, Snapshot};
 pub use rollouts::{Rollout, RolloutState, Stage};
 pub use tokens::{JoinToken, Revocation};

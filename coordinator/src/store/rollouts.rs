@@ -254,8 +254,7 @@ impl Store {
         let mut r = self
             .active_rollout()?
             .ok_or(StoreError::NoRolloutInProgress)?;
-        let current_profiles: Vec<Vec<u8>> = self.profiles.keys()?;
-        let current_assignments: Vec<Vec<u8>> = self.assignments.keys()?;
+        let now = (self.profiles.keys()?, self.assignments.keys()?);
         let what = format!(
             "rollout of version {} aborted: back to version {}'s profiles",
             r.version, r.base_version
@@ -274,19 +273,13 @@ impl Store {
                     &self.rollouts,
                 ],
                 |[pt, at, meta, events, rollouts]| {
-                    for k in &current_profiles {
-                        pt.remove(k)?;
-                    }
-                    for k in &current_assignments {
-                        at.remove(k)?;
-                    }
-                    for p in &r.base_profiles {
-                        pt.insert(p.name.as_bytes(), json(p))?;
-                    }
-                    for a in &r.base_assignments {
-                        let k = json(a);
-                        at.insert(k.clone(), k)?;
-                    }
+                    super::history::replace_contents(
+                        pt,
+                        at,
+                        &now,
+                        &r.base_profiles,
+                        &r.base_assignments,
+                    )?;
                     let version = super::bump_version(meta, events, &event)?;
                     rollouts.insert(r.version.to_be_bytes(), json(&r))?;
                     rollouts.remove(ACTIVE)?;
