@@ -384,11 +384,12 @@ impl Fleet {
     /// Revokes an agent durably and closes its connection at once; it is refused from then on.
     pub async fn revoke(&self, agent_id: &str, reason: &str) -> Result<Revocation, StoreError> {
         let r = self.store.revoke(agent_id, reason).await?;
-        let conn = self
-            .links
-            .lock()
-            .get(agent_id)
-            .and_then(|(_, live)| live.as_ref().map(|l| l.conn.clone()));
+        // Detached here, not when its connection task notices the close: from the moment the
+        // revoke is durable the agent counts as gone (no push, no command, not "connected").
+        let conn = self.links.lock().get_mut(agent_id).and_then(|(l, live)| {
+            l.connected = false;
+            live.take().map(|l| l.conn)
+        });
         if let Some(conn) = conn {
             conn.close(
                 close::REVOKED.into(),
