@@ -14,13 +14,13 @@ use tunnelfleet_protocol::{
     ProfileReport, ProfileSet,
 };
 
-use crate::backoff::Backoff;
 use crate::config::CoordinatorSection;
 use crate::coordinators::{self, Rotation};
 use crate::link::{self, LinkError};
 use crate::placement::Coordinated;
 use crate::status::{AgentStatus, ProfileStatus};
 use crate::supervisor::SupervisorHandle;
+use tunnelfleet_runtime::backoff::Backoff;
 
 /// The least time between heartbeats a profile asked for (its health went down, it moved):
 /// changes that come together go in one heartbeat.

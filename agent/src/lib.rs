@@ -10,7 +10,6 @@
 //!   itself is `tunnelfleet_protocol::profile`).
 //! - [`hostkey`]: host key trust: known_hosts, pinned fingerprints, opt-in TOFU.
 //! - [`identity`]: loading the private key, refusing loose permissions.
-//! - [`backoff`]: exponential backoff with full jitter.
 //! - [`ssh`]: one SSH client session and its handler (remote-forward channels land here).
 //! - [`jump`]: the jump-host chain (`ssh -J`): a session to each hop, a channel to the next.
 //! - [`dial`]: reaching an endpoint within the connect timeout, directly or through jumps.
@@ -40,7 +39,6 @@
 
 pub mod agent;
 pub mod audit;
-pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod control;

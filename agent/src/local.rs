@@ -15,12 +15,12 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::backoff::Backoff;
 use crate::relay::{ForwardCounters, OpenGuard, relay};
 use crate::socks;
 use crate::ssh::Live;
 use crate::status::{ForwardState, ProfileShared};
 use tunnelfleet_protocol::forward::ForwardSpec;
+use tunnelfleet_runtime::backoff::Backoff;
 
 /// The current session of a profile, if one is up.
 pub type SessionSlot = watch::Receiver<Option<Arc<Live>>>;

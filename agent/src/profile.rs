@@ -25,7 +25,6 @@ use tokio_util::task::TaskTracker;
 
 use tunnelfleet_protocol::ErrorKind;
 
-use crate::backoff::Backoff;
 use crate::dial;
 use crate::health::{HealthMonitor, HealthTracker, Route, run_check, run_check_via, served_by};
 use crate::hostkey::HostTrust;
@@ -38,6 +37,7 @@ use crate::status::{ForwardState, HealthStatus, ProfileShared, TunnelState};
 use tunnelfleet_protocol::ProfileSpec;
 use tunnelfleet_protocol::forward::ForwardSpec;
 use tunnelfleet_protocol::profile::Standby;
+use tunnelfleet_runtime::backoff::Backoff;
 
 /// Why the runner left a session.
 #[derive(Debug)]

@@ -105,7 +105,7 @@ pub fn spawn_sim_agent(
 ) {
     use tunnelfleet_protocol::{Applied, CoordinatorMessage, Heartbeat};
     tokio::spawn(async move {
-        let mut backoff = tunnelfleet_agent::backoff::Backoff::new(
+        let mut backoff = tunnelfleet_runtime::backoff::Backoff::new(
             Duration::from_millis(200),
             Duration::from_secs(5),
         );

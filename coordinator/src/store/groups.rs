@@ -2,8 +2,8 @@
 //! drained. The operator defines them; failover, failback and drains move `active`.
 use serde::{Deserialize, Serialize};
 
-use super::engine::{Abort, TxTree};
-use super::{Store, StoreError, bump_version, decode, decode_all, json};
+use super::change::GroupEdit;
+use super::{Store, StoreError, decode, decode_all};
 
 /// A group definition was refused: the key (relative to the group) and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -198,51 +198,60 @@ impl Store {
     /// Creates or replaces a group's definition, keeping its active endpoint and drains when
     /// they still belong to it; returns the new fleet version once durable.
     pub async fn put_group(&self, def: &OmaGroup) -> Result<u64, StoreError> {
-        let mut g = def.clone();
-        if let Some(old) = self.group(&g.name)? {
-            g.active = old.active.filter(|a| g.endpoints.contains(a));
-            g.pinned = old.pinned && g.active.is_some();
-            g.drained = old
-                .drained
-                .into_iter()
-                .filter(|d| g.endpoints.contains(d))
-                .collect();
-        } else {
-            g.active = None;
-            g.drained.clear();
-            g.pinned = false;
-        }
-        let value = json(&g);
-        let name = g.name.clone();
-        self.change_groups(&format!("OMA group {name} applied"), |groups| {
-            groups.insert(name.as_bytes(), value.clone())?;
-            Ok(())
-        })
-        .await
+        let (version, ()) = self
+            .change_groups(|base| {
+                let mut g = def.clone();
+                if let Some(old) = base.groups.get(&g.name) {
+                    g.active = old.active.clone().filter(|a| g.endpoints.contains(a));
+                    g.pinned = old.pinned && g.active.is_some();
+                    g.drained = old
+                        .drained
+                        .iter()
+                        .filter(|d| g.endpoints.contains(d))
+                        .cloned()
+                        .collect();
+                } else {
+                    g.active = None;
+                    g.drained.clear();
+                    g.pinned = false;
+                }
+                Ok(GroupEdit {
+                    what: format!("OMA group {} applied", g.name),
+                    writes: vec![(g.name.clone(), Some(g))],
+                    value: (),
+                })
+            })
+            .await?;
+        Ok(version)
     }
 
     /// Deletes a group no profile names; returns the new fleet version once durable.
     pub async fn delete_group(&self, name: &str) -> Result<u64, StoreError> {
-        if self.group(name)?.is_none() {
-            return Err(StoreError::NoGroup(name.to_string()));
-        }
-        let users: Vec<String> = self
-            .profiles()?
-            .into_iter()
-            .filter(|p| p.group.as_deref() == Some(name))
-            .map(|p| p.name)
-            .collect();
-        if !users.is_empty() {
-            return Err(StoreError::GroupInUse {
-                group: name.to_string(),
-                profiles: users,
-            });
-        }
-        self.change_groups(&format!("OMA group {name} deleted"), |groups| {
-            groups.remove(name.as_bytes())?;
-            Ok(())
-        })
-        .await
+        let (version, ()) = self
+            .change_groups(|base| {
+                if !base.groups.contains_key(name) {
+                    return Err(StoreError::NoGroup(name.to_string()));
+                }
+                let users: Vec<String> = base
+                    .profiles
+                    .values()
+                    .filter(|p| p.group.as_deref() == Some(name))
+                    .map(|p| p.name.clone())
+                    .collect();
+                if !users.is_empty() {
+                    return Err(StoreError::GroupInUse {
+                        group: name.to_string(),
+                        profiles: users,
+                    });
+                }
+                Ok(GroupEdit {
+                    what: format!("OMA group {name} deleted"),
+                    writes: vec![(name.to_string(), None)],
+                    value: (),
+                })
+            })
+            .await?;
+        Ok(version)
     }
 
     /// Makes `endpoint` the active endpoint of `group` (the coordinator's failover and
@@ -254,21 +263,26 @@ impl Store {
         why: &str,
         pinned: bool,
     ) -> Result<u64, StoreError> {
-        let mut g = self
-            .group(group)?
-            .ok_or_else(|| StoreError::NoGroup(group.to_string()))?;
-        let from = g.active().unwrap_or_default().to_string();
-        g.active = Some(endpoint.to_string());
-        g.pinned = pinned;
-        let value = json(&g);
-        self.change_groups(
-            &format!("OMA group {group}: active endpoint {from} -> {endpoint} ({why})"),
-            |groups| {
-                groups.insert(group.as_bytes(), value.clone())?;
-                Ok(())
-            },
-        )
-        .await
+        let (version, ()) = self
+            .change_groups(|base| {
+                let mut g = base
+                    .groups
+                    .get(group)
+                    .cloned()
+                    .ok_or_else(|| StoreError::NoGroup(group.to_string()))?;
+                let from = g.active().unwrap_or_default().to_string();
+                g.active = Some(endpoint.to_string());
+                g.pinned = pinned;
+                Ok(GroupEdit {
+                    what: format!(
+                        "OMA group {group}: active endpoint {from} -> {endpoint} ({why})"
+                    ),
+                    writes: vec![(group.to_string(), Some(g))],
+                    value: (),
+                })
+            })
+            .await?;
+        Ok(version)
     }
 
     /// Marks `endpoint` drained (or not) in every group that has it; returns the new fleet
@@ -278,51 +292,30 @@ impl Store {
         endpoint: &str,
         drained: bool,
     ) -> Result<(u64, Vec<String>), StoreError> {
-        let mut changed = Vec::new();
-        for mut g in self.groups()? {
-            if !g.endpoints.iter().any(|e| e == endpoint) {
-                continue;
-            }
-            if drained {
-                g.drained.insert(endpoint.to_string());
-            } else {
-                g.drained.remove(endpoint);
-            }
-            changed.push(g);
-        }
-        if changed.is_empty() {
-            return Err(StoreError::NoEndpoint(endpoint.to_string()));
-        }
-        let names = changed.iter().map(|g| g.name.clone()).collect();
-        let verb = if drained { "drained" } else { "undrained" };
-        let version = self
-            .change_groups(&format!("OMA endpoint {endpoint} {verb}"), |groups| {
-                for g in &changed {
-                    groups.insert(g.name.as_bytes(), json(g))?;
+        self.change_groups(|base| {
+            let mut writes = Vec::new();
+            for g in base.groups.values() {
+                if !g.endpoints.iter().any(|e| e == endpoint) {
+                    continue;
                 }
-                Ok(())
+                let mut g = g.clone();
+                if drained {
+                    g.drained.insert(endpoint.to_string());
+                } else {
+                    g.drained.remove(endpoint);
+                }
+                writes.push((g.name.clone(), Some(g)));
+            }
+            if writes.is_empty() {
+                return Err(StoreError::NoEndpoint(endpoint.to_string()));
+            }
+            let verb = if drained { "drained" } else { "undrained" };
+            Ok(GroupEdit {
+                what: format!("OMA endpoint {endpoint} {verb}"),
+                value: writes.iter().map(|(n, _)| n.clone()).collect(),
+                writes,
             })
-            .await?;
-        Ok((version, names))
-    }
-
-    /// Groups changes (bumps the fleet version, logs the event) in one transaction.
-    async fn change_groups<F>(&self, what: &str, f: F) -> Result<u64, StoreError>
-    where
-        F: Fn(&TxTree<'_>) -> Result<(), Abort>,
-    {
-        let event = self.change_event(what).await?;
-        let version = self
-            .db
-            .transaction(
-                [&self.groups, &self.meta, &self.events],
-                |[groups, meta, events]| {
-                    f(groups)?;
-                    bump_version(meta, events, &event)
-                },
-            )
-            .await?;
-        self.durable().await?;
-        Ok(version)
+        })
+        .await
     }
 }

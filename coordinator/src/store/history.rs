@@ -2,10 +2,9 @@
 //! and rollback. History only grows; the oldest are pruned past [`HISTORY_KEPT`].
 use serde::{Deserialize, Serialize};
 use tunnelfleet_protocol::ProfileSpec;
-use tunnelfleet_runtime::clock::now_unix_ms;
 
-use super::engine::{Abort, TxTree};
-use super::{Assignment, Store, StoreError, decode, json, u64_of};
+use super::change::Contents;
+use super::{Assignment, Store, StoreError, decode, u64_of};
 
 /// Revisions kept for `profiles history` and rollback; older ones are pruned.
 pub const HISTORY_KEPT: usize = 1000;
@@ -74,34 +73,21 @@ impl Store {
     /// (history only grows). Refused when a profile names an OMA group that no longer exists.
     pub async fn rollback(&self, version: u64) -> Result<u64, StoreError> {
         let rev = self.revision(version)?;
-        for p in &rev.profiles {
-            if let Some(g) = &p.group
-                && self.groups.get(g.as_bytes())?.is_none()
-            {
-                return Err(StoreError::UnknownGroup {
-                    profile: p.name.clone(),
-                    group: g.clone(),
-                });
-            }
-        }
-        let now = (self.profiles.keys()?, self.assignments.keys()?);
         self.change(
             &format!("rollback to version {version} ({})", rev.what),
-            |pt, at| replace_contents(pt, at, &now, &rev.profiles, &rev.assignments),
+            |base| {
+                for p in &rev.profiles {
+                    base.check_group(p)?;
+                }
+                Ok(Contents::from_lists(&rev.profiles, &rev.assignments))
+            },
         )
         .await
     }
 
-    /// Records what change `version` left (written with the change, flushed by its caller).
-    pub(super) fn record_revision(&self, version: u64, what: &str) -> Result<(), StoreError> {
-        let rev = Revision {
-            version,
-            at_unix_ms: now_unix_ms(),
-            what: what.to_string(),
-            profiles: self.profiles()?,
-            assignments: self.assignments()?,
-        };
-        self.history.insert(version.to_be_bytes(), json(&rev))?;
+    /// Drops the oldest revisions past [`HISTORY_KEPT`] (each change writes its own in its
+    /// transaction).
+    pub(super) fn prune_history(&self) -> Result<(), StoreError> {
         while self.history.len() > HISTORY_KEPT {
             if self.history.pop_min()?.is_none() {
                 break;
@@ -109,30 +95,4 @@ impl Store {
         }
         Ok(())
     }
-}
-
-/// Inside a change's transaction: the profiles and assignments become exactly `profiles` and
-/// `assignments`, the keys there now (`now`: profiles', assignments') removed first. A
-/// rollback and a rollout's abort both do this.
-pub(super) fn replace_contents(
-    pt: &TxTree<'_>,
-    at: &TxTree<'_>,
-    now: &(Vec<Vec<u8>>, Vec<Vec<u8>>),
-    profiles: &[ProfileSpec],
-    assignments: &[Assignment],
-) -> Result<(), Abort> {
-    for k in &now.0 {
-        pt.remove(k)?;
-    }
-    for k in &now.1 {
-        at.remove(k)?;
-    }
-    for p in profiles {
-        pt.insert(p.name.as_bytes(), json(p))?;
-    }
-    for a in assignments {
-        let k = json(a);
-        at.insert(&k, &k)?;
-    }
-    Ok(())
 }

@@ -10,6 +10,8 @@
 //!
 //! # Layout
 //! - [`engine`]: the key-value engine (sled): trees, transactions, ids, group commit.
+//! - [`change`]: every change of the profiles, assignments and OMA groups: worked out at one
+//!   fleet version and committed only at it, with its event and revision.
 //! - [`profiles`]: profiles, assignments and the snapshot a push is made from.
 //! - [`live`]: agents' evidence from every coordinator, for the leader's rules.
 //! - [`history`]: revisions for `profiles history` and rollback.
@@ -28,6 +30,7 @@
 mod access;
 mod agents;
 mod alerts;
+mod change;
 mod coordinators;
 mod copy;
 mod engine;
@@ -45,7 +48,7 @@ use std::path::Path;
 use serde::Serialize;
 use tunnelfleet_runtime::clock::now_unix_ms;
 
-use engine::{Abort, Db, Tree, TxTree};
+use engine::{Db, Tree};
 
 pub use access::{AUDIT_RETENTION, AdminToken, AuditEntry, Role, UnknownRole};
 pub use agents::{AgentRecord, Labels};
@@ -223,12 +226,13 @@ pub enum StoreError {
     /// No rollout to resume or abort.
     #[error("no staged rollout is in progress")]
     NoRolloutInProgress,
-    /// The rollout was planned on another fleet version.
+    /// A change (a rollout, a rollback) was worked out on another fleet version than the one
+    /// it would commit on.
     #[error(
-        "the fleet changed while the rollout was planned (version {planned}, now {now}): run it again"
+        "the fleet changed while this change was worked out (from version {planned}, now {now}): run it again"
     )]
     FleetChanged {
-        /// The version it was planned on.
+        /// The version it was worked out on.
         planned: u64,
         /// The version now.
         now: u64,
@@ -477,22 +481,4 @@ fn decode_all<T: serde::de::DeserializeOwned>(
 
 fn u64_of(v: &[u8]) -> u64 {
     v.try_into().map(u64::from_be_bytes).unwrap_or(0)
-}
-
-/// Inside a change's transaction: bumps the fleet version and logs the change's event with it,
-/// so a version and the event that explains it are written together or not at all. Every
-/// versioned change (profiles, assignments, groups) goes through here.
-fn bump_version(
-    meta: &TxTree<'_>,
-    events: &TxTree<'_>,
-    (seq, event): &(u64, Vec<u8>),
-) -> Result<u64, Abort> {
-    let next = meta
-        .get(META_FLEET_VERSION)?
-        .map(|v| u64_of(&v))
-        .unwrap_or(0)
-        + 1;
-    meta.insert(META_FLEET_VERSION, next.to_be_bytes())?;
-    events.insert(seq.to_be_bytes(), event)?;
-    Ok(next)
 }

@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use tunnelfleet_protocol::{ProfileSet, ProfileSpec};
 
-use super::engine::{Abort, TxTree};
-use super::{OmaGroup, Store, StoreError, bump_version, decode_all, json};
+use super::change::{Base, Contents};
+use super::{Store, StoreError, decode_all};
 
 /// Which agents a profile goes to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,19 +42,19 @@ pub struct Assignment {
 pub struct Snapshot {
     /// The fleet version.
     pub version: u64,
-    now: Contents,
+    now: Resolved,
     /// While a staged rollout is in progress: what the agents it has not promoted get.
     held: Option<Held>,
 }
 
 /// Profiles (each resolved against its OMA group) and assignments.
 #[derive(Debug, Clone, Default)]
-struct Contents {
+struct Resolved {
     assignments: Vec<Assignment>,
     profiles: BTreeMap<String, ProfileSpec>,
 }
 
-impl Contents {
+impl Resolved {
     fn names_for(&self, id: &str, labels: &BTreeMap<String, String>) -> BTreeSet<String> {
         self.assignments
             .iter()
@@ -68,7 +68,7 @@ impl Contents {
 /// The profiles and assignments from before a rollout, and the agents that are past them.
 #[derive(Debug, Clone)]
 struct Held {
-    before: Contents,
+    before: Resolved,
     promoted: BTreeSet<String>,
 }
 
@@ -137,61 +137,39 @@ impl Snapshot {
 impl Store {
     /// Creates or replaces a profile; returns the new fleet version once it is durable.
     pub async fn put_profile(&self, spec: &ProfileSpec) -> Result<u64, StoreError> {
-        if let Some(g) = &spec.group
-            && self.groups.get(g.as_bytes())?.is_none()
-        {
-            return Err(StoreError::UnknownGroup {
-                profile: spec.name.clone(),
-                group: g.clone(),
-            });
-        }
-        let value = json(spec);
-        let name = spec.name.clone();
-        self.change(&format!("profile {name} applied"), |profiles, _| {
-            profiles.insert(name.as_bytes(), value.clone())?;
-            Ok(())
+        self.change(&format!("profile {} applied", spec.name), |base| {
+            base.check_group(spec)?;
+            let mut next = Contents::of(base);
+            next.profiles.insert(spec.name.clone(), spec.clone());
+            Ok(next)
         })
         .await
     }
 
     /// Deletes a profile and its assignments; returns the new fleet version once durable.
     pub async fn delete_profile(&self, name: &str) -> Result<u64, StoreError> {
-        if self.profiles.get(name.as_bytes())?.is_none() {
-            return Err(StoreError::NoProfile(name.to_string()));
-        }
-        let doomed: Vec<Vec<u8>> = self
-            .assignments
-            .iter()
-            .filter_map(|r| r.ok())
-            .filter(|(_, v)| {
-                serde_json::from_slice::<Assignment>(v).is_ok_and(|a| a.profile == name)
-            })
-            .map(|(k, _)| k)
-            .collect();
-        self.change(
-            &format!("profile {name} deleted"),
-            |profiles, assignments| {
-                profiles.remove(name.as_bytes())?;
-                for k in &doomed {
-                    assignments.remove(k)?;
-                }
-                Ok(())
-            },
-        )
+        self.change(&format!("profile {name} deleted"), |base| {
+            let mut next = Contents::of(base);
+            if next.profiles.remove(name).is_none() {
+                return Err(StoreError::NoProfile(name.to_string()));
+            }
+            next.assignments.retain(|a| a.profile != name);
+            Ok(next)
+        })
         .await
     }
 
     /// Adds an assignment; returns the new fleet version once durable.
     pub async fn assign(&self, a: &Assignment) -> Result<u64, StoreError> {
-        if self.profiles.get(a.profile.as_bytes())?.is_none() {
-            return Err(StoreError::NoProfile(a.profile.clone()));
-        }
-        let key = json(a);
         self.change(
             &format!("assigned {} to {:?}", a.profile, a.selector),
-            |_, assignments| {
-                assignments.insert(key.clone(), key.clone())?;
-                Ok(())
+            |base| {
+                if !base.profiles.contains_key(&a.profile) {
+                    return Err(StoreError::NoProfile(a.profile.clone()));
+                }
+                let mut next = Contents::of(base);
+                next.assignments.push(a.clone());
+                Ok(next)
             },
         )
         .await
@@ -216,93 +194,60 @@ impl Store {
         Ok(self.snapshot()?.set_for(id, labels))
     }
 
-    /// Everything a push needs, read once: the version, the assignments, and every profile
-    /// with its OMA group resolved into endpoints (active endpoint first); during a staged
-    /// rollout, the same from before it for the agents it has not promoted.
+    /// Everything a push needs, read at one version: the version, the assignments, and every
+    /// profile with its OMA group resolved into endpoints (active endpoint first); during a
+    /// staged rollout, the same from before it for the agents it has not promoted.
     pub fn snapshot(&self) -> Result<Snapshot, StoreError> {
-        let rollout = self.active_rollout()?;
-        self.snapshot_of(None, rollout.as_ref())
+        loop {
+            let base = self.base()?;
+            let rollout = self.active_rollout()?;
+            // Every rollout step moves the version too: unmoved, the rollout read is the one
+            // of this version.
+            if self.fleet_version()? == base.version {
+                return Ok(snapshot_of(base, None, rollout.as_ref()));
+            }
+        }
     }
 
     /// The snapshot the fleet would have with `specs` applied (and no rollout): what a staged
     /// rollout is planned on.
     pub fn snapshot_with(&self, specs: &[ProfileSpec]) -> Result<Snapshot, StoreError> {
-        self.snapshot_of(Some(specs), None)
+        Ok(snapshot_of(self.base()?, Some(specs), None))
     }
+}
 
-    fn snapshot_of(
-        &self,
-        overlay: Option<&[ProfileSpec]>,
-        rollout: Option<&super::Rollout>,
-    ) -> Result<Snapshot, StoreError> {
-        let groups: BTreeMap<String, OmaGroup> = self
-            .groups()?
-            .into_iter()
-            .map(|g| (g.name.clone(), g))
-            .collect();
-        let resolve = |p: ProfileSpec| {
-            let p = match p.group.as_ref().and_then(|g| groups.get(g)) {
-                Some(g) => p.resolved(&g.ordered()),
-                None => p,
-            };
-            (p.name.clone(), p)
+fn snapshot_of(
+    base: Base,
+    overlay: Option<&[ProfileSpec]>,
+    rollout: Option<&super::Rollout>,
+) -> Snapshot {
+    let groups = &base.groups;
+    let resolve = |p: ProfileSpec| {
+        let p = match p.group.as_ref().and_then(|g| groups.get(g)) {
+            Some(g) => p.resolved(&g.ordered()),
+            None => p,
         };
-        let mut profiles: BTreeMap<String, ProfileSpec> =
-            self.profiles()?.into_iter().map(resolve).collect();
-        for p in overlay.unwrap_or_default() {
-            let (n, p) = resolve(p.clone());
-            profiles.insert(n, p);
-        }
-        let held = rollout.filter(|r| r.active()).map(|r| Held {
-            before: Contents {
-                assignments: r.base_assignments.clone(),
-                profiles: r.base_profiles.iter().cloned().map(resolve).collect(),
-            },
-            promoted: r.promoted(),
-        });
-        Ok(Snapshot {
-            version: self.fleet_version()?,
-            now: Contents {
-                assignments: self.assignments()?,
-                profiles,
-            },
-            held,
-        })
+        (p.name.clone(), p)
+    };
+    let mut profiles: BTreeMap<String, ProfileSpec> =
+        base.profiles.values().cloned().map(resolve).collect();
+    for p in overlay.unwrap_or_default() {
+        let (n, p) = resolve(p.clone());
+        profiles.insert(n, p);
     }
-
-    /// Applies a change to profiles/assignments, bumps the fleet version and logs an event,
-    /// atomically; returns the new version after `flush_async`. Refused while a staged rollout
-    /// is in progress (abort or finish it first): its stages were planned on what it changed.
-    pub(super) async fn change<F>(&self, what: &str, f: F) -> Result<u64, StoreError>
-    where
-        F: Fn(&TxTree<'_>, &TxTree<'_>) -> Result<(), Abort>,
-    {
-        let event = self.change_event(what).await?;
-        let version = self
-            .db
-            .transaction(
-                [
-                    &self.profiles,
-                    &self.assignments,
-                    &self.meta,
-                    &self.events,
-                    &self.rollouts,
-                ],
-                |[profiles, assignments, meta, events, rollouts]| {
-                    if let Some(v) = rollouts.get(super::rollouts::ACTIVE)? {
-                        let version = serde_json::from_slice::<super::Rollout>(&v)
-                            .map(|r| r.version)
-                            .unwrap_or_default();
-                        return Err(StoreError::RolloutInProgress(version).into());
-                    }
-                    f(profiles, assignments)?;
-                    bump_version(meta, events, &event)
-                },
-            )
-            .await?;
-        // The revision goes to disk with the change itself (one flush below).
-        self.record_revision(version, what)?;
-        self.durable().await?;
-        Ok(version)
+    let held = rollout.filter(|r| r.active()).map(|r| Held {
+        before: Resolved {
+            assignments: r.base_assignments.clone(),
+            profiles: r.base_profiles.iter().cloned().map(resolve).collect(),
+        },
+        promoted: r.promoted(),
+    });
+    Snapshot {
+        version: base.version,
+        now: Resolved {
+            assignments: base.assignments,
+            profiles,
+        },
+        held,
     }
 }

@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 use tunnelfleet_protocol::ProfileSpec;
 use tunnelfleet_runtime::clock::now_unix_ms;
 
+use super::change::{Contents, bump_version};
+use super::engine::{Abort, TxTree};
 use super::{Assignment, Store, StoreError, decode, json};
 
 /// The key of the rollout in progress (running or halted) in the `rollouts` tree; finished
@@ -116,67 +118,41 @@ impl Store {
     pub async fn start_rollout(
         &self,
         specs: &[ProfileSpec],
-        mut rollout: Rollout,
+        rollout: Rollout,
     ) -> Result<Rollout, StoreError> {
-        for spec in specs {
-            if let Some(g) = &spec.group
-                && self.groups.get(g.as_bytes())?.is_none()
-            {
-                return Err(StoreError::UnknownGroup {
-                    profile: spec.name.clone(),
-                    group: g.clone(),
-                });
-            }
-        }
-        rollout.base_profiles = self.profiles()?;
-        rollout.base_assignments = self.assignments()?;
-        let event = self.change_event(&rollout.what).await?;
-        let values: Vec<(String, Vec<u8>)> =
-            specs.iter().map(|p| (p.name.clone(), json(p))).collect();
-        let result = self
-            .db
-            .transaction(
-                [&self.profiles, &self.meta, &self.events, &self.rollouts],
-                |[profiles, meta, events, rollouts]| {
-                    if let Some(v) = rollouts.get(ACTIVE)? {
-                        let other: Rollout = match serde_json::from_slice(&v) {
-                            Ok(r) => r,
-                            Err(e) => {
-                                return Err(StoreError::Corrupt {
-                                    tree: "rollouts",
-                                    key: "active".into(),
-                                    reason: e.to_string(),
-                                }
-                                .into());
-                            }
-                        };
-                        return Err(StoreError::RolloutInProgress(other.version).into());
-                    }
-                    let now = meta
-                        .get(super::META_FLEET_VERSION)?
-                        .map(|v| super::u64_of(&v))
-                        .unwrap_or(0);
-                    if now != rollout.base_version {
+        let (_, r) = self
+            .change_contents(
+                &rollout.what,
+                |base| {
+                    // The stages were planned on this version: never worked out again on
+                    // another (the caller plans again).
+                    if base.version != rollout.base_version {
                         return Err(StoreError::FleetChanged {
                             planned: rollout.base_version,
-                            now,
-                        }
-                        .into());
+                            now: base.version,
+                        });
                     }
-                    for (name, v) in &values {
-                        profiles.insert(name.as_bytes(), v)?;
+                    let mut next = Contents::of(base);
+                    for spec in specs {
+                        base.check_group(spec)?;
+                        next.profiles.insert(spec.name.clone(), spec.clone());
                     }
-                    let version = super::bump_version(meta, events, &event)?;
+                    Ok(next)
+                },
+                |rollouts, base, version| {
+                    if let Some(v) = rollouts.get(ACTIVE)? {
+                        let other: Rollout = decode(&v, "rollouts", "active")?;
+                        return Err(StoreError::RolloutInProgress(other.version).into());
+                    }
                     let mut r = rollout.clone();
                     r.version = version;
+                    r.base_profiles = base.profiles.values().cloned().collect();
+                    r.base_assignments = base.assignments.clone();
                     rollouts.insert(ACTIVE, json(&r))?;
                     Ok(r)
                 },
             )
-            .await;
-        let r = result?;
-        self.record_revision(r.version, &r.what)?;
-        self.durable().await?;
+            .await?;
         Ok(r)
     }
 
@@ -222,13 +198,14 @@ impl Store {
             .transaction(
                 [&self.meta, &self.events, &self.rollouts],
                 |[meta, events, rollouts]| {
+                    still_running(rollouts, r.version)?;
                     if r.active() {
                         rollouts.insert(ACTIVE, json(&r))?;
                     } else {
                         rollouts.insert(r.version.to_be_bytes(), json(&r))?;
                         rollouts.remove(ACTIVE)?;
                     }
-                    super::bump_version(meta, events, &event)
+                    bump_version(meta, events, &event)
                 },
             )
             .await?;
@@ -241,7 +218,13 @@ impl Store {
     /// (the id of its alert), durable before return.
     pub async fn note_rollout(&self, r: &Rollout) -> Result<(), StoreError> {
         if r.active() {
-            self.rollouts.insert(ACTIVE, json(r))?;
+            self.db
+                .transaction([&self.rollouts], |[rollouts]| {
+                    still_running(rollouts, r.version)?;
+                    rollouts.insert(ACTIVE, json(r))?;
+                    Ok(())
+                })
+                .await?;
             self.durable().await?;
         }
         Ok(())
@@ -251,46 +234,35 @@ impl Store {
     /// restored as a new version, and the rollout is closed as aborted, in one transaction.
     /// Returns the new version and the rollout as closed.
     pub async fn abort_rollout(&self) -> Result<(u64, Rollout), StoreError> {
-        let mut r = self
+        let started = self
             .active_rollout()?
             .ok_or(StoreError::NoRolloutInProgress)?;
-        let now = (self.profiles.keys()?, self.assignments.keys()?);
         let what = format!(
             "rollout of version {} aborted: back to version {}'s profiles",
-            r.version, r.base_version
+            started.version, started.base_version
         );
-        let event = self.change_event(&what).await?;
-        r.state = RolloutState::Aborted;
-        r.finished_unix_ms = Some(now_unix_ms());
-        let version = self
-            .db
-            .transaction(
-                [
-                    &self.profiles,
-                    &self.assignments,
-                    &self.meta,
-                    &self.events,
-                    &self.rollouts,
-                ],
-                |[pt, at, meta, events, rollouts]| {
-                    super::history::replace_contents(
-                        pt,
-                        at,
-                        &now,
-                        &r.base_profiles,
-                        &r.base_assignments,
-                    )?;
-                    let version = super::bump_version(meta, events, &event)?;
+        let r = self
+            .change_contents(
+                &what,
+                // What a rollout started from never changes while it runs.
+                |_| {
+                    Ok(Contents::from_lists(
+                        &started.base_profiles,
+                        &started.base_assignments,
+                    ))
+                },
+                |rollouts, _, _| {
+                    let mut r = still_running(rollouts, started.version)?;
+                    r.state = RolloutState::Aborted;
+                    r.finished_unix_ms = Some(now_unix_ms());
                     rollouts.insert(r.version.to_be_bytes(), json(&r))?;
                     rollouts.remove(ACTIVE)?;
-                    Ok(version)
+                    Ok(r)
                 },
             )
             .await?;
-        self.record_revision(version, &what)?;
         self.prune_rollouts()?;
-        self.durable().await?;
-        Ok((version, r))
+        Ok(r)
     }
 
     fn prune_rollouts(&self) -> Result<(), StoreError> {
@@ -301,5 +273,19 @@ impl Store {
             }
         }
         Ok(())
+    }
+}
+
+/// The rollout in progress as this transaction sees it, refused unless it is the rollout of
+/// `version`: a step, a note or an abort worked out on a rollout that has since ended (an
+/// abort on another coordinator, say) never brings it back.
+fn still_running(rollouts: &TxTree<'_>, version: u64) -> Result<Rollout, Abort> {
+    match rollouts.get(ACTIVE)? {
+        Some(v) => match decode::<Rollout>(&v, "rollouts", "active") {
+            Ok(r) if r.version == version => Ok(r),
+            Ok(_) => Err(StoreError::NoRolloutInProgress.into()),
+            Err(e) => Err(e.into()),
+        },
+        None => Err(StoreError::NoRolloutInProgress.into()),
     }
 }

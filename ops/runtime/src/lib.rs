@@ -2,6 +2,8 @@
 //! no SSH, no profile logic, so the coordinator links none of the agent's machinery.
 //!
 //! # Layout
+//! - [`backoff`]: exponential backoff with full jitter (agents reconnecting, store changes
+//!   that lost a race).
 //! - [`shutdown`]: SIGTERM and SIGINT as one cancellation token.
 //! - [`systemd`]: `Type=notify` readiness, the watchdog, STOPPING.
 //! - [`telemetry`]: logging setup (human or JSON) and OTLP span export.
@@ -14,6 +16,7 @@
 //! - [`clock`]: wall-clock milliseconds for records and reports.
 //! - [`banner`]: the SSH identification line (OMA probes, `net check`).
 
+pub mod backoff;
 pub mod banner;
 pub mod clock;
 pub mod frames;
