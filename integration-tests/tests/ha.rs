@@ -790,6 +790,45 @@ mod on_etcd {
                     .any(|l| l.trim_start().starts_with("c2") && l.contains("follower")),
             "{text}"
         );
+        // A command for the agent asked of the leader, which it is not linked to: refused
+        // with a 421 naming c2 and its admin API, nothing done.
+        let e = c1
+            .api
+            .call::<(), serde_json::Value>("POST", "/v1/agents/vma-1/tunnels/vma-1/health", None)
+            .await
+            .unwrap_err();
+        match &e {
+            tunnelfleet_ops::api::ApiError::Status { status, message } => {
+                assert_eq!(*status, 421, "{message}");
+                assert!(
+                    message.contains("linked to coordinator c2")
+                        && message.contains(&c2.admin.to_string()),
+                    "{message}"
+                );
+            }
+            other => panic!("{other}"),
+        }
+        // The CLI given both sends it on to c2, which runs it on the agent.
+        let o = std::process::Command::new(Program::Cli.path())
+            .args([
+                "tunnels",
+                "health",
+                "vma-1",
+                "--agent",
+                "vma-1",
+                "--coordinator",
+            ])
+            .arg(format!("{},{}", c1.admin, c2.admin))
+            .arg("--token-file")
+            .arg(&c1.token_file)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&o.stdout).to_string();
+        assert!(
+            text.starts_with("vma-1: "),
+            "{text}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         // Healthy again: resolved, by the leader, from the same evidence.
         api.failing
             .store(false, std::sync::atomic::Ordering::Relaxed);

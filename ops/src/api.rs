@@ -31,7 +31,8 @@ pub enum ApiError {
 /// The admin API at one or several addresses with `token`: plain HTTP to `host:port` (or
 /// `http://host:port`), TLS to `https://host:port` with the fleet CA given by
 /// [`ApiClient::with_ca`]. With several coordinators (`a:4480,b:4480`), a request goes to the
-/// first one that takes the connection; a request that was sent is never sent again.
+/// first one that takes the connection; a request that was sent is sent again only to the
+/// next one, when the first answered 421 (it did nothing: another coordinator does that).
 #[derive(Clone)]
 pub struct ApiClient {
     targets: Vec<Target>,
@@ -120,12 +121,12 @@ impl ApiClient {
         self.call::<(), T>("GET", path, None).await
     }
 
-    /// A connection to the first coordinator that takes one, and its address.
-    async fn connect(&self) -> Result<(Sender, &str), ApiError> {
+    /// A connection to the first coordinator from `start` on that takes one, and its index.
+    async fn connect(&self, start: usize) -> Result<(Sender, usize), ApiError> {
         let mut failures = Vec::new();
-        for t in &self.targets {
+        for (i, t) in self.targets.iter().enumerate().skip(start) {
             match t.connect().await {
-                Ok(sender) => return Ok((sender, &t.addr)),
+                Ok(sender) => return Ok((sender, i)),
                 Err(reason) => failures.push((t.addr.as_str(), reason)),
             }
         }
@@ -149,58 +150,77 @@ impl ApiClient {
         })
     }
 
-    /// A request with an optional JSON body.
+    /// A request with an optional JSON body. A coordinator that answers 421 did nothing and
+    /// names another that does it (the leader, the one the agent is linked to): the request
+    /// goes on to the next address given, and that answer is the one shown if none does.
     pub async fn call<B: Serialize, T: DeserializeOwned>(
         &self,
         method: &str,
         path: &str,
         body: Option<&B>,
     ) -> Result<T, ApiError> {
-        let (mut sender, addr) = self.connect().await?;
-        let unreachable = |reason: String| ApiError::Unreachable {
-            addr: addr.to_string(),
-            reason,
-        };
         let bytes = match body {
-            Some(b) => serde_json::to_vec(b).map_err(|e| unreachable(e.to_string()))?,
+            Some(b) => serde_json::to_vec(b).map_err(|e| ApiError::Unreachable {
+                addr: self.addr().to_string(),
+                reason: e.to_string(),
+            })?,
             None => Vec::new(),
         };
-        let req = hyper::Request::builder()
-            .method(method)
-            .uri(path)
-            .header(hyper::header::HOST, addr)
-            .header(
-                hyper::header::AUTHORIZATION,
-                format!("Bearer {}", self.token),
-            )
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(bytes)))
-            .map_err(|e| unreachable(e.to_string()))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        let status = resp.status();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| unreachable(e.to_string()))?
-            .to_bytes();
-        if !status.is_success() {
-            let message = serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
-                .unwrap_or_else(|| String::from_utf8_lossy(&body).to_string());
-            return Err(ApiError::Status {
+        let mut start = 0;
+        let mut misdirected = None;
+        loop {
+            let (mut sender, i) = match self.connect(start).await {
+                Ok(c) => c,
+                Err(e) => return Err(misdirected.unwrap_or(e)),
+            };
+            let addr = self.targets[i].addr.as_str();
+            let unreachable = |reason: String| ApiError::Unreachable {
+                addr: addr.to_string(),
+                reason,
+            };
+            let req = hyper::Request::builder()
+                .method(method)
+                .uri(path)
+                .header(hyper::header::HOST, addr)
+                .header(
+                    hyper::header::AUTHORIZATION,
+                    format!("Bearer {}", self.token),
+                )
+                .header(hyper::header::CONTENT_TYPE, "application/json")
+                .body(Full::new(Bytes::from(bytes.clone())))
+                .map_err(|e| unreachable(e.to_string()))?;
+            let resp = sender
+                .send_request(req)
+                .await
+                .map_err(|e| unreachable(e.to_string()))?;
+            let status = resp.status();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| unreachable(e.to_string()))?
+                .to_bytes();
+            if !status.is_success() {
+                let message = serde_json::from_slice::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+                    .unwrap_or_else(|| String::from_utf8_lossy(&body).to_string());
+                let e = ApiError::Status {
+                    status: status.as_u16(),
+                    message,
+                };
+                if status == hyper::StatusCode::MISDIRECTED_REQUEST && i + 1 < self.targets.len() {
+                    misdirected = Some(e);
+                    start = i + 1;
+                    continue;
+                }
+                return Err(e);
+            }
+            return serde_json::from_slice(&body).map_err(|e| ApiError::Status {
                 status: status.as_u16(),
-                message,
+                message: format!("unreadable answer: {e}"),
             });
         }
-        serde_json::from_slice(&body).map_err(|e| ApiError::Status {
-            status: status.as_u16(),
-            message: format!("unreadable answer: {e}"),
-        })
     }
 }
 

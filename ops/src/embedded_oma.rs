@@ -79,11 +79,7 @@ fn serve(
                 r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
             };
             let _ = tcp.set_nodelay(true);
-            let tcp = Frozen {
-                inner: tcp,
-                gate: tokio_util::sync::ReusableBoxFuture::new(wait_thawed(frozen.clone())),
-                frozen: frozen.clone(),
-            };
+            let tcp = Frozen::new(tcp, &frozen);
             let handler = OmaHandler {
                 spec: shared.clone(),
                 forwards: Arc::new(Mutex::new(HashMap::new())),
@@ -186,18 +182,37 @@ async fn wait_thawed(mut frozen: tokio::sync::watch::Receiver<bool>) {
 struct Frozen {
     inner: TcpStream,
     frozen: tokio::sync::watch::Receiver<bool>,
-    gate: tokio_util::sync::ReusableBoxFuture<'static, ()>,
+    /// The reader's and the writer's wait for the thaw, apart: a future keeps only the waker
+    /// of its last poll, and the two sides may be polled by different tasks.
+    gates: [tokio_util::sync::ReusableBoxFuture<'static, ()>; 2],
+}
+
+/// Which side of a [`Frozen`] connection waits.
+#[derive(Clone, Copy)]
+enum Side {
+    Read = 0,
+    Write = 1,
 }
 
 impl Frozen {
-    /// Ready when not frozen; otherwise pending, woken when thawed.
-    fn poll_open(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+    fn new(inner: TcpStream, frozen: &tokio::sync::watch::Receiver<bool>) -> Frozen {
+        let gate = || tokio_util::sync::ReusableBoxFuture::new(wait_thawed(frozen.clone()));
+        Frozen {
+            inner,
+            frozen: frozen.clone(),
+            gates: [gate(), gate()],
+        }
+    }
+
+    /// Ready when not frozen; otherwise pending, `side`'s task woken when thawed.
+    fn poll_open(&mut self, side: Side, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
         if !*self.frozen.borrow() {
             return std::task::Poll::Ready(());
         }
-        match self.gate.poll(cx) {
+        let gate = &mut self.gates[side as usize];
+        match gate.poll(cx) {
             std::task::Poll::Ready(()) => {
-                self.gate.set(wait_thawed(self.frozen.clone()));
+                gate.set(wait_thawed(self.frozen.clone()));
                 std::task::Poll::Ready(())
             }
             std::task::Poll::Pending => std::task::Poll::Pending,
@@ -211,7 +226,7 @@ impl tokio::io::AsyncRead for Frozen {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::ready!(self.poll_open(cx));
+        std::task::ready!(self.poll_open(Side::Read, cx));
         std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
@@ -222,14 +237,14 @@ impl tokio::io::AsyncWrite for Frozen {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::task::ready!(self.poll_open(cx));
+        std::task::ready!(self.poll_open(Side::Write, cx));
         std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::ready!(self.poll_open(cx));
+        std::task::ready!(self.poll_open(Side::Write, cx));
         std::pin::Pin::new(&mut self.inner).poll_flush(cx)
     }
     fn poll_shutdown(

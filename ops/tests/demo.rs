@@ -5,9 +5,27 @@
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_runs_fails_over_and_leaves_nothing_behind() {
     let before: Vec<_> = demo_dirs();
+    // The components' logs, shown with the narration if the demo fails.
+    let logs = std::env::temp_dir().join(format!("demo-test-{}.log", std::process::id()));
+    let _telemetry = tunnelfleet_runtime::telemetry::init_to_file(
+        std::fs::File::create(&logs).unwrap(),
+        "info",
+        "tunnelfleet-demo-test",
+    );
     let mut out = Vec::new();
-    let report = tunnelfleet_ops::demo::run(&mut out).await.expect("demo");
+    let result = tunnelfleet_ops::demo::run(&mut out).await;
     let text = String::from_utf8(out).unwrap();
+    let report = result.unwrap_or_else(|e| {
+        let log = std::fs::read_to_string(&logs).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(300).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        panic!(
+            "demo: {e:?}\n--- what it said ---\n{text}\n--- its last log lines ({}) ---\n{}",
+            logs.display(),
+            tail.join("\n")
+        )
+    });
+    let _ = std::fs::remove_file(&logs);
     assert!(text.contains("\"oma-a api ok\""), "{text}");
     assert!(text.contains("\"oma-b api ok\""), "{text}");
     assert!(

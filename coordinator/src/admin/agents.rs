@@ -12,7 +12,7 @@ use tunnelfleet_protocol::Heartbeat;
 
 use super::Admin;
 use super::error::ApiError;
-use crate::fleet::Fleet;
+use crate::fleet::{CommandError, Fleet};
 use crate::monitor::{ProfilePlacement, placement};
 use tunnelfleet_runtime::clock::now_unix_ms;
 
@@ -205,16 +205,32 @@ async fn agent_audit(
     on_agent(&a, &id, tunnelfleet_protocol::CommandAction::Audit, "").await
 }
 
-/// Runs a command on a connected agent; not connected or no answer is a 409.
+/// Runs a command on a connected agent. Linked to another coordinator (several on etcd): a
+/// 421 naming it, where the command must go. Not connected anywhere, or no answer: a 409.
 async fn on_agent(
     a: &Admin,
     id: &str,
     action: tunnelfleet_protocol::CommandAction,
     profile: &str,
 ) -> Result<Json<tunnelfleet_protocol::CommandResult>, ApiError> {
-    a.fleet
-        .command(id, action, profile)
-        .await
-        .map(Json)
-        .map_err(|e| ApiError(StatusCode::CONFLICT, e.to_string()))
+    match a.fleet.command(id, action, profile).await {
+        Ok(r) => Ok(Json(r)),
+        Err(e @ CommandError::NotConnected(_)) => {
+            let there = a
+                .fleet
+                .store
+                .latest_live(&a.name)?
+                .remove(id)
+                .filter(|r| r.connected);
+            Err(match there {
+                Some(r) => ApiError::elsewhere(
+                    &a.fleet.store,
+                    &r.coordinator,
+                    &format!("agent {id:?} is linked to coordinator {}", r.coordinator),
+                ),
+                None => e.into(),
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
 }

@@ -19,6 +19,25 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl ApiError {
+    /// 421: another coordinator does this (the leader an OMA move, the one an agent is linked
+    /// to a command on it). The message names it and, when it is registered, its admin API.
+    /// Nothing was done here, so a client that knows several coordinators sends it on to the
+    /// next.
+    pub fn elsewhere(store: &crate::store::Store, coordinator: &str, what: &str) -> ApiError {
+        let admin = store
+            .coordinators()
+            .ok()
+            .and_then(|cs| cs.into_iter().find(|c| c.name == coordinator))
+            .map(|c| c.admin);
+        let message = match admin {
+            Some(addr) => format!("{what}: send this to its admin API at {addr}"),
+            None => what.to_string(),
+        };
+        ApiError(StatusCode::MISDIRECTED_REQUEST, message)
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         let status = match &e {

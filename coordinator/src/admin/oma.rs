@@ -84,26 +84,20 @@ async fn run_command(a: &Admin, cmd: Command) -> Result<Json<Done>, ApiError> {
     }
 }
 
-/// 503 naming the coordinator that leads and its admin API, where the command must go.
+/// 421 naming the coordinator that leads and its admin API, where the command must go; 503
+/// while nobody leads.
 fn not_leader(a: &Admin) -> ApiError {
-    let leader = a.fleet.store.leader().ok().flatten();
-    let admin = leader.as_ref().and_then(|l| {
-        a.fleet
-            .store
-            .coordinators()
-            .ok()?
-            .into_iter()
-            .find(|c| &c.name == l)
-            .map(|c| c.admin)
-    });
-    let message = match (leader, admin) {
-        (Some(l), Some(addr)) => format!(
-            "coordinator {l} leads the fleet and decides OMA moves: send this to its admin API at {addr}"
+    match a.fleet.store.leader().ok().flatten() {
+        Some(l) => ApiError::elsewhere(
+            &a.fleet.store,
+            &l,
+            &format!("coordinator {l} leads the fleet and decides OMA moves"),
         ),
-        (Some(l), None) => format!("coordinator {l} leads the fleet and decides OMA moves"),
-        (None, _) => "no coordinator leads the fleet right now (an election is under way): try again in a few seconds".into(),
-    };
-    ApiError(StatusCode::SERVICE_UNAVAILABLE, message)
+        None => ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no coordinator leads the fleet right now (an election is under way): try again in a few seconds".into(),
+        ),
+    }
 }
 
 async fn group_failover(
