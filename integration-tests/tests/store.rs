@@ -553,12 +553,13 @@ async fn changes_racing_from_two_coordinators_are_serializable(b: Backend) {
     for t in [w1, w2, rollbacks] {
         t.await.unwrap();
     }
-    let last = one.fleet_version().unwrap();
-    assert_eq!(
-        last,
-        v0 + 30 + 8,
-        "one version per change, none lost or doubled"
-    );
+    // One version per change, none lost or doubled (on etcd, once this store's mirror has
+    // the other's last change).
+    let last = v0 + 30 + 8;
+    integration_tests::wait_until(10, "the first store at the last version", || async {
+        one.fleet_version().unwrap() == last
+    })
+    .await;
     let names = |profiles: &[ProfileSpec]| -> Vec<String> {
         let mut n: Vec<String> = profiles.iter().map(|p| p.name.clone()).collect();
         n.sort();

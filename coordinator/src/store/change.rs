@@ -183,17 +183,13 @@ impl Store {
                     },
                 )
                 .await;
-            match result {
-                Err(StoreError::FleetChanged { .. }) if attempts < ATTEMPTS => {
-                    tokio::time::sleep(backoff.next_delay()).await;
-                }
-                Err(e) => return Err(e),
-                Ok(r) => {
-                    self.prune_history()?;
-                    self.durable().await?;
-                    return Ok(r);
-                }
+            if lost(&result, attempts, &mut backoff).await {
+                continue;
             }
+            let r = result?;
+            self.prune_history()?;
+            self.durable().await?;
+            return Ok(r);
         }
     }
 
@@ -244,18 +240,25 @@ impl Store {
                     },
                 )
                 .await;
-            match result {
-                Err(StoreError::FleetChanged { .. }) if attempts < ATTEMPTS => {
-                    tokio::time::sleep(backoff.next_delay()).await;
-                }
-                Err(e) => return Err(e),
-                Ok(version) => {
-                    self.durable().await?;
-                    return Ok((version, edit.value));
-                }
+            if lost(&result, attempts, &mut backoff).await {
+                continue;
             }
+            let version = result?;
+            self.durable().await?;
+            return Ok((version, edit.value));
         }
     }
+}
+
+/// Whether a change's transaction that ended in `result` lost the race to another change
+/// and is worked out again (attempts are left): then after a jittered pause, when this
+/// returns.
+async fn lost<T>(result: &Result<T, StoreError>, attempts: u32, backoff: &mut Backoff) -> bool {
+    let again = matches!(result, Err(StoreError::FleetChanged { .. })) && attempts < ATTEMPTS;
+    if again {
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+    again
 }
 
 /// The profile writes (name -> JSON, or `None` to remove), the assignment writes (key ->
