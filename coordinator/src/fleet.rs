@@ -386,15 +386,18 @@ impl Fleet {
         let r = self.store.revoke(agent_id, reason).await?;
         // Detached here, not when its connection task notices the close: from the moment the
         // revoke is durable the agent counts as gone (no push, no command, not "connected").
-        let conn = self.links.lock().get_mut(agent_id).and_then(|(l, live)| {
+        let live = self.links.lock().get_mut(agent_id).and_then(|(l, live)| {
             l.connected = false;
-            live.take().map(|l| l.conn)
+            live.take()
         });
-        if let Some(conn) = conn {
-            conn.close(
+        // Closed before its queue is dropped: a writer that saw its queue end first would
+        // finish the stream, and the agent would read "stream closed", not why.
+        if let Some(live) = live {
+            live.conn.close(
                 close::REVOKED.into(),
                 format!("agent {agent_id:?} is revoked: {reason}").as_bytes(),
             );
+            drop(live);
         }
         tracing::warn!(agent = %agent_id, "agent revoked: {reason}");
         Ok(r)
