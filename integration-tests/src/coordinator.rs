@@ -181,24 +181,35 @@ pub async fn assign_group_profile(
     group: &str,
     profile_toml: &str,
 ) {
-    use tunnelfleet_coordinator::admin::Changed;
     let local = tunnelfleet_agent::config::AgentConfig::parse(profile_toml, Path::new("p.toml"))
         .expect("test profile");
     let mut spec = local.profiles[0].clone();
     spec.group = Some(group.into());
     spec.endpoints.clear();
+    put_and_assign(api, &spec, name).await;
+}
+
+/// Puts `spec` on the coordinator behind `api` (as profile `spec.name`) and assigns it to
+/// agent `agent`, through the admin API; returns the fleet version of the assignment.
+pub async fn put_and_assign(
+    api: &tunnelfleet_ops::api::ApiClient,
+    spec: &tunnelfleet_protocol::ProfileSpec,
+    agent: &str,
+) -> u64 {
+    use tunnelfleet_coordinator::admin::Changed;
     let _: Changed = api
-        .call("PUT", &format!("/v1/profiles/{name}"), Some(&spec))
+        .call("PUT", &format!("/v1/profiles/{}", spec.name), Some(spec))
         .await
         .expect("put profile");
-    let _: Changed = api
+    let assigned: Changed = api
         .call(
             "POST",
             "/v1/assignments",
-            Some(&serde_json::json!({"profile": name, "agent": name})),
+            Some(&serde_json::json!({"profile": spec.name, "agent": agent})),
         )
         .await
         .expect("assign");
+    assigned.version
 }
 
 /// Puts OMA group `oma` on the coordinator behind `api` with one endpoint nobody listens on

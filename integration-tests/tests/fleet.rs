@@ -381,19 +381,7 @@ async fn a_coordinator_killed_with_sigkill_loses_nothing_and_agents_converge_aft
             Path::new("p.toml"),
         )
         .unwrap();
-        let spec = local.profiles[0].clone();
-        let _: Changed = api
-            .call("PUT", &format!("/v1/profiles/{id}"), Some(&spec))
-            .await
-            .unwrap();
-        let _: Changed = api
-            .call(
-                "POST",
-                "/v1/assignments",
-                Some(&serde_json::json!({"profile": id, "agent": id})),
-            )
-            .await
-            .unwrap();
+        integration_tests::put_and_assign(api, &local.profiles[0], id).await;
     }
     let converged = |version: u64| async move {
         let r: Rollout = coordinator_get(api, "/v1/rollout").await;

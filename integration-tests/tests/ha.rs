@@ -725,20 +725,7 @@ mod on_etcd {
         let local =
             tunnelfleet_agent::config::AgentConfig::parse(&profile, std::path::Path::new("p.toml"))
                 .unwrap();
-        let _: tunnelfleet_coordinator::admin::Changed = c2
-            .api
-            .call("PUT", "/v1/profiles/vma-1", Some(&local.profiles[0]))
-            .await
-            .unwrap();
-        let _: tunnelfleet_coordinator::admin::Changed = c2
-            .api
-            .call(
-                "POST",
-                "/v1/assignments",
-                Some(&serde_json::json!({"profile": "vma-1", "agent": "vma-1"})),
-            )
-            .await
-            .unwrap();
+        put_and_assign(&c2.api, &local.profiles[0], "vma-1").await;
         agent.wait_all_active("vma-1").await;
 
         // The OMA's API fails behind a healthy sshd: the agent's checks fail, on c2.
@@ -879,24 +866,7 @@ mod on_etcd {
                 std::path::Path::new("p.toml"),
             )
             .unwrap();
-            let _: tunnelfleet_coordinator::admin::Changed = c1
-                .api
-                .call(
-                    "PUT",
-                    &format!("/v1/profiles/{id}"),
-                    Some(&local.profiles[0]),
-                )
-                .await
-                .unwrap();
-            let _: tunnelfleet_coordinator::admin::Changed = c1
-                .api
-                .call(
-                    "POST",
-                    "/v1/assignments",
-                    Some(&serde_json::json!({"profile": id, "agent": id})),
-                )
-                .await
-                .unwrap();
+            put_and_assign(&c1.api, &local.profiles[0], &id).await;
             agent.wait_all_active(&id).await;
             agents.push((id, agent, l, local.profiles[0].clone()));
         }

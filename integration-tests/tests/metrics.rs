@@ -146,20 +146,7 @@ async fn metrics_show_agents_tunnels_oma_health_alerts_and_push_latency() {
         .unwrap();
     // A push (an assignment) the agent acknowledges: one push latency sample.
     let spec = integration_tests::profile_spec("p", &["L 18082:localhost:8082"]);
-    let _: serde_json::Value = c
-        .api
-        .call("PUT", "/v1/profiles/p", Some(&spec))
-        .await
-        .unwrap();
-    let _: serde_json::Value = c
-        .api
-        .call(
-            "POST",
-            "/v1/assignments",
-            Some(&serde_json::json!({ "profile": "p", "agent": "vma-1" })),
-        )
-        .await
-        .unwrap();
+    integration_tests::put_and_assign(&c.api, &spec, "vma-1").await;
     let set = loop {
         match tokio::time::timeout(Duration::from_secs(10), l.next()).await {
             Ok(Ok(CoordinatorMessage::Push(set))) if !set.profiles.is_empty() => break set,

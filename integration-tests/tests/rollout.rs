@@ -85,18 +85,7 @@ async fn agents_on(
             &sshd.endpoint(),
             &[format!("L {port}:localhost:{echo}")],
         );
-        let _: serde_json::Value = api
-            .call("PUT", &format!("/v1/profiles/{name}"), Some(&p))
-            .await
-            .unwrap();
-        let _: serde_json::Value = api
-            .call(
-                "POST",
-                "/v1/assignments",
-                Some(&serde_json::json!({ "profile": name, "agent": id })),
-            )
-            .await
-            .unwrap();
+        integration_tests::put_and_assign(api, &p, id).await;
     }
     for (i, (_, agent, port)) in agents.iter().enumerate() {
         agent.wait_all_active(&format!("oma-{}", i + 1)).await;
