@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use crate::config::AgentConfig;
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use tunnelfleet_runtime::telemetry::{self, LogFormat};
 
 /// Holds this appliance's SSH tunnels: forwards, health checks, reconnects and failover.
@@ -33,6 +33,11 @@ struct Args {
     /// Check the configuration (and identity files) and exit.
     #[arg(long)]
     check: bool,
+}
+
+/// The command line's definition, for what is generated from it (man pages, completions).
+pub fn command() -> clap::Command {
+    Args::command()
 }
 
 /// Runs the program from the process arguments: 0 after a clean shutdown, 1 on an error

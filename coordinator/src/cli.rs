@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use crate::server::{self, CoordinatorConfig};
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use tunnelfleet_runtime::telemetry::{self, LogFormat};
 
 /// The tunnelfleet coordinator: fleet state, profile pushes, the admin API.
@@ -57,6 +57,11 @@ enum Cmd {
         #[arg(long, requires = "etcd_cert")]
         etcd_key: Option<PathBuf>,
     },
+}
+
+/// The command line's definition, for what is generated from it (man pages, completions).
+pub fn command() -> clap::Command {
+    Args::command()
 }
 
 /// Runs the program from the process arguments: 0 after a clean shutdown, 1 on an error
@@ -141,7 +146,7 @@ fn migrate(from: &str, dest: Destination) -> anyhow::Result<()> {
         .with_context(|| format!("--from {from}: (is its coordinator still running?)"))?;
     let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     rt.block_on(async {
-        let to = open_destination(&etcd).await?;
+        let to = crate::store::Store::open_etcd(&etcd).await?;
         let copied = source.copy_into(&to).await?;
         let mut total = 0;
         for (family, n) in &copied.families {
@@ -155,16 +160,4 @@ fn migrate(from: &str, dest: Destination) -> anyhow::Result<()> {
         );
         anyhow::Ok(())
     })
-}
-
-#[cfg(feature = "etcd")]
-async fn open_destination(etcd: &crate::store::EtcdConfig) -> anyhow::Result<crate::store::Store> {
-    Ok(crate::store::Store::open_etcd(etcd).await?)
-}
-
-#[cfg(not(feature = "etcd"))]
-async fn open_destination(_: &crate::store::EtcdConfig) -> anyhow::Result<crate::store::Store> {
-    anyhow::bail!(
-        "this coordinator was built without the etcd store (cargo build --features tunnelfleet-coordinator/etcd; it needs protoc)"
-    )
 }

@@ -107,21 +107,9 @@ pub async fn open_store(cfg: &CoordinatorConfig) -> anyhow::Result<Store> {
             if etcd.endpoints.is_empty() {
                 anyhow::bail!("etcd.endpoints: names no etcd member");
             }
-            open_etcd(etcd).await
+            Ok(Store::open_etcd(etcd).await?)
         }
     }
-}
-
-#[cfg(feature = "etcd")]
-async fn open_etcd(etcd: &crate::store::EtcdConfig) -> anyhow::Result<Store> {
-    Ok(Store::open_etcd(etcd).await?)
-}
-
-#[cfg(not(feature = "etcd"))]
-async fn open_etcd(_: &crate::store::EtcdConfig) -> anyhow::Result<Store> {
-    anyhow::bail!(
-        "store = \"etcd\": this coordinator was built without the etcd store (cargo build --features tunnelfleet-coordinator/etcd; it needs protoc)"
-    )
 }
 
 /// The host's name (the default coordinator name).
@@ -153,10 +141,15 @@ impl CoordinatorConfig {
         use anyhow::Context;
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("{}: cannot read", path.display()))?;
-        toml::from_str(&text).map_err(|e| {
+        Self::parse(&text, path)
+    }
+
+    /// Parses config text; `file` is only used in error messages.
+    pub fn parse(text: &str, file: &Path) -> anyhow::Result<Self> {
+        toml::from_str(text).map_err(|e| {
             anyhow::anyhow!(
                 "{}: {}",
-                path.display(),
+                file.display(),
                 e.to_string().trim_end().replace('\n', " ")
             )
         })

@@ -51,11 +51,6 @@ impl Program {
 /// A program of this workspace as it ships (the `dist` profile), built first: what the
 /// benchmarks measure. The harness itself runs from `target/release`.
 pub fn dist_binary(package: &str, bin: &str) -> std::io::Result<PathBuf> {
-    dist_binary_with(package, bin, &[])
-}
-
-/// [`dist_binary`] with cargo features (`tunnelfleet-coordinator/etcd`).
-pub fn dist_binary_with(package: &str, bin: &str, features: &[&str]) -> std::io::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     // target/<profile>/<bench> -> target/dist/<bin>
     let path = exe
@@ -75,9 +70,6 @@ pub fn dist_binary_with(package: &str, bin: &str, features: &[&str]) -> std::io:
         "--bin",
         bin,
     ]);
-    if !features.is_empty() {
-        build.arg("--features").arg(features.join(","));
-    }
     let status = build.status()?;
     if !status.success() || !path.exists() {
         return Err(std::io::Error::other(format!(

@@ -25,7 +25,8 @@ fn files(dir: &str) -> Vec<PathBuf> {
 
 #[test]
 fn every_shipped_example_config_is_accepted() {
-    for path in files("../ops/examples") {
+    let packaged = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/deploy/debian/agent.toml");
+    for path in files("../ops/examples").into_iter().chain([packaged]) {
         let cfg = AgentConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
         // Something to run: local profiles, or a coordinator to push them.
         assert!(
@@ -62,6 +63,11 @@ fn every_shipped_coordinator_config_is_accepted() {
         }
     }
     assert!(groups > 0, "no example groups file");
+    // The one the package installs as /etc/tunnelfleet/coordinator.toml.
+    tunnelfleet_coordinator::server::CoordinatorConfig::load(std::path::Path::new(
+        "../ops/deploy/debian/coordinator.toml",
+    ))
+    .unwrap_or_else(|e| panic!("{e:#}"));
     // The high-availability layout's coordinator config loads too.
     let ha = tunnelfleet_coordinator::server::CoordinatorConfig::load(std::path::Path::new(
         "../ops/deploy/ha/coordinator.toml",

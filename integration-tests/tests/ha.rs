@@ -4,19 +4,6 @@
 
 #![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
 
-#[cfg(not(feature = "etcd"))]
-#[test]
-fn ha_needs_the_etcd_store() {
-    if std::env::var_os("CI").is_some() {
-        panic!("CI is set but the etcd store was not built: --features integration-tests/etcd");
-    }
-    integration_tests::skip::skipped(
-        "coordinators on etcd",
-        "built without the etcd feature (cargo test --features integration-tests/etcd; needs protoc)",
-    );
-}
-
-#[cfg(feature = "etcd")]
 mod on_etcd {
     use std::time::Duration;
 

@@ -1,5 +1,5 @@
 //! The store on every engine: the same tests on embedded sled and on a real etcd (one member
-//! on loopback; `--features etcd`): versions, assignments by id and label, join tokens spent
+//! on loopback): versions, assignments by id and label, join tokens spent
 //! once (also when two coordinators race for one), idempotency keys, a staged rollout across
 //! a reopen, many writers at once. On etcd, also what only several coordinators can do:
 //! two stores on one etcd see each other's writes and never hand out one version twice. And
@@ -30,7 +30,6 @@ fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 /// Where a test's store lives: a sled directory, or a prefix on a real etcd.
 enum Backend {
     Sled(tempfile::TempDir),
-    #[cfg(feature = "etcd")]
     Etcd(std::sync::Arc<integration_tests::EtcdCluster>, String),
 }
 
@@ -40,7 +39,6 @@ impl Backend {
     }
 
     /// A fresh store on a new one-member etcd, or None when etcd is not here (skipped).
-    #[cfg(feature = "etcd")]
     async fn etcd() -> Option<Backend> {
         if !integration_tests::EtcdCluster::available("store on etcd") {
             return None;
@@ -54,7 +52,6 @@ impl Backend {
     fn another(&self) -> Backend {
         match self {
             Backend::Sled(_) => Backend::sled(),
-            #[cfg(feature = "etcd")]
             Backend::Etcd(c, p) => Backend::Etcd(c.clone(), format!("{p}other/")),
         }
     }
@@ -63,7 +60,6 @@ impl Backend {
     async fn open(&self) -> Store {
         match self {
             Backend::Sled(dir) => open_when_released(dir.path()),
-            #[cfg(feature = "etcd")]
             Backend::Etcd(c, prefix) => Store::open_etcd(&c.store_config(prefix)).await.unwrap(),
         }
     }
@@ -73,7 +69,6 @@ impl Backend {
     async fn second(&self, first: &Store) -> Store {
         match self {
             Backend::Sled(_) => first.clone(),
-            #[cfg(feature = "etcd")]
             Backend::Etcd(..) => self.open().await,
         }
     }
@@ -106,24 +101,11 @@ macro_rules! on_every_engine {
                 super::$name(super::Backend::sled()).await
             }
 
-            #[cfg(feature = "etcd")]
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn etcd() {
                 if let Some(b) = super::Backend::etcd().await {
                     super::$name(b).await
                 }
-            }
-
-            #[cfg(not(feature = "etcd"))]
-            #[test]
-            fn etcd() {
-                if std::env::var_os("CI").is_some() {
-                    panic!("CI is set but the etcd store was not built: --features etcd");
-                }
-                integration_tests::skip::skipped(
-                    "store on etcd",
-                    "built without the etcd feature (cargo test --features integration-tests/etcd; needs protoc)",
-                );
             }
         }
     };
@@ -606,7 +588,6 @@ on_every_engine!(changes_racing_from_two_coordinators_are_serializable);
 
 /// Two coordinators on one etcd: each sees the other's changes, and versions come from etcd,
 /// so the two never hand out one version twice, however their writes interleave.
-#[cfg(feature = "etcd")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_coordinators_on_one_etcd_share_the_state_and_never_repeat_a_version() {
     let Some(b) = Backend::etcd().await else {
@@ -683,7 +664,6 @@ async fn two_coordinators_on_one_etcd_share_the_state_and_never_repeat_a_version
 /// Three etcd members: losing one changes nothing; losing two refuses writes with an error
 /// that says etcd is the reason, while reads go on from what was committed; with quorum back,
 /// writes go through again and everything acknowledged is there.
-#[cfg(feature = "etcd")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_etcd_store_refuses_writes_without_quorum_and_resumes_with_it() {
     if !integration_tests::EtcdCluster::available("etcd quorum") {

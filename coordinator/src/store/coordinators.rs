@@ -113,7 +113,6 @@ impl Store {
         ttl: Duration,
         shutdown: CancellationToken,
     ) -> Result<Membership, StoreError> {
-        #[cfg(feature = "etcd")]
         if let Some(etcd) = self.db.etcd() {
             let cell: super::engine::etcd_kv::FenceCell = Default::default();
             let leader_store = Store::trees(self.db.fenced(cell.clone()), self.id.clone())?;
@@ -159,7 +158,6 @@ impl Store {
 
     /// The leading coordinator's name, as this coordinator last saw it (on sled: the one).
     pub fn leader(&self) -> Result<Option<String>, StoreError> {
-        #[cfg(feature = "etcd")]
         if self.db.etcd().is_some() {
             return Ok(self
                 .lead
@@ -171,7 +169,6 @@ impl Store {
 }
 
 /// The campaign of one coordinator on etcd.
-#[cfg(feature = "etcd")]
 struct Campaign {
     store: Store,
     db: super::engine::etcd_kv::EtcdDb,
@@ -181,7 +178,6 @@ struct Campaign {
     tx: tokio::sync::watch::Sender<Standing>,
 }
 
-#[cfg(feature = "etcd")]
 impl Campaign {
     fn set(&self, s: Standing) {
         self.tx.send_if_modified(|now| {

@@ -283,7 +283,6 @@ pub struct Store {
     /// Agents' evidence by agent and coordinator ([`LiveRecord`]).
     live: Tree,
     /// `leader`: the leading coordinator's name, under its lease (etcd).
-    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     lead: Tree,
     /// [`META_STORE_ID`].
     id: String,
@@ -297,7 +296,6 @@ impl Store {
 
     /// Opens the store in etcd (made there if new), checking the schema version: every
     /// coordinator pointed at the same endpoints and prefix shares it.
-    #[cfg(feature = "etcd")]
     pub async fn open_etcd(cfg: &EtcdConfig) -> Result<Store, StoreError> {
         let db = Db::open_etcd(cfg).await?;
         // The identity first, in a transaction: two coordinators opening a new store at once
@@ -386,7 +384,6 @@ impl Store {
     /// Whether other coordinators may share this store (etcd), so changes can come from
     /// elsewhere.
     pub fn shared(&self) -> bool {
-        #[cfg(feature = "etcd")]
         if self.db.etcd().is_some() {
             return true;
         }
@@ -396,7 +393,6 @@ impl Store {
     /// On etcd: told each time this coordinator's copy of the state has seen more of it
     /// (anyone's writes); None on sled, where every write is this coordinator's own.
     pub fn changes(&self) -> Option<tokio::sync::watch::Receiver<i64>> {
-        #[cfg(feature = "etcd")]
         if let Some(db) = self.db.etcd() {
             return Some(db.revisions());
         }
@@ -405,7 +401,6 @@ impl Store {
 
     /// On etcd: requests sent, failed, and their total time in seconds (None on sled).
     pub fn etcd_stats(&self) -> Option<(u64, u64, f64)> {
-        #[cfg(feature = "etcd")]
         if let Some(db) = self.db.etcd() {
             return Some(db.stats());
         }

@@ -7,7 +7,7 @@
 //! Ends with one JSON line (`agents`, `new_leader_s`, `all_relinked_s`, `push_p99_ms_etcd`,
 //! `push_p99_ms_sled`, `acked_writes_lost`, …).
 //!
-//! Run: `cargo run --release -p integration-tests --features etcd --bin bench-ha [-- --agents 1000]`
+//! Run: `cargo run --release -p integration-tests --bin bench-ha [-- --agents 1000]`
 //! (needs `/usr/bin/etcd`: apt-get install etcd-server).
 
 use std::collections::BTreeSet;
@@ -184,11 +184,7 @@ async fn main() -> anyhow::Result<()> {
             integration_tests::etcd::ETCD
         );
     }
-    let bin = integration_tests::dist_binary_with(
-        "tunnelfleet-coordinator",
-        "tunnelfleet-coordinator",
-        &["tunnelfleet-coordinator/etcd"],
-    )?;
+    let bin = integration_tests::dist_binary("tunnelfleet-coordinator", "tunnelfleet-coordinator")?;
     let dir = tempfile::tempdir()?;
 
     // The baseline: one coordinator on sled, the same agents, the same push.

@@ -180,6 +180,39 @@ pub(super) enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
+    /// Write man pages (roff) for tunnelfleet, tunnelfleet-agent and tunnelfleet-coordinator:
+    /// one page per command and subcommand, generated from the same definitions as --help.
+    Man {
+        /// Directory to write the pages into (created when missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// Only this program's pages.
+        #[arg(long, value_parser = ["tunnelfleet", "tunnelfleet-agent", "tunnelfleet-coordinator"])]
+        program: Option<String>,
+    },
+    /// Edit an agent's or a coordinator's config file in place, comments kept: the result is
+    /// checked as the daemon reads it and written only when it passes (atomically, owner and
+    /// mode kept).
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+}
+
+/// What `tunnelfleet config` does to a file.
+#[derive(Subcommand, Debug)]
+pub enum ConfigAction {
+    /// Set keys: `coordinator.address=coord.example.net:4433 listen=0.0.0.0:4433`. A value is
+    /// read as TOML when it is one (`true`, `3`, `["a", "b"]`, `"quoted"`), else as a string.
+    /// An agent's file is told from a coordinator's by its tables ([agent], [coordinator],
+    /// [[profile]]).
+    Set {
+        /// The config file.
+        file: PathBuf,
+        /// KEY=VALUE, KEY a dotted path of tables and the key.
+        #[arg(required = true, value_name = "KEY=VALUE")]
+        settings: Vec<String>,
+    },
 }
 
 /// Where the coordinator's admin API is and how to authenticate.

@@ -7,7 +7,9 @@
 //! - [`args`]: the argument tree, and nothing that runs it.
 //! - one file per command group: [`tunnels`], [`agents`], [`profiles`] (with `assign`,
 //!   `rollout`), [`oma`], [`alerts`], [`watch`], [`access`] (join and admin tokens,
-//!   revocation, the audit log), [`coordinators`], [`pki`], [`net`], [`audit`].
+//!   revocation, the audit log), [`coordinators`], [`pki`], [`net`], [`audit`], [`config`]
+//!   (`config set`: a daemon's config file edited and checked).
+//! - [`man`]: man pages of the three programs, generated from their clap definitions.
 //! - [`output`]: printing for people and for `--json`.
 
 pub mod access;
@@ -15,7 +17,9 @@ pub mod agents;
 pub mod alerts;
 pub mod args;
 pub mod audit;
+pub mod config;
 pub mod coordinators;
+pub mod man;
 pub mod net;
 pub mod oma;
 pub mod output;
@@ -129,6 +133,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => tunnels::tunnels(&tunnels::control_socket(socket, &config)?, action, cli.json).await,
         Command::Net { action } => net::net(action, cli.json).await,
         Command::Pki { action } => pki::pki(action, cli.json),
+        Command::Man { out, program } => {
+            man::write_pages(&out, program.as_deref())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config {
+            action: args::ConfigAction::Set { file, settings },
+        } => {
+            config::set(&file, &settings)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Agents { api, action } => agents::fleet_agents(&api, action, cli.json).await,
         Command::Profiles { api, action } => profiles::fleet_profiles(&api, action, cli.json).await,
         Command::Assign {

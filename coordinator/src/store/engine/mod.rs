@@ -5,11 +5,10 @@
 //! # Layout
 //! - [`sled_kv`]: sled, embedded (the default): its trees, its serializable transactions, its
 //!   id generator, group commit.
-//! - `etcd_kv` (cargo feature `etcd`): etcd, shared by several coordinators: a watched mirror
+//! - `etcd_kv`: etcd, shared by several coordinators: a watched mirror
 //!   for reads, optimistic transactions compared by mod revision, queued plain writes
 //!   committed together, ids in blocks.
 
-#[cfg(feature = "etcd")]
 pub(super) mod etcd_kv;
 mod sled_kv;
 
@@ -24,7 +23,6 @@ pub(super) enum Db {
     /// Embedded sled.
     Sled(sled_kv::SledDb),
     /// etcd.
-    #[cfg(feature = "etcd")]
     Etcd(etcd_kv::EtcdDb),
 }
 
@@ -34,7 +32,6 @@ pub(super) enum Tree {
     /// A sled tree.
     Sled(::sled::Tree),
     /// Keys under a tree's name in etcd.
-    #[cfg(feature = "etcd")]
     Etcd(etcd_kv::EtcdTree),
 }
 
@@ -43,7 +40,6 @@ pub(super) enum TxTree<'a> {
     /// A sled tree in a sled transaction.
     Sled(&'a ::sled::transaction::TransactionalTree),
     /// A tree in an etcd transaction.
-    #[cfg(feature = "etcd")]
     Etcd(etcd_kv::EtcdTxTree<'a>),
 }
 
@@ -52,7 +48,6 @@ pub(super) enum Iter {
     /// Straight from sled.
     Sled(Box<::sled::Iter>),
     /// Entries read at once.
-    #[cfg(feature = "etcd")]
     Entries(std::vec::IntoIter<Entry>),
 }
 
@@ -85,14 +80,12 @@ impl Db {
     }
 
     /// Connects to etcd and loads the state under the configured prefix.
-    #[cfg(feature = "etcd")]
     pub(super) async fn open_etcd(cfg: &super::EtcdConfig) -> Result<Db, StoreError> {
         Ok(Db::Etcd(etcd_kv::EtcdDb::open(cfg).await?))
     }
 
     /// This database as the leader's handle: on etcd every write it makes commits only while
     /// the claim in `cell` holds; sled has one coordinator, always leading.
-    #[cfg(feature = "etcd")]
     pub(super) fn fenced(&self, cell: etcd_kv::FenceCell) -> Db {
         match self {
             Db::Sled(db) => Db::Sled(db.clone()),
@@ -101,7 +94,6 @@ impl Db {
     }
 
     /// The etcd database under this one, if it is etcd.
-    #[cfg(feature = "etcd")]
     pub(super) fn etcd(&self) -> Option<&etcd_kv::EtcdDb> {
         match self {
             Db::Etcd(db) => Some(db),
@@ -113,7 +105,6 @@ impl Db {
     pub(super) fn open_tree(&self, name: &'static str) -> Result<Tree, StoreError> {
         match self {
             Db::Sled(db) => Ok(Tree::Sled(db.open_tree(name)?)),
-            #[cfg(feature = "etcd")]
             Db::Etcd(db) => Ok(Tree::Etcd(db.open_tree(name))),
         }
     }
@@ -123,7 +114,6 @@ impl Db {
     pub(super) async fn generate_id(&self) -> Result<u64, StoreError> {
         match self {
             Db::Sled(db) => db.generate_id(),
-            #[cfg(feature = "etcd")]
             Db::Etcd(db) => db.generate_id().await,
         }
     }
@@ -136,7 +126,6 @@ impl Db {
                 let _ = next;
                 Ok(())
             }
-            #[cfg(feature = "etcd")]
             Db::Etcd(db) => db.reserve_ids(next).await,
         }
     }
@@ -146,7 +135,6 @@ impl Db {
         match self {
             Db::Sled(db) => db.flush(),
             // Queued; the etcd store's open commits them.
-            #[cfg(feature = "etcd")]
             Db::Etcd(_) => Ok(()),
         }
     }
@@ -156,7 +144,6 @@ impl Db {
     pub(super) async fn durable(&self) -> Result<(), StoreError> {
         match self {
             Db::Sled(db) => db.durable().await,
-            #[cfg(feature = "etcd")]
             Db::Etcd(db) => db.durable().await,
         }
     }
@@ -165,7 +152,6 @@ impl Db {
     pub(super) fn flushes(&self) -> u64 {
         match self {
             Db::Sled(db) => db.flushes(),
-            #[cfg(feature = "etcd")]
             Db::Etcd(db) => db.flushes(),
         }
     }
@@ -184,7 +170,6 @@ impl Db {
                 for t in trees {
                     match t {
                         Tree::Sled(t) => sled_trees.push(t),
-                        #[cfg(feature = "etcd")]
                         Tree::Etcd(_) => return Err(StoreError::ForeignTree),
                     }
                 }
@@ -192,7 +177,6 @@ impl Db {
                     sled_trees.try_into().map_err(|_| StoreError::ForeignTree)?;
                 db.transaction(sled_trees, f)
             }
-            #[cfg(feature = "etcd")]
             Db::Etcd(db) => {
                 let mut etcd_trees = Vec::with_capacity(N);
                 for t in trees {
@@ -214,7 +198,6 @@ impl TxTree<'_> {
     pub(super) fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Vec<u8>>, Abort> {
         match self {
             TxTree::Sled(t) => Ok(sled_kv::bytes(t.get(key.as_ref())?)),
-            #[cfg(feature = "etcd")]
             TxTree::Etcd(t) => Ok(t.get(key.as_ref())),
         }
     }
@@ -227,7 +210,6 @@ impl TxTree<'_> {
     ) -> Result<Option<Vec<u8>>, Abort> {
         match self {
             TxTree::Sled(t) => Ok(sled_kv::bytes(t.insert(key.as_ref(), value.as_ref())?)),
-            #[cfg(feature = "etcd")]
             TxTree::Etcd(t) => Ok(t.insert(key.as_ref(), value.as_ref())),
         }
     }
@@ -236,7 +218,6 @@ impl TxTree<'_> {
     pub(super) fn remove(&self, key: impl AsRef<[u8]>) -> Result<Option<Vec<u8>>, Abort> {
         match self {
             TxTree::Sled(t) => Ok(sled_kv::bytes(t.remove(key.as_ref())?)),
-            #[cfg(feature = "etcd")]
             TxTree::Etcd(t) => Ok(t.remove(key.as_ref())),
         }
     }
@@ -247,7 +228,6 @@ impl Tree {
     pub(super) fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Vec<u8>>, StoreError> {
         match self {
             Tree::Sled(t) => Ok(sled_kv::bytes(t.get(key)?)),
-            #[cfg(feature = "etcd")]
             Tree::Etcd(t) => Ok(t.get(key.as_ref())),
         }
     }
@@ -261,7 +241,6 @@ impl Tree {
     ) -> Result<Option<Vec<u8>>, StoreError> {
         match self {
             Tree::Sled(t) => Ok(sled_kv::bytes(t.insert(key.as_ref(), value.as_ref())?)),
-            #[cfg(feature = "etcd")]
             Tree::Etcd(t) => t.insert(key.as_ref(), value.as_ref()),
         }
     }
@@ -270,7 +249,6 @@ impl Tree {
     pub(super) fn remove(&self, key: impl AsRef<[u8]>) -> Result<Option<Vec<u8>>, StoreError> {
         match self {
             Tree::Sled(t) => Ok(sled_kv::bytes(t.remove(key)?)),
-            #[cfg(feature = "etcd")]
             Tree::Etcd(t) => t.remove(key.as_ref()),
         }
     }
@@ -279,7 +257,6 @@ impl Tree {
     pub(super) fn iter(&self) -> Iter {
         match self {
             Tree::Sled(t) => Iter::Sled(Box::new(t.iter())),
-            #[cfg(feature = "etcd")]
             Tree::Etcd(t) => Iter::Entries(t.entries(b"").into_iter()),
         }
     }
@@ -293,7 +270,6 @@ impl Tree {
     pub(super) fn scan_prefix(&self, prefix: impl AsRef<[u8]>) -> Iter {
         match self {
             Tree::Sled(t) => Iter::Sled(Box::new(t.scan_prefix(prefix))),
-            #[cfg(feature = "etcd")]
             Tree::Etcd(t) => Iter::Entries(t.entries(prefix.as_ref()).into_iter()),
         }
     }
@@ -307,7 +283,6 @@ impl Tree {
                 let _ = revision;
                 (Vec::new(), 0)
             }
-            #[cfg(feature = "etcd")]
             Tree::Etcd(t) => t.entries_since(revision),
         }
     }
@@ -321,7 +296,6 @@ impl Tree {
     pub(super) fn pop_min(&self) -> Result<Option<Entry>, StoreError> {
         match self {
             Tree::Sled(t) => Ok(t.pop_min()?.map(|(k, v)| (k.to_vec(), v.to_vec()))),
-            #[cfg(feature = "etcd")]
             Tree::Etcd(_) => match self.first()? {
                 Some((k, v)) => {
                     self.remove(&k)?;
@@ -336,7 +310,6 @@ impl Tree {
     pub(super) fn len(&self) -> usize {
         match self {
             Tree::Sled(t) => t.len(),
-            #[cfg(feature = "etcd")]
             Tree::Etcd(t) => t.entries(b"").len(),
         }
     }
@@ -345,7 +318,6 @@ impl Tree {
     pub(super) fn is_empty(&self) -> bool {
         match self {
             Tree::Sled(t) => t.is_empty(),
-            #[cfg(feature = "etcd")]
             Tree::Etcd(t) => t.entries(b"").is_empty(),
         }
     }
@@ -365,7 +337,6 @@ impl Iterator for Iter {
     fn next(&mut self) -> Option<Self::Item> {
         match self {
             Iter::Sled(i) => i.next().map(sled_kv::entry),
-            #[cfg(feature = "etcd")]
             Iter::Entries(i) => i.next().map(Ok),
         }
     }
@@ -375,7 +346,6 @@ impl DoubleEndedIterator for Iter {
     fn next_back(&mut self) -> Option<Self::Item> {
         match self {
             Iter::Sled(i) => i.next_back().map(sled_kv::entry),
-            #[cfg(feature = "etcd")]
             Iter::Entries(i) => i.next_back().map(Ok),
         }
     }
