@@ -113,6 +113,7 @@ impl Agent {
                 c,
                 handle.clone(),
                 self.supervisor.coordination(),
+                self.supervisor.ssh_credential(),
                 fleet_stop.clone(),
             )));
         }

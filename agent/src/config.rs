@@ -221,6 +221,14 @@ impl AgentConfig {
                 "must be at least 1s".into(),
             ));
         }
+        if self.coordinator.is_none()
+            && let Some(p) = self.profiles.iter().find(|p| p.identity_file.is_none())
+        {
+            return Err(invalid(
+                format!("profile.{}.identity_file", p.name),
+                "required for a standalone agent: without one a profile logs in with the certificate a coordinator issues for the agent's own key, and this agent has no [coordinator]".into(),
+            ));
+        }
         if let Some(c) = &self.coordinator {
             if c.address.list().is_empty() {
                 return Err(invalid(

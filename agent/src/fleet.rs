@@ -6,18 +6,20 @@
 //! bring the whole fleet back in the same second — while every tunnel keeps running.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tunnelfleet_protocol::{
     CoordinatorMessage, ForwardReport, HealthSample, Heartbeat, Hello, PROTOCOL_VERSION,
-    ProfileReport, ProfileSet,
+    ProfileReport, ProfileSet, SshCert,
 };
 
 use crate::config::CoordinatorSection;
 use crate::coordinators::{self, Rotation};
 use crate::link::{self, LinkError};
 use crate::placement::Coordinated;
+use crate::sshcert::SshCredential;
 use crate::status::{AgentStatus, ProfileStatus};
 use crate::supervisor::SupervisorHandle;
 use tunnelfleet_runtime::backoff::Backoff;
@@ -55,11 +57,13 @@ pub fn store_cache(state_dir: &Path, set: &ProfileSet) -> std::io::Result<()> {
 
 /// Runs the coordinator link until `shutdown`. Never returns early on coordinator trouble.
 /// `coordinated` is set while the link is up: pushed profiles then leave health-driven moves to
-/// the coordinator, and move on their own when it is away.
+/// the coordinator, and move on their own when it is away. `ssh`, the agent's own SSH key, is
+/// kept certified through the link.
 pub async fn run(
     cfg: CoordinatorSection,
     sup: SupervisorHandle,
     coordinated: Coordinated,
+    ssh: Option<Arc<SshCredential>>,
     shutdown: CancellationToken,
 ) {
     let client = match link::client_config(&cfg.ca, &cfg.cert, &cfg.key) {
@@ -101,6 +105,10 @@ pub async fn run(
                 // results come back here to be sent.
                 let (done_tx, mut done_rx) =
                     tokio::sync::mpsc::channel::<tunnelfleet_protocol::CommandResult>(16);
+                // The SSH certificate: asked for on connecting when none is held or it is past
+                // half its life, then checked at every tick (at most one request per link
+                // and per RENEW_RETRY).
+                let mut asked: Option<tokio::time::Instant> = None;
                 let ended: Result<(), LinkError> = loop {
                     tokio::select! {
                         _ = shutdown.cancelled() => {
@@ -112,11 +120,18 @@ pub async fn run(
                                 break Err(e);
                             }
                         }
-                        _ = tick.tick() => match beat(&mut l, &sup, &mut seq, &mut since).await {
-                            None => return,
-                            Some(Err(e)) => break Err(e),
-                            Some(Ok(())) => {}
-                        },
+                        _ = tick.tick() => {
+                            if let Some(cred) = &ssh
+                                && let Err(e) = renew(&mut l, cred, &mut asked).await
+                            {
+                                break Err(e);
+                            }
+                            match beat(&mut l, &sup, &mut seq, &mut since).await {
+                                None => return,
+                                Some(Err(e)) => break Err(e),
+                                Some(Ok(())) => {}
+                            }
+                        }
                         _ = coordinated.report_asked() => {
                             // A profile's health went down or it moved: tell the coordinator
                             // now, not at the next tick; at most one such extra heartbeat per
@@ -148,6 +163,21 @@ pub async fn run(
                                     let _ = done.send(run_command(&sup, c).await).await;
                                 });
                             }
+                            Ok(CoordinatorMessage::SshCert(answer)) => {
+                                match (answer, &ssh) {
+                                    (SshCert::Granted { certificate }, Some(cred)) => {
+                                        if let Err(e) = cred.accept(&certificate) {
+                                            tracing::error!("{e}");
+                                        }
+                                    }
+                                    (SshCert::Refused { reason }, _) => {
+                                        tracing::warn!("the coordinator refused an SSH certificate: {reason}");
+                                    }
+                                    (SshCert::Granted { .. }, None) => {
+                                        tracing::debug!("ignoring an SSH certificate nobody asked for");
+                                    }
+                                }
+                            }
                             Ok(other) => tracing::debug!("ignoring {other:?}"),
                             Err(e) => break Err(e),
                         }
@@ -167,6 +197,25 @@ pub async fn run(
             _ = tokio::time::sleep(backoff.next_delay()) => {}
         }
     }
+}
+
+/// How long the agent waits for an answer to a certificate request before it asks again.
+pub const RENEW_RETRY: Duration = Duration::from_secs(60);
+
+/// Asks for an SSH certificate when the one held is due ([`SshCredential::wants_renewal`])
+/// and no request is pending.
+async fn renew(
+    l: &mut link::ControlLink,
+    cred: &SshCredential,
+    asked: &mut Option<tokio::time::Instant>,
+) -> Result<(), LinkError> {
+    let now = tunnelfleet_runtime::clock::now_unix_ms() / 1000;
+    if !cred.wants_renewal(now) || asked.is_some_and(|t| t.elapsed() < RENEW_RETRY) {
+        return Ok(());
+    }
+    *asked = Some(tokio::time::Instant::now());
+    tracing::info!(key = %cred.fingerprint(), valid_before = ?cred.valid_before(), "asking the coordinator for an SSH certificate");
+    l.ssh_cert_request(cred.public_line()).await
 }
 
 /// How long one coordinator may take from the first packet to its welcome before the next

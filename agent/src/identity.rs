@@ -15,6 +15,12 @@ pub enum IdentityError {
     /// Could not read the file, or group or others may read it.
     #[error("identity file {0}")]
     Permissions(#[from] SecretFileError),
+    /// A profile without an `identity_file` on an agent with no coordinator to certify its
+    /// own key.
+    #[error(
+        "no identity_file, and no coordinator to certify this agent's own key: a standalone agent's profile names its key file"
+    )]
+    NoCoordinator,
     /// Not a key we can use (or encrypted: a service cannot type a passphrase).
     #[error("identity file {path}: {reason}")]
     Invalid {

@@ -10,6 +10,8 @@
 //!   itself is `tunnelfleet_protocol::profile`).
 //! - [`hostkey`]: host key trust: known_hosts, pinned fingerprints, opt-in TOFU.
 //! - [`identity`]: loading the private key, refusing loose permissions.
+//! - [`sshcert`]: an enrolled agent's own SSH key (made here) and the certificate the
+//!   coordinator issued for it; renewal due at half-life.
 //! - [`ssh`]: one SSH client session and its handler (remote-forward channels land here).
 //! - [`jump`]: the jump-host chain (`ssh -J`): a session to each hop, a channel to the next.
 //! - [`dial`]: reaching an endpoint within the connect timeout, directly or through jumps.
@@ -60,5 +62,6 @@ pub mod reclaim;
 pub mod relay;
 pub mod socks;
 pub mod ssh;
+pub mod sshcert;
 pub mod status;
 pub mod supervisor;

@@ -172,9 +172,13 @@ pub async fn connect(
             Ok(link)
         }
         Ok(CoordinatorMessage::Refused { reason }) => Err(LinkError::Refused { addr, reason }),
-        Ok(CoordinatorMessage::Push(_) | CoordinatorMessage::Command(_)) => Err(LinkError::Lost {
+        Ok(
+            CoordinatorMessage::Push(_)
+            | CoordinatorMessage::Command(_)
+            | CoordinatorMessage::SshCert(_),
+        ) => Err(LinkError::Lost {
             addr,
-            reason: "a push or command before the welcome".into(),
+            reason: "a push, command or certificate before the welcome".into(),
         }),
         Err(e) => Err(e),
     }
@@ -200,6 +204,14 @@ impl ControlLink {
         r: tunnelfleet_protocol::CommandResult,
     ) -> Result<(), LinkError> {
         self.send_message(AgentMessage::CommandResult(r)).await
+    }
+
+    /// Asks the coordinator's SSH CA to certify this agent's own SSH key.
+    pub async fn ssh_cert_request(&mut self, public_key: String) -> Result<(), LinkError> {
+        self.send_message(AgentMessage::SshCertRequest(
+            tunnelfleet_protocol::SshCertRequest { public_key },
+        ))
+        .await
     }
 
     async fn send_message(&mut self, msg: AgentMessage) -> Result<(), LinkError> {

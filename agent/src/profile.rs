@@ -177,7 +177,7 @@ pub fn new_shared(cfg: &ProfileSpec) -> Arc<ProfileShared> {
 /// coordinator decides moves for it now.
 pub fn start(
     cfg: Arc<ProfileSpec>,
-    key: Arc<russh::keys::PrivateKey>,
+    identity: ssh::Identity,
     shared: Arc<ProfileShared>,
     drain: Duration,
     rekey: (u64, Duration),
@@ -195,7 +195,7 @@ pub fn start(
     let params = SessionParams {
         profile: cfg.name.clone(),
         user: cfg.user.clone(),
-        key,
+        identity,
         trust: Arc::new(trust),
         config: Arc::new(ssh::client_config(
             cfg.keepalive_interval,

@@ -42,7 +42,7 @@ impl SessionError {
             SessionError::Connect { .. } => K::Connect,
             SessionError::Timeout { .. } => K::Timeout,
             SessionError::HostKey { .. } => K::HostKey,
-            SessionError::Auth { .. } => K::Auth,
+            SessionError::Auth { .. } | SessionError::NoCertificate { .. } => K::Auth,
             SessionError::Ssh { .. } => K::Ssh,
             SessionError::Jump { .. } => K::Jump,
             SessionError::Unreachable { .. } => K::Connect,
@@ -85,6 +85,17 @@ pub enum SessionError {
         /// Remote user.
         user: String,
         /// Fingerprint of our key.
+        key: String,
+    },
+    /// The profile logs in with the agent's certificate, and the coordinator has not issued
+    /// one yet.
+    #[error(
+        "{endpoint}: no SSH certificate for this agent's key {key} yet (the coordinator issues it over the control link)"
+    )]
+    NoCertificate {
+        /// `host:port`.
+        endpoint: String,
+        /// Fingerprint of the agent's key.
         key: String,
     },
     /// Any other SSH-level failure.
@@ -182,8 +193,8 @@ pub struct SessionParams {
     pub profile: String,
     /// Remote user.
     pub user: String,
-    /// Our key.
-    pub key: Arc<PrivateKey>,
+    /// What we log in with.
+    pub identity: Identity,
     /// Host-key trust.
     pub trust: Arc<HostTrust>,
     /// russh client config (keepalive, window, ciphers).
@@ -196,6 +207,26 @@ pub struct SessionParams {
     pub connect_timeout: Duration,
     /// Jump hosts, first to last (empty: connect directly).
     pub jump: Vec<JumpHost>,
+}
+
+/// How a session logs in: a key file of the profile's, or the agent's own key with the
+/// certificate the coordinator issued (read at each login, so a renewal reaches the next one).
+#[derive(Clone)]
+pub enum Identity {
+    /// A static key (`identity_file`).
+    Key(Arc<PrivateKey>),
+    /// The agent's own key and its current certificate.
+    Certified(Arc<crate::sshcert::SshCredential>),
+}
+
+impl Identity {
+    /// The key's fingerprint, for errors.
+    pub fn fingerprint(&self) -> String {
+        match self {
+            Identity::Key(k) => fingerprint(k.public_key()),
+            Identity::Certified(c) => c.fingerprint(),
+        }
+    }
 }
 
 /// Builds the russh client config for a profile: a silent server is dropped
@@ -405,23 +436,39 @@ where
         Some((Verdict::Trusted | Verdict::Learned, fp)) => fp,
         _ => String::new(),
     };
-    let hash = handle
-        .best_supported_rsa_hash()
-        .await
-        .map_err(ssh_err)?
-        .flatten();
-    let auth = handle
-        .authenticate_publickey(
-            hop.user.to_string(),
-            PrivateKeyWithHashAlg::new(p.key.clone(), hash),
-        )
-        .await
-        .map_err(ssh_err)?;
+    let auth = match &p.identity {
+        Identity::Key(key) => {
+            let hash = handle
+                .best_supported_rsa_hash()
+                .await
+                .map_err(ssh_err)?
+                .flatten();
+            handle
+                .authenticate_publickey(
+                    hop.user.to_string(),
+                    PrivateKeyWithHashAlg::new(key.clone(), hash),
+                )
+                .await
+                .map_err(ssh_err)?
+        }
+        Identity::Certified(cred) => {
+            let Some(cert) = cred.certificate() else {
+                return Err(SessionError::NoCertificate {
+                    endpoint: endpoint.to_string(),
+                    key: cred.fingerprint(),
+                });
+            };
+            handle
+                .authenticate_openssh_cert(hop.user.to_string(), cred.key(), cert)
+                .await
+                .map_err(ssh_err)?
+        }
+    };
     if !auth.success() {
         return Err(SessionError::Auth {
             endpoint: endpoint.to_string(),
             user: hop.user.to_string(),
-            key: fingerprint(p.key.public_key()),
+            key: p.identity.fingerprint(),
         });
     }
     Ok((handle, host_key))

@@ -2,6 +2,8 @@
 //!
 //! # Layout
 //! - [`pki`]: the fleet CA; coordinator and agent certificates.
+//! - [`sshca`]: the SSH user CA: agents' own SSH keys certified for the OMAs' sshd.
+//! - [`sshd_access`]: an OMA's principals lines (each agent's ports) and revoked keys, no IO.
 //! - [`tls`]: mutual-TLS QUIC settings; the agent id from a verified certificate.
 //! - [`udp`]: the control link's UDP socket, buffers sized for thousands of agents.
 //! - [`store`]: fleet state (sled or etcd, behind `store::engine`), one file per record family;
@@ -47,6 +49,8 @@ pub mod pki;
 pub mod plan;
 pub mod rollout;
 pub mod server;
+pub mod sshca;
+pub mod sshd_access;
 pub mod store;
 pub mod tls;
 pub mod udp;

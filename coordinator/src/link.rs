@@ -10,10 +10,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use opentelemetry::KeyValue;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tunnelfleet_protocol::{
-    AgentMessage, CoordinatorMessage, PROTOCOL_VERSION, Welcome, check_version, encode,
+    AgentMessage, CoordinatorMessage, PROTOCOL_VERSION, SshCert, Welcome, check_version, encode,
 };
 use tunnelfleet_runtime::clock::now_unix_ms;
 use tunnelfleet_runtime::frames::{FrameReadError, FrameReader};
@@ -21,6 +22,7 @@ use tunnelfleet_runtime::frames::{FrameReadError, FrameReader};
 use crate::fleet::Fleet;
 use crate::metrics::Metrics;
 use crate::pki::Signer;
+use crate::sshca::{self, SshCa};
 use crate::tls;
 use tunnelfleet_protocol::close;
 
@@ -38,6 +40,10 @@ pub struct LinkContext {
     pub signer: Option<Arc<Signer>>,
     /// Heartbeats and push latency are counted here (absent: not counted).
     pub metrics: Option<Arc<Metrics>>,
+    /// Certifies agents' SSH keys (absent: their requests are refused, saying why).
+    pub ssh_ca: Option<Arc<SshCa>>,
+    /// How long an SSH certificate is valid.
+    pub ssh_cert_validity: Duration,
 }
 
 /// Connections the coordinator holds at once (one per agent, plus enrollments); more are
@@ -92,7 +98,7 @@ pub async fn serve(
                         .await
                 }
                 Ok(conn) => {
-                    handle(conn, fleet, ctx.metrics)
+                    handle(conn, fleet, ctx)
                         .instrument(tracing::info_span!(
                             "control_link",
                             %remote,
@@ -119,7 +125,8 @@ fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
         .protocol
 }
 
-async fn handle(conn: quinn::Connection, fleet: Arc<Fleet>, metrics: Option<Arc<Metrics>>) {
+async fn handle(conn: quinn::Connection, fleet: Arc<Fleet>, ctx: LinkContext) {
+    let metrics = ctx.metrics.clone();
     let remote = conn.remote_address();
     let cert_id = match tls::connection_agent_id(&conn) {
         Ok(id) => {
@@ -225,6 +232,7 @@ async fn handle(conn: quinn::Connection, fleet: Arc<Fleet>, metrics: Option<Arc<
         }
     });
     tracing::info!(agent = %cert_id, %remote, version = ?hello.agent_version, "agent connected");
+    let replies = tx.clone();
     if let Err(e) = fleet.attach(
         &cert_id,
         remote,
@@ -303,6 +311,23 @@ async fn handle(conn: quinn::Connection, fleet: Arc<Fleet>, metrics: Option<Arc<
                     }
                 }
             }
+            Ok(Some(AgentMessage::SshCertRequest(req))) => {
+                fleet.heard(&cert_id, None);
+                let answer = ssh_cert(&fleet, &ctx, &cert_id, &req.public_key).await;
+                let result = match &answer {
+                    SshCert::Granted { .. } => "issued",
+                    SshCert::Refused { .. } => "refused",
+                };
+                if let Some(m) = &metrics {
+                    m.ssh_certs.add(1, &[KeyValue::new("result", result)]);
+                }
+                let Ok(frame) = encode(&CoordinatorMessage::SshCert(answer)) else {
+                    continue;
+                };
+                if replies.send(frame).await.is_err() {
+                    break;
+                }
+            }
             Ok(Some(AgentMessage::Hello(_))) => {
                 tracing::warn!(agent = %cert_id, "second hello on one connection; closing");
                 conn.close(close::MALFORMED.into(), b"second hello");
@@ -321,6 +346,73 @@ async fn handle(conn: quinn::Connection, fleet: Arc<Fleet>, metrics: Option<Arc<
     }
     fleet.detach(&cert_id, &conn);
     writer.abort();
+}
+
+/// The SSH user CA's answer to `agent`'s request for `public_key`: refused without a CA, to a
+/// revoked agent, and sooner than [`sshca::MIN_REQUEST_INTERVAL`] after its last certificate;
+/// else certified and recorded (durable before the agent is told).
+async fn ssh_cert(fleet: &Fleet, ctx: &LinkContext, agent: &str, public_key: &str) -> SshCert {
+    let refused = |reason: String| {
+        tracing::warn!(%agent, "SSH certificate refused: {reason}");
+        SshCert::Refused { reason }
+    };
+    let Some(ca) = &ctx.ssh_ca else {
+        // Said once at start; every agent asking is not news.
+        tracing::debug!(%agent, "SSH certificate refused: no SSH CA");
+        return SshCert::Refused {
+            reason: format!(
+                "this coordinator has no SSH CA ({} in its pki_dir: tunnelfleet pki ssh-ca)",
+                sshca::SSH_CA_KEY
+            ),
+        };
+    };
+    let store = &fleet.store;
+    match store.revocation(agent) {
+        Ok(None) => {}
+        Ok(Some(r)) => return refused(format!("agent {agent} is revoked: {}", r.reason)),
+        Err(e) => return refused(format!("coordinator store: {e}")),
+    }
+    let now_ms = now_unix_ms();
+    let last = match store.ssh_cert(agent) {
+        Ok(last) => last,
+        Err(e) => return refused(format!("coordinator store: {e}")),
+    };
+    if sshca::too_soon(last.map(|c| c.issued_unix_ms), now_ms) {
+        return refused(format!(
+            "asked again within {:?} of the last certificate",
+            sshca::MIN_REQUEST_INTERVAL
+        ));
+    }
+    let serial = match store.next_ssh_serial().await {
+        Ok(s) => s,
+        Err(e) => return refused(format!("coordinator store: {e}")),
+    };
+    let issued = match ca.certify(&sshca::CertRequest {
+        agent_id: agent,
+        public_key,
+        serial,
+        now_unix: now_ms / 1000,
+        validity: ctx.ssh_cert_validity,
+    }) {
+        Ok(i) => i,
+        Err(e) => return refused(e.to_string()),
+    };
+    let record = crate::store::SshCertRecord {
+        agent_id: agent.to_string(),
+        serial,
+        key_fingerprint: issued.key_fingerprint.clone(),
+        public_key: issued.public_key.clone(),
+        valid_after: issued.valid_after,
+        valid_before: issued.valid_before,
+        issued_unix_ms: now_ms,
+    };
+    if let Err(e) = store.record_ssh_cert(&record).await {
+        return refused(format!("coordinator store: {e}"));
+    }
+    tracing::info!(%agent, serial, key = %issued.key_fingerprint, valid_before = issued.valid_before, "SSH certificate issued");
+    SshCert::Granted {
+        certificate: issued.certificate,
+    }
 }
 
 /// The next message of the agent's stream: `Ok(None)` when the stream or connection ended

@@ -25,6 +25,8 @@ pub struct Metrics {
     pub heartbeats: Counter<u64>,
     /// Alerts not raised because their agent had `MAX_ALERTS_PER_AGENT` firing, by kind.
     pub alerts_held: Counter<u64>,
+    /// SSH certificate requests, by result (`issued`, `refused`).
+    pub ssh_certs: Counter<u64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -67,6 +69,10 @@ impl Metrics {
             heartbeats: meter
                 .u64_counter("tunnelfleet_heartbeats")
                 .with_description("Agent heartbeats received")
+                .build(),
+            ssh_certs: meter
+                .u64_counter("tunnelfleet_ssh_cert_requests")
+                .with_description("Agents' SSH certificate requests, by result (issued, refused)")
                 .build(),
             alerts_held: meter
                 .u64_counter("tunnelfleet_alerts_held")

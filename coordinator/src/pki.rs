@@ -52,6 +52,9 @@ pub enum PkiError {
     /// An agent id that cannot be a certificate name.
     #[error("agent id {0:?}: use 1-64 letters, digits, '.', '_' or '-'")]
     BadAgentId(String),
+    /// The SSH user CA could not be made.
+    #[error(transparent)]
+    SshCa(#[from] crate::sshca::SshCaError),
 }
 
 /// Paths of an issued agent identity.
@@ -75,7 +78,8 @@ pub fn check_agent_id(id: &str) -> Result<(), PkiError> {
 }
 
 /// Creates the CA and the coordinator's certificate for `names` (DNS names or IP addresses the
-/// agents will dial). Returns the CA's SHA-256 fingerprint.
+/// agents will dial), and the SSH user CA ([`crate::sshca`]). Returns the CA's SHA-256
+/// fingerprint.
 pub fn init(dir: &Path, names: &[String]) -> Result<String, PkiError> {
     if dir.join(CA_CERT).exists() {
         return Err(PkiError::Exists(dir.to_path_buf()));
@@ -119,6 +123,7 @@ pub fn init(dir: &Path, names: &[String]) -> Result<String, PkiError> {
         server_key.serialize_pem().as_bytes(),
         0o600,
     )?;
+    crate::sshca::SshCa::create(dir)?;
     Ok(fingerprint(ca_cert.der()))
 }
 

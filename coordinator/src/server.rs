@@ -58,6 +58,10 @@ pub struct CoordinatorConfig {
     /// Heartbeat interval told to agents.
     #[serde(default = "default_heartbeat", with = "humantime_serde")]
     pub heartbeat_interval: Duration,
+    /// How long an agent's SSH certificate is valid (renewed at half-life): long enough for
+    /// an agent to log in to its OMAs while this coordinator is away.
+    #[serde(default = "default_ssh_cert_validity", with = "humantime_serde")]
+    pub ssh_cert_validity: Duration,
     /// Alert thresholds.
     #[serde(default)]
     pub alerts: AlertRules,
@@ -130,6 +134,9 @@ fn default_listen() -> SocketAddr {
 }
 fn default_admin() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 4480))
+}
+fn default_ssh_cert_validity() -> Duration {
+    crate::sshca::DEFAULT_VALIDITY
 }
 fn default_heartbeat() -> Duration {
     Duration::from_secs(5)
@@ -238,6 +245,22 @@ pub async fn bind(cfg: &CoordinatorConfig) -> anyhow::Result<Bound> {
     if signer.is_none() {
         tracing::info!(pki = %cfg.pki_dir.display(), "no CA key in the PKI directory: agents cannot enroll with join tokens here");
     }
+    let ssh_ca = crate::sshca::SshCa::load(&cfg.pki_dir)?;
+    match &ssh_ca {
+        Some(ca) => {
+            tracing::info!(fingerprint = %ca.fingerprint(), "SSH user CA loaded: agents' SSH keys are certified")
+        }
+        None => {
+            tracing::info!(pki = %cfg.pki_dir.display(), "no SSH user CA in the PKI directory (tunnelfleet pki ssh-ca): agents' certificate requests are refused")
+        }
+    }
+    if cfg.ssh_cert_validity < 2 * crate::sshca::MIN_REQUEST_INTERVAL {
+        anyhow::bail!(
+            "ssh_cert_validity: {:?} is shorter than twice the least renewal interval ({:?})",
+            cfg.ssh_cert_validity,
+            2 * crate::sshca::MIN_REQUEST_INTERVAL
+        );
+    }
     let store = open_store(cfg).await?;
     let udp = crate::udp::bind(cfg.listen, cfg.udp_buffer)
         .with_context(|| format!("control link: cannot listen on udp {}", cfg.listen))?;
@@ -324,6 +347,8 @@ pub async fn bind(cfg: &CoordinatorConfig) -> anyhow::Result<Bound> {
         link: LinkContext {
             signer: signer.map(Arc::new),
             metrics,
+            ssh_ca: ssh_ca.map(Arc::new),
+            ssh_cert_validity: cfg.ssh_cert_validity,
         },
         endpoint,
         admin_listener,
@@ -385,6 +410,7 @@ impl Bound {
             rollouts,
             watch,
             enrollment: self.link.signer.is_some(),
+            ssh_ca_public: self.link.ssh_ca.as_ref().map(|c| Arc::new(c.public_line())),
             token: Arc::new(self.token),
             name: Arc::new(self.name),
             standing: self.membership.subscribe(),

@@ -83,6 +83,8 @@ impl TestCoordinator {
 pub struct FullCoordinator {
     /// Where agents dial.
     pub control: std::net::SocketAddr,
+    /// The admin API's address (for the CLI as a process).
+    pub admin: std::net::SocketAddr,
     /// The admin API.
     pub api: tunnelfleet_ops::api::ApiClient,
     /// Its state.
@@ -140,6 +142,7 @@ impl FullCoordinator {
             name: None,
             admin_token_file: token_file,
             heartbeat_interval: heartbeat,
+            ssh_cert_validity: tunnelfleet_coordinator::sshca::DEFAULT_VALIDITY,
             alerts,
             hooks,
             metrics_listen: None,
@@ -153,6 +156,7 @@ impl FullCoordinator {
         let task = tokio::spawn(bound.run(stop.clone()));
         FullCoordinator {
             control,
+            admin,
             api: tunnelfleet_ops::api::ApiClient::new(&admin.to_string(), token),
             fleet,
             stop,

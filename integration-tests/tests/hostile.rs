@@ -465,3 +465,83 @@ async fn one_agent_raises_at_most_its_cap_of_alerts() {
     );
     c.stop().await;
 }
+
+/// The next SSH certificate answer on `l`, skipping pushes.
+async fn ssh_answer(l: &mut ControlLink) -> tunnelfleet_protocol::SshCert {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), l.next())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            CoordinatorMessage::SshCert(answer) => return answer,
+            _ => continue,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ssh_ca_certifies_one_ed25519_key_per_interval_and_nothing_else() {
+    use tunnelfleet_protocol::SshCert;
+    let dir = tempfile::tempdir().unwrap();
+    let c = FullCoordinator::start(dir.path(), Duration::from_millis(300), Vec::new()).await;
+    let mut l = connect(&c, dir.path(), "vma-thief").await;
+    let refused = |a: &SshCert| matches!(a, SshCert::Refused { .. });
+    // Not keys it certifies: garbage, an oversized line, an ECDSA key, the CA's own key.
+    let ca_line = std::fs::read_to_string(
+        dir.path()
+            .join("pki")
+            .join(tunnelfleet_coordinator::sshca::SSH_CA_PUB),
+    )
+    .unwrap();
+    for bad in [
+        "not a key".to_string(),
+        format!("ssh-ed25519 {}", "A".repeat(8192)),
+        "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBEmKSENjQEezOmxkZMy7opKgwFB9nkt5YRrYMjNuG5N87uRgg6CLrbo5wAdT/y6v0mKV0U2w0WZ2YB/++Tpockg= x".to_string(),
+        ca_line.trim().to_string(),
+    ] {
+        l.ssh_cert_request(bad.clone()).await.unwrap();
+        let answer = ssh_answer(&mut l).await;
+        assert!(refused(&answer), "{bad}: {answer:?}");
+    }
+    assert!(c.fleet.store.ssh_cert("vma-thief").unwrap().is_none());
+    // One key is certified, for this agent only; a second request at once is refused, also
+    // for another key, and also on a new connection.
+    let key = |seed: u8| {
+        russh::keys::PrivateKey::new(
+            russh::keys::ssh_key::private::KeypairData::Ed25519(
+                russh::keys::ssh_key::private::Ed25519Keypair::from_seed(&[seed; 32]),
+            ),
+            "",
+        )
+        .unwrap()
+        .public_key()
+        .to_openssh()
+        .unwrap()
+    };
+    l.ssh_cert_request(key(1)).await.unwrap();
+    let SshCert::Granted { certificate } = ssh_answer(&mut l).await else {
+        panic!("a good key refused")
+    };
+    let cert = russh::keys::ssh_key::Certificate::from_openssh(&certificate).unwrap();
+    assert_eq!(cert.valid_principals(), ["vma-thief".to_string()]);
+    let first = c.fleet.store.ssh_cert("vma-thief").unwrap().unwrap();
+    assert_eq!(first.serial, cert.serial());
+    l.ssh_cert_request(key(2)).await.unwrap();
+    assert!(refused(&ssh_answer(&mut l).await));
+    l.close();
+    let mut again = connect_with(
+        &c,
+        &pki::AgentFiles {
+            cert: dir.path().join("vma-thief/vma-thief.pem"),
+            key: dir.path().join("vma-thief/vma-thief.key"),
+            ca: dir.path().join("vma-thief/ca.pem"),
+        },
+        "vma-thief",
+    )
+    .await;
+    again.ssh_cert_request(key(3)).await.unwrap();
+    assert!(refused(&ssh_answer(&mut again).await));
+    assert_eq!(c.fleet.store.ssh_cert("vma-thief").unwrap().unwrap(), first);
+    c.stop().await;
+}

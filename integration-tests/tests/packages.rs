@@ -207,6 +207,7 @@ async fn installed(uid: u32, gid: u32, work: std::path::PathBuf) {
         "/usr/share/bash-completion/completions/tunnelfleet",
         "/usr/share/zsh/vendor-completions/_tunnelfleet",
         "/usr/share/fish/vendor_completions.d/tunnelfleet.fish",
+        "/lib/systemd/system/tunnelfleet-oma-sync@.timer",
         "/usr/share/doc/tunnelfleet-coordinator/copyright",
         "/usr/share/doc/tunnelfleet-coordinator/examples/coordinator.toml",
         "/usr/share/doc/tunnelfleet-agent/examples/agent.toml",
@@ -224,6 +225,8 @@ async fn installed(uid: u32, gid: u32, work: std::path::PathBuf) {
         "--man=no",
         "/lib/systemd/system/tunnelfleet-agent.service",
         "/lib/systemd/system/tunnelfleet-coordinator.service",
+        "/lib/systemd/system/tunnelfleet-oma-sync@.service",
+        "/lib/systemd/system/tunnelfleet-oma-sync@.timer",
     ]));
     // The man page is a man page: its name and synopsis come from the clap definitions.
     let page = stdout(

@@ -52,6 +52,7 @@ async fn profiles_assign_rollout_and_agents_through_the_cli() {
         name: None,
         admin_token_file: token.clone(),
         heartbeat_interval: Duration::from_millis(500),
+        ssh_cert_validity: tunnelfleet_coordinator::sshca::DEFAULT_VALIDITY,
         alerts: Default::default(),
         hooks: Vec::new(),
         metrics_listen: None,

@@ -52,7 +52,7 @@ impl From<ProfileSpecV3> for ProfileSpec {
             endpoints: s.endpoints,
             group: s.group,
             user: s.user,
-            identity_file: s.identity_file.into(),
+            identity_file: Some(s.identity_file.into()),
             known_hosts: s.known_hosts.map(Into::into),
             host_key_fingerprints: s.host_key_fingerprints,
             trust_on_first_use: s.trust_on_first_use,

@@ -41,7 +41,9 @@ pub use profile::{HealthSpec, ProfileSpec};
 /// 3: jump hosts in profiles (`ProfileSpec::jump`) and the `Jump` session error kind.
 /// 4: one profile model on both sides: exact durations, `autostart` on the wire.
 /// 5: `failback_after`, `reclaim_remote_ports` and `standby` in profiles.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// 6: SSH user certificates (`SshCertRequest`, `SshCert`); a profile's `identity_file` is
+///    optional (none: the agent's certificate).
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// QUIC keep-alive of the control link (both ends).
 pub const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(2);

@@ -19,6 +19,9 @@ use serde::de::{Deserialize, Deserializer, Error, MapAccess, SeqAccess, Visitor}
 
 /// Profiles per agent (a heartbeat, a pushed set, an agent config).
 pub const MAX_PROFILES: usize = 256;
+/// Bytes of an SSH public key line or certificate line on the control link (an ed25519
+/// certificate with its principal is about 700; RSA keys are not certified).
+pub const MAX_SSH_KEY_LINE: usize = 4096;
 /// Endpoints per profile.
 pub const MAX_ENDPOINTS: usize = 16;
 /// Forwards per profile.

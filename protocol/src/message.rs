@@ -30,6 +30,9 @@ pub enum AgentMessage {
     Applied(Applied),
     /// The answer to a [`CoordinatorMessage::Command`].
     CommandResult(CommandResult),
+    /// A certificate for the agent's own SSH key, asked for when it has none or it is past
+    /// half its life.
+    SshCertRequest(SshCertRequest),
 }
 
 /// What the coordinator sends.
@@ -47,6 +50,34 @@ pub enum CoordinatorMessage {
     Push(ProfileSet),
     /// An operator's command for one of the agent's profiles (`tunnelfleet tunnels … --agent`).
     Command(Command),
+    /// The answer to an [`AgentMessage::SshCertRequest`].
+    SshCert(SshCert),
+}
+
+/// The agent's SSH public key, for the coordinator's SSH user CA to certify. The private half
+/// never leaves the appliance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct SshCertRequest {
+    /// One OpenSSH public key line (`ssh-ed25519 AAAA… comment`), at most
+    /// [`crate::limits::MAX_SSH_KEY_LINE`] bytes.
+    pub public_key: String,
+}
+
+/// What the coordinator's SSH user CA made of an [`SshCertRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub enum SshCert {
+    /// The certificate, one OpenSSH line (`ssh-ed25519-cert-v01@openssh.com AAAA…`).
+    Granted {
+        /// The certificate line.
+        certificate: String,
+    },
+    /// Refused, with the reason for the agent's log (the agent asks again later).
+    Refused {
+        /// Why.
+        reason: String,
+    },
 }
 
 /// What an operator asks of a profile on an agent, as `tunnelfleet tunnels` does locally.

@@ -82,19 +82,23 @@ pub fn audit(path: &Path) -> Vec<Finding> {
                 "drop the bind address (127.0.0.1 is the default) unless other hosts must use it",
             ));
         }
-        if p.identity_file.exists() {
-            out.extend(keys::audit_file(&p.identity_file));
-        } else {
-            out.push(Finding::new(
+        match &p.identity_file {
+            Some(file) if file.exists() => out.extend(keys::audit_file(file)),
+            Some(file) => out.push(Finding::new(
                 "tunnelfleet.identity-missing",
                 Severity::High,
                 "identity file missing",
-                format!(
-                    "{key}.identity_file {} does not exist",
-                    p.identity_file.display()
-                ),
+                format!("{key}.identity_file {} does not exist", file.display()),
                 "create it (ssh-keygen -t ed25519 -N '' -f FILE) and install its .pub on the OMA",
-            ));
+            )),
+            // The agent's own certified key, audited once below.
+            None => {}
+        }
+    }
+    if let Some(c) = &cfg.coordinator {
+        let key = c.state_dir.join("ssh").join(crate::sshcert::KEY_FILE);
+        if key.exists() {
+            out.extend(keys::audit_file(&key));
         }
     }
     if let Some(addr) = cfg.agent.metrics_listen

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use tunnelfleet_protocol::{Applied, ForwardResult, ProfileSet, ProfileSpec};
 
 use super::{Later, Origin, Slot, Supervisor};
-use crate::identity::load_identity;
 use crate::profile::{self, Gate};
 use crate::status::{ForwardState, ProfileShared};
 
@@ -121,8 +120,8 @@ impl Supervisor {
                 }
                 continue;
             }
-            let key = match load_identity(&cfg.identity_file) {
-                Ok(k) => k,
+            let identity = match super::identity(&cfg, self.ssh.as_ref()) {
+                Ok(i) => i,
                 Err(e) => {
                     results.push(fail(e.to_string()));
                     continue;
@@ -147,7 +146,7 @@ impl Supervisor {
                     origin: Origin::Pushed,
                     shared: profile::new_shared(&cfg),
                     cfg: Arc::new(cfg),
-                    key: Arc::new(key),
+                    identity,
                     running: None,
                     released: predecessor,
                 },

@@ -22,7 +22,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use russh::keys::PrivateKey;
 use tokio_util::task::TaskTracker;
 use tunnelfleet_protocol::ProfileSpec;
 use tunnelfleet_runtime::clock::now_unix_ms;
@@ -32,6 +31,8 @@ use crate::health::run_check;
 use crate::identity::{IdentityError, load_identity};
 use crate::placement::Coordinated;
 use crate::profile::{self, Gate, ProfileHandle};
+use crate::ssh::Identity;
+use crate::sshcert::SshCredential;
 use crate::status::{AgentStatus, ProfileShared};
 
 /// Why the agent cannot start its profiles.
@@ -45,6 +46,9 @@ pub enum StartError {
         /// Why the key cannot be used (unreadable, loose permissions, encrypted).
         source: IdentityError,
     },
+    /// The agent's own SSH key (for certificates) cannot be made or read.
+    #[error("the agent's SSH key: {0}")]
+    SshKey(#[from] crate::sshcert::SshCredentialError),
 }
 
 /// Why a command on a profile was refused.
@@ -76,7 +80,7 @@ enum Origin {
 struct Slot {
     origin: Origin,
     cfg: Arc<ProfileSpec>,
-    key: Arc<PrivateKey>,
+    identity: Identity,
     shared: Arc<ProfileShared>,
     running: Option<ProfileHandle>,
     /// Opens when the previous run of this profile released its ports; the next start
@@ -93,14 +97,34 @@ pub struct Supervisor {
     started_unix_ms: u64,
     /// Whether the coordinator is connected (it then decides moves for pushed profiles).
     coordinated: Coordinated,
+    /// The agent's own certified SSH key (an agent with a coordinator): what profiles without
+    /// an `identity_file` log in with.
+    ssh: Option<Arc<SshCredential>>,
+}
+
+/// What a profile logs in with: its identity file, else the agent's certified key.
+fn identity(p: &ProfileSpec, ssh: Option<&Arc<SshCredential>>) -> Result<Identity, IdentityError> {
+    match (&p.identity_file, ssh) {
+        (Some(path), _) => Ok(Identity::Key(Arc::new(load_identity(path)?))),
+        (None, Some(cred)) => Ok(Identity::Certified(cred.clone())),
+        (None, None) => Err(IdentityError::NoCoordinator),
+    }
 }
 
 impl Supervisor {
-    /// Checks every profile's identity file; refuses the whole config if one is unusable.
+    /// Checks every profile's identity file; refuses the whole config if one is unusable. An
+    /// agent with a coordinator opens its own SSH key (made on first use) for certificates.
     pub fn new(cfg: &AgentConfig) -> Result<Self, StartError> {
+        let ssh = match &cfg.coordinator {
+            Some(c) => Some(Arc::new(SshCredential::open(
+                &c.state_dir.join("ssh"),
+                &c.agent_id,
+            )?)),
+            None => None,
+        };
         let mut slots = BTreeMap::new();
         for p in &cfg.profiles {
-            let key = load_identity(&p.identity_file).map_err(|source| StartError::Identity {
+            let identity = identity(p, ssh.as_ref()).map_err(|source| StartError::Identity {
                 profile: p.name.clone(),
                 source,
             })?;
@@ -112,7 +136,7 @@ impl Supervisor {
                 Slot {
                     origin: Origin::Local,
                     cfg: Arc::new(p.clone()),
-                    key: Arc::new(key),
+                    identity,
                     shared: profile::new_shared(p),
                     running: None,
                     released: None,
@@ -125,7 +149,13 @@ impl Supervisor {
             rekey: (cfg.agent.rekey_after_bytes, cfg.agent.rekey_after),
             started_unix_ms: now_unix_ms(),
             coordinated: Coordinated::default(),
+            ssh,
         })
+    }
+
+    /// The agent's own certified SSH key, when it has a coordinator.
+    pub fn ssh_credential(&self) -> Option<Arc<SshCredential>> {
+        self.ssh.clone()
     }
 
     /// The flag the coordinator link sets while it is connected.
@@ -169,7 +199,7 @@ impl Supervisor {
         let after = slot.released.take().into_iter().collect();
         slot.running = Some(profile::start(
             slot.cfg.clone(),
-            slot.key.clone(),
+            slot.identity.clone(),
             slot.shared.clone(),
             drain,
             rekey,

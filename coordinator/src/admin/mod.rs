@@ -39,7 +39,7 @@ pub use agents::{AgentDetail, AgentSummary};
 pub use alerts::{AckRequest, SilenceRequest};
 pub use auth::Caller;
 pub use error::ApiError;
-pub use oma::{Done, EndpointRequest};
+pub use oma::{Done, EndpointRequest, SshAccess};
 pub use profiles::{AssignRequest, Changed, RollbackRequest, Rollout};
 pub use rollouts::{Aborted, RolloutView};
 
@@ -56,6 +56,8 @@ pub struct Admin {
     pub watch: WatchHandle,
     /// Whether this coordinator holds the CA key and so can enroll agents with join tokens.
     pub enrollment: bool,
+    /// The SSH user CA's public key line, when this coordinator has one.
+    pub ssh_ca_public: Option<Arc<String>>,
     /// Staged rollouts.
     pub rollouts: crate::rollout::Rollouts,
     /// The `admin_token_file`'s token (an `admin`; named tokens are in the store).

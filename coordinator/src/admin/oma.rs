@@ -21,9 +21,68 @@ pub(super) fn routes() -> Router<Admin> {
         .route("/v1/groups/{name}", put(put_group).delete(delete_group))
         .route("/v1/groups/{name}/failover", post(group_failover))
         .route("/v1/groups/{name}/failback", post(group_failback))
+        .route("/v1/groups/{name}/ssh", get(group_ssh))
         .route("/v1/oma", get(oma))
         .route("/v1/oma/drain", post(oma_drain))
         .route("/v1/oma/undrain", post(oma_undrain))
+}
+
+/// What the OMAs of a group need to let the fleet's agents in (`tunnelfleet oma sync`): the SSH
+/// user CA they trust, each agent's principal line with its ports, and the revoked keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SshAccess {
+    /// The group.
+    pub group: String,
+    /// The fleet version the lines were worked out at.
+    pub version: u64,
+    /// The SSH user CA's public key line (`TrustedUserCAKeys`); none when the coordinator
+    /// has no SSH CA.
+    pub ca_public_key: Option<String>,
+    /// `AuthorizedPrincipalsFile` lines.
+    pub principals: Vec<String>,
+    /// `RevokedKeys` lines: the certified keys of revoked agents.
+    pub revoked_keys: Vec<String>,
+}
+
+async fn group_ssh(
+    State(a): State<Admin>,
+    Path(name): Path<String>,
+) -> Result<Json<SshAccess>, ApiError> {
+    let store = &a.fleet.store;
+    if store.group(&name)?.is_none() {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no OMA group {name:?}"),
+        ));
+    }
+    let snapshot = store.snapshot()?;
+    let sets: Vec<(String, tunnelfleet_protocol::ProfileSet)> = store
+        .agent_labels()?
+        .into_iter()
+        .map(|(id, labels)| {
+            let set = snapshot.set_for(&id, &labels);
+            (id, set)
+        })
+        .collect();
+    let agents: Vec<crate::sshd_access::AgentAccess<'_>> = sets
+        .iter()
+        .map(|(id, set)| crate::sshd_access::AgentAccess { id, set })
+        .collect();
+    let revoked: std::collections::BTreeSet<String> =
+        store.revocations()?.into_iter().map(|r| r.agent).collect();
+    let mut revoked_keys = Vec::new();
+    for id in &revoked {
+        if let Some(cert) = store.ssh_cert(id)? {
+            revoked_keys.push(format!("{} {id}", cert.public_key.trim()));
+        }
+    }
+    Ok(Json(SshAccess {
+        principals: crate::sshd_access::principals(&name, &agents, &revoked),
+        group: name,
+        version: snapshot.version,
+        ca_public_key: a.ssh_ca_public.as_deref().cloned(),
+        revoked_keys,
+    }))
 }
 
 async fn groups(State(a): State<Admin>) -> Result<Json<Vec<OmaGroup>>, ApiError> {

@@ -33,7 +33,7 @@ const BATCH: usize = 1000;
 impl Store {
     /// The families a migration moves (not the coordinators' own registrations and lead, which
     /// belong to the running coordinators).
-    fn families(&self) -> [(&'static str, &Tree); 18] {
+    fn families(&self) -> [(&'static str, &Tree); 19] {
         [
             ("meta", &self.meta),
             ("profiles", &self.profiles),
@@ -48,6 +48,7 @@ impl Store {
             ("silences", &self.silences),
             ("tokens", &self.tokens),
             ("revoked", &self.revoked),
+            ("ssh_certs", &self.ssh_certs),
             ("history", &self.history),
             ("admin_tokens", &self.admin_tokens),
             ("rollouts", &self.rollouts),

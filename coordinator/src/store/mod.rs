@@ -20,6 +20,7 @@
 //! - [`events`]: the event log.
 //! - [`alerts`]: alerts, the hook outbox, silences.
 //! - [`tokens`]: join tokens and revocations.
+//! - [`ssh_certs`]: the latest SSH certificate issued to each agent.
 //! - [`access`]: named admin tokens with their roles, and the audit log.
 //! - [`rollouts`]: staged rollouts: the stages, where they stand, what the fleet ran before.
 //! - [`copy`]: a fleet's state moved into another store, records byte for byte (`migrate`).
@@ -41,6 +42,7 @@ mod live;
 mod profiles;
 mod rollouts;
 mod schema;
+mod ssh_certs;
 mod tokens;
 
 use std::path::Path;
@@ -61,6 +63,7 @@ pub use history::{HISTORY_KEPT, Revision, RevisionSummary};
 pub use live::{LiveRecord, latest_per_agent};
 pub use profiles::{Assignment, Selector, SetKey, Snapshot};
 pub use rollouts::{Rollout, RolloutState, Stage};
+pub use ssh_certs::SshCertRecord;
 pub use tokens::{JoinToken, Revocation};
 
 /// Where an etcd store is (`store = "etcd"` with an `[etcd]` section in coordinator.toml).
@@ -269,6 +272,8 @@ pub struct Store {
     silences: Tree,
     tokens: Tree,
     revoked: Tree,
+    /// Agent id -> its latest SSH certificate ([`SshCertRecord`]).
+    ssh_certs: Tree,
     history: Tree,
     /// Staged rollouts: the one in progress under `active`, finished ones by version.
     rollouts: Tree,
@@ -334,6 +339,7 @@ impl Store {
             silences: db.open_tree("silences")?,
             tokens: db.open_tree("tokens")?,
             revoked: db.open_tree("revoked")?,
+            ssh_certs: db.open_tree("ssh_certs")?,
             history: db.open_tree("history")?,
             admin_tokens: db.open_tree("admin_tokens")?,
             rollouts: db.open_tree("rollouts")?,

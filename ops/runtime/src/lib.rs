@@ -1,5 +1,5 @@
 //! What both tunnelfleet daemons (agent and coordinator) share at run time, and nothing else:
-//! no SSH, no profile logic, so the coordinator links none of the agent's machinery.
+//! no SSH sessions, no profile logic, so the coordinator links none of the agent's machinery.
 //!
 //! # Layout
 //! - [`backoff`]: exponential backoff with full jitter (agents reconnecting, store changes
@@ -13,6 +13,7 @@
 //! - [`frames`]: control-link frames read off a QUIC stream (both ends).
 //! - [`pem`]: certificates and keys from PEM files, and the ring crypto provider.
 //! - [`secret`]: key and secret files refused when group or others can read them.
+//! - [`sshkey`]: ed25519 OpenSSH keys made and shown (the SSH user CA, an agent's own key).
 //! - [`clock`]: wall-clock milliseconds for records and reports.
 //! - [`banner`]: the SSH identification line (OMA probes, `net check`).
 
@@ -25,5 +26,6 @@ pub mod pem;
 pub mod secret;
 pub mod serve;
 pub mod shutdown;
+pub mod sshkey;
 pub mod systemd;
 pub mod telemetry;

@@ -384,6 +384,14 @@ pub(super) enum PkiAction {
         #[arg(long = "name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
         names: Vec<String>,
     },
+    /// The SSH user CA that certifies agents' own SSH keys for the OMAs: made in DIR when it
+    /// has none (`pki init` makes it too), then its public key is printed, the line every OMA's
+    /// sshd trusts (`TrustedUserCAKeys`). The private key (0600) is never printed.
+    SshCa {
+        /// PKI directory.
+        #[arg(long, default_value = "/etc/tunnelfleet/pki")]
+        dir: PathBuf,
+    },
     /// Issue an agent's certificate; the agent id is taken from it by the coordinator.
     IssueAgent {
         /// Agent id (letters, digits, '.', '_', '-').
@@ -525,6 +533,26 @@ pub enum OmaAction {
     Failback {
         /// Group name.
         group: String,
+    },
+    /// Print the sshd drop-in for the OMAs of a group: trust the fleet's SSH user CA, the
+    /// principals and revocation files `oma sync` writes, dead sessions dropped in 15 s.
+    SshdConfig {
+        /// Group name.
+        group: String,
+        /// Where `oma sync` writes on the OMA.
+        #[arg(long, default_value = "/etc/ssh/tunnelfleet")]
+        dir: PathBuf,
+    },
+    /// On an OMA (a timer runs it): fetch the group's SSH CA key, principals lines (each
+    /// agent's ports) and revoked keys, and write them into DIR atomically. Nothing is written
+    /// unless all three came; the revocation file is never left absent (sshd would then refuse
+    /// every key). Needs only a viewer token.
+    Sync {
+        /// Group name.
+        group: String,
+        /// Directory sshd reads them from (made 0755 when missing).
+        #[arg(long, default_value = "/etc/ssh/tunnelfleet")]
+        dir: PathBuf,
     },
 }
 

@@ -10,6 +10,7 @@
 //!   revocation, the audit log), [`coordinators`], [`pki`], [`net`], [`audit`], [`config`]
 //!   (`config set`: a daemon's config file edited and checked).
 //! - [`man`]: man pages of the three programs, generated from their clap definitions.
+//! - [`oma_sync`]: `oma sync` and `oma sshd-config`: what an OMA's sshd reads of the fleet.
 //! - [`output`]: printing for people and for `--json`.
 
 pub mod access;
@@ -22,6 +23,7 @@ pub mod coordinators;
 pub mod man;
 pub mod net;
 pub mod oma;
+pub mod oma_sync;
 pub mod output;
 pub mod pki;
 pub mod profiles;

@@ -59,6 +59,25 @@ pub async fn oma(client: &ApiClient, action: OmaAction, json: bool) -> anyhow::R
                 }
             }
         }
+        OmaAction::SshdConfig { group, dir } => {
+            print!("{}", super::oma_sync::sshd_config(&group, &dir));
+        }
+        OmaAction::Sync { group, dir } => {
+            let access: tunnelfleet_coordinator::admin::SshAccess =
+                client.get(&format!("/v1/groups/{group}/ssh")).await?;
+            let wrote = super::oma_sync::write(&dir, &access)?;
+            if json {
+                println!("{}", serde_json::to_string(&wrote)?);
+            } else {
+                println!(
+                    "{}: {} principals, {} revoked keys (fleet version {})",
+                    dir.display(),
+                    wrote.principals,
+                    wrote.revoked_keys,
+                    wrote.version
+                );
+            }
+        }
         OmaAction::Delete { group } => {
             let c: Changed = client
                 .call::<(), _>("DELETE", &format!("/v1/groups/{group}"), None)

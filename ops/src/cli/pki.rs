@@ -21,6 +21,34 @@ pub(super) fn pki(action: PkiAction, json: bool) -> anyhow::Result<ExitCode> {
                 );
                 println!("CA fingerprint: {fp}");
                 println!("coordinator names: {}", names.join(", "));
+                println!(
+                    "SSH user CA (the OMAs' TrustedUserCAKeys): {}",
+                    dir.join(tunnelfleet_coordinator::sshca::SSH_CA_PUB)
+                        .display()
+                );
+            }
+        }
+        PkiAction::SshCa { dir } => {
+            use tunnelfleet_coordinator::sshca::SshCa;
+            let made = match SshCa::load(&dir)? {
+                Some(_) => false,
+                None => {
+                    SshCa::create(&dir)?;
+                    true
+                }
+            };
+            let ca = SshCa::load(&dir)?
+                .ok_or_else(|| anyhow::anyhow!("{}: no SSH CA after making it", dir.display()))?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "dir": dir, "made": made, "public_key": ca.public_line(), "fingerprint": ca.fingerprint() })
+                );
+            } else {
+                if made {
+                    eprintln!("SSH user CA made in {} (key 0600)", dir.display());
+                }
+                println!("{}", ca.public_line());
             }
         }
         PkiAction::IssueAgent { id, dir, out, days } => {

@@ -154,6 +154,7 @@ pub(super) async fn run_in(
         name: None,
         admin_token_file: token_file,
         heartbeat_interval: Duration::from_secs(1),
+        ssh_cert_validity: tunnelfleet_coordinator::sshca::DEFAULT_VALIDITY,
         alerts: Default::default(),
         hooks: vec![HookConfig::webhook(
             "ops-webhook",

@@ -146,7 +146,7 @@ pub(super) fn ssh_line(
     p.user = user;
     p.endpoints = vec![endpoint(&host, port)];
     match identity.or_else(|| opt("identityfile")) {
-        Some(k) => p.identity_file = PathBuf::from(k),
+        Some(k) => p.identity_file = Some(PathBuf::from(k)),
         None => notes.push(format!(
             "identity file {} (the command line names none; ssh would try ~/.ssh/id_*)",
             defaults.identity_file.display()

@@ -84,7 +84,11 @@ pub struct ProfileSpec {
     /// Remote user name.
     pub user: String,
     /// Private key file (OpenSSH format) on the agent; refused when group or others can read it.
-    pub identity_file: PathBuf,
+    /// Without one the session logs in with the agent's own key and the OpenSSH certificate
+    /// the coordinator issued for it (an enrolled agent's default; a standalone agent needs a
+    /// key file).
+    #[serde(default)]
+    pub identity_file: Option<PathBuf>,
     /// known_hosts file to verify host keys against (and to record into with TOFU).
     #[serde(default)]
     pub known_hosts: Option<PathBuf>,
@@ -156,7 +160,7 @@ impl ProfileSpec {
             endpoints: Vec::new(),
             group: None,
             user: user.into(),
-            identity_file: identity_file.into(),
+            identity_file: Some(identity_file.into()),
             known_hosts: None,
             host_key_fingerprints: Vec::new(),
             trust_on_first_use: false,
