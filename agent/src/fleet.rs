@@ -166,8 +166,10 @@ pub async fn run(
                             Ok(CoordinatorMessage::SshCert(answer)) => {
                                 match (answer, &ssh) {
                                     (SshCert::Granted { certificate }, Some(cred)) => {
-                                        if let Err(e) = cred.accept(&certificate) {
-                                            tracing::error!("{e}");
+                                        match cred.accept(&certificate) {
+                                            // Answered: the next one is asked for when due.
+                                            Ok(()) => asked = None,
+                                            Err(e) => tracing::error!("{e}"),
                                         }
                                     }
                                     (SshCert::Refused { reason }, _) => {

@@ -254,11 +254,12 @@ pub async fn bind(cfg: &CoordinatorConfig) -> anyhow::Result<Bound> {
             tracing::info!(pki = %cfg.pki_dir.display(), "no SSH user CA in the PKI directory (tunnelfleet pki ssh-ca): agents' certificate requests are refused")
         }
     }
-    if cfg.ssh_cert_validity < 2 * crate::sshca::MIN_REQUEST_INTERVAL {
+    if cfg.ssh_cert_validity < crate::sshca::MIN_VALIDITY {
         anyhow::bail!(
-            "ssh_cert_validity: {:?} is shorter than twice the least renewal interval ({:?})",
+            "ssh_cert_validity: {:?} is shorter than {:?} (agents renew at half-life, at most once every {:?})",
             cfg.ssh_cert_validity,
-            2 * crate::sshca::MIN_REQUEST_INTERVAL
+            crate::sshca::MIN_VALIDITY,
+            crate::sshca::MIN_REQUEST_INTERVAL
         );
     }
     let store = open_store(cfg).await?;

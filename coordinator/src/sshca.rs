@@ -35,8 +35,19 @@ pub fn too_soon(last_ms: Option<u64>, now_ms: u64) -> bool {
         .is_some_and(|last| now_ms.saturating_sub(last) < MIN_REQUEST_INTERVAL.as_millis() as u64)
 }
 
-/// How far before `now` a certificate starts, for OMAs whose clock is a little behind.
+/// How far before `now` a certificate starts, for OMAs whose clock is a little behind: at
+/// most this, and a tenth of a short validity (so that the half-life an agent renews at stays
+/// in the future).
 pub const BACKDATE: Duration = Duration::from_secs(5 * 60);
+
+/// The shortest validity a coordinator takes: its half-life, less the backdate, is well past
+/// [`MIN_REQUEST_INTERVAL`], so a renewal is never refused as too soon.
+pub const MIN_VALIDITY: Duration = Duration::from_secs(40);
+
+/// The backdate of a certificate valid for `validity`.
+pub fn backdate(validity: Duration) -> Duration {
+    BACKDATE.min(validity / 10)
+}
 
 /// Why the CA could not be made, read, or would not certify a key.
 #[derive(Debug, thiserror::Error)]
@@ -206,7 +217,9 @@ impl SshCa {
         if key.key_data() == self.key.public_key().key_data() {
             return refused("that is the CA's own key".into());
         }
-        let valid_after = req.now_unix.saturating_sub(BACKDATE.as_secs());
+        let valid_after = req
+            .now_unix
+            .saturating_sub(backdate(req.validity).as_secs());
         let valid_before = req.now_unix.saturating_add(req.validity.as_secs());
         let sign_err = |e: ssh_key::Error| SshCaError::Sign(e.to_string());
         let mut nonce = [0u8; 32];
@@ -349,6 +362,15 @@ mod tests {
             Err(SshCaError::BadCaKey { .. })
         ));
         assert!(SshCa::load(&dir.path().join("none")).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_short_validity_is_backdated_little_so_its_half_life_is_ahead() {
+        assert_eq!(backdate(DEFAULT_VALIDITY), BACKDATE);
+        assert_eq!(backdate(Duration::from_secs(40)), Duration::from_secs(4));
+        let v = MIN_VALIDITY;
+        let (after, before) = (1000 - backdate(v).as_secs(), 1000 + v.as_secs());
+        assert!(after + (before - after) / 2 > 1000 + MIN_REQUEST_INTERVAL.as_secs());
     }
 
     #[test]

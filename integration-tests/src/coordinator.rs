@@ -122,6 +122,36 @@ impl FullCoordinator {
         ip: std::net::Ipv4Addr,
         alerts: tunnelfleet_coordinator::monitor::AlertRules,
     ) -> FullCoordinator {
+        FullCoordinator::start_full(
+            dir,
+            heartbeat,
+            hooks,
+            ip,
+            alerts,
+            tunnelfleet_coordinator::sshca::DEFAULT_VALIDITY,
+        )
+        .await
+    }
+
+    /// Like [`FullCoordinator::start`], its agents' SSH certificates valid for `validity`.
+    pub async fn start_with_ssh_validity(
+        dir: &Path,
+        heartbeat: Duration,
+        validity: Duration,
+    ) -> FullCoordinator {
+        let ip = std::net::Ipv4Addr::LOCALHOST;
+        FullCoordinator::start_full(dir, heartbeat, Vec::new(), ip, Default::default(), validity)
+            .await
+    }
+
+    async fn start_full(
+        dir: &Path,
+        heartbeat: Duration,
+        hooks: Vec<tunnelfleet_coordinator::hooks::HookConfig>,
+        ip: std::net::Ipv4Addr,
+        alerts: tunnelfleet_coordinator::monitor::AlertRules,
+        ssh_cert_validity: Duration,
+    ) -> FullCoordinator {
         use tunnelfleet_coordinator::server::{CoordinatorConfig, bind};
         let pki_dir = dir.join("pki");
         if !pki_dir.join("ca.pem").exists() {
@@ -142,7 +172,7 @@ impl FullCoordinator {
             name: None,
             admin_token_file: token_file,
             heartbeat_interval: heartbeat,
-            ssh_cert_validity: tunnelfleet_coordinator::sshca::DEFAULT_VALIDITY,
+            ssh_cert_validity,
             alerts,
             hooks,
             metrics_listen: None,

@@ -283,3 +283,88 @@ async fn after_a_revoke_and_a_sync_the_oma_refuses_that_agent_and_lets_the_other
     }
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_under_a_running_stream_loses_no_byte_and_no_session() {
+    if !Sshd::available("SSH certificates") {
+        return;
+    }
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    // The shortest validity a coordinator takes: renewed about 18 s after it is issued.
+    let c = FullCoordinator::start_with_ssh_validity(
+        dir.path(),
+        Duration::from_millis(300),
+        tunnelfleet_coordinator::sshca::MIN_VALIDITY,
+    )
+    .await;
+    let (echo, _e) = echo_server().await;
+    let local = free_port();
+    let sshd = oma_trusting_the_fleet(
+        dir.path(),
+        &format!("restrict,port-forwarding,permitopen=\"127.0.0.1:{echo}\" vma-renew\n"),
+    );
+    let agent = TestAgent::start(&c.agent_section(dir.path(), "vma-renew", "")).await;
+    let spec = certified_profile(&sshd, vec![format!("L {local}:127.0.0.1:{echo}")]);
+    put_and_assign(&c.api, &spec, "vma-renew").await;
+    wait_until(30, "the certified tunnel", || async {
+        echo_roundtrip(local, b"up").await.is_ok()
+    })
+    .await;
+    let first = c.fleet.store.ssh_cert("vma-renew").unwrap().unwrap();
+
+    // One connection, numbered chunks echoed back and compared, until a new certificate is
+    // issued, and a while after.
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", local))
+        .await
+        .unwrap();
+    let mut sent = 0u64;
+    let mut renewed_at = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while renewed_at.is_none_or(|at: u64| sent < at + 200) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no renewal within 60 s"
+        );
+        let chunk: Vec<u8> = (0..4096u32)
+            .map(|i| (sent as u32).wrapping_mul(31).wrapping_add(i) as u8)
+            .collect();
+        stream.write_all(&chunk).await.unwrap();
+        let mut back = vec![0u8; chunk.len()];
+        stream.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, chunk, "chunk {sent} came back changed");
+        sent += 1;
+        if renewed_at.is_none()
+            && c.fleet
+                .store
+                .ssh_cert("vma-renew")
+                .unwrap()
+                .is_some_and(|now| now.serial != first.serial)
+        {
+            renewed_at = Some(sent);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let renewed = c.fleet.store.ssh_cert("vma-renew").unwrap().unwrap();
+    assert!(renewed.valid_before > first.valid_before);
+    assert_eq!(
+        renewed.key_fingerprint, first.key_fingerprint,
+        "the same key"
+    );
+    // The agent holds the new one, and its session never came down.
+    wait_until(10, "the agent holding the renewed certificate", || async {
+        std::fs::read_to_string(
+            dir.path()
+                .join("vma-renew/state/ssh")
+                .join(tunnelfleet_agent::sshcert::CERT_FILE),
+        )
+        .ok()
+        .and_then(|t| russh::keys::ssh_key::Certificate::from_openssh(t.trim()).ok())
+        .is_some_and(|c| c.serial() == renewed.serial)
+    })
+    .await;
+    let p = agent.profile("oma").await;
+    assert_eq!(p.reconnects, 0, "{p:?}");
+    agent.shutdown().await;
+    c.stop().await;
+}
