@@ -106,8 +106,8 @@ pub async fn run(
                 let (done_tx, mut done_rx) =
                     tokio::sync::mpsc::channel::<tunnelfleet_protocol::CommandResult>(16);
                 // The SSH certificate: asked for on connecting when none is held or it is past
-                // half its life, then checked at every tick (at most one request per link
-                // and per RENEW_RETRY).
+                // half its life, then checked at every tick; one request at a time, asked
+                // again after RENEW_RETRY when it was refused or never answered.
                 let mut asked: Option<tokio::time::Instant> = None;
                 let ended: Result<(), LinkError> = loop {
                     tokio::select! {
@@ -201,7 +201,8 @@ pub async fn run(
     }
 }
 
-/// How long the agent waits for an answer to a certificate request before it asks again.
+/// How long the agent waits before asking for a certificate again after a request that was
+/// refused or never answered.
 pub const RENEW_RETRY: Duration = Duration::from_secs(60);
 
 /// Asks for an SSH certificate when the one held is due ([`SshCredential::wants_renewal`])
