@@ -131,8 +131,6 @@ pub async fn check(target: &str, opts: &CheckOptions) -> HostReport {
     let mut ssh_ports = opts.ssh_ports.clone();
     ssh_ports.extend(target_port);
     let dns = resolve(&host, opts.timeout).await;
-    let mut ports: Vec<PortResult> = Vec::new();
-    let addr = dns.addresses.first().copied();
     let mut all: Vec<(u16, bool)> = opts.ports.iter().map(|&p| (p, false)).collect();
     for p in &ssh_ports {
         all.retain(|(q, _)| q != p);
@@ -140,11 +138,8 @@ pub async fn check(target: &str, opts: &CheckOptions) -> HostReport {
     }
     all.sort();
     all.dedup();
-    if let Some(ip) = addr {
-        for (port, ssh) in all {
-            ports.push(check_port(SocketAddr::new(ip, port), ssh, opts.timeout).await);
-        }
-    }
+    let (ports, answered) = check_ports(&dns.addresses, &all, opts.timeout).await;
+    let addr = answered.or(dns.addresses.first().copied());
     let tcp_port = ports
         .iter()
         .find(|p| p.state == PortState::Open)
@@ -165,6 +160,33 @@ pub async fn check(target: &str, opts: &CheckOptions) -> HostReport {
         ports,
         ok,
     }
+}
+
+/// Each port on the host's addresses in the order they resolved, as ssh connects: a port is
+/// open when one address answers on it (`localhost` is often `::1` first, and a service may
+/// listen on `127.0.0.1` only); else the first address's failure stands. Also returns the
+/// first address that answered.
+async fn check_ports(
+    addrs: &[IpAddr],
+    ports: &[(u16, bool)],
+    timeout: Duration,
+) -> (Vec<PortResult>, Option<IpAddr>) {
+    let mut results = Vec::new();
+    let mut answered = None;
+    for &(port, ssh) in ports {
+        let mut result: Option<PortResult> = None;
+        for &ip in addrs {
+            let r = check_port(SocketAddr::new(ip, port), ssh, timeout).await;
+            if r.state == PortState::Open {
+                answered.get_or_insert(ip);
+                result = Some(r);
+                break;
+            }
+            result.get_or_insert(r);
+        }
+        results.extend(result);
+    }
+    (results, answered)
 }
 
 async fn resolve(host: &str, timeout: Duration) -> DnsResult {
@@ -511,4 +533,29 @@ async fn download(host: &str, port: u16, path: &str) -> anyhow::Result<u64> {
         anyhow::bail!("GET {path}: {status_line:?}");
     }
     Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_port_answering_on_the_second_address_is_open() {
+        // `localhost` as a fresh Debian resolves it: ::1 first, then 127.0.0.1.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let addrs: [IpAddr; 2] = ["::1".parse().unwrap(), "127.0.0.1".parse().unwrap()];
+        let timeout = Duration::from_secs(2);
+        let (ports, answered) = check_ports(&addrs, &[(port, false)], timeout).await;
+        assert_eq!(ports.len(), 1);
+        assert_eq!(ports[0].state, PortState::Open, "{:?}", ports[0]);
+        assert_eq!(answered, Some(addrs[1]));
+        // Nobody on either: not open, and no address answered.
+        drop(listener);
+        let (ports, answered) = check_ports(&addrs, &[(port, false)], timeout).await;
+        assert_ne!(ports[0].state, PortState::Open);
+        assert_eq!(answered, None);
+    }
 }
