@@ -137,7 +137,12 @@ impl Sshd {
 
     fn spawn(&mut self) -> bool {
         let cfg = self.write_config();
-        let log = std::fs::File::create(self.dir.path().join("sshd.log")).expect("log");
+        // Appended: a restarted sshd's log keeps the logins of the sessions that survived it.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("log");
         let mut command = match &self.host {
             Some((ns, _)) => {
                 let mut c = Command::new("ip");
@@ -253,7 +258,12 @@ impl Sshd {
 
     /// The sshd log so far (for assertion messages).
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// The file sshd logs into (`-e`, LogLevel VERBOSE: each login with its key).
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("sshd.log")
     }
 }
 

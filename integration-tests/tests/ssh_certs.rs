@@ -151,11 +151,19 @@ async fn an_sshd_that_does_not_list_the_agent_refuses_its_certificate() {
     c.stop().await;
 }
 
-/// `tunnelfleet oma sync GROUP` against the coordinator behind `c`, writing into `dir`.
-fn oma_sync(c: &FullCoordinator, root: &std::path::Path, dir: &std::path::Path) -> String {
+/// `tunnelfleet oma sync GROUP` against the coordinator behind `c`, writing into `dir`, ending
+/// revoked agents' sessions on `sshd`.
+fn oma_sync(
+    c: &FullCoordinator,
+    root: &std::path::Path,
+    dir: &std::path::Path,
+    sshd: &Sshd,
+) -> String {
     let out = std::process::Command::new(integration_tests::Program::Cli.path())
         .args(["oma", "sync", "oma-dc1", "--dir"])
         .arg(dir)
+        .arg("--sshd-log")
+        .arg(sshd.log_path())
         .arg("--coordinator")
         .arg(c.admin.to_string())
         .arg("--token-file")
@@ -171,7 +179,6 @@ async fn after_a_revoke_and_a_sync_the_oma_refuses_that_agent_and_lets_the_other
     if !Sshd::available("SSH certificates") {
         return;
     }
-    use tunnelfleet_agent::supervisor::{Request, Response};
     let root = tempfile::tempdir().unwrap();
     let c = FullCoordinator::start(root.path(), Duration::from_millis(300), Vec::new()).await;
     let (echo, _e) = echo_server().await;
@@ -212,7 +219,7 @@ async fn after_a_revoke_and_a_sync_the_oma_refuses_that_agent_and_lets_the_other
             .all(|id| c.fleet.store.ssh_cert(id).unwrap().is_some())
     })
     .await;
-    oma_sync(&c, root.path(), &files);
+    oma_sync(&c, root.path(), &files, &sshd);
     let principals = std::fs::read_to_string(files.join("principals")).unwrap();
     for (id, _, _, _) in &agents {
         assert!(
@@ -229,7 +236,8 @@ async fn after_a_revoke_and_a_sync_the_oma_refuses_that_agent_and_lets_the_other
         .await;
     }
 
-    // Revoke vma-a; the next sync takes it out and lists its key as revoked.
+    // Revoke vma-a; the next sync takes it out, lists its key as revoked and ends the session
+    // it still holds (sshd checks revocation only at login).
     let key = c.fleet.store.ssh_cert("vma-a").unwrap().unwrap().public_key;
     let _: serde_json::Value = c
         .api
@@ -240,8 +248,13 @@ async fn after_a_revoke_and_a_sync_the_oma_refuses_that_agent_and_lets_the_other
         )
         .await
         .unwrap();
-    let said = oma_sync(&c, root.path(), &files);
+    let said = oma_sync(&c, root.path(), &files, &sshd);
     assert!(said.contains("1 principals, 1 revoked keys"), "{said}");
+    assert!(
+        said.contains("ended the session of revoked agent vma-a"),
+        "{said}"
+    );
+    assert!(!said.contains("vma-b"), "{said}");
     let revoked = std::fs::read_to_string(files.join("revoked_keys")).unwrap();
     assert!(revoked.contains(key.trim()), "{revoked}");
     assert!(
@@ -250,32 +263,24 @@ async fn after_a_revoke_and_a_sync_the_oma_refuses_that_agent_and_lets_the_other
             .contains("vma-a")
     );
 
-    // A new login of vma-a is refused by sshd; vma-b logs in again as before.
-    for (id, port, profile, agent) in &agents {
-        let r = agent
-            .call(Request::Restart {
-                name: profile.clone(),
-            })
-            .await;
-        assert!(matches!(r, Response::Ok { .. }), "{id}: {r:?}");
-        if *id == "vma-a" {
-            wait_until(30, "vma-a refused by the OMA", || async {
-                agent
-                    .profile(profile)
-                    .await
-                    .last_error
-                    .as_deref()
-                    .is_some_and(|e| e.contains("refused by the server"))
-            })
-            .await;
-            assert!(echo_roundtrip(*port, b"out").await.is_err());
-        } else {
-            wait_until(30, "vma-b back in", || async {
-                echo_roundtrip(*port, b"still in").await.is_ok()
-            })
-            .await;
-        }
-    }
+    // vma-a's session is gone and its new login refused by sshd; vma-b's session never blinked.
+    let (_, a_port, a_profile, a_agent) = &agents[0];
+    wait_until(30, "vma-a refused by the OMA", || async {
+        a_agent
+            .profile(a_profile)
+            .await
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("refused by the server"))
+    })
+    .await;
+    assert!(echo_roundtrip(*a_port, b"out").await.is_err());
+    let (_, b_port, b_profile, b_agent) = &agents[1];
+    assert!(echo_roundtrip(*b_port, b"still in").await.is_ok());
+    assert_eq!(b_agent.profile(b_profile).await.reconnects, 0);
+    // A second sync finds nothing left to end.
+    let again = oma_sync(&c, root.path(), &files, &sshd);
+    assert!(!again.contains("ended the session"), "{again}");
     let log = sshd.log();
     assert!(log.contains("revoked"), "sshd says why: {log}");
     for (_, _, _, agent) in agents {

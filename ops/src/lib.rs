@@ -9,6 +9,8 @@
 //! - [`import`]: `tunnelfleet profiles import`: seed 004's profile lines, ssh command lines.
 //! - [`demo`]: `tunnelfleet demo`, the seed's tunnel set with a failover, end to end.
 //! - [`net`]: `tunnelfleet net check`: DNS, latency, ports, SSH banners; `net bandwidth`.
+//! - [`sshd_sessions`]: the sessions an OMA's sshd holds per agent (its log and the kernel's TCP
+//!   table agreeing), and ending a revoked agent's (`oma sync`).
 //! - [`embedded_oma`]: an embedded OMA (russh SSH server) for the demo.
 //! - [`services`]: small HTTP and echo services standing in for OMA/VMA APIs and NBD, and a
 //!   webhook receiver.
@@ -24,6 +26,7 @@ pub mod import;
 pub mod ports;
 pub mod render;
 pub mod services;
+pub mod sshd_sessions;
 pub mod wait;
 
 // The checks run on the agent too (`--agent ID`), so they live in the agent library.

@@ -42,6 +42,9 @@ pub struct SshAccess {
     pub principals: Vec<String>,
     /// `RevokedKeys` lines: the certified keys of revoked agents.
     pub revoked_keys: Vec<String>,
+    /// The revoked agents (certificate key ids): `oma sync` ends the sessions they still hold.
+    #[serde(default)]
+    pub revoked_agents: Vec<String>,
 }
 
 async fn group_ssh(
@@ -82,6 +85,7 @@ async fn group_ssh(
         version: snapshot.version,
         ca_public_key: a.ssh_ca_public.as_deref().cloned(),
         revoked_keys,
+        revoked_agents: revoked.into_iter().collect(),
     }))
 }
 

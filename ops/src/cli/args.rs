@@ -546,13 +546,18 @@ pub enum OmaAction {
     /// On an OMA (a timer runs it): fetch the group's SSH CA key, principals lines (each
     /// agent's ports) and revoked keys, and write them into DIR atomically. Nothing is written
     /// unless all three came; the revocation file is never left absent (sshd would then refuse
-    /// every key). Needs only a viewer token.
+    /// every key). Then ends the sessions revoked agents still hold on this OMA (sshd checks
+    /// revocation only at login): found by the certificate's key id in sshd's log and the
+    /// kernel's TCP table, both agreeing. Needs a viewer token, and root for the sessions.
     Sync {
         /// Group name.
         group: String,
         /// Directory sshd reads them from (made 0755 when missing).
         #[arg(long, default_value = "/etc/ssh/tunnelfleet")]
         dir: PathBuf,
+        /// Where sshd logs its logins: `journal`, or a file (`/var/log/auth.log`).
+        #[arg(long, default_value = "journal")]
+        sshd_log: crate::sshd_sessions::LogSource,
     },
 }
 

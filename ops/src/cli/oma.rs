@@ -62,13 +62,15 @@ pub async fn oma(client: &ApiClient, action: OmaAction, json: bool) -> anyhow::R
         OmaAction::SshdConfig { group, dir } => {
             print!("{}", super::oma_sync::sshd_config(&group, &dir));
         }
-        OmaAction::Sync { group, dir } => {
+        OmaAction::Sync {
+            group,
+            dir,
+            sshd_log,
+        } => {
             let access: tunnelfleet_coordinator::admin::SshAccess =
                 client.get(&format!("/v1/groups/{group}/ssh")).await?;
             let wrote = super::oma_sync::write(&dir, &access)?;
-            if json {
-                println!("{}", serde_json::to_string(&wrote)?);
-            } else {
+            if !json {
                 println!(
                     "{}: {} principals, {} revoked keys (fleet version {})",
                     dir.display(),
@@ -76,6 +78,25 @@ pub async fn oma(client: &ApiClient, action: OmaAction, json: bool) -> anyhow::R
                     wrote.revoked_keys,
                     wrote.version
                 );
+            }
+            // The files are in place whatever happens next: a session that cannot be ended now
+            // is tried again at the next run, and this one fails so the timer's unit says so.
+            let revoked: std::collections::BTreeSet<String> =
+                access.revoked_agents.iter().cloned().collect();
+            let closed = tokio::task::spawn_blocking(move || {
+                crate::sshd_sessions::close_revoked(&sshd_log, &revoked)
+            })
+            .await
+            .context("ending revoked sessions")??;
+            if json {
+                println!("{}", serde_json::json!({"wrote": wrote, "closed": closed}));
+            } else {
+                for c in &closed {
+                    println!(
+                        "ended the session of revoked agent {} (certificate serial {}) from {}: sshd pids {:?}",
+                        c.agent, c.serial, c.from, c.pids
+                    );
+                }
             }
         }
         OmaAction::Delete { group } => {

@@ -127,6 +127,7 @@ mod tests {
             ca_public_key: Some("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIO ca".into()),
             principals: vec!["restrict,port-forwarding,permitopen=\"localhost:8082\" vma-1".into()],
             revoked_keys: Vec::new(),
+            revoked_agents: Vec::new(),
         }
     }
 
