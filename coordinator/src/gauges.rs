@@ -1,5 +1,5 @@
 //! The coordinator's gauges, read at scrape time: agents by state, tunnels per OMA endpoint,
-//! tunnels diverged from their group, heartbeat ages, firing alerts, endpoint health and agents
+//! tunnels diverged from their group, heartbeat ages, SSH certificates' time left, firing alerts, endpoint health and agents
 //! per endpoint, hook deliveries; whether this coordinator leads, how many are up, and etcd's
 //! requests, errors and latency.
 //! A scrape shows the state as it is; nothing is kept twice.
@@ -121,6 +121,31 @@ pub fn observe(
             let Some(fleet) = f.upgrade() else { return };
             for (agent, age) in fleet.links.heartbeat_ages() {
                 o.observe(age.as_secs_f64(), &[KeyValue::new("agent", agent)]);
+            }
+        })
+        .build();
+    let f = fleet.clone();
+    let _ = meter
+        .f64_observable_gauge("tunnelfleet_agent_ssh_cert_expiry")
+        .with_description("Seconds until each agent's latest SSH certificate runs out (negative: expired); revoked agents left out. Renewed at half-life: below a quarter of its validity, ssh_cert_expiring fires")
+        .with_unit("s")
+        .with_callback(move |o| {
+            let Some(fleet) = f.upgrade() else { return };
+            let revoked: std::collections::BTreeSet<String> = fleet
+                .store
+                .revocations()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|r| r.agent)
+                .collect();
+            let now = tunnelfleet_runtime::clock::now_unix_ms() as f64 / 1000.0;
+            for c in fleet.store.ssh_certs().unwrap_or_default() {
+                if !revoked.contains(&c.agent_id) {
+                    o.observe(
+                        c.valid_before as f64 - now,
+                        &[KeyValue::new("agent", c.agent_id)],
+                    );
+                }
             }
         })
         .build();

@@ -89,6 +89,9 @@ const QUEUE: usize = 1024;
 /// How often old resolved alerts and ended silences are dropped.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
+/// How often the agents' SSH certificates are held against the expiry rule.
+const CERTS_EVERY: Duration = Duration::from_secs(10);
+
 impl WatchHandle {
     /// A handle with no watcher yet (commands are refused until [`start`] runs one).
     pub fn new(outbox: Arc<Outbox>, me: &str) -> WatchHandle {
@@ -223,6 +226,7 @@ impl Watcher {
         let mut refreshed = Instant::now();
         // Old resolved alerts and ended silences are dropped at start and then hourly.
         let mut pruned: Option<Instant> = None;
+        let mut certs_checked: Option<Instant> = None;
         let fleet = self.fleet.clone();
         loop {
             let (actions, reply) = tokio::select! {
@@ -255,6 +259,10 @@ impl Watcher {
                     self.release_silenced().await;
                     let mut actions = self.remote_evidence(now);
                     actions.extend(self.monitor.tick(now));
+                    if certs_checked.is_none_or(|c| now.duration_since(c) >= CERTS_EVERY) {
+                        certs_checked = Some(now);
+                        actions.extend(self.ssh_certs());
+                    }
                     (actions, None)
                 }
             };
@@ -267,6 +275,39 @@ impl Watcher {
             t.abort();
         }
         fleet_events
+    }
+
+    /// The agents' SSH certificates against the expiry rule.
+    fn ssh_certs(&mut self) -> Vec<Action> {
+        let read = || -> Result<Vec<crate::monitor::CertView>, crate::store::StoreError> {
+            let revoked: std::collections::BTreeSet<String> = self
+                .store
+                .revocations()?
+                .into_iter()
+                .map(|r| r.agent)
+                .collect();
+            Ok(self
+                .store
+                .ssh_certs()?
+                .into_iter()
+                .map(|c| crate::monitor::CertView {
+                    revoked: revoked.contains(&c.agent_id),
+                    agent: c.agent_id,
+                    serial: c.serial,
+                    valid_after: c.valid_after,
+                    valid_before: c.valid_before,
+                })
+                .collect())
+        };
+        match read() {
+            Ok(certs) => self
+                .monitor
+                .ssh_certs(&certs, tunnelfleet_runtime::clock::now_unix_ms() / 1000),
+            Err(e) => {
+                tracing::warn!("reading the agents' SSH certificates: {e}");
+                Vec::new()
+            }
+        }
     }
 
     /// Feeds the rules what other coordinators published of their agents (shared store):

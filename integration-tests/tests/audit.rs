@@ -151,6 +151,55 @@ fn sshd_settings_from_real_sshd_t() {
     assert_eq!(root.severity, Severity::Low);
     let gw = f.iter().find(|f| f.id == "sshd.gatewayports").unwrap();
     assert_eq!(gw.severity, Severity::Low);
+    // An OMA with the fleet's drop-in (`oma sshd-config`) before its first `oma sync`: sshd
+    // would refuse every key; after it, the drop-in's files are in place.
+    let files = dir.path().join("fleet");
+    let oma = sshd_config(
+        dir.path(),
+        "oma",
+        &tunnelfleet_ops::cli::oma_sync::sshd_config("oma-dc1", &files),
+    );
+    let before = sshd::audit(
+        &sshd::sshd_t(Path::new(SSHD_BIN), &oma, Some("vma")).unwrap(),
+        "oma",
+    );
+    for id in [
+        "sshd.ssh-ca-missing",
+        "sshd.revoked-keys-unreadable",
+        "sshd.principals-missing",
+    ] {
+        assert!(
+            ids(&before).contains(&id),
+            "{id} missing from {:?}",
+            ids(&before)
+        );
+    }
+    tunnelfleet_ops::cli::oma_sync::write(
+        &files,
+        &tunnelfleet_coordinator::admin::SshAccess {
+            group: "oma-dc1".into(),
+            version: 1,
+            ca_public_key: Some(
+                "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOdQYl3nYxYz1dQ4r9oJrB3V6vY8b7bqkfq8Jv1yXr6l ca"
+                    .into(),
+            ),
+            principals: Vec::new(),
+            revoked_keys: Vec::new(),
+            revoked_agents: Vec::new(),
+        },
+    )
+    .unwrap();
+    let after = sshd::audit(
+        &sshd::sshd_t(Path::new(SSHD_BIN), &oma, Some("vma")).unwrap(),
+        "oma",
+    );
+    assert!(
+        !ids(&after)
+            .iter()
+            .any(|id| id.contains("revoked") || id.contains("principals") || id.contains("ssh-ca")),
+        "{:?}",
+        ids(&after)
+    );
 }
 
 #[test]

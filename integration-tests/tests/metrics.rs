@@ -170,6 +170,17 @@ async fn metrics_show_agents_tunnels_oma_health_alerts_and_push_latency() {
     })
     .await
     .unwrap();
+    // Its SSH key certified by the fleet's SSH CA: the time left is exported per agent.
+    let key = russh::keys::PrivateKey::new(
+        russh::keys::ssh_key::private::KeypairData::Ed25519(
+            russh::keys::ssh_key::private::Ed25519Keypair::from_seed(&[7; 32]),
+        ),
+        "",
+    )
+    .unwrap();
+    l.ssh_cert_request(key.public_key().to_openssh().unwrap())
+        .await
+        .unwrap();
 
     wait_until(
         20,
@@ -196,6 +207,13 @@ async fn metrics_show_agents_tunnels_oma_health_alerts_and_push_latency() {
                     "tunnelfleet_oma_endpoint_up",
                     &[("endpoint", standby_addr.as_str()), ("active", "true")],
                 ) == Some(1.0)
+                // Issued for the default 7 days (backdated 5 minutes).
+                && get(
+                    &s,
+                    "tunnelfleet_agent_ssh_cert_expiry_seconds",
+                    &[("agent", "vma-1")],
+                )
+                .is_some_and(|left| left > 6.9 * 86_400.0 && left <= 7.0 * 86_400.0)
         },
     )
     .await;

@@ -373,3 +373,148 @@ async fn a_renewal_under_a_running_stream_loses_no_byte_and_no_session() {
     agent.shutdown().await;
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_coordinator_away_the_agent_logs_in_with_the_certificate_it_holds_until_it_runs_out()
+ {
+    if !Sshd::available("SSH certificates") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let validity = tunnelfleet_coordinator::sshca::MIN_VALIDITY;
+    let c =
+        FullCoordinator::start_with_ssh_validity(dir.path(), Duration::from_millis(300), validity)
+            .await;
+    let (echo, _e) = echo_server().await;
+    let local = free_port();
+    let mut sshd = oma_trusting_the_fleet(
+        dir.path(),
+        &format!("restrict,port-forwarding,permitopen=\"127.0.0.1:{echo}\" vma-away\n"),
+    );
+    let agent = TestAgent::start(&c.agent_section(dir.path(), "vma-away", "")).await;
+    let spec = certified_profile(&sshd, vec![format!("L {local}:127.0.0.1:{echo}")]);
+    put_and_assign(&c.api, &spec, "vma-away").await;
+    wait_until(30, "the certified tunnel", || async {
+        echo_roundtrip(local, b"up").await.is_ok()
+    })
+    .await;
+    let held = c.fleet.store.ssh_cert("vma-away").unwrap().unwrap();
+    let now_s = || tunnelfleet_runtime::clock::now_unix_ms() / 1000;
+
+    // The coordinator goes away past the certificate's half-life: nothing renews it.
+    c.stop().await;
+    let half_life = held.valid_after + (held.valid_before - held.valid_after) / 2;
+    wait_until(60, "past the held certificate's half-life", || async {
+        now_s() > half_life + 1
+    })
+    .await;
+    assert!(echo_roundtrip(local, b"still up").await.is_ok());
+    // Its session dropped: the agent logs in again with the certificate it holds.
+    sshd.kill_all();
+    sshd.restart();
+    wait_until(30, "the tunnel back on the held certificate", || async {
+        echo_roundtrip(local, b"back").await.is_ok()
+    })
+    .await;
+    assert!(agent.profile("oma").await.reconnects >= 1);
+
+    // A coordinator on the same state that this agent cannot reach (a new address): the
+    // certificate runs toward its end unrenewed, and the alert says when it runs out.
+    let c =
+        FullCoordinator::start_with_ssh_validity(dir.path(), Duration::from_millis(300), validity)
+            .await;
+    wait_until(60, "ssh_cert_expiring firing for vma-away", || async {
+        let alerts: Vec<tunnelfleet_coordinator::store::Alert> =
+            c.api.get("/v1/alerts").await.unwrap();
+        alerts.iter().any(|a| {
+            a.kind.as_str() == "ssh_cert_expiring"
+                && a.subject == "vma-away"
+                && a.summary.contains(&format!("(serial {})", held.serial))
+                && (a.summary.contains("expires at") || a.summary.contains("expired at"))
+        })
+    })
+    .await;
+    let shown: serde_json::Value = c.api.get("/v1/agents/vma-away").await.unwrap();
+    assert_eq!(shown["ssh_cert"]["serial"], held.serial, "{shown}");
+    assert_eq!(shown["ssh_cert"]["expiring"], true, "{shown}");
+
+    // Run out: sshd refuses it; the tunnel stays down until a coordinator renews it.
+    wait_until(60, "past the held certificate's end", || async {
+        now_s() > held.valid_before + 1
+    })
+    .await;
+    sshd.kill_all();
+    sshd.restart();
+    wait_until(30, "the expired certificate refused by sshd", || async {
+        agent
+            .profile("oma")
+            .await
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("refused by the server"))
+    })
+    .await;
+    assert!(echo_roundtrip(local, b"out").await.is_err());
+    assert!(sshd.log().contains("expired"), "{}", sshd.log());
+    agent.shutdown().await;
+    c.stop().await;
+}
+
+#[test]
+fn not_yet_valid_and_wrongly_signed_certificates_are_refused_by_sshd() {
+    if !Sshd::available("SSH certificates") {
+        return;
+    }
+    use std::process::Command;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    tunnelfleet_coordinator::pki::init(&pki, &["localhost".into()]).unwrap();
+    let sshd = oma_trusting_the_fleet(dir.path(), "restrict,port-forwarding vma-x\n");
+    let key = dir.path().join("id_ed25519");
+    integration_tests::keygen(&key);
+    let other_ca = dir.path().join("other_ca");
+    integration_tests::keygen(&other_ca);
+    // A certificate as the fleet's CA writes it, from `ca` for `validity` (ssh-keygen -V).
+    let sign = |ca: &std::path::Path, validity: &str| {
+        let out = Command::new("ssh-keygen")
+            .args(["-q", "-s"])
+            .arg(ca)
+            .args(["-I", "vma-x", "-n", "vma-x", "-V", validity])
+            .args(["-O", "clear", "-O", "permit-port-forwarding"])
+            .arg(key.with_extension("pub"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ssh-keygen -s: {out:?}");
+    };
+    // Whether OpenSSH's client gets in with the key and its certificate (`KEY-cert.pub`).
+    let logs_in = || {
+        let out = Command::new("ssh")
+            .args([
+                "-F",
+                "/dev/null",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "IdentitiesOnly=yes",
+            ])
+            .arg("-o")
+            .arg(format!("UserKnownHostsFile={}", sshd.known_hosts.display()))
+            .arg("-i")
+            .arg(&key)
+            .args(["-p", &sshd.port.to_string()])
+            .arg(format!("{}@127.0.0.1", sshd.user))
+            .arg("true")
+            .output()
+            .unwrap();
+        out.status.success()
+    };
+    let fleet_ca = pki.join(tunnelfleet_coordinator::sshca::SSH_CA_KEY);
+    sign(&fleet_ca, "-5m:+1h");
+    assert!(logs_in(), "a valid certificate refused: {}", sshd.log());
+    sign(&fleet_ca, "+1h:+2h");
+    assert!(!logs_in(), "a certificate not yet valid let in");
+    sign(&other_ca, "-5m:+1h");
+    assert!(!logs_in(), "a certificate of another CA let in");
+    let log = sshd.log();
+    assert!(log.contains("not yet valid"), "{log}");
+}

@@ -114,6 +114,9 @@ async fn the_fleet_page_in_chromium_follows_an_oma_going_down() {
         .await
         .unwrap();
     b.wait_text(20, "tr[data-agent=\"vma-1\"]", "online").await;
+    // Its SSH certificate, issued over the link for the default 7 days: the time it has left.
+    b.wait_text(20, "tr[data-agent=\"vma-1\"]", "6d 23h left")
+        .await;
     let row = format!("tr[data-endpoint=\"{endpoint}\"]");
     b.wait_text(20, &row, "up").await;
     let summary = b.wait_text(10, "#summary", "1/1 agents online").await;

@@ -148,6 +148,7 @@ pub fn fleet_agents(list: &[tunnelfleet_coordinator::admin::AgentSummary]) -> St
         "VERSION",
         "LABELS",
         "LAST SEEN",
+        "SSH CERT",
     ]);
     for a in list {
         let state = if a.revoked {
@@ -172,9 +173,30 @@ pub fn fleet_agents(list: &[tunnelfleet_coordinator::admin::AgentSummary]) -> St
             Cell::new(version),
             Cell::new(labels.join(",")),
             Cell::new(format!("{} ago", ago(a.last_seen_unix_ms))),
+            Cell::new(ssh_cert(a.ssh_cert.as_ref())),
         ]);
     }
     t.to_string() + "\n"
+}
+
+/// An agent's certificate in `agents list`: time left, shouted when renewal is overdue.
+fn ssh_cert(c: Option<&tunnelfleet_coordinator::admin::SshCertExpiry>) -> String {
+    let Some(c) = c else {
+        return "-".into();
+    };
+    let now = now_unix_ms() / 1000;
+    if c.valid_before_unix_s <= now {
+        return "EXPIRED".into();
+    }
+    // Minutes are enough to read; seconds only for the last one.
+    let left = c.valid_before_unix_s - now;
+    let left = if left > 60 { left - left % 60 } else { left };
+    let left = humantime::format_duration(std::time::Duration::from_secs(left));
+    if c.expiring {
+        format!("EXPIRING {left}")
+    } else {
+        format!("{left} left")
+    }
 }
 
 /// `1.5 MB`-style sizes.

@@ -363,5 +363,148 @@ pub fn audit(s: &Settings, what: &str) -> Vec<Finding> {
         )),
         _ => {}
     }
+    out.extend(fleet_access(s, what, std::time::SystemTime::now()));
     out
+}
+
+/// How old the sync's files may be before the timer (every 10 s) counts as stopped.
+const SYNC_STALE: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// An OMA that trusts the fleet's SSH CA (`TrustedUserCAKeys`): the drop-in of `tunnelfleet
+/// oma sshd-config` complete, and the files `oma sync` keeps there and fresh.
+fn fleet_access(s: &Settings, what: &str, now: std::time::SystemTime) -> Vec<Finding> {
+    let set = |k: &str| first(s, k).filter(|v| *v != "none");
+    let Some(ca) = set("trustedusercakeys") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let ev = |k: &str, v: &str| format!("{what}: {k} {v}");
+    let fix = "tunnelfleet oma sshd-config GROUP > /etc/ssh/sshd_config.d/tunnelfleet.conf, then enable tunnelfleet-oma-sync@GROUP.timer";
+    if !Path::new(ca).is_file() {
+        out.push(Finding::new(
+            "sshd.ssh-ca-missing",
+            Severity::Medium,
+            "the SSH CA sshd trusts is not there: no certificate logs in",
+            ev("TrustedUserCAKeys", ca),
+            fix,
+        ));
+    }
+    match set("revokedkeys") {
+        None => out.push(Finding::new(
+            "sshd.no-revoked-keys",
+            Severity::High,
+            "certificates are trusted with no RevokedKeys: a revoked appliance keeps logging in",
+            ev("TrustedUserCAKeys", &format!("{ca}, RevokedKeys (unset)")),
+            fix,
+        )),
+        Some(file) if std::fs::File::open(file).is_err() => out.push(Finding::new(
+            "sshd.revoked-keys-unreadable",
+            Severity::High,
+            "RevokedKeys names a file sshd cannot read: every public-key login is refused",
+            ev("RevokedKeys", file),
+            "systemctl start tunnelfleet-oma-sync@GROUP.service (it writes the file and never leaves it absent)",
+        )),
+        Some(file) => {
+            let age = std::fs::metadata(file)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| now.duration_since(t).ok());
+            if let Some(age) = age.filter(|a| *a > SYNC_STALE) {
+                out.push(Finding::new(
+                    "sshd.oma-sync-stale",
+                    Severity::Medium,
+                    "oma sync has not written the revocation file for a while: revokes and new agents do not reach this OMA",
+                    ev("RevokedKeys", &format!("{file}, written {} ago", humantime::format_duration(std::time::Duration::from_secs(age.as_secs())))),
+                    "systemctl status tunnelfleet-oma-sync@GROUP.timer; journalctl -u tunnelfleet-oma-sync@GROUP",
+                ));
+            }
+        }
+    }
+    match set("authorizedprincipalsfile") {
+        None => out.push(Finding::new(
+            "sshd.no-principals-file",
+            Severity::Medium,
+            "certificates are trusted with no AuthorizedPrincipalsFile: no per-agent port limits",
+            ev(
+                "TrustedUserCAKeys",
+                &format!("{ca}, AuthorizedPrincipalsFile (unset)"),
+            ),
+            fix,
+        )),
+        // %u, %h: one file per user, not ours to find.
+        Some(file) if !file.contains('%') && !Path::new(file).is_file() => out.push(Finding::new(
+            "sshd.principals-missing",
+            Severity::Medium,
+            "the principals file is not there: no agent logs in by certificate",
+            ev("AuthorizedPrincipalsFile", file),
+            "systemctl start tunnelfleet-oma-sync@GROUP.service",
+        )),
+        Some(_) => {}
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
+
+    use super::*;
+
+    fn ids(f: &[Finding]) -> Vec<&str> {
+        f.iter().map(|f| f.id.as_str()).collect()
+    }
+
+    fn settings(pairs: &[(&str, &Path)]) -> Settings {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), vec![v.display().to_string()]))
+            .collect()
+    }
+
+    #[test]
+    fn an_oma_trusting_the_fleet_needs_its_three_files_and_a_running_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, principals, revoked) = (
+            dir.path().join("ssh_user_ca.pub"),
+            dir.path().join("principals"),
+            dir.path().join("revoked_keys"),
+        );
+        let all = settings(&[
+            ("trustedusercakeys", &ca),
+            ("authorizedprincipalsfile", &principals),
+            ("revokedkeys", &revoked),
+        ]);
+        let now = std::time::SystemTime::now();
+        // Before the first sync: nothing is there, and sshd would refuse every key.
+        assert_eq!(
+            ids(&fleet_access(&all, "t", now)),
+            vec![
+                "sshd.ssh-ca-missing",
+                "sshd.revoked-keys-unreadable",
+                "sshd.principals-missing"
+            ]
+        );
+        for f in [&ca, &principals, &revoked] {
+            std::fs::write(f, "").unwrap();
+        }
+        assert!(fleet_access(&all, "t", now).is_empty());
+        // Ten minutes without a sync: the timer is not running.
+        let later = now + std::time::Duration::from_secs(600);
+        assert_eq!(
+            ids(&fleet_access(&all, "t", later)),
+            vec!["sshd.oma-sync-stale"]
+        );
+        // Certificates trusted without the rest of the drop-in.
+        let ca_only = settings(&[("trustedusercakeys", &ca)]);
+        let f = fleet_access(&ca_only, "t", now);
+        assert_eq!(
+            ids(&f),
+            vec!["sshd.no-revoked-keys", "sshd.no-principals-file"]
+        );
+        assert_eq!(f[0].severity, Severity::High);
+        // Not an OMA of the fleet: nothing to say.
+        let mut plain = all.clone();
+        plain.insert("trustedusercakeys".into(), vec!["none".into()]);
+        assert!(fleet_access(&plain, "t", now).is_empty());
+    }
 }

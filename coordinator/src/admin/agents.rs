@@ -58,6 +58,20 @@ pub struct AgentSummary {
     /// The coordinator it is linked to (several coordinators on etcd; None: not linked).
     #[serde(default)]
     pub coordinator: Option<String>,
+    /// Its latest SSH certificate (none before one was issued).
+    #[serde(default)]
+    pub ssh_cert: Option<SshCertExpiry>,
+}
+
+/// An agent's latest SSH certificate: which, and until when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SshCertExpiry {
+    /// Its serial (in sshd's log: `ID <agent> (serial N)`).
+    pub serial: u64,
+    /// When it runs out (Unix seconds); the agent asks for the next one at half-life.
+    pub valid_before_unix_s: u64,
+    /// It has less than a quarter of its life left (the `ssh_cert_expiring` rule).
+    pub expiring: bool,
 }
 
 /// `agents show`.
@@ -88,6 +102,13 @@ pub(crate) fn details(fleet: &Fleet, me: &str) -> Result<Vec<AgentDetail>, ApiEr
         .map(|r| r.agent)
         .collect();
     let groups = fleet.store.groups()?;
+    let certs: BTreeMap<String, crate::store::SshCertRecord> = fleet
+        .store
+        .ssh_certs()?
+        .into_iter()
+        .map(|c| (c.agent_id.clone(), c))
+        .collect();
+    let now_s = now_unix_ms() / 1000;
     for rec in fleet.store.agents()? {
         let link = fleet.links.get(&rec.id);
         let labels = rec.effective_labels();
@@ -139,6 +160,11 @@ pub(crate) fn details(fleet: &Fleet, me: &str) -> Result<Vec<AgentDetail>, ApiEr
                 } else {
                     there.filter(|r| r.connected).map(|r| r.coordinator.clone())
                 },
+                ssh_cert: certs.get(&rec.id).map(|c| SshCertExpiry {
+                    serial: c.serial,
+                    valid_before_unix_s: c.valid_before,
+                    expiring: crate::monitor::cert_expiring(c.valid_after, c.valid_before, now_s),
+                }),
             },
             apply_errors: rec.apply_errors.clone(),
             placement: hb

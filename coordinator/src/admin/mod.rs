@@ -35,7 +35,7 @@ use axum::routing::get;
 
 pub use access::{RevokeRequest, TokenCreated, TokenRequest};
 pub use admins::{AdminTokenCreated, AdminTokenRequest};
-pub use agents::{AgentDetail, AgentSummary};
+pub use agents::{AgentDetail, AgentSummary, SshCertExpiry};
 pub use alerts::{AckRequest, SilenceRequest};
 pub use auth::Caller;
 pub use error::ApiError;

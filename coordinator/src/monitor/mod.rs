@@ -8,6 +8,7 @@
 //!   failover and failback, `oma list`.
 //! - [`agents`]: hellos, restarts, offline agents, and what a heartbeat says.
 //! - [`checks`]: the consecutive-failure rule of the agent-side checks.
+//! - [`certs`]: agents' SSH certificates running out unrenewed: `ssh_cert_expiring`.
 //! - [`tunnels`]: agents' tunnels as evidence against their group's active endpoint (health
 //!   checks through it, agents that left it), with a quorum: `oma_unhealthy` and a failover.
 //!
@@ -34,6 +35,7 @@
 //!   `failback_after`. One agent alone never moves a group.
 
 mod agents;
+mod certs;
 mod checks;
 mod endpoints;
 mod tunnels;
@@ -43,6 +45,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use certs::{CertView, cert_expiring};
 pub use endpoints::{EndpointView, ProbeError};
 pub use tunnels::{ProfilePlacement, placement};
 

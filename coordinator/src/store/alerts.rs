@@ -25,6 +25,8 @@ pub enum AlertKind {
     PortConflict,
     /// An agent process keeps restarting.
     AgentRestarting,
+    /// An agent's SSH certificate has less than a quarter of its life left: not renewed.
+    SshCertExpiring,
     /// A staged rollout halted: which agents failed and why (raised by the rollout driver, not
     /// the rules; resolved by `rollout resume` or `rollout abort`).
     RolloutHalted,
@@ -55,6 +57,7 @@ impl AlertKind {
             AlertKind::SshAuth => "ssh_auth",
             AlertKind::PortConflict => "port_conflict",
             AlertKind::AgentRestarting => "agent_restarting",
+            AlertKind::SshCertExpiring => "ssh_cert_expiring",
             AlertKind::RolloutHalted => "rollout_halted",
         }
     }

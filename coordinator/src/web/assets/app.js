@@ -12,6 +12,17 @@ function ago(ms) {
   return Math.floor(s / 3600) + "h ago";
 }
 
+// An agent's SSH certificate: the time it has left, flagged once renewal is overdue.
+function certLeft(c) {
+  if (!c) return ["-", ""];
+  const s = c.valid_before_unix_s - Math.floor(Date.now() / 1000);
+  if (s <= 0) return ["expired", "down"];
+  const left = s >= 86400 ? Math.floor(s / 86400) + "d " + Math.floor((s % 86400) / 3600) + "h"
+    : s >= 3600 ? Math.floor(s / 3600) + "h " + Math.floor((s % 3600) / 60) + "m"
+    : Math.floor(s / 60) + "m " + (s % 60) + "s";
+  return c.expiring ? ["expiring: " + left, "down"] : [left + " left", ""];
+}
+
 function cell(row, text, cls) {
   const td = document.createElement("td");
   td.textContent = text;
@@ -75,6 +86,8 @@ function draw(v) {
     cell(tr, `${s.tunnels_up}/${s.tunnels} up`, s.tunnels_up < s.tunnels ? "down" : "up");
     cell(tr, s.applied_version == null ? "-" : String(s.applied_version) + (s.applied_ok ? "" : " (failed)"));
     cell(tr, ago(s.last_seen_unix_ms));
+    const [cert, certClass] = certLeft(s.ssh_cert);
+    cell(tr, cert, certClass).dataset.cert = "";
   });
 
   fill("firing", v.firing, (tr, a) => {

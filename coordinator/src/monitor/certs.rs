@@ -1,0 +1,162 @@
+//! The agents' SSH certificates: `ssh_cert_expiring` when one has less than a quarter of its
+//! life left. An agent asks for its next certificate at half-life, so by then renewal has failed
+//! for a quarter of the validity (1.75 days of the default 7): the agent is cut off from every
+//! coordinator, or refused. The alert says when the certificate runs out; past that, the OMAs
+//! refuse the agent's next login. It resolves when a new certificate is issued, and a revoked
+//! agent raises none.
+
+use super::{Action, Monitor};
+use crate::store::{AlertKind, alert_key};
+
+/// One agent's latest certificate as the rule sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertView {
+    /// The agent.
+    pub agent: String,
+    /// The certificate's serial.
+    pub serial: u64,
+    /// Valid from (Unix seconds).
+    pub valid_after: u64,
+    /// Valid until (Unix seconds).
+    pub valid_before: u64,
+    /// The agent is revoked (its certificate is meant to run out).
+    pub revoked: bool,
+}
+
+/// A certificate valid from `valid_after` to `valid_before` has less than a quarter of its life
+/// left at `now_unix_s` (or none).
+pub fn cert_expiring(valid_after: u64, valid_before: u64, now_unix_s: u64) -> bool {
+    let life = valid_before.saturating_sub(valid_after);
+    let left = valid_before.saturating_sub(now_unix_s);
+    left.saturating_mul(4) < life
+}
+
+impl Monitor {
+    /// Raises `ssh_cert_expiring` for each certificate in `certs` with less than a quarter of
+    /// its life left, resolves it for the others.
+    pub fn ssh_certs(&mut self, certs: &[CertView], now_unix_s: u64) -> Vec<Action> {
+        let mut actions = Vec::new();
+        for c in certs {
+            let key = alert_key(AlertKind::SshCertExpiring, &c.agent);
+            if !c.revoked && cert_expiring(c.valid_after, c.valid_before, now_unix_s) {
+                if self.firing.insert(key) {
+                    actions.push(Action::Fire {
+                        kind: AlertKind::SshCertExpiring,
+                        subject: c.agent.clone(),
+                        summary: summary(c, now_unix_s),
+                        affected: vec![c.agent.clone()],
+                    });
+                }
+            } else if self.firing.remove(&key) {
+                actions.push(Action::Resolve {
+                    kind: AlertKind::SshCertExpiring,
+                    subject: c.agent.clone(),
+                });
+            }
+        }
+        actions
+    }
+}
+
+fn summary(c: &CertView, now_unix_s: u64) -> String {
+    let at = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(c.valid_before),
+    );
+    let when = if c.valid_before > now_unix_s {
+        format!(
+            "expires at {at} (in {})",
+            humantime::format_duration(std::time::Duration::from_secs(c.valid_before - now_unix_s))
+        )
+    } else {
+        format!("expired at {at}")
+    };
+    format!(
+        "agent {}'s SSH certificate (serial {}) {when} and was not renewed at half-life: the OMAs refuse its next login once it has run out",
+        c.agent, c.serial
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: u64 = 86_400;
+
+    fn cert(agent: &str, valid_before: u64) -> CertView {
+        CertView {
+            agent: agent.into(),
+            serial: 7,
+            valid_after: valid_before - 8 * DAY,
+            valid_before,
+            revoked: false,
+        }
+    }
+
+    fn kinds(actions: &[Action]) -> Vec<(&'static str, &str)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Fire { subject, .. } => Some(("fire", subject.as_str())),
+                Action::Resolve { kind, subject } if *kind == AlertKind::SshCertExpiring => {
+                    Some(("resolve", subject.as_str()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_quarter_of_its_life_left_raises_it_once() {
+        let mut m = Monitor::default();
+        let start = 1_000 * DAY;
+        let c = [cert("vma-1", start + 8 * DAY)];
+        // At half-life, not renewed yet: quiet.
+        assert!(m.ssh_certs(&c, start + 4 * DAY).is_empty());
+        // Exactly a quarter left: not yet.
+        assert!(m.ssh_certs(&c, start + 6 * DAY).is_empty());
+        // Less than a quarter: fired, once.
+        let fired = m.ssh_certs(&c, start + 6 * DAY + 1);
+        assert_eq!(kinds(&fired), vec![("fire", "vma-1")]);
+        let Action::Fire { summary, kind, .. } = &fired[0] else {
+            unreachable!()
+        };
+        assert_eq!(*kind, AlertKind::SshCertExpiring);
+        assert!(summary.contains("serial 7"), "{summary}");
+        assert!(summary.contains("(in 1day 23h 59m 59s)"), "{summary}");
+        assert!(m.ssh_certs(&c, start + 7 * DAY).is_empty());
+        // Expired: still firing, not raised again.
+        assert!(m.ssh_certs(&c, start + 9 * DAY).is_empty());
+        assert!(m.is_firing(AlertKind::SshCertExpiring, "vma-1"));
+    }
+
+    #[test]
+    fn a_renewal_or_a_revoke_resolves_it() {
+        let mut m = Monitor::default();
+        let now = 1_000 * DAY;
+        let old = cert("vma-1", now + DAY);
+        let other = cert("vma-2", now + DAY);
+        assert_eq!(m.ssh_certs(&[old, other.clone()], now).len(), 2);
+        let renewed = cert("vma-1", now + 7 * DAY);
+        let revoked = CertView {
+            revoked: true,
+            ..other
+        };
+        assert_eq!(
+            kinds(&m.ssh_certs(&[renewed, revoked.clone()], now)),
+            vec![("resolve", "vma-1"), ("resolve", "vma-2")]
+        );
+        // A revoked agent's running out raises nothing.
+        assert!(m.ssh_certs(&[revoked], now + 2 * DAY).is_empty());
+    }
+
+    #[test]
+    fn an_expired_certificate_says_so() {
+        let mut m = Monitor::default();
+        let now = 1_000 * DAY;
+        let fired = m.ssh_certs(&[cert("vma-1", now - 10)], now);
+        let Action::Fire { summary, .. } = &fired[0] else {
+            panic!("{fired:?}")
+        };
+        assert!(summary.contains("expired at"), "{summary}");
+    }
+}
