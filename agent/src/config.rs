@@ -229,6 +229,14 @@ impl AgentConfig {
                 "required for a standalone agent: without one a profile logs in with the certificate a coordinator issues for the agent's own key, and this agent has no [coordinator]".into(),
             ));
         }
+        if self.coordinator.is_none()
+            && let Some(p) = self.profiles.iter().find(|p| p.fleet_host_ca)
+        {
+            return Err(invalid(
+                format!("profile.{}.fleet_host_ca", p.name),
+                "needs a [coordinator]: the agent learns the fleet's SSH host CA from it; a standalone agent names known_hosts or host_key_fingerprints".into(),
+            ));
+        }
         if let Some(c) = &self.coordinator {
             if c.address.list().is_empty() {
                 return Err(invalid(

@@ -96,6 +96,15 @@ pub async fn run(
                 tracing::info!(coordinator = %candidate.addr, configured = %candidate.configured, agent = %cfg.agent_id, "connected to the coordinator");
                 backoff.reset();
                 coordinated.set(true);
+                if let (Some(ssh), Some(line)) = (&ssh, &l.welcome.ssh_host_ca) {
+                    match ssh.take_host_ca(line) {
+                        Ok(true) => {
+                            tracing::info!(file = %ssh.host_ca_path().display(), "learned the fleet's SSH host CA")
+                        }
+                        Ok(false) => {}
+                        Err(e) => tracing::warn!(coordinator = %candidate.addr, "{e}"),
+                    }
+                }
                 let every =
                     Duration::from_millis(u64::from(l.welcome.heartbeat_interval_ms).max(200));
                 let mut tick = tokio::time::interval(every);

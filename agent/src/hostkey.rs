@@ -1,4 +1,5 @@
-//! Host key verification: known_hosts files, pinned SHA256 fingerprints, and opt-in TOFU.
+//! Host key verification: known_hosts files, pinned SHA256 fingerprints, opt-in TOFU, and host
+//! certificates signed by an `@cert-authority` of known_hosts or the fleet's SSH host CA.
 //!
 //! The seed ran `ssh -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null`, which hands
 //! the tunnel (and the NBD disk traffic inside it) to whoever answers on port 443. Here an
@@ -13,6 +14,8 @@ use std::path::{Path, PathBuf};
 
 use data_encoding::BASE64;
 use hmac::{Hmac, KeyInit, Mac};
+use russh::keys::ssh_key::Certificate;
+use russh::keys::ssh_key::certificate::CertType;
 use russh::keys::{HashAlg, PublicKey};
 use sha1::Sha1;
 pub use tunnelfleet_protocol::fingerprint::Pin;
@@ -26,6 +29,9 @@ pub struct HostTrust {
     pub pinned: Vec<Pin>,
     /// Record unknown hosts' keys into `known_hosts`.
     pub trust_on_first_use: bool,
+    /// The fleet's SSH host CA as a known_hosts file (`@cert-authority * …`), when the profile
+    /// trusts it (`fleet_host_ca`).
+    pub fleet_host_ca: Option<PathBuf>,
 }
 
 /// The verdict on a key a server offered.
@@ -91,6 +97,24 @@ pub enum HostKeyError {
         known_hosts: String,
         /// The `@revoked` line.
         line_no: usize,
+    },
+    /// A host certificate from a trusted authority that does not hold for this host now.
+    #[error("host certificate of {host} refused: {reason}")]
+    Certificate {
+        /// `host` or `[host]:port`.
+        host: String,
+        /// Why.
+        reason: String,
+    },
+    /// The profile trusts the fleet's host CA, and the agent has not learned it yet.
+    #[error(
+        "host key for {host} is not trusted: fleet_host_ca = true, but {path} is not there yet (the agent writes it when its coordinator welcomes it, if the coordinator has an SSH host CA)"
+    )]
+    NoFleetHostCa {
+        /// `host` or `[host]:port`.
+        host: String,
+        /// The file.
+        path: String,
     },
     /// known_hosts could not be read or (TOFU) written.
     #[error("known_hosts {path}: {reason}")]
@@ -206,6 +230,127 @@ impl HostTrust {
             line: known_hosts_line(&name, key),
         })
     }
+}
+
+impl HostTrust {
+    /// Whether any authority could vouch for a host certificate (the fleet's host CA, or an
+    /// `@cert-authority` line in known_hosts): only then are servers asked for one.
+    pub fn has_cert_authorities(&self) -> bool {
+        self.fleet_host_ca.is_some()
+            || self.known_hosts.as_ref().is_some_and(|p| {
+                std::fs::read_to_string(p).is_ok_and(|t| t.contains("@cert-authority"))
+            })
+    }
+
+    /// Decides on a host certificate offered by `host:port` at `now_unix`. Signed by an
+    /// authority trusted for that host (an `@cert-authority` line of known_hosts naming it, or
+    /// the fleet's host CA), it must be a host certificate, valid now, for `host` among its
+    /// principals, with no critical option. Signed by none: its key is judged as a plain key
+    /// (pins and known_hosts lines still work). `@revoked` on the key or the CA refuses it.
+    pub fn verify_certificate(
+        &self,
+        host: &str,
+        port: u16,
+        cert: &Certificate,
+        jump: bool,
+        now_unix: u64,
+    ) -> Verdict {
+        let name = host_pattern_name(host, port);
+        let key = PublicKey::new(cert.public_key().clone(), "");
+        let ca = PublicKey::new(cert.signature_key().clone(), "");
+        let mut authorities = Vec::new();
+        let files = self.known_hosts.iter().chain(self.fleet_host_ca.iter());
+        for path in files {
+            let text = match std::fs::read_to_string(path) {
+                Ok(t) => t,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    return Verdict::Refused(HostKeyError::File {
+                        path: path.display().to_string(),
+                        reason: e.to_string(),
+                    });
+                }
+            };
+            for k in [&key, &ca] {
+                if let KnownHostsMatch::Revoked(line_no) = check_known_hosts_text(&text, &name, k) {
+                    return Verdict::Refused(HostKeyError::Revoked {
+                        host: name,
+                        fingerprint: fingerprint(k),
+                        known_hosts: path.display().to_string(),
+                        line_no,
+                    });
+                }
+            }
+            authorities.extend(cert_authorities(&text, &name));
+        }
+        if !authorities.iter().any(|a| a.key_data() == ca.key_data()) {
+            if let Some(path) = &self.fleet_host_ca
+                && !path.exists()
+                && self.known_hosts.is_none()
+                && self.pinned.is_empty()
+            {
+                return Verdict::Refused(HostKeyError::NoFleetHostCa {
+                    host: name,
+                    path: path.display().to_string(),
+                });
+            }
+            return self.verify(host, port, &key, jump);
+        }
+        let refused = |reason: String| {
+            Verdict::Refused(HostKeyError::Certificate {
+                host: name.clone(),
+                reason,
+            })
+        };
+        if cert.cert_type() != CertType::Host {
+            return refused("a user certificate, not a host certificate".into());
+        }
+        if let Some((option, _)) = cert.critical_options().iter().next() {
+            return refused(format!("unknown critical option {option:?}"));
+        }
+        if !cert
+            .valid_principals()
+            .iter()
+            .any(|p| p.eq_ignore_ascii_case(host))
+        {
+            return refused(format!(
+                "valid for {}, not {host}",
+                cert.valid_principals().join(", ")
+            ));
+        }
+        if now_unix < cert.valid_after() {
+            return refused(format!("not valid before {}", rfc3339(cert.valid_after())));
+        }
+        if now_unix >= cert.valid_before() {
+            return refused(format!("expired at {}", rfc3339(cert.valid_before())));
+        }
+        match cert.validate_at(now_unix, [&ca.fingerprint(HashAlg::Sha256)]) {
+            Ok(()) => Verdict::Trusted,
+            Err(e) => refused(format!("signature: {e}")),
+        }
+    }
+}
+
+fn rfc3339(unix: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix))
+        .to_string()
+}
+
+/// The keys of `@cert-authority` lines whose host patterns match `name`.
+fn cert_authorities(text: &str, name: &str) -> Vec<PublicKey> {
+    text.lines()
+        .filter_map(|raw| {
+            let mut fields = raw.split_whitespace();
+            if fields.next()? != "@cert-authority" {
+                return None;
+            }
+            let (patterns, kind, b64) = (fields.next()?, fields.next()?, fields.next()?);
+            if !hosts_match(patterns, name) {
+                return None;
+            }
+            PublicKey::from_openssh(&format!("{kind} {b64}")).ok()
+        })
+        .collect()
 }
 
 /// A known_hosts line for `name` and `key`.
@@ -467,6 +612,7 @@ mod tests {
             known_hosts: Some(kh.clone()),
             pinned: vec![],
             trust_on_first_use: false,
+            fleet_host_ca: None,
         };
         match strict.verify("h", 2222, &k, false) {
             Verdict::Refused(e @ HostKeyError::Unknown { .. }) => {
@@ -520,6 +666,7 @@ mod tests {
             known_hosts: Some(kh.clone()),
             pinned: vec![],
             trust_on_first_use: true,
+            fleet_host_ca: None,
         };
         let other = PrivateKey::random(
             &mut rand::rng(),
@@ -543,5 +690,155 @@ mod tests {
             1,
             "the other algorithm's key was learned"
         );
+    }
+
+    const NOW: u64 = 1_800_000_000;
+
+    /// A certificate of `kind` for `principals`, valid `from..until`, signed by `ca`.
+    fn certificate(
+        ca: &PrivateKey,
+        kind: CertType,
+        principals: &[&str],
+        from: u64,
+        until: u64,
+    ) -> Certificate {
+        let host = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).unwrap();
+        let mut b = russh::keys::ssh_key::certificate::Builder::new(
+            [7; 32],
+            host.public_key().key_data().clone(),
+            from,
+            until,
+        )
+        .unwrap();
+        b.serial(1)
+            .unwrap()
+            .key_id("oma")
+            .unwrap()
+            .cert_type(kind)
+            .unwrap();
+        for p in principals {
+            b.valid_principal(*p).unwrap();
+        }
+        b.sign(ca).unwrap()
+    }
+
+    fn fleet_trust(dir: &Path, ca: &PrivateKey) -> HostTrust {
+        let file = dir.join("fleet_known_hosts");
+        std::fs::write(
+            &file,
+            format!(
+                "@cert-authority * {}\n",
+                ca.public_key().to_openssh().unwrap()
+            ),
+        )
+        .unwrap();
+        HostTrust {
+            known_hosts: None,
+            pinned: vec![],
+            trust_on_first_use: false,
+            fleet_host_ca: Some(file),
+        }
+    }
+
+    fn refusal(v: Verdict) -> String {
+        match v {
+            Verdict::Refused(e) => e.to_string(),
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_host_certificate_of_the_fleet_ca_is_trusted_for_its_names_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).unwrap();
+        let trust = fleet_trust(dir.path(), &ca);
+        assert!(trust.has_cert_authorities());
+        let good = certificate(&ca, CertType::Host, &["oma-a"], NOW - 60, NOW + 60);
+        assert_eq!(
+            trust.verify_certificate("oma-a", 22, &good, false, NOW),
+            Verdict::Trusted
+        );
+        assert_eq!(
+            trust.verify_certificate("OMA-A", 2222, &good, false, NOW),
+            Verdict::Trusted
+        );
+        // Another name, another time, a user certificate, an unknown critical option.
+        let e = refusal(trust.verify_certificate("oma-b", 22, &good, false, NOW));
+        assert!(e.contains("valid for oma-a, not oma-b"), "{e}");
+        let e = refusal(trust.verify_certificate("oma-a", 22, &good, false, NOW + 60));
+        assert!(e.contains("expired at"), "{e}");
+        let e = refusal(trust.verify_certificate("oma-a", 22, &good, false, NOW - 61));
+        assert!(e.contains("not valid before"), "{e}");
+        let user = certificate(&ca, CertType::User, &["oma-a"], NOW - 60, NOW + 60);
+        let e = refusal(trust.verify_certificate("oma-a", 22, &user, false, NOW));
+        assert!(e.contains("not a host certificate"), "{e}");
+    }
+
+    #[test]
+    fn a_certificate_of_another_ca_is_judged_by_its_key_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).unwrap();
+        let other = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).unwrap();
+        let trust = fleet_trust(dir.path(), &ca);
+        let forged = certificate(&other, CertType::Host, &["oma-a"], NOW - 60, NOW + 60);
+        let e = refusal(trust.verify_certificate("oma-a", 22, &forged, false, NOW));
+        assert!(e.contains("is not trusted"), "{e}");
+        // Its key pinned: trusted as a plain key would be.
+        let pinned = HostTrust {
+            pinned: HostTrust::pins(&[fingerprint(&PublicKey::new(
+                forged.public_key().clone(),
+                "",
+            ))]),
+            ..trust.clone()
+        };
+        assert_eq!(
+            pinned.verify_certificate("oma-a", 22, &forged, false, NOW),
+            Verdict::Trusted
+        );
+        // No fleet CA learned yet, nothing else trusted: the error says what is missing.
+        let unlearned = HostTrust {
+            fleet_host_ca: Some(dir.path().join("not-yet")),
+            ..trust
+        };
+        let e = refusal(unlearned.verify_certificate("oma-a", 22, &forged, false, NOW));
+        assert!(e.contains("fleet_host_ca = true"), "{e}");
+    }
+
+    #[test]
+    fn known_hosts_authorities_are_scoped_and_revocable() {
+        let dir = tempfile::tempdir().unwrap();
+        let kh = dir.path().join("known_hosts");
+        let ca = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).unwrap();
+        let ca_line = ca.public_key().to_openssh().unwrap();
+        std::fs::write(&kh, format!("@cert-authority *.dc1 {ca_line}\n")).unwrap();
+        let trust = HostTrust {
+            known_hosts: Some(kh.clone()),
+            pinned: vec![],
+            trust_on_first_use: false,
+            fleet_host_ca: None,
+        };
+        assert!(trust.has_cert_authorities());
+        let c = certificate(
+            &ca,
+            CertType::Host,
+            &["oma.dc1", "oma.dc2"],
+            NOW - 60,
+            NOW + 60,
+        );
+        assert_eq!(
+            trust.verify_certificate("oma.dc1", 22, &c, false, NOW),
+            Verdict::Trusted
+        );
+        // The authority does not speak for dc2's hosts.
+        let e = refusal(trust.verify_certificate("oma.dc2", 22, &c, false, NOW));
+        assert!(e.contains("is not trusted"), "{e}");
+        // A revoked CA vouches for nothing.
+        std::fs::write(
+            &kh,
+            format!("@cert-authority *.dc1 {ca_line}\n@revoked * {ca_line}\n"),
+        )
+        .unwrap();
+        let e = refusal(trust.verify_certificate("oma.dc1", 22, &c, false, NOW));
+        assert!(e.contains("revoked"), "{e}");
     }
 }

@@ -21,6 +21,12 @@ pub enum IdentityError {
         "no identity_file, and no coordinator to certify this agent's own key: a standalone agent's profile names its key file"
     )]
     NoCoordinator,
+    /// A profile trusting the fleet's SSH host CA on an agent with no coordinator to learn it
+    /// from.
+    #[error(
+        "fleet_host_ca = true, and no coordinator to learn the fleet's SSH host CA from: a standalone agent's profile names known_hosts or host_key_fingerprints"
+    )]
+    NoFleetHostCa,
     /// Not a key we can use (or encrypted: a service cannot type a passphrase).
     #[error("identity file {path}: {reason}")]
     Invalid {

@@ -158,6 +158,7 @@ pub async fn connect(
             protocol: 0,
             heartbeat_interval_ms: 0,
             coordinator_version: String::new(),
+            ssh_host_ca: None,
         },
         addr,
         conn,

@@ -177,7 +177,7 @@ pub fn new_shared(cfg: &ProfileSpec) -> Arc<ProfileShared> {
 /// coordinator decides moves for it now.
 pub fn start(
     cfg: Arc<ProfileSpec>,
-    identity: ssh::Identity,
+    login: ssh::Login,
     shared: Arc<ProfileShared>,
     drain: Duration,
     rekey: (u64, Duration),
@@ -191,16 +191,20 @@ pub fn start(
         known_hosts: cfg.known_hosts.clone(),
         pinned: HostTrust::pins(&cfg.host_key_fingerprints),
         trust_on_first_use: cfg.trust_on_first_use,
+        fleet_host_ca: login.fleet_host_ca,
     };
+    // Servers are asked for host certificates only when some authority could vouch for one.
+    let certificates = trust.has_cert_authorities();
     let params = SessionParams {
         profile: cfg.name.clone(),
         user: cfg.user.clone(),
-        identity,
+        identity: login.identity,
         trust: Arc::new(trust),
         config: Arc::new(ssh::client_config(
             cfg.keepalive_interval,
             cfg.keepalive_count,
             rekey,
+            certificates,
         )),
         remote: Arc::new(RemoteForwards::default()),
         tracker: TaskTracker::new(),

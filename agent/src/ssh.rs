@@ -209,6 +209,17 @@ pub struct SessionParams {
     pub jump: Vec<JumpHost>,
 }
 
+/// What a profile's sessions bring besides its config: how they log in, and the fleet's SSH
+/// host CA file when the profile trusts it (`fleet_host_ca`; the agent keeps it current from
+/// its coordinator's welcome).
+#[derive(Clone)]
+pub struct Login {
+    /// How it logs in.
+    pub identity: Identity,
+    /// `STATE_DIR/ssh/known_hosts`: `@cert-authority * <the fleet's host CA>`.
+    pub fleet_host_ca: Option<std::path::PathBuf>,
+}
+
 /// How a session logs in: a key file of the profile's, or the agent's own key with the
 /// certificate the coordinator issued (read at each login, so a renewal reaches the next one).
 #[derive(Clone)]
@@ -237,6 +248,7 @@ pub fn client_config(
     keepalive_interval: Duration,
     keepalive_count: u32,
     rekey: (u64, Duration),
+    host_certificates: bool,
 ) -> client::Config {
     let (interval, max) = keepalive(keepalive_interval, keepalive_count);
     let bytes = usize::try_from(rekey.0).unwrap_or(usize::MAX);
@@ -254,6 +266,13 @@ pub fn client_config(
         nodelay: true,
         preferred: Preferred {
             cipher: std::borrow::Cow::Borrowed(CIPHERS),
+            // Ed25519 only: the fleet's host CA certifies ed25519 host keys, and russh's RSA
+            // certificates carry a SHA-1 pitfall.
+            host_key_certificates: std::borrow::Cow::Borrowed(if host_certificates {
+                &[russh::keys::Algorithm::Ed25519]
+            } else {
+                &[]
+            }),
             ..Preferred::default()
         },
         ..client::Config::default()
@@ -495,12 +514,22 @@ impl client::Handler for ClientHandler {
         &mut self,
         key: &PublicKeyOrCertificate,
     ) -> Result<bool, Self::Error> {
-        let PublicKeyOrCertificate::PublicKey { key, .. } = key else {
-            // We never advertise certificate algorithms, so a server cannot pick one.
-            return Ok(false);
+        let (verdict, fp) = match key {
+            PublicKeyOrCertificate::PublicKey { key, .. } => (
+                self.trust.verify(&self.host, self.port, key, self.jump),
+                fingerprint(key),
+            ),
+            PublicKeyOrCertificate::Certificate(cert) => (
+                self.trust.verify_certificate(
+                    &self.host,
+                    self.port,
+                    cert,
+                    self.jump,
+                    tunnelfleet_runtime::clock::now_unix_ms() / 1000,
+                ),
+                fingerprint(&russh::keys::PublicKey::from(cert.public_key().clone())),
+            ),
         };
-        let verdict = self.trust.verify(&self.host, self.port, key, self.jump);
-        let fp = fingerprint(key);
         let accepted = match &verdict {
             Verdict::Trusted => true,
             Verdict::Learned => {

@@ -19,6 +19,9 @@ use russh::keys::{Algorithm, PrivateKey};
 pub const KEY_FILE: &str = "id_ed25519";
 /// The certificate's file name beside it.
 pub const CERT_FILE: &str = "id_ed25519-cert.pub";
+/// The fleet's SSH host CA as the agent learned it from its coordinator, a known_hosts file
+/// beside them (`@cert-authority * …`): what profiles with `fleet_host_ca` trust.
+pub const HOST_CA_FILE: &str = "known_hosts";
 
 /// Why the SSH identity cannot be made, read, or a certificate taken.
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +126,44 @@ impl SshCredential {
     /// The key's fingerprint (`SHA256:…`).
     pub fn fingerprint(&self) -> String {
         tunnelfleet_runtime::sshkey::fingerprint(self.key.public_key())
+    }
+
+    /// The fleet's SSH host CA file ([`HOST_CA_FILE`]).
+    pub fn host_ca_path(&self) -> PathBuf {
+        self.cert_path.with_file_name(HOST_CA_FILE)
+    }
+
+    /// Keeps the fleet's SSH host CA the coordinator named in its welcome: an ed25519 public
+    /// key line, written as `@cert-authority *` into [`HOST_CA_FILE`] (atomically, only when
+    /// it changed). Returns whether it changed.
+    pub fn take_host_ca(&self, line: &str) -> Result<bool, SshCredentialError> {
+        let refused = |why: String| SshCredentialError::Certificate(format!("SSH host CA: {why}"));
+        if line.len() > tunnelfleet_protocol::limits::MAX_SSH_KEY_LINE {
+            return Err(refused(format!("a line of {} bytes", line.len())));
+        }
+        let key = russh::keys::PublicKey::from_openssh(line.trim())
+            .map_err(|e| refused(format!("not an OpenSSH public key: {e}")))?;
+        if key.algorithm() != Algorithm::Ed25519 {
+            return Err(refused(format!("a {} key, not ed25519", key.algorithm())));
+        }
+        let text = format!(
+            "# the fleet's SSH host CA, from the coordinator; rewritten when it changes\n@cert-authority * {} tunnelfleet-host-ca\n",
+            tunnelfleet_runtime::sshkey::public_line(&russh::keys::PublicKey::new(
+                key.key_data().clone(),
+                ""
+            ))
+        );
+        let path = self.host_ca_path();
+        if std::fs::read_to_string(&path).is_ok_and(|old| old == text) {
+            return Ok(false);
+        }
+        tunnelfleet_runtime::secret::write_atomic(&path, text.as_bytes(), 0o644).map_err(
+            |source| SshCredentialError::Io {
+                path: path.clone(),
+                source,
+            },
+        )?;
+        Ok(true)
     }
 
     /// The certificate held now, if any.

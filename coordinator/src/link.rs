@@ -44,6 +44,8 @@ pub struct LinkContext {
     pub ssh_ca: Option<Arc<SshCa>>,
     /// How long an SSH certificate is valid.
     pub ssh_cert_validity: Duration,
+    /// The fleet's SSH host CA: its public key goes to every agent in the welcome.
+    pub ssh_host_ca: Option<Arc<SshCa>>,
 }
 
 /// Connections the coordinator holds at once (one per agent, plus enrollments); more are
@@ -203,6 +205,7 @@ async fn handle(conn: quinn::Connection, fleet: Arc<Fleet>, ctx: LinkContext) {
         protocol: PROTOCOL_VERSION,
         heartbeat_interval_ms: fleet.heartbeat_interval.as_millis() as u32,
         coordinator_version: env!("CARGO_PKG_VERSION").to_string(),
+        ssh_host_ca: ctx.ssh_host_ca.as_ref().map(|ca| ca.public_line()),
     });
     let Ok(frame) = encode(&welcome) else { return };
     if send.write_all(&frame).await.is_err() {

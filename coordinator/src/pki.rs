@@ -123,7 +123,8 @@ pub fn init(dir: &Path, names: &[String]) -> Result<String, PkiError> {
         server_key.serialize_pem().as_bytes(),
         0o600,
     )?;
-    crate::sshca::SshCa::create(dir)?;
+    crate::sshca::SshCa::create(dir, crate::sshca::CaKind::User)?;
+    crate::sshca::SshCa::create(dir, crate::sshca::CaKind::Host)?;
     Ok(fingerprint(ca_cert.der()))
 }
 

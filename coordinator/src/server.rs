@@ -245,7 +245,11 @@ pub async fn bind(cfg: &CoordinatorConfig) -> anyhow::Result<Bound> {
     if signer.is_none() {
         tracing::info!(pki = %cfg.pki_dir.display(), "no CA key in the PKI directory: agents cannot enroll with join tokens here");
     }
-    let ssh_ca = crate::sshca::SshCa::load(&cfg.pki_dir)?;
+    let ssh_ca = crate::sshca::SshCa::load(&cfg.pki_dir, crate::sshca::CaKind::User)?;
+    let ssh_host_ca = crate::sshca::SshCa::load(&cfg.pki_dir, crate::sshca::CaKind::Host)?;
+    if let Some(ca) = &ssh_host_ca {
+        tracing::info!(fingerprint = %ca.fingerprint(), "SSH host CA loaded: OMA host keys are certified, agents learn it");
+    }
     match &ssh_ca {
         Some(ca) => {
             tracing::info!(fingerprint = %ca.fingerprint(), "SSH user CA loaded: agents' SSH keys are certified")
@@ -350,6 +354,7 @@ pub async fn bind(cfg: &CoordinatorConfig) -> anyhow::Result<Bound> {
             metrics,
             ssh_ca: ssh_ca.map(Arc::new),
             ssh_cert_validity: cfg.ssh_cert_validity,
+            ssh_host_ca: ssh_host_ca.map(Arc::new),
         },
         endpoint,
         admin_listener,
@@ -412,6 +417,7 @@ impl Bound {
             watch,
             enrollment: self.link.signer.is_some(),
             ssh_ca_public: self.link.ssh_ca.as_ref().map(|c| Arc::new(c.public_line())),
+            ssh_host_ca: self.link.ssh_host_ca.clone(),
             token: Arc::new(self.token),
             name: Arc::new(self.name),
             standing: self.membership.subscribe(),

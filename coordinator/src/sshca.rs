@@ -8,6 +8,12 @@
 //! (no pty, agent or X11 forwarding, no user rc). Which ports a certificate opens is said by
 //! the OMA's principals file, not the certificate (OpenSSH certificates carry no port limits).
 //! [`SshCa::certify`] is the rule, without IO; the link asks it and records what it issued.
+//!
+//! The fleet's SSH host CA is the same kind of key beside it (`ssh_host_ca`, `ssh_host_ca.pub`):
+//! it certifies OMAs' ed25519 host keys for their endpoint names ([`SshCa::certify_host`],
+//! asked by an operator through the admin API), and every enrolled agent learns its public key
+//! in the control link's welcome, so a profile with `fleet_host_ca` trusts an OMA it has never
+//! seen without trusting on first use.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -17,10 +23,57 @@ use ssh_key::{Algorithm, LineEnding, PrivateKey, PublicKey};
 
 use tunnelfleet_protocol::limits::MAX_SSH_KEY_LINE;
 
-/// The CA's private key, in the PKI directory.
+/// The user CA's private key, in the PKI directory.
 pub const SSH_CA_KEY: &str = "ssh_user_ca";
 /// Its public key: the OMAs' `TrustedUserCAKeys`.
 pub const SSH_CA_PUB: &str = "ssh_user_ca.pub";
+/// The host CA's private key, in the PKI directory.
+pub const SSH_HOST_CA_KEY: &str = "ssh_host_ca";
+/// Its public key: what agents trust OMA host certificates by.
+pub const SSH_HOST_CA_PUB: &str = "ssh_host_ca.pub";
+
+/// Which of the fleet's two SSH CAs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaKind {
+    /// Certifies agents' keys: who may log in to the OMAs.
+    User,
+    /// Certifies OMAs' host keys: which servers agents may trust.
+    Host,
+}
+
+impl CaKind {
+    /// The private key's file name.
+    pub fn key_file(self) -> &'static str {
+        match self {
+            CaKind::User => SSH_CA_KEY,
+            CaKind::Host => SSH_HOST_CA_KEY,
+        }
+    }
+
+    /// The public key's file name.
+    pub fn pub_file(self) -> &'static str {
+        match self {
+            CaKind::User => SSH_CA_PUB,
+            CaKind::Host => SSH_HOST_CA_PUB,
+        }
+    }
+
+    fn comment(self) -> &'static str {
+        match self {
+            CaKind::User => "tunnelfleet SSH user CA",
+            CaKind::Host => "tunnelfleet SSH host CA",
+        }
+    }
+}
+
+/// How long a host certificate is valid by default (`oma host-cert --validity`).
+pub const DEFAULT_HOST_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// The longest host certificate the CA signs.
+pub const MAX_HOST_VALIDITY: Duration = Duration::from_secs(5 * 365 * 24 * 3600);
+
+/// Names one host certificate may carry.
+pub const MAX_HOST_PRINCIPALS: usize = 16;
 
 /// How long a certificate is valid by default: an agent renews at half-life, so one whose
 /// coordinator is away for three days still logs in.
@@ -125,14 +178,14 @@ pub struct Issued {
 }
 
 impl SshCa {
-    /// Makes a new CA in `dir` (which exists): the key 0600, the public key 0644. Refuses to
-    /// replace one. Returns the public key line.
-    pub fn create(dir: &Path) -> Result<String, SshCaError> {
-        let path = dir.join(SSH_CA_KEY);
+    /// Makes a new CA of `kind` in `dir` (which exists): the key 0600, the public key 0644.
+    /// Refuses to replace one. Returns the public key line.
+    pub fn create(dir: &Path, kind: CaKind) -> Result<String, SshCaError> {
+        let path = dir.join(kind.key_file());
         if path.exists() {
             return Err(SshCaError::Exists(path));
         }
-        let key = tunnelfleet_runtime::sshkey::generate_ed25519("tunnelfleet SSH user CA")
+        let key = tunnelfleet_runtime::sshkey::generate_ed25519(kind.comment())
             .map_err(|e| SshCaError::Sign(e.to_string()))?;
         let private = key
             .to_openssh(LineEnding::LF)
@@ -144,7 +197,7 @@ impl SshCa {
         let io = |path: PathBuf| move |source| SshCaError::Io { path, source };
         tunnelfleet_runtime::secret::write_atomic(&path, private.as_bytes(), 0o600)
             .map_err(io(path.clone()))?;
-        let pub_path = dir.join(SSH_CA_PUB);
+        let pub_path = dir.join(kind.pub_file());
         tunnelfleet_runtime::secret::write_atomic(
             &pub_path,
             format!("{public}\n").as_bytes(),
@@ -154,10 +207,10 @@ impl SshCa {
         Ok(public)
     }
 
-    /// The CA in `dir`, or `None` when there is none (certificates are then refused). A key
-    /// file readable by others is refused.
-    pub fn load(dir: &Path) -> Result<Option<SshCa>, SshCaError> {
-        let path = dir.join(SSH_CA_KEY);
+    /// The CA of `kind` in `dir`, or `None` when there is none (certificates are then
+    /// refused). A key file readable by others is refused.
+    pub fn load(dir: &Path, kind: CaKind) -> Result<Option<SshCa>, SshCaError> {
+        let path = dir.join(kind.key_file());
         if !path.exists() {
             return Ok(None);
         }
@@ -252,6 +305,91 @@ impl SshCa {
     }
 }
 
+/// What one host certificate is for.
+#[derive(Debug, Clone)]
+pub struct HostCertRequest<'a> {
+    /// The OMA's host public key line (`/etc/ssh/ssh_host_ed25519_key.pub`).
+    pub public_key: &'a str,
+    /// The names agents reach it by (the host part of its endpoints).
+    pub principals: &'a [String],
+    /// The serial (unique: the store hands it out).
+    pub serial: u64,
+    /// Now, Unix seconds.
+    pub now_unix: u64,
+    /// How long it is valid from now.
+    pub validity: Duration,
+}
+
+impl SshCa {
+    /// Certifies an OMA's host key: only an ed25519 key, for the given names (key id: the
+    /// first), valid from a few minutes ago for `validity` (at most [`MAX_HOST_VALIDITY`]),
+    /// no extensions.
+    pub fn certify_host(&self, req: &HostCertRequest<'_>) -> Result<Issued, SshCaError> {
+        let refused = |why: String| Err(SshCaError::Refused(why));
+        if req.public_key.len() > MAX_SSH_KEY_LINE {
+            return refused(format!(
+                "public key line of {} bytes; at most {MAX_SSH_KEY_LINE}",
+                req.public_key.len()
+            ));
+        }
+        let key = match PublicKey::from_openssh(req.public_key.trim()) {
+            Ok(k) => k,
+            Err(e) => return refused(format!("not an OpenSSH public key line: {e}")),
+        };
+        if key.algorithm() != Algorithm::Ed25519 {
+            return refused(format!(
+                "a {} host key; only ed25519 host keys are certified (/etc/ssh/ssh_host_ed25519_key.pub)",
+                key.algorithm()
+            ));
+        }
+        if key.key_data() == self.key.public_key().key_data() {
+            return refused("that is the CA's own key".into());
+        }
+        let Some(first) = req.principals.first() else {
+            return refused("no host name to certify it for".into());
+        };
+        if req.principals.len() > MAX_HOST_PRINCIPALS {
+            return refused(format!(
+                "{} names; at most {MAX_HOST_PRINCIPALS}",
+                req.principals.len()
+            ));
+        }
+        if req.validity.is_zero() || req.validity > MAX_HOST_VALIDITY {
+            return refused(format!(
+                "validity {:?}: more than 0 and at most {:?}",
+                req.validity, MAX_HOST_VALIDITY
+            ));
+        }
+        let valid_after = req.now_unix.saturating_sub(BACKDATE.as_secs());
+        let valid_before = req.now_unix.saturating_add(req.validity.as_secs());
+        let sign_err = |e: ssh_key::Error| SshCaError::Sign(e.to_string());
+        let mut nonce = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
+            .map_err(|_| SshCaError::Sign("no system randomness".into()))?;
+        let mut b = Builder::new(nonce, key.key_data().clone(), valid_after, valid_before)
+            .map_err(sign_err)?;
+        b.serial(req.serial)
+            .map_err(sign_err)?
+            .key_id(first.as_str())
+            .map_err(sign_err)?
+            .cert_type(CertType::Host)
+            .map_err(sign_err)?;
+        for p in req.principals {
+            b.valid_principal(p.as_str()).map_err(sign_err)?;
+        }
+        let cert = b.sign(&self.key).map_err(sign_err)?;
+        Ok(Issued {
+            certificate: cert.to_openssh().map_err(sign_err)?,
+            key_fingerprint: tunnelfleet_runtime::sshkey::fingerprint(&key),
+            public_key: PublicKey::new(key.key_data().clone(), "")
+                .to_openssh()
+                .map_err(sign_err)?,
+            valid_after,
+            valid_before,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
@@ -281,8 +419,8 @@ mod tests {
     #[test]
     fn a_certificate_names_the_agent_once_and_permits_forwarding_only() {
         let dir = tempfile::tempdir().unwrap();
-        let line = SshCa::create(dir.path()).unwrap();
-        let ca = SshCa::load(dir.path()).unwrap().unwrap();
+        let line = SshCa::create(dir.path(), CaKind::User).unwrap();
+        let ca = SshCa::load(dir.path(), CaKind::User).unwrap().unwrap();
         assert_eq!(ca.public_line(), line);
         let mode = std::os::unix::fs::PermissionsExt::mode(
             &std::fs::metadata(dir.path().join(SSH_CA_KEY))
@@ -323,8 +461,8 @@ mod tests {
     #[test]
     fn keys_it_does_not_certify_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        SshCa::create(dir.path()).unwrap();
-        let ca = SshCa::load(dir.path()).unwrap().unwrap();
+        SshCa::create(dir.path(), CaKind::User).unwrap();
+        let ca = SshCa::load(dir.path(), CaKind::User).unwrap().unwrap();
         let ecdsa = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBEmKSENjQEezOmxkZMy7opKgwFB9nkt5YRrYMjNuG5N87uRgg6CLrbo5wAdT/y6v0mKV0U2w0WZ2YB/++Tpockg= x";
         let long = format!("ssh-ed25519 {}", "A".repeat(MAX_SSH_KEY_LINE));
         let own = ca.public_line();
@@ -343,13 +481,16 @@ mod tests {
     #[test]
     fn an_existing_ca_is_never_replaced_and_a_loose_key_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let first = SshCa::create(dir.path()).unwrap();
+        let first = SshCa::create(dir.path(), CaKind::User).unwrap();
         assert!(matches!(
-            SshCa::create(dir.path()),
+            SshCa::create(dir.path(), CaKind::User),
             Err(SshCaError::Exists(_))
         ));
         assert_eq!(
-            SshCa::load(dir.path()).unwrap().unwrap().public_line(),
+            SshCa::load(dir.path(), CaKind::User)
+                .unwrap()
+                .unwrap()
+                .public_line(),
             first
         );
         std::fs::set_permissions(
@@ -358,10 +499,14 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(
-            SshCa::load(dir.path()),
+            SshCa::load(dir.path(), CaKind::User),
             Err(SshCaError::BadCaKey { .. })
         ));
-        assert!(SshCa::load(&dir.path().join("none")).unwrap().is_none());
+        assert!(
+            SshCa::load(&dir.path().join("none"), CaKind::User)
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]
@@ -387,8 +532,8 @@ mod tests {
     #[test]
     fn debug_shows_no_key() {
         let dir = tempfile::tempdir().unwrap();
-        SshCa::create(dir.path()).unwrap();
-        let ca = SshCa::load(dir.path()).unwrap().unwrap();
+        SshCa::create(dir.path(), CaKind::User).unwrap();
+        let ca = SshCa::load(dir.path(), CaKind::User).unwrap().unwrap();
         let text = std::fs::read_to_string(dir.path().join(SSH_CA_KEY)).unwrap();
         let secret_line = text.lines().nth(1).unwrap();
         let shown = format!("{ca:?}");
@@ -396,5 +541,53 @@ mod tests {
             shown.contains("SHA256:") && !shown.contains(secret_line),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn a_host_key_is_certified_for_its_names_as_a_host_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        SshCa::create(dir.path(), CaKind::Host).unwrap();
+        let ca = SshCa::load(dir.path(), CaKind::Host).unwrap().unwrap();
+        assert!(
+            SshCa::load(dir.path(), CaKind::User).unwrap().is_none(),
+            "two CAs, two files"
+        );
+        let host = agent_key().public_key().to_openssh().unwrap();
+        let names = vec!["oma-a.dc1".to_string()];
+        let req = |public_key: &str, principals: &[String], validity: Duration| {
+            ca.certify_host(&HostCertRequest {
+                public_key,
+                principals,
+                serial: 9,
+                now_unix: 1_800_000_000,
+                validity,
+            })
+        };
+        let issued = req(&host, &names, DEFAULT_HOST_VALIDITY).unwrap();
+        let cert = Certificate::from_openssh(&issued.certificate).unwrap();
+        assert_eq!(cert.cert_type(), CertType::Host);
+        assert_eq!(cert.valid_principals(), names.as_slice());
+        assert_eq!(cert.serial(), 9);
+        assert!(cert.extensions().is_empty() && cert.critical_options().is_empty());
+        assert_eq!(
+            cert.signature_key()
+                .fingerprint(HashAlg::Sha256)
+                .to_string(),
+            ca.fingerprint()
+        );
+        assert_eq!(
+            issued.valid_before - 1_800_000_000,
+            DEFAULT_HOST_VALIDITY.as_secs()
+        );
+        // No name, too long or no validity, an ECDSA key, the CA's own key: refused.
+        assert!(req(&host, &[], DEFAULT_HOST_VALIDITY).is_err());
+        assert!(req(&host, &names, MAX_HOST_VALIDITY + Duration::from_secs(1)).is_err());
+        assert!(req(&host, &names, Duration::ZERO).is_err());
+        let ecdsa = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBEmKSENjQEezOmxkZMy7opKgwFB9nkt5YRrYMjNuG5N87uRgg6CLrbo5wAdT/y6v0mKV0U2w0WZ2YB/++Tpockg= x";
+        assert!(matches!(
+            req(ecdsa, &names, DEFAULT_HOST_VALIDITY),
+            Err(SshCaError::Refused(_))
+        ));
+        assert!(req(&ca.public_line(), &names, DEFAULT_HOST_VALIDITY).is_err());
     }
 }

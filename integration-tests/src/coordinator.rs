@@ -552,6 +552,7 @@ impl OtherVersionCoordinator {
                             protocol: ours,
                             heartbeat_interval_ms: 500,
                             coordinator_version: "99.0.0".into(),
+                            ssh_host_ca: None,
                         })
                     };
                     if let Ok(frame) = encode(&answer) {

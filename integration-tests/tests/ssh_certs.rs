@@ -518,3 +518,131 @@ fn not_yet_valid_and_wrongly_signed_certificates_are_refused_by_sshd() {
     let log = sshd.log();
     assert!(log.contains("not yet valid"), "{log}");
 }
+
+/// `tunnelfleet oma host-cert ENDPOINT --key KEY` against `c` (admin token in `root`).
+fn host_cert(c: &FullCoordinator, root: &std::path::Path, endpoint: &str, key: &std::path::Path) {
+    let out = std::process::Command::new(integration_tests::Program::Cli.path())
+        .args(["oma", "host-cert", endpoint, "--key"])
+        .arg(key)
+        .arg("--coordinator")
+        .arg(c.admin.to_string())
+        .arg("--token-file")
+        .arg(root.join("admin.token"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "oma host-cert: {out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oma_with_a_host_certificate_of_the_fleet_is_trusted_without_a_known_hosts_line() {
+    if !Sshd::available("SSH host certificates") {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let c = FullCoordinator::start(root.path(), Duration::from_millis(300), Vec::new()).await;
+    let (echo, _e) = echo_server().await;
+    let trust_lines = format!(
+        "TrustedUserCAKeys {}\nAuthorizedPrincipalsFile {}\n",
+        root.path().join("pki").join(SSH_CA_PUB).display(),
+        root.path().join("principals").display()
+    );
+    std::fs::write(
+        root.path().join("principals"),
+        format!("restrict,port-forwarding,permitopen=\"127.0.0.1:{echo}\" vma-h\n"),
+    )
+    .unwrap();
+    // Three OMAs of one group, each presenting a host certificate: from the fleet's host CA
+    // (`oma host-cert`), from the fleet's CA for another name, from another CA.
+    let mut omas: Vec<Sshd> = (0..3).map(|_| Sshd::start_with(&trust_lines)).collect();
+    let endpoints: Vec<String> = omas.iter().map(Sshd::endpoint).collect();
+    let group = serde_json::json!({"name": "oma-dc1", "endpoints": endpoints, "probe": false});
+    let _: tunnelfleet_coordinator::admin::Changed = c
+        .api
+        .call("PUT", "/v1/groups/oma-dc1", Some(&group))
+        .await
+        .unwrap();
+    let host_key = |s: &Sshd| s.dir.path().join("ssh_host_ed25519_key.pub");
+    host_cert(&c, root.path(), &endpoints[0], &host_key(&omas[0]));
+    let sign = |ca: &std::path::Path, name: &str, key: &std::path::Path| {
+        let out = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-h", "-s"])
+            .arg(ca)
+            .args(["-I", "oma", "-n", name, "-V", "-5m:+1d"])
+            .arg(key)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ssh-keygen -s: {out:?}");
+    };
+    sign(
+        &root
+            .path()
+            .join("pki")
+            .join(tunnelfleet_coordinator::sshca::SSH_HOST_CA_KEY),
+        "oma-elsewhere",
+        &host_key(&omas[1]),
+    );
+    let other_ca = root.path().join("other_ca");
+    integration_tests::keygen(&other_ca);
+    sign(&other_ca, "127.0.0.1", &host_key(&omas[2]));
+    for s in &mut omas {
+        let cert = s.dir.path().join("ssh_host_ed25519_key-cert.pub");
+        assert!(cert.exists());
+        s.restart_with(&format!(
+            "{trust_lines}HostCertificate {}\n",
+            cert.display()
+        ));
+    }
+
+    // An enrolled agent with no known_hosts line and no pin: one profile per OMA.
+    let agent = TestAgent::start(&c.agent_section(root.path(), "vma-h", "")).await;
+    let mut ports = Vec::new();
+    for (i, s) in omas.iter().enumerate() {
+        let local = free_port();
+        let mut spec = certified_profile(s, vec![format!("L {local}:127.0.0.1:{echo}")]);
+        spec.name = format!("oma{i}");
+        spec.known_hosts = None;
+        spec.fleet_host_ca = true;
+        put_and_assign(&c.api, &spec, "vma-h").await;
+        ports.push(local);
+    }
+    wait_until(30, "the tunnel to the OMA the fleet certified", || async {
+        echo_roundtrip(ports[0], b"certified host").await.is_ok()
+    })
+    .await;
+    let learned = std::fs::read_to_string(
+        root.path()
+            .join("vma-h/state/ssh")
+            .join(tunnelfleet_agent::sshcert::HOST_CA_FILE),
+    )
+    .unwrap();
+    let host_ca = std::fs::read_to_string(
+        root.path()
+            .join("pki")
+            .join(tunnelfleet_coordinator::sshca::SSH_HOST_CA_PUB),
+    )
+    .unwrap();
+    let ca_b64 = host_ca.split_whitespace().nth(1).unwrap();
+    assert!(
+        learned.contains(&format!("@cert-authority * ssh-ed25519 {ca_b64}")),
+        "{learned}"
+    );
+    for (name, why) in [
+        ("oma1", "valid for oma-elsewhere, not 127.0.0.1"),
+        ("oma2", "is not trusted"),
+    ] {
+        wait_until(30, &format!("{name} refused: {why}"), || async {
+            agent
+                .profile(name)
+                .await
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains(why))
+        })
+        .await;
+    }
+    for p in &ports[1..] {
+        assert!(echo_roundtrip(*p, b"x").await.is_err());
+    }
+    agent.shutdown().await;
+    c.stop().await;
+}

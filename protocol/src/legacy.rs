@@ -77,6 +77,7 @@ impl From<ProfileSpecV3> for ProfileSpec {
             failback_after: ProfileSpec::new("", "", "").failback_after,
             reclaim_remote_ports: false,
             standby: Default::default(),
+            fleet_host_ca: false,
         }
     }
 }

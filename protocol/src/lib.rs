@@ -42,7 +42,8 @@ pub use profile::{HealthSpec, ProfileSpec};
 /// 4: one profile model on both sides: exact durations, `autostart` on the wire.
 /// 5: `failback_after`, `reclaim_remote_ports` and `standby` in profiles.
 /// 6: SSH user certificates (`SshCertRequest`, `SshCert`); a profile's `identity_file` is
-///    optional (none: the agent's certificate).
+///    optional (none: the agent's certificate); the fleet's SSH host CA in `Welcome` and a
+///    profile's `fleet_host_ca`.
 pub const PROTOCOL_VERSION: u32 = 6;
 
 /// QUIC keep-alive of the control link (both ends).

@@ -156,6 +156,9 @@ pub struct Welcome {
     pub heartbeat_interval_ms: u32,
     /// Coordinator software version.
     pub coordinator_version: String,
+    /// The fleet's SSH host CA (one OpenSSH public key line): profiles with `fleet_host_ca`
+    /// trust OMA host certificates it signed. None when the coordinator has none.
+    pub ssh_host_ca: Option<String>,
 }
 
 /// The peer speaks another protocol version.

@@ -120,7 +120,7 @@ impl Supervisor {
                 }
                 continue;
             }
-            let identity = match super::identity(&cfg, self.ssh.as_ref()) {
+            let login = match super::login(&cfg, self.ssh.as_ref()) {
                 Ok(i) => i,
                 Err(e) => {
                     results.push(fail(e.to_string()));
@@ -146,7 +146,7 @@ impl Supervisor {
                     origin: Origin::Pushed,
                     shared: profile::new_shared(&cfg),
                     cfg: Arc::new(cfg),
-                    identity,
+                    login,
                     running: None,
                     released: predecessor,
                 },

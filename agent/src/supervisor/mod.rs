@@ -31,7 +31,7 @@ use crate::health::run_check;
 use crate::identity::{IdentityError, load_identity};
 use crate::placement::Coordinated;
 use crate::profile::{self, Gate, ProfileHandle};
-use crate::ssh::Identity;
+use crate::ssh::{Identity, Login};
 use crate::sshcert::SshCredential;
 use crate::status::{AgentStatus, ProfileShared};
 
@@ -80,7 +80,7 @@ enum Origin {
 struct Slot {
     origin: Origin,
     cfg: Arc<ProfileSpec>,
-    identity: Identity,
+    login: Login,
     shared: Arc<ProfileShared>,
     running: Option<ProfileHandle>,
     /// Opens when the previous run of this profile released its ports; the next start
@@ -102,13 +102,23 @@ pub struct Supervisor {
     ssh: Option<Arc<SshCredential>>,
 }
 
-/// What a profile logs in with: its identity file, else the agent's certified key.
-fn identity(p: &ProfileSpec, ssh: Option<&Arc<SshCredential>>) -> Result<Identity, IdentityError> {
-    match (&p.identity_file, ssh) {
-        (Some(path), _) => Ok(Identity::Key(Arc::new(load_identity(path)?))),
-        (None, Some(cred)) => Ok(Identity::Certified(cred.clone())),
-        (None, None) => Err(IdentityError::NoCoordinator),
-    }
+/// What a profile logs in with (its identity file, else the agent's certified key) and the
+/// fleet's host CA file when it trusts it.
+fn login(p: &ProfileSpec, ssh: Option<&Arc<SshCredential>>) -> Result<Login, IdentityError> {
+    let identity = match (&p.identity_file, ssh) {
+        (Some(path), _) => Identity::Key(Arc::new(load_identity(path)?)),
+        (None, Some(cred)) => Identity::Certified(cred.clone()),
+        (None, None) => return Err(IdentityError::NoCoordinator),
+    };
+    let fleet_host_ca = match (p.fleet_host_ca, ssh) {
+        (false, _) => None,
+        (true, Some(cred)) => Some(cred.host_ca_path()),
+        (true, None) => return Err(IdentityError::NoFleetHostCa),
+    };
+    Ok(Login {
+        identity,
+        fleet_host_ca,
+    })
 }
 
 impl Supervisor {
@@ -124,7 +134,7 @@ impl Supervisor {
         };
         let mut slots = BTreeMap::new();
         for p in &cfg.profiles {
-            let identity = identity(p, ssh.as_ref()).map_err(|source| StartError::Identity {
+            let login = login(p, ssh.as_ref()).map_err(|source| StartError::Identity {
                 profile: p.name.clone(),
                 source,
             })?;
@@ -136,7 +146,7 @@ impl Supervisor {
                 Slot {
                     origin: Origin::Local,
                     cfg: Arc::new(p.clone()),
-                    identity,
+                    login,
                     shared: profile::new_shared(p),
                     running: None,
                     released: None,
@@ -199,7 +209,7 @@ impl Supervisor {
         let after = slot.released.take().into_iter().collect();
         slot.running = Some(profile::start(
             slot.cfg.clone(),
-            slot.identity.clone(),
+            slot.login.clone(),
             slot.shared.clone(),
             drain,
             rekey,

@@ -39,7 +39,7 @@ pub use agents::{AgentDetail, AgentSummary, SshCertExpiry};
 pub use alerts::{AckRequest, SilenceRequest};
 pub use auth::Caller;
 pub use error::ApiError;
-pub use oma::{Done, EndpointRequest, SshAccess};
+pub use oma::{Done, EndpointRequest, HostCert, HostCertRequest, SshAccess};
 pub use profiles::{AssignRequest, Changed, RollbackRequest, Rollout};
 pub use rollouts::{Aborted, RolloutView};
 
@@ -58,6 +58,8 @@ pub struct Admin {
     pub enrollment: bool,
     /// The SSH user CA's public key line, when this coordinator has one.
     pub ssh_ca_public: Option<Arc<String>>,
+    /// The fleet's SSH host CA (`oma host-cert`); none: host keys are not certified here.
+    pub ssh_host_ca: Option<Arc<crate::sshca::SshCa>>,
     /// Staged rollouts.
     pub rollouts: crate::rollout::Rollouts,
     /// The `admin_token_file`'s token (an `admin`; named tokens are in the store).

@@ -25,6 +25,7 @@ pub(super) fn routes() -> Router<Admin> {
         .route("/v1/oma", get(oma))
         .route("/v1/oma/drain", post(oma_drain))
         .route("/v1/oma/undrain", post(oma_undrain))
+        .route("/v1/oma/host-cert", post(oma_host_cert))
 }
 
 /// What the OMAs of a group need to let the fleet's agents in (`tunnelfleet oma sync`): the SSH
@@ -196,6 +197,85 @@ async fn oma_undrain(
     Json(r): Json<EndpointRequest>,
 ) -> Result<Json<Done>, ApiError> {
     run_command(&a, Command::Undrain(r.endpoint)).await
+}
+
+/// `POST /v1/oma/host-cert`: an OMA's host key to certify with the fleet's SSH host CA.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostCertRequest {
+    /// The endpoint agents reach the OMA at (`host:port`, listed in an OMA group): the
+    /// certificate is valid for its host name.
+    pub endpoint: String,
+    /// The OMA's ed25519 host public key line (`/etc/ssh/ssh_host_ed25519_key.pub`).
+    pub public_key: String,
+    /// Validity in seconds (default a year, at most five).
+    #[serde(default)]
+    pub validity_s: Option<u64>,
+}
+
+/// The host certificate issued.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostCert {
+    /// One OpenSSH line, for sshd's `HostCertificate`.
+    pub certificate: String,
+    /// Its serial.
+    pub serial: u64,
+    /// The names it is valid for.
+    pub principals: Vec<String>,
+    /// Until when (Unix seconds).
+    pub valid_before_unix_s: u64,
+    /// The host CA's fingerprint.
+    pub ca_fingerprint: String,
+}
+
+async fn oma_host_cert(
+    State(a): State<Admin>,
+    Json(r): Json<HostCertRequest>,
+) -> Result<Json<HostCert>, ApiError> {
+    let bad = |why: String| ApiError(StatusCode::BAD_REQUEST, why);
+    let Some(ca) = &a.ssh_host_ca else {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            "this coordinator has no SSH host CA (tunnelfleet pki ssh-ca on it)".into(),
+        ));
+    };
+    // Only the fleet's own OMAs, by the name agents dial.
+    let listed = a
+        .fleet
+        .store
+        .groups()?
+        .iter()
+        .any(|g| g.endpoints.contains(&r.endpoint));
+    if !listed {
+        return Err(bad(format!(
+            "endpoint {:?} is in no OMA group: host certificates are for the fleet's OMAs",
+            r.endpoint
+        )));
+    }
+    let (host, _) = tunnelfleet_protocol::addr::split_host_port(&r.endpoint, Some(22))
+        .map_err(|e| bad(format!("endpoint {:?}: {e}", r.endpoint)))?;
+    let validity = std::time::Duration::from_secs(
+        r.validity_s
+            .unwrap_or(crate::sshca::DEFAULT_HOST_VALIDITY.as_secs()),
+    );
+    let principals = vec![host];
+    let serial = a.fleet.store.next_ssh_serial().await?;
+    let issued = ca
+        .certify_host(&crate::sshca::HostCertRequest {
+            public_key: &r.public_key,
+            principals: &principals,
+            serial,
+            now_unix: tunnelfleet_runtime::clock::now_unix_ms() / 1000,
+            validity,
+        })
+        .map_err(|e| bad(format!("endpoint {}: {e}", r.endpoint)))?;
+    tracing::info!(endpoint = %r.endpoint, serial, key = %issued.key_fingerprint, "OMA host key certified");
+    Ok(Json(HostCert {
+        certificate: issued.certificate,
+        serial,
+        principals,
+        valid_before_unix_s: issued.valid_before,
+        ca_fingerprint: ca.fingerprint(),
+    }))
 }
 
 async fn oma(State(a): State<Admin>) -> Result<Json<Vec<EndpointView>>, ApiError> {

@@ -384,9 +384,10 @@ pub(super) enum PkiAction {
         #[arg(long = "name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
         names: Vec<String>,
     },
-    /// The SSH user CA that certifies agents' own SSH keys for the OMAs: made in DIR when it
-    /// has none (`pki init` makes it too), then its public key is printed, the line every OMA's
-    /// sshd trusts (`TrustedUserCAKeys`). The private key (0600) is never printed.
+    /// The fleet's SSH CAs: the user CA that certifies agents' own SSH keys for the OMAs, and
+    /// the host CA that certifies OMAs' host keys for the agents; each made in DIR when it has
+    /// none (`pki init` makes both). Prints the user CA's public key, the line every OMA's sshd
+    /// trusts (`TrustedUserCAKeys`). The private keys (0600) are never printed.
     SshCa {
         /// PKI directory.
         #[arg(long, default_value = "/etc/tunnelfleet/pki")]
@@ -533,6 +534,24 @@ pub enum OmaAction {
     Failback {
         /// Group name.
         group: String,
+    },
+    /// Certify an OMA's ed25519 host key with the fleet's SSH host CA (admin token), for the
+    /// host name of ENDPOINT (an endpoint of an OMA group): agents whose profiles say
+    /// `fleet_host_ca = true` then trust that OMA with no known_hosts line or pin. Writes the
+    /// certificate beside the key (`ssh_host_ed25519_key-cert.pub`) for sshd's
+    /// `HostCertificate`; renew it before it runs out (`--validity`, a year by default).
+    HostCert {
+        /// The endpoint agents dial (`host:port`, as listed in its group).
+        endpoint: String,
+        /// The OMA's host public key.
+        #[arg(long, default_value = "/etc/ssh/ssh_host_ed25519_key.pub")]
+        key: PathBuf,
+        /// Where to write the certificate (default: KEY with `.pub` replaced by `-cert.pub`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// How long it is valid.
+        #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+        validity: Duration,
     },
     /// Print the sshd drop-in for the OMAs of a group: trust the fleet's SSH user CA, the
     /// principals and revocation files `oma sync` writes, dead sessions dropped in 15 s.

@@ -35,6 +35,16 @@ pub fn load_groups(file: &std::path::Path) -> anyhow::Result<Vec<OmaGroup>> {
     Ok(groups.group)
 }
 
+/// Where ssh-keygen puts the certificate of `key` (`x.pub` -> `x-cert.pub`).
+fn host_cert_path(key: &std::path::Path) -> std::path::PathBuf {
+    let name = key
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let stem = name.strip_suffix(".pub").unwrap_or(&name);
+    key.with_file_name(format!("{stem}-cert.pub"))
+}
+
 /// Runs `oma …`.
 pub async fn oma(client: &ApiClient, action: OmaAction, json: bool) -> anyhow::Result<ExitCode> {
     match action {
@@ -57,6 +67,55 @@ pub async fn oma(client: &ApiClient, action: OmaAction, json: bool) -> anyhow::R
                 } else {
                     println!("group {}: version {}", g.name, c.version);
                 }
+            }
+        }
+        OmaAction::HostCert {
+            endpoint,
+            key,
+            out,
+            validity,
+        } => {
+            let public_key = std::fs::read_to_string(&key)
+                .with_context(|| format!("{}: cannot read the host key", key.display()))?;
+            let cert: tunnelfleet_coordinator::admin::HostCert = client
+                .call(
+                    "POST",
+                    "/v1/oma/host-cert",
+                    Some(&tunnelfleet_coordinator::admin::HostCertRequest {
+                        endpoint: endpoint.clone(),
+                        public_key: public_key.trim().to_string(),
+                        validity_s: Some(validity.as_secs()),
+                    }),
+                )
+                .await?;
+            let out = out.unwrap_or_else(|| host_cert_path(&key));
+            tunnelfleet_runtime::secret::write_atomic(
+                &out,
+                format!("{}\n", cert.certificate.trim()).as_bytes(),
+                0o644,
+            )
+            .with_context(|| format!("{}: cannot write", out.display()))?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"file": out, "serial": cert.serial, "principals": cert.principals, "valid_before_unix_s": cert.valid_before_unix_s, "ca_fingerprint": cert.ca_fingerprint})
+                );
+            } else {
+                println!(
+                    "{}: host certificate for {} (serial {}, CA {}), valid until {}",
+                    out.display(),
+                    cert.principals.join(", "),
+                    cert.serial,
+                    cert.ca_fingerprint,
+                    humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH
+                            + std::time::Duration::from_secs(cert.valid_before_unix_s)
+                    )
+                );
+                println!(
+                    "sshd: HostCertificate {} (then sshd -t && systemctl reload ssh)",
+                    out.display()
+                );
             }
         }
         OmaAction::SshdConfig { group, dir } => {

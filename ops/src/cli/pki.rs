@@ -26,29 +26,42 @@ pub(super) fn pki(action: PkiAction, json: bool) -> anyhow::Result<ExitCode> {
                     dir.join(tunnelfleet_coordinator::sshca::SSH_CA_PUB)
                         .display()
                 );
+                println!(
+                    "SSH host CA (signs OMAs' host keys: tunnelfleet oma host-cert): {}",
+                    dir.join(tunnelfleet_coordinator::sshca::SSH_HOST_CA_PUB)
+                        .display()
+                );
             }
         }
         PkiAction::SshCa { dir } => {
-            use tunnelfleet_coordinator::sshca::SshCa;
-            let made = match SshCa::load(&dir)? {
-                Some(_) => false,
-                None => {
-                    SshCa::create(&dir)?;
-                    true
+            use tunnelfleet_coordinator::sshca::{CaKind, SshCa};
+            let mut made = Vec::new();
+            for kind in [CaKind::User, CaKind::Host] {
+                if SshCa::load(&dir, kind)?.is_none() {
+                    SshCa::create(&dir, kind)?;
+                    made.push(kind.key_file());
                 }
+            }
+            let loaded = |kind: CaKind| {
+                SshCa::load(&dir, kind)?.ok_or_else(|| {
+                    anyhow::anyhow!("{}: no {} after making it", dir.display(), kind.key_file())
+                })
             };
-            let ca = SshCa::load(&dir)?
-                .ok_or_else(|| anyhow::anyhow!("{}: no SSH CA after making it", dir.display()))?;
+            let (user, host) = (loaded(CaKind::User)?, loaded(CaKind::Host)?);
             if json {
                 println!(
                     "{}",
-                    serde_json::json!({ "dir": dir, "made": made, "public_key": ca.public_line(), "fingerprint": ca.fingerprint() })
+                    serde_json::json!({ "dir": dir, "made": made, "public_key": user.public_line(), "fingerprint": user.fingerprint(), "host_public_key": host.public_line(), "host_fingerprint": host.fingerprint() })
                 );
             } else {
-                if made {
-                    eprintln!("SSH user CA made in {} (key 0600)", dir.display());
+                for m in &made {
+                    eprintln!("{m} made in {} (key 0600)", dir.display());
                 }
-                println!("{}", ca.public_line());
+                eprintln!(
+                    "SSH host CA (agents trust OMA host certificates it signs): {}",
+                    host.fingerprint()
+                );
+                println!("{}", user.public_line());
             }
         }
         PkiAction::IssueAgent { id, dir, out, days } => {

@@ -100,6 +100,11 @@ pub struct ProfileSpec {
     /// Record an unknown host's key into `known_hosts` on first contact. Off unless asked.
     #[serde(default)]
     pub trust_on_first_use: bool,
+    /// Trust host certificates signed by the fleet's SSH host CA (an enrolled agent learns it
+    /// from its coordinator): an OMA whose sshd presents one for the endpoint's name is trusted
+    /// with no known_hosts line or pin, so a new appliance never trusts on first use.
+    #[serde(default)]
+    pub fleet_host_ca: bool,
     /// Forwards in OpenSSH syntax: `L [bind:]port:host:hostport`, `R …`, `D [bind:]port`.
     #[serde(deserialize_with = "crate::limits::forwards")]
     pub forwards: Vec<String>,
@@ -164,6 +169,7 @@ impl ProfileSpec {
             known_hosts: None,
             host_key_fingerprints: Vec::new(),
             trust_on_first_use: false,
+            fleet_host_ca: false,
             forwards: Vec::new(),
             connect_timeout: default_connect_timeout(),
             keepalive_interval: default_keepalive_interval(),
@@ -306,10 +312,13 @@ impl ProfileSpec {
                 return err(&format!("host_key_fingerprints[{i}]"), r.to_string());
             }
         }
-        if self.known_hosts.is_none() && self.host_key_fingerprints.is_empty() {
+        if self.known_hosts.is_none()
+            && self.host_key_fingerprints.is_empty()
+            && !self.fleet_host_ca
+        {
             return err(
                 "known_hosts",
-                "no host-key trust configured: set known_hosts = \"/path\" and/or host_key_fingerprints = [\"SHA256:…\"] (host keys are always verified)".into(),
+                "no host-key trust configured: set known_hosts = \"/path\", host_key_fingerprints = [\"SHA256:…\"] and/or fleet_host_ca = true (host keys are always verified)".into(),
             );
         }
         if self.trust_on_first_use && self.known_hosts.is_none() {
