@@ -55,7 +55,11 @@ pub fn sshd_config(group: &str, dir: &Path) -> String {
          AllowAgentForwarding no\n\
          X11Forwarding no\n\
          PermitUserRC no\n\
-         GatewayPorts no\n"
+         GatewayPorts no\n\
+         # Agents whose profiles say fleet_host_ca = true trust this OMA by a host certificate of\n\
+         # the fleet (no known_hosts line, no pin): `tunnelfleet oma host-cert ENDPOINT` writes it,\n\
+         # then uncomment:\n\
+         # HostCertificate /etc/ssh/ssh_host_ed25519_key-cert.pub\n"
     )
 }
 
