@@ -131,13 +131,7 @@ pub fn observe(
         .with_unit("s")
         .with_callback(move |o| {
             let Some(fleet) = f.upgrade() else { return };
-            let revoked: std::collections::BTreeSet<String> = fleet
-                .store
-                .revocations()
-                .unwrap_or_default()
-                .into_iter()
-                .map(|r| r.agent)
-                .collect();
+            let revoked = fleet.store.revoked_agents().unwrap_or_default();
             let now = tunnelfleet_runtime::clock::now_unix_ms() as f64 / 1000.0;
             for c in fleet.store.ssh_certs().unwrap_or_default() {
                 if !revoked.contains(&c.agent_id) {
@@ -236,13 +230,7 @@ pub fn observe(
 
 /// Counts of agents by state.
 fn agent_states(fleet: &Fleet) -> Vec<(&'static str, u64)> {
-    let revoked: std::collections::BTreeSet<String> = fleet
-        .store
-        .revocations()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|r| r.agent)
-        .collect();
+    let revoked = fleet.store.revoked_agents().unwrap_or_default();
     let mut counts: BTreeMap<&'static str, u64> = [
         ("online", 0),
         ("silent", 0),

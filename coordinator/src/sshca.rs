@@ -250,52 +250,68 @@ impl SshCa {
     /// Certifies an agent's key: only an ed25519 key, one principal (the agent id), the key id
     /// the agent id, `permit-port-forwarding` only.
     pub fn certify(&self, req: &CertRequest<'_>) -> Result<Issued, SshCaError> {
+        let key = self.signable(req.public_key, "")?;
+        let valid_after = req
+            .now_unix
+            .saturating_sub(backdate(req.validity).as_secs());
+        let valid_before = req.now_unix.saturating_add(req.validity.as_secs());
+        self.sign(&key, valid_after, valid_before, |b| {
+            b.serial(req.serial)?
+                .key_id(req.agent_id)?
+                .cert_type(CertType::User)?
+                .valid_principal(req.agent_id)?
+                .extension("permit-port-forwarding", "")?
+                .comment(req.agent_id)?;
+            Ok(())
+        })
+    }
+
+    /// `line` as a key this CA signs: an ed25519 public key, not its own (`what` names the
+    /// kind of key in a refusal).
+    fn signable(&self, line: &str, what: &str) -> Result<PublicKey, SshCaError> {
         let refused = |why: String| Err(SshCaError::Refused(why));
-        if req.public_key.len() > MAX_SSH_KEY_LINE {
+        if line.len() > MAX_SSH_KEY_LINE {
             return refused(format!(
                 "public key line of {} bytes; at most {MAX_SSH_KEY_LINE}",
-                req.public_key.len()
+                line.len()
             ));
         }
-        let key = match PublicKey::from_openssh(req.public_key.trim()) {
+        let key = match PublicKey::from_openssh(line.trim()) {
             Ok(k) => k,
             Err(e) => return refused(format!("not an OpenSSH public key line: {e}")),
         };
         if key.algorithm() != Algorithm::Ed25519 {
             return refused(format!(
-                "a {} key; only ed25519 keys are certified",
+                "a {} {what}key; only ed25519 {what}keys are certified",
                 key.algorithm()
             ));
         }
         if key.key_data() == self.key.public_key().key_data() {
             return refused("that is the CA's own key".into());
         }
-        let valid_after = req
-            .now_unix
-            .saturating_sub(backdate(req.validity).as_secs());
-        let valid_before = req.now_unix.saturating_add(req.validity.as_secs());
+        Ok(key)
+    }
+
+    /// Signs `key` for `valid_after..valid_before`, with what `fill` puts in (serial, key id,
+    /// type, principals, extensions).
+    fn sign(
+        &self,
+        key: &PublicKey,
+        valid_after: u64,
+        valid_before: u64,
+        fill: impl FnOnce(&mut Builder) -> Result<(), ssh_key::Error>,
+    ) -> Result<Issued, SshCaError> {
         let sign_err = |e: ssh_key::Error| SshCaError::Sign(e.to_string());
         let mut nonce = [0u8; 32];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
             .map_err(|_| SshCaError::Sign("no system randomness".into()))?;
         let mut b = Builder::new(nonce, key.key_data().clone(), valid_after, valid_before)
             .map_err(sign_err)?;
-        b.serial(req.serial)
-            .map_err(sign_err)?
-            .key_id(req.agent_id)
-            .map_err(sign_err)?
-            .cert_type(CertType::User)
-            .map_err(sign_err)?
-            .valid_principal(req.agent_id)
-            .map_err(sign_err)?
-            .extension("permit-port-forwarding", "")
-            .map_err(sign_err)?
-            .comment(req.agent_id)
-            .map_err(sign_err)?;
+        fill(&mut b).map_err(sign_err)?;
         let cert = b.sign(&self.key).map_err(sign_err)?;
         Ok(Issued {
             certificate: cert.to_openssh().map_err(sign_err)?,
-            key_fingerprint: tunnelfleet_runtime::sshkey::fingerprint(&key),
+            key_fingerprint: tunnelfleet_runtime::sshkey::fingerprint(key),
             public_key: PublicKey::new(key.key_data().clone(), "")
                 .to_openssh()
                 .map_err(sign_err)?,
@@ -326,25 +342,7 @@ impl SshCa {
     /// no extensions.
     pub fn certify_host(&self, req: &HostCertRequest<'_>) -> Result<Issued, SshCaError> {
         let refused = |why: String| Err(SshCaError::Refused(why));
-        if req.public_key.len() > MAX_SSH_KEY_LINE {
-            return refused(format!(
-                "public key line of {} bytes; at most {MAX_SSH_KEY_LINE}",
-                req.public_key.len()
-            ));
-        }
-        let key = match PublicKey::from_openssh(req.public_key.trim()) {
-            Ok(k) => k,
-            Err(e) => return refused(format!("not an OpenSSH public key line: {e}")),
-        };
-        if key.algorithm() != Algorithm::Ed25519 {
-            return refused(format!(
-                "a {} host key; only ed25519 host keys are certified (/etc/ssh/ssh_host_ed25519_key.pub)",
-                key.algorithm()
-            ));
-        }
-        if key.key_data() == self.key.public_key().key_data() {
-            return refused("that is the CA's own key".into());
-        }
+        let key = self.signable(req.public_key, "host ")?;
         let Some(first) = req.principals.first() else {
             return refused("no host name to certify it for".into());
         };
@@ -362,30 +360,14 @@ impl SshCa {
         }
         let valid_after = req.now_unix.saturating_sub(BACKDATE.as_secs());
         let valid_before = req.now_unix.saturating_add(req.validity.as_secs());
-        let sign_err = |e: ssh_key::Error| SshCaError::Sign(e.to_string());
-        let mut nonce = [0u8; 32];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
-            .map_err(|_| SshCaError::Sign("no system randomness".into()))?;
-        let mut b = Builder::new(nonce, key.key_data().clone(), valid_after, valid_before)
-            .map_err(sign_err)?;
-        b.serial(req.serial)
-            .map_err(sign_err)?
-            .key_id(first.as_str())
-            .map_err(sign_err)?
-            .cert_type(CertType::Host)
-            .map_err(sign_err)?;
-        for p in req.principals {
-            b.valid_principal(p.as_str()).map_err(sign_err)?;
-        }
-        let cert = b.sign(&self.key).map_err(sign_err)?;
-        Ok(Issued {
-            certificate: cert.to_openssh().map_err(sign_err)?,
-            key_fingerprint: tunnelfleet_runtime::sshkey::fingerprint(&key),
-            public_key: PublicKey::new(key.key_data().clone(), "")
-                .to_openssh()
-                .map_err(sign_err)?,
-            valid_after,
-            valid_before,
+        self.sign(&key, valid_after, valid_before, |b| {
+            b.serial(req.serial)?
+                .key_id(first.as_str())?
+                .cert_type(CertType::Host)?;
+            for p in req.principals {
+                b.valid_principal(p.as_str())?;
+            }
+            Ok(())
         })
     }
 }

@@ -280,12 +280,7 @@ impl Watcher {
     /// The agents' SSH certificates against the expiry rule.
     fn ssh_certs(&mut self) -> Vec<Action> {
         let read = || -> Result<Vec<crate::monitor::CertView>, crate::store::StoreError> {
-            let revoked: std::collections::BTreeSet<String> = self
-                .store
-                .revocations()?
-                .into_iter()
-                .map(|r| r.agent)
-                .collect();
+            let revoked = self.store.revoked_agents()?;
             Ok(self
                 .store
                 .ssh_certs()?

@@ -283,6 +283,35 @@ impl Drop for Sshd {
     }
 }
 
+/// OpenSSH's own client logging in to `sshd` with `key` (and `KEY-cert.pub`, a certificate
+/// for it, when there is one) and running `true`: whether it got in, and what it said.
+pub fn ssh_login(sshd: &Sshd, key: &Path) -> (bool, String) {
+    let out = Command::new("ssh")
+        .args([
+            "-F",
+            "/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+        ])
+        .args(["-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=5"])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", sshd.known_hosts.display()))
+        .arg("-i")
+        .arg(key)
+        .args(["-p", &sshd.port.to_string()])
+        .arg(format!("{}@127.0.0.1", sshd.user))
+        .arg("true")
+        .stdin(Stdio::null())
+        .output()
+        .expect("ssh");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Generates an ed25519 key with ssh-keygen (mode 0600).
 pub fn keygen(path: &Path) {
     let ok = Command::new("ssh-keygen")

@@ -289,6 +289,49 @@ async fn after_a_revoke_and_a_sync_the_oma_refuses_that_agent_and_lets_the_other
     c.stop().await;
 }
 
+/// Agent `id` with a certified tunnel (`L local` to an echo server) through a real sshd that
+/// lists it, on a coordinator whose SSH certificates are valid for the shortest time it takes
+/// (renewed about 18 s after issue): the setup of the renewal tests.
+struct ShortLived {
+    c: FullCoordinator,
+    sshd: Sshd,
+    agent: TestAgent,
+    local: u16,
+    first: tunnelfleet_coordinator::store::SshCertRecord,
+    _echo: tokio_util::sync::DropGuard,
+}
+
+async fn short_lived(dir: &std::path::Path, id: &str) -> ShortLived {
+    let c = FullCoordinator::start_with_ssh_validity(
+        dir,
+        Duration::from_millis(300),
+        tunnelfleet_coordinator::sshca::MIN_VALIDITY,
+    )
+    .await;
+    let (echo, guard) = echo_server().await;
+    let local = free_port();
+    let sshd = oma_trusting_the_fleet(
+        dir,
+        &format!("restrict,port-forwarding,permitopen=\"127.0.0.1:{echo}\" {id}\n"),
+    );
+    let agent = TestAgent::start(&c.agent_section(dir, id, "")).await;
+    let spec = certified_profile(&sshd, vec![format!("L {local}:127.0.0.1:{echo}")]);
+    put_and_assign(&c.api, &spec, id).await;
+    wait_until(30, "the certified tunnel", || async {
+        echo_roundtrip(local, b"up").await.is_ok()
+    })
+    .await;
+    let first = c.fleet.store.ssh_cert(id).unwrap().unwrap();
+    ShortLived {
+        c,
+        sshd,
+        agent,
+        local,
+        first,
+        _echo: guard,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renewal_under_a_running_stream_loses_no_byte_and_no_session() {
     if !Sshd::available("SSH certificates") {
@@ -296,27 +339,14 @@ async fn a_renewal_under_a_running_stream_loses_no_byte_and_no_session() {
     }
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
-    // The shortest validity a coordinator takes: renewed about 18 s after it is issued.
-    let c = FullCoordinator::start_with_ssh_validity(
-        dir.path(),
-        Duration::from_millis(300),
-        tunnelfleet_coordinator::sshca::MIN_VALIDITY,
-    )
-    .await;
-    let (echo, _e) = echo_server().await;
-    let local = free_port();
-    let sshd = oma_trusting_the_fleet(
-        dir.path(),
-        &format!("restrict,port-forwarding,permitopen=\"127.0.0.1:{echo}\" vma-renew\n"),
-    );
-    let agent = TestAgent::start(&c.agent_section(dir.path(), "vma-renew", "")).await;
-    let spec = certified_profile(&sshd, vec![format!("L {local}:127.0.0.1:{echo}")]);
-    put_and_assign(&c.api, &spec, "vma-renew").await;
-    wait_until(30, "the certified tunnel", || async {
-        echo_roundtrip(local, b"up").await.is_ok()
-    })
-    .await;
-    let first = c.fleet.store.ssh_cert("vma-renew").unwrap().unwrap();
+    let ShortLived {
+        c,
+        sshd: _sshd,
+        agent,
+        local,
+        first,
+        _echo,
+    } = short_lived(dir.path(), "vma-renew").await;
 
     // One connection, numbered chunks echoed back and compared, until a new certificate is
     // issued, and a while after.
@@ -382,23 +412,14 @@ async fn with_the_coordinator_away_the_agent_logs_in_with_the_certificate_it_hol
     }
     let dir = tempfile::tempdir().unwrap();
     let validity = tunnelfleet_coordinator::sshca::MIN_VALIDITY;
-    let c =
-        FullCoordinator::start_with_ssh_validity(dir.path(), Duration::from_millis(300), validity)
-            .await;
-    let (echo, _e) = echo_server().await;
-    let local = free_port();
-    let mut sshd = oma_trusting_the_fleet(
-        dir.path(),
-        &format!("restrict,port-forwarding,permitopen=\"127.0.0.1:{echo}\" vma-away\n"),
-    );
-    let agent = TestAgent::start(&c.agent_section(dir.path(), "vma-away", "")).await;
-    let spec = certified_profile(&sshd, vec![format!("L {local}:127.0.0.1:{echo}")]);
-    put_and_assign(&c.api, &spec, "vma-away").await;
-    wait_until(30, "the certified tunnel", || async {
-        echo_roundtrip(local, b"up").await.is_ok()
-    })
-    .await;
-    let held = c.fleet.store.ssh_cert("vma-away").unwrap().unwrap();
+    let ShortLived {
+        c,
+        mut sshd,
+        agent,
+        local,
+        first: held,
+        _echo,
+    } = short_lived(dir.path(), "vma-away").await;
     let now_s = || tunnelfleet_runtime::clock::now_unix_ms() / 1000;
 
     // The coordinator goes away past the certificate's half-life: nothing renews it.
@@ -486,28 +507,7 @@ fn not_yet_valid_and_wrongly_signed_certificates_are_refused_by_sshd() {
             .unwrap();
         assert!(out.status.success(), "ssh-keygen -s: {out:?}");
     };
-    // Whether OpenSSH's client gets in with the key and its certificate (`KEY-cert.pub`).
-    let logs_in = || {
-        let out = Command::new("ssh")
-            .args([
-                "-F",
-                "/dev/null",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "IdentitiesOnly=yes",
-            ])
-            .arg("-o")
-            .arg(format!("UserKnownHostsFile={}", sshd.known_hosts.display()))
-            .arg("-i")
-            .arg(&key)
-            .args(["-p", &sshd.port.to_string()])
-            .arg(format!("{}@127.0.0.1", sshd.user))
-            .arg("true")
-            .output()
-            .unwrap();
-        out.status.success()
-    };
+    let logs_in = || integration_tests::ssh_login(&sshd, &key).0;
     let fleet_ca = pki.join(tunnelfleet_coordinator::sshca::SSH_CA_KEY);
     sign(&fleet_ca, "-5m:+1h");
     assert!(logs_in(), "a valid certificate refused: {}", sshd.log());

@@ -95,12 +95,7 @@ pub struct AgentDetail {
 pub(crate) fn details(fleet: &Fleet, me: &str) -> Result<Vec<AgentDetail>, ApiError> {
     let mut out = Vec::new();
     let remote = fleet.store.latest_live(me)?;
-    let revoked: std::collections::BTreeSet<String> = fleet
-        .store
-        .revocations()?
-        .into_iter()
-        .map(|r| r.agent)
-        .collect();
+    let revoked = fleet.store.revoked_agents()?;
     let groups = fleet.store.groups()?;
     let certs: BTreeMap<String, crate::store::SshCertRecord> = fleet
         .store

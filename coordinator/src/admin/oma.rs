@@ -72,8 +72,7 @@ async fn group_ssh(
         .iter()
         .map(|(id, set)| crate::sshd_access::AgentAccess { id, set })
         .collect();
-    let revoked: std::collections::BTreeSet<String> =
-        store.revocations()?.into_iter().map(|r| r.agent).collect();
+    let revoked = store.revoked_agents()?;
     let mut revoked_keys = Vec::new();
     for id in &revoked {
         if let Some(cert) = store.ssh_cert(id)? {

@@ -183,4 +183,9 @@ impl Store {
     pub fn revocations(&self) -> Result<Vec<Revocation>, StoreError> {
         decode_all(&self.revoked, "revoked")
     }
+
+    /// The ids of the revoked agents.
+    pub fn revoked_agents(&self) -> Result<std::collections::BTreeSet<String>, StoreError> {
+        Ok(self.revocations()?.into_iter().map(|r| r.agent).collect())
+    }
 }
