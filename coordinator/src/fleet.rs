@@ -45,6 +45,12 @@ pub enum FleetEvent {
         /// The agent heard again.
         agent: String,
     },
+    /// An agent got its first SSH certificate: it is onboarding, and the OMAs learn its
+    /// principal line at their next `oma sync`.
+    FirstSshCert {
+        /// The new agent.
+        agent: String,
+    },
 }
 
 /// Hellos one agent id may make in a burst ([`Fleet::hello_allowed`]).
@@ -564,7 +570,7 @@ impl Fleet {
     }
 
     /// Queues an event for the watcher without waiting (nothing watching: discarded).
-    fn notify(&self, ev: FleetEvent) {
+    pub(crate) fn notify(&self, ev: FleetEvent) {
         let _ = self.events.send(ev);
     }
 

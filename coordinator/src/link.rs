@@ -380,7 +380,7 @@ async fn ssh_cert(fleet: &Fleet, ctx: &LinkContext, agent: &str, public_key: &st
         Ok(last) => last,
         Err(e) => return refused(format!("coordinator store: {e}")),
     };
-    if sshca::too_soon(last.map(|c| c.issued_unix_ms), now_ms) {
+    if sshca::too_soon(last.as_ref().map(|c| c.issued_unix_ms), now_ms) {
         return refused(format!(
             "asked again within {:?} of the last certificate",
             sshca::MIN_REQUEST_INTERVAL
@@ -413,6 +413,11 @@ async fn ssh_cert(fleet: &Fleet, ctx: &LinkContext, agent: &str, public_key: &st
         return refused(format!("coordinator store: {e}"));
     }
     tracing::info!(%agent, serial, key = %issued.key_fingerprint, valid_before = issued.valid_before, "SSH certificate issued");
+    if last.is_none() {
+        fleet.notify(crate::fleet::FleetEvent::FirstSshCert {
+            agent: agent.to_string(),
+        });
+    }
     SshCert::Granted {
         certificate: issued.certificate,
     }

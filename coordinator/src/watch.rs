@@ -395,6 +395,10 @@ impl Watcher {
                 self.monitor.agent_offline(&agent, missed)
             }
             WatchEvent::Fleet(FleetEvent::Online { agent }) => self.monitor.agent_online(&agent),
+            WatchEvent::Fleet(FleetEvent::FirstSshCert { agent }) => {
+                self.monitor.onboarding(&agent, now);
+                Vec::new()
+            }
             WatchEvent::Probe { endpoint, result } => self.monitor.probe(&endpoint, result, now),
             WatchEvent::Command(cmd, reply) => {
                 let (answer, actions) = self.command(cmd, now).await;

@@ -212,13 +212,21 @@ async fn after_a_revoke_and_a_sync_the_oma_refuses_that_agent_and_lets_the_other
         put_and_assign(&c.api, &s, id).await;
         agents.push((id, port, s.name.clone(), agent));
     }
-    // Both certified, then synced: the principals file lists both, each with its own port.
+    // Both certified, and refused by the OMA a few times (it does not list them yet, as
+    // before a new appliance's first sync), then synced: the principals file lists both, each
+    // with its own port.
     wait_until(30, "both agents certified", || async {
         ["vma-a", "vma-b"]
             .iter()
             .all(|id| c.fleet.store.ssh_cert(id).unwrap().is_some())
     })
     .await;
+    for (id, _, profile, agent) in &agents {
+        wait_until(30, &format!("{id} refused four times"), || async {
+            agent.profile(profile).await.failures_in_a_row >= 4
+        })
+        .await;
+    }
     oma_sync(&c, root.path(), &files, &sshd);
     let principals = std::fs::read_to_string(files.join("principals")).unwrap();
     for (id, _, _, _) in &agents {
@@ -281,6 +289,14 @@ async fn after_a_revoke_and_a_sync_the_oma_refuses_that_agent_and_lets_the_other
     // A second sync finds nothing left to end.
     let again = oma_sync(&c, root.path(), &files, &sshd);
     assert!(!again.contains("ended the session"), "{again}");
+    // Refused until the first sync listed them, onboarding agents raised no alert.
+    let alerts: Vec<tunnelfleet_coordinator::store::Alert> =
+        c.api.get("/v1/alerts?all=true").await.unwrap();
+    let about_b: Vec<_> = alerts
+        .iter()
+        .filter(|a| a.subject.starts_with("vma-b"))
+        .collect();
+    assert!(about_b.is_empty(), "{about_b:?}");
     let log = sshd.log();
     assert!(log.contains("revoked"), "sshd says why: {log}");
     for (_, _, _, agent) in agents {

@@ -4,9 +4,22 @@
 //! coordinator, or refused. The alert says when the certificate runs out; past that, the OMAs
 //! refuse the agent's next login. It resolves when a new certificate is issued, and a revoked
 //! agent raises none.
+//!
+//! An agent's first certificate starts its onboarding: each OMA learns its principal line at
+//! its next `oma sync` (a 10 s timer), so its first logins may be refused, and its tunnels down,
+//! for that long and its reconnect backoff. For [`ONBOARDING_GRACE`] they count toward no
+//! `ssh_auth` or `tunnel_health` alert.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use super::{Action, Monitor};
 use crate::store::{AlertKind, alert_key};
+
+/// How long after its first certificate an agent's refused logins and failing tunnels are not
+/// counted: the OMAs' sync period (10 s) and a reconnect backoff after a refusal.
+pub const ONBOARDING_GRACE: Duration = Duration::from_secs(45);
 
 /// One agent's latest certificate as the rule sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +45,24 @@ pub fn cert_expiring(valid_after: u64, valid_before: u64, now_unix_s: u64) -> bo
 }
 
 impl Monitor {
+    /// `agent` got its first SSH certificate at `now`.
+    pub fn onboarding(&mut self, agent: &str, now: Instant) {
+        self.onboarding
+            .insert(agent.to_string(), now + ONBOARDING_GRACE);
+    }
+
+    /// Whether `agent` is onboarding at `now` (forgotten once it is over).
+    pub(super) fn is_onboarding(&mut self, agent: &str, now: Instant) -> bool {
+        match self.onboarding.get(agent) {
+            Some(until) if now < *until => true,
+            Some(_) => {
+                self.onboarding.remove(agent);
+                false
+            }
+            None => false,
+        }
+    }
+
     /// Raises `ssh_cert_expiring` for each certificate in `certs` with less than a quarter of
     /// its life left, resolves it for the others.
     pub fn ssh_certs(&mut self, certs: &[CertView], now_unix_s: u64) -> Vec<Action> {

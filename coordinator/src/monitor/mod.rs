@@ -45,7 +45,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use certs::{CertView, cert_expiring};
+pub use certs::{CertView, ONBOARDING_GRACE, cert_expiring};
 pub use endpoints::{EndpointView, ProbeError};
 pub use tunnels::{ProfilePlacement, placement};
 
@@ -167,6 +167,9 @@ pub struct Monitor {
     placement: HashMap<String, BTreeMap<String, String>>,
     /// Agent -> (profile -> what its tunnel showed), for [`tunnels`].
     tunnels: HashMap<String, BTreeMap<String, tunnels::TunnelView>>,
+    /// Agents onboarding (their first SSH certificate), until when their refused logins and
+    /// failing tunnels are not counted: [`certs::ONBOARDING_GRACE`].
+    onboarding: HashMap<String, tokio::time::Instant>,
 }
 
 impl Monitor {

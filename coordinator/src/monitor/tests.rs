@@ -201,6 +201,45 @@ async fn refused_keys_raise_ssh_auth_and_a_session_resolves_it() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_onboarding_agent_refused_until_the_omas_sync_raises_nothing_then_it_counts() {
+    let mut m = monitor();
+    let refused = |count: u64| {
+        let mut r = report(A, TunnelState::Backoff, 0);
+        r.errors = vec![ErrorCount {
+            endpoint: A.into(),
+            kind: ErrorKind::Auth,
+            count,
+            last_detail: "refused".into(),
+            last_unix_ms: 0,
+        }];
+        hb(vec![r])
+    };
+    m.onboarding("vma-new", Instant::now());
+    assert!(
+        m.heartbeat("vma-new", &refused(0), Instant::now())
+            .is_empty()
+    );
+    // Refused again and again, tunnels down, within the grace: no alert of either kind.
+    for n in 1..8 {
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let a = m.heartbeat("vma-new", &refused(n), Instant::now());
+        assert!(fired(&a, AlertKind::SshAuth).is_empty(), "{a:?}");
+        assert!(fired(&a, AlertKind::TunnelHealth).is_empty(), "{a:?}");
+    }
+    // Past it, a key still refused is an alert as for any agent.
+    tokio::time::advance(ONBOARDING_GRACE).await;
+    let mut alerts = 0;
+    for n in 8..11 {
+        alerts += fired(
+            &m.heartbeat("vma-new", &refused(n), Instant::now()),
+            AlertKind::SshAuth,
+        )
+        .len();
+    }
+    assert_eq!(alerts, 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn restarts_within_the_window_raise_an_alert_that_resolves_after_a_quiet_window() {
     let mut m = monitor();
     assert!(m.hello("vma-1", 1, Instant::now()).is_empty());
