@@ -277,6 +277,30 @@ impl Watcher {
         fleet_events
     }
 
+    /// The profiles pushed to `agent` that log in with its certificate (no `identity_file`).
+    fn certificate_profiles(&self, agent: &str) -> std::collections::BTreeSet<String> {
+        let read = || -> Result<_, crate::store::StoreError> {
+            let labels = self
+                .store
+                .agent(agent)?
+                .map(|r| r.effective_labels())
+                .unwrap_or_default();
+            Ok(self.store.snapshot()?.set_for(agent, &labels))
+        };
+        match read() {
+            Ok(set) => set
+                .profiles
+                .into_iter()
+                .filter(|p| p.identity_file.is_none())
+                .map(|p| p.name)
+                .collect(),
+            Err(e) => {
+                tracing::warn!(%agent, "reading what was pushed to an onboarding agent: {e}");
+                Default::default()
+            }
+        }
+    }
+
     /// The agents' SSH certificates against the expiry rule.
     fn ssh_certs(&mut self) -> Vec<Action> {
         let read = || -> Result<Vec<crate::monitor::CertView>, crate::store::StoreError> {
@@ -396,7 +420,8 @@ impl Watcher {
             }
             WatchEvent::Fleet(FleetEvent::Online { agent }) => self.monitor.agent_online(&agent),
             WatchEvent::Fleet(FleetEvent::FirstSshCert { agent }) => {
-                self.monitor.onboarding(&agent, now);
+                let profiles = self.certificate_profiles(&agent);
+                self.monitor.onboarding(&agent, profiles, now);
                 Vec::new()
             }
             WatchEvent::Probe { endpoint, result } => self.monitor.probe(&endpoint, result, now),

@@ -220,10 +220,9 @@ impl Monitor {
         for (endpoint, ok) in reading.evidence {
             actions.extend(self.endpoint_evidence(agent, &endpoint, ok, now));
         }
-        // A new agent's logins are refused until the OMAs have synced its principal line.
-        let onboarding = self.is_onboarding(agent, now);
         for p in &hb.profiles {
-            if !onboarding {
+            // A new agent's certificate logins are refused until the OMAs list it.
+            if !self.is_onboarding(agent, &p.name, now) {
                 let refused = reading.auth_failures.get(&p.name).copied().unwrap_or(0);
                 actions.extend(self.ssh_auth_check(agent, p, refused));
                 actions.extend(self.tunnel_health_check(agent, p));

@@ -7,9 +7,11 @@
 //!
 //! An agent's first certificate starts its onboarding: each OMA learns its principal line at
 //! its next `oma sync` (a 10 s timer), so its first logins may be refused, and its tunnels down,
-//! for that long and its reconnect backoff. For [`ONBOARDING_GRACE`] they count toward no
-//! `ssh_auth` or `tunnel_health` alert.
+//! for that long and its reconnect backoff. For [`ONBOARDING_GRACE`] the profiles that log in
+//! with the certificate count toward no `ssh_auth` or `tunnel_health` alert (a static key's
+//! do: nothing about it waits for a sync).
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -45,16 +47,17 @@ pub fn cert_expiring(valid_after: u64, valid_before: u64, now_unix_s: u64) -> bo
 }
 
 impl Monitor {
-    /// `agent` got its first SSH certificate at `now`.
-    pub fn onboarding(&mut self, agent: &str, now: Instant) {
+    /// `agent` got its first SSH certificate at `now`; `profiles` are those it logs in with
+    /// it (no `identity_file`): only their refusals wait for the OMAs' sync.
+    pub fn onboarding(&mut self, agent: &str, profiles: BTreeSet<String>, now: Instant) {
         self.onboarding
-            .insert(agent.to_string(), now + ONBOARDING_GRACE);
+            .insert(agent.to_string(), (now + ONBOARDING_GRACE, profiles));
     }
 
-    /// Whether `agent` is onboarding at `now` (forgotten once it is over).
-    pub(super) fn is_onboarding(&mut self, agent: &str, now: Instant) -> bool {
+    /// Whether `agent`'s `profile` is onboarding at `now` (forgotten once it is over).
+    pub(super) fn is_onboarding(&mut self, agent: &str, profile: &str, now: Instant) -> bool {
         match self.onboarding.get(agent) {
-            Some(until) if now < *until => true,
+            Some((until, profiles)) if now < *until => profiles.contains(profile),
             Some(_) => {
                 self.onboarding.remove(agent);
                 false

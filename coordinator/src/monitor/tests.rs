@@ -214,7 +214,18 @@ async fn an_onboarding_agent_refused_until_the_omas_sync_raises_nothing_then_it_
         }];
         hb(vec![r])
     };
-    m.onboarding("vma-new", Instant::now());
+    // Its static-key profile's refusals count at once: nothing about them waits for a sync.
+    m.onboarding("vma-static", ["other".to_string()].into(), Instant::now());
+    let mut alerts = 0;
+    for n in 0..4 {
+        alerts += fired(
+            &m.heartbeat("vma-static", &refused(n), Instant::now()),
+            AlertKind::SshAuth,
+        )
+        .len();
+    }
+    assert_eq!(alerts, 1);
+    m.onboarding("vma-new", ["p".to_string()].into(), Instant::now());
     assert!(
         m.heartbeat("vma-new", &refused(0), Instant::now())
             .is_empty()
