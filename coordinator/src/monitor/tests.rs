@@ -216,15 +216,18 @@ async fn an_onboarding_agent_refused_until_the_omas_sync_raises_nothing_then_it_
     };
     // Its static-key profile's refusals count at once: nothing about them waits for a sync.
     m.onboarding("vma-static", ["other".to_string()].into(), Instant::now());
-    let mut alerts = 0;
-    for n in 0..4 {
-        alerts += fired(
-            &m.heartbeat("vma-static", &refused(n), Instant::now()),
-            AlertKind::SshAuth,
-        )
-        .len();
-    }
-    assert_eq!(alerts, 1);
+    let ssh_auth_alerts = |m: &mut Monitor, agent: &str, counts: std::ops::Range<u64>| {
+        counts
+            .map(|n| {
+                fired(
+                    &m.heartbeat(agent, &refused(n), Instant::now()),
+                    AlertKind::SshAuth,
+                )
+                .len()
+            })
+            .sum::<usize>()
+    };
+    assert_eq!(ssh_auth_alerts(&mut m, "vma-static", 0..4), 1);
     m.onboarding("vma-new", ["p".to_string()].into(), Instant::now());
     assert!(
         m.heartbeat("vma-new", &refused(0), Instant::now())
@@ -239,15 +242,7 @@ async fn an_onboarding_agent_refused_until_the_omas_sync_raises_nothing_then_it_
     }
     // Past it, a key still refused is an alert as for any agent.
     tokio::time::advance(ONBOARDING_GRACE).await;
-    let mut alerts = 0;
-    for n in 8..11 {
-        alerts += fired(
-            &m.heartbeat("vma-new", &refused(n), Instant::now()),
-            AlertKind::SshAuth,
-        )
-        .len();
-    }
-    assert_eq!(alerts, 1);
+    assert_eq!(ssh_auth_alerts(&mut m, "vma-new", 8..11), 1);
 }
 
 #[tokio::test(start_paused = true)]
