@@ -38,6 +38,19 @@ fn report(endpoint: &str, state: TunnelState, health_failures: u32) -> ProfileRe
     }
 }
 
+/// A heartbeat of profile `p` on `A` in `state`, its key refused `count` times so far.
+fn with_auth(count: u64, state: TunnelState) -> Heartbeat {
+    let mut r = report(A, state, 0);
+    r.errors = vec![ErrorCount {
+        endpoint: A.into(),
+        kind: ErrorKind::Auth,
+        count,
+        last_detail: "refused".into(),
+        last_unix_ms: 0,
+    }];
+    hb(vec![r])
+}
+
 fn hb(profiles: Vec<ProfileReport>) -> Heartbeat {
     Heartbeat {
         seq: 0,
@@ -173,17 +186,6 @@ async fn one_agent_failing_against_a_healthy_oma_gets_its_own_alert() {
 async fn refused_keys_raise_ssh_auth_and_a_session_resolves_it() {
     let mut m = monitor();
     let now = Instant::now();
-    let with_auth = |count: u64, state| {
-        let mut r = report(A, state, 0);
-        r.errors = vec![ErrorCount {
-            endpoint: A.into(),
-            kind: ErrorKind::Auth,
-            count,
-            last_detail: "refused".into(),
-            last_unix_ms: 0,
-        }];
-        hb(vec![r])
-    };
     // The first heartbeat is a baseline: old failures are not new checks.
     assert!(
         m.heartbeat("vma-1", &with_auth(7, TunnelState::Backoff), now)
@@ -203,17 +205,7 @@ async fn refused_keys_raise_ssh_auth_and_a_session_resolves_it() {
 #[tokio::test(start_paused = true)]
 async fn an_onboarding_agent_refused_until_the_omas_sync_raises_nothing_then_it_counts() {
     let mut m = monitor();
-    let refused = |count: u64| {
-        let mut r = report(A, TunnelState::Backoff, 0);
-        r.errors = vec![ErrorCount {
-            endpoint: A.into(),
-            kind: ErrorKind::Auth,
-            count,
-            last_detail: "refused".into(),
-            last_unix_ms: 0,
-        }];
-        hb(vec![r])
-    };
+    let refused = |count: u64| with_auth(count, TunnelState::Backoff);
     // Its static-key profile's refusals count at once: nothing about them waits for a sync.
     m.onboarding("vma-static", ["other".to_string()].into(), Instant::now());
     let ssh_auth_alerts = |m: &mut Monitor, agent: &str, counts: std::ops::Range<u64>| {
