@@ -137,15 +137,12 @@ impl SshCredential {
     /// key line, written as `@cert-authority *` into [`HOST_CA_FILE`] (atomically, only when
     /// it changed). Returns whether it changed.
     pub fn take_host_ca(&self, line: &str) -> Result<bool, SshCredentialError> {
-        let refused = |why: String| SshCredentialError::Certificate(format!("SSH host CA: {why}"));
-        if line.len() > tunnelfleet_protocol::limits::MAX_SSH_KEY_LINE {
-            return Err(refused(format!("a line of {} bytes", line.len())));
-        }
-        let key = russh::keys::PublicKey::from_openssh(line.trim())
-            .map_err(|e| refused(format!("not an OpenSSH public key: {e}")))?;
-        if key.algorithm() != Algorithm::Ed25519 {
-            return Err(refused(format!("a {} key, not ed25519", key.algorithm())));
-        }
+        let key = tunnelfleet_runtime::sshkey::ed25519_line(
+            line,
+            tunnelfleet_protocol::limits::MAX_SSH_KEY_LINE,
+            "",
+        )
+        .map_err(|why| SshCredentialError::Certificate(format!("SSH host CA: {why}")))?;
         let text = format!(
             "# the fleet's SSH host CA, from the coordinator; rewritten when it changes\n@cert-authority * {} tunnelfleet-host-ca\n",
             tunnelfleet_runtime::sshkey::public_line(&russh::keys::PublicKey::new(
@@ -321,5 +318,26 @@ mod tests {
         // A stored certificate for another agent id is not used.
         let renamed = SshCredential::open(dir.path(), "vma-9").unwrap();
         assert_eq!(renamed.valid_before(), None);
+    }
+
+    #[test]
+    fn the_fleet_host_ca_is_kept_as_a_cert_authority_line_and_only_an_ed25519_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let cred = SshCredential::open(dir.path(), "vma-1").unwrap();
+        let line = ca().public_key().to_openssh().unwrap();
+        assert!(cred.take_host_ca(&line).unwrap(), "written the first time");
+        assert!(!cred.take_host_ca(&line).unwrap(), "unchanged the second");
+        let text = std::fs::read_to_string(cred.host_ca_path()).unwrap();
+        let b64 = line.split_whitespace().nth(1).unwrap();
+        assert!(
+            text.contains(&format!(
+                "@cert-authority * ssh-ed25519 {b64} tunnelfleet-host-ca\n"
+            )),
+            "{text}"
+        );
+        for bad in ["garbage", &format!("ssh-ed25519 {}", "A".repeat(5000))] {
+            assert!(cred.take_host_ca(bad).is_err(), "{bad}");
+        }
+        assert_eq!(std::fs::read_to_string(cred.host_ca_path()).unwrap(), text);
     }
 }

@@ -269,25 +269,10 @@ impl SshCa {
     /// `line` as a key this CA signs: an ed25519 public key, not its own (`what` names the
     /// kind of key in a refusal).
     fn signable(&self, line: &str, what: &str) -> Result<PublicKey, SshCaError> {
-        let refused = |why: String| Err(SshCaError::Refused(why));
-        if line.len() > MAX_SSH_KEY_LINE {
-            return refused(format!(
-                "public key line of {} bytes; at most {MAX_SSH_KEY_LINE}",
-                line.len()
-            ));
-        }
-        let key = match PublicKey::from_openssh(line.trim()) {
-            Ok(k) => k,
-            Err(e) => return refused(format!("not an OpenSSH public key line: {e}")),
-        };
-        if key.algorithm() != Algorithm::Ed25519 {
-            return refused(format!(
-                "a {} {what}key; only ed25519 {what}keys are certified",
-                key.algorithm()
-            ));
-        }
+        let key = tunnelfleet_runtime::sshkey::ed25519_line(line, MAX_SSH_KEY_LINE, what)
+            .map_err(SshCaError::Refused)?;
         if key.key_data() == self.key.public_key().key_data() {
-            return refused("that is the CA's own key".into());
+            return Err(SshCaError::Refused("that is the CA's own key".into()));
         }
         Ok(key)
     }

@@ -26,6 +26,26 @@ pub fn generate_ed25519(comment: &str) -> Result<PrivateKey, SshKeyError> {
     )?)
 }
 
+/// An ed25519 public key from one OpenSSH line of at most `max` bytes, or why it is not one
+/// (`what` names the kind of key in that: `""`, `"host "`).
+pub fn ed25519_line(line: &str, max: usize, what: &str) -> Result<PublicKey, String> {
+    if line.len() > max {
+        return Err(format!(
+            "public key line of {} bytes; at most {max}",
+            line.len()
+        ));
+    }
+    let key = PublicKey::from_openssh(line.trim())
+        .map_err(|e| format!("not an OpenSSH public key line: {e}"))?;
+    if key.algorithm() != ssh_key::Algorithm::Ed25519 {
+        return Err(format!(
+            "a {} {what}key; only ed25519 {what}keys are taken",
+            key.algorithm()
+        ));
+    }
+    Ok(key)
+}
+
 /// A public key as one OpenSSH line (`ssh-ed25519 AAAA… comment`).
 pub fn public_line(key: &PublicKey) -> String {
     key.to_openssh()
