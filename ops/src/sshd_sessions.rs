@@ -227,19 +227,25 @@ pub fn read_logins(
                 .stderr(std::process::Stdio::piped())
                 .spawn()
                 .map_err(|e| err(format!("cannot run journalctl: {e}")))?;
-            let Some(stdout) = child.stdout.take() else {
+            let (Some(stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take())
+            else {
                 return Err(err("journalctl has no output".into()));
             };
+            // Its complaints read beside its lines, so that neither pipe can fill and stall it.
+            let complaints = std::thread::spawn(move || {
+                let mut text = String::new();
+                let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+                text
+            });
             let logins = last_logins(std::io::BufReader::new(stdout));
-            let out = child
-                .wait_with_output()
-                .map_err(|e| err(format!("journalctl: {e}")))?;
-            if !out.status.success() {
-                return Err(err(format!(
-                    "journalctl {}: {}",
-                    out.status,
-                    String::from_utf8_lossy(&out.stderr).trim()
-                )));
+            if logins.is_err() {
+                // Nobody reads the rest: it must not wait on a full pipe.
+                let _ = child.kill();
+            }
+            let status = child.wait().map_err(|e| err(format!("journalctl: {e}")))?;
+            let complaints = complaints.join().unwrap_or_default();
+            if !status.success() && logins.is_ok() {
+                return Err(err(format!("journalctl {status}: {}", complaints.trim())));
             }
             logins.map_err(|e| err(e.to_string()))
         }
