@@ -63,6 +63,9 @@ fn run(args: Args) -> anyhow::Result<()> {
             args.config.display(),
             cfg.profiles.len()
         );
+        for p in &cfg.profiles {
+            print!("{}", crate::placement::describe(p));
+        }
         return Ok(());
     }
     let mut builder = if args.worker_threads == 0 {

@@ -94,7 +94,7 @@ pub async fn run(
         match connected {
             Ok((_endpoint, mut l, candidate)) => {
                 tracing::info!(coordinator = %candidate.addr, configured = %candidate.configured, agent = %cfg.agent_id, "connected to the coordinator");
-                backoff.reset();
+                let linked_at = tokio::time::Instant::now();
                 coordinated.set(true);
                 if let (Some(ssh), Some(line)) = (&ssh, &l.welcome.ssh_host_ca) {
                     match ssh.take_host_ca(line) {
@@ -189,6 +189,9 @@ pub async fn run(
                                     }
                                 }
                             }
+                            Ok(CoordinatorMessage::Evidence(e)) => {
+                                coordinated.evidence_heard(&e.endpoint, e.others_passing, tokio::time::Instant::now());
+                            }
                             Ok(other) => tracing::debug!("ignoring {other:?}"),
                             Err(e) => break Err(e),
                         }
@@ -200,6 +203,20 @@ pub async fn run(
                 if let Err(e) = ended {
                     tracing::warn!("{e}; tunnels keep running, reconnecting");
                 }
+                // A link that was up a while: the next coordinator after a short jittered
+                // pause (the agents of a dead coordinator spread over it). One that keeps
+                // ending soon after it is made backs off instead.
+                let pause = if linked_at.elapsed() >= STABLE_LINK {
+                    backoff.reset();
+                    relink_pause()
+                } else {
+                    backoff.next_delay()
+                };
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                continue;
             }
             Err(e) => tracing::warn!("{e}; tunnels keep running, retrying"),
         }
@@ -208,6 +225,18 @@ pub async fn run(
             _ = tokio::time::sleep(backoff.next_delay()) => {}
         }
     }
+}
+
+/// A link up this long counts as working: losing it relinks at once ([`relink_pause`]) and
+/// resets the backoff.
+pub const STABLE_LINK: Duration = Duration::from_secs(10);
+
+/// The pause before dialing again after a link that was up was lost: uniform in
+/// `[0, RELINK_JITTER]`.
+fn relink_pause() -> Duration {
+    use rand::RngExt;
+    let span = tunnelfleet_protocol::RELINK_JITTER.as_millis() as u64;
+    Duration::from_millis(rand::rng().random_range(0..=span))
 }
 
 /// How long the agent waits before asking for a certificate again after a request that was

@@ -305,22 +305,32 @@ where
 {
     /// Runs until cancelled.
     pub async fn run(mut self) {
+        let mut next = tokio::time::Instant::now() + self.interval;
         loop {
             // Wait for the session: a check against a tunnel that is known to be down says
             // nothing new and would only count towards a restart that is already happening.
-            tokio::select! {
-                _ = self.cancel.cancelled() => return,
-                r = self.session_up.wait_for(|up| *up) => if r.is_err() { return },
+            if !*self.session_up.borrow() {
+                tokio::select! {
+                    _ = self.cancel.cancelled() => return,
+                    r = self.session_up.wait_for(|up| *up) => if r.is_err() { return },
+                }
+                // A session (back) up: its first check an interval from now.
+                next = tokio::time::Instant::now() + self.interval;
             }
+            // Checks start `interval` apart, however long one takes (a hanging service
+            // answers at its timeout): `threshold` failures take `threshold` intervals.
             tokio::select! {
                 _ = self.cancel.cancelled() => return,
-                _ = tokio::time::sleep(self.interval) => {}
+                _ = tokio::time::sleep_until(next) => {}
             }
             if !*self.session_up.borrow() {
                 continue;
             }
+            next += self.interval;
             let result = (self.check)().await;
             self.record(result).await;
+            // A check that took longer than the interval: the next one at once, not a burst.
+            next = next.max(tokio::time::Instant::now());
         }
     }
 

@@ -176,7 +176,8 @@ pub async fn connect(
         Ok(
             CoordinatorMessage::Push(_)
             | CoordinatorMessage::Command(_)
-            | CoordinatorMessage::SshCert(_),
+            | CoordinatorMessage::SshCert(_)
+            | CoordinatorMessage::Evidence(_),
         ) => Err(LinkError::Lost {
             addr,
             reason: "a push, command or certificate before the welcome".into(),

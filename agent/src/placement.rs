@@ -16,11 +16,14 @@
 //! - **A bastion is not the OMA.** A jump host's failure (its own connect, handshake, or a
 //!   session lost through it) never counts toward `failover_after`: the path is retried with
 //!   backoff, the endpoint keeps its place.
-//! - **Health.** A profile with no coordinator to decide for it moves at once when its health
-//!   check crosses its threshold; a coordinated one gets a fresh session on the same endpoint
-//!   and leaves the move to the coordinator, which sees every agent on that endpoint (and still
-//!   moves on its own after `failover_after` refused ones, should the coordinator not act).
-//!   Either way the new session replaces the old only once its own check passes.
+//! - **Health**, the decision table of [`health_step`]: when the check crosses its threshold
+//!   (`threshold` failures in a row), one fresh session on the same endpoint; if that one's own
+//!   check fails too, the other endpoints in order, the first whose new session passes its
+//!   check taking over — unless the coordinator's evidence says other agents on this endpoint
+//!   pass theirs: then the fault is this appliance's, and it stays (its `tunnel_health` alert
+//!   says so). Later crossings of the same streak (every `threshold` more failures) skip the
+//!   fresh session. A single endpoint gets a fresh session at every crossing. A new session
+//!   replaces the old only once its own check passes: open connections carry on meanwhile.
 //! - **Failback.** Off the preferred endpoint (the first: for a group, the group's choice), the
 //!   runner probes it; once it answered every probe for `failback_after`, the runner moves back,
 //!   make-before-break.
@@ -48,7 +51,17 @@ pub struct Coordinated(Arc<CoordinatedInner>);
 struct CoordinatedInner {
     connected: AtomicBool,
     report: tokio::sync::Notify,
+    /// Endpoint -> (other agents passing their checks through it, when the coordinator said
+    /// so). Bounded: the link keeps at most [`MAX_EVIDENCE`] endpoints.
+    evidence: std::sync::Mutex<std::collections::HashMap<String, (u32, Instant)>>,
 }
+
+/// How long the coordinator's word on an endpoint counts (it repeats it with the heartbeats
+/// that report failing checks there).
+pub const EVIDENCE_FRESH: Duration = Duration::from_secs(30);
+
+/// Endpoints whose evidence an agent keeps (the coordinator only speaks of endpoints it gave).
+pub const MAX_EVIDENCE: usize = 256;
 
 impl Coordinated {
     /// Sets it (the link came up, or went away).
@@ -69,6 +82,32 @@ impl Coordinated {
     /// Resolves when a heartbeat was asked for.
     pub async fn report_asked(&self) {
         self.0.report.notified().await;
+    }
+
+    /// The coordinator says `others_passing` other agents pass their checks through `endpoint`.
+    pub fn evidence_heard(&self, endpoint: &str, others_passing: u32, now: Instant) {
+        let mut map = self.0.evidence.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= MAX_EVIDENCE && !map.contains_key(endpoint) {
+            map.retain(|_, (_, at)| now.saturating_duration_since(*at) < EVIDENCE_FRESH);
+            if map.len() >= MAX_EVIDENCE {
+                return;
+            }
+        }
+        map.insert(endpoint.to_string(), (others_passing, now));
+    }
+
+    /// What the coordinator last said of `endpoint`, while connected and fresh.
+    pub fn evidence(&self, endpoint: &str, now: Instant) -> Evidence {
+        if !self.get() {
+            return Evidence::Unknown;
+        }
+        let map = self.0.evidence.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(endpoint) {
+            Some((n, at)) if now.saturating_duration_since(*at) < EVIDENCE_FRESH => {
+                Evidence::OthersPass(*n)
+            }
+            _ => Evidence::Unknown,
+        }
     }
 }
 
@@ -203,23 +242,25 @@ impl Placement {
         }
     }
 
-    /// The health check crossed its threshold on the current endpoint while the session
-    /// works: the endpoint to try a new session on (make-before-break: the current one carries
-    /// traffic until the new one passes its own check). Without a coordinator, the next
-    /// endpoint at once; with one (which sees every agent there and moves the group), a fresh
-    /// session on the same endpoint, and the next only after `failover_after` of these.
-    pub fn health_down(&self, coordinated: bool) -> usize {
-        let next = (self.current + 1) % self.endpoints;
-        if self.endpoints > 1 && (!coordinated || self.failures + 1 >= self.failover_after) {
-            return next;
-        }
-        self.current
-    }
-
-    /// A health-driven new session was refused (its own check failed too): one more failure of
-    /// the current endpoint.
-    pub fn health_refused(&mut self) {
-        self.failures = self.failures.saturating_add(1);
+    /// The health check crossed its threshold on the current endpoint while the session works,
+    /// `failed` checks in a row against a `threshold`; `fresh_refused` once this crossing's
+    /// fresh session on the same endpoint failed its own check. What to try: see
+    /// [`health_step`].
+    pub fn health_step(
+        &self,
+        failed: u32,
+        threshold: u32,
+        fresh_refused: bool,
+        evidence: Evidence,
+    ) -> HealthStep {
+        health_step(
+            self.endpoints,
+            self.current,
+            failed,
+            threshold,
+            fresh_refused,
+            evidence,
+        )
     }
 
     /// Whether the profile is off its preferred endpoint (and so probes it for failback).
@@ -280,6 +321,111 @@ impl Placement {
         self.moved(to);
         Next::Move { from, to }
     }
+}
+
+/// What the coordinator says about the endpoint a profile's health check fails through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Evidence {
+    /// Nothing: no coordinator, or no word from it lately (no other agent checks through that
+    /// endpoint, or the link is down).
+    Unknown,
+    /// This many other agents on the endpoint pass their checks through it.
+    OthersPass(u32),
+}
+
+/// What a profile does about a health check that crossed its threshold ([`health_step`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthStep {
+    /// A fresh session on the same endpoint: a broken session, not the service, may be at fault.
+    Fresh,
+    /// New sessions to these endpoints (indexes), in order; the first that binds every forward
+    /// and passes its own check takes over.
+    Move(Vec<usize>),
+    /// Stay where it is: other agents pass their checks through this endpoint, so the fault is
+    /// this appliance's (alerted as its `tunnel_health`), and moving it would split the fleet.
+    Stay {
+        /// How many other agents pass.
+        others_passing: u32,
+    },
+}
+
+/// The health rule's decision table. On `endpoints` endpoints (the profile's list, preferred
+/// first), on index `current`, after `failed` checks in a row against `threshold`:
+///
+/// | endpoints | crossing of the streak | fresh session | coordinator's evidence | step |
+/// |---|---|---|---|---|
+/// | 1 | any | — | any | [`HealthStep::Fresh`] |
+/// | ≥ 2 | first (`failed` < 2 × `threshold`) | not tried yet | any | [`HealthStep::Fresh`] |
+/// | ≥ 2 | first | refused | others pass | [`HealthStep::Stay`] |
+/// | ≥ 2 | first | refused | unknown / none pass | [`HealthStep::Move`] to the others |
+/// | ≥ 2 | later | (tried at the first) | others pass | [`HealthStep::Stay`] |
+/// | ≥ 2 | later | (tried at the first) | unknown / none pass | [`HealthStep::Move`] to the others |
+///
+/// The others are tried from the one after `current` round to the one before it (priority
+/// order from the preferred one); the preferred endpoint is left to failback's stable period
+/// only through [`Placement::probed`], never skipped here.
+pub fn health_step(
+    endpoints: usize,
+    current: usize,
+    failed: u32,
+    threshold: u32,
+    fresh_refused: bool,
+    evidence: Evidence,
+) -> HealthStep {
+    if endpoints <= 1 {
+        return HealthStep::Fresh;
+    }
+    let first_crossing = failed < threshold.max(1).saturating_mul(2);
+    if first_crossing && !fresh_refused {
+        return HealthStep::Fresh;
+    }
+    if let Evidence::OthersPass(n) = evidence
+        && n > 0
+    {
+        return HealthStep::Stay { others_passing: n };
+    }
+    HealthStep::Move((1..endpoints).map(|i| (current + i) % endpoints).collect())
+}
+
+/// What a profile does when things fail, in its own settings (the defaults where it has none):
+/// what `tunnelfleet-agent --check` prints, so an operator reads the rules that will run.
+pub fn describe(p: &tunnelfleet_protocol::ProfileSpec) -> String {
+    let d = |d: Duration| humantime::format_duration(d).to_string();
+    let mut out = format!("profile {}:\n", p.name);
+    let place = match &p.group {
+        Some(g) => format!("OMA group {g} (the coordinator's endpoints, its active one first)"),
+        None => p.endpoints.join(", "),
+    };
+    out.push_str(&format!("  endpoints: {place}\n"));
+    out.push_str(&format!(
+        "  a silent endpoint: dropped after {} (keepalive {} x {}); the next endpoint at once\n",
+        d(p.keepalive_interval.saturating_mul(p.keepalive_count)),
+        d(p.keepalive_interval),
+        p.keepalive_count,
+    ));
+    out.push_str(&format!(
+        "  connect failures: {} in a row (each within {}) move to the next endpoint; retries back off {} to {}\n",
+        p.failover_after,
+        d(p.connect_timeout),
+        d(p.reconnect_min),
+        d(p.reconnect_max),
+    ));
+    match p.health.as_ref().map(|h| (h, h.target())) {
+        Some((h, Ok(t))) => out.push_str(&format!(
+            "  health: {} every {} (timeout {}); {} failures in a row (about {}): one fresh session on the same endpoint, then the next endpoint whose own check passes, unless the coordinator sees other agents pass there (then it stays, alerted)\n",
+            t.describe(),
+            d(h.interval),
+            d(h.timeout),
+            h.threshold,
+            d(h.interval.saturating_mul(h.threshold)),
+        )),
+        _ => out.push_str("  health: no check (a tunnel counts as healthy while its session is up)\n"),
+    }
+    out.push_str(&format!(
+        "  failback: to the preferred endpoint once it has answered for {}, make-before-break (its check must pass)\n",
+        d(p.failback_after)
+    ));
+    out
 }
 
 #[cfg(test)]
@@ -380,24 +526,135 @@ mod tests {
         );
     }
 
+    use HealthStep::{Fresh, Move, Stay};
+    const NONE: Evidence = Evidence::Unknown;
+
     #[test]
-    fn health_moves_a_standalone_profile_at_once_and_a_coordinated_one_only_as_a_last_resort() {
-        let p = two();
-        assert_eq!(p.health_down(false), 1);
-        let mut c = two();
-        // A fresh session on the same endpoint, refused because its check fails too...
-        assert_eq!(c.health_down(true), 0);
-        c.health_refused();
-        assert_eq!(c.health_down(true), 0);
-        c.health_refused();
-        // ...and the third time the next endpoint, should the coordinator not have moved it.
-        assert_eq!(c.health_down(true), 1);
-        // One endpoint: always a fresh session there.
-        let mut one = Placement::new(1, 3, Duration::from_secs(30), false);
-        for _ in 0..5 {
-            assert_eq!(one.health_down(false), 0);
-            one.health_refused();
+    fn health_one_endpoint_always_gets_a_fresh_session() {
+        for threshold in [1, 2, 3, 5] {
+            for failed in [threshold, 2 * threshold, 7 * threshold] {
+                for refused in [false, true] {
+                    for ev in [NONE, Evidence::OthersPass(4)] {
+                        assert_eq!(health_step(1, 0, failed, threshold, refused, ev), Fresh);
+                    }
+                }
+            }
         }
+    }
+
+    #[test]
+    fn health_first_crossing_tries_one_fresh_session_on_the_same_endpoint() {
+        for threshold in [1, 2, 3, 5] {
+            for failed in [threshold, 2 * threshold - 1] {
+                assert_eq!(health_step(2, 0, failed, threshold, false, NONE), Fresh);
+                // Evidence does not skip it: a fresh session may be all this appliance needs.
+                let ev = Evidence::OthersPass(3);
+                assert_eq!(health_step(3, 1, failed, threshold, false, ev), Fresh);
+            }
+        }
+    }
+
+    #[test]
+    fn health_fresh_refused_moves_to_the_others_in_priority_order() {
+        // Threshold 2 (not 3): the first crossing is at 2, the next at 4.
+        assert_eq!(health_step(2, 0, 2, 2, true, NONE), Move(vec![1]));
+        assert_eq!(health_step(3, 0, 2, 2, true, NONE), Move(vec![1, 2]));
+        assert_eq!(health_step(4, 2, 5, 5, true, NONE), Move(vec![3, 0, 1]));
+        // No other agent passes: the same as no evidence.
+        let none_pass = Evidence::OthersPass(0);
+        assert_eq!(health_step(3, 1, 2, 2, true, none_pass), Move(vec![2, 0]));
+    }
+
+    #[test]
+    fn health_fresh_refused_stays_when_others_pass_through_the_endpoint() {
+        let ev = Evidence::OthersPass(7);
+        assert_eq!(
+            health_step(3, 0, 4, 4, true, ev),
+            Stay { others_passing: 7 }
+        );
+        assert_eq!(
+            health_step(2, 1, 1, 1, true, Evidence::OthersPass(1)),
+            Stay { others_passing: 1 }
+        );
+    }
+
+    #[test]
+    fn health_later_crossings_skip_the_fresh_session() {
+        // Threshold 4: the first crossing is at 4, the later ones at 8, 12, …
+        for failed in [8, 12, 40] {
+            assert_eq!(health_step(3, 0, failed, 4, false, NONE), Move(vec![1, 2]));
+            assert_eq!(
+                health_step(3, 0, failed, 4, false, Evidence::OthersPass(2)),
+                Stay { others_passing: 2 }
+            );
+        }
+        // Threshold 1: every failure is a crossing, the second one is a later one.
+        assert_eq!(health_step(2, 0, 1, 1, false, NONE), Fresh);
+        assert_eq!(health_step(2, 0, 2, 1, false, NONE), Move(vec![1]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn evidence_counts_while_linked_and_fresh() {
+        let c = Coordinated::default();
+        c.evidence_heard("oma-a:443", 2, Instant::now());
+        // Not linked: the word of a coordinator that is gone does not count.
+        assert_eq!(c.evidence("oma-a:443", Instant::now()), NONE);
+        c.set(true);
+        assert_eq!(
+            c.evidence("oma-a:443", Instant::now()),
+            Evidence::OthersPass(2)
+        );
+        assert_eq!(c.evidence("oma-b:443", Instant::now()), NONE);
+        tokio::time::advance(EVIDENCE_FRESH).await;
+        assert_eq!(c.evidence("oma-a:443", Instant::now()), NONE);
+        // Bounded: past the cap, new endpoints are not kept while the old are fresh.
+        for i in 0..MAX_EVIDENCE + 10 {
+            c.evidence_heard(&format!("e{i}:22"), 1, Instant::now());
+        }
+        assert_eq!(c.0.evidence.lock().unwrap().len(), MAX_EVIDENCE);
+        assert_eq!(c.evidence("e0:22", Instant::now()), Evidence::OthersPass(1));
+        assert_eq!(
+            c.evidence(&format!("e{MAX_EVIDENCE}:22"), Instant::now()),
+            NONE
+        );
+    }
+
+    #[test]
+    fn describe_says_the_profiles_own_numbers() {
+        let toml = r#"
+            name = "oma"
+            endpoints = ["oma-a:443", "oma-b:443"]
+            user = "vma"
+            identity_file = "/k"
+            known_hosts = "/kh"
+            forwards = ["L 8082:localhost:8082"]
+            keepalive_interval = "4s"
+            failover_after = 2
+            [health]
+            http = "http://localhost:8082/health"
+            interval = "7s"
+            threshold = 5
+        "#;
+        let p: tunnelfleet_protocol::ProfileSpec = toml::from_str(toml).unwrap();
+        let text = describe(&p);
+        assert!(
+            text.contains("dropped after 12s (keepalive 4s x 3)"),
+            "{text}"
+        );
+        assert!(text.contains("connect failures: 2 in a row"), "{text}");
+        assert!(
+            text.contains("GET http://localhost:8082/health every 7s (timeout 5s); 5 failures in a row (about 35s)"),
+            "{text}"
+        );
+        assert!(text.contains("answered for 30s"), "{text}");
+    }
+
+    #[test]
+    fn health_step_of_a_placement_is_from_where_it_is() {
+        let mut p = Placement::new(3, 3, Duration::from_secs(30), false);
+        p.moved(2);
+        assert_eq!(p.health_step(3, 3, true, NONE), Move(vec![0, 1]));
+        assert_eq!(p.health_step(3, 3, false, NONE), Fresh);
     }
 
     #[test]

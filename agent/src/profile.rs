@@ -29,7 +29,7 @@ use crate::dial;
 use crate::health::{HealthMonitor, HealthTracker, Route, run_check, run_check_via, served_by};
 use crate::hostkey::HostTrust;
 use crate::local::LocalForward;
-use crate::placement::{Coordinated, Ended, Next, Placement, STABLE_SESSION};
+use crate::placement::{Coordinated, Ended, HealthStep, Next, Placement, STABLE_SESSION};
 use crate::ssh::{
     self, ClientHandler, Live, RemoteEntry, RemoteForwards, SessionParams, SshSession,
 };
@@ -508,26 +508,60 @@ impl Runner {
                     let mut probe = tokio::time::interval(probe_every);
                     probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                     probe.reset();
-                    let end = loop {
+                    let end = 'session: loop {
                         tokio::select! {
                                 r = &mut cur.closed => break SessionEnd::Lost(r.unwrap_or_else(|_| "session ended".into())),
                                 Some(c) = self.restart.recv() => break SessionEnd::Restart(c),
                                 Some(n) = health_rx.recv() => {
-                                    // The session works, the service behind it does not: a new
-                                    // session (here, or on the next endpoint) replaces it only
-                                    // once its own check passes; open connections carry on.
+                                    // The session works, the service behind it does not: the
+                                    // health rule (placement::health_step) picks where a new
+                                    // session is tried; one replaces this session only once
+                                    // its own check passes, and open connections carry on.
                                     self.coordinated.report_now();
-                                    let target = place.health_down(self.coordinated.get());
-                                    let (h, p) = endpoints[target].clone();
-                                    let to = format!("{h}:{p}");
-                                    let why = format!("health check failed {n} times in a row");
-                                    // The current session dying meanwhile ends the attempt: that is a loss.
-                                    let attempt = tokio::select! {
-                                        r = self.try_move(&h, p, &specs, &cur.live) => r,
-                                        r = &mut cur.closed => break SessionEnd::Lost(r.unwrap_or_else(|_| "session ended".into())),
+                                    let threshold = self.cfg.health.as_ref().map_or(1, |h| h.threshold);
+                                    let detail = self.shared.lock().health.as_ref()
+                                        .and_then(|h| h.last.as_ref())
+                                        .map(|r| r.detail.clone())
+                                        .unwrap_or_default();
+                                    let why = tunnelfleet_protocol::FailoverRecord::health_reason(n, &detail);
+                                    let mut fresh_refused = false;
+                                    let mut refusals = Vec::new();
+                                    let taken = loop {
+                                        let evidence = self.coordinated.evidence(&cur.live.endpoint, Instant::now());
+                                        let step = place.health_step(n, threshold, fresh_refused, evidence);
+                                        let targets = match &step {
+                                            HealthStep::Fresh => vec![place.current()],
+                                            HealthStep::Move(t) => t.clone(),
+                                            HealthStep::Stay { others_passing } => {
+                                                refusals.push(format!("{others_passing} other agents pass their checks through it: this appliance's fault, not the OMA's"));
+                                                break None;
+                                            }
+                                        };
+                                        let mut taken = None;
+                                        for target in targets {
+                                            let (h, p) = endpoints[target].clone();
+                                            // The current session dying meanwhile ends the attempt: that is a loss.
+                                            let attempt = tokio::select! {
+                                                r = self.try_move(&h, p, &specs, &cur.live) => r,
+                                                r = &mut cur.closed => break 'session SessionEnd::Lost(r.unwrap_or_else(|_| "session ended".into())),
+                                            };
+                                            match attempt {
+                                                Ok(candidate) => {
+                                                    taken = Some((target, candidate));
+                                                    break;
+                                                }
+                                                Err(refusal) => refusals.push(refusal),
+                                            }
+                                        }
+                                        if taken.is_some() || step != HealthStep::Fresh || endpoints.len() == 1 {
+                                            break taken;
+                                        }
+                                        fresh_refused = true;
                                     };
-                                    match attempt {
-                                        Ok(candidate) => {
+                                    let on = cur.live.endpoint.clone();
+                                    match taken {
+                                        Some((target, candidate)) => {
+                                            let to = addr(&endpoints[target]);
                                             let from = self.take_over(&mut cur, candidate, &specs, &session_tx, &endpoints);
                                             place.moved(target);
                                             if from == to {
@@ -539,10 +573,9 @@ impl Runner {
                                             tracing::warn!(profile = %self.cfg.name, %from, %to, "new session make-before-break: {why}");
                                             self.shared.lock().last_error = Some(why);
                                         }
-                                        Err(refusal) => {
-                                            place.health_refused();
-                                            let on = cur.live.endpoint.clone();
-                                            tracing::warn!(profile = %self.cfg.name, %on, %to, "{why}; staying on {on}: {refusal}");
+                                        None => {
+                                            let refusal = refusals.join("; ");
+                                            tracing::warn!(profile = %self.cfg.name, %on, "{why}; staying on {on}: {refusal}");
                                             self.shared.lock().last_error =
                                                 Some(format!("{why}; staying on {on}: {refusal}"));
                                         }

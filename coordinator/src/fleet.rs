@@ -358,6 +358,8 @@ pub struct Fleet {
     hellos: Mutex<HashMap<String, HelloBucket>>,
     /// Commands sent to agents, waiting for their results.
     commands: Mutex<Pending>,
+    /// Who passes health checks through which endpoint, for agents whose checks fail there.
+    pub evidence: crate::evidence::HealthEvidence,
     next_command: std::sync::atomic::AtomicU64,
 }
 
@@ -382,6 +384,7 @@ impl Fleet {
             fresh_ready: tokio::sync::Notify::new(),
             hellos: Mutex::default(),
             commands: Mutex::default(),
+            evidence: Default::default(),
             next_command: std::sync::atomic::AtomicU64::new(1),
         });
         (fleet, rx)
@@ -671,6 +674,8 @@ impl Fleet {
         {
             l.connected = false;
             *live = None;
+            drop(links);
+            self.evidence.forget(agent_id);
         }
     }
 
@@ -684,8 +689,9 @@ impl Fleet {
         }
     }
 
-    /// Records that `id` was heard from now; logs a return from offline.
-    pub fn heard(&self, id: &str, hb: Option<Heartbeat>) {
+    /// Records that `id` was heard from now; logs a return from offline. Returns what counts
+    /// of the heartbeat ([`judged`]), if one came and the agent is linked.
+    pub fn heard(&self, id: &str, hb: Option<Heartbeat>) -> Option<Arc<Heartbeat>> {
         let mut back = false;
         let mut fresh = None;
         // Judged outside the lock: the lock is only for swapping the results in.
@@ -707,7 +713,10 @@ impl Fleet {
                 fresh = Some(judged);
             }
         }
-        if let Some(hb) = fresh.filter(|_| !self.events.is_closed()) {
+        if let Some(hb) = &fresh {
+            self.evidence.observe(id, hb, Instant::now());
+        }
+        if let Some(hb) = fresh.clone().filter(|_| !self.events.is_closed()) {
             self.fresh
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -719,6 +728,7 @@ impl Fleet {
                 agent: id.to_string(),
             });
         }
+        fresh
     }
 }
 

@@ -10,6 +10,10 @@
 //!   the coordinators sharing it and their leader; every acknowledged write
 //!   flushed first.
 //! - [`fleet`]: the registry of connected agents: pushes, the offline sweep, commands, revocation.
+//! - [`evidence`]: which agents pass health checks through which endpoint, told to agents whose
+//!   checks fail there (their health rule stays when others pass).
+//! - [`handshakes`]: handshakes per source address (a token bucket each), so a relinking crowd
+//!   or one wild host cannot crowd out the rest.
 //! - [`link`]: one control-link connection: hello checked against the certificate, heartbeats.
 //! - [`enroll`]: join tokens traded for certificates on the enrollment ALPN.
 //! - [`monitor`]: the alert and failover rules, no IO: endpoints, agents, checks.
@@ -38,8 +42,10 @@ pub mod admin;
 pub mod admin_tls;
 pub mod cli;
 pub mod enroll;
+pub mod evidence;
 pub mod fleet;
 pub mod gauges;
+pub mod handshakes;
 pub mod hooks;
 pub mod lead;
 pub mod link;

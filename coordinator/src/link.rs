@@ -65,6 +65,7 @@ pub async fn serve(
 ) {
     let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let enrolling = Arc::new(tokio::sync::Semaphore::new(MAX_ENROLLING));
+    let mut rate = crate::handshakes::HandshakeRate::default();
     loop {
         let incoming = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -74,6 +75,11 @@ pub async fn serve(
         // source cannot make the coordinator send it a certificate chain.
         if !incoming.remote_address_validated() && incoming.may_retry() {
             let _ = incoming.retry();
+            continue;
+        }
+        if !rate.allow(incoming.remote_address().ip(), tokio::time::Instant::now()) {
+            tracing::debug!(remote = %incoming.remote_address(), "handshakes from this address past their rate; refusing one");
+            incoming.refuse();
             continue;
         }
         let Ok(permit) = connections.clone().try_acquire_owned() else {
@@ -258,12 +264,26 @@ async fn handle(conn: quinn::Connection, fleet: Arc<Fleet>, ctx: LinkContext) {
         tracing::error!(agent = %cert_id, "computing profiles: {e}");
     }
 
+    let mut told = crate::evidence::Told::default();
     loop {
         match next(&mut reader, &mut recv).await {
             Ok(Some(AgentMessage::Heartbeat(hb))) => {
-                fleet.heard(&cert_id, Some(hb));
+                let judged = fleet.heard(&cert_id, Some(hb));
                 if let Some(m) = &metrics {
                     m.heartbeats.add(1, &[]);
+                }
+                // Failing checks: what the others see through the same endpoint.
+                let said = judged.map(|hb| {
+                    fleet
+                        .evidence
+                        .replies(&cert_id, &hb, &mut told, tokio::time::Instant::now())
+                });
+                for e in said.unwrap_or_default() {
+                    let Ok(frame) = encode(&CoordinatorMessage::Evidence(e)) else {
+                        continue;
+                    };
+                    // A full queue drops the word (it is repeated): never wait on an agent.
+                    let _ = replies.try_send(frame);
                 }
             }
             Ok(Some(AgentMessage::Applied(a))) => {

@@ -665,11 +665,12 @@ impl Watcher {
             let tx = self.queue.clone();
             let endpoint = ep.clone();
             let task = tokio::spawn(async move {
-                let mut tick = tokio::time::interval(interval);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut next = Instant::now();
                 loop {
-                    tick.tick().await;
+                    tokio::time::sleep_until(next).await;
+                    let started = Instant::now();
                     let result = probe(&endpoint, timeout).await;
+                    next = (started + probe_gap(interval, result.is_ok())).max(Instant::now());
                     let ev = WatchEvent::Probe {
                         endpoint: endpoint.clone(),
                         result,
@@ -684,6 +685,19 @@ impl Watcher {
         self.monitor.set_groups(groups);
         *self.handle.view.lock().unwrap_or_else(|p| p.into_inner()) =
             self.monitor.view(Instant::now());
+    }
+}
+
+/// From one probe's start to the next one's: the group's `probe_interval` after a pass, a
+/// quarter of it (at least 100 ms) after a failure, so a failing endpoint's `threshold`
+/// failures come in about `threshold` probe timeouts (a blackhole) rather than `threshold`
+/// intervals, while a blip of a few milliseconds still takes more than one probe's worth to
+/// count `threshold` times.
+pub fn probe_gap(interval: Duration, passed: bool) -> Duration {
+    if passed {
+        interval
+    } else {
+        (interval / 4).max(Duration::from_millis(100))
     }
 }
 
@@ -777,5 +791,22 @@ impl PerAgent {
             }
         }
         self.held.remove(&agent);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_probe_is_confirmed_sooner_than_a_pass_is_repeated() {
+        let second = Duration::from_secs(1);
+        assert_eq!(probe_gap(second, true), second);
+        assert_eq!(probe_gap(second, false), Duration::from_millis(250));
+        // Never a tight loop against an endpoint that refuses at once.
+        assert_eq!(
+            probe_gap(Duration::from_millis(200), false),
+            Duration::from_millis(100)
+        );
     }
 }

@@ -24,6 +24,11 @@ pub struct TestAgent {
 }
 
 impl TestAgent {
+    /// Its process id, when it runs as a process (in a test host).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+
     /// Starts an agent from TOML (the `[agent]` section is added: socket in a temp dir).
     pub async fn start(profiles_toml: &str) -> TestAgent {
         Self::start_with("", profiles_toml).await

@@ -205,6 +205,29 @@ pub fn spawn_agent(
     Ok(KillOnDrop(child))
 }
 
+fn spawn_coordinator(bin: &Path, cfg: &Path) -> anyhow::Result<KillOnDrop> {
+    use anyhow::Context;
+    let process = Command::new(bin)
+        .arg("--config")
+        .arg(cfg)
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .context("starting the coordinator")?;
+    Ok(KillOnDrop(process))
+}
+
+async fn wait_api(api: &tunnelfleet_ops::api::ApiClient) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    while api.get::<serde_json::Value>("/v1/agents").await.is_err() {
+        if started.elapsed() > std::time::Duration::from_secs(20) {
+            anyhow::bail!("coordinator did not start");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
 /// A `tunnelfleet-coordinator` process as it ships (the `dist` build) for a benchmark: its PKI,
 /// admin token and state in a directory of its own, its listeners on loopback; killed on drop.
 pub struct BenchCoordinator {
@@ -216,6 +239,8 @@ pub struct BenchCoordinator {
     pub pki_dir: PathBuf,
     /// Its process id (CPU, RSS).
     pub pid: u32,
+    bin: PathBuf,
+    config: PathBuf,
     _process: KillOnDrop,
 }
 
@@ -233,7 +258,17 @@ impl BenchCoordinator {
         dir: &Path,
         extra: &str,
     ) -> anyhow::Result<BenchCoordinator> {
-        use anyhow::Context;
+        BenchCoordinator::start_binary_on(bin, dir, extra, std::net::Ipv4Addr::LOCALHOST).await
+    }
+
+    /// Like [`BenchCoordinator::start_binary`], its control link on `ip` (`0.0.0.0`: agents in
+    /// test hosts reach it at their peer address); the admin API stays on loopback.
+    pub async fn start_binary_on(
+        bin: &Path,
+        dir: &Path,
+        extra: &str,
+        ip: std::net::Ipv4Addr,
+    ) -> anyhow::Result<BenchCoordinator> {
         use std::os::unix::fs::PermissionsExt;
         let pki_dir = dir.join("pki");
         if !pki_dir.join("ca.pem").exists() {
@@ -243,7 +278,7 @@ impl BenchCoordinator {
         let token = dir.join("admin.token");
         std::fs::write(&token, secret)?;
         std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600))?;
-        let control = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
+        let control = std::net::UdpSocket::bind((ip, 0))?.local_addr()?;
         let admin = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let cfg = dir.join("coordinator.toml");
         std::fs::write(
@@ -255,30 +290,27 @@ impl BenchCoordinator {
                 token.display()
             ),
         )?;
-        let process = Command::new(bin)
-            .arg("--config")
-            .arg(&cfg)
-            .env("RUST_LOG", "warn")
-            .stdin(std::process::Stdio::null())
-            .spawn()
-            .context("starting the coordinator")?;
-        let pid = process.id();
-        let process = KillOnDrop(process);
+        let process = spawn_coordinator(bin, &cfg)?;
+        let pid = process.0.id();
         let api = tunnelfleet_ops::api::ApiClient::new(&admin.to_string(), secret);
-        let started = std::time::Instant::now();
-        while api.get::<serde_json::Value>("/v1/agents").await.is_err() {
-            if started.elapsed() > std::time::Duration::from_secs(20) {
-                anyhow::bail!("coordinator did not start");
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
+        wait_api(&api).await?;
         Ok(BenchCoordinator {
             control,
             api,
             pki_dir,
             pid,
+            bin: bin.to_path_buf(),
+            config: cfg,
             _process: process,
         })
+    }
+
+    /// Starts it again (after [`BenchCoordinator::kill9`]) with the same config, ports and
+    /// state, and waits for its API.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self._process = spawn_coordinator(&self.bin, &self.config)?;
+        self.pid = self._process.0.id();
+        wait_api(&self.api).await
     }
 
     /// kill -9: no shutdown code runs.

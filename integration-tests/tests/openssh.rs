@@ -401,7 +401,7 @@ async fn health_threshold_tries_a_fresh_session_that_must_pass_and_a_pass_resets
         || async {
             let p = agent.profile("oma").await;
             p.last_error.as_deref().is_some_and(|e| {
-                e.contains("health check failed 3 times in a row; staying on")
+                e.contains("health check failed 3 times in a row (HTTP 503); staying on")
                     && e.contains("through the new session")
                     && e.contains("HTTP 503")
             })

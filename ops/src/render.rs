@@ -338,6 +338,7 @@ pub fn oma_table(v: &[EndpointView]) -> String {
         }
         let state = match e.state.as_str() {
             "down" => format!("DOWN ({} failed)", e.consecutive_failures),
+            s if e.degraded.is_some() => format!("{s}, DEGRADED"),
             s => s.to_string(),
         };
         let check = match e.last_latency_ms {
@@ -365,6 +366,14 @@ pub fn oma_table(v: &[EndpointView]) -> String {
         ]);
     }
     let mut out = t.to_string() + "\n";
+    for e in v.iter() {
+        if let Some(why) = &e.degraded {
+            out.push_str(&format!(
+                "group {}: {} degraded: {why}\n",
+                e.group, e.endpoint
+            ));
+        }
+    }
     for e in v.iter().filter(|e| !e.diverged.is_empty()) {
         out.push_str(&format!(
             "group {}: {} not on its active endpoint {}:\n",

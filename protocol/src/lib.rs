@@ -43,15 +43,24 @@ pub use profile::{HealthSpec, ProfileSpec};
 /// 5: `failback_after`, `reclaim_remote_ports` and `standby` in profiles.
 /// 6: SSH user certificates (`SshCertRequest`, `SshCert`); a profile's `identity_file` is
 ///    optional (none: the agent's certificate); the fleet's SSH host CA in `Welcome` and a
-///    profile's `fleet_host_ca`.
+///    profile's `fleet_host_ca`; other agents' health through an endpoint (`Evidence`).
 pub const PROTOCOL_VERSION: u32 = 6;
 
-/// QUIC keep-alive of the control link (both ends).
-pub const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(2);
+/// QUIC keep-alive of the control link, sent by the agent: when it sent nothing this long it
+/// sends a PING, and the coordinator's ACK keeps both idle timers running (the coordinator
+/// sends none of its own: one PING and one ACK per agent per interval, not two of each).
+pub const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// QUIC idle timeout of the control link: a link silent this long is dead. Seconds, not the
-/// hours TCP keepalive defaults would take.
-pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// QUIC idle timeout of the control link: a link silent this long is dead (four keep-alives
+/// lost in a row). A coordinator killed outright is noticed by its agents this fast, and they
+/// relink to another within [`RELINK_JITTER`] more; a lost link costs only a relink (the
+/// tunnels never depend on it).
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// An agent whose link was lost dials the next coordinator after a pause uniform in
+/// `[0, RELINK_JITTER]`, so the agents of a dead coordinator arrive at the others spread out,
+/// not in one burst; rounds that fail back off from `reconnect_min`.
+pub const RELINK_JITTER: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// QUIC application close codes of the control link (the agent logs them; tests read them).
 pub mod close {

@@ -52,6 +52,21 @@ pub enum CoordinatorMessage {
     Command(Command),
     /// The answer to an [`AgentMessage::SshCertRequest`].
     SshCert(SshCert),
+    /// What the coordinator sees of an endpoint this agent's health check fails through: how
+    /// many other agents on it pass theirs. Sent while the agent reports failing checks there,
+    /// so its health rule can tell "the OMA's service is down" (move) from "this appliance's
+    /// problem" (stay, alerted).
+    Evidence(EndpointEvidence),
+}
+
+/// Other agents' health checks through one endpoint ([`CoordinatorMessage::Evidence`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct EndpointEvidence {
+    /// The endpoint (`host:port`), as the agent reported it.
+    pub endpoint: String,
+    /// Other agents up on it whose health check passed in the last minute with no failure since.
+    pub others_passing: u32,
 }
 
 /// The agent's SSH public key, for the coordinator's SSH user CA to certify. The private half
@@ -351,6 +366,22 @@ pub struct FailoverRecord {
     /// The failure that made it move.
     pub reason: String,
 }
+
+impl FailoverRecord {
+    /// The reason an agent gives for a move its health check made (its check failed
+    /// `failures` times in a row, the last with `detail`): the coordinator tells these moves
+    /// from the others by it ([`FailoverRecord::for_health`]).
+    pub fn health_reason(failures: u32, detail: &str) -> String {
+        format!("{HEALTH_MOVE} {failures} times in a row ({detail})")
+    }
+
+    /// Whether the agent made this move for its health check.
+    pub fn for_health(&self) -> bool {
+        self.reason.starts_with(HEALTH_MOVE)
+    }
+}
+
+const HEALTH_MOVE: &str = "health check failed";
 
 /// One health check result.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

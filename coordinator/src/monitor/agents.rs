@@ -327,23 +327,46 @@ impl Monitor {
             *n = n.saturating_add(1);
             *n
         };
-        let failing = p.consecutive_failures.max(down_for);
+        // Left its group's active endpoint for its health (its latest move, made because its
+        // check failed there): failing until it is back on the group's choice, however well
+        // the check passes where it went — its appliance is off the OMA the fleet is on.
+        let left_for_health = p.failover_log.last().filter(|m| {
+            m.for_health()
+                && self.groups.values().any(|g| {
+                    g.endpoints.contains(&p.active_endpoint)
+                        && g.active() == Some(m.from.as_str())
+                        && m.from != p.active_endpoint
+                })
+        });
+        let away = if left_for_health.is_some() {
+            self.rules.threshold
+        } else {
+            0
+        };
+        let failing = p.consecutive_failures.max(down_for).max(away);
         let key = alert_key(AlertKind::TunnelHealth, &subject);
         if failing >= self.rules.threshold && !hold && !self.firing.contains(&key) {
             self.firing.insert(key);
             let detail = match p.health.last() {
-                Some(h) => h.detail.clone(),
-                None => p
+                Some(h) if !h.ok => h.detail.clone(),
+                _ => p
                     .last_error
                     .clone()
                     .unwrap_or_else(|| format!("{:?}", p.state)),
             };
-            return Some(Action::Fire {
-                kind: AlertKind::TunnelHealth,
-                summary: format!(
+            let summary = match left_for_health {
+                Some(m) => format!(
+                    "agent {agent} profile {}: tunnel through {}, its group's active endpoint, failed its check ({}); on {} until the check passes there again",
+                    p.name, m.from, m.reason, p.active_endpoint
+                ),
+                None => format!(
                     "agent {agent} profile {}: tunnel through {} failing for {failing} checks in a row ({detail})",
                     p.name, p.active_endpoint
                 ),
+            };
+            return Some(Action::Fire {
+                kind: AlertKind::TunnelHealth,
+                summary,
                 subject,
                 affected: vec![agent.to_string()],
             });

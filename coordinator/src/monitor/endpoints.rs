@@ -52,6 +52,9 @@ pub(super) struct Endpoint {
     pub(super) failing: HashMap<String, Instant>,
     /// When agents' tunnels last made it impaired ([`super::tunnels`]).
     pub(super) impaired: Option<Instant>,
+    /// What agents' tunnels say against it now, when any do ([`super::tunnels`]): fewer than
+    /// the incident needs, or the incident's own words.
+    pub(super) degraded: Option<String>,
 }
 
 impl Endpoint {
@@ -89,6 +92,11 @@ pub struct EndpointView {
     /// (`agent/profile on ENDPOINT: why`): diverged, on their own or because a move was refused.
     #[serde(default)]
     pub diverged: Vec<String>,
+    /// The group's active endpoint answers its probes but agents' tunnels through it fail
+    /// (checks failing, agents that left it on their own): what they say. An `oma_unhealthy`
+    /// incident once they are the group's quorum and most agents there; the group moves then.
+    #[serde(default)]
+    pub degraded: Option<String>,
 }
 
 impl Monitor {
@@ -355,6 +363,7 @@ impl Monitor {
                     } else {
                         Vec::new()
                     },
+                    degraded: e.and_then(|e| e.degraded.clone()),
                 });
             }
         }

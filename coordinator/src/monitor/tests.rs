@@ -663,3 +663,100 @@ async fn an_agents_remembered_counters_follow_its_last_report() {
         "{remembered} counters kept for one reported profile"
     );
 }
+
+/// One agent that left the active endpoint for its health (its sshd answers the probes): the
+/// group stays (one agent never moves it), and the endpoint reads degraded with what the agent
+/// says, in `oma list` and on the fleet page; the words go once nobody fails there.
+#[tokio::test(start_paused = true)]
+async fn one_agent_leaving_for_its_health_marks_the_endpoint_degraded_not_the_group_moved() {
+    let mut m = monitor();
+    m.probe(A, pass(), Instant::now());
+    m.probe(B, pass(), Instant::now());
+    let degraded = |m: &Monitor| -> Vec<(String, Option<String>)> {
+        m.view(Instant::now())
+            .into_iter()
+            .map(|e| (e.endpoint, e.degraded))
+            .collect()
+    };
+    let a = beat(
+        &mut m,
+        "vma-1",
+        &hb(vec![failing_health(A, 3)]),
+        Instant::now(),
+    );
+    assert!(!a.iter().any(|x| matches!(x, Action::SetActive { .. })));
+    let view = degraded(&m);
+    let why = view[0].1.clone().unwrap_or_default();
+    assert!(
+        why.contains("failing on 1 of 1 agents (HTTP 503)"),
+        "{view:?}"
+    );
+    assert_eq!(view[1].1, None, "{view:?}");
+    // It moved to B on its own: after the grace, that is what A's entry says; its own alert
+    // holds while it is off its group's endpoint, though its check passes on B.
+    let mut left = moved_away(A, B);
+    left.failover_log[0].reason =
+        tunnelfleet_protocol::FailoverRecord::health_reason(3, "HTTP 503");
+    for _ in 0..2 {
+        let a = beat(&mut m, "vma-1", &hb(vec![left.clone()]), Instant::now());
+        assert!(
+            !a.iter().any(|x| matches!(x, Action::SetActive { .. })),
+            "{a:?}"
+        );
+        assert!(
+            !a.iter().any(|x| matches!(x, Action::Resolve { .. })),
+            "{a:?}"
+        );
+        // A move for its health is evidence at once, no grace (it follows no group move).
+        let now = degraded(&m)[0].1.clone().unwrap_or_default();
+        assert!(now.contains("1 of 1 agents could not stay on it"), "{now}");
+        tokio::time::advance(tunnels::FOLLOW_GRACE).await;
+    }
+    assert!(m.is_firing(AlertKind::TunnelHealth, "vma-1/p"));
+    let why = degraded(&m)[0].1.clone().unwrap_or_default();
+    assert!(
+        why.contains(
+            "1 of 1 agents could not stay on it (health check failed 3 times in a row (HTTP 503))"
+        ),
+        "{why}"
+    );
+    assert_eq!(m.groups().next().and_then(|g| g.active()), Some(A));
+    // Back on A and passing: nothing said against it any more.
+    let mut back = report(A, TunnelState::Up, 0);
+    back.failover_log = left.failover_log.clone();
+    let a = beat(&mut m, "vma-1", &hb(vec![back]), Instant::now());
+    assert_eq!(degraded(&m)[0].1, None);
+    assert!(
+        a.contains(&Action::Resolve {
+            kind: AlertKind::TunnelHealth,
+            subject: "vma-1/p".into()
+        }),
+        "{a:?}"
+    );
+}
+
+/// A move for its health fires the agent's `tunnel_health` at once, naming where it was and
+/// why, even though the check passes where it went; a move for another reason (a lost
+/// session) is not a health alert.
+#[tokio::test(start_paused = true)]
+async fn a_move_for_health_off_the_groups_endpoint_is_the_agents_tunnel_health_alert() {
+    let mut m = monitor();
+    m.probe(A, pass(), Instant::now());
+    m.probe(B, pass(), Instant::now());
+    let lost = moved_away(A, B);
+    let a = beat(&mut m, "vma-2", &hb(vec![lost]), Instant::now());
+    assert!(fired(&a, AlertKind::TunnelHealth).is_empty(), "{a:?}");
+    let mut left = moved_away(A, B);
+    left.failover_log[0].reason =
+        tunnelfleet_protocol::FailoverRecord::health_reason(3, "HTTP 503");
+    let a = beat(&mut m, "vma-1", &hb(vec![left]), Instant::now());
+    let [Action::Fire { summary, .. }] = fired(&a, AlertKind::TunnelHealth).as_slice() else {
+        panic!("one tunnel_health expected: {a:?}")
+    };
+    assert!(
+        summary.contains(&format!("through {A}, its group's active endpoint"))
+            && summary.contains("(health check failed 3 times in a row (HTTP 503))")
+            && summary.contains(&format!("on {B} until")),
+        "{summary}"
+    );
+}

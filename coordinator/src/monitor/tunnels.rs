@@ -83,6 +83,10 @@ pub(super) struct TunnelView {
     reason: Option<String>,
     /// The active endpoint it was found away from, and since when.
     away: Option<(String, Instant)>,
+    /// The endpoint its latest move left for its health check.
+    left_for_health: Option<String>,
+    /// The group's active endpoint it was last judged on.
+    was_on: Option<String>,
     at: Instant,
 }
 
@@ -113,14 +117,16 @@ impl Monitor {
                     .or_else(|| p.last_error.clone())
                     .unwrap_or_else(|| "failing".into())
             });
-            let reason = p
-                .last_error
-                .clone()
-                .filter(|e| e.starts_with("staying on"))
+            // A move it made for its health says why it left; else a refused move back, else
+            // its latest move.
+            let health_move = p.failover_log.last().filter(|f| f.for_health());
+            let reason = health_move
+                .map(|f| f.reason.clone())
+                .or_else(|| p.last_error.clone().filter(|e| e.starts_with("staying on")))
                 .or_else(|| p.failover_log.last().map(|f| f.reason.clone()));
-            let away = previous
-                .get(&p.name)
-                .and_then(|v: &TunnelView| v.away.clone());
+            let before = previous.get(&p.name);
+            let away = before.and_then(|v: &TunnelView| v.away.clone());
+            let was_on = before.and_then(|v| v.was_on.clone());
             views.insert(
                 p.name.clone(),
                 TunnelView {
@@ -129,6 +135,8 @@ impl Monitor {
                     health_failing,
                     reason,
                     away,
+                    left_for_health: health_move.map(|f| f.from.clone()),
+                    was_on,
                     at: now,
                 },
             );
@@ -150,6 +158,20 @@ impl Monitor {
             active: String,
             quorum: u32,
             verdicts: Vec<(String, Verdict)>,
+        }
+        // What was said of an endpoint holds while it is judged (a group's active one) or kept
+        // out of use by its incident; else it is old news.
+        let stale: Vec<String> = self
+            .endpoints
+            .iter()
+            .filter(|(_, e)| e.degraded.is_some())
+            .map(|(ep, _)| ep.clone())
+            .filter(|ep| !self.impaired(ep, now))
+            .collect();
+        for ep in stale {
+            if let Some(e) = self.endpoints.get_mut(&ep) {
+                e.degraded = None;
+            }
         }
         let mut judged: Vec<Judged> = Vec::new();
         let mut group_of: HashMap<String, usize> = HashMap::new();
@@ -180,6 +202,7 @@ impl Monitor {
                 let j = &mut judged[i];
                 if v.endpoint == j.active {
                     v.away = None;
+                    v.was_on = Some(j.active.clone());
                     let verdict = match &v.health_failing {
                         Some(d) => Verdict::Health(d.clone()),
                         None => Verdict::Good,
@@ -195,7 +218,12 @@ impl Monitor {
                         now
                     }
                 };
-                if now.saturating_duration_since(since) >= FOLLOW_GRACE {
+                // It was seen on the active endpoint and left it for its health: no move of
+                // the group's to wait for, evidence at once. (Away since the group moved onto
+                // that endpoint — a trial failback — it gets the grace to follow.)
+                let left_it = v.left_for_health.as_deref() == Some(j.active.as_str())
+                    && v.was_on.as_deref() == Some(j.active.as_str());
+                if left_it || now.saturating_duration_since(since) >= FOLLOW_GRACE {
                     let why = v
                         .reason
                         .clone()
@@ -229,25 +257,27 @@ impl Monitor {
             .filter(|(_, v)| matches!(v, Verdict::Away(_)))
             .collect();
         let bad = health.len() + away.len();
+        let total = total.max(1);
+        let mut parts = Vec::new();
+        if let Some((_, Verdict::Health(d))) = health.first() {
+            parts.push(format!(
+                "health checks through the tunnel failing on {} of {total} agents ({d})",
+                health.len()
+            ));
+        }
+        if let Some((_, Verdict::Away(why))) = away.first() {
+            parts.push(format!(
+                "{} of {total} agents could not stay on it ({why})",
+                away.len()
+            ));
+        }
         let key = alert_key(AlertKind::OmaUnhealthy, endpoint);
+        let e = self.endpoints.entry(endpoint.to_string()).or_default();
+        e.degraded = (bad > 0).then(|| parts.join("; "));
         if bad >= quorum as usize && bad * 2 > total {
-            let e = self.endpoints.entry(endpoint.to_string()).or_default();
             e.impaired = Some(now);
             let mut actions = Vec::new();
             if self.firing.insert(key) {
-                let mut parts = Vec::new();
-                if let Some((_, Verdict::Health(d))) = health.first() {
-                    parts.push(format!(
-                        "health checks through the tunnel failing on {} of {total} agents ({d})",
-                        health.len()
-                    ));
-                }
-                if let Some((_, Verdict::Away(why))) = away.first() {
-                    parts.push(format!(
-                        "{} of {total} agents could not stay on it ({why})",
-                        away.len()
-                    ));
-                }
                 let mut affected: Vec<String> = health
                     .iter()
                     .chain(away.iter())
@@ -272,7 +302,7 @@ impl Monitor {
             .iter()
             .filter(|(_, v)| matches!(v, Verdict::Good))
             .count();
-        if passing > 0 && bad * 2 < total.max(1) && self.firing.remove(&key) {
+        if passing > 0 && bad * 2 < total && self.firing.remove(&key) {
             if let Some(e) = self.endpoints.get_mut(endpoint) {
                 e.impaired = None;
             }

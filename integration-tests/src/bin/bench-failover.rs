@@ -3,10 +3,12 @@
 //! 198.18.0.0/15, each sshd with the OMA drop-in, its own API and NBD echo on its own
 //! `localhost`), with the competitors in the same run.
 //!
-//! Coordinated (the coordinator probing every 1 s, 800 ms timeout, 3 failures; heartbeats every
-//! 5 s; group failback after 5 s), three real agents with production keepalive (5 s × 3) and a
-//! health check every 2 s (threshold 3); forwards L to the API, L to the NBD echo, R back to the
-//! appliance's API. Two agents run in this process, the third is the agent binary inside a site
+//! Coordinated, with the README's defaults and nothing tuned (the group's probes every 1 s,
+//! 800 ms timeout, 3 failures; heartbeats every 5 s; the agents' keepalive 5 s × 3, connect 15 s,
+//! health check every 10 s with a 5 s timeout and threshold 3, failback after 30 s) — except the
+//! group's failback after 5 s instead of 5 min, so the runs come back between faults (no figure
+//! measures a failback); three real agents; forwards L to the API, L to the NBD echo, R back to
+//! the appliance's API. Two agents run in this process, the third is the agent binary inside a site
 //! host of its own with its own links to both OMAs:
 //! - `blackhole_s`: the primary host blackholed (nftables drop-all: no RST, no FIN) → data
 //!   through the standby on L and R; `alert_latency_ms`: the coordinator's decision to the signed
@@ -14,7 +16,8 @@
 //!   the primary again (its stale session dropped by the drop-in's ClientAlive probes).
 //! - `freeze_s`: the primary's sshd and every session child SIGSTOPped → data through the standby.
 //! - `service_down_alert_s` / `service_down_failover_s`: the primary's API answering 503 while
-//!   its sshd answers → `oma_unhealthy` at the webhook / data through the standby's API.
+//!   its sshd answers → the first alert about it at the webhook (the agents' `tunnel_health`)
+//!   / data through the standby's API; `service_down_incident_s`: the group's `oma_unhealthy`.
 //! - `partition_s`: only the site host's link to the primary cut (the coordinator still reaches
 //!   it) → that agent's data through the standby.
 //! - `simulated_failover_s`: `--agents N` (default 1,000) protocol-level agents (real QUIC and
@@ -89,8 +92,8 @@ struct Ports {
     r: u16,
 }
 
-/// A profile block with production keepalive (5 s × 3, connect 10 s) and a health check every
-/// `health_every` (threshold 3).
+/// A profile block with the defaults (keepalive 5 s × 3, connect 15 s, failover after 3 connect
+/// failures, health timeout 5 s and threshold 3) and a health check every `health_every`.
 fn profile_text(
     o: &Omas,
     name: &str,
@@ -100,7 +103,7 @@ fn profile_text(
     health_every: &str,
 ) -> String {
     let extra = format!(
-        "host_key_fingerprints = [{:?}, {:?}]\nfailback_after = \"{failback_after}\"\n[profile.health]\nhttp = \"http://127.0.0.1:{}/health\"\ninterval = \"{health_every}\"\ntimeout = \"1s\"\nthreshold = 3\n",
+        "host_key_fingerprints = [{:?}, {:?}]\nfailback_after = \"{failback_after}\"\n[profile.health]\nhttp = \"http://127.0.0.1:{}/health\"\ninterval = \"{health_every}\"\n",
         o.primary.fingerprint, o.standby.fingerprint, p.api
     );
     profile_toml(
@@ -116,7 +119,7 @@ fn profile_text(
     )
     .replace("keepalive_interval = \"1s\"", "keepalive_interval = \"5s\"")
     .replace("keepalive_count = 2", "keepalive_count = 3")
-    .replace("connect_timeout = \"2s\"", "connect_timeout = \"10s\"")
+    .replace("connect_timeout = \"2s\"", "connect_timeout = \"15s\"")
     .replace("failover_after = 2", "failover_after = 3")
     .replace("reconnect_max = \"1s\"", "reconnect_max = \"30s\"")
 }
@@ -124,7 +127,7 @@ fn profile_text(
 /// The same profile for group `oma`, for the coordinator.
 fn group_profile(o: &Omas, name: &str, p: &Ports, vma_api: u16) -> anyhow::Result<ProfileSpec> {
     let cfg = AgentConfig::parse(
-        &profile_text(o, name, p, vma_api, "5s", "2s"),
+        &profile_text(o, name, p, vma_api, "30s", "10s"),
         Path::new("bench.toml"),
     )?;
     let mut spec = cfg.profiles[0].clone();
@@ -331,17 +334,38 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("bench-failover: the primary's API answering 503, its sshd up");
     o.api1.set_failing(true);
     let t0 = Instant::now();
-    let service_down_alert_s = until("oma_unhealthy at the webhook", 60, || async {
-        !deliveries(&sink, "oma_unhealthy", "firing").is_empty()
-    })
-    .await?;
-    until("vma-1 through the standby's API", 60, || {
+    let service_down_failover_s = until("vma-1 through the standby's API", 90, || {
         on(p1.api, "oma-b")
     })
     .await?;
-    let service_down_failover_s = t0.elapsed().as_secs_f64();
+    let fired = |kind: &str| {
+        deliveries(&sink, kind, "firing")
+            .iter()
+            .map(|r| r.received_unix_ms)
+            .min()
+    };
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64
+        - (t0.elapsed().as_millis() as u64);
+    until("tunnel_health at the webhook", 60, || async {
+        fired("tunnel_health").is_some()
+    })
+    .await?;
+    let service_down_alert_s = fired("tunnel_health")
+        .unwrap_or(since)
+        .saturating_sub(since) as f64
+        / 1000.0;
+    until("oma_unhealthy at the webhook", 60, || async {
+        fired("oma_unhealthy").is_some()
+    })
+    .await?;
+    let service_down_incident_s = fired("oma_unhealthy")
+        .unwrap_or(since)
+        .saturating_sub(since) as f64
+        / 1000.0;
     eprintln!(
-        "  oma_unhealthy after {service_down_alert_s:.2} s, data through the standby after {service_down_failover_s:.2} s"
+        "  tunnel_health after {service_down_alert_s:.2} s, data through the standby after {service_down_failover_s:.2} s, oma_unhealthy after {service_down_incident_s:.2} s"
     );
     o.api1.set_failing(false);
     until("every agent back on the primary", 90, all_on_primary).await?;
@@ -408,10 +432,10 @@ async fn main() -> anyhow::Result<()> {
     });
     let loop_ratio = ssh_loop_blackhole_s / standalone_blackhole_s;
     eprintln!(
-        "bench-failover: coordinated blackhole {blackhole_s:.2} s, freeze {freeze_s:.2} s, API down: alert {service_down_alert_s:.2} s / standby {service_down_failover_s:.2} s, partition {partition_s:.2} s, R after failback {reverse_after_failback_s:.2} s; standalone blackhole {standalone_blackhole_s:.2} s vs ssh loop 5x3 {ssh_loop_blackhole_s:.2} s ({loop_ratio:.2}x) and the seed's settings {seed} s; {agents} simulated agents {simulated_failover_s:.2} s; alert {alert_latency_ms:.0} ms"
+        "bench-failover: coordinated blackhole {blackhole_s:.2} s, freeze {freeze_s:.2} s, API down: alert {service_down_alert_s:.2} s / standby {service_down_failover_s:.2} s / incident {service_down_incident_s:.2} s, partition {partition_s:.2} s, R after failback {reverse_after_failback_s:.2} s; standalone blackhole {standalone_blackhole_s:.2} s vs ssh loop 5x3 {ssh_loop_blackhole_s:.2} s ({loop_ratio:.2}x) and the seed's settings {seed} s; {agents} simulated agents {simulated_failover_s:.2} s; alert {alert_latency_ms:.0} ms"
     );
     println!(
-        "{{\"blackhole_s\":{blackhole_s:.3},\"real_sshd_failover_s\":{blackhole_s:.3},\"freeze_s\":{freeze_s:.3},\"service_down_alert_s\":{service_down_alert_s:.3},\"service_down_failover_s\":{service_down_failover_s:.3},\"partition_s\":{partition_s:.3},\"standalone_blackhole_s\":{standalone_blackhole_s:.3},\"reverse_after_failback_s\":{reverse_after_failback_s:.3},\"simulated_agents\":{agents},\"simulated_failover_s\":{simulated_failover_s:.3},\"alert_latency_ms\":{alert_latency_ms:.0},\"ssh_loop_blackhole_s\":{ssh_loop_blackhole_s:.3},\"seed_blackhole_s\":{seed},\"ratio_ssh_loop_vs_standalone\":{loop_ratio:.2},\"ratio_seed_vs_standalone\":{seed_ratio}}}"
+        "{{\"blackhole_s\":{blackhole_s:.3},\"real_sshd_failover_s\":{blackhole_s:.3},\"freeze_s\":{freeze_s:.3},\"service_down_alert_s\":{service_down_alert_s:.3},\"service_down_failover_s\":{service_down_failover_s:.3},\"service_down_incident_s\":{service_down_incident_s:.3},\"partition_s\":{partition_s:.3},\"standalone_blackhole_s\":{standalone_blackhole_s:.3},\"reverse_after_failback_s\":{reverse_after_failback_s:.3},\"simulated_agents\":{agents},\"simulated_failover_s\":{simulated_failover_s:.3},\"alert_latency_ms\":{alert_latency_ms:.0},\"ssh_loop_blackhole_s\":{ssh_loop_blackhole_s:.3},\"seed_blackhole_s\":{seed},\"ratio_ssh_loop_vs_standalone\":{loop_ratio:.2},\"ratio_seed_vs_standalone\":{seed_ratio}}}"
     );
     Ok(())
 }

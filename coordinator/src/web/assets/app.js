@@ -69,8 +69,8 @@ function draw(v) {
     tr.dataset.endpoint = e.endpoint;
     cell(tr, e.group);
     cell(tr, e.endpoint + (e.active ? " (active)" : "") + (e.drained ? " (drained)" : ""));
-    cell(tr, e.state, e.state);
-    cell(tr, e.last_detail || "");
+    cell(tr, e.degraded ? e.state + ", degraded" : e.state, e.degraded ? "degraded" : e.state);
+    cell(tr, e.degraded ? "degraded: " + e.degraded : e.last_detail || "");
     cell(tr, e.agents.join(", "));
   });
 
