@@ -190,7 +190,7 @@ pub async fn run(
                                 }
                             }
                             Ok(CoordinatorMessage::Evidence(e)) => {
-                                coordinated.evidence_heard(&e.endpoint, e.others_passing, tokio::time::Instant::now());
+                                coordinated.evidence_heard(&e.endpoint, e.others_passing, e.others_failing, tokio::time::Instant::now());
                             }
                             Ok(other) => tracing::debug!("ignoring {other:?}"),
                             Err(e) => break Err(e),

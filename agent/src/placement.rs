@@ -20,8 +20,8 @@
 //!   (`threshold` failures in a row), one fresh session on the same endpoint; if that one's own
 //!   check fails too, the other endpoints in order, the first whose new session passes its
 //!   check taking over — unless the coordinator's evidence says other agents on this endpoint
-//!   pass theirs: then the fault is this appliance's, and it stays (its `tunnel_health` alert
-//!   says so). Later crossings of the same streak (every `threshold` more failures) skip the
+//!   pass theirs, more of them than fail there: then the fault is this appliance's, and it
+//!   stays (its `tunnel_health` alert says so). Later crossings of the same streak (every `threshold` more failures) skip the
 //!   fresh session. A single endpoint gets a fresh session at every crossing. A new session
 //!   replaces the old only once its own check passes: open connections carry on meanwhile.
 //! - **Failback.** Off the preferred endpoint (the first: for a group, the group's choice), the
@@ -51,9 +51,9 @@ pub struct Coordinated(Arc<CoordinatedInner>);
 struct CoordinatedInner {
     connected: AtomicBool,
     report: tokio::sync::Notify,
-    /// Endpoint -> (other agents passing their checks through it, when the coordinator said
-    /// so). Bounded: the link keeps at most [`MAX_EVIDENCE`] endpoints.
-    evidence: std::sync::Mutex<std::collections::HashMap<String, (u32, Instant)>>,
+    /// Endpoint -> (other agents passing and failing their checks through it, when the
+    /// coordinator said so). Bounded: at most [`MAX_EVIDENCE`] endpoints.
+    evidence: std::sync::Mutex<std::collections::HashMap<String, (Evidence, Instant)>>,
 }
 
 /// How long the coordinator's word on an endpoint counts (it repeats it with the heartbeats
@@ -84,8 +84,9 @@ impl Coordinated {
         self.0.report.notified().await;
     }
 
-    /// The coordinator says `others_passing` other agents pass their checks through `endpoint`.
-    pub fn evidence_heard(&self, endpoint: &str, others_passing: u32, now: Instant) {
+    /// The coordinator says `passing` other agents pass their checks through `endpoint` and
+    /// `failing` fail there.
+    pub fn evidence_heard(&self, endpoint: &str, passing: u32, failing: u32, now: Instant) {
         let mut map = self.0.evidence.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() >= MAX_EVIDENCE && !map.contains_key(endpoint) {
             map.retain(|_, (_, at)| now.saturating_duration_since(*at) < EVIDENCE_FRESH);
@@ -93,7 +94,10 @@ impl Coordinated {
                 return;
             }
         }
-        map.insert(endpoint.to_string(), (others_passing, now));
+        map.insert(
+            endpoint.to_string(),
+            (Evidence::Others { passing, failing }, now),
+        );
     }
 
     /// What the coordinator last said of `endpoint`, while connected and fresh.
@@ -103,9 +107,7 @@ impl Coordinated {
         }
         let map = self.0.evidence.lock().unwrap_or_else(|p| p.into_inner());
         match map.get(endpoint) {
-            Some((n, at)) if now.saturating_duration_since(*at) < EVIDENCE_FRESH => {
-                Evidence::OthersPass(*n)
-            }
+            Some((e, at)) if now.saturating_duration_since(*at) < EVIDENCE_FRESH => *e,
             _ => Evidence::Unknown,
         }
     }
@@ -326,11 +328,28 @@ impl Placement {
 /// What the coordinator says about the endpoint a profile's health check fails through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Evidence {
-    /// Nothing: no coordinator, or no word from it lately (no other agent checks through that
-    /// endpoint, or the link is down).
+    /// Nothing: no coordinator, or no word from it lately (the link is down).
     Unknown,
-    /// This many other agents on the endpoint pass their checks through it.
-    OthersPass(u32),
+    /// Of the other agents on the endpoint, how many pass their checks through it and how many
+    /// fail there.
+    Others {
+        /// Passing.
+        passing: u32,
+        /// Failing.
+        failing: u32,
+    },
+}
+
+impl Evidence {
+    /// Other agents pass through the endpoint, and more of them than fail there: the fault is
+    /// this appliance's. (One agent — a stolen one claiming to pass — can so hold only an
+    /// appliance that fails there alone, never the fleet.)
+    pub fn others_pass(self) -> Option<u32> {
+        match self {
+            Evidence::Others { passing, failing } if passing > failing => Some(passing),
+            _ => None,
+        }
+    }
 }
 
 /// What a profile does about a health check that crossed its threshold ([`health_step`]).
@@ -341,8 +360,9 @@ pub enum HealthStep {
     /// New sessions to these endpoints (indexes), in order; the first that binds every forward
     /// and passes its own check takes over.
     Move(Vec<usize>),
-    /// Stay where it is: other agents pass their checks through this endpoint, so the fault is
-    /// this appliance's (alerted as its `tunnel_health`), and moving it would split the fleet.
+    /// Stay where it is: most other agents on this endpoint pass their checks through it, so
+    /// the fault is this appliance's (alerted as its `tunnel_health`), and moving it would split
+    /// the fleet.
     Stay {
         /// How many other agents pass.
         others_passing: u32,
@@ -356,10 +376,10 @@ pub enum HealthStep {
 /// |---|---|---|---|---|
 /// | 1 | any | — | any | [`HealthStep::Fresh`] |
 /// | ≥ 2 | first (`failed` < 2 × `threshold`) | not tried yet | any | [`HealthStep::Fresh`] |
-/// | ≥ 2 | first | refused | others pass | [`HealthStep::Stay`] |
-/// | ≥ 2 | first | refused | unknown / none pass | [`HealthStep::Move`] to the others |
-/// | ≥ 2 | later | (tried at the first) | others pass | [`HealthStep::Stay`] |
-/// | ≥ 2 | later | (tried at the first) | unknown / none pass | [`HealthStep::Move`] to the others |
+/// | ≥ 2 | first | refused | others pass, more than fail | [`HealthStep::Stay`] |
+/// | ≥ 2 | first | refused | unknown / none pass / as many fail | [`HealthStep::Move`] to the others |
+/// | ≥ 2 | later | (tried at the first) | others pass, more than fail | [`HealthStep::Stay`] |
+/// | ≥ 2 | later | (tried at the first) | unknown / none pass / as many fail | [`HealthStep::Move`] to the others |
 ///
 /// The others are tried from the one after `current` round to the one before it (priority
 /// order from the preferred one); the preferred endpoint is left to failback's stable period
@@ -379,9 +399,7 @@ pub fn health_step(
     if first_crossing && !fresh_refused {
         return HealthStep::Fresh;
     }
-    if let Evidence::OthersPass(n) = evidence
-        && n > 0
-    {
+    if let Some(n) = evidence.others_pass() {
         return HealthStep::Stay { others_passing: n };
     }
     HealthStep::Move((1..endpoints).map(|i| (current + i) % endpoints).collect())
@@ -412,7 +430,7 @@ pub fn describe(p: &tunnelfleet_protocol::ProfileSpec) -> String {
     ));
     match p.health.as_ref().map(|h| (h, h.target())) {
         Some((h, Ok(t))) => out.push_str(&format!(
-            "  health: {} every {} (timeout {}); {} failures in a row (about {}): one fresh session on the same endpoint, then the next endpoint whose own check passes, unless the coordinator sees other agents pass there (then it stays, alerted)\n",
+            "  health: {} every {} (timeout {}); {} failures in a row (about {}): one fresh session on the same endpoint, then the next endpoint whose own check passes, unless most other agents on it pass theirs (then it stays, alerted)\n",
             t.describe(),
             d(h.interval),
             d(h.timeout),
@@ -529,12 +547,20 @@ mod tests {
     use HealthStep::{Fresh, Move, Stay};
     const NONE: Evidence = Evidence::Unknown;
 
+    /// `n` others pass, none fail.
+    fn pass(n: u32) -> Evidence {
+        Evidence::Others {
+            passing: n,
+            failing: 0,
+        }
+    }
+
     #[test]
     fn health_one_endpoint_always_gets_a_fresh_session() {
         for threshold in [1, 2, 3, 5] {
             for failed in [threshold, 2 * threshold, 7 * threshold] {
                 for refused in [false, true] {
-                    for ev in [NONE, Evidence::OthersPass(4)] {
+                    for ev in [NONE, pass(4)] {
                         assert_eq!(health_step(1, 0, failed, threshold, refused, ev), Fresh);
                     }
                 }
@@ -548,7 +574,7 @@ mod tests {
             for failed in [threshold, 2 * threshold - 1] {
                 assert_eq!(health_step(2, 0, failed, threshold, false, NONE), Fresh);
                 // Evidence does not skip it: a fresh session may be all this appliance needs.
-                let ev = Evidence::OthersPass(3);
+                let ev = pass(3);
                 assert_eq!(health_step(3, 1, failed, threshold, false, ev), Fresh);
             }
         }
@@ -561,20 +587,46 @@ mod tests {
         assert_eq!(health_step(3, 0, 2, 2, true, NONE), Move(vec![1, 2]));
         assert_eq!(health_step(4, 2, 5, 5, true, NONE), Move(vec![3, 0, 1]));
         // No other agent passes: the same as no evidence.
-        let none_pass = Evidence::OthersPass(0);
+        let none_pass = Evidence::Others {
+            passing: 0,
+            failing: 0,
+        };
         assert_eq!(health_step(3, 1, 2, 2, true, none_pass), Move(vec![2, 0]));
     }
 
     #[test]
     fn health_fresh_refused_stays_when_others_pass_through_the_endpoint() {
-        let ev = Evidence::OthersPass(7);
+        let ev = pass(7);
         assert_eq!(
             health_step(3, 0, 4, 4, true, ev),
             Stay { others_passing: 7 }
         );
         assert_eq!(
-            health_step(2, 1, 1, 1, true, Evidence::OthersPass(1)),
+            health_step(2, 1, 1, 1, true, pass(1)),
             Stay { others_passing: 1 }
+        );
+    }
+
+    #[test]
+    fn health_moves_when_as_many_others_fail_there_as_pass() {
+        // One agent claiming to pass (a stolen one, say) holds nobody who fails with others.
+        let one_of_many = Evidence::Others {
+            passing: 1,
+            failing: 9,
+        };
+        assert_eq!(health_step(2, 0, 3, 3, true, one_of_many), Move(vec![1]));
+        let even = Evidence::Others {
+            passing: 2,
+            failing: 2,
+        };
+        assert_eq!(health_step(3, 0, 6, 3, false, even), Move(vec![1, 2]));
+        let most_pass = Evidence::Others {
+            passing: 3,
+            failing: 2,
+        };
+        assert_eq!(
+            health_step(3, 0, 6, 3, false, most_pass),
+            Stay { others_passing: 3 }
         );
     }
 
@@ -584,7 +636,7 @@ mod tests {
         for failed in [8, 12, 40] {
             assert_eq!(health_step(3, 0, failed, 4, false, NONE), Move(vec![1, 2]));
             assert_eq!(
-                health_step(3, 0, failed, 4, false, Evidence::OthersPass(2)),
+                health_step(3, 0, failed, 4, false, pass(2)),
                 Stay { others_passing: 2 }
             );
         }
@@ -596,23 +648,20 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn evidence_counts_while_linked_and_fresh() {
         let c = Coordinated::default();
-        c.evidence_heard("oma-a:443", 2, Instant::now());
+        c.evidence_heard("oma-a:443", 2, 0, Instant::now());
         // Not linked: the word of a coordinator that is gone does not count.
         assert_eq!(c.evidence("oma-a:443", Instant::now()), NONE);
         c.set(true);
-        assert_eq!(
-            c.evidence("oma-a:443", Instant::now()),
-            Evidence::OthersPass(2)
-        );
+        assert_eq!(c.evidence("oma-a:443", Instant::now()), pass(2));
         assert_eq!(c.evidence("oma-b:443", Instant::now()), NONE);
         tokio::time::advance(EVIDENCE_FRESH).await;
         assert_eq!(c.evidence("oma-a:443", Instant::now()), NONE);
         // Bounded: past the cap, new endpoints are not kept while the old are fresh.
         for i in 0..MAX_EVIDENCE + 10 {
-            c.evidence_heard(&format!("e{i}:22"), 1, Instant::now());
+            c.evidence_heard(&format!("e{i}:22"), 1, 0, Instant::now());
         }
         assert_eq!(c.0.evidence.lock().unwrap().len(), MAX_EVIDENCE);
-        assert_eq!(c.evidence("e0:22", Instant::now()), Evidence::OthersPass(1));
+        assert_eq!(c.evidence("e0:22", Instant::now()), pass(1));
         assert_eq!(
             c.evidence(&format!("e{MAX_EVIDENCE}:22"), Instant::now()),
             NONE

@@ -4,9 +4,11 @@
 //! agent's health rule is `tunnelfleet_agent::placement::health_step`.
 //!
 //! Fed with what counts of each heartbeat ([`crate::fleet::judged`]: only endpoints pushed to
-//! that agent), so an agent can vouch only for endpoints it was given, and only for itself: one
-//! agent can keep others on an endpoint at most by passing there, never move them. Each
-//! coordinator keeps the evidence of the agents linked to it. No IO.
+//! that agent), so an agent can vouch only for endpoints it was given, and only for itself. The
+//! agent stays only when the others passing are more than the others failing, so one agent
+//! (a stolen one claiming to pass) can hold on an endpoint at most an appliance that fails
+//! there alone, never the fleet. Each coordinator keeps the evidence of the agents linked to
+//! it. No IO.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
@@ -30,8 +32,9 @@ pub struct HealthEvidence {
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// Endpoint -> agent -> when its check last passed there.
-    passing: HashMap<String, HashMap<String, Instant>>,
+    /// Endpoint -> agent -> whether its check passes there (true: it passed, with no failure
+    /// since) and when that was last heard.
+    passing: HashMap<String, HashMap<String, (bool, Instant)>>,
     /// Agent -> the endpoints it is counted on.
     by_agent: HashMap<String, BTreeSet<String>>,
 }
@@ -39,7 +42,7 @@ struct Inner {
 /// What one agent was last told per endpoint, so words are repeated only when they change or
 /// every [`REPEAT_EVERY`] (one per link: bounded by the endpoints pushed to that agent).
 #[derive(Debug, Default)]
-pub struct Told(HashMap<String, (u32, Instant)>);
+pub struct Told(HashMap<String, ((u32, u32), Instant)>);
 
 impl HealthEvidence {
     /// Takes what `hb` (judged) says of `agent` at `now`: where it passes, where it fails, and
@@ -81,19 +84,12 @@ impl HealthEvidence {
             remove(passing, &e, agent);
         }
         for (endpoint, verdict) in seen {
-            match verdict {
-                Some(true) => {
-                    passing
-                        .entry(endpoint.to_string())
-                        .or_default()
-                        .insert(agent.to_string(), now);
-                    mine.insert(endpoint.to_string());
-                }
-                Some(false) => {
-                    mine.remove(endpoint);
-                    remove(passing, endpoint, agent);
-                }
-                None => {}
+            if let Some(passes) = verdict {
+                passing
+                    .entry(endpoint.to_string())
+                    .or_default()
+                    .insert(agent.to_string(), (passes, now));
+                mine.insert(endpoint.to_string());
             }
         }
         if mine.is_empty() {
@@ -110,17 +106,25 @@ impl HealthEvidence {
         }
     }
 
-    /// Agents other than `agent` whose check passed through `endpoint` within [`PASS_FRESH`].
-    pub fn others_passing(&self, endpoint: &str, agent: &str, now: Instant) -> u32 {
+    /// Agents other than `agent` whose check passes through `endpoint` and whose check fails
+    /// there, as heard within [`PASS_FRESH`].
+    pub fn others(&self, endpoint: &str, agent: &str, now: Instant) -> (u32, u32) {
         let inner = self.lock();
         let Some(agents) = inner.passing.get(endpoint) else {
-            return 0;
+            return (0, 0);
         };
-        let n = agents
-            .iter()
-            .filter(|(a, at)| *a != agent && now.saturating_duration_since(**at) < PASS_FRESH)
-            .count();
-        u32::try_from(n).unwrap_or(u32::MAX)
+        let (mut pass, mut fail) = (0u32, 0u32);
+        for (a, (passes, at)) in agents {
+            if a == agent || now.saturating_duration_since(*at) >= PASS_FRESH {
+                continue;
+            }
+            if *passes {
+                pass = pass.saturating_add(1);
+            } else {
+                fail = fail.saturating_add(1);
+            }
+        }
+        (pass, fail)
     }
 
     /// What to tell `agent` after its heartbeat `hb` (judged): for each endpoint where one of
@@ -143,7 +147,7 @@ impl HealthEvidence {
         told.0.retain(|e, _| failing.contains(e.as_str()));
         let mut out = Vec::new();
         for endpoint in failing {
-            let n = self.others_passing(endpoint, agent, now);
+            let n = self.others(endpoint, agent, now);
             let due = match told.0.get(endpoint) {
                 Some((said, at)) => {
                     *said != n || now.saturating_duration_since(*at) >= REPEAT_EVERY
@@ -154,7 +158,8 @@ impl HealthEvidence {
                 told.0.insert(endpoint.to_string(), (n, now));
                 out.push(EndpointEvidence {
                     endpoint: endpoint.to_string(),
-                    others_passing: n,
+                    others_passing: n.0,
+                    others_failing: n.1,
                 });
             }
         }
@@ -166,7 +171,11 @@ impl HealthEvidence {
     }
 }
 
-fn remove(passing: &mut HashMap<String, HashMap<String, Instant>>, endpoint: &str, agent: &str) {
+fn remove(
+    passing: &mut HashMap<String, HashMap<String, (bool, Instant)>>,
+    endpoint: &str,
+    agent: &str,
+) {
     if let Some(agents) = passing.get_mut(endpoint) {
         agents.remove(agent);
         if agents.is_empty() {
@@ -212,27 +221,28 @@ mod tests {
         ev.observe("b", &hb(vec![report("oma-1:22", 0, true)]), now);
         // An agent with no check result yet, or never a check: no evidence either way.
         ev.observe("c", &hb(vec![report("oma-1:22", 0, false)]), now);
-        assert_eq!(ev.others_passing("oma-1:22", "x", now), 2);
-        assert_eq!(ev.others_passing("oma-1:22", "a", now), 1);
-        assert_eq!(ev.others_passing("oma-2:22", "x", now), 0);
+        assert_eq!(ev.others("oma-1:22", "x", now), (2, 0));
+        assert_eq!(ev.others("oma-1:22", "a", now), (1, 0));
+        assert_eq!(ev.others("oma-2:22", "x", now), (0, 0));
         // A heartbeat without a new result keeps the last pass.
         ev.observe("a", &hb(vec![report("oma-1:22", 0, false)]), now);
-        assert_eq!(ev.others_passing("oma-1:22", "x", now), 2);
-        // Failing there: no longer counted.
+        assert_eq!(ev.others("oma-1:22", "x", now), (2, 0));
+        // Failing there: counted as failing.
         ev.observe("b", &hb(vec![report("oma-1:22", 1, true)]), now);
-        assert_eq!(ev.others_passing("oma-1:22", "x", now), 1);
+        assert_eq!(ev.others("oma-1:22", "x", now), (1, 1));
+        assert_eq!(ev.others("oma-1:22", "b", now), (1, 0));
         // Moved elsewhere: counted there only.
         ev.observe("a", &hb(vec![report("oma-2:22", 0, true)]), now);
-        assert_eq!(ev.others_passing("oma-1:22", "x", now), 0);
-        assert_eq!(ev.others_passing("oma-2:22", "x", now), 1);
+        assert_eq!(ev.others("oma-1:22", "x", now), (0, 1));
+        assert_eq!(ev.others("oma-2:22", "x", now), (1, 0));
         // Stale.
         tokio::time::advance(PASS_FRESH).await;
-        assert_eq!(ev.others_passing("oma-2:22", "x", Instant::now()), 0);
+        assert_eq!(ev.others("oma-2:22", "x", Instant::now()), (0, 0));
         // Forgotten with its link.
         ev.observe("d", &hb(vec![report("oma-2:22", 0, true)]), Instant::now());
         ev.forget("d");
-        assert_eq!(ev.others_passing("oma-2:22", "x", Instant::now()), 0);
-        assert!(ev.lock().by_agent.keys().all(|a| a == "a"));
+        assert_eq!(ev.others("oma-2:22", "x", Instant::now()), (0, 0));
+        assert!(ev.lock().by_agent.keys().all(|a| a == "a" || a == "b"));
     }
 
     #[test]
@@ -242,12 +252,12 @@ mod tests {
         let mut second = report("oma-1:22", 0, true);
         second.name = "other".into();
         ev.observe("a", &hb(vec![report("oma-1:22", 2, true), second]), now);
-        assert_eq!(ev.others_passing("oma-1:22", "x", now), 0);
+        assert_eq!(ev.others("oma-1:22", "x", now), (0, 1));
         // A session not up is not a pass.
         let mut down = report("oma-1:22", 0, true);
         down.state = TunnelState::Backoff;
         ev.observe("b", &hb(vec![down]), now);
-        assert_eq!(ev.others_passing("oma-1:22", "x", now), 0);
+        assert_eq!(ev.others("oma-1:22", "x", now), (0, 2));
     }
 
     #[tokio::test(start_paused = true)]
@@ -261,7 +271,8 @@ mod tests {
             first,
             vec![EndpointEvidence {
                 endpoint: "oma-1:22".into(),
-                others_passing: 0
+                others_passing: 0,
+                others_failing: 0,
             }]
         );
         assert!(ev.replies("a", &failing, &mut told, now).is_empty());

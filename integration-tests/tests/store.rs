@@ -661,6 +661,34 @@ async fn two_coordinators_on_one_etcd_share_the_state_and_never_repeat_a_version
     assert_ne!(a.unwrap().id, b.unwrap().id);
 }
 
+/// A coordinator starting on a store bigger than one gRPC message (4 MiB: a fleet whose
+/// profiles and their history add up) loads it whole: its pages shrink until each fits. (Found
+/// by bench-chaos: a coordinator killed -9 could not start again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_larger_than_one_grpc_message_loads_in_pages_that_fit() {
+    let Some(b) = Backend::etcd().await else {
+        return;
+    };
+    let first = b.open().await;
+    // Twelve profiles of 100 kB: 1.2 MB of profiles, and their history (each revision holds
+    // every profile after it) 7.8 MB more.
+    let big = "x".repeat(100_000);
+    for i in 0..12 {
+        let mut p = spec(&format!("big-{i}"));
+        p.description = big.clone();
+        first.put_profile(&p).await.unwrap();
+    }
+    let second = b.second(&first).await;
+    let names: Vec<String> = second
+        .profiles()
+        .unwrap()
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
+    assert_eq!(names.len(), 12, "{names:?}");
+    assert_eq!(second.history(100).unwrap().len(), 12);
+}
+
 /// Three etcd members: losing one changes nothing; losing two refuses writes with an error
 /// that says etcd is the reason, while reads go on from what was committed; with quorum back,
 /// writes go through again and everything acknowledged is there.

@@ -67,6 +67,8 @@ pub struct EndpointEvidence {
     pub endpoint: String,
     /// Other agents up on it whose health check passed in the last minute with no failure since.
     pub others_passing: u32,
+    /// Other agents whose health check fails through it now.
+    pub others_failing: u32,
 }
 
 /// The agent's SSH public key, for the coordinator's SSH user CA to certify. The private half

@@ -166,6 +166,22 @@ fn never_sent(e: &etcd_client::Error) -> bool {
     }
 }
 
+/// A response bigger than the client takes in one message (gRPC's OUT_OF_RANGE, 11, from the
+/// decoder).
+fn too_large(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            s.code() as i32 == 11 && s.message().contains("message length too large")
+        }
+        _ => false,
+    }
+}
+
+/// The next page size after one that was too large: a quarter, at least one key.
+fn smaller_page(page: i64) -> i64 {
+    (page / 4).max(1)
+}
+
 fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
@@ -874,23 +890,25 @@ async fn load(inner: &Inner) -> Result<(BTreeMap<Vec<u8>, (Vec<u8>, i64)>, i64),
     let mut from = inner.prefix.clone();
     let mut revision = 0;
     let mut out = BTreeMap::new();
+    // Keys per page: a page is one gRPC message, which the client takes up to 4 MiB; pages of
+    // large values (history revisions of a fleet with many profiles) shrink until they fit.
+    let mut page = PAGE;
     loop {
-        let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
-        if revision > 0 {
-            opts = opts.with_revision(revision);
-        }
         // A read may be sent again whatever happened to it: a member that refused the
         // connection is skipped a moment later.
         let mut tries = 0;
         let r = loop {
-            match tokio::time::timeout(inner.timeout, kv.get(from.clone(), Some(opts.clone())))
-                .await
-            {
+            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(page);
+            if revision > 0 {
+                opts = opts.with_revision(revision);
+            }
+            match tokio::time::timeout(inner.timeout, kv.get(from.clone(), Some(opts))).await {
                 Ok(Ok(r)) => break r,
                 Ok(Err(e)) if never_sent(&e) && tries < 20 => {
                     tries += 1;
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
+                Ok(Err(e)) if too_large(&e) && page > 1 => page = smaller_page(page),
                 Ok(Err(e)) => return Err(err(&e)),
                 Err(_) => return Err(err(&"timed out")),
             }
