@@ -205,6 +205,25 @@ pub fn spawn_agent(
     Ok(KillOnDrop(child))
 }
 
+/// One fleet PKI for several coordinators: made in `dirs[0]/pki`, copied (modes kept) into
+/// each other `dir/pki`, where [`BenchCoordinator::start_binary`] finds it.
+pub fn share_pki(dirs: &[PathBuf]) -> anyhow::Result<()> {
+    let Some(first) = dirs.first() else {
+        return Ok(());
+    };
+    tunnelfleet_coordinator::pki::init(&first.join("pki"), &["localhost".into()])?;
+    for d in &dirs[1..] {
+        std::fs::create_dir_all(d.join("pki"))?;
+        for f in std::fs::read_dir(first.join("pki"))? {
+            let f = f?;
+            let to = d.join("pki").join(f.file_name());
+            std::fs::copy(f.path(), &to)?;
+            std::fs::set_permissions(&to, std::fs::metadata(f.path())?.permissions())?;
+        }
+    }
+    Ok(())
+}
+
 fn spawn_coordinator(bin: &Path, cfg: &Path) -> anyhow::Result<KillOnDrop> {
     use anyhow::Context;
     let process = Command::new(bin)

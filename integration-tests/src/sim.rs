@@ -80,6 +80,22 @@ fn reports(
     (profiles, failing)
 }
 
+/// The hello of simulated agent `id` with `labels` (protocol version of this build, process
+/// started at 1 ms: a reconnect is never a restart).
+pub fn sim_hello(id: String, labels: &[(&str, &str)]) -> tunnelfleet_protocol::Hello {
+    tunnelfleet_protocol::Hello {
+        protocol: tunnelfleet_protocol::PROTOCOL_VERSION,
+        agent_id: id,
+        agent_version: "bench".into(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        applied_version: None,
+        started_unix_ms: 1,
+    }
+}
+
 /// A protocol-level agent for benchmarks: real QUIC and mutual TLS, no SSH. Connects with
 /// jittered backoff like a real agent (at most `gate` handshakes at once), reports `up` once
 /// connected, heartbeats every `heartbeat` (spread by `i`; what they carry is `report`'s

@@ -98,31 +98,66 @@ async fn oma(c: &FullCoordinator) -> Vec<EndpointView> {
     c.api.get("/v1/oma").await.unwrap()
 }
 
+/// Two OMA hosts with real sshd (one client key), a coordinator with a webhook to `sink`, and
+/// group `oma` on the two, the first its primary.
+struct Omas {
+    h1: NetHost,
+    h2: NetHost,
+    primary: Sshd,
+    standby: Sshd,
+    sink: WebhookSink,
+    dir: tempfile::TempDir,
+    c: FullCoordinator,
+}
+
+impl Omas {
+    async fn start() -> Omas {
+        let (h1, h2) = (NetHost::create(), NetHost::create());
+        let primary = Sshd::start_in(&h1);
+        let standby = Sshd::start_sharing_client_key_in(&primary, &h2);
+        let sink = WebhookSink::start(0).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let c = FullCoordinator::start(
+            dir.path(),
+            Duration::from_millis(500),
+            vec![webhook(dir.path(), &sink)],
+        )
+        .await;
+        let _: Changed = c
+            .api
+            .call("PUT", "/v1/groups/oma", Some(&group(&primary, &standby)))
+            .await
+            .unwrap();
+        Omas {
+            h1,
+            h2,
+            primary,
+            standby,
+            sink,
+            dir,
+            c,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_appliance_failing_through_the_primary_moves_after_one_fresh_session_and_the_group_reads_degraded()
  {
     if !NetHost::available("health_rule_one_appliance") {
         return;
     }
-    let (h1, h2) = (NetHost::create(), NetHost::create());
-    let primary = Sshd::start_in(&h1);
-    let standby = Sshd::start_sharing_client_key_in(&primary, &h2);
+    let Omas {
+        h1,
+        h2,
+        primary,
+        standby,
+        sink,
+        dir,
+        c,
+    } = Omas::start().await;
     let api_port = free_port();
     let api1 = NsHttp::start_on(&h1, "oma-a api", api_port);
     let _api2 = NsHttp::start_on(&h2, "oma-b api", api_port);
-    let sink = WebhookSink::start(0).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let c = FullCoordinator::start(
-        dir.path(),
-        Duration::from_millis(500),
-        vec![webhook(dir.path(), &sink)],
-    )
-    .await;
-    let _: Changed = c
-        .api
-        .call("PUT", "/v1/groups/oma", Some(&group(&primary, &standby)))
-        .await
-        .unwrap();
     let (agent, l_api) =
         agent_on_group(&c, dir.path(), "vma-1", &primary, &standby, api_port).await;
     on(
@@ -216,28 +251,21 @@ async fn an_appliance_failing_where_others_pass_stays_with_its_alert() {
     if !NetHost::available("health_rule_others_pass") {
         return;
     }
-    let (h1, h2) = (NetHost::create(), NetHost::create());
-    let primary = Sshd::start_in(&h1);
-    let standby = Sshd::start_sharing_client_key_in(&primary, &h2);
+    let Omas {
+        h1,
+        h2,
+        primary,
+        standby,
+        sink,
+        dir,
+        c,
+    } = Omas::start().await;
     // vma-2 checks a service both OMAs have; vma-1 one that only the standby has, so only
     // vma-1 fails through the primary — and would pass through the standby.
     let (shared_port, own_port) = (free_port(), free_port());
     let _s1 = NsHttp::start_on(&h1, "oma-a api", shared_port);
     let _s2 = NsHttp::start_on(&h2, "oma-b api", shared_port);
     let _own2 = NsHttp::start_on(&h2, "oma-b own", own_port);
-    let sink = WebhookSink::start(0).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let c = FullCoordinator::start(
-        dir.path(),
-        Duration::from_millis(500),
-        vec![webhook(dir.path(), &sink)],
-    )
-    .await;
-    let _: Changed = c
-        .api
-        .call("PUT", "/v1/groups/oma", Some(&group(&primary, &standby)))
-        .await
-        .unwrap();
     let (passing, l_shared) =
         agent_on_group(&c, dir.path(), "vma-2", &primary, &standby, shared_port).await;
     on(

@@ -57,7 +57,7 @@ use tunnelfleet_coordinator::admin::Changed;
 use tunnelfleet_coordinator::rollout::{Canary, StartRequest};
 use tunnelfleet_coordinator::store::OmaGroup;
 use tunnelfleet_ops::api::ApiClient;
-use tunnelfleet_protocol::{Hello, PROTOCOL_VERSION, ProfileSpec};
+use tunnelfleet_protocol::ProfileSpec;
 
 /// The seed's ports on the OMA: its API and its NBD service.
 const API: u16 = 8082;
@@ -416,16 +416,7 @@ async fn main() -> anyhow::Result<()> {
     write_secret(&secret, b"bench-chaos webhook secret");
     let names = ["c1", "c2", "c3"];
     let dirs: Vec<PathBuf> = names.iter().map(|n| dir.path().join(n)).collect();
-    tunnelfleet_coordinator::pki::init(&dirs[0].join("pki"), &["localhost".into()])?;
-    for d in &dirs[1..] {
-        std::fs::create_dir_all(d.join("pki"))?;
-        for f in std::fs::read_dir(dirs[0].join("pki"))? {
-            let f = f?;
-            let to = d.join("pki").join(f.file_name());
-            std::fs::copy(f.path(), &to)?;
-            std::fs::set_permissions(&to, std::fs::metadata(f.path())?.permissions())?;
-        }
-    }
+    share_pki(&dirs)?;
     let mut coords = Vec::new();
     for (n, d) in names.iter().zip(&dirs) {
         let extra = format!(
@@ -533,14 +524,7 @@ async fn main() -> anyhow::Result<()> {
         .map(|c| ([127, 0, 0, 1], c.control.port()).into())
         .collect();
     for (i, (id, client)) in configs.into_iter().enumerate() {
-        let hello = Hello {
-            protocol: PROTOCOL_VERSION,
-            agent_id: id,
-            agent_version: "bench".into(),
-            labels: [("fleet".to_string(), "chaos".to_string())].into(),
-            applied_version: None,
-            started_unix_ms: 1,
-        };
+        let hello = sim_hello(id, &[("fleet", "chaos")]);
         spawn_sim_agent(
             i,
             hello,
@@ -624,15 +608,21 @@ async fn main() -> anyhow::Result<()> {
                         wait_ms: 2_000,
                         settle_ms: 30_000,
                     };
-                    let r: Result<serde_json::Value, _> =
-                        api.call("POST", "/v1/rollouts", Some(&req)).await;
-                    eprintln!(
-                        "  rollout {rollouts}: {}",
+                    // Started where it is taken: the leader (a follower that stopped leading
+                    // says so), as an operator retries on another coordinator.
+                    let mut said = Vec::new();
+                    for api in &apis {
+                        let r: Result<serde_json::Value, _> =
+                            api.call("POST", "/v1/rollouts", Some(&req)).await;
                         match r {
-                            Ok(_) => "started".to_string(),
-                            Err(e) => format!("not started: {e}"),
+                            Ok(_) => {
+                                said.push("started".to_string());
+                                break;
+                            }
+                            Err(e) => said.push(format!("not started: {e}")),
                         }
-                    );
+                    }
+                    eprintln!("  rollout {rollouts}: {}", said.join("; "));
                 }
                 tokio::time::sleep(Duration::from_secs(5)).await;
             }
@@ -781,7 +771,10 @@ async fn main() -> anyhow::Result<()> {
         }
         // Heal.
         match kind {
-            Kind::Blackhole | Kind::Partition => omas[target_oma].host.restore(),
+            Kind::Blackhole => omas[target_oma].host.restore(),
+            // Cut only when an appliance was on that OMA to cut off.
+            Kind::Partition if !fault.affected.is_empty() => omas[target_oma].host.restore(),
+            Kind::Partition => {}
             Kind::Freeze => Sshd::thaw(&frozen),
             Kind::ApiDown => omas[target_oma].api.set_failing(false),
             Kind::CoordinatorKill => {

@@ -44,7 +44,7 @@ use tunnelfleet_agent::config::AgentConfig;
 use tunnelfleet_coordinator::admin::Changed;
 use tunnelfleet_coordinator::hooks::HookConfig;
 use tunnelfleet_coordinator::store::OmaGroup;
-use tunnelfleet_protocol::{Hello, PROTOCOL_VERSION, ProfileSpec};
+use tunnelfleet_protocol::ProfileSpec;
 
 /// Two OMA hosts: sshd with the drop-in, the API and the NBD echo on the same ports in each.
 struct Omas {
@@ -470,14 +470,7 @@ async fn simulated(
         let f =
             tunnelfleet_coordinator::pki::issue_agent(&dir.join("pki"), &id, 1, &dir.join("sim"))?;
         let client = tunnelfleet_agent::link::client_config(&f.ca, &f.cert, &f.key)?;
-        let hello = Hello {
-            protocol: PROTOCOL_VERSION,
-            agent_id: id,
-            agent_version: "bench".into(),
-            labels: [("site".to_string(), "sim".to_string())].into(),
-            applied_version: None,
-            started_unix_ms: 1,
-        };
+        let hello = sim_hello(id, &[("site", "sim")]);
         spawn_sim_agent(
             i,
             hello,

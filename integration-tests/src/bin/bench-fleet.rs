@@ -54,14 +54,7 @@ async fn main() -> anyhow::Result<()> {
     for (i, (id, client)) in configs.into_iter().enumerate() {
         let ep = endpoints[i % endpoints.len()].clone();
         let (acks, up, gate) = (acks_tx.clone(), up_tx.clone(), gate.clone());
-        let hello = Hello {
-            protocol: PROTOCOL_VERSION,
-            agent_id: id.clone(),
-            agent_version: "bench".into(),
-            labels: [("site".to_string(), "bench".to_string())].into(),
-            applied_version: None,
-            started_unix_ms: 1,
-        };
+        let hello = integration_tests::sim_hello(id.clone(), &[("site", "bench")]);
         integration_tests::spawn_sim_agent(
             i,
             hello,

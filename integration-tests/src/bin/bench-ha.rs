@@ -18,7 +18,7 @@ use anyhow::{Context, bail};
 use tokio::sync::{Semaphore, mpsc};
 use tunnelfleet_coordinator::admin::Changed;
 use tunnelfleet_ops::api::ApiClient;
-use tunnelfleet_protocol::{Hello, PROTOCOL_VERSION, ProfileSet, ProfileSpec};
+use tunnelfleet_protocol::{ProfileSet, ProfileSpec};
 
 type Pushes = mpsc::UnboundedReceiver<(usize, ProfileSet, Instant)>;
 
@@ -133,14 +133,7 @@ fn spawn_fleet(
     let (up_tx, up_rx) = mpsc::unbounded_channel::<()>();
     let gate = Arc::new(Semaphore::new(256));
     for (i, (id, client)) in configs.into_iter().enumerate() {
-        let hello = Hello {
-            protocol: PROTOCOL_VERSION,
-            agent_id: id,
-            agent_version: "bench".into(),
-            labels: [("fleet".to_string(), "bench".to_string())].into(),
-            applied_version: None,
-            started_unix_ms: 1,
-        };
+        let hello = integration_tests::sim_hello(id, &[("fleet", "bench")]);
         integration_tests::spawn_sim_agent(
             i,
             hello,
@@ -215,16 +208,7 @@ async fn main() -> anyhow::Result<()> {
         .collect();
     let names = ["c1", "c2", "c3"];
     let dirs: Vec<_> = names.iter().map(|n| dir.path().join(n)).collect();
-    tunnelfleet_coordinator::pki::init(&dirs[0].join("pki"), &["localhost".into()])?;
-    for d in &dirs[1..] {
-        std::fs::create_dir_all(d.join("pki"))?;
-        for f in std::fs::read_dir(dirs[0].join("pki"))? {
-            let f = f?;
-            let to = d.join("pki").join(f.file_name());
-            std::fs::copy(f.path(), &to)?;
-            std::fs::set_permissions(&to, std::fs::metadata(f.path())?.permissions())?;
-        }
-    }
+    integration_tests::share_pki(&dirs)?;
     let mut coords = Vec::new();
     for (n, d) in names.iter().zip(&dirs) {
         let extra = format!(
