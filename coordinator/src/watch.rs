@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tunnelfleet_protocol::Heartbeat;
 use tunnelfleet_runtime::clock::now_unix_ms;
 
 use tokio::sync::{mpsc, oneshot};
@@ -237,7 +238,7 @@ impl Watcher {
                     let now = Instant::now();
                     let mut actions = Vec::new();
                     for (agent, hb) in fleet.take_heartbeats() {
-                        actions.extend(self.monitor.heartbeat(&agent, &hb, now));
+                        actions.extend(self.heartbeat(&agent, &hb, now));
                     }
                     (actions, None)
                 }
@@ -275,6 +276,16 @@ impl Watcher {
             t.abort();
         }
         fleet_events
+    }
+
+    /// `agent`'s heartbeat to the monitor; an onboarding agent reporting a profile assigned
+    /// after its first certificate has its certificate profiles looked up again first.
+    fn heartbeat(&mut self, agent: &str, hb: &Heartbeat, now: Instant) -> Vec<Action> {
+        if self.monitor.onboarding_lookup(agent, hb, now) {
+            let profiles = self.certificate_profiles(agent);
+            self.monitor.onboarding_profiles(agent, profiles, hb);
+        }
+        self.monitor.heartbeat(agent, hb, now)
     }
 
     /// The profiles pushed to `agent` that log in with its certificate (no `identity_file`).
@@ -383,7 +394,7 @@ impl Watcher {
                 && r.online
                 && let Some(hb) = &r.heartbeat
             {
-                actions.extend(self.monitor.heartbeat(&r.agent, hb, now));
+                actions.extend(self.heartbeat(&r.agent, hb, now));
             }
             self.remote.insert(
                 r.agent.clone(),

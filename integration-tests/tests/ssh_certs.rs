@@ -203,24 +203,32 @@ async fn after_a_revoke_and_a_sync_the_oma_refuses_that_agent_and_lets_the_other
     let mut spec = certified_profile(&sshd, Vec::new());
     spec.group = Some("oma-dc1".into());
     spec.endpoints.clear();
-    let mut agents = Vec::new();
-    for (id, port) in [("vma-a", free_port()), ("vma-b", free_port())] {
-        let agent = TestAgent::start(&c.agent_section(root.path(), id, "")).await;
-        let mut s = spec.clone();
-        s.name = format!("oma-{id}");
-        s.forwards = vec![format!("L {port}:127.0.0.1:{echo}")];
-        put_and_assign(&c.api, &s, id).await;
-        agents.push((id, port, s.name.clone(), agent));
+    let mut started = Vec::new();
+    for id in ["vma-a", "vma-b"] {
+        started.push((
+            id,
+            TestAgent::start(&c.agent_section(root.path(), id, "")).await,
+        ));
     }
-    // Both certified, and refused by the OMA a few times (it does not list them yet, as
-    // before a new appliance's first sync), then synced: the principals file lists both, each
-    // with its own port.
+    // Both certified before they are given a profile (an agent asks at once), so the
+    // onboarding grace must learn the profiles assigned after it began.
     wait_until(30, "both agents certified", || async {
         ["vma-a", "vma-b"]
             .iter()
             .all(|id| c.fleet.store.ssh_cert(id).unwrap().is_some())
     })
     .await;
+    let mut agents = Vec::new();
+    for (id, agent) in started {
+        let port = free_port();
+        let mut s = spec.clone();
+        s.name = format!("oma-{id}");
+        s.forwards = vec![format!("L {port}:127.0.0.1:{echo}")];
+        put_and_assign(&c.api, &s, id).await;
+        agents.push((id, port, s.name.clone(), agent));
+    }
+    // Refused by the OMA a few times (it does not list them yet, as before a new appliance's
+    // first sync), then synced: the principals file lists both, each with its own port.
     for (id, _, profile, agent) in &agents {
         wait_until(30, &format!("{id} refused four times"), || async {
             agent.profile(profile).await.failures_in_a_row >= 4

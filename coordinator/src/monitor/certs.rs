@@ -16,6 +16,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use tunnelfleet_protocol::{Heartbeat, limits::MAX_PROFILES};
+
 use super::{Action, Monitor};
 use crate::store::{AlertKind, alert_key};
 
@@ -46,18 +48,57 @@ pub fn cert_expiring(valid_after: u64, valid_before: u64, now_unix_s: u64) -> bo
     left.saturating_mul(4) < life
 }
 
+/// An onboarding agent: until when, the profiles that log in with its certificate, and every
+/// profile name already looked up (those and the ones it reported since).
+#[derive(Debug)]
+pub(super) struct Onboarding {
+    until: Instant,
+    certified: BTreeSet<String>,
+    looked_up: BTreeSet<String>,
+}
+
 impl Monitor {
     /// `agent` got its first SSH certificate at `now`; `profiles` are those it logs in with
     /// it (no `identity_file`): only their refusals wait for the OMAs' sync.
     pub fn onboarding(&mut self, agent: &str, profiles: BTreeSet<String>, now: Instant) {
-        self.onboarding
-            .insert(agent.to_string(), (now + ONBOARDING_GRACE, profiles));
+        self.onboarding.insert(
+            agent.to_string(),
+            Onboarding {
+                until: now + ONBOARDING_GRACE,
+                looked_up: profiles.clone(),
+                certified: profiles,
+            },
+        );
+    }
+
+    /// Whether `agent` is onboarding at `now` and reports a profile not looked up yet (one
+    /// assigned after its first certificate): the caller looks up which of its profiles log in
+    /// with the certificate and tells [`Monitor::onboarding_profiles`]. Once per new name.
+    pub fn onboarding_lookup(&self, agent: &str, hb: &Heartbeat, now: Instant) -> bool {
+        self.onboarding.get(agent).is_some_and(|o| {
+            now < o.until && hb.profiles.iter().any(|p| !o.looked_up.contains(&p.name))
+        })
+    }
+
+    /// `agent`'s profiles that log in with its certificate are now `profiles`, looked up
+    /// after the heartbeat `hb`.
+    pub fn onboarding_profiles(&mut self, agent: &str, profiles: BTreeSet<String>, hb: &Heartbeat) {
+        if let Some(o) = self.onboarding.get_mut(agent) {
+            o.looked_up.extend(profiles.iter().cloned());
+            o.looked_up.extend(
+                hb.profiles
+                    .iter()
+                    .take(MAX_PROFILES)
+                    .map(|p| p.name.clone()),
+            );
+            o.certified = profiles;
+        }
     }
 
     /// Whether `agent`'s `profile` is onboarding at `now` (forgotten once it is over).
     pub(super) fn is_onboarding(&mut self, agent: &str, profile: &str, now: Instant) -> bool {
         match self.onboarding.get(agent) {
-            Some((until, profiles)) if now < *until => profiles.contains(profile),
+            Some(o) if now < o.until => o.certified.contains(profile),
             Some(_) => {
                 self.onboarding.remove(agent);
                 false

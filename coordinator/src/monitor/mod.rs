@@ -169,7 +169,7 @@ pub struct Monitor {
     tunnels: HashMap<String, BTreeMap<String, tunnels::TunnelView>>,
     /// Agents onboarding (their first SSH certificate), until when their refused logins and
     /// failing tunnels are not counted: [`certs::ONBOARDING_GRACE`].
-    onboarding: HashMap<String, (tokio::time::Instant, std::collections::BTreeSet<String>)>,
+    onboarding: HashMap<String, certs::Onboarding>,
 }
 
 impl Monitor {

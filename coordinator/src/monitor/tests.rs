@@ -203,6 +203,55 @@ async fn refused_keys_raise_ssh_auth_and_a_session_resolves_it() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_profile_assigned_after_the_first_certificate_is_looked_up_once_and_onboards_too() {
+    let mut m = monitor();
+    // Its first certificate came before any profile was assigned to it.
+    m.onboarding("vma-new", Default::default(), Instant::now());
+    let hb = with_auth(1, TunnelState::Backoff);
+    assert!(m.onboarding_lookup("vma-new", &hb, Instant::now()));
+    m.onboarding_profiles("vma-new", ["p".to_string()].into(), &hb);
+    // Looked up once: the same names ask nothing more.
+    assert!(!m.onboarding_lookup("vma-new", &hb, Instant::now()));
+    for n in 1..8 {
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let a = m.heartbeat(
+            "vma-new",
+            &with_auth(n, TunnelState::Backoff),
+            Instant::now(),
+        );
+        assert!(fired(&a, AlertKind::SshAuth).is_empty(), "{a:?}");
+        assert!(fired(&a, AlertKind::TunnelHealth).is_empty(), "{a:?}");
+    }
+    // A name looked up and found not to use the certificate is not onboarding.
+    m.onboarding("vma-static", Default::default(), Instant::now());
+    assert!(m.onboarding_lookup("vma-static", &hb, Instant::now()));
+    m.onboarding_profiles("vma-static", Default::default(), &hb);
+    assert!(!m.onboarding_lookup("vma-static", &hb, Instant::now()));
+    let alerts: usize = (0..4)
+        .map(|n| {
+            fired(
+                &m.heartbeat(
+                    "vma-static",
+                    &with_auth(n, TunnelState::Backoff),
+                    Instant::now(),
+                ),
+                AlertKind::SshAuth,
+            )
+            .len()
+        })
+        .sum();
+    assert_eq!(alerts, 1);
+    // Past the grace nothing is looked up.
+    tokio::time::advance(ONBOARDING_GRACE).await;
+    m.onboarding(
+        "vma-late",
+        Default::default(),
+        Instant::now() - ONBOARDING_GRACE,
+    );
+    assert!(!m.onboarding_lookup("vma-late", &hb, Instant::now()));
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_onboarding_agent_refused_until_the_omas_sync_raises_nothing_then_it_counts() {
     let mut m = monitor();
     let refused = |count: u64| with_auth(count, TunnelState::Backoff);
