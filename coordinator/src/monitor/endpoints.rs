@@ -205,23 +205,46 @@ impl Monitor {
             let Some(active) = g.active().map(str::to_string) else {
                 continue;
             };
-            let usable: Vec<&String> = g
+            let up: Vec<&String> = g
                 .endpoints
                 .iter()
-                .filter(|e| !g.drained.contains(*e) && !self.is_down(e) && !self.impaired(e, now))
+                .filter(|e| !g.drained.contains(*e) && !self.is_down(e))
+                .collect();
+            let usable: Vec<&String> = up
+                .iter()
+                .copied()
+                .filter(|e| !self.impaired(e, now))
                 .collect();
             let impaired = self.impaired(&active, now);
-            let move_to = if g.drained.contains(&active) || self.is_down(&active) || impaired {
+            let move_to = if impaired && !self.is_down(&active) && !g.drained.contains(&active) {
+                // From one impaired endpoint only to one that is not: never between two.
                 usable.first().map(|e| {
-                    let why = if g.drained.contains(&active) {
-                        format!("{active} drained")
-                    } else if impaired {
-                        format!("{active} fails its agents' tunnels")
-                    } else {
-                        format!("{active} down")
-                    };
-                    ((*e).clone(), format!("failover: {why}"))
+                    (
+                        (*e).clone(),
+                        format!("failover: {active} fails its agents' tunnels"),
+                    )
                 })
+            } else if g.drained.contains(&active) || self.is_down(&active) {
+                // A down or drained endpoint carries nothing: one whose sshd answers is better
+                // even while its agents' failed checks keep it impaired (within
+                // `failback_after`); the agents' own checks judge it again.
+                let why = if g.drained.contains(&active) {
+                    format!("{active} drained")
+                } else {
+                    format!("{active} down")
+                };
+                match usable.first() {
+                    Some(e) => Some(((*e).clone(), format!("failover: {why}"))),
+                    None => up.first().map(|e| {
+                        (
+                            (*e).clone(),
+                            format!(
+                                "failover: {why}; {e} is the only one up (its agents' checks \
+                                 failed there lately)"
+                            ),
+                        )
+                    }),
+                }
             } else if g.pinned {
                 // An operator moved it: it stays until `oma failback`.
                 None

@@ -595,6 +595,90 @@ async fn an_impaired_endpoint_gets_a_trial_after_failback_after_and_resolves_whe
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_down_endpoint_moves_its_group_onto_one_still_impaired_but_two_impaired_do_not_swap() {
+    let moves = |a: &[Action]| -> Vec<(String, String)> {
+        a.iter()
+            .filter_map(|x| match x {
+                Action::SetActive {
+                    endpoint, reason, ..
+                } => Some((endpoint.clone(), reason.clone())),
+                _ => None,
+            })
+            .collect()
+    };
+    let impaired_a_then_on_b = || {
+        let mut m = Monitor::new(AlertRules::default());
+        m.set_groups(vec![group(Duration::from_secs(60))]);
+        m.probe(A, pass(), Instant::now());
+        m.probe(B, pass(), Instant::now());
+        for agent in ["vma-1", "vma-2"] {
+            beat(
+                &mut m,
+                agent,
+                &hb(vec![failing_health(A, 3)]),
+                Instant::now(),
+            );
+        }
+        assert_eq!(m.groups().next().unwrap().active(), Some(B));
+        for agent in ["vma-1", "vma-2"] {
+            beat(
+                &mut m,
+                agent,
+                &hb(vec![report(B, TunnelState::Up, 0)]),
+                Instant::now(),
+            );
+        }
+        m
+    };
+    // B's sshd stops answering well within A's failback_after: A, whose sshd answers, is
+    // better than a dead B, and the move says why it is taken anyway.
+    let mut m = impaired_a_then_on_b();
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let mut a = Vec::new();
+    for _ in 0..3 {
+        a.extend(m.probe(A, pass(), Instant::now()));
+        a.extend(m.probe(B, fail(), Instant::now()));
+        a.extend(m.tick(Instant::now()));
+    }
+    let moved = moves(&a);
+    assert_eq!(moved.len(), 1, "{a:?}");
+    assert_eq!(moved[0].0, A);
+    assert!(
+        moved[0].1.contains(&format!("{B} down"))
+            && moved[0].1.contains(&format!("{A} is the only one up")),
+        "{}",
+        moved[0].1
+    );
+    // Drained likewise.
+    let mut m = impaired_a_then_on_b();
+    m.groups
+        .get_mut("oma")
+        .unwrap()
+        .drained
+        .insert(B.to_string());
+    let moved = moves(&m.tick(Instant::now()));
+    assert_eq!(moved.len(), 1);
+    assert_eq!(moved[0].0, A);
+    // B failing its agents' checks too, A still impaired: the group stays; two impaired
+    // endpoints never swap.
+    let mut m = impaired_a_then_on_b();
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let mut a = Vec::new();
+    for agent in ["vma-1", "vma-2"] {
+        a.extend(beat(
+            &mut m,
+            agent,
+            &hb(vec![failing_health(B, 3)]),
+            Instant::now(),
+        ));
+    }
+    a.extend(m.tick(Instant::now()));
+    assert_eq!(fired(&a, AlertKind::OmaUnhealthy).len(), 1, "{a:?}");
+    assert!(moves(&a).is_empty(), "{a:?}");
+    assert_eq!(m.groups().next().unwrap().active(), Some(B));
+}
+
 #[test]
 fn placement_says_who_follows_the_group_and_why_not() {
     let groups = vec![group(Duration::from_secs(60))];

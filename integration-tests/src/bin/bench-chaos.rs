@@ -32,7 +32,8 @@
 //!   (two minutes of calm at the end);
 //! - `faults_without_alert`: OMA faults (blackhole, freeze, API down) with agents on the OMA
 //!   and no alert naming it at the webhook;
-//! - `duplicate_incidents`: a second alert of the same kind and subject within one fault;
+//! - `duplicate_incidents`: a second alert of the same kind and subject within one fault (from
+//!   its start to 30 s after its heal or the next fault's start);
 //! - `agents_not_up_40s`: real agents without every forward carrying data 40 s after a fault
 //!   healed;
 //!
@@ -875,8 +876,14 @@ async fn main() -> anyhow::Result<()> {
     // Alerts per fault.
     let mut without_alert = 0u32;
     let mut duplicates = 0u32;
-    for f in &faults {
-        let window = |d: &Delivery| d.firing && d.at >= f.start_ms && d.at <= f.healed_ms + 30_000;
+    for (i, f) in faults.iter().enumerate() {
+        // From the fault to 30 s after its heal, or to the next fault if that comes first: the
+        // next one's alert about the same OMA is its own incident, not a second of this one.
+        let until = faults
+            .get(i + 1)
+            .map_or(u64::MAX, |next| next.start_ms)
+            .min(f.healed_ms + 30_000);
+        let window = |d: &Delivery| d.firing && d.at >= f.start_ms && d.at < until;
         if let Some(ep) = &f.endpoint
             && f.kind.must_alert()
             && !f.affected.is_empty()
