@@ -115,6 +115,32 @@ impl Browser {
         }
     }
 
+    /// Types `token` into the sign-in form and submits it.
+    pub async fn submit_token(&self, token: &str) {
+        let form = self
+            .client
+            .find(fantoccini::Locator::Css("#token"))
+            .await
+            .expect("the sign-in form's token field");
+        form.send_keys(token).await.expect("typing the token");
+        self.client
+            .find(fantoccini::Locator::Css("#signin"))
+            .await
+            .expect("the sign-in button")
+            .click()
+            .await
+            .expect("signing in");
+    }
+
+    /// Opens the fleet page at `web` and signs in with `token`.
+    pub async fn sign_in(&self, web: std::net::SocketAddr, token: &str) {
+        self.client
+            .goto(&format!("http://{web}/"))
+            .await
+            .expect("opening the fleet page");
+        self.submit_token(token).await;
+    }
+
     /// Ends the session; the processes go with the drop.
     pub async fn close(self) {
         let _ = self.client.clone().close().await;

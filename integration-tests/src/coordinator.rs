@@ -12,6 +12,9 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+/// The admin token of every coordinator the tests start (written to `DIR/admin.token`).
+pub const ADMIN_TOKEN: &str = "integration-test-admin-token-0123456789";
+
 /// The coordinator's QUIC endpoint with the PKI in `pki_dir` on 127.0.0.1:`port` (0 for any).
 /// A restart on the same port may find the old socket still being released: retried with a
 /// deadline rather than failed on the first EADDRINUSE.
@@ -89,6 +92,8 @@ pub struct FullCoordinator {
     pub api: tunnelfleet_ops::api::ApiClient,
     /// Its state.
     pub fleet: Arc<tunnelfleet_coordinator::fleet::Fleet>,
+    /// The fleet page, when started with one ([`FullCoordinator::start_with_page`]).
+    pub web: Option<std::net::SocketAddr>,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -129,6 +134,25 @@ impl FullCoordinator {
             ip,
             alerts,
             tunnelfleet_coordinator::sshca::DEFAULT_VALIDITY,
+            false,
+        )
+        .await
+    }
+
+    /// Like [`FullCoordinator::start`], with the fleet page on 127.0.0.1 (`web`).
+    pub async fn start_with_page(
+        dir: &Path,
+        heartbeat: Duration,
+        hooks: Vec<tunnelfleet_coordinator::hooks::HookConfig>,
+    ) -> FullCoordinator {
+        FullCoordinator::start_full(
+            dir,
+            heartbeat,
+            hooks,
+            std::net::Ipv4Addr::LOCALHOST,
+            Default::default(),
+            tunnelfleet_coordinator::sshca::DEFAULT_VALIDITY,
+            true,
         )
         .await
     }
@@ -140,8 +164,16 @@ impl FullCoordinator {
         validity: Duration,
     ) -> FullCoordinator {
         let ip = std::net::Ipv4Addr::LOCALHOST;
-        FullCoordinator::start_full(dir, heartbeat, Vec::new(), ip, Default::default(), validity)
-            .await
+        FullCoordinator::start_full(
+            dir,
+            heartbeat,
+            Vec::new(),
+            ip,
+            Default::default(),
+            validity,
+            false,
+        )
+        .await
     }
 
     async fn start_full(
@@ -151,6 +183,7 @@ impl FullCoordinator {
         ip: std::net::Ipv4Addr,
         alerts: tunnelfleet_coordinator::monitor::AlertRules,
         ssh_cert_validity: Duration,
+        page: bool,
     ) -> FullCoordinator {
         use tunnelfleet_coordinator::server::{CoordinatorConfig, bind};
         let pki_dir = dir.join("pki");
@@ -158,7 +191,7 @@ impl FullCoordinator {
             tunnelfleet_coordinator::pki::init(&pki_dir, &["localhost".into()]).expect("pki");
         }
         let token_file = dir.join("admin.token");
-        let token = "integration-test-admin-token-0123456789";
+        let token = ADMIN_TOKEN;
         write_secret(&token_file, token.as_bytes());
         let bound = bind(&CoordinatorConfig {
             listen: std::net::SocketAddr::from((ip, 0)),
@@ -176,12 +209,13 @@ impl FullCoordinator {
             alerts,
             hooks,
             metrics_listen: None,
-            web_listen: None,
+            web_listen: page.then(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
             udp_buffer: tunnelfleet_coordinator::udp::DEFAULT_BUFFER,
         })
         .await
         .expect("coordinator bind");
         let (control, admin, fleet) = (bound.control, bound.admin, bound.fleet.clone());
+        let web = bound.web;
         let stop = CancellationToken::new();
         let task = tokio::spawn(bound.run(stop.clone()));
         FullCoordinator {
@@ -189,6 +223,7 @@ impl FullCoordinator {
             admin,
             api: tunnelfleet_ops::api::ApiClient::new(&admin.to_string(), token),
             fleet,
+            web,
             stop,
             task,
         }
@@ -361,7 +396,7 @@ impl CoordinatorProcess {
         let control = std::net::SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
         let admin = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
         let token_file = dir.join("admin.token");
-        let token = "integration-test-admin-token-0123456789";
+        let token = ADMIN_TOKEN;
         write_secret(&token_file, token.as_bytes());
         let config = dir.join("coordinator.toml");
         std::fs::write(

@@ -6,7 +6,7 @@
 //!   failure, with one agent — fewer than any group quorum): three failed checks, one fresh
 //!   session on the primary (refused: its check fails too), then the standby, whose own check
 //!   passes. Its `tunnel_health` alert fires; the group stays (one agent never moves it) and
-//!   `oma list` says the primary is degraded and why. The API back, it fails back after the
+//!   `oma list` and the fleet page (in Chromium) say the primary is degraded and why. The API back, it fails back after the
 //!   stable period and the words go.
 //! - An appliance whose check fails through an endpoint where another agent's passes: the
 //!   fault is its own, it stays where the fleet is (alerted), however many crossings.
@@ -117,7 +117,7 @@ impl Omas {
         let standby = Sshd::start_sharing_client_key_in(&primary, &h2);
         let sink = WebhookSink::start(0).await.unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let c = FullCoordinator::start(
+        let c = FullCoordinator::start_with_page(
             dir.path(),
             Duration::from_millis(500),
             vec![webhook(dir.path(), &sink)],
@@ -222,6 +222,27 @@ async fn one_appliance_failing_through_the_primary_moves_after_one_fresh_session
         deliveries(&sink, "oma_unhealthy", "firing").is_empty(),
         "one agent is no quorum"
     );
+    // The fleet page says the same, in a real browser: the primary still active, degraded,
+    // and why.
+    if Browser::available("health_rule_one_appliance (fleet page)") {
+        let b = Browser::start().await;
+        b.sign_in(c.web.unwrap(), ADMIN_TOKEN).await;
+        let row = format!("tr[data-endpoint=\"{}\"]", primary.endpoint());
+        let shown = b.wait_text(20, &row, "up, degraded").await;
+        assert!(
+            shown.contains("(active)")
+                && shown
+                    .contains("degraded: 1 of 1 agents could not stay on it (health check failed"),
+            "{shown}"
+        );
+        let class = b
+            .client
+            .find(fantoccini::Locator::Css(&format!("{row} td.degraded")))
+            .await
+            .is_ok();
+        assert!(class, "the degraded cell is marked for its colour");
+        b.close().await;
+    }
 
     api1.set_failing(false);
     on(

@@ -9,8 +9,6 @@ use fantoccini::Locator;
 use integration_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const TOKEN: &str = "integration-test-admin-token-0123456789";
-
 /// One HTTP/1.1 request to the page; the whole answer as text.
 async fn http(port: u16, request: &str) -> String {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -93,26 +91,10 @@ async fn the_fleet_page_in_chromium_follows_an_oma_going_down() {
     let url = b.client.current_url().await.unwrap();
     assert_eq!(url.path(), "/login", "{url}");
     // A wrong token: refused, still on the form.
-    let form = b.client.find(Locator::Css("#token")).await.unwrap();
-    form.send_keys("not-the-token").await.unwrap();
-    b.client
-        .find(Locator::Css("#signin"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    b.submit_token("not-the-token").await;
     b.wait_text(10, "#error", "unknown or revoked").await;
     // The right one.
-    let form = b.client.find(Locator::Css("#token")).await.unwrap();
-    form.send_keys(TOKEN).await.unwrap();
-    b.client
-        .find(Locator::Css("#signin"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    b.submit_token(ADMIN_TOKEN).await;
     b.wait_text(20, "tr[data-agent=\"vma-1\"]", "online").await;
     // Its SSH certificate, issued over the link for the default 7 days: the time it has left.
     b.wait_text(20, "tr[data-agent=\"vma-1\"]", "6d 23h left")

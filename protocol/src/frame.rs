@@ -13,6 +13,10 @@ use serde::de::DeserializeOwned;
 /// Largest payload accepted or produced (4 MiB: a full profile set for one agent is kilobytes).
 pub const MAX_FRAME_LEN: u32 = 4 * 1024 * 1024;
 
+/// Buffer a decoder keeps between frames: a large frame's buffer is given back once it has been
+/// returned, so one big push does not stay with every link for its lifetime.
+pub const KEPT_CAPACITY: usize = 16 * 1024;
+
 /// The bincode configuration of every frame: standard (varint), big-endian-free, limited.
 fn bincode_config()
 -> Configuration<config::LittleEndian, config::Varint, config::Limit<{ MAX_FRAME_LEN as usize }>> {
@@ -130,6 +134,9 @@ impl FrameDecoder {
         }
         let payload = self.buf[4..end].to_vec();
         self.buf.drain(..end);
+        if self.buf.capacity() > KEPT_CAPACITY {
+            self.buf.shrink_to(KEPT_CAPACITY);
+        }
         Ok(Some(payload))
     }
 
@@ -150,5 +157,11 @@ impl FrameDecoder {
     /// Bytes buffered but not yet returned.
     pub fn buffered(&self) -> usize {
         self.buf.len()
+    }
+
+    /// Bytes of buffer it holds (at most [`KEPT_CAPACITY`], or what is buffered, after each
+    /// frame returned).
+    pub fn held(&self) -> usize {
+        self.buf.capacity()
     }
 }

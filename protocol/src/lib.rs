@@ -32,7 +32,9 @@ pub mod message;
 pub mod profile;
 
 pub use enroll::{ENROLL_ALPN, EnrollReply, EnrollRequest};
-pub use frame::{DecodeError, EncodeError, FrameDecoder, MAX_FRAME_LEN, decode, encode};
+pub use frame::{
+    DecodeError, EncodeError, FrameDecoder, KEPT_CAPACITY, MAX_FRAME_LEN, decode, encode,
+};
 pub use message::*;
 pub use profile::{HealthSpec, ProfileSpec};
 

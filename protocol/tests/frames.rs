@@ -176,3 +176,20 @@ fn an_oversize_message_is_refused_on_encode() {
         Err(EncodeError::Bincode(_) | EncodeError::TooLarge { .. })
     ));
 }
+
+#[test]
+fn a_large_frame_leaves_no_large_buffer_behind() {
+    let mut dec = FrameDecoder::new();
+    let big = vec![7u8; 1024 * 1024];
+    let mut frame = (big.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&big);
+    // The large frame and the start of a small one.
+    frame.extend_from_slice(&[0, 0, 0, 2, 1]);
+    dec.push(&frame);
+    assert!(dec.held() >= big.len());
+    assert_eq!(dec.next_payload().unwrap().unwrap(), big);
+    assert_eq!(dec.buffered(), 5);
+    assert!(dec.held() <= KEPT_CAPACITY, "holds {} bytes", dec.held());
+    dec.push(&[2]);
+    assert_eq!(dec.next_payload().unwrap().unwrap(), vec![1, 2]);
+}

@@ -37,7 +37,9 @@
 //! - `agents_not_up_40s`: real agents without every forward carrying data 40 s after a fault
 //!   healed;
 //!
-//! and `coordinator_rss_growth_pct` / `agent_rss_growth_pct` (from minute 5 to the end, of the
+//! and `coordinator_rss_growth_pct` (with `coordinator_links_at_5` / `_at_end`: the agents
+//! linked to it then, which grow as killed coordinators' agents relink) / `agent_rss_growth_pct`
+//! (from minute 5 to the end, of the
 //! processes that lived through it: one coordinator is never killed), `failover_p99_s` per
 //! fault kind (from the fault to every affected appliance's forwards carrying data again).
 //!
@@ -302,6 +304,16 @@ async fn active(apis: &[ApiClient], group: &str) -> Option<String> {
             .map(str::to_string);
     }
     None
+}
+
+/// Agents linked to coordinator `c`, as it says (0 when it does not answer).
+async fn links(c: &BenchCoordinator) -> usize {
+    c.api
+        .get::<tunnelfleet_coordinator::admin::coordinators::CoordinatorsView>("/v1/coordinators")
+        .await
+        .ok()
+        .and_then(|v| v.agents.get(&v.this).copied())
+        .unwrap_or(0)
 }
 
 fn rss_kb(pid: u32) -> Option<u64> {
@@ -652,6 +664,7 @@ async fn main() -> anyhow::Result<()> {
     let witness = rng.random_range(0..3usize);
     let agent_pids: Vec<u32> = apps.iter().filter_map(|a| a.agent.pid()).collect();
     let mut rss_at_5: Option<(u64, u64)> = None;
+    let mut links_at_5 = 0usize;
     let sample = |coords: &[BenchCoordinator]| -> (u64, u64) {
         let c = rss_kb(coords[witness].pid).unwrap_or(0);
         let a: u64 = agent_pids.iter().filter_map(|&p| rss_kb(p)).sum();
@@ -663,8 +676,16 @@ async fn main() -> anyhow::Result<()> {
     let mut times: BTreeMap<Kind, Vec<f64>> = BTreeMap::new();
     let mut not_up_40s = 0u32;
     while Instant::now() < deadline {
+        let (c_kb, a_kb) = sample(&coords);
+        let linked = links(&coords[witness]).await;
+        eprintln!(
+            "  RSS at {} s: coordinator (pid {}, {linked} agents linked) {c_kb} kB, agents {a_kb} kB",
+            started.elapsed().as_secs(),
+            coords[witness].pid
+        );
         if rss_at_5.is_none() && started.elapsed() >= Duration::from_secs(300) {
-            rss_at_5 = Some(sample(&coords));
+            rss_at_5 = Some((c_kb, a_kb));
+            links_at_5 = linked;
         }
         let kind = Kind::ALL[rng.random_range(0..Kind::ALL.len())];
         let hold = Duration::from_secs(rng.random_range(10..=30));
@@ -815,6 +836,7 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_secs(rng.random_range(5..=15))).await;
     }
     let end_sample = sample(&coords);
+    let links_at_end = links(&coords[witness]).await;
     stop.cancel();
     let (writes, rollouts, halted) = writer.await.unwrap_or((0, 0, 0));
 
@@ -947,7 +969,7 @@ async fn main() -> anyhow::Result<()> {
     });
     let never_moved: usize = times.values().flatten().filter(|t| !t.is_finite()).count();
     eprintln!(
-        "bench-chaos: {} faults {counts:?}; {writes} writes, {} acknowledged, {lost} lost; {rollouts} rollouts, {halted} halted (aborted); {} alerts unresolved, {without_alert} faults without an alert, {duplicates} duplicate incidents, {not_up_40s} times not up within 40 s of a heal, {never_moved} faults whose appliances never moved; RSS growth from minute 5: coordinator {} %, agents {} %",
+        "bench-chaos: {} faults {counts:?}; {writes} writes, {} acknowledged, {lost} lost; {rollouts} rollouts, {halted} halted (aborted); {} alerts unresolved, {without_alert} faults without an alert, {duplicates} duplicate incidents, {not_up_40s} times not up within 40 s of a heal, {never_moved} faults whose appliances never moved; RSS growth from minute 5: coordinator {} % ({links_at_5} agents linked to it at minute 5, {links_at_end} at the end), agents {} %",
         faults.len(),
         acked.len(),
         unresolved.len(),
@@ -955,7 +977,7 @@ async fn main() -> anyhow::Result<()> {
         fmt(agent_growth),
     );
     println!(
-        "{{\"minutes\":{minutes},\"seed\":{seed},\"simulated_agents\":{sims},\"real_agents\":{},\"faults\":{},\"acked_writes\":{},\"acked_writes_lost\":{lost},\"rollouts\":{rollouts},\"rollouts_halted\":{halted},\"alerts_unresolved\":{},\"faults_without_alert\":{without_alert},\"duplicate_incidents\":{duplicates},\"agents_not_up_40s\":{not_up_40s},\"failovers_not_done\":{never_moved},\"coordinator_rss_growth_pct\":{},\"agent_rss_growth_pct\":{},\"failover_p99_s\":{{{}}}}}",
+        "{{\"minutes\":{minutes},\"seed\":{seed},\"simulated_agents\":{sims},\"real_agents\":{},\"faults\":{},\"acked_writes\":{},\"acked_writes_lost\":{lost},\"rollouts\":{rollouts},\"rollouts_halted\":{halted},\"alerts_unresolved\":{},\"faults_without_alert\":{without_alert},\"duplicate_incidents\":{duplicates},\"agents_not_up_40s\":{not_up_40s},\"failovers_not_done\":{never_moved},\"coordinator_rss_growth_pct\":{},\"coordinator_links_at_5\":{links_at_5},\"coordinator_links_at_end\":{links_at_end},\"agent_rss_growth_pct\":{},\"failover_p99_s\":{{{}}}}}",
         apps.len(),
         faults.len(),
         acked.len(),

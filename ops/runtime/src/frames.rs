@@ -1,6 +1,7 @@
 //! Reading the control link's frames off a QUIC stream, for both ends: bytes go into one
 //! [`FrameDecoder`] (which enforces the frame limit before buffering) and whole messages come
-//! out. One read buffer per stream, reused: nothing is allocated per read.
+//! out. Reads take QUIC's own received chunks (no read buffer per stream: a coordinator holds
+//! one reader per linked agent, and a fixed 64 KiB each was most of what a link cost it).
 
 use serde::de::DeserializeOwned;
 use tunnelfleet_protocol::{DecodeError, FrameDecoder};
@@ -22,7 +23,6 @@ pub enum FrameReadError {
 /// Whole messages from one stream.
 pub struct FrameReader {
     dec: FrameDecoder,
-    buf: Box<[u8]>,
 }
 
 impl Default for FrameReader {
@@ -36,7 +36,6 @@ impl FrameReader {
     pub fn new() -> FrameReader {
         FrameReader {
             dec: FrameDecoder::new(),
-            buf: vec![0u8; READ_CHUNK].into_boxed_slice(),
         }
     }
 
@@ -50,8 +49,8 @@ impl FrameReader {
             if let Some(m) = self.dec.next_message::<M>()? {
                 return Ok(Some(m));
             }
-            match recv.read(&mut self.buf).await? {
-                Some(n) => self.dec.push(&self.buf[..n]),
+            match recv.read_chunk(READ_CHUNK, true).await? {
+                Some(chunk) => self.dec.push(&chunk.bytes),
                 None => return Ok(None),
             }
         }
