@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use russh::client::{self, ChannelOpenHandle, Handle, Msg, Session};
 use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
-use russh::{Channel, ChannelOpenFailure, Preferred, cipher};
+use russh::{Channel, ChannelId, ChannelOpenFailure, Preferred, cipher};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
@@ -434,6 +434,7 @@ where
         tracker: p.tracker.clone(),
         conns,
         closed,
+        closing: Default::default(),
     };
     let ssh_err = |source: russh::Error| -> SessionError {
         let v = verdict.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -505,6 +506,24 @@ pub struct ClientHandler {
     tracker: TaskTracker,
     conns: TaskTracker,
     closed: Option<oneshot::Sender<String>>,
+    /// Channels the server opened (`R` forwards) whose relay waits for the server's CLOSE.
+    closing: Closing,
+}
+
+/// Who to tell when the server closes a channel it opened.
+type Closing = Arc<Mutex<std::collections::HashMap<ChannelId, oneshot::Sender<()>>>>;
+
+/// How long a finished `R` connection's channel is held for the server's CLOSE. russh forgets
+/// a channel only when the server's CLOSE finds it still open: dropping it first sends ours, and
+/// the server's answer then leaves the channel's entry in the session for as long as the
+/// session lives (about 4 KB per connection: 11.6 MB after 18,000 `R` connections through
+/// OpenSSH before this). OpenSSH closes as soon as both sides sent EOF.
+const SERVER_CLOSE_WAIT: Duration = Duration::from_secs(10);
+
+fn lock_closing(
+    c: &Closing,
+) -> std::sync::MutexGuard<'_, std::collections::HashMap<ChannelId, oneshot::Sender<()>>> {
+    c.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl client::Handler for ClientHandler {
@@ -564,6 +583,10 @@ impl client::Handler for ClientHandler {
         };
         let profile = self.profile.clone();
         let origin = format!("{originator_address}:{originator_port}");
+        let id = channel.id();
+        let (server_closed, closed_by_server) = oneshot::channel();
+        lock_closing(&self.closing).insert(id, server_closed);
+        let closing = self.closing.clone();
         // Connecting to the local target may take a while; never block the session loop on it.
         let carried = self.conns.token();
         self.tracker.spawn(async move {
@@ -573,14 +596,30 @@ impl client::Handler for ClientHandler {
                     let _ = local.set_nodelay(true);
                     reply.accept().await;
                     let _open = OpenGuard::new(&entry.counters);
-                    let _ = relay(local, channel.into_stream(), &entry.counters).await;
+                    let mut stream = channel.into_stream();
+                    let _ = relay(local, &mut stream, &entry.counters).await;
+                    // Both sides sent EOF: the server closes, then the channel goes.
+                    let _ = tokio::time::timeout(SERVER_CLOSE_WAIT, closed_by_server).await;
+                    drop(stream);
                 }
                 Err(e) => {
                     tracing::warn!(profile = %profile, target = %format!("{}:{}", entry.host, entry.port), from = %origin, "remote forward: local target refused: {e}");
                     reply.reject(ChannelOpenFailure::ConnectFailed).await;
                 }
             }
+            lock_closing(&closing).remove(&id);
         });
+        Ok(())
+    }
+
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(tell) = lock_closing(&self.closing).remove(&channel) {
+            let _ = tell.send(());
+        }
         Ok(())
     }
 
