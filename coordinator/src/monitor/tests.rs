@@ -538,9 +538,9 @@ async fn agents_that_left_the_active_endpoint_count_against_it_after_the_grace_a
     );
 }
 
-#[tokio::test(start_paused = true)]
-async fn an_impaired_endpoint_gets_a_trial_after_failback_after_and_resolves_when_its_agents_pass()
-{
+/// Group `oma` (failback after 60 s) moved off A because both agents' checks failed there;
+/// both on B and passing, A's sshd still answering.
+fn impaired_a_then_on_b() -> Monitor {
     let mut m = Monitor::new(AlertRules::default());
     m.set_groups(vec![group(Duration::from_secs(60))]);
     m.probe(A, pass(), Instant::now());
@@ -563,6 +563,13 @@ async fn an_impaired_endpoint_gets_a_trial_after_failback_after_and_resolves_whe
             Instant::now(),
         );
     }
+    m
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_impaired_endpoint_gets_a_trial_after_failback_after_and_resolves_when_its_agents_pass()
+{
+    let mut m = impaired_a_then_on_b();
     tokio::time::advance(Duration::from_secs(59)).await;
     m.probe(A, pass(), Instant::now());
     assert!(
@@ -606,30 +613,6 @@ async fn a_down_endpoint_moves_its_group_onto_one_still_impaired_but_two_impaire
                 _ => None,
             })
             .collect()
-    };
-    let impaired_a_then_on_b = || {
-        let mut m = Monitor::new(AlertRules::default());
-        m.set_groups(vec![group(Duration::from_secs(60))]);
-        m.probe(A, pass(), Instant::now());
-        m.probe(B, pass(), Instant::now());
-        for agent in ["vma-1", "vma-2"] {
-            beat(
-                &mut m,
-                agent,
-                &hb(vec![failing_health(A, 3)]),
-                Instant::now(),
-            );
-        }
-        assert_eq!(m.groups().next().unwrap().active(), Some(B));
-        for agent in ["vma-1", "vma-2"] {
-            beat(
-                &mut m,
-                agent,
-                &hb(vec![report(B, TunnelState::Up, 0)]),
-                Instant::now(),
-            );
-        }
-        m
     };
     // B's sshd stops answering well within A's failback_after: A, whose sshd answers, is
     // better than a dead B, and the move says why it is taken anyway.
