@@ -4,7 +4,8 @@
 //! A fleet with several coordinators spreads over them: each agent starts at a random one.
 //! An agent stays on the coordinator it reached until that link is lost or an attempt fails;
 //! the next round then starts at the coordinator after it, so an agent whose coordinator died
-//! dials another one first instead of waiting on the dead one. A round tries every candidate
+//! dials another one first instead of waiting on the dead one; one that was asked to move (a
+//! coordinator holding more than its share) starts at any other, at random. A round tries every candidate
 //! once; only when all of them failed does the caller back off (full jitter).
 
 use std::net::SocketAddr;
@@ -105,6 +106,21 @@ impl Rotation {
     pub fn down(&mut self, i: usize, n: usize) {
         self.cursor = (i + 1) % n.max(1);
     }
+
+    /// Candidate `i` of `n` asked this agent to link to another: the next round starts at one
+    /// of the others, picked at random.
+    pub fn elsewhere(&mut self, i: usize, n: usize) {
+        self.elsewhere_by(i, n, rand::random::<u32>() as usize);
+    }
+
+    fn elsewhere_by(&mut self, i: usize, n: usize, draw: usize) {
+        let n = n.max(1);
+        self.cursor = if n == 1 {
+            0
+        } else {
+            (i + 1 + draw % (n - 1)) % n
+        };
+    }
 }
 
 #[cfg(test)]
@@ -131,6 +147,38 @@ mod tests {
         // Fewer candidates than before (DNS changed): still in range.
         r.up(5, 2);
         assert_eq!(r.order(2), vec![1, 0]);
+    }
+
+    #[test]
+    fn asked_to_move_it_starts_at_another() {
+        let mut r = Rotation::new(0);
+        for draw in 0..6 {
+            r.elsewhere_by(1, 3, draw);
+            let order = r.order(3);
+            assert_ne!(order[0], 1, "draw {draw}: not the one that asked");
+        }
+        r.elsewhere_by(1, 3, 0);
+        assert_eq!(r.order(3), vec![2, 0, 1]);
+        r.elsewhere_by(1, 3, 1);
+        assert_eq!(r.order(3), vec![0, 1, 2]);
+        // One coordinator: it is the only one to go back to.
+        r.elsewhere_by(0, 1, 7);
+        assert_eq!(r.order(1), vec![0]);
+    }
+
+    #[test]
+    fn asked_to_move_the_agents_spread_over_the_others() {
+        let mut seen = [0usize; 4];
+        for _ in 0..400 {
+            let mut r = Rotation::new(0);
+            r.elsewhere(2, 4);
+            seen[r.order(4)[0]] += 1;
+        }
+        assert_eq!(seen[2], 0);
+        assert!(
+            seen.iter().enumerate().all(|(i, &n)| i == 2 || n > 80),
+            "{seen:?}"
+        );
     }
 
     #[test]

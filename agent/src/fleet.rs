@@ -198,10 +198,20 @@ pub async fn run(
                     }
                 };
                 coordinated.set(false);
-                // The next round starts at another coordinator: this one may be gone.
-                rotation.down(candidate.index, candidate.of);
-                if let Err(e) = ended {
-                    tracing::warn!("{e}; tunnels keep running, reconnecting");
+                match ended {
+                    // Asked to move: any other coordinator, picked at random, so the agents
+                    // one sheds spread over the rest.
+                    Err(e @ LinkError::Rebalanced { .. }) => {
+                        rotation.elsewhere(candidate.index, candidate.of);
+                        tracing::info!("{e}; tunnels keep running");
+                    }
+                    // The next round starts at another coordinator: this one may be gone.
+                    ended => {
+                        rotation.down(candidate.index, candidate.of);
+                        if let Err(e) = ended {
+                            tracing::warn!("{e}; tunnels keep running, reconnecting");
+                        }
+                    }
                 }
                 // A link that was up a while: the next coordinator after a short jittered
                 // pause (the agents of a dead coordinator spread over it). One that keeps

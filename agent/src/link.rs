@@ -81,6 +81,15 @@ pub enum LinkError {
         /// The encoding error (a message over the frame limit).
         source: EncodeError,
     },
+    /// The coordinator holds more than its share of the fleet's links and asked this agent to
+    /// link to another ([`tunnelfleet_protocol::close::REBALANCE`]).
+    #[error("coordinator {addr} asked this agent to link to another: {reason}")]
+    Rebalanced {
+        /// Coordinator address.
+        addr: SocketAddr,
+        /// Its reason.
+        reason: String,
+    },
     /// The link broke after it was established.
     #[error("coordinator {addr}: link lost: {reason}")]
     Lost {
@@ -268,6 +277,14 @@ fn handshake_error(addr: SocketAddr, e: quinn::ConnectionError) -> LinkError {
             addr,
             detail: t.to_string(),
         },
+        quinn::ConnectionError::ApplicationClosed(a)
+            if a.error_code == tunnelfleet_protocol::close::REBALANCE.into() =>
+        {
+            LinkError::Rebalanced {
+                addr,
+                reason: String::from_utf8_lossy(&a.reason).to_string(),
+            }
+        }
         quinn::ConnectionError::ApplicationClosed(a) => LinkError::Refused {
             addr,
             reason: String::from_utf8_lossy(&a.reason).to_string(),

@@ -412,6 +412,20 @@ impl Fleet {
         Ok(r)
     }
 
+    /// Asks a linked agent to link to another coordinator ([`crate::balance`]): its link is
+    /// closed with [`close::REBALANCE`] and `reason`; its connection task detaches it as for
+    /// any lost link. False when it is not linked here (any more).
+    pub fn rebalance(&self, agent_id: &str, reason: &str) -> bool {
+        let conn = self
+            .links
+            .lock()
+            .get(agent_id)
+            .and_then(|(_, live)| live.as_ref().map(|l| l.conn.clone()));
+        let Some(conn) = conn else { return false };
+        conn.close(close::REBALANCE.into(), reason.as_bytes());
+        true
+    }
+
     /// Pushes the current fleet version to every connected agent that has not been sent it;
     /// returns the agents pushed to. Every agent gets every version — an agent whose profiles
     /// did not change applies it as a no-op and acknowledges — so a rollout is complete when

@@ -14,6 +14,8 @@
 //!   checks fail there (their health rule stays when others pass).
 //! - [`handshakes`]: handshakes per source address (a token bucket each), so a relinking crowd
 //!   or one wild host cannot crowd out the rest.
+//! - [`balance`]: agents spread over the coordinators of an HA set (one holding more than
+//!   its share asks a few to link to another; the rule without IO).
 //! - [`link`]: one control-link connection: hello checked against the certificate, heartbeats.
 //! - [`enroll`]: join tokens traded for certificates on the enrollment ALPN.
 //! - [`monitor`]: the alert and failover rules, no IO: endpoints, agents, checks.
@@ -40,6 +42,7 @@
 
 pub mod admin;
 pub mod admin_tls;
+pub mod balance;
 pub mod cli;
 pub mod enroll;
 pub mod evidence;

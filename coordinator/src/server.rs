@@ -188,6 +188,8 @@ pub struct Bound {
     membership: crate::store::Membership,
     /// This coordinator's name.
     name: String,
+    /// Spread agents over the coordinators ([`crate::balance`]; etcd's `rebalance`).
+    rebalance: bool,
     /// Ends the membership (the lease revoked) once the leader's work has stopped.
     membership_stop: CancellationToken,
 }
@@ -345,6 +347,7 @@ pub async fn bind(cfg: &CoordinatorConfig) -> anyhow::Result<Bound> {
         outbox: Outbox::new(membership.leader_store(), hooks),
         membership,
         name,
+        rebalance: cfg.etcd.as_ref().is_some_and(|e| e.rebalance),
         membership_stop,
         rules: cfg.alerts.clone(),
         fleet,
@@ -409,7 +412,14 @@ impl Bound {
                 Duration::from_millis(500),
                 shutdown.clone(),
             ));
-            (versions, evidence)
+            let balance = self.rebalance.then(|| {
+                tokio::spawn(crate::balance::run(
+                    self.fleet.clone(),
+                    self.name.clone(),
+                    shutdown.clone(),
+                ))
+            });
+            (versions, evidence, balance)
         });
         let state = Admin {
             fleet: self.fleet.clone(),
@@ -478,9 +488,12 @@ impl Bound {
         let _ = sweeper.await;
         let _ = api.await;
         let _ = leader.await;
-        if let Some((versions, evidence)) = follower {
+        if let Some((versions, evidence, balance)) = follower {
             let _ = versions.await;
             let _ = evidence.await;
+            if let Some(b) = balance {
+                let _ = b.await;
+            }
         }
         // The lead is given up only once nothing decides here any more.
         self.membership_stop.cancel();

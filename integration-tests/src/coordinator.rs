@@ -135,6 +135,7 @@ impl FullCoordinator {
             alerts,
             tunnelfleet_coordinator::sshca::DEFAULT_VALIDITY,
             false,
+            None,
         )
         .await
     }
@@ -153,6 +154,7 @@ impl FullCoordinator {
             Default::default(),
             tunnelfleet_coordinator::sshca::DEFAULT_VALIDITY,
             true,
+            None,
         )
         .await
     }
@@ -172,10 +174,33 @@ impl FullCoordinator {
             Default::default(),
             validity,
             false,
+            None,
         )
         .await
     }
 
+    /// Like [`FullCoordinator::start`], named `name` on the etcd store `etcd` (its PKI in
+    /// `dir/pki`: copy one fleet's there for a second coordinator).
+    pub async fn start_on_etcd(
+        dir: &Path,
+        heartbeat: Duration,
+        name: &str,
+        etcd: tunnelfleet_coordinator::store::EtcdConfig,
+    ) -> FullCoordinator {
+        FullCoordinator::start_full(
+            dir,
+            heartbeat,
+            Vec::new(),
+            std::net::Ipv4Addr::LOCALHOST,
+            Default::default(),
+            tunnelfleet_coordinator::sshca::DEFAULT_VALIDITY,
+            false,
+            Some((name, etcd)),
+        )
+        .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
     async fn start_full(
         dir: &Path,
         heartbeat: Duration,
@@ -184,8 +209,9 @@ impl FullCoordinator {
         alerts: tunnelfleet_coordinator::monitor::AlertRules,
         ssh_cert_validity: Duration,
         page: bool,
+        etcd: Option<(&str, tunnelfleet_coordinator::store::EtcdConfig)>,
     ) -> FullCoordinator {
-        use tunnelfleet_coordinator::server::{CoordinatorConfig, bind};
+        use tunnelfleet_coordinator::server::{CoordinatorConfig, StoreKind, bind};
         let pki_dir = dir.join("pki");
         if !pki_dir.join("ca.pem").exists() {
             tunnelfleet_coordinator::pki::init(&pki_dir, &["localhost".into()]).expect("pki");
@@ -200,9 +226,13 @@ impl FullCoordinator {
             admin_plaintext_on_network: false,
             pki_dir,
             state_dir: dir.join("state"),
-            store: Default::default(),
-            etcd: None,
-            name: None,
+            store: if etcd.is_some() {
+                StoreKind::Etcd
+            } else {
+                StoreKind::Sled
+            },
+            name: etcd.as_ref().map(|(name, _)| name.to_string()),
+            etcd: etcd.map(|(_, e)| e),
             admin_token_file: token_file,
             heartbeat_interval: heartbeat,
             ssh_cert_validity,

@@ -101,7 +101,7 @@ pub fn sim_hello(id: String, labels: &[(&str, &str)]) -> tunnelfleet_protocol::H
 /// connected, heartbeats every `heartbeat` (spread by `i`; what they carry is `report`'s
 /// choice), and acknowledges every push after reporting it on `pushes` with the time it
 /// arrived. With several addresses (several coordinators), a lost link is made again to the
-/// next one, as a real agent does, and reported on `up` again; with one, the agent ends.
+/// next one (to any other when the coordinator asked it to move), as a real agent does, and reported on `up` again; with one, the agent ends.
 #[allow(clippy::too_many_arguments)]
 pub fn spawn_sim_agent(
     i: usize,
@@ -125,10 +125,13 @@ pub fn spawn_sim_agent(
             Duration::from_millis(200),
             Duration::from_secs(5),
         );
-        let mut next = i;
+        // Which coordinator next, as a real agent picks it.
+        let n = addrs.len().max(1);
+        let mut rotation = tunnelfleet_agent::coordinators::Rotation::new(i);
         loop {
-            let mut link = loop {
-                let addr = addrs[next % addrs.len().max(1)];
+            let (mut link, at) = loop {
+                let at = rotation.order(n)[0];
+                let addr = addrs[at];
                 let attempt = {
                     let _permit = gate.acquire().await;
                     tunnelfleet_agent::link::connect(
@@ -141,9 +144,9 @@ pub fn spawn_sim_agent(
                     .await
                 };
                 match attempt {
-                    Ok(l) => break l,
+                    Ok(l) => break (l, at),
                     Err(_) => {
-                        next += 1;
+                        rotation.down(at, n);
                         tokio::time::sleep(backoff.next_delay()).await
                     }
                 }
@@ -162,6 +165,8 @@ pub fn spawn_sim_agent(
             };
             // A failure not told yet (set by a push of a failing set, cleared once told).
             let mut untold = false;
+            // The link ended because the coordinator asked it to move.
+            let mut moved = false;
             loop {
                 let pushed = tokio::select! {
                     _ = tick.tick() => false,
@@ -177,7 +182,10 @@ pub fn spawn_sim_agent(
                             true
                         }
                         Ok(_) => continue,
-                        Err(_) => break,
+                        Err(e) => {
+                            moved = matches!(e, tunnelfleet_agent::link::LinkError::Rebalanced { .. });
+                            break;
+                        }
                     }
                 };
                 // A real agent reports at once after it applied; a silent one waits for its tick.
@@ -211,8 +219,13 @@ pub fn spawn_sim_agent(
             if addrs.len() < 2 {
                 return;
             }
-            // The link is gone: the next coordinator first, after a jittered pause.
-            next += 1;
+            // The link is gone: the next coordinator first (any other when asked to move), after
+            // a jittered pause.
+            if moved {
+                rotation.elsewhere(at, n);
+            } else {
+                rotation.down(at, n);
+            }
             tokio::time::sleep(backoff.next_delay()).await;
         }
     });

@@ -923,4 +923,143 @@ mod on_etcd {
             agent.shutdown().await;
         }
     }
+
+    /// Three coordinators on etcd, forty agents all linked to one (the others were away): a
+    /// round of the balance on the loaded one moves nothing while its links are young, then a
+    /// twentieth of the fleet at a time, never an agent twice, and each moved agent links to
+    /// one of the others picked at random; rounds until it holds no more than its share plus
+    /// the slack.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_coordinator_holding_the_whole_fleet_hands_the_surplus_to_the_others() {
+        use integration_tests::FullCoordinator;
+        use std::collections::{BTreeSet, HashMap};
+        use std::sync::Arc;
+        use tunnelfleet_coordinator::balance;
+        if !EtcdCluster::available("coordinators on etcd") {
+            return;
+        }
+        let cluster = EtcdCluster::start(1).await;
+        let mut cfg = cluster.store_config("/balance/");
+        cfg.lease_ttl = TTL;
+        // The test drives the rounds itself, with a clock of its own.
+        cfg.rebalance = false;
+        let dir = tempfile::tempdir().unwrap();
+        let beat = Duration::from_millis(500);
+        let start = |name: &'static str| {
+            let (dir, cfg) = (dir.path().join(name), cfg.clone());
+            async move { FullCoordinator::start_on_etcd(&dir, beat, name, cfg).await }
+        };
+        let a = start("a").await;
+        copy_pki(&dir.path().join("a"), &dir.path().join("b"));
+        copy_pki(&dir.path().join("a"), &dir.path().join("c"));
+        let (b, c) = (start("b").await, start("c").await);
+        wait_until(20, "all three registered", || async {
+            a.fleet.store.coordinators().is_ok_and(|c| c.len() == 3)
+        })
+        .await;
+        const AGENTS: usize = 40;
+        let endpoints = integration_tests::sim_endpoints(2).unwrap();
+        let (up, _up_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (pushes, _pushes_rx) = tokio::sync::mpsc::unbounded_channel();
+        let gate = Arc::new(tokio::sync::Semaphore::new(64));
+        let certs = dir.path().join("agents");
+        for k in 0..AGENTS {
+            let id = format!("agent-{k:02}");
+            let f = tunnelfleet_coordinator::pki::issue_agent(
+                &dir.path().join("a/pki"),
+                &id,
+                1,
+                &certs,
+            )
+            .unwrap();
+            let client = tunnelfleet_agent::link::client_config(&f.ca, &f.cert, &f.key).unwrap();
+            // An index that is a multiple of three starts at the first address: every agent
+            // dials `a` first.
+            integration_tests::spawn_sim_agent(
+                3 * k,
+                integration_tests::sim_hello(id, &[]),
+                client,
+                endpoints[k % 2].clone(),
+                vec![a.control, b.control, c.control],
+                Duration::from_millis(500),
+                gate.clone(),
+                up.clone(),
+                pushes.clone(),
+                integration_tests::SimReports::Nothing,
+            );
+        }
+        wait_until(30, "every agent linked to a", || async {
+            a.fleet.links.connected().len() == AGENTS
+        })
+        .await;
+        let on = |c: &FullCoordinator| {
+            c.fleet
+                .links
+                .connected()
+                .into_iter()
+                .collect::<BTreeSet<_>>()
+        };
+        // What one coordinator reads of the others' links in the store.
+        let seen = |by: &FullCoordinator, me: &str, of: &[&str]| {
+            by.fleet.store.latest_live(me).map_or(0, |l| {
+                l.values()
+                    .filter(|r| r.connected && of.contains(&r.coordinator.as_str()))
+                    .count()
+            })
+        };
+        wait_until(20, "b sees a's links", || async {
+            seen(&b, "b", &["a"]) == AGENTS
+        })
+        .await;
+        let mut asked = HashMap::new();
+        let now = tunnelfleet_runtime::clock::now_unix_ms();
+        assert!(
+            balance::round(&a.fleet, "a", &mut asked, now).is_empty(),
+            "links younger than {:?} stay",
+            balance::SETTLED
+        );
+        assert!(balance::round(&b.fleet, "b", &mut HashMap::new(), now).is_empty());
+        // Later: settled. Forty over three is fourteen each (rounded up), plus a slack of two;
+        // two per round.
+        let later = now + balance::SETTLED.as_millis() as u64;
+        let mut moved_all = BTreeSet::new();
+        let mut rounds = 0;
+        loop {
+            let moved = balance::round(&a.fleet, "a", &mut asked, later + rounds * 10_000);
+            if moved.is_empty() {
+                break;
+            }
+            rounds += 1;
+            assert_eq!(moved.len(), 2, "round {rounds}: {moved:?}");
+            for id in &moved {
+                assert!(moved_all.insert(id.clone()), "{id} asked twice");
+            }
+            let before = on(&b).len() + on(&c).len();
+            wait_until(20, "the moved agents linked to another", || async {
+                let (on_a, on_b, on_c) = (on(&a), on(&b), on(&c));
+                moved
+                    .iter()
+                    .all(|id| !on_a.contains(id) && (on_b.contains(id) || on_c.contains(id)))
+            })
+            .await;
+            let elsewhere = on(&b).len() + on(&c).len();
+            assert_eq!(elsewhere, before + 2);
+            // a reads the others' links from the store before its next round.
+            wait_until(20, "a sees the others' links", || async {
+                seen(&a, "a", &["b", "c"]) == elsewhere
+            })
+            .await;
+            assert!(rounds < 20, "the balance does not end");
+        }
+        let (on_a, on_b, on_c) = (on(&a).len(), on(&b).len(), on(&c).len());
+        assert_eq!(on_a + on_b + on_c, AGENTS);
+        assert_eq!(on_a, 16, "down to the share plus the slack");
+        assert_eq!(rounds, 12);
+        // Each moved agent picked one of the others at random: both got some (all 24 on one
+        // is a chance of one in 2^23).
+        assert!(on_b > 0 && on_c > 0, "b {on_b}, c {on_c}");
+        for x in [a, b, c] {
+            x.stop().await;
+        }
+    }
 }

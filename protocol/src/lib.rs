@@ -76,6 +76,9 @@ pub mod close {
     pub const REVOKED: u32 = 4;
     /// A newer connection of the same agent replaced this one (one connection per agent).
     pub const REPLACED: u32 = 5;
+    /// This coordinator holds more than its share of the fleet's links: link to another
+    /// configured coordinator (the tunnels are untouched; see the coordinator's `balance`).
+    pub const REBALANCE: u32 = 6;
 }
 
 /// The QUIC ALPN of the control link.

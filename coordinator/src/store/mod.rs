@@ -97,6 +97,15 @@ pub struct EtcdConfig {
     /// within it (it steps down itself after half of it without renewing).
     #[serde(default = "default_lease_ttl", with = "humantime_serde")]
     pub lease_ttl: std::time::Duration,
+    /// Spread the agents over the coordinators: one holding more than its share of the links
+    /// (after a peer restarted, say) asks a few at a time to link to another
+    /// (`tunnelfleet_coordinator::balance`). Off: agents stay where they linked.
+    #[serde(default = "default_rebalance")]
+    pub rebalance: bool,
+}
+
+fn default_rebalance() -> bool {
+    true
 }
 
 fn default_lease_ttl() -> std::time::Duration {
@@ -124,6 +133,7 @@ impl EtcdConfig {
             password_file: None,
             timeout: default_etcd_timeout(),
             lease_ttl: default_lease_ttl(),
+            rebalance: default_rebalance(),
         }
     }
 }
