@@ -1,5 +1,6 @@
 //! An agent in this process with a real control socket, and profile snippets for its config.
 
+use crate::children::SpawnOwned;
 use crate::sshd::Sshd;
 use crate::wait::wait_until;
 use std::path::{Path, PathBuf};
@@ -95,7 +96,7 @@ impl TestAgent {
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
-            .spawn()
+            .spawn_owned()
             .expect("spawn the agent");
         let agent = TestAgent {
             socket,

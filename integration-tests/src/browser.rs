@@ -1,6 +1,7 @@
 //! A real headless Chromium, driven over WebDriver (Debian's `chromium` and `chromium-driver`,
 //! through fantoccini), for tests of the fleet page.
 
+use crate::children::SpawnOwned;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::time::Duration;
@@ -42,13 +43,13 @@ impl Browser {
     pub async fn start() -> Browser {
         let port = crate::free_port();
         let profile = tempfile::tempdir().expect("profile dir");
-        let driver = std::process::Command::new(CHROMEDRIVER)
+        let driver = crate::children::owned(CHROMEDRIVER)
             .arg(format!("--port={port}"))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             // Its own process group: the browser it starts is killed with it.
             .process_group(0)
-            .spawn()
+            .spawn_owned()
             .expect("start chromedriver");
         let caps: serde_json::Map<String, serde_json::Value> =
             serde_json::from_value(serde_json::json!({

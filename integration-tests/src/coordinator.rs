@@ -1,12 +1,13 @@
 //! Coordinators for tests: the control link alone in this process, the whole coordinator in
 //! this process, and the real `tunnelfleet-coordinator` binary as a process to kill -9.
 
+use crate::children::SpawnOwned;
 use crate::ports::{free_port, free_udp_port};
 use crate::programs::Program;
 use crate::services::{serve_ssh_banner, write_secret};
 use crate::wait::wait_until;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -479,13 +480,13 @@ impl CoordinatorProcess {
             .append(true)
             .open(log)
             .expect("log");
-        Command::new(bin)
+        crate::children::owned(bin)
             .arg("--config")
             .arg(config)
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
-            .spawn()
+            .spawn_owned()
             .expect("spawn coordinator")
     }
 

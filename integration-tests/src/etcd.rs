@@ -3,6 +3,7 @@
 //! (SIGSTOP) and started again on their data, which is how losing a member or quorum is
 //! tested.
 
+use crate::children::SpawnOwned;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -79,7 +80,7 @@ impl EtcdCluster {
         let peer = format!("http://127.0.0.1:{}", m.peer);
         let log = std::fs::File::create(self._dir.path().join(format!("{}.log", m.name)))
             .expect("etcd log");
-        let child = std::process::Command::new(ETCD)
+        let child = crate::children::owned(ETCD)
             .args(["--name", &m.name, "--data-dir"])
             .arg(&m.dir)
             .args(["--listen-client-urls", &client])
@@ -95,7 +96,7 @@ impl EtcdCluster {
             .args(["--logger", "zap", "--log-outputs", "stderr"])
             .stdout(std::process::Stdio::null())
             .stderr(log)
-            .spawn()
+            .spawn_owned()
             .expect("start etcd");
         self.members[i].process = Some(KillOnDrop(child));
     }

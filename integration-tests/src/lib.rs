@@ -2,7 +2,8 @@
 //! tests and the benchmarks.
 //!
 //! Everything binds 127.0.0.1 (or a test host's own address in a network namespace) on a port
-//! the OS chose, keys are throwaway files in a temp dir, and every process is killed on drop. Tests that need sshd call [`Sshd::available`]: it fails
+//! the OS chose, keys are throwaway files in a temp dir, and every process is killed on drop
+//! (and with the test process, [`children`]). Tests that need sshd call [`Sshd::available`]: it fails
 //! the test when `CI` is set and sshd is missing, and elsewhere says why the test was skipped.
 //! Every helper is re-exported here, so tests write `integration_tests::Sshd`.
 //!
@@ -10,6 +11,7 @@
 //! - [`sshd`]: real OpenSSH servers and their faults.
 //! - [`etcd`]: real etcd clusters on loopback, members killed and restarted.
 //! - [`faults`]: signals to processes, groups and descendants.
+//! - [`children`]: every process a test starts dies with the test process (`spawn_owned`).
 //! - [`netns`]: test hosts in network namespaces on 198.18.0.0/15 (blackholes, cut links) and
 //!   an HTTP server inside one.
 //! - [`skip`]: a skipped test says so where the run's reader sees it.
@@ -25,6 +27,7 @@
 
 pub mod agent;
 pub mod browser;
+pub mod children;
 pub mod coordinator;
 pub mod etcd;
 pub mod faults;
@@ -40,6 +43,7 @@ pub mod wait;
 
 pub use agent::*;
 pub use browser::Browser;
+pub use children::SpawnOwned;
 pub use coordinator::*;
 pub use etcd::EtcdCluster;
 pub use faults::*;

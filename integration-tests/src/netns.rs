@@ -5,6 +5,7 @@
 //! link cuts off one peer while the others still reach it. Needs root, iproute2 and nftables;
 //! nothing leaves the machine.
 
+use crate::children::SpawnOwned;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -225,8 +226,10 @@ impl NetHost {
 
     /// `program` to be run inside the host (`ip netns exec NAME program`; the child's pid is
     /// the program's own: `ip` execs it).
+    /// A command running `program` inside the host; started with `spawn_owned`, it ends with
+    /// the test process ([`crate::children`]).
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = Command::new("ip");
+        let mut c = crate::children::owned("ip");
         c.args(["netns", "exec", &self.name]).arg(program);
         c
     }
@@ -384,7 +387,7 @@ impl NsHttp {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .spawn()
+            .spawn_owned()
             .expect("python3 http.server");
         let mut s = NsHttp {
             port,

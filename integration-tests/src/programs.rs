@@ -1,6 +1,7 @@
 //! The workspace's programs as tests run them: the test build's `test-*` binaries, and the
 //! `dist` builds the benchmarks measure.
 
+use crate::children::SpawnOwned;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -145,7 +146,7 @@ pub fn spawn_ssh(
     forwards: &[String],
     log: Option<&Path>,
 ) -> std::io::Result<KillOnDrop> {
-    let mut cmd = Command::new("ssh");
+    let mut cmd = crate::children::owned("ssh");
     cmd.args([
         "-N",
         "-T",
@@ -166,7 +167,7 @@ pub fn spawn_ssh(
     if let Some(log) = log {
         cmd.stderr(std::fs::File::create(log)?);
     }
-    Ok(KillOnDrop(cmd.spawn()?))
+    Ok(KillOnDrop(cmd.spawn_owned()?))
 }
 
 /// The agent binary `bin` with one profile `name` on `sshd` carrying `forwards`, its defaults
@@ -195,13 +196,13 @@ pub fn spawn_agent(
     );
     let path = dir.join("agent.toml");
     std::fs::write(&path, cfg)?;
-    let child = Command::new(bin)
+    let child = crate::children::owned(bin)
         .arg("--config")
         .arg(&path)
         .env("RUST_LOG", rust_log)
         .stdin(std::process::Stdio::null())
         .stderr(std::fs::File::create(dir.join("agent.log"))?)
-        .spawn()?;
+        .spawn_owned()?;
     Ok(KillOnDrop(child))
 }
 
@@ -226,12 +227,12 @@ pub fn share_pki(dirs: &[PathBuf]) -> anyhow::Result<()> {
 
 fn spawn_coordinator(bin: &Path, cfg: &Path) -> anyhow::Result<KillOnDrop> {
     use anyhow::Context;
-    let process = Command::new(bin)
+    let process = crate::children::owned(bin)
         .arg("--config")
         .arg(cfg)
         .env("RUST_LOG", "warn")
         .stdin(std::process::Stdio::null())
-        .spawn()
+        .spawn_owned()
         .context("starting the coordinator")?;
     Ok(KillOnDrop(process))
 }

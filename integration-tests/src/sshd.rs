@@ -1,6 +1,7 @@
 //! A real OpenSSH `sshd` on 127.0.0.1 with a random port and throwaway keys, and the
 //! faults it can be put through (kill, SIGSTOP of the listener and every session child).
 
+use crate::children::SpawnOwned;
 use crate::faults::{descendants, signal};
 use crate::ports::free_port;
 use std::os::unix::fs::PermissionsExt;
@@ -145,11 +146,11 @@ impl Sshd {
             .expect("log");
         let mut command = match &self.host {
             Some((ns, _)) => {
-                let mut c = Command::new("ip");
+                let mut c = crate::children::owned("ip");
                 c.args(["netns", "exec", ns, SSHD]);
                 c
             }
-            None => Command::new(SSHD),
+            None => crate::children::owned(SSHD),
         };
         let child = command
             .args(["-D", "-e", "-f"])
@@ -157,7 +158,7 @@ impl Sshd {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
-            .spawn()
+            .spawn_owned()
             .expect("spawn sshd");
         self.child = Some(child);
         for _ in 0..200 {
@@ -169,6 +170,12 @@ impl Sshd {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(25));
+        }
+        // Not listening in time (a busy machine): ended here, not left running while a new one
+        // takes its place.
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
         }
         false
     }
@@ -351,7 +358,7 @@ pub(crate) fn run_out(cmd: &str, args: &[&str]) -> String {
 /// A real OpenSSH client holding `R localhost:remote_port:127.0.0.1:to_port` on `sshd` (the
 /// way a session from before a reconnect holds the port); SIGSTOP it to leave a stale session.
 pub fn ssh_holding_remote_port(sshd: &Sshd, remote_port: u16, to_port: u16) -> Child {
-    let child = Command::new("ssh")
+    let child = crate::children::owned("ssh")
         .args([
             "-N",
             "-T",
@@ -370,7 +377,7 @@ pub fn ssh_holding_remote_port(sshd: &Sshd, remote_port: u16, to_port: u16) -> C
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .spawn()
+        .spawn_owned()
         .expect("spawn ssh");
     let mut child = child;
     for _ in 0..400 {

@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
 
+use integration_tests::SpawnOwned;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
@@ -76,12 +77,12 @@ fn new_agent_in(dir: &Path, c: &CoordinatorProcess, id: &str, token: &str, fp: &
 }
 
 fn spawn_agent(a: &NewAgent) -> Child {
-    Command::new(Program::Agent.path())
+    integration_tests::children::owned(Program::Agent.path())
         .arg("--config")
         .arg(&a.config)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(a.dir.join("agent.log")).unwrap())
-        .spawn()
+        .spawn_owned()
         .unwrap()
 }
 

@@ -6,8 +6,9 @@
 
 #![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
 
+use integration_tests::SpawnOwned;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use integration_tests::*;
@@ -31,7 +32,7 @@ impl Alertmanager {
         )
         .unwrap();
         let port = free_port();
-        let child = Command::new(ALERTMANAGER)
+        let child = integration_tests::children::owned(ALERTMANAGER)
             .arg(format!("--config.file={}", config.display()))
             .arg(format!(
                 "--storage.path={}",
@@ -42,7 +43,7 @@ impl Alertmanager {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .spawn()
+            .spawn_owned()
             .unwrap();
         Alertmanager {
             port,

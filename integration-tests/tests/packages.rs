@@ -8,6 +8,7 @@
 
 #![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
 
+use integration_tests::SpawnOwned;
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
@@ -274,13 +275,13 @@ async fn installed(uid: u32, gid: u32, work: std::path::PathBuf) {
         &format!("web_listen=127.0.0.1:{web}"),
     ]));
     assert_owned("/etc/tunnelfleet/coordinator.toml", 0o640, 0, gid);
-    let mut coordinator = Command::new("/usr/bin/tunnelfleet-coordinator");
+    let mut coordinator = integration_tests::children::owned("/usr/bin/tunnelfleet-coordinator");
     coordinator
         .args(["--config", "/etc/tunnelfleet/coordinator.toml"])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(work.join("coordinator.log")).unwrap());
     as_service(&mut coordinator);
-    let _coordinator = KillOnDrop(coordinator.spawn().unwrap());
+    let _coordinator = KillOnDrop(coordinator.spawn_owned().unwrap());
     let cli = |args: &[&str]| -> Output {
         Command::new("/usr/bin/tunnelfleet")
             .args(args)
@@ -327,13 +328,13 @@ async fn installed(uid: u32, gid: u32, work: std::path::PathBuf) {
     check.args(["--config", "/etc/tunnelfleet/agent.toml", "--check"]);
     as_service(&mut check);
     run(&mut check);
-    let mut agent = Command::new("/usr/bin/tunnelfleet-agent");
+    let mut agent = integration_tests::children::owned("/usr/bin/tunnelfleet-agent");
     agent
         .args(["--config", "/etc/tunnelfleet/agent.toml"])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(work.join("agent.log")).unwrap());
     as_service(&mut agent);
-    let _agent = KillOnDrop(agent.spawn().unwrap());
+    let _agent = KillOnDrop(agent.spawn_owned().unwrap());
     wait_until(30, "the installed agent enrolled and online", || async {
         let out = cli(&["agents", "list"]);
         let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();

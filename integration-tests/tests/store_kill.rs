@@ -2,8 +2,9 @@
 
 #![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
 
+use integration_tests::SpawnOwned;
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use integration_tests::Program;
 use tunnelfleet_coordinator::store::Store;
@@ -16,10 +17,10 @@ use tunnelfleet_coordinator::store::Store;
 #[test]
 fn acknowledged_writes_survive_kill_9() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(Program::StoreWriter.path())
+    let mut child = integration_tests::children::owned(Program::StoreWriter.path())
         .arg(dir.path())
         .stdout(Stdio::piped())
-        .spawn()
+        .spawn_owned()
         .unwrap();
     let mut acked = Vec::new();
     for line in BufReader::new(child.stdout.take().unwrap()).lines() {

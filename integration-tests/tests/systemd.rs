@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
 
+use integration_tests::SpawnOwned;
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -56,14 +57,14 @@ fn the_agent_reports_ready_feeds_the_watchdog_and_says_stopping() {
     let sock = UnixDatagram::bind(&notify).unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
-    let mut child = Command::new(Program::Agent.path())
+    let mut child = integration_tests::children::owned(Program::Agent.path())
         .arg("--config")
         .arg(&config)
         .env("NOTIFY_SOCKET", &notify)
         .env("WATCHDOG_USEC", "200000")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .spawn()
+        .spawn_owned()
         .unwrap();
     let got = receive_until(&sock, 20, "READY=1");
     let ready = got.last().unwrap();

@@ -47,6 +47,7 @@
 //! namespaces) and etcd. Ends with one JSON line. Run:
 //! `cargo run --release -p integration-tests --bin bench-chaos -- --minutes 30`.
 
+use integration_tests::SpawnOwned;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -228,7 +229,7 @@ impl Prober {
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
-            .spawn()
+            .spawn_owned()
             .context("starting a prober")?;
         let stdout = child.stdout.take().context("prober stdout")?;
         let latest = Arc::new(Mutex::new((

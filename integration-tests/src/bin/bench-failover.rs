@@ -32,8 +32,9 @@
 //! Ends with one JSON line. Needs root (network namespaces). Run:
 //! `cargo run --release -p integration-tests --bin bench-failover`.
 
+use integration_tests::SpawnOwned;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -560,13 +561,13 @@ async fn competitor(o: &Omas, known_hosts: &Path, alive: u32, connect: u32) -> a
     );
     use std::os::unix::process::CommandExt;
     let _loop = Group(
-        Command::new("bash")
+        integration_tests::children::owned("bash")
             .arg("-c")
             .arg(script)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .process_group(0)
-            .spawn()?,
+            .spawn_owned()?,
     );
     until("the ssh loop through the primary", 30, || async {
         api_via(l).await.is_some_and(|b| b == "oma-a api ok")

@@ -20,6 +20,7 @@
 //! Ends with one JSON line. Needs root (sshd, ending another user's processes). Run:
 //! `cargo run --release -p integration-tests --bin bench-revoke [-- --agents N]`.
 
+use integration_tests::SpawnOwned;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -213,13 +214,13 @@ async fn main() -> anyhow::Result<()> {
             ),
         )?;
         let process = KillOnDrop(
-            Command::new(&agent_bin)
+            integration_tests::children::owned(&agent_bin)
                 .arg("--config")
                 .arg(&config)
                 .env("RUST_LOG", "info")
                 .stdin(std::process::Stdio::null())
                 .stderr(std::fs::File::create(dir.join("agent.log"))?)
-                .spawn()?,
+                .spawn_owned()?,
         );
         started.push(Instant::now());
         fleet.push(Appliance {
