@@ -205,6 +205,12 @@ pub async fn run(
                         rotation.elsewhere(candidate.index, candidate.of);
                         tracing::info!("{e}; tunnels keep running");
                     }
+                    Err(e @ LinkError::Revoked { .. }) => {
+                        rotation.down(candidate.index, candidate.of);
+                        tracing::error!(
+                            "{e}; tunnels keep running until their certificates or keys are refused"
+                        );
+                    }
                     // The next round starts at another coordinator: this one may be gone.
                     ended => {
                         rotation.down(candidate.index, candidate.of);

@@ -90,6 +90,15 @@ pub enum LinkError {
         /// Its reason.
         reason: String,
     },
+    /// The coordinator closed the link because this agent is revoked
+    /// ([`tunnelfleet_protocol::close::REVOKED`]): it is refused from now on.
+    #[error("coordinator {addr} closed the link, this agent is revoked: {reason}")]
+    Revoked {
+        /// Coordinator address.
+        addr: SocketAddr,
+        /// Its reason.
+        reason: String,
+    },
     /// The link broke after it was established.
     #[error("coordinator {addr}: link lost: {reason}")]
     Lost {
@@ -281,6 +290,14 @@ fn handshake_error(addr: SocketAddr, e: quinn::ConnectionError) -> LinkError {
             if a.error_code == tunnelfleet_protocol::close::REBALANCE.into() =>
         {
             LinkError::Rebalanced {
+                addr,
+                reason: String::from_utf8_lossy(&a.reason).to_string(),
+            }
+        }
+        quinn::ConnectionError::ApplicationClosed(a)
+            if a.error_code == tunnelfleet_protocol::close::REVOKED.into() =>
+        {
+            LinkError::Revoked {
                 addr,
                 reason: String::from_utf8_lossy(&a.reason).to_string(),
             }

@@ -76,6 +76,16 @@ pub enum AttachError {
     Store(StoreError),
 }
 
+impl AttachError {
+    /// The close code the connection is closed with (the agent tells a revoke by it).
+    pub fn close_code(&self) -> u32 {
+        match self {
+            AttachError::Revoked(_) => close::REVOKED,
+            AttachError::Store(_) => close::REFUSED,
+        }
+    }
+}
+
 /// Why an operator's command did not get an answer from the agent.
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {

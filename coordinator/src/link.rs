@@ -251,11 +251,7 @@ async fn handle(conn: quinn::Connection, fleet: Arc<Fleet>, ctx: LinkContext) {
         hello.started_unix_ms,
     ) {
         tracing::warn!(agent = %cert_id, %remote, "control link refused: {e}");
-        let code = match e {
-            crate::fleet::AttachError::Revoked(_) => close::REVOKED,
-            crate::fleet::AttachError::Store(_) => close::REFUSED,
-        };
-        conn.close(code.into(), e.to_string().as_bytes());
+        conn.close(e.close_code().into(), e.to_string().as_bytes());
         writer.abort();
         return;
     }

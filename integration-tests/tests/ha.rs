@@ -373,7 +373,12 @@ mod on_etcd {
                 }
             })
         };
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Writes acknowledged before the kill, not only after it.
+        wait_until(20, "five applies acknowledged before the kill", || async {
+            acked.lock().unwrap().len() >= 5
+        })
+        .await;
+        let before_kill = acked.lock().unwrap().len();
         // The leader and the active OMA die together.
         dead.kill9();
         primary.kill_all();
@@ -438,7 +443,10 @@ mod on_etcd {
         stop.cancel();
         writer.await.unwrap();
         let acked = acked.lock().unwrap().clone();
-        assert!(acked.len() > 5, "the stream ran: {acked:?}");
+        assert!(
+            acked.len() > before_kill,
+            "applies acknowledged after the kill too: {acked:?}"
+        );
         let names: std::collections::BTreeSet<String> = survivor
             .api
             .get::<Vec<tunnelfleet_protocol::ProfileSpec>>("/v1/profiles")

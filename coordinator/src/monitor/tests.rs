@@ -8,6 +8,7 @@ use tunnelfleet_protocol::{
 
 const A: &str = "10.0.0.1:22";
 const B: &str = "10.0.0.2:22";
+const C: &str = "10.0.0.3:22";
 
 fn group(failback: Duration) -> OmaGroup {
     OmaGroup {
@@ -180,6 +181,82 @@ async fn one_agent_failing_against_a_healthy_oma_gets_its_own_alert() {
             usize::from(i == 2)
         );
     }
+}
+
+/// A tunnel's "not up" streak counts heartbeats in a row: one up in between starts it again.
+#[tokio::test(start_paused = true)]
+async fn a_tunnel_up_between_failures_starts_its_count_again() {
+    let mut m = monitor();
+    let now = Instant::now();
+    m.probe(A, pass(), now);
+    let beat_in =
+        |m: &mut Monitor, state| m.heartbeat("vma-3", &hb(vec![report(A, state, 0)]), now);
+    for state in [
+        TunnelState::Backoff,
+        TunnelState::Backoff,
+        TunnelState::Up,
+        TunnelState::Backoff,
+        TunnelState::Connecting,
+    ] {
+        let a = beat_in(&mut m, state);
+        assert!(
+            fired(&a, AlertKind::TunnelHealth).is_empty(),
+            "{state:?}: {a:?}"
+        );
+    }
+    // The third in a row.
+    let a = beat_in(&mut m, TunnelState::Backoff);
+    assert_eq!(fired(&a, AlertKind::TunnelHealth).len(), 1, "{a:?}");
+}
+
+/// A group of three moves to the first usable endpoint in its order: off a down primary to
+/// the second (not the third), off a down second to the third, and back to the primary (not
+/// the second) once it is healthy for `failback_after`.
+#[tokio::test(start_paused = true)]
+async fn a_group_of_three_moves_to_the_first_usable_endpoint_in_its_order() {
+    let mut m = Monitor::new(AlertRules::default());
+    let mut g = group(Duration::from_secs(60));
+    g.endpoints.push(C.into());
+    m.set_groups(vec![g]);
+    let active = |m: &Monitor| m.groups().next().unwrap().active().map(str::to_string);
+    for e in [A, B, C] {
+        m.probe(e, pass(), Instant::now());
+    }
+    for _ in 0..3 {
+        m.probe(A, fail(), Instant::now());
+    }
+    assert_eq!(active(&m).as_deref(), Some(B));
+    for _ in 0..3 {
+        m.probe(B, fail(), Instant::now());
+    }
+    assert_eq!(active(&m).as_deref(), Some(C));
+    m.probe(A, pass(), Instant::now());
+    m.probe(B, pass(), Instant::now());
+    tokio::time::advance(Duration::from_secs(60)).await;
+    m.tick(Instant::now());
+    assert_eq!(active(&m).as_deref(), Some(A));
+}
+
+/// A group of three whose primary fails its agents' checks while its sshd answers moves to
+/// the second endpoint, the first usable one, not the third.
+#[tokio::test(start_paused = true)]
+async fn a_group_of_three_leaves_an_impaired_primary_for_the_second() {
+    let mut m = Monitor::new(AlertRules::default());
+    let mut g = group(Duration::from_secs(60));
+    g.endpoints.push(C.into());
+    m.set_groups(vec![g]);
+    for e in [A, B, C] {
+        m.probe(e, pass(), Instant::now());
+    }
+    for agent in ["vma-1", "vma-2"] {
+        beat(
+            &mut m,
+            agent,
+            &hb(vec![failing_health(A, 3)]),
+            Instant::now(),
+        );
+    }
+    assert_eq!(m.groups().next().unwrap().active(), Some(B));
 }
 
 #[tokio::test(start_paused = true)]

@@ -61,6 +61,65 @@ fn a_profile_survives_the_wire_and_bad_pushes_are_refused_with_the_key() {
     assert_eq!(bad.validate_runnable().unwrap_err().key, "known_hosts");
 }
 
+/// Every refusal of a single profile, each naming its key: a profile that breaks one rule is
+/// refused for that rule, and the seed itself passes.
+#[test]
+fn each_rule_refuses_with_its_key() {
+    type Break = fn(&mut ProfileSpec);
+    let cases: &[(&str, Break)] = &[
+        ("user", |p| p.user.clear()),
+        ("forwards", |p| p.forwards.clear()),
+        ("forwards[2]", |p| {
+            p.forwards.push("R 9081:localhost:9999".into())
+        }),
+        ("connect_timeout", |p| p.connect_timeout = Duration::ZERO),
+        ("keepalive_interval", |p| {
+            p.keepalive_interval = Duration::ZERO
+        }),
+        ("keepalive_count", |p| p.keepalive_count = 0),
+        ("reconnect_min", |p| p.reconnect_min = Duration::ZERO),
+        ("reconnect_max", |p| {
+            p.reconnect_max = p.reconnect_min - Duration::from_millis(1)
+        }),
+        ("failover_after", |p| p.failover_after = 0),
+        ("failback_after", |p| p.failback_after = Duration::ZERO),
+        ("health.threshold", |p| {
+            p.health.as_mut().unwrap().threshold = 0
+        }),
+        ("health.interval", |p| {
+            p.health.as_mut().unwrap().interval = Duration::ZERO
+        }),
+        ("health.timeout", |p| {
+            p.health.as_mut().unwrap().timeout = Duration::ZERO
+        }),
+    ];
+    seed().validate_runnable().unwrap();
+    for (key, break_it) in cases {
+        let mut p = seed();
+        break_it(&mut p);
+        let e = p.validate_runnable().unwrap_err();
+        assert_eq!(e.key, *key, "{e}");
+    }
+    // The refusal of a remote port twice says which; port 0 (the server picks) may repeat.
+    let mut p = seed();
+    p.forwards.push("R 9081:localhost:9999".into());
+    let e = p.validate_runnable().unwrap_err();
+    assert!(
+        e.reason.contains("remote port 9081 is forwarded twice"),
+        "{e}"
+    );
+    let mut p = seed();
+    p.forwards.push("R 0:localhost:9998".into());
+    p.forwards.push("R 0:localhost:9999".into());
+    p.validate_runnable().unwrap();
+    // At the boundaries the values pass: one keepalive, one failure, the shortest backoff.
+    let mut p = seed();
+    p.keepalive_count = 1;
+    p.failover_after = 1;
+    p.reconnect_max = p.reconnect_min;
+    p.validate_runnable().unwrap();
+}
+
 #[test]
 fn a_group_resolves_once_active_first_without_duplicates() {
     let mut p = seed();
