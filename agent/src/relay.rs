@@ -23,9 +23,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 /// throughput and cost RSS per connection (BENCHMARKS.md).
 pub const RELAY_BUFFER: usize = 64 * 1024;
 
+/// Channel window: large enough that one stream is not throttled by round trips (16 MiB, the
+/// same order as OpenSSH's 2 MiB × its adaptive growth).
+pub const WINDOW_SIZE: u32 = 16 * 1024 * 1024;
+
 /// The most bytes from the tunnel one connection holds for a local side that is not reading;
 /// beyond, the connection is closed. The window the agent grants a channel.
-pub const INBOUND_BACKLOG: usize = crate::ssh::WINDOW_SIZE as usize;
+pub const INBOUND_BACKLOG: usize = WINDOW_SIZE as usize;
 
 /// Byte and connection counters of one forward.
 #[derive(Debug, Default)]

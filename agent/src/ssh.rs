@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 
 use crate::hostkey::{HostKeyError, HostTrust, Verdict, fingerprint};
-use crate::relay::{ForwardCounters, OpenGuard, relay};
+use crate::relay::{ForwardCounters, OpenGuard, WINDOW_SIZE, relay};
 use tunnelfleet_protocol::jump::JumpHost;
 
 /// Ciphers in order of preference. AES-GCM first: with AES-NI (ring uses it) it is the fastest
@@ -29,10 +29,6 @@ pub const CIPHERS: &[cipher::Name] = &[
     cipher::AES_256_CTR,
     cipher::AES_128_CTR,
 ];
-
-/// Channel window: large enough that one stream is not throttled by round trips (16 MiB, the
-/// same order as OpenSSH's 2 MiB × its adaptive growth).
-pub const WINDOW_SIZE: u32 = 16 * 1024 * 1024;
 
 impl SessionError {
     /// The kind reported to the coordinator.

@@ -57,7 +57,7 @@ fn serve(
         keys: vec![host_key],
         auth_rejection_time: Duration::from_millis(100),
         auth_rejection_time_initial: Some(Duration::ZERO),
-        window_size: tunnelfleet_agent::ssh::WINDOW_SIZE,
+        window_size: tunnelfleet_agent::relay::WINDOW_SIZE,
         nodelay: true,
         keepalive_interval: Some(Duration::from_secs(5)),
         ..Default::default()

@@ -126,28 +126,29 @@ impl<'de, K: Deserialize<'de> + Ord, V: Deserialize<'de>> Visitor<'de> for MapVi
     }
 }
 
-/// One function per bounded field, for `#[serde(deserialize_with = "…")]`.
+/// One function per bounded field, for `#[serde(deserialize_with = "…")]`; the element type is
+/// the field's (so this module names none of the types it bounds).
 macro_rules! bounded {
-    ($($name:ident: $ty:ty, $max:expr, $what:literal;)*) => {$(
+    ($($name:ident: $max:expr, $what:literal;)*) => {$(
         #[doc = concat!("At most the bound of ", $what, ".")]
-        pub fn $name<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<$ty>, D::Error> {
+        pub fn $name<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
             seq(d, $max, $what)
         }
     )*};
 }
 
 bounded! {
-    report_profiles: crate::ProfileReport, MAX_PROFILES, "profiles";
-    set_profiles: crate::ProfileSpec, MAX_PROFILES, "profiles";
-    endpoints: String, MAX_ENDPOINTS, "endpoints";
-    forwards: String, MAX_FORWARDS, "forwards";
-    jumps: String, MAX_JUMPS, "jump hosts";
-    pins: String, MAX_PINS, "host key fingerprints";
-    forward_reports: crate::ForwardReport, MAX_FORWARDS, "forwards";
-    health_samples: crate::HealthSample, MAX_HEALTH_SAMPLES, "health results";
-    error_counts: crate::ErrorCount, MAX_ERROR_COUNTS, "error counters";
-    failover_log: crate::FailoverRecord, MAX_FAILOVER_LOG, "failover records";
-    results: crate::ForwardResult, MAX_RESULTS, "forward results";
+    report_profiles: MAX_PROFILES, "profiles";
+    set_profiles: MAX_PROFILES, "profiles";
+    endpoints: MAX_ENDPOINTS, "endpoints";
+    forwards: MAX_FORWARDS, "forwards";
+    jumps: MAX_JUMPS, "jump hosts";
+    pins: MAX_PINS, "host key fingerprints";
+    forward_reports: MAX_FORWARDS, "forwards";
+    health_samples: MAX_HEALTH_SAMPLES, "health results";
+    error_counts: MAX_ERROR_COUNTS, "error counters";
+    failover_log: MAX_FAILOVER_LOG, "failover records";
+    results: MAX_RESULTS, "forward results";
 }
 
 /// Labels: at most [`MAX_LABELS`].

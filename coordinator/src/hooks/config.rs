@@ -113,3 +113,12 @@ pub fn redact_url(url: &str) -> String {
     };
     format!("{scheme}://{host}{more}")
 }
+
+/// `localhost` or a loopback address.
+pub(crate) fn is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}

@@ -15,10 +15,9 @@ use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
-use super::config::HookConfig;
+use super::config::{HookConfig, is_loopback};
 use super::error::{DeliveryError, HookConfigError};
 use super::format::{text, webhook_body};
-use super::hook::is_loopback;
 use crate::store::Delivery;
 
 /// A checked email hook, ready to send.

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::config::{HookConfig, HookKind};
+use super::config::{HookConfig, HookKind, is_loopback};
 use super::email::Email;
 use super::error::{DeliveryError, HookConfigError};
 use super::format::{alertmanager_body, slack_text, webhook_body};
@@ -162,15 +162,6 @@ impl Hook {
         )
         .await
     }
-}
-
-/// `localhost` or a loopback address.
-pub(crate) fn is_loopback(host: &str) -> bool {
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]

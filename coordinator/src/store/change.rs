@@ -17,8 +17,8 @@ use tunnelfleet_runtime::backoff::Backoff;
 use tunnelfleet_runtime::clock::now_unix_ms;
 
 use super::engine::{Abort, TxTree};
-use super::history::Revision;
-use super::rollouts::ACTIVE;
+use super::model::{Base, Contents, GroupEdit, Revision, bump_version};
+use super::rollouts::{ACTIVE, Rollout};
 use super::{
     Assignment, META_FLEET_VERSION, OmaGroup, Store, StoreError, decode, decode_all, json, u64_of,
 };
@@ -32,73 +32,6 @@ const ATTEMPTS: u32 = 16;
 /// (the one whose mirror of etcd trails) losing every race.
 fn lost_race() -> Backoff {
     Backoff::new(Duration::from_millis(1), Duration::from_millis(64))
-}
-
-/// The fleet's definition at one version: what a change is worked out on.
-#[derive(Debug, Clone)]
-pub(super) struct Base {
-    /// The fleet version it was read at.
-    pub(super) version: u64,
-    /// Every profile, by name.
-    pub(super) profiles: BTreeMap<String, ProfileSpec>,
-    /// Every assignment.
-    pub(super) assignments: Vec<Assignment>,
-    /// Every OMA group, by name.
-    pub(super) groups: BTreeMap<String, OmaGroup>,
-}
-
-impl Base {
-    /// Refuses a profile naming a group the fleet does not have.
-    pub(super) fn check_group(&self, spec: &ProfileSpec) -> Result<(), StoreError> {
-        match &spec.group {
-            Some(g) if !self.groups.contains_key(g) => Err(StoreError::UnknownGroup {
-                profile: spec.name.clone(),
-                group: g.clone(),
-            }),
-            _ => Ok(()),
-        }
-    }
-}
-
-/// What a change makes the profiles and assignments: all of them, as they will be.
-#[derive(Debug, Clone)]
-pub(super) struct Contents {
-    /// Every profile, by name.
-    pub(super) profiles: BTreeMap<String, ProfileSpec>,
-    /// Every assignment (duplicates are one).
-    pub(super) assignments: Vec<Assignment>,
-}
-
-impl Contents {
-    /// What `base` holds.
-    pub(super) fn of(base: &Base) -> Contents {
-        Contents {
-            profiles: base.profiles.clone(),
-            assignments: base.assignments.clone(),
-        }
-    }
-
-    /// Exactly these profiles and assignments (a rollback, an abort).
-    pub(super) fn from_lists(profiles: &[ProfileSpec], assignments: &[Assignment]) -> Contents {
-        Contents {
-            profiles: profiles
-                .iter()
-                .map(|p| (p.name.clone(), p.clone()))
-                .collect(),
-            assignments: assignments.to_vec(),
-        }
-    }
-}
-
-/// An OMA group change worked out on a [`Base`]: its event text, the groups written (`None`
-/// removes one), and what the caller gets back.
-pub(super) struct GroupEdit<T> {
-    /// The event text.
-    pub(super) what: String,
-    /// Group name -> its new definition, or `None` to remove it.
-    pub(super) writes: Vec<(String, Option<OmaGroup>)>,
-    /// Returned to the caller with the new version.
-    pub(super) value: T,
 }
 
 impl Store {
@@ -315,28 +248,10 @@ pub(super) fn still_at(meta: &TxTree<'_>, planned: u64) -> Result<(), Abort> {
     }
 }
 
-/// Inside a change's transaction: bumps the fleet version and logs the change's event with it,
-/// so a version and the event that explains it are written together or not at all. Every
-/// versioned change (profiles, assignments, groups, rollout steps) goes through here.
-pub(super) fn bump_version(
-    meta: &TxTree<'_>,
-    events: &TxTree<'_>,
-    (seq, event): &(u64, Vec<u8>),
-) -> Result<u64, Abort> {
-    let next = meta
-        .get(META_FLEET_VERSION)?
-        .map(|v| u64_of(&v))
-        .unwrap_or(0)
-        + 1;
-    meta.insert(META_FLEET_VERSION, next.to_be_bytes())?;
-    events.insert(seq.to_be_bytes(), event)?;
-    Ok(next)
-}
-
 /// Refuses a profile change while a staged rollout is in progress.
 pub(super) fn no_rollout(rollouts: &TxTree<'_>) -> Result<(), Abort> {
     if let Some(v) = rollouts.get(ACTIVE)? {
-        let r: super::Rollout = decode(&v, "rollouts", "active")?;
+        let r: Rollout = decode(&v, "rollouts", "active")?;
         return Err(StoreError::RolloutInProgress(r.version).into());
     }
     Ok(())

@@ -1,28 +1,12 @@
 //! Revisions: the profiles and assignments as each change left them, for `profiles history`
 //! and rollback. History only grows; the oldest are pruned past [`HISTORY_KEPT`].
 use serde::{Deserialize, Serialize};
-use tunnelfleet_protocol::ProfileSpec;
 
-use super::change::Contents;
-use super::{Assignment, Store, StoreError, decode, u64_of};
+use super::model::{Contents, Revision};
+use super::{Store, StoreError, decode, u64_of};
 
 /// Revisions kept for `profiles history` and rollback; older ones are pruned.
 pub const HISTORY_KEPT: usize = 1000;
-
-/// The fleet's profiles and assignments as one change left them.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Revision {
-    /// The fleet version it made.
-    pub version: u64,
-    /// When (Unix ms).
-    pub at_unix_ms: u64,
-    /// What changed.
-    pub what: String,
-    /// Every profile after the change.
-    pub profiles: Vec<ProfileSpec>,
-    /// Every assignment after the change.
-    pub assignments: Vec<Assignment>,
-}
 
 /// A revision without its contents, for listing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -12,6 +12,8 @@
 //! - [`engine`]: the key-value engine (sled): trees, transactions, ids, group commit.
 //! - [`change`]: every change of the profiles, assignments and OMA groups: worked out at one
 //!   fleet version and committed only at it, with its event and revision.
+//! - [`model`]: what a change works on and makes: the fleet at one version, the profiles and
+//!   assignments it leaves, the version step.
 //! - [`profiles`]: profiles, assignments and the snapshot a push is made from.
 //! - [`live`]: agents' evidence from every coordinator, for the leader's rules.
 //! - [`history`]: revisions for `profiles history` and rollback.
@@ -39,6 +41,7 @@ mod events;
 mod groups;
 mod history;
 mod live;
+mod model;
 mod profiles;
 mod rollouts;
 mod schema;
@@ -58,10 +61,10 @@ pub use alerts::{Alert, AlertKind, AlertStatus, Delivery, Silence, alert_key, gl
 pub use coordinators::{CoordinatorRecord, Membership, Standing};
 pub use copy::{Copied, CopyError};
 pub use events::Event;
-pub use groups::{GroupError, OmaGroup};
-pub use history::{HISTORY_KEPT, Revision, RevisionSummary};
+pub use history::{HISTORY_KEPT, RevisionSummary};
 pub use live::{LiveRecord, latest_per_agent};
-pub use profiles::{Assignment, Selector, SetKey, Snapshot};
+pub use model::{Assignment, GroupError, OmaGroup, Revision, Selector};
+pub use profiles::{SetKey, Snapshot};
 pub use rollouts::{Rollout, RolloutState, Stage};
 pub use ssh_certs::SshCertRecord;
 pub use tokens::{JoinToken, Revocation};

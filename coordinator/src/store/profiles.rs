@@ -2,40 +2,10 @@
 //! is made from: read once, each profile's OMA group resolved.
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::{Deserialize, Serialize};
 use tunnelfleet_protocol::{ProfileSet, ProfileSpec};
 
-use super::change::{Base, Contents};
+use super::model::{Assignment, Base, Contents};
 use super::{Store, StoreError, decode_all};
-
-/// Which agents a profile goes to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Selector {
-    /// One agent by id.
-    Agent(String),
-    /// Every agent whose labels include all of these.
-    Labels(BTreeMap<String, String>),
-}
-
-impl Selector {
-    /// Whether an agent with `id` and `labels` is selected.
-    pub fn matches(&self, id: &str, labels: &BTreeMap<String, String>) -> bool {
-        match self {
-            Selector::Agent(a) => a == id,
-            Selector::Labels(want) => want.iter().all(|(k, v)| labels.get(k) == Some(v)),
-        }
-    }
-}
-
-/// A stored assignment.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Assignment {
-    /// Profile name.
-    pub profile: String,
-    /// Who gets it.
-    pub selector: Selector,
-}
 
 /// The fleet's profiles and assignments at one version (see [`Store::snapshot`]).
 #[derive(Debug, Clone)]

@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 use tunnelfleet_protocol::ProfileSpec;
 use tunnelfleet_runtime::clock::now_unix_ms;
 
-use super::change::{Contents, bump_version};
 use super::engine::{Abort, TxTree};
+use super::model::{Contents, bump_version};
 use super::{Assignment, Store, StoreError, decode, json};
 
 /// The key of the rollout in progress (running or halted) in the `rollouts` tree; finished
