@@ -287,6 +287,31 @@ struct Reached {
     of: usize,
 }
 
+/// Why one attempt of a round failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AttemptError {
+    /// No local QUIC endpoint.
+    #[error("QUIC endpoint: {0}")]
+    Endpoint(std::io::Error),
+    /// The link was refused or could not be made.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    /// Nothing came back in time.
+    #[error("coordinator {0}: no welcome within {CONNECT_TIMEOUT:?}")]
+    Timeout(std::net::SocketAddr),
+}
+
+/// Why a round reached no coordinator: every attempt's reason, in order.
+#[derive(Debug, thiserror::Error)]
+pub enum RoundError {
+    /// No configured address resolved.
+    #[error(transparent)]
+    Resolve(#[from] coordinators::ResolveError),
+    /// Every candidate was tried.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Failed(Vec<AttemptError>),
+}
+
 /// One round: every configured coordinator once, from where `rotation` stands, until one
 /// welcomes us. The error names every attempt.
 async fn connect_any(
@@ -294,22 +319,19 @@ async fn connect_any(
     client: &quinn::ClientConfig,
     rotation: &mut Rotation,
     hello: Hello,
-) -> Result<(quinn::Endpoint, link::ControlLink, Reached), String> {
-    let candidates = coordinators::resolve(cfg)
-        .await
-        .map_err(|e| e.to_string())?;
+) -> Result<(quinn::Endpoint, link::ControlLink, Reached), RoundError> {
+    let candidates = coordinators::resolve(cfg).await?;
     let n = candidates.len();
     let mut failures = Vec::new();
     for i in rotation.order(n) {
         let c = &candidates[i];
         let attempt = async {
             let bind = if c.addr.is_ipv4() {
-                "0.0.0.0:0"
+                std::net::SocketAddr::from(([0, 0, 0, 0], 0))
             } else {
-                "[::]:0"
+                std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
             };
-            let endpoint = quinn::Endpoint::client(bind.parse().map_err(|e| format!("{e}"))?)
-                .map_err(|e| format!("QUIC endpoint: {e}"))?;
+            let endpoint = quinn::Endpoint::client(bind).map_err(AttemptError::Endpoint)?;
             let l = link::connect(
                 &endpoint,
                 client.clone(),
@@ -317,9 +339,8 @@ async fn connect_any(
                 &c.server_name,
                 hello.clone(),
             )
-            .await
-            .map_err(|e| e.to_string())?;
-            Ok::<_, String>((endpoint, l))
+            .await?;
+            Ok::<_, AttemptError>((endpoint, l))
         };
         match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
             Ok(Ok((endpoint, l))) => {
@@ -333,17 +354,16 @@ async fn connect_any(
                 return Ok((endpoint, l, reached));
             }
             Ok(Err(e)) => failures.push(e),
-            Err(_) => failures.push(format!(
-                "coordinator {}: no welcome within {CONNECT_TIMEOUT:?}",
-                c.addr
-            )),
+            Err(_) => failures.push(AttemptError::Timeout(c.addr)),
         }
         rotation.down(i, n);
-        if n > 1 {
-            tracing::info!(coordinator = %c.addr, "{}; trying the next coordinator", failures.last().map(String::as_str).unwrap_or(""));
+        if n > 1
+            && let Some(e) = failures.last()
+        {
+            tracing::info!(coordinator = %c.addr, "{e}; trying the next coordinator");
         }
     }
-    Err(failures.join("; "))
+    Err(RoundError::Failed(failures))
 }
 
 /// Sends the next heartbeat from the supervisor's status (results newer than `since`); None

@@ -427,6 +427,55 @@ pub struct BandwidthReport {
     pub tunnel_bytes_in: u64,
 }
 
+/// Why a bandwidth measurement could not be made; each names the profile, URL or port.
+#[derive(Debug, thiserror::Error)]
+pub enum BandwidthError {
+    /// The agent's control socket did not answer.
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
+    /// The agent answered something else than its status.
+    #[error("unexpected answer from the agent: {0}")]
+    Unexpected(String),
+    /// No such profile on the agent.
+    #[error("no profile named {0:?}")]
+    NoProfile(String),
+    /// No URL given and none to take from the profile.
+    #[error("profile {0} has no HTTP health check; pass --url")]
+    NoUrl(String),
+    /// The URL cannot be measured through a forward.
+    #[error("{url}: {reason}")]
+    Url {
+        /// The URL.
+        url: String,
+        /// Why not.
+        reason: String,
+    },
+    /// The download failed.
+    #[error("{url}: {error}")]
+    Download {
+        /// The URL.
+        url: String,
+        /// The socket's reason.
+        error: std::io::Error,
+    },
+    /// The server answered without success.
+    #[error("GET {path}: {status:?}")]
+    Status {
+        /// The path asked for.
+        path: String,
+        /// The status line.
+        status: String,
+    },
+    /// Nothing complete in time.
+    #[error("{url}: no complete response within {timeout:?}")]
+    Timeout {
+        /// The URL.
+        url: String,
+        /// The limit.
+        timeout: Duration,
+    },
+}
+
 /// Downloads `url` (default: the profile's HTTP health URL) through the profile's L forward
 /// on that port; refuses a URL that would not go through the tunnel.
 pub async fn bandwidth(
@@ -434,8 +483,7 @@ pub async fn bandwidth(
     profile: &str,
     url: Option<&str>,
     timeout: Duration,
-) -> anyhow::Result<BandwidthReport> {
-    use anyhow::{Context, bail};
+) -> Result<BandwidthReport, BandwidthError> {
     use tunnelfleet_protocol::forward::ForwardSpec;
     let p = profile_status(socket, profile).await?;
     let url = match url {
@@ -444,15 +492,24 @@ pub async fn bandwidth(
             .health
             .as_ref()
             .and_then(|h| h.target.strip_prefix("GET ").map(str::to_string))
-            .with_context(|| format!("profile {profile} has no HTTP health check; pass --url"))?,
+            .ok_or_else(|| BandwidthError::NoUrl(profile.to_string()))?,
+    };
+    let refused = |reason: String| BandwidthError::Url {
+        url: url.clone(),
+        reason,
     };
     let uri: hyper::Uri = url
         .parse()
-        .with_context(|| format!("{url:?} is not a URL"))?;
+        .map_err(|e| refused(format!("not a URL: {e}")))?;
     if uri.scheme_str() != Some("http") {
-        bail!("{url}: only http:// URLs can be measured through a forward");
+        return Err(refused(
+            "only http:// URLs can be measured through a forward".into(),
+        ));
     }
-    let host = uri.host().context("URL without a host")?.to_string();
+    let host = uri
+        .host()
+        .ok_or_else(|| refused("URL without a host".into()))?
+        .to_string();
     let port = uri.port_u16().unwrap_or(80);
     let index = p
         .forwards
@@ -460,15 +517,28 @@ pub async fn bandwidth(
         .position(|f| {
             matches!(ForwardSpec::parse(&f.spec), Ok(ForwardSpec::Local { port: lp, .. }) if lp == port)
         })
-        .with_context(|| {
-            format!("port {port} of {url} is not a local forward of profile {profile}; the download would not go through the tunnel")
+        .ok_or_else(|| {
+            refused(format!("port {port} is not a local forward of profile {profile}; the download would not go through the tunnel"))
         })?;
     let before = p.forwards[index].bytes_in;
     let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let start = Instant::now();
     let bytes = tokio::time::timeout(timeout, download(&host, port, path))
         .await
-        .with_context(|| format!("{url}: no complete response within {timeout:?}"))??;
+        .map_err(|_| BandwidthError::Timeout {
+            url: url.clone(),
+            timeout,
+        })?
+        .map_err(|e| match e {
+            DownloadError::Io(error) => BandwidthError::Download {
+                url: url.clone(),
+                error,
+            },
+            DownloadError::Status(status) => BandwidthError::Status {
+                path: path.to_string(),
+                status,
+            },
+        })?;
     let seconds = start.elapsed().as_secs_f64();
     let after = profile_status(socket, profile).await?.forwards[index].bytes_in;
     Ok(BandwidthReport {
@@ -485,7 +555,7 @@ pub async fn bandwidth(
 async fn profile_status(
     socket: &std::path::Path,
     name: &str,
-) -> anyhow::Result<crate::status::ProfileStatus> {
+) -> Result<crate::status::ProfileStatus, BandwidthError> {
     use crate::control::call;
     use crate::supervisor::{Request, Response};
     match call(socket, &Request::Status).await? {
@@ -493,13 +563,26 @@ async fn profile_status(
             .profiles
             .into_iter()
             .find(|p| p.name == name)
-            .ok_or_else(|| anyhow::anyhow!("no profile named {name:?}")),
-        other => anyhow::bail!("unexpected answer from the agent: {other:?}"),
+            .ok_or_else(|| BandwidthError::NoProfile(name.to_string())),
+        other => Err(BandwidthError::Unexpected(format!("{other:?}"))),
+    }
+}
+
+/// Why a download failed.
+enum DownloadError {
+    Io(std::io::Error),
+    /// The status line of an answer other than 2xx.
+    Status(String),
+}
+
+impl From<std::io::Error> for DownloadError {
+    fn from(e: std::io::Error) -> Self {
+        DownloadError::Io(e)
     }
 }
 
 /// GET with `Connection: close`; returns the body size after checking for a 2xx status.
-async fn download(host: &str, port: u16, path: &str) -> anyhow::Result<u64> {
+async fn download(host: &str, port: u16, path: &str) -> Result<u64, DownloadError> {
     use tokio::io::AsyncWriteExt;
     let mut s = TcpStream::connect((host, port)).await?;
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: tunnelfleet-net\r\nConnection: close\r\n\r\n").as_bytes())
@@ -530,7 +613,7 @@ async fn download(host: &str, port: u16, path: &str) -> anyhow::Result<u64> {
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
     if !(200..300).contains(&code) {
-        anyhow::bail!("GET {path}: {status_line:?}");
+        return Err(DownloadError::Status(status_line));
     }
     Ok(body)
 }

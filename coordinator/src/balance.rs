@@ -11,9 +11,10 @@
 //! agents link to another configured coordinator picked at random (never this one first).
 //!
 //! Bounded so that it never becomes a storm: at most [`STEP_PERCENT`] of the fleet's links per
-//! round and coordinator, only links older than [`SETTLED`], and an agent asked once is not
-//! asked again for [`NOT_AGAIN`] (an agent that knows only this coordinator comes straight
-//! back, and stays). The rule ([`surplus`], [`pick`]) has no IO; [`run`] carries it out.
+//! round and coordinator, only links older than [`SETTLED`], and an agent that came straight
+//! back after it was asked (it knows only this coordinator, or reaches no other) is not asked
+//! again for [`NOT_AGAIN`]; one that went elsewhere and came back later (its coordinator died)
+//! may be. The rule ([`surplus`], [`pick`]) has no IO; [`run`] carries it out.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -27,7 +28,8 @@ use crate::fleet::Fleet;
 pub const EVERY: Duration = Duration::from_secs(10);
 /// A link this young is not moved (it may have just been moved here).
 pub const SETTLED: Duration = Duration::from_secs(60);
-/// An agent asked to move is not asked again for this long.
+/// An agent that came straight back after it was asked to move is not asked again for this
+/// long.
 pub const NOT_AGAIN: Duration = Duration::from_secs(600);
 /// At most this share of the fleet's links is moved per round by one coordinator.
 pub const STEP_PERCENT: usize = 5;
@@ -56,8 +58,9 @@ pub fn surplus(mine: usize, others: &[usize]) -> usize {
 }
 
 /// Which `n` of the linked agents (`(id, linked since, Unix ms)`) to ask: links settled for
-/// [`SETTLED`] whose agent was not asked within [`NOT_AGAIN`] (`asked`: when each was, Unix
-/// ms), the longest linked first (ties by id), so a round's choice is the same on any run.
+/// [`SETTLED`], except an agent's that it made within [`SETTLED`] of being asked (`asked`: when
+/// each was, Unix ms; it came straight back) while that was less than [`NOT_AGAIN`] ago; the
+/// longest linked first (ties by id), so a round's choice is the same on any run.
 pub fn pick(
     linked: &[(String, u64)],
     asked: &HashMap<String, u64>,
@@ -69,10 +72,11 @@ pub fn pick(
     let mut eligible: Vec<&(String, u64)> = linked
         .iter()
         .filter(|(_, since)| now_unix_ms.saturating_sub(*since) >= settled)
-        .filter(|(id, _)| {
-            asked
-                .get(id)
-                .is_none_or(|&t| now_unix_ms.saturating_sub(t) >= again)
+        .filter(|(id, since)| {
+            asked.get(id).is_none_or(|&t| {
+                let came_back = *since < t.saturating_add(settled);
+                !came_back || now_unix_ms.saturating_sub(t) >= again
+            })
         })
         .collect();
     eligible.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
@@ -228,7 +232,7 @@ mod tests {
     }
 
     #[test]
-    fn only_settled_links_not_asked_lately_longest_linked_first() {
+    fn only_settled_links_not_back_from_a_recent_ask_longest_linked_first() {
         let now = 10_000_000;
         let settled = SETTLED.as_millis() as u64;
         let linked = vec![
@@ -238,16 +242,22 @@ mod tests {
             ("oldest".to_string(), now - 5 * settled),
             ("asked".to_string(), now - 9 * settled),
             ("asked-long-ago".to_string(), now - 3 * settled),
+            // Asked four minutes ago, linked again a moment later: it came straight back.
+            ("came-back".to_string(), now - 4 * settled + 1_000),
+            // Asked four minutes ago, linked here again two minutes later: it went elsewhere
+            // first (that coordinator died, say).
+            ("went-elsewhere".to_string(), now - 2 * settled - 1),
         ];
+        let again = NOT_AGAIN.as_millis() as u64;
         let mut asked = HashMap::new();
-        asked.insert("asked".to_string(), now - NOT_AGAIN.as_millis() as u64 + 1);
-        asked.insert(
-            "asked-long-ago".to_string(),
-            now - NOT_AGAIN.as_millis() as u64,
-        );
+        // Back within a minute of the ask, and not ten minutes ago: left alone.
+        asked.insert("asked".to_string(), now - again + 1);
+        asked.insert("asked-long-ago".to_string(), now - again);
+        asked.insert("came-back".to_string(), now - 4 * settled);
+        asked.insert("went-elsewhere".to_string(), now - 4 * settled);
         assert_eq!(
             pick(&linked, &asked, now, 10),
-            vec!["oldest", "asked-long-ago", "a", "b"]
+            vec!["oldest", "asked-long-ago", "went-elsewhere", "a", "b"]
         );
         assert_eq!(
             pick(&linked, &asked, now, 2),

@@ -93,23 +93,97 @@ pub enum StoreKind {
     Etcd,
 }
 
+/// Why the coordinator cannot start: each names the setting, file or address at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A setting is refused: its key and why.
+    #[error("{key}: {reason}")]
+    Setting {
+        /// The key (`admin_listen`, `hook "ops"`, …).
+        key: String,
+        /// Why.
+        reason: String,
+    },
+    /// A file could not be read.
+    #[error("{}: cannot read: {error}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The file system's reason.
+        error: std::io::Error,
+    },
+    /// The config file is not a valid config.
+    #[error("{}: {reason}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's reason (key and line).
+        reason: String,
+    },
+    /// A listener could not be bound.
+    #[error("{what}: cannot listen on {addr}: {error}")]
+    Listen {
+        /// Which listener (`control link`, `admin API`, …).
+        what: &'static str,
+        /// The address, with its protocol.
+        addr: String,
+        /// The kernel's reason.
+        error: std::io::Error,
+    },
+    /// The admin token file is readable by others.
+    #[error("admin token: {0}")]
+    AdminToken(tunnelfleet_runtime::secret::SecretFileError),
+    /// A hook's settings are refused.
+    #[error(transparent)]
+    Hook(#[from] crate::hooks::HookConfigError),
+    /// The PKI directory's certificates or keys.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The fleet CA.
+    #[error(transparent)]
+    Pki(#[from] crate::pki::PkiError),
+    /// An SSH CA.
+    #[error(transparent)]
+    SshCa(#[from] crate::sshca::SshCaError),
+    /// The admin API's certificate (`admin_tls`).
+    #[error("admin_tls: {0}")]
+    AdminTls(tls::TlsError),
+    /// The state store.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// Registering with the other coordinators.
+    #[error("joining the coordinators: {0}")]
+    Join(crate::store::StoreError),
+}
+
+fn setting(key: &str, reason: impl Into<String>) -> StartError {
+    StartError::Setting {
+        key: key.to_string(),
+        reason: reason.into(),
+    }
+}
+
 /// Opens the store the config names; the error says which setting is wrong.
-pub async fn open_store(cfg: &CoordinatorConfig) -> anyhow::Result<Store> {
+pub async fn open_store(cfg: &CoordinatorConfig) -> Result<Store, StartError> {
     match cfg.store {
         StoreKind::Sled => {
             if cfg.state_dir.as_os_str().is_empty() {
-                anyhow::bail!("state_dir: required with store = \"sled\" (the default)");
+                return Err(setting(
+                    "state_dir",
+                    "required with store = \"sled\" (the default)",
+                ));
             }
             Ok(Store::open(&cfg.state_dir)?)
         }
         StoreKind::Etcd => {
             let Some(etcd) = &cfg.etcd else {
-                anyhow::bail!(
-                    "store = \"etcd\" needs an [etcd] section with endpoints = [\"https://…:2379\", …]"
-                );
+                return Err(setting(
+                    "store = \"etcd\"",
+                    "needs an [etcd] section with endpoints = [\"https://…:2379\", …]",
+                ));
             };
             if etcd.endpoints.is_empty() {
-                anyhow::bail!("etcd.endpoints: names no etcd member");
+                return Err(setting("etcd.endpoints", "names no etcd member"));
             }
             Ok(Store::open_etcd(etcd).await?)
         }
@@ -144,21 +218,19 @@ fn default_heartbeat() -> Duration {
 
 impl CoordinatorConfig {
     /// Reads and parses a config file; the error names the file.
-    pub fn load(path: &Path) -> anyhow::Result<Self> {
-        use anyhow::Context;
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("{}: cannot read", path.display()))?;
+    pub fn load(path: &Path) -> Result<Self, StartError> {
+        let text = std::fs::read_to_string(path).map_err(|error| StartError::Read {
+            path: path.to_path_buf(),
+            error,
+        })?;
         Self::parse(&text, path)
     }
 
     /// Parses config text; `file` is only used in error messages.
-    pub fn parse(text: &str, file: &Path) -> anyhow::Result<Self> {
-        toml::from_str(text).map_err(|e| {
-            anyhow::anyhow!(
-                "{}: {}",
-                file.display(),
-                e.to_string().trim_end().replace('\n', " ")
-            )
+    pub fn parse(text: &str, file: &Path) -> Result<Self, StartError> {
+        toml::from_str(text).map_err(|e| StartError::Parse {
+            path: file.to_path_buf(),
+            reason: e.to_string().trim_end().replace('\n', " "),
         })
     }
 }
@@ -195,50 +267,61 @@ pub struct Bound {
 }
 
 /// Everything that can fail before serving: token, PKI, store, sockets.
-pub async fn bind(cfg: &CoordinatorConfig) -> anyhow::Result<Bound> {
-    use anyhow::Context;
+pub async fn bind(cfg: &CoordinatorConfig) -> Result<Bound, StartError> {
     if !cfg.admin_listen.ip().is_loopback() && !cfg.admin_tls && !cfg.admin_plaintext_on_network {
-        anyhow::bail!(
-            "admin_listen: {} is not loopback, and the admin API is plain HTTP: its bearer token would cross the network in clear. Set admin_tls = true (the coordinator's certificate from pki_dir), or keep it on 127.0.0.1, or set admin_plaintext_on_network = true to accept that",
-            cfg.admin_listen
-        );
+        return Err(setting(
+            "admin_listen",
+            format!(
+                "{} is not loopback, and the admin API is plain HTTP: its bearer token would cross the network in clear. Set admin_tls = true (the coordinator's certificate from pki_dir), or keep it on 127.0.0.1, or set admin_plaintext_on_network = true to accept that",
+                cfg.admin_listen
+            ),
+        ));
     }
     if let Some(web) = cfg.web_listen
         && !web.ip().is_loopback()
         && !cfg.admin_tls
         && !cfg.admin_plaintext_on_network
     {
-        anyhow::bail!(
-            "web_listen: {web} is not loopback, and the fleet page is plain HTTP: the admin token it signs in with would cross the network in clear. Set admin_tls = true (the page is then served over TLS too), or keep it on 127.0.0.1, or set admin_plaintext_on_network = true to accept that",
-        );
+        return Err(setting(
+            "web_listen",
+            format!(
+                "{web} is not loopback, and the fleet page is plain HTTP: the admin token it signs in with would cross the network in clear. Set admin_tls = true (the page is then served over TLS too), or keep it on 127.0.0.1, or set admin_plaintext_on_network = true to accept that"
+            ),
+        ));
     }
     tunnelfleet_runtime::secret::check_permissions(&cfg.admin_token_file)
-        .map_err(|e| anyhow::anyhow!("admin token: {e}"))?;
+        .map_err(StartError::AdminToken)?;
     let token = std::fs::read_to_string(&cfg.admin_token_file)
-        .with_context(|| format!("{}: cannot read", cfg.admin_token_file.display()))?
+        .map_err(|error| StartError::Read {
+            path: cfg.admin_token_file.clone(),
+            error,
+        })?
         .trim()
         .to_string();
     if token.len() < 16 {
-        anyhow::bail!(
-            "{}: the admin token must be at least 16 characters",
-            cfg.admin_token_file.display()
-        );
+        return Err(setting(
+            &cfg.admin_token_file.display().to_string(),
+            "the admin token must be at least 16 characters",
+        ));
     }
     if cfg.udp_buffer < crate::udp::MIN_BUFFER {
-        anyhow::bail!(
-            "udp_buffer: {} bytes is too small; at least {} (default {})",
-            cfg.udp_buffer,
-            crate::udp::MIN_BUFFER,
-            crate::udp::DEFAULT_BUFFER
-        );
+        return Err(setting(
+            "udp_buffer",
+            format!(
+                "{} bytes is too small; at least {} (default {})",
+                cfg.udp_buffer,
+                crate::udp::MIN_BUFFER,
+                crate::udp::DEFAULT_BUFFER
+            ),
+        ));
     }
     if cfg.alerts.threshold == 0 {
-        anyhow::bail!("alerts.threshold: must be at least 1");
+        return Err(setting("alerts.threshold", "must be at least 1"));
     }
     let mut hooks = Vec::new();
     for h in &cfg.hooks {
         if hooks.iter().any(|x: &Hook| x.name == h.name) {
-            anyhow::bail!("hook {:?}: name used twice", h.name);
+            return Err(setting(&format!("hook {:?}", h.name), "name used twice"));
         }
         hooks.push(Hook::from_config(h)?);
     }
@@ -261,16 +344,22 @@ pub async fn bind(cfg: &CoordinatorConfig) -> anyhow::Result<Bound> {
         }
     }
     if cfg.ssh_cert_validity < crate::sshca::MIN_VALIDITY {
-        anyhow::bail!(
-            "ssh_cert_validity: {:?} is shorter than {:?} (agents renew at half-life, at most once every {:?})",
-            cfg.ssh_cert_validity,
-            crate::sshca::MIN_VALIDITY,
-            crate::sshca::MIN_REQUEST_INTERVAL
-        );
+        return Err(setting(
+            "ssh_cert_validity",
+            format!(
+                "{:?} is shorter than {:?} (agents renew at half-life, at most once every {:?})",
+                cfg.ssh_cert_validity,
+                crate::sshca::MIN_VALIDITY,
+                crate::sshca::MIN_REQUEST_INTERVAL
+            ),
+        ));
     }
     let store = open_store(cfg).await?;
+    let listen = |what: &'static str, addr: String| {
+        move |error: std::io::Error| StartError::Listen { what, addr, error }
+    };
     let udp = crate::udp::bind(cfg.listen, cfg.udp_buffer)
-        .with_context(|| format!("control link: cannot listen on udp {}", cfg.listen))?;
+        .map_err(listen("control link", format!("udp {}", cfg.listen)))?;
     if udp.recv_buffer < cfg.udp_buffer || udp.send_buffer < cfg.udp_buffer {
         tracing::warn!(
             wanted = cfg.udp_buffer,
@@ -280,23 +369,20 @@ pub async fn bind(cfg: &CoordinatorConfig) -> anyhow::Result<Bound> {
         );
     }
     let endpoint = crate::udp::endpoint(udp.socket, Some(server))
-        .with_context(|| format!("control link: cannot listen on udp {}", cfg.listen))?;
+        .map_err(listen("control link", format!("udp {}", cfg.listen)))?;
     let admin_tls = if cfg.admin_tls {
-        Some(
-            crate::admin_tls::acceptor(&cfg.pki_dir)
-                .map_err(|e| anyhow::anyhow!("admin_tls: {e}"))?,
-        )
+        Some(crate::admin_tls::acceptor(&cfg.pki_dir).map_err(StartError::AdminTls)?)
     } else {
         None
     };
     let admin_listener = tokio::net::TcpListener::bind(cfg.admin_listen)
         .await
-        .with_context(|| format!("admin API: cannot listen on tcp {}", cfg.admin_listen))?;
+        .map_err(listen("admin API", format!("tcp {}", cfg.admin_listen)))?;
     let metrics_listener = match cfg.metrics_listen {
         Some(a) => Some(
             tokio::net::TcpListener::bind(a)
                 .await
-                .with_context(|| format!("metrics: cannot listen on tcp {a}"))?,
+                .map_err(listen("metrics", format!("tcp {a}")))?,
         ),
         None => None,
     };
@@ -304,13 +390,17 @@ pub async fn bind(cfg: &CoordinatorConfig) -> anyhow::Result<Bound> {
         Some(a) => Some(
             tokio::net::TcpListener::bind(a)
                 .await
-                .with_context(|| format!("web_listen: cannot listen on tcp {a}"))?,
+                .map_err(listen("web_listen", format!("tcp {a}")))?,
         ),
         None => None,
     };
     let (fleet, fleet_events) = Fleet::new(store.clone(), cfg.heartbeat_interval);
-    let control = endpoint.local_addr()?;
-    let admin = admin_listener.local_addr()?;
+    let control = endpoint
+        .local_addr()
+        .map_err(listen("control link", format!("udp {}", cfg.listen)))?;
+    let admin = admin_listener
+        .local_addr()
+        .map_err(listen("admin API", format!("tcp {}", cfg.admin_listen)))?;
     let web = web_listener.as_ref().and_then(|l| l.local_addr().ok());
     let name = cfg.name.clone().unwrap_or_else(host_name);
     let me = crate::store::CoordinatorRecord {
@@ -329,7 +419,7 @@ pub async fn bind(cfg: &CoordinatorConfig) -> anyhow::Result<Bound> {
     let membership = store
         .join(me, ttl, membership_stop.clone())
         .await
-        .context("joining the coordinators")?;
+        .map_err(StartError::Join)?;
     let metrics = match Metrics::new() {
         Ok(m) => Some(Arc::new(m)),
         Err(e) => {

@@ -270,7 +270,7 @@ impl SshCa {
     /// kind of key in a refusal).
     fn signable(&self, line: &str, what: &str) -> Result<PublicKey, SshCaError> {
         let key = tunnelfleet_runtime::sshkey::ed25519_line(line, MAX_SSH_KEY_LINE, what)
-            .map_err(SshCaError::Refused)?;
+            .map_err(|e| SshCaError::Refused(e.to_string()))?;
         if key.key_data() == self.key.public_key().key_data() {
             return Err(SshCaError::Refused("that is the CA's own key".into()));
         }

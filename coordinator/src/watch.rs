@@ -384,7 +384,9 @@ impl Watcher {
                     self.monitor
                         .agent_offline(&r.agent, crate::fleet::MISSED_HEARTBEATS_OFFLINE),
                 );
-            } else if !was_online && r.online {
+            } else if r.connected && r.online {
+                // Heard from where it is now: whatever said it was offline (its old link
+                // here going silent after it moved, read in either order) is over.
                 actions.extend(self.monitor.agent_online(&r.agent));
             }
             let fresh = known
@@ -409,6 +411,15 @@ impl Watcher {
         actions
     }
 
+    /// Whether `agent`'s latest link is on another coordinator, newer than its link here and
+    /// online there.
+    fn linked_elsewhere(&self, agent: &str) -> bool {
+        let here = self.fleet.links.get(agent).map_or(0, |l| l.since_unix_ms);
+        self.remote
+            .get(agent)
+            .is_some_and(|r| r.online && r.since_unix_ms > here)
+    }
+
     #[allow(clippy::type_complexity)]
     async fn handle(
         &mut self,
@@ -427,7 +438,13 @@ impl Watcher {
                 started_unix_ms,
             }) => self.monitor.hello(&agent, started_unix_ms, now),
             WatchEvent::Fleet(FleetEvent::Offline { agent, missed }) => {
-                self.monitor.agent_offline(&agent, missed)
+                if self.linked_elsewhere(&agent) {
+                    // The link here is an old one: the agent moved to another coordinator
+                    // (handed over, or this one was away) and is heard from there.
+                    Vec::new()
+                } else {
+                    self.monitor.agent_offline(&agent, missed)
+                }
             }
             WatchEvent::Fleet(FleetEvent::Online { agent }) => self.monitor.agent_online(&agent),
             WatchEvent::Fleet(FleetEvent::FirstSshCert { agent }) => {

@@ -1066,6 +1066,33 @@ mod on_etcd {
         // Each moved agent picked one of the others at random: both got some (all 24 on one
         // is a chance of one in 2^23).
         assert!(on_b > 0 && on_c > 0, "b {on_b}, c {on_c}");
+        // A move is a relink, not an absence: every agent online where it is, as every
+        // coordinator sees it, and no agent_offline alert (the first moves were long enough
+        // ago for three missed heartbeats).
+        for x in [&a, &b, &c] {
+            wait_until(
+                20,
+                "every agent online in each coordinator's list",
+                || async {
+                    let list: Vec<serde_json::Value> =
+                        x.api.get("/v1/agents").await.unwrap_or_default();
+                    list.len() == AGENTS
+                        && list
+                            .iter()
+                            .all(|g| g["connected"] == true && g["online"] == true)
+                },
+            )
+            .await;
+        }
+        for x in [&a, &b, &c] {
+            let firing = x.fleet.store.alerts(false).unwrap();
+            assert!(
+                !firing
+                    .iter()
+                    .any(|f| f.kind == tunnelfleet_coordinator::store::AlertKind::AgentOffline),
+                "{firing:?}"
+            );
+        }
         for x in [a, b, c] {
             x.stop().await;
         }

@@ -57,7 +57,7 @@ impl From<StoreError> for ApiError {
             // etcd without quorum or out of reach: nothing was changed; try again later.
             StoreError::Etcd { .. } | StoreError::NotLeader => StatusCode::SERVICE_UNAVAILABLE,
             StoreError::TokenRefused(_)
-            | StoreError::Sled(_)
+            | StoreError::Disk(_)
             | StoreError::ForeignTree
             | StoreError::Corrupt { .. }
             | StoreError::NewerSchema { .. } => StatusCode::INTERNAL_SERVER_ERROR,

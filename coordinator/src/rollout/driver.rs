@@ -437,8 +437,11 @@ impl Rollouts {
             });
         }
         let Some(l) = self.fleet.links.get(agent) else {
+            // Linked nowhere now: online while the coordinator it left still counts it so
+            // (a relink within the offline threshold).
             return Ok(AgentView {
                 seen: seen.contains(agent),
+                online: remote.get(agent).is_some_and(|r| r.online),
                 ..AgentView::default()
             });
         };

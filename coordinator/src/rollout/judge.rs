@@ -39,12 +39,17 @@ pub enum Check {
 /// Judges one agent of the stage in progress.
 pub fn check(v: &AgentView) -> Check {
     use Check::{Failed, Good, NotYet};
-    if !v.connected || !v.online {
+    if !v.online {
         return if v.seen {
             Failed("went offline".into())
         } else {
             NotYet("not connected".into())
         };
+    }
+    // Its link is down but it is not offline yet: it is linking to another coordinator (its
+    // own died, or it was handed over), which its tunnels never depend on.
+    if !v.connected {
+        return NotYet("relinking".into());
     }
     if !v.pushed_new {
         return NotYet("new version not pushed yet".into());
@@ -200,7 +205,7 @@ mod tests {
     }
 
     #[test]
-    fn an_apply_error_fails_and_an_offline_agent_fails_only_once_seen() {
+    fn an_apply_error_fails_an_offline_agent_fails_once_seen_and_a_relink_waits() {
         let mut v = view(up());
         v.apply = Some(Err(vec!["oma L 8082: address in use".into()]));
         assert!(matches!(check(&v), Check::Failed(w) if w.contains("apply failed")));
@@ -209,6 +214,12 @@ mod tests {
         assert_eq!(check(&v), Check::Failed("went offline".into()));
         v.seen = false;
         assert!(matches!(check(&v), Check::NotYet(_)));
+        // A link down within the offline threshold is a relink, not a failure.
+        let mut v = view(up());
+        v.connected = false;
+        assert_eq!(check(&v), Check::NotYet("relinking".into()));
+        v.online = false;
+        assert_eq!(check(&v), Check::Failed("went offline".into()));
     }
 
     #[test]

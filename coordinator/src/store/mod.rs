@@ -60,6 +60,7 @@ pub use agents::{AgentRecord, Labels};
 pub use alerts::{Alert, AlertKind, AlertStatus, Delivery, Silence, alert_key, glob_match};
 pub use coordinators::{CoordinatorRecord, Membership, Standing};
 pub use copy::{Copied, CopyError};
+pub use engine::DiskError;
 pub use events::Event;
 pub use history::{HISTORY_KEPT, RevisionSummary};
 pub use live::{LiveRecord, latest_per_agent};
@@ -159,9 +160,9 @@ const META_FIRING_INDEXED: &[u8] = b"firing_indexed";
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// sled failed (IO, corruption).
+    /// The local state directory failed (IO, corruption).
     #[error("state store: {0}")]
-    Sled(#[from] sled::Error),
+    Disk(DiskError),
     /// etcd refused or did not answer (no quorum, unreachable, a limit).
     #[error("state store in etcd ({endpoints}): {reason}")]
     Etcd {

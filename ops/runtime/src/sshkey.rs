@@ -26,22 +26,45 @@ pub fn generate_ed25519(comment: &str) -> Result<PrivateKey, SshKeyError> {
     )?)
 }
 
+/// Why a line is not an ed25519 public key the fleet takes.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyLineError {
+    /// Longer than allowed.
+    #[error("public key line of {len} bytes; at most {max}")]
+    TooLong {
+        /// Its length.
+        len: usize,
+        /// The bound.
+        max: usize,
+    },
+    /// Not an OpenSSH public key.
+    #[error("not an OpenSSH public key line: {0}")]
+    NotAKey(ssh_key::Error),
+    /// Another algorithm.
+    #[error("a {algorithm} {what}key; only ed25519 {what}keys are taken")]
+    NotEd25519 {
+        /// Its algorithm.
+        algorithm: String,
+        /// The kind of key (`""`, `"host "`).
+        what: String,
+    },
+}
+
 /// An ed25519 public key from one OpenSSH line of at most `max` bytes, or why it is not one
 /// (`what` names the kind of key in that: `""`, `"host "`).
-pub fn ed25519_line(line: &str, max: usize, what: &str) -> Result<PublicKey, String> {
+pub fn ed25519_line(line: &str, max: usize, what: &str) -> Result<PublicKey, KeyLineError> {
     if line.len() > max {
-        return Err(format!(
-            "public key line of {} bytes; at most {max}",
-            line.len()
-        ));
+        return Err(KeyLineError::TooLong {
+            len: line.len(),
+            max,
+        });
     }
-    let key = PublicKey::from_openssh(line.trim())
-        .map_err(|e| format!("not an OpenSSH public key line: {e}"))?;
+    let key = PublicKey::from_openssh(line.trim()).map_err(KeyLineError::NotAKey)?;
     if key.algorithm() != ssh_key::Algorithm::Ed25519 {
-        return Err(format!(
-            "a {} {what}key; only ed25519 {what}keys are taken",
-            key.algorithm()
-        ));
+        return Err(KeyLineError::NotEd25519 {
+            algorithm: key.algorithm().to_string(),
+            what: what.to_string(),
+        });
     }
     Ok(key)
 }

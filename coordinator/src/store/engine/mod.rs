@@ -12,6 +12,8 @@
 pub(super) mod etcd_kv;
 mod sled_kv;
 
+pub use sled_kv::DiskError;
+
 use super::StoreError;
 
 /// A key and its value.

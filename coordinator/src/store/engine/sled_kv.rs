@@ -6,6 +6,17 @@ use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 
 use super::{Abort, Entry, StoreError, TxTree};
 
+/// What sled said when it failed (IO, corruption): its type stays behind the engine.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct DiskError(#[from] sled::Error);
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        StoreError::Disk(DiskError(e))
+    }
+}
+
 /// An open sled database with its group commit.
 #[derive(Clone)]
 pub(crate) struct SledDb {
