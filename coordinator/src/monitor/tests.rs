@@ -214,14 +214,8 @@ async fn a_tunnel_up_between_failures_starts_its_count_again() {
 /// the second) once it is healthy for `failback_after`.
 #[tokio::test(start_paused = true)]
 async fn a_group_of_three_moves_to_the_first_usable_endpoint_in_its_order() {
-    let mut m = Monitor::new(AlertRules::default());
-    let mut g = group(Duration::from_secs(60));
-    g.endpoints.push(C.into());
-    m.set_groups(vec![g]);
+    let mut m = group_of_three();
     let active = |m: &Monitor| m.groups().next().unwrap().active().map(str::to_string);
-    for e in [A, B, C] {
-        m.probe(e, pass(), Instant::now());
-    }
     for _ in 0..3 {
         m.probe(A, fail(), Instant::now());
     }
@@ -241,6 +235,12 @@ async fn a_group_of_three_moves_to_the_first_usable_endpoint_in_its_order() {
 /// the second endpoint, the first usable one, not the third.
 #[tokio::test(start_paused = true)]
 async fn a_group_of_three_leaves_an_impaired_primary_for_the_second() {
+    let mut m = group_of_three();
+    both_agents_fail_on_a(&mut m);
+}
+
+/// Group `oma` of A, B and C (failback after 60 s), every endpoint's sshd answering.
+fn group_of_three() -> Monitor {
     let mut m = Monitor::new(AlertRules::default());
     let mut g = group(Duration::from_secs(60));
     g.endpoints.push(C.into());
@@ -248,13 +248,14 @@ async fn a_group_of_three_leaves_an_impaired_primary_for_the_second() {
     for e in [A, B, C] {
         m.probe(e, pass(), Instant::now());
     }
+    m
+}
+
+/// Both agents' checks fail through A three times: the group leaves A for B (the first usable
+/// endpoint after it).
+fn both_agents_fail_on_a(m: &mut Monitor) {
     for agent in ["vma-1", "vma-2"] {
-        beat(
-            &mut m,
-            agent,
-            &hb(vec![failing_health(A, 3)]),
-            Instant::now(),
-        );
+        beat(m, agent, &hb(vec![failing_health(A, 3)]), Instant::now());
     }
     assert_eq!(m.groups().next().unwrap().active(), Some(B));
 }
@@ -622,15 +623,7 @@ fn impaired_a_then_on_b() -> Monitor {
     m.set_groups(vec![group(Duration::from_secs(60))]);
     m.probe(A, pass(), Instant::now());
     m.probe(B, pass(), Instant::now());
-    for agent in ["vma-1", "vma-2"] {
-        beat(
-            &mut m,
-            agent,
-            &hb(vec![failing_health(A, 3)]),
-            Instant::now(),
-        );
-    }
-    assert_eq!(m.groups().next().unwrap().active(), Some(B));
+    both_agents_fail_on_a(&mut m);
     // On the standby, passing. The primary's sshd keeps answering its probes.
     for agent in ["vma-1", "vma-2"] {
         beat(
