@@ -323,9 +323,7 @@ impl Monitor {
             self.streaks.remove(&down_key);
             0
         } else {
-            let n = self.streaks.entry(down_key).or_insert(0);
-            *n = n.saturating_add(1);
-            *n
+            self.streaks.entry(down_key).or_default().record(1)
         };
         // Left its group's active endpoint for its health (its latest move, made because its
         // check failed there): failing until it is back on the group's choice, however well
@@ -345,7 +343,10 @@ impl Monitor {
         };
         let failing = p.consecutive_failures.max(down_for).max(away);
         let key = alert_key(AlertKind::TunnelHealth, &subject);
-        if failing >= self.rules.threshold && !hold && !self.firing.contains(&key) {
+        if super::streak::reached(failing, self.rules.threshold)
+            && !hold
+            && !self.firing.contains(&key)
+        {
             self.firing.insert(key);
             let detail = match p.health.last() {
                 Some(h) if !h.ok => h.detail.clone(),

@@ -23,10 +23,9 @@ impl Monitor {
                 .remove(&key)
                 .then_some(Action::Resolve { kind, subject });
         }
-        let n = self.streaks.entry(key.clone()).or_insert(0);
-        *n = n.saturating_add(failed);
-        let n = *n;
-        if n >= self.rules.threshold && !hold && !self.firing.contains(&key) {
+        let streak = self.streaks.entry(key.clone()).or_default();
+        let n = streak.record(failed);
+        if streak.reached(self.rules.threshold) && !hold && !self.firing.contains(&key) {
             self.firing.insert(key);
             return Some(Action::Fire {
                 kind,

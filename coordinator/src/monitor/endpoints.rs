@@ -38,7 +38,7 @@ const SEEN_WINDOW: Duration = Duration::from_secs(120);
 #[derive(Debug, Default)]
 pub(super) struct Endpoint {
     /// Failed checks in a row.
-    pub(super) fails: u32,
+    pub(super) fails: super::streak::Streak,
     /// Down after `threshold` failures, until a pass.
     pub(super) down: bool,
     /// Passing every check since.
@@ -59,7 +59,7 @@ pub(super) struct Endpoint {
 
 impl Endpoint {
     pub(super) fn suspect(&self) -> bool {
-        self.down || self.fails > 0
+        self.down || self.fails.count() > 0
     }
 }
 
@@ -144,7 +144,7 @@ impl Monitor {
         let e = self.endpoints.entry(endpoint.to_string()).or_default();
         e.last_ok = Some(ok);
         if ok {
-            e.fails = 0;
+            e.fails.record(0);
             e.down = false;
             e.healthy_since.get_or_insert(now);
             if self.firing.remove(&key) {
@@ -154,9 +154,9 @@ impl Monitor {
                 });
             }
         } else {
-            e.fails = e.fails.saturating_add(1);
+            e.fails.record(1);
             e.healthy_since = None;
-            if e.fails >= threshold && !e.down {
+            if e.fails.reached(threshold) && !e.down {
                 e.down = true;
             }
             if e.down && !self.firing.contains(&key) {
@@ -167,7 +167,7 @@ impl Monitor {
                     subject: endpoint.to_string(),
                     summary: format!(
                         "OMA endpoint {endpoint} down: {} failed checks in a row ({}); {} agent(s) on it",
-                        e.fails,
+                        e.fails.count(),
                         e.last_detail,
                         affected.len()
                     ),
@@ -372,7 +372,7 @@ impl Monitor {
                     active: ep == active,
                     drained: g.drained.contains(ep),
                     state: state.into(),
-                    consecutive_failures: e.map(|e| e.fails).unwrap_or(0),
+                    consecutive_failures: e.map(|e| e.fails.count()).unwrap_or(0),
                     healthy_for_s: e
                         .and_then(|e| e.healthy_since)
                         .map(|s| now.saturating_duration_since(s).as_secs()),

@@ -8,6 +8,7 @@
 //!   failover and failback, `oma list`.
 //! - [`agents`]: hellos, restarts, offline agents, and what a heartbeat says.
 //! - [`checks`]: the consecutive-failure rule of the agent-side checks.
+//! - [`streak`]: failures in a row against a threshold, the one count every rule keeps.
 //! - [`certs`]: agents' SSH certificates running out unrenewed: `ssh_cert_expiring`.
 //! - [`tunnels`]: agents' tunnels as evidence against their group's active endpoint (health
 //!   checks through it, agents that left it), with a quorum: `oma_unhealthy` and a failover.
@@ -38,6 +39,7 @@ mod agents;
 mod certs;
 mod checks;
 mod endpoints;
+mod streak;
 mod tunnels;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -159,7 +161,7 @@ pub struct Monitor {
     groups: BTreeMap<String, OmaGroup>,
     endpoints: HashMap<String, Endpoint>,
     /// Failed checks in a row per alert key (agent-side checks).
-    streaks: HashMap<String, u32>,
+    streaks: HashMap<String, streak::Streak>,
     /// Keys of firing alerts.
     firing: HashSet<String>,
     agents: HashMap<String, AgentState>,

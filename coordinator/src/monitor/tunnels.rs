@@ -110,13 +110,14 @@ impl Monitor {
         let previous = self.tunnels.remove(agent).unwrap_or_default();
         let mut views = BTreeMap::new();
         for p in profiles {
-            let health_failing = (p.consecutive_failures >= threshold).then(|| {
-                p.health
-                    .last()
-                    .map(|h| h.detail.clone())
-                    .or_else(|| p.last_error.clone())
-                    .unwrap_or_else(|| "failing".into())
-            });
+            let health_failing =
+                super::streak::reached(p.consecutive_failures, threshold).then(|| {
+                    p.health
+                        .last()
+                        .map(|h| h.detail.clone())
+                        .or_else(|| p.last_error.clone())
+                        .unwrap_or_else(|| "failing".into())
+                });
             // A move it made for its health says why it left; else a refused move back, else
             // its latest move.
             let health_move = p.failover_log.last().filter(|f| f.for_health());
