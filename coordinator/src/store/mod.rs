@@ -20,7 +20,9 @@
 //! - [`groups`]: OMA groups: definition, active endpoint, drains.
 //! - [`agents`]: what is remembered about each agent between connections.
 //! - [`events`]: the event log.
-//! - [`alerts`]: alerts, the hook outbox, silences.
+//! - [`alerts`]: alerts from firing to resolution.
+//! - [`outbox`]: each alert state on its way to each hook, written with the alert.
+//! - [`silences`]: alerts recorded but not delivered while a silence matches.
 //! - [`tokens`]: join tokens and revocations.
 //! - [`ssh_certs`]: the latest SSH certificate issued to each agent.
 //! - [`access`]: named admin tokens with their roles, and the audit log.
@@ -42,9 +44,11 @@ mod groups;
 mod history;
 mod live;
 mod model;
+mod outbox;
 mod profiles;
 mod rollouts;
 mod schema;
+mod silences;
 mod ssh_certs;
 mod tokens;
 
@@ -57,7 +61,7 @@ use engine::{Db, Tree};
 
 pub use access::{AUDIT_RETENTION, AdminToken, AuditEntry, Role, UnknownRole};
 pub use agents::{AgentRecord, Labels};
-pub use alerts::{Alert, AlertKind, AlertStatus, Delivery, Silence, alert_key, glob_match};
+pub use alerts::{Alert, AlertKind, AlertStatus, alert_key};
 pub use coordinators::{CoordinatorRecord, Membership, Standing};
 pub use copy::{Copied, CopyError};
 pub use engine::DiskError;
@@ -65,8 +69,10 @@ pub use events::Event;
 pub use history::{HISTORY_KEPT, RevisionSummary};
 pub use live::{LiveRecord, latest_per_agent};
 pub use model::{Assignment, GroupError, OmaGroup, Revision, Selector};
+pub use outbox::Delivery;
 pub use profiles::{SetKey, Snapshot};
 pub use rollouts::{Rollout, RolloutState, Stage};
+pub use silences::{Silence, glob_match};
 pub use ssh_certs::SshCertRecord;
 pub use tokens::{JoinToken, Revocation};
 
