@@ -163,6 +163,20 @@ fn setting(key: &str, reason: impl Into<String>) -> StartError {
     }
 }
 
+/// A TCP listener on `addr`, or why not (naming `what` and the address).
+async fn bind_tcp(
+    what: &'static str,
+    addr: SocketAddr,
+) -> Result<tokio::net::TcpListener, StartError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|error| StartError::Listen {
+            what,
+            addr: format!("tcp {addr}"),
+            error,
+        })
+}
+
 /// Opens the store the config names; the error says which setting is wrong.
 pub async fn open_store(cfg: &CoordinatorConfig) -> Result<Store, StartError> {
     match cfg.store {
@@ -375,23 +389,13 @@ pub async fn bind(cfg: &CoordinatorConfig) -> Result<Bound, StartError> {
     } else {
         None
     };
-    let admin_listener = tokio::net::TcpListener::bind(cfg.admin_listen)
-        .await
-        .map_err(listen("admin API", format!("tcp {}", cfg.admin_listen)))?;
+    let admin_listener = bind_tcp("admin API", cfg.admin_listen).await?;
     let metrics_listener = match cfg.metrics_listen {
-        Some(a) => Some(
-            tokio::net::TcpListener::bind(a)
-                .await
-                .map_err(listen("metrics", format!("tcp {a}")))?,
-        ),
+        Some(a) => Some(bind_tcp("metrics", a).await?),
         None => None,
     };
     let web_listener = match cfg.web_listen {
-        Some(a) => Some(
-            tokio::net::TcpListener::bind(a)
-                .await
-                .map_err(listen("web_listen", format!("tcp {a}")))?,
-        ),
+        Some(a) => Some(bind_tcp("web_listen", a).await?),
         None => None,
     };
     let (fleet, fleet_events) = Fleet::new(store.clone(), cfg.heartbeat_interval);

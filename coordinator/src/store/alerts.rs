@@ -302,12 +302,13 @@ pub(super) const ALERT_RETENTION: std::time::Duration =
     std::time::Duration::from_secs(90 * 24 * 3600);
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     #![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
 
     use super::*;
 
-    fn alert(subject: &str) -> Alert {
+    /// An `oma_down` alert about `subject` (the store's tests of alerts and the outbox).
+    pub(in crate::store) fn alert(subject: &str) -> Alert {
         Alert::firing(AlertKind::OmaDown, subject.into(), "down".into(), vec![])
     }
 

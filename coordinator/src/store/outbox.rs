@@ -179,11 +179,7 @@ mod tests {
     #![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
 
     use super::*;
-    use crate::store::alerts::AlertKind;
-
-    fn alert(subject: &str) -> Alert {
-        Alert::firing(AlertKind::OmaDown, subject.into(), "down".into(), vec![])
-    }
+    use crate::store::alerts::tests::alert;
 
     /// A hook's next delivery and its backlog come from the per-hook index: a long backlog of
     /// another hook (a receiver that is down) is never read for it. An outbox written before

@@ -9,7 +9,7 @@ use super::{Abort, Entry, StoreError, TxTree};
 /// What sled said when it failed (IO, corruption): its type stays behind the engine.
 #[derive(Debug, thiserror::Error)]
 #[error(transparent)]
-pub struct DiskError(#[from] sled::Error);
+pub struct DiskError(sled::Error);
 
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
