@@ -11,11 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::relay::{ForwardCounters, OpenGuard, relay};
+use crate::relay::{ForwardCounters, OpenGuard, OpeningGuard, relay};
 use crate::socks;
 use crate::ssh::Live;
 use crate::status::{ForwardState, ProfileShared};
@@ -28,6 +29,14 @@ pub type SessionSlot = watch::Receiver<Option<Arc<Live>>>;
 /// Connections one L or D forward serves at once; more are closed as they arrive (a local
 /// process gone wild cannot exhaust the agent's descriptors or the session's channels).
 pub const MAX_CONNECTIONS: usize = 4096;
+
+/// Connections of one session waiting at once for the server to open their channel (all its
+/// L and D forwards together); more wait their turn (up to `connect_timeout`, or until another
+/// session takes over) before they ask. Each open russh holds costs ~18 kB until the server
+/// answers or the session ends, and a frozen server answers nothing: without a bound the
+/// probes of a monitoring system piling up on a SIGSTOPped sshd grew an agent by 12 MB, which
+/// glibc then kept (BENCHMARKS.md, bench-chaos).
+pub const MAX_OPENING: usize = 64;
 
 /// One L or D forward's listener task.
 pub struct LocalForward {
@@ -82,7 +91,7 @@ impl LocalForward {
             }
         };
         let cap = self.max_connections;
-        let permits = Arc::new(tokio::sync::Semaphore::new(cap));
+        let permits = Arc::new(Semaphore::new(cap));
         loop {
             let state = if self.session.borrow().is_some() {
                 ForwardState::Active
@@ -114,12 +123,7 @@ impl LocalForward {
             .set_forward(self.index, ForwardState::Stopped, None);
     }
 
-    fn spawn_connection(
-        &self,
-        tcp: TcpStream,
-        peer: SocketAddr,
-        permit: tokio::sync::OwnedSemaphorePermit,
-    ) {
+    fn spawn_connection(&self, tcp: TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit) {
         let _ = tcp.set_nodelay(true);
         let spec = self.spec.clone();
         let counters = self.counters.clone();
@@ -128,7 +132,8 @@ impl LocalForward {
         self.tracker.spawn(async move {
             let _permit = permit;
             let _open = OpenGuard::new(&counters);
-            if let Err(e) = serve(tcp, peer, &spec, session, wait, &counters).await {
+            let deadline = Instant::now() + wait;
+            if let Err(e) = serve(tcp, peer, &spec, session, deadline, &counters).await {
                 tracing::debug!(forward = %spec, %peer, "connection ended: {e}");
             }
         });
@@ -140,7 +145,7 @@ async fn serve(
     peer: SocketAddr,
     spec: &ForwardSpec,
     session: SessionSlot,
-    wait: Duration,
+    deadline: Instant,
     counters: &Arc<ForwardCounters>,
 ) -> Result<(), ConnectionError> {
     let (host, port, socks) = match spec {
@@ -153,7 +158,7 @@ async fn serve(
         }
         ForwardSpec::Remote { .. } => return Ok(()),
     };
-    let Some(live) = wait_session(session, wait).await else {
+    let Some((live, permit)) = turn(session, deadline).await else {
         if socks {
             let _ = socks::reply(&mut tcp, socks::Reply::GeneralFailure).await;
         }
@@ -162,6 +167,7 @@ async fn serve(
     // The connection belongs to the session it was opened on: a move to another endpoint lets
     // it finish there.
     let _carried = live.conns.token();
+    let asking = OpeningGuard::new(counters);
     let channel = match live
         .handle
         .channel_open_direct_tcpip(
@@ -183,7 +189,7 @@ async fn serve(
             });
         }
     };
-    drop(live);
+    drop((asking, permit, live));
     if socks {
         socks::reply(&mut tcp, socks::Reply::Success)
             .await
@@ -200,8 +206,8 @@ enum ConnectionError {
     /// The SOCKS handshake failed.
     #[error(transparent)]
     Socks(#[from] socks::SocksError),
-    /// No session came up within the wait.
-    #[error("no SSH session; connection closed")]
+    /// No session came up, or none had a turn free, within `connect_timeout`.
+    #[error("no SSH session answering within connect_timeout; connection closed")]
     NoSession,
     /// The server would not open the channel.
     #[error("server could not open {target}: {source}")]
@@ -216,11 +222,25 @@ enum ConnectionError {
     Io(std::io::Error),
 }
 
-async fn wait_session(mut session: SessionSlot, wait: Duration) -> Option<Arc<Live>> {
-    let found = tokio::time::timeout(wait, session.wait_for(|s| s.is_some())).await;
-    match found {
-        Ok(Ok(s)) => s.clone(),
-        _ => None,
+/// The session to open a channel on and a turn at asking it ([`MAX_OPENING`]), once both are
+/// there before `deadline`. A session taking over while this waits for a turn is asked
+/// instead.
+async fn turn(
+    mut session: SessionSlot,
+    deadline: Instant,
+) -> Option<(Arc<Live>, OwnedSemaphorePermit)> {
+    loop {
+        let live = tokio::time::timeout_at(deadline, session.wait_for(|s| s.is_some()))
+            .await
+            .ok()?
+            .ok()?
+            .clone()?;
+        tokio::select! {
+            t = tokio::time::timeout_at(deadline, live.opening.clone().acquire_owned()) => {
+                return Some((live, t.ok()?.ok()?));
+            }
+            changed = session.changed() => changed.ok()?,
+        }
     }
 }
 

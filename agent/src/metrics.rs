@@ -301,6 +301,20 @@ fn register(meter: &Meter, snapshot: &Snapshot) {
         .build();
     let s = snapshot.clone();
     let _ = meter
+        .u64_observable_gauge("tunnelfleet_agent_forward_connections_opening")
+        .with_description(
+            "Connections of each forward waiting for the server to open their channel",
+        )
+        .with_callback(move |o| {
+            each_profile(&s, |p| {
+                for f in &p.forwards {
+                    o.observe(f.connections_opening, &forward(p, &f.spec));
+                }
+            });
+        })
+        .build();
+    let s = snapshot.clone();
+    let _ = meter
         .u64_observable_counter("tunnelfleet_agent_forward_connections")
         .with_description("Connections accepted by each forward")
         .with_callback(move |o| {

@@ -799,6 +799,7 @@ impl Runner {
             handle: session.handle,
             conns: session.conns,
             endpoint: session.endpoint,
+            opening: Arc::new(tokio::sync::Semaphore::new(crate::local::MAX_OPENING)),
         });
         let remote_cancel = CancellationToken::new();
         match bound {

@@ -42,6 +42,8 @@ pub struct ForwardCounters {
     pub open: AtomicU64,
     /// Connections since start.
     pub total: AtomicU64,
+    /// Connections waiting for the server to open their channel (a hung server shows here).
+    pub opening: AtomicU64,
 }
 
 /// Counts a connection as open for as long as it lives.
@@ -59,6 +61,23 @@ impl OpenGuard {
 impl Drop for OpenGuard {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts a connection as waiting for its channel while the server has not answered.
+pub struct OpeningGuard(Arc<ForwardCounters>);
+
+impl OpeningGuard {
+    /// Marks one more connection waiting for its channel.
+    pub fn new(c: &Arc<ForwardCounters>) -> Self {
+        c.opening.fetch_add(1, Ordering::Relaxed);
+        OpeningGuard(c.clone())
+    }
+}
+
+impl Drop for OpeningGuard {
+    fn drop(&mut self) {
+        self.0.opening.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -318,6 +318,8 @@ pub struct Live {
     pub conns: TaskTracker,
     /// `host:port` it is connected to.
     pub endpoint: String,
+    /// Turns at asking the server for a channel ([`crate::local::MAX_OPENING`]).
+    pub opening: Arc<tokio::sync::Semaphore>,
 }
 
 /// An established session.

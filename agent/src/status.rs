@@ -67,6 +67,9 @@ pub struct ForwardStatus {
     pub connections_open: u64,
     /// Connections since start.
     pub connections_total: u64,
+    /// Connections waiting for the server to open their channel.
+    #[serde(default)]
+    pub connections_opening: u64,
 }
 
 /// One profile in a status snapshot.
@@ -152,6 +155,7 @@ impl ProfileShared {
                 bytes_in: 0,
                 connections_open: 0,
                 connections_total: 0,
+                connections_opening: 0,
             })
             .collect();
         ProfileShared {
@@ -193,6 +197,7 @@ impl ProfileShared {
             f.bytes_in = c.bytes_in.load(Ordering::Relaxed);
             f.connections_open = c.open.load(Ordering::Relaxed);
             f.connections_total = c.total.load(Ordering::Relaxed);
+            f.connections_opening = c.opening.load(Ordering::Relaxed);
         }
         s
     }

@@ -272,6 +272,74 @@ async fn a_connection_made_during_a_reconnect_waits_for_the_new_session() {
     agent.shutdown().await;
 }
 
+/// A frozen sshd answers no channel open: connections pile up behind it, but only
+/// `MAX_OPENING` of a forward's ask at once (russh holds ~18 kB for each until it is answered;
+/// bench-chaos's probes grew agents by 12 MB this way); the others wait their turn, and when the
+/// server wakes every one of them is carried, in turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_piling_up_on_a_frozen_server_ask_for_a_bounded_number_of_channels() {
+    use tunnelfleet_agent::local::MAX_OPENING;
+    if !Sshd::available("frozen_opens") {
+        return;
+    }
+    let sshd = Sshd::start();
+    let (echo, _e) = echo_server().await;
+    let l = free_port();
+    // Keepalive and connect_timeout long enough that neither the session nor the waiting
+    // connections give up while the server is frozen.
+    let toml = profile_toml(
+        "oma",
+        &[sshd.endpoint()],
+        &sshd,
+        &[format!("L {l}:localhost:{echo}")],
+        "",
+    )
+    .replace("connect_timeout = \"2s\"", "connect_timeout = \"300s\"")
+    .replace(
+        "keepalive_interval = \"1s\"",
+        "keepalive_interval = \"300s\"",
+    );
+    let agent = TestAgent::start(&toml).await;
+    agent.wait_all_active("oma").await;
+    echo_roundtrip(l, b"before").await.unwrap();
+    let frozen = sshd.freeze();
+    let n = 3 * MAX_OPENING + 5;
+    let mut conns = Vec::new();
+    for i in 0..n {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", l))
+            .await
+            .unwrap();
+        s.write_all(format!("{i:04}").as_bytes()).await.unwrap();
+        conns.push(s);
+    }
+    let forward = || async { agent.profile("oma").await.forwards[0].clone() };
+    wait_until(
+        30,
+        "every connection accepted and the first turns taken",
+        || async {
+            let f = forward().await;
+            f.connections_open == n as u64 && f.connections_opening >= MAX_OPENING as u64
+        },
+    )
+    .await;
+    let f = forward().await;
+    assert_eq!(
+        f.connections_opening, MAX_OPENING as u64,
+        "channels asked for on the frozen server"
+    );
+    Sshd::thaw(&frozen);
+    for (i, s) in conns.iter_mut().enumerate() {
+        let mut back = [0u8; 4];
+        tokio::time::timeout(std::time::Duration::from_secs(60), s.read_exact(&mut back))
+            .await
+            .unwrap_or_else(|_| panic!("connection {i} not carried after the thaw"))
+            .unwrap();
+        assert_eq!(&back, format!("{i:04}").as_bytes());
+    }
+    assert_eq!(forward().await.connections_opening, 0);
+    agent.shutdown().await;
+}
+
 /// The autossh failure: the server still holds the remote port for the old, frozen session.
 /// The agent must keep asking until the port is free, not give up or run without it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -88,7 +88,13 @@ pub fn profile(p: &ProfileStatus) -> String {
             Cell::new(forward_state(f.state)),
             Cell::new(bytes(f.bytes_in)),
             Cell::new(bytes(f.bytes_out)),
-            Cell::new(format!("{}/{}", f.connections_open, f.connections_total)),
+            Cell::new(match f.connections_opening {
+                0 => format!("{}/{}", f.connections_open, f.connections_total),
+                n => format!(
+                    "{}/{} ({n} opening)",
+                    f.connections_open, f.connections_total
+                ),
+            }),
             Cell::new(f.detail.as_deref().unwrap_or("")),
         ]);
     }

@@ -38,8 +38,8 @@
 //!   healed;
 //!
 //! and `coordinator_rss_growth_pct` (with `coordinator_links_at_5` / `_at_end`: the agents
-//! linked to it then, which grow as killed coordinators' agents relink) / `agent_rss_growth_pct`
-//! (from minute 5 to the end, of the
+//! linked to it then, which change as killed coordinators' agents relink and are handed back)
+//! / `agent_rss_growth_pct` (from minute 5 to the end of the two minutes of calm, of the
 //! processes that lived through it: one coordinator is never killed), `failover_p99_s` per
 //! fault kind (from the fault to every affected appliance's forwards carrying data again).
 //!
@@ -836,8 +836,6 @@ async fn main() -> anyhow::Result<()> {
         faults.push(fault);
         tokio::time::sleep(Duration::from_secs(rng.random_range(5..=15))).await;
     }
-    let end_sample = sample(&coords);
-    let links_at_end = links(&coords[witness]).await;
     stop.cancel();
     let (writes, rollouts, halted) = writer.await.unwrap_or((0, 0, 0));
 
@@ -863,6 +861,17 @@ async fn main() -> anyhow::Result<()> {
             );
         }
     }
+
+    // RSS at the end: after the full two minutes of calm, the hand-over settled (a coordinator
+    // killed near the end has its agents back, as at minute 5 after the first one), so that
+    // minute 5 and the end compare the same load.
+    tokio::time::sleep_until((calm + Duration::from_secs(120)).into()).await;
+    let end_sample = sample(&coords);
+    let links_at_end = links(&coords[witness]).await;
+    eprintln!(
+        "  RSS at the end: coordinator ({links_at_end} agents linked) {} kB, agents {} kB",
+        end_sample.0, end_sample.1
+    );
 
     // Acknowledged writes: each profile's last acknowledged port, or a later one.
     let mut now_held: Option<BTreeMap<String, u16>> = None;
