@@ -78,6 +78,7 @@ pub async fn run(
     let started = tunnelfleet_runtime::clock::now_unix_ms();
     let mut backoff = Backoff::new(cfg.reconnect_min, cfg.reconnect_max);
     let mut rotation = Rotation::random();
+    let mut sockets = Sockets::default();
     loop {
         let hello = Hello {
             protocol: PROTOCOL_VERSION,
@@ -89,10 +90,10 @@ pub async fn run(
         };
         let connected = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = connect_any(&cfg, &client, &mut rotation, hello) => r,
+            r = connect_any(&cfg, &client, &mut rotation, &mut sockets, hello) => r,
         };
         match connected {
-            Ok((_endpoint, mut l, candidate)) => {
+            Ok((mut l, candidate)) => {
                 tracing::info!(coordinator = %candidate.addr, configured = %candidate.configured, agent = %cfg.agent_id, "connected to the coordinator");
                 let linked_at = tokio::time::Instant::now();
                 coordinated.set(true);
@@ -312,26 +313,53 @@ pub enum RoundError {
     Failed(Vec<AttemptError>),
 }
 
+/// The agent's QUIC endpoints, one per address family, made on first use and kept for every
+/// link after. Each holds ~1.5 MB of receive buffers: an endpoint made and dropped at each
+/// attempt grew the agents of bench-chaos by megabytes at every coordinator kill (glibc keeps
+/// what such peaks free).
+#[derive(Default)]
+struct Sockets {
+    v4: Option<quinn::Endpoint>,
+    v6: Option<quinn::Endpoint>,
+}
+
+impl Sockets {
+    /// The endpoint to reach `addr` from, made now if this family has none yet.
+    fn toward(&mut self, addr: std::net::SocketAddr) -> std::io::Result<quinn::Endpoint> {
+        let (slot, bind) = if addr.is_ipv4() {
+            (&mut self.v4, std::net::SocketAddr::from(([0, 0, 0, 0], 0)))
+        } else {
+            (
+                &mut self.v6,
+                std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)),
+            )
+        };
+        if let Some(e) = slot {
+            return Ok(e.clone());
+        }
+        let e = quinn::Endpoint::client(bind)?;
+        *slot = Some(e.clone());
+        Ok(e)
+    }
+}
+
 /// One round: every configured coordinator once, from where `rotation` stands, until one
 /// welcomes us. The error names every attempt.
 async fn connect_any(
     cfg: &CoordinatorSection,
     client: &quinn::ClientConfig,
     rotation: &mut Rotation,
+    sockets: &mut Sockets,
     hello: Hello,
-) -> Result<(quinn::Endpoint, link::ControlLink, Reached), RoundError> {
+) -> Result<(link::ControlLink, Reached), RoundError> {
     let candidates = coordinators::resolve(cfg).await?;
     let n = candidates.len();
     let mut failures = Vec::new();
     for i in rotation.order(n) {
         let c = &candidates[i];
+        let endpoint = sockets.toward(c.addr);
         let attempt = async {
-            let bind = if c.addr.is_ipv4() {
-                std::net::SocketAddr::from(([0, 0, 0, 0], 0))
-            } else {
-                std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
-            };
-            let endpoint = quinn::Endpoint::client(bind).map_err(AttemptError::Endpoint)?;
+            let endpoint = endpoint.map_err(AttemptError::Endpoint)?;
             let l = link::connect(
                 &endpoint,
                 client.clone(),
@@ -340,10 +368,10 @@ async fn connect_any(
                 hello.clone(),
             )
             .await?;
-            Ok::<_, AttemptError>((endpoint, l))
+            Ok::<_, AttemptError>(l)
         };
         match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
-            Ok(Ok((endpoint, l))) => {
+            Ok(Ok(l)) => {
                 rotation.up(i, n);
                 let reached = Reached {
                     addr: c.addr,
@@ -351,7 +379,7 @@ async fn connect_any(
                     index: i,
                     of: n,
                 };
-                return Ok((endpoint, l, reached));
+                return Ok((l, reached));
             }
             Ok(Err(e)) => failures.push(e),
             Err(_) => failures.push(AttemptError::Timeout(c.addr)),
