@@ -127,7 +127,7 @@ impl ApiClient {
         for (i, t) in self.targets.iter().enumerate().skip(start) {
             match t.connect().await {
                 Ok(sender) => return Ok((sender, i)),
-                Err(reason) => failures.push((t.addr.as_str(), reason)),
+                Err(reason) => failures.push((t.addr.as_str(), reason.to_string())),
             }
         }
         Err(match failures.as_slice() {
@@ -224,26 +224,40 @@ impl ApiClient {
     }
 }
 
+/// Why one coordinator's admin API took no connection.
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    /// No TCP connection.
+    #[error("{0}")]
+    Tcp(std::io::Error),
+    /// The TLS handshake failed.
+    #[error("TLS: {0}")]
+    Tls(std::io::Error),
+    /// The HTTP/1.1 handshake failed.
+    #[error("{0}")]
+    Http(hyper::Error),
+    /// `https://` without the CA to check it.
+    #[error("an https:// coordinator needs the fleet CA: --ca-file or $TUNNELFLEET_CA_FILE")]
+    NoCa,
+}
+
 impl Target {
     /// An HTTP/1.1 connection to this API (TCP, TLS when `https://`), nothing sent yet.
-    async fn connect(&self) -> Result<Sender, String> {
+    async fn connect(&self) -> Result<Sender, ConnectError> {
         let stream = TcpStream::connect(&self.addr)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(ConnectError::Tcp)?;
         match (self.https, &self.tls) {
-            (false, _) => handshake(stream).await.map_err(|e| e.to_string()),
+            (false, _) => handshake(stream).await.map_err(ConnectError::Http),
             (true, Some(tls)) => {
                 let stream = tls
                     .connector
                     .connect(tls.name.clone(), stream)
                     .await
-                    .map_err(|e| format!("TLS: {e}"))?;
-                handshake(stream).await.map_err(|e| e.to_string())
+                    .map_err(ConnectError::Tls)?;
+                handshake(stream).await.map_err(ConnectError::Http)
             }
-            (true, None) => Err(
-                "an https:// coordinator needs the fleet CA: --ca-file or $TUNNELFLEET_CA_FILE"
-                    .into(),
-            ),
+            (true, None) => Err(ConnectError::NoCa),
         }
     }
 }
