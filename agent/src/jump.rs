@@ -92,7 +92,16 @@ where
         endpoint: &endpoint,
         jump: true,
     };
-    let (handle, _) = handshake(p, stream, at, Arc::default(), None, Default::default()).await?;
+    let (handle, _) = handshake(
+        p,
+        stream,
+        at,
+        Arc::default(),
+        None,
+        Default::default(),
+        Default::default(),
+    )
+    .await?;
     Ok(handle)
 }
 

@@ -18,6 +18,8 @@
 //! - [`local`]: local listeners for `L` and `D` forwards.
 //! - [`socks`]: SOCKS5 CONNECT for `D` forwards.
 //! - [`relay`]: byte copying between sockets and channels, with counters.
+//! - [`server_close`]: a finished channel held until the server's CLOSE (russh keeps a
+//!   channel's entry for the session's life when we let go first).
 //! - [`health`]: health checks and the consecutive-failure rule.
 //! - [`placement`]: where a profile's session goes next: failover and failback rules, no IO.
 //! - [`profile`]: the life of one profile: session, reconnect, moves make-before-break.
@@ -60,6 +62,7 @@ pub mod placement;
 pub mod profile;
 pub mod reclaim;
 pub mod relay;
+pub mod server_close;
 pub mod socks;
 pub mod ssh;
 pub mod sshcert;

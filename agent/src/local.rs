@@ -33,9 +33,9 @@ pub const MAX_CONNECTIONS: usize = 4096;
 /// Connections of one session waiting at once for the server to open their channel (all its
 /// L and D forwards together); more wait their turn (up to `connect_timeout`, or until another
 /// session takes over) before they ask. Each open russh holds costs ~18 kB until the server
-/// answers or the session ends, and a frozen server answers nothing: without a bound the
-/// probes of a monitoring system piling up on a SIGSTOPped sshd grew an agent by 12 MB, which
-/// glibc then kept (BENCHMARKS.md, bench-chaos).
+/// answers or the session ends, and a frozen server answers nothing: without a bound, every
+/// connection a local client makes to a SIGSTOPped OMA's forward (monitoring probes, retries)
+/// is one more (`MAX_CONNECTIONS` of them: 72 MB a forward).
 pub const MAX_OPENING: usize = 64;
 
 /// One L or D forward's listener task.
@@ -189,15 +189,24 @@ async fn serve(
             });
         }
     };
+    let server_close = live.closes.expect(channel.id());
     drop((asking, permit, live));
     if socks {
         socks::reply(&mut tcp, socks::Reply::Success)
             .await
             .map_err(ConnectionError::Io)?;
     }
-    relay(tcp, channel.into_stream(), counters)
-        .await
-        .map_err(ConnectionError::Io)
+    let mut stream = channel.into_stream();
+    let relayed = relay(tcp, &mut stream, counters).await;
+    if relayed.is_ok() {
+        // Both sides sent EOF: held until the server's CLOSE, which OpenSSH sends then (see
+        // `server_close`: dropped first, russh keeps the channel for the session's life). A
+        // relay that failed lets go at once: a channel still receiving and not read would
+        // stall the whole session.
+        server_close.wait().await;
+    }
+    drop(stream);
+    relayed.map_err(ConnectionError::Io)
 }
 
 /// Why one forwarded connection ended early (logged at debug; the listener carries on).

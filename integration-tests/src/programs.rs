@@ -225,11 +225,23 @@ pub fn share_pki(dirs: &[PathBuf]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The environment the shipped unit gives the coordinator (its `Environment=` lines): the
+/// benchmarks run it as it ships.
+pub fn shipped_coordinator_environment() -> Vec<(String, String)> {
+    const UNIT: &str = include_str!("../../ops/deploy/systemd/tunnelfleet-coordinator.service");
+    UNIT.lines()
+        .filter_map(|l| l.strip_prefix("Environment="))
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 fn spawn_coordinator(bin: &Path, cfg: &Path) -> anyhow::Result<KillOnDrop> {
     use anyhow::Context;
     let process = crate::children::owned(bin)
         .arg("--config")
         .arg(cfg)
+        .envs(shipped_coordinator_environment())
         .env("RUST_LOG", "warn")
         .stdin(std::process::Stdio::null())
         .spawn_owned()

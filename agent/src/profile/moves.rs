@@ -106,6 +106,7 @@ impl Runner {
             conns: session.conns,
             endpoint: session.endpoint,
             opening: Arc::new(tokio::sync::Semaphore::new(crate::local::MAX_OPENING)),
+            closes: session.closes,
         });
         let remote_cancel = CancellationToken::new();
         match bound {
