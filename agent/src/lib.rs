@@ -41,6 +41,8 @@
 //! - [`agent`]: `run`, the whole agent as one call.
 //! - [`cli`]: the `tunnelfleet-agent` command line (the binary is a one-line `main` over it).
 
+#![forbid(unsafe_code)]
+
 pub mod agent;
 pub mod audit;
 pub mod cli;

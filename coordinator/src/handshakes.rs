@@ -5,11 +5,12 @@
 //! before any work (the agents retry with backoff). Loopback sources are this host (the
 //! benchmarks' thousands of simulated agents, a local relay) and are not limited. No IO.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+use crate::rate::Buckets;
 
 /// Handshakes one address may start at once.
 pub const BURST: f64 = 256.0;
@@ -20,38 +21,25 @@ pub const PER_SECOND: f64 = 64.0;
 /// untracked rather than refused: the cap bounds memory, not who may connect.
 pub const MAX_SOURCES: usize = 65_536;
 
-/// The buckets.
-#[derive(Debug, Default)]
+/// The buckets, one per address.
+#[derive(Debug)]
 pub struct HandshakeRate {
-    buckets: HashMap<IpAddr, (f64, Instant)>,
+    buckets: Buckets<IpAddr>,
+}
+
+impl Default for HandshakeRate {
+    fn default() -> Self {
+        HandshakeRate {
+            buckets: Buckets::new(BURST, PER_SECOND, MAX_SOURCES),
+        }
+    }
 }
 
 impl HandshakeRate {
     /// Whether `from` may start a handshake at `now` (taking one token if so).
     pub fn allow(&mut self, from: IpAddr, now: Instant) -> bool {
-        if from.is_loopback() {
-            return true;
-        }
-        if !self.buckets.contains_key(&from) && self.buckets.len() >= MAX_SOURCES {
-            self.buckets.retain(|_, b| refill(*b, now) < BURST);
-            if self.buckets.len() >= MAX_SOURCES {
-                return true;
-            }
-        }
-        let b = self.buckets.entry(from).or_insert((BURST, now));
-        let tokens = refill(*b, now);
-        if tokens < 1.0 {
-            *b = (tokens, now);
-            return false;
-        }
-        *b = (tokens - 1.0, now);
-        true
+        from.is_loopback() || self.buckets.allow(from, now)
     }
-}
-
-fn refill((tokens, at): (f64, Instant), now: Instant) -> f64 {
-    let secs = now.saturating_duration_since(at).as_secs_f64();
-    (tokens + secs * PER_SECOND).min(BURST)
 }
 
 /// How long an address that used its burst waits for its next handshake.

@@ -14,6 +14,8 @@
 //!   checks fail there (their health rule stays when others pass).
 //! - [`handshakes`]: handshakes per source address (a token bucket each), so a relinking crowd
 //!   or one wild host cannot crowd out the rest.
+//! - [`rate`]: token buckets per key (a burst, then a rate; keys tracked bounded), the one
+//!   rate limiter: handshakes per address, hellos per agent.
 //! - [`balance`]: agents spread over the coordinators of an HA set (one holding more than
 //!   its share asks a few to link to another; the rule without IO).
 //! - [`link`]: one control-link connection: hello checked against the certificate, heartbeats.
@@ -40,6 +42,8 @@
 //! all. Collaborators (the signer, metrics, the watcher's handle, the fleet's event queue) are
 //! passed in at construction.
 
+#![forbid(unsafe_code)]
+
 pub mod admin;
 pub mod admin_tls;
 pub mod balance;
@@ -56,6 +60,7 @@ pub mod metrics;
 pub mod monitor;
 pub mod pki;
 pub mod plan;
+pub mod rate;
 pub mod rollout;
 pub mod server;
 pub mod sshca;

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use tunnelfleet_runtime::memory::{RELEASE_EVERY, release_periodically};
 
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -544,6 +545,7 @@ impl Bound {
             shutdown.clone(),
         ));
         let sweeper = tokio::spawn(self.fleet.clone().run_sweeper(shutdown.clone()));
+        let trim = tokio::spawn(release_periodically(RELEASE_EVERY, shutdown.clone()));
         let api = tokio::spawn(tunnelfleet_runtime::serve::serve(
             "admin API",
             self.admin_listener,
@@ -580,6 +582,7 @@ impl Bound {
         }
         let _ = serve.await;
         let _ = sweeper.await;
+        let _ = trim.await;
         let _ = api.await;
         let _ = leader.await;
         if let Some((versions, evidence, balance)) = follower {

@@ -25,6 +25,8 @@
 //! - [`smtp`]: an SMTP receiver for the email hook.
 //! - [`browser`]: a real headless Chromium over WebDriver, for the fleet page.
 
+#![forbid(unsafe_code)]
+
 pub mod agent;
 pub mod browser;
 pub mod children;

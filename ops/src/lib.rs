@@ -18,6 +18,8 @@
 //! - [`wait`]: polling with a deadline (the demo and the tests).
 //! - [`render`]: human tables (tunnels, agents, OMA endpoints, alerts, plans).
 
+#![forbid(unsafe_code)]
+
 pub mod api;
 pub mod cli;
 pub mod demo;

@@ -19,6 +19,8 @@
 //! - [`legacy`]: profiles as protocol 3 stored them, read once at upgrade.
 //! - [`close`]: the QUIC application close codes of the control link.
 
+#![forbid(unsafe_code)]
+
 pub mod addr;
 pub mod duration;
 pub mod enroll;

@@ -16,11 +16,13 @@
 //! - [`sshkey`]: ed25519 OpenSSH keys made and shown (the SSH user CA, an agent's own key).
 //! - [`clock`]: wall-clock milliseconds for records and reports.
 //! - [`banner`]: the SSH identification line (OMA probes, `net check`).
+//! - [`memory`]: free memory handed back to the system after a peak (glibc's `malloc_trim`).
 
 pub mod backoff;
 pub mod banner;
 pub mod clock;
 pub mod frames;
+pub mod memory;
 pub mod metrics;
 pub mod pem;
 pub mod secret;

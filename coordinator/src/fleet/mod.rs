@@ -4,24 +4,30 @@
 //!
 //! What happens to agents (a hello, a heartbeat, going offline and coming back) is sent as a
 //! [`FleetEvent`] to whoever took the receiver from [`Fleet::new`] (the watcher), without waiting.
+//! What of an agent's heartbeat counts, and its texts made safe to show, is [`judge`]'s.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tunnelfleet_protocol::{
-    Command, CommandAction, CommandResult, CoordinatorMessage, Heartbeat, ProfileSet, encode,
-};
+use tunnelfleet_protocol::{CoordinatorMessage, Heartbeat, encode};
 
+use crate::rate::Buckets;
 use crate::store::{Revocation, Store, StoreError};
-use tunnelfleet_protocol::close;
 
-/// Commands waiting for results: id -> (agent asked, where the answer goes).
-type Pending = HashMap<u64, (String, oneshot::Sender<CommandResult>)>;
+mod commands;
+mod judge;
+mod links;
+use commands::Pending;
+pub use commands::{COMMAND_TIMEOUT, CommandError};
+pub use judge::{Given, MAX_TEXT, clean_text, given, judged};
+pub use links::Links;
+use links::Live;
+use tunnelfleet_protocol::close;
 
 /// What happened to an agent, for the watcher.
 #[derive(Debug)]
@@ -57,13 +63,8 @@ pub enum FleetEvent {
 pub const HELLO_BURST: f64 = 5.0;
 /// Then one per this long.
 pub const HELLO_EVERY: Duration = Duration::from_secs(2);
-
-/// A token bucket of hellos for one agent id.
-#[derive(Debug, Clone, Copy)]
-struct HelloBucket {
-    tokens: f64,
-    at: Instant,
-}
+/// Agents whose hellos are tracked at most (past it, those with a full bucket make room).
+pub const MAX_HELLO_AGENTS: usize = 65_536;
 
 /// Why a connection was not registered.
 #[derive(Debug, thiserror::Error)]
@@ -84,31 +85,6 @@ impl AttachError {
             AttachError::Store(_) => close::REFUSED,
         }
     }
-}
-
-/// Why an operator's command did not get an answer from the agent.
-#[derive(Debug, thiserror::Error)]
-pub enum CommandError {
-    /// No connection to that agent.
-    #[error("agent {0:?} is not connected")]
-    NotConnected(String),
-    /// Its connection went away before the command was sent.
-    #[error("agent {0:?} disconnected")]
-    Disconnected(String),
-    /// Its connection went away before it answered.
-    #[error("agent {0:?} disconnected before answering")]
-    NoAnswer(String),
-    /// It did not answer in time.
-    #[error("agent {agent:?} did not answer within {timeout:?}")]
-    Timeout {
-        /// The agent.
-        agent: String,
-        /// How long we waited.
-        timeout: Duration,
-    },
-    /// The command could not be encoded.
-    #[error(transparent)]
-    Encode(#[from] tunnelfleet_protocol::EncodeError),
 }
 
 /// What the coordinator knows about a connected agent, in memory.
@@ -188,163 +164,12 @@ impl AgentLink {
     }
 }
 
-/// Profile name -> the endpoints it was pushed with.
-pub type Given = BTreeMap<String, BTreeSet<String>>;
-
-/// What a pushed set gives an agent to report on.
-pub fn given(set: &ProfileSet) -> Arc<Given> {
-    Arc::new(
-        set.profiles
-            .iter()
-            .map(|p| (p.name.clone(), p.endpoints.iter().cloned().collect()))
-            .collect(),
-    )
-}
-
-/// What of an agent's heartbeat counts: only profiles pushed to it, each only when it runs on
-/// an endpoint it was given, with only the error counters and moves of those endpoints. An
-/// enrolled agent (perhaps a stolen one) can report on what it was given, nothing else: no
-/// alerts under invented names, no evidence against endpoints it never had.
-pub fn judged(hb: &Heartbeat, given: &Given) -> Heartbeat {
-    let profiles = hb
-        .profiles
-        .iter()
-        .filter_map(|p| {
-            let eps = given.get(&p.name)?;
-            if !eps.contains(&p.active_endpoint) {
-                return None;
-            }
-            let mut p = p.clone();
-            p.errors.retain(|e| eps.contains(&e.endpoint));
-            p.failover_log
-                .retain(|f| eps.contains(&f.from) && eps.contains(&f.to));
-            // Its words reach alerts, events, logs and terminals: shown, never acted on.
-            clean(&mut p.last_error);
-            for h in &mut p.health {
-                h.detail = clean_text(&h.detail, false, MAX_TEXT);
-            }
-            for f in &mut p.forwards {
-                clean(&mut f.detail);
-            }
-            for e in &mut p.errors {
-                e.last_detail = clean_text(&e.last_detail, false, MAX_TEXT);
-            }
-            for f in &mut p.failover_log {
-                f.reason = clean_text(&f.reason, false, MAX_TEXT);
-            }
-            Some(p)
-        })
-        .collect();
-    Heartbeat {
-        seq: hb.seq,
-        sent_unix_ms: hb.sent_unix_ms,
-        profiles,
-    }
-}
-
-/// The longest free text kept from an agent's report (an error, a health detail).
-pub const MAX_TEXT: usize = 512;
-
-/// Text an agent wrote, made safe to show: control characters (escape sequences a terminal
-/// would act on, newlines that would forge log lines — kept when `lines`) written out as
-/// `\u{..}`, and at most `max` characters ([`MAX_TEXT`] for a report's texts).
-pub fn clean_text(s: &str, lines: bool, max: usize) -> String {
-    let mut out = String::with_capacity(s.len().min(max));
-    for (i, c) in s.chars().enumerate() {
-        if i == max {
-            out.push('…');
-            break;
-        }
-        if c.is_control() && !(lines && c == '\n') {
-            out.extend(c.escape_unicode());
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-fn clean(s: &mut Option<String>) {
-    if let Some(t) = s {
-        *t = clean_text(t, false, MAX_TEXT);
-    }
-}
-
 /// Heartbeats an agent may miss before it is marked offline: one lost datagram is noise, three
 /// in a row is an outage (the same rule as tunnel health checks).
 pub const MISSED_HEARTBEATS_OFFLINE: u32 = 3;
 
 /// Frames queued for one agent's writer task.
 pub type FrameQueue = mpsc::Sender<Vec<u8>>;
-
-/// A connected agent's queue and connection.
-struct Live {
-    tx: FrameQueue,
-    conn: quinn::Connection,
-}
-
-/// One agent: what we know, and its outbox while connected.
-type Slot = (AgentLink, Option<Live>);
-
-/// Connected agents and their outgoing queues. A `std` mutex: held only to copy or replace an
-/// entry, never across an await.
-#[derive(Default)]
-pub struct Links {
-    inner: Mutex<HashMap<String, Slot>>,
-}
-
-impl Links {
-    /// A snapshot of one agent.
-    pub fn get(&self, id: &str) -> Option<AgentLink> {
-        self.lock().get(id).map(|(l, _)| l.clone())
-    }
-
-    /// Ids of connected agents.
-    pub fn connected(&self) -> Vec<String> {
-        let mut v: Vec<String> = self
-            .lock()
-            .values()
-            .filter(|(l, _)| l.connected)
-            .map(|(l, _)| l.agent_id.clone())
-            .collect();
-        v.sort();
-        v
-    }
-
-    /// Time since each connected agent was last heard from.
-    pub fn heartbeat_ages(&self) -> Vec<(String, Duration)> {
-        let now = Instant::now();
-        self.lock()
-            .values()
-            .filter(|(l, _)| l.connected)
-            .map(|(l, _)| {
-                (
-                    l.agent_id.clone(),
-                    now.saturating_duration_since(l.last_heard),
-                )
-            })
-            .collect()
-    }
-
-    /// Every agent known on this coordinator (connected or not), as evidence for the leader:
-    /// the link's state and what counts of its last heartbeat.
-    pub fn evidence(&self) -> Vec<AgentLink> {
-        self.lock().values().map(|(l, _)| l.clone()).collect()
-    }
-
-    /// What counts of the last heartbeat of every connected agent ([`judged`]).
-    pub fn heartbeats(&self) -> Vec<Arc<Heartbeat>> {
-        self.lock()
-            .values()
-            .filter(|(l, _)| l.connected)
-            .filter_map(|(l, _)| l.judged.clone())
-            .collect()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
 
 /// The coordinator's shared state: connections in memory, fleet state on disk.
 pub struct Fleet {
@@ -365,17 +190,13 @@ pub struct Fleet {
     /// Woken when `fresh` gets one.
     fresh_ready: tokio::sync::Notify,
     /// Hello allowance per agent id ([`Fleet::hello_allowed`]).
-    hellos: Mutex<HashMap<String, HelloBucket>>,
+    hellos: Mutex<Buckets<String>>,
     /// Commands sent to agents, waiting for their results.
     commands: Mutex<Pending>,
     /// Who passes health checks through which endpoint, for agents whose checks fail there.
     pub evidence: crate::evidence::HealthEvidence,
     next_command: std::sync::atomic::AtomicU64,
 }
-
-/// How long an operator's command may take on the agent (a health check is bounded by its
-/// own timeout, well below this).
-pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Fleet {
     /// A fleet over `store`, and the receiver of its [`FleetEvent`]s (drop it when nothing
@@ -392,7 +213,11 @@ impl Fleet {
             events,
             fresh: Mutex::default(),
             fresh_ready: tokio::sync::Notify::new(),
-            hellos: Mutex::default(),
+            hellos: Mutex::new(Buckets::new(
+                HELLO_BURST,
+                1.0 / HELLO_EVERY.as_secs_f64(),
+                MAX_HELLO_AGENTS,
+            )),
             commands: Mutex::default(),
             evidence: Default::default(),
             next_command: std::sync::atomic::AtomicU64::new(1),
@@ -538,50 +363,6 @@ impl Fleet {
         }
     }
 
-    /// Runs an operator's command on a connected agent and waits for its result.
-    pub async fn command(
-        &self,
-        agent: &str,
-        action: CommandAction,
-        profile: &str,
-    ) -> Result<CommandResult, CommandError> {
-        let id = self
-            .next_command
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tx = self
-            .links
-            .lock()
-            .get(agent)
-            .filter(|(l, _)| l.connected)
-            .and_then(|(_, live)| live.as_ref().map(|l| l.tx.clone()))
-            .ok_or_else(|| CommandError::NotConnected(agent.to_string()))?;
-        let frame = encode(&CoordinatorMessage::Command(Command {
-            id,
-            action,
-            profile: profile.to_string(),
-        }))?;
-        let (done, answer) = oneshot::channel();
-        self.pending().insert(id, (agent.to_string(), done));
-        if tx.send(frame).await.is_err() {
-            self.pending().remove(&id);
-            return Err(CommandError::Disconnected(agent.to_string()));
-        }
-        let r = tokio::time::timeout(COMMAND_TIMEOUT, answer).await;
-        self.pending().remove(&id);
-        match r {
-            Ok(Ok(r)) => Ok(r),
-            Ok(Err(_)) => Err(CommandError::NoAnswer(agent.to_string())),
-            Err(_) => Err(CommandError::Timeout {
-                agent: agent.to_string(),
-                timeout: COMMAND_TIMEOUT,
-            }),
-        }
-    }
-
-    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
-        self.commands.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Takes the agent's acknowledgement of `version`: the time since its push, once per push
     /// of that version, and None for any other (a version never pushed to it, or one already
     /// acknowledged), which must change nothing.
@@ -607,20 +388,10 @@ impl Fleet {
     /// reconnect loop costs the coordinator a durable write and a replacement a few times a
     /// minute, not hundreds a second.
     pub fn hello_allowed(&self, id: &str, now: Instant) -> bool {
-        let mut hellos = self.hellos.lock().unwrap_or_else(|p| p.into_inner());
-        let b = hellos.entry(id.to_string()).or_insert(HelloBucket {
-            tokens: HELLO_BURST,
-            at: now,
-        });
-        let refill = now.saturating_duration_since(b.at).as_secs_f64() / HELLO_EVERY.as_secs_f64();
-        b.tokens = (b.tokens + refill).min(HELLO_BURST);
-        b.at = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        self.hellos
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .allow(id.to_string(), now)
     }
 
     /// The heartbeats that arrived since the last call, the latest per agent.
@@ -703,16 +474,6 @@ impl Fleet {
         }
     }
 
-    /// Takes the waiter of command `id` if it was sent to `agent_id` (an agent cannot answer
-    /// another agent's command).
-    pub fn answered(&self, agent_id: &str, id: u64) -> Option<oneshot::Sender<CommandResult>> {
-        let mut p = self.pending();
-        match p.get(&id) {
-            Some((asked, _)) if asked == agent_id => p.remove(&id).map(|(_, done)| done),
-            _ => None,
-        }
-    }
-
     /// Records that `id` was heard from now; logs a return from offline. Returns what counts
     /// of the heartbeat ([`judged`]), if one came and the agent is linked.
     pub fn heard(&self, id: &str, hb: Option<Heartbeat>) -> Option<Arc<Heartbeat>> {
@@ -757,154 +518,4 @@ impl Fleet {
 }
 
 #[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)] // In tests a panic is the failure report.
-
-    use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn offline_after_three_missed_heartbeats_and_back_on_the_next() {
-        let dir = tempfile::tempdir().unwrap();
-        let (fleet, _events) = Fleet::new(Store::open(dir.path()).unwrap(), Duration::from_secs(5));
-        fleet.links.lock().insert(
-            "vma-1".into(),
-            (
-                AgentLink::connected(
-                    "vma-1",
-                    SocketAddr::from(([127, 0, 0, 1], 1)),
-                    BTreeMap::new(),
-                ),
-                None,
-            ),
-        );
-        tokio::time::advance(Duration::from_secs(15)).await;
-        assert!(
-            fleet.sweep(Instant::now()).is_empty(),
-            "three intervals exactly is not yet three missed"
-        );
-        tokio::time::advance(Duration::from_millis(1)).await;
-        assert_eq!(fleet.sweep(Instant::now()), vec!["vma-1"]);
-        assert!(fleet.sweep(Instant::now()).is_empty(), "reported once");
-        fleet.heard(
-            "vma-1",
-            Some(Heartbeat {
-                seq: 1,
-                sent_unix_ms: 0,
-                profiles: vec![],
-            }),
-        );
-        let l = fleet.links.get("vma-1").unwrap();
-        assert!(l.online && l.heartbeats == 1);
-        tokio::time::advance(Duration::from_secs(10)).await;
-        assert!(fleet.sweep(Instant::now()).is_empty());
-    }
-
-    fn link(fleet: &Fleet, id: &str) {
-        fleet.links.lock().insert(
-            id.into(),
-            (
-                AgentLink::connected(id, SocketAddr::from(([127, 0, 0, 1], 1)), BTreeMap::new()),
-                None,
-            ),
-        );
-    }
-
-    /// One agent's heartbeat flood can neither crowd out another agent's lifecycle events (a
-    /// bounded queue of both used to drop them once full) nor make the watcher judge every
-    /// one of its heartbeats: they are coalesced per agent, the latest kept.
-    #[tokio::test]
-    async fn a_heartbeat_flood_is_coalesced_and_never_drops_another_agents_events() {
-        let dir = tempfile::tempdir().unwrap();
-        let (fleet, mut events) =
-            Fleet::new(Store::open(dir.path()).unwrap(), Duration::from_secs(5));
-        link(&fleet, "hostile");
-        link(&fleet, "honest");
-        fleet.links.lock().get_mut("honest").unwrap().0.online = false;
-        for seq in 1..=70_000 {
-            fleet.heard(
-                "hostile",
-                Some(Heartbeat {
-                    seq,
-                    sent_unix_ms: 0,
-                    profiles: vec![],
-                }),
-            );
-        }
-        fleet.heard("honest", None);
-        let mut lifecycle = Vec::new();
-        while let Ok(ev) = events.try_recv() {
-            lifecycle.push(ev);
-        }
-        assert!(
-            matches!(&lifecycle[..], [FleetEvent::Online { agent }] if agent == "honest"),
-            "{} events, last {:?}",
-            lifecycle.len(),
-            lifecycle.last()
-        );
-        let fresh = fleet.take_heartbeats();
-        assert_eq!(fresh.len(), 1);
-        assert_eq!((fresh[0].0.as_str(), fresh[0].1.seq), ("hostile", 70_000));
-        assert!(fleet.take_heartbeats().is_empty(), "taken once");
-        assert_eq!(fleet.links.get("hostile").unwrap().heartbeats, 70_000);
-    }
-
-    /// What an agent writes is shown, not acted on: escape sequences and forged log lines in
-    /// its error texts are written out, and long texts cut.
-    #[test]
-    fn agent_text_is_cleaned_before_anything_shows_it() {
-        let mut given = Given::new();
-        given.insert("oma".into(), ["oma-a:443".to_string()].into());
-        let report = tunnelfleet_protocol::ProfileReport {
-            last_error: Some("refused\u{1b}[2J\n2026-12-01 ERROR forged line".into()),
-            ..tunnelfleet_protocol::ProfileReport::new(
-                "oma",
-                tunnelfleet_protocol::TunnelState::Up,
-                "oma-a:443",
-            )
-        };
-        let long = tunnelfleet_protocol::ProfileReport {
-            last_error: Some("x".repeat(10_000)),
-            ..report.clone()
-        };
-        for (r, check) in [(report, 0), (long, 1)] {
-            let hb = Heartbeat {
-                seq: 1,
-                sent_unix_ms: 0,
-                profiles: vec![r],
-            };
-            let e = judged(&hb, &given).profiles[0].last_error.clone().unwrap();
-            if check == 0 {
-                assert!(!e.contains('\u{1b}') && !e.contains('\n'), "{e:?}");
-                assert!(
-                    e.contains("\\u{1b}[2J") && e.contains("forged line"),
-                    "{e:?}"
-                );
-            } else {
-                assert!(e.chars().count() <= MAX_TEXT + 1, "{}", e.len());
-            }
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn hellos_come_in_a_burst_then_one_every_two_seconds_per_agent() {
-        let dir = tempfile::tempdir().unwrap();
-        let (fleet, _events) = Fleet::new(Store::open(dir.path()).unwrap(), Duration::from_secs(5));
-        let t = Instant::now();
-        for _ in 0..5 {
-            assert!(fleet.hello_allowed("vma-1", t));
-        }
-        assert!(!fleet.hello_allowed("vma-1", t), "a sixth at once");
-        assert!(
-            fleet.hello_allowed("vma-2", t),
-            "another agent is not held back"
-        );
-        assert!(!fleet.hello_allowed("vma-1", t + Duration::from_secs(1)));
-        assert!(fleet.hello_allowed("vma-1", t + Duration::from_secs(3)));
-        // Quiet for a while: the burst is back, no more.
-        let later = t + Duration::from_secs(600);
-        for _ in 0..5 {
-            assert!(fleet.hello_allowed("vma-1", later));
-        }
-        assert!(!fleet.hello_allowed("vma-1", later));
-    }
-}
+mod tests;

@@ -19,8 +19,18 @@ use crate::fleet::{Fleet, FleetEvent};
 use crate::hooks::Outbox;
 use crate::metrics::Metrics;
 use crate::monitor::{Action, AlertRules, EndpointView, Monitor, ProbeError, Refusal};
-use crate::store::{Alert, AlertKind, alert_key, glob_match};
+use crate::store::{Alert, alert_key, glob_match};
 use crate::store::{Store, StoreError};
+
+mod evidence;
+mod exec;
+mod per_agent;
+mod probe;
+use evidence::Remote;
+use exec::describe;
+pub use per_agent::MAX_ALERTS_PER_AGENT;
+use per_agent::PerAgent;
+pub use probe::{probe, probe_gap};
 
 /// Inputs of the watcher.
 #[derive(Debug)]
@@ -192,15 +202,6 @@ struct Watcher {
     live_revision: i64,
 }
 
-/// An agent linked to another coordinator: which link, and what of it was fed to the rules.
-#[derive(Debug, Clone, PartialEq)]
-struct Remote {
-    coordinator: String,
-    since_unix_ms: u64,
-    online: bool,
-    heartbeats: u64,
-}
-
 impl Watcher {
     async fn run(
         mut self,
@@ -340,86 +341,6 @@ impl Watcher {
         }
     }
 
-    /// Feeds the rules what other coordinators published of their agents (shared store):
-    /// a new link as a hello, new heartbeats, going offline and coming back. An agent linked
-    /// here is left to its link; of an agent's records the latest link counts.
-    fn remote_evidence(&mut self, now: Instant) -> Vec<Action> {
-        if !self.store.shared() {
-            return Vec::new();
-        }
-        let records = match self.store.live_since(self.live_revision) {
-            Ok((records, reached)) => {
-                self.live_revision = reached;
-                records
-            }
-            Err(e) => {
-                tracing::warn!("reading agents' evidence: {e}");
-                return Vec::new();
-            }
-        };
-        // Of one agent's records in this read, only its latest link (this coordinator's
-        // own agents are fed from its links).
-        let latest = crate::store::latest_per_agent(records, &self.handle.me);
-        let mut actions = Vec::new();
-        for r in latest.into_values() {
-            if self.fleet.links.get(&r.agent).is_some_and(|l| l.connected) {
-                continue;
-            }
-            let known = self.remote.get(&r.agent).cloned();
-            if known.as_ref().is_some_and(|k| {
-                k.coordinator != r.coordinator && k.since_unix_ms > r.since_unix_ms
-            }) {
-                // An older link's news: the agent has moved on.
-                continue;
-            }
-            let same_link = known.as_ref().is_some_and(|k| {
-                k.coordinator == r.coordinator && k.since_unix_ms == r.since_unix_ms
-            });
-            if !same_link && r.connected {
-                actions.extend(self.monitor.hello(&r.agent, r.started_unix_ms, now));
-            }
-            let was_online = known.as_ref().is_none_or(|k| k.online) || !same_link;
-            if was_online && !r.online {
-                actions.extend(
-                    self.monitor
-                        .agent_offline(&r.agent, crate::fleet::MISSED_HEARTBEATS_OFFLINE),
-                );
-            } else if r.connected && r.online {
-                // Heard from where it is now: whatever said it was offline (its old link
-                // here going silent after it moved, read in either order) is over.
-                actions.extend(self.monitor.agent_online(&r.agent));
-            }
-            let fresh = known
-                .as_ref()
-                .is_none_or(|k| !same_link || r.heartbeats > k.heartbeats);
-            if fresh
-                && r.online
-                && let Some(hb) = &r.heartbeat
-            {
-                actions.extend(self.heartbeat(&r.agent, hb, now));
-            }
-            self.remote.insert(
-                r.agent.clone(),
-                Remote {
-                    coordinator: r.coordinator,
-                    since_unix_ms: r.since_unix_ms,
-                    online: r.online,
-                    heartbeats: r.heartbeats,
-                },
-            );
-        }
-        actions
-    }
-
-    /// Whether `agent`'s latest link is on another coordinator, newer than its link here and
-    /// online there.
-    fn linked_elsewhere(&self, agent: &str) -> bool {
-        let here = self.fleet.links.get(agent).map_or(0, |l| l.since_unix_ms);
-        self.remote
-            .get(agent)
-            .is_some_and(|r| r.online && r.since_unix_ms > here)
-    }
-
     #[allow(clippy::type_complexity)]
     async fn handle(
         &mut self,
@@ -550,115 +471,6 @@ impl Watcher {
         }
     }
 
-    /// Carries out the monitor's decisions; the first store failure is returned (and logged).
-    async fn exec(&mut self, actions: Vec<Action>) -> Result<(), StoreError> {
-        let mut result = Ok(());
-        let hooks = self.handle.outbox.names();
-        let mut woke = false;
-        for a in actions {
-            let r = match a {
-                Action::Fire {
-                    kind,
-                    subject,
-                    summary,
-                    affected,
-                } => {
-                    let key = alert_key(kind, &subject);
-                    if self.alert_ids.contains_key(&key) {
-                        continue;
-                    }
-                    if let Some(agent) = self.per_agent.full(kind, &affected) {
-                        if let Some(m) = &self.metrics {
-                            m.alerts_held
-                                .add(1, &[opentelemetry::KeyValue::new("kind", kind.as_str())]);
-                        }
-                        self.monitor.not_fired(kind, &subject);
-                        if self.per_agent.hold(agent) {
-                            tracing::warn!(agent = %agent, kind = kind.as_str(), subject = %subject, "{MAX_ALERTS_PER_AGENT} alerts firing for this agent already; holding further ones until some resolve");
-                        }
-                        continue;
-                    }
-                    let alert = Alert::firing(kind, subject, summary, affected);
-                    match self.store.fire_alert(alert, &hooks).await {
-                        Ok(a) => {
-                            tracing::warn!(alert = a.id, kind = a.kind.as_str(), subject = %a.subject, silenced = a.silenced, "alert firing: {}", a.summary);
-                            if a.silenced {
-                                self.silenced.insert(key.clone(), a.id);
-                            }
-                            self.per_agent.fired(&key, a.kind, &a.affected_agents);
-                            self.alert_ids.insert(key, a.id);
-                            if let Some(m) = &self.metrics {
-                                m.alerts_fired.add(
-                                    1,
-                                    &[opentelemetry::KeyValue::new("kind", a.kind.as_str())],
-                                );
-                            }
-                            woke = true;
-                            Ok(())
-                        }
-                        Err(e) => Err(e),
-                    }
-                }
-                Action::Resolve { kind, subject } => {
-                    let key = alert_key(kind, &subject);
-                    self.silenced.remove(&key);
-                    let Some(id) = self.alert_ids.remove(&key) else {
-                        continue;
-                    };
-                    self.per_agent.resolved(&key);
-                    match self.store.resolve_alert(id, &hooks).await {
-                        Ok(a) => {
-                            tracing::info!(alert = a.id, kind = a.kind.as_str(), subject = %a.subject, "alert resolved: {}", a.summary);
-                            woke = true;
-                            Ok(())
-                        }
-                        Err(e) => Err(e),
-                    }
-                }
-                Action::SetActive {
-                    group,
-                    endpoint,
-                    reason,
-                    pinned,
-                } => match self
-                    .store
-                    .set_active(&group, &endpoint, &reason, pinned)
-                    .await
-                {
-                    Ok(version) => {
-                        tracing::warn!(group = %group, endpoint = %endpoint, version, "OMA group moved: {reason}");
-                        if let Some(m) = &self.metrics {
-                            m.failovers
-                                .add(1, &[opentelemetry::KeyValue::new("group", group.clone())]);
-                        }
-                        self.fleet.push_changed().map(|_| ())
-                    }
-                    Err(e) => {
-                        // Keep the rules in line with what is stored.
-                        self.refresh_groups();
-                        Err(e)
-                    }
-                },
-                Action::Event(text) => {
-                    tracing::info!("{text}");
-                    self.store.log_event(&text).await
-                }
-            };
-            if let Err(e) = r {
-                tracing::error!("watcher: {e}");
-                if result.is_ok() {
-                    result = Err(e);
-                }
-            }
-        }
-        if woke {
-            self.handle.outbox.wake();
-        }
-        *self.handle.view.lock().unwrap_or_else(|p| p.into_inner()) =
-            self.monitor.view(Instant::now());
-        result
-    }
-
     /// Reloads groups from the store and starts or stops probers to match.
     fn refresh_groups(&mut self) {
         let groups = match self.store.groups() {
@@ -713,128 +525,5 @@ impl Watcher {
         self.monitor.set_groups(groups);
         *self.handle.view.lock().unwrap_or_else(|p| p.into_inner()) =
             self.monitor.view(Instant::now());
-    }
-}
-
-/// From one probe's start to the next one's: the group's `probe_interval` after a pass, a
-/// quarter of it (at least 100 ms) after a failure, so a failing endpoint's `threshold`
-/// failures come in about `threshold` probe timeouts (a blackhole) rather than `threshold`
-/// intervals, while a blip of a few milliseconds still takes more than one probe's worth to
-/// count `threshold` times.
-pub fn probe_gap(interval: Duration, passed: bool) -> Duration {
-    if passed {
-        interval
-    } else {
-        (interval / 4).max(Duration::from_millis(100))
-    }
-}
-
-fn describe(a: &Action) -> String {
-    match a {
-        Action::SetActive {
-            group,
-            endpoint,
-            reason,
-            ..
-        } => format!("group {group} -> {endpoint} ({reason})"),
-        other => format!("{other:?}"),
-    }
-}
-
-/// TCP connect plus the SSH identification line, within `timeout`. A blackholed server (or a
-/// stopped sshd whose kernel still completes the handshake) fails here by the deadline.
-pub async fn probe(endpoint: &str, timeout: Duration) -> Result<Duration, ProbeError> {
-    let start = Instant::now();
-    let attempt = async {
-        let mut s = tokio::net::TcpStream::connect(endpoint)
-            .await
-            .map_err(ProbeError::Connect)?;
-        let banner = tunnelfleet_runtime::banner::read_banner(&mut s)
-            .await
-            .map_err(ProbeError::Read)?;
-        if banner.is_empty() {
-            Err(ProbeError::Closed)
-        } else if banner.starts_with("SSH-") {
-            Ok(())
-        } else {
-            Err(ProbeError::NotSsh(banner.chars().take(40).collect()))
-        }
-    };
-    match tokio::time::timeout(timeout, attempt).await {
-        Ok(Ok(())) => Ok(start.elapsed()),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(ProbeError::Timeout(timeout)),
-    }
-}
-
-/// The most alerts about one agent that fire at once (`AlertKind::about_one_agent`): an
-/// appliance, stolen or broken, cannot flood the store and the hooks; what it would raise
-/// beyond is counted in `tunnelfleet_alerts_held` and logged once until some resolve.
-pub const MAX_ALERTS_PER_AGENT: usize = 32;
-
-/// Firing alerts per agent.
-#[derive(Debug, Default)]
-struct PerAgent {
-    /// Agent -> firing alerts about it.
-    firing: HashMap<String, usize>,
-    /// Alert key -> the agent it counts against.
-    agent_of: HashMap<String, String>,
-    /// Agents at the cap that were told about (logged once).
-    held: std::collections::HashSet<String>,
-}
-
-impl PerAgent {
-    fn agent(kind: AlertKind, affected: &[String]) -> Option<&str> {
-        kind.about_one_agent()
-            .then(|| affected.first().map(String::as_str))
-            .flatten()
-    }
-
-    /// The agent, when an alert of `kind` about `affected` would exceed its cap.
-    fn full<'a>(&self, kind: AlertKind, affected: &'a [String]) -> Option<&'a str> {
-        let agent = Self::agent(kind, affected)?;
-        (self.firing.get(agent).copied().unwrap_or(0) >= MAX_ALERTS_PER_AGENT).then_some(agent)
-    }
-
-    fn fired(&mut self, key: &str, kind: AlertKind, affected: &[String]) {
-        if let Some(agent) = Self::agent(kind, affected) {
-            *self.firing.entry(agent.to_string()).or_default() += 1;
-            self.agent_of.insert(key.to_string(), agent.to_string());
-        }
-    }
-
-    /// Records that `agent` is at its cap; true the first time since it last was under.
-    fn hold(&mut self, agent: &str) -> bool {
-        self.held.insert(agent.to_string())
-    }
-
-    fn resolved(&mut self, key: &str) {
-        let Some(agent) = self.agent_of.remove(key) else {
-            return;
-        };
-        if let Some(n) = self.firing.get_mut(&agent) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.firing.remove(&agent);
-            }
-        }
-        self.held.remove(&agent);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_failed_probe_is_confirmed_sooner_than_a_pass_is_repeated() {
-        let second = Duration::from_secs(1);
-        assert_eq!(probe_gap(second, true), second);
-        assert_eq!(probe_gap(second, false), Duration::from_millis(250));
-        // Never a tight loop against an endpoint that refuses at once.
-        assert_eq!(
-            probe_gap(Duration::from_millis(200), false),
-            Duration::from_millis(100)
-        );
     }
 }
