@@ -11,24 +11,42 @@ pub(crate) fn sim_profile(name: &str, port: u16) -> ProfileSpec {
     p
 }
 
-/// Aborts the current rollout if it halted (what an operator does); true if it did.
-pub(crate) async fn abort_halted(api: &ApiClient) -> bool {
-    let Ok(v) = api.get::<serde_json::Value>("/v1/rollouts/current").await else {
+/// Aborts the current rollout if it halted (what an operator does): asked of each coordinator
+/// in turn until one takes it (only the leader does: a follower says so); true if one did.
+pub(crate) async fn abort_halted(apis: &[ApiClient]) -> bool {
+    let mut current = None;
+    for api in apis {
+        if let Ok(v) = api.get::<serde_json::Value>("/v1/rollouts/current").await {
+            current = Some(v);
+            break;
+        }
+    }
+    let Some(v) = current.filter(|v| v["state"] == "halted") else {
         return false;
     };
-    if v["state"] != "halted" {
-        return false;
+    let mut said = Vec::new();
+    for api in apis {
+        let r: Result<serde_json::Value, _> = api
+            .call::<(), _>("POST", "/v1/rollouts/current/abort", None)
+            .await;
+        match r {
+            Ok(_) => {
+                eprintln!(
+                    "  rollout {} halted ({}); aborted",
+                    v["version"], v["reasons"]
+                );
+                return true;
+            }
+            Err(e) => said.push(e.to_string()),
+        }
     }
-    let r: Result<serde_json::Value, _> = api
-        .call::<(), _>("POST", "/v1/rollouts/current/abort", None)
-        .await;
     eprintln!(
-        "  rollout {} halted ({}); aborted: {}",
+        "  rollout {} halted ({}); not aborted: {}",
         v["version"],
         v["reasons"],
-        r.is_ok()
+        said.join("; ")
     );
-    r.is_ok()
+    false
 }
 
 /// Profiles the admin writes go to, over and over.
@@ -77,7 +95,7 @@ pub(crate) async fn writes_and_rollouts(
             rollouts += 1;
             // A rollout that halted (a canary on a coordinator killed meanwhile, say)
             // is what an operator aborts before the next one.
-            if abort_halted(api).await {
+            if abort_halted(&apis).await {
                 halted += 1;
             }
             let req = StartRequest {
@@ -105,11 +123,8 @@ pub(crate) async fn writes_and_rollouts(
         }
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
-    for api in &apis {
-        if abort_halted(api).await {
-            halted += 1;
-            break;
-        }
+    if abort_halted(&apis).await {
+        halted += 1;
     }
     // Refusals happen while a coordinator or an etcd member is down: how many, and
     // the first few, for the record.
