@@ -235,6 +235,8 @@ impl Runner {
                                             self.shared.lock().last_error = Some(why);
                                         }
                                         None => {
+                                            // A warm session taken for a refused move is held again.
+                                            self.aim_warm(&endpoints, &on);
                                             let refusal = refusals.join("; ");
                                             tracing::warn!(profile = %self.cfg.name, %on, "{why}; staying on {on}: {refusal}");
                                             self.shared.lock().last_error =
@@ -295,6 +297,7 @@ impl Runner {
                                         Err(refusal) => {
                                             place.failback_refused();
                                             let on = cur.live.endpoint.clone();
+                                            self.aim_warm(&endpoints, &on);
                                             tracing::warn!(profile = %self.cfg.name, %on, %to, "staying on {on}: {refusal}");
                                             self.shared.lock().last_error =
                                                 Some(format!("staying on {on}: {refusal}"));

@@ -88,7 +88,12 @@ impl WarmStandby {
     pub(super) fn take(&self, host: &str, port: u16) -> Option<SshSession> {
         let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
         match slot.take() {
-            Some((t, s)) if t.0 == host && t.1 == port && !s.handle.is_closed() => Some(s),
+            Some((t, s)) if t.0 == host && t.1 == port && !s.handle.is_closed() => {
+                // Nothing is wanted until the runner aims again: the task would otherwise dial
+                // the endpoint just taken (a second login there) before it is told the next.
+                self.target.send_replace(None);
+                Some(s)
+            }
             other => {
                 *slot = other;
                 None
