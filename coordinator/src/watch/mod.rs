@@ -30,7 +30,7 @@ use evidence::Remote;
 use exec::describe;
 pub use per_agent::MAX_ALERTS_PER_AGENT;
 use per_agent::PerAgent;
-pub use probe::{probe, probe_gap};
+pub use probe::{Prober, probe, probe_gap};
 
 /// Inputs of the watcher.
 #[derive(Debug)]
@@ -505,12 +505,9 @@ impl Watcher {
             let tx = self.queue.clone();
             let endpoint = ep.clone();
             let task = tokio::spawn(async move {
-                let mut next = Instant::now();
+                let mut prober = Prober::new(endpoint.clone(), interval, timeout);
                 loop {
-                    tokio::time::sleep_until(next).await;
-                    let started = Instant::now();
-                    let result = probe(&endpoint, timeout).await;
-                    next = (started + probe_gap(interval, result.is_ok())).max(Instant::now());
+                    let result = prober.next().await;
                     let ev = WatchEvent::Probe {
                         endpoint: endpoint.clone(),
                         result,
