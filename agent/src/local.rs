@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::relay::{ForwardCounters, OpenGuard, OpeningGuard, relay};
+use crate::relay::{ForwardCounters, relay};
 use crate::socks;
 use crate::ssh::Live;
 use crate::status::{ForwardState, ProfileShared};
@@ -131,7 +131,7 @@ impl LocalForward {
         let wait = self.wait_for_session;
         self.tracker.spawn(async move {
             let _permit = permit;
-            let _open = OpenGuard::new(&counters);
+            let _open = counters.hold_open();
             let deadline = Instant::now() + wait;
             if let Err(e) = serve(tcp, peer, &spec, session, deadline, &counters).await {
                 tracing::debug!(forward = %spec, %peer, "connection ended: {e}");
@@ -167,7 +167,7 @@ async fn serve(
     // The connection belongs to the session it was opened on: a move to another endpoint lets
     // it finish there.
     let _carried = live.conns.token();
-    let asking = OpeningGuard::new(counters);
+    let asking = counters.hold_opening();
     let channel = match live
         .handle
         .channel_open_direct_tcpip(

@@ -46,38 +46,38 @@ pub struct ForwardCounters {
     pub opening: AtomicU64,
 }
 
-/// Counts a connection as open for as long as it lives.
-pub struct OpenGuard(Arc<ForwardCounters>);
+impl ForwardCounters {
+    /// Counts a connection as open (and once in the total) for as long as the guard lives.
+    pub fn hold_open(self: &Arc<Self>) -> Held {
+        self.total.fetch_add(1, Ordering::Relaxed);
+        Held::new(self, |c| &c.open)
+    }
 
-impl OpenGuard {
-    /// Marks one more open connection.
-    pub fn new(c: &Arc<ForwardCounters>) -> Self {
-        c.open.fetch_add(1, Ordering::Relaxed);
-        c.total.fetch_add(1, Ordering::Relaxed);
-        OpenGuard(c.clone())
+    /// Counts a connection as waiting for its channel for as long as the guard lives.
+    pub fn hold_opening(self: &Arc<Self>) -> Held {
+        Held::new(self, |c| &c.opening)
     }
 }
 
-impl Drop for OpenGuard {
+/// One unit of a forward's gauge (`open`, `opening`), given back when dropped.
+pub struct Held {
+    counters: Arc<ForwardCounters>,
+    gauge: fn(&ForwardCounters) -> &AtomicU64,
+}
+
+impl Held {
+    fn new(c: &Arc<ForwardCounters>, gauge: fn(&ForwardCounters) -> &AtomicU64) -> Self {
+        gauge(c).fetch_add(1, Ordering::Relaxed);
+        Held {
+            counters: c.clone(),
+            gauge,
+        }
+    }
+}
+
+impl Drop for Held {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Counts a connection as waiting for its channel while the server has not answered.
-pub struct OpeningGuard(Arc<ForwardCounters>);
-
-impl OpeningGuard {
-    /// Marks one more connection waiting for its channel.
-    pub fn new(c: &Arc<ForwardCounters>) -> Self {
-        c.opening.fetch_add(1, Ordering::Relaxed);
-        OpeningGuard(c.clone())
-    }
-}
-
-impl Drop for OpeningGuard {
-    fn drop(&mut self) {
-        self.0.opening.fetch_sub(1, Ordering::Relaxed);
+        (self.gauge)(&self.counters).fetch_sub(1, Ordering::Relaxed);
     }
 }
 

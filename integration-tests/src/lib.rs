@@ -55,5 +55,5 @@ pub use programs::*;
 pub use services::*;
 pub use sim::*;
 pub use sshd::*;
-pub use tunnelfleet_ops::services::{HttpService, Received, WebhookSink};
+pub use tunnelfleet_standins::services::{HttpService, Received, WebhookSink};
 pub use wait::*;

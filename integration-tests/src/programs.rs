@@ -250,13 +250,11 @@ fn spawn_coordinator(bin: &Path, cfg: &Path) -> anyhow::Result<KillOnDrop> {
 }
 
 async fn wait_api(api: &tunnelfleet_ops::api::ApiClient) -> anyhow::Result<()> {
-    let started = std::time::Instant::now();
-    while api.get::<serde_json::Value>("/v1/agents").await.is_err() {
-        if started.elapsed() > std::time::Duration::from_secs(20) {
-            anyhow::bail!("coordinator did not start");
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    tunnelfleet_standins::wait::wait_until(20, "the coordinator's admin API", || async {
+        api.get::<serde_json::Value>("/v1/agents").await.is_ok()
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("the coordinator did not start: {e}"))?;
     Ok(())
 }
 

@@ -3,14 +3,14 @@
 
 use std::path::Path;
 use std::time::Duration;
-use tunnelfleet_ops::services::HttpService;
+use tunnelfleet_standins::services::HttpService;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// A TCP echo server on 127.0.0.1 (stops when the guard drops).
 pub async fn echo_server() -> (u16, tokio_util::sync::DropGuard) {
-    tunnelfleet_ops::services::echo_server()
+    tunnelfleet_standins::services::echo_server()
         .await
         .expect("echo server")
 }

@@ -82,11 +82,10 @@ async fn a_pushed_set_is_applied_as_a_diff() {
     // untouched profile keeps it (a replaced one starts from zero).
     let held = std::net::TcpStream::connect(("127.0.0.1", p1)).unwrap();
     // The one just made and the probe above.
-    let mut tries = 0;
-    while connections(&sup) < 2 && tries < 500 {
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        tries += 1;
-    }
+    integration_tests::wait_until(5, "both connections counted", || async {
+        connections(&sup) >= 2
+    })
+    .await;
     let before = connections(&sup);
     assert_eq!(before, 2);
     let r = sup

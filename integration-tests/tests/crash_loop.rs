@@ -210,7 +210,7 @@ async fn two_hundred_kill_9s_lose_nothing_acknowledged() {
             })
             .collect()
     };
-    let all_delivered = tunnelfleet_ops::wait::wait_until(60, "", || async {
+    let all_delivered = tunnelfleet_standins::wait::wait_until(60, "", || async {
         let want = want().await;
         !want.is_empty() && want.is_subset(&delivered())
     })

@@ -109,7 +109,7 @@ async fn metrics_show_agents_tunnels_oma_health_alerts_and_push_latency() {
     let dir = tempfile::tempdir().unwrap();
     pki::init(&dir.path().join("pki"), &["localhost".into()]).unwrap();
     let port = free_port();
-    let sink = tunnelfleet_ops::services::WebhookSink::start(0)
+    let sink = tunnelfleet_standins::services::WebhookSink::start(0)
         .await
         .unwrap();
     let secret = dir.path().join("webhook.secret");

@@ -13,8 +13,8 @@ use std::process::Output;
 use russh::keys::{Algorithm, PrivateKey};
 use tokio_util::sync::CancellationToken;
 use tunnelfleet_agent::config::AgentConfig;
-use tunnelfleet_ops::embedded_oma::{EmbeddedOma, OmaSpec};
-use tunnelfleet_ops::services::HttpService;
+use tunnelfleet_standins::embedded_oma::{EmbeddedOma, OmaSpec};
+use tunnelfleet_standins::services::HttpService;
 
 async fn cli(socket: &Path, args: &[&str]) -> Output {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tunnelfleet"));

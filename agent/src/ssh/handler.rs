@@ -86,7 +86,7 @@ impl client::Handler for ClientHandler {
                 Ok(local) => {
                     let _ = local.set_nodelay(true);
                     reply.accept().await;
-                    let _open = OpenGuard::new(&entry.counters);
+                    let _open = entry.counters.hold_open();
                     let mut stream = channel.into_stream();
                     // Both sides sent EOF: the server closes, then the channel goes (a relay
                     // that failed lets go at once: unread, it would stall the session).

@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 
 use crate::hostkey::{HostKeyError, HostTrust, Verdict, fingerprint};
-use crate::relay::{ForwardCounters, OpenGuard, WINDOW_SIZE, relay};
+use crate::relay::{ForwardCounters, WINDOW_SIZE, relay};
 use crate::server_close::ServerCloses;
 use tunnelfleet_protocol::jump::JumpHost;
 

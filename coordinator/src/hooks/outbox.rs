@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tunnelfleet_runtime::backoff::Backoff;
 use tunnelfleet_runtime::clock::now_unix_ms;
 
 use super::hook::Hook;
@@ -181,15 +182,13 @@ impl Outbox {
     }
 }
 
-/// 1 s, 2 s, 4 s … capped at [`MAX_BACKOFF`], with up to 20 % jitter so that a recovering
-/// receiver is not hit by every queued entry in the same instant.
+/// The wait before a delivery's next attempt after `attempts` failed ones: the fleet's one
+/// [`Backoff`] (full jitter between 1 s and 1 s, 2 s, 4 s … capped at [`MAX_BACKOFF`]), so a
+/// recovering receiver is not hit by every queued entry in the same instant.
 fn backoff(attempts: u32) -> Duration {
-    use rand::RngExt;
-    let base = Duration::from_secs(1)
-        .saturating_mul(1u32 << attempts.saturating_sub(1).min(16))
-        .min(MAX_BACKOFF);
-    let jitter = rand::rng().random_range(0.0..0.2);
-    base.mul_f64(1.0 + jitter)
+    Backoff::new(Duration::from_secs(1), MAX_BACKOFF)
+        .after(attempts.saturating_sub(1))
+        .next_delay()
 }
 
 #[cfg(test)]
@@ -198,8 +197,18 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_is_capped() {
-        assert!(backoff(1) >= Duration::from_secs(1) && backoff(1) < Duration::from_millis(1200));
-        assert!(backoff(3) >= Duration::from_secs(4));
-        assert!(backoff(40) <= MAX_BACKOFF.mul_f64(1.2));
+        assert_eq!(backoff(1), Duration::from_secs(1));
+        let mut longest = Duration::ZERO;
+        for _ in 0..200 {
+            let d = backoff(3);
+            assert!(
+                d >= Duration::from_secs(1) && d <= Duration::from_secs(4),
+                "{d:?}"
+            );
+            longest = longest.max(d);
+        }
+        // Full jitter reaches toward the ceiling, not only the floor.
+        assert!(longest > Duration::from_secs(2), "{longest:?}");
+        assert!(backoff(40) <= MAX_BACKOFF);
     }
 }

@@ -321,10 +321,14 @@ async fn main() -> anyhow::Result<()> {
     let closed = tokio::spawn({
         let oma_ports = oma_ports.clone();
         async move {
-            tunnelfleet_ops::wait::wait_until(60, "no session of the revoked agent left", || {
-                let oma_ports = oma_ports.clone();
-                async move { ssh_connections(pid, &oma_ports).is_ok_and(|n| n == 0) }
-            })
+            tunnelfleet_standins::wait::wait_until(
+                60,
+                "no session of the revoked agent left",
+                || {
+                    let oma_ports = oma_ports.clone();
+                    async move { ssh_connections(pid, &oma_ports).is_ok_and(|n| n == 0) }
+                },
+            )
             .await
             .map(|_| t_revoke.elapsed().as_secs_f64())
         }

@@ -77,19 +77,11 @@ impl Backend {
 /// Opens the store once the previous handle in this process has released sled's file lock
 /// (its background flusher lets go a moment after the drop).
 fn open_when_released(dir: &std::path::Path) -> Store {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        match Store::open(dir) {
-            Ok(s) => return s,
-            Err(e)
-                if e.to_string().contains("could not acquire lock")
-                    && std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(std::time::Duration::from_millis(20))
-            }
-            Err(e) => panic!("{}: {e}", dir.display()),
-        }
-    }
+    integration_tests::retry_until(10, "the store's file lock", || match Store::open(dir) {
+        Ok(s) => Some(s),
+        Err(e) if e.to_string().contains("could not acquire lock") => None,
+        Err(e) => panic!("{}: {e}", dir.display()),
+    })
 }
 
 /// `name` on sled and on etcd.

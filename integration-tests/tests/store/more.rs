@@ -190,15 +190,11 @@ async fn a_store_from_a_newer_coordinator_is_refused() {
             .unwrap();
         db.flush().unwrap();
     }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let e = loop {
-        // The handle above lets go of sled's file lock a moment after its drop.
+    // The handle above lets go of sled's file lock a moment after its drop.
+    let e = integration_tests::retry_until(10, "the store's file lock", || {
         let e = Store::open(dir.path()).err().unwrap().to_string();
-        if !e.contains("could not acquire lock") || std::time::Instant::now() > deadline {
-            break e;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+        (!e.contains("could not acquire lock")).then_some(e)
+    });
     assert!(
         e.contains("schema version 99") && e.contains(&dir.path().display().to_string()),
         "{e}"
@@ -275,16 +271,8 @@ async fn firing_alerts_are_read_through_an_index_kept_across_reopen_and_built_fo
 
     // As a store of the previous version left it: no index, no marker.
     {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let db = loop {
-            match sled::open(dir.path()) {
-                Ok(db) => break db,
-                Err(_) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(20))
-                }
-                Err(e) => panic!("{e}"),
-            }
-        };
+        let db =
+            integration_tests::retry_until(10, "sled's file lock", || sled::open(dir.path()).ok());
         db.drop_tree("firing").unwrap();
         db.open_tree("meta")
             .unwrap()

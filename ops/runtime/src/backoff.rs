@@ -26,6 +26,13 @@ impl Backoff {
         }
     }
 
+    /// The backoff as it stands after `attempts` delays, for a count of failures kept elsewhere
+    /// (on disk, say).
+    pub fn after(mut self, attempts: u32) -> Self {
+        self.attempt = attempts;
+        self
+    }
+
     /// The next delay: uniform in `[min, min(max, min·2^attempt)]`.
     pub fn next_delay(&mut self) -> Duration {
         let ceiling = self.ceiling();
@@ -68,6 +75,22 @@ mod tests {
         assert_eq!(b.ceiling(), max);
         b.reset();
         assert_eq!(b.ceiling(), min);
+    }
+
+    #[test]
+    fn after_starts_where_that_many_delays_would_have_left_it() {
+        let (min, max) = (Duration::from_secs(1), Duration::from_secs(300));
+        assert_eq!(Backoff::new(min, max).after(0).ceiling(), min);
+        assert_eq!(
+            Backoff::new(min, max).after(3).ceiling(),
+            Duration::from_secs(8)
+        );
+        let mut stepped = Backoff::new(min, max);
+        for _ in 0..5 {
+            stepped.next_delay();
+        }
+        assert_eq!(stepped.ceiling(), Backoff::new(min, max).after(5).ceiling());
+        assert_eq!(Backoff::new(min, max).after(u32::MAX).ceiling(), max);
     }
 
     #[test]

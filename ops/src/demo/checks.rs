@@ -14,7 +14,7 @@ use tunnelfleet_coordinator::store::Alert;
 
 use crate::api::ApiClient;
 use crate::render;
-use crate::services::WebhookSink;
+use tunnelfleet_standins::services::WebhookSink;
 
 use super::setup::*;
 

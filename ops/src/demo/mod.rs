@@ -34,14 +34,14 @@ use tunnelfleet_coordinator::server::CoordinatorConfig;
 use tunnelfleet_coordinator::store::OmaGroup;
 
 use crate::api::ApiClient;
-use crate::embedded_oma::{EmbeddedOma, OmaSpec};
 use crate::render;
-use crate::services::{HttpService, WebhookSink, echo_server};
+use tunnelfleet_standins::embedded_oma::{EmbeddedOma, OmaSpec};
+use tunnelfleet_standins::services::{HttpService, WebhookSink, echo_server};
 
-use crate::wait::wait_until;
 use checks::*;
 use setup::*;
 use show::*;
+use tunnelfleet_standins::wait::wait_until;
 
 /// What the demo measured.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -186,7 +186,7 @@ pub(super) async fn run_in(
     // Three appliances, each with a certificate naming it and no local profiles: everything
     // they run comes from the coordinator.
     // Every local port the demo binds, picked at once so that no two collide.
-    let mut ports = crate::ports::free_tcp_ports(AGENTS * 4 + 1)?;
+    let mut ports = tunnelfleet_standins::ports::free_tcp_ports(AGENTS * 4 + 1)?;
     let extra = ports.pop().context("no free port")?;
     let mut agents = Vec::new();
 

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tunnelfleet_agent::config::AgentConfig;
 use tunnelfleet_protocol::ProfileSpec;
 
-use crate::embedded_oma::EmbeddedOma;
+use tunnelfleet_standins::embedded_oma::EmbeddedOma;
 
 /// Starts appliance `i` (`vma-i`) with its own certificate, control socket and state dir.
 pub(super) async fn start_agent(

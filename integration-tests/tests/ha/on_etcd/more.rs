@@ -159,7 +159,7 @@ async fn the_leader_judges_agents_linked_to_a_follower() {
     }
     let cluster = EtcdCluster::start(1).await;
     let sshd = Sshd::start();
-    let api = tunnelfleet_ops::services::HttpService::start("oma api", 0)
+    let api = tunnelfleet_standins::services::HttpService::start("oma api", 0)
         .await
         .unwrap();
     let sink = WebhookSink::start(0).await.unwrap();
