@@ -146,6 +146,15 @@ mod tests {
         assert!(split_host_port("a:0", None).is_err());
         assert!(split_host_port("a", None).is_err());
         assert_eq!(join_host_port("::1", 2), "[::1]:2");
+        // A bracketed host alone takes the default port; anything else after `]` is refused.
+        assert_eq!(
+            split_host_port("[::1]", Some(22)).unwrap(),
+            ("::1".into(), 22)
+        );
+        assert!(matches!(
+            split_host_port("[::1]x", Some(22)),
+            Err(AddrError::AfterBracket(_))
+        ));
     }
 
     /// A host is written into known_hosts (TOFU) and logs: whitespace, control characters and

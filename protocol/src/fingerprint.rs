@@ -113,6 +113,9 @@ mod tests {
         let fp = format!("SHA256:{}", BASE64_NOPAD.encode(&[7u8; 32]));
         assert!(parse_host_key_fingerprint(&fp).is_ok());
         assert!(parse_host_key_fingerprint("MD5:aa").is_err());
+        // Base64 that decodes, but not to a SHA-256 digest's 32 bytes.
+        let short = format!("SHA256:{}", BASE64_NOPAD.encode(&[7u8; 31]));
+        assert!(parse_host_key_fingerprint(&short).is_err());
         assert!(parse_host_key_fingerprint("SHA256:short").is_err());
     }
 

@@ -251,6 +251,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn colons_split_outside_brackets_only() {
+        let parts = |s: &str| split_colons(s).unwrap();
+        assert_eq!(parts("[::1]:22"), ["::1", "22"]);
+        // A bracket inside brackets, or a closing one outside, is a character like another
+        // (the host check refuses it later, naming it).
+        assert_eq!(parts("[a[b]:c"), ["a[b", "c"]);
+        assert_eq!(parts("a]b:c"), ["a]b", "c"]);
+        assert!(split_colons("a b:c").is_err());
+        assert!(split_colons("a\tb").is_err());
+        assert!(split_colons("[::1:2").is_err());
+    }
+
+    #[test]
+    fn each_kind_has_its_letter() {
+        for (line, letter) in [
+            ("L 8082:localhost:8082", 'L'),
+            ("R 9081:localhost:8081", 'R'),
+            ("D 1080", 'D'),
+        ] {
+            assert_eq!(ForwardSpec::parse(line).unwrap().kind(), letter, "{line}");
+        }
+    }
+
+    #[test]
     fn parses_the_seed_set() {
         let l = ForwardSpec::parse("L 8082:localhost:8082").unwrap();
         assert_eq!(

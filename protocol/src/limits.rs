@@ -202,6 +202,72 @@ mod tests {
         }
     }
 
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Bounded {
+        #[serde(deserialize_with = "super::labels")]
+        labels: std::collections::BTreeMap<String, String>,
+        #[serde(deserialize_with = "super::results")]
+        results: Vec<u8>,
+    }
+
+    fn bounded(labels: usize, results: usize) -> Bounded {
+        Bounded {
+            labels: (0..labels).map(|i| (format!("k{i}"), "v".into())).collect(),
+            results: vec![0; results],
+        }
+    }
+
+    /// Counts that come with a length (bincode): exactly the bound passes, one more is refused
+    /// before a single element is read. `MAX_RESULTS` is every forward of every profile.
+    #[test]
+    fn a_map_or_list_at_its_bound_decodes_from_bincode() {
+        assert_eq!(
+            super::MAX_RESULTS,
+            super::MAX_PROFILES * super::MAX_FORWARDS
+        );
+        let ok = bounded(super::MAX_LABELS, super::MAX_RESULTS);
+        let frame = encode(&ok).unwrap();
+        assert_eq!(decode::<Bounded>(&frame[4..]).unwrap(), ok);
+        for (over, what) in [
+            (
+                bounded(super::MAX_LABELS + 1, 0),
+                "invalid length 33, expected at most 32 labels",
+            ),
+            (
+                bounded(0, super::MAX_RESULTS + 1),
+                "invalid length 16385, expected at most 16384 forward results",
+            ),
+        ] {
+            let frame = encode(&over).unwrap();
+            let e = decode::<Bounded>(&frame[4..]).unwrap_err().to_string();
+            assert!(e.contains(what), "{e}");
+        }
+    }
+
+    /// Counts that come without a length (JSON): the element past the bound is refused, and the
+    /// error names how many there were at least.
+    #[test]
+    fn a_map_or_list_without_a_length_is_cut_at_its_bound() {
+        let json = |labels: usize, results: usize| {
+            serde_json::to_string(&bounded(labels, results)).unwrap()
+        };
+        serde_json::from_str::<Bounded>(&json(super::MAX_LABELS, super::MAX_RESULTS)).unwrap();
+        let e = serde_json::from_str::<Bounded>(&json(super::MAX_LABELS + 1, 0))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("invalid length 33, expected at most 32 labels"),
+            "{e}"
+        );
+        let e = serde_json::from_str::<Bounded>(&json(0, super::MAX_RESULTS + 1))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("invalid length 16385, expected at most 16384 forward results"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn labels_and_config_lists_are_bounded_in_toml_too() {
         let mut labels = String::from("[l]\n");

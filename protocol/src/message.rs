@@ -454,3 +454,39 @@ pub struct ForwardResult {
     /// What happened (`unchanged`, `replaced`, the bind error naming the port, …).
     pub detail: String,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only what says something about the endpoint counts against it: a bad key, an unknown
+    /// host key or a jump host on the way are this agent's or the path's problem.
+    #[test]
+    fn only_connect_timeout_and_lost_sessions_implicate_the_endpoint() {
+        for (kind, implicates) in [
+            (ErrorKind::Connect, true),
+            (ErrorKind::Timeout, true),
+            (ErrorKind::SessionLost, true),
+            (ErrorKind::HostKey, false),
+            (ErrorKind::Auth, false),
+            (ErrorKind::Ssh, false),
+            (ErrorKind::Jump, false),
+        ] {
+            assert_eq!(kind.implicates_endpoint(), implicates, "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn a_health_move_is_told_from_the_others_by_its_reason() {
+        let reason = FailoverRecord::health_reason(3, "HTTP 503");
+        assert_eq!(reason, "health check failed 3 times in a row (HTTP 503)");
+        let record = |reason: String| FailoverRecord {
+            at_unix_ms: 1,
+            from: "a:22".into(),
+            to: "b:22".into(),
+            reason,
+        };
+        assert!(record(reason).for_health());
+        assert!(!record("connect: connection refused".into()).for_health());
+    }
+}

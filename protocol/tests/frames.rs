@@ -193,3 +193,49 @@ fn a_large_frame_leaves_no_large_buffer_behind() {
     dec.push(&[2]);
     assert_eq!(dec.next_payload().unwrap().unwrap(), vec![1, 2]);
 }
+
+#[test]
+fn a_frame_of_exactly_the_limit_passes_and_one_byte_more_is_refused() {
+    // The limit is 4 MiB: a 2 MiB push (a large profile set) is a frame like any other.
+    assert_eq!(MAX_FRAME_LEN, 4 * 1024 * 1024);
+    let two_mib = vec![3u8; 2 * 1024 * 1024];
+    let mut dec = FrameDecoder::new();
+    dec.push(&encode(&two_mib).unwrap());
+    assert_eq!(dec.next_message::<Vec<u8>>().unwrap(), Some(two_mib));
+
+    // A byte string's length prefix takes 5 bytes at this size: the payload is the limit.
+    let exact = vec![9u8; MAX_FRAME_LEN as usize - 5];
+    // (bincode's own limit, which also charges what it allocates, refuses decoding a message
+    // this close to it: the frame layer is what is checked here.)
+    let frame = encode(&exact).unwrap();
+    assert_eq!(frame.len(), 4 + MAX_FRAME_LEN as usize);
+    let mut dec = FrameDecoder::new();
+    dec.push(&frame);
+    assert_eq!(
+        dec.next_payload().unwrap().map(|p| p.len()),
+        Some(MAX_FRAME_LEN as usize)
+    );
+
+    let over = vec![9u8; MAX_FRAME_LEN as usize - 4];
+    assert!(matches!(
+        encode(&over),
+        Err(EncodeError::TooLarge { len, .. }) if len == MAX_FRAME_LEN as usize + 1
+    ));
+    let mut dec = FrameDecoder::new();
+    dec.push(&(MAX_FRAME_LEN + 1).to_be_bytes());
+    assert!(matches!(
+        dec.next_payload(),
+        Err(DecodeError::Oversize { len, .. }) if len == MAX_FRAME_LEN + 1
+    ));
+}
+
+#[test]
+fn trailing_bytes_are_counted() {
+    let frame = encode(&hello()).unwrap();
+    let mut long = frame[4..].to_vec();
+    long.extend_from_slice(&[0, 0, 0]);
+    assert!(matches!(
+        decode::<AgentMessage>(&long),
+        Err(DecodeError::TrailingBytes { extra: 3 })
+    ));
+}

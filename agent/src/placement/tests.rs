@@ -312,3 +312,65 @@ fn a_retarget_keeps_the_session_where_it_is_listed() {
     p.retargeted(3, None);
     assert_eq!((p.current(), p.failures()), (0, 0));
 }
+
+/// A profile whose health went down asks the link for a heartbeat now: an ask made before the
+/// link waits is still heard, and several asks before it sends are one heartbeat.
+#[tokio::test(start_paused = true)]
+async fn an_asked_heartbeat_is_not_lost_and_many_asks_are_one() {
+    let c = Coordinated::default();
+    c.report_now();
+    c.report_now();
+    tokio::time::timeout(Duration::from_secs(1), c.report_asked())
+        .await
+        .expect("asked before the link waited: still heard");
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), c.report_asked())
+            .await
+            .is_err(),
+        "two asks are one heartbeat"
+    );
+}
+
+fn full_evidence(now: Instant) -> Coordinated {
+    let c = Coordinated::default();
+    c.set(true);
+    for i in 0..MAX_EVIDENCE {
+        c.evidence_heard(&format!("oma-{i}:22"), 1, 0, now);
+    }
+    c
+}
+
+/// With the table full, what the coordinator says of an endpoint already in it still replaces
+/// the old word; a new endpoint waits for room.
+#[test]
+fn a_full_evidence_table_still_takes_news_of_its_endpoints() {
+    let now = Instant::now();
+    let c = full_evidence(now);
+    c.evidence_heard("oma-7:22", 0, 5, now);
+    assert_eq!(
+        c.evidence("oma-7:22", now),
+        Evidence::Others {
+            passing: 0,
+            failing: 5
+        }
+    );
+    c.evidence_heard("new:22", 4, 0, now);
+    assert_eq!(c.evidence("new:22", now), Evidence::Unknown);
+}
+
+/// Evidence as old as `EVIDENCE_FRESH` no longer counts, and makes room for a new endpoint.
+#[test]
+fn stale_evidence_makes_room() {
+    let then = Instant::now();
+    let c = full_evidence(then);
+    let now = then + EVIDENCE_FRESH;
+    assert_eq!(c.evidence("oma-1:22", now), Evidence::Unknown);
+    c.evidence_heard("new:22", 4, 0, now);
+    assert_eq!(
+        c.evidence("new:22", now),
+        Evidence::Others {
+            passing: 4,
+            failing: 0
+        }
+    );
+}

@@ -237,4 +237,26 @@ mod tests {
         v.profiles = vec!["other".into()];
         assert!(matches!(check(&v), Check::NotYet(_)));
     }
+
+    /// A profile left out of the judged heartbeat (its endpoint was not one it was given) waits,
+    /// and says where that profile itself is, not another profile of the agent.
+    #[test]
+    fn a_profile_on_an_endpoint_it_was_not_given_waits_naming_where_it_is() {
+        let mut v = view(up());
+        v.profiles = vec!["oma".into(), "nbd".into()];
+        let mut elsewhere = ProfileReport::new("nbd", TunnelState::Up, "rogue:22");
+        elsewhere.last_error = Some("moved by hand".into());
+        v.reported = Some(Arc::new(Heartbeat {
+            seq: 1,
+            sent_unix_ms: 1,
+            profiles: vec![up(), elsewhere],
+        }));
+        assert_eq!(
+            check(&v),
+            Check::NotYet(
+                "profile nbd: still on rogue:22, not an endpoint it was given (moved by hand)"
+                    .into()
+            )
+        );
+    }
 }

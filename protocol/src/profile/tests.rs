@@ -33,6 +33,8 @@ fn defaults_and_the_health_target() {
     let p = seed();
     p.validate_runnable().unwrap();
     assert_eq!(p.connect_timeout, Duration::from_secs(15));
+    // The README's defaults: three keepalives missed, three failed connects before a move.
+    assert_eq!((p.keepalive_count, p.failover_after), (3, 3));
     assert_eq!(p.endpoint_addrs().unwrap()[1], ("oma-b".into(), 443));
     let h = p.health.as_ref().unwrap();
     assert_eq!((h.threshold, h.interval), (3, Duration::from_secs(10)));
@@ -145,4 +147,65 @@ fn a_set_refuses_a_name_twice_and_a_local_port_twice() {
         validate_set(&[a.clone(), a]).unwrap_err().key,
         "profile.oma.name"
     );
+}
+
+#[test]
+fn the_parsed_forwards_and_jump_hosts_are_the_written_ones() {
+    let p = seed();
+    let forwards: Vec<String> = p
+        .forward_specs()
+        .unwrap()
+        .iter()
+        .map(|f| f.to_string())
+        .collect();
+    assert_eq!(
+        forwards,
+        [
+            "L 127.0.0.1:8082:localhost:8082",
+            "R localhost:9081:localhost:8081"
+        ]
+    );
+    let jumps = p.jump_hosts().unwrap();
+    assert_eq!(jumps.len(), 1);
+    assert_eq!((jumps[0].host.as_str(), jumps[0].port), ("bastion", 2222));
+}
+
+#[test]
+fn a_list_at_its_bound_passes_and_one_more_is_refused() {
+    let mut p = seed();
+    p.forwards = (0..crate::limits::MAX_FORWARDS)
+        .map(|i| format!("L {}:localhost:1", 10_000 + i))
+        .collect();
+    p.validate().unwrap();
+    p.forwards.push("L 20000:localhost:1".into());
+    let e = p.validate().unwrap_err();
+    assert_eq!(e.key, "forwards");
+    assert!(e.reason.contains("65 given; at most 64"), "{e}");
+}
+
+#[test]
+fn pinned_fingerprints_alone_are_trust_enough() {
+    let mut p = seed();
+    p.known_hosts = None;
+    p.host_key_fingerprints = vec![format!("SHA256:{}", "A".repeat(43))];
+    p.validate().unwrap();
+    p.trust_on_first_use = true;
+    assert_eq!(p.validate().unwrap_err().key, "trust_on_first_use");
+}
+
+#[test]
+fn only_forwards_listening_beyond_loopback_are_exposed() {
+    let mut p = seed();
+    p.forwards = vec![
+        "L 8082:localhost:8082".into(),
+        "L 0.0.0.0:8083:localhost:8083".into(),
+        "D 127.0.0.1:1080".into(),
+        "D 10.0.0.5:1081".into(),
+        "R 9081:localhost:8081".into(),
+    ];
+    let exposed: Vec<String> = ["L 0.0.0.0:8083:localhost:8083", "D 10.0.0.5:1081"]
+        .iter()
+        .map(|f| ForwardSpec::parse(f).unwrap().to_string())
+        .collect();
+    assert_eq!(p.exposed_forwards(), exposed);
 }
