@@ -374,3 +374,35 @@ fn stale_evidence_makes_room() {
         }
     );
 }
+
+/// A reconnect on the standby does not restart the preferred endpoint's stable period.
+#[test]
+fn a_reconnect_away_keeps_the_failback_clock() {
+    let mut p = two();
+    p.moved(1);
+    let t0 = Instant::now();
+    assert!(!p.probed(true, t0));
+    p.connected();
+    assert!(p.probed(true, t0 + Duration::from_secs(30)));
+}
+
+/// An index beyond the list (a shorter list pushed meanwhile) lands on the last endpoint.
+#[test]
+fn an_index_beyond_the_list_lands_on_its_last_endpoint() {
+    let mut p = two();
+    p.moved(5);
+    assert_eq!(p.current(), 1);
+    let mut p = Placement::new(4, 3, Duration::from_secs(30), false);
+    p.retargeted(2, Some(7));
+    assert_eq!(p.current(), 1);
+}
+
+/// With one endpoint there is nowhere to go: failures are counted, never a move.
+#[test]
+fn one_endpoint_only_retries() {
+    let mut p = Placement::new(1, 3, Duration::from_secs(30), false);
+    for _ in 0..10 {
+        assert_eq!(p.connect_failed(ErrorKind::Timeout), Next::Retry);
+    }
+    assert_eq!(p.failures(), 10);
+}

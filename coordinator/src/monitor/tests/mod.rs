@@ -519,3 +519,154 @@ fn failing_health(endpoint: &str, n: u32) -> ProfileReport {
 }
 
 mod impaired;
+
+/// An `oma_down` that was firing when the coordinator stopped holds its endpoint down after a
+/// restart (no failover onto it) until a probe passes there, which resolves it; another kind of
+/// alert restored marks no endpoint.
+#[tokio::test(start_paused = true)]
+async fn a_restored_oma_down_keeps_its_endpoint_out_until_a_probe_passes() {
+    let mut m = monitor();
+    let now = Instant::now();
+    m.restore_firing(AlertKind::OmaDown, B);
+    m.restore_firing(AlertKind::AgentOffline, A);
+    assert!(m.is_firing(AlertKind::OmaDown, B));
+    assert!(!m.is_firing(AlertKind::OmaDown, A));
+    m.probe(A, fail(), now);
+    m.probe(A, fail(), now);
+    let actions = m.probe(A, fail(), now);
+    assert_eq!(fired(&actions, AlertKind::OmaDown).len(), 1, "{actions:?}");
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::SetActive { endpoint, .. } if endpoint == B)),
+        "failed over onto an endpoint still down: {actions:?}"
+    );
+    let actions = m.probe(B, pass(), now);
+    assert!(
+        actions.contains(&Action::Resolve {
+            kind: AlertKind::OmaDown,
+            subject: B.into()
+        }),
+        "{actions:?}"
+    );
+}
+
+/// An alert the rules raised but the store did not record is raised again while it holds.
+#[tokio::test(start_paused = true)]
+async fn an_alert_not_recorded_is_raised_again() {
+    let mut m = monitor();
+    let now = Instant::now();
+    m.probe(A, fail(), now);
+    m.probe(A, fail(), now);
+    assert_eq!(fired(&m.probe(A, fail(), now), AlertKind::OmaDown).len(), 1);
+    assert!(m.is_firing(AlertKind::OmaDown, A));
+    m.not_fired(AlertKind::OmaDown, A);
+    assert!(!m.is_firing(AlertKind::OmaDown, A));
+    assert_eq!(fired(&m.probe(A, fail(), now), AlertKind::OmaDown).len(), 1);
+}
+
+/// Error counters are read as differences: a counter that first appears after the baseline
+/// counts whole, and one that went down (the agent restarted) counts from zero again.
+#[tokio::test(start_paused = true)]
+async fn refused_keys_count_from_a_new_counter_and_across_an_agent_restart() {
+    let mut m = monitor();
+    let now = Instant::now();
+    assert!(
+        m.heartbeat("vma-1", &hb(vec![report(A, TunnelState::Backoff, 0)]), now)
+            .is_empty()
+    );
+    let a = m.heartbeat("vma-1", &with_auth(3, TunnelState::Backoff), now);
+    assert_eq!(fired(&a, AlertKind::SshAuth).len(), 1, "{a:?}");
+
+    let mut m = monitor();
+    m.heartbeat("vma-2", &with_auth(7, TunnelState::Backoff), now);
+    let a = m.heartbeat("vma-2", &with_auth(9, TunnelState::Backoff), now);
+    assert!(fired(&a, AlertKind::SshAuth).is_empty(), "{a:?}");
+    // Restarted: its counter starts again at 1, which is one more refusal, the third.
+    let a = m.heartbeat("vma-2", &with_auth(1, TunnelState::Backoff), now);
+    assert_eq!(fired(&a, AlertKind::SshAuth).len(), 1, "{a:?}");
+}
+
+fn moved_on_its_own(at: &[u64]) -> Heartbeat {
+    let mut r = report(B, TunnelState::Up, 0);
+    r.failover_log = at
+        .iter()
+        .map(|&at_unix_ms| tunnelfleet_protocol::FailoverRecord {
+            at_unix_ms,
+            from: A.into(),
+            to: B.into(),
+            reason: "connect: refused".into(),
+        })
+        .collect();
+    hb(vec![r])
+}
+
+fn events(actions: &[Action]) -> usize {
+    actions
+        .iter()
+        .filter(|a| matches!(a, Action::Event(e) if e.contains("moved on its own")))
+        .count()
+}
+
+/// Each move an agent made on its own is logged once: heartbeats repeat the agent's recent
+/// moves, only the ones after the latest seen are new.
+#[tokio::test(start_paused = true)]
+async fn an_agents_own_moves_are_logged_once_each() {
+    let mut m = monitor();
+    let now = Instant::now();
+    assert_eq!(
+        events(&m.heartbeat("vma-1", &moved_on_its_own(&[10]), now)),
+        1
+    );
+    assert_eq!(
+        events(&m.heartbeat("vma-1", &moved_on_its_own(&[10]), now)),
+        0
+    );
+    assert_eq!(
+        events(&m.heartbeat("vma-1", &moved_on_its_own(&[10, 20, 30]), now)),
+        2
+    );
+    assert_eq!(
+        events(&m.heartbeat("vma-1", &moved_on_its_own(&[20, 30]), now)),
+        0
+    );
+}
+
+/// A counter the agent stopped reporting (its profile moved, the endpoint left the group) is
+/// forgotten: when it comes back, what it holds is new.
+#[tokio::test(start_paused = true)]
+async fn a_counter_no_longer_reported_is_forgotten() {
+    let mut m = monitor();
+    let now = Instant::now();
+    m.heartbeat("vma-1", &with_auth(7, TunnelState::Backoff), now);
+    // The same profile and endpoint, another kind of failure: the refusals' counter went.
+    let mut other = with_auth(1, TunnelState::Backoff);
+    other.profiles[0].errors[0].kind = ErrorKind::Connect;
+    m.heartbeat("vma-1", &other, now);
+    let a = m.heartbeat("vma-1", &with_auth(9, TunnelState::Backoff), now);
+    assert_eq!(fired(&a, AlertKind::SshAuth).len(), 1, "{a:?}");
+}
+
+/// Restarts further apart than the window never add up to an alert.
+#[tokio::test(start_paused = true)]
+async fn restarts_further_apart_than_the_window_raise_nothing() {
+    let mut m = monitor();
+    for started in 1..8 {
+        let a = m.hello("vma-1", started, Instant::now());
+        assert!(fired(&a, AlertKind::AgentRestarting).is_empty(), "{a:?}");
+        tokio::time::advance(Duration::from_secs(601)).await;
+    }
+}
+
+/// A restart exactly one window ago is still within it.
+#[tokio::test(start_paused = true)]
+async fn a_restart_exactly_a_window_ago_still_counts() {
+    let mut m = monitor();
+    m.hello("vma-1", 1, Instant::now());
+    assert!(m.hello("vma-1", 2, Instant::now()).is_empty());
+    tokio::time::advance(Duration::from_secs(300)).await;
+    assert!(m.hello("vma-1", 3, Instant::now()).is_empty());
+    tokio::time::advance(Duration::from_secs(300)).await;
+    let a = m.hello("vma-1", 4, Instant::now());
+    assert_eq!(fired(&a, AlertKind::AgentRestarting).len(), 1, "{a:?}");
+}
