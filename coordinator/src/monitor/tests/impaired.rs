@@ -262,7 +262,12 @@ async fn without_probes_one_agent_neither_fails_a_group_over_nor_resolves_it() {
     let mut m = Monitor::new(AlertRules::default());
     let mut g = group(Duration::from_secs(300));
     g.probe = false;
-    m.set_groups(vec![g]);
+    // Another group's larger quorum is its own.
+    let mut other = group(Duration::from_secs(300));
+    other.name = "other".into();
+    other.endpoints = vec![C.into()];
+    other.quorum = 5;
+    m.set_groups(vec![g, other]);
     // Heartbeats a tenth of a second apart.
     let start = Instant::now();
     let mut ticks = 0u64;
@@ -430,4 +435,25 @@ async fn a_move_for_health_off_the_groups_endpoint_is_the_agents_tunnel_health_a
             && summary.contains(&format!("on {B} until")),
         "{summary}"
     );
+}
+
+/// Without probes, an agent's failure older than the evidence window is no part of a quorum.
+#[tokio::test(start_paused = true)]
+async fn without_probes_a_stale_failure_makes_no_quorum() {
+    let mut m = Monitor::new(AlertRules::default());
+    let mut g = group(Duration::from_secs(300));
+    g.probe = false;
+    m.set_groups(vec![g]);
+    for agent in ["vma-1", "vma-2"] {
+        m.heartbeat(agent, &hb(vec![losing(A, B, 0)]), Instant::now());
+    }
+    for n in 1..=3 {
+        m.heartbeat("vma-1", &hb(vec![losing(A, B, n)]), Instant::now());
+    }
+    tokio::time::advance(Duration::from_secs(61)).await;
+    for n in 1..=6 {
+        let a = m.heartbeat("vma-2", &hb(vec![losing(A, B, n)]), Instant::now());
+        assert!(fired(&a, AlertKind::OmaDown).is_empty(), "{a:?}");
+        tokio::time::advance(Duration::from_millis(100)).await;
+    }
 }

@@ -670,3 +670,42 @@ async fn a_restart_exactly_a_window_ago_still_counts() {
     let a = m.hello("vma-1", 4, Instant::now());
     assert_eq!(fired(&a, AlertKind::AgentRestarting).len(), 1, "{a:?}");
 }
+
+/// `agent_restarting` resolves once the last restart is more than a window old, not before,
+/// and a tick meanwhile resolves nothing.
+#[tokio::test(start_paused = true)]
+async fn agent_restarting_resolves_only_past_the_window() {
+    let mut m = monitor();
+    m.hello("vma-1", 1, Instant::now());
+    for started in 2..5 {
+        tokio::time::advance(Duration::from_secs(30)).await;
+        m.hello("vma-1", started, Instant::now());
+    }
+    assert!(m.is_firing(AlertKind::AgentRestarting, "vma-1"));
+    tokio::time::advance(Duration::from_secs(30)).await;
+    assert!(m.tick(Instant::now()).is_empty());
+    // The last restart exactly a window old: still within it.
+    tokio::time::advance(Duration::from_secs(570)).await;
+    assert!(m.tick(Instant::now()).is_empty());
+    tokio::time::advance(Duration::from_millis(1)).await;
+    assert_eq!(
+        m.tick(Instant::now()),
+        vec![Action::Resolve {
+            kind: AlertKind::AgentRestarting,
+            subject: "vma-1".into()
+        }]
+    );
+}
+
+/// `restarts = 0` turns the rule off.
+#[tokio::test(start_paused = true)]
+async fn no_restart_alert_when_the_rule_is_off() {
+    let mut m = Monitor::new(AlertRules {
+        restarts: 0,
+        ..AlertRules::default()
+    });
+    for started in 1..10 {
+        let a = m.hello("vma-1", started, Instant::now());
+        assert!(fired(&a, AlertKind::AgentRestarting).is_empty(), "{a:?}");
+    }
+}
