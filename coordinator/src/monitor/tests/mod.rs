@@ -709,3 +709,41 @@ async fn no_restart_alert_when_the_rule_is_off() {
         assert!(fired(&a, AlertKind::AgentRestarting).is_empty(), "{a:?}");
     }
 }
+
+fn tunnel_health_summary(r: ProfileReport) -> String {
+    let mut m = monitor();
+    let now = Instant::now();
+    m.heartbeat("vma-1", &hb(vec![report(A, TunnelState::Up, 0)]), now);
+    let a = m.heartbeat("vma-1", &hb(vec![r]), now);
+    match fired(&a, AlertKind::TunnelHealth).as_slice() {
+        [Action::Fire { summary, .. }] => summary.clone(),
+        other => panic!("{other:?} in {a:?}"),
+    }
+}
+
+/// `tunnel_health` says why: the failing check's own detail, else the session's last error.
+#[tokio::test(start_paused = true)]
+async fn tunnel_health_names_the_failing_checks_detail_or_the_last_error() {
+    let s = tunnel_health_summary(failing_health(A, 3));
+    assert!(
+        s.ends_with("failing for 3 checks in a row (HTTP 503)"),
+        "{s}"
+    );
+    let mut r = failing_health(A, 3);
+    r.health[0].ok = true;
+    r.health[0].detail = "HTTP 200".into();
+    r.last_error = Some("connection reset".into());
+    let s = tunnel_health_summary(r);
+    assert!(s.ends_with("(connection reset)"), "{s}");
+}
+
+/// Onboarding lasts `ONBOARDING_GRACE` from the certificate, not a moment longer.
+#[tokio::test(start_paused = true)]
+async fn onboarding_ends_at_its_grace() {
+    let mut m = monitor();
+    let t0 = Instant::now();
+    m.onboarding("vma-new", ["p".to_string()].into(), t0);
+    let grace = super::certs::ONBOARDING_GRACE;
+    assert!(m.is_onboarding("vma-new", "p", t0 + grace - Duration::from_millis(1)));
+    assert!(!m.is_onboarding("vma-new", "p", t0 + grace));
+}
