@@ -181,6 +181,14 @@ mod tests {
     }
 
     #[test]
+    fn a_certificate_at_its_end_reads_expired() {
+        let c = cert("vma-1", 10 * DAY);
+        assert!(summary(&c, 10 * DAY - 60).contains("(in 1m)"));
+        let s = summary(&c, 10 * DAY);
+        assert!(s.contains("expired at 1970-01-11T00:00:00Z"), "{s}");
+    }
+
+    #[test]
     fn a_quarter_of_its_life_left_raises_it_once() {
         let mut m = Monitor::default();
         let start = 1_000 * DAY;

@@ -747,3 +747,20 @@ async fn onboarding_ends_at_its_grace() {
     assert!(m.is_onboarding("vma-new", "p", t0 + grace - Duration::from_millis(1)));
     assert!(!m.is_onboarding("vma-new", "p", t0 + grace));
 }
+
+/// An endpoint's threshold is its own group's, not another group's.
+#[tokio::test(start_paused = true)]
+async fn an_endpoints_threshold_and_probing_are_its_own_groups() {
+    let mut m = Monitor::new(AlertRules::default());
+    let mut other = group(Duration::from_secs(300));
+    other.name = "other".into();
+    other.endpoints = vec![C.into()];
+    other.threshold = 1;
+    m.set_groups(vec![group(Duration::from_secs(300)), other]);
+    let now = Instant::now();
+    assert!(fired(&m.probe(A, fail(), now), AlertKind::OmaDown).is_empty());
+    assert!(fired(&m.probe(A, fail(), now), AlertKind::OmaDown).is_empty());
+    assert_eq!(fired(&m.probe(A, fail(), now), AlertKind::OmaDown).len(), 1);
+    assert!(m.probed(A) && m.probed(C));
+    assert!(!m.probed("10.0.0.9:22"));
+}
