@@ -70,7 +70,7 @@ pub fn placement(groups: &[OmaGroup], p: &ProfileReport) -> ProfilePlacement {
 pub(super) const FOLLOW_GRACE: Duration = Duration::from_secs(15);
 
 /// How long a heartbeat's view of a tunnel counts.
-const FRESH: Duration = Duration::from_secs(120);
+pub(super) const FRESH: Duration = Duration::from_secs(120);
 
 /// One profile of one agent, as its last heartbeat showed it.
 #[derive(Debug, Clone)]

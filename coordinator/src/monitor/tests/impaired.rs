@@ -457,3 +457,49 @@ async fn without_probes_a_stale_failure_makes_no_quorum() {
         tokio::time::advance(Duration::from_millis(100)).await;
     }
 }
+
+fn unhealthy(a: &[Action]) -> usize {
+    fired(a, AlertKind::OmaUnhealthy).len()
+}
+
+/// A tunnel last heard of more than `FRESH` ago is no evidence; one exactly that old still is.
+#[tokio::test(start_paused = true)]
+async fn a_tunnel_is_evidence_for_as_long_as_it_is_fresh() {
+    for (first_heard, counts) in [
+        (tunnels::FRESH, true),
+        (tunnels::FRESH + Duration::from_secs(1), false),
+    ] {
+        let mut m = monitor();
+        m.probe(A, pass(), Instant::now());
+        m.probe(B, pass(), Instant::now());
+        beat(&mut m, "vma-1", &hb(vec![moved_away(A, B)]), Instant::now());
+        tokio::time::advance(first_heard - tunnels::FOLLOW_GRACE).await;
+        beat(&mut m, "vma-2", &hb(vec![moved_away(A, B)]), Instant::now());
+        tokio::time::advance(tunnels::FOLLOW_GRACE).await;
+        let a = beat(&mut m, "vma-2", &hb(vec![moved_away(A, B)]), Instant::now());
+        assert_eq!(unhealthy(&a), usize::from(counts), "{first_heard:?}: {a:?}");
+    }
+}
+
+/// An agent that went offline takes its tunnels out of the evidence and of the group view.
+#[tokio::test(start_paused = true)]
+async fn an_offline_agents_tunnels_are_forgotten() {
+    let mut m = monitor();
+    m.probe(A, pass(), Instant::now());
+    m.probe(B, pass(), Instant::now());
+    beat(&mut m, "vma-1", &hb(vec![moved_away(A, B)]), Instant::now());
+    let diverged = |m: &Monitor| {
+        m.view(Instant::now())
+            .into_iter()
+            .find(|v| v.endpoint == A)
+            .map(|v| v.diverged.len())
+    };
+    assert_eq!(diverged(&m), Some(1));
+    m.agent_offline("vma-1", 3);
+    assert_eq!(diverged(&m), Some(0));
+    // Its old word does not make a quorum with a second agent's.
+    beat(&mut m, "vma-2", &hb(vec![moved_away(A, B)]), Instant::now());
+    tokio::time::advance(tunnels::FOLLOW_GRACE).await;
+    let a = beat(&mut m, "vma-2", &hb(vec![moved_away(A, B)]), Instant::now());
+    assert_eq!(unhealthy(&a), 0, "{a:?}");
+}
