@@ -503,3 +503,92 @@ async fn an_offline_agents_tunnels_are_forgotten() {
     let a = beat(&mut m, "vma-2", &hb(vec![moved_away(A, B)]), Instant::now());
     assert_eq!(unhealthy(&a), 0, "{a:?}");
 }
+
+/// What was said against an endpoint the group left stays in the view while the endpoint is
+/// kept out of use, and goes with that.
+#[tokio::test(start_paused = true)]
+async fn a_left_endpoints_words_last_as_long_as_it_is_kept_out() {
+    let mut m = impaired_a_then_on_b();
+    let said = |m: &Monitor| {
+        m.view(Instant::now())
+            .into_iter()
+            .find(|v| v.endpoint == A)
+            .and_then(|v| v.degraded)
+    };
+    assert!(said(&m).is_some());
+    m.tick(Instant::now());
+    assert!(said(&m).is_some(), "cleared while still kept out");
+    tokio::time::advance(Duration::from_secs(61)).await;
+    m.tick(Instant::now());
+    assert_eq!(said(&m), None);
+}
+
+/// Tunnels that are down are no word on any endpoint; agents that left the active endpoint for
+/// something other than their health get the grace to follow a move, even those seen on it.
+#[tokio::test(start_paused = true)]
+async fn down_tunnels_say_nothing_and_a_move_not_for_health_waits_for_the_grace() {
+    let mut m = monitor();
+    m.probe(A, pass(), Instant::now());
+    m.probe(B, pass(), Instant::now());
+    for _ in 0..3 {
+        for agent in ["vma-1", "vma-2"] {
+            let a = beat(
+                &mut m,
+                agent,
+                &hb(vec![report(B, TunnelState::Backoff, 0)]),
+                Instant::now(),
+            );
+            assert_eq!(unhealthy(&a), 0, "{a:?}");
+        }
+        tokio::time::advance(tunnels::FOLLOW_GRACE).await;
+    }
+
+    let mut m = monitor();
+    m.probe(A, pass(), Instant::now());
+    m.probe(B, pass(), Instant::now());
+    for agent in ["vma-1", "vma-2"] {
+        beat(
+            &mut m,
+            agent,
+            &hb(vec![report(A, TunnelState::Up, 0)]),
+            Instant::now(),
+        );
+    }
+    for agent in ["vma-1", "vma-2"] {
+        let a = beat(&mut m, agent, &hb(vec![moved_away(A, B)]), Instant::now());
+        assert_eq!(unhealthy(&a), 0, "counted within the grace: {a:?}");
+    }
+}
+
+/// The endpoint is impaired when a quorum and more than half of its agents fail there: half is
+/// not enough, four of seven is.
+#[tokio::test(start_paused = true)]
+async fn impaired_takes_more_than_half_of_the_agents() {
+    for (bad, total, incident) in [(2, 4, false), (4, 7, true), (3, 5, true)] {
+        let mut m = monitor();
+        m.probe(A, pass(), Instant::now());
+        m.probe(B, pass(), Instant::now());
+        let mut all = Vec::new();
+        for round in 0..2 {
+            // The passing agents are heard of first.
+            for i in (0..total).rev() {
+                let r = if i < bad {
+                    failing_health(A, 3 + round)
+                } else {
+                    report(A, TunnelState::Up, 0)
+                };
+                all.extend(beat(
+                    &mut m,
+                    &format!("vma-{i}"),
+                    &hb(vec![r]),
+                    Instant::now(),
+                ));
+            }
+        }
+        assert_eq!(
+            unhealthy(&all),
+            usize::from(incident),
+            "{bad} of {total}: {all:?}"
+        );
+    }
+}
