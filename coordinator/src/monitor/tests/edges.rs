@@ -1,6 +1,7 @@
 //! The rules at their edges: each test here kills mutants that `cargo mutants` found the suite
 //! let live (DEVELOPERS.md, "Mutation testing").
 
+use super::impaired::{impaired_a_then_on_b, moved_away};
 use super::*;
 
 /// An `oma_down` that was firing when the coordinator stopped holds its endpoint down after a
@@ -305,4 +306,187 @@ async fn operator_failback_goes_to_the_best_endpoint_that_is_up() {
             pinned: false,
         }
     );
+}
+
+fn unhealthy(a: &[Action]) -> usize {
+    fired(a, AlertKind::OmaUnhealthy).len()
+}
+
+/// A tunnel last heard of more than `FRESH` ago is no evidence; one exactly that old still is.
+#[tokio::test(start_paused = true)]
+async fn a_tunnel_is_evidence_for_as_long_as_it_is_fresh() {
+    for (first_heard, counts) in [
+        (tunnels::FRESH, true),
+        (tunnels::FRESH + Duration::from_secs(1), false),
+    ] {
+        let mut m = monitor();
+        m.probe(A, pass(), Instant::now());
+        m.probe(B, pass(), Instant::now());
+        beat(&mut m, "vma-1", &hb(vec![moved_away(A, B)]), Instant::now());
+        tokio::time::advance(first_heard - tunnels::FOLLOW_GRACE).await;
+        beat(&mut m, "vma-2", &hb(vec![moved_away(A, B)]), Instant::now());
+        tokio::time::advance(tunnels::FOLLOW_GRACE).await;
+        let a = beat(&mut m, "vma-2", &hb(vec![moved_away(A, B)]), Instant::now());
+        assert_eq!(unhealthy(&a), usize::from(counts), "{first_heard:?}: {a:?}");
+    }
+}
+
+/// An agent that went offline takes its tunnels out of the evidence and of the group view.
+#[tokio::test(start_paused = true)]
+async fn an_offline_agents_tunnels_are_forgotten() {
+    let mut m = monitor();
+    m.probe(A, pass(), Instant::now());
+    m.probe(B, pass(), Instant::now());
+    beat(&mut m, "vma-1", &hb(vec![moved_away(A, B)]), Instant::now());
+    let diverged = |m: &Monitor| {
+        m.view(Instant::now())
+            .into_iter()
+            .find(|v| v.endpoint == A)
+            .map(|v| v.diverged.len())
+    };
+    assert_eq!(diverged(&m), Some(1));
+    m.agent_offline("vma-1", 3);
+    assert_eq!(diverged(&m), Some(0));
+    // Its old word does not make a quorum with a second agent's.
+    beat(&mut m, "vma-2", &hb(vec![moved_away(A, B)]), Instant::now());
+    tokio::time::advance(tunnels::FOLLOW_GRACE).await;
+    let a = beat(&mut m, "vma-2", &hb(vec![moved_away(A, B)]), Instant::now());
+    assert_eq!(unhealthy(&a), 0, "{a:?}");
+}
+
+/// What was said against an endpoint the group left stays in the view while the endpoint is
+/// kept out of use, and goes with that.
+#[tokio::test(start_paused = true)]
+async fn a_left_endpoints_words_last_as_long_as_it_is_kept_out() {
+    let mut m = impaired_a_then_on_b();
+    let said = |m: &Monitor| {
+        m.view(Instant::now())
+            .into_iter()
+            .find(|v| v.endpoint == A)
+            .and_then(|v| v.degraded)
+    };
+    assert!(said(&m).is_some());
+    m.tick(Instant::now());
+    assert!(said(&m).is_some(), "cleared while still kept out");
+    tokio::time::advance(Duration::from_secs(61)).await;
+    m.tick(Instant::now());
+    assert_eq!(said(&m), None);
+}
+
+/// Tunnels that are down are no word on any endpoint; agents that left the active endpoint for
+/// something other than their health get the grace to follow a move, even those seen on it.
+#[tokio::test(start_paused = true)]
+async fn down_tunnels_say_nothing_and_a_move_not_for_health_waits_for_the_grace() {
+    let mut m = monitor();
+    m.probe(A, pass(), Instant::now());
+    m.probe(B, pass(), Instant::now());
+    for _ in 0..3 {
+        for agent in ["vma-1", "vma-2"] {
+            let a = beat(
+                &mut m,
+                agent,
+                &hb(vec![report(B, TunnelState::Backoff, 0)]),
+                Instant::now(),
+            );
+            assert_eq!(unhealthy(&a), 0, "{a:?}");
+        }
+        tokio::time::advance(tunnels::FOLLOW_GRACE).await;
+    }
+
+    let mut m = monitor();
+    m.probe(A, pass(), Instant::now());
+    m.probe(B, pass(), Instant::now());
+    for agent in ["vma-1", "vma-2"] {
+        beat(
+            &mut m,
+            agent,
+            &hb(vec![report(A, TunnelState::Up, 0)]),
+            Instant::now(),
+        );
+    }
+    for agent in ["vma-1", "vma-2"] {
+        let a = beat(&mut m, agent, &hb(vec![moved_away(A, B)]), Instant::now());
+        assert_eq!(unhealthy(&a), 0, "counted within the grace: {a:?}");
+    }
+}
+
+/// The endpoint is impaired when a quorum and more than half of its agents fail there: half is
+/// not enough, four of seven is.
+#[tokio::test(start_paused = true)]
+async fn impaired_takes_more_than_half_of_the_agents() {
+    for (bad, total, incident) in [(2, 4, false), (4, 7, true), (3, 5, true)] {
+        let mut m = monitor();
+        m.probe(A, pass(), Instant::now());
+        m.probe(B, pass(), Instant::now());
+        let mut all = Vec::new();
+        for round in 0..2 {
+            // The passing agents are heard of first.
+            for i in (0..total).rev() {
+                let r = if i < bad {
+                    failing_health(A, 3 + round)
+                } else {
+                    report(A, TunnelState::Up, 0)
+                };
+                all.extend(beat(
+                    &mut m,
+                    &format!("vma-{i}"),
+                    &hb(vec![r]),
+                    Instant::now(),
+                ));
+            }
+        }
+        assert_eq!(
+            unhealthy(&all),
+            usize::from(incident),
+            "{bad} of {total}: {all:?}"
+        );
+    }
+}
+
+/// A trial failback resolves the incident only once fewer than half its agents fail there.
+#[tokio::test(start_paused = true)]
+async fn a_trial_resolves_only_with_fewer_than_half_failing() {
+    let mut m = impaired_a_then_on_b();
+    tokio::time::advance(Duration::from_secs(60)).await;
+    m.probe(A, pass(), Instant::now());
+    m.tick(Instant::now());
+    let mut a = beat(
+        &mut m,
+        "vma-2",
+        &hb(vec![failing_health(A, 9)]),
+        Instant::now(),
+    );
+    a.extend(beat(
+        &mut m,
+        "vma-1",
+        &hb(vec![report(A, TunnelState::Up, 0)]),
+        Instant::now(),
+    ));
+    let resolve = Action::Resolve {
+        kind: AlertKind::OmaUnhealthy,
+        subject: A.into(),
+    };
+    assert!(!a.contains(&resolve), "one of two still failing: {a:?}");
+    let a = beat(
+        &mut m,
+        "vma-2",
+        &hb(vec![report(A, TunnelState::Up, 0)]),
+        Instant::now(),
+    );
+    assert!(a.contains(&resolve), "{a:?}");
+}
+
+/// An endpoint is kept out for its own group's `failback_after`, not another group's.
+#[tokio::test(start_paused = true)]
+async fn an_endpoint_is_kept_out_for_its_own_groups_failback_after() {
+    let mut m = impaired_a_then_on_b();
+    let mut groups: Vec<OmaGroup> = m.groups().cloned().collect();
+    let mut other = group(Duration::from_secs(600));
+    other.name = "other".into();
+    other.endpoints = vec![C.into()];
+    groups.push(other);
+    m.set_groups(groups);
+    assert!(m.impaired(A, Instant::now()));
+    tokio::time::advance(Duration::from_secs(61)).await;
+    assert!(!m.impaired(A, Instant::now()));
 }
