@@ -449,7 +449,16 @@ async fn a_trial_resolves_only_with_fewer_than_half_failing() {
     let mut m = impaired_a_then_on_b();
     tokio::time::advance(Duration::from_secs(60)).await;
     m.probe(A, pass(), Instant::now());
-    m.tick(Instant::now());
+    let resolve = Action::Resolve {
+        kind: AlertKind::OmaUnhealthy,
+        subject: A.into(),
+    };
+    // The trial starts; nobody has passed there yet.
+    let t = m.tick(Instant::now());
+    assert!(
+        !t.contains(&resolve),
+        "resolved with no agent passing: {t:?}"
+    );
     let mut a = beat(
         &mut m,
         "vma-2",
@@ -462,10 +471,6 @@ async fn a_trial_resolves_only_with_fewer_than_half_failing() {
         &hb(vec![report(A, TunnelState::Up, 0)]),
         Instant::now(),
     ));
-    let resolve = Action::Resolve {
-        kind: AlertKind::OmaUnhealthy,
-        subject: A.into(),
-    };
     assert!(!a.contains(&resolve), "one of two still failing: {a:?}");
     let a = beat(
         &mut m,
